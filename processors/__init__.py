@@ -1,0 +1,1 @@
+"""Pipeline stages: one module per processor, each exposing ``build(deps, arg)``."""

@@ -1,0 +1,126 @@
+"""``massive-pipeline``: run processors, inspect and reset consumer-group offsets, and the
+subcommands contributed by other modules (simulate, epoch, record, replay, demo)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from prometheus_client import CollectorRegistry
+from redis.asyncio import Redis
+
+from streams import admin
+from streams.processor import Deps, load
+from streams.runner import run_processors
+from streams.settings import RuntimeSettings, SettingsError, from_env
+
+# Subcommands implemented elsewhere: name -> "module:function" taking argv.
+EXTERNAL = {
+    "simulate": "simulator.cli:main",
+    "epoch": "processors.epoch_cli:main",
+    "record": "processors.replay:record_main",
+    "replay": "processors.replay:replay_main",
+    "demo": "processors.demo:main",
+}
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def make_deps(settings: RuntimeSettings) -> Deps:
+    return Deps(
+        redis=Redis.from_url(settings.redis_url),
+        settings=settings,
+        registry=CollectorRegistry(),
+    )
+
+
+async def _run(names: Sequence[str], settings: RuntimeSettings) -> None:
+    deps = make_deps(settings)
+    try:
+        procs = [load(n, deps) for n in names]
+        await run_processors(deps, procs)
+    finally:
+        await deps.redis.aclose()
+
+
+async def _offsets_reset(settings: RuntimeSettings, stream: str, group: str, to: str) -> None:
+    r = Redis.from_url(settings.redis_url)
+    try:
+        pos, er = await admin.reset_offset(r, stream, group, to)
+        print(f"stream={stream} group={group} last-delivered-id={pos} entries-read={er}")
+        for g in await admin.lag(r, [stream]):
+            if g.group == group:
+                print(f"lag={g.lag} pending={g.pending} length={g.length}")
+    finally:
+        await r.aclose()
+
+
+async def _lag(settings: RuntimeSettings, streams: list[str] | None) -> None:
+    r = Redis.from_url(settings.redis_url)
+    try:
+        rows = await admin.lag(r, streams or None)
+    finally:
+        await r.aclose()
+    print(f"{'stream':40} {'group':22} {'length':>9} {'lag':>9} {'pending':>8} {'consumers':>9}")
+    for g in rows:
+        lag_s = "?" if g.lag is None else str(g.lag)
+        print(
+            f"{g.stream:40} {g.group:22} {g.length:>9} {lag_s:>9} {g.pending:>8} {g.consumers:>9}"
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in EXTERNAL:
+        mod, _, fn = EXTERNAL[argv[0]].partition(":")
+        func = getattr(importlib.import_module(mod), fn)
+        rc: int = func(argv[1:])
+        return rc
+
+    p = argparse.ArgumentParser(prog="massive-pipeline", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    run = sub.add_parser("run", help="run processors, e.g. run normalizer hydrator")
+    run.add_argument("processors", nargs="+", help="name[:arg], e.g. tile-builder:butterfly")
+    off = sub.add_parser("offsets", help="consumer-group offsets")
+    off_sub = off.add_subparsers(dest="offcmd", required=True)
+    reset = off_sub.add_parser("reset", help="XGROUP SETID ... ENTRIESREAD n")
+    reset.add_argument("--stream", required=True)
+    reset.add_argument("--group", required=True)
+    reset.add_argument("--to", required=True, help="0 | $ | <id> | <millis>ms | ISO-8601 time")
+    lag = sub.add_parser("lag", help="XINFO GROUPS of the pipeline's streams")
+    lag.add_argument("streams", nargs="*")
+    for name in EXTERNAL:
+        sub.add_parser(name, help=f"see massive-pipeline {name} --help")
+    args = p.parse_args(argv)
+
+    try:
+        settings = from_env(RuntimeSettings)
+    except SettingsError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level)
+    try:
+        if args.cmd == "run":
+            asyncio.run(_run(args.processors, settings))
+        elif args.cmd == "offsets":
+            asyncio.run(_offsets_reset(settings, args.stream, args.group, args.to))
+        elif args.cmd == "lag":
+            asyncio.run(_lag(settings, args.streams))
+    except (ValueError, SettingsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,133 @@
+"""Every Redis stream, group and key name used by the pipeline (DESIGN.md "Redis keys").
+
+Keys of one epoch share the hash tag ``{<eid>}`` so they live in one cluster slot.
+Nothing outside this module spells a key or stream name.
+"""
+
+from __future__ import annotations
+
+PREFIX = "massive"
+
+# --- streams -------------------------------------------------------------------------
+CHAIN_STREAM = "massive:chain:stream"
+SPOT_STREAM = "massive:spot:stream"
+WS_STREAM = "massive:ws:stream"
+CONTRACTS_DIRTY_STREAM = "massive:contracts:dirty"
+GEX_DIFFS_STREAM = "massive:gex:diffs"
+CONTROL_STREAM = "massive:control:stream"  # e.g. dormancy -> "refresh chain now"
+
+STRATEGIES = ("single", "vertical", "butterfly")
+
+
+def tiles_stream(strategy: str) -> str:
+    return f"massive:tiles:{strategy}"
+
+
+def heatmap_diffs_stream(strategy: str) -> str:
+    return f"massive:heatmap:diffs:{strategy}"
+
+
+def dead_letter_stream(stream: str) -> str:
+    return f"{stream}:dead"
+
+
+# --- consumer groups -----------------------------------------------------------------
+NORMALIZER_GROUP = "normalizer"
+HYDRATOR_GROUP = "hydrator"
+PUBLISHER_GROUP = "publisher"
+CHAIN_POLLER_CONTROL_GROUP = "chain-poller"
+
+
+def tile_builder_group(strategy: str) -> str:
+    return f"tiles-{strategy}"
+
+
+# --- chain snapshots -----------------------------------------------------------------
+def chain_snapshot(symbol: str, ts_ns: int) -> str:
+    return f"massive:chain:snapshot:{symbol}:{ts_ns}"
+
+
+# --- epochs --------------------------------------------------------------------------
+EPOCH_ACTIVE = "massive:epoch:active"  # HASH symbol -> epoch_id
+EPOCH_INDEX = "massive:epoch:index"  # ZSET epoch_id -> created ts (for inspection)
+
+
+def epoch_meta(eid: str) -> str:
+    return f"epoch:{{{eid}}}:meta"
+
+
+def epoch_contract(eid: str, cid: str) -> str:
+    return f"epoch:{{{eid}}}:contract:{cid}"
+
+
+def epoch_contract_prefix(eid: str) -> str:
+    return f"epoch:{{{eid}}}:contract:"
+
+
+def epoch_by_strike(eid: str) -> str:
+    return f"epoch:{{{eid}}}:by_strike"
+
+
+def epoch_by_expiry(eid: str) -> str:
+    return f"epoch:{{{eid}}}:by_expiry"
+
+
+def epoch_contracts(eid: str) -> str:
+    """SET of every contract id of the epoch (its frozen topology)."""
+    return f"epoch:{{{eid}}}:contracts"
+
+
+def epoch_gex_contract(eid: str, cid: str) -> str:
+    return f"epoch:{{{eid}}}:gex:contract:{cid}"
+
+
+def epoch_gex(eid: str) -> str:
+    """HASH cid -> packed GEX projection (gamma, oi, iv, strike, expiry, type)."""
+    return f"epoch:{{{eid}}}:gex"
+
+
+def epoch_key_pattern(eid: str) -> str:
+    return f"epoch:{{{eid}}}:*"
+
+
+# --- heatmap -------------------------------------------------------------------------
+def heatmap_staging(symbol: str, strategy: str) -> str:
+    return f"heatmap:{{{symbol}:{strategy}}}:staging"
+
+
+def heatmap_model(symbol: str, strategy: str) -> str:
+    return f"massive:heatmap:model:{symbol}:{strategy}"
+
+
+def publisher_lease(strategy: str) -> str:
+    return f"massive:heatmap:leader:{strategy}"
+
+
+# --- GEX -----------------------------------------------------------------------------
+def gex_model(symbol: str) -> str:
+    return f"massive:gex:model:{symbol}"
+
+
+def gex_model_calls(symbol: str) -> str:
+    return f"massive:gex:model:{symbol}:calls"
+
+
+def gex_model_puts(symbol: str) -> str:
+    return f"massive:gex:model:{symbol}:puts"
+
+
+def gex_lease() -> str:
+    return "massive:gex:leader"
+
+
+# --- liveness ------------------------------------------------------------------------
+def heartbeat(processor: str, consumer: str) -> str:
+    return f"massive:heartbeat:{processor}:{consumer}"
+
+
+WS_LAST_EVENT = "massive:ws:last_event_ns"
+
+# Latest index spot: HASH field "<SYM>" -> value, "<SYM>:ts_ns" -> its event time (ns).
+# Written with admission (newer ts only) by the normalizer (chain underlying value) and the
+# hydrator (WS V. events); read by tile builders and the GEX builder.
+SPOT_LATEST = "massive:spot:latest"

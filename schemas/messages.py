@@ -1,0 +1,228 @@
+"""Typed, immutable stream entries and Redis records (DESIGN.md "Stages and streams").
+
+Wire convention: every stream entry except the raw WS stream carries one field ``d`` holding
+the JSON encoding of one of these structs. The raw WS stream carries ``recv_ts_ns`` and
+``payload`` (the provider's frame, byte for byte). Timestamps are integers in nanoseconds
+unless a name says otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import msgspec
+
+FIELD = b"d"
+WS_RECV_FIELD = b"recv_ts_ns"
+WS_PAYLOAD_FIELD = b"payload"
+
+
+class Message(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Base of every stream message."""
+
+
+M = TypeVar("M", bound=Message)
+
+_encoder = msgspec.json.Encoder()
+_decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {}
+
+
+def encode(msg: Message) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode(raw: bytes | str, typ: type[M]) -> M:
+    """Decode ``raw`` as ``typ``; raises msgspec.ValidationError/DecodeError with the reason."""
+    dec = _decoders.get(typ)
+    if dec is None:
+        dec = _decoders[typ] = msgspec.json.Decoder(typ)
+    return dec.decode(raw)  # type: ignore[no-any-return]
+
+
+def entry(msg: Message) -> dict[bytes, bytes]:
+    """Stream entry fields for ``msg``."""
+    return {FIELD: encode(msg)}
+
+
+def from_entry(fields: dict[bytes, bytes], typ: type[M]) -> M:
+    try:
+        raw = fields[FIELD]
+    except KeyError:
+        raise msgspec.ValidationError(f"stream entry has no {FIELD!r} field") from None
+    return decode(raw, typ)
+
+
+# --- chain snapshots (chain-poller -> normalizer) -------------------------------------
+class ChainContract(msgspec.Struct, frozen=True, array_like=True):
+    """One contract of a compact chain snapshot blob (array-encoded to keep blobs small).
+
+    Prices in index points; ``quote_ts_ns``/``trade_ts_ns`` are the provider's own times.
+    Optional values are None when the provider omitted them.
+    """
+
+    cid: str
+    expiry: str  # YYYY-MM-DD
+    strike: float
+    right: str  # "C" | "P"
+    bid: float | None = None
+    ask: float | None = None
+    last: float | None = None
+    last_size: float | None = None
+    quote_ts_ns: int | None = None
+    trade_ts_ns: int | None = None
+    iv: float | None = None
+    delta: float | None = None
+    gamma: float | None = None
+    theta: float | None = None
+    vega: float | None = None
+    oi: float | None = None
+    volume: float | None = None
+
+
+class ChainSnapshot(msgspec.Struct, frozen=True):
+    """The whole filtered chain of one symbol at one fetch, stored once as a blob."""
+
+    symbol: str
+    ts_ns: int  # fetch completion (our clock)
+    spot: float | None
+    contracts: list[ChainContract]
+
+
+class ChainPointer(Message, frozen=True):
+    """Entry on massive:chain:stream pointing at a stored ChainSnapshot blob."""
+
+    symbol: str
+    snapshot_key: str
+    ts_ns: int
+    n_contracts: int
+    spot: float | None = None
+    fetch_s: float = 0.0
+    reason: str = "cadence"  # cadence | dormancy | startup
+
+
+class SpotTick(Message, frozen=True):
+    """Entry on massive:spot:stream."""
+
+    symbol: str
+    value: float
+    ts_ns: int
+    source: str  # rest | ws
+
+
+class ControlMessage(Message, frozen=True):
+    """Entry on massive:control:stream (e.g. WS dormancy asks for a chain refresh)."""
+
+    kind: str  # "refresh_chain"
+    ts_ns: int
+    symbol: str | None = None
+    reason: str = ""
+
+
+# --- hydration (normalizer/hydrator -> tile builders) ---------------------------------
+class DirtyEntry(Message, frozen=True):
+    """Entry on massive:contracts:dirty: these contracts of this epoch changed."""
+
+    symbol: str
+    epoch: str
+    cids: list[str]
+    max_ts_ns: int
+    recv_ts_ns: int | None = None  # earliest ingest receive time behind the change
+    reason: str = "ws"  # ws | seed | epoch
+
+
+class ContractRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """Typed view of ``epoch:{eid}:contract:<cid>`` (a Redis HASH)."""
+
+    cid: str
+    symbol: str
+    expiry: str
+    strike: float
+    right: str
+    bid: float | None = None
+    ask: float | None = None
+    mid: float | None = None
+    quote_ts_ns: int | None = None
+    last: float | None = None
+    size: float | None = None
+    trade_ts_ns: int | None = None
+    ts_ns: int | None = None  # newest accepted event of either kind
+    iv: float | None = None
+    delta: float | None = None
+    gamma: float | None = None
+    oi: float | None = None
+    src: str = "chain"  # chain | ws
+
+    @classmethod
+    def from_hash(cls, cid: str, h: dict[bytes, bytes]) -> ContractRecord:
+        def f(name: str) -> float | None:
+            v = h.get(name.encode())
+            return float(v) if v not in (None, b"") else None
+
+        def i(name: str) -> int | None:
+            v = h.get(name.encode())
+            return int(v) if v not in (None, b"") else None
+
+        return cls(
+            cid=cid,
+            symbol=h[b"symbol"].decode(),
+            expiry=h[b"expiry"].decode(),
+            strike=float(h[b"strike"]),
+            right=h[b"type"].decode(),
+            bid=f("bid"),
+            ask=f("ask"),
+            mid=f("mid"),
+            quote_ts_ns=i("quote_ts"),
+            last=f("last"),
+            size=f("size"),
+            trade_ts_ns=i("trade_ts"),
+            ts_ns=i("ts_ns"),
+            iv=f("iv"),
+            delta=f("delta"),
+            gamma=f("gamma"),
+            oi=f("oi"),
+            src=(h.get(b"src") or b"chain").decode(),
+        )
+
+
+# --- published models (publishers/gex -> SSE) -----------------------------------------
+class ModelDiff(Message, frozen=True):
+    """Entry on a diff stream. Applying ``changed``/``removed`` to the ``items`` of the model
+    at ``prev_version`` gives the model at ``version``; a client seeing a gap re-reads."""
+
+    symbol: str
+    kind: str  # "heatmap:<strategy>" | "gex"
+    epoch: str
+    version: int
+    prev_version: int
+    ts_ns: int
+    changed: dict[str, Any]
+    removed: list[str]
+    meta: dict[str, Any] = {}
+    src_recv_ts_ns: int | None = None  # oldest ingest time behind this publish (latency)
+
+
+class PublishedModel(msgspec.Struct, frozen=True):
+    """Value stored at a canonical model key (JSON), e.g. massive:heatmap:model:SPX:butterfly."""
+
+    symbol: str
+    kind: str
+    epoch: str
+    version: int
+    ts_ns: int
+    items: dict[str, Any]
+    meta: dict[str, Any] = {}
+    diff_id: str | None = None  # diff stream entry id of this version (SSE resume point)
+
+
+class GexRow(msgspec.Struct, frozen=True, array_like=True):
+    """One contract of an epoch's GEX projection: value of HASH ``epoch:{eid}:gex`` field
+    <cid>, written by the normalizer from every chain snapshot (WS carries no greeks)."""
+
+    root: str
+    expiry: str
+    strike: float
+    right: str  # "C" | "P"
+    gamma: float | None
+    oi: float | None
+    iv: float | None
+    ts_ns: int

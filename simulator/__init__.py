@@ -1,0 +1,1 @@
+"""Simulated Massive API (REST + WebSocket) driven by a seeded market model."""

@@ -1,0 +1,232 @@
+"""Consumer-group read loop: at-least-once, pipelined acks, reclaim, dead letters.
+
+Life of an entry: XREADGROUP ``>`` delivers it; the handler's effect is written to Redis;
+its id is XACKed in the same round trip as the next XREADGROUP. A handler that raises
+leaves its entries pending; the reclaim pass (XPENDING IDLE + XCLAIM, on this or any other
+consumer) redelivers them after ``min_idle_ms``; an entry delivered ``max_deliveries`` times
+without an ack is copied to ``<stream>:dead`` and acked, so one poison entry never stalls
+the group. On start a consumer first re-processes its own pending entries (a crash left
+them there). A vanished group (stream deleted, FLUSHALL) is re-created.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from schemas import keys
+from streams.metrics import ConsumerMetrics
+from streams.spec import StreamSpec
+
+logger = logging.getLogger(__name__)
+
+Entry = tuple[bytes, dict[bytes, bytes]]
+"""(stream entry id, fields) exactly as Redis returned them."""
+
+Handler = Callable[[list[Entry]], Awaitable[None]]
+
+
+class GroupConsumer:
+    """Reads one stream through one consumer group and feeds batches to ``handler``.
+
+    The handler is never called concurrently with itself. It must be idempotent: every
+    entry is delivered at least once, possibly more (redelivery after a crash).
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        spec: StreamSpec,
+        handler: Handler,
+        registry: CollectorRegistry,
+        processor: str,
+    ) -> None:
+        self.redis = redis
+        self.spec = spec
+        self.handler = handler
+        self.metrics = ConsumerMetrics(registry, processor, spec.stream, spec.group)
+        self.dead_stream = keys.dead_letter_stream(spec.stream)
+        self.ready = False
+        self._last_reclaim = 0.0
+
+    # --- group lifecycle ---------------------------------------------------------------
+    async def ensure_group(self) -> None:
+        """XGROUP CREATE ... MKSTREAM, ignoring only BUSYGROUP (it already exists)."""
+        try:
+            await self.redis.xgroup_create(
+                self.spec.stream, self.spec.group, id=self.spec.start_id, mkstream=True
+            )
+            logger.info("group created stream=%s group=%s", self.spec.stream, self.spec.group)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def _on_nogroup(self, exc: ResponseError) -> bool:
+        if "NOGROUP" not in str(exc):
+            return False
+        logger.warning(
+            "group vanished, re-creating stream=%s group=%s", self.spec.stream, self.spec.group
+        )
+        self.metrics.group_recreated.inc()
+        await self.ensure_group()
+        return True
+
+    # --- main loop ---------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.ensure_group()
+        await self.recover(own=True)
+        self.ready = True
+        self._last_reclaim = time.monotonic()
+        to_ack: list[bytes] = []
+        spec = self.spec
+        try:
+            while not stop.is_set():
+                if time.monotonic() - self._last_reclaim >= spec.reclaim_interval_s:
+                    if to_ack:
+                        await self.redis.xack(spec.stream, spec.group, *to_ack)
+                        to_ack = []
+                    await self.recover(own=False)
+                    self._last_reclaim = time.monotonic()
+                pipe = self.redis.pipeline(transaction=False)
+                if to_ack:
+                    pipe.xack(spec.stream, spec.group, *to_ack)
+                pipe.xreadgroup(
+                    spec.group,
+                    spec.consumer,
+                    {spec.stream: ">"},
+                    count=spec.count,
+                    block=spec.block_ms,
+                )
+                try:
+                    res = await pipe.execute()
+                except ResponseError as exc:
+                    if await self._on_nogroup(exc):
+                        to_ack = []
+                        continue
+                    raise
+                to_ack = []
+                batch = res[-1]
+                if not batch:
+                    continue
+                entries: list[Entry] = batch[0][1]
+                to_ack = await self._process(entries)
+        finally:
+            if to_ack:
+                # Finish what we processed: ack it before leaving (SIGTERM path).
+                await self.redis.xack(spec.stream, spec.group, *to_ack)
+
+    async def _process(self, entries: list[Entry]) -> list[bytes]:
+        """Run the handler; returns the ids to ack (the ones whose effect is done)."""
+        live = [e for e in entries if e[1]]
+        gone = [e[0] for e in entries if not e[1]]  # deleted/trimmed while pending
+        if not live:
+            return gone
+        t0 = time.perf_counter()
+        try:
+            await self.handler(live)
+            done = [e[0] for e in live]
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # Isolate the bad entries: retry one by one, ack the good ones.
+            done = []
+            if len(live) == 1:
+                self.metrics.errors.inc()
+                logger.exception("handler failed id=%s stream=%s", live[0][0], self.spec.stream)
+            else:
+                for e in live:
+                    try:
+                        await self.handler([e])
+                        done.append(e[0])
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception:
+                        self.metrics.errors.inc()
+                        logger.exception("handler failed id=%s stream=%s", e[0], self.spec.stream)
+        self.metrics.batch_seconds.observe(time.perf_counter() - t0)
+        self.metrics.batch_size.observe(len(live))
+        self.metrics.processed.inc(len(done))
+        return done + gone
+
+    # --- recovery ----------------------------------------------------------------------
+    async def recover(self, *, own: bool) -> int:
+        """Re-process pending entries: our own (any idle time) at start, or anyone's idle
+        past ``min_idle_ms``. Returns how many entries were handled or dead-lettered."""
+        spec = self.spec
+        cursor = "-"
+        total = 0
+        while True:
+            try:
+                pending: list[dict[str, Any]] = await self.redis.xpending_range(
+                    spec.stream,
+                    spec.group,
+                    min=cursor,
+                    max="+",
+                    count=spec.count,
+                    consumername=spec.consumer if own else None,
+                    idle=None if own else spec.min_idle_ms,
+                )
+            except ResponseError as exc:
+                if await self._on_nogroup(exc):
+                    return total
+                raise
+            if not pending:
+                return total
+            cursor = "(" + _s(pending[-1]["message_id"])
+            total += await self._claim_and_process(pending, own=own)
+            if len(pending) < spec.count:
+                return total
+
+    async def _claim_and_process(self, pending: Sequence[dict[str, Any]], *, own: bool) -> int:
+        spec = self.spec
+        ids = [p["message_id"] for p in pending]
+        claimed: list[Entry] = await self.redis.xclaim(  # type: ignore[assignment]
+            spec.stream,
+            spec.group,
+            spec.consumer,
+            min_idle_time=0 if own else spec.min_idle_ms,
+            message_ids=ids,
+        )
+        if not own:
+            self.metrics.reclaimed.inc(len(claimed))
+        delivered = {p["message_id"]: int(p["times_delivered"]) for p in pending}
+        poison = [e for e in claimed if e[1] and delivered.get(e[0], 0) >= spec.max_deliveries]
+        retry = [e for e in claimed if not (e[1] and delivered.get(e[0], 0) >= spec.max_deliveries)]
+        if poison:
+            await self._dead_letter(poison, delivered)
+        done = await self._process(retry) if retry else []
+        if done:
+            await self.redis.xack(spec.stream, spec.group, *done)
+        return len(poison) + len(done)
+
+    async def _dead_letter(self, entries: list[Entry], delivered: dict[bytes, int]) -> None:
+        spec = self.spec
+        pipe = self.redis.pipeline(transaction=True)
+        for eid, fields in entries:
+            dl = dict(fields)
+            dl[b"_source_id"] = eid
+            dl[b"_group"] = spec.group.encode()
+            dl[b"_deliveries"] = str(delivered.get(eid, 0)).encode()
+            pipe.xadd(self.dead_stream, dl, maxlen=spec.dead_letter_maxlen, approximate=True)  # type: ignore[arg-type]
+        pipe.xack(spec.stream, spec.group, *[e[0] for e in entries])
+        await pipe.execute()
+        self.metrics.dead_lettered.inc(len(entries))
+        for eid, _ in entries:
+            logger.error(
+                "dead-lettered id=%s stream=%s group=%s deliveries=%d",
+                _s(eid),
+                spec.stream,
+                spec.group,
+                delivered.get(eid, 0),
+            )
+
+
+def _s(v: bytes | str) -> str:
+    return v.decode() if isinstance(v, bytes) else v

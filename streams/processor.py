@@ -1,0 +1,94 @@
+"""The processor unit: one lifecycle (start, run loop, stop) with injected dependencies.
+
+A processor module ``processors/<name>.py`` exposes ``build(deps, arg) -> Processor``;
+``massive-pipeline run <name>[:<arg>]`` loads it (e.g. ``tile-builder:butterfly``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry
+from redis.asyncio import Redis
+
+from streams.clock import Clock, SystemClock
+from streams.consumer import Entry, GroupConsumer
+from streams.settings import RuntimeSettings
+from streams.spec import StreamSpec
+
+
+@dataclass(frozen=True)
+class Deps:
+    redis: Redis
+    settings: RuntimeSettings
+    registry: CollectorRegistry
+    clock: Clock = field(default_factory=SystemClock)
+
+
+class Processor(Protocol):
+    name: str
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run until ``stop`` is set; finish (and ack) in-flight work, then return."""
+        ...
+
+    @property
+    def ready(self) -> bool: ...
+
+
+class ConsumerProcessor:
+    """Base for processors that consume one stream through one group.
+
+    Subclasses set ``name`` and implement ``handle(entries)``; the effect of a batch must be
+    in Redis when ``handle`` returns (the runtime acks right after).
+    """
+
+    name = "consumer"
+
+    def __init__(self, deps: Deps, stream: str, group: str, **spec_overrides: object) -> None:
+        s = deps.settings
+        params: dict[str, object] = dict(
+            stream=stream,
+            group=group,
+            consumer=s.consumer,
+            count=s.count,
+            block_ms=s.block_ms,
+            min_idle_ms=s.min_idle_ms,
+            reclaim_interval_s=s.reclaim_interval_s,
+            max_deliveries=s.max_deliveries,
+        )
+        params.update(spec_overrides)
+        self.deps = deps
+        self.redis = deps.redis
+        self.spec = StreamSpec(**params)  # type: ignore[arg-type]
+        self.consumer = GroupConsumer(deps.redis, self.spec, self.handle, deps.registry, self.name)
+
+    @property
+    def ready(self) -> bool:
+        return self.consumer.ready
+
+    async def handle(self, entries: list[Entry]) -> None:
+        raise NotImplementedError
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.consumer.run(stop)
+
+
+def load(spec: str, deps: Deps) -> Processor:
+    """``"tile-builder:butterfly"`` -> processors.tile_builder.build(deps, "butterfly")."""
+    name, _, arg = spec.partition(":")
+    module_name = "processors." + name.replace("-", "_")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name:
+            raise ValueError(f"unknown processor {name!r} (no module {module_name})") from None
+        raise
+    build = getattr(module, "build", None)
+    if build is None:
+        raise ValueError(f"processor module {module_name} has no build(deps, arg)")
+    proc: Processor = build(deps, arg or None)
+    return proc
