@@ -88,6 +88,19 @@ class ChainSnapshot(msgspec.Struct, frozen=True):
     contracts: list[ChainContract]
 
 
+_snap_encoder = msgspec.msgpack.Encoder()
+_snap_decoder = msgspec.msgpack.Decoder(ChainSnapshot)
+
+
+def encode_snapshot(snap: ChainSnapshot) -> bytes:
+    """Blob stored at massive:chain:snapshot:{SYM}:{ts} (msgpack, contracts array-encoded)."""
+    return _snap_encoder.encode(snap)
+
+
+def decode_snapshot(blob: bytes) -> ChainSnapshot:
+    return _snap_decoder.decode(blob)
+
+
 class ChainPointer(Message, frozen=True):
     """Entry on massive:chain:stream pointing at a stored ChainSnapshot blob."""
 

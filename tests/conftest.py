@@ -35,8 +35,13 @@ def registry() -> CollectorRegistry:
 @pytest.fixture
 def settings(redis_server: RedisServer) -> RuntimeSettings:
     return RuntimeSettings(
-        redis_url=redis_server.url, consumer="test-1", block_ms=50, min_idle_ms=200,
-        reclaim_interval_s=0.1, max_deliveries=3, grace_s=5.0,
+        redis_url=redis_server.url,
+        consumer="test-1",
+        block_ms=50,
+        min_idle_ms=200,
+        reclaim_interval_s=0.1,
+        max_deliveries=3,
+        grace_s=5.0,
     )
 
 

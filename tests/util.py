@@ -31,9 +31,22 @@ class RedisServer:
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="massive-redis-")
         self.args = [
-            exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "no", "--dir", self.dir, "--daemonize", "no",
-            "--logfile", os.path.join(self.dir, "redis.log"), *extra,
+            exe,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            self.dir,
+            "--daemonize",
+            "no",
+            "--logfile",
+            os.path.join(self.dir, "redis.log"),
+            *extra,
         ]
         self.proc: subprocess.Popen[bytes] | None = None
 
