@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
 
 MAX_SEQ = 18446744073709551615
+_ENTRY_ID = re.compile(r"\d+-\d+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,7 +29,7 @@ def parse_position(to: str) -> str:
     """``0``, ``$``, an entry id (``1764000000000-0``), epoch millis (``1764000000000ms``) or
     an ISO-8601 time: returns the last-delivered id such that entries at or after a time are
     re-delivered, and entries after an id are re-delivered."""
-    if to in ("0", "$") or ("-" in to and to.replace("-", "").isdigit()):
+    if to in ("0", "$") or _ENTRY_ID.fullmatch(to):  # (not "2026-11-28": a date)
         return to
     if to.endswith("ms") and to[:-2].isdigit():
         ms = int(to[:-2])
@@ -69,17 +71,22 @@ async def reset_offset(redis: Redis, stream: str, group: str, to: str) -> tuple[
     info: dict[Any, Any] = await redis.xinfo_stream(stream)
     added = int(info.get("entries-added", info.get(b"entries-added", 0)))
     pos = parse_position(to)
-    if pos == "0":
-        entries_read = 0
-    elif pos == "$":
+    first = info.get("first-entry", info.get(b"first-entry"))
+    if pos == "$" or first is None:
         entries_read = added
+    elif _id_tuple(_s(first[0])) > _id_tuple(pos):
+        # Before the first entry (also "0" after trimming): every entry left is unread.
+        entries_read = added - int(info.get("length", info.get(b"length", 0)))
     else:
-        _id_tuple(pos)  # validates
         entries_read = added - await count_after(redis, stream, pos)
     await redis.execute_command(  # type: ignore[no-untyped-call]
         "XGROUP", "SETID", stream, group, pos, "ENTRIESREAD", entries_read
     )
     return pos, entries_read
+
+
+def _s(v: bytes | str) -> str:
+    return v.decode() if isinstance(v, bytes) else v
 
 
 def _g(d: dict[Any, Any], k: str) -> Any:
