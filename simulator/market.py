@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import bisect
 import datetime as dt
+import hashlib
 import math
 import random
 from dataclasses import dataclass, field
@@ -349,6 +350,9 @@ class Market:
         self.by_symbol: dict[str, list[Contract]] = {}
         self.topology_version = 0
         self._seq = 0
+        self.seed = seed
+        self.start_ns = now_ns
+        self._ymd: dict[dt.date, str] = {}
         self._samplers: dict[str, _Sampler] = {}
         self._sampler_spot: dict[str, float] = {}
         for sym in symbols:
@@ -363,8 +367,6 @@ class Market:
                     for call in (True, False):
                         self._add(spec, root, exp, k, call)
         self._sort_chains()
-        for c in self.contracts.values():
-            self._seed_history(c)
 
     # --- calendar and grid --------------------------------------------------------------
     def expirations(self, spec: IndexSpec) -> list[tuple[str, dt.date]]:
@@ -437,7 +439,13 @@ class Market:
     def _add(
         self, spec: IndexSpec, root: str, expiry: dt.date, strike: float, call: bool
     ) -> Contract:
-        ticker = encode(root, expiry, "C" if call else "P", strike)
+        milli = round(strike * 1000)
+        if abs(milli - strike * 1000) > 1e-6 or not 0 < milli < 10**8:
+            ticker = encode(root, expiry, "C" if call else "P", strike)  # raises the reason
+        ymd = self._ymd.get(expiry)
+        if ymd is None:
+            ymd = self._ymd[expiry] = expiry.strftime("%y%m%d")
+        ticker = f"O:{root}{ymd}{'C' if call else 'P'}{milli:08d}"
         settle = self.settle_ns(root, spec, expiry)
         c = Contract(
             ticker=ticker,
@@ -447,7 +455,7 @@ class Market:
             call=call,
             strike=strike,
             settle_ns=settle,
-            oi=self._open_interest(spec, root, expiry, strike, call, settle),
+            oi=0,
             exp_s=expiry.isoformat(),
         )
         self.contracts[ticker] = c
@@ -460,14 +468,14 @@ class Market:
         self.topology_version += 1
         self._samplers.clear()
 
-    def _open_interest(
-        self, spec: IndexSpec, root: str, expiry: dt.date, k: float, call: bool, settle: int
-    ) -> int:
+    def _open_interest(self, c: Contract, rng: random.Random) -> int:
+        spec = self.indices[c.symbol].spec
+        root, expiry, k, call, settle = c.root, c.expiry, c.strike, c.call, c.settle_ns
         t = max(settle - self.open_ns, 3600 * NS) / NS / YEAR_S
         sig = self.atm_vol(spec, t) * math.sqrt(t)
         x = math.log(k / spec.spot) / max(sig, 0.01)
         otm = (x > 0) == call  # out of the money side of this contract
-        base = math.exp(-0.5 * (x / (1.6 if otm else 0.9)) ** 2)
+        base = math.exp(-0.5 * (x / (1.6 if otm else 0.9)) ** 2) + 0.01
         if not call and x < 0:
             base *= 1.8  # put demand below spot (hedging)
         for mult, fac in ((100, 2.5), (50, 1.6), (25, 1.25)):
@@ -477,32 +485,39 @@ class Market:
         if root == spec.monthly_root or expiry == month_end(expiry.year, expiry.month):
             base *= 3.0
         base *= 0.25 + min(t * 12.0, 1.5)  # open interest accumulates with listing age
-        noise = math.exp(self.rng.gauss(0.0, 0.35))
+        noise = math.exp(rng.gauss(0.0, 0.35))
         return int(spec.oi_scale * base * noise)
 
+    def _contract_rng(self, ticker: str) -> random.Random:
+        h = hashlib.blake2b(f"{self.seed}:{ticker}".encode(), digest_size=8).digest()
+        return random.Random(int.from_bytes(h, "little"))
+
     def _seed_history(self, c: Contract) -> None:
-        """Previous close, and for some contracts a trade earlier in today's session."""
-        self.refresh(c)
+        """First touch of a contract: open interest, a quote, a previous close and for some
+        contracts a trade earlier in today's session. Randomness comes from a generator keyed
+        by (seed, ticker), so the result does not depend on which contract is touched first."""
         assert c.model is not None
+        rng = self._contract_rng(c.ticker)
+        c.oi = self._open_interest(c, rng)
         price = c.model.price
         c.bid, c.ask = bid_ask(price)
-        c.bid_size, c.ask_size = self.rng.randint(1, 150), self.rng.randint(1, 150)
+        c.bid_size, c.ask_size = rng.randint(1, 150), rng.randint(1, 150)
         c.quote_ts = self.now_ns
         spec = self.indices[c.symbol].spec
         t = self.years_to(c.settle_ns)
         x = abs(math.log(c.strike / spec.spot)) / max(self.atm_vol(spec, t) * math.sqrt(t), 0.01)
         p_traded = min(0.95, 0.9 * math.exp(-0.5 * (x / 2.0) ** 2) + 0.02) if price >= 0.05 else 0
-        if self.rng.random() < min(1.0, p_traded + 0.1) and price >= 0.05:
-            c.prev_close = round_down_tick(price * math.exp(self.rng.gauss(0.0, 0.08))) or 0.05
-        if self.rng.random() < p_traded:
-            px = round_down_tick(price * math.exp(self.rng.gauss(0.0, 0.03))) or 0.05
-            lag = self.rng.randint(1, 3 * 3600)
-            c.trade_price, c.trade_size = px, self.rng.randint(1, 20)
-            c.trade_ts = max(self.now_ns - lag * NS + self.rng.randint(0, 999_999), 1)
-            vol = self.rng.randint(c.trade_size, c.trade_size + 2000)
-            c.day_open = round_down_tick(px * math.exp(self.rng.gauss(0.0, 0.1))) or 0.05
-            c.day_high = max(c.day_open, px) * (1 + abs(self.rng.gauss(0, 0.03)))
-            c.day_low = min(c.day_open, px) * (1 - abs(self.rng.gauss(0, 0.03)))
+        if rng.random() < min(1.0, p_traded + 0.1) and price >= 0.05:
+            c.prev_close = round_down_tick(price * math.exp(rng.gauss(0.0, 0.08))) or 0.05
+        if rng.random() < p_traded:
+            px = round_down_tick(price * math.exp(rng.gauss(0.0, 0.03))) or 0.05
+            lag = rng.randint(1, 3 * 3600)
+            c.trade_price, c.trade_size = px, rng.randint(1, 20)
+            c.trade_ts = max(self.start_ns - lag * NS + rng.randint(0, 999_999), 1)
+            vol = rng.randint(c.trade_size, c.trade_size + 2000)
+            c.day_open = round_down_tick(px * math.exp(rng.gauss(0.0, 0.1))) or 0.05
+            c.day_high = max(c.day_open, px) * (1 + abs(rng.gauss(0, 0.03)))
+            c.day_low = min(c.day_open, px) * (1 - abs(rng.gauss(0, 0.03)))
             c.day_high, c.day_low = round_up_tick(c.day_high), round_down_tick(c.day_low)
             c.day_volume = vol
             c.day_notional = vol * (c.day_open + px) / 2
@@ -534,12 +549,6 @@ class Market:
 
     def _finish_listing(self, new: list[Contract]) -> list[str]:
         self._sort_chains()
-        for c in new:
-            self.refresh(c)
-            assert c.model is not None
-            c.bid, c.ask = bid_ask(c.model.price)
-            c.bid_size, c.ask_size = self.rng.randint(1, 50), self.rng.randint(1, 50)
-            c.quote_ts = self.now_ns
         return [c.ticker for c in new]
 
     # --- pricing --------------------------------------------------------------------------
@@ -560,7 +569,9 @@ class Market:
         iv = self.implied_vol(c, spot, t)
         c.model = black_scholes(spot, c.strike, t, iv, self.config.r, self.config.q, c.call)
         c.iv = iv
-        if c.version >= 0 and self.now_ns > c.quote_ts:
+        if c.version < 0:
+            self._seed_history(c)
+        elif self.now_ns > c.quote_ts:
             bid, ask = bid_ask(c.model.price)
             if (bid, ask) != (c.bid, c.ask):
                 c.bid, c.ask, c.quote_ts = bid, ask, self.now_ns
