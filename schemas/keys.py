@@ -131,3 +131,34 @@ WS_LAST_EVENT = "massive:ws:last_event_ns"
 # Written with admission (newer ts only) by the normalizer (chain underlying value) and the
 # hydrator (WS V. events); read by tile builders and the GEX builder.
 SPOT_LATEST = "massive:spot:latest"
+
+
+# --- heatmap staging internals (tile builders; same hash tag as the staging HASH) ----
+def heatmap_staging_seq(symbol: str, strategy: str) -> str:
+    """HASH tile_id -> admission clock (decimal sum of leg ts) of the staged tile."""
+    return f"heatmap:{{{symbol}:{strategy}}}:staging:seq"
+
+
+def heatmap_manifest(symbol: str, strategy: str) -> str:
+    """HASH epoch, created_ns, expected, built_ns: which epoch the staging hash holds."""
+    return f"heatmap:{{{symbol}:{strategy}}}:manifest"
+
+
+def heatmap_build(symbol: str, strategy: str, consumer: str) -> str:
+    """Temporary HASH a builder fills during a full epoch build (renamed onto staging)."""
+    return f"heatmap:{{{symbol}:{strategy}}}:build:{consumer}"
+
+
+def heatmap_build_seq(symbol: str, strategy: str, consumer: str) -> str:
+    return f"heatmap:{{{symbol}:{strategy}}}:build:{consumer}:seq"
+
+
+# --- heatmap publisher internals -------------------------------------------------------
+def publisher_fence(strategy: str) -> str:
+    """Counter INCRed on every lease acquisition: the fencing token (lease epoch)."""
+    return f"massive:heatmap:leader:{strategy}:fence"
+
+
+def heatmap_version(symbol: str, strategy: str) -> str:
+    """Current published version (integer) of massive:heatmap:model:{SYM}:{strategy}."""
+    return f"massive:heatmap:version:{symbol}:{strategy}"

@@ -1,0 +1,459 @@
+"""Tile builder (``massive-pipeline run tile-builder:<strategy>``): keeps the staging tiles of
+one strategy (single | vertical | butterfly) up to date from ``massive:contracts:dirty``.
+
+Each strategy is an independent consumer group (``keys.tile_builder_group``) so the three
+builders scale and lag independently; replicas of one strategy share the group.
+
+Per batch of DirtyEntry (hot path, a fixed number of round trips whatever the batch size):
+  1. one pipeline: the active epoch of each symbol + the epoch the staging hash holds;
+  2. entries of a non-active epoch are skipped (counted); a symbol whose active epoch is not
+     installed in staging (new epoch, DirtyEntry reason "epoch", or a replica that lost the
+     race) gets a FULL build: every tile of the epoch computed into a temporary hash, then
+     one Lua script renames it onto the staging hash and rewrites the manifest (atomic
+     replacement: readers see the old epoch's tiles or the new one's, never a mix; tiles of
+     the old epoch disappear with it). An older epoch never replaces a newer one
+     (manifest created_ns);
+  3. otherwise the tiles using the dirty contracts (local derived grid of the epoch: frozen
+     topology -> tile specs and cid -> tiles) are recomputed: one Lua call reads every leg
+     hash (HMGET of LEG_FIELDS per key, one round trip), tiles are computed in-process,
+     one Lua call stages them with admission (strictly greater ``seq`` = sum of leg ts;
+     equal = same inputs, discarded; rejected wholesale when the batch's epoch is not the
+     staged one), and one XADD of a TileDelta on ``massive:tiles:<strategy>``.
+The delta lists the ids that were admitted OR found equal (an equal tile may be a redelivery
+whose first delta was lost in a crash: re-announcing it is harmless, the publisher compares
+values); tiles rejected as older are left to the replica that wrote the newer value.
+
+The tile math (formulas, convexity score, staleness) is in processors/heatmap.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+import msgspec
+from redis.asyncio import Redis
+
+from processors import heatmap as hm
+from schemas import keys
+from schemas.heatmap import Tile, TileDelta, pack
+from schemas.messages import DirtyEntry, entry, from_entry
+from streams import metrics, producer
+from streams.consumer import Entry
+from streams.processor import ConsumerProcessor, Deps
+from streams.settings import from_env
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TileSettings:
+    """Env prefix ``MASSIVE_TILES_`` (e.g. MASSIVE_TILES_WIDTHS_SPX=5,10,15)."""
+
+    widths_spx: tuple[float, ...] = (5, 10, 15, 20, 25, 30, 35, 40, 45, 50)
+    widths_ndx: tuple[float, ...] = (25, 50, 75, 100, 125, 150, 175, 200)
+    widths_other: tuple[float, ...] = (5, 10, 25, 50)
+    n_expiries: int = 5  # expirations per symbol: 0DTE (when listed) first, then the next ones
+    drop_expired: bool = True  # ignore expiries before today (America/New_York)
+    max_quote_age_ms: int = 10_000  # quote mid used when as_of - quote_ts <= this
+    fetch_chunk: int = 2000  # contract hashes per Lua read call
+    write_chunk: int = 5000  # tiles per staging write call
+    tiles_maxlen: int = 100_000  # MAXLEN ~ of massive:tiles:<strategy>
+    bootstrap: bool = True  # at start, full-build any active epoch not installed in staging
+
+    def __post_init__(self) -> None:
+        for name in ("widths_spx", "widths_ndx", "widths_other"):
+            if any(w <= 0 for w in getattr(self, name)):
+                raise ValueError(f"{name} must be positive")
+        if self.n_expiries < 1 or self.fetch_chunk < 1 or self.write_chunk < 1:
+            raise ValueError("n_expiries, fetch_chunk and write_chunk must be >= 1")
+
+    def widths(self, symbol: str) -> tuple[float, ...]:
+        return {"SPX": self.widths_spx, "NDX": self.widths_ndx}.get(symbol, self.widths_other)
+
+    @property
+    def max_quote_age_ns(self) -> int:
+        return self.max_quote_age_ms * 1_000_000
+
+
+# KEYS: contract hashes; ARGV: field names. Returns one HMGET reply per key.
+FETCH_LUA = """
+local out = {}
+for i = 1, #KEYS do out[i] = redis.call('HMGET', KEYS[i], unpack(ARGV)) end
+return out
+"""
+
+# KEYS: staging, staging_seq, manifest. ARGV: epoch, then (tile_id, seq, packed) triples.
+# Returns -9 when the staged epoch is not ARGV[1]; else one status per tile:
+# 1 admitted (slot absent or seq strictly greater), 0 equal (discarded), -1 older (discarded).
+# seq values are non-negative decimal integers: compared by length, then lexically (exact;
+# Lua numbers are doubles and would round nanosecond sums).
+STAGE_LUA = """
+if redis.call('HGET', KEYS[3], 'epoch') ~= ARGV[1] then return -9 end
+local out = {}
+for i = 2, #ARGV, 3 do
+  local id, seq = ARGV[i], ARGV[i + 1]
+  local old = redis.call('HGET', KEYS[2], id)
+  local st
+  if not old then st = 1
+  elseif #seq ~= #old then if #seq > #old then st = 1 else st = -1 end
+  elseif seq > old then st = 1
+  elseif seq == old then st = 0
+  else st = -1 end
+  if st == 1 then
+    redis.call('HSET', KEYS[1], id, ARGV[i + 2])
+    redis.call('HSET', KEYS[2], id, seq)
+  end
+  out[#out + 1] = st
+end
+return out
+"""
+
+# KEYS: staging, staging_seq, manifest, build, build_seq.
+# ARGV: epoch, created_ns, expected, built_ns.
+# 1 = installed (build renamed onto staging, manifest rewritten);
+# 0 = this epoch is already installed (build dropped; caller merges with admission);
+# -1 = a newer epoch is installed (build dropped).
+INSTALL_LUA = """
+local cur = redis.call('HGET', KEYS[3], 'epoch')
+if cur == ARGV[1] then redis.call('DEL', KEYS[4], KEYS[5]) return 0 end
+local cc = redis.call('HGET', KEYS[3], 'created_ns')
+if cc and (#cc > #ARGV[2] or (#cc == #ARGV[2] and cc > ARGV[2])) then
+  redis.call('DEL', KEYS[4], KEYS[5])
+  return -1
+end
+if redis.call('EXISTS', KEYS[4]) == 1 then
+  redis.call('RENAME', KEYS[4], KEYS[1])
+  redis.call('RENAME', KEYS[5], KEYS[2])
+else
+  redis.call('DEL', KEYS[1], KEYS[2])
+end
+redis.call('DEL', KEYS[3])
+redis.call('HSET', KEYS[3], 'epoch', ARGV[1], 'created_ns', ARGV[2], 'expected', ARGV[3],
+           'built_ns', ARGV[4])
+return 1
+"""
+
+
+async def fetch_quotes(
+    redis: Redis, eid: str, cids: Sequence[str], chunk: int = 2000, script: Any = None
+) -> dict[str, hm.LegQuote | None]:
+    """Read LEG_FIELDS of every contract in ``cids`` (one pipelined round trip)."""
+    script = script or redis.register_script(FETCH_LUA)
+    pipe = redis.pipeline(transaction=False)
+    parts = [cids[i : i + chunk] for i in range(0, len(cids), chunk)]
+    for part in parts:
+        await script(
+            keys=[keys.epoch_contract(eid, c) for c in part], args=hm.LEG_FIELDS, client=pipe
+        )
+    replies = await pipe.execute() if parts else []
+    out: dict[str, hm.LegQuote | None] = {}
+    for part, rep in zip(parts, replies, strict=True):
+        for cid, values in zip(part, rep, strict=True):
+            out[cid] = hm.LegQuote.from_values(values)
+    return out
+
+
+async def load_grid(
+    redis: Redis, eid: str, symbol: str, strategy: str, cfg: TileSettings, now_ns: int
+) -> hm.Grid:
+    raw = await redis.smembers(keys.epoch_contracts(eid))
+    cids = [c.decode() if isinstance(c, bytes) else c for c in raw]
+    today = hm.market_date(now_ns) if cfg.drop_expired else None
+    return hm.build_grid(
+        symbol, strategy, cids, cfg.widths(symbol), today=today, n_expiries=cfg.n_expiries
+    )
+
+
+async def reference_full_build(
+    redis: Redis, eid: str, symbol: str, strategy: str, cfg: TileSettings, now_ns: int
+) -> dict[str, Tile]:
+    """Every tile of ``strategy`` for epoch ``eid`` recomputed from the contract hashes
+    (reference mode for tests and benchmarks; production uses the incremental path)."""
+    grid = await load_grid(redis, eid, symbol, strategy, cfg, now_ns)
+    quotes = await fetch_quotes(redis, eid, grid.leg_cids(grid.specs.values()), cfg.fetch_chunk)
+    return hm.compute_all(grid, quotes, eid, cfg.max_quote_age_ns)
+
+
+class TileBuilder(ConsumerProcessor):
+    name = "tile-builder"
+
+    def __init__(self, deps: Deps, strategy: str, cfg: TileSettings) -> None:
+        if strategy not in hm.STRATEGIES:
+            raise ValueError(f"tile-builder: unknown strategy {strategy!r} ({hm.STRATEGIES})")
+        self.name = f"tile-builder:{strategy}"
+        super().__init__(deps, keys.CONTRACTS_DIRTY_STREAM, keys.tile_builder_group(strategy))
+        self.strategy = strategy
+        self.cfg = cfg
+        self.clock = deps.clock
+        self.tiles_stream = keys.tiles_stream(strategy)
+        self._fetch = self.redis.register_script(FETCH_LUA)
+        self._stage = self.redis.register_script(STAGE_LUA)
+        self._install = self.redis.register_script(INSTALL_LUA)
+        self._grids: dict[str, tuple[str, hm.Grid]] = {}
+        reg, lbl = deps.registry, {"strategy": strategy}
+        self.m_computed = metrics.counter(
+            reg, "massive_tiles_computed_total", "Tiles computed", ("strategy", "mode")
+        )
+        self.m_staged = metrics.counter(
+            reg,
+            "massive_tiles_staged_total",
+            "Staging writes by admission result (admitted|equal|older)",
+            ("strategy", "result"),
+        )
+        self.m_skipped = metrics.counter(
+            reg,
+            "massive_tile_builder_skipped_total",
+            "Dirty entries/contracts not turned into tiles, by reason",
+            ("strategy", "reason"),
+        )
+        self.m_full = metrics.counter(
+            reg,
+            "massive_tile_full_builds_total",
+            "Full epoch builds by result (installed|merged|superseded)",
+            ("strategy", "result"),
+        )
+        self.m_seconds = metrics.histogram(
+            reg, "massive_tile_build_seconds", "Tile build time per call", ("strategy", "mode")
+        )
+        self.m_deltas = metrics.counter(
+            reg, "massive_tile_deltas_total", "Tile delta entries written", ("strategy",)
+        ).labels(**lbl)
+
+    # --- lifecycle ------------------------------------------------------------------------
+    async def run(self, stop: Any) -> None:
+        if self.cfg.bootstrap:
+            try:
+                await self.bootstrap()
+            except Exception:  # a failed bootstrap is retried by the next dirty entry
+                logger.exception("bootstrap failed strategy=%s", self.strategy)
+        await super().run(stop)
+
+    async def bootstrap(self) -> None:
+        """Full-build every active epoch that staging does not hold yet (e.g. a builder
+        started after the promotion, with no dirty traffic: market closed)."""
+        active = await self.redis.hgetall(keys.EPOCH_ACTIVE)
+        for sym_b, eid_b in sorted(active.items()):
+            sym, eid = _s(sym_b), _s(eid_b)
+            installed = await self.redis.hget(keys.heatmap_manifest(sym, self.strategy), "epoch")
+            if installed is None or _s(installed) != eid:
+                await self.full_build(sym, eid, recv_ts_ns=None, n_dirty=0)
+
+    # --- batch handling -------------------------------------------------------------------
+    async def handle(self, entries: list[Entry]) -> None:
+        by_sym: dict[str, list[DirtyEntry]] = {}
+        for eid, fields in entries:
+            try:
+                d = from_entry(fields, DirtyEntry)
+            except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+                self.m_skipped.labels(self.strategy, "bad_entry").inc()
+                logger.warning("rejected dirty entry id=%r: %s", eid, exc)
+                continue
+            by_sym.setdefault(d.symbol, []).append(d)
+        if not by_sym:
+            return
+        syms = sorted(by_sym)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hmget(keys.EPOCH_ACTIVE, syms)
+        for s in syms:
+            pipe.hget(keys.heatmap_manifest(s, self.strategy), "epoch")
+        res = await pipe.execute()
+        for i, sym in enumerate(syms):
+            act_b, inst_b = res[0][i], res[1 + i]
+            act = act_b.decode() if act_b is not None else None
+            inst = inst_b.decode() if inst_b is not None else None
+            live = [d for d in by_sym[sym] if d.epoch == act]
+            if len(live) < len(by_sym[sym]):
+                self.m_skipped.labels(self.strategy, "inactive_epoch").inc(
+                    len(by_sym[sym]) - len(live)
+                )
+            if not live or act is None:
+                continue
+            recvs = [d.recv_ts_ns for d in live if d.recv_ts_ns is not None]
+            recv = min(recvs) if recvs else None
+            max_ts = max(d.max_ts_ns for d in live)
+            if inst != act:
+                await self.full_build(sym, act, recv_ts_ns=recv, n_dirty=len(live))
+                continue
+            if any(d.reason == "epoch" for d in live):
+                # Installed already (by us earlier, a replica, or bootstrap): re-announce the
+                # full epoch so a publisher that missed the first announcement reconciles.
+                grid = await self._grid(sym, act)
+                await self._announce_full(sym, act, len(grid.specs), recv, len(live))
+            cids: dict[str, None] = {}
+            for d in live:
+                if d.reason != "epoch":
+                    cids.update(dict.fromkeys(d.cids))
+            if cids:
+                await self.incremental(sym, act, list(cids), recv, max_ts, len(live))
+
+    async def _grid(self, sym: str, eid: str) -> hm.Grid:
+        cached = self._grids.get(sym)
+        if cached is not None and cached[0] == eid:
+            return cached[1]
+        grid = await load_grid(self.redis, eid, sym, self.strategy, self.cfg, self.clock.time_ns())
+        self._grids[sym] = (eid, grid)
+        return grid
+
+    async def incremental(
+        self,
+        sym: str,
+        eid: str,
+        cids: list[str],
+        recv_ts_ns: int | None,
+        max_ts_ns: int,
+        n_dirty: int,
+    ) -> list[str]:
+        """Recompute and stage the tiles using ``cids``; returns the announced tile ids."""
+        t0 = time.perf_counter()
+        grid = await self._grid(sym, eid)
+        specs = grid.affected(cids)
+        outside = sum(1 for c in cids if c not in grid.by_cid)
+        if outside:
+            self.m_skipped.labels(self.strategy, "outside_grid").inc(outside)
+        if not specs:
+            return []
+        quotes = await fetch_quotes(
+            self.redis, eid, grid.leg_cids(specs.values()), self.cfg.fetch_chunk, self._fetch
+        )
+        age = self.cfg.max_quote_age_ns
+        tiles = [hm.compute_tile(s, quotes, eid, age) for s in specs.values()]
+        self.m_computed.labels(self.strategy, "incremental").inc(len(tiles))
+        statuses = await self._stage_tiles(sym, eid, tiles)
+        if statuses is None:  # staging holds another epoch (replaced meanwhile): rebuild
+            await self.full_build(sym, eid, recv_ts_ns=recv_ts_ns, n_dirty=n_dirty)
+            return []
+        ids = [t.id for t, st in zip(tiles, statuses, strict=True) if st >= 0]
+        if ids:
+            delta = TileDelta(
+                symbol=sym,
+                strategy=self.strategy,
+                epoch=eid,
+                ids=ids,
+                recv_ts_ns=recv_ts_ns,
+                max_ts_ns=max_ts_ns,
+                n_dirty=n_dirty,
+            )
+            await producer.xadd(
+                self.redis, self.tiles_stream, _fields(delta), self.cfg.tiles_maxlen
+            )
+            self.m_deltas.inc()
+        self.m_seconds.labels(self.strategy, "incremental").observe(time.perf_counter() - t0)
+        return ids
+
+    async def _stage_tiles(self, sym: str, eid: str, tiles: list[Tile]) -> list[int] | None:
+        """Admission write of ``tiles``; None when staging holds another epoch."""
+        k = [
+            keys.heatmap_staging(sym, self.strategy),
+            keys.heatmap_staging_seq(sym, self.strategy),
+            keys.heatmap_manifest(sym, self.strategy),
+        ]
+        n = self.cfg.write_chunk
+        pipe = self.redis.pipeline(transaction=False)
+        for i in range(0, len(tiles), n):
+            args: list[str | bytes] = [eid]
+            for t in tiles[i : i + n]:
+                args += (t.id, str(t.seq), pack(t))
+            await self._stage(keys=k, args=args, client=pipe)
+        replies = await pipe.execute()
+        out: list[int] = []
+        for rep in replies:
+            if not isinstance(rep, list):
+                return None
+            out += rep
+        for name, code in (("admitted", 1), ("equal", 0), ("older", -1)):
+            c = out.count(code)
+            if c:
+                self.m_staged.labels(self.strategy, name).inc(c)
+        return out
+
+    async def full_build(self, sym: str, eid: str, *, recv_ts_ns: int | None, n_dirty: int) -> str:
+        """Compute every tile of epoch ``eid`` and install it (see module doc). Returns
+        installed | merged | superseded."""
+        t0 = time.perf_counter()
+        created = await self.redis.hget(keys.epoch_meta(eid), "created_ns")
+        created_ns = int(created) if created is not None else 0
+        grid = await self._grid(sym, eid)
+        quotes = await fetch_quotes(
+            self.redis, eid, grid.leg_cids(grid.specs.values()), self.cfg.fetch_chunk, self._fetch
+        )
+        tiles = list(hm.compute_all(grid, quotes, eid, self.cfg.max_quote_age_ns).values())
+        self.m_computed.labels(self.strategy, "full").inc(len(tiles))
+        consumer = self.spec.consumer
+        b_key = keys.heatmap_build(sym, self.strategy, consumer)
+        b_seq = keys.heatmap_build_seq(sym, self.strategy, consumer)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.delete(b_key, b_seq)
+        n = self.cfg.write_chunk
+        for i in range(0, len(tiles), n):
+            part = tiles[i : i + n]
+            pipe.hset(b_key, mapping={t.id: pack(t) for t in part})
+            pipe.hset(b_seq, mapping={t.id: str(t.seq) for t in part})
+        await pipe.execute()
+        rc = await self._install(
+            keys=[
+                keys.heatmap_staging(sym, self.strategy),
+                keys.heatmap_staging_seq(sym, self.strategy),
+                keys.heatmap_manifest(sym, self.strategy),
+                b_key,
+                b_seq,
+            ],
+            args=[eid, str(created_ns), str(len(tiles)), str(self.clock.time_ns())],
+        )
+        rc = int(rc)
+        if rc == -1:
+            result = "superseded"
+            logger.warning("full build of %s epoch=%s superseded by a newer epoch", sym, eid)
+        else:
+            if rc == 0:
+                result = "merged"
+                await self._stage_tiles(sym, eid, tiles)
+            else:
+                result = "installed"
+                self.m_staged.labels(self.strategy, "admitted").inc(len(tiles))
+            await self._announce_full(sym, eid, len(tiles), recv_ts_ns, n_dirty)
+            logger.info(
+                "full build %s %s epoch=%s tiles=%d result=%s in %.3fs",
+                self.strategy,
+                sym,
+                eid,
+                len(tiles),
+                result,
+                time.perf_counter() - t0,
+            )
+        self.m_full.labels(self.strategy, result).inc()
+        self.m_seconds.labels(self.strategy, "full").observe(time.perf_counter() - t0)
+        return result
+
+    async def _announce_full(
+        self, sym: str, eid: str, expected: int, recv_ts_ns: int | None, n_dirty: int
+    ) -> None:
+        delta = TileDelta(
+            symbol=sym,
+            strategy=self.strategy,
+            epoch=eid,
+            ids=[],
+            full=True,
+            expected=expected,
+            recv_ts_ns=recv_ts_ns,
+            n_dirty=n_dirty,
+        )
+        await producer.xadd(self.redis, self.tiles_stream, _fields(delta), self.cfg.tiles_maxlen)
+        self.m_deltas.inc()
+
+
+def _s(v: bytes | str) -> str:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+def _fields(msg: TileDelta) -> producer.Fields:
+    return cast(producer.Fields, entry(msg))
+
+
+def build(deps: Deps, arg: str | None) -> TileBuilder:
+    if not arg:
+        raise ValueError(f"tile-builder needs a strategy: tile-builder:<{'|'.join(hm.STRATEGIES)}>")
+    return TileBuilder(deps, arg, from_env(TileSettings, "MASSIVE_TILES_"))

@@ -1,0 +1,285 @@
+"""Heatmap tile math: ids, grid topology, pricing rule, formulas, convexity, and the
+reference full rebuild checked against an independent recomputation over plain dicts."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from redis.asyncio import Redis
+
+from processors import heatmap as hm
+from processors.tile_builder import TileSettings, reference_full_build
+from schemas import keys, ticker
+from schemas.heatmap import Tile, pack, to_json, unpack
+from tests.factories import option_chain, seed_epoch
+
+NOW = 1_764_000_000_000_000_000  # 2025-11-24T16:00Z
+SEC = 1_000_000_000
+
+
+def cid(root: str, exp: str, right: str, k: float) -> str:
+    return ticker.encode(root, dt.date.fromisoformat(exp), right, k)
+
+
+def test_tile_ids_follow_the_documented_format() -> None:
+    assert (
+        hm.tile_id("SPX", "2026-11-24", "butterfly", (6000, 6010, 6020), "C")
+        == "SPX:2026-11-24:butterfly:6000-6010-6020:C"
+    )
+    assert (
+        hm.tile_id("SPX", "2026-11-24", "single", (6000.0,), "P") == "SPX:2026-11-24:single:6000:P"
+    )
+    assert hm.tile_id("NDX", "2026-11-24", "vertical", (20002.5, 20027.5), "C").endswith(
+        ":20002.5-20027.5:C"
+    )
+
+
+def _grid(strategy: str, cids: list[str], widths: tuple[float, ...] = (5, 10)) -> hm.Grid:
+    return hm.build_grid("SPX", strategy, cids, widths, today=dt.date(2026, 11, 24), n_expiries=5)
+
+
+def test_butterfly_dirty_strike_touches_centers_k_minus_w_k_k_plus_w() -> None:
+    strikes = [5980, 5985, 5990, 5995, 6000, 6005, 6010, 6015, 6020]
+    cids = [cid("SPXW", "2026-11-24", r, k) for k in strikes for r in "CP"]
+    g = _grid("butterfly", cids)
+    hit = g.affected([cid("SPXW", "2026-11-24", "C", 6000)])
+    assert sorted(hit) == sorted(
+        f"SPX:2026-11-24:butterfly:{k - w}-{k}-{k + w}:C"
+        for w in (5, 10)
+        for k in (6000 - w, 6000, 6000 + w)
+    )
+    # edge: no tile needs a leg outside the grid
+    assert "SPX:2026-11-24:butterfly:5970-5980-5990:C" not in g.specs
+    assert "SPX:2026-11-24:butterfly:5975-5980-5985:C" not in g.specs
+
+
+def test_vertical_legs_and_anchors() -> None:
+    cids = [cid("SPXW", "2026-11-24", r, k) for k in (5990, 6000, 6010) for r in "CP"]
+    g = _grid("vertical", cids, (10,))
+    assert set(g.specs) == {
+        "SPX:2026-11-24:vertical:5990-6000:C",
+        "SPX:2026-11-24:vertical:6000-6010:C",
+        "SPX:2026-11-24:vertical:5990-6000:P",
+        "SPX:2026-11-24:vertical:6000-6010:P",
+    }
+    call = g.specs["SPX:2026-11-24:vertical:6000-6010:C"]
+    assert [(k, q) for _, k, q in call.legs] == [(6000, 1), (6010, -1)]  # long lower call
+    put = g.specs["SPX:2026-11-24:vertical:5990-6000:P"]
+    assert [(k, q) for _, k, q in put.legs] == [(6000, 1), (5990, -1)]  # long upper put
+
+
+def test_one_root_per_expiry_and_expiry_selection() -> None:
+    cids = [cid("SPXW", "2026-11-20", "C", k) for k in (6000, 6005)]  # expired
+    cids += [cid("SPX", "2026-12-18", "C", k) for k in (6000, 6005)]  # AM monthly
+    cids += [cid("SPXW", "2026-12-18", "C", k) for k in (6000, 6005, 6010)]  # PM, more
+    cids += [cid("SPXW", e, "C", 6000) for e in ("2026-11-24", "2026-11-25", "2026-11-27")]
+    cids += [cid("NDXP", "2026-11-24", "C", 20000)]  # other symbol
+    g = hm.build_grid("SPX", "single", cids, (), today=dt.date(2026, 11, 24), n_expiries=3)
+    assert g.expiries == ["2026-11-24", "2026-11-25", "2026-11-27"]  # 0DTE first, expired gone
+    g = hm.build_grid("SPX", "single", cids, (), today=dt.date(2026, 11, 24), n_expiries=9)
+    roots = {ticker.parse(s.legs[0][0]).root for s in g.specs.values() if s.expiry == "2026-12-18"}
+    assert roots == {"SPXW"}
+    # a tie goes to the PM-settled weekly root
+    tie = [cid(r, "2026-12-18", "C", 6000) for r in ("SPX", "SPXW")]
+    g = hm.build_grid("SPX", "single", tie, (), today=None, n_expiries=1)
+    assert [ticker.parse(s.legs[0][0]).root for s in g.specs.values()] == ["SPXW"]
+
+
+def q(**kw: object) -> hm.LegQuote:
+    base: dict[str, object] = dict(
+        bid=None, ask=None, mid=None, quote_ts=None, last=None, trade_ts=None, ts_ns=0, src="chain"
+    )
+    base.update(kw)
+    return hm.LegQuote(**base)  # type: ignore[arg-type]
+
+
+def test_price_rule_fresh_mid_else_last_else_stale_mid() -> None:
+    age = 5 * SEC
+    fresh = q(mid=2.0, quote_ts=NOW, last=1.5, trade_ts=NOW + 4 * SEC, ts_ns=NOW + 4 * SEC)
+    assert hm.price_leg(fresh, NOW + 4 * SEC, age) == (2.0, "mid", NOW)
+    stale = q(mid=2.0, quote_ts=NOW, last=1.5, trade_ts=NOW + 6 * SEC, ts_ns=NOW + 6 * SEC)
+    assert hm.price_leg(stale, NOW + 6 * SEC, age) == (1.5, "last", NOW + 6 * SEC)
+    # staleness is judged against the tile's newest leg event, not only the own contract
+    assert hm.price_leg(fresh, NOW + 9 * SEC, age) == (1.5, "last", NOW + 4 * SEC)
+    no_trade = q(mid=2.0, quote_ts=NOW, ts_ns=NOW)
+    assert hm.price_leg(no_trade, NOW + 9 * SEC, age) == (2.0, "mid_stale", NOW)
+    assert hm.price_leg(None, NOW, age) == (None, "none", 0)
+    assert hm.LegQuote.from_values([b"1", b"3", None, b"5", None, None, None, None]) == q(
+        bid=1.0, ask=3.0, mid=2.0, quote_ts=5, ts_ns=5
+    )
+    assert hm.LegQuote.from_values([None] * 8) is None
+    bad = hm.LegQuote.from_values([b"nan", b"x", None, b"?", b"inf", None, b"7", b"ws"])
+    assert bad == q(ts_ns=7, src="ws")
+
+
+def _spec(strategy: str, right: str, strikes: list[float], width: float) -> hm.TileSpec:
+    qty = {"single": [1], "vertical": [1, -1], "butterfly": [1, -2, 1]}[strategy]
+    legs = tuple((f"c{i}", k, n) for i, (k, n) in enumerate(zip(strikes, qty, strict=True)))
+    return hm.TileSpec("t", "SPX", "2026-11-24", strategy, right, tuple(strikes), width, legs)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    prices=st.lists(st.floats(0, 60, allow_nan=False), min_size=3, max_size=3),
+    width=st.sampled_from([5.0, 10.0, 25.0, 50.0]),
+    right=st.sampled_from("CP"),
+)
+def test_butterfly_formulas_bounds_and_convexity(
+    prices: list[float], width: float, right: str
+) -> None:
+    spec = _spec("butterfly", right, [6000 - width, 6000, 6000 + width], width)
+    quotes = {f"c{i}": q(mid=p, quote_ts=NOW, ts_ns=NOW + i) for i, p in enumerate(prices)}
+    t = hm.compute_tile(spec, quotes, "e1", 5 * SEC)
+    d = prices[0] - 2 * prices[1] + prices[2]
+    assert t.debit == pytest.approx(d, abs=1e-6)
+    assert t.max_profit == pytest.approx(width - d, abs=1e-6)
+    assert t.max_loss == pytest.approx(d, abs=1e-6)
+    assert t.seq == 3 * NOW + 3 and t.ts == NOW + 2
+    assert ("below_bound" in t.flags) == (d < -1e-9)
+    assert ("above_bound" in t.flags) == (d > width + 1e-9)
+    assert t.convexity is not None and 0.0 <= t.convexity <= 1.0
+    if 1e-6 < d < width:
+        assert t.r2r == pytest.approx((width - d) / d, rel=1e-5, abs=1e-5)
+        assert t.convexity == pytest.approx(t.r2r / (1 + t.r2r), abs=2e-6)
+    if d <= 0:
+        assert t.convexity == 1.0 and t.r2r is None
+    if d >= width:
+        assert t.convexity == 0.0
+
+
+@given(d1=st.floats(-10, 60), d2=st.floats(-10, 60), width=st.sampled_from([5.0, 50.0]))
+def test_convexity_is_monotone_in_debit(d1: float, d2: float, width: float) -> None:
+    spec = _spec("vertical", "C", [6000, 6000 + width], width)
+
+    def conv(d: float) -> float:
+        quotes = {
+            "c0": q(mid=d, quote_ts=NOW, ts_ns=NOW),
+            "c1": q(mid=0.0, quote_ts=NOW, ts_ns=NOW),
+        }
+        c = hm.compute_tile(spec, quotes, "e", SEC).convexity
+        assert c is not None
+        return c
+
+    if d1 <= d2:
+        assert conv(d1) >= conv(d2)
+
+
+def test_convexity_is_comparable_across_widths() -> None:
+    """Same debit-to-width ratio -> same score whatever the width."""
+    scores = []
+    for w in (5.0, 50.0):
+        spec = _spec("butterfly", "C", [6000 - w, 6000, 6000 + w], w)
+        p = {"c0": 0.3 * w, "c1": 0.0, "c2": 0.0}
+        quotes = {c: q(mid=v, quote_ts=NOW, ts_ns=NOW) for c, v in p.items()}
+        scores.append(hm.compute_tile(spec, quotes, "e", SEC).convexity)
+    assert scores[0] == scores[1] == pytest.approx(0.7)
+
+
+def test_singles_and_unpriced_tiles() -> None:
+    put = _spec("single", "P", [6000], 0)
+    t = hm.compute_tile(put, {"c0": q(mid=20.0, quote_ts=NOW, ts_ns=NOW)}, "e", SEC)
+    assert (t.debit, t.max_profit, t.max_loss, t.convexity) == (20.0, 5980.0, 20.0, None)
+    assert t.r2r == pytest.approx(299.0)
+    call = _spec("single", "C", [6000], 0)
+    t = hm.compute_tile(call, {"c0": q(last=12.5, trade_ts=NOW, ts_ns=NOW)}, "e", SEC)
+    assert (t.debit, t.max_profit, t.r2r, t.px_src) == (12.5, None, None, "last")
+    fly = _spec("butterfly", "C", [5990, 6000, 6010], 10)
+    t = hm.compute_tile(fly, {"c0": q(mid=1.0, quote_ts=NOW, ts_ns=NOW)}, "e", SEC)
+    assert t.debit is None and t.convexity is None and t.flags == ["no_price"]
+    assert t.px_src == "none" and not t.stale
+
+
+def test_tile_codecs_round_trip() -> None:
+    fly = _spec("butterfly", "C", [5990, 6000, 6010], 10)
+    quotes = {f"c{i}": q(mid=p, quote_ts=NOW, ts_ns=NOW, src="ws") for i, p in enumerate((5, 3, 2))}
+    t = hm.compute_tile(fly, quotes, "e", SEC)
+    assert unpack(pack(t)) == t
+    assert to_json(t).startswith(b'{"id":"t","symbol":"SPX"')
+    assert t.src == "ws" and t.debit == 1.0 and t.convexity == 0.9
+
+
+# --- reference rebuild vs an independent recomputation -----------------------------------
+def independent(
+    h: dict[str, dict[str, str]], legs: list[tuple[str, int]], max_age_ns: int
+) -> float | None:
+    """Debit of a tile straight from the contract hashes (as plain string dicts)."""
+    as_of = max(int(h[c].get("ts_ns", "0")) for c, _ in legs)
+    total = 0.0
+    for c, qty in legs:
+        v = h[c]
+        if "bid" in v and "ask" in v and as_of - int(v["quote_ts"]) <= max_age_ns:
+            price = (float(v["bid"]) + float(v["ask"])) / 2
+        elif "last" in v:
+            price = float(v["last"])
+        else:
+            return None
+        total += qty * price
+    return total
+
+
+@pytest.mark.parametrize("strategy", hm.STRATEGIES)
+async def test_reference_rebuild_equals_independent_recomputation(
+    redis: Redis, strategy: str
+) -> None:
+    exps = ["2026-12-01", "2026-12-02"]
+    strikes = [5950 + 5 * i for i in range(21)]
+    chain = option_chain("SPXW", exps, strikes, spot=6000, asof="2026-11-24")
+    await seed_epoch(redis, "e1", "SPX", chain, spot=6000)
+    # newer trades on a third of the contracts: their quotes become stale (> 10 s older)
+    pipe = redis.pipeline()
+    for i, c in enumerate(chain):
+        k = keys.epoch_contract("e1", c.cid)
+        if i % 3 == 0:
+            ts = NOW + 20 * SEC + i
+            pipe.hset(k, mapping={"last": 1.0 + i / 100, "trade_ts": ts, "ts_ns": ts, "src": "ws"})
+        if i % 11 == 0:
+            pipe.hdel(k, "bid", "ask", "mid", "last")
+    await pipe.execute()
+    cfg = TileSettings(widths_spx=(5, 10, 25), n_expiries=5, drop_expired=False)
+    tiles = await reference_full_build(redis, "e1", "SPX", strategy, cfg, NOW)
+    hashes: dict[str, dict[str, str]] = {}
+    for c in chain:
+        raw = await redis.hgetall(keys.epoch_contract("e1", c.cid))
+        hashes[c.cid] = {k.decode(): v.decode() for k, v in raw.items()}
+    by_key = {(c.expiry, c.right, float(c.strike)): c.cid for c in chain}
+    expected: dict[str, float | None] = {}
+    for exp in exps:
+        for right in "CP":
+            for k in strikes:
+                if strategy == "single":
+                    legs = [(by_key[(exp, right, k)], 1)]
+                    expected[f"SPX:{exp}:single:{k}:{right}"] = independent(hashes, legs, 10 * SEC)
+                    continue
+                for w in (5, 10, 25):
+                    if strategy == "vertical":
+                        o = k + w if right == "C" else k - w
+                        if (exp, right, o) not in by_key:
+                            continue
+                        lo, hi = sorted((k, o))
+                        legs = [(by_key[(exp, right, k)], 1), (by_key[(exp, right, o)], -1)]
+                        tid = f"SPX:{exp}:vertical:{lo}-{hi}:{right}"
+                    else:
+                        if (exp, right, k - w) not in by_key or (exp, right, k + w) not in by_key:
+                            continue
+                        legs = [
+                            (by_key[(exp, right, k - w)], 1),
+                            (by_key[(exp, right, k)], -2),
+                            (by_key[(exp, right, k + w)], 1),
+                        ]
+                        tid = f"SPX:{exp}:butterfly:{k - w}-{k}-{k + w}:{right}"
+                    expected[tid] = independent(hashes, legs, 10 * SEC)
+    assert set(tiles) == set(expected)
+    n_priced = 0
+    for tid, d in expected.items():
+        t: Tile = tiles[tid]
+        if d is None:
+            assert t.debit is None and "no_price" in t.flags, tid
+        else:
+            n_priced += 1
+            assert t.debit == pytest.approx(d, abs=1e-6), tid
+            if strategy != "single":
+                assert t.convexity == pytest.approx(min(1, max(0, 1 - d / t.width)), abs=1e-6)
+    assert n_priced > len(expected) // 2
