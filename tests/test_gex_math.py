@@ -1,0 +1,371 @@
+"""GEX math against hand-computed chains and an independent Black-Scholes gamma."""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import random
+from zoneinfo import ZoneInfo
+
+import msgspec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from processors import gex_math
+from processors.gex_math import Params
+from schemas.messages import GexRow
+
+NY = ZoneInfo("America/New_York")
+UTC = dt.UTC
+# Monday 2026-03-16 11:00 New York (EDT, UTC-4) -> 15:00 UTC
+NOW = dt.datetime(2026, 3, 16, 15, 0, tzinfo=UTC)
+NOW_NS = int(NOW.timestamp()) * 10**9
+SPOT = 6800.0
+TODAY = "2026-03-16"
+FRI = "2026-03-20"  # third Friday of March 2026: SPX (AM) and SPXW (PM) both expire
+
+
+def row(
+    root: str,
+    expiry: str,
+    right: str,
+    strike: float,
+    gamma: float | None,
+    oi: float | None,
+    iv: float | None = 0.2,
+) -> GexRow:
+    return GexRow(root, expiry, strike, right, gamma, oi, iv, NOW_NS)
+
+
+def build(rows: list[GexRow], spot: float = SPOT, **kw: float) -> gex_math.GexResult:
+    params = Params(**kw)
+    return gex_math.compute(gex_math.prepare(rows, NOW_NS, params), spot, params)
+
+
+# Hand-computed chain (shares = gamma * OI * 100):
+#   SPXW FRI C 6800: 0.002 * 1000 * 100 = 200
+#   SPX  FRI C 6800: 0.001 *  500 * 100 =  50   -> same strike and expiry: 250 (summed)
+#   SPXW FRI P 6800: 0.002 *  300 * 100 =  60
+#   SPXW FRI P 6750: 0.0015 * 2000 * 100 = 300
+#   SPXW FRI C 6850: 0.0015 *  400 * 100 =  60
+#   SPXW TODAY C 6800: 0.004 * 100 * 100 =  40   (0DTE)
+#   SPXW TODAY P 6750: 0.001 * 100 * 100 =  10   (0DTE)
+HAND = [
+    row("SPXW", FRI, "C", 6800, 0.002, 1000),
+    row("SPX", FRI, "C", 6800, 0.001, 500),
+    row("SPXW", FRI, "P", 6800, 0.002, 300),
+    row("SPXW", FRI, "P", 6750, 0.0015, 2000),
+    row("SPXW", FRI, "C", 6850, 0.0015, 400),
+    row("SPXW", TODAY, "C", 6800, 0.004, 100),
+    row("SPXW", TODAY, "P", 6750, 0.001, 100),
+]
+DOLLAR = SPOT * SPOT * 0.01  # 462,400 USD per share of gamma for a 1 % move
+
+
+def test_hand_chain_per_strike_and_sign_convention() -> None:
+    items = build(HAND).items()
+    assert set(items) == {"6750", "6800", "6850"}
+    s = items["6800"]
+    assert s["calls"] == pytest.approx(200 + 50 + 40)
+    assert s["puts"] == pytest.approx(-60)
+    assert s["net"] == pytest.approx(290 - 60)
+    assert s["calls_0dte"] == pytest.approx(40)
+    assert s["puts_0dte"] == 0
+    assert s["n"] == 4
+    assert items["6750"]["puts"] == pytest.approx(-310)
+    assert items["6750"]["puts_0dte"] == pytest.approx(-10)
+    assert items["6750"]["calls"] == 0
+    assert items["6850"]["calls"] == pytest.approx(60)
+    assert items["6800"]["net_usd"] == pytest.approx(230 * DOLLAR, abs=0.01)
+    assert items["6750"]["puts_0dte_usd"] == pytest.approx(-10 * DOLLAR, abs=0.01)
+
+
+def test_hand_chain_totals_and_walls() -> None:
+    res = build(HAND)
+    tot = res.totals()
+    assert tot["all"]["calls"] == pytest.approx(350)  # 250 + 60 + 40
+    assert tot["all"]["puts"] == pytest.approx(-370)  # 60 + 300 + 10
+    assert tot["all"]["net"] == pytest.approx(-20)
+    assert tot["all"]["net_usd"] == pytest.approx(-20 * DOLLAR, abs=0.01)
+    assert tot["0dte"]["calls"] == pytest.approx(40)
+    assert tot["0dte"]["puts"] == pytest.approx(-10)
+    lv = res.levels
+    assert lv.call_wall == 6800  # 290 > 60
+    assert lv.put_wall == 6750  # |-310| > |-60|
+    assert lv.abs_gamma_strike == 6800  # 290 + 60 = 350 > 310
+    lv0 = res.levels_0dte
+    assert (lv0.call_wall, lv0.put_wall, lv0.abs_gamma_strike) == (6800, 6750, 6800)
+
+
+def test_spx_and_spxw_sum_at_same_strike_and_expiry_in_legacy_maps() -> None:
+    res = build(HAND)
+    assert res.legacy_calls == {
+        FRI: {"6800": pytest.approx(250), "6850": pytest.approx(60)},
+        TODAY: {"6800": pytest.approx(40)},
+    }
+    assert res.legacy_puts == {  # old convention: put magnitudes are positive
+        FRI: {"6800": pytest.approx(60), "6750": pytest.approx(300)},
+        TODAY: {"6750": pytest.approx(10)},
+    }
+    only_spxw = build([r for r in HAND if r.root == "SPXW"])
+    assert only_spxw.legacy_calls[FRI]["6800"] == pytest.approx(200)
+
+
+def test_fractional_strikes_are_not_truncated() -> None:
+    res = build([row("SPXW", FRI, "C", 6852.5, 0.001, 10), row("SPXW", FRI, "C", 6852, 0.001, 1)])
+    assert set(res.items()) == {"6852", "6852.5"}
+    assert res.legacy_calls[FRI] == {"6852": pytest.approx(0.1), "6852.5": pytest.approx(1.0)}
+
+
+def test_missing_greeks_are_counted_and_skipped_bad_rows_rejected() -> None:
+    rows = [
+        *HAND,
+        row("SPXW", FRI, "C", 6900, None, 100),
+        row("SPXW", FRI, "C", 6900, 0.001, None),
+        row("SPXW", FRI, "P", 6900, math.nan, 100),
+        row("SPXW", FRI, "X", 6900, 0.001, 100),
+        row("SPXW", "2026-13-01", "C", 6900, 0.001, 100),
+        row("SPXW", FRI, "C", -5, 0.001, 100),
+        row("SPXW", FRI, "C", 6900, -0.001, 100),
+        row("SPXW", FRI, "C", 6900, 0.001, math.inf),
+        row("SPXW", FRI, "C", 6950, 0.001, 100, iv=None),  # no IV: counted in GEX
+    ]
+    chain = gex_math.prepare(rows, NOW_NS)
+    assert chain.n_input == len(rows)
+    assert chain.n_missing_greeks == 3
+    assert chain.rejected == {"bad_right": 1, "bad_expiry": 1, "bad_strike": 1, "bad_greek": 2}
+    assert chain.n_missing_iv == 1
+    assert chain.n == len(HAND) + 1
+    res = gex_math.compute(chain, SPOT)
+    assert set(res.items()) == {"6750", "6800", "6850", "6950"}
+    assert res.items()["6950"]["calls"] == pytest.approx(10)
+    assert res.totals()["all"]["net"] == pytest.approx(-20 + 10)
+
+
+def test_decode_rows_counts_undecodable_values() -> None:
+    good = [msgspec.json.encode(r) for r in HAND]
+    rows, rejected = gex_math.decode_rows([*good, b"{not json", b'["SPXW"]'])
+    assert rows == HAND
+    assert rejected == {"undecodable": 2}
+    rows, rejected = gex_math.decode_rows(good)
+    assert (rows, rejected) == (HAND, {})
+
+
+def test_settlement_times_and_time_floor() -> None:
+    # 2026-03-20 is in EDT (UTC-4): PM 16:00 -> 20:00 UTC; AM monthly 09:30 -> 13:30 UTC
+    assert gex_math.expiry_ns(FRI, "SPXW") == int(
+        dt.datetime(2026, 3, 20, 20, 0, tzinfo=UTC).timestamp() * 1e9
+    )
+    assert gex_math.expiry_ns(FRI, "SPX") == int(
+        dt.datetime(2026, 3, 20, 13, 30, tzinfo=UTC).timestamp() * 1e9
+    )
+    # 2026-01-16 is in EST (UTC-5)
+    assert gex_math.expiry_ns("2026-01-16", "NDXP") == int(
+        dt.datetime(2026, 1, 16, 21, 0, tzinfo=UTC).timestamp() * 1e9
+    )
+    settle = gex_math.expiry_ns(TODAY, "SPXW")
+    assert gex_math.year_fraction(settle, NOW_NS, 300) == pytest.approx(5 * 3600 / (365 * 86400))
+    assert gex_math.year_fraction(settle, settle + 10**12, 300) == 300 / (365 * 86400)
+    # 22:00 New York on Monday is already Tuesday in UTC; 0DTE follows New York
+    late = int(dt.datetime(2026, 3, 17, 2, 0, tzinfo=UTC).timestamp() * 1e9)
+    assert gex_math.ny_date(late) == TODAY
+
+
+# --- independent Black-Scholes reference ---------------------------------------------------
+def ref_gamma(s: float, k: float, t: float, vol: float, r: float, q: float) -> float:
+    """Gamma written via d2 and the strike: K e^{-rT} n(d2) / (S^2 vol sqrt T)."""
+    vst = vol * math.sqrt(t)
+    d2 = (math.log(s / k) + (r - q - vol * vol / 2) * t) / vst
+    density = math.exp(-d2 * d2 / 2) / math.sqrt(2 * math.pi)
+    return k * math.exp(-r * t) * density / (s * s * vst)
+
+
+def ref_call(s: float, k: float, t: float, vol: float, r: float, q: float) -> float:
+    vst = vol * math.sqrt(t)
+    d1 = (math.log(s / k) + (r - q + vol * vol / 2) * t) / vst
+
+    def cdf(x: float) -> float:
+        return 0.5 * math.erfc(-x / math.sqrt(2))
+
+    return s * math.exp(-q * t) * cdf(d1) - k * math.exp(-r * t) * cdf(d1 - vst)
+
+
+def test_reference_gamma_matches_second_difference_of_price() -> None:
+    for s, k, t, vol in ((6800, 6850, 0.02, 0.18), (6800, 6500, 0.3, 0.25), (100, 95, 1.0, 0.4)):
+        h = s * 1e-4
+        fd = (ref_call(s + h, k, t, vol, 0.04, 0.013) - 2 * ref_call(s, k, t, vol, 0.04, 0.013)
+              + ref_call(s - h, k, t, vol, 0.04, 0.013)) / (h * h)  # fmt: skip
+        assert ref_gamma(s, k, t, vol, 0.04, 0.013) == pytest.approx(fd, rel=1e-5)
+
+
+def ref_t(expiry: str, root: str) -> float:
+    hh, mm = (9, 30) if root == "SPX" else (16, 0)
+    d = dt.date.fromisoformat(expiry)
+    settle = dt.datetime(d.year, d.month, d.day, hh, mm, tzinfo=NY)
+    return max((settle - NOW).total_seconds(), 300.0) / (365 * 86400)
+
+
+def ref_net(rows: list[GexRow], s: float, r: float = 0.0, q: float = 0.0) -> tuple[float, float]:
+    """(net, gross) dollar GEX per 1 % at hypothetical spot ``s``."""
+    net = gross = 0.0
+    for x in rows:
+        assert x.oi is not None and x.iv is not None
+        g = ref_gamma(s, x.strike, ref_t(x.expiry, x.root), x.iv, r, q)
+        v = g * x.oi * 100 * s * s * 0.01
+        net += v if x.right == "C" else -v
+        gross += v
+    return net, gross
+
+
+def skewed_chain(seed: int, expiries: list[str], center: float = SPOT) -> list[GexRow]:
+    """Calls concentrated above spot, puts below (a typical dealer book with a flip)."""
+    rng = random.Random(seed)
+    out = []
+    for e in expiries:
+        for root in ("SPXW", "SPX") if e == FRI else ("SPXW",):
+            for k in range(int(center) - 400, int(center) + 401, 25):
+                m = math.log(k / center)
+                iv = 0.15 - 0.4 * m
+                call_oi = rng.randint(50, 500) * (3 if k > center else 1)
+                put_oi = rng.randint(50, 500) * (3 if k < center else 1)
+                out.append(row(root, e, "C", k, 0.001, call_oi, iv))
+                out.append(row(root, e, "P", k, 0.001, put_oi, iv))
+    return out
+
+
+def assert_is_zero_crossing(
+    rows: list[GexRow], level: float, r: float = 0.0, q: float = 0.0
+) -> None:
+    net, gross = ref_net(rows, level, r, q)
+    assert abs(net) <= 1e-3 * gross, (net, gross)
+    below, _ = ref_net(rows, level - 0.5, r, q)
+    above, _ = ref_net(rows, level + 0.5, r, q)
+    assert below * above < 0, (below, above)
+
+
+def ref_crossings(rows: list[GexRow], lo: float, hi: float, step: float) -> list[float]:
+    pts = [lo + i * step for i in range(int((hi - lo) / step) + 1)]
+    vals = [ref_net(rows, p)[0] for p in pts]
+    return [pts[i] for i in range(len(pts) - 1) if vals[i] * vals[i + 1] < 0]
+
+
+def test_zero_gamma_against_independent_black_scholes() -> None:
+    rows = skewed_chain(1, [TODAY, "2026-03-17", FRI])
+    res = build(rows)
+    z = res.levels.zero_gamma
+    assert z is not None and res.levels.zero_gamma_reason is None
+    assert_is_zero_crossing(rows, z)
+    # it is the crossing nearest to spot found by an independent 2-point sweep
+    xs = ref_crossings(rows, SPOT * 0.85, SPOT * 1.15, 2.0)
+    assert xs, "reference found no crossing"
+    nearest = min(xs, key=lambda x: abs(x - SPOT))
+    assert abs(nearest - z) <= 2.0
+    assert res.levels.zero_gamma_crossings >= 1
+
+
+def test_zero_gamma_with_rates_and_dividends() -> None:
+    rows = skewed_chain(2, ["2026-03-17", FRI, "2026-04-17"])
+    res = build(rows, rate=0.04, div_yield=0.013)
+    z = res.levels.zero_gamma
+    assert z is not None
+    assert_is_zero_crossing(rows, z, 0.04, 0.013)
+
+
+def test_zero_gamma_0dte_view_uses_only_0dte_contracts() -> None:
+    today_rows = skewed_chain(3, [TODAY], center=6760)
+    later_rows = skewed_chain(4, [FRI], center=6880)
+    res = build(today_rows + later_rows)
+    z0 = res.levels_0dte.zero_gamma
+    assert z0 is not None
+    assert_is_zero_crossing(today_rows, z0)
+    z = res.levels.zero_gamma
+    assert z is not None
+    assert_is_zero_crossing(today_rows + later_rows, z)
+    assert abs(z - z0) > 1.0
+
+
+def test_no_crossing_reports_null_with_reason() -> None:
+    calls_only = [r for r in skewed_chain(5, [FRI]) if r.right == "C"]
+    res = build(calls_only)
+    assert res.levels.zero_gamma is None
+    assert res.levels.zero_gamma_reason is not None
+    assert "positive" in res.levels.zero_gamma_reason
+    assert res.levels.zero_gamma_crossings == 0
+    assert res.levels_0dte.zero_gamma is None
+    assert "no contracts expiring today" in (res.levels_0dte.zero_gamma_reason or "")
+    no_iv = [row("SPXW", FRI, "C", 6800, 0.001, 10, iv=None)]
+    lv = build(no_iv).levels
+    assert lv.zero_gamma is None and "IV" in (lv.zero_gamma_reason or "")
+    assert lv.call_wall == 6800
+
+
+def test_spot_must_be_positive() -> None:
+    chain = gex_math.prepare(HAND, NOW_NS)
+    for bad in (0.0, -1.0, math.nan):
+        with pytest.raises(ValueError):
+            gex_math.compute(chain, bad)
+
+
+def test_params_validation() -> None:
+    with pytest.raises(ValueError):
+        Params(grid_step_pct=0)
+    with pytest.raises(ValueError):
+        Params(grid_range_pct=1, grid_step_pct=2)
+    with pytest.raises(ValueError):
+        Params(min_t_s=0)
+
+
+# --- invariants over random chains ---------------------------------------------------------
+row_st = st.builds(
+    row,
+    st.sampled_from(["SPX", "SPXW"]),
+    st.sampled_from([TODAY, "2026-03-17", FRI]),
+    st.sampled_from(["C", "P"]),
+    st.sampled_from([6700.0, 6750.0, 6800.0, 6802.5, 6850.0]),
+    st.one_of(st.none(), st.floats(0, 0.01)),
+    st.one_of(st.none(), st.floats(0, 1e5)),
+    st.one_of(st.none(), st.floats(0.05, 1.5)),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(row_st, max_size=40), st.randoms(use_true_random=False))
+def test_invariants_sums_signs_and_order_independence(
+    rows: list[GexRow], rnd: random.Random
+) -> None:
+    res = build(rows)
+    items = res.items()
+    valid = [r for r in rows if r.gamma is not None and r.oi is not None]
+    assert sum(int(i["n"]) for i in items.values()) == len(valid)
+    for it in items.values():
+        assert it["calls"] >= 0 >= it["puts"]
+        assert it["net"] == pytest.approx(it["calls"] + it["puts"], abs=1e-5)
+        k = gex_math.strike_key(it["strike"])
+        legacy_c = sum(m.get(k, 0.0) for m in res.legacy_calls.values())
+        legacy_p = sum(m.get(k, 0.0) for m in res.legacy_puts.values())
+        assert legacy_c == pytest.approx(it["calls"], rel=1e-9, abs=1e-5)
+        assert legacy_p == pytest.approx(-it["puts"], rel=1e-9, abs=1e-5)
+        expect_c = 0.0
+        for r in valid:
+            if r.right == "C" and r.strike == it["strike"]:
+                assert r.gamma is not None and r.oi is not None
+                expect_c += r.gamma * r.oi * 100
+        assert it["calls"] == pytest.approx(expect_c, rel=1e-9, abs=1e-5)
+    tot = res.totals()["all"]
+    assert tot["calls"] == pytest.approx(sum(i["calls"] for i in items.values()), abs=1e-4)
+    shuffled = list(rows)
+    rnd.shuffle(shuffled)
+    res2 = build(shuffled)
+    assert res2.items().keys() == items.keys()
+    for k, it in res2.items().items():
+        for f, v in it.items():
+            assert v == pytest.approx(items[k][f], rel=1e-9, abs=1e-5)
+    if res.levels.call_wall is None:
+        assert all(i["calls"] == 0 for i in items.values())
+    else:
+        wall = items[gex_math.strike_key(res.levels.call_wall)]["calls"]
+        assert wall == max(i["calls"] for i in items.values())
+    if res.levels.put_wall is not None:
+        wall = items[gex_math.strike_key(res.levels.put_wall)]["puts"]
+        assert wall == min(i["puts"] for i in items.values())
