@@ -1,0 +1,232 @@
+"""Tile builder against a real Redis: full epoch install, incremental recompute of exactly
+the affected tiles, admission, epoch gating and atomic epoch replacement."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+from redis.asyncio import Redis
+
+from processors import heatmap as hm
+from processors.tile_builder import TileBuilder, TileSettings, reference_full_build
+from schemas import keys
+from schemas.heatmap import TileDelta, unpack
+from schemas.messages import DirtyEntry, entry, from_entry
+from streams.consumer import Entry
+from streams.processor import Deps
+from tests.factories import option_chain, seed_epoch
+from tests.util import eventually
+
+NOW = 1_764_000_000_000_000_000
+SEC = 1_000_000_000
+EXPS = ["2026-12-01", "2026-12-02", "2026-12-03"]
+STRIKES = [5950 + 5 * i for i in range(21)]
+CFG = TileSettings(widths_spx=(5, 10, 20), n_expiries=2, drop_expired=False)
+
+
+async def seed(redis: Redis, eid: str = "e1", created: int = NOW, **kw: object) -> list[str]:
+    chain = option_chain("SPXW", EXPS, STRIKES, spot=6000, asof="2026-11-24")
+    await seed_epoch(redis, eid, "SPX", chain, spot=6000, now_ns=created, **kw)  # type: ignore[arg-type]
+    return [c.cid for c in chain]
+
+
+def as_entries(*msgs: DirtyEntry) -> list[Entry]:
+    return [(f"{i + 1}-0".encode(), entry(m)) for i, m in enumerate(msgs)]
+
+
+async def staged(redis: Redis, strategy: str = "butterfly") -> dict[str, bytes]:
+    raw = await redis.hgetall(keys.heatmap_staging("SPX", strategy))
+    return {k.decode(): v for k, v in raw.items()}
+
+
+async def deltas(redis: Redis, strategy: str = "butterfly") -> list[TileDelta]:
+    return [from_entry(f, TileDelta) for _, f in await redis.xrange(keys.tiles_stream(strategy))]
+
+
+async def tick(redis: Redis, eid: str, cid: str, ts: int, bid: float, ask: float) -> None:
+    """What the hydrator does for a newer quote (admission itself is the hydrator's job)."""
+    await redis.hset(
+        keys.epoch_contract(eid, cid),
+        mapping={
+            "bid": bid,
+            "ask": ask,
+            "mid": (bid + ask) / 2,
+            "quote_ts": ts,
+            "ts_ns": ts,
+            "src": "ws",
+        },
+    )
+
+
+async def assert_staging_matches_reference(redis: Redis, strategy: str, eid: str) -> None:
+    ref = await reference_full_build(redis, eid, "SPX", strategy, CFG, NOW)
+    got = {k: unpack(v) for k, v in (await staged(redis, strategy)).items()}
+    assert set(got) == set(ref)
+    diff = [k for k in ref if got[k] != ref[k]]
+    assert not diff, diff[:5]
+
+
+@pytest.mark.parametrize("strategy", hm.STRATEGIES)
+async def test_epoch_entry_installs_every_tile(deps: Deps, redis: Redis, strategy: str) -> None:
+    await seed(redis)
+    b = TileBuilder(deps, strategy, CFG)
+    await b.handle(as_entries(DirtyEntry("SPX", "e1", [], NOW, recv_ts_ns=NOW - 5, reason="epoch")))
+    await assert_staging_matches_reference(redis, strategy, "e1")
+    man = await redis.hgetall(keys.heatmap_manifest("SPX", strategy))
+    n = len(await staged(redis, strategy))
+    assert man[b"epoch"] == b"e1" and int(man[b"expected"]) == n > 0
+    (d,) = await deltas(redis, strategy)
+    assert d.full and d.epoch == "e1" and d.expected == n and d.recv_ts_ns == NOW - 5
+
+
+@pytest.mark.parametrize("seed_no", [1, 2, 3])
+async def test_random_dirty_sequences_keep_staging_equal_to_full_rebuild(
+    deps: Deps, redis: Redis, seed_no: int
+) -> None:
+    cids = await seed(redis)
+    b = TileBuilder(deps, "butterfly", CFG)
+    await b.handle(as_entries(DirtyEntry("SPX", "e1", [], NOW, reason="epoch")))
+    rng = random.Random(seed_no)
+    ts = NOW + SEC
+    for _ in range(6):
+        batch = rng.sample(cids, rng.randint(1, 12))
+        for c in batch:
+            ts += rng.randint(1, 3 * SEC)
+            mid = rng.uniform(0.1, 80)
+            await tick(redis, "e1", c, ts, round(mid - 0.05, 2), round(mid + 0.05, 2))
+        before = await staged(redis)
+        await redis.delete(keys.tiles_stream("butterfly"))
+        await b.handle(as_entries(DirtyEntry("SPX", "e1", batch, ts, recv_ts_ns=ts - 7)))
+        after = await staged(redis)
+        await assert_staging_matches_reference(redis, "butterfly", "e1")
+        changed = {k for k in after if after[k] != before.get(k)}
+        ds = await deltas(redis)
+        announced = {i for d in ds for i in d.ids}
+        assert changed <= announced  # every change announced...
+        grid = await b._grid("SPX", "e1")
+        assert announced <= set(grid.affected(batch))  # ...and only affected tiles recomputed
+        assert all(d.recv_ts_ns == ts - 7 for d in ds)
+
+
+async def test_update_of_a_non_newest_leg_is_admitted(deps: Deps, redis: Redis) -> None:
+    """Admission uses the sum of leg ts: an update that does not raise the max leg ts (the
+    tile's `ts`) still replaces the staged tile."""
+    await seed(redis)
+    b = TileBuilder(deps, "vertical", CFG)
+    await b.handle(as_entries(DirtyEntry("SPX", "e1", [], NOW, reason="epoch")))
+    tid = "SPX:2026-12-01:vertical:6000-6005:C"
+    legs = unpack((await staged(redis, "vertical"))[tid]).legs
+    c0, c1 = legs[0].cid, legs[1].cid
+    await tick(redis, "e1", c0, NOW + 10 * SEC, 50.0, 50.2)  # newest leg
+    await b.handle(as_entries(DirtyEntry("SPX", "e1", [c0], NOW + 10 * SEC)))
+    await tick(redis, "e1", c1, NOW + 5 * SEC, 40.0, 40.2)  # newer for c1, older than max
+    await b.handle(as_entries(DirtyEntry("SPX", "e1", [c1], NOW + 5 * SEC)))
+    t = unpack((await staged(redis, "vertical"))[tid])
+    assert t.ts == NOW + 10 * SEC and t.debit == pytest.approx(50.1 - 40.1)
+
+
+async def test_older_tile_is_not_admitted_and_redelivery_reannounces(
+    deps: Deps, redis: Redis
+) -> None:
+    cids = await seed(redis)
+    b = TileBuilder(deps, "single", CFG)
+    await b.handle(as_entries(DirtyEntry("SPX", "e1", [], NOW, reason="epoch")))
+    c = cids[0]
+    await tick(redis, "e1", c, NOW + 9 * SEC, 1.0, 1.2)
+    msg = DirtyEntry("SPX", "e1", [c], NOW + 9 * SEC)
+    await b.handle(as_entries(msg))
+    tid = next(iter((await b._grid("SPX", "e1")).affected([c])))
+    good = (await staged(redis, "single"))[tid]
+    # a slow replica computed from older values: its write is refused
+    spec = (await b._grid("SPX", "e1")).specs[tid]
+    old = hm.compute_tile(spec, {c: None}, "e1", CFG.max_quote_age_ns)
+    assert await b._stage_tiles("SPX", "e1", [old]) == [-1]
+    assert (await staged(redis, "single"))[tid] == good
+    # redelivery of the same dirty entry: equal tile, not rewritten, but announced again
+    await redis.delete(keys.tiles_stream("single"))
+    await b.handle(as_entries(msg))
+    assert [d.ids for d in await deltas(redis, "single")] == [[tid]]
+    assert (await staged(redis, "single"))[tid] == good
+
+
+async def test_entries_of_a_non_active_epoch_are_skipped_and_counted(
+    deps: Deps, redis: Redis
+) -> None:
+    cids = await seed(redis)
+    b = TileBuilder(deps, "butterfly", CFG)
+    await b.handle(as_entries(DirtyEntry("SPX", "e1", [], NOW, reason="epoch")))
+    before = await staged(redis)
+    await redis.delete(keys.tiles_stream("butterfly"))
+    await tick(redis, "e1", cids[5], NOW + SEC, 3.0, 3.4)
+    await b.handle(
+        [
+            *as_entries(
+                DirtyEntry("SPX", "warming-x", cids[:3], NOW, reason="epoch"),
+                DirtyEntry("SPX", "retired-y", cids[5:6], NOW),
+            ),
+            (b"9-0", {b"d": b"not json"}),
+        ]
+    )
+    assert await staged(redis) == before and await deltas(redis) == []
+    skipped = deps.registry.get_sample_value(
+        "massive_tile_builder_skipped_total", {"strategy": "butterfly", "reason": "inactive_epoch"}
+    )
+    bad = deps.registry.get_sample_value(
+        "massive_tile_builder_skipped_total", {"strategy": "butterfly", "reason": "bad_entry"}
+    )
+    assert (skipped, bad) == (2, 1)
+
+
+async def test_new_epoch_replaces_staging_and_older_epoch_never_comes_back(
+    deps: Deps, redis: Redis
+) -> None:
+    await seed(redis, "e1", created=NOW)
+    b = TileBuilder(deps, "butterfly", CFG)
+    await b.handle(as_entries(DirtyEntry("SPX", "e1", [], NOW, reason="epoch")))
+    old_ids = set(await staged(redis))
+    # a new topology: strikes shifted by 100 -> a different tile set
+    chain = option_chain("SPXW", EXPS, [k + 100 for k in STRIKES], spot=6100, asof="2026-11-24")
+    await seed_epoch(redis, "e2", "SPX", chain, spot=6100, now_ns=NOW + 60 * SEC)
+    await b.handle(as_entries(DirtyEntry("SPX", "e2", [], NOW, reason="epoch")))
+    new = {k: unpack(v) for k, v in (await staged(redis)).items()}
+    assert new and all(t.epoch == "e2" for t in new.values())
+    assert old_ids - set(new)  # e1-only tiles existed and are gone from staging
+    seqs = await redis.hkeys(keys.heatmap_staging_seq("SPX", "butterfly"))
+    assert {k.decode() for k in seqs} == set(new)
+    await assert_staging_matches_reference(redis, "butterfly", "e2")
+    # a slow replica finishing a full build of the retired e1 cannot reinstall it
+    await redis.hset(keys.EPOCH_ACTIVE, "SPX", "e1")  # (as seen by that replica's read)
+    b2 = TileBuilder(deps, "butterfly", CFG)
+    assert await b2.full_build("SPX", "e1", recv_ts_ns=None, n_dirty=0) == "superseded"
+    assert all(unpack(v).epoch == "e2" for v in (await staged(redis)).values())
+
+
+async def test_run_bootstraps_an_active_epoch_and_consumes_the_stream(
+    deps: Deps, redis: Redis
+) -> None:
+    cids = await seed(redis)
+    b = TileBuilder(deps, "vertical", CFG)
+    stop = asyncio.Event()
+    task = asyncio.create_task(b.run(stop))
+    try:
+
+        async def installed() -> bool:
+            return await redis.hget(keys.heatmap_manifest("SPX", "vertical"), "epoch") == b"e1"
+
+        await eventually(installed)
+        await tick(redis, "e1", cids[10], NOW + 3 * SEC, 7.0, 7.5)
+        await redis.xadd(
+            keys.CONTRACTS_DIRTY_STREAM,
+            entry(DirtyEntry("SPX", "e1", [cids[10]], NOW + 3 * SEC)),  # type: ignore[arg-type]
+        )
+
+        async def incremental_seen() -> bool:
+            return any(not d.full for d in await deltas(redis, "vertical"))
+
+        await eventually(incremental_seen)
+        await assert_staging_matches_reference(redis, "vertical", "e1")
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
