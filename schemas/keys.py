@@ -162,3 +162,9 @@ def publisher_fence(strategy: str) -> str:
 def heatmap_version(symbol: str, strategy: str) -> str:
     """Current published version (integer) of massive:heatmap:model:{SYM}:{strategy}."""
     return f"massive:heatmap:version:{symbol}:{strategy}"
+
+
+def epoch_key_prefix(eid: str) -> str:
+    """``epoch:{<eid>}:`` -- every key of the epoch starts with it (Lua scripts append
+    ``contract:<cid>``, ``contracts``, ``by_strike``, ``by_expiry``, ``gex``)."""
+    return f"epoch:{{{eid}}}:"

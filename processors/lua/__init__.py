@@ -1,0 +1,88 @@
+"""Lua scripts of the epoch stages (normalizer, hydrator).
+
+The ``.lua`` files are package data read through importlib.resources. Every script touches
+keys of ONE hash slot only (one epoch's ``{<eid>}`` keys, or the single spot hash), so the
+scripts stay valid on Redis Cluster. All timestamps are passed as decimal strings and
+compared as strings (length first, then lexicographically): Lua numbers are doubles and
+cannot hold every nanosecond timestamp exactly.
+
+Scripts are queued on pipelines as plain ``EVALSHA`` (redis-py's own pipeline script support
+sends ``SCRIPT EXISTS`` before every execute: one extra round trip per batch). ``execute``
+recovers from ``NOSCRIPT`` (Redis restarted, SCRIPT FLUSH) by loading the scripts and
+rebuilding the pipeline once; callers only queue idempotent commands next to scripts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from functools import cache
+from importlib import resources
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
+from redis.exceptions import NoScriptError
+
+NAMES = ("hydrate", "seed", "build", "spot", "expire_keys")
+
+Arg = str | bytes | int | float
+
+
+@cache
+def source(name: str) -> str:
+    if name not in NAMES:
+        raise ValueError(f"unknown Lua script {name!r}")
+    return resources.files(__name__).joinpath(f"{name}.lua").read_text(encoding="utf-8")
+
+
+class Script:
+    """One Lua script addressed by its SHA1."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.source = source(name)
+        self.sha = hashlib.sha1(self.source.encode()).hexdigest()
+
+    def queue(self, pipe: Pipeline, keys: Sequence[Arg], args: Sequence[Arg]) -> None:
+        pipe.evalsha(self.sha, len(keys), *keys, *args)
+
+    async def load(self, redis: Redis) -> None:
+        sha = await redis.script_load(self.source)
+        if sha != self.sha:  # pragma: no cover - would mean a broken SHA1 computation
+            raise RuntimeError(f"script {self.name}: server sha {sha} != {self.sha}")
+
+    async def __call__(self, redis: Redis, keys: Sequence[Arg], args: Sequence[Arg]) -> Any:
+        try:
+            return await redis.evalsha(self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            await self.load(redis)
+            return await redis.evalsha(self.sha, len(keys), *keys, *args)
+
+
+@cache
+def get(name: str) -> Script:
+    return Script(name)
+
+
+async def load_all(redis: Redis) -> None:
+    for name in NAMES:
+        await get(name).load(redis)
+
+
+async def execute(
+    redis: Redis, build: Callable[[Pipeline], None], *, transaction: bool = False
+) -> list[Any]:
+    """Build a pipeline with ``build`` and execute it; on NOSCRIPT load every script and
+    build + execute it again (so ``build`` must only queue idempotent commands)."""
+    for attempt in (0, 1):
+        pipe = redis.pipeline(transaction=transaction)
+        build(pipe)
+        try:
+            res: list[Any] = await pipe.execute()
+            return res
+        except NoScriptError:
+            if attempt:
+                raise
+            await load_all(redis)
+    raise AssertionError("unreachable")

@@ -1,0 +1,574 @@
+"""Normalizer: chain snapshots -> epochs (DESIGN invariants 1-4, 7).
+
+Reads ``massive:chain:stream`` (group ``normalizer``). Each entry is a ``ChainPointer`` to a
+``ChainSnapshot`` blob; a blob that vanished (TTL) is a counted, logged skip.
+
+Epoch id: ``blake2b-64`` hex of ``"<symbol>|<expiries>|<sorted cids>"`` -- the underlying, its
+expiries and the whole strike grid per (root, expiry, right), since a cid encodes all four.
+Stable across processes and restarts; a new strike or expiry gives a new id.
+
+* Same topology as the active epoch -> **re-seed**: one Lua call per chunk of contracts
+  (``lua/seed.lua``) applies quotes/trades only if strictly newer and refreshes iv/greeks/oi;
+  the GEX projection ``epoch:{eid}:gex`` is rewritten from the snapshot; a
+  ``DirtyEntry(reason="seed")`` names the contracts whose stored fields actually changed.
+  Nothing is rebuilt, so a restarted normalizer just re-seeds (Redis is the state).
+* Changed topology -> **build** a ``warming`` epoch (contract hashes, topology SET,
+  by_strike/by_expiry ZSETs, GEX projection, meta) with pipelined writes, then **promote**
+  it in ONE MULTI/EXEC (WATCH on ``massive:epoch:active``): old meta -> retired, new meta ->
+  active, ``HSET massive:epoch:active SYM eid`` and the ``DirtyEntry(reason="epoch")`` chunks
+  for every contract. Readers therefore never see a half-built active epoch, and promotion and
+  its notifications are one atomic effect. Then every key of the old epoch gets a TTL
+  (SCAN ``epoch:{old}:*`` + ``EXPIRE NX``), and a sweep over ``massive:epoch:index`` expires
+  epochs that a crash left retired/abandoned without TTLs and drops index entries whose meta
+  is gone, so the key count stays bounded.
+* A snapshot older than the active epoch's snapshot with a different topology is stale
+  (a redelivered or reordered pointer) and is skipped, never promoted back.
+
+Crash safety of the re-seed (invariant 7): before the seed script runs, the meta field
+``seeding_ts_ns`` is set to the snapshot ts (same pipeline, before the script); after the dirty
+XADD, ``seeded_ts_ns`` is set in the same MULTI. If a later run finds the two different, an
+earlier run died between its write and its notification, so that run notifies ALL contracts
+of the epoch (over-notifying once is safe; losing a notification is not).
+
+Spot: the snapshot's spot updates ``massive:spot:latest`` with admission (``lua/spot.lua``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import msgspec
+from redis.asyncio.client import Pipeline
+from redis.exceptions import WatchError
+
+from processors import lua
+from schemas import keys, ticker
+from schemas.messages import (
+    ChainContract,
+    ChainPointer,
+    ChainSnapshot,
+    DirtyEntry,
+    GexRow,
+    decode_snapshot,
+    entry,
+    from_entry,
+)
+from streams import metrics
+from streams.consumer import Entry
+from streams.processor import ConsumerProcessor, Deps
+from streams.producer import Fields, xadd_pipe
+from streams.settings import from_env
+
+logger = logging.getLogger(__name__)
+
+KNOWN_SYMBOLS = frozenset(ticker.ROOT_TO_SYMBOL.values())
+
+
+@dataclass(frozen=True, slots=True)
+class NormalizerSettings:
+    """Env prefix ``MASSIVE_NORMALIZER_``."""
+
+    retire_ttl_s: int = 300  # TTL on every key of a retired epoch
+    dirty_chunk: int = 500  # cids per DirtyEntry
+    build_chunk: int = 2000  # contracts per build script call (bounds Redis blocking time)
+    seed_chunk: int = 2000  # contracts per seed script call (bounds Redis blocking time)
+    scan_count: int = 5000  # SCAN COUNT while retiring
+    promote_retries: int = 5  # WATCH conflicts tolerated before giving up (entry retried)
+
+    def __post_init__(self) -> None:
+        for name in ("retire_ttl_s", "dirty_chunk", "build_chunk", "seed_chunk", "scan_count"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    symbol: str
+    eid: str
+    contracts: list[ChainContract]  # valid, unique by cid, sorted by cid
+    roots: list[str]  # parallel to contracts
+    expiries: list[str]  # sorted
+
+
+def epoch_id(symbol: str, cids: Iterable[str], expiries: Iterable[str]) -> str:
+    """Stable short hex id of a topology (underlying + expiries + every cid)."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(symbol.encode())
+    h.update(b"|")
+    h.update(",".join(sorted(set(expiries))).encode())
+    h.update(b"|")
+    h.update("\n".join(sorted(set(cids))).encode())
+    return h.hexdigest()
+
+
+def _label(symbol: str) -> str:
+    return symbol if symbol in KNOWN_SYMBOLS else "other"
+
+
+def _f(v: float | None) -> str:
+    return "" if v is None else repr(float(v))
+
+
+def _fields(msg: DirtyEntry) -> Fields:
+    return {k: v for k, v in entry(msg).items()}
+
+
+_packer = msgspec.msgpack.Encoder()
+
+
+def _pack(rows: Sequence[Sequence[str]]) -> bytes:
+    """Rows as one msgpack argument (unpacked by cmsgpack in the Lua scripts): one argument
+    per chunk instead of ~30 per contract keeps redis-py's per-argument encoding cost away."""
+    return _packer.encode(rows)
+
+
+def _s(v: bytes | str | None) -> str | None:
+    if v is None:
+        return None
+    return v.decode() if isinstance(v, bytes) else v
+
+
+class Normalizer(ConsumerProcessor):
+    name = "normalizer"
+
+    def __init__(self, deps: Deps, cfg: NormalizerSettings | None = None) -> None:
+        super().__init__(deps, keys.CHAIN_STREAM, keys.NORMALIZER_GROUP)
+        self.cfg = cfg or NormalizerSettings()
+        self.clock = deps.clock
+        self.maxlen = deps.settings.stream_maxlen
+        self._seed = lua.get("seed")
+        self._build = lua.get("build")
+        self._spot = lua.get("spot")
+        self._expire = lua.get("expire_keys")
+        self._swept_at_start = False
+        reg = deps.registry
+        self.m_snapshots = metrics.counter(
+            reg,
+            "massive_normalizer_snapshots_total",
+            "Chain pointers handled, by result",
+            ("symbol", "result"),
+        )
+        self.m_rejected = metrics.counter(
+            reg,
+            "massive_normalizer_contracts_rejected_total",
+            "Snapshot contracts rejected (not part of the topology), by reason",
+            ("reason",),
+        )
+        self.m_seed_changed = metrics.counter(
+            reg,
+            "massive_normalizer_seed_changed_total",
+            "Contracts whose values changed on a re-seed",
+            ("symbol",),
+        )
+        self.m_promotions = metrics.counter(
+            reg, "massive_epoch_promotions_total", "Epochs promoted to active", ("symbol",)
+        )
+        self.m_retired_keys = metrics.counter(
+            reg, "massive_epoch_retired_keys_total", "Epoch keys given a retirement TTL"
+        )
+        self.m_build = metrics.histogram(
+            reg,
+            "massive_epoch_build_seconds",
+            "Build + promote time of a new epoch",
+            ("symbol",),
+        )
+
+    # --- stream entries ------------------------------------------------------------------
+    async def handle(self, entries: list[Entry]) -> None:
+        if not self._swept_at_start:
+            await self.sweep()
+            self._swept_at_start = True
+        for eid, fields in entries:
+            try:
+                ptr = from_entry(fields, ChainPointer)
+            except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+                self.m_snapshots.labels(symbol="other", result="bad_pointer").inc()
+                logger.warning("bad chain pointer id=%r: %s", eid, exc)
+                continue
+            await self.process(ptr)
+
+    async def process(self, ptr: ChainPointer) -> str:
+        """Handle one pointer; returns the result label (built, reseeded, missing_blob, ...)."""
+        result = await self._process(ptr)
+        self.m_snapshots.labels(symbol=_label(ptr.symbol), result=result).inc()
+        return result
+
+    async def _process(self, ptr: ChainPointer) -> str:
+        blob: bytes | None = await self.redis.get(ptr.snapshot_key)  # type: ignore[assignment]
+        if blob is None:
+            logger.warning(
+                "chain snapshot blob vanished (TTL?) key=%s symbol=%s",
+                ptr.snapshot_key,
+                ptr.symbol,
+            )
+            return "missing_blob"
+        try:
+            snap = decode_snapshot(blob)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            logger.warning("undecodable chain snapshot key=%s: %s", ptr.snapshot_key, exc)
+            return "bad_blob"
+        if snap.symbol != ptr.symbol:
+            logger.warning(
+                "snapshot symbol %r != pointer symbol %r key=%s",
+                snap.symbol,
+                ptr.symbol,
+                ptr.snapshot_key,
+            )
+            return "bad_blob"
+        topo = self.topology(snap)
+        if not topo.contracts:
+            logger.warning("chain snapshot with no valid contracts key=%s", ptr.snapshot_key)
+            return "empty"
+        for _attempt in range(3):
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hget(keys.EPOCH_ACTIVE, topo.symbol)
+            pipe.hgetall(keys.epoch_meta(topo.eid))
+            active_raw, meta_raw = await pipe.execute()
+            active = _s(active_raw)
+            meta = {_s(k): _s(v) for k, v in meta_raw.items()}
+            if active == topo.eid and meta.get("state") == "active":
+                if await self.reseed(topo, snap, meta):
+                    return "reseeded"
+                continue  # the epoch was retired under us: decide again
+            if active is not None and active != topo.eid:
+                cur_ts = await self.redis.hget(keys.epoch_meta(active), "snapshot_ts_ns")
+                if cur_ts is not None and int(cur_ts) > snap.ts_ns:
+                    logger.info(
+                        "stale snapshot with another topology skipped symbol=%s ts=%d active=%s",
+                        topo.symbol,
+                        snap.ts_ns,
+                        active,
+                    )
+                    return "stale"
+            await self.build_and_promote(topo, snap, rebuild=bool(meta))
+            return "built"
+        raise RuntimeError(f"epoch {topo.eid} kept changing state; entry will be retried")
+
+    # --- topology --------------------------------------------------------------------------
+    def topology(self, snap: ChainSnapshot) -> Topology:
+        by_cid: dict[str, tuple[ChainContract, str]] = {}
+        for c in snap.contracts:
+            reason = None
+            try:
+                t = ticker.parse(c.cid)
+            except ticker.TickerError:
+                reason = "bad_ticker"
+            else:
+                if t.symbol != snap.symbol:
+                    reason = "wrong_symbol"
+                elif (
+                    t.right != c.right
+                    or t.expiry.isoformat() != c.expiry
+                    or not math.isfinite(c.strike)
+                    or abs(t.strike - c.strike) > 1e-6
+                ):
+                    reason = "ticker_mismatch"
+            if reason is not None:
+                self.m_rejected.labels(reason=reason).inc()
+                logger.debug("contract rejected cid=%r reason=%s", c.cid, reason)
+                continue
+            if c.cid in by_cid:
+                self.m_rejected.labels(reason="duplicate").inc()
+            by_cid[c.cid] = (c, t.root)  # last one wins
+        cids = sorted(by_cid)
+        expiries = sorted({by_cid[c][0].expiry for c in cids})
+        return Topology(
+            symbol=snap.symbol,
+            eid=epoch_id(snap.symbol, cids, expiries),
+            contracts=[by_cid[c][0] for c in cids],
+            roots=[by_cid[c][1] for c in cids],
+            expiries=expiries,
+        )
+
+    # --- same topology: re-seed ------------------------------------------------------------
+    def _gex_rows(self, topo: Topology, ts_ns: int) -> list[str]:
+        """JSON of GexRow per contract (parallel to topo.contracts)."""
+        enc = msgspec.json.encode
+        return [
+            enc(GexRow(root, c.expiry, c.strike, c.right, c.gamma, c.oi, c.iv, ts_ns)).decode()
+            for c, root in zip(topo.contracts, topo.roots, strict=True)
+        ]
+
+    def _spot_call(self, pipe: Pipeline, snap: ChainSnapshot) -> None:
+        if snap.spot is not None and math.isfinite(snap.spot):
+            self._spot.queue(
+                pipe, [keys.SPOT_LATEST], [snap.symbol, repr(float(snap.spot)), str(snap.ts_ns)]
+            )
+
+    async def reseed(
+        self, topo: Topology, snap: ChainSnapshot, meta: dict[str | None, str | None]
+    ) -> bool:
+        """Returns False when the epoch stopped being active before the write (nothing done)."""
+        eid = topo.eid
+        meta_key = keys.epoch_meta(eid)
+        crashed_before = meta.get("seeding_ts_ns") != meta.get("seeded_ts_ns")
+        gex = self._gex_rows(topo, snap.ts_ns)
+        rows: list[tuple[str, ...]] = []
+        for c, g in zip(topo.contracts, gex, strict=True):
+            q = c.bid is not None and c.ask is not None
+            t = c.last is not None
+            rows.append(
+                (
+                    c.cid,
+                    str(c.quote_ts_ns or snap.ts_ns) if q else "",
+                    _f(c.bid) if q else "",
+                    _f(c.ask) if q else "",
+                    repr((c.bid + c.ask) / 2) if q else "",  # type: ignore[operator]
+                    str(c.trade_ts_ns or snap.ts_ns) if t else "",
+                    _f(c.last) if t else "",
+                    _f(c.last_size) if t else "",
+                    _f(c.iv),
+                    _f(c.delta),
+                    _f(c.gamma),
+                    _f(c.oi),
+                    g,
+                )
+            )
+        step = self.cfg.seed_chunk
+        prefix = keys.epoch_key_prefix(eid)
+        chunks = [_pack(rows[off : off + step]) for off in range(0, len(rows), step)]
+
+        def queue(pipe: Pipeline) -> None:
+            # The in-progress mark goes before the writes (see module docstring).
+            pipe.hset(meta_key, "seeding_ts_ns", str(snap.ts_ns))
+            for blob in chunks:
+                self._seed.queue(pipe, [meta_key], [prefix, blob])
+            self._spot_call(pipe, snap)
+
+        res = await lua.execute(self.redis, queue)
+        changed: list[str] = []
+        for k, r in enumerate(res[1 : 1 + len(chunks)]):
+            if int(r[0]) == 1:
+                logger.warning("epoch %s no longer active during re-seed", eid)
+                return False
+            if int(r[1]):
+                logger.error("epoch %s lacks %d contract hashes of its topology", eid, r[1])
+            base = k * step
+            changed += [topo.contracts[base + int(i)].cid for i in r[2:]]
+        if crashed_before:
+            logger.warning(
+                "epoch %s: an earlier re-seed did not finish; notifying all contracts", eid
+            )
+            changed = [c.cid for c in topo.contracts]
+        self.m_seed_changed.labels(symbol=_label(topo.symbol)).inc(len(changed))
+        prev_ts = int(meta.get("snapshot_ts_ns") or 0)
+        tx = self.redis.pipeline(transaction=True)
+        self._xadd_dirty(tx, topo, eid, changed, snap, "seed")
+        upd = {"seeded_ts_ns": str(snap.ts_ns)}
+        if snap.ts_ns >= prev_ts:
+            upd["snapshot_ts_ns"] = str(snap.ts_ns)
+            if snap.spot is not None:
+                upd["spot"] = repr(float(snap.spot))
+        tx.hset(meta_key, mapping=upd)  # type: ignore[arg-type]
+        await tx.execute()
+        return True
+
+    def _xadd_dirty(
+        self,
+        pipe: Pipeline,
+        topo: Topology,
+        eid: str,
+        cids: Sequence[str],
+        snap: ChainSnapshot,
+        reason: str,
+    ) -> int:
+        n = 0
+        step = self.cfg.dirty_chunk
+        for off in range(0, len(cids), step):
+            msg = DirtyEntry(
+                symbol=topo.symbol,
+                epoch=eid,
+                cids=list(cids[off : off + step]),
+                max_ts_ns=snap.ts_ns,
+                recv_ts_ns=snap.ts_ns,
+                reason=reason,
+            )
+            xadd_pipe(pipe, keys.CONTRACTS_DIRTY_STREAM, _fields(msg), maxlen=self.maxlen)
+            n += 1
+        return n
+
+    # --- changed topology: build, promote, retire ----------------------------------------
+    async def build_and_promote(
+        self, topo: Topology, snap: ChainSnapshot, *, rebuild: bool
+    ) -> None:
+        t0 = time.perf_counter()
+        eid = topo.eid
+        if rebuild:
+            # Leftovers of an earlier life of this id (a crashed build, or a retired epoch
+            # whose topology came back): start from nothing so no stale value survives.
+            await self.delete_epoch(eid)
+        await self.build(topo, snap)
+        old = await self.promote(topo, snap)
+        self.m_build.labels(symbol=_label(topo.symbol)).observe(time.perf_counter() - t0)
+        self.m_promotions.labels(symbol=_label(topo.symbol)).inc()
+        logger.info(
+            "epoch promoted symbol=%s eid=%s contracts=%d expiries=%d previous=%s took=%.3fs",
+            topo.symbol,
+            eid,
+            len(topo.contracts),
+            len(topo.expiries),
+            old,
+            time.perf_counter() - t0,
+        )
+        if old is not None and old != eid:
+            await self.retire(old)
+        await self.sweep()
+
+    async def build(self, topo: Topology, snap: ChainSnapshot) -> None:
+        eid = topo.eid
+        now = self.clock.time_ns()
+        sym = topo.symbol
+        meta_key = keys.epoch_meta(eid)
+        # meta + index first: a crash mid-build leaves a findable 'warming' epoch (swept).
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(
+            meta_key,
+            mapping={
+                "symbol": sym,
+                "state": "warming",
+                "created_ns": str(now),
+                "n_contracts": str(len(topo.contracts)),
+                "expiries": ",".join(topo.expiries),
+                "spot": "" if snap.spot is None else repr(float(snap.spot)),
+                "snapshot_ts_ns": str(snap.ts_ns),
+            },
+        )
+        pipe.zadd(keys.EPOCH_INDEX, {eid: now})
+        await pipe.execute()
+        gex = self._gex_rows(topo, snap.ts_ns)
+        rows: list[list[str]] = []
+        for c, root, g in zip(topo.contracts, topo.roots, gex, strict=True):
+            strike = repr(float(c.strike))
+            row = [c.cid, strike, c.expiry.replace("-", ""), g]
+            row += ("symbol", sym, "root", root, "expiry", c.expiry, "strike", strike)
+            row += ("type", c.right, "src", "chain")
+            ts = 0
+            if c.bid is not None and c.ask is not None:
+                qts = c.quote_ts_ns or snap.ts_ns
+                row += ("bid", repr(float(c.bid)), "ask", repr(float(c.ask)))
+                row += ("mid", repr((c.bid + c.ask) / 2), "quote_ts", str(qts))
+                ts = qts
+            if c.last is not None:
+                tts = c.trade_ts_ns or snap.ts_ns
+                row += ("last", repr(float(c.last)), "trade_ts", str(tts))
+                if c.last_size is not None:
+                    row += ("size", repr(float(c.last_size)))
+                ts = max(ts, tts)
+            if ts:
+                row += ("ts_ns", str(ts))
+            for name, v in (("iv", c.iv), ("delta", c.delta), ("gamma", c.gamma), ("oi", c.oi)):
+                if v is not None:
+                    row += (name, repr(float(v)))
+            rows.append(row)
+        step = self.cfg.build_chunk
+        chunks = [_pack(rows[off : off + step]) for off in range(0, len(rows), step)]
+        prefix = keys.epoch_key_prefix(eid)
+
+        def queue(pipe: Pipeline) -> None:
+            for blob in chunks:
+                self._build.queue(pipe, [meta_key], [prefix, blob])
+            self._spot_call(pipe, snap)
+
+        res = await lua.execute(self.redis, queue)
+        if any(int(r) < 0 for r in res[: len(chunks)]):
+            raise RuntimeError(f"epoch {eid} left the warming state during its build")
+
+    async def promote(self, topo: Topology, snap: ChainSnapshot) -> str | None:
+        """Atomically: old -> retired, new -> active, active pointer, epoch dirty entries.
+        Returns the previously active epoch id."""
+        eid = topo.eid
+        cids = [c.cid for c in topo.contracts]
+        for _ in range(self.cfg.promote_retries):
+            async with self.redis.pipeline(transaction=True) as pipe:
+                try:
+                    await pipe.watch(keys.EPOCH_ACTIVE)
+                    old = _s(await pipe.hget(keys.EPOCH_ACTIVE, topo.symbol))
+                    now = str(self.clock.time_ns())
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    if old is not None and old != eid:
+                        pipe.hset(
+                            keys.epoch_meta(old), mapping={"state": "retired", "retired_ns": now}
+                        )
+                    pipe.hset(
+                        keys.epoch_meta(eid),
+                        mapping={
+                            "state": "active",
+                            "promoted_ns": now,
+                            "seeding_ts_ns": str(snap.ts_ns),
+                            "seeded_ts_ns": str(snap.ts_ns),
+                        },
+                    )
+                    pipe.hset(keys.EPOCH_ACTIVE, topo.symbol, eid)
+                    self._xadd_dirty(pipe, topo, eid, cids, snap, "epoch")
+                    await pipe.execute()
+                    return old
+                except WatchError:
+                    logger.info("promotion of %s raced another writer; retrying", eid)
+        raise RuntimeError(f"could not promote epoch {eid}: active pointer kept changing")
+
+    async def _epoch_keys(self, eid: str) -> list[bytes]:
+        out: list[bytes] = []
+        async for k in self.redis.scan_iter(
+            match=keys.epoch_key_pattern(eid), count=self.cfg.scan_count
+        ):
+            out.append(k)
+        return out
+
+    async def retire(self, eid: str) -> int:
+        """TTL on every key of ``eid`` (SCAN its hash-tag pattern; EXPIRE NX). Returns the
+        number of keys that got a TTL now."""
+        n = 0
+        ks = await self._epoch_keys(eid)
+        for off in range(0, len(ks), 5000):
+            n += int(await self._expire(self.redis, ks[off : off + 5000], [self.cfg.retire_ttl_s]))
+        self.m_retired_keys.inc(n)
+        logger.info("epoch retired eid=%s keys=%d ttl=%ds", eid, len(ks), self.cfg.retire_ttl_s)
+        return n
+
+    async def delete_epoch(self, eid: str) -> None:
+        ks = await self._epoch_keys(eid)
+        for off in range(0, len(ks), 5000):
+            await self.redis.unlink(*ks[off : off + 5000])
+
+    async def sweep(self) -> None:
+        """Keep the epoch key count bounded after crashes: index entries whose meta expired
+        are dropped; retired epochs without a TTL (crash between promotion and retirement)
+        and warming epochs that are not active and older than the retire TTL (abandoned
+        builds) get their TTLs."""
+        raw: list[bytes] = await self.redis.zrange(keys.EPOCH_INDEX, 0, -1)  # type: ignore[assignment]
+        eids = [e.decode() for e in raw]
+        if not eids:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for e in eids:
+            pipe.hmget(keys.epoch_meta(e), "state", "created_ns")
+            pipe.ttl(keys.epoch_meta(e))
+        res = await pipe.execute()
+        active = {_s(v) for v in (await self.redis.hgetall(keys.EPOCH_ACTIVE)).values()}
+        now = self.clock.time_ns()
+        gone: list[str] = []
+        for k, e in enumerate(eids):
+            (state_b, created_b), ttl = res[2 * k], int(res[2 * k + 1])
+            state = _s(state_b)
+            if state is None:
+                gone.append(e)
+                continue
+            if e in active or ttl >= 0:
+                continue
+            age_s = (now - int(created_b or 0)) / 1e9
+            if state == "retired" or (state == "warming" and age_s > self.cfg.retire_ttl_s):
+                logger.warning("sweep: epoch %s (%s) had no TTL; retiring its keys", e, state)
+                if state == "warming":
+                    await self.redis.hset(keys.epoch_meta(e), "state", "retired")
+                await self.retire(e)
+        if gone:
+            await self.redis.zrem(keys.EPOCH_INDEX, *gone)
+
+
+def build(deps: Deps, arg: str | None) -> Normalizer:
+    return Normalizer(deps, from_env(NormalizerSettings, "MASSIVE_NORMALIZER_"))
