@@ -1,0 +1,619 @@
+"""chain-poller: periodic, filtered options-chain snapshots from Massive REST.
+
+One cycle = index spot (``/v3/snapshot/indices?ticker.any_of=I:SPX,I:NDX``), then for each
+symbol the chain ``/v3/snapshot/options/I:<SYM>`` filtered server-side by expiry horizon
+(``expiration_date.gte/.lte``) and a strike band around spot (``strike_price.gte/.lte``),
+``limit=250``, following ``next_url`` to the end. The result is trimmed client-side to the
+first N expirations, decoded once into a compact :class:`ChainSnapshot` blob and written in
+ONE MULTI: ``SET massive:chain:snapshot:{SYM}:{ts} EX ttl`` + ``XADD massive:chain:stream``
+(pointer) + ``XADD massive:spot:stream`` (spot).
+
+Cadence: the next cycle starts ``max(min_interval_s, k * last_cycle_duration)`` after the
+previous one completed (never overlapping, never faster than responses complete); a
+``refresh_chain`` ControlMessage on massive:control:stream (WS dormancy) wakes the loop at
+once; several requests are coalesced into one fetch.
+
+Errors: 429 (Retry-After honoured), 5xx, timeouts, connection errors and undecodable bodies
+are retried with exponential backoff and full jitter; 401/403 stop the cycle with
+:class:`AuthError` ("check MASSIVE_API_KEY"), counted, and the loop waits
+``auth_retry_s`` before trying again (no crash loop, no spin).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import email.utils
+import logging
+import math
+import os
+import random
+import re
+from dataclasses import dataclass
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import httpx
+import msgspec
+
+from schemas import keys
+from schemas import massive_rest as mr
+from schemas.messages import (
+    ChainContract,
+    ChainPointer,
+    ChainSnapshot,
+    ControlMessage,
+    SpotTick,
+    encode_snapshot,
+    entry,
+    from_entry,
+)
+from streams import metrics
+from streams.consumer import Entry, GroupConsumer
+from streams.processor import Deps
+from streams.settings import from_env
+from streams.spec import StreamSpec
+
+logger = logging.getLogger(__name__)
+
+
+class _RedactApiKey(logging.Filter):
+    """httpx logs request URLs at INFO; never let ``apiKey=<key>`` reach a log line."""
+
+    _re = re.compile(r"(apiKey=)[^&\s\"']+")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and record.args:
+            record.args = tuple(
+                self._re.sub(r"\1***", str(a)) if "apiKey=" in str(a) else a for a in record.args
+            )
+        elif isinstance(record.msg, str) and "apiKey=" in record.msg:
+            record.msg = self._re.sub(r"\1***", record.msg)
+        return True
+
+
+_REDACT = _RedactApiKey()
+for _name in ("httpx", "httpcore"):
+    if _REDACT not in logging.getLogger(_name).filters:
+        logging.getLogger(_name).addFilter(_REDACT)
+
+NY = ZoneInfo("America/New_York")
+RETRY_STATUSES = frozenset({413, 429, 499, 500, 502, 503, 504})
+
+
+@dataclass(frozen=True, slots=True)
+class PollerSettings:
+    """Env prefix ``MASSIVE_POLLER_``; the key is also read from ``MASSIVE_API_KEY``."""
+
+    api_key: str = ""
+    rest_url: str = "https://api.massive.com"
+    auth_mode: str = "query"  # query (?apiKey=, the spec) | bearer (Authorization header)
+    symbols: tuple[str, ...] = ("SPX", "NDX")
+    band_pct: float = 0.08  # strike band: spot * (1 +- band_pct) ...
+    band_points: float = 0.0  # ... or spot +- band_points when > 0
+    expirations: int = 5  # keep 0DTE + the next (expirations - 1) expiries
+    max_days: int = 14  # server-side horizon: expiration_date.lte = today + max_days
+    limit: int = 250
+    min_interval_s: float = 5.0
+    latency_factor: float = 2.0  # k: next start >= k * last cycle duration after it ended
+    refresh_min_gap_s: float = 0.25  # floor between an on-demand refresh and the last cycle
+    timeout_s: float = 10.0
+    connect_timeout_s: float = 5.0
+    max_retries: int = 5
+    backoff_base_s: float = 0.25
+    backoff_max_s: float = 10.0
+    retry_after_max_s: float = 60.0
+    auth_retry_s: float = 60.0
+    snapshot_ttl_s: int = 600
+    chain_stream_maxlen: int = 10_000
+    spot_stream_maxlen: int = 100_000
+    control_block_ms: int = 1000
+    max_pages: int = 400  # safety stop for a runaway cursor chain
+
+    def __post_init__(self) -> None:
+        if self.auth_mode not in ("query", "bearer"):
+            raise ValueError(f"auth_mode must be query or bearer, got {self.auth_mode!r}")
+        if not self.symbols:
+            raise ValueError("symbols is empty")
+        if not 1 <= self.limit <= 250:
+            raise ValueError(f"limit must be 1..250 (the API maximum), got {self.limit}")
+        if self.expirations < 1:
+            raise ValueError("expirations must be >= 1")
+        if self.min_interval_s <= 0 or self.latency_factor < 1:
+            raise ValueError("min_interval_s must be > 0 and latency_factor >= 1")
+        if self.band_pct < 0 or self.band_points < 0:
+            raise ValueError("band must be >= 0")
+
+
+def load_settings(environ: dict[str, str] | None = None) -> PollerSettings:
+    env = dict(os.environ if environ is None else environ)
+    if "MASSIVE_POLLER_API_KEY" not in env and env.get("MASSIVE_API_KEY"):
+        env["MASSIVE_POLLER_API_KEY"] = env["MASSIVE_API_KEY"]
+    return from_env(PollerSettings, "MASSIVE_POLLER_", env)
+
+
+# --- errors ---------------------------------------------------------------------------------
+class FetchError(Exception):
+    """A request that failed for good (after retries); ``kind`` labels the metric."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class AuthError(FetchError):
+    """401/403: the key is missing, wrong or not entitled. Not retried within a cycle."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__("auth", f"HTTP {status}: {message} (check MASSIVE_API_KEY)")
+        self.status = status
+
+
+def _error_text(resp: httpx.Response) -> str:
+    try:
+        body = msgspec.json.decode(resp.content)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return resp.text[:200]
+    if isinstance(body, dict):
+        return str(body.get("error") or body.get("message") or body.get("status") or "")
+    return resp.text[:200]
+
+
+def retry_after_s(resp: httpx.Response, now: dt.datetime | None = None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or HTTP date); None if absent/bad."""
+    raw = resp.headers.get("retry-after")
+    if raw is None:
+        return None
+    raw = raw.strip()
+    try:
+        v = float(raw)
+        return v if math.isfinite(v) and v >= 0 else None
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(raw)
+    except (TypeError, ValueError):
+        return None
+    now = now or dt.datetime.now(dt.UTC)
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return max(0.0, (when - now).total_seconds())
+
+
+@dataclass(slots=True)
+class FetchResult:
+    symbol: str
+    contracts: list[ChainContract]
+    spot: float | None
+    spot_ts_ns: int | None
+    pages: int
+    rejected: int
+    seconds: float
+
+
+class ChainPoller:
+    name = "chain-poller"
+
+    def __init__(self, deps: Deps, settings: PollerSettings) -> None:
+        self.deps = deps
+        self.redis = deps.redis
+        self.clock = deps.clock
+        self.s = settings
+        self._rng = random.Random()
+        self._ready = False
+        self._wake = asyncio.Event()
+        self._pending_reason: str | None = None
+        self._stop: asyncio.Event | None = None
+        self._last_spot: dict[str, tuple[float, int | None]] = {}
+        self.last_error: FetchError | None = None
+        self.cycles = 0
+        self.base_url = httpx.URL(settings.rest_url.rstrip("/") + "/")
+        if not settings.api_key:
+            logger.warning("chain-poller: no API key configured (set MASSIVE_API_KEY)")
+        reg = deps.registry
+        p = "massive_chain_poller_"
+        self.m_fetches = metrics.counter(
+            reg, p + "fetches_total", "Chain fetches per symbol and outcome", ("symbol", "outcome")
+        )
+        self.m_pages = metrics.counter(reg, p + "pages_total", "Chain pages fetched", ("symbol",))
+        self.m_requests = metrics.counter(
+            reg, p + "requests_total", "HTTP requests by status (0 = no response)", ("status",)
+        )
+        self.m_fetch_s = metrics.histogram(
+            reg,
+            p + "fetch_seconds",
+            "Time to fetch one symbol's filtered chain (all pages)",
+            ("symbol",),
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
+        )
+        self.m_cycle_s = metrics.gauge(reg, p + "cycle_seconds", "Duration of the last cycle")
+        self.m_interval = metrics.gauge(
+            reg, p + "next_interval_seconds", "Adaptive delay before the next cycle"
+        )
+        self.m_errors = metrics.counter(reg, p + "errors_total", "Errors by kind", ("kind",))
+        self.m_retries = metrics.counter(reg, p + "retries_total", "Retries by kind", ("kind",))
+        self.m_rejected = metrics.counter(
+            reg, p + "rejected_items_total", "Chain items rejected, by reason", ("reason",)
+        )
+        self.m_contracts = metrics.gauge(
+            reg, p + "contracts", "Contracts in the last snapshot", ("symbol",)
+        )
+        self.m_refresh = metrics.counter(
+            reg, p + "refresh_requests_total", "refresh_chain control messages", ("reason",)
+        )
+        self.m_auth_failed = metrics.gauge(
+            reg, p + "auth_failed", "1 while the provider rejects the API key (401/403)"
+        )
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    # --- HTTP -----------------------------------------------------------------------------
+    def _client(self) -> httpx.AsyncClient:
+        headers = {"Accept-Encoding": "gzip", "User-Agent": "massive-pipeline chain-poller"}
+        if self.s.auth_mode == "bearer" and self.s.api_key:
+            headers["Authorization"] = f"Bearer {self.s.api_key}"
+        timeout = httpx.Timeout(self.s.timeout_s, connect=self.s.connect_timeout_s)
+        return httpx.AsyncClient(timeout=timeout, headers=headers, follow_redirects=False)
+
+    def _url(self, path_and_query: str) -> httpx.URL:
+        """Join to the configured base; in query-auth mode (re-)append ``apiKey``."""
+        url = self.base_url.join(path_and_query.lstrip("/"))
+        if self.s.auth_mode == "query" and self.s.api_key and "apiKey" not in url.params:
+            url = url.copy_add_param("apiKey", self.s.api_key)
+        return url
+
+    def next_page_url(self, next_url: str) -> httpx.URL:
+        """``next_url`` is absolute (the provider's host); keep path + cursor, use our base
+        (like the official client) so the key never goes to another host."""
+        u = httpx.URL(next_url)
+        return self._url(u.raw_path.decode("ascii"))
+
+    def _backoff(self, attempt: int) -> float:
+        cap = min(self.s.backoff_max_s, self.s.backoff_base_s * (2**attempt))
+        return self._rng.uniform(0, cap)  # full jitter
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep, cut short by stop."""
+        if self._stop is None:
+            await asyncio.sleep(seconds)
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
+
+    async def get(self, client: httpx.AsyncClient, url: httpx.URL) -> bytes:
+        """GET with retries; returns the body of a 200. Raises FetchError/AuthError."""
+        last: FetchError | None = None
+        for attempt in range(self.s.max_retries + 1):
+            if attempt:
+                assert last is not None
+                self.m_retries.labels(last.kind).inc()
+            delay: float | None = None
+            try:
+                resp = await client.get(url)
+            except httpx.TimeoutException as exc:
+                self.m_requests.labels("0").inc()
+                last = FetchError("timeout", f"timeout: {type(exc).__name__}")
+            except httpx.TransportError as exc:
+                self.m_requests.labels("0").inc()
+                last = FetchError("connection", f"connection error: {exc!r}")
+            else:
+                self.m_requests.labels(str(resp.status_code)).inc()
+                st = resp.status_code
+                if st == 200:
+                    return resp.content
+                if st in (401, 403):
+                    raise AuthError(st, _error_text(resp))
+                if st in RETRY_STATUSES:
+                    kind = "rate_limited" if st == 429 else f"http_{st // 100}xx"
+                    last = FetchError(kind, f"HTTP {st}: {_error_text(resp)}")
+                    ra = retry_after_s(resp)
+                    if ra is not None:
+                        delay = min(ra, self.s.retry_after_max_s)
+                else:
+                    raise FetchError(f"http_{st}", f"HTTP {st}: {_error_text(resp)}")
+            if attempt == self.s.max_retries or (self._stop is not None and self._stop.is_set()):
+                break
+            backoff = self._backoff(attempt)
+            await self._sleep(backoff if delay is None else max(delay, backoff))
+        assert last is not None
+        raise last
+
+    async def get_page(
+        self, client: httpx.AsyncClient, url: httpx.URL, parse: Any, *args: Any
+    ) -> Any:
+        """GET + decode; an undecodable 200 body (truncated) is retried like a 5xx."""
+        for attempt in range(self.s.max_retries + 1):
+            body = await self.get(client, url)
+            try:
+                return parse(body, *args)
+            except mr.RestDecodeError as exc:
+                self.m_errors.labels("decode").inc()
+                logger.warning("chain-poller: undecodable response (%s), retrying", exc)
+                if attempt == self.s.max_retries:
+                    raise FetchError("decode", str(exc)) from None
+                self.m_retries.labels("decode").inc()
+                await self._sleep(self._backoff(attempt))
+        raise FetchError("decode", "unreachable")  # pragma: no cover
+
+    # --- fetches --------------------------------------------------------------------------
+    async def fetch_spots(self, client: httpx.AsyncClient) -> dict[str, tuple[float, int | None]]:
+        tickers = ",".join(f"I:{s}" for s in self.s.symbols)
+        url = self._url("v3/snapshot/indices").copy_merge_params({"ticker.any_of": tickers})
+        page: mr.IndexPage = await self.get_page(client, url, mr.parse_index_snapshot)
+        for r in page.rejections:
+            self.m_rejected.labels(r.reason).inc()
+            logger.warning("chain-poller: index snapshot item rejected: %s", r.detail)
+        out = {sp.symbol: (sp.value, sp.ts_ns) for sp in page.spots if sp.symbol in self.s.symbols}
+        return out
+
+    def today(self) -> dt.date:
+        return dt.datetime.fromtimestamp(self.clock.time_ns() / 1e9, NY).date()
+
+    def band(self, spot: float) -> tuple[float, float]:
+        """Strike band [lo, hi] around ``spot`` (rounded to 0.001: the filter we send)."""
+        if self.s.band_points > 0:
+            lo, hi = spot - self.s.band_points, spot + self.s.band_points
+        else:
+            lo, hi = spot * (1 - self.s.band_pct), spot * (1 + self.s.band_pct)
+        return round(lo, 3), round(hi, 3)
+
+    def chain_params(self, spot: float | None) -> dict[str, str]:
+        today = self.today()
+        params = {
+            "expiration_date.gte": today.isoformat(),
+            "expiration_date.lte": (today + dt.timedelta(days=self.s.max_days)).isoformat(),
+            "limit": str(self.s.limit),
+            "sort": "ticker",
+            "order": "asc",
+        }
+        if spot is not None and (self.s.band_points > 0 or self.s.band_pct > 0):
+            lo, hi = self.band(spot)
+            params["strike_price.gte"] = f"{lo:.3f}"
+            params["strike_price.lte"] = f"{hi:.3f}"
+        return params
+
+    async def fetch_chain(
+        self, client: httpx.AsyncClient, symbol: str, spot: float | None
+    ) -> FetchResult:
+        t0 = self.clock.monotonic()
+        url = self._url(f"v3/snapshot/options/I:{symbol}").copy_merge_params(
+            self.chain_params(spot)
+        )
+        seen: dict[str, ChainContract] = {}
+        pages = rejected = 0
+        u_value: float | None = None
+        u_ts: int | None = None
+        while True:
+            page: mr.ChainPage = await self.get_page(client, url, mr.parse_chain_page, symbol)
+            pages += 1
+            self.m_pages.labels(symbol).inc()
+            if page.error:
+                raise FetchError("api_error", f"{symbol}: {page.error}")
+            for r in page.rejections:
+                rejected += 1
+                self.m_rejected.labels(r.reason).inc()
+                logger.debug("chain-poller: %s item rejected: %s", symbol, r.detail)
+            for c in page.contracts:
+                seen[c.cid] = c  # a cid repeated across pages is kept once
+            if u_value is None and page.underlying_value is not None:
+                u_value, u_ts = page.underlying_value, page.underlying_ts_ns
+            if not page.next_url:
+                break
+            if pages >= self.s.max_pages:
+                raise FetchError("too_many_pages", f"{symbol}: more than {pages} pages")
+            url = self.next_page_url(page.next_url)
+        if spot is None:  # no index snapshot: the chain's underlying_asset.value is the spot
+            spot = u_value
+        contracts = self._trim(list(seen.values()), spot)
+        return FetchResult(
+            symbol, contracts, spot, u_ts, pages, rejected, self.clock.monotonic() - t0
+        )
+
+    def _trim(self, contracts: list[ChainContract], spot: float | None) -> list[ChainContract]:
+        """Keep the first N expirations (from today) and the strike band (client side too:
+        the server filter is the same, this guards a server that ignores it)."""
+        today = self.today().isoformat()
+        expiries = sorted({c.expiry for c in contracts if c.expiry >= today})
+        keep = set(expiries[: self.s.expirations])
+        lo, hi = -math.inf, math.inf
+        if spot is not None and (self.s.band_points > 0 or self.s.band_pct > 0):
+            lo, hi = self.band(spot)
+        out = [c for c in contracts if c.expiry in keep and lo <= c.strike <= hi]
+        out.sort(key=lambda c: (c.expiry, c.strike, c.right, c.cid))
+        return out
+
+    # --- one cycle ------------------------------------------------------------------------
+    async def cycle(self, client: httpx.AsyncClient, reason: str) -> list[FetchResult]:
+        try:
+            spots = await self.fetch_spots(client)
+        except AuthError:
+            raise
+        except FetchError as exc:
+            self.m_errors.labels(exc.kind).inc()
+            logger.warning("chain-poller: index snapshot failed (%s); using last spots", exc)
+            spots = {}
+        for sym, v in spots.items():
+            self._last_spot[sym] = v
+        results: list[FetchResult] = []
+        failed: FetchError | None = None
+        for sym in self.s.symbols:
+            spot = spots.get(sym) or self._last_spot.get(sym)
+            try:
+                res = await self.fetch_chain(client, sym, spot[0] if spot else None)
+            except AuthError:
+                self.m_fetches.labels(sym, "auth").inc()
+                raise
+            except FetchError as exc:
+                self.m_fetches.labels(sym, "error").inc()
+                self.m_errors.labels(exc.kind).inc()
+                self.last_error = failed = exc
+                logger.error("chain-poller: %s fetch failed: %s", sym, exc)
+                continue
+            if spot is not None:  # the index snapshot's own time, not the chain's
+                res.spot_ts_ns = spot[1]
+            await self.write(res, reason)
+            self.m_fetches.labels(sym, "ok").inc()
+            self.m_fetch_s.labels(sym).observe(res.seconds)
+            self.m_contracts.labels(sym).set(len(res.contracts))
+            results.append(res)
+        if not results and failed is not None:
+            raise failed  # every symbol failed: the loop backs off
+        return results
+
+    async def write(self, res: FetchResult, reason: str) -> None:
+        ts = self.clock.time_ns()
+        key = keys.chain_snapshot(res.symbol, ts)
+        snap = ChainSnapshot(symbol=res.symbol, ts_ns=ts, spot=res.spot, contracts=res.contracts)
+        ptr = ChainPointer(
+            symbol=res.symbol,
+            snapshot_key=key,
+            ts_ns=ts,
+            n_contracts=len(res.contracts),
+            spot=res.spot,
+            fetch_s=round(res.seconds, 6),
+            reason=reason,
+        )
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.set(key, encode_snapshot(snap), ex=self.s.snapshot_ttl_s)
+        pipe.xadd(
+            keys.CHAIN_STREAM,
+            entry(ptr),  # type: ignore[arg-type]
+            maxlen=self.s.chain_stream_maxlen,
+            approximate=True,
+        )
+        if res.spot is not None:
+            tick = SpotTick(
+                symbol=res.symbol,
+                value=res.spot,
+                ts_ns=res.spot_ts_ns if res.spot_ts_ns is not None else ts,
+                source="rest",
+            )
+            pipe.xadd(
+                keys.SPOT_STREAM,
+                entry(tick),  # type: ignore[arg-type]
+                maxlen=self.s.spot_stream_maxlen,
+                approximate=True,
+            )
+        await pipe.execute()
+        logger.info(
+            "chain-poller: %s snapshot %d contracts, %d pages, %.3fs, spot=%s (%s)",
+            res.symbol,
+            len(res.contracts),
+            res.pages,
+            res.seconds,
+            res.spot,
+            reason,
+        )
+
+    # --- control stream -------------------------------------------------------------------
+    async def on_control(self, entries: list[Entry]) -> None:
+        for _id, fields in entries:
+            try:
+                msg = from_entry(fields, ControlMessage)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                self.m_errors.labels("control_decode").inc()
+                logger.warning("chain-poller: bad control message: %s", exc)
+                continue
+            if msg.kind != "refresh_chain":
+                continue
+            self.m_refresh.labels(msg.reason or "unspecified").inc()
+            self.request_refresh(msg.reason)
+
+    def request_refresh(self, reason: str = "") -> None:
+        """Wake the loop now; several requests before the fetch starts coalesce."""
+        if self._pending_reason is None:
+            self._pending_reason = "dormancy" if reason == "ws_dormant" else "refresh"
+        self._wake.set()
+
+    # --- main loop ------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        self._stop = stop
+        spec = StreamSpec(
+            stream=keys.CONTROL_STREAM,
+            group=keys.CHAIN_POLLER_CONTROL_GROUP,
+            consumer=self.deps.settings.consumer,
+            block_ms=self.s.control_block_ms,
+            start_id="$",
+        )
+        control = GroupConsumer(self.redis, spec, self.on_control, self.deps.registry, self.name)
+        control_task = asyncio.create_task(control.run(stop), name="chain-poller-control")
+        reason = "startup"
+        failures = 0
+        try:
+            async with self._client() as client:
+                while not stop.is_set():
+                    self._wake.clear()
+                    self._pending_reason = None
+                    t0 = self.clock.monotonic()
+                    delay: float
+                    try:
+                        await self.cycle(client, reason)
+                        self.m_auth_failed.set(0)
+                        failures = 0
+                        self._ready = True
+                        self.cycles += 1
+                        took = self.clock.monotonic() - t0
+                        delay = max(self.s.min_interval_s, self.s.latency_factor * took)
+                    except AuthError as exc:
+                        self.last_error = exc
+                        self.m_errors.labels("auth").inc()
+                        self.m_auth_failed.set(1)
+                        logger.error(
+                            "chain-poller: %s; retrying in %.0fs", exc, self.s.auth_retry_s
+                        )
+                        took = self.clock.monotonic() - t0
+                        delay = self.s.auth_retry_s
+                    except FetchError as exc:  # every symbol failed (already counted)
+                        self.last_error = exc
+                        failures += 1
+                        took = self.clock.monotonic() - t0
+                        delay = min(
+                            self.s.backoff_max_s * 6,
+                            max(self.s.min_interval_s, self.s.latency_factor * took)
+                            * 2 ** min(failures, 6),
+                        )
+                    except Exception as exc:  # Redis down etc.: log, back off, keep going
+                        self.m_errors.labels("internal").inc()
+                        logger.exception("chain-poller: cycle failed: %r", exc)
+                        failures += 1
+                        took = self.clock.monotonic() - t0
+                        delay = min(self.s.backoff_max_s, self.s.min_interval_s * failures)
+                    self.m_cycle_s.set(took)
+                    self.m_interval.set(delay)
+                    reason = await self._wait_next(stop, delay)
+                    if control_task.done():
+                        control_task.result()  # surface a crashed control consumer
+        finally:
+            control_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await control_task
+
+    async def _wait_next(self, stop: asyncio.Event, delay: float) -> str:
+        """Wait ``delay`` (or until a refresh request / stop). Returns the next reason."""
+        stop_w = asyncio.ensure_future(stop.wait())
+        wake_w = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait({stop_w, wake_w}, timeout=delay, return_when="FIRST_COMPLETED")
+        finally:
+            stop_w.cancel()
+            wake_w.cancel()
+        if self._wake.is_set() and not stop.is_set():
+            # never closer than refresh_min_gap_s to the end of the previous cycle
+            await self._sleep(self.s.refresh_min_gap_s)
+            return self._pending_reason or "refresh"
+        return "cadence"
+
+
+def build(deps: Deps, arg: str | None) -> ChainPoller:
+    settings = load_settings()
+    if arg:
+        settings = PollerSettings(
+            **{
+                **{f: getattr(settings, f) for f in settings.__dataclass_fields__},
+                "symbols": tuple(s.strip().upper() for s in arg.split(",") if s.strip()),
+            }
+        )
+    return ChainPoller(deps, settings)

@@ -1,0 +1,281 @@
+"""chain-poller against the simulator (real HTTP, real Redis)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime as dt
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from redis.asyncio import Redis
+
+from processors import chain_poller as cp
+from schemas import keys
+from schemas.messages import (
+    ChainPointer,
+    ControlMessage,
+    SpotTick,
+    decode_snapshot,
+    entry,
+    from_entry,
+)
+from simulator.server import SimConfig, SimServer
+from streams.processor import Deps
+from tests.util import eventually
+
+KEY = "sim-key"
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[SimServer]:
+    srv = SimServer(SimConfig(seed=1, api_key=KEY, symbols=("SPX", "NDX"), market_open=True))
+    await srv.start(host="127.0.0.1", port=0)
+    try:
+        yield srv
+    finally:
+        await srv.stop()
+
+
+def make(deps: Deps, srv: SimServer, **kw: Any) -> cp.ChainPoller:
+    base: dict[str, Any] = dict(
+        api_key=KEY,
+        rest_url=srv.rest_url,
+        limit=100,
+        expirations=3,
+        max_days=10,
+        band_pct=0.04,
+        min_interval_s=30.0,
+        backoff_base_s=0.01,
+        backoff_max_s=0.05,
+        control_block_ms=50,
+    )
+    base.update(kw)
+    return cp.ChainPoller(deps, cp.PollerSettings(**base))
+
+
+def metric(deps: Deps, name: str, **labels: str) -> float:
+    v = deps.registry.get_sample_value(name, labels)
+    return 0.0 if v is None else v
+
+
+async def pointers(redis: Redis) -> list[ChainPointer]:
+    return [from_entry(f, ChainPointer) for _i, f in await redis.xrange(keys.CHAIN_STREAM)]
+
+
+@contextlib.asynccontextmanager
+async def running(p: cp.ChainPoller) -> AsyncIterator[asyncio.Event]:
+    stop = asyncio.Event()
+    task = asyncio.create_task(p.run(stop))
+    try:
+        yield stop
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+def expected_cids(
+    srv: SimServer, p: cp.ChainPoller, symbol: str, spot: float
+) -> tuple[set[str], int]:
+    """The filtered chain computed independently from the simulator's own contract list,
+    and the number of contracts matching the server-side filter (before the N-expiry trim)."""
+    today = p.today()
+    horizon = (today + dt.timedelta(days=p.s.max_days)).isoformat()
+    lo, hi = round(spot * (1 - p.s.band_pct), 3), round(spot * (1 + p.s.band_pct), 3)
+    listed = [
+        c
+        for c in srv.market.by_symbol[symbol]
+        if today.isoformat() <= c.exp_s <= horizon and lo <= c.strike <= hi
+    ]
+    first = sorted({c.exp_s for c in listed})[: p.s.expirations]
+    return {c.ticker for c in listed if c.exp_s in first}, len(listed)
+
+
+async def test_pages_to_the_end_every_contract_once(deps: Deps, sim: SimServer) -> None:
+    p = make(deps, sim, limit=37)
+    async with p._client() as client:
+        results = await p.cycle(client, "startup")
+    assert [r.symbol for r in results] == ["SPX", "NDX"]
+    ptrs = await pointers(deps.redis)
+    assert [x.symbol for x in ptrs] == ["SPX", "NDX"]
+    for ptr, res in zip(ptrs, results, strict=True):
+        blob = await deps.redis.get(ptr.snapshot_key)
+        assert blob is not None
+        ttl = await deps.redis.ttl(ptr.snapshot_key)
+        assert 0 < ttl <= p.s.snapshot_ttl_s
+        snap = decode_snapshot(blob)
+        cids = [c.cid for c in snap.contracts]
+        assert len(cids) == len(set(cids)) == ptr.n_contracts  # exactly once
+        assert ptr.spot is not None and snap.spot == ptr.spot
+        want, n_server = expected_cids(sim, p, ptr.symbol, ptr.spot)
+        assert set(cids) == want
+        assert res.pages > 1  # paging really happened (limit 37), to the last page
+        assert res.pages == -(-n_server // 37)
+        assert metric(deps, "massive_chain_poller_pages_total", symbol=ptr.symbol) == res.pages
+        assert metric(deps, "massive_chain_poller_contracts", symbol=ptr.symbol) == len(cids)
+        assert ptr.reason == "startup"
+    spots = [from_entry(f, SpotTick) for _i, f in await deps.redis.xrange(keys.SPOT_STREAM)]
+    assert [(s.symbol, s.source) for s in spots] == [("SPX", "rest"), ("NDX", "rest")]
+    # index snapshot times are ns (the simulator clock is now)
+    assert all(abs(s.ts_ns - time.time_ns()) < 60e9 for s in spots)
+
+
+async def test_bearer_auth_mode(deps: Deps, sim: SimServer) -> None:
+    p = make(deps, sim, auth_mode="bearer", limit=250)
+    async with p._client() as client:
+        results = await p.cycle(client, "startup")
+    assert len(results) == 2 and all(r.contracts for r in results)
+
+
+async def test_429_then_success_honours_retry_after(deps: Deps, sim: SimServer) -> None:
+    p = make(deps, sim, symbols=("SPX",), limit=250)
+    sim.fail_next(2, status=429)
+    t0 = time.monotonic()
+    async with p._client() as client:
+        (res,) = await p.cycle(client, "startup")
+    elapsed = time.monotonic() - t0
+    assert res.contracts
+    assert sim.stats.responses.get(429) == 2
+    assert metric(deps, "massive_chain_poller_retries_total", kind="rate_limited") == 2
+    assert metric(deps, "massive_chain_poller_requests_total", status="429") == 2
+    # Retry-After (1 s in the simulator) was honoured both times, backoff alone is <= 0.05 s
+    assert elapsed >= 2 * sim.config.retry_after_s
+
+
+async def test_500_burst_then_success(deps: Deps, sim: SimServer) -> None:
+    p = make(deps, sim, limit=250)
+    sim.fail_next(4, status=500)
+    async with p._client() as client:
+        results = await p.cycle(client, "startup")
+    assert len(results) == 2
+    assert metric(deps, "massive_chain_poller_retries_total", kind="http_5xx") == 4
+    assert len(await pointers(deps.redis)) == 2
+
+
+async def test_5xx_beyond_retries_is_counted_not_raised(deps: Deps, sim: SimServer) -> None:
+    p = make(deps, sim, symbols=("SPX", "NDX"), limit=250, max_retries=2)
+    # index snapshot gets 3 x 503 (fails, falls back to chain spot); then SPX chain 3 x 503
+    sim.fail_next(6, status=503)
+    async with p._client() as client:
+        results = await p.cycle(client, "startup")
+    assert [r.symbol for r in results] == ["NDX"]
+    assert metric(deps, "massive_chain_poller_errors_total", kind="http_5xx") == 2
+    assert metric(deps, "massive_chain_poller_fetches_total", symbol="SPX", outcome="error") == 1
+    # NDX spot came from the chain's underlying_asset.value
+    (ptr,) = await pointers(deps.redis)
+    assert ptr.symbol == "NDX" and ptr.spot is not None
+    assert abs(ptr.spot / sim.market.indices["NDX"].value - 1) < 0.05
+
+
+async def test_auth_failure_is_clear_and_does_not_spin(deps: Deps, sim: SimServer) -> None:
+    p = make(deps, sim, api_key="wrong-key", auth_retry_s=60.0)
+    async with running(p):
+        await eventually(
+            lambda: _async(metric(deps, "massive_chain_poller_auth_failed") == 1), timeout_s=5
+        )
+        assert isinstance(p.last_error, cp.AuthError)
+        assert p.last_error.status == 401
+        assert "MASSIVE_API_KEY" in str(p.last_error)
+        assert metric(deps, "massive_chain_poller_errors_total", kind="auth") == 1
+        assert metric(deps, "massive_chain_poller_next_interval_seconds") == 60.0
+        assert sim.stats.requests == 1  # one request, then a long wait (no retry storm)
+        assert not p.ready
+    assert await deps.redis.xlen(keys.CHAIN_STREAM) == 0
+
+
+async def test_403_is_an_auth_error(deps: Deps, sim: SimServer) -> None:
+    p = make(deps, sim)
+    sim.fail_next(1, status=403)
+    async with p._client() as client:
+        with pytest.raises(cp.AuthError) as ei:
+            await p.cycle(client, "startup")
+    assert ei.value.status == 403
+
+
+async def _async(v: Any) -> Any:
+    return v
+
+
+async def test_refresh_requests_wake_the_loop_and_coalesce(deps: Deps, sim: SimServer) -> None:
+    p = make(deps, sim, limit=250, min_interval_s=60.0)
+    async with running(p):
+        await eventually(lambda: _async(p.cycles == 1 and p.ready), timeout_s=10)
+        # wait for the control group to exist (created by the poller at start)
+        await eventually(
+            lambda: _async(metric(deps, "massive_chain_poller_next_interval_seconds") >= 60)
+        )
+        async with deps.redis.pipeline(transaction=True) as pipe:
+            for _ in range(3):
+                msg = ControlMessage(
+                    kind="refresh_chain", ts_ns=time.time_ns(), reason="ws_dormant"
+                )
+                pipe.xadd(keys.CONTROL_STREAM, entry(msg))  # type: ignore[arg-type]
+            await pipe.execute()
+        await eventually(lambda: _async(p.cycles == 2), timeout_s=10)
+        ptrs = await pointers(deps.redis)
+        assert [x.reason for x in ptrs] == ["startup", "startup", "dormancy", "dormancy"]
+        assert metric(deps, "massive_chain_poller_refresh_requests_total", reason="ws_dormant") == 3
+        assert p.cycles == 2  # three requests, one fetch
+
+
+async def test_cadence_follows_fetch_latency(deps: Deps, sim: SimServer) -> None:
+    """Next start >= max(min_interval, k * last cycle) after the previous one completed."""
+    k = 3.0
+    p = make(deps, sim, limit=50, min_interval_s=0.05, latency_factor=k)
+    async with running(p):
+        await eventually(lambda: _async(p.cycles >= 4), timeout_s=30)
+    cycle_s = metric(deps, "massive_chain_poller_cycle_seconds")
+    assert metric(deps, "massive_chain_poller_next_interval_seconds") == pytest.approx(
+        max(0.05, k * cycle_s)
+    )
+    spx = [x for x in await pointers(deps.redis) if x.symbol == "SPX"]
+    assert len(spx) >= 4
+    for a, b in zip(spx, spx[1:], strict=False):
+        # SPX is fetched first in a cycle: between two SPX writes lie the SPX fetch of the
+        # next cycle and the wait (>= k * previous cycle >= k * previous SPX fetch)
+        assert (b.ts_ns - a.ts_ns) / 1e9 >= k * a.fetch_s + b.fetch_s - 0.01
+
+
+def test_next_url_keeps_cursor_uses_our_host_and_reappends_key(deps: Deps) -> None:
+    s = cp.PollerSettings(api_key="k1", rest_url="http://sim.local:8080")
+    p = cp.ChainPoller(deps, s)
+    u = p.next_page_url("https://api.massive.com/v3/snapshot/options/I:SPX?cursor=YWJj")
+    assert (u.host, u.port, u.path) == ("sim.local", 8080, "/v3/snapshot/options/I:SPX")
+    assert dict(u.params) == {"cursor": "YWJj", "apiKey": "k1"}
+    pb = cp.ChainPoller(deps, dataclasses.replace(s, auth_mode="bearer"))
+    ub = pb.next_page_url("https://api.massive.com/v3/snapshot/options/I:SPX?cursor=YWJj")
+    assert dict(ub.params) == {"cursor": "YWJj"}
+
+
+def test_retry_after_parsing() -> None:
+    def resp(v: str | None) -> httpx.Response:
+        return httpx.Response(429, headers={} if v is None else {"Retry-After": v})
+
+    assert cp.retry_after_s(resp("3")) == 3.0
+    assert cp.retry_after_s(resp(None)) is None
+    assert cp.retry_after_s(resp("soon")) is None
+    now = dt.datetime(2026, 1, 7, 15, 0, 0, tzinfo=dt.UTC)
+    assert cp.retry_after_s(resp("Wed, 07 Jan 2026 15:00:05 GMT"), now) == 5.0
+
+
+def test_settings_from_env() -> None:
+    env = {
+        "MASSIVE_API_KEY": "from-generic",
+        "MASSIVE_POLLER_SYMBOLS": "SPX",
+        "MASSIVE_POLLER_AUTH_MODE": "bearer",
+        "MASSIVE_POLLER_BAND_POINTS": "200",
+    }
+    s = cp.load_settings(env)
+    assert (s.api_key, s.symbols, s.auth_mode, s.band_points) == (
+        "from-generic",
+        ("SPX",),
+        "bearer",
+        200.0,
+    )
+    assert cp.load_settings({**env, "MASSIVE_POLLER_API_KEY": "own"}).api_key == "own"
+    with pytest.raises(ValueError, match="auth_mode"):
+        cp.load_settings({"MASSIVE_POLLER_AUTH_MODE": "cookie"})
