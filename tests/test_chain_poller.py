@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
+import itertools
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -234,7 +235,7 @@ async def test_cadence_follows_fetch_latency(deps: Deps, sim: SimServer) -> None
     )
     spx = [x for x in await pointers(deps.redis) if x.symbol == "SPX"]
     assert len(spx) >= 4
-    for a, b in zip(spx, spx[1:], strict=False):
+    for a, b in itertools.pairwise(spx):
         # SPX is fetched first in a cycle: between two SPX writes lie the SPX fetch of the
         # next cycle and the wait (>= k * previous cycle >= k * previous SPX fetch)
         assert (b.ts_ns - a.ts_ns) / 1e9 >= k * a.fetch_s + b.fetch_s - 0.01
