@@ -40,8 +40,9 @@ from streams.settings import from_env
 logger = logging.getLogger(__name__)
 
 KIND = "gex"
-# meta fields that change without the inputs changing (never a reason to publish)
-VOLATILE_META = frozenset({"built_ns", "spot_ts_ns"})
+# meta fields that change without the values changing (never on their own a reason to
+# publish: a chain re-seed with identical greeks only moves snapshot_ts_ns)
+VOLATILE_META = frozenset({"built_ns", "spot_ts_ns", "snapshot_ts_ns"})
 
 _PUBLISH = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return false end

@@ -87,18 +87,22 @@ def strike_key(strike: float) -> str:
 
 
 # --- input ---------------------------------------------------------------------------------
-_rows_decoder = msgspec.json.Decoder(list[GexRow])
-_row_decoder = msgspec.json.Decoder(GexRow)
+# A projection row as a plain tuple (GexRow is array-encoded, so the JSON is the same):
+# (root, expiry, strike, right, gamma, oi, iv, ts_ns). Tuples transpose into columns in C.
+RowTuple = tuple[str, str, float, str, float | None, float | None, float | None, int]
+_rows_decoder = msgspec.json.Decoder(list[RowTuple])
+_row_decoder = msgspec.json.Decoder(RowTuple)
 
 
-def decode_rows(values: Iterable[bytes]) -> tuple[list[GexRow], dict[str, int]]:
-    """Decode the values of ``HGETALL epoch:{eid}:gex``; undecodable ones are counted."""
+def decode_rows(values: Iterable[bytes]) -> tuple[list[RowTuple], dict[str, int]]:
+    """Decode the values of ``HGETALL epoch:{eid}:gex`` (GexRow JSON) into row tuples;
+    undecodable or invalid values are counted under ``undecodable``."""
     vals = list(values)
     try:  # fast path: one decode call for the whole projection
         return _rows_decoder.decode(b"[" + b",".join(vals) + b"]"), {}
     except (msgspec.DecodeError, msgspec.ValidationError):
         pass
-    rows: list[GexRow] = []
+    rows: list[RowTuple] = []
     bad = 0
     for v in vals:
         try:
@@ -133,14 +137,14 @@ class Chain:
         return int(self.strike.shape[0])
 
 
-def _col(rows: list[GexRow], name: str) -> F64:
-    nan = math.nan
-    vals = [getattr(r, name) for r in rows]
-    return np.fromiter((nan if v is None else v for v in vals), dtype=np.float64, count=len(vals))
+def _floats(col: tuple[float | None, ...]) -> F64:
+    if None in col:
+        return np.array([math.nan if v is None else v for v in col], dtype=np.float64)
+    return np.array(col, dtype=np.float64)
 
 
 def prepare(
-    rows: Iterable[GexRow],
+    rows: Iterable[GexRow | RowTuple],
     now_ns: int,
     params: Params = Params(),
     rejected: Mapping[str, int] | None = None,
@@ -148,25 +152,29 @@ def prepare(
     """Validate rows and build the arrays. Rows without gamma or OI (None/NaN) are counted in
     ``n_missing_greeks`` and skipped; malformed rows are counted in ``rejected`` by reason."""
     rej: dict[str, int] = dict(rejected or {})
-    rows = list(rows)
-    n = len(rows)
-    strike = _col(rows, "strike")
-    gamma = _col(rows, "gamma")
-    oi = _col(rows, "oi")
-    iv = _col(rows, "iv")
-    rights = [r.right for r in rows]
-    is_call = np.fromiter((x == "C" for x in rights), dtype=np.bool_, count=n)
-    is_put = np.fromiter((x == "P" for x in rights), dtype=np.bool_, count=n)
-    src_ts = max((r.ts_ns for r in rows), default=0)
-    # settlement instant per (expiry, root), computed once per distinct pair
-    pairs = [(r.expiry, r.root) for r in rows]
-    settle_of: dict[tuple[str, str], int] = {}
-    for pr in set(pairs):
+    tuples = [r if isinstance(r, tuple) else msgspec.structs.astuple(r) for r in rows]
+    n = len(tuples)
+    cols: list[tuple[Any, ...]] = list(zip(*tuples, strict=True)) if n else [()] * 8
+    roots, exps, strikes, rights, gammas, ois, ivs, tss = cols
+    strike = _floats(strikes)
+    gamma = _floats(gammas)
+    oi = _floats(ois)
+    iv = _floats(ivs)
+    is_call = np.array([x == "C" for x in rights], dtype=np.bool_)
+    is_put = np.array([x == "P" for x in rights], dtype=np.bool_)
+    src_ts = max(tss, default=0)
+    # settlement instant per distinct (expiry, root) pair; one dict lookup per row
+    pairs = list(zip(exps, roots, strict=True))
+    distinct = sorted(set(pairs))
+    pair_index = {pr: i for i, pr in enumerate(distinct)}
+    pair_settle = np.empty(len(distinct), dtype=np.int64)
+    for i, pr in enumerate(distinct):
         try:
-            settle_of[pr] = expiry_ns(*pr)
+            pair_settle[i] = expiry_ns(*pr)
         except ValueError:
-            settle_of[pr] = -1
-    settle = np.fromiter((settle_of[pr] for pr in pairs), dtype=np.int64, count=n)
+            pair_settle[i] = -1
+    pidx = np.fromiter((pair_index[pr] for pr in pairs), dtype=np.int64, count=n)
+    settle = pair_settle[pidx]
 
     bad_right = ~(is_call | is_put)
     with np.errstate(invalid="ignore"):
@@ -190,15 +198,18 @@ def prepare(
         k = int(mask.sum())
         if k:
             rej[reason] = rej.get(reason, 0) + k
-    exp_list = [pr[0] for pr, good in zip(pairs, ok.tolist(), strict=True) if good]
-    expiries = sorted(set(exp_list))
+    # expiries of the usable rows, sorted; exp_idx indexes that list
+    pair_exp = [pr[0] for pr in distinct]
+    used = np.unique(pidx[ok])
+    expiries = sorted({pair_exp[i] for i in used.tolist()})
     e_index = {e: i for i, e in enumerate(expiries)}
-    exp_idx = np.fromiter((e_index[e] for e in exp_list), dtype=np.int64, count=len(exp_list))
+    pair_to_exp = np.array([e_index.get(e, -1) for e in pair_exp], dtype=np.int64)
+    exp_idx = pair_to_exp[pidx[ok]] if n else np.zeros(0, dtype=np.int64)
     today = ny_date(now_ns)
     if today in e_index:
         zero_dte = exp_idx == e_index[today]
     else:
-        zero_dte = np.zeros(len(exp_list), dtype=np.bool_)
+        zero_dte = np.zeros(exp_idx.shape[0], dtype=np.bool_)
     t_s = np.maximum((settle[ok] - now_ns).astype(np.float64) / 1e9, params.min_t_s)
     return Chain(
         strike=strike[ok],
@@ -417,17 +428,18 @@ def _legacy(
     chain: Chain, sidx: I64, strikes: F64, shares: F64, mask: B
 ) -> dict[str, dict[str, float]]:
     ns = strikes.shape[0]
+    ne = len(chain.expiries)
     cell = chain.exp_idx[mask] * ns + sidx[mask]
-    size = len(chain.expiries) * ns
-    vals = np.bincount(cell, weights=shares[mask], minlength=size)
-    present = np.bincount(cell, minlength=size) > 0
-    keys = [strike_key(k) for k in strikes.tolist()]
+    vals = np.bincount(cell, weights=shares[mask], minlength=ne * ns).reshape(ne, ns)
+    present = (np.bincount(cell, minlength=ne * ns) > 0).reshape(ne, ns)
+    keys = np.array([strike_key(k) for k in strikes.tolist()], dtype=object)
     out: dict[str, dict[str, float]] = {}
-    idx = np.flatnonzero(present)
-    rounded = np.round(vals[idx], 6).tolist()
-    for flat, v in zip(idx.tolist(), rounded, strict=True):
-        e, s = divmod(flat, ns)
-        out.setdefault(chain.expiries[e], {})[keys[s]] = v
+    for e in range(ne):
+        idx = np.flatnonzero(present[e])
+        if idx.shape[0]:
+            out[chain.expiries[e]] = dict(
+                zip(keys[idx].tolist(), np.round(vals[e, idx], 6).tolist(), strict=True)
+            )
     return out
 
 

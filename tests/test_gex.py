@@ -142,6 +142,15 @@ async def test_identical_inputs_publish_no_new_version_and_oi_change_is_sparse(
         "massive_gex_builds_total", {"symbol": "SPX", "outcome": "same_inputs"}
     )
     assert same == 3
+    # the normalizer re-seeds the same values with a newer snapshot time: still no version
+    await seed_epoch(redis, "e1", "SPX", CHAIN, spot=SPOT, now_ns=NOW_NS + 5 * 10**9)
+    clock.advance(2.5)
+    await b.tick()
+    assert (await model(redis)).version == 1
+    unchanged = reg.get_sample_value(
+        "massive_gex_builds_total", {"symbol": "SPX", "outcome": "unchanged"}
+    )
+    assert unchanged == 1
 
     await set_row(redis, "e1", CHAIN[4], oi=800.0)  # 6850 call: 60 -> 120 shares
     await b.tick()  # not due yet (cadence): nothing happens

@@ -146,10 +146,10 @@ def test_missing_greeks_are_counted_and_skipped_bad_rows_rejected() -> None:
 def test_decode_rows_counts_undecodable_values() -> None:
     good = [msgspec.json.encode(r) for r in HAND]
     rows, rejected = gex_math.decode_rows([*good, b"{not json", b'["SPXW"]'])
-    assert rows == HAND
+    assert rows == [msgspec.structs.astuple(r) for r in HAND]
     assert rejected == {"undecodable": 2}
     rows, rejected = gex_math.decode_rows(good)
-    assert (rows, rejected) == (HAND, {})
+    assert (rows, rejected) == ([msgspec.structs.astuple(r) for r in HAND], {})
 
 
 def test_settlement_times_and_time_floor() -> None:
