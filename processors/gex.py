@@ -117,6 +117,7 @@ class _SymState:
     built_mono: float = -math.inf
     checked_mono: float = -math.inf
     observed_src_ts: int = 0
+    chain: tuple[tuple[str, int], gex_math.Chain] | None = None  # prepared projection cache
     no_spot_logged: bool = False
 
 
@@ -161,13 +162,13 @@ class GexBuilder:
         self.m_missing = metrics.counter(
             reg,
             "massive_gex_missing_greeks_total",
-            "Contracts skipped in a GEX build because gamma or OI was missing/NaN",
+            "Contracts skipped because gamma or OI was missing/NaN (once per projection content)",
             ["symbol"],
         )
         self.m_rejected = metrics.counter(
             reg,
             "massive_gex_rejected_total",
-            "GEX projection rows rejected in a build, by reason",
+            "GEX projection rows rejected, by reason (once per projection content)",
             ["symbol", "reason"],
         )
         self.m_errors = metrics.counter(
@@ -305,19 +306,24 @@ class GexBuilder:
                 st.no_spot_logged = True
             return "no_spot"
         st.no_spot_logged = False
-        fp = (eid, spot, hash(frozenset(proj.items())))
+        proj_hash = hash(frozenset(proj.items()))
+        fp = (eid, spot, proj_hash)
         if fp == st.fingerprint and now_m - st.built_mono < self.s.reprice_interval_s:
             self.m_builds.labels(symbol=sym, outcome="same_inputs").inc()
             return "same_inputs"
         now_ns = self.clock.time_ns()
-        rows, rejected = gex_math.decode_rows(proj.values())
-        chain = gex_math.prepare(rows, now_ns, self.params, rejected)
-        if chain.n_missing_greeks:
-            self.m_missing.labels(symbol=sym).inc(chain.n_missing_greeks)
-        if chain.rejected:
-            for reason, n in chain.rejected.items():
-                self.m_rejected.labels(symbol=sym, reason=reason).inc(n)
-            logger.warning("gex: %s epoch %s: rejected rows %s", sym, eid, chain.rejected)
+        if st.chain is not None and st.chain[0] == (eid, proj_hash):
+            chain = gex_math.retime(st.chain[1], now_ns, self.params)  # only spot/clock moved
+        else:  # new projection content: decode, validate, count what is missing or bad
+            rows, rejected = gex_math.decode_rows(proj.values())
+            chain = gex_math.prepare(rows, now_ns, self.params, rejected)
+            st.chain = ((eid, proj_hash), chain)
+            if chain.n_missing_greeks:
+                self.m_missing.labels(symbol=sym).inc(chain.n_missing_greeks)
+            if chain.rejected:
+                for reason, n in chain.rejected.items():
+                    self.m_rejected.labels(symbol=sym, reason=reason).inc(n)
+                logger.warning("gex: %s epoch %s: rejected rows %s", sym, eid, chain.rejected)
         ds = st.dollar_spot
         if ds is None or abs(spot / ds - 1.0) * 1e4 >= self.s.dollar_spot_step_bp:
             ds = spot

@@ -21,6 +21,7 @@ Conventions
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import math
 from collections.abc import Iterable, Mapping
@@ -122,6 +123,7 @@ class Chain:
     oi: F64
     iv: F64  # NaN where unusable (missing, <= 0)
     t_years: F64
+    settle_ns: I64  # settlement instant per contract (t_years is derived from it and the clock)
     zero_dte: B
     exp_idx: I64
     expiries: list[str]  # sorted; exp_idx indexes this list
@@ -218,6 +220,7 @@ def prepare(
         oi=oi[ok],
         iv=np.where(iv_ok, iv, math.nan)[ok],
         t_years=t_s / SECONDS_PER_YEAR,
+        settle_ns=settle[ok],
         zero_dte=zero_dte,
         exp_idx=exp_idx,
         expiries=expiries,
@@ -227,6 +230,20 @@ def prepare(
         n_missing_iv=int((ok & ~iv_ok).sum()),
         rejected=rej,
         src_ts_ns=src_ts,
+    )
+
+
+def retime(chain: Chain, now_ns: int, params: Params = Params()) -> Chain:
+    """The same chain seen at another clock time (time to expiry and the 0DTE view), so an
+    unchanged projection need not be decoded and validated again."""
+    t_s = np.maximum((chain.settle_ns - now_ns).astype(np.float64) / 1e9, params.min_t_s)
+    today = ny_date(now_ns)
+    if today in chain.expiries:
+        zero_dte = chain.exp_idx == chain.expiries.index(today)
+    else:
+        zero_dte = np.zeros(chain.exp_idx.shape[0], dtype=np.bool_)
+    return dataclasses.replace(
+        chain, t_years=t_s / SECONDS_PER_YEAR, zero_dte=zero_dte, today=today
     )
 
 

@@ -234,6 +234,41 @@ async def test_missing_greeks_and_bad_rows_are_counted_not_fatal(
         "massive_gex_rejected_total", {"symbol": "SPX", "reason": "undecodable"}
     )
     assert rej == 1
+    # a spot-only rebuild reuses the prepared projection: nothing is counted twice
+    await redis.hset(keys.SPOT_LATEST, "SPX", repr(SPOT + 1))
+    b.clock.advance(2.5)  # type: ignore[attr-defined]
+    await b.tick()
+    assert (await model(redis)).version == 2
+    assert reg.get_sample_value("massive_gex_missing_greeks_total", {"symbol": "SPX"}) == 2
+
+
+async def test_loop_survives_errors_and_recovers(
+    redis: Redis, settings: RuntimeSettings, registry: CollectorRegistry
+) -> None:
+    await seed_epoch(redis, "e1", "SPX", CHAIN, spot=SPOT, now_ns=NOW_NS)
+    await redis.delete(keys.epoch_gex("e1"))
+    await redis.set(keys.epoch_gex("e1"), b"not a hash")  # HGETALL -> WRONGTYPE
+    deps = Deps(redis=redis, settings=settings, registry=registry, clock=SystemClock())
+    b = GexBuilder(deps, settings_fast(), ("SPX",))
+    stop = asyncio.Event()
+    task = asyncio.create_task(b.run(stop))
+    try:
+
+        async def errors() -> bool:
+            return (registry.get_sample_value("massive_gex_errors_total") or 0) >= 2
+
+        await eventually(errors)
+        assert not task.done()
+        await redis.delete(keys.epoch_gex("e1"))
+        await seed_epoch(redis, "e1", "SPX", CHAIN, spot=SPOT, now_ns=NOW_NS)
+
+        async def published() -> bool:
+            return await redis.exists(keys.gex_model("SPX")) == 1
+
+        await eventually(published, timeout_s=10)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
 
 
 async def test_spot_falls_back_to_epoch_meta_and_is_required(

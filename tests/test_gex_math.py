@@ -172,6 +172,19 @@ def test_settlement_times_and_time_floor() -> None:
     assert gex_math.ny_date(late) == TODAY
 
 
+def test_retime_matches_a_fresh_prepare() -> None:
+    rows = [*HAND, row("SPX", FRI, "P", 6800, 0.001, 7)]
+    chain = gex_math.prepare(rows, NOW_NS)
+    # Tuesday 01:00 New York: TODAY's contracts are past settlement, 0DTE is now 2026-03-17
+    later = int(dt.datetime(2026, 3, 17, 5, 0, tzinfo=UTC).timestamp()) * 10**9
+    a, b = gex_math.retime(chain, later), gex_math.prepare(rows, later)
+    assert a.today == b.today == "2026-03-17"
+    for name in ("t_years", "zero_dte", "strike", "oi", "exp_idx", "settle_ns"):
+        assert getattr(a, name).tolist() == getattr(b, name).tolist(), name
+    assert not a.zero_dte.any()
+    assert a.t_years[0] == pytest.approx((3 * 86400 + 15 * 3600) / (365 * 86400))
+
+
 # --- independent Black-Scholes reference ---------------------------------------------------
 def ref_gamma(s: float, k: float, t: float, vol: float, r: float, q: float) -> float:
     """Gamma written via d2 and the strike: K e^{-rT} n(d2) / (S^2 vol sqrt T)."""
