@@ -14,24 +14,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import msgspec.structs
 import statistics
 import sys
 import time
 from pathlib import Path
 
+import msgspec.structs
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from prometheus_client import CollectorRegistry  # noqa: E402
-from redis.asyncio import Redis  # noqa: E402
+from prometheus_client import CollectorRegistry
+from redis.asyncio import Redis
 
-from processors.normalizer import Normalizer, NormalizerSettings  # noqa: E402
-from schemas import keys  # noqa: E402
-from schemas.messages import ChainPointer, ChainSnapshot, encode_snapshot  # noqa: E402
-from streams.processor import Deps  # noqa: E402
-from streams.settings import RuntimeSettings  # noqa: E402
-from tests.factories import big_chain, contract  # noqa: E402
-from tests.util import RedisServer  # noqa: E402
+from processors.normalizer import Normalizer, NormalizerSettings
+from schemas import keys
+from schemas.messages import ChainPointer, ChainSnapshot, encode_snapshot
+from streams.processor import Deps
+from streams.settings import RuntimeSettings
+from tests.factories import big_chain, contract
+from tests.util import RedisServer
 
 
 async def _store(r: Redis, snap: ChainSnapshot) -> ChainPointer:
@@ -89,11 +90,12 @@ async def main() -> None:
     for k in rounds[0]:
         vals = [r[k] for r in rounds]
         print(
-            f"  {k:32} median {statistics.median(vals):9.3f}  "
-            + " ".join(f"{v:.3f}" for v in vals)
+            f"  {k:32} median {statistics.median(vals):9.3f}  " + " ".join(f"{v:.3f}" for v in vals)
         )
     med = statistics.median(r["first_build_promote_s"] for r in rounds)
-    print(f"  target first build+promote <= 1.5 s: {'OK' if med <= 1.5 else 'MISSED'} ({med:.3f} s)")
+    print(
+        f"  target first build+promote <= 1.5 s: {'OK' if med <= 1.5 else 'MISSED'} ({med:.3f} s)"
+    )
 
 
 if __name__ == "__main__":

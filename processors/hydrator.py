@@ -1,0 +1,398 @@
+"""Hydrator: raw WS frames -> contract values of the active epoch (DESIGN invariants 1, 4, 7).
+
+Reads ``massive:ws:stream`` (group ``hydrator``); entries carry ``recv_ts_ns`` and ``payload``
+(the provider's frame). Per batch:
+
+1. Decode every frame with ``schemas.massive.decode_frame``; rejected frames/events are counted
+   by reason and logged, the good events of the same frame still apply.
+2. Conflate: only the newest event per contract per kind (quote / trade) goes on (equal
+   timestamps keep the first in stream order, which is what sequential admission keeps);
+   index ``V`` events are conflated per index.
+3. Resolve: the cid IS the event's ``sym``; the derived local cache maps cid -> symbol for the
+   topology SET of each symbol's active epoch (``schemas.ticker.parse(cid).symbol``). A cid
+   outside the active topology is a counted ``geometry_miss`` and never creates a hash.
+4. ONE round trip: ``HGETALL massive:epoch:active`` (the cheap once-per-batch epoch check)
+   followed by one ``EVALSHA lua/hydrate.lua`` per active epoch touched (its keys share one
+   hash slot; normally one or two calls) with the events packed as two msgpack arguments, and
+   the spot admission script for ``V`` events. The Lua script enforces admission A/B/C per
+   kind and refuses to write unless the epoch's meta state is ``active`` (promotion flips it
+   in the same MULTI as the active pointer), so nothing is ever written into a retired or
+   half-built epoch. If the epoch changed, the cache is refreshed (SMEMBERS of the new
+   topology) and the affected events are resolved and applied again.
+5. XADD ``DirtyEntry{symbol, epoch, cids, max_ts_ns, recv_ts_ns}`` for the contracts changed,
+   then return (the runtime acks in its next round trip).
+
+Crash safety (invariant 7), chosen design: the Lua script reports, besides the events it
+applied, every event whose exact values and timestamp are already stored (so it was applied
+by an earlier delivery of the same entry). If the process dies after the Lua write and before
+the dirty XADD, the entries stay pending, are redelivered (own-PEL drain at restart, or
+reclaimed by another replica), and the redelivered batch re-emits their dirty notifications.
+Having the script XADD the dirty entry itself would also be atomic, but it would make the
+script touch two hash slots (epoch keys + the dirty stream) and break Redis Cluster.
+Side effect: a duplicated WS event (same ts, same values) re-notifies its contract; that is
+harmless (recompute of an unchanged tile) and never loses a notification.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import msgspec
+from redis.asyncio.client import Pipeline
+
+from processors import lua
+from schemas import keys, ticker
+from schemas.massive import IndexValue, Quote, Trade, decode_frame
+from schemas.messages import WS_PAYLOAD_FIELD, WS_RECV_FIELD, DirtyEntry, entry
+from streams import metrics
+from streams.consumer import Entry
+from streams.processor import ConsumerProcessor, Deps
+from streams.producer import Fields, xadd_pipe
+from streams.settings import from_env
+
+logger = logging.getLogger(__name__)
+
+KNOWN_SYMBOLS = frozenset(ticker.ROOT_TO_SYMBOL.values())
+NS_PER_MS = 1_000_000
+_MAX = sys.maxsize
+_packer = msgspec.msgpack.Encoder()
+
+
+@dataclass(frozen=True, slots=True)
+class HydratorSettings:
+    """Env prefix ``MASSIVE_HYDRATOR_``."""
+
+    dirty_chunk: int = 500  # cids per DirtyEntry
+    count: int = 0  # XREADGROUP COUNT override (0: RuntimeSettings.count)
+    max_attempts: int = 3  # re-resolutions after an epoch change within one batch
+
+    def __post_init__(self) -> None:
+        if self.dirty_chunk < 1 or self.count < 0 or self.max_attempts < 1:
+            raise ValueError("dirty_chunk >= 1, count >= 0 and max_attempts >= 1 required")
+
+
+def _s(v: bytes | str) -> str:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+def _label(symbol: str | None) -> str:
+    return symbol if symbol in KNOWN_SYMBOLS else "other"
+
+
+def _symbol_of(cid: str) -> str | None:
+    try:
+        return ticker.parse(cid).symbol
+    except ticker.TickerError:
+        return None
+
+
+@dataclass(slots=True)
+class _Batch:
+    quotes: dict[str, Quote]
+    trades: dict[str, Trade]
+    spots: dict[str, IndexValue]
+    recv: dict[str, int]  # cid -> min receive time of the frames carrying its events
+
+
+class Hydrator(ConsumerProcessor):
+    name = "hydrator"
+
+    def __init__(self, deps: Deps, cfg: HydratorSettings | None = None) -> None:
+        self.cfg = cfg or HydratorSettings()
+        overrides: dict[str, object] = {"count": self.cfg.count} if self.cfg.count else {}
+        super().__init__(deps, keys.WS_STREAM, keys.HYDRATOR_GROUP, **overrides)
+        self.maxlen = deps.settings.stream_maxlen
+        self._hydrate = lua.get("hydrate")
+        self._spot = lua.get("spot")
+        # Derived local cache (invariant 2): active epoch per symbol and its frozen topology.
+        self._active: dict[str, str] = {}
+        self._cid_sym: dict[str, str] = {}
+        self._topo: dict[str, list[str]] = {}
+        reg = deps.registry
+        self.m_events = metrics.counter(
+            reg, "massive_hydrator_events_total", "WS events decoded, by kind", ("kind",)
+        )
+        self.m_rejected = metrics.counter(
+            reg,
+            "massive_hydrator_rejected_total",
+            "WS entries/frames/events rejected, by reason",
+            ("reason",),
+        )
+        self.m_miss = metrics.counter(
+            reg,
+            "massive_hydrator_geometry_miss_total",
+            "WS events for contracts outside the active epoch topology",
+            ("symbol",),
+        )
+        self.m_applied = metrics.counter(
+            reg,
+            "massive_hydrator_applied_total",
+            "Conflated events applied (or found already applied), by kind",
+            ("kind",),
+        )
+        self.m_conflated = metrics.counter(
+            reg,
+            "massive_hydrator_conflated_total",
+            "Events superseded within their batch by a newer one of the same contract/kind",
+        )
+        self.m_dirty = metrics.counter(
+            reg, "massive_hydrator_dirty_cids_total", "Contract ids notified as dirty"
+        )
+        self.m_refresh = metrics.counter(
+            reg,
+            "massive_hydrator_epoch_refresh_total",
+            "Local epoch cache refreshes (active epoch changed)",
+            ("symbol",),
+        )
+
+    # --- decode + conflate -----------------------------------------------------------------
+    def _collect(self, entries: list[Entry]) -> _Batch:
+        quotes: dict[str, Quote] = {}
+        trades: dict[str, Trade] = {}
+        spots: dict[str, IndexValue] = {}
+        recv_of: dict[str, int] = {}
+        n_q = n_t = n_v = n_other = n_events = 0
+        for eid, fields in entries:
+            try:
+                recv = int(fields[WS_RECV_FIELD])
+                payload = fields[WS_PAYLOAD_FIELD]
+            except (KeyError, ValueError) as exc:
+                self.m_rejected.labels(reason="bad_entry").inc()
+                logger.warning("ws entry %r without valid recv_ts_ns/payload: %r", eid, exc)
+                continue
+            fr = decode_frame(payload)
+            if fr.errors:
+                for err in fr.errors:
+                    reason = "bad_frame" if err.startswith("frame") else "bad_event"
+                    self.m_rejected.labels(reason=reason).inc()
+                    logger.warning("ws entry %r rejected (%s): %s", eid, reason, err)
+            for ev in fr.events:
+                cls = type(ev)
+                if cls is Quote:
+                    n_q += 1
+                    sym = ev.sym  # type: ignore[union-attr]
+                    q = quotes.get(sym)
+                    if q is None or ev.t > q.t:  # type: ignore[union-attr]
+                        quotes[sym] = ev  # type: ignore[assignment]
+                elif cls is Trade:
+                    n_t += 1
+                    sym = ev.sym  # type: ignore[union-attr]
+                    t = trades.get(sym)
+                    if t is None or ev.t > t.t:  # type: ignore[union-attr]
+                        trades[sym] = ev  # type: ignore[assignment]
+                elif cls is IndexValue:
+                    n_v += 1
+                    sym = ev.ticker  # type: ignore[union-attr]
+                    v = spots.get(sym)
+                    if v is None or ev.t > v.t:  # type: ignore[union-attr]
+                        spots[sym] = ev  # type: ignore[assignment]
+                    continue
+                else:
+                    n_other += 1
+                    continue
+                if recv < recv_of.get(sym, _MAX):
+                    recv_of[sym] = recv
+            n_events += len(fr.events)
+        self.m_events.labels(kind="quote").inc(n_q)
+        self.m_events.labels(kind="trade").inc(n_t)
+        self.m_events.labels(kind="index").inc(n_v)
+        self.m_events.labels(kind="other").inc(n_other)
+        self.m_conflated.inc(n_q + n_t + n_v - len(quotes) - len(trades) - len(spots))
+        return _Batch(quotes, trades, spots, recv_of)
+
+    # --- local epoch cache -----------------------------------------------------------------
+    async def _refresh(self, active: dict[str, str]) -> set[str]:
+        """Bring the cache to ``active``; returns the symbols whose epoch changed."""
+        changed = {s for s in {*active, *self._active} if active.get(s) != self._active.get(s)}
+        if not changed:
+            return changed
+        pipe = self.redis.pipeline(transaction=False)
+        loading = [s for s in changed if s in active]
+        for s in loading:
+            pipe.smembers(keys.epoch_contracts(active[s]))
+        members = await pipe.execute() if loading else []
+        for s in changed:
+            for cid in self._topo.pop(s, ()):
+                self._cid_sym.pop(cid, None)
+            self._active.pop(s, None)
+        for s, mem in zip(loading, members, strict=True):
+            cids = [_s(c) for c in mem]
+            self._topo[s] = cids
+            for cid in cids:
+                self._cid_sym[cid] = s
+            self._active[s] = active[s]
+            self.m_refresh.labels(symbol=_label(s)).inc()
+            logger.info("active epoch %s=%s (%d contracts) cached", s, active[s], len(cids))
+        return changed
+
+    # --- the batch -------------------------------------------------------------------------
+    async def handle(self, entries: list[Entry]) -> None:
+        b = self._collect(entries)
+        if not (b.quotes or b.trades or b.spots):
+            return
+        dirty = await self._apply(b)
+        if dirty:
+            await self._emit_dirty(dirty)
+
+    async def _apply(self, b: _Batch) -> list[DirtyEntry]:
+        """Write the batch with admission; returns the dirty entries to emit."""
+        pend_q = list(b.quotes.values())
+        pend_t = list(b.trades.values())
+        spots = list(b.spots.values())
+        # (symbol, eid) -> cids changed, max ts, min recv
+        changed: dict[tuple[str, str], dict[str, None]] = {}
+        max_ts: dict[tuple[str, str], int] = {}
+        applied_q = applied_t = 0
+        misses_q: list[Quote] = []
+        misses_t: list[Trade] = []
+        for attempt in range(self.cfg.max_attempts):
+            groups: dict[str, tuple[list[Quote], list[Trade]]] = {}
+            misses_q, misses_t = [], []
+            cid_sym = self._cid_sym
+            for q in pend_q:
+                s = cid_sym.get(q.sym)
+                if s is None:
+                    misses_q.append(q)
+                else:
+                    groups.setdefault(s, ([], []))[0].append(q)
+            for t in pend_t:
+                s = cid_sym.get(t.sym)
+                if s is None:
+                    misses_t.append(t)
+                else:
+                    groups.setdefault(s, ([], []))[1].append(t)
+            order = list(groups)
+            eids = [self._active[s] for s in order]
+            blobs = [self._pack(*groups[s]) for s in order]
+            send_spots = spots if attempt == 0 else []
+
+            res = await lua.execute(
+                self.redis, functools.partial(self._queue, eids=eids, blobs=blobs, spots=send_spots)
+            )
+            active = {_s(k): _s(v) for k, v in res[0].items()}
+            pend_q, pend_t = [], []
+            stale: set[str] = set()
+            for s, eid, r in zip(order, eids, res[1 : 1 + len(order)], strict=True):
+                qs, ts = groups[s]
+                if int(r[0]) == 1:
+                    stale.add(s)
+                    pend_q += qs
+                    pend_t += ts
+                    continue
+                if int(r[1]):
+                    # Topology SET and contract hashes disagree (should not happen).
+                    logger.error("epoch %s: %d events hit missing contract hashes", eid, r[1])
+                    self.m_miss.labels(symbol=_label(s)).inc(int(r[1]))
+                key = (s, eid)
+                got = changed.setdefault(key, {})
+                mts = max_ts.get(key, 0)
+                nq = len(qs)
+                for i in r[2:]:
+                    i = int(i)
+                    ev: Quote | Trade
+                    if i < nq:
+                        ev = qs[i]
+                        applied_q += 1
+                    else:
+                        ev = ts[i - nq]
+                        applied_t += 1
+                    got[ev.sym] = None
+                    if ev.t > mts:
+                        mts = ev.t
+                max_ts[key] = mts
+            if stale and active == self._active:
+                # The epoch was retired after our HGETALL: read the pointer again.
+                raw = await self.redis.hgetall(keys.EPOCH_ACTIVE)
+                active = {_s(k): _s(v) for k, v in raw.items()}
+            moved = await self._refresh(active)
+            if moved and (misses_q or misses_t):
+                pend_q += misses_q
+                pend_t += misses_t
+                misses_q, misses_t = [], []
+            if not (pend_q or pend_t):
+                break
+        else:
+            if pend_q or pend_t:
+                raise RuntimeError("active epoch kept changing during one batch; will retry")
+        self.m_applied.labels(kind="quote").inc(applied_q)
+        self.m_applied.labels(kind="trade").inc(applied_t)
+        self._count_misses([m.sym for m in misses_q] + [m.sym for m in misses_t])
+        out: list[DirtyEntry] = []
+        step = self.cfg.dirty_chunk
+        for (s, eid), cids_d in changed.items():
+            cids = list(cids_d)
+            for off in range(0, len(cids), step):
+                part = cids[off : off + step]
+                out.append(
+                    DirtyEntry(
+                        symbol=s,
+                        epoch=eid,
+                        cids=part,
+                        max_ts_ns=max_ts[(s, eid)] * NS_PER_MS,
+                        recv_ts_ns=min(b.recv.get(c, _MAX) for c in part),
+                        reason="ws",
+                    )
+                )
+        return out
+
+    def _queue(
+        self,
+        pipe: Pipeline,
+        *,
+        eids: list[str],
+        blobs: list[tuple[bytes, bytes]],
+        spots: list[IndexValue],
+    ) -> None:
+        pipe.hgetall(keys.EPOCH_ACTIVE)
+        for eid, (qb, tb) in zip(eids, blobs, strict=True):
+            self._hydrate.queue(
+                pipe, [keys.epoch_meta(eid)], [keys.epoch_contract_prefix(eid), qb, tb]
+            )
+        if spots:
+            args: list[str] = []
+            for v in spots:
+                sym = v.ticker[2:] if v.ticker.startswith("I:") else v.ticker
+                args += (sym, repr(v.val), str(v.t * NS_PER_MS))
+            self._spot.queue(pipe, [keys.SPOT_LATEST], args)
+
+    @staticmethod
+    def _pack(qs: list[Quote], ts: list[Trade]) -> tuple[bytes, bytes]:
+        qrows = [
+            (q.sym, str(q.t * NS_PER_MS), repr(q.bp), repr(q.ap), repr((q.bp + q.ap) / 2))
+            for q in qs
+        ]
+        trows = [(t.sym, str(t.t * NS_PER_MS), repr(t.p), str(t.s)) for t in ts]
+        return _packer.encode(qrows), _packer.encode(trows)
+
+    def _count_misses(self, cids: Iterable[str]) -> None:
+        per: dict[str, int] = {}
+        n = 0
+        for cid in cids:
+            lbl = _label(_symbol_of(cid))
+            per[lbl] = per.get(lbl, 0) + 1
+            n += 1
+        for lbl, k in per.items():
+            self.m_miss.labels(symbol=lbl).inc(k)
+        if n:
+            logger.debug("geometry_miss: %d events outside the active topologies", n)
+
+    async def _emit_dirty(self, dirty: list[DirtyEntry]) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        n = 0
+        for d in dirty:
+            xadd_pipe(pipe, keys.CONTRACTS_DIRTY_STREAM, _fields(d), maxlen=self.maxlen)
+            n += len(d.cids)
+        await pipe.execute()
+        self.m_dirty.inc(n)
+
+
+def _fields(msg: DirtyEntry) -> Fields:
+    return {k: v for k, v in entry(msg).items()}
+
+
+def build(deps: Deps, arg: str | None) -> Hydrator:
+    return Hydrator(deps, from_env(HydratorSettings, "MASSIVE_HYDRATOR_"))
