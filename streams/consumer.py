@@ -69,7 +69,8 @@ class GroupConsumer:
                 raise
 
     async def _on_nogroup(self, exc: ResponseError) -> bool:
-        if "NOGROUP" not in str(exc):
+        # NOGROUP: the group is gone; UNBLOCKED: the stream key was deleted under a BLOCK.
+        if "NOGROUP" not in str(exc) and "UNBLOCKED" not in str(exc):
             return False
         logger.warning(
             "group vanished, re-creating stream=%s group=%s", self.spec.stream, self.spec.group
