@@ -1,0 +1,395 @@
+"""Deployment artefacts: the kustomize overlays render with a real kustomize and validate
+against the Kubernetes schemas (kubernetes-validate, strict) and the KEDA ScaledObject CRD
+(cloudcoil-models-keda, generated from KEDA's CRD); the manifests agree with the code
+(stream/group names, settings, processors); the alert rules pass promtool; the Dockerfile
+lints and the wheel it installs carries the package data."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+import zipfile
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from cloudcoil.models.keda.v1alpha1 import ScaledObject
+
+from processors import cli
+from processors.replay import replay_parser
+from schemas import keys
+from streams.settings import RuntimeSettings, from_env
+
+ROOT = Path(__file__).resolve().parent.parent
+K8S = ROOT / "deploy" / "k8s"
+GRAFANA = ROOT / "deploy" / "grafana"
+OVERLAYS = ["dev", "prod", "replay"]
+K8S_VERSIONS = ["1.29.0", kubernetes_validate.latest_version()]
+
+PROCESSORS = {
+    # deployment -> (run argument, fixed replicas or None when KEDA owns them)
+    "chain-poller": ("chain-poller", 1),
+    "ws-ingest": ("ws-ingest", 1),
+    "normalizer": ("normalizer", 1),
+    "hydrator": ("hydrator", None),
+    "tile-builder-single": ("tile-builder:single", None),
+    "tile-builder-vertical": ("tile-builder:vertical", None),
+    "tile-builder-butterfly": ("tile-builder:butterfly", None),
+    "publisher-single": ("publisher:single", 2),
+    "publisher-vertical": ("publisher:vertical", 2),
+    "publisher-butterfly": ("publisher:butterfly", 2),
+    "gex": ("gex", 2),
+    "monitor": ("monitor", 1),
+    "sse-gateway": ("sse-gateway", 2),
+}
+SCALED = {
+    "hydrator": (keys.WS_STREAM, keys.HYDRATOR_GROUP),
+    **{
+        f"tile-builder-{s}": (keys.CONTRACTS_DIRTY_STREAM, keys.tile_builder_group(s))
+        for s in keys.STRATEGIES
+    },
+}
+
+
+def kustomize_cmd() -> list[str] | None:
+    if shutil.which("kustomize"):
+        return ["kustomize", "build"]
+    if shutil.which("kubectl"):
+        return ["kubectl", "kustomize"]
+    return None
+
+
+@cache
+def render(overlay: str) -> tuple[dict[str, Any], ...]:
+    cmd = kustomize_cmd()
+    if cmd is None:
+        pytest.skip("neither kustomize nor kubectl installed (apt-get install kubectl)")
+    out = subprocess.run(
+        [*cmd, str(K8S / "overlays" / overlay)], check=True, capture_output=True, text=True
+    ).stdout
+    return tuple(d for d in yaml.safe_load_all(out) if d)
+
+
+def by_kind(docs: tuple[dict[str, Any], ...], kind: str) -> dict[str, dict[str, Any]]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
+
+
+def container(dep: dict[str, Any]) -> dict[str, Any]:
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+def config(docs: tuple[dict[str, Any], ...]) -> dict[str, str]:
+    (cm,) = [
+        d for d in docs if d["kind"] == "ConfigMap" and "massive-config" in d["metadata"]["name"]
+    ]
+    data: dict[str, str] = cm["data"]
+    return data
+
+
+# --- schema validation -----------------------------------------------------------------
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_renders_and_validates_against_kubernetes_schemas(overlay: str) -> None:
+    docs = render(overlay)
+    kinds = {d["kind"] for d in docs}
+    assert {"Deployment", "ConfigMap", "ScaledObject", "PodDisruptionBudget"} <= kinds
+    for d in docs:
+        if d["kind"] == "ScaledObject":
+            # Schema of KEDA's CRD (types, required fields); the round trip catches
+            # unknown fields, which the generated models would otherwise drop.
+            so = ScaledObject.model_validate(d)
+            assert so.model_dump(mode="json", by_alias=True, exclude_unset=True) == d
+            continue
+        for version in K8S_VERSIONS:
+            kubernetes_validate.validate(d, version, strict=True)
+
+
+def test_validators_reject_broken_manifests() -> None:
+    """The validators used above do fail on mistakes (guards against a vacuous test)."""
+    dep = json.loads(json.dumps(by_kind(render("dev"), "Deployment")["hydrator"]))
+    container(dep)["livenessProbe"]["httpGet"]["portt"] = 9100
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(dep, K8S_VERSIONS[-1], strict=True)
+    so = json.loads(json.dumps(by_kind(render("dev"), "ScaledObject")["hydrator"]))
+    so["spec"]["minReplicaCount"] = "one"
+    with pytest.raises(ValueError):
+        ScaledObject.model_validate(so)
+    so = json.loads(json.dumps(by_kind(render("dev"), "ScaledObject")["hydrator"]))
+    so["spec"]["minReplicas"] = 1  # not a ScaledObject field
+    dumped = ScaledObject.model_validate(so).model_dump(
+        mode="json", by_alias=True, exclude_unset=True
+    )
+    assert dumped != so
+
+
+# --- processors ------------------------------------------------------------------------
+@pytest.mark.parametrize("overlay", ["dev", "prod"])
+def test_every_processor_has_a_deployment_with_probes_grace_and_config(overlay: str) -> None:
+    docs = render(overlay)
+    deps = by_kind(docs, "Deployment")
+    assert set(PROCESSORS) <= set(deps)
+    cfg = config(docs)
+    # The ConfigMap parses as the runtime's own settings (fails fast on a typo'd value).
+    rt = from_env(RuntimeSettings, "MASSIVE_", {**cfg, "MASSIVE_CONSUMER": "pod-0"})
+    assert rt.metrics_port == 9100
+    for name, (run, replicas) in PROCESSORS.items():
+        dep = deps[name]
+        spec = dep["spec"]
+        pod = spec["template"]["spec"]
+        c = container(dep)
+        assert c["args"] == ["run", run], name
+        assert spec.get("replicas") == replicas, name
+        # Probes on the runner's health endpoint (metrics port).
+        assert {"name": "metrics", "containerPort": rt.metrics_port, "protocol": "TCP"} in c[
+            "ports"
+        ]
+        assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+        assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+        ann = spec["template"]["metadata"]["annotations"]
+        assert ann["prometheus.io/scrape"] == "true"
+        assert ann["prometheus.io/port"] == str(rt.metrics_port)
+        # SIGTERM: the runner gets MASSIVE_GRACE_S to finish the batch, after any preStop.
+        pre = c.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
+        pre_s = float(pre[1]) if pre[:1] == ["sleep"] else 0.0
+        assert pod["terminationGracePeriodSeconds"] > rt.grace_s + pre_s, name
+        # Consumer name = pod name (stable across restarts of the same pod).
+        assert {
+            "name": "MASSIVE_CONSUMER",
+            "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}},
+        } in c["env"]
+        refs = c["envFrom"]
+        assert refs[0]["configMapRef"]["name"].startswith("massive-config")
+        assert refs[1]["secretRef"]["name"].startswith("massive-secrets")
+        assert c["resources"]["requests"] and c["resources"]["limits"]["memory"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    for name in ("ws-ingest", "chain-poller"):  # never two connections/pollers at once
+        assert deps[name]["spec"]["strategy"] == {"type": "Recreate"}
+    svc = by_kind(docs, "Service")["sse-gateway"]
+    assert svc["spec"]["selector"] == deps["sse-gateway"]["spec"]["selector"]["matchLabels"]
+    gw = container(deps["sse-gateway"])
+    port = {e["name"]: e.get("value") for e in gw["env"]}["MASSIVE_SSE_PORT"]
+    assert {"name": "http", "containerPort": int(port), "protocol": "TCP"} in gw["ports"]
+
+
+def test_deployments_run_processors_that_exist() -> None:
+    missing = []
+    for _, (run, _) in PROCESSORS.items():
+        module = "processors." + run.partition(":")[0].replace("-", "_")
+        if importlib.util.find_spec(module) is None:
+            missing.append(module)
+    assert not missing, f"Deployments run processors with no module: {missing}"
+    sim = container(by_kind(render("dev"), "Deployment")["simulator"])
+    assert sim["args"][0] in cli.EXTERNAL
+
+
+@pytest.mark.parametrize("overlay", ["dev", "prod"])
+def test_keda_scales_on_the_lag_of_the_right_groups(overlay: str) -> None:
+    docs = render(overlay)
+    scaled = by_kind(docs, "ScaledObject")
+    deps = by_kind(docs, "Deployment")
+    cfg = config(docs)
+    assert set(scaled) == set(SCALED)
+    for name, (stream, group) in SCALED.items():
+        so = scaled[name]["spec"]
+        assert so["scaleTargetRef"] == {"name": name}
+        assert 1 <= so["minReplicaCount"] <= so["maxReplicaCount"]
+        (trig,) = so["triggers"]
+        assert trig["type"] == "redis-streams"
+        md = trig["metadata"]
+        assert (md["stream"], md["consumerGroup"]) == (stream, group)
+        assert int(md["lagCount"]) > 0 and int(md["activationLagCount"]) >= 0
+        # KEDA resolves addressFromEnv from the target's container env/envFrom.
+        env_name = md["addressFromEnv"]
+        c = container(deps[name])
+        if overlay == "dev":
+            assert re.fullmatch(r"[\w.-]+:\d+", cfg[env_name])
+        else:
+            example = yaml.safe_load((K8S / "overlays/prod/secret.example.yaml").read_text())
+            assert env_name in example["stringData"]
+            assert md["passwordFromEnv"] in example["stringData"]
+            assert md["enableTLS"] == "true"
+            assert any("secretRef" in r for r in c["envFrom"])
+
+
+@pytest.mark.parametrize("overlay", ["dev", "prod"])
+def test_disruption_budgets_select_deployments_and_allow_drains(overlay: str) -> None:
+    docs = render(overlay)
+    deps = by_kind(docs, "Deployment")
+    pdbs = by_kind(docs, "PodDisruptionBudget")
+    assert {"hydrator", "gex", "sse-gateway", "publisher-butterfly"} <= set(pdbs)
+    for name, pdb in pdbs.items():
+        sel = pdb["spec"]["selector"]["matchLabels"]
+        assert sel == deps[name]["spec"]["selector"]["matchLabels"]
+        if "minAvailable" in pdb["spec"]:
+            # Fixed replicas > minAvailable, or a drain could never evict a pod.
+            assert deps[name]["spec"]["replicas"] > pdb["spec"]["minAvailable"], name
+
+
+def test_dev_overlay_runs_redis7_with_aof_and_the_simulator() -> None:
+    docs = render("dev")
+    (sts,) = by_kind(docs, "StatefulSet").values()
+    c = container(sts)
+    assert c["image"] == "redis:7"
+    args = c["args"]
+    assert args[args.index("--appendonly") + 1] == "yes"
+    assert sts["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
+    svc = by_kind(docs, "Service")
+    cfg = config(docs)
+    host = re.fullmatch(r"redis://([\w-]+):(\d+)/0", cfg["MASSIVE_REDIS_URL"])
+    assert host is not None and host.group(1) in svc
+    assert int(host.group(2)) == svc[host.group(1)]["spec"]["ports"][0]["port"]
+    for var, scheme in (("MASSIVE_POLLER_REST_URL", "http"), ("MASSIVE_WS_WS_URL", "ws")):
+        sim = re.fullmatch(scheme + r"://([\w-]+):(\d+)", cfg[var])
+        assert sim is not None and sim.group(1) in svc, var
+        assert int(sim.group(2)) == svc[sim.group(1)]["spec"]["ports"][0]["port"]
+    assert {d["metadata"]["namespace"] for d in docs if d["kind"] != "Namespace"} == {"massive-dev"}
+
+
+def test_prod_overlay_has_no_redis_and_commits_no_secret() -> None:
+    docs = render("prod")
+    assert not by_kind(docs, "StatefulSet")
+    assert not by_kind(docs, "Secret")
+    assert "MASSIVE_REDIS_URL" not in config(docs)  # comes from the Secret
+    example = yaml.safe_load((K8S / "overlays/prod/secret.example.yaml").read_text())
+    assert {"MASSIVE_API_KEY", "MASSIVE_REDIS_URL"} <= set(example["stringData"])
+
+
+def test_replay_job_runs_a_valid_replay_command() -> None:
+    docs = render("replay")
+    (job,) = by_kind(docs, "Job").values()
+    pod = job["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["args"][0] == "replay" and cli.EXTERNAL["replay"] == "processors.replay:replay_main"
+    args = replay_parser().parse_args(c["args"][1:])
+    (mount,) = c["volumeMounts"]
+    assert Path(args.file).parent == Path(mount["mountPath"])
+    (vol,) = pod["volumes"]
+    pvcs = by_kind(docs, "PersistentVolumeClaim")
+    assert vol["persistentVolumeClaim"]["claimName"] in pvcs
+    assert pod["restartPolicy"] == "Never" and job["spec"]["backoffLimit"] == 0
+    assert c["envFrom"][0]["configMapRef"]["name"] in by_kind(docs, "ConfigMap")
+
+
+# --- Prometheus rules and the dashboard ------------------------------------------------
+PROMTOOL = shutil.which("promtool")
+
+
+@pytest.mark.skipif(PROMTOOL is None, reason="promtool absent (apt-get install prometheus)")
+def test_promtool_checks_and_unit_tests_the_alert_rules() -> None:
+    assert PROMTOOL is not None
+    subprocess.run(
+        [PROMTOOL, "check", "rules", str(GRAFANA / "alerts.rules.yml")],
+        check=True,
+        capture_output=True,
+    )
+    res = subprocess.run(
+        [PROMTOOL, "test", "rules", "alerts.test.yml"],
+        cwd=GRAFANA,
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def defined_metrics() -> set[str]:
+    """Every massive_* metric name the code registers (as exposed: counters get _total),
+    from calls like ``counter(reg, "massive_x", ...)`` or ``gauge(reg, p + "x", ...)``."""
+    names: set[str] = set()
+    kinds = r"\b(counter|gauge|histogram|Counter|Gauge|Histogram|_Family)\(\s*[\w.]+,\s*"
+    literal = re.compile(kinds + r"\"(massive_\w+)\"")
+    prefixed = re.compile(kinds + r"(\w+) \+ \"(\w+)\"")
+    sources = [*ROOT.glob("streams/*.py"), *ROOT.glob("processors/*.py")]
+    for src in sources:
+        text = src.read_text()
+        found = literal.findall(text)
+        prefixes = dict(re.findall(r"\b(\w+) = \"(massive_\w+_)\"", text))
+        found += [(k, prefixes[v] + n) for k, v, n in prefixed.findall(text) if v in prefixes]
+        for kind, name in found:
+            if kind.lower() == "counter":
+                names.add(name if name.endswith("_total") else name + "_total")
+            elif kind.lower() == "histogram":
+                names.update({f"{name}_bucket", f"{name}_count", f"{name}_sum"})
+            else:
+                names.add(name)
+    return names
+
+
+def used_metrics(text: str) -> set[str]:
+    return set(re.findall(r"\bmassive_[a-z_]+\b", text))
+
+
+def test_dashboard_and_alerts_use_only_metrics_the_code_exports() -> None:
+    defined = defined_metrics()
+    assert {"massive_stream_group_lag", "massive_processed_total"} <= defined
+    dash = json.loads((GRAFANA / "massive-pipeline.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    assert len({p["id"] for p in dash["panels"]}) == len(dash["panels"])
+    rules = (GRAFANA / "alerts.rules.yml").read_text()
+    rule_exprs = [r["expr"] for g in yaml.safe_load(rules)["groups"] for r in g["rules"]]
+    unknown = sorted(used_metrics("\n".join(exprs + rule_exprs)) - defined)
+    assert not unknown, f"dashboard/alerts use metrics nobody exports: {unknown}"
+    titles = " ".join(p["title"].lower() for p in dash["panels"])
+    for topic in ("lag", "throughput", "latency", "epoch", "dead", "dormancy"):
+        assert topic in titles
+
+
+# --- image -------------------------------------------------------------------------------
+def test_dockerfile_is_slim_non_root_and_copies_every_package() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    assert lines[0] == "FROM python:3.11-slim"
+    user = [ln for ln in lines if ln.startswith("USER ")]
+    assert user and not user[-1].split()[1].startswith(("root", "0"))
+    assert 'ENTRYPOINT ["massive-pipeline"]' in lines
+    assert any(re.match(r"RUN pip install \.", ln) for ln in lines)
+    py = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert py["project"]["scripts"]["massive-pipeline"] == "processors.cli:main"
+    copied = {ln.split()[1] for ln in lines if ln.startswith("COPY ")}
+    for pattern in py["tool"]["setuptools"]["packages"]["find"]["include"]:
+        pkg = pattern.rstrip("*")
+        assert pkg in copied, f"package {pkg} not copied into the image"
+        assert (ROOT / pkg).is_dir()
+    ignored = [
+        ln.strip()
+        for ln in (ROOT / ".dockerignore").read_text().splitlines()
+        if ln.strip() and not ln.startswith("#")
+    ]
+    assert {".venv", ".git"} <= set(ignored)
+    assert not {"schemas", "streams", "processors", "simulator", "pyproject.toml"} & set(ignored)
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    if Path(hadolint).exists():
+        res = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True)
+        assert res.returncode == 0, res.stdout + res.stderr
+
+
+@pytest.mark.slow
+def test_installed_package_carries_its_data_files(tmp_path: Path) -> None:
+    """What ``pip install .`` (the Dockerfile) installs must include the Lua scripts and
+    static files the processors load at run time, not only the .py modules."""
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    (whl,) = tmp_path.glob("*.whl")
+    names = set(zipfile.ZipFile(whl).namelist())
+    tracked = subprocess.run(
+        ["git", "ls-files", "processors", "schemas", "streams", "simulator"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    data = [f for f in tracked if not f.endswith(".py") and (ROOT / f).is_file()]
+    missing = [f for f in data if f not in names]
+    assert not missing, f"not in the wheel (add [tool.setuptools.package-data]): {missing}"
