@@ -1,0 +1,109 @@
+"""Consumer throughput of the streams runtime: pre-fill N entries, consume them with one
+GroupConsumer (XREADGROUP COUNT 500, pipelined XACK, msgspec decode of each entry), stop when
+XINFO GROUPS shows every entry read and none pending. Starts its own redis-server.
+
+    .venv/bin/python bench/consumer_throughput.py [--n 200000] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import msgspec  # noqa: E402
+from prometheus_client import CollectorRegistry  # noqa: E402
+from redis.asyncio import Redis  # noqa: E402
+
+from streams.consumer import Entry, GroupConsumer  # noqa: E402
+from streams.spec import StreamSpec  # noqa: E402
+from tests.util import RedisServer  # noqa: E402
+
+STREAM = "bench:consumer"
+PAYLOAD = (
+    b'{"sym":"O:SPXW261124C06000000","p":12.35,"s":3,"t":1764000000123,"q":%d,"x":4,'
+    b'"c":[209,219],"e":"2026-11-24","k":"call","u":"I:SPX","z":"CBOE"}'
+)
+
+
+class Trade(msgspec.Struct):
+    sym: str
+    p: float
+    s: int
+    t: int
+    q: int
+
+
+async def prefill(r: Redis, n: int) -> None:
+    await r.delete(STREAM)
+    for start in range(0, n, 1000):
+        pipe = r.pipeline(transaction=False)
+        for i in range(start, min(n, start + 1000)):
+            pipe.xadd(STREAM, {b"d": PAYLOAD % i})
+        await pipe.execute()
+
+
+async def one_round(url: str, n: int, rnd: int) -> tuple[float, float]:
+    r = Redis.from_url(url)
+    group = f"g{rnd}"
+    await r.xgroup_create(STREAM, group, id="0")
+    dec = msgspec.json.Decoder(Trade)
+    checksum = 0
+
+    async def handle(entries: list[Entry]) -> None:
+        nonlocal checksum
+        for _, f in entries:
+            checksum += dec.decode(f[b"d"]).q
+
+    spec = StreamSpec(STREAM, group, "c1", count=500, block_ms=100, reclaim_interval_s=3600)
+    c = GroupConsumer(r, spec, handle, CollectorRegistry(), "bench")
+    stop = asyncio.Event()
+    cpu0 = time.process_time()
+    t0 = time.perf_counter()
+    task = asyncio.create_task(c.run(stop))
+    while True:
+        await asyncio.sleep(0.01)
+        g = next(x for x in await r.xinfo_groups(STREAM) if x["name"] == group.encode())
+        if g["entries-read"] == n and g["pending"] == 0:
+            break
+    elapsed = time.perf_counter() - t0
+    cpu = time.process_time() - cpu0
+    stop.set()
+    await task
+    assert checksum == n * (n - 1) // 2, "lost or duplicated entries"
+    await r.aclose()
+    return n / elapsed, cpu
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=200_000)
+    ap.add_argument("--rounds", type=int, default=3)
+    a = ap.parse_args()
+    srv = RedisServer().start()
+    try:
+        r = Redis.from_url(srv.url)
+        await prefill(r, a.n)
+        await r.aclose()
+        rates = []
+        for i in range(a.rounds):
+            rate, cpu = await one_round(srv.url, a.n, i)
+            rates.append(rate)
+            print(f"round {i + 1}: {rate:,.0f} msgs/s  (python cpu {cpu:.2f} s)")
+        print(
+            f"consumer throughput, one consumer, N={a.n:,}: median {statistics.median(rates):,.0f}"
+            f" msgs/s  [{platform.machine()}, {os.cpu_count()} cpus, python "
+            f"{platform.python_version()}]"
+        )
+    finally:
+        srv.stop()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
