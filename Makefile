@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup redis demo test lint bench clean
+.PHONY: setup redis test-tools demo test lint bench clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PY) >/dev/null || PY=python3; $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -14,11 +14,23 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-redis:
-	@command -v redis-server >/dev/null || { \
-	  echo "installing redis-server (apt)"; \
+# apt packages, installed only when their command is missing:
+#   redis-server (everything), chromium (browser test), prometheus (promtool + scrape test)
+APT_PKGS_RUN := redis-server:redis-server
+APT_PKGS_TEST := chromium:chromium prometheus:promtool
+define apt_install
+	@missing=""; for pc in $(1); do pkg=$${pc%%:*}; cmd=$${pc##*:}; \
+	  command -v $$cmd >/dev/null || missing="$$missing $$pkg"; done; \
+	if [ -n "$$missing" ]; then echo "installing (apt):$$missing"; \
 	  SUDO=$$( [ $$(id -u) -eq 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q redis-server; }
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q $$missing; fi
+endef
+
+redis:
+	$(call apt_install,$(APT_PKGS_RUN))
+
+test-tools:
+	$(call apt_install,$(APT_PKGS_TEST))
 
 setup: $(STAMP) redis
 
@@ -26,7 +38,7 @@ lint: setup
 	$(BIN)/ruff check streams processors schemas simulator tests bench
 	$(BIN)/mypy
 
-test: setup lint
+test: setup test-tools lint
 	$(BIN)/pytest -q
 
 demo: setup
