@@ -1,0 +1,441 @@
+"""Normalizer against a real Redis: epoch ids, build/promote/retire, re-seed with admission,
+restart without rebuild, no half-built epoch visible to readers, TTL on every retired key,
+crash windows, bad input."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import msgspec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
+from redis.asyncio import Redis
+
+from processors.normalizer import Normalizer, NormalizerSettings, epoch_id
+from schemas import keys
+from schemas.messages import (
+    ChainContract,
+    ChainPointer,
+    ChainSnapshot,
+    ContractRecord,
+    DirtyEntry,
+    GexRow,
+    encode_snapshot,
+    entry,
+    from_entry,
+)
+from streams.processor import Deps
+from streams.settings import RuntimeSettings
+from tests.factories import big_chain, contract
+from tests.util import eventually
+
+NS = 1_764_000_000_000_000_000
+SEC = 1_000_000_000
+EXP1, EXP2 = "2026-12-17", "2026-12-18"
+
+
+def chain(ts: int = NS, *, extra: list[ChainContract] = (), **over: Any) -> ChainSnapshot:  # type: ignore[assignment]
+    base = [
+        contract("SPXW", EXP1, "C", 6000, bid=1.0, ask=1.2, quote_ts_ns=ts - 5, last=1.1,
+                 last_size=3, trade_ts_ns=ts - 9, iv=0.2, delta=0.5, gamma=0.01, oi=100),
+        contract("SPXW", EXP1, "P", 6000, bid=2.0, ask=2.4, quote_ts_ns=ts - 5, iv=0.21,
+                 gamma=0.011, oi=50),
+        contract("SPX", EXP2, "C", 6005, bid=3.0, ask=3.5, quote_ts_ns=ts - 5, oi=7),
+    ]  # fmt: skip
+    return ChainSnapshot(
+        symbol="SPX", ts_ns=ts, spot=over.get("spot", 6001.0), contracts=[*base, *extra]
+    )
+
+
+async def put(redis: Redis, snap: ChainSnapshot, tag: str = "") -> ChainPointer:
+    key = keys.chain_snapshot(snap.symbol, snap.ts_ns) + tag
+    await redis.set(key, encode_snapshot(snap))
+    return ChainPointer(
+        symbol=snap.symbol, snapshot_key=key, ts_ns=snap.ts_ns, n_contracts=len(snap.contracts)
+    )
+
+
+def normalizer(deps: Deps, **cfg: Any) -> Normalizer:
+    return Normalizer(deps, NormalizerSettings(**cfg))
+
+
+async def active(redis: Redis, sym: str = "SPX") -> str:
+    v = await redis.hget(keys.EPOCH_ACTIVE, sym)
+    assert v is not None
+    return v.decode()
+
+
+async def meta(redis: Redis, eid: str) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in (await redis.hgetall(keys.epoch_meta(eid))).items()}
+
+
+async def dirty(redis: Redis) -> list[DirtyEntry]:
+    return [from_entry(f, DirtyEntry) for _, f in await redis.xrange(keys.CONTRACTS_DIRTY_STREAM)]
+
+
+async def record(redis: Redis, eid: str, cid: str) -> ContractRecord:
+    return ContractRecord.from_hash(cid, await redis.hgetall(keys.epoch_contract(eid, cid)))
+
+
+async def epoch_keys(redis: Redis, eid: str) -> list[bytes]:
+    return [k async for k in redis.scan_iter(match=keys.epoch_key_pattern(eid), count=1000)]
+
+
+def metric(reg: CollectorRegistry, name: str, **labels: str) -> float:
+    return reg.get_sample_value(name, labels) or 0.0
+
+
+# --- epoch id ---------------------------------------------------------------------------------
+cid_st = st.builds(
+    lambda root, day, right, k: contract(root, f"2026-12-{day:02d}", right, 5000 + 5 * k).cid,
+    st.sampled_from(["SPX", "SPXW"]),
+    st.integers(1, 28),
+    st.sampled_from(["C", "P"]),
+    st.integers(0, 400),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(cids=st.lists(cid_st, min_size=1, max_size=30, unique=True), data=st.data())
+def test_epoch_id_depends_only_on_the_set_of_contracts(
+    cids: list[str], data: st.DataObject
+) -> None:
+    exps = sorted({"20" + c[-15:-13] + "-" + c[-13:-11] + "-" + c[-11:-9] for c in cids})
+    eid = epoch_id("SPX", cids, exps)
+    assert len(eid) == 16 and int(eid, 16) >= 0
+    shuffled = data.draw(st.permutations(cids))
+    assert epoch_id("SPX", [*shuffled, *cids[:3]], exps) == eid  # order, duplicates
+    extra = data.draw(cid_st.filter(lambda c: c not in cids))
+    assert epoch_id("SPX", [*cids, extra], exps) != eid  # a new strike/expiry/right
+    if len(cids) > 1:
+        assert epoch_id("SPX", cids[1:], exps) != eid
+    assert epoch_id("NDX", cids, exps) != eid
+
+
+# --- build --------------------------------------------------------------------------------------
+async def test_first_snapshot_builds_and_promotes_a_complete_epoch(
+    deps: Deps, redis: Redis, registry: CollectorRegistry
+) -> None:
+    snap = chain()
+    n = normalizer(deps, dirty_chunk=2)
+    assert await n.process(await put(redis, snap)) == "built"
+    eid = await active(redis)
+    cids = sorted(c.cid for c in snap.contracts)
+    assert eid == epoch_id("SPX", cids, [EXP1, EXP2])
+    m = await meta(redis, eid)
+    assert m["symbol"] == "SPX" and m["state"] == "active" and m["n_contracts"] == "3"
+    assert m["expiries"] == f"{EXP1},{EXP2}" and m["spot"] == "6001.0"
+    assert m["snapshot_ts_ns"] == str(NS) and int(m["promoted_ns"]) >= int(m["created_ns"]) > 0
+    assert sorted(c.decode() for c in await redis.smembers(keys.epoch_contracts(eid))) == cids
+    by_strike = {
+        k.decode(): v
+        for k, v in await redis.zrange(keys.epoch_by_strike(eid), 0, -1, withscores=True)
+    }
+    assert by_strike == {c.cid: c.strike for c in snap.contracts}
+    by_exp = {
+        k.decode(): v
+        for k, v in await redis.zrange(keys.epoch_by_expiry(eid), 0, -1, withscores=True)
+    }
+    assert by_exp == {c.cid: float(c.expiry.replace("-", "")) for c in snap.contracts}
+    gex = await redis.hgetall(keys.epoch_gex(eid))
+    rows = {k.decode(): msgspec.json.decode(v, type=GexRow) for k, v in gex.items()}
+    assert rows[snap.contracts[0].cid] == GexRow("SPXW", EXP1, 6000.0, "C", 0.01, 100.0, 0.2, NS)
+    assert rows[snap.contracts[2].cid].root == "SPX"
+    r0 = await record(redis, eid, snap.contracts[0].cid)
+    assert (r0.bid, r0.ask, r0.mid, r0.quote_ts_ns) == (1.0, 1.2, 1.1, NS - 5)
+    assert (r0.last, r0.size, r0.trade_ts_ns, r0.ts_ns) == (1.1, 3.0, NS - 9, NS - 5)
+    assert (r0.iv, r0.delta, r0.gamma, r0.oi, r0.right, r0.src) == (
+        0.2,
+        0.5,
+        0.01,
+        100.0,
+        "C",
+        "chain",
+    )
+    h2 = await redis.hgetall(keys.epoch_contract(eid, snap.contracts[2].cid))
+    assert h2[b"root"] == b"SPX" and b"last" not in h2 and b"delta" not in h2
+    ds = await dirty(redis)
+    assert [d.reason for d in ds] == ["epoch", "epoch"] and [len(d.cids) for d in ds] == [2, 1]
+    assert sorted(c for d in ds for c in d.cids) == cids and {d.epoch for d in ds} == {eid}
+    assert await redis.zscore(keys.EPOCH_INDEX, eid) is not None
+    spot = await redis.hgetall(keys.SPOT_LATEST)
+    assert spot[b"SPX"] == b"6001.0" and spot[b"SPX:ts_ns"] == str(NS).encode()
+    assert metric(registry, "massive_epoch_promotions_total", symbol="SPX") == 1
+
+
+async def test_same_topology_reseeds_with_admission_and_notifies_only_changes(
+    deps: Deps, redis: Redis, registry: CollectorRegistry
+) -> None:
+    n = normalizer(deps)
+    await n.process(await put(redis, chain()))
+    eid = await active(redis)
+    created = (await meta(redis, eid))["created_ns"]
+    await redis.delete(keys.CONTRACTS_DIRTY_STREAM)
+    c0, c1, c2 = chain().contracts
+    # c0: newer quote; c1: OLDER quote (discarded) but new iv; c2: identical -> unchanged.
+    later = ChainSnapshot("SPX", NS + SEC, 6002.0, [
+        msgspec.structs.replace(c0, bid=1.5, ask=1.7, quote_ts_ns=NS + 10),
+        msgspec.structs.replace(c1, bid=9.0, ask=9.9, quote_ts_ns=NS - 50, iv=0.3),
+        c2,
+    ])  # fmt: skip
+    assert await n.process(await put(redis, later)) == "reseeded"
+    assert (await meta(redis, eid))["created_ns"] == created
+    r0, r1 = await record(redis, eid, c0.cid), await record(redis, eid, c1.cid)
+    assert (r0.bid, r0.ask, r0.mid, r0.quote_ts_ns, r0.ts_ns) == (1.5, 1.7, 1.6, NS + 10, NS + 10)
+    assert (r0.last, r0.trade_ts_ns) == (1.1, NS - 9)  # trade unchanged
+    assert (r1.bid, r1.ask, r1.quote_ts_ns, r1.iv) == (2.0, 2.4, NS - 5, 0.3)
+    ds = await dirty(redis)
+    assert [(d.reason, sorted(d.cids)) for d in ds] == [("seed", sorted([c0.cid, c1.cid]))]
+    row = msgspec.json.decode(await redis.hget(keys.epoch_gex(eid), c1.cid), type=GexRow)  # type: ignore[arg-type]
+    assert (row.iv, row.ts_ns) == (0.3, NS + SEC)
+    m = await meta(redis, eid)
+    assert m["snapshot_ts_ns"] == str(NS + SEC) and m["spot"] == "6002.0"
+    assert metric(registry, "massive_epoch_promotions_total", symbol="SPX") == 1
+    # An identical snapshot again: nothing changed, nothing notified.
+    again = msgspec.structs.replace(later, ts_ns=NS + 2 * SEC)
+    await n.process(await put(redis, again))
+    assert len(await dirty(redis)) == 1
+
+
+async def test_restart_with_the_same_topology_does_not_rebuild(
+    redis: Redis, settings: RuntimeSettings
+) -> None:
+    first = Normalizer(Deps(redis, settings, CollectorRegistry()))
+    await first.process(await put(redis, chain()))
+    eid = await active(redis)
+    before = await meta(redis, eid)
+    reg = CollectorRegistry()
+    restarted = Normalizer(Deps(redis, settings, reg))  # a new process: no local state
+    assert await restarted.process(await put(redis, chain(NS + SEC))) == "reseeded"
+    after = await meta(redis, eid)
+    assert after["created_ns"] == before["created_ns"]
+    assert after["promoted_ns"] == before["promoted_ns"]
+    assert metric(reg, "massive_epoch_promotions_total", symbol="SPX") == 0
+    assert metric(reg, "massive_normalizer_snapshots_total", symbol="SPX", result="reseeded") == 1
+
+
+# --- topology change ----------------------------------------------------------------------------
+async def test_promotion_is_never_seen_half_built_and_retired_keys_all_expire(
+    deps: Deps, redis: Redis
+) -> None:
+    n = normalizer(deps, build_chunk=200)
+    snap1 = big_chain("SPX", 4000, ts_ns=NS)
+    await n.process(await put(redis, snap1))
+    old = await active(redis)
+    extra = contract("SPXW", snap1.contracts[-1].expiry, "C", 99_000, bid=0.1, ask=0.2)
+    snap2 = msgspec.structs.replace(snap1, ts_ns=NS + SEC, contracts=[*snap1.contracts, extra])
+
+    seen: list[tuple[str, str, int, int]] = []
+    stop = asyncio.Event()
+
+    async def reader() -> None:
+        r = Redis.from_url(deps.settings.redis_url)
+        try:
+            while not stop.is_set():
+                eid = (await r.hget(keys.EPOCH_ACTIVE, "SPX")).decode()  # type: ignore[union-attr]
+                state, n_c = await r.hmget(keys.epoch_meta(eid), "state", "n_contracts")
+                card = await r.scard(keys.epoch_contracts(eid))
+                seen.append((eid, state.decode(), int(n_c), card))
+                await asyncio.sleep(0)
+        finally:
+            await r.aclose()
+
+    task = asyncio.create_task(reader())
+    await eventually(lambda: _true_after(seen, 5))
+    assert await n.process(await put(redis, snap2)) == "built"
+    new = await active(redis)
+    target = len(seen) + 5
+    await eventually(lambda: _true_after(seen, target))
+    stop.set()
+    await task
+    assert new != old
+    assert {s[0] for s in seen} == {old, new}  # the reader saw both sides of the switch
+    for eid, state, n_c, card in seen:
+        assert state in ("active", "retired"), (eid, state)
+        assert n_c == card == (4000 if eid == old else 4001)
+    # Every key of the retired epoch carries a TTL <= 300 s; the new one's carry none.
+    old_keys = await epoch_keys(redis, old)
+    assert len(old_keys) == 4000 + 5  # contracts + meta, topology, 2 planes, gex
+    ttls = [await redis.ttl(k) for k in old_keys]
+    assert all(0 < t <= 300 for t in ttls), sorted(set(ttls))
+    assert (await meta(redis, old))["state"] == "retired"
+    assert all([await redis.ttl(k) == -1 for k in (await epoch_keys(redis, new))[:200]])
+    ds = [d for d in await dirty(redis) if d.epoch == new]
+    assert {d.reason for d in ds} == {"epoch"} and sum(len(d.cids) for d in ds) == 4001
+
+
+async def _true_after(seen: list[Any], k: int) -> bool:
+    return len(seen) >= k
+
+
+async def test_older_snapshot_with_another_topology_is_not_promoted_back(
+    deps: Deps, redis: Redis, registry: CollectorRegistry
+) -> None:
+    n = normalizer(deps)
+    extra = [contract("SPXW", EXP2, "P", 6010, bid=1.0, ask=1.1)]
+    await n.process(await put(redis, chain(NS + SEC, extra=extra)))
+    eid = await active(redis)
+    assert await n.process(await put(redis, chain(NS))) == "stale"
+    assert await active(redis) == eid
+    assert metric(registry, "massive_normalizer_snapshots_total", symbol="SPX", result="stale") == 1
+
+
+async def test_topology_coming_back_rebuilds_it_fresh_without_ttls(
+    deps: Deps, redis: Redis
+) -> None:
+    n = normalizer(deps)
+    extra = [contract("SPXW", EXP2, "P", 6010, bid=1.0, ask=1.1)]
+    await n.process(await put(redis, chain(NS)))
+    a = await active(redis)
+    await n.process(await put(redis, chain(NS + SEC, extra=extra)))
+    b = await active(redis)
+    assert await redis.ttl(keys.epoch_meta(a)) > 0
+    assert await n.process(await put(redis, chain(NS + 2 * SEC))) == "built"
+    assert await active(redis) == a
+    assert all([await redis.ttl(k) == -1 for k in await epoch_keys(redis, a)])
+    assert (await meta(redis, a))["state"] == "active"
+    assert (await meta(redis, b))["state"] == "retired"
+    assert all([await redis.ttl(k) > 0 for k in await epoch_keys(redis, b)])
+
+
+# --- crash windows --------------------------------------------------------------------------------
+class Killed(BaseException):
+    pass
+
+
+async def test_crash_after_reseed_write_notifies_all_on_redelivery(
+    deps: Deps, redis: Redis
+) -> None:
+    n = normalizer(deps)
+    await n.process(await put(redis, chain()))
+    eid = await active(redis)
+    await redis.delete(keys.CONTRACTS_DIRTY_STREAM)
+    c0 = chain().contracts[0]
+    newer = chain(NS + SEC)  # c0 gets a newer quote below
+    newer = msgspec.structs.replace(
+        newer,
+        contracts=[msgspec.structs.replace(c0, bid=1.4, quote_ts_ns=NS + 7), *newer.contracts[1:]],
+    )
+    ptr = await put(redis, newer)
+
+    def boom(*_: Any, **__: Any) -> int:
+        raise Killed
+
+    crashing = normalizer(deps)
+    crashing._xadd_dirty = boom  # type: ignore[method-assign]
+    with pytest.raises(Killed):
+        await crashing.process(ptr)
+    assert (await record(redis, eid, c0.cid)).bid == 1.4  # written, not notified
+    assert await redis.xlen(keys.CONTRACTS_DIRTY_STREAM) == 0
+    assert await normalizer(deps).process(ptr) == "reseeded"  # redelivery
+    ds = await dirty(redis)
+    assert [d.reason for d in ds] == ["seed"]
+    assert sorted(ds[0].cids) == sorted(c.cid for c in newer.contracts)
+    # Markers settled: the next unchanged snapshot notifies nothing.
+    await normalizer(deps).process(
+        await put(redis, msgspec.structs.replace(newer, ts_ns=NS + 3 * SEC))
+    )
+    assert len(await dirty(redis)) == 1
+
+
+async def test_crash_between_promotion_and_retirement_is_swept(deps: Deps, redis: Redis) -> None:
+    n = normalizer(deps)
+    await n.process(await put(redis, chain()))
+    old = await active(redis)
+
+    async def boom(_: str) -> int:
+        raise Killed
+
+    crashing = normalizer(deps)
+    crashing.retire = boom  # type: ignore[method-assign]
+    extra = [contract("SPXW", EXP2, "P", 6010, bid=1.0, ask=1.1)]
+    with pytest.raises(Killed):
+        await crashing.process(await put(redis, chain(NS + SEC, extra=extra)))
+    assert (await meta(redis, old))["state"] == "retired"
+    assert all([await redis.ttl(k) == -1 for k in await epoch_keys(redis, old)])
+    # The restarted normalizer sweeps before its first batch.
+    restarted = normalizer(deps)
+    await restarted.handle([(b"1-0", entry(await put(redis, chain(NS + 2 * SEC, extra=extra))))])
+    old_keys = await epoch_keys(redis, old)
+    assert old_keys and all([0 < await redis.ttl(k) <= 300 for k in old_keys])
+
+
+async def test_sweep_drops_expired_epochs_from_the_index(deps: Deps, redis: Redis) -> None:
+    n = normalizer(deps)
+    await n.process(await put(redis, chain()))
+    old = await active(redis)
+    await n.process(await put(redis, chain(NS + SEC, extra=[contract("SPX", EXP2, "P", 6010)])))
+    for k in await epoch_keys(redis, old):  # as if 300 s passed
+        await redis.delete(k)
+    await n.sweep()
+    assert await redis.zrange(keys.EPOCH_INDEX, 0, -1) == [(await active(redis)).encode()]
+
+
+# --- bad input ------------------------------------------------------------------------------------
+async def test_vanished_blob_and_bad_entries_are_counted_skips(
+    redis: Redis, settings: RuntimeSettings, registry: CollectorRegistry
+) -> None:
+    good = await put(redis, chain())
+    gone = ChainPointer(
+        symbol="SPX", snapshot_key="massive:chain:snapshot:SPX:1", ts_ns=1, n_contracts=3
+    )
+    await redis.set("massive:chain:snapshot:SPX:2", b"\x93garbage")
+    garbage = ChainPointer(
+        symbol="SPX", snapshot_key="massive:chain:snapshot:SPX:2", ts_ns=2, n_contracts=3
+    )
+    pipe = redis.pipeline(transaction=False)
+    for p in (gone, garbage):
+        pipe.xadd(keys.CHAIN_STREAM, entry(p))  # type: ignore[arg-type]
+    pipe.xadd(keys.CHAIN_STREAM, {b"d": b"{not json"})
+    pipe.xadd(keys.CHAIN_STREAM, entry(good))  # type: ignore[arg-type]
+    await pipe.execute()
+    rs = RuntimeSettings(redis_url=settings.redis_url, consumer="n1", block_ms=20)
+    n = Normalizer(Deps(redis, rs, registry))
+    stop = asyncio.Event()
+    task = asyncio.create_task(n.run(stop))
+
+    async def done() -> bool:
+        gs = await redis.xinfo_groups(keys.CHAIN_STREAM)
+        return bool(gs) and int(gs[0]["entries-read"] or 0) == 4 and int(gs[0]["pending"]) == 0
+
+    await eventually(done)
+    stop.set()
+    await task
+    snaps = "massive_normalizer_snapshots_total"
+    assert metric(registry, snaps, symbol="SPX", result="missing_blob") == 1
+    assert metric(registry, snaps, symbol="SPX", result="bad_blob") == 1
+    assert metric(registry, snaps, symbol="other", result="bad_pointer") == 1
+    assert metric(registry, snaps, symbol="SPX", result="built") == 1
+    assert await redis.xlen(keys.dead_letter_stream(keys.CHAIN_STREAM)) == 0
+
+
+async def test_invalid_contracts_are_rejected_from_the_topology(
+    deps: Deps, redis: Redis, registry: CollectorRegistry
+) -> None:
+    good = chain().contracts
+    bad = [
+        ChainContract(cid="O:SPXW26121", expiry=EXP1, strike=6000, right="C"),
+        contract("NDX", EXP1, "C", 20000),
+        msgspec.structs.replace(contract("SPXW", EXP1, "C", 6100), strike=6105.0),
+        good[0],  # duplicate
+    ]
+    snap = ChainSnapshot("SPX", NS, 6000.0, [*good, *bad])
+    assert await normalizer(deps).process(await put(redis, snap)) == "built"
+    eid = await active(redis)
+    assert await redis.scard(keys.epoch_contracts(eid)) == 3
+    rej = "massive_normalizer_contracts_rejected_total"
+    reasons = ("bad_ticker", "wrong_symbol", "ticker_mismatch", "duplicate")
+    assert [metric(registry, rej, reason=r) for r in reasons] == [1, 1, 1, 1]
+    empty = ChainSnapshot("SPX", NS + SEC, 6000.0, bad[:3])
+    assert await normalizer(deps).process(await put(redis, empty)) == "empty"
+
+
+async def test_spot_from_snapshots_obeys_admission(deps: Deps, redis: Redis) -> None:
+    n = normalizer(deps)
+    await n.process(await put(redis, chain(NS + SEC, spot=6010.0)))
+    await n.process(await put(redis, chain(NS, spot=5990.0)))  # older: ignored
+    spot = await redis.hgetall(keys.SPOT_LATEST)
+    assert spot[b"SPX"] == b"6010.0" and spot[b"SPX:ts_ns"] == str(NS + SEC).encode()
