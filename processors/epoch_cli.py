@@ -1,0 +1,179 @@
+"""``massive-pipeline epoch inspect``: active epochs, states, counts, ages, dirty backlog.
+
+Reads only (connects with ``RuntimeSettings.redis_url`` from the environment):
+``massive:epoch:active``, ``massive:epoch:index`` and each indexed epoch's meta, the SCARD of
+its topology SET (must equal ``n_contracts``), the TTL of its meta (retired epochs expire),
+and the consumer groups of ``massive:contracts:dirty`` (lag, pending). ``--json`` prints the
+same as one JSON document.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from schemas import keys
+from streams import admin
+from streams.settings import RuntimeSettings, SettingsError, from_env
+
+
+@dataclass(frozen=True, slots=True)
+class EpochRow:
+    eid: str
+    symbol: str
+    state: str  # active | warming | retired | missing (pointer without meta)
+    is_active: bool
+    n_contracts: int | None
+    topology: int  # SCARD of epoch:{eid}:contracts
+    expiries: list[str]
+    age_s: float | None  # since created
+    promoted_age_s: float | None
+    snapshot_age_s: float | None
+    ttl_s: int  # TTL of the meta key (-1: none, -2: gone)
+    consistent: bool  # n_contracts == topology SCARD
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    active: dict[str, str]
+    epochs: list[EpochRow]
+    dirty: list[admin.GroupLag]
+    dirty_length: int
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _age(now_ns: int, v: str | None) -> float | None:
+    return None if not v else round((now_ns - int(v)) / 1e9, 3)
+
+
+async def collect(redis: Redis, now_ns: int | None = None) -> Report:
+    now = time.time_ns() if now_ns is None else now_ns
+    active = {_s(k): _s(v) for k, v in (await redis.hgetall(keys.EPOCH_ACTIVE)).items()}
+    eids = [_s(e) for e in await redis.zrange(keys.EPOCH_INDEX, 0, -1)]
+    for e in active.values():
+        if e not in eids:
+            eids.append(e)
+    pipe = redis.pipeline(transaction=False)
+    for e in eids:
+        pipe.hgetall(keys.epoch_meta(e))
+        pipe.scard(keys.epoch_contracts(e))
+        pipe.ttl(keys.epoch_meta(e))
+    res = await pipe.execute()
+    live = set(active.values())
+    rows = []
+    for i, e in enumerate(eids):
+        meta = {_s(k): _s(v) for k, v in res[3 * i].items()}
+        card, ttl = int(res[3 * i + 1]), int(res[3 * i + 2])
+        n = int(meta["n_contracts"]) if meta.get("n_contracts") else None
+        rows.append(
+            EpochRow(
+                eid=e,
+                symbol=meta.get("symbol") or next((s for s, v in active.items() if v == e), "?"),
+                state=meta.get("state", "missing"),
+                is_active=e in live,
+                n_contracts=n,
+                topology=card,
+                expiries=[x for x in meta.get("expiries", "").split(",") if x],
+                age_s=_age(now, meta.get("created_ns")),
+                promoted_age_s=_age(now, meta.get("promoted_ns")),
+                snapshot_age_s=_age(now, meta.get("snapshot_ts_ns")),
+                ttl_s=ttl,
+                consistent=n == card,
+            )
+        )
+    rows.sort(key=lambda r: (r.symbol, not r.is_active, r.age_s if r.age_s is not None else 0.0))
+    try:
+        dirty = await admin.lag(redis, [keys.CONTRACTS_DIRTY_STREAM])
+        length = int(await redis.xlen(keys.CONTRACTS_DIRTY_STREAM))
+    except ResponseError:  # the stream does not exist yet
+        dirty, length = [], 0
+    return Report(active=active, epochs=rows, dirty=dirty, dirty_length=length)
+
+
+def _fmt_age(v: float | None) -> str:
+    if v is None:
+        return "-"
+    if v < 120:
+        return f"{v:.1f}s"
+    if v < 7200:
+        return f"{v / 60:.1f}m"
+    return f"{v / 3600:.1f}h"
+
+
+def render(rep: Report) -> str:
+    out = []
+    if not rep.epochs:
+        out.append("no epochs (massive:epoch:index and massive:epoch:active are empty)")
+    else:
+        out.append(
+            f"{'symbol':6} {'epoch':16} {'state':8} {'act':3} {'contracts':>9} {'topology':>8} "
+            f"{'exp':>3} {'age':>7} {'promoted':>8} {'snapshot':>8} {'ttl':>5}"
+        )
+        for r in rep.epochs:
+            flag = "" if r.consistent else "  !! n_contracts != topology"
+            out.append(
+                f"{r.symbol:6} {r.eid:16} {r.state:8} {'*' if r.is_active else '':3} "
+                f"{r.n_contracts if r.n_contracts is not None else '-':>9} {r.topology:>8} "
+                f"{len(r.expiries):>3} {_fmt_age(r.age_s):>7} {_fmt_age(r.promoted_age_s):>8} "
+                f"{_fmt_age(r.snapshot_age_s):>8} {r.ttl_s if r.ttl_s >= 0 else '-':>5}{flag}"
+            )
+    out.append("")
+    out.append(f"dirty backlog ({keys.CONTRACTS_DIRTY_STREAM}, length {rep.dirty_length}):")
+    if not rep.dirty:
+        out.append("  no consumer groups")
+    for g in rep.dirty:
+        lag = "?" if g.lag is None else str(g.lag)
+        out.append(
+            f"  group {g.group:24} lag {lag:>8} pending {g.pending:>6} consumers {g.consumers}"
+        )
+    return "\n".join(out)
+
+
+async def _inspect(url: str, as_json: bool) -> int:
+    r = Redis.from_url(url)
+    try:
+        rep = await collect(r)
+    finally:
+        await r.aclose()
+    if as_json:
+        print(orjson.dumps(asdict(rep), option=orjson.OPT_INDENT_2).decode())
+    else:
+        print(render(rep))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="massive-pipeline epoch", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    ins = sub.add_parser("inspect", help="active epochs, states, counts, ages, dirty backlog")
+    ins.add_argument("--json", action="store_true", help="print one JSON document")
+    args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        settings = from_env(RuntimeSettings)
+    except SettingsError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(_inspect(settings.redis_url, args.json))
+    except OSError as exc:
+        print(f"error: cannot reach Redis at {settings.redis_url}: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # redis ConnectionError etc.: report, do not trace back
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
