@@ -1,0 +1,730 @@
+"""``sse-gateway``: published models to browsers over Server-Sent Events, plus JSON and the
+dashboard page (DESIGN.md "Stages and streams", invariant 6).
+
+Endpoints
+---------
+* ``GET /sse/heatmap/{strategy}?symbol=SPX`` and ``GET /sse/gex?symbol=SPX``: event
+  ``snapshot`` (the PublishedModel JSON stored at the model key, byte for byte), then events
+  ``diff`` (the ModelDiff JSON of that symbol from the diff stream). Every frame's SSE ``id``
+  is a diff stream entry id (a snapshot carries its model's ``diff_id``), so ``Last-Event-ID``
+  (header, or ``?last_event_id=`` for a hand-made reconnect) resumes without loss: entries
+  after the id are replayed while the id is still in the stream; a trimmed id, a changed
+  epoch or a version gap yields a fresh snapshot instead. Event ``status`` says
+  ``{"state": "no_model"}`` while nothing has been published yet (the stream then waits and
+  sends the snapshot as soon as the model appears).
+* ``GET /api/heatmap/{strategy}?symbol=``, ``/api/gex?symbol=``: the model JSON (404 if none);
+  ``/api/epochs``: active epoch and meta per symbol; ``/healthz``; ``/metrics``; ``/`` the
+  dashboard (``processors/static``).
+
+Fan-out
+-------
+One :class:`DiffFeed` per diff stream runs a plain ``XREAD BLOCK`` loop from the stream's tail
+(primed before the server accepts clients) and pushes each entry, decoded once and framed
+once, into the bounded buffer of every subscriber of that symbol. A push never waits: when a
+subscriber's buffer is full the entry is dropped for it and the subscriber is marked
+overflowed; its session then discards the buffer and sends a fresh snapshot (a ``resync``).
+So a slow client costs only its own buffer and never delays the reader or other clients.
+
+No loss at the snapshot/diff hand-off: a session subscribes first, then reads the model
+(written in one MULTI/EXEC with its diff, so every diff of that symbol with an id above the
+model's ``diff_id`` reaches the buffer) and skips buffered entries at or below ``diff_id``.
+Every forwarded diff is checked to continue the session's ``(epoch, version)`` chain
+(``prev_version`` = last sent version); anything else triggers a resync.
+
+Settings: env prefix ``MASSIVE_SSE_`` (:class:`SseSettings`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import msgspec
+import orjson
+import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, generate_latest
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from sse_starlette.sse import EventSourceResponse
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from schemas import keys
+from streams.metrics import counter, gauge
+from streams.processor import Deps
+from streams.settings import from_env
+
+logger = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).with_name("static")
+SEP = b"\r\n"
+
+
+@dataclass(frozen=True, slots=True)
+class SseSettings:
+    """Env prefix ``MASSIVE_SSE_``."""
+
+    host: str = "0.0.0.0"
+    port: int = 8000
+    ping_s: float = 15.0  # keep-alive comment interval
+    queue_max: int = 512  # diffs buffered per client before it is resynced
+    block_ms: int = 1000  # XREAD BLOCK of the shared readers
+    read_count: int = 1000  # XREAD COUNT of the shared readers
+    replay_page: int = 1000  # XRANGE page when resuming from Last-Event-ID
+    no_model_poll_s: float = 1.0  # re-read interval of a model that does not exist yet
+    send_timeout_s: float = 30.0  # a client that accepts no bytes for this long is dropped
+    retry_ms: int = 1000  # EventSource reconnection delay announced to browsers
+    symbols: tuple[str, ...] = ("SPX", "NDX")  # offered by the dashboard
+    static_dir: str = ""  # dashboard files ("" = processors/static)
+    log_level: str = "warning"  # uvicorn's own logger
+    # Concurrent Redis reads of client sessions and JSON endpoints (snapshot GETs, replays).
+    # Keeps a reconnect storm inside the client's connection pool (redis-py: 100 by default;
+    # the feeds hold one blocking connection each on top).
+    redis_concurrency: int = 32
+
+    def __post_init__(self) -> None:
+        if self.queue_max < 1:
+            raise ValueError("queue_max must be >= 1")
+        if self.ping_s <= 0 or self.block_ms <= 0 or self.read_count <= 0:
+            raise ValueError("ping_s, block_ms and read_count must be > 0")
+        if self.redis_concurrency < 1:
+            raise ValueError("redis_concurrency must be >= 1")
+        if self.replay_page <= 0 or self.no_model_poll_s <= 0:
+            raise ValueError("replay_page and no_model_poll_s must be > 0")
+
+
+# --- ids and frames ---------------------------------------------------------------------------
+StreamId = tuple[int, int]
+ZERO_ID: StreamId = (0, 0)
+
+
+def parse_id(raw: str | bytes | None) -> StreamId | None:
+    """``"1700000000000-3"`` -> (1700000000000, 3); None when malformed."""
+    if raw is None:
+        return None
+    s = raw.decode() if isinstance(raw, bytes) else raw
+    ms, dash, seq = s.strip().partition("-")
+    try:
+        t = (int(ms), int(seq) if dash else 0)
+    except ValueError:
+        return None
+    return t if t[0] >= 0 and t[1] >= 0 else None
+
+
+def format_id(t: StreamId) -> str:
+    return f"{t[0]}-{t[1]}"
+
+
+def frame(event: str, data: bytes, event_id: str | None = None) -> bytes:
+    """One SSE frame. ``data`` is single-line JSON (raw newlines in JSON are whitespace)."""
+    if b"\n" in data or b"\r" in data:
+        data = data.replace(b"\r", b" ").replace(b"\n", b" ")
+    head = b"" if event_id is None else b"id: " + event_id.encode() + SEP
+    return head + b"event: " + event.encode() + SEP + b"data: " + data + SEP + SEP
+
+
+class _DiffHead(msgspec.Struct):
+    """The fields of a ModelDiff the gateway routes on (the rest is forwarded untouched)."""
+
+    symbol: str
+    epoch: str
+    version: int
+    prev_version: int
+    ts_ns: int = 0
+
+
+class _ModelHead(msgspec.Struct):
+    symbol: str
+    epoch: str
+    version: int
+    diff_id: str | None = None
+
+
+_diff_head = msgspec.json.Decoder(_DiffHead)
+_model_head = msgspec.json.Decoder(_ModelHead)
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One diff stream entry, decoded and framed once, shared by every subscriber."""
+
+    id: StreamId
+    head: _DiffHead
+    frame: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Channel:
+    """A model family: its diff stream and model key (``heatmap:<strategy>`` or ``gex``)."""
+
+    name: str
+    stream: str
+    strategy: str | None
+
+    def model_key(self, symbol: str) -> str:
+        if self.strategy is None:
+            return keys.gex_model(symbol)
+        return keys.heatmap_model(symbol, self.strategy)
+
+
+def channels() -> dict[str, Channel]:
+    out = {
+        f"heatmap:{s}": Channel(f"heatmap:{s}", keys.heatmap_diffs_stream(s), s)
+        for s in keys.STRATEGIES
+    }
+    out["gex"] = Channel("gex", keys.GEX_DIFFS_STREAM, None)
+    return out
+
+
+class Metrics:
+    def __init__(self, deps: Deps) -> None:
+        r = deps.registry
+        self.clients: Gauge = gauge(r, "massive_sse_clients", "Connected SSE clients", ("channel",))
+        self.events: Counter = counter(
+            r, "massive_sse_events_sent_total", "SSE events sent", ("channel", "event")
+        )
+        self.resyncs: Counter = counter(
+            r,
+            "massive_sse_resyncs_total",
+            "Fresh snapshots sent instead of diffs (overflow, gap, epoch, trimmed resume id)",
+            ("channel", "reason"),
+        )
+        self.dropped: Counter = counter(
+            r,
+            "massive_sse_dropped_total",
+            "Diffs dropped for a client whose buffer was full (it is resynced)",
+            ("channel",),
+        )
+        self.rejected: Counter = counter(
+            r,
+            "massive_sse_rejected_total",
+            "Diff stream entries or models the gateway could not decode",
+            ("channel", "reason"),
+        )
+        self.read_errors: Counter = counter(
+            r, "massive_sse_read_errors_total", "Failed XREAD calls of a feed", ("channel",)
+        )
+
+
+# --- subscribers and shared readers -------------------------------------------------------------
+class Subscriber:
+    """A client's bounded diff buffer. ``push`` never blocks; overflow marks it for resync."""
+
+    __slots__ = ("buf", "closed", "maxlen", "overflowed", "symbol", "wake")
+
+    def __init__(self, symbol: str, maxlen: int) -> None:
+        self.symbol = symbol
+        self.maxlen = maxlen
+        self.buf: deque[Item] = deque()
+        self.wake = asyncio.Event()
+        self.overflowed = False
+        self.closed = False
+
+    def push(self, item: Item) -> bool:
+        if self.overflowed or len(self.buf) >= self.maxlen:
+            self.overflowed = True
+            self.wake.set()
+            return False
+        self.buf.append(item)
+        self.wake.set()
+        return True
+
+    def close(self) -> None:
+        self.closed = True
+        self.wake.set()
+
+    async def wait(self, timeout_s: float | None = None) -> None:
+        """Return when there is something to do (items, overflow, close) or on timeout."""
+        if self.buf or self.overflowed or self.closed:
+            return
+        self.wake.clear()
+        if timeout_s is None:
+            await self.wake.wait()
+        else:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), timeout_s)
+
+    def take(self) -> list[Item]:
+        items = list(self.buf)
+        self.buf.clear()
+        return items
+
+    def reset(self) -> None:
+        self.buf.clear()
+        self.overflowed = False
+
+
+class DiffFeed:
+    """The one reader of a diff stream; fans entries out to the subscribers of their symbol."""
+
+    def __init__(
+        self, redis: Redis, channel: Channel, settings: SseSettings, metrics: Metrics
+    ) -> None:
+        self.redis = redis
+        self.channel = channel
+        self.settings = settings
+        self.metrics = metrics
+        self.subs: dict[str, set[Subscriber]] = {}
+        self.last_id: StreamId = ZERO_ID
+        self.dropped = metrics.dropped.labels(channel=channel.name)
+        self.reject_decode = metrics.rejected.labels(channel=channel.name, reason="bad_diff")
+        self.read_errors = metrics.read_errors.labels(channel=channel.name)
+
+    async def prime(self) -> None:
+        """Start at the stream's current tail (earlier diffs are inside the models)."""
+        last = await self.redis.xrevrange(self.channel.stream, "+", "-", count=1)
+        if last:
+            self.last_id = parse_id(last[0][0]) or ZERO_ID
+
+    def subscribe(self, symbol: str) -> Subscriber:
+        sub = Subscriber(symbol, self.settings.queue_max)
+        self.subs.setdefault(symbol, set()).add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscriber) -> None:
+        group = self.subs.get(sub.symbol)
+        if group is not None:
+            group.discard(sub)
+            if not group:
+                del self.subs[sub.symbol]
+
+    def close(self) -> None:
+        for group in self.subs.values():
+            for sub in group:
+                sub.close()
+
+    def dispatch(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+        for raw_id, fields in entries:
+            sid = parse_id(raw_id)
+            if sid is None:
+                continue
+            self.last_id = sid
+            item = decode_item(sid, raw_id.decode(), fields)
+            if item is None:
+                self.reject_decode.inc()
+                logger.warning("channel=%s id=%s: undecodable diff entry", self.channel.name, sid)
+                continue
+            for sub in self.subs.get(item.head.symbol, ()):
+                if not sub.push(item):
+                    self.dropped.inc()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        backoff_s = 0.1
+        while not stop.is_set():
+            try:
+                resp = await self.redis.xread(
+                    {self.channel.stream: format_id(self.last_id)},
+                    count=self.settings.read_count,
+                    block=self.settings.block_ms,
+                )
+            except (RedisError, OSError) as exc:
+                self.read_errors.inc()
+                logger.warning(
+                    "channel=%s xread failed: %s (retry in %.1fs)",
+                    self.channel.name,
+                    exc,
+                    backoff_s,
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), backoff_s)
+                backoff_s = min(backoff_s * 2, 5.0)
+                continue
+            backoff_s = 0.1
+            for _stream, entries in cast(list[Any], resp or []):
+                self.dispatch(_rows(entries))
+
+
+def _rows(raw: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """XRANGE/XREAD entries as returned by a bytes (decode_responses=False) client."""
+    return cast(list[tuple[bytes, dict[bytes, bytes]]], raw or [])
+
+
+def _b(v: bytes | str) -> bytes:
+    return v if isinstance(v, bytes) else v.encode()
+
+
+def _s(v: bytes | str) -> str:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+def decode_item(sid: StreamId, raw_id: str, fields: dict[bytes, bytes]) -> Item | None:
+    raw = fields.get(b"d")
+    if raw is None:
+        return None
+    try:
+        head = _diff_head.decode(raw)
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        return None
+    return Item(sid, head, frame("diff", raw, raw_id))
+
+
+# --- one client session -----------------------------------------------------------------------
+@dataclass(slots=True)
+class _State:
+    epoch: str
+    version: int
+    last_id: StreamId
+
+
+class Resync(Exception):
+    """The session must send a fresh snapshot; ``reason`` labels the resync metric."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Gateway:
+    """Shared state of one gateway process: feeds, settings, metrics."""
+
+    def __init__(self, deps: Deps, settings: SseSettings) -> None:
+        self.deps = deps
+        self.redis = deps.redis
+        self.settings = settings
+        self.metrics = Metrics(deps)
+        self.channels = channels()
+        self.feeds = {
+            name: DiffFeed(deps.redis, ch, settings, self.metrics)
+            for name, ch in self.channels.items()
+        }
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.started = False
+        self.redis_slots = asyncio.Semaphore(settings.redis_concurrency)
+
+    async def start(self) -> None:
+        self._stop = asyncio.Event()
+        for feed in self.feeds.values():
+            await feed.prime()
+        self._tasks = [
+            asyncio.create_task(f.run(self._stop), name=f"sse-feed:{n}")
+            for n, f in self.feeds.items()
+        ]
+        self.started = True
+
+    def close_sessions(self) -> None:
+        """Ask every open SSE stream to end (server shutdown)."""
+        self._stop.set()
+        for feed in self.feeds.values():
+            feed.close()
+
+    async def stop(self) -> None:
+        self.close_sessions()
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=self.settings.block_ms / 1000 + 2)
+            for t in pending:
+                t.cancel()
+        self._tasks = []
+        self.started = False
+
+    @property
+    def closing(self) -> bool:
+        return self._stop.is_set()
+
+    async def snapshot(self, channel: Channel, symbol: str) -> tuple[bytes, _State] | None:
+        raw = await self.redis.get(channel.model_key(symbol))
+        if raw is None:
+            return None
+        try:
+            head = _model_head.decode(raw)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            self.metrics.rejected.labels(channel=channel.name, reason="bad_model").inc()
+            logger.warning("channel=%s symbol=%s: undecodable model", channel.name, symbol)
+            return None
+        last = parse_id(head.diff_id) if head.diff_id else None
+        state = _State(head.epoch, head.version, last or ZERO_ID)
+        return frame("snapshot", _b(raw), head.diff_id), state
+
+    async def replay(
+        self, channel: Channel, symbol: str, after: StreamId
+    ) -> tuple[list[bytes], _State] | None:
+        """Diffs of ``symbol`` after entry ``after``, or None if a snapshot is needed."""
+        stream = channel.stream
+        first = _rows(await self.redis.xrange(stream, "-", "+", count=1))
+        if not first or after < (parse_id(first[0][0]) or ZERO_ID):
+            return None  # trimmed (or the stream is gone): the client missed diffs
+        at = _rows(await self.redis.xrange(stream, format_id(after), format_id(after), count=1))
+        if not at:
+            return None
+        base = decode_item(after, format_id(after), at[0][1])
+        if base is None or base.head.symbol != symbol:
+            return None
+        model = await self.redis.get(channel.model_key(symbol))
+        if model is None:
+            return None
+        try:
+            if _model_head.decode(model).epoch != base.head.epoch:
+                return None
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            return None
+        state = _State(base.head.epoch, base.head.version, after)
+        frames: list[bytes] = []
+        cursor = after
+        while True:
+            page = _rows(
+                await self.redis.xrange(
+                    stream, "(" + format_id(cursor), "+", count=self.settings.replay_page
+                )
+            )
+            for raw_id, fields in page:
+                sid = parse_id(raw_id)
+                if sid is None:
+                    continue
+                cursor = sid
+                item = decode_item(sid, raw_id.decode(), fields)
+                if item is None or item.head.symbol != symbol:
+                    continue
+                try:
+                    if accept(state, item):
+                        frames.append(item.frame)
+                except Resync:
+                    return None
+            if len(page) < self.settings.replay_page:
+                return frames, state
+
+    async def session(
+        self, channel: Channel, symbol: str, last_event_id: StreamId | None
+    ) -> AsyncIterator[bytes]:
+        feed = self.feeds[channel.name]
+        m = self.metrics
+        sent_diff = m.events.labels(channel=channel.name, event="diff")
+        sent_snap = m.events.labels(channel=channel.name, event="snapshot")
+        clients = m.clients.labels(channel=channel.name)
+        sub = feed.subscribe(symbol)  # before any read: see the module docstring
+        clients.inc()
+        try:
+            yield b"retry: " + str(self.settings.retry_ms).encode() + SEP + SEP
+            state: _State | None = None
+            if last_event_id is not None:
+                async with self.redis_slots:
+                    resumed = await self.replay(channel, symbol, last_event_id)
+                if resumed is None:
+                    m.resyncs.labels(channel=channel.name, reason="resume").inc()
+                else:
+                    frames, state = resumed
+                    if frames:
+                        sent_diff.inc(len(frames))
+                        yield b"".join(frames)
+            announced = False
+            while not sub.closed:
+                if state is None:
+                    async with self.redis_slots:
+                        snap = await self.snapshot(channel, symbol)
+                    if snap is None:
+                        if not announced:
+                            announced = True
+                            yield frame("status", b'{"state":"no_model"}')
+                        await sub.wait(self.settings.no_model_poll_s)
+                        sub.reset()  # diffs without a base are useless; re-read the model
+                        continue
+                    data, state = snap
+                    sent_snap.inc()
+                    yield data
+                    continue
+                await sub.wait()
+                if sub.overflowed:
+                    sub.reset()
+                    m.resyncs.labels(channel=channel.name, reason="overflow").inc()
+                    state = None
+                    continue
+                out: list[bytes] = []
+                try:
+                    for item in sub.take():
+                        if accept(state, item):
+                            out.append(item.frame)
+                except Resync as rs:
+                    m.resyncs.labels(channel=channel.name, reason=rs.reason).inc()
+                    state = None
+                if out:
+                    sent_diff.inc(len(out))
+                    yield b"".join(out)
+        finally:
+            feed.unsubscribe(sub)
+            clients.dec()
+
+
+def accept(state: _State, item: Item) -> bool:
+    """Whether ``item`` is the next diff of the session (advancing ``state``); False for an
+    entry already covered; raises Resync when the chain is broken."""
+    if item.id <= state.last_id:
+        return False
+    h = item.head
+    if h.epoch != state.epoch:
+        raise Resync("epoch")
+    if h.version <= state.version:
+        state.last_id = item.id
+        return False
+    if h.prev_version != state.version:
+        raise Resync("gap")
+    state.version = h.version
+    state.last_id = item.id
+    return True
+
+
+# --- HTTP application --------------------------------------------------------------------------
+def _symbol(request: Request) -> str:
+    sym = request.query_params.get("symbol", "SPX").strip().upper()
+    if not sym.isalnum() or len(sym) > 12:
+        raise ValueError(f"bad symbol {sym!r}")
+    return sym
+
+
+def create_app(deps: Deps, settings: SseSettings) -> Starlette:
+    """The gateway's ASGI app; ``app.state.gateway`` is its :class:`Gateway`."""
+    gw = Gateway(deps, settings)
+    static = Path(settings.static_dir) if settings.static_dir else STATIC_DIR
+
+    def channel_of(request: Request) -> Channel:
+        strategy = request.path_params.get("strategy")
+        name = "gex" if strategy is None else f"heatmap:{strategy}"
+        ch = gw.channels.get(name)
+        if ch is None:
+            raise ValueError(f"unknown strategy {strategy!r}")
+        return ch
+
+    async def sse(request: Request) -> Response:
+        try:
+            ch, sym = channel_of(request), _symbol(request)
+        except ValueError as exc:
+            return PlainTextResponse(str(exc), status_code=400)
+        raw_last = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
+        return EventSourceResponse(
+            gw.session(ch, sym, parse_id(raw_last)),
+            ping=settings.ping_s,
+            send_timeout=settings.send_timeout_s,
+            headers={"Cache-Control": "no-store"},
+        )
+
+    async def api_model(request: Request) -> Response:
+        try:
+            ch, sym = channel_of(request), _symbol(request)
+        except ValueError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        async with gw.redis_slots:
+            raw = await deps.redis.get(ch.model_key(sym))
+        if raw is None:
+            return JSONResponse({"error": f"no {ch.name} model for {sym}"}, status_code=404)
+        return Response(raw, media_type="application/json", headers={"Cache-Control": "no-store"})
+
+    async def api_epochs(request: Request) -> Response:
+        out: dict[str, Any] = {}
+        async with gw.redis_slots:
+            active = await deps.redis.hgetall(keys.EPOCH_ACTIVE)
+            for sym_b, eid_b in sorted(active.items()):
+                eid = _s(eid_b)
+                meta = await deps.redis.hgetall(keys.epoch_meta(eid))
+                out[_s(sym_b)] = {"epoch": eid, "meta": {_s(k): _s(v) for k, v in meta.items()}}
+        body = {
+            "active": out,
+            "symbols": list(settings.symbols),
+            "strategies": list(keys.STRATEGIES),
+        }
+        return Response(orjson.dumps(body), media_type="application/json")
+
+    async def healthz(request: Request) -> Response:
+        try:
+            await asyncio.wait_for(deps.redis.ping(), 2)
+        except (RedisError, OSError, TimeoutError) as exc:
+            return PlainTextResponse(f"redis: {exc}\n", status_code=503)
+        if not gw.started:
+            return PlainTextResponse("feeds not started\n", status_code=503)
+        return PlainTextResponse("ok\n")
+
+    async def metrics(request: Request) -> Response:
+        return Response(generate_latest(deps.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def index(request: Request) -> Response:
+        return FileResponse(static / "index.html", headers={"Cache-Control": "no-cache"})
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await gw.start()
+        try:
+            yield
+        finally:
+            await gw.stop()
+
+    app = Starlette(
+        routes=[
+            Route("/", index),
+            Route("/sse/heatmap/{strategy}", sse),
+            Route("/sse/gex", sse),
+            Route("/api/heatmap/{strategy}", api_model),
+            Route("/api/gex", api_model),
+            Route("/api/epochs", api_epochs),
+            Route("/healthz", healthz),
+            Route("/metrics", metrics),
+            Mount("/static", StaticFiles(directory=static), name="static"),
+        ],
+        lifespan=lifespan,
+    )
+    app.state.gateway = gw
+    return app
+
+
+# --- processor ---------------------------------------------------------------------------------
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handlers (the runner owns SIGTERM/SIGINT)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class SseGateway:
+    name = "sse-gateway"
+
+    def __init__(self, deps: Deps, settings: SseSettings) -> None:
+        self.deps = deps
+        self.settings = settings
+        self.app = create_app(deps, settings)
+        self.gateway: Gateway = self.app.state.gateway
+        self.server: _Server | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.server is not None and self.server.started and self.gateway.started
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful with ``port=0``)."""
+        if self.server is None or not self.server.servers:
+            return self.settings.port
+        sock = self.server.servers[0].sockets[0]
+        return int(sock.getsockname()[1])
+
+    async def run(self, stop: asyncio.Event) -> None:
+        config = uvicorn.Config(
+            self.app,
+            host=self.settings.host,
+            port=self.settings.port,
+            log_level=self.settings.log_level,
+            lifespan="on",
+            timeout_graceful_shutdown=max(1, int(self.deps.settings.grace_s)),
+            access_log=False,
+        )
+        self.server = _Server(config)
+        serving = asyncio.create_task(self.server.serve(), name="sse-gateway:uvicorn")
+        stopper = asyncio.create_task(stop.wait(), name="sse-gateway:stop")
+        try:
+            await asyncio.wait([serving, stopper], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopper.cancel()
+            self.gateway.close_sessions()  # open streams end, so uvicorn can drain
+            self.server.should_exit = True
+            await serving
+
+
+def build(deps: Deps, arg: str | None) -> SseGateway:
+    if arg:
+        raise ValueError(f"sse-gateway takes no argument (got {arg!r})")
+    return SseGateway(deps, from_env(SseSettings, "MASSIVE_SSE_"))

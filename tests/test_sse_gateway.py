@@ -1,0 +1,435 @@
+"""SSE gateway against a real uvicorn server on a free port and a real Redis, with real SSE
+clients (httpx-sse, and a raw socket for the stalled client)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
+
+import httpx
+import pytest
+from httpx_sse import ServerSentEvent, aconnect_sse
+from redis.asyncio import Redis
+
+from processors.sse_gateway import SseGateway, SseSettings, frame, parse_id
+from schemas import keys
+from streams.processor import Deps
+from tests.sse_publisher import FakeMarket, ModelWriter, publish_full, publish_step
+from tests.util import eventually
+
+SETTINGS = SseSettings(host="127.0.0.1", port=0, ping_s=15.0, queue_max=64, block_ms=200)
+HEAT = "heatmap:butterfly"
+
+
+@contextlib.asynccontextmanager
+async def gateway(deps: Deps, settings: SseSettings = SETTINGS) -> AsyncIterator[SseGateway]:
+    gw = SseGateway(deps, settings)
+    stop = asyncio.Event()
+    task = asyncio.create_task(gw.run(stop))
+
+    async def up() -> bool:
+        if task.done():
+            task.result()
+        return gw.ready
+
+    await eventually(up, timeout_s=10)
+    try:
+        yield gw
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+def base(gw: SseGateway) -> str:
+    return f"http://127.0.0.1:{gw.port}"
+
+
+class Client:
+    """Collects the events of one SSE connection in the background."""
+
+    def __init__(self, url: str, headers: dict[str, str] | None = None) -> None:
+        self.url = url
+        self.headers = headers or {}
+        self.events: asyncio.Queue[ServerSentEvent] = asyncio.Queue()
+        self.task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        async with (
+            httpx.AsyncClient(timeout=httpx.Timeout(30, read=None)) as http,
+            aconnect_sse(http, "GET", self.url, headers=self.headers) as es,
+        ):
+            assert es.response.status_code == 200
+            async for ev in es.aiter_sse():
+                if ev.event == "message" and not ev.data:
+                    continue  # a bare "retry:" block (browsers dispatch nothing for it)
+                await self.events.put(ev)
+
+    async def __aenter__(self) -> Client:
+        self.task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.task is not None
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+
+    async def next(self, timeout_s: float = 5.0) -> ServerSentEvent:
+        assert self.task is not None
+        get = asyncio.ensure_future(self.events.get())
+        done, _ = await asyncio.wait(
+            [get, self.task], timeout=timeout_s, return_when="FIRST_COMPLETED"
+        )
+        if get in done:
+            return get.result()
+        get.cancel()
+        if self.task.done():
+            self.task.result()
+            raise AssertionError("SSE stream ended")
+        raise AssertionError(f"no SSE event within {timeout_s}s")
+
+    async def next_data(self, event: str | None = None, timeout_s: float = 5.0) -> ServerSentEvent:
+        """Next snapshot/diff/status event (skips nothing else: pings are comments)."""
+        ev = await self.next(timeout_s)
+        if event is not None:
+            assert ev.event == event, (ev.event, ev.data[:200])
+        return ev
+
+
+def apply(items: dict[str, Any], diff: dict[str, Any]) -> dict[str, Any]:
+    out = dict(items)
+    out.update(diff["changed"])
+    for k in diff["removed"]:
+        out.pop(k, None)
+    return out
+
+
+async def test_snapshot_then_diffs_filtered_by_symbol(deps: Deps, redis: Redis) -> None:
+    writer = ModelWriter(redis)
+    spx, ndx = FakeMarket("SPX"), FakeMarket("NDX", spot=21000.0, step=10.0, seed=3)
+    await publish_full(writer, spx, 1)
+    await publish_full(writer, ndx, 1)
+    async with gateway(deps) as gw, Client(f"{base(gw)}/sse/heatmap/butterfly?symbol=SPX") as c:
+        snap = await c.next_data("snapshot")
+        model = json.loads(snap.data)
+        assert model["version"] == 1 and model["symbol"] == "SPX" and model["kind"] == HEAT
+        assert snap.id == writer.models[("SPX", HEAT)].diff_id
+        ids = []
+        for i in range(5):
+            await publish_step(writer, ndx, 10 + i)  # other symbol: filtered out
+            await publish_step(writer, spx, 10 + i)
+            ids.append(writer.models[("SPX", HEAT)].diff_id)
+        items = model["items"]
+        for i in range(5):
+            ev = await c.next_data("diff")
+            diff = json.loads(ev.data)
+            assert diff["symbol"] == "SPX"
+            assert diff["version"] == 2 + i and ev.id == ids[i]
+            items = apply(items, diff)
+        assert items == writer.models[("SPX", HEAT)].items
+        assert c.events.empty()
+
+
+async def metric(gw: SseGateway, series: str) -> float:
+    """Value of one exposition line of /metrics (0 when absent)."""
+    for line in (await _get(gw, "/metrics")).text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def _get(gw: SseGateway, path: str) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=base(gw)) as http:
+        return await http.get(path)
+
+
+async def test_resume_by_last_event_id_replays_every_missed_diff_once_in_order(
+    deps: Deps, redis: Redis
+) -> None:
+    writer = ModelWriter(redis)
+    spx = FakeMarket("SPX")
+    await publish_full(writer, spx, 1)
+    url = ""
+    async with gateway(deps) as gw:
+        url = f"{base(gw)}/sse/heatmap/butterfly?symbol=SPX"
+        async with Client(url) as c:
+            await c.next_data("snapshot")
+            for i in range(3):
+                await publish_step(writer, spx, 10 + i)
+            last = None
+            for _ in range(3):
+                last = await c.next_data("diff")
+        assert last is not None
+        missed = []
+        for i in range(7):
+            await publish_step(writer, spx, 20 + i)
+            missed.append(writer.models[("SPX", HEAT)].diff_id)
+        async with Client(url, {"Last-Event-ID": last.id}) as c2:
+            got = [await c2.next_data("diff") for _ in range(7)]
+            assert [e.id for e in got] == missed
+            assert [json.loads(e.data)["version"] for e in got] == list(range(5, 12))
+            # live diffs continue after the replay, nothing duplicated
+            await publish_step(writer, spx, 99)
+            ev = await c2.next_data("diff")
+            assert json.loads(ev.data)["version"] == 12
+            assert c2.events.empty()
+        # the query parameter works like the header (hand-made reconnects)
+        async with Client(url + f"&last_event_id={missed[-2]}") as c3:
+            ev = await c3.next_data("diff")
+            assert ev.id == missed[-1]
+
+
+async def test_resume_from_trimmed_id_sends_fresh_snapshot(deps: Deps, redis: Redis) -> None:
+    writer = ModelWriter(redis)
+    spx = FakeMarket("SPX")
+    await publish_full(writer, spx, 1)
+    async with gateway(deps) as gw:
+        url = f"{base(gw)}/sse/heatmap/butterfly?symbol=SPX"
+        async with Client(url) as c:
+            old = (await c.next_data("snapshot")).id
+        for i in range(6):
+            await publish_step(writer, spx, 10 + i)
+        await redis.xtrim(keys.heatmap_diffs_stream("butterfly"), maxlen=2, approximate=False)
+        async with Client(url, {"Last-Event-ID": old}) as c2:
+            snap = await c2.next_data("snapshot")
+            model = json.loads(snap.data)
+            assert model["version"] == 7
+            assert model["items"] == writer.models[("SPX", HEAT)].items
+            assert snap.id == writer.models[("SPX", HEAT)].diff_id
+        # an id that never existed (well after the head) also falls back to a snapshot
+        async with Client(url, {"Last-Event-ID": "1-1"}) as c3:
+            assert json.loads((await c3.next_data("snapshot")).data)["version"] == 7
+        metrics = (await _get(gw, "/metrics")).text
+        assert 'massive_sse_resyncs_total{channel="heatmap:butterfly",reason="resume"} 2.0' in (
+            metrics
+        )
+
+
+async def test_version_gap_and_epoch_change_resync_live_clients(deps: Deps, redis: Redis) -> None:
+    writer = ModelWriter(redis)
+    spx = FakeMarket("SPX")
+    await publish_full(writer, spx, 1)
+    async with gateway(deps) as gw:
+        url = f"{base(gw)}/sse/heatmap/butterfly?symbol=SPX"
+        async with Client(url) as c:
+            await c.next_data("snapshot")
+            await publish_step(writer, spx, 2)
+            assert json.loads((await c.next_data("diff")).data)["version"] == 2
+            # a publisher jumps a version (e.g. a lost diff): the client is re-snapshotted
+            await writer.publish("SPX", HEAT, spx.epoch, spx.tiles("butterfly"), version=5)
+            snap = await c.next_data("snapshot")
+            assert json.loads(snap.data)["version"] == 5
+            # new epoch: versions restart, the client gets the new model, not a diff
+            spx.epoch = "fake-epoch-2"
+            await writer.publish("SPX", HEAT, spx.epoch, spx.tiles("butterfly"))
+            snap = await c.next_data("snapshot")
+            model = json.loads(snap.data)
+            assert (model["epoch"], model["version"]) == ("fake-epoch-2", 1)
+            await publish_step(writer, spx, 3)
+            diff = json.loads((await c.next_data("diff")).data)
+            assert (diff["epoch"], diff["version"]) == ("fake-epoch-2", 2)
+        metrics = (await _get(gw, "/metrics")).text
+        for reason in ("gap", "epoch"):
+            assert (
+                f'massive_sse_resyncs_total{{channel="heatmap:butterfly",reason="{reason}"}} 1.0'
+                in metrics
+            )
+
+
+async def test_stream_waits_for_a_model_that_does_not_exist_yet(deps: Deps, redis: Redis) -> None:
+    writer = ModelWriter(redis)
+    spx = FakeMarket("SPX")
+    settings = replace(SETTINGS, no_model_poll_s=5.0)  # the first diff wakes it, not the timer
+    async with gateway(deps, settings) as gw, Client(f"{base(gw)}/sse/gex?symbol=SPX") as c:
+        status = await c.next_data("status")
+        assert json.loads(status.data) == {"state": "no_model"}
+        await publish_full(writer, spx, 1)
+        snap = await c.next_data("snapshot", timeout_s=3)
+        model = json.loads(snap.data)
+        assert model["kind"] == "gex" and "levels" in model["meta"]
+        await publish_step(writer, spx, 2)
+        assert json.loads((await c.next_data("diff")).data)["version"] == 2
+
+
+def _frames(buf: bytearray) -> list[tuple[str, str, str]]:
+    """Pop complete frames from ``buf`` as (event, id, data); comments/retry are skipped."""
+    out = []
+    while True:
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            return out
+        block = bytes(buf[:end]).decode()
+        del buf[: end + 4]
+        ev = eid = data = ""
+        for line in block.split("\r\n"):
+            name, _, value = line.partition(": ")
+            if name == "event":
+                ev = value
+            elif name == "id":
+                eid = value
+            elif name == "data":
+                data = value
+        if ev:
+            out.append((ev, eid, data))
+
+
+async def test_stalled_client_is_bounded_and_resynced_without_blocking_others(
+    deps: Deps, redis: Redis
+) -> None:
+    writer = ModelWriter(redis)
+    await writer.publish("SPX", HEAT, "e1", {"seed": 0}, ts_ns=1)
+    settings = replace(SETTINGS, queue_max=8)
+    n = 80
+    blob = "x" * 100_000  # 80 x 100 kB: more than the socket buffers can absorb
+    async with gateway(deps, settings) as gw:
+        url = f"{base(gw)}/sse/heatmap/butterfly?symbol=SPX"
+        slow = socket.socket()
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        slow.connect(("127.0.0.1", gw.port))
+        slow.sendall(b"GET /sse/heatmap/butterfly?symbol=SPX HTTP/1.1\r\nHost: x\r\n\r\n")
+        slow.setblocking(False)
+        try:
+            async with Client(url) as fast:
+                await fast.next_data("snapshot")
+
+                async def slow_subscribed() -> bool:
+                    m = (await _get(gw, "/metrics")).text
+                    return 'massive_sse_clients{channel="heatmap:butterfly"} 2.0' in m
+
+                await eventually(slow_subscribed)
+                t0 = time.monotonic()
+                for i in range(n):
+                    await writer.publish("SPX", HEAT, "e1", {f"t{i}": blob}, ts_ns=i)
+                versions = [
+                    json.loads((await fast.next_data("diff", 20)).data)["version"] for _ in range(n)
+                ]
+                fast_s = time.monotonic() - t0
+                assert versions == list(range(2, n + 2))  # every diff, in order, no resync
+
+                async def dropped() -> float:
+                    return await metric(
+                        gw, 'massive_sse_dropped_total{channel="heatmap:butterfly"}'
+                    )
+
+                # the stalled client's buffer overflowed (entries dropped for it alone) while
+                # the reader and the fast client went on
+                assert await eventually(dropped, timeout_s=5) > 0
+                # now the slow client reads: it gets a fresh snapshot of the latest version
+                loop = asyncio.get_running_loop()
+                buf = bytearray()
+                seen: list[tuple[str, str, str]] = []
+                deadline = time.monotonic() + 20
+                while not any(
+                    e == "snapshot" and json.loads(d)["version"] == n + 1 for e, _, d in seen
+                ):
+                    assert time.monotonic() < deadline, [(e, i) for e, i, _ in seen]
+                    chunk = await asyncio.wait_for(loop.sock_recv(slow, 1 << 20), 10)
+                    assert chunk, "slow stream closed"
+                    buf += chunk
+                    seen += _frames(buf)
+                # before the resync it received a consistent prefix: snapshot v1, diffs v2..vk
+                first_vs = [json.loads(d)["version"] for _, _, d in seen]
+                k = first_vs.index(n + 1)
+                assert first_vs[:k] == list(range(1, k + 1))
+                assert [e for e, _, _ in seen[1:k]] == ["diff"] * (k - 1)
+                # and after the resync, live diffs flow again
+                await writer.publish("SPX", HEAT, "e1", {"after": 1}, ts_ns=n + 1)
+                while True:
+                    chunk = await asyncio.wait_for(loop.sock_recv(slow, 1 << 20), 10)
+                    buf += chunk
+                    got = _frames(buf)
+                    if got:
+                        assert got[0][0] == "diff" and json.loads(got[0][2])["version"] == n + 2
+                        break
+                assert fast_s < 20
+                overflow = (
+                    'massive_sse_resyncs_total{channel="heatmap:butterfly",reason="overflow"}'
+                )
+                assert await metric(gw, overflow) == 1
+        finally:
+            slow.close()
+
+
+async def test_json_endpoints_health_metrics_and_keepalive(deps: Deps, redis: Redis) -> None:
+    writer = ModelWriter(redis)
+    spx = FakeMarket("SPX")
+    await publish_full(writer, spx, 1)
+    await redis.hset(keys.EPOCH_ACTIVE, "SPX", "eid1")
+    await redis.hset(keys.epoch_meta("eid1"), mapping={"state": "active", "spot": "6850.1"})
+    async with (
+        gateway(deps, replace(SETTINGS, ping_s=0.2)) as gw,
+        httpx.AsyncClient(base_url=base(gw)) as http,
+    ):
+        r = await http.get("/api/heatmap/vertical", params={"symbol": "spx"})
+        assert r.status_code == 200
+        assert r.json()["version"] == writer.models[("SPX", "heatmap:vertical")].version
+        assert (await http.get("/api/gex?symbol=SPX")).json()["kind"] == "gex"
+        assert (await http.get("/api/gex?symbol=NDX")).status_code == 404
+        assert (await http.get("/api/heatmap/condor?symbol=SPX")).status_code == 400
+        assert (await http.get("/sse/heatmap/condor?symbol=SPX")).status_code == 400
+        assert (await http.get("/api/gex?symbol=S%20X")).status_code == 400
+        ep = (await http.get("/api/epochs")).json()
+        assert ep["active"]["SPX"] == {
+            "epoch": "eid1",
+            "meta": {"state": "active", "spot": "6850.1"},
+        }
+        assert ep["strategies"] == list(keys.STRATEGIES)
+        assert (await http.get("/healthz")).text == "ok\n"
+        page = await http.get("/")
+        assert page.status_code == 200 and "app.js" in page.text
+        assert (await http.get("/static/app.js")).status_code == 200
+        # keep-alive comments while no data flows
+        async with http.stream("GET", "/sse/gex?symbol=SPX") as resp:
+            body = b""
+            async for chunk in resp.aiter_bytes():
+                body += chunk
+                if body.count(b": ping") >= 2:
+                    break
+            assert b"event: snapshot" in body
+        metrics = (await http.get("/metrics")).text
+        assert 'massive_sse_events_sent_total{channel="gex",event="snapshot"} 1.0' in metrics
+
+
+async def test_stop_ends_open_streams_promptly(deps: Deps, redis: Redis) -> None:
+    writer = ModelWriter(redis)
+    await writer.publish("SPX", "gex", "e", {"6000": {"strike": 6000.0}}, ts_ns=1)
+    gw = SseGateway(deps, SETTINGS)
+    stop = asyncio.Event()
+    task = asyncio.create_task(gw.run(stop))
+
+    async def up() -> bool:
+        return gw.ready
+
+    await eventually(up, timeout_s=10)
+    async with Client(f"http://127.0.0.1:{gw.port}/sse/gex?symbol=SPX") as c:
+        await c.next_data("snapshot")
+        t0 = time.monotonic()
+        stop.set()
+        await asyncio.wait_for(task, 5)
+        assert time.monotonic() - t0 < 3
+        assert c.task is not None
+        await asyncio.wait_for(asyncio.shield(c.task), 5)  # the stream ended cleanly
+
+
+def test_ids_and_frames() -> None:
+    assert parse_id("1700000000000-3") == (1700000000000, 3)
+    assert parse_id(b"5") == (5, 0)
+    assert parse_id("x-1") is None and parse_id(None) is None and parse_id("-1-2") is None
+    assert frame("diff", b'{"a":\n1}', "1-0") == b'id: 1-0\r\nevent: diff\r\ndata: {"a": 1}\r\n\r\n'
+
+
+@pytest.mark.slow
+async def test_many_clients_short_load(deps: Deps, redis: Redis) -> None:
+    """A short version of bench/sse_load.py: 50 clients, every diff reaches every client."""
+    from bench.sse_load import run_load
+
+    async with gateway(deps) as gw:
+        res = await run_load(redis, base(gw), clients=50, diffs=40, rate_hz=40.0)
+    assert res.lost == 0 and res.received == 50 * 40
+    assert res.p99_ms < 2000
