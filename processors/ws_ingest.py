@@ -70,7 +70,8 @@ _raw_list = msgspec.json.Decoder(list[msgspec.Raw])
 
 @dataclass(frozen=True, slots=True)
 class WsSettings:
-    """Env prefix ``MASSIVE_WS_``; the key is also read from ``MASSIVE_API_KEY``."""
+    """Env prefix ``MASSIVE_WS_``; the key is also read from ``MASSIVE_API_KEY`` and the
+    URL from ``MASSIVE_WS_URL`` (as well as ``MASSIVE_WS_WS_URL``)."""
 
     api_key: str = ""
     ws_url: str = "wss://socket.massive.com"
@@ -116,6 +117,8 @@ def load_settings(environ: dict[str, str] | None = None) -> WsSettings:
     env = dict(os.environ if environ is None else environ)
     if "MASSIVE_WS_API_KEY" not in env and env.get("MASSIVE_API_KEY"):
         env["MASSIVE_WS_API_KEY"] = env["MASSIVE_API_KEY"]
+    if "MASSIVE_WS_WS_URL" not in env and env.get("MASSIVE_WS_URL"):
+        env["MASSIVE_WS_WS_URL"] = env["MASSIVE_WS_URL"]  # the shorter spelling
     return from_env(WsSettings, "MASSIVE_WS_", env)
 
 

@@ -280,3 +280,19 @@ def test_settings_from_env() -> None:
     assert cp.load_settings({**env, "MASSIVE_POLLER_API_KEY": "own"}).api_key == "own"
     with pytest.raises(ValueError, match="auth_mode"):
         cp.load_settings({"MASSIVE_POLLER_AUTH_MODE": "cookie"})
+
+
+def test_build_via_processor_loader(deps: Deps, monkeypatch: pytest.MonkeyPatch) -> None:
+    from streams.processor import load
+
+    monkeypatch.setenv("MASSIVE_API_KEY", "env-key")
+    monkeypatch.setenv("MASSIVE_POLLER_REST_URL", "http://127.0.0.1:1")
+    p = load("chain-poller", deps)
+    assert isinstance(p, cp.ChainPoller) and p.name == "chain-poller" and not p.ready
+    assert (p.s.api_key, p.s.rest_url, p.s.symbols) == (
+        "env-key",
+        "http://127.0.0.1:1",
+        ("SPX", "NDX"),
+    )
+    only = load("chain-poller:spx", deps)
+    assert isinstance(only, cp.ChainPoller) and only.s.symbols == ("SPX",)

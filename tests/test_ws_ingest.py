@@ -473,3 +473,15 @@ def test_settings_from_env() -> None:
     assert (s.api_key, s.silence_s, s.quotes) == ("k", 0.5, False)
     with pytest.raises(ValueError, match="max_quotes"):
         wi.load_settings({"MASSIVE_WS_MAX_QUOTES": "1001"})
+
+
+def test_build_via_processor_loader(deps: Deps, monkeypatch: pytest.MonkeyPatch) -> None:
+    from streams.processor import load
+
+    monkeypatch.setenv("MASSIVE_API_KEY", "env-key")
+    monkeypatch.setenv("MASSIVE_WS_URL", "ws://127.0.0.1:1")
+    w = load("ws-ingest", deps)
+    assert isinstance(w, wi.WsIngest) and w.name == "ws-ingest" and not w.ready
+    assert (w.s.api_key, w.s.ws_url) == ("env-key", "ws://127.0.0.1:1")
+    assert set(w.feeds) == {"options", "indices"}
+    assert load("ws-ingest:ndx", deps).s.symbols == ("NDX",)  # type: ignore[attr-defined]
