@@ -146,7 +146,7 @@ class FakeMarket:
         self.meta: dict[str, tuple[float, str, float]] = {}  # cid -> strike, right, t years
         self.oi: dict[str, float] = {}
         for i, e in enumerate(self.expiries):
-            t = (i + 0.3) / 365.0
+            t = (i + 1.3) / 365.0
             for k in self.strikes:
                 for right in ("C", "P"):
                     cid = ticker.encode(self.root, e, right, k)
@@ -176,10 +176,9 @@ class FakeMarket:
         self.ts_ns += 1_000_000
         for cid in cids:
             k, right, t = self.meta[cid]
-            px = bs_price(self.spot, k, t, self.vol(k), right)
-            half = max(0.05, px * 0.01)
-            bid, ask = max(0.0, round(px - half, 2)), round(px + half, 2)
-            mid = (bid + ask) / 2
+            mid = bs_price(self.spot, k, t, self.vol(k), right)
+            half = min(mid, max(0.05, mid * 0.01))
+            bid, ask = mid - half, mid + half
             self.quotes[cid] = heatmap.LegQuote(
                 bid, ask, mid, self.ts_ns, None, None, self.ts_ns, "ws"
             )
@@ -195,7 +194,7 @@ class FakeMarket:
 
     def step(self, n_contracts: int = 6) -> list[str]:
         """Move spot and re-quote ``n_contracts`` contracts around a random strike."""
-        self.spot *= math.exp(self.rng.gauss(0.0, 0.0008))
+        self.spot *= math.exp(self.rng.gauss(0.0, 0.00005))
         i = self.rng.randrange(len(self.cids))
         chosen = self.cids[max(0, i - n_contracts // 2) : i + n_contracts // 2 + 1]
         self._reprice(chosen)
@@ -215,8 +214,7 @@ class FakeMarket:
         res = gex_math.compute(chain, self.spot)
         meta = {
             "spot": round(self.spot, 2),
-            "levels": res.levels.as_dict(),
-            "levels_0dte": res.levels_0dte.as_dict(),
+            "levels": {"all": res.levels.as_dict(), "0dte": res.levels_0dte.as_dict()},
             "totals": res.totals(),
         }
         return res.items(), meta
@@ -229,7 +227,7 @@ async def publish_full(writer: ModelWriter, market: FakeMarket, ts_ns: int) -> N
             f"heatmap:{s}",
             market.epoch,
             market.tiles(s),
-            meta={"spot": round(market.spot, 2), "widths": list(market.widths)},
+            meta={"strategy": s, "n_tiles": len(market.grids[s].specs)},
             ts_ns=ts_ns,
         )
     items, meta = market.gex()
@@ -247,7 +245,7 @@ async def publish_step(
             f"heatmap:{s}",
             market.epoch,
             changed,
-            meta={"spot": round(market.spot, 2), "widths": list(market.widths)},
+            meta={"strategy": s, "n_tiles": len(market.grids[s].specs)},
             ts_ns=ts_ns,
         )
     if gex:

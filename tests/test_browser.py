@@ -1,0 +1,186 @@
+"""The dashboard in headless Chromium (Debian ``chromium`` driven by Playwright for Python):
+the page loads, heatmap cells and GEX bars appear, change as diffs flow, survive a version
+gap (fresh snapshot) and a screenshot lands in artifacts/.
+
+Needs /usr/bin/chromium (``apt-get install -y chromium``) and ``pip install playwright``
+(no ``playwright install``: the system Chromium is used)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from streams.processor import Deps
+from tests.sse_publisher import FakeMarket, ModelWriter, publish_full, publish_step
+from tests.test_sse_gateway import SETTINGS, base, gateway
+
+CHROMIUM = os.environ.get("MASSIVE_CHROMIUM", "/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+try:
+    from playwright.async_api import Page, async_playwright
+except ImportError:  # pragma: no cover - depends on the machine
+    async_playwright = None  # type: ignore[assignment]
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(async_playwright is None, reason="playwright not installed (pip)"),
+    pytest.mark.skipif(
+        not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} missing (apt-get install chromium)"
+    ),
+]
+
+
+@pytest.fixture
+async def page() -> AsyncIterator[Page]:
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        ctx = await browser.new_context(viewport={"width": 1600, "height": 920})
+        pg = await ctx.new_page()
+        errors: list[str] = []
+        pg.on("pageerror", lambda e: errors.append(str(e)))
+        yield pg
+        await browser.close()
+        assert not errors, errors
+
+
+async def _cells(page: Page) -> dict[str, str]:
+    out: dict[str, str] = await page.eval_on_selector_all(
+        "#heatmap td.cell[data-id]",
+        "els => Object.fromEntries(els.map(e => [e.dataset.id, e.textContent]))",
+    )
+    return out
+
+
+async def _bars(page: Page) -> list[str]:
+    out: list[str] = await page.eval_on_selector_all(
+        "#gex rect.bar", "els => els.map(e => e.getAttribute('width'))"
+    )
+    return out
+
+
+async def _version(page: Page, which: str) -> int:
+    v = await page.get_attribute(f"#status-{which}", "data-version")
+    return int(v) if v else 0
+
+
+async def _until(page: Page, cond: Any, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await cond():
+        assert time.monotonic() < deadline, "page condition not met in time"
+        await page.wait_for_timeout(50)
+
+
+@pytest.mark.timeout(60)
+async def test_dashboard_live_heatmap_and_gex(deps: Deps, redis: Redis, page: Page) -> None:
+    writer = ModelWriter(redis)
+    market = FakeMarket("SPX", n_strikes=40)
+    await publish_full(writer, market, time.time_ns())
+    async with gateway(deps, SETTINGS) as gw:
+        await page.goto(base(gw) + "/")
+        await page.wait_for_selector("#heatmap td.cell[data-id]", timeout=10_000)
+        await page.wait_for_selector("#gex rect.bar", timeout=10_000)
+        await page.wait_for_selector('#status-heatmap[data-state="live"]')
+        await page.wait_for_selector('#status-gex[data-state="live"]')
+        cells0, bars0 = await _cells(page), await _bars(page)
+        assert len(cells0) > 50 and len(bars0) > 10
+        # the grid shows the model's butterfly calls of the first expiry
+        model = writer.models[("SPX", "heatmap:butterfly")]
+        expiry = min(t["expiry"] for t in model.items.values())
+        shown = {tid for tid in cells0}
+        expected = {
+            tid for tid, t in model.items.items() if t["expiry"] == expiry and t["right"] == "C"
+        }
+        assert shown == expected
+        for tid in list(shown)[:20]:
+            assert _same(cells0[tid], model.items[tid]["debit"]), tid
+
+        # live data: publish steps while the page is open
+        async def feed() -> None:
+            for _ in range(40):
+                await publish_step(writer, market, time.time_ns())
+                await asyncio.sleep(0.05)
+
+        task = asyncio.create_task(feed())
+        v0 = await _version(page, "heatmap")
+
+        async def moved() -> bool:
+            return (
+                await _version(page, "heatmap") >= v0 + 10
+                and await _cells(page) != cells0
+                and await _bars(page) != bars0
+            )
+
+        await _until(page, moved, 20)
+        await task
+        last = writer.models[("SPX", "heatmap:butterfly")].version
+
+        async def caught_up() -> bool:
+            return await _version(page, "heatmap") == last
+
+        await _until(page, caught_up)
+        # after all diffs the page's grid equals the published model, cell for cell
+        model = writer.models[("SPX", "heatmap:butterfly")]
+        cells = await _cells(page)
+        for tid, text in cells.items():
+            assert _same(text, model.items[tid]["debit"]), (tid, text)
+
+        # a version gap makes the page fetch a fresh snapshot (no silent divergence)
+        gap_v = last + 3
+        await writer.publish(
+            "SPX", "heatmap:butterfly", market.epoch, market.tiles("butterfly"), version=gap_v
+        )
+
+        async def resynced() -> bool:
+            return await _version(page, "heatmap") == gap_v
+
+        await _until(page, resynced)
+
+        # controls: puts, convexity, GEX net / 0DTE
+        await page.click('#right button[data-v="P"]')
+        await page.click('#metric button[data-v="convexity"]')
+        await _until(page, lambda: _has_put_cells(page))
+        await page.click('#gex-view button[data-v="net"]')
+        await page.wait_for_selector("#gex rect.bar.net-pos, #gex rect.bar.net-neg")
+        await page.hover("#heatmap tr.atm td.cell[data-id]")
+        await page.wait_for_selector("#tooltip:not([hidden])")
+        assert "Debit" in (await page.inner_text("#tooltip"))
+        ARTIFACTS.mkdir(exist_ok=True)
+        await page.screenshot(path=str(ARTIFACTS / "dashboard-puts-net.png"))
+        # back to the default view for the main screenshot
+        await page.click('#right button[data-v="C"]')
+        await page.click('#metric button[data-v="r2r"]')
+        await page.click('#gex-view button[data-v="split"]')
+        await page.mouse.move(5, 5)
+        await page.wait_for_timeout(300)
+        await page.screenshot(path=str(ARTIFACTS / "dashboard.png"))
+        assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000
+
+
+def _same(text: str, value: float | None) -> bool:
+    """A cell shows ``value`` with 2 decimals (JS toFixed may round halves differently)."""
+    if value is None:
+        return text == "—"
+    return abs(float(text) - value) <= 0.005 + 1e-9
+
+
+async def _has_put_cells(page: Page) -> bool:
+    ids = await _cells(page)
+    return bool(ids) and all(i.endswith(":P") for i in ids)
