@@ -619,7 +619,7 @@ class Market:
             t = self.years_to(c.settle_ns)
             sig = self.atm_vol(spec, t) * math.sqrt(t)
             x = math.log(c.strike / spot) / max(sig, 0.004)
-            w = math.exp(-0.5 * x * x) / (1.0 + 20.0 * t) + 1e-4
+            w = math.exp(-0.5 * x * x) / (max(sig, 0.004) * (1.0 + 50.0 * t)) + 1e-4
             total += w
             smp.cum.append(total)
             smp.contracts.append(c)

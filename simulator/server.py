@@ -692,8 +692,11 @@ class SimServer:
         finally:
             self._conns.discard(conn)
             self.stats.connections -= 1
-            if not conn.closing:
-                self._close_after(conn, 1000)
+            conn.closing = True
+            try:
+                conn.queue.put_nowait(1000)  # flush what is queued, then close (or exit)
+            except asyncio.QueueFull:
+                sender.cancel()
             try:
                 await asyncio.wait_for(sender, 2.0)
             except (TimeoutError, asyncio.CancelledError):
