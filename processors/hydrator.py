@@ -35,6 +35,8 @@ harmless (recompute of an unchanged tile) and never loses a notification.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import logging
 import sys
@@ -69,10 +71,13 @@ class HydratorSettings:
     dirty_chunk: int = 500  # cids per DirtyEntry
     count: int = 0  # XREADGROUP COUNT override (0: RuntimeSettings.count)
     max_attempts: int = 3  # re-resolutions after an epoch change within one batch
+    sub_batch: int = 100  # stream entries per Lua call (pipelined against decoding)
 
     def __post_init__(self) -> None:
-        if self.dirty_chunk < 1 or self.count < 0 or self.max_attempts < 1:
-            raise ValueError("dirty_chunk >= 1, count >= 0 and max_attempts >= 1 required")
+        if self.dirty_chunk < 1 or self.count < 0 or self.max_attempts < 1 or self.sub_batch < 1:
+            raise ValueError(
+                "dirty_chunk >= 1, count >= 0, max_attempts >= 1 and sub_batch >= 1 required"
+            )
 
 
 def _s(v: bytes | str) -> str:
@@ -88,6 +93,24 @@ def _symbol_of(cid: str) -> str | None:
         return ticker.parse(cid).symbol
     except ticker.TickerError:
         return None
+
+
+@dataclass(slots=True)
+class _Dirty:
+    recv: dict[str, int]  # cid -> earliest receive time behind its change (insertion order)
+    max_ts_ms: int
+
+
+def _merge(acc: dict[tuple[str, str], _Dirty], new: dict[tuple[str, str], _Dirty]) -> None:
+    for key, d in new.items():
+        cur = acc.get(key)
+        if cur is None:
+            acc[key] = d
+            continue
+        for cid, r in d.recv.items():
+            if r < cur.recv.get(cid, _MAX):
+                cur.recv[cid] = r
+        cur.max_ts_ms = max(cur.max_ts_ms, d.max_ts_ms)
 
 
 @dataclass(slots=True)
@@ -231,15 +254,55 @@ class Hydrator(ConsumerProcessor):
 
     # --- the batch -------------------------------------------------------------------------
     async def handle(self, entries: list[Entry]) -> None:
-        b = self._collect(entries)
-        if not (b.quotes or b.trades or b.spots):
-            return
-        dirty = await self._apply(b)
+        """Sub-batches are applied strictly in stream order, one request in flight: while
+        Redis runs the Lua of sub-batch k, this process decodes sub-batch k+1 (the two CPUs
+        overlap). The dirty entries of the whole batch are emitted once, at the end."""
+        acc: dict[tuple[str, str], _Dirty] = {}
+        step = self.cfg.sub_batch
+        inflight: asyncio.Task[dict[tuple[str, str], _Dirty]] | None = None
+        try:
+            for off in range(0, len(entries), step):
+                b = self._collect(entries[off : off + step])
+                if inflight is not None:
+                    _merge(acc, await inflight)
+                    inflight = None
+                if b.quotes or b.trades or b.spots:
+                    inflight = asyncio.create_task(self._apply(b))
+                    await asyncio.sleep(0)  # let it build and send its request now
+            if inflight is not None:
+                _merge(acc, await inflight)
+                inflight = None
+        finally:
+            if inflight is not None:  # an error elsewhere: do not leave it running alone
+                inflight.cancel()
+                with contextlib.suppress(BaseException):
+                    await inflight
+        dirty = self._dirty_entries(acc)
         if dirty:
             await self._emit_dirty(dirty)
 
-    async def _apply(self, b: _Batch) -> list[DirtyEntry]:
-        """Write the batch with admission; returns the dirty entries to emit."""
+    def _dirty_entries(self, acc: dict[tuple[str, str], _Dirty]) -> list[DirtyEntry]:
+        out: list[DirtyEntry] = []
+        step = self.cfg.dirty_chunk
+        for (s, eid), d in acc.items():
+            cids = list(d.recv)
+            for off in range(0, len(cids), step):
+                part = cids[off : off + step]
+                out.append(
+                    DirtyEntry(
+                        symbol=s,
+                        epoch=eid,
+                        cids=part,
+                        max_ts_ns=d.max_ts_ms * NS_PER_MS,
+                        recv_ts_ns=min(d.recv[c] for c in part),
+                        reason="ws",
+                    )
+                )
+        return out
+
+    async def _apply(self, b: _Batch) -> dict[tuple[str, str], _Dirty]:
+        """Write the batch with admission; returns, per (symbol, epoch), the contracts to
+        notify (with their earliest receive time) and the newest event time behind them."""
         pend_q = list(b.quotes.values())
         pend_t = list(b.trades.values())
         spots = list(b.spots.values())
@@ -321,22 +384,10 @@ class Hydrator(ConsumerProcessor):
         self.m_applied.labels(kind="quote").inc(applied_q)
         self.m_applied.labels(kind="trade").inc(applied_t)
         self._count_misses([m.sym for m in misses_q] + [m.sym for m in misses_t])
-        out: list[DirtyEntry] = []
-        step = self.cfg.dirty_chunk
-        for (s, eid), cids_d in changed.items():
-            cids = list(cids_d)
-            for off in range(0, len(cids), step):
-                part = cids[off : off + step]
-                out.append(
-                    DirtyEntry(
-                        symbol=s,
-                        epoch=eid,
-                        cids=part,
-                        max_ts_ns=max_ts[(s, eid)] * NS_PER_MS,
-                        recv_ts_ns=min(b.recv.get(c, _MAX) for c in part),
-                        reason="ws",
-                    )
-                )
+        out: dict[tuple[str, str], _Dirty] = {}
+        for key, got in changed.items():
+            if got:
+                out[key] = _Dirty({c: b.recv.get(c, _MAX) for c in got}, max_ts[key])
         return out
 
     def _queue(
@@ -361,12 +412,14 @@ class Hydrator(ConsumerProcessor):
 
     @staticmethod
     def _pack(qs: list[Quote], ts: list[Trade]) -> tuple[bytes, bytes]:
-        qrows = [
-            (q.sym, str(q.t * NS_PER_MS), repr(q.bp), repr(q.ap), repr((q.bp + q.ap) / 2))
-            for q in qs
-        ]
-        trows = [(t.sym, str(t.t * NS_PER_MS), repr(t.p), str(t.s)) for t in ts]
-        return _packer.encode(qrows), _packer.encode(trows)
+        """Flat msgpack arrays of strings (see lua/hydrate.lua)."""
+        qflat: list[str] = []
+        for q in qs:
+            qflat += (q.sym, str(q.t * NS_PER_MS), repr(q.bp), repr(q.ap), repr((q.bp + q.ap) / 2))
+        tflat: list[str] = []
+        for t in ts:
+            tflat += (t.sym, str(t.t * NS_PER_MS), repr(t.p), str(t.s))
+        return _packer.encode(qflat), _packer.encode(tflat)
 
     def _count_misses(self, cids: Iterable[str]) -> None:
         per: dict[str, int] = {}

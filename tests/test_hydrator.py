@@ -158,6 +158,7 @@ def test_reordered_duplicated_events_match_sequential_admission(
     bcuts = sorted(
         set(data.draw(st.lists(st.integers(1, len(frames)), max_size=6), label="batches"))
     )
+    sub_batch = data.draw(st.integers(1, 4), label="sub_batch")  # entries per Lua call
 
     async def scenario() -> None:
         redis = Redis.from_url(redis_server.url)
@@ -167,7 +168,9 @@ def test_reordered_duplicated_events_match_sequential_admission(
             await push(redis, [[to_json(e) for e in f] for f in frames])
             es = await entries(redis)
             rs = RuntimeSettings(redis_url=redis_server.url, consumer="p1")
-            hyd = Hydrator(Deps(redis, rs, CollectorRegistry()))
+            hyd = Hydrator(
+                Deps(redis, rs, CollectorRegistry()), HydratorSettings(sub_batch=sub_batch)
+            )
             for a, b in zip([0, *bcuts], [*bcuts, len(es)], strict=True):
                 if a < b:
                     await hyd.handle(es[a:b])
@@ -228,7 +231,8 @@ async def test_two_replicas_give_the_same_state_as_one(
         hyds = [
             Hydrator(
                 Deps(redis, RuntimeSettings(redis_url=settings.redis_url, consumer=c, count=7,
-                                            block_ms=20), CollectorRegistry())
+                                            block_ms=20), CollectorRegistry()),
+                HydratorSettings(sub_batch=3),
             )
             for c in consumers
         ]  # fmt: skip

@@ -1,8 +1,9 @@
 -- WS values -> contract hashes of the ACTIVE epoch, with admission (DESIGN invariant 4).
 -- KEYS[1] = epoch:{eid}:meta (declares the slot; every contract key shares the {eid} tag)
 -- ARGV[1] = contract key prefix "epoch:{eid}:contract:"
--- ARGV[2] = msgpack array of quotes {cid, ts_ns, bid, ask, mid}   (strings)
--- ARGV[3] = msgpack array of trades {cid, ts_ns, last, size}      (strings)
+-- ARGV[2] = msgpack FLAT array of quotes, 5 strings each: cid, ts_ns, bid, ask, mid
+-- ARGV[3] = msgpack FLAT array of trades, 4 strings each: cid, ts_ns, last, size
+-- (flat arrays: no Lua table per event.)
 -- Per kind: A slot absent -> create; B strictly newer ts -> replace; C older/equal -> discard.
 -- Returns {status, misses, i1, i2, ...}: status 1 = epoch not active (nothing written, the
 -- caller re-resolves); misses = contract hashes that do not exist (never created here);
@@ -16,44 +17,54 @@ local function newer(a, b)
   if #a ~= #b then return #a > #b end
   return a > b
 end
+local call = redis.call
 local prefix = ARGV[1]
-local quotes = cmsgpack.unpack(ARGV[2])
-local trades = cmsgpack.unpack(ARGV[3])
+local q = cmsgpack.unpack(ARGV[2])
+local t = cmsgpack.unpack(ARGV[3])
 local out = {0, 0}
 local misses = 0
-local nq = #quotes
-for n = 1, nq do
-  local e = quotes[n]
-  local key = prefix .. e[1]
-  local ts = e[2]
-  local cur = redis.call('HMGET', key, 'type', 'quote_ts', 'bid', 'ask', 'ts_ns')
-  if not cur[1] then
-    misses = misses + 1
-  elseif (not cur[2]) or newer(ts, cur[2]) then
-    local tsn = cur[5]
+local nq = #q / 5
+for n = 0, nq - 1 do
+  local j = n * 5
+  local key = prefix .. q[j + 1]
+  local ts = q[j + 2]
+  local cur = call('HMGET', key, 'quote_ts', 'ts_ns')
+  local qts = cur[1]
+  if (not qts and call('EXISTS', key) == 1) or (qts and newer(ts, qts)) then
+    local tsn = cur[2]
     if (not tsn) or newer(ts, tsn) then tsn = ts end
-    redis.call('HSET', key, 'bid', e[3], 'ask', e[4], 'mid', e[5], 'quote_ts', ts,
+    call('HSET', key, 'bid', q[j + 3], 'ask', q[j + 4], 'mid', q[j + 5], 'quote_ts', ts,
       'ts_ns', tsn, 'src', 'ws')
-    out[#out + 1] = n - 1
-  elseif cur[2] == ts and cur[3] == e[3] and cur[4] == e[4] then
-    out[#out + 1] = n - 1
+    out[#out + 1] = n
+  elseif not qts then
+    misses = misses + 1
+  elseif qts == ts then
+    local v = call('HMGET', key, 'bid', 'ask')
+    if v[1] == q[j + 3] and v[2] == q[j + 4] then
+      out[#out + 1] = n
+    end
   end
 end
-for n = 1, #trades do
-  local e = trades[n]
-  local key = prefix .. e[1]
-  local ts = e[2]
-  local cur = redis.call('HMGET', key, 'type', 'trade_ts', 'last', 'size', 'ts_ns')
-  if not cur[1] then
-    misses = misses + 1
-  elseif (not cur[2]) or newer(ts, cur[2]) then
-    local tsn = cur[5]
+local nt = #t / 4
+for n = 0, nt - 1 do
+  local j = n * 4
+  local key = prefix .. t[j + 1]
+  local ts = t[j + 2]
+  local cur = call('HMGET', key, 'trade_ts', 'ts_ns')
+  local tts = cur[1]
+  if (not tts and call('EXISTS', key) == 1) or (tts and newer(ts, tts)) then
+    local tsn = cur[2]
     if (not tsn) or newer(ts, tsn) then tsn = ts end
-    redis.call('HSET', key, 'last', e[3], 'size', e[4], 'trade_ts', ts, 'ts_ns', tsn,
+    call('HSET', key, 'last', t[j + 3], 'size', t[j + 4], 'trade_ts', ts, 'ts_ns', tsn,
       'src', 'ws')
-    out[#out + 1] = nq + n - 1
-  elseif cur[2] == ts and cur[3] == e[3] and cur[4] == e[4] then
-    out[#out + 1] = nq + n - 1
+    out[#out + 1] = nq + n
+  elseif not tts then
+    misses = misses + 1
+  elseif tts == ts then
+    local v = call('HMGET', key, 'last', 'size')
+    if v[1] == t[j + 3] and v[2] == t[j + 4] then
+      out[#out + 1] = nq + n
+    end
   end
 end
 out[2] = misses
