@@ -120,8 +120,8 @@ async def one_round(
     task = asyncio.create_task(hyd.run(stop))
     while True:
         await asyncio.sleep(0.02)
-        g = (await r.xinfo_groups(keys.WS_STREAM))[0]
-        if int(g["entries-read"] or 0) >= frames and int(g["pending"]) == 0:
+        gs = await r.xinfo_groups(keys.WS_STREAM)
+        if gs and int(gs[0]["entries-read"] or 0) >= frames and int(gs[0]["pending"]) == 0:
             break
         if task.done():
             task.result()
