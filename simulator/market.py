@@ -680,7 +680,9 @@ class Market:
         price = c.model.price * math.exp(self.rng.gauss(0.0, 0.002))
         c.bid, c.ask = bid_ask(price)
         c.bid_size, c.ask_size = self.rng.randint(1, 250), self.rng.randint(1, 250)
-        c.quote_ts = max(ts, c.quote_ts)
+        # the event is the newest quote: a re-quote stamped with this tick by refresh() just
+        # before (same generate call, never observed) must not make it look older
+        c.quote_ts = ts
         x = self.indices[c.symbol].spec.exchange
         payload = {
             "ev": "Q",
@@ -704,7 +706,7 @@ class Market:
             u = self.rng.random()
             px = bid if u < 0.35 else ask if u < 0.7 else round_down_tick((bid + ask) / 2) or bid
         size = min(int(self.rng.expovariate(1 / 6.0)) + 1, 500)
-        c.trade_price, c.trade_size, c.trade_ts = px, size, max(ts, c.trade_ts)
+        c.trade_price, c.trade_size, c.trade_ts = px, size, ts
         if c.day_volume == 0:
             c.day_open = c.day_high = c.day_low = px
         c.day_high, c.day_low = max(c.day_high, px), min(c.day_low, px)

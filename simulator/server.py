@@ -238,7 +238,8 @@ class SimServer:
                 Route("/v1/marketstatus/now", self._market_status),
                 WebSocketRoute("/options", self._ws_options),
                 WebSocketRoute("/indices", self._ws_indices),
-            ]
+            ],
+            exception_handlers={404: self._not_found, 405: self._not_found},
         )
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -376,6 +377,10 @@ class SimServer:
     def _symbol(self, underlying: str) -> str | None:
         sym = underlying[2:] if underlying.startswith("I:") else underlying
         return sym if sym in self.market.indices else None
+
+    async def _not_found(self, request: Request, exc: Exception) -> Response:
+        self.stats.requests += 1
+        return self._error(404, "Not found.")
 
     # --- REST: chain --------------------------------------------------------------------------
     def _parse_chain_query(self, request: Request) -> _ChainQuery:

@@ -652,3 +652,67 @@ async def test_injected_clock_drives_timestamps() -> None:
             assert 1_795_838_282_000_000_000 <= ts <= t[0]
     finally:
         await s.stop()
+
+
+# --- CLI and scenarios -------------------------------------------------------------------------
+def test_cli_main_serves_and_exits(capsys: pytest.CaptureFixture[str]) -> None:
+    from simulator.cli import main
+
+    rc = main(["--port", "0", "--duration-s", "0.3", "--symbols", "NDX", "--log-level", "WARNING"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "REST http://127.0.0.1:" in out and "/options" in out and "NDX" in out
+
+
+async def test_scenarios_drive_the_server(client: httpx.AsyncClient) -> None:
+    from simulator.cli import build_parser, run_scenario
+
+    s = SimServer(SimConfig(symbols=("NDX",)))
+    await s.start()
+    try:
+        n0 = len(s.market.by_symbol["NDX"])
+        args = build_parser().parse_args(["--scenario", "new-listing", "--listing-after-s", "0.05"])
+        stop = asyncio.Event()
+        task = asyncio.create_task(run_scenario(s, args, stop))
+
+        async def listed() -> bool:
+            return len(s.market.by_symbol["NDX"]) > n0 + 2  # a strike, then an expiry
+
+        await eventually(listed)
+        stop.set()
+        await task
+
+        args = build_parser().parse_args(["--scenario", "burst429", "--burst-every-s", "0.05"])
+        stop = asyncio.Event()
+        task = asyncio.create_task(run_scenario(s, args, stop))
+
+        async def limited() -> bool:
+            r = await get(client, s, "/v1/marketstatus/now")
+            return r.status_code == 429
+
+        await eventually(limited)
+        stop.set()
+        await task
+
+        args = build_parser().parse_args(
+            ["--scenario", "silence", "--period-s", "0.2", "--silence-s", "0.1"]
+        )
+        stop = asyncio.Event()
+        task = asyncio.create_task(run_scenario(s, args, stop))
+
+        async def silent() -> bool:
+            return s._silent
+
+        await eventually(silent)
+        stop.set()
+        await task
+        assert not s._silent  # silence is lifted when the scenario stops
+    finally:
+        await s.stop()
+
+
+async def test_unknown_path_is_provider_json_404(srv: SimServer, client: httpx.AsyncClient) -> None:
+    r = await get(client, srv, "/v2/nothing/here")
+    assert r.status_code == 404
+    b = r.json()
+    assert b["status"] == "NOT_FOUND" and b["request_id"]
