@@ -178,7 +178,7 @@ class Hydrator(ConsumerProcessor):
         trades: dict[str, Trade] = {}
         spots: dict[str, IndexValue] = {}
         recv_of: dict[str, int] = {}
-        n_q = n_t = n_v = n_other = n_events = 0
+        n_q = n_t = n_v = n_other = 0
         for eid, fields in entries:
             try:
                 recv = int(fields[WS_RECV_FIELD])
@@ -219,7 +219,6 @@ class Hydrator(ConsumerProcessor):
                     continue
                 if recv < recv_of.get(sym, _MAX):
                     recv_of[sym] = recv
-            n_events += len(fr.events)
         self.m_events.labels(kind="quote").inc(n_q)
         self.m_events.labels(kind="trade").inc(n_t)
         self.m_events.labels(kind="index").inc(n_v)
