@@ -100,11 +100,20 @@ class ApiError(Exception):
         self.message = message
 
 
+@dataclass(frozen=True, slots=True)
+class _Out:
+    """One text frame to write, with what to count once it is written."""
+
+    text: str
+    counts: tuple[tuple[str, int], ...]  # (event kind, n); "status" for status frames
+    malformed: bool = False
+
+
 @dataclass(eq=False)
 class _Conn:
     ws: WebSocket
     market: str  # "options" | "indices"
-    queue: asyncio.Queue[str | int]
+    queue: asyncio.Queue[_Out | int]  # int: close with that code after the queued frames
     authed: bool = False
     closing: bool = False
     t_all: bool = False
@@ -655,11 +664,11 @@ class SimServer:
     async def _ws_indices(self, ws: WebSocket) -> None:
         await self._ws_session(ws, "indices")
 
-    def _send(self, conn: _Conn, events: list[dict[str, Any]]) -> None:
+    def _enqueue(self, conn: _Conn, out: _Out) -> None:
         if conn.closing:
             return
         try:
-            conn.queue.put_nowait(_frame(events))
+            conn.queue.put_nowait(out)
         except asyncio.QueueFull:
             conn.closing = True
             log.warning("simulator: slow consumer on /%s, disconnecting", conn.market)
@@ -678,8 +687,13 @@ class SimServer:
                 if isinstance(item, int):
                     await ws.close(code=item)
                     return
-                await ws.send_text(item)
+                await ws.send_text(item.text)
+                # counted when actually written, so frames_sent/events_sent match the peer
                 self.stats.frames_sent += 1
+                if item.malformed:
+                    self.stats.malformed_sent += 1
+                for kind, n in item.counts:
+                    self._count(kind, n)
 
     async def _ws_session(self, ws: WebSocket, market: str) -> None:
         await ws.accept()
@@ -688,8 +702,8 @@ class SimServer:
         self.stats.connections += 1
         self.stats.connections_total += 1
         sender = asyncio.create_task(self._sender(conn))
-        self._count("status")
-        conn.queue.put_nowait(_frame([_status("connected", "Connected Successfully")]))
+        hello = _frame([_status("connected", "Connected Successfully")])
+        conn.queue.put_nowait(_Out(hello, (("status", 1),)))
         try:
             await self._ws_loop(conn)
         except Exception as exc:  # a broken connection must never hurt the server
@@ -717,8 +731,7 @@ class SimServer:
         return str(text or "")
 
     def _reply(self, conn: _Conn, status: str, message: str) -> None:
-        self._count("status")
-        self._send(conn, [_status(status, message)])
+        self._enqueue(conn, _Out(_frame([_status(status, message)]), (("status", 1),)))
 
     async def _ws_loop(self, conn: _Conn) -> None:
         while not conn.authed:
@@ -869,20 +882,13 @@ class SimServer:
                 chunk = mine[i : i + fmax]
                 if self._malformed > 0:
                     self._malformed -= 1
-                    self.stats.malformed_sent += 1
-                    text = self._malform([e.payload for e in chunk])
+                    out = _Out(self._malform([e.payload for e in chunk]), (), malformed=True)
                 else:
-                    text = _frame(e.payload for e in chunk)
+                    counts: dict[str, int] = {}
                     for e in chunk:
-                        self._count(e.kind)
-                if conn.closing:
-                    break
-                try:
-                    conn.queue.put_nowait(text)
-                except asyncio.QueueFull:
-                    conn.closing = True
-                    log.warning("simulator: slow consumer on /%s, disconnecting", conn.market)
-                    _abort_transport(conn.ws)
+                        counts[e.kind] = counts.get(e.kind, 0) + 1
+                    out = _Out(_frame(e.payload for e in chunk), tuple(counts.items()))
+                self._enqueue(conn, out)
 
     def _malform(self, payloads: list[dict[str, Any]]) -> str:
         kind = self._malformed_kind % 5
