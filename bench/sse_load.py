@@ -119,7 +119,8 @@ async def run_load(
         except TimeoutError:
             n_ok = sum(r.snapshot.is_set() for r in readers)
             errs = [r.task.exception() for r in readers if r.task and r.task.done()]
-            raise RuntimeError(f"only {n_ok}/{clients} clients got a snapshot; {errs[:3]}") from None
+            msg = f"only {n_ok}/{clients} clients got a snapshot; {errs[:3]}"
+            raise RuntimeError(msg) from None
         connect_s = time.monotonic() - t0
         v0 = writer.models[(symbol, KIND)].version
         period = 1.0 / rate_hz

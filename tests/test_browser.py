@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,6 +22,7 @@ from redis.asyncio import Redis
 from streams.processor import Deps
 from tests.sse_publisher import FakeMarket, ModelWriter, publish_full, publish_step
 from tests.test_sse_gateway import SETTINGS, base, gateway
+from tests.util import free_port
 
 CHROMIUM = os.environ.get("MASSIVE_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
@@ -96,7 +99,7 @@ async def test_dashboard_live_heatmap_and_gex(deps: Deps, redis: Redis, page: Pa
     async with gateway(deps, SETTINGS) as gw:
         await page.goto(base(gw) + "/")
         await page.wait_for_selector("#heatmap td.cell[data-id]", timeout=10_000)
-        await page.wait_for_selector("#gex rect.bar", timeout=10_000)
+        await page.wait_for_selector("#gex rect.bar", state="attached", timeout=10_000)
         await page.wait_for_selector('#status-heatmap[data-state="live"]')
         await page.wait_for_selector('#status-gex[data-state="live"]')
         cells0, bars0 = await _cells(page), await _bars(page)
@@ -184,3 +187,67 @@ def _same(text: str, value: float | None) -> bool:
 async def _has_put_cells(page: Page) -> bool:
     ids = await _cells(page)
     return bool(ids) and all(i.endswith(":P") for i in ids)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+async def test_dashboard_on_the_demo_pipeline(redis_server: Any, redis: Redis, page: Page) -> None:
+    """``massive-pipeline demo`` (simulator + every processor) feeding the real page."""
+    port = free_port()
+    env = dict(
+        os.environ,
+        MASSIVE_REDIS_URL=redis_server.url,
+        MASSIVE_POLLER_EXPIRATIONS="2",
+        MASSIVE_POLLER_BAND_POINTS="200",
+        MASSIVE_POLLER_MIN_INTERVAL_S="1",
+        MASSIVE_GEX_INTERVAL_S="0.5",
+        MASSIVE_LOG_LEVEL="WARNING",
+        MASSIVE_GRACE_S="5",
+    )
+    exe = str(Path(sys.executable).with_name("massive-pipeline"))
+    proc = await asyncio.create_subprocess_exec(
+        exe,
+        "demo",
+        "--port",
+        str(port),
+        "--symbols",
+        "SPX",
+        "--duration-s",
+        "80",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        line = b""
+        while b"dashboard:" not in line:
+            line = await asyncio.wait_for(proc.stdout.readline(), 30)
+            assert line, "demo exited before serving the dashboard"
+        await page.goto(f"http://127.0.0.1:{port}/")
+        await page.wait_for_selector("#heatmap td.cell[data-id]", timeout=30_000)
+        await page.wait_for_selector("#gex rect.bar", state="attached", timeout=30_000)
+        cells0, bars0 = await _cells(page), await _bars(page)
+        hv0, gv0 = await _version(page, "heatmap"), await _version(page, "gex")
+
+        async def moved() -> bool:
+            return (
+                await _version(page, "heatmap") > hv0
+                and await _version(page, "gex") > gv0
+                and await _cells(page) != cells0
+                and await _bars(page) != bars0
+            )
+
+        await _until(page, moved, 30)
+        assert await page.get_attribute("#status-heatmap", "data-state") == "live"
+        await page.mouse.move(5, 5)
+        ARTIFACTS.mkdir(exist_ok=True)
+        await page.screenshot(path=str(ARTIFACTS / "dashboard-demo.png"))
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                rc = await asyncio.wait_for(proc.wait(), 20)
+            except TimeoutError:
+                proc.kill()
+                raise
+            assert rc == 0

@@ -168,7 +168,14 @@ function schedule(what, changed) {
   });
 }
 
-const heat = new ModelStream("heatmap", $("status-heatmap"), (m, changed) => schedule("heat", changed));
+let epochShown = null;
+const heat = new ModelStream("heatmap", $("status-heatmap"), (m, changed) => {
+  schedule("heat", changed);
+  if (m && m.epoch !== epochShown) {
+    epochShown = m.epoch; // a new epoch was promoted: refresh the header
+    refreshEpochs();
+  }
+});
 const gex = new ModelStream("gex", $("status-gex"), () => {
   schedule("gex");
   schedule("heat"); // spot / ATM row come from the GEX model
