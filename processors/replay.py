@@ -32,9 +32,10 @@ prev_version, epoch, ts_ns, changed, removed, meta) and the same final models. E
 what Redis assigns at run time (stream entry ids, hence ``diff_id`` and SSE event ids; TTL
 deadlines), and metrics. Conditions: ``--settle-s`` longer than the processors' real-time
 loop periods (publisher tick, GEX poll), and lease TTLs (Redis real time) longer than the
-replay, since lease renewals follow the replay clock. Without ``--lockstep``, batches form by
-timing, so only the final contract values/tiles converge (admission makes them order-
-independent), not the version sequence.
+replay, since lease renewals follow the replay clock. Without ``--lockstep`` the streams are
+processed concurrently and batches form by timing: version sequences differ between runs,
+and so can final values around an epoch change (a WS event processed before the promotion
+lands in the old epoch; the new epoch is seeded from its snapshot), as in live operation.
 """
 
 from __future__ import annotations

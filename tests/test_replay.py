@@ -52,7 +52,7 @@ def snapshot(ts_ns: int, strikes: list[float], spot: float, shift: float) -> Cha
             iv=0.2,
             delta=0.5,
             gamma=round(0.002 / (1 + ((c.strike - spot) / 40) ** 2), 6),
-            oi=float(100 + int(c.strike) % 70),
+            oi=float(100 + int(c.strike) % 70 + (90 if c.right == "P" else 0)),
         )
         for c in base
     ]
