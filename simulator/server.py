@@ -28,7 +28,7 @@ import time
 from bisect import bisect_left, bisect_right
 from collections import deque
 from collections.abc import Callable, Generator, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
@@ -79,7 +79,8 @@ class SimConfig:
     frame_max_events: int = 500
     queue_max_frames: int = 5000  # per connection; beyond it: slow_consumer + close
     include_fmv: bool = False  # fmv is a Business-plan field
-    market: MarketConfig = field(default_factory=MarketConfig)
+    spots: tuple[tuple[str, float], ...] = ()  # e.g. (("SPX", 5800.0),): starting levels
+    market: MarketConfig = field(default_factory=MarketConfig)  # vols, grid, expirations, r, q
 
 
 @dataclass
@@ -218,10 +219,17 @@ class SimServer:
         self.config = config or SimConfig()
         self.clock = clock or time.time_ns
         cfg = self.config
+        mcfg = cfg.market
+        if cfg.spots:
+            levels = dict(cfg.spots)
+            mcfg = replace(
+                mcfg,
+                indices=tuple(replace(i, spot=levels.get(i.symbol, i.spot)) for i in mcfg.indices),
+            )
         self.market = Market(
             seed=cfg.seed,
             symbols=cfg.symbols,
-            config=cfg.market,
+            config=mcfg,
             now_ns=self.clock(),
             events_per_s=cfg.events_per_s,
             quotes=cfg.quotes,

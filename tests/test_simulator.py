@@ -141,6 +141,39 @@ def test_events_are_biased_to_near_atm_short_dated() -> None:
     assert first == m.session  # 0DTE trades
 
 
+def test_open_interest_profile() -> None:
+    m = Market(seed=5, now_ns=1_795_838_282_000_000_000)
+    spot = m.indices["SPX"].value
+    monthly = sorted({c.expiry for c in m.by_symbol["SPX"] if c.root == "SPX"})[1]
+
+    def oi(pred: Any) -> float:
+        xs = [m.refresh(c).oi for c in m.by_symbol["SPX"] if pred(c)]
+        assert len(xs) >= 4
+        return sum(xs) / len(xs)
+
+    def on(root: str) -> Any:
+        return lambda c: c.root == root and c.expiry == monthly
+
+    def dist(c: Any) -> float:
+        return abs(c.strike / spot - 1)
+
+    pm, am = on("SPXW"), on("SPX")
+    assert oi(lambda c: pm(c) and dist(c) < 0.02) > 2 * oi(lambda c: pm(c) and dist(c) > 0.15)
+    near_round = oi(lambda c: pm(c) and dist(c) < 0.05 and c.strike % 100 == 0)
+    near_odd = oi(lambda c: pm(c) and dist(c) < 0.05 and c.strike % 25 != 0)
+    assert near_round > 1.5 * near_odd
+    puts_below = oi(lambda c: pm(c) and not c.call and 0.01 < 1 - c.strike / spot < 0.06)
+    calls_above = oi(lambda c: pm(c) and c.call and 0.01 < c.strike / spot - 1 < 0.06)
+    assert puts_below > 1.5 * calls_above
+    assert oi(lambda c: am(c) and dist(c) < 0.05) > 1.5 * oi(lambda c: pm(c) and dist(c) < 0.05)
+    # the same seed gives the same open interest whatever the order contracts are touched in
+    m2 = Market(seed=5, now_ns=1_795_838_282_000_000_000)
+    sample = m.by_symbol["SPX"][::97]
+    assert [m2.refresh(c2).oi for c2 in reversed([m2.contracts[c.ticker] for c in sample])] == [
+        m.refresh(c).oi for c in reversed(sample)
+    ]
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     s=st.floats(1000, 30000),
@@ -191,7 +224,14 @@ async def test_full_spx_chain_pages_cover_every_contract_once(
 async def test_cursor_is_base64url_query_state_and_paging_stable_across_listing(
     srv: SimServer, client: httpx.AsyncClient
 ) -> None:
-    params = {"limit": 250, "sort": "strike_price", "order": "desc", "contract_type": "put"}
+    last = sorted({c.exp_s for c in srv.market.by_symbol["SPX"]})[8]
+    params = {
+        "limit": 250,
+        "sort": "strike_price",
+        "order": "desc",
+        "contract_type": "put",
+        "expiration_date.lte": last,
+    }
     r = await get(client, srv, "/v3/snapshot/options/I:SPX", **params)
     body = r.json()
     nxt = body["next_url"]
@@ -201,6 +241,7 @@ async def test_cursor_is_base64url_query_state_and_paging_stable_across_listing(
     state = parse_qs(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode())
     assert state["sort"] == ["strike_price"] and state["order"] == ["desc"]
     assert state["limit"] == ["250"] and state["contract_type"] == ["put"]
+    assert state["expiration_date.lte"] == [last]
     seen = [i["details"]["ticker"] for i in body["results"]]
     # the topology changes mid-paging: every pre-existing contract is still served once
     new = srv.list_new_strike("SPX")
@@ -211,7 +252,7 @@ async def test_cursor_is_base64url_query_state_and_paging_stable_across_listing(
         seen.extend(i["details"]["ticker"] for i in body["results"])
         nxt = body.get("next_url")
     assert len(seen) == len(set(seen))
-    puts = {t for t in chain_tickers(srv, "SPX") if parse_ticker(t).right == "P"}
+    puts = {c.ticker for c in srv.market.by_symbol["SPX"] if not c.call and c.exp_s <= last}
     assert puts - set(new) <= set(seen) <= puts
     strikes = [parse_ticker(t).strike for t in seen]
     assert strikes == sorted(strikes, reverse=True)
@@ -280,9 +321,11 @@ async def test_item_shape_units_and_omissions(srv: SimServer, client: httpx.Asyn
         client,
         srv,
         "/v3/snapshot/options/I:SPX",
-        {"limit": 250, "expiration_date.lte": srv.market.by_symbol["SPX"][0].exp_s},
+        {"limit": 250, "expiration_date.lte": min(c.exp_s for c in srv.market.by_symbol["SPX"])},
     )
-    items += (await page_all(client, srv, "/v3/snapshot/options/I:NDX", {"limit": 250}))[0]
+    ndx_monthly = srv.market.by_symbol["NDX"][0].exp_s  # first by ticker: an NDX monthly
+    ndx_params = {"limit": 250, "expiration_date": ndx_monthly}
+    items += (await page_all(client, srv, "/v3/snapshot/options/I:NDX", ndx_params))[0]
     assert items
     now_ns = srv.clock()
     with_greeks = with_trade = 0
@@ -402,7 +445,7 @@ async def test_official_massive_client_pages_chain_and_parses_indices(srv: SimSe
 
     rest = RESTClient(api_key=KEY, base=srv.rest_url, retries=3)
     exps = sorted({c.exp_s for c in srv.market.by_symbol["SPX"]})
-    params = {"expiration_date.lte": exps[3], "limit": 250}
+    params = {"expiration_date.lte": exps[2], "limit": 250}
 
     def run() -> tuple[list[Any], list[Any]]:
         snaps = list(rest.list_snapshot_options_chain("I:SPX", params=params))
@@ -411,7 +454,7 @@ async def test_official_massive_client_pages_chain_and_parses_indices(srv: SimSe
 
     srv.fail_next(1, status=429)  # the client's own retry absorbs it
     snaps, idx = await asyncio.to_thread(run)
-    want = {c.ticker for c in srv.market.by_symbol["SPX"] if c.exp_s <= exps[3]}
+    want = {c.ticker for c in srv.market.by_symbol["SPX"] if c.exp_s <= exps[2]}
     assert len(want) > 500  # several pages at limit=250
     got = [s.details.ticker for s in snaps]
     assert len(got) == len(set(got)) and set(got) == want
@@ -419,7 +462,7 @@ async def test_official_massive_client_pages_chain_and_parses_indices(srv: SimSe
     assert s0.details.exercise_style == "european" and s0.underlying_asset.ticker == "I:SPX"
     assert s0.last_quote.last_updated > 10**18 and s0.last_trade.sip_timestamp > 10**18
     assert s0.open_interest is not None and s0.implied_volatility is not None
-    assert s0.details.expiration_date <= exps[3]
+    assert s0.details.expiration_date <= exps[2]
     assert [i.ticker for i in idx] == ["I:SPX", "I:NDX"]
     assert idx[0].value == pytest.approx(srv.market.indices["SPX"].value, rel=0.01)
     assert idx[0].session is not None and idx[0].market_status == "open"
@@ -643,7 +686,10 @@ async def test_injected_clock_drives_timestamps() -> None:
         t[0] += 10_000_000  # 10 ms per call
         return t[0]
 
-    s = SimServer(SimConfig(symbols=("NDX",)), clock=clock)
+    s = SimServer(SimConfig(symbols=("NDX",), spots=(("NDX", 18000.0),)), clock=clock)
+    assert s.market.indices["NDX"].value == 18000.0
+    strikes = [c.strike for c in s.market.by_symbol["NDX"]]
+    assert 18000 * 0.75 < min(strikes) < 18000 < max(strikes) < 18000 * 1.25  # around spot
     await s.start()
     try:
         async with httpx.AsyncClient() as c:
