@@ -762,3 +762,50 @@ async def test_unknown_path_is_provider_json_404(srv: SimServer, client: httpx.A
     assert r.status_code == 404
     b = r.json()
     assert b["status"] == "NOT_FOUND" and b["request_id"]
+
+
+async def test_official_massive_websocket_client_receives_parsed_events(srv: SimServer) -> None:
+    from massive import WebSocketClient
+    from massive.websocket.models import EquityQuote, EquityTrade, IndexValue
+
+    c = next(c for c in srv.market.by_symbol["SPX"] if c.expiry == srv.market.session)
+    got: list[Any] = []
+
+    async def handle(msgs: list[Any]) -> None:
+        got.extend(msgs)
+
+    opt = WebSocketClient(
+        api_key=KEY,
+        feed=f"{srv.host}:{srv.port}",
+        market="options",
+        secure=False,
+        subscriptions=["T.*", f"Q.{c.ticker}"],
+    )
+    idx = WebSocketClient(
+        api_key=KEY,
+        feed=f"{srv.host}:{srv.port}",
+        market="indices",
+        secure=False,
+        subscriptions=["V.I:SPX"],
+    )
+    tasks = [asyncio.create_task(opt.connect(handle)), asyncio.create_task(idx.connect(handle))]
+    try:
+
+        async def seen() -> bool:
+            kinds = {type(m) for m in got}
+            return EquityTrade in kinds and IndexValue in kinds
+
+        await eventually(seen, timeout_s=10)
+        trade = next(m for m in got if isinstance(m, EquityTrade))
+        assert trade.symbol in srv.market.contracts and trade.price is not None
+        assert trade.timestamp is not None and 10**12 < trade.timestamp < 10**14
+        value = next(m for m in got if isinstance(m, IndexValue))
+        assert value.ticker == "I:SPX" and value.value is not None
+        quotes = [m for m in got if isinstance(m, EquityQuote)]
+        assert all(q.symbol == c.ticker for q in quotes)
+    finally:
+        await opt.close()
+        await idx.close()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
