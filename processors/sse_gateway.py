@@ -210,6 +210,12 @@ class Metrics:
             "Diff stream entries or models the gateway could not decode",
             ("channel", "reason"),
         )
+        self.session_errors: Counter = counter(
+            r,
+            "massive_sse_session_errors_total",
+            "SSE streams ended by a Redis error (clients reconnect and resume)",
+            ("channel",),
+        )
         self.read_errors: Counter = counter(
             r, "massive_sse_read_errors_total", "Failed XREAD calls of a feed", ("channel",)
         )
@@ -547,6 +553,10 @@ class Gateway:
                 if out:
                     sent_diff.inc(len(out))
                     yield b"".join(out)
+        except (RedisError, OSError) as exc:
+            # end this stream; the browser reconnects (Last-Event-ID) once Redis is back
+            m.session_errors.labels(channel=channel.name).inc()
+            logger.warning("channel=%s symbol=%s: stream ended: %s", channel.name, symbol, exc)
         finally:
             feed.unsubscribe(sub)
             clients.dec()
@@ -713,7 +723,17 @@ class SseGateway:
             access_log=False,
         )
         self.server = _Server(config)
-        serving = asyncio.create_task(self.server.serve(), name="sse-gateway:uvicorn")
+        server = self.server
+
+        async def serve() -> None:
+            try:
+                await server.serve()
+            except SystemExit:  # uvicorn exits the process when it cannot bind
+                raise RuntimeError(
+                    f"sse-gateway: cannot serve on {self.settings.host}:{self.settings.port}"
+                ) from None
+
+        serving = asyncio.create_task(serve(), name="sse-gateway:uvicorn")
         stopper = asyncio.create_task(stop.wait(), name="sse-gateway:stop")
         try:
             await asyncio.wait([serving, stopper], return_when=asyncio.FIRST_COMPLETED)
@@ -722,6 +742,8 @@ class SseGateway:
             self.gateway.close_sessions()  # open streams end, so uvicorn can drain
             self.server.should_exit = True
             await serving
+        if not stop.is_set():  # startup failed (lifespan: Redis unreachable) or crashed
+            raise RuntimeError("sse-gateway: the HTTP server stopped unexpectedly (see log)")
 
 
 def build(deps: Deps, arg: str | None) -> SseGateway:
