@@ -24,6 +24,7 @@ import datetime as dt
 import logging
 import math
 import secrets
+import socket
 import time
 from bisect import bisect_left, bisect_right
 from collections import deque
@@ -279,14 +280,26 @@ class SimServer:
             access_log=False,
             timeout_graceful_shutdown=2,
         )
+        # bind here so a busy port raises OSError to the caller (uvicorn would sys.exit)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(1024)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
         self._server = _Server(config)
-        self._serve_task = asyncio.create_task(self._server.serve(), name="sim-uvicorn")
+        self._serve_task = asyncio.create_task(
+            self._server.serve(sockets=[sock]), name="sim-uvicorn"
+        )
         while not self._server.started:
             if self._serve_task.done():
                 self._serve_task.result()
                 raise RuntimeError("simulator server exited during start")
             await asyncio.sleep(0.005)
-        sock = self._server.servers[0].sockets[0]
         self.host, self.port = host, int(sock.getsockname()[1])
         self._pump_task = asyncio.create_task(self._pump(), name="sim-pump")
 

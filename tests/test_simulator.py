@@ -809,3 +809,10 @@ async def test_official_massive_websocket_client_receives_parsed_events(srv: Sim
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_busy_port_raises_oserror(srv: SimServer) -> None:
+    other = SimServer(SimConfig(symbols=("NDX",)))
+    with pytest.raises(OSError):
+        await other.start(port=srv.port)
+    await other.stop()  # harmless after a failed start
