@@ -11,8 +11,8 @@ are captured when recording). Records are ordered by receive time:
 * ``massive:chain:stream``: the pointer's ``ts_ns`` (fetch completion, the poller's clock);
 * ``massive:spot:stream`` and anything unreadable: the entry id's time (when Redis got it).
 
-Replay XADDs each record into the same stream of a target Redis (after SET of its blob, in
-one MULTI/EXEC), at the recorded pace (``--speed 1``), faster (``--speed N``) or with no
+Replay XADDs each record into the same stream of a target Redis (a chain pointer after SET
+of its blob), at the recorded pace (``--speed 1``), faster (``--speed N``) or with no
 waiting (``--as-fast-as-possible``). Entry ids are new; fields are the recorded bytes.
 
 Determinism (``--run`` processors in-process + ``--lockstep``): the processors get a
@@ -363,11 +363,26 @@ async def replay_records(
     maxlen: int = DEFAULT_MAXLEN,
     blob_ttl_s: int = 3600,
     stop: asyncio.Event | None = None,
+    batch: int = 500,
 ) -> ReplayStats:
-    """XADD every record into its stream; ``speed`` None = as fast as possible."""
+    """XADD every record into its stream (a chain pointer after SET of its blob, on the
+    same connection, so a reader of the pointer finds the blob); ``speed`` None = as fast as
+    possible. Records already due are pipelined, ``batch`` per round trip; with hooks
+    (lockstep) every record is its own round trip."""
     stats = ReplayStats()
     t0: int | None = None
     real0 = time.perf_counter()
+    per_record = before_write is not None or after_write is not None
+    pipe = redis.pipeline(transaction=False)
+    queued = 0
+
+    async def flush() -> None:
+        nonlocal pipe, queued
+        if queued:
+            await pipe.execute()
+            pipe = redis.pipeline(transaction=False)
+            queued = 0
+
     for rec in records:
         if stop is not None and stop.is_set():
             break
@@ -377,21 +392,24 @@ async def replay_records(
             due = real0 + (rec.t_ns - t0) / NS / speed
             delay = due - time.perf_counter()
             if delay > 0:
+                await flush()  # what was due before goes out before we wait
                 await asyncio.sleep(delay)
             stats.max_late_s = max(stats.max_late_s, time.perf_counter() - due)
         if clock is not None:
             clock.set(rec.t_ns)
         if before_write is not None:
             await before_write(rec)
-        pipe = redis.pipeline(transaction=True)
         if rec.blob is not None and rec.blob_key is not None:
             pipe.set(rec.blob_key, rec.blob, ex=blob_ttl_s)
         pipe.xadd(rec.stream, dict(rec.fields), maxlen=maxlen, approximate=True)
-        await pipe.execute()
+        queued += 1
         stats.records[rec.stream] += 1
         stats.span_s = (rec.t_ns - t0) / NS
+        if per_record or queued >= batch:
+            await flush()
         if after_write is not None:
             await after_write(rec)
+    await flush()
     stats.wall_s = time.perf_counter() - real0
     return stats
 
