@@ -393,3 +393,40 @@ def test_installed_package_carries_its_data_files(tmp_path: Path) -> None:
     data = [f for f in tracked if not f.endswith(".py") and (ROOT / f).is_file()]
     missing = [f for f in data if f not in names]
     assert not missing, f"not in the wheel (add [tool.setuptools.package-data]): {missing}"
+
+
+def settings_classes() -> dict[str, type]:
+    """prefix -> settings dataclass, for every ``from_env(Cls, "MASSIVE_...")`` in the
+    processors (plus the runtime's own ``MASSIVE_``)."""
+    import dataclasses
+    import importlib
+
+    found: dict[str, type] = {"MASSIVE_": RuntimeSettings}
+    pat = re.compile(r'from_env\(\s*(\w+),\s*"(MASSIVE_\w+)"')
+    for src in ROOT.glob("processors/*.py"):
+        for cls_name, prefix in pat.findall(src.read_text()):
+            cls = getattr(importlib.import_module(f"processors.{src.stem}"), cls_name)
+            assert dataclasses.is_dataclass(cls)
+            found[prefix] = cls
+    return found
+
+
+@pytest.mark.parametrize("overlay", ["dev", "prod"])
+def test_every_configured_variable_is_read_by_a_settings_class_and_parses(overlay: str) -> None:
+    """A typo'd MASSIVE_* name in the manifests would silently be ignored at run time."""
+    import dataclasses
+
+    docs = render(overlay)
+    classes = settings_classes()
+    assert {"MASSIVE_MONITOR_", "MASSIVE_POLLER_", "MASSIVE_WS_", "MASSIVE_SSE_"} <= set(classes)
+    known = {"MASSIVE_API_KEY"}  # read by chain-poller and ws-ingest besides their prefix
+    for prefix, cls in classes.items():
+        known |= {prefix + f.name.upper() for f in dataclasses.fields(cls)}
+    cfg = config(docs)
+    for dep in by_kind(docs, "Deployment").values():
+        c = container(dep)
+        env = {**cfg, **{e["name"]: e.get("value", "pod-0") for e in c.get("env", [])}}
+        names = {k for k in env if k.startswith("MASSIVE_")}
+        assert names <= known, (dep["metadata"]["name"], sorted(names - known))
+        for prefix, cls in classes.items():
+            from_env(cls, prefix, env)  # every value parses (raises SettingsError if not)
