@@ -17,13 +17,13 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import msgspec  # noqa: E402
-from prometheus_client import CollectorRegistry  # noqa: E402
-from redis.asyncio import Redis  # noqa: E402
+import msgspec
+from prometheus_client import CollectorRegistry
+from redis.asyncio import Redis
 
-from streams.consumer import Entry, GroupConsumer  # noqa: E402
-from streams.spec import StreamSpec  # noqa: E402
-from tests.util import RedisServer  # noqa: E402
+from streams.consumer import Entry, GroupConsumer
+from streams.spec import StreamSpec
+from tests.util import RedisServer
 
 STREAM = "bench:consumer"
 PAYLOAD = (

@@ -16,9 +16,9 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import orjson  # noqa: E402
+import orjson
 
-from schemas.massive import Quote, Trade, decode_frame  # noqa: E402
+from schemas.massive import Quote, Trade, decode_frame
 
 
 def frames(n: int, per_frame: int = 10) -> list[bytes]:
