@@ -290,7 +290,8 @@ function renderHeatmap() {
   }
   const single = ui.strategy === "single";
   const head = widths.map((w) => `<th>${single ? "price" : "w " + fmtStrike(w)}</th>`).join("");
-  const rows = [`<thead><tr><th class="corner">${single ? "strike" : "center \\ width"}</th>${head}</tr></thead><tbody>`];
+  const corner = single ? "strike" : ui.strategy === "vertical" ? "long strike \\ width" : "center \\ width";
+  const rows = [`<thead><tr><th class="corner">${corner}</th>${head}</tr></thead><tbody>`];
   const digits = ui.metric === "convexity" ? 3 : 2;
   for (const k of strikes) {
     const cls = k === atm ? ' class="atm"' : "";
@@ -456,6 +457,11 @@ function renderGex() {
   for (const it of items) {
     if (split) maxAbs = Math.max(maxAbs, Math.abs(gexVal(it, "calls")), Math.abs(gexVal(it, "puts")));
     else maxAbs = Math.max(maxAbs, Math.abs(gexVal(it, "net")));
+  }
+  if (n && maxAbs === 0) {
+    const today = m.meta && m.meta.today ? ` (no contracts expiring ${m.meta.today})` : "";
+    $("gex-empty").hidden = false;
+    $("gex-empty").textContent = ui.gexScope === "0dte" ? `No 0DTE exposure${today}` : "No exposure in range";
   }
   maxAbs = maxAbs || 1;
   const xm = (x0 + x1) / 2;
