@@ -114,6 +114,17 @@ def _merge(acc: dict[tuple[str, str], _Dirty], new: dict[tuple[str, str], _Dirty
 
 
 @dataclass(slots=True)
+class _Routed:
+    version: int  # of the epoch cache this routing used
+    groups: dict[str, tuple[list[Quote], list[Trade]]]
+    order: list[str]
+    eids: list[str]
+    blobs: list[tuple[bytes, bytes]]
+    misses_q: list[Quote]
+    misses_t: list[Trade]
+
+
+@dataclass(slots=True)
 class _Batch:
     quotes: dict[str, Quote]
     trades: dict[str, Trade]
@@ -135,6 +146,7 @@ class Hydrator(ConsumerProcessor):
         self._active: dict[str, str] = {}
         self._cid_sym: dict[str, str] = {}
         self._topo: dict[str, list[str]] = {}
+        self._version = 0  # bumped on every cache change
         reg = deps.registry
         self.m_events = metrics.counter(
             reg, "massive_hydrator_events_total", "WS events decoded, by kind", ("kind",)
@@ -232,6 +244,7 @@ class Hydrator(ConsumerProcessor):
         changed = {s for s in {*active, *self._active} if active.get(s) != self._active.get(s)}
         if not changed:
             return changed
+        self._version += 1
         pipe = self.redis.pipeline(transaction=False)
         loading = [s for s in changed if s in active]
         for s in loading:
@@ -262,11 +275,12 @@ class Hydrator(ConsumerProcessor):
         try:
             for off in range(0, len(entries), step):
                 b = self._collect(entries[off : off + step])
+                routed = self._route(list(b.quotes.values()), list(b.trades.values()))
                 if inflight is not None:
                     _merge(acc, await inflight)
                     inflight = None
                 if b.quotes or b.trades or b.spots:
-                    inflight = asyncio.create_task(self._apply(b))
+                    inflight = asyncio.create_task(self._apply(b, routed))
                     await asyncio.sleep(0)  # let it build and send its request now
             if inflight is not None:
                 _merge(acc, await inflight)
@@ -299,9 +313,42 @@ class Hydrator(ConsumerProcessor):
                 )
         return out
 
-    async def _apply(self, b: _Batch) -> dict[tuple[str, str], _Dirty]:
+    def _route(self, pend_q: list[Quote], pend_t: list[Trade]) -> _Routed:
+        """Group events by the symbol of their cid in the cached topologies and pack them."""
+        groups: dict[str, tuple[list[Quote], list[Trade]]] = {}
+        misses_q: list[Quote] = []
+        misses_t: list[Trade] = []
+        cid_sym = self._cid_sym
+        for q in pend_q:
+            s = cid_sym.get(q.sym)
+            if s is None:
+                misses_q.append(q)
+            else:
+                groups.setdefault(s, ([], []))[0].append(q)
+        for t in pend_t:
+            s = cid_sym.get(t.sym)
+            if s is None:
+                misses_t.append(t)
+            else:
+                groups.setdefault(s, ([], []))[1].append(t)
+        order = list(groups)
+        return _Routed(
+            version=self._version,
+            groups=groups,
+            order=order,
+            eids=[self._active[s] for s in order],
+            blobs=[self._pack(*groups[s]) for s in order],
+            misses_q=misses_q,
+            misses_t=misses_t,
+        )
+
+    async def _apply(
+        self, b: _Batch, routed: _Routed | None = None
+    ) -> dict[tuple[str, str], _Dirty]:
         """Write the batch with admission; returns, per (symbol, epoch), the contracts to
-        notify (with their earliest receive time) and the newest event time behind them."""
+        notify (with their earliest receive time) and the newest event time behind them.
+        ``routed`` (prepared while the previous sub-batch ran) is used if the epoch cache
+        has not changed since."""
         pend_q = list(b.quotes.values())
         pend_t = list(b.trades.values())
         spots = list(b.spots.values())
@@ -312,24 +359,12 @@ class Hydrator(ConsumerProcessor):
         misses_q: list[Quote] = []
         misses_t: list[Trade] = []
         for attempt in range(self.cfg.max_attempts):
-            groups: dict[str, tuple[list[Quote], list[Trade]]] = {}
-            misses_q, misses_t = [], []
-            cid_sym = self._cid_sym
-            for q in pend_q:
-                s = cid_sym.get(q.sym)
-                if s is None:
-                    misses_q.append(q)
-                else:
-                    groups.setdefault(s, ([], []))[0].append(q)
-            for t in pend_t:
-                s = cid_sym.get(t.sym)
-                if s is None:
-                    misses_t.append(t)
-                else:
-                    groups.setdefault(s, ([], []))[1].append(t)
-            order = list(groups)
-            eids = [self._active[s] for s in order]
-            blobs = [self._pack(*groups[s]) for s in order]
+            if attempt == 0 and routed is not None and routed.version == self._version:
+                rt = routed
+            else:
+                rt = self._route(pend_q, pend_t)
+            groups, order, eids, blobs = rt.groups, rt.order, rt.eids, rt.blobs
+            misses_q, misses_t = rt.misses_q, rt.misses_t
             send_spots = spots if attempt == 0 else []
 
             res = await lua.execute(
