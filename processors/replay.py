@@ -45,6 +45,7 @@ import asyncio
 import contextlib
 import gzip
 import logging
+import os
 import signal
 import struct
 import sys
@@ -71,6 +72,8 @@ logger = logging.getLogger(__name__)
 FORMAT = "massive-recording"
 VERSION = 1
 NS = 1_000_000_000
+
+LONG_LEASE_MS = 7 * 24 * 3600 * 1000
 
 FEEDS = {"chain": keys.CHAIN_STREAM, "ws": keys.WS_STREAM, "spot": keys.SPOT_STREAM}
 
@@ -627,8 +630,9 @@ def replay_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--settle-s",
         type=float,
-        default=0.0,
-        help="lockstep: real seconds to let clock-driven work run before each record",
+        default=None,
+        help="lockstep: real seconds for clock-driven work (publisher tick, GEX poll) at each "
+        "step; must exceed their loop periods (default 0.3 with --run, else 0)",
     )
     p.add_argument(
         "--drain-s",
@@ -695,10 +699,17 @@ async def _replay(args: argparse.Namespace, settings: RuntimeSettings) -> int:
             f", {span:.3f} s from t={first}",
         )
         return 0
+    if args.run:
+        # Lease renewals follow the replay clock, which stands still between records while
+        # the lease TTL runs in Redis real time: keep in-process leaders' leases for the
+        # whole replay unless configured otherwise.
+        for var in ("MASSIVE_PUBLISHER_LEASE_TTL_MS", "MASSIVE_GEX_LEASE_TTL_MS"):
+            os.environ.setdefault(var, str(LONG_LEASE_MS))
+    settle = args.settle_s if args.settle_s is not None else (0.3 if args.run else 0.0)
     opts = ReplayOptions(
         speed=None if args.as_fast_as_possible else args.speed,
         lockstep=args.lockstep,
-        settle_s=args.settle_s,
+        settle_s=settle,
         drain_s=args.drain_s,
         drain_step_s=args.drain_step_s,
         timeout_s=args.timeout_s,

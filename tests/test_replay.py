@@ -452,11 +452,18 @@ async def test_same_recording_replayed_twice_publishes_identical_versions(
 
 @pytest.mark.slow
 def test_cli_replay_runs_processors_in_process_with_the_recording_clock(
-    redis_server: RedisServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    redis_server: RedisServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """``replay FILE --lockstep --run normalizer``: the normalizer builds the epochs of the
     recorded chain snapshots, stamped with recorded times (not the wall clock)."""
     import redis as sync_redis
+
+    # The CLI defaults these (setdefault) for --run; keep that out of other tests.
+    monkeypatch.setenv("MASSIVE_PUBLISHER_LEASE_TTL_MS", "60000")
+    monkeypatch.setenv("MASSIVE_GEX_LEASE_TTL_MS", "60000")
 
     session = Session()
     path = tmp_path / "s.mrec.gz"
@@ -474,7 +481,7 @@ def test_cli_replay_runs_processors_in_process_with_the_recording_clock(
 
     asyncio.run(make())
     url = redis_server.url
-    args = [str(path), "--redis-url", url, "--as-fast-as-possible", "--lockstep"]
+    args = [str(path), "--redis-url", url, "--as-fast-as-possible", "--lockstep", "--settle-s", "0"]
     assert rp.replay_main([*args, "--run", "normalizer"]) == 0
     assert f"replayed {path}: {len(session.chain)} records" in capsys.readouterr().out
     r = sync_redis.Redis.from_url(url)
