@@ -1,0 +1,564 @@
+"""Heatmap publisher (``massive-pipeline run publisher:<strategy>``): the single authority
+that declares versions of ``massive:heatmap:model:{SYM}:{strategy}``.
+
+Leadership
+    Any number of replicas run; one leads. Lease = ``keys.publisher_lease(strategy)``
+    holding ``"<token>:<owner>"`` with a PX TTL. Acquire (Lua, the equivalent of SET NX PX):
+    if absent, INCR ``keys.publisher_fence(strategy)`` (the token, a lease epoch that only
+    grows) and SET the lease. Renew: compare value and PEXPIRE (Lua). Standbys only retry
+    acquisition; they never read the stream, so they cannot steal entries. A leader that
+    crashes stops renewing; a standby takes over within ``lease_ttl_ms + renew_ms``. Every
+    publish goes through one Lua script that checks the lease still holds this leader's
+    token AND the fence counter equals it, so a stale (paused, partitioned) leader's publish
+    is rejected; it also checks the version is exactly current + 1 and the epoch is the
+    active one, then XADDs the diff (MAXLEN ~) and SETs the model with ``diff_id`` = that
+    entry id and the version key, atomically.
+
+Consumption (leader only; group ``publisher`` on ``massive:tiles:<strategy>``)
+    Entries are acked only after the publish that covers them (or when they change
+    nothing), so a crash leaves them pending; a new leader XAUTOCLAIMs every pending entry
+    and first reconciles each symbol (staging vs. canonical model), so no staged change is
+    lost across a takeover. Versions continue from the version key: never backwards,
+    never duplicated (the script refuses anything but current + 1).
+
+Publish conditions (OR, per symbol; ``massive_publishes_total{strategy,condition}``)
+    complete  the staging hash holds every expected tile (manifest) of the active epoch
+              and the model is of another epoch (or absent): first publish of the epoch;
+    value     pending changed tiles >= ``min_changed_tiles`` or >= ``min_changed_pct`` %
+              of the model;
+    time      pending changes and ``max_interval_ms`` since this symbol's last publish.
+    Nothing pending -> nothing published: a closed market gives the one "complete"
+    publish and then no further versions.
+
+Latency: ``massive_tick_to_publish_seconds{model="heatmap:<strategy>"}`` observes publish
+time minus the oldest ingest receive time (TileDelta.recv_ts_ns) behind the published
+changes; the same value is the diff's ``src_recv_ts_ns``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from processors import heatmap as hm
+from schemas import keys
+from schemas.heatmap import TileDelta, to_json, unpack
+from schemas.messages import ModelDiff, PublishedModel, encode, from_entry
+from streams import metrics
+from streams.consumer import Entry
+from streams.processor import Deps
+from streams.settings import from_env
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PublisherSettings:
+    """Env prefix ``MASSIVE_PUBLISHER_``."""
+
+    lease_ttl_ms: int = 3000
+    renew_ms: int = 1000
+    min_changed_tiles: int = 500
+    min_changed_pct: float = 5.0
+    max_interval_ms: int = 500
+    tick_ms: int = 50  # XREADGROUP BLOCK while leading (bounds timer resolution)
+    count: int = 1000
+    diffs_maxlen: int = 10_000
+
+    def __post_init__(self) -> None:
+        if self.renew_ms * 2 > self.lease_ttl_ms:
+            raise ValueError("renew_ms must be at most half of lease_ttl_ms")
+        if min(self.tick_ms, self.renew_ms, self.max_interval_ms, self.count) < 1:
+            raise ValueError("tick_ms, renew_ms, max_interval_ms and count must be >= 1")
+
+
+ACQUIRE_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local t = redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[1], t .. ':' .. ARGV[1], 'PX', ARGV[2])
+return t
+"""
+
+RENEW_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+RELEASE_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+# KEYS: lease, fence, version, diffs stream, model, active-epoch hash.
+# ARGV: lease value, token, symbol, epoch, version, maxlen, diff JSON, model JSON without
+# its final 'null}' (the diff_id is spliced in).
+# Returns {1, diff_id} | {-1} fenced | {-2} lease lost | {-3} epoch not active | {-4, cur}.
+PUBLISH_LUA = """
+if redis.call('GET', KEYS[2]) ~= ARGV[2] then return {-1} end
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {-2} end
+if redis.call('HGET', KEYS[6], ARGV[3]) ~= ARGV[4] then return {-3} end
+local cur = tonumber(redis.call('GET', KEYS[3]) or '0')
+if tonumber(ARGV[5]) ~= cur + 1 then return {-4, cur} end
+local id = redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[6], '*', 'd', ARGV[7])
+redis.call('SET', KEYS[5], ARGV[8] .. '"' .. id .. '"}')
+redis.call('SET', KEYS[3], ARGV[5])
+return {1, id}
+"""
+
+
+class _StoredModel(msgspec.Struct):
+    symbol: str
+    kind: str
+    epoch: str
+    version: int
+    ts_ns: int
+    items: dict[str, msgspec.Raw]
+    meta: dict[str, Any] = {}
+    diff_id: str | None = None
+
+
+_model_decoder = msgspec.json.Decoder(_StoredModel)
+
+
+@dataclass
+class SymState:
+    """The leader's copy of one symbol's canonical model plus unpublished changes."""
+
+    symbol: str
+    epoch: str | None = None
+    version: int = 0
+    items: dict[str, bytes] = field(default_factory=dict)  # tile_id -> tile JSON
+    pending: dict[str, bytes] = field(default_factory=dict)
+    pending_recv: dict[str, int] = field(default_factory=dict)
+    needs_reconcile: bool = False
+    reconcile_recv: int | None = None
+    last_publish: float = float("-inf")  # monotonic seconds
+
+    def note_reconcile(self, recv: int | None) -> None:
+        self.needs_reconcile = True
+        if recv is not None:
+            cur = self.reconcile_recv
+            self.reconcile_recv = recv if cur is None else min(cur, recv)
+
+
+class Publisher:
+    name = "publisher"
+
+    def __init__(self, deps: Deps, strategy: str, cfg: PublisherSettings) -> None:
+        if strategy not in hm.STRATEGIES:
+            raise ValueError(f"publisher: unknown strategy {strategy!r} ({hm.STRATEGIES})")
+        self.name = f"publisher:{strategy}"
+        self.deps = deps
+        self.redis: Redis = deps.redis
+        self.clock = deps.clock
+        self.strategy = strategy
+        self.kind = f"heatmap:{strategy}"
+        self.cfg = cfg
+        self.stream = keys.tiles_stream(strategy)
+        self.group = keys.PUBLISHER_GROUP
+        self.consumer = deps.settings.consumer
+        self.owner = f"{self.consumer}:{uuid.uuid4().hex[:12]}"
+        self.lease_key = keys.publisher_lease(strategy)
+        self.fence_key = keys.publisher_fence(strategy)
+        self._acquire = self.redis.register_script(ACQUIRE_LUA)
+        self._renew = self.redis.register_script(RENEW_LUA)
+        self._release = self.redis.register_script(RELEASE_LUA)
+        self._publish = self.redis.register_script(PUBLISH_LUA)
+        self.token: int | None = None
+        self.syms: dict[str, SymState] = {}
+        self.unacked: list[bytes] = []
+        self._ready = False
+        reg, s = deps.registry, strategy
+        self.m_publishes = metrics.counter(
+            reg,
+            "massive_publishes_total",
+            "Model versions published, by publish condition",
+            ("strategy", "condition"),
+        )
+        self.m_latency = metrics.histogram(
+            reg,
+            "massive_tick_to_publish_seconds",
+            "Publish time minus the oldest ingest receive time behind the published changes",
+            ("model",),
+        ).labels(model=self.kind)
+        self.m_leader = metrics.gauge(
+            reg, "massive_publisher_leader", "1 while this replica leads", ("strategy",)
+        ).labels(strategy=s)
+        self.m_rejected = metrics.counter(
+            reg,
+            "massive_publisher_rejected_total",
+            "Entries or publishes rejected, by reason",
+            ("strategy", "reason"),
+        )
+        self.m_version = metrics.gauge(
+            reg, "massive_published_version", "Last published version", ("strategy", "symbol")
+        )
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    @property
+    def leader(self) -> bool:
+        return self.token is not None
+
+    @property
+    def lease_value(self) -> str:
+        return f"{self.token}:{self.owner}"
+
+    # --- lifecycle ------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        self._ready = True
+        while not stop.is_set():
+            tok = int(
+                await self._acquire(
+                    keys=[self.lease_key, self.fence_key], args=[self.owner, self.cfg.lease_ttl_ms]
+                )
+            )
+            if tok == 0:
+                await _wait(stop, self.cfg.renew_ms / 1000)
+                continue
+            self.token = tok
+            self.m_leader.set(1)
+            logger.info("publisher %s leads (token %d, owner %s)", self.strategy, tok, self.owner)
+            try:
+                await self._lead(stop)
+            finally:
+                if stop.is_set() and self.token is not None:
+                    # Graceful stop: hand over at once (a crash skips this; the TTL expires).
+                    await self._release(keys=[self.lease_key], args=[self.lease_value])
+                self.token = None
+                self.m_leader.set(0)
+                self.syms.clear()
+                self.unacked = []
+
+    async def _lead(self, stop: asyncio.Event) -> None:
+        await self._ensure_group()
+        await self._load_models()
+        for st in self.syms.values():
+            st.needs_reconcile = True
+        await self._claim_pending()
+        last_renew = self.clock.monotonic()
+        renew_s = self.cfg.renew_ms / 1000
+        while not stop.is_set() and self.leader:
+            if self.clock.monotonic() - last_renew >= renew_s:
+                ok = await self._renew(
+                    keys=[self.lease_key], args=[self.lease_value, self.cfg.lease_ttl_ms]
+                )
+                if not int(ok):
+                    logger.warning("publisher %s lost its lease", self.strategy)
+                    return
+                last_renew = self.clock.monotonic()
+            await self._evaluate()
+            await self._ack_if_idle()
+            try:
+                res: Any = await self.redis.xreadgroup(
+                    self.group,
+                    self.consumer,
+                    {self.stream: ">"},
+                    count=self.cfg.count,
+                    block=self._block_ms(),
+                )
+            except ResponseError as exc:
+                if "NOGROUP" in str(exc):
+                    await self._ensure_group()
+                    continue
+                raise
+            if res:
+                await self._ingest(res[0][1])
+
+    def _block_ms(self) -> int:
+        block = float(self.cfg.tick_ms)
+        now = self.clock.monotonic()
+        for st in self.syms.values():
+            if st.pending:
+                due = st.last_publish + self.cfg.max_interval_ms / 1000 - now
+                block = min(block, max(due * 1000, 1.0))
+        return max(1, int(block))
+
+    async def _ensure_group(self) -> None:
+        try:
+            await self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def _claim_pending(self) -> None:
+        """Take over every entry left pending by a previous leader (or ourselves)."""
+        start: bytes | str = "0-0"
+        while True:
+            nxt, claimed, *_ = await self.redis.xautoclaim(
+                self.stream, self.group, self.consumer, 0, start_id=start, count=self.cfg.count
+            )
+            if claimed:
+                await self._ingest(claimed)
+            if nxt in (b"0-0", "0-0"):
+                return
+            start = nxt
+
+    # --- model state ----------------------------------------------------------------------
+    async def _load_models(self) -> None:
+        active = await self.redis.hgetall(keys.EPOCH_ACTIVE)
+        for sym in sorted(_s(k) for k in active):
+            await self._state(sym)
+
+    async def _state(self, sym: str) -> SymState:
+        st = self.syms.get(sym)
+        if st is not None:
+            return st
+        st = SymState(sym, needs_reconcile=True)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.get(keys.heatmap_model(sym, self.strategy))
+        pipe.get(keys.heatmap_version(sym, self.strategy))
+        raw, ver = await pipe.execute()
+        if raw is not None:
+            m = _model_decoder.decode(raw)
+            st.epoch, st.version = m.epoch, m.version
+            st.items = {k: bytes(v) for k, v in m.items.items()}
+        if ver is not None:
+            st.version = max(st.version, int(ver))
+        self.syms[sym] = st
+        return st
+
+    # --- ingest ---------------------------------------------------------------------------
+    async def _ingest(self, entries: list[Entry]) -> None:
+        wanted: dict[str, dict[str, int | None]] = {}  # sym -> tile id -> recv
+        for eid, fields in entries:
+            self.unacked.append(eid)
+            if not fields:
+                continue
+            try:
+                d = from_entry(fields, TileDelta)
+            except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+                self.m_rejected.labels(self.strategy, "bad_entry").inc()
+                logger.warning("rejected tile delta id=%r: %s", eid, exc)
+                continue
+            if d.strategy != self.strategy:
+                self.m_rejected.labels(self.strategy, "wrong_strategy").inc()
+                continue
+            st = await self._state(d.symbol)
+            if d.full or d.epoch != st.epoch:
+                st.note_reconcile(d.recv_ts_ns)
+                continue
+            w = wanted.setdefault(d.symbol, {})
+            for tid in d.ids:
+                prev = w.get(tid)
+                r = d.recv_ts_ns
+                w[tid] = r if prev is None else (prev if r is None else min(prev, r))
+        if not wanted:
+            return
+        syms = sorted(wanted)
+        pipe = self.redis.pipeline(transaction=False)
+        for sym in syms:
+            pipe.hmget(keys.heatmap_staging(sym, self.strategy), list(wanted[sym]))
+        replies = await pipe.execute()
+        for sym, vals in zip(syms, replies, strict=True):
+            st = self.syms[sym]
+            for (tid, recv), raw in zip(wanted[sym].items(), vals, strict=True):
+                if raw is None:
+                    st.note_reconcile(recv)  # staging replaced since: another epoch
+                    continue
+                tile = unpack(raw)
+                if tile.epoch != st.epoch:
+                    st.note_reconcile(recv)
+                    continue
+                self._stage_change(st, tid, to_json(tile), recv)
+
+    @staticmethod
+    def _stage_change(st: SymState, tid: str, js: bytes, recv: int | None) -> None:
+        if st.items.get(tid) == js:
+            st.pending.pop(tid, None)
+            st.pending_recv.pop(tid, None)
+            return
+        st.pending[tid] = js
+        if recv is not None:
+            cur = st.pending_recv.get(tid)
+            st.pending_recv[tid] = recv if cur is None else min(cur, recv)
+
+    # --- publish decisions ----------------------------------------------------------------
+    async def _evaluate(self) -> None:
+        now = self.clock.monotonic()
+        for st in list(self.syms.values()):
+            if not self.leader:
+                return
+            if st.needs_reconcile:
+                await self._reconcile(st)
+                continue
+            if not st.pending:
+                continue
+            n = len(st.pending)
+            if n >= self.cfg.min_changed_tiles or (
+                n * 100.0 >= self.cfg.min_changed_pct * max(len(st.items), 1)
+            ):
+                await self._publish_pending(st, "value")
+            elif now - st.last_publish >= self.cfg.max_interval_ms / 1000:
+                await self._publish_pending(st, "time")
+
+    async def _reconcile(self, st: SymState) -> None:
+        """Compare the staging hash with the model: first publish of a complete new epoch,
+        or fold any difference into the pending changes."""
+        sym = st.symbol
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(keys.heatmap_manifest(sym, self.strategy))
+        pipe.hget(keys.EPOCH_ACTIVE, sym)
+        pipe.hgetall(keys.heatmap_staging(sym, self.strategy))
+        manifest, active_b, staged = await pipe.execute()
+        man_epoch = _s(manifest[b"epoch"]) if b"epoch" in manifest else None
+        active = _s(active_b) if active_b is not None else None
+        if man_epoch is None or man_epoch != active:
+            # Nothing staged, or staging holds a warming/retired epoch: publish nothing;
+            # the builder announces the active epoch once installed.
+            if man_epoch is not None:
+                self.m_rejected.labels(self.strategy, "staging_not_active").inc()
+            st.needs_reconcile = False
+            return
+        expected = int(manifest.get(b"expected", b"0"))
+        tiles: dict[str, bytes] = {}
+        for k, raw in staged.items():
+            tile = unpack(raw)
+            if tile.epoch == man_epoch:
+                tiles[_s(k)] = to_json(tile)
+        recv = st.reconcile_recv
+        if man_epoch != st.epoch:
+            if len(tiles) < expected:
+                return  # incomplete: keep needs_reconcile, retried on the next evaluation
+            changed = {k: v for k, v in tiles.items() if st.items.get(k) != v}
+            removed = sorted(set(st.items) - set(tiles))
+            await self._commit(st, "complete", man_epoch, changed, removed, tiles, recv, expected)
+            return
+        st.needs_reconcile = False
+        st.reconcile_recv = None
+        for k, v in tiles.items():
+            self._stage_change(st, k, v, recv)
+        gone = set(st.items) - set(tiles)
+        for k in gone:  # cannot happen within one epoch (frozen topology); kept for safety
+            st.pending[k] = b""
+
+    async def _publish_pending(self, st: SymState, condition: str) -> None:
+        assert st.epoch is not None
+        changed = {k: v for k, v in st.pending.items() if v}
+        removed = sorted(k for k, v in st.pending.items() if not v)
+        items = dict(st.items)
+        items.update(changed)
+        for k in removed:
+            items.pop(k, None)
+        recvs = [st.pending_recv[k] for k in st.pending if k in st.pending_recv]
+        await self._commit(
+            st, condition, st.epoch, changed, removed, items, min(recvs) if recvs else None, None
+        )
+
+    async def _commit(
+        self,
+        st: SymState,
+        condition: str,
+        epoch: str,
+        changed: dict[str, bytes],
+        removed: list[str],
+        items: dict[str, bytes],
+        recv: int | None,
+        expected: int | None,
+    ) -> None:
+        version = st.version + 1
+        now_ns = self.clock.time_ns()
+        meta: dict[str, Any] = {"strategy": self.strategy, "n_tiles": len(items)}
+        if expected is not None:
+            meta["expected"] = expected
+        diff = ModelDiff(
+            symbol=st.symbol,
+            kind=self.kind,
+            epoch=epoch,
+            version=version,
+            prev_version=version - 1,
+            ts_ns=now_ns,
+            changed={k: msgspec.Raw(v) for k, v in changed.items()},
+            removed=removed,
+            meta=meta,
+            src_recv_ts_ns=recv,
+        )
+        model = PublishedModel(
+            symbol=st.symbol,
+            kind=self.kind,
+            epoch=epoch,
+            version=version,
+            ts_ns=now_ns,
+            items={k: msgspec.Raw(v) for k, v in items.items()},
+            meta=meta,
+        )
+        model_json = encode(model)  # type: ignore[arg-type]
+        tail = b'"diff_id":null}'
+        if not model_json.endswith(tail):  # pragma: no cover - schema changed
+            raise RuntimeError("PublishedModel must end with diff_id")
+        rc = await self._publish(
+            keys=[
+                self.lease_key,
+                self.fence_key,
+                keys.heatmap_version(st.symbol, self.strategy),
+                keys.heatmap_diffs_stream(self.strategy),
+                keys.heatmap_model(st.symbol, self.strategy),
+                keys.EPOCH_ACTIVE,
+            ],
+            args=[
+                self.lease_value,
+                str(self.token),
+                st.symbol,
+                epoch,
+                version,
+                self.cfg.diffs_maxlen,
+                encode(diff),
+                model_json[: -len(b"null}")],
+            ],
+        )
+        code = int(rc[0])
+        if code == 1:
+            st.epoch, st.version, st.items = epoch, version, items
+            st.pending, st.pending_recv = {}, {}
+            st.needs_reconcile, st.reconcile_recv = False, None
+            st.last_publish = self.clock.monotonic()
+            self.m_publishes.labels(self.strategy, condition).inc()
+            self.m_version.labels(self.strategy, st.symbol).set(version)
+            if recv is not None:
+                self.m_latency.observe(max(0.0, (self.clock.time_ns() - recv) / 1e9))
+            return
+        reason = {-1: "fenced", -2: "lease_lost", -3: "inactive_epoch", -4: "version"}[code]
+        self.m_rejected.labels(self.strategy, reason).inc()
+        logger.warning("publish %s %s v%d rejected: %s", self.strategy, st.symbol, version, reason)
+        if code in (-1, -2):
+            self.token = None  # a stale leader: stop, leave entries pending for the new one
+        elif code == -3:
+            st.pending, st.pending_recv = {}, {}
+            st.needs_reconcile = True
+            st.last_publish = self.clock.monotonic()  # retry no faster than max_interval
+        else:  # someone else moved the version: resync from Redis
+            self.syms.pop(st.symbol, None)
+            await self._state(st.symbol)
+
+    async def _ack_if_idle(self) -> None:
+        if not self.unacked or not self.leader:
+            return
+        if any(st.pending or st.needs_reconcile for st in self.syms.values()):
+            return
+        await self.redis.xack(self.stream, self.group, *self.unacked)
+        self.unacked = []
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+
+
+def _s(v: bytes | str) -> str:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+def build(deps: Deps, arg: str | None) -> Publisher:
+    if not arg:
+        raise ValueError(f"publisher needs a strategy: publisher:<{'|'.join(hm.STRATEGIES)}>")
+    return Publisher(deps, arg, from_env(PublisherSettings, "MASSIVE_PUBLISHER_"))

@@ -1,0 +1,338 @@
+"""Heatmap publisher against a real Redis: complete-first publish, stability when the market
+is closed, diffs replayed on a client equal the canonical model, epoch gating, fencing and
+leader failover without versions going backwards or repeating."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import random
+import time
+from typing import Any
+
+import msgspec
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
+from redis.asyncio import Redis
+
+from processors.publisher import Publisher, PublisherSettings
+from processors.tile_builder import TileBuilder, TileSettings
+from schemas import keys
+from schemas.heatmap import to_json, unpack
+from schemas.messages import DirtyEntry, ModelDiff, entry, from_entry
+from streams.clock import SystemClock
+from streams.processor import Deps
+from streams.settings import RuntimeSettings
+from tests.factories import option_chain, seed_epoch
+from tests.util import RedisServer, eventually
+
+NOW = 1_764_000_000_000_000_000
+SEC = 1_000_000_000
+EXPS = ["2026-12-01", "2026-12-02"]
+STRIKES = [5950 + 5 * i for i in range(21)]
+TCFG = TileSettings(widths_spx=(5, 10), n_expiries=2, drop_expired=False)
+PCFG = PublisherSettings(
+    lease_ttl_ms=1000, renew_ms=250, max_interval_ms=40, tick_ms=10, min_changed_tiles=40
+)
+STRAT = "butterfly"
+
+
+async def seed(redis: Redis, eid: str = "e1", shift: int = 0, **kw: Any) -> list[str]:
+    chain = option_chain(
+        "SPXW", EXPS, [k + shift for k in STRIKES], spot=6000 + shift, asof="2026-11-24"
+    )
+    await seed_epoch(redis, eid, "SPX", chain, spot=6000 + shift, **kw)
+    return [c.cid for c in chain]
+
+
+def with_consumer(deps: Deps, name: str) -> Deps:
+    """A separate replica: own consumer name, own Redis connections, own metrics."""
+    return Deps(
+        redis=Redis.from_url(deps.settings.redis_url),
+        settings=dataclasses.replace(deps.settings, consumer=name),
+        registry=CollectorRegistry(),
+        clock=SystemClock(),
+    )
+
+
+async def model(redis: Redis) -> dict[str, Any] | None:
+    raw = await redis.get(keys.heatmap_model("SPX", STRAT))
+    return None if raw is None else msgspec.json.decode(raw)
+
+
+async def staging_items(redis: Redis) -> dict[str, Any]:
+    raw = await redis.hgetall(keys.heatmap_staging("SPX", STRAT))
+    return {k.decode(): msgspec.json.decode(to_json(unpack(v))) for k, v in raw.items()}
+
+
+async def diffs(redis: Redis) -> list[tuple[bytes, ModelDiff]]:
+    return [
+        (i, from_entry(f, ModelDiff))
+        for i, f in await redis.xrange(keys.heatmap_diffs_stream(STRAT))
+    ]
+
+
+async def dirty(redis: Redis, b: TileBuilder, eid: str, cids: list[str], ts: int) -> None:
+    """Hydrator-like quote updates on ``cids`` then the builder's batch for them."""
+    rng = random.Random(ts)
+    pipe = redis.pipeline()
+    for c in cids:
+        mid = rng.uniform(0.5, 60)
+        pipe.hset(
+            keys.epoch_contract(eid, c),
+            mapping={"bid": mid - 0.1, "ask": mid + 0.1, "mid": mid, "quote_ts": ts, "ts_ns": ts},
+        )
+    await pipe.execute()
+    await b.handle([(b"1-0", entry(DirtyEntry("SPX", eid, cids, ts, recv_ts_ns=time.time_ns())))])
+
+
+async def crash(p: Publisher, task: asyncio.Task[None]) -> None:
+    """Kill a replica like a process crash: cancel it (no lease release) and drop its
+    sockets (redis-py may otherwise sit on a half-cancelled blocking read)."""
+    task.cancel()
+    await asyncio.wait({task}, timeout=2)
+    await p.redis.connection_pool.disconnect()
+    await asyncio.wait({task}, timeout=5)
+    assert task.done()
+
+
+def start(p: Publisher) -> tuple[asyncio.Event, asyncio.Task[None]]:
+    stop = asyncio.Event()
+    return stop, asyncio.create_task(p.run(stop))
+
+
+async def caught_up(redis: Redis) -> bool:
+    m = await model(redis)
+    return m is not None and m["items"] == await staging_items(redis)
+
+
+def count(p: Publisher, condition: str) -> float:
+    v = p.deps.registry.get_sample_value(
+        "massive_publishes_total", {"strategy": STRAT, "condition": condition}
+    )
+    return v or 0.0
+
+
+async def test_closed_market_publishes_the_complete_model_once(deps: Deps, redis: Redis) -> None:
+    await seed(redis)
+    b = TileBuilder(deps, STRAT, TCFG)
+    await b.handle([(b"1-0", entry(DirtyEntry("SPX", "e1", [], NOW, reason="epoch")))])
+    p = Publisher(deps, STRAT, PCFG)
+    stop, task = start(p)
+    try:
+        await eventually(lambda: caught_up(redis))
+        m = await model(redis)
+        assert m is not None and m["version"] == 1 and m["epoch"] == "e1"
+        ((diff_id, d),) = await diffs(redis)
+        assert m["diff_id"] == diff_id.decode() and d.version == 1 and d.prev_version == 0
+        assert len(d.changed) == m["meta"]["expected"] == len(m["items"]) and not d.removed
+        # no dirty traffic (and even a redundant re-announcement): no further versions
+        await b.handle([(b"2-0", entry(DirtyEntry("SPX", "e1", [], NOW, reason="epoch")))])
+        await asyncio.sleep(PCFG.max_interval_ms / 1000 * 8)  # observe stability over time
+        assert (await model(redis) or {})["version"] == 1 and len(await diffs(redis)) == 1
+        assert count(p, "complete") == 1 and count(p, "time") == count(p, "value") == 0
+        pending = await redis.xpending(keys.tiles_stream(STRAT), keys.PUBLISHER_GROUP)
+        assert pending["pending"] == 0  # everything acked once covered
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
+    assert await redis.get(keys.publisher_lease(STRAT)) is None  # released on graceful stop
+
+
+def apply(items: dict[str, Any], version: int, d: ModelDiff) -> int:
+    assert d.prev_version == version, (d.prev_version, version)
+    items.update(d.changed)
+    for k in d.removed:
+        items.pop(k)
+    return d.version
+
+
+@settings(
+    max_examples=8,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    batches=st.lists(
+        st.lists(st.integers(0, 10_000), min_size=1, max_size=25), min_size=1, max_size=6
+    ),
+    epoch_switch=st.booleans(),
+)
+def test_client_replaying_diffs_equals_canonical_model(
+    redis_server: RedisServer, batches: list[list[int]], epoch_switch: bool
+) -> None:
+    async def scenario() -> None:
+        redis = Redis.from_url(redis_server.url)
+        await redis.flushall()
+        rs = RuntimeSettings(redis_url=redis_server.url, consumer="c1", block_ms=20)
+        deps = Deps(redis=redis, settings=rs, registry=CollectorRegistry())
+        cids = await seed(redis)
+        b = TileBuilder(deps, STRAT, TCFG)
+        await b.handle([(b"1-0", entry(DirtyEntry("SPX", "e1", [], NOW, reason="epoch")))])
+        p = Publisher(deps, STRAT, PCFG)
+        stop, task = start(p)
+        try:
+            await eventually(lambda: caught_up(redis))
+            snap = await model(redis)
+            assert snap is not None
+            eid, ts = "e1", NOW
+            for i, batch in enumerate(batches):
+                if epoch_switch and i == len(batches) // 2:
+                    eid = "e2"
+                    cids = await seed(redis, "e2", shift=10, now_ns=NOW + SEC)
+                    await b.handle(
+                        [(b"1-0", entry(DirtyEntry("SPX", eid, [], ts, reason="epoch")))]
+                    )
+                ts += SEC
+                await dirty(redis, b, eid, sorted({cids[j % len(cids)] for j in batch}), ts)
+                if i % 2:
+                    await asyncio.sleep(0.02)
+            await eventually(lambda: caught_up(redis))
+            final = await model(redis)
+            assert final is not None
+            items, version = dict(snap["items"]), snap["version"]
+            ds = [d for _, d in await diffs(redis)]
+            assert [d.version for d in ds] == list(range(1, len(ds) + 1))
+            for d in ds:
+                if d.version > version:
+                    version = apply(items, version, d)
+            assert version == final["version"] and items == final["items"]
+            assert final["epoch"] == eid and all(t["epoch"] == eid for t in items.values())
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 5)
+            await redis.aclose()
+
+    asyncio.run(scenario())
+
+
+async def test_no_tile_of_a_warming_or_retired_epoch_is_published(deps: Deps, redis: Redis) -> None:
+    cids1 = await seed(redis, "e1")
+    b = TileBuilder(deps, STRAT, TCFG)
+    await b.handle([(b"1-0", entry(DirtyEntry("SPX", "e1", [], NOW, reason="epoch")))])
+    p = Publisher(deps, STRAT, PCFG)
+    stop, task = start(p)
+    try:
+        await eventually(lambda: caught_up(redis))
+        e1_ids = set((await model(redis) or {})["items"])
+        # e2 is warming (not active) but a racing builder installs it in staging anyway
+        cids2 = await seed(redis, "e2", shift=10, state="warming", now_ns=NOW + SEC)
+        await b.full_build("SPX", "e2", recv_ts_ns=None, n_dirty=0)
+        await dirty(redis, b, "e1", cids1[:5], NOW + 2 * SEC)  # e1 now "not installed"
+        await asyncio.sleep(PCFG.max_interval_ms / 1000 * 5)
+        assert all(d.epoch == "e1" for _, d in await diffs(redis))
+        m = await model(redis)
+        assert m is not None and m["epoch"] == "e1"
+        assert p.deps.registry.get_sample_value(
+            "massive_publisher_rejected_total", {"strategy": STRAT, "reason": "staging_not_active"}
+        )
+        # promotion: e2 active, e1 retired; the next publish is e2's complete model
+        await redis.hset(keys.epoch_meta("e2"), "state", "active")
+        await redis.hset(keys.EPOCH_ACTIVE, "SPX", "e2")
+        await b.handle([(b"2-0", entry(DirtyEntry("SPX", "e2", [], NOW, reason="epoch")))])
+        await eventually(lambda: caught_up(redis))
+        n_before = len(await diffs(redis))
+        # a late incremental delta for retired e1 changes nothing published
+        await dirty(redis, b, "e1", cids1[5:9], NOW + 3 * SEC)
+        await dirty(redis, b, "e2", cids2[:4], NOW + 4 * SEC)
+        await eventually(lambda: caught_up(redis))
+        ds = [d for _, d in await diffs(redis)]
+        switch = next(i for i, d in enumerate(ds) if d.epoch == "e2")
+        assert all(d.epoch == "e1" for d in ds[:switch])
+        assert all(d.epoch == "e2" for d in ds[switch:]) and len(ds) > n_before
+        for d in ds:
+            assert all(t["epoch"] == d.epoch for t in d.changed.values())
+        e2_ids = set(await staging_items(redis))
+        assert set(ds[switch].removed) == e1_ids - e2_ids and set(ds[switch].changed) == e2_ids
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
+
+
+async def test_publish_script_rejects_a_stale_leader_and_an_inactive_epoch(
+    deps: Deps, redis: Redis
+) -> None:
+    await seed(redis)
+    b = TileBuilder(deps, STRAT, TCFG)
+    await b.handle([(b"1-0", entry(DirtyEntry("SPX", "e1", [], NOW, reason="epoch")))])
+    p = Publisher(with_consumer(deps, "test-1b"), STRAT, PCFG)
+    _stop, task = start(p)
+    await eventually(lambda: caught_up(redis))
+    old_token = p.token
+    await crash(p, task)  # lease not released
+    q = Publisher(with_consumer(deps, "test-2"), STRAT, PCFG)
+    stop2, task2 = start(q)
+    try:
+        await eventually(lambda: _leads(q), timeout_s=5)
+        # the crashed leader wakes up and tries to publish with its old token
+        p.token = old_token
+        st = await p._state("SPX")
+        st.pending = {"SPX:x": b"{}"}
+        await p._publish_pending(st, "time")
+        assert p.token is None  # it learns it is fenced and stops
+        assert p.deps.registry.get_sample_value(
+            "massive_publisher_rejected_total", {"strategy": STRAT, "reason": "fenced"}
+        )
+        m = await model(redis)
+        assert m is not None and "SPX:x" not in m["items"] and m["version"] == 1
+        # the lua script also refuses an epoch that is not the active one
+        st2 = await q._state("SPX")
+        await q._commit(st2, "time", "e-warming", {}, [], dict(st2.items), None, None)
+        assert q.deps.registry.get_sample_value(
+            "massive_publisher_rejected_total", {"strategy": STRAT, "reason": "inactive_epoch"}
+        )
+        assert (await model(redis) or {})["version"] == 1
+    finally:
+        stop2.set()
+        await asyncio.wait_for(task2, 5)
+
+
+async def _leads(p: Publisher) -> bool:
+    return p.leader
+
+
+async def test_leader_crash_hands_over_without_version_regression(deps: Deps, redis: Redis) -> None:
+    cids = await seed(redis)
+    b = TileBuilder(deps, STRAT, TCFG)
+    await b.handle([(b"1-0", entry(DirtyEntry("SPX", "e1", [], NOW, reason="epoch")))])
+    a = Publisher(with_consumer(deps, "pub-a"), STRAT, PCFG)
+    stop_a, task_a = start(a)
+    await eventually(lambda: _leads(a))
+    s = Publisher(with_consumer(deps, "pub-b"), STRAT, PCFG)
+    stop_s, task_s = start(s)
+    rng = random.Random(5)
+    ts = NOW
+    try:
+        for _ in range(5):
+            ts += SEC
+            await dirty(redis, b, "e1", rng.sample(cids, 6), ts)
+            await asyncio.sleep(0.03)
+        assert not s.leader
+        assert (
+            await redis.xpending_range(
+                keys.tiles_stream(STRAT), keys.PUBLISHER_GROUP, "-", "+", 100, consumername="pub-b"
+            )
+            == []
+        )  # the standby never read
+        await crash(a, task_a)  # the lease stays until its TTL expires
+        t0 = time.monotonic()
+        for _ in range(4):  # changes keep coming during the takeover
+            ts += SEC
+            await dirty(redis, b, "e1", rng.sample(cids, 6), ts)
+        await eventually(lambda: _leads(s), timeout_s=5)
+        takeover = time.monotonic() - t0
+        assert takeover < PCFG.lease_ttl_ms / 1000 + PCFG.renew_ms / 1000 + 1.5
+        for _ in range(4):
+            ts += SEC
+            await dirty(redis, b, "e1", rng.sample(cids, 6), ts)
+            await asyncio.sleep(0.03)
+        await eventually(lambda: caught_up(redis))
+        versions = [d.version for _, d in await diffs(redis)]
+        assert versions == list(range(1, len(versions) + 1))  # no regression, no duplicate
+        assert (await model(redis) or {})["version"] == versions[-1]
+        assert count(a, "complete") == 1 and count(s, "complete") == 0
+    finally:
+        stop_s.set()
+        stop_a.set()
+        await asyncio.wait_for(task_s, 5)
