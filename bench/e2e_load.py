@@ -1,0 +1,445 @@
+"""End-to-end load: WS events/s -> hydrator -> tiles -> publishers -> SSE, over a
+20,000-contract SPX epoch. Prints machine, date and the figures.
+
+Setup (private redis-server, every processor in its OWN process via
+``python -m processors.cli run <name>`` with MASSIVE_* env, see tests/harness.py):
+normalizer, hydrator, tile-builder:{single,vertical,butterfly}, publisher:{...}, gex,
+sse-gateway. A 20,000-contract chain snapshot (tests.factories.big_chain: 20 expiries x 500
+strikes x C/P) is stored as a blob + ChainPointer on massive:chain:stream; the normalizer
+builds and promotes the epoch, the tile builders build every tile, the publishers publish.
+
+Memory: ``INFO memory`` used_memory before the snapshot (empty Redis, processors connected)
+and once the epoch, its staging tiles and the first published models exist; reported with and
+without the snapshot blob (which expires, TTL) and the streams.
+
+Load source: a REPLAYER (not the simulator): every ``--tick-ms`` it XADDs one raw WS frame
+(``{recv_ts_ns, payload}``, exactly what ws-ingest writes) carrying ``rate * tick`` events
+into massive:ws:stream; 80 % quotes / 20 % trades; 70 % of events hit the 10 % of contracts
+nearest to spot on the front expiries, the rest uniformly over the epoch. ``recv_ts_ns`` is
+the wall time of the XADD (the ingest receive time of a real run).
+
+Figures per rate (``--rates 5000,20000``) over ``--duration`` seconds (default 60):
+* offered events/s (replayer) and sustained applied events/s (hydrator /metrics deltas:
+  ``massive_hydrator_events_total`` decoded, ``massive_hydrator_applied_total`` applied,
+  ``..._conflated_total``), hydrator backlog (group lag) at the end;
+* tick-to-SSE latency: a separate process holds one SSE client per heatmap strategy on the
+  gateway (``/sse/heatmap/<strategy>?symbol=SPX``) and, for every ``diff`` event, records
+  receipt wall time minus the diff's ``src_recv_ts_ns``; p50/p99/max per strategy
+  (publisher max interval ``--max-interval-ms`` 250);
+* CPU per processor: utime+stime from /proc/<pid>/stat over the window, as % of one core.
+
+    .venv/bin/python bench/e2e_load.py [--rates 5000,20000] [--duration 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import multiprocessing as mp
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import orjson
+from redis.asyncio import Redis
+
+from schemas import keys
+from schemas.messages import WS_PAYLOAD_FIELD, WS_RECV_FIELD, ChainPointer, encode_snapshot, entry
+from streams import admin
+from tests import harness as h
+from tests.factories import big_chain
+from tests.util import free_port
+
+PROCS = (
+    "normalizer",
+    "hydrator",
+    "tile-builder:single",
+    "tile-builder:vertical",
+    "tile-builder:butterfly",
+    "publisher:single",
+    "publisher:vertical",
+    "publisher:butterfly",
+    "gex",
+    "sse-gateway",
+)
+
+
+# --- SSE latency probe (separate process so parsing never delays the replayer) ---------------
+class Probe:
+    def __init__(self, port: int, strategies: list[str]) -> None:
+        ctx = mp.get_context("spawn")
+        self.cmd = ctx.Queue()
+        self.res = ctx.Queue()
+        self.stop_ev = ctx.Event()
+        self.proc = ctx.Process(
+            target=_probe_main, args=(port, strategies, self.cmd, self.res, self.stop_ev)
+        )
+        self.proc.start()
+        assert self.res.get(timeout=30) == "ready"
+
+    def record(self) -> None:
+        self.cmd.put("record")
+
+    def report(self) -> dict[str, Any]:
+        self.cmd.put("report")
+        r: dict[str, Any] = self.res.get(timeout=60)
+        return r
+
+    def close(self) -> None:
+        self.stop_ev.set()
+        self.proc.join(5)
+        if self.proc.is_alive():
+            self.proc.kill()
+
+
+def _probe_main(port: int, strategies: list[str], cmd: Any, res: Any, stop: Any) -> None:
+    import queue
+    import threading
+
+    import httpx
+    from httpx_sse import connect_sse
+
+    results: dict[str, list[int]] = {s: [] for s in strategies}
+    counts: dict[str, dict[str, int]] = {s: {"diff": 0, "snapshot": 0} for s in strategies}
+    on = threading.Event()
+
+    def client(strategy: str) -> None:
+        url = f"http://127.0.0.1:{port}/sse/heatmap/{strategy}?symbol=SPX"
+        while not stop.is_set():
+            try:
+                with (
+                    httpx.Client(timeout=httpx.Timeout(5.0, read=None)) as c,
+                    connect_sse(c, "GET", url) as es,
+                ):
+                    for ev in es.iter_sse():
+                        now = time.time_ns()
+                        if stop.is_set():
+                            return
+                        if ev.event in counts[strategy]:
+                            counts[strategy][ev.event] += 1
+                        if ev.event != "diff" or not on.is_set():
+                            continue
+                        src = orjson.loads(ev.data).get("src_recv_ts_ns")
+                        if src:
+                            results[strategy].append(now - int(src))
+            except httpx.HTTPError:
+                time.sleep(0.2)
+
+    for s in strategies:
+        threading.Thread(target=client, args=(s,), daemon=True).start()
+    res.put("ready")
+    while not stop.is_set():
+        try:
+            c = cmd.get(timeout=0.2)
+        except queue.Empty:
+            continue
+        if c == "record":
+            for s in strategies:
+                results[s].clear()
+            on.set()
+        elif c == "report":
+            on.clear()
+            res.put({"lat": {s: list(v) for s, v in results.items()}, "counts": counts})
+
+
+# --- load replayer ----------------------------------------------------------------------------
+class Replayer:
+    def __init__(self, cids: list[str], hot: list[str], seed: int = 1) -> None:
+        self.cids = cids
+        self.hot = hot
+        self.rng = random.Random(seed)
+        self.sent = 0
+        self.frames = 0
+        self.px: dict[str, float] = {}
+
+    def _event(self, t_ms: int) -> dict[str, Any]:
+        rng = self.rng
+        cid = rng.choice(self.hot) if rng.random() < 0.7 else rng.choice(self.cids)
+        px = self.px.get(cid, 5.0)
+        px = max(0.05, round(px + rng.choice((-0.05, 0.0, 0.05)), 2))
+        self.px[cid] = px
+        if rng.random() < 0.8:
+            return {"ev": "Q", "sym": cid, "bx": 1, "ax": 1, "bp": px, "ap": round(px + 0.1, 2),
+                    "bs": 1, "as": 1, "t": t_ms, "q": 1}  # fmt: skip
+        return {"ev": "T", "sym": cid, "x": 1, "p": px, "s": 1, "c": [209], "t": t_ms, "q": 1}
+
+    async def run(self, r: Redis, rate: float, seconds: float, tick_s: float) -> float:
+        """XADD frames at ``rate`` events/s for ``seconds``; returns the achieved rate."""
+        t0 = time.perf_counter()
+        n_ticks = int(seconds / tick_s)
+        carry = 0.0
+        sent0 = self.sent
+        for i in range(n_ticks):
+            due = t0 + i * tick_s
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            carry += rate * tick_s
+            n = int(carry)
+            carry -= n
+            if n == 0:
+                continue
+            now = time.time_ns()
+            t_ms = now // 1_000_000
+            frame = orjson.dumps([self._event(t_ms) for _ in range(n)])
+            await r.xadd(
+                keys.WS_STREAM,
+                {WS_RECV_FIELD: str(time.time_ns()), WS_PAYLOAD_FIELD: frame},
+                maxlen=500_000,
+                approximate=True,
+            )
+            self.sent += n
+            self.frames += 1
+        return (self.sent - sent0) / (time.perf_counter() - t0)
+
+
+def _pct(xs: list[int], q: float) -> float:
+    if not xs:
+        return float("nan")
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(q * len(s)))] / 1e6
+
+
+def machine() -> str:
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    py = platform.python_version()
+    return f"{platform.node()} {platform.machine()} {os.cpu_count()} cpu ({cpu}), Python {py}"
+
+
+async def build_epoch(r: Redis, n: int) -> tuple[str, list[str], list[str], dict[str, float]]:
+    mem0 = int((await r.info("memory"))["used_memory"])
+    snap = big_chain("SPX", n, first_expiry=(dt.date.today() + dt.timedelta(days=1)).isoformat())
+    key = keys.chain_snapshot("SPX", snap.ts_ns)
+    ptr = ChainPointer(symbol="SPX", snapshot_key=key, ts_ns=snap.ts_ns, n_contracts=n, spot=6000.0)
+    t0 = time.perf_counter()
+    async with r.pipeline(transaction=True) as pipe:
+        pipe.set(key, encode_snapshot(snap), ex=3600)
+        pipe.xadd(keys.CHAIN_STREAM, entry(ptr))  # type: ignore[arg-type]
+        await pipe.execute()
+    eid = await h.wait_epoch(r, timeout_s=120)
+    await h.wait_settled(r, timeout_s=300, quiet_s=1.0)
+    ready_s = time.perf_counter() - t0
+    mem1 = int((await r.info("memory"))["used_memory"])
+    blob = int(await r.memory_usage(key) or 0)
+    streams = 0
+    for s in (keys.CHAIN_STREAM, keys.CONTRACTS_DIRTY_STREAM, keys.GEX_DIFFS_STREAM,
+              *(keys.tiles_stream(x) for x in keys.STRATEGIES),
+              *(keys.heatmap_diffs_stream(x) for x in keys.STRATEGIES)):  # fmt: skip
+        streams += int(await r.memory_usage(s) or 0)
+    models = 0
+    for k in h.model_keys():
+        models += int(await r.memory_usage(k) or 0)
+    staging = 0
+    for s in keys.STRATEGIES:
+        for k in (keys.heatmap_staging("SPX", s), keys.heatmap_staging_seq("SPX", s)):
+            staging += int(await r.memory_usage(k, samples=0) or 0)
+    tiles = {s: int(await r.hlen(keys.heatmap_staging("SPX", s))) for s in keys.STRATEGIES}
+    mem = {
+        "delta_mb": (mem1 - mem0) / 2**20,
+        "blob_mb": blob / 2**20,
+        "streams_mb": streams / 2**20,
+        "models_mb": models / 2**20,
+        "staging_mb": staging / 2**20,
+        "epoch_and_tiles_mb": (mem1 - mem0 - blob - streams) / 2**20,
+        "ready_s": ready_s,
+        **{f"tiles_{s}": float(v) for s, v in tiles.items()},
+    }
+    cids = sorted(c.cid for c in snap.contracts)
+    front = sorted({c.expiry for c in snap.contracts})[:2]
+    near = [c for c in snap.contracts if c.expiry in front]
+    near.sort(key=lambda c: abs(c.strike - 6000.0))
+    hot = [c.cid for c in near[: max(1, n // 10)]]
+    return eid, cids, hot, mem
+
+
+def hist_quantile(
+    samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, q: float
+) -> float:
+    """Quantile of a Prometheus histogram (upper bound of the bucket holding it), seconds."""
+    buckets = sorted(
+        (float(dict(ls)["le"]), v)
+        for (n, ls), v in samples.items()
+        if n == name + "_bucket" and "le" in dict(ls)
+    )
+    if not buckets or buckets[-1][1] == 0:
+        return float("nan")
+    want = q * buckets[-1][1]
+    for le, v in buckets:
+        if v >= want:
+            return le
+    return float("inf")
+
+
+def hist_delta(
+    a: dict[tuple[str, frozenset[tuple[str, str]]], float],
+    b: dict[tuple[str, frozenset[tuple[str, str]]], float],
+) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    return {k: v - a.get(k, 0.0) for k, v in b.items()}
+
+
+async def diff_stats(r: Redis, strategy: str) -> tuple[int, float]:
+    """(entries on the strategy's diff stream, mean bytes of the last 10 diffs)."""
+    s = keys.heatmap_diffs_stream(strategy)
+    info: Any = await r.xinfo_stream(s) if await r.exists(s) else {}
+    n = int(info.get("entries-added", 0))
+    last: Any = await r.xrevrange(s, count=10)
+    sizes = [len(f[b"d"]) for _, f in last]
+    return n, (sum(sizes) / len(sizes) if sizes else 0.0)
+
+
+async def hyd_counts(p: h.Pipeline) -> dict[str, float]:
+    ms = await p.metrics("hydrator")
+    return {
+        "in": h.metric_sum(ms, "massive_hydrator_events_total", kind="quote")
+        + h.metric_sum(ms, "massive_hydrator_events_total", kind="trade"),
+        "applied": h.metric_sum(ms, "massive_hydrator_applied_total"),
+        "conflated": h.metric_sum(ms, "massive_hydrator_conflated_total"),
+    }
+
+
+async def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--rates", default="5000,20000", help="WS events/s, comma separated")
+    ap.add_argument("--duration", type=float, default=60.0, help="seconds per rate")
+    ap.add_argument("--warmup", type=float, default=3.0, help="seconds at rate before measuring")
+    ap.add_argument("--contracts", type=int, default=20_000)
+    ap.add_argument("--tick-ms", type=float, default=50.0, help="one frame per tick")
+    ap.add_argument("--max-interval-ms", type=int, default=250)
+    ap.add_argument("--logs", default="", help="processor logs dir (default: a temp dir)")
+    args = ap.parse_args()
+    rates = [float(x) for x in args.rates.split(",") if x.strip()]
+    log_dir = Path(args.logs or tempfile.mkdtemp(prefix="e2e-load-"))
+    srv = h.redis_server()
+    r = Redis.from_url(srv.url)
+    sse_port = free_port()
+    env = {
+        "MASSIVE_LOG_LEVEL": "WARNING",
+        "MASSIVE_BLOCK_MS": "1000",
+        "MASSIVE_MIN_IDLE_MS": "30000",
+        "MASSIVE_RECLAIM_INTERVAL_S": "5",
+        "MASSIVE_PUBLISHER_MAX_INTERVAL_MS": str(args.max_interval_ms),
+        "MASSIVE_PUBLISHER_LEASE_TTL_MS": "3000",
+        "MASSIVE_PUBLISHER_RENEW_MS": "1000",
+        "MASSIVE_GEX_LEASE_TTL_MS": "10000",
+        "MASSIVE_GEX_INTERVAL_S": "2",
+        "MASSIVE_GEX_DOLLAR_SPOT_STEP_BP": "10",
+        "MASSIVE_SSE_PORT": str(sse_port),
+        "MASSIVE_SSE_HOST": "127.0.0.1",
+        "MASSIVE_SSE_SYMBOLS": "SPX",
+    }
+    rows: list[tuple[str, str]] = []
+    probe: Probe | None = None
+    p = h.Pipeline(srv.url, log_dir, extra_env=env)
+    try:
+        await p.start(PROCS, ready_timeout_s=120)
+        eid, cids, hot, mem = await build_epoch(r, args.contracts)
+        probe = Probe(sse_port, list(keys.STRATEGIES))
+        rep = Replayer(cids, hot)
+        print(f"# machine: {machine()}")
+        print(f"# date: {dt.datetime.now(dt.UTC).isoformat(timespec='seconds')}")
+        print(f"# redis-server {(await r.info('server'))['redis_version']}, logs {log_dir}")
+        print(
+            f"# epoch {eid}: {len(cids)} contracts, tiles "
+            + ", ".join(f"{s}={int(mem['tiles_' + s])}" for s in keys.STRATEGIES)
+            + f"; snapshot -> all models published in {mem['ready_s']:.1f}s"
+        )
+        rows.append(("memory: used_memory delta, epoch build (MB)", f"{mem['delta_mb']:.1f}"))
+        rows.append(("  of which snapshot blob (TTL) (MB)", f"{mem['blob_mb']:.1f}"))
+        rows.append(("  of which streams (MB)", f"{mem['streams_mb']:.1f}"))
+        rows.append(("  of which staging tiles + seq (MB)", f"{mem['staging_mb']:.1f}"))
+        rows.append(("  of which published models (MB)", f"{mem['models_mb']:.1f}"))
+        rows.append(("epoch + tiles + models, without blob/streams (MB)",
+                     f"{mem['epoch_and_tiles_mb']:.1f}"))  # fmt: skip
+        tick = args.tick_ms / 1000
+        for rate in rates:
+            await rep.run(r, rate, args.warmup, tick)
+            c0 = await hyd_counts(p)
+            cpu0 = {s: p.cpu_seconds(s) for s in PROCS}
+            pubm0 = {x: await p.metrics(f"publisher:{x}") for x in keys.STRATEGIES}
+            d0 = {x: await diff_stats(r, x) for x in keys.STRATEGIES}
+            probe.record()
+            t0 = time.perf_counter()
+            offered = await rep.run(r, rate, args.duration, tick)
+            wall = time.perf_counter() - t0
+            c1 = await hyd_counts(p)
+            cpu1 = {s: p.cpu_seconds(s) for s in PROCS}
+            rpt = probe.report()
+            pubm1 = {x: await p.metrics(f"publisher:{x}") for x in keys.STRATEGIES}
+            d1 = {x: await diff_stats(r, x) for x in keys.STRATEGIES}
+            lag = [g for g in await admin.lag(r, [keys.WS_STREAM]) if g.group == "hydrator"]
+            backlog = lag[0].lag if lag else None
+            k = f"@{int(rate)}/s"
+            rows.append((f"{k} offered events/s (replayer)", f"{offered:,.0f}"))
+            rows.append((f"{k} hydrator decoded events/s", f"{(c1['in'] - c0['in']) / wall:,.0f}"))
+            rows.append((f"{k} hydrator applied events/s (after conflation)",
+                         f"{(c1['applied'] - c0['applied']) / wall:,.0f}"))  # fmt: skip
+            rows.append((f"{k} hydrator conflated events/s",
+                         f"{(c1['conflated'] - c0['conflated']) / wall:,.0f}"))  # fmt: skip
+            rows.append((f"{k} hydrator backlog at end (entries)", str(backlog)))
+            for s in keys.STRATEGIES:
+                hd = hist_delta(pubm0[s], pubm1[s])
+                name = "massive_tick_to_publish_seconds"
+                rows.append(
+                    (
+                        f"{k} tick->publish {s} p50/p99 ms (publisher histogram bucket)",
+                        f"<={1000 * hist_quantile(hd, name, 0.5):.0f} / "
+                        f"<={1000 * hist_quantile(hd, name, 0.99):.0f}",
+                    )
+                )
+                rows.append(
+                    (
+                        f"{k} publishes/s {s} (mean diff KB)",
+                        f"{(d1[s][0] - d0[s][0]) / wall:.1f} ({d1[s][1] / 1024:.0f})",
+                    )
+                )
+                xs = rpt["lat"][s]
+                cnt = rpt["counts"][s]
+                rows.append(
+                    (f"{k} SSE events {s} diff/snapshot(resync) (total)",
+                     f"{cnt['diff']}/{cnt['snapshot']}")
+                )  # fmt: skip
+                rows.append(
+                    (
+                        f"{k} tick->SSE {s} p50/p99/max ms (n diffs)",
+                        f"{_pct(xs, 0.5):.0f} / {_pct(xs, 0.99):.0f} / "
+                        f"{(max(xs) / 1e6 if xs else float('nan')):.0f} ({len(xs)})",
+                    )
+                )
+            for s in PROCS:
+                rows.append((f"{k} CPU {s} (% of one core)",
+                             f"{100 * (cpu1[s] - cpu0[s]) / wall:.0f}"))  # fmt: skip
+            # let the backlog drain before the next rate
+            await h.wait_settled(r, timeout_s=600, quiet_s=1.0)
+        restarts = {s: pr.exits for s, pr in p.procs.items() if pr.exits}
+        if restarts:
+            rows.append(("processor exits (restarted)", str(restarts)))
+    finally:
+        if probe is not None:
+            probe.close()
+        await p.stop()
+        await r.aclose()
+        srv.stop()
+    w = max(len(a) for a, _ in rows)
+    print(f"{'figure':<{w}}  value")
+    for a, b in rows:
+        print(f"{a:<{w}}  {b}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(asyncio.run(main()))
