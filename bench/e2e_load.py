@@ -14,8 +14,10 @@ without the snapshot blob (which expires, TTL) and the streams.
 
 Load source: a REPLAYER (not the simulator): every ``--tick-ms`` it XADDs one raw WS frame
 (``{recv_ts_ns, payload}``, exactly what ws-ingest writes) carrying ``rate * tick`` events
-into massive:ws:stream; 80 % quotes / 20 % trades; 70 % of events hit the 10 % of contracts
-nearest to spot on the front expiries, the rest uniformly over the epoch. ``recv_ts_ns`` is
+into massive:ws:stream; 80 % quotes / 20 % trades; 70 % of events hit the ``--hot-contracts``
+(1,000) contracts nearest to spot on the 2 front expiries, the rest uniformly over the epoch.
+The distribution matters: every changed contract changes up to ~2 x widths vertical and
+~3 x widths butterfly tiles, and a diff carries every changed tile in full. ``recv_ts_ns`` is
 the wall time of the XADD (the ingest receive time of a real run).
 
 Figures per rate (``--rates 5000,20000``) over ``--duration`` seconds (default 60):
@@ -51,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import orjson
 from redis.asyncio import Redis
 
+from processors import replay as rp
 from schemas import keys
 from schemas.messages import WS_PAYLOAD_FIELD, WS_RECV_FIELD, ChainPointer, encode_snapshot, entry
 from streams import admin
@@ -221,7 +224,9 @@ def machine() -> str:
     return f"{platform.node()} {platform.machine()} {os.cpu_count()} cpu ({cpu}), Python {py}"
 
 
-async def build_epoch(r: Redis, n: int) -> tuple[str, list[str], list[str], dict[str, float]]:
+async def build_epoch(
+    r: Redis, n: int, n_hot: int
+) -> tuple[str, list[str], list[str], dict[str, float]]:
     mem0 = int((await r.info("memory"))["used_memory"])
     snap = big_chain("SPX", n, first_expiry=(dt.date.today() + dt.timedelta(days=1)).isoformat())
     key = keys.chain_snapshot("SPX", snap.ts_ns)
@@ -263,7 +268,7 @@ async def build_epoch(r: Redis, n: int) -> tuple[str, list[str], list[str], dict
     front = sorted({c.expiry for c in snap.contracts})[:2]
     near = [c for c in snap.contracts if c.expiry in front]
     near.sort(key=lambda c: abs(c.strike - 6000.0))
-    hot = [c.cid for c in near[: max(1, n // 10)]]
+    hot = [c.cid for c in near[: max(1, n_hot)]]
     return eid, cids, hot, mem
 
 
@@ -318,6 +323,12 @@ async def main() -> int:
     ap.add_argument("--duration", type=float, default=60.0, help="seconds per rate")
     ap.add_argument("--warmup", type=float, default=3.0, help="seconds at rate before measuring")
     ap.add_argument("--contracts", type=int, default=20_000)
+    ap.add_argument(
+        "--hot-contracts",
+        type=int,
+        default=1000,
+        help="70%% of events go to this many contracts nearest to spot (front 2 expiries)",
+    )
     ap.add_argument("--tick-ms", type=float, default=50.0, help="one frame per tick")
     ap.add_argument("--max-interval-ms", type=int, default=250)
     ap.add_argument("--logs", default="", help="processor logs dir (default: a temp dir)")
@@ -347,7 +358,7 @@ async def main() -> int:
     p = h.Pipeline(srv.url, log_dir, extra_env=env)
     try:
         await p.start(PROCS, ready_timeout_s=120)
-        eid, cids, hot, mem = await build_epoch(r, args.contracts)
+        eid, cids, hot, mem = await build_epoch(r, args.contracts, args.hot_contracts)
         probe = Probe(sse_port, list(keys.STRATEGIES))
         rep = Replayer(cids, hot)
         print(f"# machine: {machine()}")
@@ -370,12 +381,29 @@ async def main() -> int:
             await rep.run(r, rate, args.warmup, tick)
             c0 = await hyd_counts(p)
             cpu0 = {s: p.cpu_seconds(s) for s in PROCS}
+            redis_cpu0 = h.proc_cpu_seconds(srv.proc.pid) if srv.proc else 0.0
+            max_lag: dict[str, int] = {}
+            sampling = asyncio.Event()
+
+            async def sample_lag(
+                stop: asyncio.Event = sampling, max_lag: dict[str, int] = max_lag
+            ) -> None:
+                while not stop.is_set():
+                    for g in await rp.busy_groups(r):
+                        name = f"{g.stream}/{g.group}"
+                        max_lag[name] = max(max_lag.get(name, 0), (g.lag or 0) + g.pending)
+                    await asyncio.sleep(0.5)
+
+            sampler = asyncio.create_task(sample_lag())
             pubm0 = {x: await p.metrics(f"publisher:{x}") for x in keys.STRATEGIES}
             d0 = {x: await diff_stats(r, x) for x in keys.STRATEGIES}
             probe.record()
             t0 = time.perf_counter()
             offered = await rep.run(r, rate, args.duration, tick)
             wall = time.perf_counter() - t0
+            sampling.set()
+            await sampler
+            redis_cpu = (h.proc_cpu_seconds(srv.proc.pid) if srv.proc else 0.0) - redis_cpu0
             c1 = await hyd_counts(p)
             cpu1 = {s: p.cpu_seconds(s) for s in PROCS}
             rpt = probe.report()
@@ -423,6 +451,9 @@ async def main() -> int:
             for s in PROCS:
                 rows.append((f"{k} CPU {s} (% of one core)",
                              f"{100 * (cpu1[s] - cpu0[s]) / wall:.0f}"))  # fmt: skip
+            rows.append((f"{k} CPU redis-server (% of one core)", f"{100 * redis_cpu / wall:.0f}"))
+            for name, v in sorted(max_lag.items()):
+                rows.append((f"{k} max backlog (lag+pending) {name}", str(v)))
             # let the backlog drain before the next rate
             await h.wait_settled(r, timeout_s=600, quiet_s=1.0)
         restarts = {s: pr.exits for s, pr in p.procs.items() if pr.exits}
