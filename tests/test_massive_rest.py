@@ -176,6 +176,7 @@ def test_results_of_arbitrary_values(results: list[Any]) -> None:
 
 
 @given(JSONISH)
+@settings(deadline=None)
 def test_arbitrary_bodies_never_raise_unexpected(body: Any) -> None:
     for fn in (mr.parse_chain_page, mr.parse_contract_snapshot, mr.parse_index_snapshot):
         try:
@@ -208,6 +209,7 @@ def test_huge_or_negative_prices_rejected(item: dict[str, Any], lit: str) -> Non
 
 
 @given(good_items(), st.sampled_from([math.nan, math.inf, -math.inf, 1e12]))
+@settings(deadline=None)
 def test_non_finite_values_in_structs_rejected(item: dict[str, Any], bad: float) -> None:
     decoded = mr.decode_item(json.dumps(item).encode())
     broken = msgspec.structs.replace(decoded, implied_volatility=bad)
@@ -217,6 +219,7 @@ def test_non_finite_values_in_structs_rejected(item: dict[str, Any], bad: float)
 
 
 @given(good_items(), st.integers(min_value=0, max_value=mr.MIN_TS_NS // 1000))
+@settings(deadline=None)
 def test_ms_or_seconds_timestamps_rejected(item: dict[str, Any], ts: int) -> None:
     """A timestamp in ms (or s) where ns is documented is a unit error, not data."""
     item["last_trade"] = {"price": 1.0, "size": 1, "sip_timestamp": ts}
@@ -265,6 +268,7 @@ def test_envelope_errors_are_reported() -> None:
     st.floats(min_value=1, max_value=1e5),
     st.one_of(st.none(), TS),
 )
+@settings(deadline=None)
 def test_index_items(tkr: str, value: float, ts: int | None) -> None:
     item: dict[str, Any] = {"ticker": tkr, "value": value}
     if ts is not None:

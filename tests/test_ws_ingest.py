@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import websockets
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 
@@ -457,6 +457,7 @@ async def test_auth_failed_is_fatal_and_clear(deps: Deps, sim: SimServer) -> Non
     ),
     st.integers(min_value=0, max_value=60),
 )
+@settings(deadline=None)
 def test_allocate_quote_budget(raw: dict[str, list[int]], budget: int) -> None:
     ranked = {sym: [f"{sym}{i}" for i in v] for sym, v in raw.items()}
     out = wi.allocate(ranked, budget)
