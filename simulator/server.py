@@ -805,6 +805,13 @@ class SimServer:
             elif action == "unsubscribe":
                 for p in _split_params(params):
                     self._unsubscribe(conn, p)
+            if action in ("subscribe", "unsubscribe"):
+                # One status reply per param: let the sender drain them before reading the
+                # next request, so a client sending many large subscribe messages back to
+                # back is not mistaken for a slow consumer by its own acknowledgements.
+                backlog = conn.queue.maxsize // 2
+                while conn.queue.qsize() > backlog and not conn.closing:  # noqa: ASYNC110
+                    await asyncio.sleep(0.001)
             elif action == "auth":
                 self._reply(conn, "auth_success", "authenticated")
             else:

@@ -816,3 +816,26 @@ async def test_busy_port_raises_oserror(srv: SimServer) -> None:
     with pytest.raises(OSError):
         await other.start(port=srv.port)
     await other.stop()  # harmless after a failed start
+
+
+async def test_ws_many_large_subscribe_messages_back_to_back_are_not_slow_consumer(
+    srv: SimServer,
+) -> None:
+    # 22k-contract chains subscribe in ~45 messages of 500 params sent without waiting; the
+    # server's per-param acks must not trip its own slow-consumer limit.
+    tickers = sorted(srv.market.contracts)[:12_000]
+    ws = await login(srv)
+    try:
+        chunks = [tickers[i : i + 500] for i in range(0, len(tickers), 500)]
+        for chunk in chunks:
+            await ws.send(json.dumps({"action": "subscribe", "params": ",".join(
+                f"T.{t}" for t in chunk)}))  # fmt: skip
+        acks = 0
+        while acks < len(tickers):
+            for e in await recv(ws, 10.0):
+                if e.get("ev") == "status":
+                    assert e["status"] == "success", e
+                    acks += 1
+        assert srv.stats.connections == 1
+    finally:
+        await ws.close()
