@@ -309,35 +309,53 @@ def price_leg(q: LegQuote | None, as_of: int, max_age_ns: int) -> tuple[float | 
     return None, "none", 0
 
 
-def _r(x: float) -> float:
-    return round(x, 6) + 0.0  # + 0.0 turns -0.0 into 0.0 (stable JSON)
-
-
 def compute_tile(
     spec: TileSpec,
     quotes: Mapping[str, LegQuote | None],
     epoch: str,
     max_quote_age_ns: int,
 ) -> Tile:
-    qs = [quotes.get(cid) for cid, _, _ in spec.legs]
-    as_of = max((q.ts_ns for q in qs if q is not None), default=0)
-    seq = sum(q.ts_ns for q in qs if q is not None)
+    # Hot path (runs for every recomputed tile): plain loops, no helper calls.
+    qs = [quotes.get(leg[0]) for leg in spec.legs]
+    as_of = seq = 0
+    for q in qs:
+        if q is not None:
+            t = q.ts_ns
+            seq += t
+            if t > as_of:
+                as_of = t
     legs: list[Leg] = []
     debit: float | None = 0.0
-    srcs: set[str] = set()
+    px_src = ""
     oldest: int | None = None
-    ws = False
+    ws = stale_quote = False
     for (cid, k, qty), q in zip(spec.legs, qs, strict=True):
-        px, src, pts = price_leg(q, as_of, max_quote_age_ns)
-        legs.append(Leg(cid, k, qty, px, src, pts))
-        if q is not None and q.src == "ws":
-            ws = True
-        if px is None or debit is None:
+        if q is None:
+            legs.append(Leg(cid, k, qty, None, "none", 0))
             debit = None
             continue
+        if q.src == "ws":
+            ws = True
+        mid = q.mid
+        qts = q.quote_ts
+        if mid is not None and qts is not None and as_of - qts <= max_quote_age_ns:
+            px, src, pts, kind = mid, "mid", qts, "mid"
+        elif q.last is not None:
+            px, src, pts, kind = q.last, "last", q.trade_ts or 0, "last"
+        elif mid is not None:
+            px, src, pts, kind = mid, "mid_stale", qts or 0, "mid"
+            stale_quote = True
+        else:
+            legs.append(Leg(cid, k, qty, None, "none", 0))
+            debit = None
+            continue
+        legs.append(Leg(cid, k, qty, px, src, pts))
+        if debit is None:
+            continue
         debit += qty * px
-        srcs.add("mid" if src.startswith("mid") else src)
-        oldest = pts if oldest is None else min(oldest, pts)
+        px_src = kind if px_src in ("", kind) else "mixed"
+        if oldest is None or pts < oldest:
+            oldest = pts
     flags: list[str] = []
     max_profit = max_loss = r2r = conv = None
     age: int | None = None
@@ -347,8 +365,7 @@ def compute_tile(
     else:
         d = debit
         age = as_of - oldest if oldest is not None else None
-        px_src = srcs.pop() if len(srcs) == 1 else "mixed"
-        if any(leg.src == "mid_stale" for leg in legs):
+        if stale_quote:
             flags.append("stale_quote")
         if spec.strategy == "single":
             k = spec.strikes[0]
@@ -360,7 +377,7 @@ def compute_tile(
         else:
             w = spec.width
             max_profit, max_loss = w - d, d
-            conv = _r(min(1.0, max(0.0, 1.0 - d / w)))
+            conv = round(min(1.0, max(0.0, 1.0 - d / w)), 6) + 0.0
             if d > w + EPS:
                 flags.append("above_bound")
         if d < -EPS:
@@ -368,10 +385,10 @@ def compute_tile(
         elif abs(d) <= EPS:
             flags.append("zero_debit")
         if max_profit is not None and d > EPS:
-            r2r = _r(max_profit / d)
-        debit = _r(d)
-        max_loss = _r(max_loss)
-        max_profit = _r(max_profit) if max_profit is not None else None
+            r2r = round(max_profit / d, 6) + 0.0
+        debit = round(d, 6) + 0.0  # + 0.0 turns -0.0 into 0.0 (stable JSON)
+        max_loss = round(max_loss, 6) + 0.0
+        max_profit = round(max_profit, 6) + 0.0 if max_profit is not None else None
     return Tile(
         id=spec.id,
         symbol=spec.symbol,

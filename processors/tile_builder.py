@@ -49,6 +49,12 @@ from streams.settings import from_env
 logger = logging.getLogger(__name__)
 
 
+def _frame(t: Tile) -> bytes:
+    """One tile in the STAGE_LUA blob: length-prefixed id, seq, packed tile."""
+    tid, seq, packed = t.id.encode(), str(t.seq).encode(), pack(t)
+    return b"%d:%b%d:%b%d:%b" % (len(tid), tid, len(seq), seq, len(packed), packed)
+
+
 @dataclass(frozen=True)
 class TileSettings:
     """Env prefix ``MASSIVE_TILES_`` (e.g. MASSIVE_TILES_WIDTHS_SPX=5,10,15)."""
@@ -86,16 +92,29 @@ for i = 1, #KEYS do out[i] = redis.call('HMGET', KEYS[i], unpack(ARGV)) end
 return out
 """
 
-# KEYS: staging, staging_seq, manifest. ARGV: epoch, then (tile_id, seq, packed) triples.
+# KEYS: staging, staging_seq, manifest. ARGV: epoch, one blob of length-prefixed fields
+# "<len>:<tile_id><len>:<seq><len>:<packed>" per tile (one argument instead of 3 per tile:
+# client-side command packing dominated the batch time).
 # Returns -9 when the staged epoch is not ARGV[1]; else one status per tile:
 # 1 admitted (slot absent or seq strictly greater), 0 equal (discarded), -1 older (discarded).
-# seq values are non-negative decimal integers: compared by length, then lexically (exact;
+# seq values are non-negative decimal strings: compared by length, then lexically (exact;
 # Lua numbers are doubles and would round nanosecond sums).
 STAGE_LUA = """
 if redis.call('HGET', KEYS[3], 'epoch') ~= ARGV[1] then return -9 end
-local out = {}
-for i = 2, #ARGV, 3 do
-  local id, seq = ARGV[i], ARGV[i + 1]
+local blob, pos = ARGV[2], 1
+local function field()
+  local c = string.find(blob, ':', pos, true)
+  local len = tonumber(string.sub(blob, pos, c - 1))
+  local v = string.sub(blob, c + 1, c + len)
+  pos = c + len + 1
+  return v
+end
+local out, i = {}, 0
+while pos <= #blob do
+  i = i + 1
+  local id = field()
+  local seq = field()
+  local packed = field()
   local old = redis.call('HGET', KEYS[2], id)
   local st
   if not old then st = 1
@@ -104,10 +123,10 @@ for i = 2, #ARGV, 3 do
   elseif seq == old then st = 0
   else st = -1 end
   if st == 1 then
-    redis.call('HSET', KEYS[1], id, ARGV[i + 2])
+    redis.call('HSET', KEYS[1], id, packed)
     redis.call('HSET', KEYS[2], id, seq)
   end
-  out[#out + 1] = st
+  out[i] = st
 end
 return out
 """
@@ -354,10 +373,8 @@ class TileBuilder(ConsumerProcessor):
         n = self.cfg.write_chunk
         pipe = self.redis.pipeline(transaction=False)
         for i in range(0, len(tiles), n):
-            args: list[str | bytes] = [eid]
-            for t in tiles[i : i + n]:
-                args += (t.id, str(t.seq), pack(t))
-            await self._stage(keys=k, args=args, client=pipe)
+            blob = b"".join(_frame(t) for t in tiles[i : i + n])
+            await self._stage(keys=k, args=[eid, blob], client=pipe)
         replies = await pipe.execute()
         out: list[int] = []
         for rep in replies:
