@@ -85,10 +85,19 @@ class TileSettings:
         return self.max_quote_age_ms * 1_000_000
 
 
-# KEYS: contract hashes; ARGV: field names. Returns one HMGET reply per key.
+# KEYS: contract hashes; ARGV: field names. Returns one string per key: the values joined
+# by "|" (absent = empty; values are numbers or chain|ws, never "|"), or "" when the hash
+# does not exist. One bulk string per contract keeps client-side reply parsing cheap.
 FETCH_LUA = """
 local out = {}
-for i = 1, #KEYS do out[i] = redis.call('HMGET', KEYS[i], unpack(ARGV)) end
+for i = 1, #KEYS do
+  local v = redis.call('HMGET', KEYS[i], unpack(ARGV))
+  local any = false
+  for j = 1, #ARGV do
+    if v[j] then any = true else v[j] = '' end
+  end
+  if any then out[i] = table.concat(v, '|') else out[i] = '' end
+end
 return out
 """
 
@@ -171,8 +180,8 @@ async def fetch_quotes(
     replies = await pipe.execute() if parts else []
     out: dict[str, hm.LegQuote | None] = {}
     for part, rep in zip(parts, replies, strict=True):
-        for cid, values in zip(part, rep, strict=True):
-            out[cid] = hm.LegQuote.from_values(values)
+        for cid, joined in zip(part, rep, strict=True):
+            out[cid] = hm.LegQuote.from_values(joined.split(b"|")) if joined else None
     return out
 
 
