@@ -141,6 +141,7 @@ class SymState:
     needs_reconcile: bool = False
     reconcile_recv: int | None = None
     last_publish: float = float("-inf")  # monotonic seconds
+    last_reconcile: float = float("-inf")
 
     def note_reconcile(self, recv: int | None) -> None:
         self.needs_reconcile = True
@@ -390,7 +391,10 @@ class Publisher:
             if not self.leader:
                 return
             if st.needs_reconcile:
-                await self._reconcile(st)
+                # An incomplete staging is re-read at most once per max interval.
+                if now - st.last_reconcile >= self.cfg.max_interval_ms / 1000:
+                    st.last_reconcile = now
+                    await self._reconcile(st)
                 continue
             if not st.pending:
                 continue
