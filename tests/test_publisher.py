@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from processors.publisher import Publisher, PublisherSettings
 from processors.tile_builder import TileBuilder, TileSettings
@@ -95,6 +96,8 @@ async def crash(p: Publisher, task: asyncio.Task[None]) -> None:
     await p.redis.connection_pool.disconnect()
     await asyncio.wait({task}, timeout=5)
     assert task.done()
+    if not task.cancelled():
+        assert isinstance(task.exception(), RedisConnectionError | OSError)  # sockets died
 
 
 def start(p: Publisher) -> tuple[asyncio.Event, asyncio.Task[None]]:
