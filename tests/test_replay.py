@@ -259,10 +259,12 @@ async def test_replay_keeps_relative_receive_times_scaled_by_speed(redis: Redis)
     async def stamp(_: rp.Record) -> None:
         seen.append(time.perf_counter())
 
+    start = time.perf_counter()  # the schedule starts at or after this
     stats = await rp.replay_records(redis, recs, speed=3.0, after_write=stamp)
-    got = [b - seen[0] for b in seen]
+    got = [b - start for b in seen]
     for want, have in zip(gaps_s, got, strict=True):
-        assert want / 3 - 0.002 <= have <= want / 3 + 0.15  # never early; late only by load
+        assert want / 3 <= have <= want / 3 + 0.25  # never early; late only by load
+    assert stats.max_late_s < 0.25
     assert stats.span_s == pytest.approx(1.2)
     assert await redis.xlen(keys.WS_STREAM) == 4
 
