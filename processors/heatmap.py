@@ -269,8 +269,30 @@ class LegQuote:
         ts_ns = _int(ts)
         if ts_ns is None:
             ts_ns = max(q or 0, t or 0)
-        s = src.decode() if isinstance(src, bytes) else (src or "chain")
+        s = (src.decode() if isinstance(src, bytes) else src) or "chain"
         return cls(b, a, m, q, _num(last), t, ts_ns, s)
+
+    @classmethod
+    def from_joined(cls, joined: bytes) -> LegQuote | None:
+        """Fast path for FETCH_LUA's "|"-joined LEG_FIELDS values; anything unusual
+        (bad or non-finite numbers, wrong arity) goes through ``from_values``."""
+        parts = joined.split(b"|")
+        try:
+            b, a, m, qts, last, tts, ts, src = parts
+            bid = float(b) if b else None
+            ask = float(a) if a else None
+            mid = float(m) if m else None
+            lst = float(last) if last else None
+            q = int(qts) if qts else None
+            t = int(tts) if tts else None
+            ts_ns = int(ts) if ts else max(q or 0, t or 0)
+        except ValueError:
+            return cls.from_values(parts)
+        if not math.isfinite((bid or 0.0) + (ask or 0.0) + (mid or 0.0) + (lst or 0.0)):
+            return cls.from_values(parts)
+        if mid is None and bid is not None and ask is not None:
+            mid = (bid + ask) / 2
+        return cls(bid, ask, mid, q, lst, t, ts_ns, src.decode() if src else "chain")
 
 
 def _num(v: bytes | str | None) -> float | None:

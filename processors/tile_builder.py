@@ -118,24 +118,36 @@ local function field()
   pos = c + len + 1
   return v
 end
-local out, i = {}, 0
+local ids, seqs, packed = {}, {}, {}
 while pos <= #blob do
-  i = i + 1
-  local id = field()
-  local seq = field()
-  local packed = field()
-  local old = redis.call('HGET', KEYS[2], id)
-  local st
-  if not old then st = 1
-  elseif #seq ~= #old then if #seq > #old then st = 1 else st = -1 end
-  elseif seq > old then st = 1
-  elseif seq == old then st = 0
-  else st = -1 end
-  if st == 1 then
-    redis.call('HSET', KEYS[1], id, packed)
-    redis.call('HSET', KEYS[2], id, seq)
+  local n = #ids + 1
+  ids[n] = field()
+  seqs[n] = field()
+  packed[n] = field()
+end
+local out, tv, sv = {}, {}, {}
+for a = 1, #ids, 1000 do
+  local b = math.min(a + 999, #ids)
+  local old = redis.call('HMGET', KEYS[2], unpack(ids, a, b))
+  for i = a, b do
+    local o, seq = old[i - a + 1], seqs[i]
+    local st
+    if not o then st = 1
+    elseif #seq ~= #o then if #seq > #o then st = 1 else st = -1 end
+    elseif seq > o then st = 1
+    elseif seq == o then st = 0
+    else st = -1 end
+    out[i] = st
+    if st == 1 then
+      tv[#tv + 1] = ids[i]; tv[#tv + 1] = packed[i]
+      sv[#sv + 1] = ids[i]; sv[#sv + 1] = seq
+    end
   end
-  out[i] = st
+  if #tv > 0 then
+    redis.call('HSET', KEYS[1], unpack(tv))
+    redis.call('HSET', KEYS[2], unpack(sv))
+    tv, sv = {}, {}
+  end
 end
 return out
 """
@@ -181,7 +193,7 @@ async def fetch_quotes(
     out: dict[str, hm.LegQuote | None] = {}
     for part, rep in zip(parts, replies, strict=True):
         for cid, joined in zip(part, rep, strict=True):
-            out[cid] = hm.LegQuote.from_values(joined.split(b"|")) if joined else None
+            out[cid] = hm.LegQuote.from_joined(joined) if joined else None
     return out
 
 

@@ -283,3 +283,22 @@ async def test_reference_rebuild_equals_independent_recomputation(
             if strategy != "single":
                 assert t.convexity == pytest.approx(min(1, max(0, 1 - d / t.width)), abs=1e-6)
     assert n_priced > len(expected) // 2
+
+
+_num_text = st.one_of(
+    st.just(b""),
+    st.floats(allow_nan=True, allow_infinity=True).map(lambda x: repr(x).encode()),
+    st.integers(0, 2**63).map(lambda x: str(x).encode()),
+    st.sampled_from([b"x", b"1e400", b"-0.0", b" 5"]),
+)
+
+
+@given(
+    parts=st.lists(_num_text, min_size=7, max_size=7), src=st.sampled_from([b"", b"ws", b"chain"])
+)
+def test_fast_leg_parser_agrees_with_the_careful_one(parts: list[bytes], src: bytes) -> None:
+    values: list[bytes | None] = [p or None for p in [*parts, src]]
+    expected = hm.LegQuote.from_values(values)
+    if expected is None:  # the Lua fetch sends "" for a missing hash, never all-empty fields
+        return
+    assert hm.LegQuote.from_joined(b"|".join([*parts, src])) == expected
