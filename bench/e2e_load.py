@@ -41,7 +41,6 @@ import datetime as dt
 import multiprocessing as mp
 import os
 import platform
-import random
 import sys
 import tempfile
 import time
@@ -55,7 +54,6 @@ from redis.asyncio import Redis
 
 from processors import replay as rp
 from schemas import keys
-from schemas.messages import WS_PAYLOAD_FIELD, WS_RECV_FIELD, ChainPointer, encode_snapshot, entry
 from streams import admin
 from tests import harness as h
 from tests.factories import big_chain
@@ -153,57 +151,6 @@ def _probe_main(port: int, strategies: list[str], cmd: Any, res: Any, stop: Any)
             res.put({"lat": {s: list(v) for s, v in results.items()}, "counts": counts})
 
 
-# --- load replayer ----------------------------------------------------------------------------
-class Replayer:
-    def __init__(self, cids: list[str], hot: list[str], seed: int = 1) -> None:
-        self.cids = cids
-        self.hot = hot
-        self.rng = random.Random(seed)
-        self.sent = 0
-        self.frames = 0
-        self.px: dict[str, float] = {}
-
-    def _event(self, t_ms: int) -> dict[str, Any]:
-        rng = self.rng
-        cid = rng.choice(self.hot) if rng.random() < 0.7 else rng.choice(self.cids)
-        px = self.px.get(cid, 5.0)
-        px = max(0.05, round(px + rng.choice((-0.05, 0.0, 0.05)), 2))
-        self.px[cid] = px
-        if rng.random() < 0.8:
-            return {"ev": "Q", "sym": cid, "bx": 1, "ax": 1, "bp": px, "ap": round(px + 0.1, 2),
-                    "bs": 1, "as": 1, "t": t_ms, "q": 1}  # fmt: skip
-        return {"ev": "T", "sym": cid, "x": 1, "p": px, "s": 1, "c": [209], "t": t_ms, "q": 1}
-
-    async def run(self, r: Redis, rate: float, seconds: float, tick_s: float) -> float:
-        """XADD frames at ``rate`` events/s for ``seconds``; returns the achieved rate."""
-        t0 = time.perf_counter()
-        n_ticks = int(seconds / tick_s)
-        carry = 0.0
-        sent0 = self.sent
-        for i in range(n_ticks):
-            due = t0 + i * tick_s
-            delay = due - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            carry += rate * tick_s
-            n = int(carry)
-            carry -= n
-            if n == 0:
-                continue
-            now = time.time_ns()
-            t_ms = now // 1_000_000
-            frame = orjson.dumps([self._event(t_ms) for _ in range(n)])
-            await r.xadd(
-                keys.WS_STREAM,
-                {WS_RECV_FIELD: str(time.time_ns()), WS_PAYLOAD_FIELD: frame},
-                maxlen=500_000,
-                approximate=True,
-            )
-            self.sent += n
-            self.frames += 1
-        return (self.sent - sent0) / (time.perf_counter() - t0)
-
-
 def _pct(xs: list[int], q: float) -> float:
     if not xs:
         return float("nan")
@@ -229,13 +176,8 @@ async def build_epoch(
 ) -> tuple[str, list[str], list[str], dict[str, float]]:
     mem0 = int((await r.info("memory"))["used_memory"])
     snap = big_chain("SPX", n, first_expiry=(dt.date.today() + dt.timedelta(days=1)).isoformat())
-    key = keys.chain_snapshot("SPX", snap.ts_ns)
-    ptr = ChainPointer(symbol="SPX", snapshot_key=key, ts_ns=snap.ts_ns, n_contracts=n, spot=6000.0)
     t0 = time.perf_counter()
-    async with r.pipeline(transaction=True) as pipe:
-        pipe.set(key, encode_snapshot(snap), ex=3600)
-        pipe.xadd(keys.CHAIN_STREAM, entry(ptr))  # type: ignore[arg-type]
-        await pipe.execute()
+    key = await h.install_chain(r, snap)
     eid = await h.wait_epoch(r, timeout_s=120)
     await h.wait_settled(r, timeout_s=300, quiet_s=1.0)
     ready_s = time.perf_counter() - t0
@@ -360,7 +302,7 @@ async def main() -> int:
         await p.start(PROCS, ready_timeout_s=120)
         eid, cids, hot, mem = await build_epoch(r, args.contracts, args.hot_contracts)
         probe = Probe(sse_port, list(keys.STRATEGIES))
-        rep = Replayer(cids, hot)
+        rep = h.LoadReplayer(cids, hot)
         print(f"# machine: {machine()}")
         print(f"# date: {dt.datetime.now(dt.UTC).isoformat(timespec='seconds')}")
         print(f"# redis-server {(await r.info('server'))['redis_version']}, logs {log_dir}")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -35,11 +36,20 @@ from typing import Any
 
 import httpx
 import msgspec
+import orjson
 from redis.asyncio import Redis
 
 from processors import replay as rp
 from schemas import keys
-from schemas.messages import ChainPointer, from_entry
+from schemas.messages import (
+    WS_PAYLOAD_FIELD,
+    WS_RECV_FIELD,
+    ChainPointer,
+    ChainSnapshot,
+    encode_snapshot,
+    entry,
+    from_entry,
+)
 from tests.util import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -671,3 +681,75 @@ def normalized_items(models: Mapping[str, Any]) -> dict[str, Any]:
 
 def as_str(v: bytes | str) -> str:
     return v.decode() if isinstance(v, bytes) else v
+
+
+# --- load replayer ----------------------------------------------------------------------------
+class LoadReplayer:
+    """XADDs raw WS frames (what ws-ingest writes) at a fixed event rate: 80 % quotes,
+    70 % of events on ``hot`` contracts, the rest uniform over ``cids``."""
+
+    def __init__(self, cids: list[str], hot: list[str], seed: int = 1) -> None:
+        self.cids = cids
+        self.hot = hot
+        self.rng = random.Random(seed)
+        self.sent = 0
+        self.frames = 0
+        self.px: dict[str, float] = {}
+
+    def _event(self, t_ms: int) -> dict[str, Any]:
+        rng = self.rng
+        cid = rng.choice(self.hot) if rng.random() < 0.7 else rng.choice(self.cids)
+        px = self.px.get(cid, 5.0)
+        px = max(0.05, round(px + rng.choice((-0.05, 0.0, 0.05)), 2))
+        self.px[cid] = px
+        if rng.random() < 0.8:
+            return {"ev": "Q", "sym": cid, "bx": 1, "ax": 1, "bp": px, "ap": round(px + 0.1, 2),
+                    "bs": 1, "as": 1, "t": t_ms, "q": 1}  # fmt: skip
+        return {"ev": "T", "sym": cid, "x": 1, "p": px, "s": 1, "c": [209], "t": t_ms, "q": 1}
+
+    async def run(self, r: Redis, rate: float, seconds: float, tick_s: float) -> float:
+        """XADD frames at ``rate`` events/s for ``seconds``; returns the achieved rate."""
+        t0 = time.perf_counter()
+        n_ticks = int(seconds / tick_s)
+        carry = 0.0
+        sent0 = self.sent
+        for i in range(n_ticks):
+            due = t0 + i * tick_s
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            carry += rate * tick_s
+            n = int(carry)
+            carry -= n
+            if n == 0:
+                continue
+            now = time.time_ns()
+            t_ms = now // 1_000_000
+            frame = orjson.dumps([self._event(t_ms) for _ in range(n)])
+            await r.xadd(
+                keys.WS_STREAM,
+                {WS_RECV_FIELD: str(time.time_ns()), WS_PAYLOAD_FIELD: frame},
+                maxlen=500_000,
+                approximate=True,
+            )
+            self.sent += n
+            self.frames += 1
+        return (self.sent - sent0) / (time.perf_counter() - t0)
+
+
+async def install_chain(r: Redis, snap: ChainSnapshot) -> str:
+    """Store ``snap`` as a blob + ChainPointer (what the chain-poller writes); returns the
+    blob key. The normalizer (if running) builds/promotes the epoch from it."""
+    key = keys.chain_snapshot(snap.symbol, snap.ts_ns)
+    ptr = ChainPointer(
+        symbol=snap.symbol,
+        snapshot_key=key,
+        ts_ns=snap.ts_ns,
+        n_contracts=len(snap.contracts),
+        spot=snap.spot,
+    )
+    async with r.pipeline(transaction=True) as pipe:
+        pipe.set(key, encode_snapshot(snap), ex=3600)
+        pipe.xadd(keys.CHAIN_STREAM, entry(ptr))  # type: ignore[arg-type]
+        await pipe.execute()
+    return key
