@@ -50,6 +50,7 @@ from schemas.messages import (
     entry,
     from_entry,
 )
+from streams import admin
 from tests.util import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -466,13 +467,14 @@ async def wait_settled(
     symbol: str = "SPX",
     require_models: bool = True,
 ) -> dict[str, _Model | None]:
-    """Wait until every consumer group of the pipeline has lag 0 and nothing pending, and
-    the published versions did not move for ``quiet_s``; returns the models."""
+    """Wait until no consumer group of the pipeline has unread or pending entries (counted
+    by :func:`backlog`, not XINFO's ``lag``), and the published versions did not move for
+    ``quiet_s``; returns the models."""
     deadline = time.monotonic() + timeout_s
     last: dict[str, int | None] | None = None
     since = time.monotonic()
     while True:
-        busy = await rp.busy_groups(redis)
+        busy = await backlog(redis)
         cur = await versions(redis, symbol)
         complete = not require_models or all(v is not None for v in cur.values())
         if busy or cur != last or not complete:
@@ -482,6 +484,41 @@ async def wait_settled(
         if time.monotonic() > deadline:
             raise AssertionError(f"pipeline not settled in {timeout_s}s: busy={busy} v={cur}")
         await asyncio.sleep(0.1)
+
+
+@dataclass
+class Backlog:
+    stream: str
+    group: str
+    unread: int  # entries after the group's last-delivered-id (XRANGE, exact)
+    pending: int
+    redis_lag: int | None  # what XINFO GROUPS says (entries-added - entries-read)
+
+
+async def _groups(redis: Redis) -> list[Backlog]:
+    names = rp.pipeline_streams()
+    pipe = redis.pipeline(transaction=False)
+    for n in names:
+        pipe.exists(n)
+    present = [n for n, e in zip(names, await pipe.execute(), strict=True) if e]
+    out: list[Backlog] = []
+    for g in await admin.lag(redis, present):
+        after: Any = await redis.xrange(g.stream, min="(" + g.last_delivered_id, count=10_000)
+        out.append(Backlog(g.stream, g.group, len(after), g.pending, g.lag))
+    return out
+
+
+async def backlog(redis: Redis) -> list[Backlog]:
+    """Groups of the pipeline's streams with unread or pending entries. ``unread`` is
+    counted with XRANGE after last-delivered-id, because XINFO's ``lag`` derives from
+    ``entries-read``, which can be stale after Redis reloads its AOF (seen with 7.0.15:
+    lag stuck at N > 0 with nothing left to read); the Redis figure is kept for reporting."""
+    return [b for b in await _groups(redis) if b.unread or b.pending]
+
+
+async def lag_disagreements(redis: Redis) -> list[Backlog]:
+    """Groups whose XINFO lag differs from the exact unread count (reporting only)."""
+    return [b for b in await _groups(redis) if b.redis_lag != b.unread]
 
 
 async def wait_epoch(redis: Redis, symbol: str = "SPX", timeout_s: float = 30.0) -> str:
