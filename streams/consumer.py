@@ -12,14 +12,18 @@ them there). A vanished group (stream deleted, FLUSHALL) is re-created.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from schemas import keys
 from streams.metrics import ConsumerMetrics
@@ -54,6 +58,7 @@ class GroupConsumer:
         self.metrics = ConsumerMetrics(registry, processor, spec.stream, spec.group)
         self.dead_stream = keys.dead_letter_stream(spec.stream)
         self.ready = False
+        self.max_backoff_s = 5.0
         self._last_reclaim = 0.0
 
     # --- group lifecycle ---------------------------------------------------------------
@@ -81,47 +86,72 @@ class GroupConsumer:
 
     # --- main loop ---------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
-        await self.ensure_group()
-        await self.recover(own=True)
-        self.ready = True
-        self._last_reclaim = time.monotonic()
+        """Consume until ``stop`` is set. A lost Redis connection (restart, failover, AOF
+        loading) is retried in-process with capped, jittered backoff rather than crashing the
+        pod into CrashLoopBackOff; acks not known to have landed are re-sent (XACK is
+        idempotent) and unacked entries stay pending for redelivery."""
         to_ack: list[bytes] = []
-        spec = self.spec
+        started = False
+        failures = 0
         try:
             while not stop.is_set():
-                if time.monotonic() - self._last_reclaim >= spec.reclaim_interval_s:
-                    if to_ack:
-                        await self.redis.xack(spec.stream, spec.group, *to_ack)
-                        to_ack = []
-                    await self.recover(own=False)
-                    self._last_reclaim = time.monotonic()
-                pipe = self.redis.pipeline(transaction=False)
-                if to_ack:
-                    pipe.xack(spec.stream, spec.group, *to_ack)
-                pipe.xreadgroup(
-                    spec.group,
-                    spec.consumer,
-                    {spec.stream: ">"},
-                    count=spec.count,
-                    block=spec.block_ms,
-                )
                 try:
-                    res = await pipe.execute()
-                except ResponseError as exc:
-                    if await self._on_nogroup(exc):
-                        to_ack = []
-                        continue
-                    raise
-                to_ack = []
-                batch = res[-1]
-                if not batch:
-                    continue
-                entries: list[Entry] = batch[0][1]
-                to_ack = await self._process(entries)
+                    if not started:
+                        await self.ensure_group()
+                        await self.recover(own=True)
+                        started = True
+                        self._last_reclaim = time.monotonic()
+                    to_ack = await self._step(to_ack)
+                    failures = 0
+                    self.ready = True
+                except (RedisConnectionError, RedisTimeoutError) as exc:
+                    self.ready = False
+                    failures += 1
+                    self.metrics.redis_errors.inc()
+                    delay = min(self.max_backoff_s, 0.05 * 2 ** min(failures, 10))
+                    delay *= 0.5 + random.random() / 2
+                    logger.warning(
+                        "redis unavailable stream=%s group=%s attempt=%d retry_in_s=%.2f: %s",
+                        self.spec.stream,
+                        self.spec.group,
+                        failures,
+                        delay,
+                        exc,
+                    )
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), delay)
         finally:
             if to_ack:
                 # Finish what we processed: ack it before leaving (SIGTERM path).
+                with contextlib.suppress(RedisConnectionError, RedisTimeoutError):
+                    await self.redis.xack(self.spec.stream, self.spec.group, *to_ack)
+
+    async def _step(self, to_ack: list[bytes]) -> list[bytes]:
+        """One read/handle iteration; returns the ids to ack with the next read."""
+        spec = self.spec
+        if time.monotonic() - self._last_reclaim >= spec.reclaim_interval_s:
+            if to_ack:
                 await self.redis.xack(spec.stream, spec.group, *to_ack)
+                to_ack = []
+            await self.recover(own=False)
+            self._last_reclaim = time.monotonic()
+        pipe = self.redis.pipeline(transaction=False)
+        if to_ack:
+            pipe.xack(spec.stream, spec.group, *to_ack)
+        pipe.xreadgroup(
+            spec.group, spec.consumer, {spec.stream: ">"}, count=spec.count, block=spec.block_ms
+        )
+        try:
+            res = await pipe.execute()
+        except ResponseError as exc:
+            if await self._on_nogroup(exc):
+                return []
+            raise
+        batch = res[-1]
+        if not batch:
+            return []
+        entries: list[Entry] = batch[0][1]
+        return await self._process(entries)
 
     async def _process(self, entries: list[Entry]) -> list[bytes]:
         """Run the handler; returns the ids to ack (the ones whose effect is done)."""

@@ -78,6 +78,12 @@ class ConsumerMetrics:
         self.group_recreated = counter(
             registry, "massive_group_recreated_total", "Consumer groups re-created (NOGROUP)", names
         ).labels(**lbl)
+        self.redis_errors = counter(
+            registry,
+            "massive_redis_errors_total",
+            "Redis connection losses/timeouts retried in-process",
+            names,
+        ).labels(**lbl)
         self.batch_seconds = histogram(
             registry, "massive_batch_duration_seconds", "Handler time per batch", names
         ).labels(**lbl)
