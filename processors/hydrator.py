@@ -169,6 +169,11 @@ class Hydrator(ConsumerProcessor):
             "Conflated events applied (or found already applied), by kind",
             ("kind",),
         )
+        self.m_discarded = metrics.counter(
+            reg,
+            "massive_hydrator_discarded_total",
+            "Conflated events discarded by admission (not newer than the stored event)",
+        )
         self.m_conflated = metrics.counter(
             reg,
             "massive_hydrator_conflated_total",
@@ -355,7 +360,7 @@ class Hydrator(ConsumerProcessor):
         # (symbol, eid) -> cids changed, max ts, min recv
         changed: dict[tuple[str, str], dict[str, None]] = {}
         max_ts: dict[tuple[str, str], int] = {}
-        applied_q = applied_t = 0
+        applied_q = applied_t = sent = hash_missing = 0
         misses_q: list[Quote] = []
         misses_t: list[Trade] = []
         for attempt in range(self.cfg.max_attempts):
@@ -380,6 +385,8 @@ class Hydrator(ConsumerProcessor):
                     pend_q += qs
                     pend_t += ts
                     continue
+                sent += len(qs) + len(ts)
+                hash_missing += int(r[1])
                 if int(r[1]):
                     # Topology SET and contract hashes disagree (should not happen).
                     logger.error("epoch %s: %d events hit missing contract hashes", eid, r[1])
@@ -417,6 +424,7 @@ class Hydrator(ConsumerProcessor):
                 raise RuntimeError("active epoch kept changing during one batch; will retry")
         self.m_applied.labels(kind="quote").inc(applied_q)
         self.m_applied.labels(kind="trade").inc(applied_t)
+        self.m_discarded.inc(sent - applied_q - applied_t - hash_missing)
         self._count_misses([m.sym for m in misses_q] + [m.sym for m in misses_t])
         out: dict[tuple[str, str], _Dirty] = {}
         for key, got in changed.items():

@@ -301,6 +301,10 @@ async def test_redelivered_batch_reemits_but_older_events_do_not(deps: Deps, red
     # CIDS[0]'s quote is older than the seeded one (rule C): never notified.
     assert [d.cids for d in ds] == [[CIDS[1]], [CIDS[1]]]
     assert (await state(redis))[CIDS[0]]["bid"] == "1.0"
+    # Accounting: per handling, 2 events in = 1 applied (or found applied) + 1 discarded.
+    reg = deps.registry
+    assert metric(reg, "massive_hydrator_applied_total", kind="quote") == 2
+    assert metric(reg, "massive_hydrator_discarded_total") == 2
 
 
 # --- bad input -----------------------------------------------------------------------------
