@@ -83,6 +83,7 @@ async def _finish(r: Redis, p: h.Pipeline, rec: h.Recording, run: Run) -> Run:
         "conflated": h.metric_sum(ms, HYD + "conflated_total"),
         "miss": h.metric_sum(ms, HYD + "geometry_miss_total"),
         "rejected": h.metric_sum(ms, HYD + "rejected_total"),
+        "discarded": h.metric_sum(ms, HYD + "discarded_total"),
     }
     run.ws_len = int(await r.xlen(keys.WS_STREAM))
     for g in await admin.lag(r, [keys.WS_STREAM]):
@@ -149,7 +150,7 @@ def _assert_converged(run: Run, base: Run, rec: h.Recording) -> None:
 def test_undisturbed_run_matches_the_recording(recording: h.Recording, baseline: Run) -> None:
     """Reference run: contract state equals the independent model of the recording, and the
     hydrator's counters account for every WS event (in = applied + conflated + geometry_miss
-    + rejected + admission discards, the last being uncounted by the hydrator)."""
+    + rejected + admission discards)."""
     assert not baseline.contract_diffs, baseline.contract_diffs[:5]
     assert all(m is not None and m["items"] for m in baseline.models.values())
     assert baseline.ws_read == baseline.ws_len == _ws_count(recording)
@@ -157,11 +158,9 @@ def test_undisturbed_run_matches_the_recording(recording: h.Recording, baseline:
     c = baseline.hydrator
     exp = h.expected_state(recording.records, set())
     assert c["in"] == exp.ws_events  # the hydrator decoded every recorded option event
-    accounted = c["applied"] + c["conflated"] + c["miss"] + c["rejected"]
-    assert accounted <= c["in"]
-    # What is not accounted is discarded by admission (older or equal to a chain seed):
-    # bounded by the events that had a competitor. Reported, since no counter exposes it.
-    print(f"hydrator counters: {c}; uncounted admission discards: {c['in'] - accounted}")
+    accounted = c["applied"] + c["conflated"] + c["miss"] + c["rejected"] + c["discarded"]
+    print(f"hydrator counters: {c}")
+    assert accounted == c["in"]
 
 
 @pytest.mark.slow
