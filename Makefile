@@ -15,9 +15,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # apt packages, installed only when their command is missing:
-#   redis-server (everything), chromium (browser test), prometheus (promtool + scrape test)
+#   redis-server (everything), chromium (browser test), prometheus (promtool + scrape test),
+#   kubectl (kustomize rendering of deploy/k8s)
 APT_PKGS_RUN := redis-server:redis-server
-APT_PKGS_TEST := chromium:chromium prometheus:promtool
+APT_PKGS_TEST := chromium:chromium prometheus:promtool kubectl:kubectl
 define apt_install
 	@missing=""; for pc in $(1); do pkg=$${pc%%:*}; cmd=$${pc##*:}; \
 	  command -v $$cmd >/dev/null || missing="$$missing $$pkg"; done; \
