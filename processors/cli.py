@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from streams import admin
 from streams.processor import Deps, load
@@ -116,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(_offsets_reset(settings, args.stream, args.group, args.to))
         elif args.cmd == "lag":
             asyncio.run(_lag(settings, args.streams))
-    except (ValueError, SettingsError) as exc:
+    except (ValueError, SettingsError, ResponseError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

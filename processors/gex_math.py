@@ -312,7 +312,8 @@ def zero_gamma(
     # candidate brackets (lo, hi) and their distance to spot
     cands: list[tuple[float, float, float]] = []
     for i in exact.tolist():
-        cands.append((abs(grid[i] - spot), grid[i], grid[i]))
+        at = float(grid[i])  # a numpy scalar would not serialize
+        cands.append((abs(at - spot), at, at))
     for i in change.tolist():
         lo, hi = float(grid[i]), float(grid[i + 1])
         dist = 0.0 if lo <= spot <= hi else min(abs(lo - spot), abs(hi - spot))
