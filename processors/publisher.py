@@ -87,8 +87,15 @@ redis.call('SET', KEYS[1], t .. ':' .. ARGV[1], 'PX', ARGV[2])
 return t
 """
 
+# KEYS: lease, fence. ARGV: lease value, ttl ms, token. An expired lease whose fence still
+# equals our token (nobody acquired since) is re-set: a long iteration is not a lost lease.
 RENEW_LUA = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+local cur = redis.call('GET', KEYS[1])
+if cur == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+if cur == false and redis.call('GET', KEYS[2]) == ARGV[3] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
 return 0
 """
 
@@ -99,11 +106,15 @@ return 0
 
 # KEYS: lease, fence, version, diffs stream, model, active-epoch hash.
 # ARGV: lease value, token, symbol, epoch, version, maxlen, diff JSON, model JSON without
-# its final 'null}' (the diff_id is spliced in).
+# its final 'null}' (the diff_id is spliced in), lease ttl ms.
 # Returns {1, diff_id} | {-1} fenced | {-2} lease lost | {-3} epoch not active | {-4, cur}.
+# The fence check comes first: an expired lease with an unchanged fence is still ours and is
+# re-set (renewed) here, so a stale leader (fence superseded) can never publish.
 PUBLISH_LUA = """
 if redis.call('GET', KEYS[2]) ~= ARGV[2] then return {-1} end
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {-2} end
+local holder = redis.call('GET', KEYS[1])
+if holder ~= false and holder ~= ARGV[1] then return {-2} end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[9])
 if redis.call('HGET', KEYS[6], ARGV[3]) ~= ARGV[4] then return {-3} end
 local cur = tonumber(redis.call('GET', KEYS[3]) or '0')
 if tonumber(ARGV[5]) ~= cur + 1 then return {-4, cur} end
@@ -174,6 +185,7 @@ class Publisher:
         self._release = self.redis.register_script(RELEASE_LUA)
         self._publish = self.redis.register_script(PUBLISH_LUA)
         self.token: int | None = None
+        self._last_token: int | None = None
         self.syms: dict[str, SymState] = {}
         self.unacked: list[bytes] = []
         self._ready = False
@@ -227,37 +239,62 @@ class Publisher:
             if tok == 0:
                 await _wait(stop, self.cfg.renew_ms / 1000)
                 continue
+            # Nobody led between our previous token and this one: our state is still exact,
+            # so keep it instead of reconciling every symbol from scratch.
+            resume = self._last_token is not None and tok == self._last_token + 1
+            if not resume:
+                self.syms.clear()
+                self.unacked = []
             self.token = tok
+            self._last_token = tok
             self.m_leader.set(1)
             logger.info("publisher %s leads (token %d, owner %s)", self.strategy, tok, self.owner)
             try:
-                await self._lead(stop)
+                await self._lead(stop, resume)
             finally:
                 if stop.is_set() and self.token is not None:
                     # Graceful stop: hand over at once (a crash skips this; the TTL expires).
                     await self._release(keys=[self.lease_key], args=[self.lease_value])
                 self.token = None
                 self.m_leader.set(0)
-                self.syms.clear()
-                self.unacked = []
 
-    async def _lead(self, stop: asyncio.Event) -> None:
+    async def _lead(self, stop: asyncio.Event, resume: bool = False) -> None:
         await self._ensure_group()
         await self._load_models()
-        for st in self.syms.values():
-            st.needs_reconcile = True
+        if not resume:
+            for st in self.syms.values():
+                st.needs_reconcile = True
         await self._claim_pending()
-        last_renew = self.clock.monotonic()
-        renew_s = self.cfg.renew_ms / 1000
+        renewer = asyncio.create_task(self._renew_loop(stop))
+        try:
+            await self._lead_loop(stop)
+        finally:
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
+
+    async def _renew_once(self) -> bool:
+        if self.token is None:
+            return False
+        ok = await self._renew(
+            keys=[self.lease_key, self.fence_key],
+            args=[self.lease_value, self.cfg.lease_ttl_ms, str(self.token)],
+        )
+        if not int(ok):
+            logger.warning("publisher %s lost its lease", self.strategy)
+            self.token = None
+            return False
+        return True
+
+    async def _renew_loop(self, stop: asyncio.Event) -> None:
+        """Renew every ``renew_ms`` independently of how long one lead iteration takes."""
         while not stop.is_set() and self.leader:
-            if self.clock.monotonic() - last_renew >= renew_s:
-                ok = await self._renew(
-                    keys=[self.lease_key], args=[self.lease_value, self.cfg.lease_ttl_ms]
-                )
-                if not int(ok):
-                    logger.warning("publisher %s lost its lease", self.strategy)
-                    return
-                last_renew = self.clock.monotonic()
+            await _wait(stop, self.cfg.renew_ms / 1000)
+            if stop.is_set() or not await self._renew_once():
+                return
+
+    async def _lead_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set() and self.leader:
             await self._evaluate()
             await self._ack_if_idle()
             try:
@@ -518,6 +555,7 @@ class Publisher:
                 self.cfg.diffs_maxlen,
                 encode(diff),
                 model_json[: -len(b"null}")],
+                self.cfg.lease_ttl_ms,
             ],
         )
         code = int(rc[0])

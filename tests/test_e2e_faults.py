@@ -346,24 +346,18 @@ async def test_ingestion_faults_pipeline_catches_up(live_logs: Path) -> None:
 
 # --- liveness under sustained load (found by bench/e2e_load.py) ---------------------------
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="publisher drops leadership when one iteration outlasts the lease TTL "
-    "(renewal only between iterations) although the fence is unchanged: see the docstring",
-)
 async def test_heatmap_publisher_keeps_publishing_under_sustained_load(logs: Path) -> None:
     """A 20,000-contract SPX epoch (~49,000 vertical tiles) and a steady 5,000 WS events/s:
     the only vertical publisher must keep publishing (target: a version every ~250 ms;
     asserted: at least one per 2 s over 12 s) even when one leader iteration takes longer
     than its lease TTL, as long as nobody else took the lease (the fence is unchanged).
 
-    FAILS today (publisher bug, see the report): the lease is renewed only between loop
-    iterations; an iteration (ingest of 1,000 deltas + to_json of the changed tiles +
-    encoding/sending a ~30 MB model) that outlasts the TTL makes ``_lead`` return ("lost
-    its lease") although no other replica exists; the re-acquired leader starts with a full
-    reconcile of the 49k-tile staging hash, which outlasts the TTL again: nothing is
-    published until the input stops. The bench (bench/e2e_load.py, all processors, default
-    3 s TTL) hits this on the shared 2-core box; here a 200 ms TTL makes it deterministic."""
+    Regression test: the lease used to be renewed only between loop iterations and an
+    expired lease counted as lost although the fence was unchanged, so an iteration
+    (ingest of 1,000 deltas + encoding/sending a ~30 MB model) that outlasted the TTL made
+    the leader drop out and restart with a full reconcile of the 49k-tile staging hash,
+    which outlasted the TTL again: nothing was published under load. A 200 ms TTL makes an
+    iteration longer than the TTL on any machine."""
     import datetime as dt
 
     from tests.factories import big_chain
