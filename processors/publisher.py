@@ -7,12 +7,16 @@ Leadership
     if absent, INCR ``keys.publisher_fence(strategy)`` (the token, a lease epoch that only
     grows) and SET the lease. Renew: compare value and PEXPIRE (Lua). Standbys only retry
     acquisition; they never read the stream, so they cannot steal entries. A leader that
-    crashes stops renewing; a standby takes over within ``lease_ttl_ms + renew_ms``. Every
-    publish goes through one Lua script that checks the lease still holds this leader's
-    token AND the fence counter equals it, so a stale (paused, partitioned) leader's publish
-    is rejected; it also checks the version is exactly current + 1 and the epoch is the
-    active one, then XADDs the diff (MAXLEN ~) and SETs the model with ``diff_id`` = that
-    entry id and the version key, atomically.
+    crashes stops renewing; a standby takes over within ``lease_ttl_ms + renew_ms``. The
+    lease is renewed by a background task every ``renew_ms`` (and by every publish); an
+    expired lease whose fence still equals our token (nobody acquired since) is re-set, not
+    lost, so an iteration longer than the TTL does not drop leadership. Every publish is one
+    optimistic transaction (WATCH fence, version, active epoch, diff stream): it checks the
+    fence counter equals this leader's token and the lease is not held by another owner, so
+    a stale (paused, partitioned) leader's publish is rejected; it also checks the version
+    is exactly current + 1 and the epoch is the active one, then MULTI: XADD the diff
+    (explicit id, MAXLEN ~), SET the model with ``diff_id`` = that id, the version key and
+    the lease; EXEC.
 
 Consumption (leader only; group ``publisher`` on ``massive:tiles:<strategy>``)
     Entries are acked only after the publish that covers them (or when they change
@@ -46,7 +50,7 @@ from typing import Any
 
 import msgspec
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import ResponseError, WatchError
 
 from processors import heatmap as hm
 from schemas import keys
@@ -68,7 +72,7 @@ class PublisherSettings:
     renew_ms: int = 1000
     min_changed_tiles: int = 500
     min_changed_pct: float = 5.0
-    max_interval_ms: int = 500
+    max_interval_ms: int = 250
     tick_ms: int = 50  # XREADGROUP BLOCK while leading (bounds timer resolution)
     count: int = 1000
     diffs_maxlen: int = 10_000
@@ -102,26 +106,6 @@ return 0
 RELEASE_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
-"""
-
-# KEYS: lease, fence, version, diffs stream, model, active-epoch hash.
-# ARGV: lease value, token, symbol, epoch, version, maxlen, diff JSON, model JSON without
-# its final 'null}' (the diff_id is spliced in), lease ttl ms.
-# Returns {1, diff_id} | {-1} fenced | {-2} lease lost | {-3} epoch not active | {-4, cur}.
-# The fence check comes first: an expired lease with an unchanged fence is still ours and is
-# re-set (renewed) here, so a stale leader (fence superseded) can never publish.
-PUBLISH_LUA = """
-if redis.call('GET', KEYS[2]) ~= ARGV[2] then return {-1} end
-local holder = redis.call('GET', KEYS[1])
-if holder ~= false and holder ~= ARGV[1] then return {-2} end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[9])
-if redis.call('HGET', KEYS[6], ARGV[3]) ~= ARGV[4] then return {-3} end
-local cur = tonumber(redis.call('GET', KEYS[3]) or '0')
-if tonumber(ARGV[5]) ~= cur + 1 then return {-4, cur} end
-local id = redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[6], '*', 'd', ARGV[7])
-redis.call('SET', KEYS[5], ARGV[8] .. '"' .. id .. '"}')
-redis.call('SET', KEYS[3], ARGV[5])
-return {1, id}
 """
 
 
@@ -183,7 +167,6 @@ class Publisher:
         self._acquire = self.redis.register_script(ACQUIRE_LUA)
         self._renew = self.redis.register_script(RENEW_LUA)
         self._release = self.redis.register_script(RELEASE_LUA)
-        self._publish = self.redis.register_script(PUBLISH_LUA)
         self.token: int | None = None
         self._last_token: int | None = None
         self.syms: dict[str, SymState] = {}
@@ -537,28 +520,7 @@ class Publisher:
         tail = b'"diff_id":null}'
         if not model_json.endswith(tail):  # pragma: no cover - schema changed
             raise RuntimeError("PublishedModel must end with diff_id")
-        rc = await self._publish(
-            keys=[
-                self.lease_key,
-                self.fence_key,
-                keys.heatmap_version(st.symbol, self.strategy),
-                keys.heatmap_diffs_stream(self.strategy),
-                keys.heatmap_model(st.symbol, self.strategy),
-                keys.EPOCH_ACTIVE,
-            ],
-            args=[
-                self.lease_value,
-                str(self.token),
-                st.symbol,
-                epoch,
-                version,
-                self.cfg.diffs_maxlen,
-                encode(diff),
-                model_json[: -len(b"null}")],
-                self.cfg.lease_ttl_ms,
-            ],
-        )
-        code = int(rc[0])
+        code, _diff_id = await self._write(st.symbol, epoch, version, encode(diff), model_json)
         if code == 1:
             st.epoch, st.version, st.items = epoch, version, items
             st.pending, st.pending_recv = {}, {}
@@ -581,6 +543,64 @@ class Publisher:
         else:  # someone else moved the version: resync from Redis
             self.syms.pop(st.symbol, None)
             await self._state(st.symbol)
+
+    async def _write(
+        self, sym: str, epoch: str, version: int, diff_json: bytes, model_json: bytes
+    ) -> tuple[int, str | None]:
+        """Atomically XADD the diff and SET the model (with ``diff_id``), the version key and
+        the lease, after checking fence, lease, active epoch and version under WATCH.
+
+        An optimistic transaction rather than a Lua script: passing a model of tens of MB as
+        a script argument (and splicing the diff id into it in Lua) costs several times a
+        plain SET. The diff id is chosen here (> the stream's last generated id; only the
+        leader writes this stream, which is WATCHed anyway). An absent (expired) lease with
+        an unchanged fence is still ours and is re-set.
+        Codes: 1 ok, -1 fenced, -2 lease held by someone else, -3 epoch not active, -4 version."""
+        fence_k, lease_k = self.fence_key, self.lease_key
+        ver_k = keys.heatmap_version(sym, self.strategy)
+        diffs_k = keys.heatmap_diffs_stream(self.strategy)
+        model_k = keys.heatmap_model(sym, self.strategy)
+        head = model_json[: -len(b"null}")]
+        async with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(fence_k, ver_k, keys.EPOCH_ACTIVE, diffs_k)
+                    fence = await pipe.get(fence_k)
+                    if fence is None or int(fence) != self.token:
+                        return -1, None
+                    holder = await pipe.get(lease_k)
+                    if holder is not None and _s(holder) != self.lease_value:
+                        return -2, None
+                    active = await pipe.hget(keys.EPOCH_ACTIVE, sym)
+                    if active is None or _s(active) != epoch:
+                        return -3, None
+                    cur = await pipe.get(ver_k)
+                    if version != int(cur or 0) + 1:
+                        return -4, None
+                    try:
+                        info = await pipe.xinfo_stream(diffs_k)
+                        last_ms, last_seq = (
+                            int(x) for x in _s(info["last-generated-id"]).split("-")
+                        )
+                    except ResponseError:
+                        last_ms, last_seq = 0, 0
+                    now_ms = self.clock.time_ns() // 1_000_000
+                    diff_id = f"{now_ms}-0" if now_ms > last_ms else f"{last_ms}-{last_seq + 1}"
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    pipe.xadd(
+                        diffs_k,
+                        {"d": diff_json},
+                        id=diff_id,
+                        maxlen=self.cfg.diffs_maxlen,
+                        approximate=True,
+                    )
+                    pipe.set(model_k, head + b'"' + diff_id.encode() + b'"}')
+                    pipe.set(ver_k, version)
+                    pipe.set(lease_k, self.lease_value, px=self.cfg.lease_ttl_ms)
+                    await pipe.execute()
+                    return 1, diff_id
+                except WatchError:
+                    continue
 
     async def _ack_if_idle(self) -> None:
         if not self.unacked or not self.leader:
