@@ -11,7 +11,7 @@ from prometheus_client.metrics import MetricWrapperBase
 
 M = TypeVar("M", bound=MetricWrapperBase)
 
-_created: dict[tuple[int, str], MetricWrapperBase] = {}
+_CACHE_ATTR = "_massive_metrics"
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -24,11 +24,16 @@ def _get(
     labels: Sequence[str],
     **kw: object,
 ) -> M:
-    key = (id(registry), name)
-    found = _created.get(key)
+    # The cache lives on the registry itself: keyed by id(registry) it would hand a dead
+    # registry's metric to a new registry that happens to reuse the id.
+    created: dict[str, MetricWrapperBase] | None = getattr(registry, _CACHE_ATTR, None)
+    if created is None:
+        created = {}
+        setattr(registry, _CACHE_ATTR, created)
+    found = created.get(name)
     if found is None:
         found = kind(name, doc, labelnames=tuple(labels), registry=registry, **kw)  # type: ignore[arg-type]
-        _created[key] = found
+        created[name] = found
     if not isinstance(found, kind):
         raise TypeError(f"metric {name} already registered as {type(found).__name__}")
     return found
