@@ -49,7 +49,7 @@ async def prefill(r: Redis, n: int) -> None:
         await pipe.execute()
 
 
-async def one_round(url: str, n: int, rnd: int) -> tuple[float, float]:
+async def one_round(url: str, n: int, rnd: int, count: int) -> tuple[float, float]:
     r = Redis.from_url(url)
     group = f"g{rnd}"
     await r.xgroup_create(STREAM, group, id="0")
@@ -61,7 +61,7 @@ async def one_round(url: str, n: int, rnd: int) -> tuple[float, float]:
         for _, f in entries:
             checksum += dec.decode(f[b"d"]).q
 
-    spec = StreamSpec(STREAM, group, "c1", count=500, block_ms=100, reclaim_interval_s=3600)
+    spec = StreamSpec(STREAM, group, "c1", count=count, block_ms=100, reclaim_interval_s=3600)
     c = GroupConsumer(r, spec, handle, CollectorRegistry(), "bench")
     stop = asyncio.Event()
     cpu0 = time.process_time()
@@ -81,24 +81,61 @@ async def one_round(url: str, n: int, rnd: int) -> tuple[float, float]:
     return n / elapsed, cpu
 
 
+async def raw_round(url: str, n: int, rnd: int, count: int) -> tuple[float, float]:
+    """The reference loop of reference/runtime.md (no runtime): XACK of the previous batch
+    pipelined with the next XREADGROUP, decode each entry. Same machine, same moment."""
+    r = Redis.from_url(url)
+    group = f"raw{rnd}"
+    await r.xgroup_create(STREAM, group, id="0")
+    dec = msgspec.json.Decoder(Trade)
+    checksum = 0
+    prev: list[bytes] = []
+    cpu0 = time.process_time()
+    t0 = time.perf_counter()
+    seen = 0
+    while seen < n or prev:
+        pipe = r.pipeline(transaction=False)
+        if prev:
+            pipe.xack(STREAM, group, *prev)
+        pipe.xreadgroup(group, "c1", {STREAM: ">"}, count=count, block=100)
+        res = (await pipe.execute())[-1]
+        prev = []
+        if res:
+            for eid, f in res[0][1]:
+                checksum += dec.decode(f[b"d"]).q
+                prev.append(eid)
+            seen += len(res[0][1])
+    elapsed = time.perf_counter() - t0
+    cpu = time.process_time() - cpu0
+    assert checksum == n * (n - 1) // 2
+    await r.aclose()
+    return n / elapsed, cpu
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=200_000)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--count", type=int, default=500, help="XREADGROUP COUNT")
     a = ap.parse_args()
     srv = RedisServer().start()
     try:
         r = Redis.from_url(srv.url)
         await prefill(r, a.n)
         await r.aclose()
-        rates = []
-        for i in range(a.rounds):
-            rate, cpu = await one_round(srv.url, a.n, i)
+        rates, raw_rates = [], []
+        for i in range(a.rounds):  # interleaved, so both see the same machine load
+            rate, cpu = await one_round(srv.url, a.n, i, a.count)
             rates.append(rate)
-            print(f"round {i + 1}: {rate:,.0f} msgs/s  (python cpu {cpu:.2f} s)")
+            print(f"round {i + 1}: runtime {rate:,.0f} msgs/s  (python cpu {cpu:.2f} s)")
+            rate, cpu = await raw_round(srv.url, a.n, i, a.count)
+            raw_rates.append(rate)
+            print(f"round {i + 1}: raw loop {rate:,.0f} msgs/s  (python cpu {cpu:.2f} s)")
+        print(f"raw redis-py reference loop: median {statistics.median(raw_rates):,.0f} msgs/s")
         print(
-            f"consumer throughput, one consumer, N={a.n:,}: median {statistics.median(rates):,.0f}"
-            f" msgs/s  [{platform.machine()}, {os.cpu_count()} cpus, python "
+            f"consumer throughput, one consumer, N={a.n:,}, COUNT {a.count}: "
+            f"median {statistics.median(rates):,.0f} msgs/s  "
+            f"[{platform.machine()}, {os.cpu_count()} cpus, python "
             f"{platform.python_version()}]"
         )
     finally:
