@@ -15,12 +15,7 @@ import asyncio
 import contextlib
 import logging
 import os
-import shutil
-import socket
-import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry
@@ -28,6 +23,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from schemas import keys
+from streams.local_redis import RedisServer
 from streams.processor import Deps, Processor, load
 from streams.runner import run_processors
 from streams.settings import RuntimeSettings, SettingsError, from_env
@@ -45,60 +41,6 @@ PROCESSORS = (
     "monitor",
     "sse-gateway",
 )
-
-
-class PrivateRedis:
-    """A throwaway ``redis-server`` on a free loopback port (no persistence)."""
-
-    def __init__(self) -> None:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            raise RuntimeError("redis-server not found: apt-get install redis-server")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = int(s.getsockname()[1])
-        self.dir = tempfile.mkdtemp(prefix="massive-demo-redis-")
-        self.proc = subprocess.Popen(
-            [
-                exe,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                self.dir,
-                "--logfile",
-                os.path.join(self.dir, "redis.log"),
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    async def wait_ready(self, timeout_s: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited: see {self.dir}/redis.log")
-            if await reachable(self.url, 0.2):
-                return
-            await asyncio.sleep(0.05)
-        raise RuntimeError("redis-server did not answer PING in time")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 async def reachable(url: str, timeout_s: float = 1.0) -> bool:
@@ -153,7 +95,7 @@ def demo_env(
 async def _demo(args: argparse.Namespace) -> int:
     from simulator.server import SimConfig, SimServer
 
-    private: PrivateRedis | None = None
+    private: RedisServer | None = None
     env_url = os.environ.get("MASSIVE_REDIS_URL")
     if env_url and await reachable(env_url):
         redis_url = env_url
@@ -161,8 +103,7 @@ async def _demo(args: argparse.Namespace) -> int:
     else:
         if env_url:
             print(f"redis: {env_url} unreachable, starting a private redis-server", flush=True)
-        private = PrivateRedis()
-        await private.wait_ready()
+        private = await asyncio.to_thread(RedisServer().start)
         redis_url = private.url
         print(f"redis: private redis-server at {redis_url}", flush=True)
 
