@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
 from streams.consumer import Entry, GroupConsumer
+from streams.redis_client import connect
 from streams.spec import StreamSpec
 from tests.util import RedisServer
 
@@ -50,7 +51,7 @@ async def prefill(r: Redis, n: int) -> None:
 
 
 async def one_round(url: str, n: int, rnd: int, count: int) -> tuple[float, float]:
-    r = Redis.from_url(url)
+    r = connect(url)  # the processors' client (hiredis command packing)
     group = f"g{rnd}"
     await r.xgroup_create(STREAM, group, id="0")
     dec = msgspec.json.Decoder(Trade)

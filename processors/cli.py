@@ -16,6 +16,7 @@ from redis.exceptions import ResponseError
 
 from streams import admin
 from streams.processor import Deps, load
+from streams.redis_client import connect
 from streams.runner import run_processors
 from streams.settings import RuntimeSettings, SettingsError, from_env
 
@@ -39,7 +40,7 @@ def setup_logging(level: str) -> None:
 
 def make_deps(settings: RuntimeSettings) -> Deps:
     return Deps(
-        redis=Redis.from_url(settings.redis_url),
+        redis=connect(settings.redis_url),
         settings=settings,
         registry=CollectorRegistry(),
     )

@@ -25,6 +25,7 @@ from redis.exceptions import RedisError
 from schemas import keys
 from streams.local_redis import RedisServer
 from streams.processor import Deps, Processor, load
+from streams.redis_client import connect
 from streams.runner import run_processors
 from streams.settings import RuntimeSettings, SettingsError, from_env
 
@@ -119,7 +120,7 @@ async def _demo(args: argparse.Namespace) -> int:
             os.environ.setdefault(k, v)
         settings = from_env(RuntimeSettings)
         deps = Deps(
-            redis=Redis.from_url(settings.redis_url, max_connections=512),
+            redis=connect(settings.redis_url, max_connections=512),
             settings=settings,
             registry=CollectorRegistry(),
         )

@@ -65,6 +65,7 @@ from schemas.messages import WS_RECV_FIELD, ChainPointer, from_entry
 from streams import admin
 from streams.processor import Deps, Processor, load
 from streams.producer import DEFAULT_MAXLEN
+from streams.redis_client import connect
 from streams.settings import RuntimeSettings, SettingsError, from_env
 
 logger = logging.getLogger(__name__)
@@ -653,7 +654,7 @@ def _print_stats(prefix: str, records: Counter[str], extra: str = "") -> None:
 
 
 async def _record(args: argparse.Namespace, settings: RuntimeSettings) -> int:
-    redis = Redis.from_url(settings.redis_url)
+    redis = connect(settings.redis_url)
     created = time.time_ns()
     try:
         if args.follow:
@@ -716,7 +717,7 @@ async def _replay(args: argparse.Namespace, settings: RuntimeSettings) -> int:
         blob_ttl_s=args.blob_ttl_s,
         processors=list(args.run),
     )
-    redis = Redis.from_url(settings.redis_url)
+    redis = connect(settings.redis_url)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -8,6 +8,7 @@ from redis.asyncio import Redis
 
 from streams.clock import SystemClock
 from streams.processor import Deps
+from streams.redis_client import connect
 from streams.settings import RuntimeSettings
 from tests.util import RedisServer
 
@@ -21,7 +22,7 @@ def redis_server() -> Iterator[RedisServer]:
 
 @pytest.fixture
 async def redis(redis_server: RedisServer) -> AsyncIterator[Redis]:
-    r = Redis.from_url(redis_server.url)
+    r = connect(redis_server.url)
     await r.flushall()
     yield r
     await r.aclose()
