@@ -30,6 +30,7 @@ from processors.normalizer import Normalizer, NormalizerSettings
 from schemas import keys
 from schemas.messages import ChainPointer, ChainSnapshot, encode_snapshot
 from streams.processor import Deps
+from streams.redis_client import connect
 from streams.settings import RuntimeSettings
 from tests.factories import big_chain, contract
 from tests.util import RedisServer
@@ -44,7 +45,7 @@ async def _store(r: Redis, snap: ChainSnapshot) -> ChainPointer:
 
 
 async def one_round(url: str, n: int) -> dict[str, float]:
-    r = Redis.from_url(url)
+    r = connect(url)
     await r.flushall()
     settings = RuntimeSettings(redis_url=url, consumer="bench")
     norm = Normalizer(Deps(r, settings, CollectorRegistry()), NormalizerSettings())

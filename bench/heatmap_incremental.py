@@ -32,12 +32,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prometheus_client import CollectorRegistry
-from redis.asyncio import Redis
 
 from processors.tile_builder import TileBuilder, TileSettings, reference_full_build
 from schemas import keys
 from schemas.messages import DirtyEntry, entry
 from streams.processor import Deps
+from streams.redis_client import connect
 from streams.settings import RuntimeSettings
 from tests.factories import option_chain, seed_epoch
 from tests.util import RedisServer
@@ -48,7 +48,7 @@ NOW = 1_764_000_000_000_000_000
 async def main(args: argparse.Namespace) -> None:
     srv = RedisServer().start()
     try:
-        redis = Redis.from_url(srv.url)
+        redis = connect(srv.url)
         d0 = dt.date(2026, 12, 1)
         exps = [(d0 + dt.timedelta(days=i)).isoformat() for i in range(args.expiries)]
         strikes = [6000 - 5 * (args.strikes // 2) + 5 * i for i in range(args.strikes)]

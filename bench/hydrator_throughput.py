@@ -31,6 +31,7 @@ from processors.normalizer import Normalizer
 from schemas import keys
 from schemas.messages import WS_PAYLOAD_FIELD, WS_RECV_FIELD, ChainPointer, encode_snapshot
 from streams.processor import Deps
+from streams.redis_client import connect
 from streams.settings import RuntimeSettings
 from tests.factories import big_chain
 from tests.util import RedisServer
@@ -111,7 +112,7 @@ async def one_round(
     r = Redis.from_url(url)
     n_events, _eid = await setup(r, url, frames, per_frame, seed)
     settings = RuntimeSettings(redis_url=url, consumer="bench-1", count=count, block_ms=20)
-    hyd_r = Redis.from_url(url)
+    hyd_r = connect(url)  # the processors' client (hiredis command packing)
     hyd = Hydrator(Deps(hyd_r, settings, CollectorRegistry()), HydratorSettings())
     stop = asyncio.Event()
     cpu0 = time.process_time()
