@@ -52,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import orjson
 from redis.asyncio import Redis
 
+from processors import MODEL_PATH
 from processors import replay as rp
 from schemas import keys
 from streams import admin
@@ -59,18 +60,7 @@ from tests import harness as h
 from tests.factories import big_chain
 from tests.util import free_port
 
-PROCS = (
-    "normalizer",
-    "hydrator",
-    "tile-builder:single",
-    "tile-builder:vertical",
-    "tile-builder:butterfly",
-    "publisher:single",
-    "publisher:vertical",
-    "publisher:butterfly",
-    "gex",
-    "sse-gateway",
-)
+PROCS = (*MODEL_PATH, "sse-gateway")
 
 
 # --- SSE latency probe (separate process so parsing never delays the replayer) ---------------

@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from schemas import keys
+from processors import MODEL_PATH
 from streams.local_redis import RedisServer
 from streams.processor import Deps, Processor, load
 from streams.redis_client import connect
@@ -34,11 +34,7 @@ logger = logging.getLogger("demo")
 PROCESSORS = (
     "chain-poller",
     "ws-ingest",
-    "normalizer",
-    "hydrator",
-    *(f"tile-builder:{s}" for s in keys.STRATEGIES),
-    *(f"publisher:{s}" for s in keys.STRATEGIES),
-    "gex",
+    *MODEL_PATH,
     "monitor",
     "sse-gateway",
 )

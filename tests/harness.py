@@ -39,6 +39,7 @@ import msgspec
 import orjson
 from redis.asyncio import Redis
 
+from processors import INGEST, MODEL_PATH
 from processors import replay as rp
 from schemas import keys
 from schemas.messages import (
@@ -57,18 +58,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 
 # Processors of the data path downstream of ingestion (what a replay drives).
-DOWNSTREAM = (
-    "normalizer",
-    "hydrator",
-    "tile-builder:single",
-    "tile-builder:vertical",
-    "tile-builder:butterfly",
-    "publisher:single",
-    "publisher:vertical",
-    "publisher:butterfly",
-    "gex",
-)
-INGEST = ("chain-poller", "ws-ingest")
+DOWNSTREAM = MODEL_PATH
 
 # Settings shared by every test process: fast polling and reclaim, quiet logs.
 BASE_ENV = {

@@ -18,6 +18,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
+from processors import MODEL_PATH
 from processors import replay as rp
 from schemas import keys
 from schemas.messages import (
@@ -324,17 +325,7 @@ def test_cli_record_then_replay_reproduces_the_raw_streams(
 
 
 # --- determinism through the whole pipeline ---------------------------------------------------
-PIPELINE = [
-    "normalizer",
-    "hydrator",
-    "tile-builder:single",
-    "tile-builder:vertical",
-    "tile-builder:butterfly",
-    "publisher:single",
-    "publisher:vertical",
-    "publisher:butterfly",
-    "gex",
-]
+PIPELINE = list(MODEL_PATH)
 
 
 def model_keys() -> list[str]:
