@@ -53,10 +53,15 @@ Convexity score (spreads)
     that never matched, so it degenerated to a constant plus an efficiency term; this one
     depends on the tile alone.)
 
-Admission clock ``seq`` = sum of the legs' contract ts_ns. Contract values only change with
-a strictly newer timestamp (DESIGN invariant 4), so any leg update strictly increases the
-sum, whereas the max leg ts (the tile's ``ts``) misses updates of a leg that is not the
-newest. Staging admits a tile only when its seq is strictly greater than the staged one.
+Admission clock ``seq`` = sum over the legs of the contract's ``quote_ts + trade_ts``
+(absent = 0). Each of the two only changes with a strictly newer timestamp of its own kind
+(DESIGN invariant 4, admission per kind), so any leg update, quote or trade, strictly
+increases the sum. Neither the max leg ts (the tile's ``ts``) nor a sum of the contracts'
+``ts_ns`` (= max(quote_ts, trade_ts)) would do: a quote older than the contract's newest
+trade (or a trade older than its newest quote; REST re-seeds and the WS interleave like
+that) changes the values without moving ``ts_ns``, and the recomputed tile would be refused
+as "equal". Staging admits a tile only when its seq is strictly greater than the staged
+one.
 """
 
 from __future__ import annotations
@@ -343,7 +348,7 @@ def compute_tile(
     for q in qs:
         if q is not None:
             t = q.ts_ns
-            seq += t
+            seq += (q.quote_ts or 0) + (q.trade_ts or 0)
             if t > as_of:
                 as_of = t
     legs: list[Leg] = []

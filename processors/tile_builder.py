@@ -16,9 +16,9 @@ Per batch of DirtyEntry (hot path, a fixed number of round trips whatever the ba
   3. otherwise the tiles using the dirty contracts (local derived grid of the epoch: frozen
      topology -> tile specs and cid -> tiles) are recomputed: one Lua call reads every leg
      hash (HMGET of LEG_FIELDS per key, one round trip), tiles are computed in-process,
-     one Lua call stages them with admission (strictly greater ``seq`` = sum of leg ts;
-     equal = same inputs, discarded; rejected wholesale when the batch's epoch is not the
-     staged one), and one XADD of a TileDelta on ``massive:tiles:<strategy>``.
+     one Lua call stages them with admission (strictly greater ``seq`` = sum of the legs'
+     quote_ts + trade_ts; equal = same inputs, discarded; rejected wholesale when the batch's
+     epoch is not the staged one), and one XADD of a TileDelta on ``massive:tiles:<strategy>``.
 The delta lists the ids that were admitted OR found equal (an equal tile may be a redelivery
 whose first delta was lost in a crash: re-announcing it is harmless, the publisher compares
 values); tiles rejected as older are left to the replica that wrote the newer value.

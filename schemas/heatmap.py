@@ -8,8 +8,9 @@ Tile JSON (one item of a published heatmap model, ``items[tile_id]``)::
      "strikes": [6000.0, 6010.0, 6020.0], "width": 10.0,
      "legs": [[cid, strike, qty, price, price_src, price_ts_ns], ...],
      "debit": 2.4, "max_profit": 7.6, "max_loss": 2.4, "r2r": 3.1667, "convexity": 0.76,
-     "ts": <newest leg event ns>, "seq": <sum of leg event ns>, "age_ns": <ts - oldest used
-     price ns>, "stale": false, "px_src": "mid|last|mixed|none", "src": "chain|ws",
+     "ts": <newest leg event ns>, "seq": <sum of the legs' quote_ts + trade_ts>,
+     "age_ns": <ts - oldest used price ns>, "stale": false, "px_src": "mid|last|mixed|none",
+     "src": "chain|ws",
      "flags": ["below_bound" | "above_bound" | "zero_debit" | "no_price" | ...]}
 
 Formulas and the convexity definition: see processors/heatmap.py.
@@ -53,7 +54,7 @@ class Tile(msgspec.Struct, frozen=True, kw_only=True):
     r2r: float | None  # max_profit / max_loss; None when max_loss <= 0 or undefined
     convexity: float | None  # spreads: clamp(1 - debit / width, 0, 1); singles: None
     ts: int  # newest event time (ns) over the legs' contracts
-    seq: int  # admission clock: sum of the legs' contract ts_ns (strictly grows on any leg update)
+    seq: int  # admission clock: sum of legs' quote_ts + trade_ts (grows on any leg update)
     age_ns: int | None  # ts - oldest price used (staleness of the tile's inputs)
     stale: bool  # age_ns > max quote age setting
     px_src: str  # mid | last | mixed | none

@@ -5,8 +5,11 @@ its id is XACKed in the same round trip as the next XREADGROUP. A handler that r
 leaves its entries pending; the reclaim pass (XPENDING IDLE + XCLAIM, on this or any other
 consumer) redelivers them after ``min_idle_ms``; an entry delivered ``max_deliveries`` times
 without an ack is copied to ``<stream>:dead`` and acked, so one poison entry never stalls
-the group. On start a consumer first re-processes its own pending entries (a crash left
-them there). A vanished group (stream deleted, FLUSHALL) is re-created.
+the group. On start, and again after a lost Redis connection, a consumer first
+re-processes its own pending entries (a crash, or a read whose reply was lost, left them
+there); a handler cut off by a lost connection is not a poison entry: nothing is isolated or
+counted as an error, the batch simply stays pending for that drain. A vanished group
+(stream deleted, FLUSHALL) is re-created.
 """
 
 from __future__ import annotations
@@ -98,6 +101,9 @@ class GroupConsumer:
                 try:
                     if not started:
                         await self.ensure_group()
+                        if to_ack:
+                            await self.redis.xack(self.spec.stream, self.spec.group, *to_ack)
+                            to_ack = []
                         await self.recover(own=True)
                         started = True
                         self._last_reclaim = time.monotonic()
@@ -105,7 +111,11 @@ class GroupConsumer:
                     failures = 0
                     self.ready = True
                 except (RedisConnectionError, RedisTimeoutError) as exc:
+                    # Entries delivered by a read whose reply was lost, and the batch whose
+                    # handler was cut off, sit in our own PEL: drain it again on reconnect
+                    # rather than waiting min_idle_ms for the reclaim (or another replica).
                     self.ready = False
+                    started = False
                     failures += 1
                     self.metrics.redis_errors.inc()
                     delay = min(self.max_backoff_s, 0.05 * 2 ** min(failures, 10))
@@ -163,7 +173,9 @@ class GroupConsumer:
         try:
             await self.handler(live)
             done = [e[0] for e in live]
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, RedisConnectionError, RedisTimeoutError):
+            # Redis unavailable is not a bad entry: nothing is acked, the run loop retries
+            # the connection and re-drains our pending entries.
             raise
         except Exception:
             # Isolate the bad entries: retry one by one, ack the good ones.
@@ -176,7 +188,7 @@ class GroupConsumer:
                     try:
                         await self.handler([e])
                         done.append(e[0])
-                    except asyncio.CancelledError:
+                    except (asyncio.CancelledError, RedisConnectionError, RedisTimeoutError):
                         raise
                     except Exception:
                         self.metrics.errors.inc()

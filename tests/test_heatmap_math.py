@@ -131,13 +131,16 @@ def test_butterfly_formulas_bounds_and_convexity(
     prices: list[float], width: float, right: str
 ) -> None:
     spec = _spec("butterfly", right, [6000 - width, 6000, 6000 + width], width)
-    quotes = {f"c{i}": q(mid=p, quote_ts=NOW, ts_ns=NOW + i) for i, p in enumerate(prices)}
+    quotes = {
+        f"c{i}": q(mid=p, quote_ts=NOW + i, trade_ts=i or None, ts_ns=NOW + i)
+        for i, p in enumerate(prices)
+    }
     t = hm.compute_tile(spec, quotes, "e1", 5 * SEC)
     d = prices[0] - 2 * prices[1] + prices[2]
     assert t.debit == pytest.approx(d, abs=1e-6)
     assert t.max_profit == pytest.approx(width - d, abs=1e-6)
     assert t.max_loss == pytest.approx(d, abs=1e-6)
-    assert t.seq == 3 * NOW + 3 and t.ts == NOW + 2
+    assert t.seq == 3 * NOW + 3 + 3 and t.ts == NOW + 2  # seq: sum of quote_ts + trade_ts
     assert ("below_bound" in t.flags) == (d < -1e-9)
     assert ("above_bound" in t.flags) == (d > width + 1e-9)
     assert t.convexity is not None and 0.0 <= t.convexity <= 1.0

@@ -353,6 +353,44 @@ async def test_consumer_survives_a_redis_restart(registry: CollectorRegistry) ->
         srv.stop()
 
 
+async def test_handler_cut_off_by_lost_connection_is_redrained_not_isolated(
+    redis: Redis, registry: CollectorRegistry
+) -> None:
+    """A handler that fails because Redis went away is not a poison batch: no one-by-one
+    isolation, no error counted, nothing acked; after the reconnect the consumer drains its
+    own pending entries at once (min_idle_ms is far longer than the test)."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    await fill(redis, 20)
+    calls: list[int] = []
+    seen: Counter[int] = Counter()
+    failed = False
+
+    async def handler(entries: list[Entry]) -> None:
+        nonlocal failed
+        calls.append(len(entries))
+        if not failed:
+            failed = True
+            raise RedisConnectionError("Connection closed by server.")
+        for _, f in entries:
+            seen[int(f[b"n"])] += 1
+
+    stop = asyncio.Event()
+    c = GroupConsumer(redis, spec(min_idle_ms=600_000), handler, registry, "t")
+    c.max_backoff_s = 0.05
+    task = asyncio.create_task(c.run(stop))
+    await eventually(lambda: _async(set(seen) == set(range(20))), timeout_s=5)
+    await eventually(lambda: _async(c.ready), timeout_s=5)
+    stop.set()
+    await task
+    assert calls[0] == 20 and 1 not in calls[:2], calls  # the batch was not split up
+    assert all(v == 1 for v in seen.values())
+    labels = {"processor": "t", "stream": STREAM, "group": GROUP}
+    assert registry.get_sample_value("massive_errors_total", labels) in (None, 0.0)
+    assert (registry.get_sample_value("massive_redis_errors_total", labels) or 0) == 1
+    assert (await group_info(redis))["pending"] == 0
+
+
 async def test_lag_view_does_not_report_a_lag_no_entry_backs(redis: Redis) -> None:
     # Redis 7.0 after an AOF restart (or a SETID with a wrong ENTRIESREAD) can report lag > 0
     # with nothing unread; the lag view counts what is really after last-delivered-id.

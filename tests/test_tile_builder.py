@@ -127,6 +127,48 @@ async def test_update_of_a_non_newest_leg_is_admitted(deps: Deps, redis: Redis) 
     assert t.ts == NOW + 10 * SEC and t.debit == pytest.approx(50.1 - 40.1)
 
 
+@pytest.mark.parametrize("late", ["quote", "trade"])
+async def test_update_older_than_the_other_kind_is_admitted(
+    deps: Deps, redis: Redis, late: str
+) -> None:
+    """A quote older than the contract's newest trade (or a trade older than its newest
+    quote) changes the values without moving the contract's ts_ns = max(quote_ts,
+    trade_ts); the recomputed tile must still replace the staged one (a REST re-seed and
+    the WS interleave like that; seen as a tile differing after a Redis restart)."""
+    await seed(redis)
+    b = TileBuilder(deps, "single", CFG)
+    await b.handle(as_entries(DirtyEntry("SPX", "e1", [], NOW, reason="epoch")))
+    tid = "SPX:2026-12-01:single:6000:C"
+    cid = unpack((await staged(redis, "single"))[tid]).legs[0].cid
+    key = keys.epoch_contract("e1", cid)
+    if late == "quote":
+        # newest trade at +60 s, quote at +10 s (stale): the tile prices off the last trade
+        await redis.hset(key, mapping={"bid": 9.0, "ask": 9.2, "mid": 9.1,
+                                       "quote_ts": NOW + 10 * SEC, "last": 7.0,
+                                       "trade_ts": NOW + 60 * SEC, "ts_ns": NOW + 60 * SEC,
+                                       "src": "ws"})  # fmt: skip
+        await b.handle(as_entries(DirtyEntry("SPX", "e1", [cid], NOW + 60 * SEC)))
+        assert unpack((await staged(redis, "single"))[tid]).debit == pytest.approx(7.0)
+        # a quote at +55 s (newer than the stored quote, older than ts_ns): now fresh
+        await redis.hset(key, mapping={"bid": 8.0, "ask": 8.2, "mid": 8.1,
+                                       "quote_ts": NOW + 55 * SEC})  # fmt: skip
+        want = 8.1
+    else:
+        # newest quote at +60 s but no usable mid: the tile prices off the last trade
+        await redis.hdel(key, "bid", "ask", "mid")
+        await redis.hset(key, mapping={"quote_ts": NOW + 60 * SEC, "last": 7.0,
+                                       "trade_ts": NOW + 10 * SEC, "ts_ns": NOW + 60 * SEC,
+                                       "src": "ws"})  # fmt: skip
+        await b.handle(as_entries(DirtyEntry("SPX", "e1", [cid], NOW + 60 * SEC)))
+        assert unpack((await staged(redis, "single"))[tid]).debit == pytest.approx(7.0)
+        await redis.hset(key, mapping={"last": 6.5, "trade_ts": NOW + 55 * SEC})
+        want = 6.5
+    await b.handle(as_entries(DirtyEntry("SPX", "e1", [cid], NOW + 60 * SEC)))
+    t = unpack((await staged(redis, "single"))[tid])
+    assert t.debit == pytest.approx(want)
+    await assert_staging_matches_reference(redis, "single", "e1")
+
+
 async def test_older_tile_is_not_admitted_and_redelivery_reannounces(
     deps: Deps, redis: Redis
 ) -> None:
