@@ -35,16 +35,17 @@ harmless (recompute of an unchanged tile) and never loses a notification.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import functools
 import logging
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
 
 import msgspec
-from redis.asyncio.client import Pipeline
+from redis.asyncio import Redis
+from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import NoScriptError, ResponseError
 
 from processors import lua
 from schemas import keys, ticker
@@ -271,30 +272,28 @@ class Hydrator(ConsumerProcessor):
 
     # --- the batch -------------------------------------------------------------------------
     async def handle(self, entries: list[Entry]) -> None:
-        """Sub-batches are applied strictly in stream order, one request in flight: while
-        Redis runs the Lua of sub-batch k, this process decodes sub-batch k+1 (the two CPUs
-        overlap). The dirty entries of the whole batch are emitted once, at the end."""
+        """Sub-batches are applied strictly in stream order, one request in flight on one
+        held connection. The request of sub-batch k is written to the socket and flushed
+        BEFORE this process decodes sub-batch k+1, so Redis runs the Lua of k while Python
+        decodes k+1 (the two CPUs overlap); its replies are read afterwards. The dirty
+        entries of the whole batch are emitted once, at the end."""
         acc: dict[tuple[str, str], _Dirty] = {}
         step = self.cfg.sub_batch
-        inflight: asyncio.Task[dict[tuple[str, str], _Dirty]] | None = None
-        try:
+        async with _Link(self.redis) as link:
+            sent: tuple[_Batch, _Routed] | None = None
             for off in range(0, len(entries), step):
                 b = self._collect(entries[off : off + step])
                 routed = self._route(list(b.quotes.values()), list(b.trades.values()))
-                if inflight is not None:
-                    _merge(acc, await inflight)
-                    inflight = None
+                if sent is not None:
+                    _merge(acc, await self._settle(link, *sent))
+                    sent = None
                 if b.quotes or b.trades or b.spots:
-                    inflight = asyncio.create_task(self._apply(b, routed))
-                    await asyncio.sleep(0)  # let it build and send its request now
-            if inflight is not None:
-                _merge(acc, await inflight)
-                inflight = None
-        finally:
-            if inflight is not None:  # an error elsewhere: do not leave it running alone
-                inflight.cancel()
-                with contextlib.suppress(BaseException):
-                    await inflight
+                    if routed.version != self._version:  # the cache moved while settling
+                        routed = self._route(list(b.quotes.values()), list(b.trades.values()))
+                    await link.send(self._commands(routed, list(b.spots.values())))
+                    sent = (b, routed)
+            if sent is not None:
+                _merge(acc, await self._settle(link, *sent))
         dirty = self._dirty_entries(acc)
         if dirty:
             await self._emit_dirty(dirty)
@@ -347,35 +346,29 @@ class Hydrator(ConsumerProcessor):
             misses_t=misses_t,
         )
 
-    async def _apply(
-        self, b: _Batch, routed: _Routed | None = None
+    async def _settle(
+        self, link: _Link, b: _Batch, routed: _Routed
     ) -> dict[tuple[str, str], _Dirty]:
-        """Write the batch with admission; returns, per (symbol, epoch), the contracts to
-        notify (with their earliest receive time) and the newest event time behind them.
-        ``routed`` (prepared while the previous sub-batch ran) is used if the epoch cache
-        has not changed since."""
-        pend_q = list(b.quotes.values())
-        pend_t = list(b.trades.values())
-        spots = list(b.spots.values())
+        """Read the replies of ``routed`` (already sent on ``link``) and finish the sub-batch:
+        events of an epoch found inactive, and geometry misses after a cache refresh, are
+        re-resolved and applied again (synchronously, so stream order holds). Returns, per
+        (symbol, epoch), the contracts to notify (with their earliest receive time) and the
+        newest event time behind them."""
         # (symbol, eid) -> cids changed, max ts, min recv
         changed: dict[tuple[str, str], dict[str, None]] = {}
         max_ts: dict[tuple[str, str], int] = {}
         applied_q = applied_t = sent = hash_missing = 0
-        misses_q: list[Quote] = []
-        misses_t: list[Trade] = []
+        rt = routed
+        res = await link.recv()
+        pend_q: list[Quote] = []
+        pend_t: list[Trade] = []
         for attempt in range(self.cfg.max_attempts):
-            if attempt == 0 and routed is not None and routed.version == self._version:
-                rt = routed
-            else:
+            if attempt:
                 rt = self._route(pend_q, pend_t)
-            groups, order, eids, blobs = rt.groups, rt.order, rt.eids, rt.blobs
+                res = await link.call(self._commands(rt, []))
+            groups, order, eids = rt.groups, rt.order, rt.eids
             misses_q, misses_t = rt.misses_q, rt.misses_t
-            send_spots = spots if attempt == 0 else []
-
-            res = await lua.execute(
-                self.redis, functools.partial(self._queue, eids=eids, blobs=blobs, spots=send_spots)
-            )
-            active = {_s(k): _s(v) for k, v in res[0].items()}
+            active = _hash(res[0])
             pend_q, pend_t = [], []
             stale: set[str] = set()
             for s, eid, r in zip(order, eids, res[1 : 1 + len(order)], strict=True):
@@ -410,10 +403,10 @@ class Hydrator(ConsumerProcessor):
                 max_ts[key] = mts
             if stale and active == self._active:
                 # The epoch was retired after our HGETALL: read the pointer again.
-                raw = await self.redis.hgetall(keys.EPOCH_ACTIVE)
-                active = {_s(k): _s(v) for k, v in raw.items()}
-            moved = await self._refresh(active)
-            if moved and (misses_q or misses_t):
+                active = _hash((await link.call([("HGETALL", keys.EPOCH_ACTIVE)]))[0])
+            await self._refresh(active)
+            if rt.version != self._version and (misses_q or misses_t):
+                # Resolved against an older cache: a new epoch may know these contracts.
                 pend_q += misses_q
                 pend_t += misses_t
                 misses_q, misses_t = [], []
@@ -432,25 +425,21 @@ class Hydrator(ConsumerProcessor):
                 out[key] = _Dirty({c: b.recv.get(c, _MAX) for c in got}, max_ts[key])
         return out
 
-    def _queue(
-        self,
-        pipe: Pipeline,
-        *,
-        eids: list[str],
-        blobs: list[tuple[bytes, bytes]],
-        spots: list[IndexValue],
-    ) -> None:
-        pipe.hgetall(keys.EPOCH_ACTIVE)
-        for eid, (qb, tb) in zip(eids, blobs, strict=True):
-            self._hydrate.queue(
-                pipe, [keys.epoch_meta(eid)], [keys.epoch_contract_prefix(eid), qb, tb]
+    def _commands(self, rt: _Routed, spots: list[IndexValue]) -> list[tuple[Any, ...]]:
+        """HGETALL of the active pointer, one hydrate call per epoch, the spot script."""
+        cmds: list[tuple[Any, ...]] = [("HGETALL", keys.EPOCH_ACTIVE)]
+        sha = self._hydrate.sha
+        for eid, (qb, tb) in zip(rt.eids, rt.blobs, strict=True):
+            cmds.append(
+                ("EVALSHA", sha, 1, keys.epoch_meta(eid), keys.epoch_contract_prefix(eid), qb, tb)
             )
         if spots:
             args: list[str] = []
             for v in spots:
                 sym = v.ticker[2:] if v.ticker.startswith("I:") else v.ticker
                 args += (sym, repr(v.val), str(v.t * NS_PER_MS))
-            self._spot.queue(pipe, [keys.SPOT_LATEST], args)
+            cmds.append(("EVALSHA", self._spot.sha, 1, keys.SPOT_LATEST, *args))
+        return cmds
 
     @staticmethod
     def _pack(qs: list[Quote], ts: list[Trade]) -> tuple[bytes, bytes]:
@@ -483,6 +472,92 @@ class Hydrator(ConsumerProcessor):
             n += len(d.cids)
         await pipe.execute()
         self.m_dirty.inc(n)
+
+
+class _Link:
+    """One pooled connection held for a batch. A request is written and flushed at once (so
+    Redis runs it while this process goes on decoding) and its replies are read later, in
+    order. redis-py's pipeline cannot do this: ``execute`` sends and waits for the replies in
+    one call, and its send goes through ``asyncio.wait_for`` (a task that only writes when the
+    caller next yields), so a decode started after it ran before the bytes left.
+
+    NOSCRIPT (Redis restarted, SCRIPT FLUSH) loads the scripts and re-sends the request once
+    (callers only send idempotent commands). A connection left with unread replies (an error
+    between send and read) is disconnected, never handed back to the pool out of sync."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+        self._conn: AbstractConnection | None = None
+        self._cmds: Sequence[tuple[Any, ...]] = ()
+        self._unread = 0
+
+    async def __aenter__(self) -> _Link:
+        self._conn = await self.redis.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        try:
+            if self._unread:
+                await conn.disconnect()
+        finally:
+            await self.redis.connection_pool.release(conn)
+
+    def _connection(self) -> AbstractConnection:
+        if self._conn is None:
+            raise RuntimeError("_Link used outside 'async with'")
+        return self._conn
+
+    async def send(self, cmds: Sequence[tuple[Any, ...]]) -> None:
+        if self._unread:
+            raise RuntimeError("a request is already in flight")
+        conn = self._connection()
+        self._cmds = cmds
+        self._unread = len(cmds)
+        await conn.send_packed_command(conn.pack_commands(cmds))
+
+    async def recv(self) -> list[Any]:
+        """The replies of the request in flight; raises the first error reply."""
+        for attempt in (0, 1):
+            out = await self._read()
+            err = next((r for r in out if isinstance(r, ResponseError)), None)
+            if err is None:
+                return out
+            if not isinstance(err, NoScriptError) or attempt:
+                raise err
+            await lua.load_all(self.redis)
+            await self.send(self._cmds)
+        raise AssertionError("unreachable")
+
+    async def call(self, cmds: Sequence[tuple[Any, ...]]) -> list[Any]:
+        await self.send(cmds)
+        return await self.recv()
+
+    async def _read(self) -> list[Any]:
+        conn = self._connection()
+        out: list[Any] = []
+        while self._unread:
+            try:
+                r = await conn.read_response()
+            except ResponseError as exc:  # an error reply; the stream stays in sync
+                r = exc
+            self._unread -= 1
+            out.append(r)
+        return out
+
+
+def _hash(reply: Any) -> dict[str, str]:
+    """A raw HGETALL reply (RESP2 flat list or RESP3 map) as a str dict."""
+    if isinstance(reply, dict):
+        return {_s(k): _s(v) for k, v in reply.items()}
+    return {_s(k): _s(v) for k, v in zip(reply[::2], reply[1::2], strict=True)}
 
 
 def _fields(msg: DirtyEntry) -> Fields:
