@@ -371,6 +371,69 @@ async def test_epoch_change_moves_writes_to_the_new_epoch(deps: Deps, redis: Red
         (EID, [CIDS[2]]), ("e2", sorted([new.cid, CIDS[2]]))]  # fmt: skip
 
 
+async def test_epoch_change_within_one_batch_of_sub_batches(
+    redis: Redis, settings: RuntimeSettings, registry: CollectorRegistry
+) -> None:
+    """The first sub-batch finds its cached epoch retired (re-resolved and applied again);
+    the next one, routed before that with the old cache (its new contract a miss), is
+    routed again: nothing is lost, counted as a miss, or written into the retired epoch."""
+    await seed(redis)
+    hyd = Hydrator(Deps(redis, settings, registry), HydratorSettings(sub_batch=1))
+    await push(redis, [[quote(CIDS[2], T0 + 9, 0.5, 0.6)]])
+    await hyd.handle(await entries(redis))  # caches e1
+    new = contract("SPXW", EXP, "C", 9995)
+    await seed_epoch(redis, "e2", "SPX", [*SEEDED, new], spot=6001.0)
+    await redis.hset(keys.epoch_meta(EID), "state", "retired")
+    await push(redis, [[quote(CIDS[2], T0 + 10, 0.7, 0.8)], [quote(new.cid, T0 + 11, 7.0, 7.5)],
+                       [trade(CIDS[0], T0 + 12, 1.3, 2)],
+                       [quote(new.cid, T0 + 13, 7.1, 7.6)]])  # fmt: skip
+    await hyd.handle((await entries(redis))[1:])
+    e2 = await state(redis, "e2", [new.cid, CIDS[2], CIDS[0]])
+    assert e2[new.cid]["bid"] == "7.1" and e2[CIDS[2]]["bid"] == "0.7"
+    assert e2[CIDS[0]]["last"] == "1.3"
+    assert (await state(redis))[CIDS[2]]["bid"] == "0.5"  # the retired epoch is never written
+    assert "last" not in (await state(redis))[CIDS[2]]
+    assert metric(registry, "massive_hydrator_geometry_miss_total", symbol="SPX") == 0
+    assert metric(registry, "massive_hydrator_applied_total", kind="quote") == 1 + 3
+    ds = await dirty(redis)
+    assert ds[0].epoch == EID and all(d.epoch == "e2" for d in ds[1:])
+    assert {c for d in ds[1:] for c in d.cids} == {new.cid, CIDS[2], CIDS[0]}
+
+
+async def test_error_between_request_and_reply_leaves_no_connection_out_of_sync(
+    redis: Redis, settings: RuntimeSettings
+) -> None:
+    """A failure after a sub-batch's request is sent and before its reply is read (here in
+    decoding the next sub-batch) must not hand the connection back with a reply unread: the
+    next command on it would read that stale reply as its own."""
+    await seed(redis)
+    hyd = Hydrator(Deps(redis, settings, CollectorRegistry()), HydratorSettings(sub_batch=1))
+    await push(redis, [[quote(CIDS[0], T0 + 9, 1.1, 1.3)]])
+    await hyd.handle(await entries(redis))  # caches the epoch: the next request carries events
+    await push(redis, [[quote(CIDS[2], T0 + 9, 0.5, 0.6)], [quote(CIDS[1], T0 + 9, 2.1, 2.6)]])
+    es = (await entries(redis))[1:]
+    real = hyd._collect
+    calls = 0
+
+    def failing(chunk: list[Any]) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise ValueError("decode failed")
+        return real(chunk)
+
+    hyd._collect = failing  # type: ignore[method-assign]
+    with pytest.raises(ValueError, match="decode failed"):
+        await hyd.handle(es)
+    for _ in range(3):  # whichever pooled connection comes next answers its own command
+        assert await redis.hget(keys.EPOCH_ACTIVE, "SPX") == EID.encode()
+        assert await redis.hget(keys.epoch_contract(EID, CIDS[2]), "bid") == b"0.5"
+    hyd._collect = real  # type: ignore[method-assign]
+    await hyd.handle(es)
+    assert (await state(redis))[CIDS[1]]["bid"] == "2.1"
+    assert {c for d in await dirty(redis) for c in d.cids} == {CIDS[0], CIDS[1], CIDS[2]}
+
+
 async def test_inactive_epoch_is_never_written(deps: Deps, redis: Redis) -> None:
     await seed_epoch(redis, EID, "SPX", SEEDED, spot=6000.0, state="warming")
     await redis.hset(keys.EPOCH_ACTIVE, "SPX", EID)  # pointer without an active meta
