@@ -54,7 +54,7 @@ from redis.exceptions import ResponseError, WatchError
 
 from processors import heatmap as hm
 from schemas import keys
-from schemas.heatmap import TileDelta, to_json, unpack
+from schemas.heatmap import TileDelta, split_staged
 from schemas.messages import ModelDiff, PublishedModel, encode, from_entry
 from streams import metrics
 from streams.consumer import Entry
@@ -377,21 +377,35 @@ class Publisher:
         if not wanted:
             return
         syms = sorted(wanted)
-        pipe = self.redis.pipeline(transaction=False)
+        # MULTI: the staged epoch (manifest) and the values are read at one point in time
+        # (an epoch install renames the staging hash and rewrites the manifest atomically).
+        pipe = self.redis.pipeline(transaction=True)
         for sym in syms:
+            pipe.hget(keys.heatmap_manifest(sym, self.strategy), "epoch")
             pipe.hmget(keys.heatmap_staging(sym, self.strategy), list(wanted[sym]))
         replies = await pipe.execute()
-        for sym, vals in zip(syms, replies, strict=True):
+        for i, sym in enumerate(syms):
+            man_b, vals = replies[2 * i], replies[2 * i + 1]
             st = self.syms[sym]
+            if man_b is None or _s(man_b) != st.epoch:
+                for recv in wanted[sym].values():  # staging replaced since: another epoch
+                    st.note_reconcile(recv)
+                continue
             for (tid, recv), raw in zip(wanted[sym].items(), vals, strict=True):
                 if raw is None:
-                    st.note_reconcile(recv)  # staging replaced since: another epoch
-                    continue
-                tile = unpack(raw)
-                if tile.epoch != st.epoch:
                     st.note_reconcile(recv)
                     continue
-                self._stage_change(st, tid, to_json(tile), recv)
+                js = self._staged_json(tid, raw)
+                if js is not None:
+                    self._stage_change(st, tid, js, recv)
+
+    def _staged_json(self, tid: str | bytes, raw: bytes) -> bytes | None:
+        try:
+            return split_staged(raw)[1]
+        except ValueError as exc:
+            self.m_rejected.labels(self.strategy, "bad_staged_tile").inc()
+            logger.error("unreadable staged tile %r: %s", tid, exc)
+            return None
 
     @staticmethod
     def _stage_change(st: SymState, tid: str, js: bytes, recv: int | None) -> None:
@@ -430,7 +444,7 @@ class Publisher:
         """Compare the staging hash with the model: first publish of a complete new epoch,
         or fold any difference into the pending changes."""
         sym = st.symbol
-        pipe = self.redis.pipeline(transaction=False)
+        pipe = self.redis.pipeline(transaction=True)  # manifest and staging at one instant
         pipe.hgetall(keys.heatmap_manifest(sym, self.strategy))
         pipe.hget(keys.EPOCH_ACTIVE, sym)
         pipe.hgetall(keys.heatmap_staging(sym, self.strategy))
@@ -445,11 +459,11 @@ class Publisher:
             st.needs_reconcile = False
             return
         expected = int(manifest.get(b"expected", b"0"))
-        tiles: dict[str, bytes] = {}
+        tiles: dict[str, bytes] = {}  # every staged tile is of the manifest's epoch
         for k, raw in staged.items():
-            tile = unpack(raw)
-            if tile.epoch == man_epoch:
-                tiles[_s(k)] = to_json(tile)
+            js = self._staged_json(k, raw)
+            if js is not None:
+                tiles[_s(k)] = js
         recv = st.reconcile_recv
         if man_epoch != st.epoch:
             if len(tiles) < expected:

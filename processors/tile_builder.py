@@ -39,7 +39,7 @@ from redis.asyncio import Redis
 
 from processors import heatmap as hm
 from schemas import keys
-from schemas.heatmap import Tile, TileDelta, pack
+from schemas.heatmap import Tile, TileDelta, stage_value
 from schemas.messages import DirtyEntry, entry, from_entry
 from streams import metrics, producer
 from streams.consumer import Entry
@@ -50,9 +50,10 @@ logger = logging.getLogger(__name__)
 
 
 def _frame(t: Tile) -> bytes:
-    """One tile in the STAGE_LUA blob: length-prefixed id, seq, packed tile."""
-    tid, seq, packed = t.id.encode(), str(t.seq).encode(), pack(t)
-    return b"%d:%b%d:%b%d:%b" % (len(tid), tid, len(seq), seq, len(packed), packed)
+    """One tile in the STAGE_LUA blob: length-prefixed id, then length-prefixed staging value
+    (``<seq>:<view json>``)."""
+    tid, val = t.id.encode(), stage_value(t)
+    return b"%d:%b%d:%b" % (len(tid), tid, len(val), val)
 
 
 @dataclass(frozen=True)
@@ -101,78 +102,81 @@ end
 return out
 """
 
-# KEYS: staging, staging_seq, manifest. ARGV: epoch, one blob of length-prefixed fields
-# "<len>:<tile_id><len>:<seq><len>:<packed>" per tile (one argument instead of 3 per tile:
-# client-side command packing dominated the batch time).
+# KEYS: staging, manifest. ARGV: epoch, one blob of length-prefixed fields
+# "<len>:<tile_id><len>:<seq>:<view>" per tile (one argument instead of 2 per tile:
+# client-side command packing dominated the batch time). A staged value starts with its
+# seq (admission clock) and ":".
 # Returns -9 when the staged epoch is not ARGV[1]; else one status per tile:
 # 1 admitted (slot absent or seq strictly greater), 0 equal (discarded), -1 older (discarded).
 # seq values are non-negative decimal strings: compared by length, then lexically (exact;
 # Lua numbers are doubles and would round nanosecond sums).
 STAGE_LUA = """
-if redis.call('HGET', KEYS[3], 'epoch') ~= ARGV[1] then return -9 end
+if redis.call('HGET', KEYS[2], 'epoch') ~= ARGV[1] then return -9 end
 local blob, pos = ARGV[2], 1
+local find, sub = string.find, string.sub
 local function field()
-  local c = string.find(blob, ':', pos, true)
-  local len = tonumber(string.sub(blob, pos, c - 1))
-  local v = string.sub(blob, c + 1, c + len)
+  local c = find(blob, ':', pos, true)
+  local len = tonumber(sub(blob, pos, c - 1))
+  local v = sub(blob, c + 1, c + len)
   pos = c + len + 1
   return v
 end
-local ids, seqs, packed = {}, {}, {}
+local ids, vals = {}, {}
 while pos <= #blob do
   local n = #ids + 1
   ids[n] = field()
-  seqs[n] = field()
-  packed[n] = field()
+  vals[n] = field()
 end
-local out, tv, sv = {}, {}, {}
+local out, tv = {}, {}
 for a = 1, #ids, 1000 do
   local b = math.min(a + 999, #ids)
-  local old = redis.call('HMGET', KEYS[2], unpack(ids, a, b))
+  local old = redis.call('HMGET', KEYS[1], unpack(ids, a, b))
   for i = a, b do
-    local o, seq = old[i - a + 1], seqs[i]
+    local o, v = old[i - a + 1], vals[i]
+    local seq = sub(v, 1, find(v, ':', 1, true) - 1)
     local st
     if not o then st = 1
-    elseif #seq ~= #o then if #seq > #o then st = 1 else st = -1 end
-    elseif seq > o then st = 1
-    elseif seq == o then st = 0
-    else st = -1 end
+    else
+      local c = find(o, ':', 1, true)
+      local os = c and sub(o, 1, c - 1) or ''
+      if #seq ~= #os then if #seq > #os then st = 1 else st = -1 end
+      elseif seq > os then st = 1
+      elseif seq == os then st = 0
+      else st = -1 end
+    end
     out[i] = st
     if st == 1 then
-      tv[#tv + 1] = ids[i]; tv[#tv + 1] = packed[i]
-      sv[#sv + 1] = ids[i]; sv[#sv + 1] = seq
+      tv[#tv + 1] = ids[i]; tv[#tv + 1] = v
     end
   end
   if #tv > 0 then
     redis.call('HSET', KEYS[1], unpack(tv))
-    redis.call('HSET', KEYS[2], unpack(sv))
-    tv, sv = {}, {}
+    tv = {}
   end
 end
 return out
 """
 
-# KEYS: staging, staging_seq, manifest, build, build_seq.
+# KEYS: staging, manifest, build.
 # ARGV: epoch, created_ns, expected, built_ns.
 # 1 = installed (build renamed onto staging, manifest rewritten);
 # 0 = this epoch is already installed (build dropped; caller merges with admission);
 # -1 = a newer epoch is installed (build dropped).
 INSTALL_LUA = """
-local cur = redis.call('HGET', KEYS[3], 'epoch')
-if cur == ARGV[1] then redis.call('DEL', KEYS[4], KEYS[5]) return 0 end
-local cc = redis.call('HGET', KEYS[3], 'created_ns')
+local cur = redis.call('HGET', KEYS[2], 'epoch')
+if cur == ARGV[1] then redis.call('DEL', KEYS[3]) return 0 end
+local cc = redis.call('HGET', KEYS[2], 'created_ns')
 if cc and (#cc > #ARGV[2] or (#cc == #ARGV[2] and cc > ARGV[2])) then
-  redis.call('DEL', KEYS[4], KEYS[5])
+  redis.call('DEL', KEYS[3])
   return -1
 end
-if redis.call('EXISTS', KEYS[4]) == 1 then
-  redis.call('RENAME', KEYS[4], KEYS[1])
-  redis.call('RENAME', KEYS[5], KEYS[2])
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  redis.call('RENAME', KEYS[3], KEYS[1])
 else
-  redis.call('DEL', KEYS[1], KEYS[2])
+  redis.call('DEL', KEYS[1])
 end
-redis.call('DEL', KEYS[3])
-redis.call('HSET', KEYS[3], 'epoch', ARGV[1], 'created_ns', ARGV[2], 'expected', ARGV[3],
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[2], 'epoch', ARGV[1], 'created_ns', ARGV[2], 'expected', ARGV[3],
            'built_ns', ARGV[4])
 return 1
 """
@@ -386,11 +390,7 @@ class TileBuilder(ConsumerProcessor):
 
     async def _stage_tiles(self, sym: str, eid: str, tiles: list[Tile]) -> list[int] | None:
         """Admission write of ``tiles``; None when staging holds another epoch."""
-        k = [
-            keys.heatmap_staging(sym, self.strategy),
-            keys.heatmap_staging_seq(sym, self.strategy),
-            keys.heatmap_manifest(sym, self.strategy),
-        ]
+        k = [keys.heatmap_staging(sym, self.strategy), keys.heatmap_manifest(sym, self.strategy)]
         n = self.cfg.write_chunk
         pipe = self.redis.pipeline(transaction=False)
         for i in range(0, len(tiles), n):
@@ -422,22 +422,17 @@ class TileBuilder(ConsumerProcessor):
         self.m_computed.labels(self.strategy, "full").inc(len(tiles))
         consumer = self.spec.consumer
         b_key = keys.heatmap_build(sym, self.strategy, consumer)
-        b_seq = keys.heatmap_build_seq(sym, self.strategy, consumer)
         pipe = self.redis.pipeline(transaction=False)
-        pipe.delete(b_key, b_seq)
+        pipe.delete(b_key)
         n = self.cfg.write_chunk
         for i in range(0, len(tiles), n):
-            part = tiles[i : i + n]
-            pipe.hset(b_key, mapping={t.id: pack(t) for t in part})
-            pipe.hset(b_seq, mapping={t.id: str(t.seq) for t in part})
+            pipe.hset(b_key, mapping={t.id: stage_value(t) for t in tiles[i : i + n]})
         await pipe.execute()
         rc = await self._install(
             keys=[
                 keys.heatmap_staging(sym, self.strategy),
-                keys.heatmap_staging_seq(sym, self.strategy),
                 keys.heatmap_manifest(sym, self.strategy),
                 b_key,
-                b_seq,
             ],
             args=[eid, str(created_ns), str(len(tiles)), str(self.clock.time_ns())],
         )

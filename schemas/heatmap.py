@@ -1,17 +1,24 @@
-"""Convexity heatmap records: the tile (staged as msgpack, published as JSON) and the tile
-delta entry on ``massive:tiles:<strategy>`` (tile builders -> publisher).
+"""Convexity heatmap records: the computed tile, its published (JSON) and staged forms, and
+the tile delta entry on ``massive:tiles:<strategy>`` (tile builders -> publisher).
 
-Tile JSON (one item of a published heatmap model, ``items[tile_id]``)::
+``Tile`` is the full computed record (tile builders, tests, reference mode). What leaves the
+builder is its compact **view**, one item of a published heatmap model
+(``items[tile_id]``; the id, symbol, epoch and strategy are the model's)::
 
-    {"id": "SPX:2026-11-24:butterfly:6000-6010-6020:C", "symbol": "SPX", "epoch": "...",
-     "expiry": "2026-11-24", "strategy": "butterfly", "right": "C",
+    {"root": "SPXW", "expiry": "2026-11-24", "right": "C",
      "strikes": [6000.0, 6010.0, 6020.0], "width": 10.0,
-     "legs": [[cid, strike, qty, price, price_src, price_ts_ns], ...],
+     "legs": [[qty, price, price_src], ...],          # aligned with strikes
      "debit": 2.4, "max_profit": 7.6, "max_loss": 2.4, "r2r": 3.1667, "convexity": 0.76,
-     "ts": <newest leg event ns>, "seq": <sum of the legs' quote_ts + trade_ts>,
-     "age_ns": <ts - oldest used price ns>, "stale": false, "px_src": "mid|last|mixed|none",
-     "src": "chain|ws",
+     "age_s": <whole seconds between the newest leg event and the oldest price used>,
+     "stale": false, "px_src": "mid|last|mixed|none", "src": "chain|ws",
      "flags": ["below_bound" | "above_bound" | "zero_debit" | "no_price" | ...]}
+
+The view leaves out what changes on every event without changing what a trader sees (event
+timestamps, the admission clock, per-leg price times, the legs' tickers: root + expiry +
+right + strike name them), so a quote that does not move a mid re-announces an identical
+item and the publisher drops it from the diff. The staging HASH holds
+``b"<seq>:" + view`` per tile id: the admission clock the staging Lua compares, then the
+bytes the publisher publishes as they are (no decode/re-encode on the publish path).
 
 Formulas and the convexity definition: see processors/heatmap.py.
 """
@@ -82,20 +89,84 @@ class TileDelta(Message, frozen=True):
     n_dirty: int = 0
 
 
-_packer = msgspec.msgpack.Encoder()
-_unpacker = msgspec.msgpack.Decoder(Tile)
+class ViewLeg(msgspec.Struct, frozen=True, array_like=True):
+    """Published leg: ``[qty, px, src]`` (strike = the tile's strikes at the same index)."""
+
+    qty: int
+    px: float | None
+    src: str
+
+
+class TileView(msgspec.Struct, frozen=True, kw_only=True):
+    """Published item of a heatmap model (see module doc)."""
+
+    root: str
+    expiry: str
+    right: str
+    strikes: list[float]
+    width: float
+    legs: list[ViewLeg]
+    debit: float | None
+    max_profit: float | None
+    max_loss: float | None
+    r2r: float | None
+    convexity: float | None
+    age_s: int | None
+    stale: bool
+    px_src: str
+    src: str
+    flags: list[str]
+
+
 _json = msgspec.json.Encoder()
+_view_decoder = msgspec.json.Decoder(TileView)
+NS_PER_S = 1_000_000_000
 
 
-def pack(tile: Tile) -> bytes:
-    """Staging encoding (msgpack) of a tile."""
-    return _packer.encode(tile)
+def root_of(cid: str) -> str:
+    """OCC option ticker ``O:<root><yymmdd><C|P><strike*1000:08d>`` -> root."""
+    return cid[2:-15] if cid.startswith("O:") and len(cid) > 17 else ""
 
 
-def unpack(raw: bytes) -> Tile:
-    return _unpacker.decode(raw)
+def view(tile: Tile) -> TileView:
+    legs = tile.legs
+    return TileView(
+        root=root_of(legs[0].cid) if legs else "",
+        expiry=tile.expiry,
+        right=tile.right,
+        strikes=tile.strikes,
+        width=tile.width,
+        legs=[ViewLeg(leg.qty, leg.px, leg.src) for leg in legs],
+        debit=tile.debit,
+        max_profit=tile.max_profit,
+        max_loss=tile.max_loss,
+        r2r=tile.r2r,
+        convexity=tile.convexity,
+        age_s=tile.age_ns // NS_PER_S if tile.age_ns is not None else None,
+        stale=tile.stale,
+        px_src=tile.px_src,
+        src=tile.src,
+        flags=tile.flags,
+    )
 
 
 def to_json(tile: Tile) -> bytes:
-    """Published encoding (JSON object) of a tile."""
-    return _json.encode(tile)
+    """Published encoding (JSON object) of a tile: its view."""
+    return _json.encode(view(tile))
+
+
+def stage_value(tile: Tile) -> bytes:
+    """Staging encoding: ``b"<seq>:" + to_json(tile)``."""
+    return b"%d:%b" % (tile.seq, _json.encode(view(tile)))
+
+
+def split_staged(raw: bytes) -> tuple[int, bytes]:
+    """A staging value -> (seq, published JSON). Raises ValueError when malformed."""
+    seq, sep, js = raw.partition(b":")
+    if not sep or not js:
+        raise ValueError(f"malformed staged tile {raw[:40]!r}")
+    return int(seq), js
+
+
+def decode_view(js: bytes) -> TileView:
+    return _view_decoder.decode(js)

@@ -92,6 +92,7 @@ def epoch_key_pattern(eid: str) -> str:
 
 # --- heatmap -------------------------------------------------------------------------
 def heatmap_staging(symbol: str, strategy: str) -> str:
+    """HASH tile_id -> ``<seq>:<view json>`` (schemas.heatmap.stage_value)."""
     return f"heatmap:{{{symbol}:{strategy}}}:staging"
 
 
@@ -134,11 +135,6 @@ SPOT_LATEST = "massive:spot:latest"
 
 
 # --- heatmap staging internals (tile builders; same hash tag as the staging HASH) ----
-def heatmap_staging_seq(symbol: str, strategy: str) -> str:
-    """HASH tile_id -> admission clock (decimal sum of leg ts) of the staged tile."""
-    return f"heatmap:{{{symbol}:{strategy}}}:staging:seq"
-
-
 def heatmap_manifest(symbol: str, strategy: str) -> str:
     """HASH epoch, created_ns, expected, built_ns: which epoch the staging hash holds."""
     return f"heatmap:{{{symbol}:{strategy}}}:manifest"
@@ -147,10 +143,6 @@ def heatmap_manifest(symbol: str, strategy: str) -> str:
 def heatmap_build(symbol: str, strategy: str, consumer: str) -> str:
     """Temporary HASH a builder fills during a full epoch build (renamed onto staging)."""
     return f"heatmap:{{{symbol}:{strategy}}}:build:{consumer}"
-
-
-def heatmap_build_seq(symbol: str, strategy: str, consumer: str) -> str:
-    return f"heatmap:{{{symbol}:{strategy}}}:build:{consumer}:seq"
 
 
 # --- heatmap publisher internals -------------------------------------------------------

@@ -699,7 +699,7 @@ def normalized_items(models: Mapping[str, Any]) -> dict[str, Any]:
             out[k] = None
             continue
         items = {i: strip(t) for i, t in m.items.items()}
-        if k.startswith("massive:heatmap"):  # legs: [cid, strike, qty, px, px_src, ts]
+        if k.startswith("massive:heatmap"):  # legs: [qty, px, px_src]
             for t in items.values():
                 t.pop("src", None)
         out[k] = {"epoch": m.epoch, "items": items}

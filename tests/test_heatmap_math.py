@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 from processors import heatmap as hm
 from processors.tile_builder import TileSettings, reference_full_build
 from schemas import keys, ticker
-from schemas.heatmap import Tile, pack, to_json, unpack
+from schemas.heatmap import Tile, decode_view, split_staged, stage_value, to_json, view
 from tests.factories import option_chain, seed_epoch
 
 NOW = 1_764_000_000_000_000_000  # 2025-11-24T16:00Z
@@ -199,8 +199,14 @@ def test_tile_codecs_round_trip() -> None:
     fly = _spec("butterfly", "C", [5990, 6000, 6010], 10)
     quotes = {f"c{i}": q(mid=p, quote_ts=NOW, ts_ns=NOW, src="ws") for i, p in enumerate((5, 3, 2))}
     t = hm.compute_tile(fly, quotes, "e", SEC)
-    assert unpack(pack(t)) == t
-    assert to_json(t).startswith(b'{"id":"t","symbol":"SPX"')
+    seq, js = split_staged(stage_value(t))
+    assert seq == t.seq and js == to_json(t) and decode_view(js) == view(t)
+    v = view(t)
+    assert (v.strikes, [(leg.qty, leg.px, leg.src) for leg in v.legs]) == (
+        [5990, 6000, 6010],
+        [(1, 5.0, "mid"), (-2, 3.0, "mid"), (1, 2.0, "mid")],
+    )
+    assert js.startswith(b'{"root":"","expiry":"2026-11-24","right":"C"')
     assert t.src == "ws" and t.debit == 1.0 and t.convexity == 0.9
 
 

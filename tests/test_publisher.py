@@ -20,7 +20,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from processors.publisher import Publisher, PublisherSettings
 from processors.tile_builder import TileBuilder, TileSettings
 from schemas import keys
-from schemas.heatmap import to_json, unpack
+from schemas.heatmap import split_staged
 from schemas.messages import DirtyEntry, ModelDiff, entry, from_entry
 from streams.clock import SystemClock
 from streams.processor import Deps
@@ -64,7 +64,7 @@ async def model(redis: Redis) -> dict[str, Any] | None:
 
 async def staging_items(redis: Redis) -> dict[str, Any]:
     raw = await redis.hgetall(keys.heatmap_staging("SPX", STRAT))
-    return {k.decode(): msgspec.json.decode(to_json(unpack(v))) for k, v in raw.items()}
+    return {k.decode(): msgspec.json.decode(split_staged(v)[1]) for k, v in raw.items()}
 
 
 async def diffs(redis: Redis) -> list[tuple[bytes, ModelDiff]]:
@@ -201,7 +201,9 @@ def test_client_replaying_diffs_equals_canonical_model(
                 if d.version > version:
                     version = apply(items, version, d)
             assert version == final["version"] and items == final["items"]
-            assert final["epoch"] == eid and all(t["epoch"] == eid for t in items.values())
+            assert final["epoch"] == eid
+            assert await redis.hget(keys.heatmap_manifest("SPX", STRAT), "epoch") == eid.encode()
+            assert set(items) == set(await staging_items(redis))  # exactly eid's tiles
         finally:
             stop.set()
             await asyncio.wait_for(task, 5)
@@ -244,9 +246,9 @@ async def test_no_tile_of_a_warming_or_retired_epoch_is_published(deps: Deps, re
         switch = next(i for i, d in enumerate(ds) if d.epoch == "e2")
         assert all(d.epoch == "e1" for d in ds[:switch])
         assert all(d.epoch == "e2" for d in ds[switch:]) and len(ds) > n_before
-        for d in ds:
-            assert all(t["epoch"] == d.epoch for t in d.changed.values())
         e2_ids = set(await staging_items(redis))
+        for d in ds:  # items carry no epoch: each diff only touches its own epoch's tiles
+            assert set(d.changed) <= (e1_ids if d.epoch == "e1" else e2_ids)
         assert set(ds[switch].removed) == e1_ids - e2_ids and set(ds[switch].changed) == e2_ids
     finally:
         stop.set()

@@ -12,7 +12,7 @@ from redis.asyncio import Redis
 from processors import heatmap as hm
 from processors.tile_builder import TileBuilder, TileSettings, reference_full_build
 from schemas import keys
-from schemas.heatmap import TileDelta, unpack
+from schemas.heatmap import TileDelta, TileView, decode_view, split_staged, stage_value
 from schemas.messages import DirtyEntry, entry, from_entry
 from streams.consumer import Entry
 from streams.processor import Deps
@@ -41,6 +41,14 @@ async def staged(redis: Redis, strategy: str = "butterfly") -> dict[str, bytes]:
     return {k.decode(): v for k, v in raw.items()}
 
 
+def view_of(raw: bytes) -> TileView:
+    return decode_view(split_staged(raw)[1])
+
+
+async def staged_view(redis: Redis, strategy: str, tid: str) -> TileView:
+    return view_of((await staged(redis, strategy))[tid])
+
+
 async def deltas(redis: Redis, strategy: str = "butterfly") -> list[TileDelta]:
     return [from_entry(f, TileDelta) for _, f in await redis.xrange(keys.tiles_stream(strategy))]
 
@@ -62,9 +70,10 @@ async def tick(redis: Redis, eid: str, cid: str, ts: int, bid: float, ask: float
 
 async def assert_staging_matches_reference(redis: Redis, strategy: str, eid: str) -> None:
     ref = await reference_full_build(redis, eid, "SPX", strategy, CFG, NOW)
-    got = {k: unpack(v) for k, v in (await staged(redis, strategy)).items()}
+    got = await staged(redis, strategy)
     assert set(got) == set(ref)
-    diff = [k for k in ref if got[k] != ref[k]]
+    assert (await redis.hget(keys.heatmap_manifest("SPX", strategy), "epoch")) == eid.encode()
+    diff = [k for k in ref if got[k] != stage_value(ref[k])]  # seq and published view
     assert not diff, diff[:5]
 
 
@@ -117,14 +126,13 @@ async def test_update_of_a_non_newest_leg_is_admitted(deps: Deps, redis: Redis) 
     b = TileBuilder(deps, "vertical", CFG)
     await b.handle(as_entries(DirtyEntry("SPX", "e1", [], NOW, reason="epoch")))
     tid = "SPX:2026-12-01:vertical:6000-6005:C"
-    legs = unpack((await staged(redis, "vertical"))[tid]).legs
-    c0, c1 = legs[0].cid, legs[1].cid
+    legs = (await b._grid("SPX", "e1")).specs[tid].legs
+    c0, c1 = legs[0][0], legs[1][0]
     await tick(redis, "e1", c0, NOW + 10 * SEC, 50.0, 50.2)  # newest leg
     await b.handle(as_entries(DirtyEntry("SPX", "e1", [c0], NOW + 10 * SEC)))
     await tick(redis, "e1", c1, NOW + 5 * SEC, 40.0, 40.2)  # newer for c1, older than max
     await b.handle(as_entries(DirtyEntry("SPX", "e1", [c1], NOW + 5 * SEC)))
-    t = unpack((await staged(redis, "vertical"))[tid])
-    assert t.ts == NOW + 10 * SEC and t.debit == pytest.approx(50.1 - 40.1)
+    assert (await staged_view(redis, "vertical", tid)).debit == pytest.approx(50.1 - 40.1)
 
 
 @pytest.mark.parametrize("late", ["quote", "trade"])
@@ -139,7 +147,7 @@ async def test_update_older_than_the_other_kind_is_admitted(
     b = TileBuilder(deps, "single", CFG)
     await b.handle(as_entries(DirtyEntry("SPX", "e1", [], NOW, reason="epoch")))
     tid = "SPX:2026-12-01:single:6000:C"
-    cid = unpack((await staged(redis, "single"))[tid]).legs[0].cid
+    cid = (await b._grid("SPX", "e1")).specs[tid].legs[0][0]
     key = keys.epoch_contract("e1", cid)
     if late == "quote":
         # newest trade at +60 s, quote at +10 s (stale): the tile prices off the last trade
@@ -148,7 +156,7 @@ async def test_update_older_than_the_other_kind_is_admitted(
                                        "trade_ts": NOW + 60 * SEC, "ts_ns": NOW + 60 * SEC,
                                        "src": "ws"})  # fmt: skip
         await b.handle(as_entries(DirtyEntry("SPX", "e1", [cid], NOW + 60 * SEC)))
-        assert unpack((await staged(redis, "single"))[tid]).debit == pytest.approx(7.0)
+        assert (await staged_view(redis, "single", tid)).debit == pytest.approx(7.0)
         # a quote at +55 s (newer than the stored quote, older than ts_ns): now fresh
         await redis.hset(key, mapping={"bid": 8.0, "ask": 8.2, "mid": 8.1,
                                        "quote_ts": NOW + 55 * SEC})  # fmt: skip
@@ -160,12 +168,11 @@ async def test_update_older_than_the_other_kind_is_admitted(
                                        "trade_ts": NOW + 10 * SEC, "ts_ns": NOW + 60 * SEC,
                                        "src": "ws"})  # fmt: skip
         await b.handle(as_entries(DirtyEntry("SPX", "e1", [cid], NOW + 60 * SEC)))
-        assert unpack((await staged(redis, "single"))[tid]).debit == pytest.approx(7.0)
+        assert (await staged_view(redis, "single", tid)).debit == pytest.approx(7.0)
         await redis.hset(key, mapping={"last": 6.5, "trade_ts": NOW + 55 * SEC})
         want = 6.5
     await b.handle(as_entries(DirtyEntry("SPX", "e1", [cid], NOW + 60 * SEC)))
-    t = unpack((await staged(redis, "single"))[tid])
-    assert t.debit == pytest.approx(want)
+    assert (await staged_view(redis, "single", tid)).debit == pytest.approx(want)
     await assert_staging_matches_reference(redis, "single", "e1")
 
 
@@ -232,17 +239,15 @@ async def test_new_epoch_replaces_staging_and_older_epoch_never_comes_back(
     chain = option_chain("SPXW", EXPS, [k + 100 for k in STRIKES], spot=6100, asof="2026-11-24")
     await seed_epoch(redis, "e2", "SPX", chain, spot=6100, now_ns=NOW + 60 * SEC)
     await b.handle(as_entries(DirtyEntry("SPX", "e2", [], NOW, reason="epoch")))
-    new = {k: unpack(v) for k, v in (await staged(redis)).items()}
-    assert new and all(t.epoch == "e2" for t in new.values())
-    assert old_ids - set(new)  # e1-only tiles existed and are gone from staging
-    seqs = await redis.hkeys(keys.heatmap_staging_seq("SPX", "butterfly"))
-    assert {k.decode() for k in seqs} == set(new)
+    new = await staged(redis)
+    assert new and old_ids - set(new)  # e1-only tiles existed and are gone from staging
     await assert_staging_matches_reference(redis, "butterfly", "e2")
     # a slow replica finishing a full build of the retired e1 cannot reinstall it
     await redis.hset(keys.EPOCH_ACTIVE, "SPX", "e1")  # (as seen by that replica's read)
     b2 = TileBuilder(deps, "butterfly", CFG)
     assert await b2.full_build("SPX", "e1", recv_ts_ns=None, n_dirty=0) == "superseded"
-    assert all(unpack(v).epoch == "e2" for v in (await staged(redis)).values())
+    assert await staged(redis) == new
+    assert (await redis.hget(keys.heatmap_manifest("SPX", "butterfly"), "epoch")) == b"e2"
 
 
 async def test_run_bootstraps_an_active_epoch_and_consumes_the_stream(

@@ -255,7 +255,8 @@ function renderHeatmap() {
     $("heat-count").textContent = "";
     return;
   }
-  const all = Object.values(m.items);
+  // items carry no id (it is their key): attach it for the grid and the tooltip
+  const all = Object.entries(m.items).map(([id, t]) => { t.id = id; return t; });
   syncExpiries(all);
   const tiles = all.filter((t) => t.expiry === ui.expiry && t.right === ui.right);
   $("heat-empty").hidden = tiles.length > 0;
@@ -357,15 +358,23 @@ function hideTip() {
 function row(k, v) {
   return `<tr><td>${k}</td><td class="num">${v}</td></tr>`;
 }
+function occTicker(t, k) {
+  // O:<root><yymmdd><C|P><strike x 1000, 8 digits>: the leg's Massive option ticker
+  if (!t.root || !t.expiry) return "";
+  const ymd = t.expiry.slice(2).replaceAll("-", "");
+  return `O:${t.root}${ymd}${t.right}${String(Math.round(k * 1000)).padStart(8, "0")}`;
+}
 function tileTip(t) {
-  const ageMs = t.age_ns !== null && t.age_ns !== undefined ? t.age_ns / 1e6 : null;
-  const legs = (t.legs || []).map((l) => {
-    const [cid, k, qty, px, src] = Array.isArray(l) ? l : [l.cid, l.strike, l.qty, l.px, l.src];
+  const strikes = t.strikes || [];
+  const legs = (t.legs || []).map((l, i) => {
+    const [qty, px, src] = l;
+    const k = strikes[i];
     return row(`${qty > 0 ? "+" : ""}${qty} × ${fmtStrike(k)}`, `${fmt(px)} <span style="color:#8592a6">${esc(src)}</span>`) +
-      `<tr><td colspan="2" style="color:#55617a;font-size:10px">${esc(cid)}</td></tr>`;
+      `<tr><td colspan="2" style="color:#55617a;font-size:10px">${esc(occTicker(t, k))}</td></tr>`;
   }).join("");
   const flags = (t.flags || []).map((f) => `<span class="flag">${esc(f)}</span>`).join("") +
     (t.stale ? '<span class="flag stale">stale</span>' : "");
+  const m = heat.model;
   return `<h4>${esc(t.id)}</h4><table>` +
     row("Debit", fmt(t.debit)) +
     row("Max profit", fmt(t.max_profit)) +
@@ -373,15 +382,15 @@ function tileTip(t) {
     row("Reward / risk", fmt(t.r2r ?? t.reward_risk)) +
     row("Convexity", fmt(t.convexity, 3)) +
     row("Price source", esc(t.px_src || "—") + " · " + esc(t.src || "—")) +
-    row("Input age", ageMs === null ? "—" : fmtAge(ageMs)) +
-    row("Data time", t.ts ? new Date(t.ts / 1e6).toLocaleTimeString() : "—") +
+    row("Input age", t.age_s === null || t.age_s === undefined ? "—" : fmtAge(t.age_s * 1000)) +
+    row("Model time", m && m.ts_ns ? new Date(m.ts_ns / 1e6).toLocaleTimeString() : "—") +
     `</table>${legs ? `<table class="legs">${legs}</table>` : ""}${flags ? `<div>${flags}</div>` : ""}`;
 }
 $("heatmap").addEventListener("mouseover", (ev) => {
   const td = ev.target.closest("td.cell[data-id]");
   if (!td || !heat.model) return hideTip();
   const t = heat.model.items[td.dataset.id];
-  if (t) showTip(tileTip(t), ev);
+  if (t) { t.id = td.dataset.id; showTip(tileTip(t), ev); }
 });
 $("heatmap").addEventListener("mousemove", (ev) => { if (!tip.hidden) moveTip(ev); });
 $("heatmap").addEventListener("mouseleave", hideTip);
