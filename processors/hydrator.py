@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -275,28 +275,56 @@ class Hydrator(ConsumerProcessor):
         """Sub-batches are applied strictly in stream order, one request in flight on one
         held connection. The request of sub-batch k is written to the socket and flushed
         BEFORE this process decodes sub-batch k+1, so Redis runs the Lua of k while Python
-        decodes k+1 (the two CPUs overlap); its replies are read afterwards. The dirty
+        decodes k+1 (the two CPUs overlap). When k's replies come back clean (every epoch
+        still active, the active pointer equal to the cache k+1 was routed with), k+1 is
+        sent before k's replies are booked, so Redis does not wait for that either;
+        otherwise k is settled first (re-resolution, retries) and k+1 routed again if the
+        cache moved. The first sub-batches are smaller, so Redis starts early. The dirty
         entries of the whole batch are emitted once, at the end."""
         acc: dict[tuple[str, str], _Dirty] = {}
-        step = self.cfg.sub_batch
         async with _Link(self.redis) as link:
             sent: tuple[_Batch, _Routed] | None = None
-            for off in range(0, len(entries), step):
-                b = self._collect(entries[off : off + step])
+            for chunk in self._chunks(entries):
+                b = self._collect(chunk)
                 routed = self._route(list(b.quotes.values()), list(b.trades.values()))
+                todo = bool(b.quotes or b.trades or b.spots)
                 if sent is not None:
-                    _merge(acc, await self._settle(link, *sent))
+                    res = await link.recv()
+                    if todo and self._clean(sent[1], res) and routed.version == self._version:
+                        await link.send(self._commands(routed, list(b.spots.values())))
+                        _merge(acc, await self._settle(link, *sent, res))  # makes no call
+                        sent = (b, routed)
+                        continue
+                    _merge(acc, await self._settle(link, *sent, res))
                     sent = None
-                if b.quotes or b.trades or b.spots:
+                if todo:
                     if routed.version != self._version:  # the cache moved while settling
                         routed = self._route(list(b.quotes.values()), list(b.trades.values()))
                     await link.send(self._commands(routed, list(b.spots.values())))
                     sent = (b, routed)
             if sent is not None:
-                _merge(acc, await self._settle(link, *sent))
+                _merge(acc, await self._settle(link, *sent, await link.recv()))
         dirty = self._dirty_entries(acc)
         if dirty:
             await self._emit_dirty(dirty)
+
+    def _chunks(self, entries: list[Entry]) -> Iterator[list[Entry]]:
+        """Sub-batches of ``sub_batch`` entries, the first two a quarter and a half of that."""
+        step = self.cfg.sub_batch
+        start = 0
+        for size in (max(1, step // 4), max(1, step // 2)):
+            if start < len(entries):
+                yield entries[start : start + size]
+                start += size
+        for off in range(start, len(entries), step):
+            yield entries[off : off + step]
+
+    def _clean(self, rt: _Routed, res: list[Any]) -> bool:
+        """``res`` (replies of ``rt``) needs no re-resolution: every epoch was active and the
+        active pointer equals the cache. Settling it then makes no Redis call."""
+        return all(int(r[0]) == 0 for r in res[1 : 1 + len(rt.order)]) and (
+            _hash(res[0]) == self._active
+        )
 
     def _dirty_entries(self, acc: dict[tuple[str, str], _Dirty]) -> list[DirtyEntry]:
         out: list[DirtyEntry] = []
@@ -347,9 +375,9 @@ class Hydrator(ConsumerProcessor):
         )
 
     async def _settle(
-        self, link: _Link, b: _Batch, routed: _Routed
+        self, link: _Link, b: _Batch, routed: _Routed, res: list[Any]
     ) -> dict[tuple[str, str], _Dirty]:
-        """Read the replies of ``routed`` (already sent on ``link``) and finish the sub-batch:
+        """Book the replies ``res`` of ``routed`` and finish the sub-batch:
         events of an epoch found inactive, and geometry misses after a cache refresh, are
         re-resolved and applied again (synchronously, so stream order holds). Returns, per
         (symbol, epoch), the contracts to notify (with their earliest receive time) and the
@@ -359,7 +387,6 @@ class Hydrator(ConsumerProcessor):
         max_ts: dict[tuple[str, str], int] = {}
         applied_q = applied_t = sent = hash_missing = 0
         rt = routed
-        res = await link.recv()
         pend_q: list[Quote] = []
         pend_t: list[Trade] = []
         for attempt in range(self.cfg.max_attempts):
