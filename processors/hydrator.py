@@ -63,6 +63,7 @@ KNOWN_SYMBOLS = frozenset(ticker.ROOT_TO_SYMBOL.values())
 NS_PER_MS = 1_000_000
 _MAX = sys.maxsize
 _packer = msgspec.msgpack.Encoder()
+_FMT_CACHE_MAX = 1 << 16  # formatted prices remembered (cleared when full)
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +149,7 @@ class Hydrator(ConsumerProcessor):
         self._cid_sym: dict[str, str] = {}
         self._topo: dict[str, list[str]] = {}
         self._version = 0  # bumped on every cache change
+        self._fmt: dict[float, str] = {}  # price -> repr(price)
         reg = deps.registry
         self.m_events = metrics.counter(
             reg, "massive_hydrator_events_total", "WS events decoded, by kind", ("kind",)
@@ -346,33 +348,71 @@ class Hydrator(ConsumerProcessor):
         return out
 
     def _route(self, pend_q: list[Quote], pend_t: list[Trade]) -> _Routed:
-        """Group events by the symbol of their cid in the cached topologies and pack them."""
+        """Group events by the symbol of their cid in the cached topologies and pack them:
+        per symbol, flat msgpack arrays of strings (see lua/hydrate.lua), built in the same
+        pass. Prices are formatted with ``repr`` through a cache (prices sit on a tick
+        grid; a dict hit costs a quarter of a ``repr``)."""
         groups: dict[str, tuple[list[Quote], list[Trade]]] = {}
+        flats: dict[str, tuple[list[str], list[str]]] = {}
         misses_q: list[Quote] = []
         misses_t: list[Trade] = []
         cid_sym = self._cid_sym
+        fmt = self._fmt.get
+        miss = self._fmt_miss
         for q in pend_q:
             s = cid_sym.get(q.sym)
             if s is None:
                 misses_q.append(q)
-            else:
-                groups.setdefault(s, ([], []))[0].append(q)
+                continue
+            g = groups.get(s)
+            if g is None:
+                g = groups[s] = ([], [])
+                flats[s] = ([], [])
+            g[0].append(q)
+            bp = q.bp
+            ap = q.ap
+            mid = (bp + ap) / 2
+            flats[s][0].extend(
+                (
+                    q.sym,
+                    str(q.t * NS_PER_MS),
+                    fmt(bp) or miss(bp),
+                    fmt(ap) or miss(ap),
+                    fmt(mid) or miss(mid),
+                )
+            )
         for t in pend_t:
             s = cid_sym.get(t.sym)
             if s is None:
                 misses_t.append(t)
-            else:
-                groups.setdefault(s, ([], []))[1].append(t)
+                continue
+            g = groups.get(s)
+            if g is None:
+                g = groups[s] = ([], [])
+                flats[s] = ([], [])
+            g[1].append(t)
+            p = t.p
+            flats[s][1].extend((t.sym, str(t.t * NS_PER_MS), fmt(p) or miss(p), str(t.s)))
         order = list(groups)
+        enc = _packer.encode
         return _Routed(
             version=self._version,
             groups=groups,
             order=order,
             eids=[self._active[s] for s in order],
-            blobs=[self._pack(*groups[s]) for s in order],
+            blobs=[(enc(flats[s][0]), enc(flats[s][1])) for s in order],
             misses_q=misses_q,
             misses_t=misses_t,
         )
+
+    def _fmt_miss(self, x: float) -> str:
+        """``repr(x)``, remembered (never for zero: -0.0 == 0.0 but they print apart)."""
+        r = repr(x)
+        if x:
+            if len(self._fmt) >= _FMT_CACHE_MAX:
+                self._fmt.clear()
+            self._fmt[x] = r
+        return r
 
     async def _settle(
         self, link: _Link, b: _Batch, routed: _Routed, res: list[Any]
@@ -382,8 +422,9 @@ class Hydrator(ConsumerProcessor):
         re-resolved and applied again (synchronously, so stream order holds). Returns, per
         (symbol, epoch), the contracts to notify (with their earliest receive time) and the
         newest event time behind them."""
-        # (symbol, eid) -> cids changed, max ts, min recv
-        changed: dict[tuple[str, str], dict[str, None]] = {}
+        # (symbol, eid) -> cid changed -> its earliest receive time; max event time
+        changed: dict[tuple[str, str], dict[str, int]] = {}
+        recv = b.recv
         max_ts: dict[tuple[str, str], int] = {}
         applied_q = applied_t = sent = hash_missing = 0
         rt = routed
@@ -415,18 +456,20 @@ class Hydrator(ConsumerProcessor):
                 got = changed.setdefault(key, {})
                 mts = max_ts.get(key, 0)
                 nq = len(qs)
-                for i in r[2:]:
-                    i = int(i)
+                n_q = 0
+                for i in r[2:]:  # quote indices first, ascending, then trades
                     ev: Quote | Trade
                     if i < nq:
                         ev = qs[i]
-                        applied_q += 1
+                        n_q += 1
                     else:
                         ev = ts[i - nq]
-                        applied_t += 1
-                    got[ev.sym] = None
+                    sym = ev.sym
+                    got[sym] = recv.get(sym, _MAX)
                     if ev.t > mts:
                         mts = ev.t
+                applied_q += n_q
+                applied_t += len(r) - 2 - n_q
                 max_ts[key] = mts
             if stale and active == self._active:
                 # The epoch was retired after our HGETALL: read the pointer again.
@@ -446,11 +489,7 @@ class Hydrator(ConsumerProcessor):
         self.m_applied.labels(kind="trade").inc(applied_t)
         self.m_discarded.inc(sent - applied_q - applied_t - hash_missing)
         self._count_misses([m.sym for m in misses_q] + [m.sym for m in misses_t])
-        out: dict[tuple[str, str], _Dirty] = {}
-        for key, got in changed.items():
-            if got:
-                out[key] = _Dirty({c: b.recv.get(c, _MAX) for c in got}, max_ts[key])
-        return out
+        return {key: _Dirty(got, max_ts[key]) for key, got in changed.items() if got}
 
     def _commands(self, rt: _Routed, spots: list[IndexValue]) -> list[tuple[Any, ...]]:
         """HGETALL of the active pointer, one hydrate call per epoch, the spot script."""
@@ -467,17 +506,6 @@ class Hydrator(ConsumerProcessor):
                 args += (sym, repr(v.val), str(v.t * NS_PER_MS))
             cmds.append(("EVALSHA", self._spot.sha, 1, keys.SPOT_LATEST, *args))
         return cmds
-
-    @staticmethod
-    def _pack(qs: list[Quote], ts: list[Trade]) -> tuple[bytes, bytes]:
-        """Flat msgpack arrays of strings (see lua/hydrate.lua)."""
-        qflat: list[str] = []
-        for q in qs:
-            qflat += (q.sym, str(q.t * NS_PER_MS), repr(q.bp), repr(q.ap), repr((q.bp + q.ap) / 2))
-        tflat: list[str] = []
-        for t in ts:
-            tflat += (t.sym, str(t.t * NS_PER_MS), repr(t.p), str(t.s))
-        return _packer.encode(qflat), _packer.encode(tflat)
 
     def _count_misses(self, cids: Iterable[str]) -> None:
         per: dict[str, int] = {}
