@@ -5,7 +5,8 @@ with the real normalizer, pre-fills ``massive:ws:stream`` with frames of ``--eve
 Massive-format events (quotes and trades over random contracts of the epoch, increasing
 timestamps, a few index ``V`` events), then times one Hydrator (the production class, its
 consumer-group runtime included) from start until XINFO GROUPS shows every entry read and
-acked. Prints events/s, frames/s, CPU of this process and of redis-server.
+acked. Prints events/s, frames/s, CPU of this process and of redis-server, and how much of
+that CPU overlapped (Python CPU + Redis CPU - wall).
 
     .venv/bin/python bench/hydrator_throughput.py [--frames 50000] [--rounds 3]
 """
@@ -140,6 +141,9 @@ async def one_round(
         "wall_s": wall,
         "python_cpu_s": cpu,
         "redis_cpu_s": rcpu,
+        # Python CPU + Redis CPU - wall: > 0 only if both processes were busy at once (the
+        # decode/Lua overlap); ~0 or below means they alternated.
+        "overlap_s": cpu + rcpu - wall,
         # Throughput each side could sustain on a core of its own (the hydrator overlaps its
         # decoding with Redis's Lua work, so the slower side bounds an uncontended run).
         "py_events_per_cpu_s": n_events / cpu,
