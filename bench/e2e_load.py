@@ -330,6 +330,7 @@ async def main() -> int:
 
             sampler = asyncio.create_task(sample_lag())
             pubm0 = {x: await p.metrics(f"publisher:{x}") for x in keys.STRATEGIES}
+            tbm0 = {x: await p.metrics(f"tile-builder:{x}") for x in keys.STRATEGIES}
             d0 = {x: await diff_stats(r, x) for x in keys.STRATEGIES}
             probe.record()
             t0 = time.perf_counter()
@@ -342,6 +343,7 @@ async def main() -> int:
             cpu1 = {s: p.cpu_seconds(s) for s in PROCS}
             rpt = probe.report()
             pubm1 = {x: await p.metrics(f"publisher:{x}") for x in keys.STRATEGIES}
+            tbm1 = {x: await p.metrics(f"tile-builder:{x}") for x in keys.STRATEGIES}
             d1 = {x: await diff_stats(r, x) for x in keys.STRATEGIES}
             lag = [g for g in await admin.lag(r, [keys.WS_STREAM]) if g.group == "hydrator"]
             backlog = lag[0].lag if lag else None
@@ -369,6 +371,23 @@ async def main() -> int:
                         f"{(d1[s][0] - d0[s][0]) / wall:.1f} ({d1[s][1] / 1024:.0f})",
                     )
                 )
+                # where the time goes: builder batches and publishes (means over the window)
+                td = hist_delta(tbm0[s], tbm1[s])
+                n_b = h.metric_sum(td, "massive_tile_build_seconds_count", mode="incremental")
+                b_s = h.metric_sum(td, "massive_tile_build_seconds_sum", mode="incremental")
+                n_t = h.metric_sum(td, "massive_tiles_computed_total", mode="incremental")
+                n_e = h.metric_sum(td, "massive_processed_total")
+                rows.append(
+                    (
+                        f"{k} tile-builder {s}: batches/s, ms/batch, tiles/batch, dirty/batch",
+                        f"{n_b / wall:.1f}, {1000 * b_s / max(n_b, 1):.0f}, "
+                        f"{n_t / max(n_b, 1):,.0f}, {n_e / max(n_b, 1):.1f}",
+                    )
+                )
+                n_p = h.metric_sum(hd, "massive_publish_seconds_count")
+                p_s = h.metric_sum(hd, "massive_publish_seconds_sum")
+                rows.append((f"{k} publisher {s}: mean ms per publish",
+                             f"{1000 * p_s / max(n_p, 1):.0f}"))  # fmt: skip
                 xs = rpt["lat"][s]
                 cnt = rpt["counts"][s]
                 rows.append(

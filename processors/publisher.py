@@ -185,6 +185,12 @@ class Publisher:
             "Publish time minus the oldest ingest receive time behind the published changes",
             ("model",),
         ).labels(model=self.kind)
+        self.m_publish_s = metrics.histogram(
+            reg,
+            "massive_publish_seconds",
+            "Time to build and write one model version (encode model + diff, transaction)",
+            ("strategy",),
+        ).labels(strategy=s)
         self.m_leader = metrics.gauge(
             reg, "massive_publisher_leader", "1 while this replica leads", ("strategy",)
         ).labels(strategy=s)
@@ -504,6 +510,7 @@ class Publisher:
         recv: int | None,
         expected: int | None,
     ) -> None:
+        t0 = self.clock.monotonic()
         version = st.version + 1
         now_ns = self.clock.time_ns()
         meta: dict[str, Any] = {"strategy": self.strategy, "n_tiles": len(items)}
@@ -535,6 +542,7 @@ class Publisher:
         if not model_json.endswith(tail):  # pragma: no cover - schema changed
             raise RuntimeError("PublishedModel must end with diff_id")
         code, _diff_id = await self._write(st.symbol, epoch, version, encode(diff), model_json)
+        self.m_publish_s.observe(self.clock.monotonic() - t0)
         if code == 1:
             st.epoch, st.version, st.items = epoch, version, items
             st.pending, st.pending_recv = {}, {}
