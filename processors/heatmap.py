@@ -73,7 +73,7 @@ from dataclasses import dataclass, field
 from zoneinfo import ZoneInfo
 
 from schemas import ticker
-from schemas.heatmap import Leg, Tile
+from schemas.heatmap import NS_PER_S, Leg, Tile, TileView, ViewLeg, encode_view, root_of
 
 STRATEGIES = ("single", "vertical", "butterfly")
 EPS = 1e-9
@@ -445,3 +445,107 @@ def compute_all(
     grid: Grid, quotes: Mapping[str, LegQuote | None], epoch: str, max_quote_age_ns: int
 ) -> dict[str, Tile]:
     return {tid: compute_tile(s, quotes, epoch, max_quote_age_ns) for tid, s in grid.specs.items()}
+
+
+def staged_value(
+    spec: TileSpec, quotes: Mapping[str, LegQuote | None], max_quote_age_ns: int
+) -> bytes:
+    """The staging value of the tile, ``schemas.heatmap.stage_value(compute_tile(...))``,
+    computed without the intermediate ``Tile``/``Leg`` records: the production path of the
+    tile builders (incremental and full builds). ``compute_tile`` stays the readable
+    reference (reference full rebuild, tests); a property test holds the two byte-equal."""
+    legs = spec.legs
+    qs = [quotes.get(leg[0]) for leg in legs]
+    as_of = seq = 0
+    for q in qs:
+        if q is not None:
+            t = q.ts_ns
+            seq += (q.quote_ts or 0) + (q.trade_ts or 0)
+            if t > as_of:
+                as_of = t
+    vlegs: list[ViewLeg] = []
+    debit: float | None = 0.0
+    px_src = ""
+    oldest: int | None = None
+    ws = stale_quote = False
+    for (_, _, qty), q in zip(legs, qs, strict=True):
+        if q is None:
+            vlegs.append(ViewLeg(qty, None, "none"))
+            debit = None
+            continue
+        if q.src == "ws":
+            ws = True
+        mid = q.mid
+        qts = q.quote_ts
+        if mid is not None and qts is not None and as_of - qts <= max_quote_age_ns:
+            px, src, pts, kind = mid, "mid", qts, "mid"
+        elif q.last is not None:
+            px, src, pts, kind = q.last, "last", q.trade_ts or 0, "last"
+        elif mid is not None:
+            px, src, pts, kind = mid, "mid_stale", qts or 0, "mid"
+            stale_quote = True
+        else:
+            vlegs.append(ViewLeg(qty, None, "none"))
+            debit = None
+            continue
+        vlegs.append(ViewLeg(qty, px, src))
+        if debit is None:
+            continue
+        debit += qty * px
+        px_src = kind if px_src in ("", kind) else "mixed"
+        if oldest is None or pts < oldest:
+            oldest = pts
+    flags: list[str] = []
+    max_profit = max_loss = r2r = conv = None
+    age: int | None = None
+    if debit is None:
+        flags.append("no_price")
+        px_src = "none"
+    else:
+        d = debit
+        age = as_of - oldest if oldest is not None else None
+        if stale_quote:
+            flags.append("stale_quote")
+        if spec.strategy == "single":
+            k = spec.strikes[0]
+            max_loss = d
+            if spec.right == "P":
+                max_profit = k - d
+                if d > k + EPS:
+                    flags.append("above_bound")
+        else:
+            w = spec.width
+            max_profit, max_loss = w - d, d
+            conv = round(min(1.0, max(0.0, 1.0 - d / w)), 6) + 0.0
+            if d > w + EPS:
+                flags.append("above_bound")
+        if d < -EPS:
+            flags.append("below_bound")
+        elif abs(d) <= EPS:
+            flags.append("zero_debit")
+        if max_profit is not None and d > EPS:
+            r2r = round(max_profit / d, 6) + 0.0
+        debit = round(d, 6) + 0.0
+        max_loss = round(max_loss, 6) + 0.0
+        max_profit = round(max_profit, 6) + 0.0 if max_profit is not None else None
+    if len(legs) > 1 and legs[0][1] > legs[-1][1]:
+        vlegs.reverse()  # publish in strike order (see schemas.heatmap.view)
+    v = TileView(
+        root=root_of(legs[0][0]) if legs else "",
+        expiry=spec.expiry,
+        right=spec.right,
+        strikes=list(spec.strikes),
+        width=spec.width,
+        legs=vlegs,
+        debit=debit,
+        max_profit=max_profit,
+        max_loss=max_loss,
+        r2r=r2r,
+        convexity=conv,
+        age_s=age // NS_PER_S if age is not None else None,
+        stale=age is not None and age > max_quote_age_ns,
+        px_src=px_src,
+        src="ws" if ws else "chain",
+        flags=flags,
+    )
+    return b"%d:%b" % (seq, encode_view(v))

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -39,7 +39,7 @@ from redis.asyncio import Redis
 
 from processors import heatmap as hm
 from schemas import keys
-from schemas.heatmap import Tile, TileDelta, stage_value
+from schemas.heatmap import Tile, TileDelta
 from schemas.messages import DirtyEntry, entry, from_entry
 from streams import metrics, producer
 from streams.consumer import Entry
@@ -47,13 +47,6 @@ from streams.processor import ConsumerProcessor, Deps
 from streams.settings import from_env
 
 logger = logging.getLogger(__name__)
-
-
-def _frame(t: Tile) -> bytes:
-    """One tile in the STAGE_LUA blob: length-prefixed id, then length-prefixed staging value
-    (``<seq>:<view json>``)."""
-    tid, val = t.id.encode(), stage_value(t)
-    return b"%d:%b%d:%b" % (len(tid), tid, len(val), val)
 
 
 @dataclass(frozen=True)
@@ -102,37 +95,23 @@ end
 return out
 """
 
-# KEYS: staging, manifest. ARGV: epoch, one blob of length-prefixed fields
-# "<len>:<tile_id><len>:<seq>:<view>" per tile (one argument instead of 2 per tile:
-# client-side command packing dominated the batch time). A staged value starts with its
-# seq (admission clock) and ":".
+# KEYS: staging, manifest. ARGV: epoch, then tile_id, value pairs; a staged value starts
+# with its seq (admission clock) and ":" (schemas.heatmap.stage_value).
 # Returns -9 when the staged epoch is not ARGV[1]; else one status per tile:
 # 1 admitted (slot absent or seq strictly greater), 0 equal (discarded), -1 older (discarded).
 # seq values are non-negative decimal strings: compared by length, then lexically (exact;
 # Lua numbers are doubles and would round nanosecond sums).
 STAGE_LUA = """
 if redis.call('HGET', KEYS[2], 'epoch') ~= ARGV[1] then return -9 end
-local blob, pos = ARGV[2], 1
 local find, sub = string.find, string.sub
-local function field()
-  local c = find(blob, ':', pos, true)
-  local len = tonumber(sub(blob, pos, c - 1))
-  local v = sub(blob, c + 1, c + len)
-  pos = c + len + 1
-  return v
-end
-local ids, vals = {}, {}
-while pos <= #blob do
-  local n = #ids + 1
-  ids[n] = field()
-  vals[n] = field()
-end
-local out, tv = {}, {}
-for a = 1, #ids, 1000 do
-  local b = math.min(a + 999, #ids)
-  local old = redis.call('HMGET', KEYS[1], unpack(ids, a, b))
+local n = (#ARGV - 1) / 2
+local out, ids, tv = {}, {}, {}
+for a = 1, n, 1000 do
+  local b = math.min(a + 999, n)
+  for i = a, b do ids[i - a + 1] = ARGV[2 * i] end
+  local old = redis.call('HMGET', KEYS[1], unpack(ids, 1, b - a + 1))
   for i = a, b do
-    local o, v = old[i - a + 1], vals[i]
+    local o, v = old[i - a + 1], ARGV[2 * i + 1]
     local seq = sub(v, 1, find(v, ':', 1, true) - 1)
     local st
     if not o then st = 1
@@ -146,7 +125,7 @@ for a = 1, #ids, 1000 do
     end
     out[i] = st
     if st == 1 then
-      tv[#tv + 1] = ids[i]; tv[#tv + 1] = v
+      tv[#tv + 1] = ARGV[2 * i]; tv[#tv + 1] = v
     end
   end
   if #tv > 0 then
@@ -182,22 +161,47 @@ return 1
 """
 
 
+class QuoteParser:
+    """FETCH_LUA reply -> LegQuote, memoised on the reply bytes (a pure function of them):
+    most legs read for a batch are neighbours of the dirty contracts whose values did not
+    change since the previous batch. Bounded: cleared when it reaches ``max_entries``."""
+
+    def __init__(self, max_entries: int = 200_000) -> None:
+        self.max_entries = max_entries
+        self._memo: dict[bytes, hm.LegQuote | None] = {}
+
+    def __call__(self, joined: bytes) -> hm.LegQuote | None:
+        q = self._memo.get(joined, _MISSING)
+        if q is _MISSING:
+            if len(self._memo) >= self.max_entries:
+                self._memo.clear()
+            q = self._memo[joined] = hm.LegQuote.from_joined(joined) if joined else None
+        return q  # type: ignore[return-value]
+
+
+_MISSING = object()
+
+
 async def fetch_quotes(
-    redis: Redis, eid: str, cids: Sequence[str], chunk: int = 2000, script: Any = None
+    redis: Redis,
+    eid: str,
+    cids: Sequence[str],
+    chunk: int = 2000,
+    script: Any = None,
+    parse: Callable[[bytes], hm.LegQuote | None] | None = None,
 ) -> dict[str, hm.LegQuote | None]:
     """Read LEG_FIELDS of every contract in ``cids`` (one pipelined round trip)."""
     script = script or redis.register_script(FETCH_LUA)
+    parse = parse or QuoteParser()
     pipe = redis.pipeline(transaction=False)
     parts = [cids[i : i + chunk] for i in range(0, len(cids), chunk)]
+    prefix = keys.epoch_contract_prefix(eid)
     for part in parts:
-        await script(
-            keys=[keys.epoch_contract(eid, c) for c in part], args=hm.LEG_FIELDS, client=pipe
-        )
+        await script(keys=[prefix + c for c in part], args=hm.LEG_FIELDS, client=pipe)
     replies = await pipe.execute() if parts else []
     out: dict[str, hm.LegQuote | None] = {}
     for part, rep in zip(parts, replies, strict=True):
-        for cid, joined in zip(part, rep, strict=True):
-            out[cid] = hm.LegQuote.from_joined(joined) if joined else None
+        out.update(zip(part, map(parse, rep), strict=True))
     return out
 
 
@@ -238,6 +242,7 @@ class TileBuilder(ConsumerProcessor):
         self._stage = self.redis.register_script(STAGE_LUA)
         self._install = self.redis.register_script(INSTALL_LUA)
         self._grids: dict[str, tuple[str, hm.Grid]] = {}
+        self._parse = QuoteParser()
         reg, lbl = deps.registry, {"strategy": strategy}
         self.m_computed = metrics.counter(
             reg, "massive_tiles_computed_total", "Tiles computed", ("strategy", "mode")
@@ -361,16 +366,22 @@ class TileBuilder(ConsumerProcessor):
         if not specs:
             return []
         quotes = await fetch_quotes(
-            self.redis, eid, grid.leg_cids(specs.values()), self.cfg.fetch_chunk, self._fetch
+            self.redis,
+            eid,
+            grid.leg_cids(specs.values()),
+            self.cfg.fetch_chunk,
+            self._fetch,
+            self._parse,
         )
         age = self.cfg.max_quote_age_ns
-        tiles = [hm.compute_tile(s, quotes, eid, age) for s in specs.values()]
+        staged_value = hm.staged_value
+        tiles = [(tid, staged_value(s, quotes, age)) for tid, s in specs.items()]
         self.m_computed.labels(self.strategy, "incremental").inc(len(tiles))
         statuses = await self._stage_tiles(sym, eid, tiles)
         if statuses is None:  # staging holds another epoch (replaced meanwhile): rebuild
             await self.full_build(sym, eid, recv_ts_ns=recv_ts_ns, n_dirty=n_dirty)
             return []
-        ids = [t.id for t, st in zip(tiles, statuses, strict=True) if st >= 0]
+        ids = [t[0] for t, st in zip(tiles, statuses, strict=True) if st >= 0]
         if ids:
             delta = TileDelta(
                 symbol=sym,
@@ -388,14 +399,19 @@ class TileBuilder(ConsumerProcessor):
         self.m_seconds.labels(self.strategy, "incremental").observe(time.perf_counter() - t0)
         return ids
 
-    async def _stage_tiles(self, sym: str, eid: str, tiles: list[Tile]) -> list[int] | None:
-        """Admission write of ``tiles``; None when staging holds another epoch."""
+    async def _stage_tiles(
+        self, sym: str, eid: str, tiles: list[tuple[str, bytes]]
+    ) -> list[int] | None:
+        """Admission write of ``tiles`` (id, staging value); None when staging holds another
+        epoch."""
         k = [keys.heatmap_staging(sym, self.strategy), keys.heatmap_manifest(sym, self.strategy)]
         n = self.cfg.write_chunk
         pipe = self.redis.pipeline(transaction=False)
         for i in range(0, len(tiles), n):
-            blob = b"".join(_frame(t) for t in tiles[i : i + n])
-            await self._stage(keys=k, args=[eid, blob], client=pipe)
+            args: list[str | bytes] = [eid]
+            for tid, val in tiles[i : i + n]:
+                args += (tid, val)
+            await self._stage(keys=k, args=args, client=pipe)
         replies = await pipe.execute()
         out: list[int] = []
         for rep in replies:
@@ -416,9 +432,16 @@ class TileBuilder(ConsumerProcessor):
         created_ns = int(created) if created is not None else 0
         grid = await self._grid(sym, eid)
         quotes = await fetch_quotes(
-            self.redis, eid, grid.leg_cids(grid.specs.values()), self.cfg.fetch_chunk, self._fetch
+            self.redis,
+            eid,
+            grid.leg_cids(grid.specs.values()),
+            self.cfg.fetch_chunk,
+            self._fetch,
+            self._parse,
         )
-        tiles = list(hm.compute_all(grid, quotes, eid, self.cfg.max_quote_age_ns).values())
+        age = self.cfg.max_quote_age_ns
+        staged_value = hm.staged_value
+        tiles = [(tid, staged_value(s, quotes, age)) for tid, s in grid.specs.items()]
         self.m_computed.labels(self.strategy, "full").inc(len(tiles))
         consumer = self.spec.consumer
         b_key = keys.heatmap_build(sym, self.strategy, consumer)
@@ -426,7 +449,7 @@ class TileBuilder(ConsumerProcessor):
         pipe.delete(b_key)
         n = self.cfg.write_chunk
         for i in range(0, len(tiles), n):
-            pipe.hset(b_key, mapping={t.id: stage_value(t) for t in tiles[i : i + n]})
+            pipe.hset(b_key, mapping=dict(tiles[i : i + n]))
         await pipe.execute()
         rc = await self._install(
             keys=[

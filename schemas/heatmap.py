@@ -7,7 +7,7 @@ builder is its compact **view**, one item of a published heatmap model
 
     {"root": "SPXW", "expiry": "2026-11-24", "right": "C",
      "strikes": [6000.0, 6010.0, 6020.0], "width": 10.0,
-     "legs": [[qty, price, price_src], ...],          # aligned with strikes
+     "legs": [[qty, price, price_src], ...],          # in strike order, as strikes
      "debit": 2.4, "max_profit": 7.6, "max_loss": 2.4, "r2r": 3.1667, "convexity": 0.76,
      "age_s": <whole seconds between the newest leg event and the oldest price used>,
      "stale": false, "px_src": "mid|last|mixed|none", "src": "chain|ws",
@@ -90,7 +90,8 @@ class TileDelta(Message, frozen=True):
 
 
 class ViewLeg(msgspec.Struct, frozen=True, array_like=True):
-    """Published leg: ``[qty, px, src]`` (strike = the tile's strikes at the same index)."""
+    """Published leg: ``[qty, px, src]``; legs are in strike order, so the strike is the
+    tile's ``strikes`` at the same index."""
 
     qty: int
     px: float | None
@@ -130,6 +131,8 @@ def root_of(cid: str) -> str:
 
 def view(tile: Tile) -> TileView:
     legs = tile.legs
+    if len(legs) > 1 and legs[0].strike > legs[-1].strike:
+        legs = legs[::-1]  # put verticals are built long-leg first: publish in strike order
     return TileView(
         root=root_of(legs[0].cid) if legs else "",
         expiry=tile.expiry,
@@ -153,6 +156,10 @@ def view(tile: Tile) -> TileView:
 def to_json(tile: Tile) -> bytes:
     """Published encoding (JSON object) of a tile: its view."""
     return _json.encode(view(tile))
+
+
+def encode_view(v: TileView) -> bytes:
+    return _json.encode(v)
 
 
 def stage_value(tile: Tile) -> bytes:
