@@ -11,12 +11,11 @@ Leadership
     lease is renewed by a background task every ``renew_ms`` (and by every publish); an
     expired lease whose fence still equals our token (nobody acquired since) is re-set, not
     lost, so an iteration longer than the TTL does not drop leadership. Every publish is one
-    optimistic transaction (WATCH fence, version, active epoch, diff stream): it checks the
-    fence counter equals this leader's token and the lease is not held by another owner, so
-    a stale (paused, partitioned) leader's publish is rejected; it also checks the version
-    is exactly current + 1 and the epoch is the active one, then MULTI: XADD the diff
-    (explicit id, MAXLEN ~), SET the model with ``diff_id`` = that id, the version key and
-    the lease; EXEC.
+    script (PUBLISH_LUA, one round trip): it checks the fence counter equals this leader's
+    token and the lease is not held by another owner, so a stale (paused, partitioned)
+    leader's publish is rejected; it also checks the version is exactly current + 1 and the
+    epoch is the active one, then XADDs the diff (explicit id, MAXLEN ~) and SETs the model
+    with ``diff_id`` = that id, the version key and the lease.
 
 Consumption (leader only; group ``publisher`` on ``massive:tiles:<strategy>``)
     Entries are acked only after the publish that covers them (or when they change
@@ -34,6 +33,18 @@ Publish conditions (OR, per symbol; ``massive_publishes_total{strategy,condition
     Nothing pending -> nothing published: a closed market gives the one "complete"
     publish and then no further versions.
 
+Checkpoints
+    A version is its diff (``massive:heatmap:diffs:<strategy>``, carrying every change);
+    the model key is rewritten with it only for a new epoch, at most every
+    ``checkpoint_ms`` under sustained changes, and at once when nothing is pending (so a
+    quiet publisher leaves it exactly current). Rewriting a 50k-tile model (~15 MB) on
+    every publish cost more than the diff itself. A reader of the model key gets version v
+    and its ``diff_id``; the diffs after that id bring it to the latest version, which is
+    what the SSE gateway already does for every client (snapshot, then diffs from the
+    snapshot's ``diff_id``). A new leader loads the checkpoint and applies the diffs after
+    it up to the version key (if the stream no longer reaches back, it re-publishes every
+    staged tile).
+
 Latency: ``massive_tick_to_publish_seconds{model="heatmap:<strategy>"}`` observes publish
 time minus the oldest ingest receive time (TileDelta.recv_ts_ns) behind the published
 changes; the same value is the diff's ``src_recv_ts_ns``.
@@ -50,7 +61,7 @@ from typing import Any
 
 import msgspec
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError, WatchError
+from redis.exceptions import ResponseError
 
 from processors import heatmap as hm
 from schemas import keys
@@ -76,6 +87,10 @@ class PublisherSettings:
     tick_ms: int = 50  # XREADGROUP BLOCK while leading (bounds timer resolution)
     count: int = 1000
     diffs_maxlen: int = 10_000
+    # The model key is rewritten with a publish at most this often under sustained changes
+    # (and at once when the publisher goes idle, and for every new epoch); the diffs in
+    # between carry every change (see "Checkpoints" in the module doc).
+    checkpoint_ms: int = 2000
 
     def __post_init__(self) -> None:
         if self.renew_ms * 2 > self.lease_ttl_ms:
@@ -103,6 +118,50 @@ end
 return 0
 """
 
+# KEYS: fence, lease, active-epoch hash, version, diff stream, model.
+# ARGV: token, lease value, symbol, epoch, version, diff id, diff json, model json (carrying
+# that diff id; empty = no checkpoint with this version), lease ttl ms, diff stream maxlen.
+# Returns {1} ok, {-1} fenced, {-2} lease held by another owner, {-3} epoch not active,
+# {-4} version is not current + 1, {-5, last id} diff id not above the stream's last
+# generated id (the caller re-renders with a later id and retries).
+PUBLISH_LUA = """
+local fence = redis.call('GET', KEYS[1])
+if fence ~= ARGV[1] then return {-1} end
+local holder = redis.call('GET', KEYS[2])
+if holder and holder ~= ARGV[2] then return {-2} end
+if redis.call('HGET', KEYS[3], ARGV[3]) ~= ARGV[4] then return {-3} end
+local cur = redis.call('GET', KEYS[4]) or '0'
+if tonumber(ARGV[5]) ~= tonumber(cur) + 1 then return {-4} end
+local ok, info = pcall(redis.call, 'XINFO', 'STREAM', KEYS[5])
+if ok then
+  local last = '0-0'
+  for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' then last = info[i + 1] break end
+  end
+  local lm, ls = string.match(last, '^(%d+)-(%d+)$')
+  local nm, ns = string.match(ARGV[6], '^(%d+)-(%d+)$')
+  lm, ls, nm, ns = tonumber(lm), tonumber(ls), tonumber(nm), tonumber(ns)
+  if nm < lm or (nm == lm and ns <= ls) then return {-5, last} end
+end
+redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[10], ARGV[6], 'd', ARGV[7])
+if ARGV[8] ~= '' then redis.call('SET', KEYS[6], ARGV[8]) end
+redis.call('SET', KEYS[4], ARGV[5])
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[9])
+return {1}
+"""
+
+# KEYS: fence, lease, version, model. ARGV: token, lease value, version, model json.
+# Writes a checkpoint of an already published version (1), unless fenced / the lease is
+# another owner's (-1) or the version moved on (-4).
+CHECKPOINT_LUA = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+local holder = redis.call('GET', KEYS[2])
+if holder and holder ~= ARGV[2] then return -1 end
+if redis.call('GET', KEYS[3]) ~= ARGV[3] then return -4 end
+redis.call('SET', KEYS[4], ARGV[4])
+return 1
+"""
+
 RELEASE_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -123,6 +182,19 @@ class _StoredModel(msgspec.Struct):
 _model_decoder = msgspec.json.Decoder(_StoredModel)
 
 
+class _StoredDiff(msgspec.Struct):
+    symbol: str
+    epoch: str
+    version: int
+    ts_ns: int
+    changed: dict[str, msgspec.Raw]
+    removed: list[str] = []
+    meta: dict[str, Any] = {}
+
+
+_diff_decoder = msgspec.json.Decoder(_StoredDiff)
+
+
 @dataclass
 class SymState:
     """The leader's copy of one symbol's canonical model plus unpublished changes."""
@@ -130,13 +202,18 @@ class SymState:
     symbol: str
     epoch: str | None = None
     version: int = 0
-    items: dict[str, bytes] = field(default_factory=dict)  # tile_id -> tile JSON
+    items: dict[str, msgspec.Raw] = field(default_factory=dict)  # tile_id -> tile JSON
     pending: dict[str, bytes] = field(default_factory=dict)
     pending_recv: dict[str, int] = field(default_factory=dict)
     needs_reconcile: bool = False
     reconcile_recv: int | None = None
     last_publish: float = float("-inf")  # monotonic seconds
     last_reconcile: float = float("-inf")
+    diff_id: str | None = None  # of ``version``
+    ts_ns: int = 0  # of ``version``
+    meta: dict[str, Any] = field(default_factory=dict)  # of ``version``
+    checkpointed: int = 0  # version the model key holds
+    last_checkpoint: float = float("-inf")  # monotonic seconds
 
     def note_reconcile(self, recv: int | None) -> None:
         self.needs_reconcile = True
@@ -167,6 +244,9 @@ class Publisher:
         self._acquire = self.redis.register_script(ACQUIRE_LUA)
         self._renew = self.redis.register_script(RENEW_LUA)
         self._release = self.redis.register_script(RELEASE_LUA)
+        self._publish = self.redis.register_script(PUBLISH_LUA)
+        self._checkpoint = self.redis.register_script(CHECKPOINT_LUA)
+        self._last_diff_id = (0, 0)  # (ms, seq) of our last diff: ids we pick stay above it
         self.token: int | None = None
         self._last_token: int | None = None
         self.syms: dict[str, SymState] = {}
@@ -285,6 +365,7 @@ class Publisher:
     async def _lead_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set() and self.leader:
             await self._evaluate()
+            await self._checkpoint_idle()
             await self._ack_if_idle()
             try:
                 res: Any = await self.redis.xreadgroup(
@@ -342,18 +423,59 @@ class Publisher:
         if st is not None:
             return st
         st = SymState(sym, needs_reconcile=True)
-        pipe = self.redis.pipeline(transaction=False)
+        pipe = self.redis.pipeline(transaction=True)
         pipe.get(keys.heatmap_model(sym, self.strategy))
         pipe.get(keys.heatmap_version(sym, self.strategy))
         raw, ver = await pipe.execute()
         if raw is not None:
             m = _model_decoder.decode(raw)
-            st.epoch, st.version = m.epoch, m.version
-            st.items = {k: bytes(v) for k, v in m.items.items()}
-        if ver is not None:
-            st.version = max(st.version, int(ver))
+            st.epoch, st.version, st.items = m.epoch, m.version, m.items
+            st.diff_id, st.ts_ns, st.meta = m.diff_id, m.ts_ns, m.meta
+            st.checkpointed = m.version
+        if ver is not None and int(ver) > st.version:
+            await self._catch_up(st, int(ver))
         self.syms[sym] = st
         return st
+
+    async def _catch_up(self, st: SymState, target: int) -> None:
+        """The model key is a checkpoint: apply the diffs published after it (up to the
+        version key) so this leader's items equal what clients hold. If the diff stream no
+        longer reaches back (trimmed), forget the items: the reconcile then re-publishes
+        every staged tile, which brings clients back to the exact staging."""
+        start = "(" + st.diff_id if st.diff_id else "-"
+        stream = keys.heatmap_diffs_stream(self.strategy)
+        items = dict(st.items)
+        version, epoch = st.version, st.epoch
+        while version < target:
+            batch: Any = await self.redis.xrange(stream, min=start, count=100)
+            if not batch:
+                break
+            for eid, fields in batch:
+                start = "(" + _s(eid)
+                try:
+                    d = _diff_decoder.decode(fields[b"d"])
+                except (KeyError, msgspec.ValidationError, msgspec.DecodeError):
+                    continue
+                if d.symbol != st.symbol or d.version <= version:
+                    continue
+                if d.version != version + 1:
+                    break
+                items.update(d.changed)
+                for k in d.removed:
+                    items.pop(k, None)
+                version, epoch = d.version, d.epoch
+                st.diff_id, st.ts_ns, st.meta = _s(eid), d.ts_ns, d.meta
+        if version == target:
+            st.items, st.version, st.epoch = items, version, epoch
+            return
+        logger.error(
+            "publisher %s %s: diffs after checkpoint v%d do not reach v%d; full re-publish",
+            self.strategy,
+            st.symbol,
+            st.version,
+            target,
+        )
+        st.items, st.version, st.epoch = {}, target, None
 
     # --- ingest ---------------------------------------------------------------------------
     async def _ingest(self, entries: list[Entry]) -> None:
@@ -415,7 +537,7 @@ class Publisher:
 
     @staticmethod
     def _stage_change(st: SymState, tid: str, js: bytes, recv: int | None) -> None:
-        if st.items.get(tid) == js:
+        if st.items.get(tid) == msgspec.Raw(js):
             st.pending.pop(tid, None)
             st.pending_recv.pop(tid, None)
             return
@@ -474,9 +596,10 @@ class Publisher:
         if man_epoch != st.epoch:
             if len(tiles) < expected:
                 return  # incomplete: keep needs_reconcile, retried on the next evaluation
-            changed = {k: v for k, v in tiles.items() if st.items.get(k) != v}
+            changed = {k: v for k, v in tiles.items() if st.items.get(k) != msgspec.Raw(v)}
             removed = sorted(set(st.items) - set(tiles))
-            await self._commit(st, "complete", man_epoch, changed, removed, tiles, recv, expected)
+            items = {k: msgspec.Raw(v) for k, v in tiles.items()}
+            await self._commit(st, "complete", man_epoch, changed, removed, items, recv, expected)
             return
         st.needs_reconcile = False
         st.reconcile_recv = None
@@ -491,7 +614,7 @@ class Publisher:
         changed = {k: v for k, v in st.pending.items() if v}
         removed = sorted(k for k, v in st.pending.items() if not v)
         items = dict(st.items)
-        items.update(changed)
+        items.update((k, msgspec.Raw(v)) for k, v in changed.items())
         for k in removed:
             items.pop(k, None)
         recvs = [st.pending_recv[k] for k in st.pending if k in st.pending_recv]
@@ -506,7 +629,7 @@ class Publisher:
         epoch: str,
         changed: dict[str, bytes],
         removed: list[str],
-        items: dict[str, bytes],
+        items: dict[str, msgspec.Raw],
         recv: int | None,
         expected: int | None,
     ) -> None:
@@ -534,17 +657,23 @@ class Publisher:
             epoch=epoch,
             version=version,
             ts_ns=now_ns,
-            items={k: msgspec.Raw(v) for k, v in items.items()},
+            items=items,
             meta=meta,
         )
-        model_json = encode(model)  # type: ignore[arg-type]
-        tail = b'"diff_id":null}'
-        if not model_json.endswith(tail):  # pragma: no cover - schema changed
-            raise RuntimeError("PublishedModel must end with diff_id")
-        code, _diff_id = await self._write(st.symbol, epoch, version, encode(diff), model_json)
+        checkpoint = (
+            expected is not None
+            or epoch != st.epoch
+            or t0 - st.last_checkpoint >= self.cfg.checkpoint_ms / 1000
+        )
+        code, diff_id = await self._write(
+            st.symbol, epoch, version, encode(diff), model if checkpoint else None
+        )
         self.m_publish_s.observe(self.clock.monotonic() - t0)
         if code == 1:
             st.epoch, st.version, st.items = epoch, version, items
+            st.diff_id, st.ts_ns, st.meta = diff_id, now_ns, meta
+            if checkpoint:
+                st.checkpointed, st.last_checkpoint = version, t0
             st.pending, st.pending_recv = {}, {}
             st.needs_reconcile, st.reconcile_recv = False, None
             st.last_publish = self.clock.monotonic()
@@ -567,62 +696,103 @@ class Publisher:
             await self._state(st.symbol)
 
     async def _write(
-        self, sym: str, epoch: str, version: int, diff_json: bytes, model_json: bytes
-    ) -> tuple[int, str | None]:
-        """Atomically XADD the diff and SET the model (with ``diff_id``), the version key and
-        the lease, after checking fence, lease, active epoch and version under WATCH.
+        self,
+        sym: str,
+        epoch: str,
+        version: int,
+        diff_json: bytes,
+        model: PublishedModel | None,
+    ) -> tuple[int, str]:
+        """One script (PUBLISH_LUA): check fence, lease holder, active epoch and version =
+        current + 1, then XADD the diff with an explicit id, SET the model carrying that
+        ``diff_id``, the version key and the lease. One round trip per publish (an
+        optimistic WATCH transaction took seven). The diff id is picked here, above both the
+        clock's millisecond and our previous id; if the stream's last id is higher anyway
+        (another leader's diff in the same millisecond), the script says so and the model is
+        re-rendered with a later id. An absent (expired) lease with an unchanged fence is
+        still ours and is re-set. Codes: 1 ok, -1 fenced, -2 lease held by someone else,
+        -3 epoch not active, -4 version."""
+        k = [
+            self.fence_key,
+            self.lease_key,
+            keys.EPOCH_ACTIVE,
+            keys.heatmap_version(sym, self.strategy),
+            keys.heatmap_diffs_stream(self.strategy),
+            keys.heatmap_model(sym, self.strategy),
+        ]
+        floor = self._last_diff_id
+        while True:
+            now_ms = self.clock.time_ns() // 1_000_000
+            ms, seq = (now_ms, 0) if now_ms > floor[0] else (floor[0], floor[1] + 1)
+            diff_id = f"{ms}-{seq}"
+            model_json = (
+                encode(msgspec.structs.replace(model, diff_id=diff_id))  # type: ignore[arg-type]
+                if model is not None
+                else b""
+            )
+            res: Any = await self._publish(
+                keys=k,
+                args=[
+                    str(self.token),
+                    self.lease_value,
+                    sym,
+                    epoch,
+                    str(version),
+                    diff_id,
+                    diff_json,
+                    model_json,
+                    str(self.cfg.lease_ttl_ms),
+                    str(self.cfg.diffs_maxlen),
+                ],
+            )
+            code = int(res[0])
+            if code == -5:
+                lm, ls = (int(x) for x in _s(res[1]).split("-"))
+                floor = max(floor, (lm, ls))
+                continue
+            if code == 1:
+                self._last_diff_id = (ms, seq)
+            return code, diff_id
 
-        An optimistic transaction rather than a Lua script: passing a model of tens of MB as
-        a script argument (and splicing the diff id into it in Lua) costs several times a
-        plain SET. The diff id is chosen here (> the stream's last generated id; only the
-        leader writes this stream, which is WATCHed anyway). An absent (expired) lease with
-        an unchanged fence is still ours and is re-set.
-        Codes: 1 ok, -1 fenced, -2 lease held by someone else, -3 epoch not active, -4 version."""
-        fence_k, lease_k = self.fence_key, self.lease_key
-        ver_k = keys.heatmap_version(sym, self.strategy)
-        diffs_k = keys.heatmap_diffs_stream(self.strategy)
-        model_k = keys.heatmap_model(sym, self.strategy)
-        head = model_json[: -len(b"null}")]
-        async with self.redis.pipeline(transaction=True) as pipe:
-            while True:
-                try:
-                    await pipe.watch(fence_k, ver_k, keys.EPOCH_ACTIVE, diffs_k)
-                    fence = await pipe.get(fence_k)
-                    if fence is None or int(fence) != self.token:
-                        return -1, None
-                    holder = await pipe.get(lease_k)
-                    if holder is not None and _s(holder) != self.lease_value:
-                        return -2, None
-                    active = await pipe.hget(keys.EPOCH_ACTIVE, sym)
-                    if active is None or _s(active) != epoch:
-                        return -3, None
-                    cur = await pipe.get(ver_k)
-                    if version != int(cur or 0) + 1:
-                        return -4, None
-                    try:
-                        info = await pipe.xinfo_stream(diffs_k)
-                        last_ms, last_seq = (
-                            int(x) for x in _s(info["last-generated-id"]).split("-")
-                        )
-                    except ResponseError:
-                        last_ms, last_seq = 0, 0
-                    now_ms = self.clock.time_ns() // 1_000_000
-                    diff_id = f"{now_ms}-0" if now_ms > last_ms else f"{last_ms}-{last_seq + 1}"
-                    pipe.multi()  # type: ignore[no-untyped-call]
-                    pipe.xadd(
-                        diffs_k,
-                        {"d": diff_json},
-                        id=diff_id,
-                        maxlen=self.cfg.diffs_maxlen,
-                        approximate=True,
-                    )
-                    pipe.set(model_k, head + b'"' + diff_id.encode() + b'"}')
-                    pipe.set(ver_k, version)
-                    pipe.set(lease_k, self.lease_value, px=self.cfg.lease_ttl_ms)
-                    await pipe.execute()
-                    return 1, diff_id
-                except WatchError:
-                    continue
+    async def _checkpoint_idle(self) -> None:
+        """Nothing pending: write the model key for the last published version now, so a
+        quiet publisher leaves the canonical model exactly current."""
+        for st in list(self.syms.values()):
+            if not self.leader:
+                return
+            if st.pending or st.needs_reconcile or st.version <= st.checkpointed:
+                continue
+            if st.epoch is None or st.diff_id is None:
+                continue
+            model = PublishedModel(
+                symbol=st.symbol,
+                kind=self.kind,
+                epoch=st.epoch,
+                version=st.version,
+                ts_ns=st.ts_ns,
+                items=st.items,
+                meta=st.meta,
+                diff_id=st.diff_id,
+            )
+            rc = int(
+                await self._checkpoint(
+                    keys=[
+                        self.fence_key,
+                        self.lease_key,
+                        keys.heatmap_version(st.symbol, self.strategy),
+                        keys.heatmap_model(st.symbol, self.strategy),
+                    ],
+                    args=[str(self.token), self.lease_value, str(st.version), encode(model)],  # type: ignore[arg-type]
+                )
+            )
+            if rc == 1:
+                st.checkpointed, st.last_checkpoint = st.version, self.clock.monotonic()
+            elif rc == -1:
+                self.token = None  # fenced: a stale leader stops
+                return
+            else:  # the version moved on under us: resync
+                self.syms.pop(st.symbol, None)
+                await self._state(st.symbol)
 
     async def _ack_if_idle(self) -> None:
         if not self.unacked or not self.leader:

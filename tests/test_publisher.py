@@ -293,6 +293,98 @@ async def test_publish_script_rejects_a_stale_leader_and_an_inactive_epoch(
         await asyncio.wait_for(task2, 5)
 
 
+async def test_diff_id_above_a_later_stream_id_is_chosen_and_carried_by_the_model(
+    deps: Deps, redis: Redis
+) -> None:
+    """The publisher picks diff ids from its clock; when the stream already holds a later id
+    (another leader, clock skew) the script refuses and the model is re-rendered with an id
+    above it: the diff lands and the model's diff_id is exactly its entry id."""
+    await seed(redis)
+    b = TileBuilder(deps, STRAT, TCFG)
+    await b.handle([(b"1-0", entry(DirtyEntry("SPX", "e1", [], NOW, reason="epoch")))])
+    p = Publisher(deps, STRAT, PCFG)
+    stop, task = start(p)
+    try:
+        await eventually(lambda: caught_up(redis))
+        future_ms = time.time_ns() // 1_000_000 + 3_600_000
+        await redis.xadd(keys.heatmap_diffs_stream(STRAT), {"d": b"{}"}, id=f"{future_ms}-5")
+        st = await p._state("SPX")
+        tid = next(iter(st.items))
+        st.pending = {tid: b'{"changed":true}'}
+        await p._publish_pending(st, "time")
+        # the model key is a checkpoint, written by the lead loop once nothing is pending
+        await eventually(lambda: _model_version_is(redis, 2))
+        m = await model(redis)
+        assert m is not None and m["items"][tid] == {"changed": True}
+        last_id, last = (await redis.xrevrange(keys.heatmap_diffs_stream(STRAT), count=1))[0]
+        assert m["diff_id"] == last_id.decode() == f"{future_ms}-6"
+        assert msgspec.json.decode(last[b"d"])["version"] == 2
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
+
+
+async def test_model_key_is_a_checkpoint_and_a_new_leader_catches_up_from_the_diffs(
+    deps: Deps, redis: Redis
+) -> None:
+    """Under sustained changes the model key is rewritten at most every checkpoint_ms; the
+    diffs after its diff_id carry the rest. A leader that dies before checkpointing leaves
+    an old model key: its successor applies the diffs after it before publishing (a value
+    clients hold from those diffs but the staging does not is then corrected), so clients
+    stay consistent, and once idle the model key is exactly current."""
+    cids = await seed(redis)
+    b = TileBuilder(deps, STRAT, TCFG)
+    await b.handle([(b"1-0", entry(DirtyEntry("SPX", "e1", [], NOW, reason="epoch")))])
+    cfg = dataclasses.replace(PCFG, checkpoint_ms=3_600_000)
+    p = Publisher(with_consumer(deps, "cp-1"), STRAT, cfg)
+    stop, task = start(p)
+    await eventually(lambda: caught_up(redis))
+    snap = await model(redis)
+    assert snap is not None and snap["version"] == 1
+    first_raw = await redis.get(keys.heatmap_model("SPX", STRAT))
+    # v2 publishes a value the staging does not hold (clients hold it): only a successor
+    # that knows v2 sees it differs from the staging and corrects it
+    st = p.syms["SPX"]
+    touched = set((await b._grid("SPX", "e1")).affected(cids[:12]))
+    tid = next(t for t in st.items if t not in touched)
+    st.pending = {tid: b'{"moved":1}'}
+    await p._publish_pending(st, "time")
+    await dirty(redis, b, "e1", cids[:6], NOW + 5 * SEC)  # and real changes: v3...
+    await eventually(lambda: _version_key_at_least(redis, 3))
+    # the leader dies; the model key is made to hold the v1 checkpoint, as if it had died
+    # before any later checkpoint (the hour-long interval held it back except when idle)
+    await crash(p, task)
+    await redis.set(keys.heatmap_model("SPX", STRAT), first_raw)
+    q = Publisher(with_consumer(deps, "cp-2"), STRAT, PCFG)
+    stop2, task2 = start(q)
+    try:
+        await eventually(lambda: _leads(q), timeout_s=5)
+        await dirty(redis, b, "e1", cids[6:12], NOW + 9 * SEC)
+        await eventually(lambda: caught_up(redis))
+        final = await model(redis)
+        assert final is not None
+        items, version = dict(snap["items"]), snap["version"]
+        for _, d in await diffs(redis):
+            if d.version > version:
+                version = apply(items, version, d)
+        assert version == final["version"] and items == final["items"]
+        assert final["items"] == await staging_items(redis)
+    finally:
+        stop.set()
+        stop2.set()
+        await asyncio.wait_for(task2, 5)
+
+
+async def _version_key_at_least(redis: Redis, version: int) -> bool:
+    v = await redis.get(keys.heatmap_version("SPX", STRAT))
+    return v is not None and int(v) >= version
+
+
+async def _model_version_is(redis: Redis, version: int) -> bool:
+    m = await model(redis)
+    return m is not None and m["version"] == version
+
+
 async def _leads(p: Publisher) -> bool:
     return p.leader
 
