@@ -316,6 +316,7 @@ async def main() -> int:
             c0 = await hyd_counts(p)
             cpu0 = {s: p.cpu_seconds(s) for s in PROCS}
             redis_cpu0 = h.proc_cpu_seconds(srv.proc.pid) if srv.proc else 0.0
+            await r.config_resetstat()  # INFO commandstats over the window only
             max_lag: dict[str, int] = {}
             sampling = asyncio.Event()
 
@@ -405,6 +406,17 @@ async def main() -> int:
                 rows.append((f"{k} CPU {s} (% of one core)",
                              f"{100 * (cpu1[s] - cpu0[s]) / wall:.0f}"))  # fmt: skip
             rows.append((f"{k} CPU redis-server (% of one core)", f"{100 * redis_cpu / wall:.0f}"))
+            stats: Any = await r.info("commandstats")
+            top = sorted(stats.items(), key=lambda kv: -float(kv[1]["usec"]))[:8]
+            rows.append(
+                (
+                    f"{k} redis time by command (% of one core; calls from scripts counted too)",
+                    ", ".join(
+                        f"{name.removeprefix('cmdstat_')} {100 * float(v['usec']) / 1e6 / wall:.0f}"
+                        for name, v in top
+                    ),
+                )
+            )
             for name, v in sorted(max_lag.items()):
                 rows.append((f"{k} max backlog (lag+pending) {name}", str(v)))
             # let the backlog drain before the next rate
