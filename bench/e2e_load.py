@@ -317,6 +317,10 @@ async def main() -> int:
             cpu0 = {s: p.cpu_seconds(s) for s in PROCS}
             redis_cpu0 = h.proc_cpu_seconds(srv.proc.pid) if srv.proc else 0.0
             await r.config_resetstat()  # INFO commandstats over the window only
+            if os.environ.get("E2E_SLOWLOG"):
+                await r.config_set("slowlog-log-slower-than", 5000)
+                await r.config_set("slowlog-max-len", 1000)
+                await r.slowlog_reset()
             max_lag: dict[str, int] = {}
             sampling = asyncio.Event()
 
@@ -406,6 +410,17 @@ async def main() -> int:
                 rows.append((f"{k} CPU {s} (% of one core)",
                              f"{100 * (cpu1[s] - cpu0[s]) / wall:.0f}"))  # fmt: skip
             rows.append((f"{k} CPU redis-server (% of one core)", f"{100 * redis_cpu / wall:.0f}"))
+            if os.environ.get("E2E_SLOWLOG"):
+                # raw reply: [id, ts, duration_us, [args...], ...] (args may be binary)
+                sl: Any = await r.execute_command("SLOWLOG", "GET", 1000, NEVER_DECODE=True)
+                agg: dict[str, list[float]] = {}
+                for e in sl:
+                    args = [a[:40].decode("utf-8", "replace") for a in e[3][:4]]
+                    name = " ".join(args)[:90]
+                    agg.setdefault(name, []).append(int(e[2]) / 1000)
+                for name, ds in sorted(agg.items(), key=lambda kv: -sum(kv[1]))[:12]:
+                    tot, mx = sum(ds), max(ds)
+                    print(f"# slowlog {name}: n={len(ds)} total={tot:.0f}ms max={mx:.0f}ms")
             stats: Any = await r.info("commandstats")
             top = sorted(stats.items(), key=lambda kv: -float(kv[1]["usec"]))[:8]
             rows.append(

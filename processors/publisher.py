@@ -36,14 +36,14 @@ Publish conditions (OR, per symbol; ``massive_publishes_total{strategy,condition
 Checkpoints
     A version is its diff (``massive:heatmap:diffs:<strategy>``, carrying every change);
     the model key is rewritten with it only for a new epoch, at most every
-    ``checkpoint_ms`` under sustained changes, and at once when nothing is pending (so a
-    quiet publisher leaves it exactly current). Rewriting a 50k-tile model (~15 MB) on
-    every publish cost more than the diff itself. A reader of the model key gets version v
-    and its ``diff_id``; the diffs after that id bring it to the latest version, which is
-    what the SSE gateway already does for every client (snapshot, then diffs from the
-    snapshot's ``diff_id``). A new leader loads the checkpoint and applies the diffs after
-    it up to the version key (if the stream no longer reaches back, it re-publishes every
-    staged tile).
+    ``checkpoint_ms`` under sustained changes, and once nothing is pending and nothing was
+    published for ``checkpoint_idle_ms`` (so a quiet publisher leaves it exactly current).
+    Rewriting a 50k-tile model (~15 MB) on every publish cost more than the diff itself.
+    A reader of the model key gets version v and its ``diff_id``; the diffs after that id
+    bring it to the latest version, which is what the SSE gateway already does for every
+    client (snapshot, then diffs from the snapshot's ``diff_id``). A new leader loads the
+    checkpoint and applies the diffs after it up to the version key (if the stream no
+    longer reaches back, it re-publishes every staged tile).
 
 Latency: ``massive_tick_to_publish_seconds{model="heatmap:<strategy>"}`` observes publish
 time minus the oldest ingest receive time (TileDelta.recv_ts_ns) behind the published
@@ -61,7 +61,7 @@ from typing import Any
 
 import msgspec
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import ResponseError, WatchError
 
 from processors import heatmap as hm
 from schemas import keys
@@ -87,10 +87,11 @@ class PublisherSettings:
     tick_ms: int = 50  # XREADGROUP BLOCK while leading (bounds timer resolution)
     count: int = 1000
     diffs_maxlen: int = 10_000
-    # The model key is rewritten with a publish at most this often under sustained changes
-    # (and at once when the publisher goes idle, and for every new epoch); the diffs in
-    # between carry every change (see "Checkpoints" in the module doc).
-    checkpoint_ms: int = 2000
+    # The model key is rewritten with a publish at most this often under sustained changes,
+    # for every new epoch, and once nothing was published for checkpoint_idle_ms; the diffs
+    # in between carry every change (see "Checkpoints" in the module doc).
+    checkpoint_ms: int = 5000
+    checkpoint_idle_ms: int = 1000
 
     def __post_init__(self) -> None:
         if self.renew_ms * 2 > self.lease_ttl_ms:
@@ -118,12 +119,12 @@ end
 return 0
 """
 
-# KEYS: fence, lease, active-epoch hash, version, diff stream, model.
-# ARGV: token, lease value, symbol, epoch, version, diff id, diff json, model json (carrying
-# that diff id; empty = no checkpoint with this version), lease ttl ms, diff stream maxlen.
+# KEYS: fence, lease, active-epoch hash, version, diff stream.
+# ARGV: token, lease value, symbol, epoch, version, diff id, diff json, lease ttl ms, diff
+# stream maxlen.
 # Returns {1} ok, {-1} fenced, {-2} lease held by another owner, {-3} epoch not active,
 # {-4} version is not current + 1, {-5, last id} diff id not above the stream's last
-# generated id (the caller re-renders with a later id and retries).
+# generated id (the caller picks a later id and retries).
 PUBLISH_LUA = """
 local fence = redis.call('GET', KEYS[1])
 if fence ~= ARGV[1] then return {-1} end
@@ -132,7 +133,7 @@ if holder and holder ~= ARGV[2] then return {-2} end
 if redis.call('HGET', KEYS[3], ARGV[3]) ~= ARGV[4] then return {-3} end
 local cur = redis.call('GET', KEYS[4]) or '0'
 if tonumber(ARGV[5]) ~= tonumber(cur) + 1 then return {-4} end
-local added = redis.pcall('XADD', KEYS[5], 'MAXLEN', '~', ARGV[10], ARGV[6], 'd', ARGV[7])
+local added = redis.pcall('XADD', KEYS[5], 'MAXLEN', '~', ARGV[9], ARGV[6], 'd', ARGV[7])
 if type(added) == 'table' and added.err then
   -- the id is not above the stream's top: report the last generated id (XINFO only on
   -- this rare path: it also returns the first and last entries, megabytes of diff)
@@ -142,22 +143,9 @@ if type(added) == 'table' and added.err then
   end
   return redis.error_reply(added.err)
 end
-if ARGV[8] ~= '' then redis.call('SET', KEYS[6], ARGV[8]) end
 redis.call('SET', KEYS[4], ARGV[5])
-redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[9])
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[8])
 return {1}
-"""
-
-# KEYS: fence, lease, version, model. ARGV: token, lease value, version, model json.
-# Writes a checkpoint of an already published version (1), unless fenced / the lease is
-# another owner's (-1) or the version moved on (-4).
-CHECKPOINT_LUA = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
-local holder = redis.call('GET', KEYS[2])
-if holder and holder ~= ARGV[2] then return -1 end
-if redis.call('GET', KEYS[3]) ~= ARGV[3] then return -4 end
-redis.call('SET', KEYS[4], ARGV[4])
-return 1
 """
 
 RELEASE_LUA = """
@@ -243,7 +231,6 @@ class Publisher:
         self._renew = self.redis.register_script(RENEW_LUA)
         self._release = self.redis.register_script(RELEASE_LUA)
         self._publish = self.redis.register_script(PUBLISH_LUA)
-        self._checkpoint = self.redis.register_script(CHECKPOINT_LUA)
         self._last_diff_id = (0, 0)  # (ms, seq) of our last diff: ids we pick stay above it
         self.token: int | None = None
         self._last_token: int | None = None
@@ -663,15 +650,18 @@ class Publisher:
             or epoch != st.epoch
             or t0 - st.last_checkpoint >= self.cfg.checkpoint_ms / 1000
         )
-        code, diff_id = await self._write(
-            st.symbol, epoch, version, encode(diff), model if checkpoint else None
-        )
+        code, diff_id = await self._write(st.symbol, epoch, version, encode(diff))
+        if code == 1 and checkpoint:
+            # Right after the diff, outside the script (a model of ~15 MB as a script
+            # argument costs Redis two extra copies); a crash in between leaves the previous
+            # checkpoint, which the diffs bring up to date.
+            model_json = encode(msgspec.structs.replace(model, diff_id=diff_id))  # type: ignore[arg-type]
+            if await self._write_checkpoint(st.symbol, version, model_json) == 1:
+                st.checkpointed, st.last_checkpoint = version, t0
         self.m_publish_s.observe(self.clock.monotonic() - t0)
         if code == 1:
             st.epoch, st.version, st.items = epoch, version, items
             st.diff_id, st.ts_ns, st.meta = diff_id, now_ns, meta
-            if checkpoint:
-                st.checkpointed, st.last_checkpoint = version, t0
             st.pending, st.pending_recv = {}, {}
             st.needs_reconcile, st.reconcile_recv = False, None
             st.last_publish = self.clock.monotonic()
@@ -693,41 +683,27 @@ class Publisher:
             self.syms.pop(st.symbol, None)
             await self._state(st.symbol)
 
-    async def _write(
-        self,
-        sym: str,
-        epoch: str,
-        version: int,
-        diff_json: bytes,
-        model: PublishedModel | None,
-    ) -> tuple[int, str]:
+    async def _write(self, sym: str, epoch: str, version: int, diff_json: bytes) -> tuple[int, str]:
         """One script (PUBLISH_LUA): check fence, lease holder, active epoch and version =
-        current + 1, then XADD the diff with an explicit id, SET the model carrying that
-        ``diff_id``, the version key and the lease. One round trip per publish (an
-        optimistic WATCH transaction took seven). The diff id is picked here, above both the
-        clock's millisecond and our previous id; if the stream's last id is higher anyway
-        (another leader's diff in the same millisecond), the script says so and the model is
-        re-rendered with a later id. An absent (expired) lease with an unchanged fence is
-        still ours and is re-set. Codes: 1 ok, -1 fenced, -2 lease held by someone else,
-        -3 epoch not active, -4 version."""
+        current + 1, then XADD the diff with an explicit id, the version key and the lease.
+        One round trip per publish (an optimistic WATCH transaction took seven). The diff
+        id is picked here, above both the clock's millisecond and our previous id; if the
+        stream's top id is higher anyway (another leader's diff in the same millisecond),
+        the script says so and a later id is picked. An absent (expired) lease with an
+        unchanged fence is still ours and is re-set. Returns (code, diff id); codes: 1 ok,
+        -1 fenced, -2 lease held by someone else, -3 epoch not active, -4 version."""
         k = [
             self.fence_key,
             self.lease_key,
             keys.EPOCH_ACTIVE,
             keys.heatmap_version(sym, self.strategy),
             keys.heatmap_diffs_stream(self.strategy),
-            keys.heatmap_model(sym, self.strategy),
         ]
         floor = self._last_diff_id
         while True:
             now_ms = self.clock.time_ns() // 1_000_000
             ms, seq = (now_ms, 0) if now_ms > floor[0] else (floor[0], floor[1] + 1)
             diff_id = f"{ms}-{seq}"
-            model_json = (
-                encode(msgspec.structs.replace(model, diff_id=diff_id))  # type: ignore[arg-type]
-                if model is not None
-                else b""
-            )
             res: Any = await self._publish(
                 keys=k,
                 args=[
@@ -738,7 +714,6 @@ class Publisher:
                     str(version),
                     diff_id,
                     diff_json,
-                    model_json,
                     str(self.cfg.lease_ttl_ms),
                     str(self.cfg.diffs_maxlen),
                 ],
@@ -753,14 +728,18 @@ class Publisher:
             return code, diff_id
 
     async def _checkpoint_idle(self) -> None:
-        """Nothing pending: write the model key for the last published version now, so a
-        quiet publisher leaves the canonical model exactly current."""
+        """Nothing pending and nothing published for ``checkpoint_idle_ms``: write the model
+        key for the last published version, so a quiet publisher leaves the canonical model
+        exactly current."""
+        now = self.clock.monotonic()
         for st in list(self.syms.values()):
             if not self.leader:
                 return
             if st.pending or st.needs_reconcile or st.version <= st.checkpointed:
                 continue
             if st.epoch is None or st.diff_id is None:
+                continue
+            if now - st.last_publish < self.cfg.checkpoint_idle_ms / 1000:
                 continue
             model = PublishedModel(
                 symbol=st.symbol,
@@ -772,17 +751,7 @@ class Publisher:
                 meta=st.meta,
                 diff_id=st.diff_id,
             )
-            rc = int(
-                await self._checkpoint(
-                    keys=[
-                        self.fence_key,
-                        self.lease_key,
-                        keys.heatmap_version(st.symbol, self.strategy),
-                        keys.heatmap_model(st.symbol, self.strategy),
-                    ],
-                    args=[str(self.token), self.lease_value, str(st.version), encode(model)],  # type: ignore[arg-type]
-                )
-            )
+            rc = await self._write_checkpoint(st.symbol, st.version, encode(model))  # type: ignore[arg-type]
             if rc == 1:
                 st.checkpointed, st.last_checkpoint = st.version, self.clock.monotonic()
             elif rc == -1:
@@ -791,6 +760,34 @@ class Publisher:
             else:  # the version moved on under us: resync
                 self.syms.pop(st.symbol, None)
                 await self._state(st.symbol)
+
+    async def _write_checkpoint(self, sym: str, version: int, model_json: bytes) -> int:
+        """SET the model key to an already published ``version`` if this leader is not
+        fenced and the version key still says ``version``: an optimistic transaction (a
+        model of ~15 MB as a script argument costs Redis two extra copies and a Lua string).
+        1 written, -1 fenced or lease held by another owner, -4 version moved on."""
+        ver_k = keys.heatmap_version(sym, self.strategy)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(self.fence_key, self.lease_key, ver_k)
+                    fence, holder, cur = (
+                        await pipe.get(self.fence_key),
+                        await pipe.get(self.lease_key),
+                        await pipe.get(ver_k),
+                    )
+                    if fence is None or int(fence) != self.token:
+                        return -1
+                    if holder is not None and _s(holder) != self.lease_value:
+                        return -1
+                    if cur is None or int(cur) != version:
+                        return -4
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    pipe.set(keys.heatmap_model(sym, self.strategy), model_json)
+                    await pipe.execute()
+                    return 1
+                except WatchError:
+                    continue
 
     async def _ack_if_idle(self) -> None:
         if not self.unacked or not self.leader:
