@@ -226,9 +226,11 @@ async def test_refresh_requests_wake_the_loop_and_coalesce(deps: Deps, sim: SimS
 async def test_cadence_follows_fetch_latency(deps: Deps, sim: SimServer) -> None:
     """Next start >= max(min_interval, k * last cycle) after the previous one completed."""
     k = 3.0
-    p = make(deps, sim, limit=50, min_interval_s=0.05, latency_factor=k)
+    # One expiration, 250 per page: the chain's size (so the cycle time) depends
+    # on the calendar (0DTE, monthly SPX listings); four cycles take ~3 (k + 1) cycles.
+    p = make(deps, sim, limit=250, min_interval_s=0.05, latency_factor=k, expirations=1)
     async with running(p):
-        await eventually(lambda: _async(p.cycles >= 4), timeout_s=30)
+        await eventually(lambda: _async(p.cycles >= 4), timeout_s=90)
     cycle_s = metric(deps, "massive_chain_poller_cycle_seconds")
     assert metric(deps, "massive_chain_poller_next_interval_seconds") == pytest.approx(
         max(0.05, k * cycle_s)
