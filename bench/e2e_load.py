@@ -276,6 +276,7 @@ async def main() -> int:
         "MASSIVE_MIN_IDLE_MS": "30000",
         "MASSIVE_RECLAIM_INTERVAL_S": "5",
         "MASSIVE_PUBLISHER_MAX_INTERVAL_MS": str(args.max_interval_ms),
+        **({"MASSIVE_PUBLISHER_MIN_CHANGED_PCT": os.environ["E2E_PCT"]} if os.environ.get("E2E_PCT") else {}),
         "MASSIVE_PUBLISHER_LEASE_TTL_MS": "3000",
         "MASSIVE_PUBLISHER_RENEW_MS": "1000",
         "MASSIVE_GEX_LEASE_TTL_MS": "10000",

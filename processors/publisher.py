@@ -82,7 +82,7 @@ class PublisherSettings:
     lease_ttl_ms: int = 3000
     renew_ms: int = 1000
     min_changed_tiles: int = 500
-    min_changed_pct: float = 5.0
+    min_changed_pct: float = 1.0
     max_interval_ms: int = 250
     tick_ms: int = 50  # XREADGROUP BLOCK while leading (bounds timer resolution)
     count: int = 1000
