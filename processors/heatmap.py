@@ -73,7 +73,7 @@ from dataclasses import dataclass, field
 from zoneinfo import ZoneInfo
 
 from schemas import ticker
-from schemas.heatmap import NS_PER_S, Leg, Tile, TileView, ViewLeg, encode_view, root_of
+from schemas.heatmap import NS_PER_S, Leg, Tile, TileView, ViewLeg, encode_view
 
 STRATEGIES = ("single", "vertical", "butterfly")
 EPS = 1e-9
@@ -127,6 +127,7 @@ class Grid:
     specs: dict[str, TileSpec] = field(default_factory=dict)
     by_cid: dict[str, list[TileSpec]] = field(default_factory=dict)
     ignored: int = 0  # contracts of the epoch outside the grid (other root/expiry/symbol)
+    roots: dict[str, str] = field(default_factory=dict)  # expiry -> the option root tiled
 
     def add(self, spec: TileSpec) -> None:
         self.specs[spec.id] = spec
@@ -199,7 +200,13 @@ def build_grid(
             ignored += 1
             continue
         lines.setdefault((exp, t.right), {})[_milli(t.strike)] = (cid, t.strike)
-    grid = Grid(symbol=symbol, strategy=strategy, expiries=expiries, ignored=ignored)
+    grid = Grid(
+        symbol=symbol,
+        strategy=strategy,
+        expiries=expiries,
+        ignored=ignored,
+        roots={e: root_of[e] for e in expiries},
+    )
     for (exp, right), line in sorted(lines.items()):
         for m, (cid, k) in sorted(line.items()):
             if strategy == "single":
@@ -531,11 +538,6 @@ def staged_value(
     if len(legs) > 1 and legs[0][1] > legs[-1][1]:
         vlegs.reverse()  # publish in strike order (see schemas.heatmap.view)
     v = TileView(
-        root=root_of(legs[0][0]) if legs else "",
-        expiry=spec.expiry,
-        right=spec.right,
-        strikes=list(spec.strikes),
-        width=spec.width,
         legs=vlegs,
         debit=debit,
         max_profit=max_profit,

@@ -199,6 +199,7 @@ class SymState:
     ts_ns: int = 0  # of ``version``
     meta: dict[str, Any] = field(default_factory=dict)  # of ``version``
     checkpointed: int = 0  # version the model key holds
+    roots: dict[str, str] = field(default_factory=dict)  # expiry -> option root (manifest)
     last_checkpoint: float = float("-inf")  # monotonic seconds
 
     def note_reconcile(self, recv: int | None) -> None:
@@ -417,6 +418,9 @@ class Publisher:
             st.epoch, st.version, st.items = m.epoch, m.version, m.items
             st.diff_id, st.ts_ns, st.meta = m.diff_id, m.ts_ns, m.meta
             st.checkpointed = m.version
+            roots = m.meta.get("roots")
+            if isinstance(roots, dict):
+                st.roots = {str(k): str(v) for k, v in roots.items()}
         if ver is not None and int(ver) > st.version:
             await self._catch_up(st, int(ver))
         self.syms[sym] = st
@@ -572,6 +576,10 @@ class Publisher:
             st.needs_reconcile = False
             return
         expected = int(manifest.get(b"expected", b"0"))
+        try:
+            st.roots = msgspec.json.decode(manifest.get(b"roots", b"{}"), type=dict[str, str])
+        except msgspec.DecodeError:
+            st.roots = {}
         tiles: dict[str, bytes] = {}  # every staged tile is of the manifest's epoch
         for k, raw in staged.items():
             js = self._staged_json(k, raw)
@@ -622,6 +630,8 @@ class Publisher:
         version = st.version + 1
         now_ns = self.clock.time_ns()
         meta: dict[str, Any] = {"strategy": self.strategy, "n_tiles": len(items)}
+        if st.roots:
+            meta["roots"] = st.roots  # option root per expiry (tickers of the legs)
         if expected is not None:
             meta["expected"] = expected
         diff = ModelDiff(

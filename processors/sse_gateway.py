@@ -12,7 +12,8 @@ Endpoints
   epoch or a version gap yields a fresh snapshot instead. Event ``status`` says
   ``{"state": "no_model"}`` while nothing has been published yet (the stream then waits and
   sends the snapshot as soon as the model appears).
-* ``GET /api/heatmap/{strategy}?symbol=``, ``/api/gex?symbol=``: the model JSON (404 if none);
+* ``GET /api/heatmap/{strategy}?symbol=``, ``/api/gex?symbol=``: the model JSON at its latest
+  version (checkpoint + the diffs after it; 404 if none);
   ``/api/epochs``: active epoch and meta per symbol; ``/healthz``; ``/metrics``; ``/`` the
   dashboard (``processors/static``).
 
@@ -25,9 +26,10 @@ subscriber's buffer is full the entry is dropped for it and the subscriber is ma
 overflowed; its session then discards the buffer and sends a fresh snapshot (a ``resync``).
 So a slow client costs only its own buffer and never delays the reader or other clients.
 
-No loss at the snapshot/diff hand-off: a session subscribes first, then reads the model
-(written in one MULTI/EXEC with its diff, so every diff of that symbol with an id above the
-model's ``diff_id`` reaches the buffer) and skips buffered entries at or below ``diff_id``.
+No loss at the snapshot/diff hand-off: a session subscribes first, then reads the model and
+the diffs of its symbol after the model's ``diff_id`` (XRANGE: a heatmap model key is a
+checkpoint that may be a few versions behind, see processors/publisher.py), sends the
+snapshot and those diffs, and skips buffered entries at or below the last id sent.
 Every forwarded diff is checked to continue the session's ``(epoch, version)`` chain
 (``prev_version`` = last sent version); anything else triggers a resync.
 
@@ -151,6 +153,33 @@ class _ModelHead(msgspec.Struct):
 
 _diff_head = msgspec.json.Decoder(_DiffHead)
 _model_head = msgspec.json.Decoder(_ModelHead)
+
+
+class _FullModel(msgspec.Struct):
+    symbol: str
+    kind: str
+    epoch: str
+    version: int
+    ts_ns: int
+    items: dict[str, msgspec.Raw]
+    meta: dict[str, Any] = {}
+    diff_id: str | None = None
+
+
+class _FullDiff(msgspec.Struct):
+    symbol: str
+    epoch: str
+    version: int
+    prev_version: int
+    ts_ns: int
+    changed: dict[str, msgspec.Raw]
+    removed: list[str] = []
+    meta: dict[str, Any] = {}
+
+
+_full_model = msgspec.json.Decoder(_FullModel)
+_full_diff = msgspec.json.Decoder(_FullDiff)
+_json_encoder = msgspec.json.Encoder()
 
 
 @dataclass(frozen=True, slots=True)
@@ -450,6 +479,75 @@ class Gateway:
         state = _State(head.epoch, head.version, last or ZERO_ID)
         return frame("snapshot", _b(raw), head.diff_id), state
 
+    async def catch_up(self, channel: Channel, symbol: str, state: _State) -> list[bytes] | None:
+        """Diffs of ``symbol`` after the snapshot's ``diff_id`` (``state``, advanced): a
+        heatmap model key is a checkpoint that may be some versions behind its diffs (see
+        processors/publisher.py). None when they do not continue the snapshot's chain."""
+        frames: list[bytes] = []
+        cursor = state.last_id
+        while True:
+            page = _rows(
+                await self.redis.xrange(
+                    channel.stream, "(" + format_id(cursor), "+", count=self.settings.replay_page
+                )
+            )
+            for raw_id, fields in page:
+                sid = parse_id(raw_id)
+                if sid is None:
+                    continue
+                cursor = sid
+                item = decode_item(sid, raw_id.decode(), fields)
+                if item is None or item.head.symbol != symbol:
+                    continue
+                try:
+                    if accept(state, item):
+                        frames.append(item.frame)
+                except Resync:
+                    return None
+            if len(page) < self.settings.replay_page:
+                return frames
+
+    async def current_model(self, channel: Channel, symbol: str) -> bytes | None:
+        """The model at its latest version: the model key (a checkpoint) with the diffs after
+        its ``diff_id`` applied (usually none: returned as stored)."""
+        raw = await self.redis.get(channel.model_key(symbol))
+        if raw is None:
+            return None
+        try:
+            head = _model_head.decode(raw)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            return _b(raw)
+        if head.diff_id is None:
+            return _b(raw)
+        model: _FullModel | None = None
+        cursor = "(" + head.diff_id
+        while True:
+            page = _rows(
+                await self.redis.xrange(
+                    channel.stream, cursor, "+", count=self.settings.replay_page
+                )
+            )
+            for raw_id, fields in page:
+                cursor = "(" + raw_id.decode()
+                body = fields.get(b"d")
+                try:
+                    d = _full_diff.decode(body) if body is not None else None
+                except (msgspec.ValidationError, msgspec.DecodeError):
+                    d = None
+                if d is None or d.symbol != symbol:
+                    continue
+                if model is None:
+                    model = _full_model.decode(raw)
+                if d.epoch != model.epoch or d.prev_version != model.version:
+                    return _b(raw)  # not a continuation: the checkpoint is what we have
+                model.items.update(d.changed)
+                for k in d.removed:
+                    model.items.pop(k, None)
+                model.version, model.ts_ns, model.meta = d.version, d.ts_ns, d.meta
+                model.diff_id = raw_id.decode()
+            if len(page) < self.settings.replay_page:
+                return _b(raw) if model is None else _json_encoder.encode(model)
+
     async def replay(
         self, channel: Channel, symbol: str, after: StreamId
     ) -> tuple[list[bytes], _State] | None:
@@ -533,8 +631,18 @@ class Gateway:
                         sub.reset()  # diffs without a base are useless; re-read the model
                         continue
                     data, state = snap
+                    async with self.redis_slots:
+                        caught = await self.catch_up(channel, symbol, state)
+                    if caught is None:  # the checkpoint's diffs do not chain: read again
+                        m.resyncs.labels(channel=channel.name, reason="gap").inc()
+                        state = None
+                        await sub.wait(self.settings.no_model_poll_s)
+                        continue
                     sent_snap.inc()
                     yield data
+                    if caught:
+                        sent_diff.inc(len(caught))
+                        yield b"".join(caught)
                     continue
                 await sub.wait()
                 if sub.overflowed:
@@ -620,7 +728,7 @@ def create_app(deps: Deps, settings: SseSettings) -> Starlette:
         except ValueError as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
         async with gw.redis_slots:
-            raw = await deps.redis.get(ch.model_key(sym))
+            raw = await gw.current_model(ch, sym)
         if raw is None:
             return JSONResponse({"error": f"no {ch.name} model for {sym}"}, status_code=404)
         return Response(raw, media_type="application/json", headers={"Cache-Control": "no-store"})

@@ -139,7 +139,7 @@ return out
 """
 
 # KEYS: staging, manifest, build.
-# ARGV: epoch, created_ns, expected, built_ns.
+# ARGV: epoch, created_ns, expected, built_ns, roots (JSON expiry -> option root).
 # 1 = installed (build renamed onto staging, manifest rewritten);
 # 0 = this epoch is already installed (build dropped; caller merges with admission);
 # -1 = a newer epoch is installed (build dropped).
@@ -158,7 +158,7 @@ else
 end
 redis.call('DEL', KEYS[2])
 redis.call('HSET', KEYS[2], 'epoch', ARGV[1], 'created_ns', ARGV[2], 'expected', ARGV[3],
-           'built_ns', ARGV[4])
+           'built_ns', ARGV[4], 'roots', ARGV[5])
 return 1
 """
 
@@ -459,7 +459,13 @@ class TileBuilder(ConsumerProcessor):
                 keys.heatmap_manifest(sym, self.strategy),
                 b_key,
             ],
-            args=[eid, str(created_ns), str(len(tiles)), str(self.clock.time_ns())],
+            args=[
+                eid,
+                str(created_ns),
+                str(len(tiles)),
+                str(self.clock.time_ns()),
+                msgspec.json.encode(grid.roots),
+            ],
         )
         rc = int(rc)
         if rc == -1:

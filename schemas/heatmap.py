@@ -2,21 +2,21 @@
 the tile delta entry on ``massive:tiles:<strategy>`` (tile builders -> publisher).
 
 ``Tile`` is the full computed record (tile builders, tests, reference mode). What leaves the
-builder is its compact **view**, one item of a published heatmap model
-(``items[tile_id]``; the id, symbol, epoch and strategy are the model's)::
+builder is its compact **view**, one item of a published heatmap model, keyed by tile id;
+the id carries the structure (``<SYM>:<expiry>:<strategy>:<strikes>:<C|P>``, width = strike
+spacing), the model's ``meta.roots`` the option root per expiry (SPX or SPXW)::
 
-    {"root": "SPXW", "expiry": "2026-11-24", "right": "C",
-     "strikes": [6000.0, 6010.0, 6020.0], "width": 10.0,
-     "legs": [[qty, price, price_src], ...],          # in strike order, as strikes
+    "SPX:2026-11-24:butterfly:6000-6010-6020:C": {
+     "legs": [[qty, price, price_src], ...],          # in strike order, as in the id
      "debit": 2.4, "max_profit": 7.6, "max_loss": 2.4, "r2r": 3.1667, "convexity": 0.76,
      "age_s": <whole seconds between the newest leg event and the oldest price used>,
      "stale": false, "px_src": "mid|last|mixed|none", "src": "chain|ws",
      "flags": ["below_bound" | "above_bound" | "zero_debit" | "no_price" | ...]}
 
-The view leaves out what changes on every event without changing what a trader sees (event
-timestamps, the admission clock, per-leg price times, the legs' tickers: root + expiry +
-right + strike name them), so a quote that does not move a mid re-announces an identical
-item and the publisher drops it from the diff. The staging HASH holds
+The view leaves out what the id says and what changes on every event without changing what
+a trader sees (event timestamps, the admission clock, per-leg price times, the legs' tickers:
+root + expiry + right + strike name them), so a quote that does not move a mid re-announces
+an identical item and the publisher drops it from the diff. The staging HASH holds
 ``b"<seq>:" + view`` per tile id: the admission clock the staging Lua compares, then the
 bytes the publisher publishes as they are (no decode/re-encode on the publish path).
 
@@ -91,7 +91,7 @@ class TileDelta(Message, frozen=True):
 
 class ViewLeg(msgspec.Struct, frozen=True, array_like=True):
     """Published leg: ``[qty, px, src]``; legs are in strike order, so the strike is the
-    tile's ``strikes`` at the same index."""
+    id's strike at the same index."""
 
     qty: int
     px: float | None
@@ -101,11 +101,6 @@ class ViewLeg(msgspec.Struct, frozen=True, array_like=True):
 class TileView(msgspec.Struct, frozen=True, kw_only=True):
     """Published item of a heatmap model (see module doc)."""
 
-    root: str
-    expiry: str
-    right: str
-    strikes: list[float]
-    width: float
     legs: list[ViewLeg]
     debit: float | None
     max_profit: float | None
@@ -134,11 +129,6 @@ def view(tile: Tile) -> TileView:
     if len(legs) > 1 and legs[0].strike > legs[-1].strike:
         legs = legs[::-1]  # put verticals are built long-leg first: publish in strike order
     return TileView(
-        root=root_of(legs[0].cid) if legs else "",
-        expiry=tile.expiry,
-        right=tile.right,
-        strikes=tile.strikes,
-        width=tile.width,
         legs=[ViewLeg(leg.qty, leg.px, leg.src) for leg in legs],
         debit=tile.debit,
         max_profit=tile.max_profit,

@@ -127,6 +127,7 @@ async def test_closed_market_publishes_the_complete_model_once(deps: Deps, redis
         await eventually(lambda: caught_up(redis))
         m = await model(redis)
         assert m is not None and m["version"] == 1 and m["epoch"] == "e1"
+        assert m["meta"]["roots"] == {e: "SPXW" for e in EXPS}  # legs' tickers: root + id
         ((diff_id, d),) = await diffs(redis)
         assert m["diff_id"] == diff_id.decode() and d.version == 1 and d.prev_version == 0
         assert len(d.changed) == m["meta"]["expected"] == len(m["items"]) and not d.removed

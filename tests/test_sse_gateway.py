@@ -136,6 +136,41 @@ async def test_snapshot_then_diffs_filtered_by_symbol(deps: Deps, redis: Redis) 
         assert c.events.empty()
 
 
+async def test_checkpoint_model_is_followed_by_the_diffs_after_it(deps: Deps, redis: Redis) -> None:
+    """A heatmap model key is a checkpoint that may lag its diffs (the publisher rewrites it
+    at most every few seconds under load): a new client gets the checkpoint, then at once
+    the diffs after its diff_id, then live diffs, with no resync loop."""
+    writer = ModelWriter(redis)
+    spx = FakeMarket("SPX")
+    await publish_full(writer, spx, 1)
+    key = keys.heatmap_model("SPX", "butterfly")
+    checkpoint = await redis.get(key)
+    for i in range(3):
+        await publish_step(writer, spx, 10 + i)  # v2..v4 as diffs
+    await redis.set(key, checkpoint)  # the model key still holds v1
+    async with gateway(deps) as gw, Client(f"{base(gw)}/sse/heatmap/butterfly?symbol=SPX") as c:
+        snap = await c.next_data("snapshot")
+        items = json.loads(snap.data)["items"]
+        assert json.loads(snap.data)["version"] == 1
+        for v in (2, 3, 4):
+            diff = json.loads((await c.next_data("diff")).data)
+            assert diff["version"] == v
+            items = apply(items, diff)
+        await publish_step(writer, spx, 20)  # live
+        diff = json.loads((await c.next_data("diff")).data)
+        assert diff["version"] == 5
+        items = apply(items, diff)
+        assert items == writer.models[("SPX", HEAT)].items
+        assert (
+            await metric(gw, 'massive_sse_resyncs_total{channel="heatmap:butterfly",reason="gap"}')
+            == 0
+        )
+        # the JSON endpoint serves the latest version too (checkpoint + diffs applied)
+        api = (await _get(gw, "/api/heatmap/butterfly?symbol=SPX")).json()
+        assert api["version"] == 5 and api["items"] == items
+        assert api["diff_id"] == writer.models[("SPX", HEAT)].diff_id
+
+
 async def metric(gw: SseGateway, series: str) -> float:
     """Value of one exposition line of /metrics (0 when absent)."""
     for line in (await _get(gw, "/metrics")).text.splitlines():

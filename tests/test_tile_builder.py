@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import random
 
+import msgspec
 import pytest
 from redis.asyncio import Redis
 
@@ -84,6 +85,7 @@ async def test_epoch_entry_installs_every_tile(deps: Deps, redis: Redis, strateg
     await b.handle(as_entries(DirtyEntry("SPX", "e1", [], NOW, recv_ts_ns=NOW - 5, reason="epoch")))
     await assert_staging_matches_reference(redis, strategy, "e1")
     man = await redis.hgetall(keys.heatmap_manifest("SPX", strategy))
+    assert msgspec.json.decode(man[b"roots"]) == {e: "SPXW" for e in EXPS[:2]}
     n = len(await staged(redis, strategy))
     assert man[b"epoch"] == b"e1" and int(man[b"expected"]) == n > 0
     (d,) = await deltas(redis, strategy)

@@ -256,7 +256,8 @@ function renderHeatmap() {
     return;
   }
   // items carry no id (it is their key): attach it for the grid and the tooltip
-  const all = Object.entries(m.items).map(([id, t]) => { t.id = id; return t; });
+  // items carry values only: the structure is in the id (see withStructure)
+  const all = Object.entries(m.items).map(([id, t]) => withStructure(id, t));
   syncExpiries(all);
   const tiles = all.filter((t) => t.expiry === ui.expiry && t.right === ui.right);
   $("heat-empty").hidden = tiles.length > 0;
@@ -358,6 +359,22 @@ function hideTip() {
 function row(k, v) {
   return `<tr><td>${k}</td><td class="num">${v}</td></tr>`;
 }
+// "<SYM>:<expiry>:<strategy>:<strike-strike..>:<C|P>" -> the tile's structure; the option
+// root per expiry comes with the model (meta.roots)
+const idCache = new Map();
+function withStructure(id, t) {
+  let st = idCache.get(id);
+  if (st === undefined) {
+    const p = id.split(":");
+    const strikes = p[3].split("-").map(Number);
+    st = { id, symbol: p[0], expiry: p[1], strategy: p[2], strikes, right: p[4],
+      width: strikes.length > 1 ? strikes[1] - strikes[0] : 0 };
+    if (idCache.size > 500000) idCache.clear();
+    idCache.set(id, st);
+  }
+  const roots = (heat.model && heat.model.meta && heat.model.meta.roots) || {};
+  return Object.assign(t, st, { root: roots[st.expiry] || "" });
+}
 function occTicker(t, k) {
   // O:<root><yymmdd><C|P><strike x 1000, 8 digits>: the leg's Massive option ticker
   if (!t.root || !t.expiry) return "";
@@ -390,7 +407,7 @@ $("heatmap").addEventListener("mouseover", (ev) => {
   const td = ev.target.closest("td.cell[data-id]");
   if (!td || !heat.model) return hideTip();
   const t = heat.model.items[td.dataset.id];
-  if (t) { t.id = td.dataset.id; showTip(tileTip(t), ev); }
+  if (t) showTip(tileTip(withStructure(td.dataset.id, t)), ev);
 });
 $("heatmap").addEventListener("mousemove", (ev) => { if (!tip.hidden) moveTip(ev); });
 $("heatmap").addEventListener("mouseleave", hideTip);
