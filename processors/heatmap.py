@@ -343,6 +343,44 @@ def price_leg(q: LegQuote | None, as_of: int, max_age_ns: int) -> tuple[float | 
     return None, "none", 0
 
 
+def _values(
+    spec: TileSpec, d: float, stale_quote: bool
+) -> tuple[float, float | None, float, float | None, float | None, list[str]]:
+    """(debit, max_profit, max_loss, r2r, convexity, flags) of a priced tile with debit
+    ``d`` (see the module doc), rounded to 6 decimals (``+ 0.0`` turns -0.0 into 0.0:
+    stable JSON)."""
+    flags: list[str] = ["stale_quote"] if stale_quote else []
+    max_profit: float | None = None
+    r2r = conv = None
+    if spec.strategy == "single":
+        k = spec.strikes[0]
+        max_loss = d
+        if spec.right == "P":
+            max_profit = k - d
+            if d > k + EPS:
+                flags.append("above_bound")
+    else:
+        w = spec.width
+        max_profit, max_loss = w - d, d
+        conv = round(min(1.0, max(0.0, 1.0 - d / w)), 6) + 0.0
+        if d > w + EPS:
+            flags.append("above_bound")
+    if d < -EPS:
+        flags.append("below_bound")
+    elif abs(d) <= EPS:
+        flags.append("zero_debit")
+    if max_profit is not None and d > EPS:
+        r2r = round(max_profit / d, 6) + 0.0
+    return (
+        round(d, 6) + 0.0,
+        round(max_profit, 6) + 0.0 if max_profit is not None else None,
+        round(max_loss, 6) + 0.0,
+        r2r,
+        conv,
+        flags,
+    )
+
+
 def compute_tile(
     spec: TileSpec,
     quotes: Mapping[str, LegQuote | None],
@@ -390,39 +428,13 @@ def compute_tile(
         px_src = kind if px_src in ("", kind) else "mixed"
         if oldest is None or pts < oldest:
             oldest = pts
-    flags: list[str] = []
-    max_profit = max_loss = r2r = conv = None
     age: int | None = None
     if debit is None:
-        flags.append("no_price")
+        flags, max_profit, max_loss, r2r, conv = ["no_price"], None, None, None, None
         px_src = "none"
     else:
-        d = debit
         age = as_of - oldest if oldest is not None else None
-        if stale_quote:
-            flags.append("stale_quote")
-        if spec.strategy == "single":
-            k = spec.strikes[0]
-            max_loss = d
-            if spec.right == "P":
-                max_profit = k - d
-                if d > k + EPS:
-                    flags.append("above_bound")
-        else:
-            w = spec.width
-            max_profit, max_loss = w - d, d
-            conv = round(min(1.0, max(0.0, 1.0 - d / w)), 6) + 0.0
-            if d > w + EPS:
-                flags.append("above_bound")
-        if d < -EPS:
-            flags.append("below_bound")
-        elif abs(d) <= EPS:
-            flags.append("zero_debit")
-        if max_profit is not None and d > EPS:
-            r2r = round(max_profit / d, 6) + 0.0
-        debit = round(d, 6) + 0.0  # + 0.0 turns -0.0 into 0.0 (stable JSON)
-        max_loss = round(max_loss, 6) + 0.0
-        max_profit = round(max_profit, 6) + 0.0 if max_profit is not None else None
+        debit, max_profit, max_loss, r2r, conv, flags = _values(spec, debit, stale_quote)
     return Tile(
         id=spec.id,
         symbol=spec.symbol,
@@ -502,39 +514,13 @@ def staged_value(
         px_src = kind if px_src in ("", kind) else "mixed"
         if oldest is None or pts < oldest:
             oldest = pts
-    flags: list[str] = []
-    max_profit = max_loss = r2r = conv = None
     age: int | None = None
     if debit is None:
-        flags.append("no_price")
+        flags, max_profit, max_loss, r2r, conv = ["no_price"], None, None, None, None
         px_src = "none"
     else:
-        d = debit
         age = as_of - oldest if oldest is not None else None
-        if stale_quote:
-            flags.append("stale_quote")
-        if spec.strategy == "single":
-            k = spec.strikes[0]
-            max_loss = d
-            if spec.right == "P":
-                max_profit = k - d
-                if d > k + EPS:
-                    flags.append("above_bound")
-        else:
-            w = spec.width
-            max_profit, max_loss = w - d, d
-            conv = round(min(1.0, max(0.0, 1.0 - d / w)), 6) + 0.0
-            if d > w + EPS:
-                flags.append("above_bound")
-        if d < -EPS:
-            flags.append("below_bound")
-        elif abs(d) <= EPS:
-            flags.append("zero_debit")
-        if max_profit is not None and d > EPS:
-            r2r = round(max_profit / d, 6) + 0.0
-        debit = round(d, 6) + 0.0
-        max_loss = round(max_loss, 6) + 0.0
-        max_profit = round(max_profit, 6) + 0.0 if max_profit is not None else None
+        debit, max_profit, max_loss, r2r, conv, flags = _values(spec, debit, stale_quote)
     if len(legs) > 1 and legs[0][1] > legs[-1][1]:
         vlegs.reverse()  # publish in strike order (see schemas.heatmap.view)
     v = TileView(

@@ -66,7 +66,7 @@ from redis.exceptions import ResponseError, WatchError
 from processors import heatmap as hm
 from schemas import keys
 from schemas.heatmap import TileDelta, split_staged
-from schemas.messages import ModelDiff, PublishedModel, encode, from_entry
+from schemas.messages import ModelDiff, PublishedModel, RawDiff, RawModel, encode, from_entry
 from streams import metrics
 from streams.consumer import Entry
 from streams.processor import Deps
@@ -154,31 +154,8 @@ return 0
 """
 
 
-class _StoredModel(msgspec.Struct):
-    symbol: str
-    kind: str
-    epoch: str
-    version: int
-    ts_ns: int
-    items: dict[str, msgspec.Raw]
-    meta: dict[str, Any] = {}
-    diff_id: str | None = None
-
-
-_model_decoder = msgspec.json.Decoder(_StoredModel)
-
-
-class _StoredDiff(msgspec.Struct):
-    symbol: str
-    epoch: str
-    version: int
-    ts_ns: int
-    changed: dict[str, msgspec.Raw]
-    removed: list[str] = []
-    meta: dict[str, Any] = {}
-
-
-_diff_decoder = msgspec.json.Decoder(_StoredDiff)
+_model_decoder = msgspec.json.Decoder(RawModel)
+_diff_decoder = msgspec.json.Decoder(RawDiff)
 
 
 @dataclass

@@ -61,6 +61,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from schemas import keys
+from schemas.messages import RawDiff, RawModel
 from streams.metrics import counter, gauge
 from streams.processor import Deps
 from streams.settings import from_env
@@ -155,30 +156,8 @@ _diff_head = msgspec.json.Decoder(_DiffHead)
 _model_head = msgspec.json.Decoder(_ModelHead)
 
 
-class _FullModel(msgspec.Struct):
-    symbol: str
-    kind: str
-    epoch: str
-    version: int
-    ts_ns: int
-    items: dict[str, msgspec.Raw]
-    meta: dict[str, Any] = {}
-    diff_id: str | None = None
-
-
-class _FullDiff(msgspec.Struct):
-    symbol: str
-    epoch: str
-    version: int
-    prev_version: int
-    ts_ns: int
-    changed: dict[str, msgspec.Raw]
-    removed: list[str] = []
-    meta: dict[str, Any] = {}
-
-
-_full_model = msgspec.json.Decoder(_FullModel)
-_full_diff = msgspec.json.Decoder(_FullDiff)
+_full_model = msgspec.json.Decoder(RawModel)
+_full_diff = msgspec.json.Decoder(RawDiff)
 _json_encoder = msgspec.json.Encoder()
 
 
@@ -519,7 +498,7 @@ class Gateway:
             return _b(raw)
         if head.diff_id is None:
             return _b(raw)
-        model: _FullModel | None = None
+        model: RawModel | None = None
         cursor = "(" + head.diff_id
         while True:
             page = _rows(
@@ -571,29 +550,8 @@ class Gateway:
         except (msgspec.ValidationError, msgspec.DecodeError):
             return None
         state = _State(base.head.epoch, base.head.version, after)
-        frames: list[bytes] = []
-        cursor = after
-        while True:
-            page = _rows(
-                await self.redis.xrange(
-                    stream, "(" + format_id(cursor), "+", count=self.settings.replay_page
-                )
-            )
-            for raw_id, fields in page:
-                sid = parse_id(raw_id)
-                if sid is None:
-                    continue
-                cursor = sid
-                item = decode_item(sid, raw_id.decode(), fields)
-                if item is None or item.head.symbol != symbol:
-                    continue
-                try:
-                    if accept(state, item):
-                        frames.append(item.frame)
-                except Resync:
-                    return None
-            if len(page) < self.settings.replay_page:
-                return frames, state
+        frames = await self.catch_up(channel, symbol, state)
+        return None if frames is None else (frames, state)
 
     async def session(
         self, channel: Channel, symbol: str, last_event_id: StreamId | None

@@ -227,6 +227,33 @@ class PublishedModel(msgspec.Struct, frozen=True):
     diff_id: str | None = None  # diff stream entry id of this version (SSE resume point)
 
 
+class RawModel(msgspec.Struct):
+    """A stored model decoded with its items left as raw JSON (mutable: the publisher and
+    the SSE gateway apply diffs to it without decoding or re-encoding the items)."""
+
+    symbol: str
+    kind: str
+    epoch: str
+    version: int
+    ts_ns: int
+    items: dict[str, msgspec.Raw]
+    meta: dict[str, Any] = {}
+    diff_id: str | None = None
+
+
+class RawDiff(msgspec.Struct):
+    """A diff stream entry with its changed items left as raw JSON (see RawModel)."""
+
+    symbol: str
+    epoch: str
+    version: int
+    prev_version: int
+    ts_ns: int
+    changed: dict[str, msgspec.Raw]
+    removed: list[str] = []
+    meta: dict[str, Any] = {}
+
+
 class GexRow(msgspec.Struct, frozen=True, array_like=True):
     """One contract of an epoch's GEX projection: value of HASH ``epoch:{eid}:gex`` field
     <cid>, written by the normalizer from every chain snapshot (WS carries no greeks)."""
