@@ -12,7 +12,9 @@ Every ``interval_s`` it reads (Redis >= 7 for lag):
   with the source stream);
 * ``massive_epoch_active_age_seconds{symbol}`` (now - promoted_ns of the active epoch);
 * per published model: ``massive_model_publish_age_seconds{symbol,model}`` (now - the model
-  key's ts_ns) and ``massive_model_version{symbol,model}``;
+  key's ts_ns) and ``massive_model_version{symbol,model}``; a heatmap model key is a
+  checkpoint (see processors/publisher.py), at most ``checkpoint_ms`` (5 s) behind the
+  latest diff while publishing, so both trail the diffs by that much at most;
 * WS dormancy: ``massive_ws_last_event_age_seconds`` (now - ``keys.WS_LAST_EVENT``).
 
 Series of streams, groups and models that disappeared are removed, not frozen. Its
