@@ -439,3 +439,48 @@ async def test_spot_from_snapshots_obeys_admission(deps: Deps, redis: Redis) -> 
     await n.process(await put(redis, chain(NS, spot=5990.0)))  # older: ignored
     spot = await redis.hgetall(keys.SPOT_LATEST)
     assert spot[b"SPX"] == b"6010.0" and spot[b"SPX:ts_ns"] == str(NS + SEC).encode()
+
+
+_opt_ts = st.one_of(st.none(), st.integers(-30, 30).map(lambda s: NS + s * SEC))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    stamps=st.lists(
+        st.lists(st.tuples(_opt_ts, _opt_ts), min_size=3, max_size=3), min_size=1, max_size=4
+    )
+)
+def test_every_contract_hash_keeps_ts_ns_the_max_of_its_quote_and_trade_ts(
+    redis_server: Any, stamps: list[list[tuple[int | None, int | None]]]
+) -> None:
+    """The hydrator's Lua fast path admits an event strictly newer than ``ts_ns`` without
+    reading its own kind's slot; that is only right while every writer keeps ``ts_ns =
+    max(quote_ts, trade_ts)``. A build then re-seeds with random (and missing) quote/trade
+    times, admitted or discarded per kind, must keep it in every hash."""
+
+    async def scenario() -> None:
+        r = Redis.from_url(redis_server.url)
+        await r.flushdb()
+        d = Deps(
+            redis=r,
+            settings=RuntimeSettings(redis_url=redis_server.url, consumer="inv"),
+            registry=CollectorRegistry(),
+        )
+        n = normalizer(d)
+        try:
+            for i, row in enumerate(stamps):
+                snap = ChainSnapshot("SPX", NS + (i + 1) * SEC, 6001.0, [
+                    contract("SPXW", EXP1, right, 6000 + 5 * j, bid=1.0 + i, ask=1.2 + i,
+                             quote_ts_ns=q, last=1.1 + i, trade_ts_ns=t)
+                    for j, ((q, t), right) in enumerate(zip(row, "CPC", strict=True))
+                ])  # fmt: skip
+                await n.process(await put(r, snap))
+                eid = await active(r)
+                for c in snap.contracts:
+                    h = await r.hgetall(keys.epoch_contract(eid, c.cid))
+                    q, t = int(h.get(b"quote_ts", 0)), int(h.get(b"trade_ts", 0))
+                    assert int(h.get(b"ts_ns", 0)) == max(q, t), h
+        finally:
+            await r.aclose()
+
+    asyncio.run(scenario())
