@@ -168,7 +168,7 @@ class QuoteParser:
     most legs read for a batch are neighbours of the dirty contracts whose values did not
     change since the previous batch. Bounded: cleared when it reaches ``max_entries``."""
 
-    def __init__(self, max_entries: int = 200_000) -> None:
+    def __init__(self, max_entries: int = 50_000) -> None:  # ~10 MB at the most
         self.max_entries = max_entries
         self._memo: dict[bytes, hm.LegQuote | None] = {}
 
