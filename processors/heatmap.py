@@ -70,6 +70,7 @@ import datetime as dt
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from math import floor as _floor
 from zoneinfo import ZoneInfo
 
 from schemas import ticker
@@ -343,12 +344,19 @@ def price_leg(q: LegQuote | None, as_of: int, max_age_ns: int) -> tuple[float | 
     return None, "none", 0
 
 
+def _r6(x: float) -> float:
+    """``x`` rounded to 6 decimals, half up; never -0.0. Values here are prices and ratios
+    (|x| well below 2**53 / 1e6, so the product is exact enough)."""
+    return _floor(x * 1e6 + 0.5) / 1e6
+
+
 def _values(
     spec: TileSpec, d: float, stale_quote: bool
 ) -> tuple[float, float | None, float, float | None, float | None, list[str]]:
     """(debit, max_profit, max_loss, r2r, convexity, flags) of a priced tile with debit
-    ``d`` (see the module doc), rounded to 6 decimals (``+ 0.0`` turns -0.0 into 0.0:
-    stable JSON)."""
+    ``d`` (see the module doc), rounded to 6 decimals half up (``_r6``: a float product and
+    floor instead of ``round(x, 6)``, which formats digits and costs ~4x as much on this hot
+    path; no -0.0 comes out: stable JSON)."""
     flags: list[str] = ["stale_quote"] if stale_quote else []
     max_profit: float | None = None
     r2r = conv = None
@@ -362,7 +370,7 @@ def _values(
     else:
         w = spec.width
         max_profit, max_loss = w - d, d
-        conv = round(min(1.0, max(0.0, 1.0 - d / w)), 6) + 0.0
+        conv = _r6(min(1.0, max(0.0, 1.0 - d / w)))
         if d > w + EPS:
             flags.append("above_bound")
     if d < -EPS:
@@ -370,11 +378,11 @@ def _values(
     elif abs(d) <= EPS:
         flags.append("zero_debit")
     if max_profit is not None and d > EPS:
-        r2r = round(max_profit / d, 6) + 0.0
+        r2r = _r6(max_profit / d)
     return (
-        round(d, 6) + 0.0,
-        round(max_profit, 6) + 0.0 if max_profit is not None else None,
-        round(max_loss, 6) + 0.0,
+        _r6(d),
+        _r6(max_profit) if max_profit is not None else None,
+        _r6(max_loss),
         r2r,
         conv,
         flags,

@@ -4,6 +4,7 @@ reference full rebuild checked against an independent recomputation over plain d
 from __future__ import annotations
 
 import datetime as dt
+import math
 
 import pytest
 from hypothesis import given, settings
@@ -362,3 +363,12 @@ def test_fast_leg_parser_agrees_with_the_careful_one(parts: list[bytes], src: by
     if expected is None:  # the Lua fetch sends "" for a missing hash, never all-empty fields
         return
     assert hm.LegQuote.from_joined(b"|".join([*parts, src])) == expected
+
+
+@given(st.floats(-1e5, 1e5, allow_nan=False))
+def test_r6_rounds_to_six_decimals_half_up_without_negative_zero(x: float) -> None:
+    r = hm._r6(x)
+    assert abs(r - x) <= 5e-7 + 1e-9 * abs(x)
+    assert r == round(r, 6)  # at most 6 decimals: the JSON stays short
+    assert math.copysign(1.0, r) == 1.0 or r < 0
+    assert hm._r6(-1e-9) == 0.0 and math.copysign(1.0, hm._r6(-1e-9)) == 1.0
