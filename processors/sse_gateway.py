@@ -463,28 +463,32 @@ class Gateway:
         heatmap model key is a checkpoint that may be some versions behind its diffs (see
         processors/publisher.py). None when they do not continue the snapshot's chain."""
         frames: list[bytes] = []
-        cursor = state.last_id
+        async for raw_id, fields in self._entries_after(channel.stream, format_id(state.last_id)):
+            sid = parse_id(raw_id)
+            item = decode_item(sid, raw_id.decode(), fields) if sid is not None else None
+            if item is None or item.head.symbol != symbol:
+                continue
+            try:
+                if accept(state, item):
+                    frames.append(item.frame)
+            except Resync:
+                return None
+        return frames
+
+    async def _entries_after(
+        self, stream: str, after: str
+    ) -> AsyncIterator[tuple[bytes, dict[bytes, bytes]]]:
+        """Entries of ``stream`` with ids above ``after``, paged by ``replay_page``."""
+        cursor = after
         while True:
             page = _rows(
-                await self.redis.xrange(
-                    channel.stream, "(" + format_id(cursor), "+", count=self.settings.replay_page
-                )
+                await self.redis.xrange(stream, "(" + cursor, "+", count=self.settings.replay_page)
             )
             for raw_id, fields in page:
-                sid = parse_id(raw_id)
-                if sid is None:
-                    continue
-                cursor = sid
-                item = decode_item(sid, raw_id.decode(), fields)
-                if item is None or item.head.symbol != symbol:
-                    continue
-                try:
-                    if accept(state, item):
-                        frames.append(item.frame)
-                except Resync:
-                    return None
+                cursor = raw_id.decode()
+                yield raw_id, fields
             if len(page) < self.settings.replay_page:
-                return frames
+                return
 
     async def current_model(self, channel: Channel, symbol: str) -> bytes | None:
         """The model at its latest version: the model key (a checkpoint) with the diffs after
@@ -499,33 +503,24 @@ class Gateway:
         if head.diff_id is None:
             return _b(raw)
         model: RawModel | None = None
-        cursor = "(" + head.diff_id
-        while True:
-            page = _rows(
-                await self.redis.xrange(
-                    channel.stream, cursor, "+", count=self.settings.replay_page
-                )
-            )
-            for raw_id, fields in page:
-                cursor = "(" + raw_id.decode()
-                body = fields.get(b"d")
-                try:
-                    d = _full_diff.decode(body) if body is not None else None
-                except (msgspec.ValidationError, msgspec.DecodeError):
-                    d = None
-                if d is None or d.symbol != symbol:
-                    continue
-                if model is None:
-                    model = _full_model.decode(raw)
-                if d.epoch != model.epoch or d.prev_version != model.version:
-                    return _b(raw)  # not a continuation: the checkpoint is what we have
-                model.items.update(d.changed)
-                for k in d.removed:
-                    model.items.pop(k, None)
-                model.version, model.ts_ns, model.meta = d.version, d.ts_ns, d.meta
-                model.diff_id = raw_id.decode()
-            if len(page) < self.settings.replay_page:
-                return _b(raw) if model is None else _json_encoder.encode(model)
+        async for raw_id, fields in self._entries_after(channel.stream, head.diff_id):
+            body = fields.get(b"d")
+            try:
+                d = _full_diff.decode(body) if body is not None else None
+            except (msgspec.ValidationError, msgspec.DecodeError):
+                d = None
+            if d is None or d.symbol != symbol:
+                continue
+            if model is None:
+                model = _full_model.decode(raw)
+            if d.epoch != model.epoch or d.prev_version != model.version:
+                return _b(raw)  # not a continuation: the checkpoint is what we have
+            model.items.update(d.changed)
+            for k in d.removed:
+                model.items.pop(k, None)
+            model.version, model.ts_ns, model.meta = d.version, d.ts_ns, d.meta
+            model.diff_id = raw_id.decode()
+        return _b(raw) if model is None else _json_encoder.encode(model)
 
     async def replay(
         self, channel: Channel, symbol: str, after: StreamId
