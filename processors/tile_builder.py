@@ -38,6 +38,7 @@ import msgspec
 from redis.asyncio import Redis
 
 from processors import heatmap as hm
+from processors import tile_vec as tv
 from schemas import keys
 from schemas.heatmap import Tile, TileDelta
 from schemas.messages import DirtyEntry, entry, from_entry
@@ -164,24 +165,26 @@ return 1
 
 
 class QuoteParser:
-    """FETCH_LUA reply -> LegQuote, memoised on the reply bytes (a pure function of them):
-    most legs read for a batch are neighbours of the dirty contracts whose values did not
-    change since the previous batch. Bounded: cleared when it reaches ``max_entries``."""
+    """FETCH_LUA reply -> LegQuote (and its ``tile_vec.quote_row``), memoised on the reply
+    bytes (a pure function of them): most legs read for a batch are neighbours of the dirty
+    contracts whose values did not change since the previous batch. Bounded: cleared when it
+    reaches ``max_entries``."""
 
-    def __init__(self, max_entries: int = 50_000) -> None:  # ~10 MB at the most
+    def __init__(self, max_entries: int = 50_000) -> None:  # ~15 MB at the most
         self.max_entries = max_entries
-        self._memo: dict[bytes, hm.LegQuote | None] = {}
+        self._memo: dict[bytes, tuple[hm.LegQuote | None, tv.QuoteRow]] = {}
 
-    def __call__(self, joined: bytes) -> hm.LegQuote | None:
-        q = self._memo.get(joined, _MISSING)
-        if q is _MISSING:
+    def pair(self, joined: bytes) -> tuple[hm.LegQuote | None, tv.QuoteRow]:
+        p = self._memo.get(joined)
+        if p is None:
             if len(self._memo) >= self.max_entries:
                 self._memo.clear()
-            q = self._memo[joined] = hm.LegQuote.from_joined(joined) if joined else None
-        return q  # type: ignore[return-value]
+            q = hm.LegQuote.from_joined(joined) if joined else None
+            p = self._memo[joined] = (q, tv.quote_row(q))
+        return p
 
-
-_MISSING = object()
+    def __call__(self, joined: bytes) -> hm.LegQuote | None:
+        return self.pair(joined)[0]
 
 
 async def fetch_quotes(
@@ -205,6 +208,28 @@ async def fetch_quotes(
     for part, rep in zip(parts, replies, strict=True):
         out.update(zip(part, map(parse, rep), strict=True))
     return out
+
+
+async def fetch_rows(
+    redis: Redis,
+    eid: str,
+    cids: Sequence[str],
+    chunk: int,
+    script: Any,
+    parser: QuoteParser,
+) -> tuple[dict[str, hm.LegQuote | None], list[tv.QuoteRow]]:
+    """``fetch_quotes`` for the vectorised path: the quotes and their array rows, in the
+    order of ``cids``."""
+    pipe = redis.pipeline(transaction=False)
+    parts = [cids[i : i + chunk] for i in range(0, len(cids), chunk)]
+    prefix = keys.epoch_contract_prefix(eid)
+    for part in parts:
+        await script(keys=[prefix + c for c in part], args=hm.LEG_FIELDS, client=pipe)
+    replies = await pipe.execute() if parts else []
+    pair = parser.pair
+    pairs = [pair(j) for rep in replies for j in rep]
+    quotes = dict(zip(cids, [p[0] for p in pairs], strict=True))
+    return quotes, [p[1] for p in pairs]
 
 
 async def load_grid(
@@ -244,6 +269,7 @@ class TileBuilder(ConsumerProcessor):
         self._stage = self.redis.register_script(STAGE_LUA)
         self._install = self.redis.register_script(INSTALL_LUA)
         self._grids: dict[str, tuple[str, hm.Grid]] = {}
+        self._tables: dict[str, tuple[str, tv.TileTable]] = {}
         self._parse = QuoteParser()
         reg, lbl = deps.registry, {"strategy": strategy}
         self.m_computed = metrics.counter(
@@ -349,6 +375,26 @@ class TileBuilder(ConsumerProcessor):
         self._grids[sym] = (eid, grid)
         return grid
 
+    async def _table(self, sym: str, eid: str) -> tv.TileTable:
+        cached = self._tables.get(sym)
+        if cached is not None and cached[0] == eid:
+            return cached[1]
+        table = tv.TileTable(await self._grid(sym, eid))
+        self._tables[sym] = (eid, table)
+        return table
+
+    async def _compute(
+        self, table: tv.TileTable, eid: str, rows: Any
+    ) -> tuple[list[str], list[bytes]]:
+        """Read the legs of the tiles ``rows`` and compute their staging values."""
+        cids = table.leg_contracts(rows)
+        quotes, qrows = await fetch_rows(
+            self.redis, eid, cids, self.cfg.fetch_chunk, self._fetch, self._parse
+        )
+        table.load_rows(cids, qrows)
+        values = table.staged_values(rows, quotes, self.cfg.max_quote_age_ns)
+        return table.tile_ids(rows), values
+
     async def incremental(
         self,
         sym: str,
@@ -360,30 +406,20 @@ class TileBuilder(ConsumerProcessor):
     ) -> list[str]:
         """Recompute and stage the tiles using ``cids``; returns the announced tile ids."""
         t0 = time.perf_counter()
-        grid = await self._grid(sym, eid)
-        specs = grid.affected(cids)
-        outside = sum(1 for c in cids if c not in grid.by_cid)
+        table = await self._table(sym, eid)
+        rows = table.affected(cids)
+        outside = sum(1 for c in cids if c not in table.rows_of)
         if outside:
             self.m_skipped.labels(self.strategy, "outside_grid").inc(outside)
-        if not specs:
+        if not len(rows):
             return []
-        quotes = await fetch_quotes(
-            self.redis,
-            eid,
-            grid.leg_cids(specs.values()),
-            self.cfg.fetch_chunk,
-            self._fetch,
-            self._parse,
-        )
-        age = self.cfg.max_quote_age_ns
-        staged_value = hm.staged_value
-        tiles = [(tid, staged_value(s, quotes, age)) for tid, s in specs.items()]
-        self.m_computed.labels(self.strategy, "incremental").inc(len(tiles))
-        statuses = await self._stage_tiles(sym, eid, tiles)
+        tids, values = await self._compute(table, eid, rows)
+        self.m_computed.labels(self.strategy, "incremental").inc(len(tids))
+        statuses = await self._stage_tiles(sym, eid, tids, values)
         if statuses is None:  # staging holds another epoch (replaced meanwhile): rebuild
             await self.full_build(sym, eid, recv_ts_ns=recv_ts_ns, n_dirty=n_dirty)
             return []
-        ids = [t[0] for t, st in zip(tiles, statuses, strict=True) if st >= 0]
+        ids = [t for t, st in zip(tids, statuses, strict=True) if st >= 0]
         if ids:
             delta = TileDelta(
                 symbol=sym,
@@ -402,17 +438,18 @@ class TileBuilder(ConsumerProcessor):
         return ids
 
     async def _stage_tiles(
-        self, sym: str, eid: str, tiles: list[tuple[str, bytes]]
+        self, sym: str, eid: str, tids: list[str], values: list[bytes]
     ) -> list[int] | None:
-        """Admission write of ``tiles`` (id, staging value); None when staging holds another
-        epoch."""
+        """Admission write of the tiles ``tids`` with staging ``values``; None when staging
+        holds another epoch."""
         k = [keys.heatmap_staging(sym, self.strategy), keys.heatmap_manifest(sym, self.strategy)]
         n = self.cfg.write_chunk
         pipe = self.redis.pipeline(transaction=False)
-        for i in range(0, len(tiles), n):
-            args: list[str | bytes] = [eid]
-            for tid, val in tiles[i : i + n]:
-                args += (tid, val)
+        for i in range(0, len(tids), n):
+            part = tids[i : i + n]
+            args: list[str | bytes] = [eid] * (1 + 2 * len(part))
+            args[1::2] = part
+            args[2::2] = values[i : i + n]
             await self._stage(keys=k, args=args, client=pipe)
         replies = await pipe.execute()
         out: list[int] = []
@@ -433,17 +470,9 @@ class TileBuilder(ConsumerProcessor):
         created = await self.redis.hget(keys.epoch_meta(eid), "created_ns")
         created_ns = int(created) if created is not None else 0
         grid = await self._grid(sym, eid)
-        quotes = await fetch_quotes(
-            self.redis,
-            eid,
-            grid.leg_cids(grid.specs.values()),
-            self.cfg.fetch_chunk,
-            self._fetch,
-            self._parse,
-        )
-        age = self.cfg.max_quote_age_ns
-        staged_value = hm.staged_value
-        tiles = [(tid, staged_value(s, quotes, age)) for tid, s in grid.specs.items()]
+        table = await self._table(sym, eid)
+        tids, values = await self._compute(table, eid, table.all_rows())
+        tiles = list(zip(tids, values, strict=True))
         self.m_computed.labels(self.strategy, "full").inc(len(tiles))
         consumer = self.spec.consumer
         b_key = keys.heatmap_build(sym, self.strategy, consumer)
@@ -474,7 +503,7 @@ class TileBuilder(ConsumerProcessor):
         else:
             if rc == 0:
                 result = "merged"
-                await self._stage_tiles(sym, eid, tiles)
+                await self._stage_tiles(sym, eid, tids, values)
             else:
                 result = "installed"
                 self.m_staged.labels(self.strategy, "admitted").inc(len(tiles))

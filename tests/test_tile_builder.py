@@ -193,7 +193,7 @@ async def test_older_tile_is_not_admitted_and_redelivery_reannounces(
     # a slow replica computed from older values: its write is refused
     spec = (await b._grid("SPX", "e1")).specs[tid]
     old = (spec.id, hm.staged_value(spec, {c: None}, CFG.max_quote_age_ns))
-    assert await b._stage_tiles("SPX", "e1", [old]) == [-1]
+    assert await b._stage_tiles("SPX", "e1", [old[0]], [old[1]]) == [-1]
     assert (await staged(redis, "single"))[tid] == good
     # redelivery of the same dirty entry: equal tile, not rewritten, but announced again
     await redis.delete(keys.tiles_stream("single"))
