@@ -166,7 +166,7 @@ class SymState:
     epoch: str | None = None
     version: int = 0
     items: dict[str, msgspec.Raw] = field(default_factory=dict)  # tile_id -> tile JSON
-    pending: dict[str, bytes] = field(default_factory=dict)
+    pending: dict[str, msgspec.Raw | None] = field(default_factory=dict)  # None: removed
     pending_recv: dict[str, int] = field(default_factory=dict)
     needs_reconcile: bool = False
     reconcile_recv: int | None = None
@@ -485,25 +485,41 @@ class Publisher:
                 for recv in wanted[sym].values():  # staging replaced since: another epoch
                     st.note_reconcile(recv)
                 continue
+            # Hot loop (every announced tile): _staged_json and _stage_change inlined.
+            items_get, pending, precv = st.items.get, st.pending, st.pending_recv
+            raw_t = msgspec.Raw
             for (tid, recv), raw in zip(wanted[sym].items(), vals, strict=True):
                 if raw is None:
                     st.note_reconcile(recv)
                     continue
-                js = self._staged_json(tid, raw)
-                if js is not None:
-                    self._stage_change(st, tid, js, recv)
+                c = raw.find(b":")  # b"<seq>:<json>" (schemas.heatmap.stage_value)
+                if 0 < c < len(raw) - 1 and raw[:c].isdigit():
+                    js = raw_t(raw[c + 1 :])
+                else:  # the careful parse: takes what it can, counts and logs the rest
+                    j = self._staged_json(tid, raw)
+                    if j is None:
+                        continue
+                    js = j
+                if items_get(tid) == js:
+                    if pending.pop(tid, None) is not None:
+                        precv.pop(tid, None)
+                    continue
+                pending[tid] = js
+                if recv is not None:
+                    cur = precv.get(tid)
+                    precv[tid] = recv if cur is None else min(cur, recv)
 
-    def _staged_json(self, tid: str | bytes, raw: bytes) -> bytes | None:
+    def _staged_json(self, tid: str | bytes, raw: bytes) -> msgspec.Raw | None:
         try:
-            return split_staged(raw)[1]
+            return msgspec.Raw(split_staged(raw)[1])
         except ValueError as exc:
             self.m_rejected.labels(self.strategy, "bad_staged_tile").inc()
             logger.error("unreadable staged tile %r: %s", tid, exc)
             return None
 
     @staticmethod
-    def _stage_change(st: SymState, tid: str, js: bytes, recv: int | None) -> None:
-        if st.items.get(tid) == msgspec.Raw(js):
+    def _stage_change(st: SymState, tid: str, js: msgspec.Raw, recv: int | None) -> None:
+        if st.items.get(tid) == js:
             st.pending.pop(tid, None)
             st.pending_recv.pop(tid, None)
             return
@@ -557,7 +573,7 @@ class Publisher:
             st.roots = msgspec.json.decode(manifest.get(b"roots", b"{}"), type=dict[str, str])
         except msgspec.DecodeError:
             st.roots = {}
-        tiles: dict[str, bytes] = {}  # every staged tile is of the manifest's epoch
+        tiles: dict[str, msgspec.Raw] = {}  # every staged tile is of the manifest's epoch
         for k, raw in staged.items():
             js = self._staged_json(k, raw)
             if js is not None:
@@ -566,10 +582,9 @@ class Publisher:
         if man_epoch != st.epoch:
             if len(tiles) < expected:
                 return  # incomplete: keep needs_reconcile, retried on the next evaluation
-            changed = {k: v for k, v in tiles.items() if st.items.get(k) != msgspec.Raw(v)}
+            changed = {k: v for k, v in tiles.items() if st.items.get(k) != v}
             removed = sorted(set(st.items) - set(tiles))
-            items = {k: msgspec.Raw(v) for k, v in tiles.items()}
-            await self._commit(st, "complete", man_epoch, changed, removed, items, recv, expected)
+            await self._commit(st, "complete", man_epoch, changed, removed, tiles, recv, expected)
             return
         st.needs_reconcile = False
         st.reconcile_recv = None
@@ -577,19 +592,15 @@ class Publisher:
             self._stage_change(st, k, v, recv)
         gone = set(st.items) - set(tiles)
         for k in gone:  # cannot happen within one epoch (frozen topology); kept for safety
-            st.pending[k] = b""
+            st.pending[k] = None
 
     async def _publish_pending(self, st: SymState, condition: str) -> None:
         assert st.epoch is not None
-        changed = {k: v for k, v in st.pending.items() if v}
-        removed = sorted(k for k, v in st.pending.items() if not v)
-        items = dict(st.items)
-        items.update((k, msgspec.Raw(v)) for k, v in changed.items())
-        for k in removed:
-            items.pop(k, None)
-        recvs = [st.pending_recv[k] for k in st.pending if k in st.pending_recv]
+        changed = {k: v for k, v in st.pending.items() if v is not None}
+        removed = sorted(k for k, v in st.pending.items() if v is None)
+        recvs = st.pending_recv.values()
         await self._commit(
-            st, condition, st.epoch, changed, removed, items, min(recvs) if recvs else None, None
+            st, condition, st.epoch, changed, removed, None, min(recvs) if recvs else None, None
         )
 
     async def _commit(
@@ -597,16 +608,24 @@ class Publisher:
         st: SymState,
         condition: str,
         epoch: str,
-        changed: dict[str, bytes],
+        changed: dict[str, msgspec.Raw],
         removed: list[str],
-        items: dict[str, msgspec.Raw],
+        items: dict[str, msgspec.Raw] | None,
         recv: int | None,
         expected: int | None,
     ) -> None:
+        """Publish version current + 1 = ``changed`` / ``removed`` applied to the model;
+        ``items`` = the whole new model (a new epoch), None = ``st.items`` with the changes
+        applied (in place, once the publish succeeded: no copy of a 50k-item dict)."""
         t0 = self.clock.monotonic()
         version = st.version + 1
         now_ns = self.clock.time_ns()
-        meta: dict[str, Any] = {"strategy": self.strategy, "n_tiles": len(items)}
+        if items is None:
+            n_items = len(st.items) + sum(1 for k in changed if k not in st.items)
+            n_items -= sum(1 for k in removed if k in st.items)
+        else:
+            n_items = len(items)
+        meta: dict[str, Any] = {"strategy": self.strategy, "n_tiles": n_items}
         if st.roots:
             meta["roots"] = st.roots  # option root per expiry (tickers of the legs)
         if expected is not None:
@@ -618,19 +637,10 @@ class Publisher:
             version=version,
             prev_version=version - 1,
             ts_ns=now_ns,
-            changed={k: msgspec.Raw(v) for k, v in changed.items()},
+            changed=changed,
             removed=removed,
             meta=meta,
             src_recv_ts_ns=recv,
-        )
-        model = PublishedModel(
-            symbol=st.symbol,
-            kind=self.kind,
-            epoch=epoch,
-            version=version,
-            ts_ns=now_ns,
-            items=items,
-            meta=meta,
         )
         checkpoint = (
             expected is not None
@@ -638,7 +648,22 @@ class Publisher:
             or t0 - st.last_checkpoint >= self.cfg.checkpoint_ms / 1000
         )
         code, diff_id = await self._write(st.symbol, epoch, version, encode(diff))
+        if code == 1 and items is None:
+            items = st.items
+            items.update(changed)
+            for k in removed:
+                items.pop(k, None)
         if code == 1 and checkpoint:
+            assert items is not None
+            model = PublishedModel(
+                symbol=st.symbol,
+                kind=self.kind,
+                epoch=epoch,
+                version=version,
+                ts_ns=now_ns,
+                items=items,
+                meta=meta,
+            )
             # Right after the diff, outside the script (a model of ~15 MB as a script
             # argument costs Redis two extra copies); a crash in between leaves the previous
             # checkpoint, which the diffs bring up to date.
@@ -647,6 +672,7 @@ class Publisher:
                 st.checkpointed, st.last_checkpoint = version, t0
         self.m_publish_s.observe(self.clock.monotonic() - t0)
         if code == 1:
+            assert items is not None
             st.epoch, st.version, st.items = epoch, version, items
             st.diff_id, st.ts_ns, st.meta = diff_id, now_ns, meta
             st.pending, st.pending_recv = {}, {}

@@ -311,7 +311,7 @@ async def test_diff_id_above_a_later_stream_id_is_chosen_and_carried_by_the_mode
         await redis.xadd(keys.heatmap_diffs_stream(STRAT), {"d": b"{}"}, id=f"{future_ms}-5")
         st = await p._state("SPX")
         tid = next(iter(st.items))
-        st.pending = {tid: b'{"changed":true}'}
+        st.pending = {tid: msgspec.Raw(b'{"changed":true}')}
         await p._publish_pending(st, "time")
         # the model key is a checkpoint, written by the lead loop once nothing is pending
         await eventually(lambda: _model_version_is(redis, 2))
