@@ -8,7 +8,8 @@ import asyncio
 import importlib
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
@@ -44,6 +45,18 @@ def make_deps(settings: RuntimeSettings) -> Deps:
         settings=settings,
         registry=CollectorRegistry(),
     )
+
+
+def run_loop(coro: Coroutine[Any, Any, None], event_loop: str = "uvloop") -> None:
+    """``asyncio.run`` on the configured event loop (Python 3.11's asyncio.run has no
+    loop_factory; asyncio.Runner does)."""
+    factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    if event_loop == "uvloop":
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(coro)
 
 
 async def _run(names: Sequence[str], settings: RuntimeSettings) -> None:
@@ -113,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(settings.log_level)
     try:
         if args.cmd == "run":
-            asyncio.run(_run(args.processors, settings))
+            run_loop(_run(args.processors, settings), settings.event_loop)
         elif args.cmd == "offsets":
             asyncio.run(_offsets_reset(settings, args.stream, args.group, args.to))
         elif args.cmd == "lag":
