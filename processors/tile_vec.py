@@ -47,6 +47,8 @@ _FLAGS = np.array(
     ],
     dtype=object,
 )
+# Below this many tiles the per-tile reference is faster (measured crossover ~80 tiles).
+SMALL_BATCH = 64
 # Timestamps and admission sums must fit the integer arrays exactly.
 _TS_MAX = 2**61  # ns: year 2043; 3 legs x 2 timestamps sum below 2**64 (uint64)
 
@@ -201,8 +203,8 @@ class TileTable:
     ) -> list[bytes]:
         """Staging value of each tile in ``rows`` (``heatmap.staged_value`` bytes), from the
         quotes ``load``-ed; ``quotes`` (the same, as LegQuote) serve the reference path."""
-        if len(rows) == 0:
-            return []
+        if len(rows) < SMALL_BATCH:  # numpy's fixed cost per call exceeds the per-tile path
+            return self._reference(rows, quotes, max_quote_age_ns)
         lc = self.leg[rows]  # (n, L) contract indices, spec leg order
         if self.exotic[lc].any():
             return self._reference(rows, quotes, max_quote_age_ns)

@@ -8,7 +8,8 @@ from __future__ import annotations
 import datetime as dt
 
 import numpy as np
-from hypothesis import given, settings
+import pytest
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from processors import heatmap as hm
@@ -57,7 +58,16 @@ def reference(spec: hm.TileSpec, quotes: dict[str, hm.LegQuote | None], age: int
         return b"overflow"
 
 
-@settings(max_examples=150, deadline=None)
+@pytest.fixture(autouse=True)
+def numpy_path_for_every_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small batches take the per-tile path in production (SMALL_BATCH); here every batch
+    goes through the numpy path, which is what is under test."""
+    monkeypatch.setattr(tv, "SMALL_BATCH", 0)
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     strategy=st.sampled_from(hm.STRATEGIES),
     quotes=st.lists(leg_quote(), min_size=len(CIDS), max_size=len(CIDS)),
@@ -65,7 +75,10 @@ def reference(spec: hm.TileSpec, quotes: dict[str, hm.LegQuote | None], age: int
     max_age_s=st.sampled_from([1, 10, 60]),
 )
 def test_vectorised_batch_equals_the_reference_tile_by_tile(
-    strategy: str, quotes: list[hm.LegQuote | None], dirty: list[str], max_age_s: int
+    strategy: str,
+    quotes: list[hm.LegQuote | None],
+    dirty: list[str],
+    max_age_s: int,
 ) -> None:
     grid = hm.build_grid("SPX", strategy, CIDS, (5.0, 10.0, 22.5), today=None, n_expiries=2)
     table = tv.TileTable(grid)
