@@ -279,3 +279,61 @@ async def test_run_bootstraps_an_active_epoch_and_consumes_the_stream(
     finally:
         stop.set()
         await asyncio.wait_for(task, 5)
+
+
+def _counter(deps: Deps, name: str, **labels: str) -> float:
+    return deps.registry.get_sample_value(name, labels) or 0.0
+
+
+async def test_lone_builder_stages_optimistically_without_the_admission_script(
+    deps: Deps, redis: Redis
+) -> None:
+    cids = await seed(redis)
+    b = TileBuilder(deps, "vertical", CFG)
+    await b.handle(as_entries(DirtyEntry("SPX", "e1", [], NOW, reason="epoch")))
+    await redis.config_resetstat()
+    c = cids[5]
+    await tick(redis, "e1", c, NOW + 3 * SEC, 4.0, 4.4)
+    await b.handle(as_entries(DirtyEntry("SPX", "e1", [c], NOW + 3 * SEC)))
+    stats = await redis.info("commandstats")
+    assert "cmdstat_exec" in stats  # MULTI/EXEC of plain HSETs...
+    staged_calls = stats.get("cmdstat_evalsha", {}).get("calls", 0)
+    fetch_calls = -(-len((await b._table("SPX", "e1")).leg_contracts(
+        (await b._table("SPX", "e1")).affected([c]))) // CFG.fetch_chunk)  # fmt: skip
+    assert staged_calls == fetch_calls  # ...and no staging script: only the leg reads
+    await assert_staging_matches_reference(redis, "vertical", "e1")
+    assert _counter(deps, "massive_tile_stage_conflicts_total", strategy="vertical") == 0
+
+
+async def test_staging_written_meanwhile_falls_back_to_admission(deps: Deps, redis: Redis) -> None:
+    """A replica (or an install) writes staging between our WATCH and EXEC: EXEC aborts and
+    our values go through the admission script, which keeps the replica's newer tile and
+    stages the rest of ours; the staging equals the full rebuild once all is processed."""
+    cids = await seed(redis)
+    b = TileBuilder(deps, "vertical", CFG)
+    await b.handle(as_entries(DirtyEntry("SPX", "e1", [], NOW, reason="epoch")))
+    c = cids[5]
+    table = await b._table("SPX", "e1")
+    tids = table.tile_ids(table.affected([c]))
+    victim = tids[0]
+    newer = b"9" * 30 + b':{"legs":[],"flags":["from_a_replica"]}'
+    real_compute = b._compute
+
+    async def compute_then_replica_writes(*a: object) -> tuple[list[str], list[bytes]]:
+        out = await real_compute(*a)  # type: ignore[arg-type]
+        await redis.hset(keys.heatmap_staging("SPX", "vertical"), victim, newer)
+        return out
+
+    b._compute = compute_then_replica_writes  # type: ignore[method-assign]
+    await tick(redis, "e1", c, NOW + 3 * SEC, 4.0, 4.4)
+    await redis.delete(keys.tiles_stream("vertical"))
+    await b.handle(as_entries(DirtyEntry("SPX", "e1", [c], NOW + 3 * SEC)))
+    assert _counter(deps, "massive_tile_stage_conflicts_total", strategy="vertical") == 1
+    got = await staged(redis, "vertical")
+    assert got[victim] == newer  # the newer (higher seq) value is not overwritten
+    assert _counter(deps, "massive_tiles_staged_total", strategy="vertical", result="older") == 1
+    ref = await reference_full_build(redis, "e1", "SPX", "vertical", CFG, NOW)
+    for t in tids[1:]:
+        assert got[t] == stage_value(ref[t])  # the rest of ours landed through admission
+    (d,) = await deltas(redis, "vertical")
+    assert set(d.ids) == set(tids) - {victim}  # the refused tile is the replica's to announce
