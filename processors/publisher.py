@@ -621,8 +621,8 @@ class Publisher:
         version = st.version + 1
         now_ns = self.clock.time_ns()
         if items is None:
-            n_items = len(st.items) + sum(1 for k in changed if k not in st.items)
-            n_items -= sum(1 for k in removed if k in st.items)
+            n_items = len(st.items) + len(changed.keys() - st.items.keys())
+            n_items -= len(st.items.keys() & removed)
         else:
             n_items = len(items)
         meta: dict[str, Any] = {"strategy": self.strategy, "n_tiles": n_items}
