@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -110,6 +111,7 @@ if redis.call('HGET', KEYS[2], 'epoch') ~= ARGV[1] then return -9 end
 local find, sub = string.find, string.sub
 local n = (#ARGV - 1) / 2
 local out, ids, tv = {}, {}, {}
+local wrote = false
 for a = 1, n, 1000 do
   local b = math.min(a + 999, n)
   for i = a, b do ids[i - a + 1] = ARGV[2 * i] end
@@ -135,8 +137,11 @@ for a = 1, n, 1000 do
   if #tv > 0 then
     redis.call('HSET', KEYS[1], unpack(tv))
     tv = {}
+    wrote = true
   end
 end
+-- staging no longer holds exactly one builder's writes (see TileBuilder._compute_and_stage)
+if wrote then redis.call('HSET', KEYS[2], 'writer', 'admission') end
 return out
 """
 
@@ -272,6 +277,7 @@ class TileBuilder(ConsumerProcessor):
         self._grids: dict[str, tuple[str, hm.Grid]] = {}
         self._tables: dict[str, tuple[str, tv.TileTable]] = {}
         self._parse = QuoteParser()
+        self.owner = f"{self.spec.consumer}:{uuid.uuid4().hex[:12]}"  # staging writer id
         reg, lbl = deps.registry, {"strategy": strategy}
         self.m_computed = metrics.counter(
             reg, "massive_tiles_computed_total", "Tiles computed", ("strategy", "mode")
@@ -293,6 +299,12 @@ class TileBuilder(ConsumerProcessor):
             "massive_tile_stage_conflicts_total",
             "Optimistic staging writes aborted (staging written meanwhile: a replica or an "
             "epoch install); their tiles went through the admission script",
+            ("strategy",),
+        ).labels(**lbl)
+        self.m_unchanged = metrics.counter(
+            reg,
+            "massive_tiles_unchanged_total",
+            "Recomputed and staged tiles not announced: same published view as announced",
             ("strategy",),
         ).labels(**lbl)
         self.m_full = metrics.counter(
@@ -387,7 +399,7 @@ class TileBuilder(ConsumerProcessor):
         cached = self._tables.get(sym)
         if cached is not None and cached[0] == eid:
             return cached[1]
-        table = tv.TileTable(await self._grid(sym, eid))
+        table = tv.TileTable(await self._grid(sym, eid), eid)
         self._tables[sym] = (eid, table)
         return table
 
@@ -412,7 +424,25 @@ class TileBuilder(ConsumerProcessor):
         max_ts_ns: int,
         n_dirty: int,
     ) -> list[str]:
-        """Recompute and stage the tiles using ``cids``; returns the announced tile ids."""
+        """Recompute and stage the tiles using ``cids``; returns the announced tile ids.
+
+        Optimistic path (one writer, the usual case): WATCH staging + manifest, check the
+        staged epoch, THEN read the legs and compute, then one MULTI / EXEC with the HSETs,
+        the manifest's ``writer`` and the XADD of the tile delta. If EXEC succeeds, no one
+        wrote staging between the WATCH and the EXEC, so everything staged was computed from
+        leg values read before our reads: ours are at least as new, and plain HSETs are
+        exactly what the admission script would have admitted (at ~1/6 of its Redis time:
+        no old values read, no Lua strings); the delta lands with the values or not at all.
+        If anyone wrote (a replica of this builder, an epoch install), EXEC aborts and the
+        same values go through the admission script (STAGE_LUA), which decides per tile.
+
+        Announcing only what changed: every optimistic write sets the manifest's ``writer``
+        to this builder's owner id; the admission script sets it to "admission" when it
+        writes, and an install rewrites the manifest. Finding our id at the WATCH means
+        staging holds only our writes since our last one, each announced in the same
+        transaction, so ``TileTable.last_js`` (the views we announced) is what the publisher
+        has: a recomputed tile with the same view is staged (its seq moves) but not
+        announced. Otherwise the cache is dropped and every recomputed tile is announced."""
         t0 = time.perf_counter()
         table = await self._table(sym, eid)
         rows = table.affected(cids)
@@ -421,68 +451,99 @@ class TileBuilder(ConsumerProcessor):
             self.m_skipped.labels(self.strategy, "outside_grid").inc(outside)
         if not len(rows):
             return []
-        statuses: list[int] | None
-        tids, statuses = await self._compute_and_stage(sym, eid, table, rows)
-        self.m_computed.labels(self.strategy, "incremental").inc(len(tids))
+        k_st = keys.heatmap_staging(sym, self.strategy)
+        k_man = keys.heatmap_manifest(sym, self.strategy)
+
+        def delta(ids: list[str]) -> producer.Fields:
+            return _fields(
+                TileDelta(
+                    symbol=sym,
+                    strategy=self.strategy,
+                    epoch=eid,
+                    ids=ids,
+                    recv_ts_ns=recv_ts_ns,
+                    max_ts_ns=max_ts_ns,
+                    n_dirty=n_dirty,
+                )
+            )
+
+        async with self.redis.pipeline(transaction=True) as tx:
+            await tx.watch(k_st, k_man)
+            staged, writer = await tx.hmget(k_man, ["epoch", "writer"])
+            if staged is not None and _s(staged) == eid:
+                ids, tids, values = await self._try_optimistic(
+                    tx, table, rows, _s(writer) if writer else None, delta
+                )
+                if ids is not None:
+                    self.m_seconds.labels(self.strategy, "incremental").observe(
+                        time.perf_counter() - t0
+                    )
+                    return ids
+        if staged is None or _s(staged) != eid:  # another epoch staged (replaced): rebuild
+            await self.full_build(sym, eid, recv_ts_ns=recv_ts_ns, n_dirty=n_dirty)
+            return []
+        # Staging was written meanwhile: the admission script decides per tile.
+        table.last_js = [None] * len(table.last_js)
+        statuses = await self._stage_tiles(sym, eid, tids, values)
         if statuses is None:  # staging holds another epoch (replaced meanwhile): rebuild
             await self.full_build(sym, eid, recv_ts_ns=recv_ts_ns, n_dirty=n_dirty)
             return []
+        # Admitted or equal (an equal tile may be a redelivery whose delta was lost).
         ids = [t for t, st in zip(tids, statuses, strict=True) if st >= 0]
         if ids:
-            delta = TileDelta(
-                symbol=sym,
-                strategy=self.strategy,
-                epoch=eid,
-                ids=ids,
-                recv_ts_ns=recv_ts_ns,
-                max_ts_ns=max_ts_ns,
-                n_dirty=n_dirty,
-            )
-            await producer.xadd(
-                self.redis, self.tiles_stream, _fields(delta), self.cfg.tiles_maxlen
-            )
+            await producer.xadd(self.redis, self.tiles_stream, delta(ids), self.cfg.tiles_maxlen)
             self.m_deltas.inc()
         self.m_seconds.labels(self.strategy, "incremental").observe(time.perf_counter() - t0)
         return ids
 
-    async def _compute_and_stage(
-        self, sym: str, eid: str, table: tv.TileTable, rows: Any
-    ) -> tuple[list[str], list[int] | None]:
-        """Compute the tiles ``rows`` and stage them; returns (ids, statuses), statuses None
-        when staging holds another epoch (nothing written).
-
-        Optimistic path (one writer, the usual case): WATCH staging + manifest, check the
-        staged epoch, THEN read the legs and compute, then MULTI / HSET / EXEC. If EXEC
-        succeeds, no one wrote staging between the WATCH and the EXEC, so everything staged
-        was computed from leg values read before our reads: ours are at least as new, and
-        plain HSETs are exactly what the admission script would have admitted (at ~1/6 of
-        its Redis time: no old values read, no Lua strings). If anyone wrote (a replica of
-        this builder, an epoch install), EXEC aborts and the same values go through the
-        admission script (STAGE_LUA), which decides per tile."""
-        k_st = keys.heatmap_staging(sym, self.strategy)
-        k_man = keys.heatmap_manifest(sym, self.strategy)
-        async with self.redis.pipeline(transaction=True) as tx:
-            await tx.watch(k_st, k_man)
-            staged: Any = await tx.hget(k_man, "epoch")
-            if staged is None or _s(staged) != eid:
-                return [], None
-            tids, values = await self._compute(table, eid, rows)
-            tx.multi()  # type: ignore[no-untyped-call]
-            n = self.cfg.write_chunk
-            for i in range(0, len(tids), n):
-                part = tids[i : i + n]
-                items: list[str | bytes] = [b""] * (2 * len(part))
-                items[0::2] = part
-                items[1::2] = values[i : i + n]
-                tx.hset(k_st, items=items)
-            try:
-                await tx.execute()
-            except WatchError:
-                self.m_stage_conflicts.inc()
-            else:
-                self.m_staged.labels(self.strategy, "admitted").inc(len(tids))
-                return tids, [1] * len(tids)
-        return tids, await self._stage_tiles(sym, eid, tids, values)
+    async def _try_optimistic(
+        self,
+        tx: Any,
+        table: tv.TileTable,
+        rows: Any,
+        writer: str | None,
+        delta: Callable[[list[str]], producer.Fields],
+    ) -> tuple[list[str] | None, list[str], list[bytes]]:
+        """The optimistic write of ``incremental`` on the WATCHing pipeline ``tx``: compute,
+        then MULTI (HSETs, writer, delta) / EXEC. Returns (announced ids or None when EXEC
+        aborted, computed ids, their values)."""
+        sym_st = keys.heatmap_staging(table.symbol, self.strategy)
+        sym_man = keys.heatmap_manifest(table.symbol, self.strategy)
+        if writer != self.owner:
+            table.last_js = [None] * len(table.last_js)
+        last = table.last_js
+        tids, values = await self._compute(table, table.epoch, rows)
+        self.m_computed.labels(self.strategy, "incremental").inc(len(tids))
+        ann = [  # (row, id, value) to announce
+            (r, t, v)
+            for r, t, v in zip(rows.tolist(), tids, values, strict=True)
+            if (o := last[r]) is None or not (v.endswith(o) and v[-len(o) - 1] == 58)
+        ]  # 58 = b":": the view after the seq is the one announced before
+        tx.multi()
+        n = self.cfg.write_chunk
+        for i in range(0, len(tids), n):
+            part = tids[i : i + n]
+            items: list[str | bytes] = [b""] * (2 * len(part))
+            items[0::2] = part
+            items[1::2] = values[i : i + n]
+            tx.hset(sym_st, items=items)
+        tx.hset(sym_man, "writer", self.owner)
+        ids = [t for _, t, _ in ann]
+        if ids:
+            producer.xadd_pipe(tx, self.tiles_stream, delta(ids), self.cfg.tiles_maxlen)
+        try:
+            await tx.execute()
+        except WatchError:
+            self.m_stage_conflicts.inc()
+            return None, tids, values
+        self.m_staged.labels(self.strategy, "admitted").inc(len(tids))
+        if len(ids) < len(tids):
+            self.m_unchanged.inc(len(tids) - len(ids))
+        if ids:
+            self.m_deltas.inc()
+        for r, _, v in ann:
+            last[r] = v[v.index(b":") + 1 :]
+        return ids, tids, values
 
     async def _stage_tiles(
         self, sym: str, eid: str, tids: list[str], values: list[bytes]

@@ -94,9 +94,11 @@ def quote_row(q: hm.LegQuote | None) -> QuoteRow:
 class TileTable:
     """Array form of one grid (see module doc). Not thread-safe; one per builder and epoch."""
 
-    def __init__(self, grid: hm.Grid) -> None:
+    def __init__(self, grid: hm.Grid, epoch: str = "") -> None:
         specs = list(grid.specs.values())
         self.specs = specs
+        self.symbol = grid.symbol
+        self.epoch = epoch
         self.ids = np.array([s.id for s in specs], dtype=object)
         self.n_legs = n_legs = len(specs[0].legs) if specs else 1
         if any(len(s.legs) != n_legs for s in specs):
@@ -138,6 +140,8 @@ class TileTable:
         self.has_last = np.zeros(nc, dtype=bool)
         self.ws = np.zeros(nc, dtype=bool)
         self.exotic = np.zeros(nc, dtype=bool)  # values the arrays cannot hold exactly
+        # per row: the published view (JSON) this builder last announced (tile_builder)
+        self.last_js: list[bytes | None] = [None] * n
 
     # --- topology -------------------------------------------------------------------------
     def affected(self, cids: Iterable[str]) -> npt.NDArray[np.intp]:

@@ -195,7 +195,10 @@ async def test_older_tile_is_not_admitted_and_redelivery_reannounces(
     old = (spec.id, hm.staged_value(spec, {c: None}, CFG.max_quote_age_ns))
     assert await b._stage_tiles("SPX", "e1", [old[0]], [old[1]]) == [-1]
     assert (await staged(redis, "single"))[tid] == good
-    # redelivery of the same dirty entry: equal tile, not rewritten, but announced again
+    # Redelivery of the same dirty entry after its delta was lost: announced again. (The
+    # optimistic write puts values and delta in one transaction, so "values staged, delta
+    # lost" takes another writer in between, which the manifest's writer field shows.)
+    await redis.hset(keys.heatmap_manifest("SPX", "single"), "writer", "admission")
     await redis.delete(keys.tiles_stream("single"))
     await b.handle(as_entries(msg))
     assert [d.ids for d in await deltas(redis, "single")] == [[tid]]
@@ -337,3 +340,31 @@ async def test_staging_written_meanwhile_falls_back_to_admission(deps: Deps, red
         assert got[t] == stage_value(ref[t])  # the rest of ours landed through admission
     (d,) = await deltas(redis, "vertical")
     assert set(d.ids) == set(tids) - {victim}  # the refused tile is the replica's to announce
+
+
+async def test_lone_builder_announces_only_changed_views(deps: Deps, redis: Redis) -> None:
+    """A recomputed tile whose published view did not change (a newer quote with the same
+    prices) is staged with its new seq but not announced; a changed view is; any foreign
+    write to staging makes the builder announce everything again."""
+    cids = await seed(redis)
+    b = TileBuilder(deps, "vertical", CFG)
+    await b.handle(as_entries(DirtyEntry("SPX", "e1", [], NOW, reason="epoch")))
+    c = cids[5]
+    table = await b._table("SPX", "e1")
+    tids = set(table.tile_ids(table.affected([c])))
+
+    async def step(ts: int, bid: float, ask: float) -> set[str]:
+        await tick(redis, "e1", c, ts, bid, ask)
+        await redis.delete(keys.tiles_stream("vertical"))
+        await b.handle(as_entries(DirtyEntry("SPX", "e1", [c], ts)))
+        await assert_staging_matches_reference(redis, "vertical", "e1")
+        return {i for d in await deltas(redis, "vertical") for i in d.ids}
+
+    assert await step(NOW + 3 * SEC, 4.0, 4.4) == tids  # writer was the install: all
+    assert await step(NOW + 4 * SEC, 4.1, 4.5) == tids  # every view changed
+    # a newer quote, same prices, same second (age_s is part of the view): nothing new
+    assert await step(NOW + 4 * SEC + 1, 4.1, 4.5) == set()
+    assert _counter(deps, "massive_tiles_unchanged_total", strategy="vertical") == len(tids)
+    await redis.hset(keys.heatmap_manifest("SPX", "vertical"), "writer", "admission")
+    assert await step(NOW + 4 * SEC + 2, 4.1, 4.5) == tids  # someone else wrote: all
+    assert await step(NOW + 4 * SEC + 3, 4.1, 4.5) == set()
