@@ -405,15 +405,16 @@ class TileBuilder(ConsumerProcessor):
 
     async def _compute(
         self, table: tv.TileTable, eid: str, rows: Any
-    ) -> tuple[list[str], list[bytes]]:
-        """Read the legs of the tiles ``rows`` and compute their staging values."""
+    ) -> tuple[list[str], list[bytes], Any]:
+        """Read the legs of the tiles ``rows`` and compute their staging values (and view
+        keys, ``TileTable.staged_values_keyed``)."""
         cids = table.leg_contracts(rows)
         quotes, qrows = await fetch_rows(
             self.redis, eid, cids, self.cfg.fetch_chunk, self._fetch, self._parse
         )
         table.load_rows(cids, qrows)
-        values = table.staged_values(rows, quotes, self.cfg.max_quote_age_ns)
-        return table.tile_ids(rows), values
+        values, key = table.staged_values_keyed(rows, quotes, self.cfg.max_quote_age_ns)
+        return table.tile_ids(rows), values, key
 
     async def incremental(
         self,
@@ -483,7 +484,7 @@ class TileBuilder(ConsumerProcessor):
             await self.full_build(sym, eid, recv_ts_ns=recv_ts_ns, n_dirty=n_dirty)
             return []
         # Staging was written meanwhile: the admission script decides per tile.
-        table.last_js = [None] * len(table.last_js)
+        table.forget_announced()
         statuses = await self._stage_tiles(sym, eid, tids, values)
         if statuses is None:  # staging holds another epoch (replaced meanwhile): rebuild
             await self.full_build(sym, eid, recv_ts_ns=recv_ts_ns, n_dirty=n_dirty)
@@ -510,15 +511,10 @@ class TileBuilder(ConsumerProcessor):
         sym_st = keys.heatmap_staging(table.symbol, self.strategy)
         sym_man = keys.heatmap_manifest(table.symbol, self.strategy)
         if writer != self.owner:
-            table.last_js = [None] * len(table.last_js)
-        last = table.last_js
-        tids, values = await self._compute(table, table.epoch, rows)
+            table.forget_announced()
+        tids, values, key = await self._compute(table, table.epoch, rows)
         self.m_computed.labels(self.strategy, "incremental").inc(len(tids))
-        ann = [  # (row, id, value) to announce
-            (r, t, v)
-            for r, t, v in zip(rows.tolist(), tids, values, strict=True)
-            if (o := last[r]) is None or not (v.endswith(o) and v[-len(o) - 1] == 58)
-        ]  # 58 = b":": the view after the seq is the one announced before
+        changed = table.view_changed(rows, key)
         tx.multi()
         n = self.cfg.write_chunk
         for i in range(0, len(tids), n):
@@ -528,7 +524,7 @@ class TileBuilder(ConsumerProcessor):
             items[1::2] = values[i : i + n]
             tx.hset(sym_st, items=items)
         tx.hset(sym_man, "writer", self.owner)
-        ids = [t for _, t, _ in ann]
+        ids = table.ids[rows[changed]].tolist()
         if ids:
             producer.xadd_pipe(tx, self.tiles_stream, delta(ids), self.cfg.tiles_maxlen)
         try:
@@ -541,8 +537,7 @@ class TileBuilder(ConsumerProcessor):
             self.m_unchanged.inc(len(tids) - len(ids))
         if ids:
             self.m_deltas.inc()
-        for r, _, v in ann:
-            last[r] = v[v.index(b":") + 1 :]
+        table.announced(rows[changed], None if key is None else key[changed])
         return ids, tids, values
 
     async def _stage_tiles(
@@ -579,7 +574,7 @@ class TileBuilder(ConsumerProcessor):
         created_ns = int(created) if created is not None else 0
         grid = await self._grid(sym, eid)
         table = await self._table(sym, eid)
-        tids, values = await self._compute(table, eid, table.all_rows())
+        tids, values, _ = await self._compute(table, eid, table.all_rows())
         tiles = list(zip(tids, values, strict=True))
         self.m_computed.labels(self.strategy, "full").inc(len(tiles))
         consumer = self.spec.consumer

@@ -140,8 +140,11 @@ class TileTable:
         self.has_last = np.zeros(nc, dtype=bool)
         self.ws = np.zeros(nc, dtype=bool)
         self.exotic = np.zeros(nc, dtype=bool)  # values the arrays cannot hold exactly
-        # per row: the published view (JSON) this builder last announced (tile_builder)
-        self.last_js: list[bytes | None] = [None] * n
+        # Per row, a key of the published view this builder last announced (tile_builder's
+        # "announce only what changed"): the view's numbers as int64 bits and its codes.
+        self.key_width = 2 * n_legs + 7
+        self.last_key = np.zeros((n, self.key_width), dtype=np.int64)
+        self.last_ok = np.zeros(n, dtype=bool)
 
     # --- topology -------------------------------------------------------------------------
     def affected(self, cids: Iterable[str]) -> npt.NDArray[np.intp]:
@@ -207,15 +210,44 @@ class TileTable:
     ) -> list[bytes]:
         """Staging value of each tile in ``rows`` (``heatmap.staged_value`` bytes), from the
         quotes ``load``-ed; ``quotes`` (the same, as LegQuote) serve the reference path."""
+        return self.staged_values_keyed(rows, quotes, max_quote_age_ns)[0]
+
+    def staged_values_keyed(
+        self,
+        rows: npt.NDArray[np.intp],
+        quotes: dict[str, hm.LegQuote | None],
+        max_quote_age_ns: int,
+    ) -> tuple[list[bytes], IntArr | None]:
+        """``staged_values`` plus each tile's view key (equal keys = equal published views;
+        None when the batch took the per-tile reference path)."""
         if len(rows) < SMALL_BATCH:  # numpy's fixed cost per call exceeds the per-tile path
-            return self._reference(rows, quotes, max_quote_age_ns)
+            return self._reference(rows, quotes, max_quote_age_ns), None
         lc = self.leg[rows]  # (n, L) contract indices, spec leg order
         if self.exotic[lc].any():
-            return self._reference(rows, quotes, max_quote_age_ns)
+            return self._reference(rows, quotes, max_quote_age_ns), None
         out = self._compute(rows, lc, max_quote_age_ns)
         if out is None:
-            return self._reference(rows, quotes, max_quote_age_ns)
+            return self._reference(rows, quotes, max_quote_age_ns), None
         return out
+
+    # --- announced views (see tile_builder: a lone builder announces only changes) --------
+    def forget_announced(self) -> None:
+        self.last_ok[:] = False
+
+    def view_changed(self, rows: npt.NDArray[np.intp], key: IntArr | None) -> BoolArr:
+        """Which of ``rows`` have a view other than the one last announced (or unknown)."""
+        if key is None:
+            return np.ones(len(rows), dtype=bool)
+        out: BoolArr = ~self.last_ok[rows] | (self.last_key[rows] != key).any(axis=1)
+        return out
+
+    def announced(self, rows: npt.NDArray[np.intp], key: IntArr | None) -> None:
+        """``rows`` were announced with views ``key`` (None: not known, forget them)."""
+        if key is None:
+            self.last_ok[rows] = False
+        else:
+            self.last_key[rows] = key
+            self.last_ok[rows] = True
 
     def _reference(
         self, rows: npt.NDArray[np.intp], quotes: dict[str, hm.LegQuote | None], age: int
@@ -225,7 +257,7 @@ class TileTable:
 
     def _compute(
         self, rows: npt.NDArray[np.intp], lc: npt.NDArray[np.intp], max_age: int
-    ) -> list[bytes] | None:
+    ) -> tuple[list[bytes], IntArr] | None:
         n, n_legs = lc.shape
         present = self.present[lc]
         ts = np.where(present, self.ts[lc], 0)
@@ -283,7 +315,8 @@ class TileTable:
                 return None  # the reference decides what a non-finite value does
         nan_if = ~priced
         num = [_col(np.where(nan_if, _NAN, v)) for v in vals]  # debit .. convexity
-        age_l: list[int | None] = (age // NS_PER_S).tolist()
+        age_s = np.where(nan_if, -1, age // NS_PER_S)
+        age_l: list[int | None] = age_s.tolist()
         for i in np.flatnonzero(nan_if).tolist():
             age_l[i] = None
         perm = self.perm[rows]
@@ -307,7 +340,14 @@ class TileTable:
         flat: list[bytes] = [b""] * (n * m)
         for j, piece in enumerate(pieces):
             flat[j::m] = piece
-        return b"".join(flat).split(b"\n")[:n]
+        key = np.empty((n, self.key_width), dtype=np.int64)
+        key[:, :n_legs] = np.where(np.isnan(px_o), _NAN, px_o).view(np.int64)
+        key[:, n_legs : 2 * n_legs] = code_o
+        for j, v in enumerate(vals):
+            key[:, 2 * n_legs + j] = np.where(nan_if | np.isnan(v), _NAN, v).view(np.int64)
+        key[:, 2 * n_legs + 5] = age_s
+        key[:, 2 * n_legs + 6] = tail
+        return b"".join(flat).split(b"\n")[:n], key
 
 
 _NUM_KEYS = (b"", b',"max_profit":', b',"max_loss":', b',"r2r":', b',"convexity":')

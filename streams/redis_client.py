@@ -28,7 +28,11 @@ class HiredisPackingConnection(Connection):
         elif b" " in args[0]:
             args = (*args[0].split(), *args[1:])
         try:
-            if any(isinstance(a, bytes | memoryview) and len(a) >= BIG_ARG_BYTES for a in args):
+            # (only short commands are scanned: those with thousands of arguments, HSET of a
+            # tile batch or HMGET, have small ones, and the scan would cost more than it saves)
+            if len(args) <= 16 and any(
+                isinstance(a, bytes | memoryview) and len(a) >= BIG_ARG_BYTES for a in args
+            ):
                 return _pack_with_big_args(args)
             return [hiredis.pack_command(args)]
         except TypeError as exc:

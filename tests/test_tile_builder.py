@@ -11,6 +11,7 @@ import pytest
 from redis.asyncio import Redis
 
 from processors import heatmap as hm
+from processors import tile_vec as tv
 from processors.tile_builder import TileBuilder, TileSettings, reference_full_build
 from schemas import keys
 from schemas.heatmap import TileDelta, TileView, decode_view, split_staged, stage_value
@@ -342,10 +343,15 @@ async def test_staging_written_meanwhile_falls_back_to_admission(deps: Deps, red
     assert set(d.ids) == set(tids) - {victim}  # the refused tile is the replica's to announce
 
 
-async def test_lone_builder_announces_only_changed_views(deps: Deps, redis: Redis) -> None:
+async def test_lone_builder_announces_only_changed_views(
+    deps: Deps, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A recomputed tile whose published view did not change (a newer quote with the same
     prices) is staged with its new seq but not announced; a changed view is; any foreign
-    write to staging makes the builder announce everything again."""
+    write to staging makes the builder announce everything again. (Batches below
+    tile_vec.SMALL_BATCH take the per-tile path, which has no view keys and announces all;
+    this batch is small, so the numpy path is forced.)"""
+    monkeypatch.setattr(tv, "SMALL_BATCH", 0)
     cids = await seed(redis)
     b = TileBuilder(deps, "vertical", CFG)
     await b.handle(as_entries(DirtyEntry("SPX", "e1", [], NOW, reason="epoch")))

@@ -109,3 +109,42 @@ def test_table_rows_follow_the_grid() -> None:
     rows = table.affected([CIDS[3]])
     assert np.all(np.diff(rows) > 0)  # sorted, unique
     assert set(table.tile_ids(rows)) == set(grid.affected([CIDS[3]]))
+
+
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    strategy=st.sampled_from(hm.STRATEGIES),
+    first=st.lists(leg_quote(), min_size=len(CIDS), max_size=len(CIDS)),
+    second=st.lists(leg_quote(), min_size=len(CIDS), max_size=len(CIDS)),
+    keep=st.lists(st.booleans(), min_size=len(CIDS), max_size=len(CIDS)),
+)
+def test_view_keys_are_equal_exactly_when_published_views_are(
+    strategy: str,
+    first: list[hm.LegQuote | None],
+    second: list[hm.LegQuote | None],
+    keep: list[bool],
+) -> None:
+    """The builder announces a tile only when its view key changed: keys must be equal
+    exactly when the published views (staging value minus the seq) are byte-equal."""
+    grid = hm.build_grid("SPX", strategy, CIDS, (5.0, 10.0, 22.5), today=None, n_expiries=2)
+    table = tv.TileTable(grid)
+    rows = table.all_rows()
+    a = dict(zip(CIDS, first, strict=True))
+    b = {c: (a[c] if k else q) for c, k, q in zip(CIDS, keep, second, strict=True)}
+    views, keys_ = [], []
+    for qs in (a, b):
+        table.load(qs)
+        vals, key = table.staged_values_keyed(rows, qs, 10 * SEC)
+        if key is None:
+            return  # the batch took the reference path (exotic values): nothing keyed
+        views.append([v.partition(b":")[2] for v in vals])
+        keys_.append(key)
+    same_key = (keys_[0] == keys_[1]).all(axis=1).tolist()
+    same_view = [x == y for x, y in zip(views[0], views[1], strict=True)]
+    assert same_key == same_view
+    table.announced(rows, keys_[0])
+    assert table.view_changed(rows, keys_[1]).tolist() == [not s for s in same_view]
+    table.forget_announced()
+    assert table.view_changed(rows, keys_[1]).all()
