@@ -282,6 +282,14 @@ async def main() -> int:
     ap.add_argument("--tick-ms", type=float, default=50.0, help="one frame per tick")
     ap.add_argument("--max-interval-ms", type=int, default=250)
     ap.add_argument("--logs", default="", help="processor logs dir (default: a temp dir)")
+    ap.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="MASSIVE_X=V",
+        help="extra setting for every processor (repeatable), e.g. "
+        "MASSIVE_PUBLISHER_CHECKPOINT_MS=15000",
+    )
     args = ap.parse_args()
     rates = [float(x) for x in args.rates.split(",") if x.strip()]
     log_dir = Path(args.logs or tempfile.mkdtemp(prefix="e2e-load-"))
@@ -303,6 +311,13 @@ async def main() -> int:
         "MASSIVE_SSE_HOST": "127.0.0.1",
         "MASSIVE_SSE_SYMBOLS": "SPX",
     }
+    for kv in args.env:
+        k, sep, v = kv.partition("=")
+        if not sep or not k.startswith("MASSIVE_"):
+            raise SystemExit(f"--env wants MASSIVE_NAME=value, got {kv!r}")
+        env[k] = v
+    if args.env:
+        print(f"# extra settings: {' '.join(args.env)}")
     rows: list[tuple[str, str]] = []
     probe: Probe | None = None
     p = h.Pipeline(srv.url, log_dir, extra_env=env)
