@@ -28,6 +28,7 @@ The tile math (formulas, convexity score, staleness) is in processors/heatmap.py
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 import uuid
@@ -401,6 +402,12 @@ class TileBuilder(ConsumerProcessor):
             return cached[1]
         table = tv.TileTable(await self._grid(sym, eid), eid)
         self._tables[sym] = (eid, table)
+        # The grid and table are ~500k small objects that live for the epoch: out of the
+        # cyclic GC's reach, a full collection no longer walks them (measured: gen2 pauses
+        # of up to 100 ms, ~1 s per 90 s at 20k events/s, straight into tick-to-SSE latency).
+        # Freed by reference counting when the epoch's table is replaced.
+        gc.collect()
+        gc.freeze()
         return table
 
     async def _compute(
