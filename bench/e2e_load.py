@@ -31,6 +31,7 @@ Figures per rate (``--rates 5000,20000``) over ``--duration`` seconds (default 6
 * CPU per processor: utime+stime from /proc/<pid>/stat over the window, as % of one core.
 
     .venv/bin/python bench/e2e_load.py [--rates 5000,20000] [--duration 60]
+        [--env MASSIVE_PUBLISHER_CHECKPOINT_MS=15000 ...]   (settings for every processor)
 
 E2E_SLOWLOG=1 also prints Redis' slow log (calls over 5 ms) grouped by command and first keys.
 """
