@@ -13,17 +13,24 @@ Per batch of DirtyEntry (hot path, a fixed number of round trips whatever the ba
      replacement: readers see the old epoch's tiles or the new one's, never a mix; tiles of
      the old epoch disappear with it). An older epoch never replaces a newer one
      (manifest created_ns);
-  3. otherwise the tiles using the dirty contracts (local derived grid of the epoch: frozen
-     topology -> tile specs and cid -> tiles) are recomputed: one Lua call reads every leg
-     hash (HMGET of LEG_FIELDS per key, one round trip), tiles are computed in-process,
-     one Lua call stages them with admission (strictly greater ``seq`` = sum of the legs'
-     quote_ts + trade_ts; equal = same inputs, discarded; rejected wholesale when the batch's
-     epoch is not the staged one), and one XADD of a TileDelta on ``massive:tiles:<strategy>``.
-The delta lists the ids that were admitted OR found equal (an equal tile may be a redelivery
-whose first delta was lost in a crash: re-announcing it is harmless, the publisher compares
-values); tiles rejected as older are left to the replica that wrote the newer value.
+  3. otherwise the tiles using the dirty contracts (the epoch's grid as arrays,
+     ``tile_vec.TileTable``: frozen topology -> tile rows and cid -> rows) are recomputed
+     (``incremental``): WATCH staging + manifest, Lua calls read every leg hash (HMGET of
+     LEG_FIELDS per key, one pipelined round trip), the batch's tile values are computed
+     vectorised, then ONE MULTI/EXEC writes them as plain HSETs with the TileDelta XADD on
+     ``massive:tiles:<strategy>``. Only when staging was written between the WATCH and the
+     EXEC (a replica, an install) do the values go through the admission script instead:
+     strictly greater ``seq`` = sum of the legs' quote_ts + trade_ts admitted, equal = same
+     inputs (discarded), older refused; rejected wholesale when the batch's epoch is not the
+     staged one; then a separate XADD.
+On the admission path the delta lists the ids admitted OR found equal (an equal tile may be a
+redelivery whose first delta was lost in a crash: re-announcing it is harmless, the publisher
+compares values); tiles refused as older are left to the replica that wrote the newer value.
+On the optimistic path, a builder that was the sole writer since its last batch lists only the
+tiles whose published view changed (see ``incremental``).
 
-The tile math (formulas, convexity score, staleness) is in processors/heatmap.py.
+The tile math (formulas, convexity score, staleness) is in processors/heatmap.py; its batch
+form, byte-equal, in processors/tile_vec.py.
 """
 
 from __future__ import annotations
