@@ -202,26 +202,11 @@ class QuoteParser:
 
 
 async def fetch_quotes(
-    redis: Redis,
-    eid: str,
-    cids: Sequence[str],
-    chunk: int = 2000,
-    script: Any = None,
-    parse: Callable[[bytes], hm.LegQuote | None] | None = None,
+    redis: Redis, eid: str, cids: Sequence[str], chunk: int = 2000
 ) -> dict[str, hm.LegQuote | None]:
     """Read LEG_FIELDS of every contract in ``cids`` (one pipelined round trip)."""
-    script = script or redis.register_script(FETCH_LUA)
-    parse = parse or QuoteParser()
-    pipe = redis.pipeline(transaction=False)
-    parts = [cids[i : i + chunk] for i in range(0, len(cids), chunk)]
-    prefix = keys.epoch_contract_prefix(eid)
-    for part in parts:
-        await script(keys=[prefix + c for c in part], args=hm.LEG_FIELDS, client=pipe)
-    replies = await pipe.execute() if parts else []
-    out: dict[str, hm.LegQuote | None] = {}
-    for part, rep in zip(parts, replies, strict=True):
-        out.update(zip(part, map(parse, rep), strict=True))
-    return out
+    script = redis.register_script(FETCH_LUA)
+    return (await fetch_rows(redis, eid, cids, chunk, script, QuoteParser()))[0]
 
 
 async def fetch_rows(
@@ -455,9 +440,10 @@ class TileBuilder(ConsumerProcessor):
         to this builder's owner id; the admission script sets it to "admission" when it
         writes, and an install rewrites the manifest. Finding our id at the WATCH means
         staging holds only our writes since our last one, each announced in the same
-        transaction, so ``TileTable.last_js`` (the views we announced) is what the publisher
-        has: a recomputed tile with the same view is staged (its seq moves) but not
-        announced. Otherwise the cache is dropped and every recomputed tile is announced."""
+        transaction, so the views we announced (``TileTable.announced``, as view keys) are
+        what the publisher has: a recomputed tile with the same view is staged (its seq
+        moves) but not announced. Otherwise they are forgotten and every recomputed tile is
+        announced."""
         t0 = time.perf_counter()
         table = await self._table(sym, eid)
         rows = table.affected(cids)
@@ -487,7 +473,7 @@ class TileBuilder(ConsumerProcessor):
             staged, writer = await tx.hmget(k_man, ["epoch", "writer"])
             if staged is not None and _s(staged) == eid:
                 ids, tids, values = await self._try_optimistic(
-                    tx, table, rows, _s(writer) if writer else None, delta
+                    tx, k_st, k_man, table, rows, _s(writer) if writer else None, delta
                 )
                 if ids is not None:
                     self.m_seconds.labels(self.strategy, "incremental").observe(
@@ -514,6 +500,8 @@ class TileBuilder(ConsumerProcessor):
     async def _try_optimistic(
         self,
         tx: Any,
+        k_st: str,
+        k_man: str,
         table: tv.TileTable,
         rows: Any,
         writer: str | None,
@@ -522,22 +510,15 @@ class TileBuilder(ConsumerProcessor):
         """The optimistic write of ``incremental`` on the WATCHing pipeline ``tx``: compute,
         then MULTI (HSETs, writer, delta) / EXEC. Returns (announced ids or None when EXEC
         aborted, computed ids, their values)."""
-        sym_st = keys.heatmap_staging(table.symbol, self.strategy)
-        sym_man = keys.heatmap_manifest(table.symbol, self.strategy)
         if writer != self.owner:
             table.forget_announced()
         tids, values, key = await self._compute(table, table.epoch, rows)
         self.m_computed.labels(self.strategy, "incremental").inc(len(tids))
         changed = table.view_changed(rows, key)
         tx.multi()
-        n = self.cfg.write_chunk
-        for i in range(0, len(tids), n):
-            part = tids[i : i + n]
-            items: list[str | bytes] = [b""] * (2 * len(part))
-            items[0::2] = part
-            items[1::2] = values[i : i + n]
-            tx.hset(sym_st, items=items)
-        tx.hset(sym_man, "writer", self.owner)
+        for items in _pairs(tids, values, self.cfg.write_chunk):
+            tx.hset(k_st, items=items)
+        tx.hset(k_man, "writer", self.owner)
         ids = table.ids[rows[changed]].tolist()
         if ids:
             producer.xadd_pipe(tx, self.tiles_stream, delta(ids), self.cfg.tiles_maxlen)
@@ -560,14 +541,9 @@ class TileBuilder(ConsumerProcessor):
         """Admission write of the tiles ``tids`` with staging ``values``; None when staging
         holds another epoch."""
         k = [keys.heatmap_staging(sym, self.strategy), keys.heatmap_manifest(sym, self.strategy)]
-        n = self.cfg.write_chunk
         pipe = self.redis.pipeline(transaction=False)
-        for i in range(0, len(tids), n):
-            part = tids[i : i + n]
-            args: list[str | bytes] = [eid] * (1 + 2 * len(part))
-            args[1::2] = part
-            args[2::2] = values[i : i + n]
-            await self._stage(keys=k, args=args, client=pipe)
+        for pairs in _pairs(tids, values, self.cfg.write_chunk):
+            await self._stage(keys=k, args=[eid, *pairs], client=pipe)
         replies = await pipe.execute()
         out: list[int] = []
         for rep in replies:
@@ -653,6 +629,18 @@ class TileBuilder(ConsumerProcessor):
         )
         await producer.xadd(self.redis, self.tiles_stream, _fields(delta), self.cfg.tiles_maxlen)
         self.m_deltas.inc()
+
+
+def _pairs(ids: list[str], values: list[bytes], n: int) -> list[list[str | bytes]]:
+    """``id, value, id, value, ...`` in chunks of ``n`` tiles (staging writes)."""
+    out: list[list[str | bytes]] = []
+    for i in range(0, len(ids), n):
+        part = ids[i : i + n]
+        flat: list[str | bytes] = [b""] * (2 * len(part))
+        flat[0::2] = part
+        flat[1::2] = values[i : i + n]
+        out.append(flat)
+    return out
 
 
 def _s(v: bytes | str) -> str:

@@ -97,7 +97,6 @@ class TileTable:
     def __init__(self, grid: hm.Grid, epoch: str = "") -> None:
         specs = list(grid.specs.values())
         self.specs = specs
-        self.symbol = grid.symbol
         self.epoch = epoch
         self.ids = np.array([s.id for s in specs], dtype=object)
         self.n_legs = n_legs = len(specs[0].legs) if specs else 1
@@ -370,7 +369,6 @@ def _glue(src: npt.NDArray[np.intp] | None, qty: IntArr | None) -> list[bytes]:
     quantity (the first: the row head up to the first price; the last: up to "debit")."""
     n = len(src) if src is not None else len(qty)  # type: ignore[arg-type]
     head = b':{"legs":[' if src is None else b""
-    end = b"" if src is None else None
     if qty is None:
         uq, q_inv = np.zeros(1, dtype=np.int64), np.zeros(n, dtype=np.intp)
     else:
@@ -383,18 +381,7 @@ def _glue(src: npt.NDArray[np.intp] | None, qty: IntArr | None) -> list[bytes]:
             if src is not None:
                 b += b',"' + _SRC_NAMES[s] + b'"]'
             b += b'],"debit":' if qty is None else (b"," if src is not None else b"") + b"[%d," % q
-            table.append(b if end is None else b + end)
+            table.append(b)
     lut = np.array(table, dtype=object)
     out: list[bytes] = lut[s_idx * len(uq) + q_inv].tolist()
     return out
-
-
-def staged_values(
-    table: TileTable,
-    rows: Sequence[int] | npt.NDArray[np.intp],
-    quotes: dict[str, hm.LegQuote | None],
-    max_quote_age_ns: int,
-) -> list[bytes]:
-    """``table.load(quotes)`` then ``table.staged_values(rows, ...)``."""
-    table.load(quotes)
-    return table.staged_values(np.asarray(rows, dtype=np.intp), quotes, max_quote_age_ns)
