@@ -56,6 +56,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -485,31 +486,28 @@ class Publisher:
                 for recv in wanted[sym].values():  # staging replaced since: another epoch
                     st.note_reconcile(recv)
                 continue
-            # Hot loop (every announced tile): _staged_json and _stage_change inlined.
-            items_get, pending, precv = st.items.get, st.pending, st.pending_recv
-            raw_t = msgspec.Raw
-            for (tid, recv), raw in zip(wanted[sym].items(), vals, strict=True):
-                if raw is None:
-                    st.note_reconcile(recv)
-                    continue
-                c = raw.find(b":")  # b"<seq>:<json>" (schemas.heatmap.stage_value)
-                if 0 < c < len(raw) - 1 and raw[:c].isdigit():
-                    js = raw_t(raw[c + 1 :])
-                else:  # the careful parse: takes what it can, counts and logs the rest
-                    j = self._staged_json(tid, raw)
-                    if j is None:
-                        continue
-                    js = j
-                if items_get(tid) == js:
-                    if pending.pop(tid, None) is not None:
-                        precv.pop(tid, None)
-                    continue
-                pending[tid] = js
-                if recv is not None:
-                    cur = precv.get(tid)
-                    precv[tid] = recv if cur is None else min(cur, recv)
+            self._fold(st, self._views(st, wanted[sym].items(), vals))
+
+    def _views(
+        self, st: SymState, wanted: Iterable[tuple[str, int | None]], vals: list[bytes | None]
+    ) -> Iterator[tuple[str, msgspec.Raw, int | None]]:
+        """(tile id, published view, recv) of the staged values read for ``wanted``; a tile
+        gone from staging asks for a reconcile."""
+        staged_json = self._staged_json
+        for (tid, recv), raw in zip(wanted, vals, strict=True):
+            if raw is None:
+                st.note_reconcile(recv)
+                continue
+            js = staged_json(tid, raw)
+            if js is not None:
+                yield tid, js, recv
 
     def _staged_json(self, tid: str | bytes, raw: bytes) -> msgspec.Raw | None:
+        """The published view in a staged value ``b"<seq>:<json>"``; None (counted, logged)
+        when unreadable."""
+        c = raw.find(b":")
+        if 0 < c < len(raw) - 1 and raw[:c].isdigit():  # hot path: no int() of the seq
+            return msgspec.Raw(raw[c + 1 :])
         try:
             return msgspec.Raw(split_staged(raw)[1])
         except ValueError as exc:
@@ -518,15 +516,20 @@ class Publisher:
             return None
 
     @staticmethod
-    def _stage_change(st: SymState, tid: str, js: msgspec.Raw, recv: int | None) -> None:
-        if st.items.get(tid) == js:
-            st.pending.pop(tid, None)
-            st.pending_recv.pop(tid, None)
-            return
-        st.pending[tid] = js
-        if recv is not None:
-            cur = st.pending_recv.get(tid)
-            st.pending_recv[tid] = recv if cur is None else min(cur, recv)
+    def _fold(st: SymState, views: Iterable[tuple[str, msgspec.Raw, int | None]]) -> None:
+        """Fold staged views into the pending changes: a view equal to the model's item
+        cancels a pending change, any other becomes (or replaces) one, keeping the oldest
+        receive time behind it. Runs for every announced tile: locals hoisted."""
+        items_get, pending, precv = st.items.get, st.pending, st.pending_recv
+        for tid, js, recv in views:
+            if items_get(tid) == js:
+                pending.pop(tid, None)
+                precv.pop(tid, None)
+                continue
+            pending[tid] = js
+            if recv is not None:
+                cur = precv.get(tid)
+                precv[tid] = recv if cur is None else min(cur, recv)
 
     # --- publish decisions ----------------------------------------------------------------
     async def _evaluate(self) -> None:
@@ -588,8 +591,7 @@ class Publisher:
             return
         st.needs_reconcile = False
         st.reconcile_recv = None
-        for k, v in tiles.items():
-            self._stage_change(st, k, v, recv)
+        self._fold(st, ((k, v, recv) for k, v in tiles.items()))
         gone = set(st.items) - set(tiles)
         for k in gone:  # cannot happen within one epoch (frozen topology); kept for safety
             st.pending[k] = None
