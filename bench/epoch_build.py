@@ -3,7 +3,8 @@
 Starts a private redis-server (tests.util.RedisServer), stores a realistic chain snapshot
 blob (tests.factories.big_chain) and a ChainPointer, then times ``Normalizer.process``:
 (1) first snapshot: build + promote a new epoch (no previous one);
-(2) a topology change (one strike added): build + promote + retire the previous epoch;
+(2) a topology change (one strike added): build + carry (two passes over 20k contracts, both
+    epochs read) + promote + retire the previous epoch;
 (3) the same topology again: re-seed only (no rebuild).
 Each is repeated ``--rounds`` times on a fresh Redis database; prints every figure.
 

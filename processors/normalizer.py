@@ -21,6 +21,20 @@ Stable across processes and restarts; a new strike or expiry gives a new id.
   (SCAN ``epoch:{old}:*`` + ``EXPIRE NX``), and a sweep over ``massive:epoch:index`` expires
   epochs that a crash left retired/abandoned without TTLs and drops index entries whose meta
   is gone, so the key count stays bounded.
+* **Carry**: quotes and trades the WS applied to the old epoch while the new one was warming
+  (the hydrator writes only to the active epoch) are newer than the snapshot the new epoch was
+  built from. They are read from the old epoch and applied to the new one through the
+  hydrator's own admission script (``lua/hydrate.lua``: per kind, only a strictly newer ts
+  replaces) twice: into the still warming epoch right before the promotion (its ``epoch``
+  notifications cover them, so a replay stays deterministic), and right after it for what
+  the WS applied in between, with a ``DirtyEntry(reason="carry")`` naming the contracts that
+  took a value. Crash safety of the second pass: the promotion MULTI sets
+  ``carry_from=<old eid>`` in the new epoch's meta; the dirty XADD and the ``HDEL`` of the
+  mark are one MULTI. A later run of the same topology that still finds the mark (redelivery,
+  or the next snapshot) carries again, sending every old value: the script reports an
+  exactly equal stored value as applied, so values carried before the crash (maybe never
+  notified) are notified again (the carry is idempotent). The old epoch's keys live for the
+  retirement TTL.
 * A snapshot older than the active epoch's snapshot with a different topology is stale
   (a redelivered or reordered pointer) and is skipped, never promoted back.
 
@@ -127,6 +141,52 @@ def _pack(rows: Sequence[Sequence[str]]) -> bytes:
     return _packer.encode(rows)
 
 
+_CARRY_OLD = ("quote_ts", "bid", "ask", "mid", "trade_ts", "last", "size")
+
+
+def _snap_ts(c: ChainContract, snap: ChainSnapshot) -> tuple[int, int]:
+    """The quote and trade ts a snapshot contract is stored with (0 = none), as in ``build``."""
+    q = (c.quote_ts_ns or snap.ts_ns) if c.bid is not None and c.ask is not None else 0
+    t = (c.trade_ts_ns or snap.ts_ns) if c.last is not None else 0
+    return q, t
+
+
+def _carry_events(
+    cids: Sequence[str],
+    floors: Sequence[tuple[int, int]],
+    rows: Sequence[bytes],
+    sent: dict[tuple[str, int], bytes],
+) -> tuple[list[str], list[str], list[tuple[str, int]]]:
+    """lua/fetch.lua rows of ``_CARRY_OLD`` -> the quotes and trades newer than ``floors``
+    (per contract: quote ts, trade ts) and not in ``sent`` (which records them), as
+    lua/hydrate.lua's flat arrays (quotes: cid, ts, bid, ask, mid; trades: cid, ts, last,
+    size), and per event, in the script's index order (quotes first), its cid and ts.
+    Incomplete slots (a quote without bid/ask/mid, a trade without price or size) and
+    unparsable ts are not carried."""
+    qs: list[str] = []
+    ts: list[str] = []
+    q_ids: list[tuple[str, int]] = []
+    t_ids: list[tuple[str, int]] = []
+    for cid, (fq, ft), row in zip(cids, floors, rows, strict=True):
+        if not row:
+            continue
+        parts = row.split(b"|")
+        if len(parts) != len(_CARRY_OLD):
+            continue
+        qts, bid, ask, mid, tts, last, size = parts
+        complete_q = qts and bid and ask and mid and qts.isdigit()
+        if complete_q and int(qts) > fq and sent.get((cid, 0)) != qts:
+            sent[(cid, 0)] = qts
+            qs += (cid, qts.decode(), bid.decode(), ask.decode(), mid.decode())
+            q_ids.append((cid, int(qts)))
+        complete_t = tts and last and size and tts.isdigit()
+        if complete_t and int(tts) > ft and sent.get((cid, 1)) != tts:
+            sent[(cid, 1)] = tts
+            ts += (cid, tts.decode(), last.decode(), size.decode())
+            t_ids.append((cid, int(tts)))
+    return qs, ts, q_ids + t_ids
+
+
 def _s(v: bytes | str | None) -> str | None:
     if v is None:
         return None
@@ -145,6 +205,8 @@ class Normalizer(ConsumerProcessor):
         self._build = lua.get("build")
         self._spot = lua.get("spot")
         self._expire = lua.get("expire_keys")
+        self._hydrate = lua.get("hydrate")
+        self._fetch = lua.get("fetch")
         self._swept_at_start = False
         reg = deps.registry
         self.m_snapshots = metrics.counter(
@@ -163,6 +225,13 @@ class Normalizer(ConsumerProcessor):
             reg,
             "massive_normalizer_seed_changed_total",
             "Contracts whose values changed on a re-seed",
+            ("symbol",),
+        )
+        self.m_carried = metrics.counter(
+            reg,
+            "massive_epoch_carried_total",
+            "Contracts that took a quote or trade from the previous epoch on promotion (WS "
+            "values newer than the new epoch's snapshot)",
             ("symbol",),
         )
         self.m_promotions = metrics.counter(
@@ -232,6 +301,9 @@ class Normalizer(ConsumerProcessor):
             active = _s(active_raw)
             meta = {_s(k): _s(v) for k, v in meta_raw.items()}
             if active == topo.eid and meta.get("state") == "active":
+                carry_from = meta.get("carry_from")
+                if carry_from:  # an earlier run promoted but did not finish its carry
+                    await self.carry(topo, carry_from, None, {})
                 if await self.reseed(topo, snap, meta):
                     return "reseeded"
                 continue  # the epoch was retired under us: decide again
@@ -374,9 +446,12 @@ class Normalizer(ConsumerProcessor):
         topo: Topology,
         eid: str,
         cids: Sequence[str],
-        snap: ChainSnapshot,
+        snap: ChainSnapshot | None,
         reason: str,
+        max_ts_ns: int = 0,
     ) -> int:
+        """Dirty entries for ``cids``; their times are the snapshot's, or ``max_ts_ns`` and
+        no receive time without one (a carry: the events' receive times are not kept)."""
         n = 0
         step = self.cfg.dirty_chunk
         for off in range(0, len(cids), step):
@@ -384,15 +459,86 @@ class Normalizer(ConsumerProcessor):
                 symbol=topo.symbol,
                 epoch=eid,
                 cids=list(cids[off : off + step]),
-                max_ts_ns=snap.ts_ns,
-                recv_ts_ns=snap.ts_ns,
+                max_ts_ns=snap.ts_ns if snap is not None else max_ts_ns,
+                recv_ts_ns=snap.ts_ns if snap is not None else None,
                 reason=reason,
             )
             xadd_pipe(pipe, keys.CONTRACTS_DIRTY_STREAM, _fields(msg), maxlen=self.maxlen)
             n += 1
         return n
 
-    # --- changed topology: build, promote, retire ----------------------------------------
+    # --- changed topology: build, promote, carry, retire ----------------------------------
+    async def carry(
+        self,
+        topo: Topology,
+        old: str,
+        snap: ChainSnapshot | None,
+        sent: dict[tuple[str, int], bytes],
+        *,
+        warming: bool = False,
+    ) -> int:
+        """Apply to epoch ``topo.eid`` the quotes and trades of epoch ``old`` newer than the
+        ones ``snap`` (the snapshot it was built from) gave it, through the hydrator's
+        admission script; ``sent`` (event key -> ts) records what was sent and is not sent
+        again. ``warming``: the epoch is still warming, apply only (its promotion notifies
+        every contract); else notify the contracts that took a value and clear the
+        ``carry_from`` mark. ``snap`` None (a run after a crash): send every value, an equal
+        one stored is reported (and notified) too. Returns how many contracts took a value."""
+        eid = topo.eid
+        meta_key = keys.epoch_meta(eid)
+        if not await self.redis.exists(keys.epoch_meta(old)):
+            if not warming:
+                logger.warning("epoch %s: previous epoch %s is gone; nothing to carry", eid, old)
+                await self.redis.hdel(meta_key, "carry_from")
+            return 0
+        cids = [c.cid for c in topo.contracts]
+        floors = (
+            [(0, 0)] * len(cids) if snap is None else [_snap_ts(c, snap) for c in topo.contracts]
+        )
+        step = self.cfg.seed_chunk
+        prefix = keys.epoch_contract_prefix(old)
+
+        def read(pipe: Pipeline) -> None:
+            for off in range(0, len(cids), step):
+                part = [prefix + c for c in cids[off : off + step]]
+                self._fetch.queue(pipe, part, _CARRY_OLD)
+
+        rows = [j for rep in await lua.execute(self.redis, read) for j in rep]
+        changed: list[str] = []
+        max_ts = 0
+        for off in range(0, len(cids), step):
+            end = off + step
+            qs, ts, ids = _carry_events(cids[off:end], floors[off:end], rows[off:end], sent)
+            if not ids:
+                continue
+            args: list[lua.Arg] = [
+                keys.epoch_contract_prefix(eid),
+                _packer.encode(qs),
+                _packer.encode(ts),
+            ]
+            if warming:
+                args.append("warming")
+            reply = await self._hydrate(self.redis, [meta_key], args)
+            if int(reply[0]) == 1:  # state changed: promoted (the next carry follows) or
+                # retired (a newer epoch carries from this one)
+                logger.info("epoch %s changed state during its carry from %s", eid, old)
+                return len(changed)
+            for i in reply[2:]:
+                cid, ts_ns = ids[int(i)]
+                changed.append(cid)
+                max_ts = max(max_ts, ts_ns)
+        changed = list(dict.fromkeys(changed))
+        self.m_carried.labels(symbol=_label(topo.symbol)).inc(len(changed))
+        if warming:
+            return len(changed)
+        tx = self.redis.pipeline(transaction=True)
+        self._xadd_dirty(tx, topo, eid, changed, None, "carry", max_ts_ns=max_ts)
+        tx.hdel(meta_key, "carry_from")
+        await tx.execute()
+        if changed:
+            logger.info("epoch %s: %d contracts took newer values from %s", eid, len(changed), old)
+        return len(changed)
+
     async def build_and_promote(
         self, topo: Topology, snap: ChainSnapshot, *, rebuild: bool
     ) -> None:
@@ -403,7 +549,13 @@ class Normalizer(ConsumerProcessor):
             # whose topology came back): start from nothing so no stale value survives.
             await self.delete_epoch(eid)
         await self.build(topo, snap)
+        prev = _s(await self.redis.hget(keys.EPOCH_ACTIVE, topo.symbol))
+        sent: dict[tuple[str, int], bytes] = {}
+        if prev is not None and prev != eid:  # most of the carry, notified by the promotion
+            await self.carry(topo, prev, snap, sent, warming=True)
         old = await self.promote(topo, snap)
+        if old is not None and old != eid:  # what the WS applied since
+            await self.carry(topo, old, snap, sent if old == prev else {})
         self.m_build.labels(symbol=_label(topo.symbol)).observe(time.perf_counter() - t0)
         self.m_promotions.labels(symbol=_label(topo.symbol)).inc()
         logger.info(
@@ -494,15 +646,15 @@ class Normalizer(ConsumerProcessor):
                         pipe.hset(
                             keys.epoch_meta(old), mapping={"state": "retired", "retired_ns": now}
                         )
-                    pipe.hset(
-                        keys.epoch_meta(eid),
-                        mapping={
-                            "state": "active",
-                            "promoted_ns": now,
-                            "seeding_ts_ns": str(snap.ts_ns),
-                            "seeded_ts_ns": str(snap.ts_ns),
-                        },
-                    )
+                    mark = {
+                        "state": "active",
+                        "promoted_ns": now,
+                        "seeding_ts_ns": str(snap.ts_ns),
+                        "seeded_ts_ns": str(snap.ts_ns),
+                    }
+                    if old is not None and old != eid:
+                        mark["carry_from"] = old
+                    pipe.hset(keys.epoch_meta(eid), mapping=mark)  # type: ignore[arg-type]
                     pipe.hset(keys.EPOCH_ACTIVE, topo.symbol, eid)
                     self._xadd_dirty(pipe, topo, eid, cids, snap, "epoch")
                     await pipe.execute()

@@ -48,6 +48,7 @@ from redis.asyncio import Redis
 from redis.exceptions import WatchError
 
 from processors import heatmap as hm
+from processors import lua
 from processors import tile_vec as tv
 from schemas import keys
 from schemas.heatmap import Tile, TileDelta
@@ -92,21 +93,8 @@ class TileSettings:
         return self.max_quote_age_ms * 1_000_000
 
 
-# KEYS: contract hashes; ARGV: field names. Returns one string per key: the values joined
-# by "|" (absent = empty; values are numbers or chain|ws, never "|"), or "" when the hash
-# does not exist. One bulk string per contract keeps client-side reply parsing cheap.
-FETCH_LUA = """
-local out = {}
-for i = 1, #KEYS do
-  local v = redis.call('HMGET', KEYS[i], unpack(ARGV))
-  local any = false
-  for j = 1, #ARGV do
-    if v[j] then any = true else v[j] = '' end
-  end
-  if any then out[i] = table.concat(v, '|') else out[i] = '' end
-end
-return out
-"""
+# Leg reads: lua/fetch.lua (also the normalizer's carry).
+FETCH_LUA = lua.source("fetch")
 
 # KEYS: staging, manifest. ARGV: epoch, then tile_id, value pairs; a staged value starts
 # with its seq (admission clock) and ":" (schemas.heatmap.stage_value).

@@ -140,7 +140,7 @@ class DirtyEntry(Message, frozen=True):
     cids: list[str]
     max_ts_ns: int
     recv_ts_ns: int | None = None  # earliest ingest receive time behind the change
-    reason: str = "ws"  # ws | seed | epoch
+    reason: str = "ws"  # ws | seed | epoch | carry (old epoch values on promotion)
 
 
 class ContractRecord(msgspec.Struct, frozen=True, kw_only=True):

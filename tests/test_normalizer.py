@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
+from processors import lua
 from processors.normalizer import Normalizer, NormalizerSettings, epoch_id
 from schemas import keys
 from schemas.messages import (
@@ -301,6 +302,96 @@ async def test_topology_coming_back_rebuilds_it_fresh_without_ttls(
     assert all([await redis.ttl(k) > 0 for k in await epoch_keys(redis, b)])
 
 
+# --- carry: WS values of the old epoch into the new one ----------------------------------------
+async def ws_apply(
+    redis: Redis, eid: str, quotes: list[tuple[str, int, float, float]],
+    trades: list[tuple[str, int, float, int]],
+) -> None:  # fmt: skip
+    """What the hydrator does for these events (lua/hydrate.lua on the epoch)."""
+    enc = msgspec.msgpack.encode
+    q = [x for c, t, b, a in quotes for x in (c, str(t), repr(b), repr(a), repr((b + a) / 2))]
+    tr = [x for c, t, p, n in trades for x in (c, str(t), repr(p), str(n))]
+    res = await lua.get("hydrate")(
+        redis, [keys.epoch_meta(eid)], [keys.epoch_contract_prefix(eid), enc(q), enc(tr)]
+    )
+    assert int(res[0]) == 0 and len(res) - 2 == len(quotes) + len(trades)
+
+
+NEW_STRIKE = [contract("SPXW", EXP2, "P", 6010, bid=1.0, ask=1.1)]
+
+
+async def warm_and_tick(deps: Deps, redis: Redis) -> tuple[str, list[str], ChainPointer]:
+    """Epoch 1 from chain(NS); the WS then moves c0's quote and c2's trade past the next
+    snapshot's times and c1's quote to a time before them; returns epoch 1, the cids and a
+    pointer to a snapshot (NS + 1 s) with a new strike."""
+    await normalizer(deps).process(await put(redis, chain(NS)))
+    e1 = await active(redis)
+    c0, c1, c2 = (c.cid for c in chain().contracts)
+    await ws_apply(redis, e1, [(c0, NS + 2 * SEC, 1.5, 1.7), (c1, NS + SEC // 2, 2.1, 2.5)],
+                   [(c2, NS + 2 * SEC, 3.3, 4)])  # fmt: skip
+    await redis.delete(keys.CONTRACTS_DIRTY_STREAM)
+    return e1, [c0, c1, c2], await put(redis, chain(NS + SEC, extra=NEW_STRIKE))
+
+
+async def test_ws_values_newer_than_the_new_snapshot_are_carried_into_the_new_epoch(
+    deps: Deps, redis: Redis, registry: CollectorRegistry
+) -> None:
+    e1, (c0, c1, c2), ptr = await warm_and_tick(deps, redis)
+    assert await normalizer(deps).process(ptr) == "built"
+    e2 = await active(redis)
+    assert e2 != e1
+    r0, r1, r2 = [await record(redis, e2, c) for c in (c0, c1, c2)]
+    # c0: the WS quote (newer than the snapshot's) survives the epoch switch; its trade is
+    # the snapshot's.
+    assert (r0.bid, r0.ask, r0.mid, r0.quote_ts_ns) == (1.5, 1.7, 1.6, NS + 2 * SEC)
+    assert (r0.last, r0.trade_ts_ns) == (1.1, NS + SEC - 9)
+    assert r0.src == "ws" and r0.ts_ns == NS + 2 * SEC
+    # c1: the WS quote was older than the new snapshot's: the snapshot's stays.
+    assert (r1.bid, r1.quote_ts_ns, r1.src) == (2.0, NS + SEC - 5, "chain")
+    # c2: the snapshot had no trade; the WS trade is carried next to the snapshot's quote.
+    assert (r2.last, r2.size, r2.trade_ts_ns) == (3.3, 4.0, NS + 2 * SEC)
+    assert (r2.bid, r2.quote_ts_ns, r2.ts_ns) == (3.0, NS + SEC - 5, NS + 2 * SEC)
+    # Carried while warming: the promotion's own notifications cover them.
+    ds = [d for d in await dirty(redis) if d.epoch == e2]
+    assert {d.reason for d in ds} == {"epoch"} and sum(len(d.cids) for d in ds) == 4
+    assert "carry_from" not in await meta(redis, e2)
+    assert metric(registry, "massive_epoch_carried_total", symbol="SPX") == 2
+    # The next snapshot of the same topology carries nothing again.
+    await redis.delete(keys.CONTRACTS_DIRTY_STREAM)
+    assert await normalizer(deps).process(
+        await put(redis, chain(NS + SEC, extra=NEW_STRIKE), ":again")
+    ) == "reseeded"  # fmt: skip
+    assert await dirty(redis) == []
+
+
+def tick_before_promotion(n: Normalizer, redis: Redis, e1: str, cid: str) -> None:
+    """Make ``n`` apply a WS quote (NS + 3 s) to epoch ``e1`` after its carry into the
+    warming epoch, just before the promotion."""
+    real = n.promote
+
+    async def promote(topo: Any, snap: ChainSnapshot) -> str | None:
+        await ws_apply(redis, e1, [(cid, NS + 3 * SEC, 2.2, 2.6)], [])
+        return await real(topo, snap)
+
+    n.promote = promote  # type: ignore[method-assign]
+
+
+async def test_ws_values_applied_during_the_promotion_are_carried_and_notified(
+    deps: Deps, redis: Redis
+) -> None:
+    e1, (_, c1, _), ptr = await warm_and_tick(deps, redis)
+    n = normalizer(deps)
+    tick_before_promotion(n, redis, e1, c1)
+    assert await n.process(ptr) == "built"
+    e2 = await active(redis)
+    r1 = await record(redis, e2, c1)
+    assert (r1.bid, r1.ask, r1.quote_ts_ns, r1.src) == (2.2, 2.6, NS + 3 * SEC, "ws")
+    carried = [d for d in await dirty(redis) if d.reason == "carry"]
+    assert len(carried) == 1 and carried[0].cids == [c1] and carried[0].epoch == e2
+    assert carried[0].max_ts_ns == NS + 3 * SEC and carried[0].recv_ts_ns is None
+    assert "carry_from" not in await meta(redis, e2)
+
+
 # --- crash windows --------------------------------------------------------------------------------
 class Killed(BaseException):
     pass
@@ -339,6 +430,35 @@ async def test_crash_after_reseed_write_notifies_all_on_redelivery(
         await put(redis, msgspec.structs.replace(newer, ts_ns=NS + 3 * SEC))
     )
     assert len(await dirty(redis)) == 1
+
+
+async def test_crash_after_carry_write_notifies_the_carried_contracts_on_redelivery(
+    deps: Deps, redis: Redis
+) -> None:
+    e1, (c0, c1, c2), ptr = await warm_and_tick(deps, redis)
+    crashing = normalizer(deps)
+    tick_before_promotion(crashing, redis, e1, c1)
+    real = crashing._xadd_dirty
+
+    def boom(*args: Any, **kw: Any) -> int:
+        if args[5] == "carry":
+            raise Killed
+        return real(*args, **kw)
+
+    crashing._xadd_dirty = boom  # type: ignore[method-assign]
+    with pytest.raises(Killed):
+        await crashing.process(ptr)
+    e2 = await active(redis)
+    assert (await record(redis, e2, c1)).bid == 2.2  # carried, not notified
+    assert (await meta(redis, e2))["carry_from"] == e1
+    assert {d.reason for d in await dirty(redis)} == {"epoch"}
+    assert await normalizer(deps).process(ptr) == "reseeded"  # redelivery
+    # Carried again: c1 notified (and c0 / c2, carried while warming: over-notified once).
+    carried = [d for d in await dirty(redis) if d.reason == "carry"]
+    assert len(carried) == 1 and sorted(carried[0].cids) == sorted([c0, c1, c2])
+    assert "carry_from" not in await meta(redis, e2)
+    # The re-seed of the same snapshot kept the newer WS values.
+    assert [(await record(redis, e2, c)).bid for c in (c0, c1)] == [1.5, 2.2]
 
 
 async def test_crash_between_promotion_and_retirement_is_swept(deps: Deps, redis: Redis) -> None:

@@ -1,4 +1,5 @@
-"""Lua scripts of the epoch stages (normalizer, hydrator).
+"""Lua scripts of the epoch stages (normalizer, hydrator) and the contract reads (tile
+builder legs, the normalizer's carry).
 
 The ``.lua`` files are package data read through importlib.resources. Every script touches
 keys of ONE hash slot only (one epoch's ``{<eid>}`` keys, or the single spot hash), so the
@@ -24,7 +25,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import NoScriptError
 
-NAMES = ("hydrate", "seed", "build", "spot", "expire_keys")
+NAMES = ("hydrate", "seed", "build", "spot", "expire_keys", "fetch")
 
 Arg = str | bytes | int | float
 

@@ -3,6 +3,8 @@
 -- ARGV[1] = contract key prefix "epoch:{eid}:contract:"
 -- ARGV[2] = msgpack FLAT array of quotes, 5 strings each: cid, ts_ns, bid, ask, mid
 -- ARGV[3] = msgpack FLAT array of trades, 4 strings each: cid, ts_ns, last, size
+-- ARGV[4] = optional: the epoch state required, default 'active' (the normalizer's carry
+--           also writes into a 'warming' epoch before promoting it)
 -- (flat arrays: no Lua table per event.)
 -- Per kind: A slot absent -> create; B strictly newer ts -> replace; C older/equal -> discard.
 -- Returns {status, misses, i1, i2, ...}: status 1 = epoch not active (nothing written, the
@@ -16,7 +18,7 @@
 -- ts_ns whenever it writes either, so an event strictly newer than ts_ns is strictly newer
 -- than the stored slot of its kind (rule A or B: apply) and becomes the new ts_ns. Anything
 -- else (ts_ns absent, equal or older) takes the full check.
-if redis.call('HGET', KEYS[1], 'state') ~= 'active' then
+if redis.call('HGET', KEYS[1], 'state') ~= (ARGV[4] or 'active') then
   return {1, 0}
 end
 local function newer(a, b)
