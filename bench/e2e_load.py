@@ -83,6 +83,10 @@ class Probe:
         for _, _, res in self.procs:
             assert res.get(timeout=30) == "ready"
 
+    def cpu_seconds(self) -> float:
+        """utime + stime of the probe processes so far."""
+        return sum(h.proc_cpu_seconds(proc.pid) for proc, _, _ in self.procs)
+
     def record(self) -> None:
         for _, cmd, _ in self.procs:
             cmd.put("record")
@@ -375,6 +379,7 @@ async def main() -> int:
             c0 = await hyd_counts(p)
             cpu0 = {s: p.cpu_seconds(s) for s in PROCS}
             redis_cpu0 = h.proc_cpu_seconds(srv.proc.pid) if srv.proc else 0.0
+            harness0 = (time.process_time(), probe.cpu_seconds())
             await r.config_resetstat()  # INFO commandstats over the window only
             if os.environ.get("E2E_SLOWLOG"):
                 await r.config_set("slowlog-log-slower-than", 5000)
@@ -403,6 +408,8 @@ async def main() -> int:
             sampling.set()
             await sampler
             redis_cpu = (h.proc_cpu_seconds(srv.proc.pid) if srv.proc else 0.0) - redis_cpu0
+            bench_cpu = time.process_time() - harness0[0]  # replayer + lag sampler
+            probe_cpu = probe.cpu_seconds() - harness0[1]
             c1 = await hyd_counts(p)
             cpu1 = {s: p.cpu_seconds(s) for s in PROCS}
             rpt = probe.report()
@@ -469,6 +476,12 @@ async def main() -> int:
                 rows.append((f"{k} CPU {s} (% of one core)",
                              f"{100 * (cpu1[s] - cpu0[s]) / wall:.0f}"))  # fmt: skip
             rows.append((f"{k} CPU redis-server (% of one core)", f"{100 * redis_cpu / wall:.0f}"))
+            rows.append(
+                (
+                    f"{k} CPU of the harness on the same cores: replayer, SSE probes (%)",
+                    f"{100 * bench_cpu / wall:.0f}, {100 * probe_cpu / wall:.0f}",
+                )
+            )
             if os.environ.get("E2E_SLOWLOG"):
                 # raw reply: [id, ts, duration_us, [args...], ...] (args may be binary)
                 sl: Any = await r.execute_command("SLOWLOG", "GET", 1000, NEVER_DECODE=True)
