@@ -472,6 +472,12 @@ async def main() -> int:
                         f"{(max(xs) / 1e6 if xs else float('nan')):.0f} ({len(xs)})",
                     )
                 )
+                if rate == 5000:  # the target for this rate
+                    p99 = _pct(xs, 0.99)
+                    verdict = "met" if p99 <= 500 else "MISSED"
+                    rows.append(
+                        (f"{k} target tick->SSE p99 <= 500 ms, {s}", f"{verdict} ({p99:.0f})")
+                    )
             for s in PROCS:
                 rows.append((f"{k} CPU {s} (% of one core)",
                              f"{100 * (cpu1[s] - cpu0[s]) / wall:.0f}"))  # fmt: skip
