@@ -3,6 +3,7 @@
 Reads only (connects with ``RuntimeSettings.redis_url`` from the environment):
 ``massive:epoch:active``, ``massive:epoch:index`` and each indexed epoch's meta, the SCARD of
 its topology SET (must equal ``n_contracts``), the TTL of its meta (retired epochs expire),
+a carry from the previous epoch that a crash left unfinished (``carry_from`` in the meta),
 and the consumer groups of ``massive:contracts:dirty`` (lag, pending). ``--json`` prints the
 same as one JSON document.
 """
@@ -40,6 +41,7 @@ class EpochRow:
     snapshot_age_s: float | None
     ttl_s: int  # TTL of the meta key (-1: none, -2: gone)
     consistent: bool  # n_contracts == topology SCARD
+    carry_from: str | None  # set: the carry of the previous epoch's WS values did not finish
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +93,7 @@ async def collect(redis: Redis, now_ns: int | None = None) -> Report:
                 snapshot_age_s=_age(now, meta.get("snapshot_ts_ns")),
                 ttl_s=ttl,
                 consistent=n == card,
+                carry_from=meta.get("carry_from") or None,
             )
         )
     rows.sort(key=lambda r: (r.symbol, not r.is_active, r.age_s if r.age_s is not None else 0.0))
@@ -123,6 +126,8 @@ def render(rep: Report) -> str:
         )
         for r in rep.epochs:
             flag = "" if r.consistent else "  !! n_contracts != topology"
+            if r.carry_from and r.state == "active":
+                flag += f"  !! carry from {r.carry_from} pending (runs with the next snapshot)"
             out.append(
                 f"{r.symbol:6} {r.eid:16} {r.state:8} {'*' if r.is_active else '':3} "
                 f"{r.n_contracts if r.n_contracts is not None else '-':>9} {r.topology:>8} "

@@ -58,6 +58,7 @@ def test_inspect_reports_epochs_states_counts_and_dirty_lag(
     assert by[new]["state"] == "active" and by[new]["is_active"] is True
     assert by[new]["n_contracts"] == by[new]["topology"] == 6 and by[new]["consistent"]
     assert by[new]["ttl_s"] == -1 and by[new]["expiries"] == ["2026-12-18"]
+    assert by[new]["carry_from"] is None  # the promotion's carry finished
     assert by[old]["state"] == "retired" and by[old]["is_active"] is False
     assert by[old]["topology"] == 4 and 0 < by[old]["ttl_s"] <= 300
     assert by[new]["age_s"] is not None and by[new]["age_s"] >= 0
@@ -86,6 +87,7 @@ def test_inspect_flags_an_inconsistent_epoch_and_a_pointer_without_meta(
             keys.epoch_meta("half"), mapping={"symbol": "NDX", "state": "active", "n_contracts": 5}
         )
         await r.sadd(keys.epoch_contracts("half"), "a", "b")
+        await r.hset(keys.epoch_meta("half"), "carry_from", "prev")  # a crashed carry
         await r.aclose()
 
     asyncio.run(setup())
@@ -93,6 +95,7 @@ def test_inspect_flags_an_inconsistent_epoch_and_a_pointer_without_meta(
     assert epoch_cli.main(["inspect"]) == 0
     out = capsys.readouterr().out
     assert "!! n_contracts != topology" in out
+    assert "!! carry from prev pending" in out
     assert any("gone" in ln and "missing" in ln for ln in out.splitlines())
     assert "no consumer groups" in out
 
