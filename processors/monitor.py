@@ -12,7 +12,9 @@ Every ``interval_s`` it reads (Redis >= 7 for lag):
   with the source stream);
 * ``massive_epoch_active_age_seconds{symbol}`` (now - promoted_ns of the active epoch);
 * per published model: ``massive_model_publish_age_seconds{symbol,model}`` (now - the model
-  key's ts_ns) and ``massive_model_version{symbol,model}``; a heatmap model key is a
+  key's ts_ns) and ``massive_model_version{symbol,model}``, read from the key's first
+  ``STAMP_PREFIX_BYTES`` (GETRANGE: the models are megabytes; a value laid out otherwise is
+  read and decoded whole); a heatmap model key is a
   checkpoint (see processors/publisher.py), at most ``checkpoint_ms`` (5 s) behind the
   latest diff while publishing, so both trail the diffs by that much at most;
 * WS dormancy: ``massive_ws_last_event_age_seconds`` (now - ``keys.WS_LAST_EVENT``).
@@ -28,6 +30,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,6 +94,19 @@ class _ModelStamp(msgspec.Struct):
 
 
 _stamp_decoder = msgspec.json.Decoder(_ModelStamp)
+# A model key holds megabytes (a 50k-tile heatmap ~15 MB); its stamp is in the first bytes:
+# PublishedModel / RawModel encode symbol, kind, epoch, version, ts_ns before the items.
+STAMP_PREFIX_BYTES = 512
+_STAMP_RE = re.compile(
+    rb'\{"symbol":"[^"\\]*","kind":"[^"\\]*","epoch":"[^"\\]*","version":(\d+),"ts_ns":(\d+)[,}]'
+)
+
+
+def _stamp(prefix: bytes) -> _ModelStamp | None:
+    """Version and ts_ns from the first bytes of a model key; None when they are not laid
+    out as the model structs write them (the caller then reads the whole value)."""
+    m = _STAMP_RE.match(prefix)
+    return None if m is None else _ModelStamp(version=int(m[1]), ts_ns=int(m[2]))
 
 
 def _s(v: bytes | str) -> str:
@@ -288,16 +304,24 @@ class Monitor:
                 if since:
                     self.epoch_age.set((sym,), (now_ns - int(since)) / NS)
             labels_keys = model_keys(sym)
-            raws = await self.redis.mget([k for _, k in labels_keys])
-            for (model, key), raw in zip(labels_keys, raws, strict=True):
-                if raw is None:
+            pipe = self.redis.pipeline(transaction=False)
+            for _, k in labels_keys:
+                pipe.getrange(k, 0, STAMP_PREFIX_BYTES - 1)
+            prefixes = await pipe.execute()
+            for (model, key), prefix in zip(labels_keys, prefixes, strict=True):
+                if not prefix:  # absent (a model is never empty)
                     continue
-                try:
-                    stamp = _stamp_decoder.decode(raw)
-                except msgspec.DecodeError as exc:  # ValidationError is a DecodeError
-                    self.poll_errors.labels("bad_model").inc()
-                    logger.warning("monitor: unreadable model %s: %s", key, exc)
-                    continue
+                stamp = _stamp(prefix)
+                if stamp is None:  # not the usual layout: decode the whole value
+                    raw = await self.redis.get(key)
+                    if raw is None:
+                        continue
+                    try:
+                        stamp = _stamp_decoder.decode(raw)
+                    except msgspec.DecodeError as exc:  # ValidationError is a DecodeError
+                        self.poll_errors.labels("bad_model").inc()
+                        logger.warning("monitor: unreadable model %s: %s", key, exc)
+                        continue
                 self.publish_age.set((sym, model), (now_ns - stamp.ts_ns) / NS)
                 self.version.set((sym, model), stamp.version)
 

@@ -13,14 +13,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
-from processors.monitor import Monitor, MonitorSettings, build
+from processors.monitor import STAMP_PREFIX_BYTES, Monitor, MonitorSettings, _stamp, build
 from schemas import keys
-from schemas.messages import PublishedModel, encode
+from schemas.messages import PublishedModel, RawModel, encode
 from streams import admin
 from streams.clock import ManualClock
 from streams.processor import Deps
@@ -124,6 +127,52 @@ async def test_exports_streams_groups_dead_letters_epochs_models_and_dormancy(
     assert val(registry, "massive_model_publish_age_seconds", **hb) == 12.5
     assert val(registry, "massive_ws_last_event_age_seconds") == pytest.approx(14.2)
     assert val(registry, "massive_epoch_active_age_seconds", symbol="SPX") == 40
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    symbol=st.text(max_size=40),
+    kind=st.text(max_size=40),
+    epoch=st.text(max_size=300),
+    version=st.integers(0, 2**62),
+    ts_ns=st.integers(0, 2**63 - 1),
+    raw=st.booleans(),
+)
+def test_model_stamp_from_the_key_prefix_is_exact_or_declined(
+    symbol: str, kind: str, epoch: str, version: int, ts_ns: int, raw: bool
+) -> None:
+    items = {"k": msgspec.Raw(b"1")} if raw else {"k": 1}
+    cls = RawModel if raw else PublishedModel
+    blob = encode(cls(symbol, kind, epoch, version, ts_ns, items))  # type: ignore[arg-type]
+    got = _stamp(blob[:STAMP_PREFIX_BYTES])
+    if got is not None:  # never a wrong stamp; declined only for unusual strings
+        assert (got.version, got.ts_ns) == (version, ts_ns)
+    elif len(blob[: blob.index(b',"items"')]) < STAMP_PREFIX_BYTES:
+        assert any(c in symbol + kind + epoch for c in '"\\') or not (
+            (symbol + kind + epoch).isprintable()
+        )
+
+
+async def test_model_stamps_are_read_from_a_key_prefix_not_the_whole_model(
+    redis: Redis, deps: Deps, registry: CollectorRegistry
+) -> None:
+    items = {
+        f"SPX:2026-12-18:butterfly:{k}-{k + 5}-{k + 10}:C": {"debit": 1.25} for k in range(20_000)
+    }
+    big = PublishedModel("SPX", "heatmap:butterfly", "e1", 41, NOW_NS - 3 * 10**9, items)
+    await redis.set(keys.heatmap_model("SPX", "butterfly"), encode(big))
+    odd = PublishedModel('S"PX', "gex", "e2", 7, NOW_NS - 10**9, {})  # declined: read whole
+    await redis.set(keys.gex_model("SPX"), encode(odd))
+    await redis.config_resetstat()
+    m = monitor(deps, ManualClock(NOW_NS), symbols=("SPX",))
+    assert await m.poll_once()
+    lbl = {"symbol": "SPX", "model": "heatmap:butterfly"}
+    assert val(registry, "massive_model_version", **lbl) == 41
+    assert val(registry, "massive_model_publish_age_seconds", **lbl) == 3.0
+    assert val(registry, "massive_model_version", symbol="SPX", model="gex") == 7
+    stats = await redis.info("commandstats")
+    assert stats["cmdstat_getrange"]["calls"] == 4  # 3 heatmap models + gex
+    assert stats["cmdstat_get"]["calls"] == 2  # the odd model + the WS last-event key
 
 
 async def test_nil_lag_is_nan_and_flagged_not_zero(
