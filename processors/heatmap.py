@@ -287,7 +287,7 @@ class LegQuote:
 
     @classmethod
     def from_joined(cls, joined: bytes) -> LegQuote | None:
-        """Fast path for FETCH_LUA's "|"-joined LEG_FIELDS values; anything unusual
+        """Fast path for lua/fetch.lua's "|"-joined LEG_FIELDS values; anything unusual
         (bad or non-finite numbers, wrong arity) goes through ``from_values``."""
         parts = joined.split(b"|")
         try:

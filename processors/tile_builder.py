@@ -45,6 +45,7 @@ from typing import Any, cast
 
 import msgspec
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 from redis.exceptions import WatchError
 
 from processors import heatmap as hm
@@ -93,8 +94,8 @@ class TileSettings:
         return self.max_quote_age_ms * 1_000_000
 
 
-# Leg reads: lua/fetch.lua (also the normalizer's carry).
-FETCH_LUA = lua.source("fetch")
+# Leg reads: lua/fetch.lua (also the normalizer's carry), queued as plain EVALSHA by
+# ``lua.execute`` (redis-py's pipeline scripts cost a SCRIPT EXISTS round trip per batch).
 
 # KEYS: staging, manifest. ARGV: epoch, then tile_id, value pairs; a staged value starts
 # with its seq (admission clock) and ":" (schemas.heatmap.stage_value).
@@ -167,7 +168,7 @@ return 1
 
 
 class QuoteParser:
-    """FETCH_LUA reply -> LegQuote (and its ``tile_vec.quote_row``), memoised on the reply
+    """lua/fetch.lua reply -> LegQuote (and its ``tile_vec.quote_row``), memoised on the reply
     bytes (a pure function of them): most legs read for a batch are neighbours of the dirty
     contracts whose values did not change since the previous batch. Bounded: cleared when it
     reaches ``max_entries``."""
@@ -193,8 +194,7 @@ async def fetch_quotes(
     redis: Redis, eid: str, cids: Sequence[str], chunk: int = 2000
 ) -> dict[str, hm.LegQuote | None]:
     """Read LEG_FIELDS of every contract in ``cids`` (one pipelined round trip)."""
-    script = redis.register_script(FETCH_LUA)
-    return (await fetch_rows(redis, eid, cids, chunk, script, QuoteParser()))[0]
+    return (await fetch_rows(redis, eid, cids, chunk, QuoteParser()))[0]
 
 
 async def fetch_rows(
@@ -202,17 +202,20 @@ async def fetch_rows(
     eid: str,
     cids: Sequence[str],
     chunk: int,
-    script: Any,
     parser: QuoteParser,
 ) -> tuple[dict[str, hm.LegQuote | None], list[tv.QuoteRow]]:
     """``fetch_quotes`` for the vectorised path: the quotes and their array rows, in the
     order of ``cids``."""
-    pipe = redis.pipeline(transaction=False)
-    parts = [cids[i : i + chunk] for i in range(0, len(cids), chunk)]
+    if not cids:
+        return {}, []
+    script = lua.get("fetch")
     prefix = keys.epoch_contract_prefix(eid)
-    for part in parts:
-        await script(keys=[prefix + c for c in part], args=hm.LEG_FIELDS, client=pipe)
-    replies = await pipe.execute() if parts else []
+
+    def queue(pipe: Pipeline) -> None:
+        for i in range(0, len(cids), chunk):
+            script.queue(pipe, [prefix + c for c in cids[i : i + chunk]], hm.LEG_FIELDS)
+
+    replies = await lua.execute(redis, queue)
     pair = parser.pair
     pairs = [pair(j) for rep in replies for j in rep]
     quotes = dict(zip(cids, [p[0] for p in pairs], strict=True))
@@ -252,7 +255,6 @@ class TileBuilder(ConsumerProcessor):
         self.cfg = cfg
         self.clock = deps.clock
         self.tiles_stream = keys.tiles_stream(strategy)
-        self._fetch = self.redis.register_script(FETCH_LUA)
         self._stage = self.redis.register_script(STAGE_LUA)
         self._install = self.redis.register_script(INSTALL_LUA)
         self._grids: dict[str, tuple[str, hm.Grid]] = {}
@@ -396,9 +398,7 @@ class TileBuilder(ConsumerProcessor):
         """Read the legs of the tiles ``rows`` and compute their staging values (and view
         keys, ``TileTable.staged_values_keyed``)."""
         cids = table.leg_contracts(rows)
-        quotes, qrows = await fetch_rows(
-            self.redis, eid, cids, self.cfg.fetch_chunk, self._fetch, self._parse
-        )
+        quotes, qrows = await fetch_rows(self.redis, eid, cids, self.cfg.fetch_chunk, self._parse)
         table.load_rows(cids, qrows)
         values, key = table.staged_values_keyed(rows, quotes, self.cfg.max_quote_age_ns)
         return table.tile_ids(rows), values, key
