@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -30,6 +29,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from schemas import keys
 from streams.metrics import ConsumerMetrics
+from streams.retry import REDIS_BACKOFF
 from streams.spec import StreamSpec
 
 logger = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class GroupConsumer:
         self.metrics = ConsumerMetrics(registry, processor, spec.stream, spec.group)
         self.dead_stream = keys.dead_letter_stream(spec.stream)
         self.ready = False
-        self.max_backoff_s = 5.0
+        self.backoff = REDIS_BACKOFF
         self._last_reclaim = 0.0
 
     # --- group lifecycle ---------------------------------------------------------------
@@ -118,8 +118,7 @@ class GroupConsumer:
                     started = False
                     failures += 1
                     self.metrics.redis_errors.inc()
-                    delay = min(self.max_backoff_s, 0.05 * 2 ** min(failures, 10))
-                    delay *= 0.5 + random.random() / 2
+                    delay = self.backoff.delay_s(failures)
                     logger.warning(
                         "redis unavailable stream=%s group=%s attempt=%d retry_in_s=%.2f: %s",
                         self.spec.stream,

@@ -59,6 +59,19 @@ def histogram(
     return _get(Histogram, registry, name, doc, labels, buckets=tuple(buckets))
 
 
+def redis_outages(
+    registry: CollectorRegistry, processor: str, stream: str = "", group: str = ""
+) -> Counter:
+    """``massive_redis_errors_total`` for a loop that is not a group consumer (empty
+    ``stream``/``group`` labels): Redis outages it survived in-process."""
+    return counter(
+        registry,
+        "massive_redis_errors_total",
+        "Redis connection losses/timeouts retried in-process",
+        ("processor", "stream", "group"),
+    ).labels(processor=processor, stream=stream, group=group)
+
+
 class ConsumerMetrics:
     """Per-processor stream-consumer metrics (labels: processor, stream, group)."""
 
@@ -83,12 +96,7 @@ class ConsumerMetrics:
         self.group_recreated = counter(
             registry, "massive_group_recreated_total", "Consumer groups re-created (NOGROUP)", names
         ).labels(**lbl)
-        self.redis_errors = counter(
-            registry,
-            "massive_redis_errors_total",
-            "Redis connection losses/timeouts retried in-process",
-            names,
-        ).labels(**lbl)
+        self.redis_errors = redis_outages(registry, processor, stream, group)
         self.batch_seconds = histogram(
             registry, "massive_batch_duration_seconds", "Handler time per batch", names
         ).labels(**lbl)

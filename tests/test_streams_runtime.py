@@ -17,6 +17,7 @@ from redis.asyncio import Redis
 
 from streams import admin
 from streams.consumer import Entry, GroupConsumer
+from streams.retry import Backoff
 from streams.spec import StreamSpec
 from tests.util import RedisServer, eventually
 
@@ -328,7 +329,7 @@ async def test_consumer_survives_a_redis_restart(registry: CollectorRegistry) ->
         rec = Recorder()
         stop = asyncio.Event()
         c = GroupConsumer(r, spec(), rec, registry, "t")
-        c.max_backoff_s = 0.2
+        c.backoff = Backoff(base_s=0.01, cap_s=0.2)
         task = asyncio.create_task(c.run(stop))
         await eventually(lambda: _async(len(rec.seen) == 5), timeout_s=5)
         assert srv.proc is not None
@@ -377,7 +378,7 @@ async def test_handler_cut_off_by_lost_connection_is_redrained_not_isolated(
 
     stop = asyncio.Event()
     c = GroupConsumer(redis, spec(min_idle_ms=600_000), handler, registry, "t")
-    c.max_backoff_s = 0.05
+    c.backoff = Backoff(base_s=0.01, cap_s=0.05)
     task = asyncio.create_task(c.run(stop))
     await eventually(lambda: _async(set(seen) == set(range(20))), timeout_s=5)
     await eventually(lambda: _async(c.ready), timeout_s=5)
