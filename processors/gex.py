@@ -44,12 +44,18 @@ KIND = "gex"
 # publish: a chain re-seed with identical greeks only moves snapshot_ts_ns)
 VOLATILE_META = frozenset({"built_ns", "spot_ts_ns", "snapshot_ts_ns"})
 
+# KEYS: lease, diff stream, model, calls, puts, chain head. ARGV: token, maxlen, diff json,
+# model json without its diff_id, calls, puts, prev id ("" = none).
+# Returns the diff id; false: lease lost; 0: prev id is not the chain head (Redis lost
+# versions we published, or another leader published): reload and rebuild.
 _PUBLISH = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return false end
+if (redis.call('GET', KEYS[6]) or '') ~= ARGV[7] then return 0 end
 local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'd', ARGV[3])
 redis.call('SET', KEYS[3], ARGV[4] .. '"' .. id .. '"}')
 redis.call('SET', KEYS[4], ARGV[5])
 redis.call('SET', KEYS[5], ARGV[6])
+redis.call('SET', KEYS[6], id)
 return id
 """
 _RENEW = """
@@ -113,6 +119,7 @@ class _SymState:
     meta_cmp: dict[str, Any] | None = None
     dollar_spot: float | None = None
     eid: str | None = None
+    head: str | None = None  # diff id of ``version`` in Redis: the next diff's prev_id
     fingerprint: tuple[str, float, int] | None = None
     built_mono: float = -math.inf
     checked_mono: float = -math.inf
@@ -223,24 +230,29 @@ class GexBuilder:
     async def _load_state(self) -> None:
         """Resume from what is published (versions stay monotonic across leaders)."""
         self.state = {}
-        pipe = self.redis.pipeline(transaction=False)
         for sym in self.symbols:
-            pipe.get(keys.gex_model(sym))
-        for sym, raw in zip(self.symbols, await pipe.execute(), strict=True):
-            st = _SymState()
-            if raw is not None:
-                try:
-                    m = msgspec.json.decode(raw, type=PublishedModel)
-                except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                    logger.error("gex: unreadable model %s (%s); starting at v0", sym, exc)
-                else:
-                    st.version = m.version
-                    st.items = m.items
-                    st.meta_cmp = {k: v for k, v in m.meta.items() if k not in VOLATILE_META}
-                    ds = m.meta.get("dollar_spot")
-                    st.dollar_spot = float(ds) if isinstance(ds, int | float) else None
-                    st.eid = m.epoch
-            self.state[sym] = st
+            await self._load_sym(sym)
+
+    async def _load_sym(self, sym: str) -> _SymState:
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.get(keys.gex_model(sym))
+        pipe.get(keys.gex_head(sym))
+        raw, head = await pipe.execute()
+        st = _SymState(head=head.decode() if isinstance(head, bytes) else head)
+        if raw is not None:
+            try:
+                m = msgspec.json.decode(raw, type=PublishedModel)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                logger.error("gex: unreadable model %s (%s); starting at v0", sym, exc)
+            else:
+                st.version = m.version
+                st.items = m.items
+                st.meta_cmp = {k: v for k, v in m.meta.items() if k not in VOLATILE_META}
+                ds = m.meta.get("dollar_spot")
+                st.dollar_spot = float(ds) if isinstance(ds, int | float) else None
+                st.eid = m.epoch
+        self.state[sym] = st
+        return st
 
     async def release(self) -> None:
         if self.leader:
@@ -378,6 +390,7 @@ class GexBuilder:
             changed=changed,
             removed=removed,
             meta=meta,
+            prev_id=st.head,
             src_recv_ts_ns=chain.src_ts_ns or None,
         )
         model = msgspec.json.encode(
@@ -398,6 +411,7 @@ class GexBuilder:
                 keys.gex_model(sym),
                 keys.gex_model_calls(sym),
                 keys.gex_model_puts(sym),
+                keys.gex_head(sym),
             ],
             args=[
                 self.token,
@@ -406,12 +420,22 @@ class GexBuilder:
                 model[: -len(tail)],
                 calls,
                 puts,
+                st.head or "",
             ],
         )
         if diff_id is None:
             logger.warning("gex: %s v%d not published: lease lost", sym, version)
             self._lose()
             return "lost_lease"
+        if diff_id == 0:
+            # Redis holds another history than ours (it lost our last versions, or another
+            # leader published): continue from the published model; the next build diffs
+            # against it and carries its chain head.
+            logger.warning("gex: %s v%d not published: chain head moved; reloading", sym, version)
+            await self._load_sym(sym)
+            self.m_builds.labels(symbol=sym, outcome="resync").inc()
+            return "resync"
+        st.head = diff_id.decode() if isinstance(diff_id, bytes) else str(diff_id)
         st.version, st.items, st.meta_cmp, st.eid = version, items, meta_cmp, eid
         st.dollar_spot = ds
         self.m_publishes.labels(symbol=sym).inc()

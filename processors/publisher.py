@@ -120,11 +120,12 @@ end
 return 0
 """
 
-# KEYS: fence, lease, active-epoch hash, version, diff stream.
+# KEYS: fence, lease, active-epoch hash, version, diff stream, chain head.
 # ARGV: token, lease value, symbol, epoch, version, diff id, diff json, lease ttl ms, diff
-# stream maxlen.
+# stream maxlen, prev id ("" = none).
 # Returns {1} ok, {-1} fenced, {-2} lease held by another owner, {-3} epoch not active,
-# {-4} version is not current + 1, {-5, last id} diff id not above the stream's last
+# {-4} version is not current + 1 or prev id is not the chain's head (Redis lost writes we
+# made, or someone else published), {-5, last id} diff id not above the stream's last
 # generated id (the caller picks a later id and retries).
 PUBLISH_LUA = """
 local fence = redis.call('GET', KEYS[1])
@@ -134,6 +135,7 @@ if holder and holder ~= ARGV[2] then return {-2} end
 if redis.call('HGET', KEYS[3], ARGV[3]) ~= ARGV[4] then return {-3} end
 local cur = redis.call('GET', KEYS[4]) or '0'
 if tonumber(ARGV[5]) ~= tonumber(cur) + 1 then return {-4} end
+if (redis.call('GET', KEYS[6]) or '') ~= ARGV[10] then return {-4} end
 local added = redis.pcall('XADD', KEYS[5], 'MAXLEN', '~', ARGV[9], ARGV[6], 'd', ARGV[7])
 if type(added) == 'table' and added.err then
   -- the id is not above the stream's top: report the last generated id (XINFO only on
@@ -145,6 +147,7 @@ if type(added) == 'table' and added.err then
   return redis.error_reply(added.err)
 end
 redis.call('SET', KEYS[4], ARGV[5])
+redis.call('SET', KEYS[6], ARGV[6])
 redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[8])
 return {1}
 """
@@ -174,6 +177,7 @@ class SymState:
     last_publish: float = float("-inf")  # monotonic seconds
     last_reconcile: float = float("-inf")
     diff_id: str | None = None  # of ``version``
+    head: str | None = None  # the chain head in Redis: diff id of ``version`` (prev_id)
     ts_ns: int = 0  # of ``version``
     meta: dict[str, Any] = field(default_factory=dict)  # of ``version``
     checkpointed: int = 0  # version the model key holds
@@ -390,7 +394,8 @@ class Publisher:
         pipe = self.redis.pipeline(transaction=True)
         pipe.get(keys.heatmap_model(sym, self.strategy))
         pipe.get(keys.heatmap_version(sym, self.strategy))
-        raw, ver = await pipe.execute()
+        pipe.get(keys.heatmap_head(sym, self.strategy))
+        raw, ver, head = await pipe.execute()
         if raw is not None:
             m = _model_decoder.decode(raw)
             st.epoch, st.version, st.items = m.epoch, m.version, m.items
@@ -401,6 +406,9 @@ class Publisher:
                 st.roots = {str(k): str(v) for k, v in roots.items()}
         if ver is not None and int(ver) > st.version:
             await self._catch_up(st, int(ver))
+        # The next diff continues the chain Redis holds, whatever this process published
+        # before (a lossy restart may have taken our last diffs).
+        st.head = _s(head) if head is not None else None
         self.syms[sym] = st
         return st
 
@@ -642,6 +650,7 @@ class Publisher:
             changed=changed,
             removed=removed,
             meta=meta,
+            prev_id=st.head,
             src_recv_ts_ns=recv,
         )
         checkpoint = (
@@ -649,7 +658,7 @@ class Publisher:
             or epoch != st.epoch
             or t0 - st.last_checkpoint >= self.cfg.checkpoint_ms / 1000
         )
-        code, diff_id = await self._write(st.symbol, epoch, version, encode(diff))
+        code, diff_id = await self._write(st.symbol, epoch, version, encode(diff), st.head)
         if code == 1 and items is None:
             items = st.items
             items.update(changed)
@@ -677,6 +686,7 @@ class Publisher:
             assert items is not None
             st.epoch, st.version, st.items = epoch, version, items
             st.diff_id, st.ts_ns, st.meta = diff_id, now_ns, meta
+            st.head = diff_id
             st.pending, st.pending_recv = {}, {}
             st.needs_reconcile, st.reconcile_recv = False, None
             st.last_publish = self.clock.monotonic()
@@ -694,25 +704,38 @@ class Publisher:
             st.pending, st.pending_recv = {}, {}
             st.needs_reconcile = True
             st.last_publish = self.clock.monotonic()  # retry no faster than max_interval
-        else:  # someone else moved the version: resync from Redis
+        else:
+            # Someone else moved the version, or Redis lost diffs we published (a restart
+            # from an older RDB/AOF): continue from what Redis holds. Clients that saw the
+            # lost versions see a prev_id that is not theirs and re-read.
+            logger.warning(
+                "publisher %s %s: version/chain head moved under us (had v%d); resync",
+                self.strategy,
+                st.symbol,
+                st.version,
+            )
             self.syms.pop(st.symbol, None)
             await self._state(st.symbol)
 
-    async def _write(self, sym: str, epoch: str, version: int, diff_json: bytes) -> tuple[int, str]:
-        """One script (PUBLISH_LUA): check fence, lease holder, active epoch and version =
-        current + 1, then XADD the diff with an explicit id, the version key and the lease.
-        One round trip per publish (an optimistic WATCH transaction took seven). The diff
+    async def _write(
+        self, sym: str, epoch: str, version: int, diff_json: bytes, prev_id: str | None
+    ) -> tuple[int, str]:
+        """One script (PUBLISH_LUA): check fence, lease holder, active epoch, version =
+        current + 1 and ``prev_id`` = the chain head, then XADD the diff with an explicit
+        id, SET the version key, the head and the lease: one round trip per publish. The diff
         id is picked here, above both the clock's millisecond and our previous id; if the
         stream's top id is higher anyway (another leader's diff in the same millisecond),
         the script says so and a later id is picked. An absent (expired) lease with an
         unchanged fence is still ours and is re-set. Returns (code, diff id); codes: 1 ok,
-        -1 fenced, -2 lease held by someone else, -3 epoch not active, -4 version."""
+        -1 fenced, -2 lease held by someone else, -3 epoch not active, -4 version or chain
+        head moved."""
         k = [
             self.fence_key,
             self.lease_key,
             keys.EPOCH_ACTIVE,
             keys.heatmap_version(sym, self.strategy),
             keys.heatmap_diffs_stream(self.strategy),
+            keys.heatmap_head(sym, self.strategy),
         ]
         floor = self._last_diff_id
         while True:
@@ -731,6 +754,7 @@ class Publisher:
                     diff_json,
                     str(self.cfg.lease_ttl_ms),
                     str(self.cfg.diffs_maxlen),
+                    prev_id or "",
                 ],
             )
             code = int(res[0])

@@ -143,6 +143,7 @@ class _DiffHead(msgspec.Struct):
     version: int
     prev_version: int
     ts_ns: int = 0
+    prev_id: str | None = None
 
 
 class _ModelHead(msgspec.Struct):
@@ -386,7 +387,8 @@ def decode_item(sid: StreamId, raw_id: str, fields: dict[bytes, bytes]) -> Item 
 class _State:
     epoch: str
     version: int
-    last_id: StreamId
+    last_id: StreamId  # the last stream entry looked at
+    head: str | None  # id of the diff that produced ``version`` (None: unknown)
 
 
 class Resync(Exception):
@@ -455,7 +457,7 @@ class Gateway:
             logger.warning("channel=%s symbol=%s: undecodable model", channel.name, symbol)
             return None
         last = parse_id(head.diff_id) if head.diff_id else None
-        state = _State(head.epoch, head.version, last or ZERO_ID)
+        state = _State(head.epoch, head.version, last or ZERO_ID, head.diff_id)
         return frame("snapshot", _b(raw), head.diff_id), state
 
     async def catch_up(self, channel: Channel, symbol: str, state: _State) -> list[bytes] | None:
@@ -513,7 +515,15 @@ class Gateway:
                 continue
             if model is None:
                 model = _full_model.decode(raw)
-            if d.epoch != model.epoch or d.prev_version != model.version:
+            if (
+                d.epoch != model.epoch
+                or d.prev_version != model.version
+                or (
+                    d.prev_id is not None
+                    and model.diff_id is not None
+                    and d.prev_id != model.diff_id
+                )
+            ):
                 return _b(raw)  # not a continuation: the checkpoint is what we have
             model.items.update(d.changed)
             for k in d.removed:
@@ -544,7 +554,7 @@ class Gateway:
                 return None
         except (msgspec.ValidationError, msgspec.DecodeError):
             return None
-        state = _State(base.head.epoch, base.head.version, after)
+        state = _State(base.head.epoch, base.head.version, after, format_id(after))
         frames = await self.catch_up(channel, symbol, state)
         return None if frames is None else (frames, state)
 
@@ -631,6 +641,10 @@ def accept(state: _State, item: Item) -> bool:
     h = item.head
     if h.epoch != state.epoch:
         raise Resync("epoch")
+    if h.prev_id is not None and state.head is not None and h.prev_id != state.head:
+        # A later entry that does not follow the diff the client holds: versions it already
+        # has were re-issued with other content (Redis lost writes), or it missed one.
+        raise Resync("rewrite" if h.version <= state.version else "gap")
     if h.version <= state.version:
         state.last_id = item.id
         return False
@@ -638,6 +652,7 @@ def accept(state: _State, item: Item) -> bool:
         raise Resync("gap")
     state.version = h.version
     state.last_id = item.id
+    state.head = format_id(item.id)
     return True
 
 

@@ -156,6 +156,17 @@ def heatmap_version(symbol: str, strategy: str) -> str:
     return f"massive:heatmap:version:{symbol}:{strategy}"
 
 
+def heatmap_head(symbol: str, strategy: str) -> str:
+    """Stream id of the diff that produced the current version (the chain's head; the next
+    diff's ``prev_id``). Written with the version key by the publish script."""
+    return f"massive:heatmap:head:{symbol}:{strategy}"
+
+
+def gex_head(symbol: str) -> str:
+    """Stream id of the GEX diff that produced the current model version (see heatmap_head)."""
+    return f"massive:gex:head:{symbol}"
+
+
 def epoch_key_prefix(eid: str) -> str:
     """``epoch:{<eid>}:`` -- every key of the epoch starts with it (Lua scripts append
     ``contract:<cid>``, ``contracts``, ``by_strike``, ``by_expiry``, ``gex``)."""

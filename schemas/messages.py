@@ -211,6 +211,11 @@ class ModelDiff(Message, frozen=True):
     changed: dict[str, Any]
     removed: list[str]
     meta: dict[str, Any] = {}
+    # Stream entry id of the diff that produced ``prev_version`` of this symbol on the same
+    # diff stream (None: none known). A reader holding version v from diff X applies this
+    # diff only if prev_id == X: after Redis lost writes, re-issued versions carry another
+    # prev_id and a client that saw the lost ones re-reads instead of mixing histories.
+    prev_id: str | None = None
     src_recv_ts_ns: int | None = None  # oldest ingest time behind this publish (latency)
 
 
@@ -252,6 +257,7 @@ class RawDiff(msgspec.Struct):
     changed: dict[str, msgspec.Raw]
     removed: list[str] = []
     meta: dict[str, Any] = {}
+    prev_id: str | None = None
 
 
 class GexRow(msgspec.Struct, frozen=True, array_like=True):
