@@ -19,7 +19,6 @@ least ``dollar_spot_step_bp`` basis points, so small spot ticks do not rewrite e
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -35,6 +34,7 @@ from schemas import keys
 from schemas.messages import ModelDiff, PublishedModel, entry
 from streams import metrics
 from streams.processor import Deps
+from streams.retry import REDIS_BACKOFF, REDIS_UNAVAILABLE, sleep_or_stop
 from streams.settings import from_env
 
 logger = logging.getLogger(__name__)
@@ -199,6 +199,7 @@ class GexBuilder:
         self.m_version = metrics.gauge(
             reg, "massive_gex_version", "Last published GEX model version", ["symbol"]
         )
+        self.m_redis_errors = metrics.redis_outages(reg, self.name)
 
     @property
     def ready(self) -> bool:
@@ -215,7 +216,10 @@ class GexBuilder:
                 return
             logger.warning("gex: lost the leader lease")
             self._lose()
-        elif await self.redis.set(keys.gex_lease(), self.token, nx=True, px=ttl):
+        elif await self.redis.set(keys.gex_lease(), self.token, nx=True, px=ttl) or int(
+            # still ours (e.g. Redis came back from its AOF with our lease in it)
+            await self._renew(keys=[keys.gex_lease()], args=[self.token, ttl])
+        ):
             logger.info("gex: acquired the leader lease (%s)", self.token)
             self.leader = True
             self._renew_at = now_m + ttl / 3000
@@ -279,19 +283,28 @@ class GexBuilder:
                     return
 
     async def run(self, stop: asyncio.Event) -> None:
-        backoff = self.s.poll_s
+        failures = 0
         try:
             while not stop.is_set():
+                delay = self.s.poll_s
                 try:
                     await self.tick()
                     self._ready = True
-                    backoff = self.s.poll_s
-                except Exception:  # the loop must survive Redis hiccups and bad data
+                    failures = 0
+                except REDIS_UNAVAILABLE as exc:
+                    # Redis restarting / failing over / loading: keep the process, drop the
+                    # lead locally (state is reloaded from the published models on re-acquire)
+                    failures += 1
+                    self.m_redis_errors.inc()
+                    self._lose()
+                    delay = max(delay, REDIS_BACKOFF.delay_s(failures))
+                    logger.warning("gex: redis unavailable (retry in %.2fs): %s", delay, exc)
+                except Exception:  # bad data must not kill the loop either
+                    failures += 1
                     self.m_errors.inc()
-                    logger.exception("gex: iteration failed; retrying in %.2fs", backoff)
-                    backoff = min(backoff * 2, 5.0)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), backoff)
+                    delay = max(delay, REDIS_BACKOFF.delay_s(failures))
+                    logger.exception("gex: iteration failed; retrying in %.2fs", delay)
+                await sleep_or_stop(stop, delay)
         finally:
             try:
                 await self.release()

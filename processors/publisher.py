@@ -71,6 +71,7 @@ from schemas.messages import ModelDiff, PublishedModel, RawDiff, RawModel, encod
 from streams import metrics
 from streams.consumer import Entry
 from streams.processor import Deps
+from streams.retry import REDIS_UNAVAILABLE, run_resilient
 from streams.settings import from_env
 
 logger = logging.getLogger(__name__)
@@ -251,6 +252,7 @@ class Publisher:
         self.m_version = metrics.gauge(
             reg, "massive_published_version", "Last published version", ("strategy", "symbol")
         )
+        self.m_redis_errors = metrics.redis_outages(reg, self.name)
 
     @property
     def ready(self) -> bool:
@@ -266,19 +268,56 @@ class Publisher:
 
     # --- lifecycle ------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
+        """Lead or stand by until ``stop``; a Redis outage (restart, failover, AOF load) is
+        survived in-process: leadership is dropped locally, then kept (same fence) or
+        re-acquired once Redis answers, and the publish script's version/chain-head checks
+        resync any symbol whose history Redis no longer holds."""
         self._ready = True
-        while not stop.is_set():
-            tok = int(
-                await self._acquire(
-                    keys=[self.lease_key, self.fence_key], args=[self.owner, self.cfg.lease_ttl_ms]
-                )
+        await run_resilient(
+            self.name,
+            lambda: self._run(stop),
+            stop,
+            log=logger,
+            errors=self.m_redis_errors,
+            on_unavailable=self._drop_leadership,
+        )
+
+    def _drop_leadership(self) -> None:
+        self.token = None
+        self.m_leader.set(0)
+
+    async def _take_lease(self) -> int:
+        """Our previous token when the lease is still ours (a Redis blip: the RENEW script
+        re-sets an expired lease whose fence nobody moved), else a fresh acquisition (0:
+        someone else leads)."""
+        last = self._last_token
+        if last is not None:
+            kept = await self._renew(
+                keys=[self.lease_key, self.fence_key],
+                args=[f"{last}:{self.owner}", self.cfg.lease_ttl_ms, str(last)],
             )
+            if int(kept):
+                return last
+        return int(
+            await self._acquire(
+                keys=[self.lease_key, self.fence_key], args=[self.owner, self.cfg.lease_ttl_ms]
+            )
+        )
+
+    async def _run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            tok = await self._take_lease()
             if tok == 0:
                 await _wait(stop, self.cfg.renew_ms / 1000)
                 continue
-            # Nobody led between our previous token and this one: our state is still exact,
-            # so keep it instead of reconciling every symbol from scratch.
-            resume = self._last_token is not None and tok == self._last_token + 1
+            # Nobody led between our previous token and this one (or we kept it): our state
+            # is still what we published, so keep it instead of reconciling every symbol
+            # from scratch. If Redis lost some of it, the publish script's chain check
+            # resyncs that symbol.
+            resume = self._last_token is not None and tok in (
+                self._last_token,
+                self._last_token + 1,
+            )
             if not resume:
                 self.syms.clear()
                 self.unacked = []
@@ -291,9 +330,9 @@ class Publisher:
             finally:
                 if stop.is_set() and self.token is not None:
                     # Graceful stop: hand over at once (a crash skips this; the TTL expires).
-                    await self._release(keys=[self.lease_key], args=[self.lease_value])
-                self.token = None
-                self.m_leader.set(0)
+                    with contextlib.suppress(*REDIS_UNAVAILABLE):
+                        await self._release(keys=[self.lease_key], args=[self.lease_value])
+                self._drop_leadership()
 
     async def _lead(self, stop: asyncio.Event, resume: bool = False) -> None:
         await self._ensure_group()
@@ -327,8 +366,15 @@ class Publisher:
         """Renew every ``renew_ms`` independently of how long one lead iteration takes."""
         while not stop.is_set() and self.leader:
             await _wait(stop, self.cfg.renew_ms / 1000)
-            if stop.is_set() or not await self._renew_once():
+            if stop.is_set():
                 return
+            try:
+                if not await self._renew_once():
+                    return
+            except REDIS_UNAVAILABLE:
+                # the lead loop meets the same outage and drops leadership; a blip that only
+                # this call saw is retried on the next tick (the lease TTL covers a few)
+                continue
 
     async def _lead_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set() and self.leader:

@@ -133,6 +133,21 @@ class DurableRedis(RedisServer):
         self.start()
 
 
+def resilient_client(url: str) -> Redis:
+    """The test's own (read-mostly) client: retries a command on a connection that died
+    with a Redis restart, so the test observes the pipeline, not its own stale socket."""
+    from redis.asyncio.retry import Retry
+    from redis.backoff import ExponentialBackoff
+    from redis.exceptions import ConnectionError as RedisConnError
+    from redis.exceptions import TimeoutError as RedisTimeout
+
+    return Redis.from_url(
+        url,
+        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 20),
+        retry_on_error=[RedisConnError, RedisTimeout, OSError],
+    )
+
+
 def redis_server(aof: bool = False) -> DurableRedis:
     srv = DurableRedis(aof=aof)
     srv.start()
@@ -172,6 +187,10 @@ class Proc:
     def alive(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
 
+    def exited(self) -> int | None:
+        """Return code if this incarnation exited (with or without a supervisor)."""
+        return None if self.popen is None else self.popen.poll()
+
 
 def _slug(spec: str) -> str:
     return spec.replace(":", "-")
@@ -192,12 +211,14 @@ class Pipeline:
         extra_env: Mapping[str, str] | None = None,
         per_env: Mapping[str, Mapping[str, str]] | None = None,
         restart_delay_s: float = 0.2,
+        supervise: bool = True,
     ) -> None:
         self.redis_url = redis_url
         self.log_dir = log_dir
         self.extra_env = dict(extra_env or {})
         self.per_env = {k: dict(v) for k, v in (per_env or {}).items()}
         self.restart_delay_s = restart_delay_s
+        self.supervise = supervise
         self.procs: dict[str, Proc] = {}
         self._sup: asyncio.Task[None] | None = None
         self._stopping = False
@@ -225,7 +246,7 @@ class Pipeline:
     async def start(self, specs: Iterable[str], ready_timeout_s: float = 60.0) -> None:
         for s in specs:
             self.add(s)
-        if self._sup is None:
+        if self._sup is None and self.supervise:
             self._sup = asyncio.create_task(self._supervise(), name="supervisor")
         await self.wait_ready(list(self.procs), ready_timeout_s)
 
@@ -328,8 +349,11 @@ async def pipeline(
     specs: Iterable[str],
     extra_env: Mapping[str, str] | None = None,
     per_env: Mapping[str, Mapping[str, str]] | None = None,
+    supervise: bool = True,
 ) -> AsyncIterator[Pipeline]:
-    p = Pipeline(redis_url, log_dir, extra_env, per_env)
+    """Processors as subprocesses; ``supervise=False``: nobody restarts what exits (a test
+    of in-process recovery must not hide a crash behind a restart)."""
+    p = Pipeline(redis_url, log_dir, extra_env, per_env, supervise=supervise)
     try:
         await p.start(specs)
         yield p
