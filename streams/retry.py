@@ -103,6 +103,8 @@ async def run_resilient(
             await body()
             return
         except REDIS_UNAVAILABLE as exc:
+            if _cancelling():
+                raise  # a cancelled task whose cancellation surfaced as a dead socket
             if loop.time() - t0 > backoff.cap_s * 2:
                 attempt = 0
             attempt += 1
@@ -140,6 +142,8 @@ async def retrying(
         try:
             return await call()
         except REDIS_UNAVAILABLE as exc:
+            if _cancelling():
+                raise
             attempt += 1
             if errors is not None:
                 errors.inc()
@@ -155,6 +159,11 @@ async def retrying(
             )
             if await sleep_or_stop(stop, delay):
                 raise asyncio.CancelledError(f"{name}: stopped while waiting for redis") from exc
+
+
+def _cancelling() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _one_line(exc: BaseException) -> str:
