@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import multiprocessing as mp
 import os
@@ -57,13 +58,14 @@ from redis.asyncio import Redis
 
 from processors import MODEL_PATH
 from processors import replay as rp
+from processors.monitor import pipeline_streams
 from schemas import keys
 from streams import admin
 from tests import harness as h
 from tests.factories import big_chain
 from tests.util import free_port
 
-PROCS = (*MODEL_PATH, "sse-gateway")
+PROCS = (*MODEL_PATH, "monitor", "sse-gateway")  # the monitor runs stream retention
 
 
 # --- SSE latency probe (separate processes so parsing never delays the replayer) -------------
@@ -252,6 +254,40 @@ async def build_epoch(
     return eid, cids, hot, mem
 
 
+async def memory_breakdown(r: Redis) -> dict[str, float]:
+    """used_memory and what holds it (MB): every stream, published models, staging tiles,
+    epoch keys (the rest of the keyspace)."""
+    mb = 2**20
+    used = int((await r.info("memory"))["used_memory"])
+    streams = 0
+    for s in pipeline_streams():
+        streams += int(await r.memory_usage(s, samples=0) or 0)
+    models = sum([int(await r.memory_usage(k, samples=0) or 0) for k in h.model_keys()])
+    staging = 0
+    for s in keys.STRATEGIES:
+        staging += int(await r.memory_usage(keys.heatmap_staging("SPX", s), samples=0) or 0)
+    return {
+        "used": used / mb,
+        "streams": streams / mb,
+        "models": models / mb,
+        "staging": staging / mb,
+        "rest": (used - streams - models - staging) / mb,
+    }
+
+
+def rss_mb(pid: int | None) -> float:
+    """Resident set size of a process (MB) from /proc/<pid>/status."""
+    if pid is None:
+        return float("nan")
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
 def hist_quantile(
     samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, q: float
 ) -> float:
@@ -312,6 +348,7 @@ async def main() -> int:
     ap.add_argument("--tick-ms", type=float, default=50.0, help="one frame per tick")
     ap.add_argument("--max-interval-ms", type=int, default=250)
     ap.add_argument("--logs", default="", help="processor logs dir (default: a temp dir)")
+    ap.add_argument("--memory-every-s", type=float, default=15.0, help="INFO memory cadence")
     ap.add_argument(
         "--env",
         action="append",
@@ -397,7 +434,24 @@ async def main() -> int:
                         max_lag[name] = max(max_lag.get(name, 0), (g.lag or 0) + g.pending)
                     await asyncio.sleep(0.5)
 
+            mem_samples: list[tuple[float, float]] = []  # (s since start, used_memory MB)
+
+            async def sample_memory(
+                stop: asyncio.Event = sampling,
+                out: list[tuple[float, float]] = mem_samples,
+                every_s: float = args.memory_every_s,
+            ) -> None:
+                t_start = time.perf_counter()
+                while True:
+                    used = int((await r.info("memory"))["used_memory"]) / 2**20
+                    out.append((time.perf_counter() - t_start, used))
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), every_s)
+                    if stop.is_set():
+                        return
+
             sampler = asyncio.create_task(sample_lag())
+            mem_sampler = asyncio.create_task(sample_memory())
             pubm0 = {x: await p.metrics(f"publisher:{x}") for x in keys.STRATEGIES}
             tbm0 = {x: await p.metrics(f"tile-builder:{x}") for x in keys.STRATEGIES}
             d0 = {x: await diff_stats(r, x) for x in keys.STRATEGIES}
@@ -407,6 +461,10 @@ async def main() -> int:
             wall = time.perf_counter() - t0
             sampling.set()
             await sampler
+            await mem_sampler
+            brk = await memory_breakdown(r)
+            rss = {sp: rss_mb(p.procs[sp].pid) for sp in PROCS}
+            rss["redis-server"] = rss_mb(srv.proc.pid if srv.proc else None)
             redis_cpu = (h.proc_cpu_seconds(srv.proc.pid) if srv.proc else 0.0) - redis_cpu0
             bench_cpu = time.process_time() - harness0[0]  # replayer + lag sampler
             probe_cpu = probe.cpu_seconds() - harness0[1]
@@ -478,6 +536,31 @@ async def main() -> int:
                     rows.append(
                         (f"{k} target tick->SSE p99 <= 500 ms, {s}", f"{verdict} ({p99:.0f})")
                     )
+            peak = max(m for _, m in mem_samples)
+            last_t = mem_samples[-1][0]
+            ref = [m for t, m in mem_samples if t <= last_t - 60]
+            growth = (mem_samples[-1][1] / ref[-1] - 1) * 100 if ref else float("nan")
+            rows.append(
+                (
+                    f"{k} redis used_memory every {args.memory_every_s:.0f} s (MB)",
+                    " ".join(f"{m:.0f}" for _, m in mem_samples),
+                )
+            )
+            rows.append((f"{k} redis used_memory peak (MB); growth over the last 60 s (%)",
+                         f"{peak:.0f}; {growth:+.1f}"))  # fmt: skip
+            rows.append(
+                (
+                    f"{k} redis memory at end (MB): used = streams + models + staging + rest",
+                    f"{brk['used']:.0f} = {brk['streams']:.0f} + {brk['models']:.0f} + "
+                    f"{brk['staging']:.0f} + {brk['rest']:.0f}",
+                )
+            )
+            rows.append(
+                (
+                    f"{k} RSS at end (MB)",
+                    ", ".join(f"{sp} {v:.0f}" for sp, v in rss.items()),
+                )
+            )
             for s in PROCS:
                 rows.append((f"{k} CPU {s} (% of one core)",
                              f"{100 * (cpu1[s] - cpu0[s]) / wall:.0f}"))  # fmt: skip

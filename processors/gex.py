@@ -44,14 +44,14 @@ KIND = "gex"
 # publish: a chain re-seed with identical greeks only moves snapshot_ts_ns)
 VOLATILE_META = frozenset({"built_ns", "spot_ts_ns", "snapshot_ts_ns"})
 
-# KEYS: lease, diff stream, model, calls, puts, chain head. ARGV: token, maxlen, diff json,
+# KEYS: lease, diff stream, model, calls, puts, chain head. ARGV: token, MINID, diff json,
 # model json without its diff_id, calls, puts, prev id ("" = none).
 # Returns the diff id; false: lease lost; 0: prev id is not the chain head (Redis lost
 # versions we published, or another leader published): reload and rebuild.
 _PUBLISH = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return false end
 if (redis.call('GET', KEYS[6]) or '') ~= ARGV[7] then return 0 end
-local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'd', ARGV[3])
+local id = redis.call('XADD', KEYS[2], 'MINID', '~', ARGV[2], '*', 'd', ARGV[3])
 redis.call('SET', KEYS[3], ARGV[4] .. '"' .. id .. '"}')
 redis.call('SET', KEYS[4], ARGV[5])
 redis.call('SET', KEYS[5], ARGV[6])
@@ -80,7 +80,7 @@ class GexSettings:
     lease_ttl_ms: int = 10_000
     reprice_interval_s: float = 60.0  # rebuild identical inputs this often (time decay)
     dollar_spot_step_bp: float = 10.0  # 0: dollar values always at the live spot
-    diffs_maxlen: int = 10_000
+    diff_retention_s: float = 900.0  # resume window of massive:gex:diffs (MINID on publish)
     rate: float = 0.0
     div_yield: float = 0.0
     min_t_s: float = 300.0
@@ -95,8 +95,8 @@ class GexSettings:
             raise ValueError("interval_s, poll_s and reprice_interval_s must be > 0")
         if self.lease_ttl_ms < 1000 or self.lease_ttl_ms / 1000 < 3 * self.poll_s:
             raise ValueError("lease_ttl_ms must be >= 1000 and >= 3 * poll_s")
-        if self.dollar_spot_step_bp < 0 or self.diffs_maxlen < 1:
-            raise ValueError("dollar_spot_step_bp must be >= 0 and diffs_maxlen >= 1")
+        if self.dollar_spot_step_bp < 0 or self.diff_retention_s <= 0:
+            raise ValueError("dollar_spot_step_bp must be >= 0 and diff_retention_s > 0")
         self.params()  # validates the grid parameters
 
     def params(self) -> gex_math.Params:
@@ -257,6 +257,11 @@ class GexBuilder:
                 st.eid = m.epoch
         self.state[sym] = st
         return st
+
+    def _minid(self) -> str:
+        """Diffs older than ``diff_retention_s`` are trimmed with each publish."""
+        ms = self.clock.time_ns() // 1_000_000 - int(self.s.diff_retention_s * 1000)
+        return f"{max(0, ms)}-0"
 
     async def release(self) -> None:
         if self.leader:
@@ -428,7 +433,7 @@ class GexBuilder:
             ],
             args=[
                 self.token,
-                self.s.diffs_maxlen,
+                self._minid(),
                 entry(diff)[b"d"],
                 model[: -len(tail)],
                 calls,

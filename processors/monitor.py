@@ -22,6 +22,10 @@ Every ``interval_s`` it reads (Redis >= 7 for lag):
 Series of streams, groups and models that disappeared are removed, not frozen. Its
 ``/metrics`` is served by the runner on ``MASSIVE_METRICS_PORT``. Settings: env prefix
 ``MASSIVE_MONITOR_``.
+
+Retention: the monitor also runs the stream janitor (:mod:`streams.retention`, settings
+``MASSIVE_RETENTION_``) every ``interval_s`` of those settings: every pipeline stream is kept
+within its age and byte budget, never trimming past a consumer group without counting it.
 """
 
 from __future__ import annotations
@@ -40,8 +44,10 @@ from redis.exceptions import RedisError
 
 from schemas import keys
 from streams import admin
-from streams.metrics import counter, gauge, histogram
+from streams.metrics import counter, gauge, histogram, redis_outages
 from streams.processor import Deps
+from streams.retention import Policy, RetentionSettings, StreamJanitor, Trimmed
+from streams.retry import REDIS_UNAVAILABLE, sleep_or_stop
 from streams.settings import from_env
 
 logger = logging.getLogger(__name__)
@@ -138,7 +144,9 @@ class _Family:
 class Monitor:
     name = "monitor"
 
-    def __init__(self, deps: Deps, settings: MonitorSettings) -> None:
+    def __init__(
+        self, deps: Deps, settings: MonitorSettings, retention: RetentionSettings | None = None
+    ) -> None:
         self.deps = deps
         self.redis: Redis = deps.redis
         self.clock = deps.clock
@@ -208,6 +216,9 @@ class Monitor:
             self.version,
             self.ws_age,
         ]
+        self.retention = retention or RetentionSettings()
+        self.janitor = StreamJanitor(self.redis, reg)
+        self.m_redis_errors = redis_outages(reg, self.name)
         self.polls = counter(reg, "massive_monitor_polls_total", "Completed monitor polls")
         self.poll_errors = counter(
             reg, "massive_monitor_poll_errors_total", "Monitor poll failures", ("reason",)
@@ -227,10 +238,41 @@ class Monitor:
 
     async def run(self, stop: asyncio.Event) -> None:
         await self._check_version()
+        janitor = None
+        if self.retention.enabled:
+            janitor = asyncio.create_task(self._retention_loop(stop), name="monitor:retention")
+        try:
+            while not stop.is_set():
+                await self.poll_once()
+                await sleep_or_stop(stop, self.settings.interval_s)
+        finally:
+            if janitor is not None:
+                janitor.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await janitor
+
+    async def _retention_loop(self, stop: asyncio.Event) -> None:
+        policies = self.retention.policies()
         while not stop.is_set():
-            await self.poll_once()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.settings.interval_s)
+            await self.retention_pass(policies)
+            await sleep_or_stop(stop, self.retention.interval_s)
+
+    async def retention_pass(self, policies: dict[str, Policy]) -> list[Trimmed]:
+        """One janitor pass over every existing stream; a Redis outage skips the pass."""
+        out: list[Trimmed] = []
+        now_ms = self.clock.time_ns() // 1_000_000
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            for name in policies:
+                pipe.type(name)
+            types = await pipe.execute()
+            for (name, policy), t in zip(policies.items(), types, strict=True):
+                if _s(t) == "stream":
+                    out.append(await self.janitor.trim(name, policy, now_ms))
+        except REDIS_UNAVAILABLE as exc:
+            self.m_redis_errors.inc()
+            logger.warning("monitor: retention pass skipped, redis unavailable: %s", exc)
+        return out
 
     async def _check_version(self) -> None:
         try:
@@ -333,4 +375,8 @@ class Monitor:
 def build(deps: Deps, arg: str | None) -> Monitor:
     if arg:
         raise ValueError(f"monitor takes no argument (got {arg!r})")
-    return Monitor(deps, from_env(MonitorSettings, "MASSIVE_MONITOR_"))
+    return Monitor(
+        deps,
+        from_env(MonitorSettings, "MASSIVE_MONITOR_"),
+        from_env(RetentionSettings, "MASSIVE_RETENTION_"),
+    )

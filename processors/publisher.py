@@ -14,7 +14,8 @@ Leadership
     script (PUBLISH_LUA, one round trip): it checks the fence counter equals this leader's
     token and the lease is not held by another owner, so a stale (paused, partitioned)
     leader's publish is rejected; it also checks the version is exactly current + 1 and the
-    epoch is the active one, then XADDs the diff (explicit id, MAXLEN ~) and SETs the model
+    epoch is the active one, then XADDs the diff (explicit id, MINID ~ of its retention:
+    age and bytes, :class:`DiffRetention`) and SETs the model
     with ``diff_id`` = that id, the version key and the lease.
 
 Consumption (leader only; group ``publisher`` on ``massive:tiles:<strategy>``)
@@ -56,6 +57,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,7 +90,12 @@ class PublisherSettings:
     max_interval_ms: int = 250
     tick_ms: int = 50  # XREADGROUP BLOCK while leading (bounds timer resolution)
     count: int = 1000
-    diffs_maxlen: int = 10_000
+    # Resume window of the diff stream: diffs older than diff_retention_s, or beyond the
+    # newest diff_retention_mb MiB, are trimmed with every publish (a client resuming from
+    # an older id gets a snapshot). Bytes bind under load (a butterfly diff is ~1 MB at
+    # 5k events/s), age in a quiet market.
+    diff_retention_s: float = 300.0
+    diff_retention_mb: float = 64.0
     # The model key is rewritten with a publish at most this often under sustained changes,
     # for every new epoch, and once nothing was published for checkpoint_idle_ms; the diffs
     # in between carry every change (see "Checkpoints" in the module doc).
@@ -100,6 +107,8 @@ class PublisherSettings:
             raise ValueError("renew_ms must be at most half of lease_ttl_ms")
         if min(self.tick_ms, self.renew_ms, self.max_interval_ms, self.count) < 1:
             raise ValueError("tick_ms, renew_ms, max_interval_ms and count must be >= 1")
+        if self.diff_retention_s <= 0 or self.diff_retention_mb <= 0:
+            raise ValueError("diff_retention_s and diff_retention_mb must be > 0")
 
 
 ACQUIRE_LUA = """
@@ -122,8 +131,8 @@ return 0
 """
 
 # KEYS: fence, lease, active-epoch hash, version, diff stream, chain head.
-# ARGV: token, lease value, symbol, epoch, version, diff id, diff json, lease ttl ms, diff
-# stream maxlen, prev id ("" = none).
+# ARGV: token, lease value, symbol, epoch, version, diff id, diff json, lease ttl ms, the
+# diff stream's MINID (retention), prev id ("" = none).
 # Returns {1} ok, {-1} fenced, {-2} lease held by another owner, {-3} epoch not active,
 # {-4} version is not current + 1 or prev id is not the chain's head (Redis lost writes we
 # made, or someone else published), {-5, last id} diff id not above the stream's last
@@ -137,7 +146,7 @@ if redis.call('HGET', KEYS[3], ARGV[3]) ~= ARGV[4] then return {-3} end
 local cur = redis.call('GET', KEYS[4]) or '0'
 if tonumber(ARGV[5]) ~= tonumber(cur) + 1 then return {-4} end
 if (redis.call('GET', KEYS[6]) or '') ~= ARGV[10] then return {-4} end
-local added = redis.pcall('XADD', KEYS[5], 'MAXLEN', '~', ARGV[9], ARGV[6], 'd', ARGV[7])
+local added = redis.pcall('XADD', KEYS[5], 'MINID', '~', ARGV[9], ARGV[6], 'd', ARGV[7])
 if type(added) == 'table' and added.err then
   -- the id is not above the stream's top: report the last generated id (XINFO only on
   -- this rare path: it also returns the first and last entries, megabytes of diff)
@@ -163,6 +172,42 @@ _model_decoder = msgspec.json.Decoder(RawModel)
 _diff_decoder = msgspec.json.Decoder(RawDiff)
 
 
+class DiffRetention:
+    """The diff stream's MINID for the next publish: the later of ``now - max_age`` and the
+    oldest id such that the diffs from it on (the new one included) fit in ``max_bytes``.
+    Sizes are those this leader published; older entries (a previous leader's) go by age,
+    and by the retention janitor's byte backstop."""
+
+    def __init__(self, max_age_ms: int, max_bytes: int) -> None:
+        self.max_age_ms = max_age_ms
+        self.max_bytes = max_bytes
+        self._sizes: deque[tuple[int, int, int]] = deque()  # (ms, seq, bytes), oldest first
+        self._total = 0
+        self._floor = (0, 0)  # MINID (without a pin) of the last minid() call
+
+    def minid(self, ms: int, seq: int, size: int, pin: tuple[int, int] | None = None) -> str:
+        floor = (max(0, ms - self.max_age_ms), 0)
+        total = self._total + size
+        for e_ms, e_seq, e_size in self._sizes:
+            if total <= self.max_bytes and (e_ms, e_seq) >= floor:
+                break
+            total -= e_size
+            floor = max(floor, (e_ms, e_seq + 1))
+        if total > self.max_bytes:  # the new diff alone is over budget: keep just it
+            floor = max(floor, (ms, seq))
+        self._floor = floor
+        if pin is not None:
+            floor = min(floor, pin)
+        return f"{floor[0]}-{floor[1]}"
+
+    def added(self, ms: int, seq: int, size: int) -> None:
+        """The diff went in with the MINID of the last :meth:`minid` call."""
+        self._sizes.append((ms, seq, size))
+        self._total += size
+        while self._sizes and self._sizes[0][:2] < self._floor:
+            self._total -= self._sizes.popleft()[2]
+
+
 @dataclass
 class SymState:
     """The leader's copy of one symbol's canonical model plus unpublished changes."""
@@ -182,6 +227,7 @@ class SymState:
     ts_ns: int = 0  # of ``version``
     meta: dict[str, Any] = field(default_factory=dict)  # of ``version``
     checkpointed: int = 0  # version the model key holds
+    checkpoint_id: str | None = None  # its diff id: the diffs after it must stay in the stream
     roots: dict[str, str] = field(default_factory=dict)  # expiry -> option root (manifest)
     last_checkpoint: float = float("-inf")  # monotonic seconds
 
@@ -216,6 +262,9 @@ class Publisher:
         self._release = self.redis.register_script(RELEASE_LUA)
         self._publish = self.redis.register_script(PUBLISH_LUA)
         self._last_diff_id = (0, 0)  # (ms, seq) of our last diff: ids we pick stay above it
+        self._retention = DiffRetention(
+            int(cfg.diff_retention_s * 1000), int(cfg.diff_retention_mb * 1024 * 1024)
+        )
         self.token: int | None = None
         self._last_token: int | None = None
         self.syms: dict[str, SymState] = {}
@@ -446,7 +495,7 @@ class Publisher:
             m = _model_decoder.decode(raw)
             st.epoch, st.version, st.items = m.epoch, m.version, m.items
             st.diff_id, st.ts_ns, st.meta = m.diff_id, m.ts_ns, m.meta
-            st.checkpointed = m.version
+            st.checkpointed, st.checkpoint_id = m.version, m.diff_id
             roots = m.meta.get("roots")
             if isinstance(roots, dict):
                 st.roots = {str(k): str(v) for k, v in roots.items()}
@@ -727,6 +776,7 @@ class Publisher:
             model_json = encode(msgspec.structs.replace(model, diff_id=diff_id))  # type: ignore[arg-type]
             if await self._write_checkpoint(st.symbol, version, model_json) == 1:
                 st.checkpointed, st.last_checkpoint = version, t0
+                st.checkpoint_id = diff_id
         self.m_publish_s.observe(self.clock.monotonic() - t0)
         if code == 1:
             assert items is not None
@@ -799,7 +849,7 @@ class Publisher:
                     diff_id,
                     diff_json,
                     str(self.cfg.lease_ttl_ms),
-                    str(self.cfg.diffs_maxlen),
+                    self._retention.minid(ms, seq, len(diff_json), self._pinned()),
                     prev_id or "",
                 ],
             )
@@ -810,7 +860,19 @@ class Publisher:
                 continue
             if code == 1:
                 self._last_diff_id = (ms, seq)
+                self._retention.added(ms, seq, len(diff_json))
             return code, diff_id
+
+    def _pinned(self) -> tuple[int, int] | None:
+        """The oldest checkpoint whose later diffs a reader still needs (checkpoint + the
+        diffs after it = the current model): retention never trims past it, so the stream
+        keeps at least ``checkpoint_ms`` of diffs whatever its byte budget."""
+        pins = [
+            _stream_id(st.checkpoint_id)
+            for st in self.syms.values()
+            if st.checkpoint_id and st.checkpointed < st.version
+        ]
+        return min(pins) if pins else None
 
     async def _checkpoint_idle(self) -> None:
         """Nothing pending and nothing published for ``checkpoint_idle_ms``: write the model
@@ -839,6 +901,7 @@ class Publisher:
             rc = await self._write_checkpoint(st.symbol, st.version, encode(model))  # type: ignore[arg-type]
             if rc == 1:
                 st.checkpointed, st.last_checkpoint = st.version, self.clock.monotonic()
+                st.checkpoint_id = st.diff_id
             elif rc == -1:
                 self.token = None  # fenced: a stale leader stops
                 return
@@ -890,6 +953,11 @@ async def _wait(stop: asyncio.Event, seconds: float) -> None:
 
 def _s(v: bytes | str) -> str:
     return v.decode() if isinstance(v, bytes) else v
+
+
+def _stream_id(v: str) -> tuple[int, int]:
+    a, _, b = v.partition("-")
+    return int(a), int(b or 0)
 
 
 def build(deps: Deps, arg: str | None) -> Publisher:
