@@ -260,8 +260,12 @@ async def memory_breakdown(r: Redis) -> dict[str, float]:
     mb = 2**20
     used = int((await r.info("memory"))["used_memory"])
     streams = 0
+    per: dict[str, float] = {}
     for s in pipeline_streams():
-        streams += int(await r.memory_usage(s, samples=0) or 0)
+        n = int(await r.memory_usage(s, samples=0) or 0)
+        streams += n
+        if n:
+            per[s.removeprefix("massive:")] = n / mb
     models = sum([int(await r.memory_usage(k, samples=0) or 0) for k in h.model_keys()])
     staging = 0
     for s in keys.STRATEGIES:
@@ -272,6 +276,7 @@ async def memory_breakdown(r: Redis) -> dict[str, float]:
         "models": models / mb,
         "staging": staging / mb,
         "rest": (used - streams - models - staging) / mb,
+        **{f"stream {k}": v for k, v in sorted(per.items(), key=lambda kv: -kv[1])},
     }
 
 
@@ -553,6 +558,16 @@ async def main() -> int:
                     f"{k} redis memory at end (MB): used = streams + models + staging + rest",
                     f"{brk['used']:.0f} = {brk['streams']:.0f} + {brk['models']:.0f} + "
                     f"{brk['staging']:.0f} + {brk['rest']:.0f}",
+                )
+            )
+            rows.append(
+                (
+                    f"{k} largest streams at end (MB)",
+                    ", ".join(
+                        f"{n.removeprefix('stream ')} {v:.0f}"
+                        for n, v in brk.items()
+                        if n.startswith("stream ") and v >= 1
+                    ),
                 )
             )
             rows.append(

@@ -15,7 +15,7 @@ import orjson
 class ModelClient:
     """``channel``: ``heatmap/<strategy>`` or ``gex``."""
 
-    def __init__(self, base_url: str, channel: str, symbol: str) -> None:
+    def __init__(self, base_url: str, channel: str, symbol: str, history_max: int = 0) -> None:
         self.url = f"{base_url}/sse/{channel}?symbol={symbol}"
         self.channel = channel
         self.model: dict[str, Any] | None = None
@@ -25,6 +25,11 @@ class ModelClient:
         self.diffs = 0
         self.chain_breaks = 0  # diffs that did not continue the model: a gateway bug
         self.version_at_mark = 0
+        # version -> fingerprint of the items at that version (XOR of per-item hashes,
+        # updated per diff), so a checker can compare any recent version with /api
+        self.history: dict[int, int] = {}
+        self.history_max = history_max
+        self._fp = 0
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -76,6 +81,9 @@ class ModelClient:
             self.model = orjson.loads(data)
             self.head = self.model.get("diff_id") if self.model else None
             self.snapshots += 1
+            if self.history_max and self.model is not None:
+                self._fp = fingerprint(self.model["items"])
+                self._remember()
         elif event == "diff" and self.model is not None:
             d = orjson.loads(data)
             prev_id = d.get("prev_id")
@@ -87,6 +95,14 @@ class ModelClient:
                 self.chain_breaks += 1
                 return
             items = self.model["items"]
+            if self.history_max:
+                for k, v in d["changed"].items():
+                    if k in items:
+                        self._fp ^= item_hash(k, items[k])
+                    self._fp ^= item_hash(k, v)
+                for k in d.get("removed", ()):
+                    if k in items:
+                        self._fp ^= item_hash(k, items[k])
             items.update(d["changed"])
             for k in d.get("removed", ()):
                 items.pop(k, None)
@@ -94,3 +110,22 @@ class ModelClient:
             self.model["meta"] = d.get("meta", self.model.get("meta"))
             self.head = eid
             self.diffs += 1
+            if self.history_max:
+                self._remember()
+
+    def _remember(self) -> None:
+        self.history[self.version] = self._fp
+        if len(self.history) > self.history_max:
+            del self.history[min(self.history)]
+
+
+def item_hash(key: str, value: Any) -> int:
+    return hash((key, orjson.dumps(value, option=orjson.OPT_SORT_KEYS)))
+
+
+def fingerprint(items: dict[str, Any]) -> int:
+    """Order-free fingerprint of a model's items (what ModelClient.history holds)."""
+    fp = 0
+    for k, v in items.items():
+        fp ^= item_hash(k, v)
+    return fp

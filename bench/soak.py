@@ -1,0 +1,280 @@
+"""Soak: a compressed trading day, to see what a one-minute run hides.
+
+Every processor of the model path (normalizer, hydrator, the three tile builders and
+publishers, GEX), the monitor (stream retention) and the SSE gateway run as their own
+processes with NO supervisor: a process that exits stays dead and is reported. Redis is
+durable (AOF, ``appendfsync everysec``) so it can be killed and restarted mid-run.
+
+Timeline (``--minutes``, default 24, i.e. 20 minutes of open market):
+* pre-market: a 20,000-contract SPX epoch, ``--premarket-rate`` events/s for 1 minute;
+* open: ``--rate`` events/s (default 5,000; the e2e bench's replayer and event mix);
+* every ``--topology-every-min`` minutes a new strike is listed (a new chain snapshot, a new
+  epoch promotion, every client re-snapshots);
+* at half time Redis is SIGKILLed and restarted from its AOF (in-process recovery);
+* the close: the last ``--closed-min`` minutes carry no events.
+
+Meanwhile one SSE client per model (``tests.sse_client.ModelClient``: applies diffs,
+checks the diff chain) is compared with ``/api`` every few seconds: the fingerprint of the
+client's items at the version ``/api`` served must equal ``/api``'s (a mismatch is counted,
+so is any diff that did not continue the client's chain).
+
+It prints Redis ``used_memory`` every 15 s, the RSS of every process every minute, the
+promotions, stream trims (and entries trimmed unread), the client checks, and whether
+memory and RSS stayed flat (within 10 %) after warm-up.
+
+    .venv/bin/python bench/soak.py [--minutes 24] [--rate 5000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import httpx
+import msgspec
+
+from bench.e2e_load import machine, memory_breakdown, rss_mb
+from processors import MODEL_PATH
+from schemas import keys, ticker
+from schemas.messages import ChainContract, ChainSnapshot
+from streams.retry import sleep_or_stop
+from tests import harness as h
+from tests.factories import big_chain
+from tests.sse_client import ModelClient, fingerprint
+from tests.util import free_port
+
+PROCS = (*MODEL_PATH, "monitor", "sse-gateway")
+CHANNELS = (*(f"heatmap/{s}" for s in keys.STRATEGIES), "gex")
+
+
+def with_new_strike(base: ChainSnapshot, k: int, ts_ns: int) -> ChainSnapshot:
+    """``base`` plus ``k`` strikes listed above its highest one (calls and puts of the
+    front expiry), like listings during a session."""
+    front = min(c.expiry for c in base.contracts)
+    top = max(c for c in base.contracts if c.expiry == front and c.right == "C")
+    root = ticker.parse(top.cid).root
+    extra: list[ChainContract] = []
+    for i in range(1, k + 1):
+        strike = top.strike + 5.0 * i
+        for right in ("C", "P"):
+            cid = ticker.encode(root, dt.date.fromisoformat(front), right, strike)
+            extra.append(msgspec.structs.replace(top, cid=cid, strike=strike, right=right))
+    return msgspec.structs.replace(base, contracts=[*base.contracts, *extra], ts_ns=ts_ns)
+
+
+class Checker:
+    """Compares each client with /api every ``every_s``."""
+
+    def __init__(self, api: str, clients: list[ModelClient], every_s: float) -> None:
+        self.api = api
+        self.clients = clients
+        self.every_s = every_s
+        self.checks = 0
+        self.mismatches = 0
+        self.unverified = 0  # /api version no longer (or not yet) in the client's history
+        self.details: list[str] = []
+
+    async def run(self, stop: asyncio.Event) -> None:
+        async with httpx.AsyncClient(timeout=30) as http:
+            while not stop.is_set():
+                for c in self.clients:
+                    await self.check(http, c)
+                await sleep_or_stop(stop, self.every_s)
+
+    async def check(self, http: httpx.AsyncClient, c: ModelClient) -> None:
+        try:
+            resp = await http.get(f"{self.api}/api/{c.channel}?symbol=SPX")
+        except httpx.HTTPError:
+            return
+        if resp.status_code != 200:
+            return
+        truth = resp.json()
+        v, fp = int(truth["version"]), fingerprint(truth["items"])
+        deadline = time.monotonic() + 15
+        while c.version < v and time.monotonic() < deadline:  # noqa: ASYNC110 -- a poll
+            await asyncio.sleep(0.05)
+        got = c.history.get(v)
+        if got is None:
+            self.unverified += 1
+            return
+        self.checks += 1
+        if got != fp:
+            self.mismatches += 1
+            self.details.append(f"{c.channel} v{v}")
+
+
+async def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--minutes", type=float, default=24.0)
+    ap.add_argument("--rate", type=float, default=5000.0)
+    ap.add_argument("--premarket-rate", type=float, default=500.0)
+    ap.add_argument("--closed-min", type=float, default=2.0)
+    ap.add_argument("--topology-every-min", type=float, default=4.0)
+    ap.add_argument("--contracts", type=int, default=20_000)
+    ap.add_argument("--check-every-s", type=float, default=3.0)
+    ap.add_argument("--logs", default="")
+    args = ap.parse_args()
+    log_dir = Path(args.logs or tempfile.mkdtemp(prefix="soak-"))
+    srv = h.DurableRedis("--appendonly", "yes", "--appendfsync", "everysec")
+    srv.start()
+    r = h.resilient_client(srv.url)
+    port = free_port()
+    api = f"http://127.0.0.1:{port}"
+    env = {
+        "MASSIVE_LOG_LEVEL": "WARNING",
+        "MASSIVE_SSE_PORT": str(port),
+        "MASSIVE_SSE_HOST": "127.0.0.1",
+        "MASSIVE_SSE_SYMBOLS": "SPX",
+        "MASSIVE_GEX_SYMBOLS": "SPX",
+        "MASSIVE_MONITOR_SYMBOLS": "SPX",
+    }
+    p = h.Pipeline(srv.url, log_dir, extra_env=env, supervise=False)
+    mem: list[tuple[float, float]] = []
+    rss: list[tuple[float, dict[str, float]]] = []
+    events: list[tuple[float, str]] = []
+    clients = [ModelClient(api, ch, "SPX", history_max=5000) for ch in CHANNELS]
+    checker = Checker(api, clients, args.check_every_s)
+    stop = asyncio.Event()
+    t0 = time.monotonic()
+
+    def at() -> float:
+        return time.monotonic() - t0
+
+    async def sample() -> None:
+        next_rss = 0.0
+        while not stop.is_set():
+            try:
+                used = int((await r.info("memory"))["used_memory"]) / 2**20
+                mem.append((at(), used))
+            except Exception as exc:  # Redis restarting: a gap in the series
+                events.append((at(), f"memory sample failed: {type(exc).__name__}"))
+            if at() >= next_rss:
+                snap = {s: rss_mb(p.procs[s].pid) for s in PROCS}
+                snap["redis-server"] = rss_mb(srv.proc.pid if srv.proc else None)
+                rss.append((at(), snap))
+                next_rss += 60
+            await sleep_or_stop(stop, 15)
+
+    print(f"# machine: {machine()}")
+    print(f"# date: {dt.datetime.now(dt.UTC).isoformat(timespec='seconds')}; logs {log_dir}")
+    total_s = args.minutes * 60
+    open_s, close_s = 60.0, total_s - args.closed_min * 60
+    restart_at = (open_s + close_s) / 2
+    try:
+        await p.start(PROCS, ready_timeout_s=120)
+        first = (dt.date.today() + dt.timedelta(days=1)).isoformat()
+        base = big_chain("SPX", args.contracts, first_expiry=first, ts_ns=time.time_ns())
+        await h.install_chain(r, base)
+        await h.wait_epoch(r, timeout_s=120)
+        await h.wait_settled(r, timeout_s=300, quiet_s=1.0)
+        cids = sorted(c.cid for c in base.contracts)
+        front = sorted({c.expiry for c in base.contracts})[:2]
+        near = sorted(
+            (c for c in base.contracts if c.expiry in front), key=lambda c: abs(c.strike - 6000)
+        )
+        rep = h.LoadReplayer(cids, [c.cid for c in near[:1000]])
+        for c in clients:
+            c.start()
+        t0 = time.monotonic()
+        tasks = [asyncio.create_task(sample()), asyncio.create_task(checker.run(stop))]
+        listed = 0
+        next_topo = open_s + args.topology_every_min * 60
+        restarted = False
+        while at() < total_s:
+            now = at()
+            if not restarted and now >= restart_at:
+                events.append((now, "redis kill -9 + restart from AOF"))
+                await asyncio.to_thread(srv.restart)
+                events.append((at(), "redis back"))
+                restarted = True
+                continue
+            if now >= next_topo and now < close_s:
+                listed += 1
+                snap = with_new_strike(base, listed, time.time_ns())
+                await h.install_chain(r, snap)
+                events.append((now, f"new strike listed ({listed})"))
+                next_topo += args.topology_every_min * 60
+            rate = args.premarket_rate if now < open_s else args.rate if now < close_s else 0.0
+            step = min(5.0, total_s - now)
+            if rate > 0:
+                try:
+                    await rep.run(r, rate, step, 0.05)
+                except Exception as exc:  # Redis restarting: the feed waits like ws-ingest
+                    events.append((at(), f"replayer: {type(exc).__name__}"))
+                    await asyncio.sleep(0.5)
+            else:
+                await asyncio.sleep(step)
+        stop.set()
+        await asyncio.gather(*tasks)
+        brk = await memory_breakdown(r)
+        norm = await p.metrics("normalizer")
+        promotions = h.metric_sum(norm, "massive_epoch_promotions_total")
+        mon = await p.metrics("monitor")
+        trimmed = h.metric_sum(mon, "massive_stream_trimmed_total")
+        unread = h.metric_sum(mon, "massive_stream_trimmed_unread_total")
+        exits = {s: pr.exited() for s, pr in p.procs.items() if pr.exited() is not None}
+    finally:
+        stop.set()
+        for c in clients:
+            await c.stop()
+        await p.stop()
+        await r.aclose()
+        srv.stop()
+
+    print("\n# events")
+    for t, e in events:
+        print(f"{t:8.0f}s  {e}")
+    print("\n# redis used_memory (MB), every 15 s")
+    print(" ".join(f"{m:.0f}" for _, m in mem))
+    print("\n# RSS (MB), every minute")
+    names = [*PROCS, "redis-server"]
+    print("t_s     " + " ".join(f"{n[:14]:>14}" for n in names))
+    for t, snap in rss:
+        print(f"{t:6.0f}  " + " ".join(f"{snap.get(n, float('nan')):14.0f}" for n in names))
+
+    def flat(xs: list[float]) -> str:
+        if len(xs) < 2:
+            return "n/a"
+        lo, hi, last = min(xs), max(xs), xs[-1]
+        return f"min {lo:.0f} max {hi:.0f} last {last:.0f} ({100 * (hi / lo - 1):.0f} % range)"
+
+    warm = open_s + 180  # the retention windows (WS 120 s) are full by then
+    in_open = [m for t, m in mem if warm <= t < close_s]
+    print("\n# summary")
+    print(f"redis used_memory during the open after warm-up (MB): {flat(in_open)}")
+    print(
+        f"redis used_memory at the end (MB): {brk['used']:.0f} = streams "
+        f"{brk['streams']:.0f} + models {brk['models']:.0f} + staging {brk['staging']:.0f} "
+        f"+ rest {brk['rest']:.0f}"
+    )
+    for n in names:
+        xs = [snap[n] for t, snap in rss if warm <= t < close_s and n in snap]
+        print(f"RSS {n} during the open after warm-up (MB): {flat(xs)}")
+    print(f"epoch promotions: {promotions:.0f} (new strikes listed: {listed}, plus the first)")
+    print(f"stream entries trimmed: {trimmed:,.0f}; trimmed before a group read them: {unread:.0f}")
+    print(
+        f"client checks against /api: {checker.checks} compared, {checker.mismatches} "
+        f"mismatches, {checker.unverified} not comparable (version left the history)"
+    )
+    print(
+        "clients: "
+        + ", ".join(
+            f"{c.channel} v{c.version} {c.snapshots} snapshots {c.chain_breaks} chain breaks"
+            for c in clients
+        )
+    )
+    if checker.details:
+        print("mismatches: " + ", ".join(checker.details[:20]))
+    print(f"processes that exited (no supervisor): {exits or 'none'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(asyncio.run(main()))
