@@ -58,7 +58,8 @@ def with_new_strike(base: ChainSnapshot, k: int, ts_ns: int) -> ChainSnapshot:
     """``base`` plus ``k`` strikes listed above its highest one (calls and puts of the
     front expiry), like listings during a session."""
     front = min(c.expiry for c in base.contracts)
-    top = max(c for c in base.contracts if c.expiry == front and c.right == "C")
+    calls = [c for c in base.contracts if c.expiry == front and c.right == "C"]
+    top = max(calls, key=lambda c: c.strike)
     root = ticker.parse(top.cid).root
     extra: list[ChainContract] = []
     for i in range(1, k + 1):
