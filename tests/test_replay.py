@@ -339,13 +339,15 @@ def diff_streams() -> list[str]:
 
 async def published(redis: Redis) -> dict[str, Any]:
     """Every published diff (stream order) and the final models, minus what Redis assigns
-    at run time (entry ids: diff_id)."""
+    at run time (entry ids: diff_id, and prev_id, the id of the diff a diff follows)."""
     out: dict[str, Any] = {}
     for s in diff_streams():
         out[s] = [
             {k.decode(): msgspec.json.decode(v) for k, v in f.items()}
             for _, f in await redis.xrange(s)
         ]
+        for d in out[s]:
+            d.get("d", {}).pop("prev_id", None)
     for k in model_keys():
         raw = await redis.get(k)
         if raw is not None:
