@@ -2,11 +2,12 @@
 
 One cycle = index spot (``/v3/snapshot/indices?ticker.any_of=I:SPX,I:NDX``), then for each
 symbol the chain ``/v3/snapshot/options/I:<SYM>`` filtered server-side by expiry horizon
-(``expiration_date.gte/.lte``) and a strike band around spot (``strike_price.gte/.lte``),
-``limit=250``, following ``next_url`` to the end. The result is trimmed client-side to the
-first N expirations, decoded once into a compact :class:`ChainSnapshot` blob and written in
-ONE MULTI: ``SET massive:chain:snapshot:{SYM}:{ts} EX ttl`` + ``XADD massive:chain:stream``
-(pointer) + ``XADD massive:spot:stream`` (spot).
+(``expiration_date.gte/.lte``) and a strike band (``strike_price.gte/.lte``) centred on an
+anchor that follows spot with hysteresis (processors/strike_band.py), ``limit=250``,
+following ``next_url`` to the end, only on the configured base URL. The result is trimmed
+client-side to the first N expirations, decoded once into a compact :class:`ChainSnapshot`
+blob and written in ONE MULTI: ``SET massive:chain:snapshot:{SYM}:{ts} EX ttl`` + ``XADD
+massive:chain:stream`` (pointer) + ``XADD massive:spot:stream`` (spot).
 
 Cadence: the next cycle starts ``max(min_interval_s, k * last_cycle_duration)`` after the
 previous one completed (never overlapping, never faster than responses complete); a
@@ -28,8 +29,6 @@ import email.utils
 import logging
 import math
 import os
-import random
-import re
 from dataclasses import dataclass
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -37,6 +36,7 @@ from zoneinfo import ZoneInfo
 import httpx
 import msgspec
 
+from processors import strike_band
 from schemas import keys
 from schemas import massive_rest as mr
 from schemas.messages import (
@@ -51,32 +51,14 @@ from schemas.messages import (
 )
 from streams import metrics
 from streams.consumer import Entry, GroupConsumer
+from streams.logs import add_secret, redact
 from streams.processor import Deps
+from streams.retry import Backoff, sleep_or_stop
 from streams.settings import from_env
 from streams.spec import StreamSpec
 
 logger = logging.getLogger(__name__)
 
-
-class _RedactApiKey(logging.Filter):
-    """httpx logs request URLs at INFO; never let ``apiKey=<key>`` reach a log line."""
-
-    _re = re.compile(r"(apiKey=)[^&\s\"']+")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple) and record.args:
-            record.args = tuple(
-                self._re.sub(r"\1***", str(a)) if "apiKey=" in str(a) else a for a in record.args
-            )
-        elif isinstance(record.msg, str) and "apiKey=" in record.msg:
-            record.msg = self._re.sub(r"\1***", record.msg)
-        return True
-
-
-_REDACT = _RedactApiKey()
-for _name in ("httpx", "httpcore"):
-    if _REDACT not in logging.getLogger(_name).filters:
-        logging.getLogger(_name).addFilter(_REDACT)
 
 NY = ZoneInfo("America/New_York")
 RETRY_STATUSES = frozenset({413, 429, 499, 500, 502, 503, 504})
@@ -90,8 +72,12 @@ class PollerSettings:
     rest_url: str = "https://api.massive.com"
     auth_mode: str = "query"  # query (?apiKey=, the spec) | bearer (Authorization header)
     symbols: tuple[str, ...] = ("SPX", "NDX")
-    band_pct: float = 0.08  # strike band: spot * (1 +- band_pct) ...
-    band_points: float = 0.0  # ... or spot +- band_points when > 0
+    band_pct: float = 0.08  # strike band: anchor * (1 +- band_pct) ...
+    band_points: float = 0.0  # ... or anchor +- band_points when > 0
+    # the band's anchor follows spot with hysteresis (processors/strike_band.py)
+    band_recenter_frac: float = 0.5
+    band_force_frac: float = 0.75
+    band_min_interval_s: float = 300.0
     expirations: int = 5  # keep 0DTE + the next (expirations - 1) expiries
     max_days: int = 14  # server-side horizon: expiration_date.lte = today + max_days
     limit: int = 250
@@ -122,8 +108,21 @@ class PollerSettings:
             raise ValueError("expirations must be >= 1")
         if self.min_interval_s <= 0 or self.latency_factor < 1:
             raise ValueError("min_interval_s must be > 0 and latency_factor >= 1")
-        if self.band_pct < 0 or self.band_points < 0:
-            raise ValueError("band must be >= 0")
+        self.band_rule()  # raises on a bad band
+        self.backoff()  # raises on a bad backoff
+
+    def band_rule(self) -> strike_band.BandRule:
+        return strike_band.BandRule(
+            pct=self.band_pct,
+            points=self.band_points,
+            recenter_frac=self.band_recenter_frac,
+            force_frac=self.band_force_frac,
+            min_interval_s=self.band_min_interval_s,
+        )
+
+    def backoff(self) -> Backoff:
+        """REST retries: full jitter (many clients of one provider spread out)."""
+        return Backoff(base_s=self.backoff_base_s, cap_s=self.backoff_max_s, jitter="full")
 
 
 def load_settings(environ: dict[str, str] | None = None) -> PollerSettings:
@@ -151,13 +150,16 @@ class AuthError(FetchError):
 
 
 def _error_text(resp: httpx.Response) -> str:
+    """The provider's error message, redacted (an error body may echo the URL, key included)
+    before it is cut (a cut key would no longer match its value)."""
     try:
         body = msgspec.json.decode(resp.content)
     except (msgspec.DecodeError, msgspec.ValidationError):
-        return resp.text[:200]
+        return redact(resp.text)[:200]
     if isinstance(body, dict):
-        return str(body.get("error") or body.get("message") or body.get("status") or "")
-    return resp.text[:200]
+        text = str(body.get("error") or body.get("message") or body.get("status") or "")
+        return redact(text)[:200]
+    return redact(resp.text)[:200]
 
 
 def retry_after_s(resp: httpx.Response, now: dt.datetime | None = None) -> float | None:
@@ -200,7 +202,9 @@ class ChainPoller:
         self.redis = deps.redis
         self.clock = deps.clock
         self.s = settings
-        self._rng = random.Random()
+        self._backoff = settings.backoff()
+        self._band = settings.band_rule()
+        self._anchors: dict[str, strike_band.Anchor | None] = {}
         self._ready = False
         self._wake = asyncio.Event()
         self._pending_reason: str | None = None
@@ -209,6 +213,7 @@ class ChainPoller:
         self.last_error: FetchError | None = None
         self.cycles = 0
         self.base_url = httpx.URL(settings.rest_url.rstrip("/") + "/")
+        add_secret(settings.api_key)
         if not settings.api_key:
             logger.warning("chain-poller: no API key configured (set MASSIVE_API_KEY)")
         reg = deps.registry
@@ -245,6 +250,15 @@ class ChainPoller:
         self.m_auth_failed = metrics.gauge(
             reg, p + "auth_failed", "1 while the provider rejects the API key (401/403)"
         )
+        self.m_band = metrics.counter(
+            reg,
+            p + "band_decisions_total",
+            "Strike-band anchor decisions per fetch (initial, kept, moved, forced, deferred)",
+            ("symbol", "outcome"),
+        )
+        self.m_anchor = metrics.gauge(
+            reg, p + "band_anchor", "Spot the strike band is centred on", ("symbol",)
+        )
 
     @property
     def ready(self) -> bool:
@@ -258,30 +272,50 @@ class ChainPoller:
         timeout = httpx.Timeout(self.s.timeout_s, connect=self.s.connect_timeout_s)
         return httpx.AsyncClient(timeout=timeout, headers=headers, follow_redirects=False)
 
-    def _url(self, path_and_query: str) -> httpx.URL:
-        """Join to the configured base; in query-auth mode (re-)append ``apiKey``."""
-        url = self.base_url.join(path_and_query.lstrip("/"))
+    def _on_base(self, raw_path: bytes) -> httpx.URL:
+        """``raw_path`` (path and query) on the configured scheme, host and port, never
+        resolved as a reference (a path that is itself a URL stays a path); in query-auth
+        mode (re-)append ``apiKey``."""
+        url = self.base_url.copy_with(raw_path=raw_path)
         if self.s.auth_mode == "query" and self.s.api_key and "apiKey" not in url.params:
             url = url.copy_add_param("apiKey", self.s.api_key)
         return url
 
-    def next_page_url(self, next_url: str) -> httpx.URL:
-        """``next_url`` is absolute (the provider's host); keep path + cursor, use our base
-        (like the official client) so the key never goes to another host."""
-        u = httpx.URL(next_url)
-        return self._url(u.raw_path.decode("ascii"))
+    def _url(self, path: str) -> httpx.URL:
+        """An endpoint path relative to the configured base URL."""
+        return self._on_base(self.base_url.raw_path + path.lstrip("/").encode())
 
-    def _backoff(self, attempt: int) -> float:
-        cap = min(self.s.backoff_max_s, self.s.backoff_base_s * (2**attempt))
-        return self._rng.uniform(0, cap)  # full jitter
+    def next_page_url(self, next_url: str) -> httpx.URL:
+        """The request for ``next_url``, which is absolute: followed only on the configured
+        base (same scheme, host and port, a plain path under the base path), so the key
+        never goes to another host. Else :class:`FetchError` ``next_url_foreign`` (another
+        origin) or ``next_url_bad_path``."""
+        base = self.base_url
+        try:
+            u = httpx.URL(next_url)
+        except httpx.InvalidURL as exc:
+            raise FetchError("next_url_bad_path", f"unparsable next_url: {exc}") from None
+        if _origin(u) != _origin(base):
+            raise FetchError(
+                "next_url_foreign",
+                f"next_url points to {_origin_text(u)}, not the configured "
+                f"{_origin_text(base)}: not followed",
+            )
+        segments = u.path.split("/")[1:]
+        if (
+            not u.path.startswith(base.path)
+            or "://" in u.path
+            or any(seg in ("", ".", "..") for seg in segments[:-1])
+            or segments[-1] in (".", "..")
+        ):
+            raise FetchError(
+                "next_url_bad_path", f"next_url path {redact(u.path)[:120]!r} not followed"
+            )
+        return self._on_base(u.raw_path)
 
     async def _sleep(self, seconds: float) -> None:
         """Sleep, cut short by stop."""
-        if self._stop is None:
-            await asyncio.sleep(seconds)
-            return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stop.wait(), seconds)
+        await sleep_or_stop(self._stop, seconds)
 
     async def get(self, client: httpx.AsyncClient, url: httpx.URL) -> bytes:
         """GET with retries; returns the body of a 200. Raises FetchError/AuthError."""
@@ -316,7 +350,7 @@ class ChainPoller:
                     raise FetchError(f"http_{st}", f"HTTP {st}: {_error_text(resp)}")
             if attempt == self.s.max_retries or (self._stop is not None and self._stop.is_set()):
                 break
-            backoff = self._backoff(attempt)
+            backoff = self._backoff.delay_s(attempt)
             await self._sleep(backoff if delay is None else max(delay, backoff))
         assert last is not None
         raise last
@@ -335,7 +369,7 @@ class ChainPoller:
                 if attempt == self.s.max_retries:
                     raise FetchError("decode", str(exc)) from None
                 self.m_retries.labels("decode").inc()
-                await self._sleep(self._backoff(attempt))
+                await self._sleep(self._backoff.delay_s(attempt))
         raise FetchError("decode", "unreachable")  # pragma: no cover
 
     # --- fetches --------------------------------------------------------------------------
@@ -353,14 +387,44 @@ class ChainPoller:
         return dt.datetime.fromtimestamp(self.clock.time_ns() / 1e9, NY).date()
 
     def band(self, spot: float) -> tuple[float, float]:
-        """Strike band [lo, hi] around ``spot`` (rounded to 0.001: the filter we send)."""
-        if self.s.band_points > 0:
-            lo, hi = spot - self.s.band_points, spot + self.s.band_points
-        else:
-            lo, hi = spot * (1 - self.s.band_pct), spot * (1 + self.s.band_pct)
-        return round(lo, 3), round(hi, 3)
+        """Strike band [lo, hi] centred on ``spot`` (rounded to 0.001: the filter we send)."""
+        return self._band.bounds(spot)
 
-    def chain_params(self, spot: float | None) -> dict[str, str]:
+    async def strike_band(self, symbol: str, spot: float | None) -> tuple[float, float] | None:
+        """The band to fetch ``symbol`` with: centred on its anchor, which follows ``spot``
+        with hysteresis and is persisted (processors/strike_band.py). None: no band (off,
+        or neither a spot nor an anchor known yet)."""
+        if not self._band.enabled:
+            return None
+        if symbol not in self._anchors:
+            raw = await self.redis.hgetall(keys.chain_band(symbol))
+            self._anchors[symbol] = strike_band.decode(raw)
+        anchor = self._anchors[symbol]
+        if spot is not None and math.isfinite(spot) and spot > 0:
+            anchor, outcome = strike_band.decide(self._band, anchor, spot, self.clock.time_ns())
+            self.m_band.labels(symbol, outcome).inc()
+            if outcome in strike_band.MOVED:
+                await self.redis.hset(
+                    keys.chain_band(symbol),
+                    mapping=strike_band.encode(anchor),  # type: ignore[arg-type]
+                )
+                self._anchors[symbol] = anchor
+                lo, hi = self._band.bounds(anchor.spot)
+                logger.info(
+                    "chain-poller: %s strike band %s: centred on %.2f [%.3f, %.3f] (spot %.2f)",
+                    symbol,
+                    outcome,
+                    anchor.spot,
+                    lo,
+                    hi,
+                    spot,
+                )
+        if anchor is None:
+            return None
+        self.m_anchor.labels(symbol).set(anchor.spot)
+        return self._band.bounds(anchor.spot)
+
+    def chain_params(self, band: tuple[float, float] | None) -> dict[str, str]:
         today = self.today()
         params = {
             "expiration_date.gte": today.isoformat(),
@@ -369,8 +433,8 @@ class ChainPoller:
             "sort": "ticker",
             "order": "asc",
         }
-        if spot is not None and (self.s.band_points > 0 or self.s.band_pct > 0):
-            lo, hi = self.band(spot)
+        if band is not None:
+            lo, hi = band
             params["strike_price.gte"] = f"{lo:.3f}"
             params["strike_price.lte"] = f"{hi:.3f}"
         return params
@@ -379,8 +443,9 @@ class ChainPoller:
         self, client: httpx.AsyncClient, symbol: str, spot: float | None
     ) -> FetchResult:
         t0 = self.clock.monotonic()
+        band = await self.strike_band(symbol, spot)
         url = self._url(f"v3/snapshot/options/I:{symbol}").copy_merge_params(
-            self.chain_params(spot)
+            self.chain_params(band)
         )
         seen: dict[str, ChainContract] = {}
         pages = rejected = 0
@@ -407,20 +472,22 @@ class ChainPoller:
             url = self.next_page_url(page.next_url)
         if spot is None:  # no index snapshot: the chain's underlying_asset.value is the spot
             spot = u_value
-        contracts = self._trim(list(seen.values()), spot)
+            if band is None:
+                band = await self.strike_band(symbol, spot)
+        contracts = self._trim(list(seen.values()), band)
         return FetchResult(
             symbol, contracts, spot, u_ts, pages, rejected, self.clock.monotonic() - t0
         )
 
-    def _trim(self, contracts: list[ChainContract], spot: float | None) -> list[ChainContract]:
+    def _trim(
+        self, contracts: list[ChainContract], band: tuple[float, float] | None
+    ) -> list[ChainContract]:
         """Keep the first N expirations (from today) and the strike band (client side too:
         the server filter is the same, this guards a server that ignores it)."""
         today = self.today().isoformat()
         expiries = sorted({c.expiry for c in contracts if c.expiry >= today})
         keep = set(expiries[: self.s.expirations])
-        lo, hi = -math.inf, math.inf
-        if spot is not None and (self.s.band_points > 0 or self.s.band_pct > 0):
-            lo, hi = self.band(spot)
+        lo, hi = band if band is not None else (-math.inf, math.inf)
         out = [c for c in contracts if c.expiry in keep and lo <= c.strike <= hi]
         out.sort(key=lambda c: (c.expiry, c.strike, c.right, c.cid))
         return out
@@ -605,6 +672,16 @@ class ChainPoller:
             await self._sleep(self.s.refresh_min_gap_s)
             return self._pending_reason or "refresh"
         return "cadence"
+
+
+def _origin(u: httpx.URL) -> tuple[str, str, int | None]:
+    port = u.port if u.port is not None else {"http": 80, "https": 443}.get(u.scheme)
+    return u.scheme, u.host, port
+
+
+def _origin_text(u: httpx.URL) -> str:
+    scheme, host, port = _origin(u)
+    return f"{scheme}://{host}:{port}"
 
 
 def build(deps: Deps, arg: str | None) -> ChainPoller:

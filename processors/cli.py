@@ -6,18 +6,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
-import logging
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry
-from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from streams import admin
-from streams.processor import Deps, load
-from streams.redis_client import connect
+from streams.logs import redact, setup_logging
+from streams.processor import Deps, FatalError, load
+from streams.redis_client import CONNECT_ERRORS, admin_client, connect, unreachable
 from streams.runner import run_processors
 from streams.settings import RuntimeSettings, SettingsError, from_env
 
@@ -29,14 +28,6 @@ EXTERNAL = {
     "replay": "processors.replay:replay_main",
     "demo": "processors.demo:main",
 }
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
 
 
 def make_deps(settings: RuntimeSettings) -> Deps:
@@ -69,7 +60,7 @@ async def _run(names: Sequence[str], settings: RuntimeSettings) -> None:
 
 
 async def _offsets_reset(settings: RuntimeSettings, stream: str, group: str, to: str) -> None:
-    r = Redis.from_url(settings.redis_url)
+    r = admin_client(settings.redis_url)
     try:
         pos, er = await admin.reset_offset(r, stream, group, to)
         print(f"stream={stream} group={group} last-delivered-id={pos} entries-read={er}")
@@ -81,7 +72,7 @@ async def _offsets_reset(settings: RuntimeSettings, stream: str, group: str, to:
 
 
 async def _lag(settings: RuntimeSettings, streams: list[str] | None) -> None:
-    r = Redis.from_url(settings.redis_url)
+    r = admin_client(settings.redis_url)
     try:
         rows = await admin.lag(r, streams or None)
     finally:
@@ -131,8 +122,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(_offsets_reset(settings, args.stream, args.group, args.to))
         elif args.cmd == "lag":
             asyncio.run(_lag(settings, args.streams))
+    except FatalError as exc:  # e.g. the provider refused the API key: said, not traced
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
+        return 2
     except (ValueError, SettingsError, ResponseError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
+        return 2
+    except CONNECT_ERRORS as exc:
+        if args.cmd == "run":
+            raise  # processors survive outages in-process; one that gave up is a bug
+        print(unreachable(settings.redis_url, exc), file=sys.stderr)
         return 2
     return 0
 

@@ -24,6 +24,7 @@ from redis.exceptions import RedisError
 
 from processors import MODEL_PATH
 from streams.local_redis import RedisServer
+from streams.logs import setup_logging
 from streams.processor import Deps, Processor, load
 from streams.redis_client import connect
 from streams.runner import run_processors
@@ -165,11 +166,7 @@ async def _demo(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+    setup_logging(args.log_level)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per REST page otherwise
     try:
         return asyncio.run(_demo(args))

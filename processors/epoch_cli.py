@@ -24,6 +24,8 @@ from redis.exceptions import ResponseError
 
 from schemas import keys
 from streams import admin
+from streams.logs import one_line
+from streams.redis_client import CONNECT_ERRORS, admin_client, unreachable
 from streams.settings import RuntimeSettings, SettingsError, from_env
 
 
@@ -147,7 +149,7 @@ def render(rep: Report) -> str:
 
 
 async def _inspect(url: str, as_json: bool) -> int:
-    r = Redis.from_url(url)
+    r = admin_client(url)
     try:
         rep = await collect(r)
     finally:
@@ -172,11 +174,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return asyncio.run(_inspect(settings.redis_url, args.json))
-    except OSError as exc:
-        print(f"error: cannot reach Redis at {settings.redis_url}: {exc}", file=sys.stderr)
-        return 1
-    except Exception as exc:  # redis ConnectionError etc.: report, do not trace back
-        print(f"error: {exc}", file=sys.stderr)
+    except CONNECT_ERRORS as exc:
+        print(unreachable(settings.redis_url, exc), file=sys.stderr)
+        return 2
+    except Exception as exc:  # a Redis error reply etc.: report, do not trace back
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 1
 
 

@@ -63,9 +63,10 @@ from redis.asyncio import Redis
 from schemas import keys
 from schemas.messages import WS_RECV_FIELD, ChainPointer, from_entry
 from streams import admin
+from streams.logs import one_line, redact, setup_logging
 from streams.processor import Deps, Processor, load
 from streams.producer import DEFAULT_MAXLEN
-from streams.redis_client import connect
+from streams.redis_client import CONNECT_ERRORS, admin_client, unreachable
 from streams.settings import RuntimeSettings, SettingsError, from_env
 
 logger = logging.getLogger(__name__)
@@ -654,7 +655,7 @@ def _print_stats(prefix: str, records: Counter[str], extra: str = "") -> None:
 
 
 async def _record(args: argparse.Namespace, settings: RuntimeSettings) -> int:
-    redis = connect(settings.redis_url)
+    redis = admin_client(settings.redis_url)
     created = time.time_ns()
     try:
         if args.follow:
@@ -717,7 +718,7 @@ async def _replay(args: argparse.Namespace, settings: RuntimeSettings) -> int:
         blob_ttl_s=args.blob_ttl_s,
         processors=list(args.run),
     )
-    redis = connect(settings.redis_url)
+    redis = admin_client(settings.redis_url)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -750,15 +751,17 @@ def _main(
     except SettingsError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    setup_logging(settings.log_level)
     try:
         return asyncio.run(run(args, settings))
-    except (RecordingError, ValueError, TimeoutError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except CONNECT_ERRORS as exc:
+        print(unreachable(settings.redis_url, exc), file=sys.stderr)
+        return 2
+    except OSError as exc:  # the recording file; TimeoutError (lockstep)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 1
+    except (RecordingError, ValueError) as exc:
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 1
 
 

@@ -31,7 +31,6 @@ import dataclasses
 import datetime as dt
 import logging
 import os
-import random
 from dataclasses import dataclass, field
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -45,8 +44,10 @@ from schemas import keys, ticker
 from schemas.massive import Status, decode_frame
 from schemas.messages import WS_PAYLOAD_FIELD, WS_RECV_FIELD, ControlMessage, entry
 from streams import metrics
-from streams.processor import Deps
+from streams.logs import add_secret
+from streams.processor import Deps, FatalError
 from streams.producer import xadd
+from streams.retry import REDIS_BACKOFF, Backoff, sleep_or_stop
 from streams.settings import from_env
 
 logger = logging.getLogger(__name__)
@@ -111,6 +112,12 @@ class WsSettings:
             raise ValueError("silence_s and epoch_poll_s must be > 0")
         for t in (self.market_open, self.market_close):
             dt.time.fromisoformat(t)
+        self.backoff()  # raises on a bad backoff
+
+    def backoff(self) -> Backoff:
+        """Reconnects: equal jitter (at least half the window: a restarting server is not
+        hit by an immediate reconnect)."""
+        return Backoff(base_s=self.reconnect_base_s, cap_s=self.reconnect_max_s, jitter="equal")
 
 
 def load_settings(environ: dict[str, str] | None = None) -> WsSettings:
@@ -134,8 +141,9 @@ def market_expected_open(now_ns: int, s: WsSettings) -> bool:
     return dt.time.fromisoformat(s.market_open) <= t < dt.time.fromisoformat(s.market_close)
 
 
-class WsAuthError(RuntimeError):
-    """auth_failed: the key is wrong or not entitled to this feed (fatal)."""
+class WsAuthError(FatalError):
+    """auth_failed: the key is wrong or not entitled to this feed (fatal: the CLI says so
+    on one line and exits non-zero)."""
 
 
 class _Disconnect(Exception):
@@ -171,7 +179,7 @@ class WsIngest:
         self.redis = deps.redis
         self.clock = deps.clock
         self.s = settings
-        self._rng = random.Random()
+        self._backoff = settings.backoff()
         self.feeds: dict[str, _Feed] = {}
         if settings.trades or settings.quotes:
             self.feeds["options"] = _Feed("options")
@@ -186,6 +194,7 @@ class WsIngest:
         self._last_event_write = -1e18
         self._stop: asyncio.Event | None = None
         self.dormant_signals = 0
+        add_secret(settings.api_key)
         if not settings.api_key:
             logger.warning("ws-ingest: no API key configured (set MASSIVE_API_KEY)")
         reg = deps.registry
@@ -271,15 +280,7 @@ class WsIngest:
             raise error
 
     async def _sleep(self, seconds: float) -> None:
-        if self._stop is None:
-            await asyncio.sleep(seconds)
-            return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stop.wait(), seconds)
-
-    def _backoff(self, attempt: int) -> float:
-        cap = float(min(self.s.reconnect_max_s, self.s.reconnect_base_s * (2**attempt)))
-        return cap / 2 + self._rng.uniform(0, cap / 2)  # jitter in [cap/2, cap]
+        await sleep_or_stop(self._stop, seconds)
 
     # --- connection -----------------------------------------------------------------------
     async def _feed_loop(self, feed: _Feed, stop: asyncio.Event) -> None:
@@ -330,7 +331,7 @@ class WsIngest:
             if stop.is_set():
                 break
             self.m_reconnects.labels(feed.market, reason).inc()
-            delay = self._backoff(attempt)
+            delay = self._backoff.delay_s(attempt)
             attempt += 1
             logger.info("ws-ingest: %s reconnecting in %.2fs (%s)", feed.market, delay, reason)
             await self._sleep(delay)
@@ -367,11 +368,10 @@ class WsIngest:
         if st.status in ("success", "error"):
             feed.acks += 1
             feed.ack_event.set()
-        if st.status == "auth_failed":
-            logger.error(
-                "ws-ingest: %s auth_failed (%s): check MASSIVE_API_KEY", feed.market, st.message
+        if st.status == "auth_failed":  # said once, by whoever stops on it (the CLI)
+            raise WsAuthError(
+                f"ws-ingest: {feed.market}: auth_failed: {st.message} (check MASSIVE_API_KEY)"
             )
-            raise WsAuthError(f"{feed.market}: auth_failed: {st.message} (check MASSIVE_API_KEY)")
         if st.status in DISCONNECT_STATUSES or st.status == "auth_timeout":
             raise _Disconnect(st.status, st.message)
         if st.status in ("error", "auth_required") or label == "other":
@@ -571,9 +571,11 @@ class WsIngest:
                     raise
                 except Exception as exc:  # Redis unavailable: keep the batch, retry
                     self.m_redis_errors.inc()
-                    logger.warning("ws-ingest: XADD failed (%r), retrying", exc)
-                    await asyncio.sleep(min(5.0, 0.05 * 2**attempt))
                     attempt += 1
+                    delay = REDIS_BACKOFF.delay_s(attempt)
+                    logger.warning("ws-ingest: XADD failed (%r), retry in %.2fs", exc, delay)
+                    # not stop-aware: on stop the writer still flushes within the grace period
+                    await asyncio.sleep(delay)
             for _ in batch:
                 q.task_done()
 

@@ -47,6 +47,12 @@ def chain_snapshot(symbol: str, ts_ns: int) -> str:
     return f"massive:chain:snapshot:{symbol}:{ts_ns}"
 
 
+def chain_band(symbol: str) -> str:
+    """HASH spot, set_ns: the chain-poller's strike-band anchor (processors/strike_band.py),
+    kept across poller restarts so a restart does not move the band."""
+    return f"massive:chain:band:{symbol}"
+
+
 # --- epochs --------------------------------------------------------------------------
 EPOCH_ACTIVE = "massive:epoch:active"  # HASH symbol -> epoch_id
 EPOCH_INDEX = "massive:epoch:index"  # ZSET epoch_id -> created ts (for inspection)

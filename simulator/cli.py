@@ -17,11 +17,13 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
 
 from simulator.server import SimConfig, SimServer
+from streams.logs import add_secret, setup_logging
 
 log = logging.getLogger("simulator")
 
@@ -35,7 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--rate", type=float, default=200.0, help="WS events per second (T+Q)")
     p.add_argument("--no-quotes", action="store_true", help="trades only on the WebSocket")
-    p.add_argument("--api-key", default="sim-key")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("MASSIVE_API_KEY") or "sim-key",
+        help="the key clients must send (default: MASSIVE_API_KEY, else sim-key)",
+    )
     p.add_argument("--symbols", default="SPX,NDX")
     p.add_argument("--scenario", choices=SCENARIOS, default="open")
     p.add_argument("--walk-speed", type=float, default=1.0, help="spot random-walk time scale")
@@ -136,11 +142,8 @@ async def serve(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+    setup_logging(args.log_level)
+    add_secret(args.api_key)
     try:
         return asyncio.run(serve(args))
     except OSError as exc:

@@ -20,6 +20,12 @@ from streams.settings import RuntimeSettings
 from streams.spec import StreamSpec
 
 
+class FatalError(RuntimeError):
+    """A processor cannot go on and a restart will not help until someone acts (e.g. the
+    provider refused the API key). ``massive-pipeline`` prints its message on one line and
+    exits 2, without a traceback."""
+
+
 @dataclass(frozen=True)
 class Deps:
     redis: Redis

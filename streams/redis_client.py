@@ -12,7 +12,21 @@ from typing import Any
 import hiredis
 from redis.asyncio import Redis
 from redis.asyncio.connection import Connection
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import DataError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from streams.logs import one_line, redact
+
+# What "Redis cannot be reached" raises (refused, reset, DNS, timeout, loading); an admin
+# command reports it on one line (:func:`unreachable`) and exits 2.
+CONNECT_ERRORS: tuple[type[BaseException], ...] = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ConnectionError,
+)
+# An admin command (lag, offsets, epoch, record, replay) waits this long to connect.
+ADMIN_CONNECT_TIMEOUT_S = 5.0
 
 # An argument at least this large is sent as its own buffer, not copied into the packed
 # command: a 2 MB heatmap diff cost ~4 ms to pack and a 15 MB model checkpoint ~34 ms on the
@@ -60,3 +74,15 @@ def connect(url: str, **kwargs: Any) -> Redis:
     if url.startswith("redis://"):
         kwargs.setdefault("connection_class", HiredisPackingConnection)
     return Redis.from_url(url, **kwargs)
+
+
+def admin_client(url: str, **kwargs: Any) -> Redis:
+    """A client for a one-shot command: gives up connecting after a few seconds."""
+    kwargs.setdefault("socket_connect_timeout", ADMIN_CONNECT_TIMEOUT_S)
+    return connect(url, **kwargs)
+
+
+def unreachable(url: str, exc: BaseException) -> str:
+    """The line a command prints when Redis cannot be reached: the URL without its password
+    and the reason, no traceback."""
+    return f"error: cannot reach Redis at {redact(url)}: {one_line(exc)}"

@@ -25,6 +25,8 @@ from redis.backoff import EqualJitterBackoff, FullJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from streams.logs import one_line
+
 T = TypeVar("T")
 
 # Redis is (temporarily) unreachable: restarting, failing over, loading its dataset
@@ -118,7 +120,7 @@ async def run_resilient(
                 name,
                 attempt,
                 delay,
-                _one_line(exc),
+                one_line(exc),
             )
             if await sleep_or_stop(stop, delay):
                 return
@@ -155,7 +157,7 @@ async def retrying(
                 name,
                 attempt,
                 delay,
-                _one_line(exc),
+                one_line(exc),
             )
             if await sleep_or_stop(stop, delay):
                 raise asyncio.CancelledError(f"{name}: stopped while waiting for redis") from exc
@@ -164,8 +166,3 @@ async def retrying(
 def _cancelling() -> bool:
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"

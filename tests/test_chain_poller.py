@@ -27,7 +27,7 @@ from schemas.messages import (
 )
 from simulator.server import SimConfig, SimServer
 from streams.processor import Deps
-from tests.util import eventually
+from tests.util import FakeHttp, eventually
 
 KEY = "sim-key"
 
@@ -243,15 +243,89 @@ async def test_cadence_follows_fetch_latency(deps: Deps, sim: SimServer) -> None
         assert (b.ts_ns - a.ts_ns) / 1e9 >= k * a.fetch_s + b.fetch_s - 0.01
 
 
-def test_next_url_keeps_cursor_uses_our_host_and_reappends_key(deps: Deps) -> None:
+def test_next_url_on_our_base_keeps_cursor_and_reappends_key(deps: Deps) -> None:
     s = cp.PollerSettings(api_key="k1", rest_url="http://sim.local:8080")
     p = cp.ChainPoller(deps, s)
-    u = p.next_page_url("https://api.massive.com/v3/snapshot/options/I:SPX?cursor=YWJj")
-    assert (u.host, u.port, u.path) == ("sim.local", 8080, "/v3/snapshot/options/I:SPX")
+    u = p.next_page_url("http://sim.local:8080/v3/snapshot/options/I:SPX?cursor=YWJj")
+    assert (u.scheme, u.host, u.port, u.path) == (
+        "http",
+        "sim.local",
+        8080,
+        "/v3/snapshot/options/I:SPX",
+    )
     assert dict(u.params) == {"cursor": "YWJj", "apiKey": "k1"}
     pb = cp.ChainPoller(deps, dataclasses.replace(s, auth_mode="bearer"))
-    ub = pb.next_page_url("https://api.massive.com/v3/snapshot/options/I:SPX?cursor=YWJj")
+    ub = pb.next_page_url("http://sim.local:8080/v3/snapshot/options/I:SPX?cursor=YWJj")
     assert dict(ub.params) == {"cursor": "YWJj"}
+    # the default port, spelled or not, is the same origin; a base path is kept
+    ph = cp.ChainPoller(deps, dataclasses.replace(s, rest_url="https://api.massive.com/"))
+    uh = ph.next_page_url("https://api.massive.com:443/v3/snapshot/options/I:SPX?cursor=x")
+    assert (uh.host, uh.port, uh.path) == ("api.massive.com", None, "/v3/snapshot/options/I:SPX")
+    pp = cp.ChainPoller(deps, dataclasses.replace(s, rest_url="http://proxy:81/massive"))
+    assert pp._url("v3/snapshot/indices").path == "/massive/v3/snapshot/indices"
+    assert pp.next_page_url("http://proxy:81/massive/v3/x?cursor=1").path == "/massive/v3/x"
+
+
+@pytest.mark.parametrize(
+    ("next_url", "kind"),
+    [
+        ("https://evil.example/v3/snapshot/options/I:SPX?cursor=1", "next_url_foreign"),
+        ("http://sim.local:8081/v3/snapshot/options/I:SPX?cursor=1", "next_url_foreign"),
+        ("https://sim.local:8080/v3/snapshot/options/I:SPX?cursor=1", "next_url_foreign"),
+        ("//evil.example/v3/snapshot/options/I:SPX?cursor=1", "next_url_foreign"),
+        ("/v3/snapshot/options/I:SPX?cursor=1", "next_url_foreign"),
+        ("http://user@evil.example:80@sim.local:8080/v3?cursor=1", "next_url_bad_path"),
+        ("http://sim.local:8080/http://evil.example/x?cursor=1", "next_url_bad_path"),
+        ("http://sim.local:8080//evil.example/x?cursor=1", "next_url_bad_path"),
+        ("http://sim.local:8080/v3/%2e%2e/%2e%2e/x?cursor=1", "next_url_bad_path"),
+        ("http://sim.local:8080/other/v3?cursor=1", "next_url_bad_path"),
+    ],
+)
+def test_next_url_off_our_base_is_refused(deps: Deps, next_url: str, kind: str) -> None:
+    p = cp.ChainPoller(deps, cp.PollerSettings(api_key="k1", rest_url="http://sim.local:8080/v3"))
+    with pytest.raises(cp.FetchError) as ei:
+        p.next_page_url(next_url)
+    assert ei.value.kind == kind
+    assert "k1" not in str(ei.value)
+
+
+async def test_a_hostile_next_url_never_reaches_another_host(deps: Deps) -> None:
+    """A provider whose next_url path is itself a URL (or names another host): the request
+    with the key never leaves for the other host; the fetch fails with a counted reason."""
+    key = "hostile-test-key-0123456789"
+    async with FakeHttp() as evil:
+        hostile = [
+            f"/http://127.0.0.1:{evil.port}/x?cursor=1",  # appended to the provider's origin
+            f"http://127.0.0.1:{evil.port}/v3/snapshot/options/I:SPX?cursor=1",
+            f"//127.0.0.1:{evil.port}/v3/snapshot/options/I:SPX?cursor=1",
+        ]
+        served: list[str] = []
+
+        def answer(target: str) -> tuple[int, object]:
+            if target.startswith("/v3/snapshot/options/I:SPX?") and "cursor" not in target:
+                nxt = hostile[len(served)]
+                nxt = provider.url + nxt if nxt.startswith("/http") else nxt
+                served.append(nxt)
+                return 200, {"status": "OK", "request_id": "r", "results": [], "next_url": nxt}
+            return 404, {"status": "NOT_FOUND", "request_id": "r", "message": "no"}
+
+        async with FakeHttp(answer) as provider:
+            p = cp.ChainPoller(
+                deps,
+                cp.PollerSettings(
+                    api_key=key, rest_url=provider.url, symbols=("SPX",), max_retries=0
+                ),
+            )
+            async with p._client() as client:
+                for _ in hostile:
+                    with pytest.raises(cp.FetchError):
+                        await p.cycle(client, "startup")
+            assert len(served) == len(hostile)
+    assert evil.requests == []  # never reached, key or not
+    assert all(key not in t for t in provider.requests if "cursor" in t)
+    assert metric(deps, "massive_chain_poller_errors_total", kind="next_url_bad_path") == 1
+    assert metric(deps, "massive_chain_poller_errors_total", kind="next_url_foreign") == 2
+    assert metric(deps, "massive_chain_poller_fetches_total", symbol="SPX", outcome="error") == 3
 
 
 def test_retry_after_parsing() -> None:

@@ -113,7 +113,7 @@ def test_inspect_on_an_empty_redis_and_an_unreachable_one(
     assert epoch_cli.main(["inspect"]) == 0
     assert "no epochs" in capsys.readouterr().out
     monkeypatch.setenv("MASSIVE_REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")
-    assert epoch_cli.main(["inspect"]) == 1
-    assert "error" in capsys.readouterr().err
+    assert epoch_cli.main(["inspect"]) == 2
+    assert "error: cannot reach Redis at redis://127.0.0.1:" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         epoch_cli.main([])
