@@ -355,6 +355,7 @@ class Market:
         self._ymd: dict[dt.date, str] = {}
         self._samplers: dict[str, _Sampler] = {}
         self._sampler_spot: dict[str, float] = {}
+        self.pinned: dict[str, float] = {}  # symbol -> spot held still (set_spot)
         for sym in symbols:
             spec = specs[sym]
             prev = round(spec.spot * (1.0 + self.rng.gauss(0.0, 0.006)), 2)
@@ -523,23 +524,32 @@ class Market:
             c.day_notional = vol * (c.day_open + px) / 2
             c.day_ts = ns_at(self.session, 0, 0)
 
-    def list_new_strike(self, symbol: str) -> list[str]:
-        """List one new strike (call and put) above the highest strike of the nearest PM
-        expiry. Returns the new tickers."""
+    def list_new_strike(self, symbol: str, strike: float | None = None) -> list[str]:
+        """List one new strike (call and put) on the nearest PM expiry: ``strike``, or one
+        step above its highest strike. Returns the new tickers."""
         spec = self.indices[symbol].spec
         near = min(c.expiry for c in self.by_symbol[symbol] if c.root == spec.pm_root)
-        top = max(c.strike for c in self.by_symbol[symbol] if c.expiry == near)
-        k = top + spec.step
+        listed = {c.strike for c in self.by_symbol[symbol] if c.expiry == near}
+        k = max(listed) + spec.step if strike is None else float(strike)
+        if k in listed:
+            raise ValueError(f"{symbol} strike {k} is already listed on {near}")
         new = [self._add(spec, spec.pm_root, near, k, call) for call in (True, False)]
         return self._finish_listing(new)
 
-    def list_new_expiry(self, symbol: str) -> list[str]:
-        """List a new PM expiration one week after the last one, with its strike grid."""
+    def list_new_expiry(self, symbol: str, expiry: dt.date | None = None) -> list[str]:
+        """List a new PM expiration (``expiry``, or one week after the last one) with its
+        strike grid."""
         spec = self.indices[symbol].spec
-        last = max(c.expiry for c in self.by_symbol[symbol])
-        exp = prev_trading_day(last + dt.timedelta(days=7))
-        if exp <= last:
-            exp = next_trading_day(last + dt.timedelta(days=1))
+        listed = {c.expiry for c in self.by_symbol[symbol]}
+        if expiry is not None:
+            if expiry in listed:
+                raise ValueError(f"{symbol} expiry {expiry} is already listed")
+            exp = expiry
+        else:
+            last = max(listed)
+            exp = prev_trading_day(last + dt.timedelta(days=7))
+            if exp <= last:
+                exp = next_trading_day(last + dt.timedelta(days=1))
         new = [
             self._add(spec, spec.pm_root, exp, k, call)
             for k in self.strikes(spec, exp)
@@ -589,6 +599,11 @@ class Market:
         k = math.log(2.0) / self.config.reversion_half_life_s
         for st in self.indices.values():
             spec = st.spec
+            if spec.symbol in self.pinned:
+                st.value = self.pinned[spec.symbol]
+                st.high, st.low = max(st.high, st.value), min(st.low, st.value)
+                st.ts = now_ns
+                continue
             sd = self.atm_vol(spec, 30 / 365) * math.sqrt(
                 dt_s * self.config.walk_speed / TRADING_YEAR_S
             )
@@ -596,6 +611,19 @@ class Market:
             st.value = round(st.value * math.exp(drift + sd * self.rng.gauss(0.0, 1.0)), 2)
             st.high, st.low = max(st.high, st.value), min(st.low, st.value)
             st.ts = now_ns
+
+    def set_spot(self, symbol: str, value: float | None) -> None:
+        """Hold ``symbol``'s index at ``value`` from now on (None: let it walk again);
+        options reprice at the next tick."""
+        if value is None:
+            self.pinned.pop(symbol, None)
+            return
+        if not value > 0:
+            raise ValueError(f"spot must be > 0, got {value}")
+        st = self.indices[symbol]
+        self.pinned[symbol] = st.value = round(float(value), 2)
+        st.high, st.low = max(st.high, st.value), min(st.low, st.value)
+        self.version += 1
 
     def resync(self, now_ns: int) -> None:
         """Jump the clock without a random-walk step or events (after a closed period or a

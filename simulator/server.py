@@ -344,11 +344,16 @@ class SimServer:
     def market_open(self) -> bool:
         return self._open
 
-    def list_new_strike(self, symbol: str) -> list[str]:
-        return self.market.list_new_strike(symbol)
+    def list_new_strike(self, symbol: str, strike: float | None = None) -> list[str]:
+        return self.market.list_new_strike(symbol, strike)
 
-    def list_new_expiry(self, symbol: str) -> list[str]:
-        return self.market.list_new_expiry(symbol)
+    def list_new_expiry(self, symbol: str, expiry: dt.date | None = None) -> list[str]:
+        return self.market.list_new_expiry(symbol, expiry)
+
+    def set_spot(self, symbol: str, value: float | None) -> None:
+        """Hold the index at ``value`` (REST index snapshot, chain underlying, WS ``V``);
+        None lets it walk again."""
+        self.market.set_spot(symbol, value)
 
     def inject_malformed(self, n: int) -> None:
         """The next ``n`` WS data frames are malformed (cycling: truncated JSON, wrong types,
