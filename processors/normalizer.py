@@ -544,9 +544,10 @@ class Normalizer(ConsumerProcessor):
     ) -> None:
         t0 = time.perf_counter()
         eid = topo.eid
-        if rebuild:
+        if rebuild or await self._has_leftovers(topo):
             # Leftovers of an earlier life of this id (a crashed build, or a retired epoch
-            # whose topology came back): start from nothing so no stale value survives.
+            # whose topology came back, maybe with its meta already expired and the rest
+            # not yet): start from nothing so no stale value and no TTL survives.
             await self.delete_epoch(eid)
         await self.build(topo, snap)
         prev = _s(await self.redis.hget(keys.EPOCH_ACTIVE, topo.symbol))
@@ -681,6 +682,16 @@ class Normalizer(ConsumerProcessor):
         self.m_retired_keys.inc(n)
         logger.info("epoch retired eid=%s keys=%d ttl=%ds", eid, len(ks), self.cfg.retire_ttl_s)
         return n
+
+    async def _has_leftovers(self, topo: Topology) -> bool:
+        """Whether any key a build of ``topo`` writes exists already (one round trip)."""
+        eid = topo.eid
+        names = [keys.epoch_contracts(eid), keys.epoch_by_strike(eid), keys.epoch_by_expiry(eid)]
+        names += [keys.epoch_gex(eid)] + [keys.epoch_contract(eid, c.cid) for c in topo.contracts]
+        pipe = self.redis.pipeline(transaction=False)
+        for off in range(0, len(names), 5000):
+            pipe.exists(*names[off : off + 5000])
+        return any(int(n) for n in await pipe.execute())
 
     async def delete_epoch(self, eid: str) -> None:
         ks = await self._epoch_keys(eid)

@@ -302,6 +302,58 @@ async def test_topology_coming_back_rebuilds_it_fresh_without_ttls(
     assert all([await redis.ttl(k) > 0 for k in await epoch_keys(redis, b)])
 
 
+async def ttls(redis: Redis, eid: str) -> dict[bytes, int]:
+    return {k: await redis.ttl(k) for k in await epoch_keys(redis, eid)}
+
+
+async def test_a_reactivated_epoch_has_no_ttl_while_active_and_gets_it_again_when_retired(
+    deps: Deps, redis: Redis
+) -> None:
+    """A -> B -> A -> B: each time an epoch is active none of its keys expires; each time it
+    is retired every one of its keys (the whole epoch, not a part) expires again."""
+    n = normalizer(deps, retire_ttl_s=300)
+    extra = [contract("SPXW", EXP2, "P", 6010, bid=1.0, ask=1.1)]
+    await n.process(await put(redis, chain(NS)))
+    a = await active(redis)
+    full = {a: len(await epoch_keys(redis, a))}
+    for step in range(1, 6):  # B, A, B, A, B
+        snap = chain(NS + step * SEC, extra=extra if step % 2 else [])
+        assert await n.process(await put(redis, snap)) == "built"
+        now = await active(redis)
+        index = [e.decode() for e in await redis.zrange(keys.EPOCH_INDEX, 0, -1)]
+        (old,) = [e for e in index if e != now]
+        full.setdefault(now, len(await epoch_keys(redis, now)))
+        on, off = await ttls(redis, now), await ttls(redis, old)
+        assert (await meta(redis, now))["state"] == "active"
+        assert len(on) == full[now] and set(on.values()) == {-1}, (step, now)
+        assert (await meta(redis, old))["state"] == "retired"
+        assert len(off) == full[old] and all(0 < t <= 300 for t in off.values()), (step, old)
+
+
+async def test_a_reactivated_epoch_whose_meta_expired_first_is_rebuilt_whole(
+    deps: Deps, redis: Redis
+) -> None:
+    """The keys of a retired epoch expire one by one; if its meta goes first, the rest (with
+    their TTLs and old fields) must not survive into its next life."""
+    n = normalizer(deps)
+    extra = [contract("SPXW", EXP2, "P", 6010, bid=1.0, ask=1.1)]
+    await n.process(await put(redis, chain(NS)))
+    a = await active(redis)
+    c0 = chain().contracts[0].cid
+    await n.process(await put(redis, chain(NS + SEC, extra=extra)))
+    b = await active(redis)
+    await redis.hset(keys.epoch_contract(a, c0), "stale", "1")  # a field of its first life
+    await redis.delete(keys.epoch_meta(a))  # expired before its other keys
+    assert await n.process(await put(redis, chain(NS + 2 * SEC))) == "built"
+    assert await active(redis) == a
+    on = await ttls(redis, a)
+    assert on and set(on.values()) == {-1}
+    assert await redis.hget(keys.epoch_contract(a, c0), "stale") is None
+    await n.process(await put(redis, chain(NS + 3 * SEC, extra=extra)))
+    assert await active(redis) == b
+    assert all(0 < t <= 300 for t in (await ttls(redis, a)).values())
+
+
 # --- carry: WS values of the old epoch into the new one ----------------------------------------
 async def ws_apply(
     redis: Redis, eid: str, quotes: list[tuple[str, int, float, float]],
