@@ -372,3 +372,15 @@ def test_build_via_processor_loader(deps: Deps, monkeypatch: pytest.MonkeyPatch)
     )
     only = load("chain-poller:spx", deps)
     assert isinstance(only, cp.ChainPoller) and only.s.symbols == ("SPX",)
+
+
+def test_rest_retries_use_the_one_backoff_policy_with_full_jitter(deps: Deps) -> None:
+    from streams.retry import Backoff
+
+    s = cp.PollerSettings(backoff_base_s=0.2, backoff_max_s=3.0)
+    p = cp.ChainPoller(deps, s)
+    assert p._backoff == Backoff(base_s=0.2, cap_s=3.0, jitter="full")
+    delays = [p._backoff.delay_s(4) for _ in range(400)]  # window min(3.0, 0.2 * 2**4) = 3.0
+    assert all(0 <= d <= 3.0 for d in delays) and min(delays) < 0.75 and max(delays) > 2.25
+    with pytest.raises(ValueError, match="backoff"):
+        cp.load_settings({"MASSIVE_POLLER_BACKOFF_BASE_S": "0"})

@@ -6,6 +6,7 @@ lints and the wheel it installs carries the package data."""
 
 from __future__ import annotations
 
+import base64
 import importlib.util
 import json
 import re
@@ -85,6 +86,36 @@ def by_kind(docs: tuple[dict[str, Any], ...], kind: str) -> dict[str, dict[str, 
 def container(dep: dict[str, Any]) -> dict[str, Any]:
     (c,) = dep["spec"]["template"]["spec"]["containers"]
     return c
+
+
+def secret(docs: tuple[dict[str, Any], ...], name: str) -> dict[str, str]:
+    """The data of a generated Secret (``name`` plus kustomize's hash suffix), decoded."""
+    (sec,) = [
+        d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"].startswith(name + "-")
+    ]
+    return {k: base64.b64decode(v).decode() for k, v in sec["data"].items()}
+
+
+def example_secrets() -> dict[str, dict[str, str]]:
+    """The prod overlay's secret.example.yaml: Secret name -> stringData."""
+    docs = yaml.safe_load_all((K8S / "overlays/prod/secret.example.yaml").read_text())
+    return {d["metadata"]["name"]: d["stringData"] for d in docs if d}
+
+
+def secret_refs(workload: dict[str, Any]) -> set[str]:
+    """Every Secret a workload's pods reference (envFrom, env valueFrom, volumes), with
+    kustomize's hash suffix removed."""
+    pod = workload["spec"]["template"]["spec"]
+    names: set[str] = set()
+    for c in [*pod.get("initContainers", []), *pod["containers"]]:
+        names |= {r["secretRef"]["name"] for r in c.get("envFrom", []) if "secretRef" in r}
+        names |= {
+            e["valueFrom"]["secretKeyRef"]["name"]
+            for e in c.get("env", [])
+            if "secretKeyRef" in e.get("valueFrom", {})
+        }
+    names |= {v["secret"]["secretName"] for v in pod.get("volumes", []) if "secret" in v}
+    return {re.sub(r"-[a-z0-9]{10}$", "", n) for n in names}
 
 
 def config(docs: tuple[dict[str, Any], ...]) -> dict[str, str]:
@@ -167,7 +198,7 @@ def test_every_processor_has_a_deployment_with_probes_grace_and_config(overlay: 
         } in c["env"]
         refs = c["envFrom"]
         assert refs[0]["configMapRef"]["name"].startswith("massive-config")
-        assert refs[1]["secretRef"]["name"].startswith("massive-secrets")
+        assert refs[1]["secretRef"]["name"].startswith("massive-redis")
         assert c["resources"]["requests"] and c["resources"]["limits"]["memory"]
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert c["securityContext"]["readOnlyRootFilesystem"] is True
@@ -210,12 +241,14 @@ def test_keda_scales_on_the_lag_of_the_right_groups(overlay: str) -> None:
         # KEDA resolves addressFromEnv from the target's container env/envFrom.
         env_name = md["addressFromEnv"]
         c = container(deps[name])
+        assert "massive-redis" in secret_refs(deps[name])  # envFrom: what KEDA resolves
         if overlay == "dev":
-            assert re.fullmatch(r"[\w.-]+:\d+", cfg[env_name])
+            assert re.fullmatch(r"[\w.-]+:\d+", secret(docs, "massive-redis")[env_name])
+            assert env_name not in cfg
         else:
-            example = yaml.safe_load((K8S / "overlays/prod/secret.example.yaml").read_text())
-            assert env_name in example["stringData"]
-            assert md["passwordFromEnv"] in example["stringData"]
+            redis_secret = example_secrets()["massive-redis"]
+            assert env_name in redis_secret
+            assert md["passwordFromEnv"] in redis_secret
             assert md["enableTLS"] == "true"
             assert any("secretRef" in r for r in c["envFrom"])
 
@@ -244,7 +277,9 @@ def test_dev_overlay_runs_redis7_with_aof_and_the_simulator() -> None:
     assert sts["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
     svc = by_kind(docs, "Service")
     cfg = config(docs)
-    host = re.fullmatch(r"redis://([\w-]+):(\d+)/0", cfg["MASSIVE_REDIS_URL"])
+    host = re.fullmatch(
+        r"redis://([\w-]+):(\d+)/0", secret(docs, "massive-redis")["MASSIVE_REDIS_URL"]
+    )
     assert host is not None and host.group(1) in svc
     assert int(host.group(2)) == svc[host.group(1)]["spec"]["ports"][0]["port"]
     for var, scheme in (("MASSIVE_POLLER_REST_URL", "http"), ("MASSIVE_WS_WS_URL", "ws")):
@@ -259,8 +294,40 @@ def test_prod_overlay_has_no_redis_and_commits_no_secret() -> None:
     assert not by_kind(docs, "StatefulSet")
     assert not by_kind(docs, "Secret")
     assert "MASSIVE_REDIS_URL" not in config(docs)  # comes from the Secret
-    example = yaml.safe_load((K8S / "overlays/prod/secret.example.yaml").read_text())
-    assert {"MASSIVE_API_KEY", "MASSIVE_REDIS_URL"} <= set(example["stringData"])
+    example = example_secrets()
+    assert set(example["massive-api-key"]) == {"MASSIVE_API_KEY"}
+    assert {"MASSIVE_REDIS_URL", "REDIS_ADDR", "REDIS_PASSWORD"} <= set(example["massive-redis"])
+    assert "MASSIVE_API_KEY" not in example["massive-redis"]
+
+
+# Who calls the provider (and, in dev, the simulator that checks the key).
+NEEDS_API_KEY = {"chain-poller", "ws-ingest"}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_only_the_ingest_gets_the_api_key(overlay: str) -> None:
+    """The provider's key is in a Secret of its own, referenced by chain-poller and ws-ingest
+    (and the dev simulator) only: the gateway and every other pod never see it."""
+    docs = render(overlay)
+    workloads = {**by_kind(docs, "Deployment"), **by_kind(docs, "Job")}
+    with_key = {n for n, w in workloads.items() if "massive-api-key" in secret_refs(w)}
+    expected = NEEDS_API_KEY | ({"simulator"} if overlay != "prod" else set())
+    assert with_key == expected
+    assert "sse-gateway" in workloads and "sse-gateway" not in with_key
+    for name in with_key:  # by name, not envFrom: nothing else of that Secret leaks in
+        c = container(workloads[name])
+        assert not any(
+            "massive-api-key" in r.get("secretRef", {}).get("name", "")
+            for r in c.get("envFrom", [])
+        )
+        (ref,) = [e for e in c["env"] if e["name"] == "MASSIVE_API_KEY"]
+        assert ref["valueFrom"]["secretKeyRef"]["key"] == "MASSIVE_API_KEY"
+    if overlay != "prod":  # the generated Secrets: the key only in its own
+        assert set(secret(docs, "massive-api-key")) == {"MASSIVE_API_KEY"}
+        assert "MASSIVE_API_KEY" not in secret(docs, "massive-redis")
+        assert "MASSIVE_API_KEY" not in config(docs)
+        sim = container(workloads["simulator"])
+        assert "--api-key" not in sim["args"]  # read from MASSIVE_API_KEY, not the command line
 
 
 def test_replay_job_runs_a_valid_replay_command() -> None:

@@ -712,6 +712,17 @@ def test_cli_main_serves_and_exits(capsys: pytest.CaptureFixture[str]) -> None:
     assert "REST http://127.0.0.1:" in out and "/options" in out and "NDX" in out
 
 
+def test_cli_key_defaults_to_massive_api_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """k8s hands the simulator its key as MASSIVE_API_KEY (from the Secret), not in args."""
+    from simulator.cli import build_parser
+
+    monkeypatch.delenv("MASSIVE_API_KEY", raising=False)
+    assert build_parser().parse_args([]).api_key == "sim-key"
+    monkeypatch.setenv("MASSIVE_API_KEY", "from-secret")
+    assert build_parser().parse_args([]).api_key == "from-secret"
+    assert build_parser().parse_args(["--api-key", "explicit"]).api_key == "explicit"
+
+
 async def test_scenarios_drive_the_server(client: httpx.AsyncClient) -> None:
     from simulator.cli import build_parser, run_scenario
 

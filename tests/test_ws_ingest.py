@@ -490,3 +490,15 @@ def test_build_via_processor_loader(deps: Deps, monkeypatch: pytest.MonkeyPatch)
     assert (w.s.api_key, w.s.ws_url) == ("env-key", "ws://127.0.0.1:1")
     assert set(w.feeds) == {"options", "indices"}
     assert load("ws-ingest:ndx", deps).s.symbols == ("NDX",)  # type: ignore[attr-defined]
+
+
+def test_reconnects_use_the_one_backoff_policy_with_equal_jitter(deps: Deps) -> None:
+    from streams.retry import Backoff
+
+    s = wi.WsSettings(reconnect_base_s=0.5, reconnect_max_s=8.0)
+    w = wi.WsIngest(deps, s)
+    assert w._backoff == Backoff(base_s=0.5, cap_s=8.0, jitter="equal")
+    delays = [w._backoff.delay_s(3) for _ in range(400)]  # window min(8, 0.5 * 2**3) = 4
+    assert all(2.0 <= d <= 4.0 for d in delays) and max(delays) > 3.5
+    with pytest.raises(ValueError, match="backoff"):
+        wi.load_settings({"MASSIVE_WS_RECONNECT_MAX_S": "0.1"})
