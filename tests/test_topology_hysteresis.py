@@ -22,6 +22,7 @@ from schemas import keys
 from simulator.market import MarketConfig, next_trading_day
 from simulator.server import SimConfig, SimServer
 from streams.processor import Deps
+from tests.test_chain_poller import make, metric
 from tests.util import eventually
 
 S = 1_000_000_000
@@ -100,20 +101,9 @@ async def sim() -> AsyncIterator[SimServer]:
 
 
 def poller(deps: Deps, srv: SimServer, **kw: Any) -> cp.ChainPoller:
-    settings: dict[str, Any] = dict(
-        api_key=srv.config.api_key,
-        rest_url=srv.rest_url,
-        symbols=("SPX",),
-        band_pct=0.0,
-        band_points=100.0,
-        expirations=3,
-        max_days=14,
-        min_interval_s=0.05,
-        latency_factor=1.0,
-        control_block_ms=50,
-    )
-    settings.update(kw)
-    return cp.ChainPoller(deps, cp.PollerSettings(**settings))
+    """SPX, a +-100 point band, three expiries, a fetch as soon as the last one is written."""
+    band = dict(symbols=("SPX",), band_pct=0.0, band_points=100.0, max_days=14, limit=250)
+    return make(deps, srv, **{**band, "min_interval_s": 0.05, "latency_factor": 1.0, **kw})
 
 
 @contextlib.asynccontextmanager
@@ -127,8 +117,8 @@ async def running(*procs: Any) -> AsyncIterator[None]:
         await asyncio.wait_for(asyncio.gather(*tasks), 15)
 
 
-def metric(deps: Deps, name: str, **labels: str) -> float:
-    return deps.registry.get_sample_value(name, labels) or 0.0
+def decisions(deps: Deps, outcome: str) -> float:
+    return metric(deps, "massive_chain_poller_band_decisions_total", symbol="SPX", outcome=outcome)
 
 
 async def active(deps: Deps) -> str:
@@ -179,10 +169,7 @@ async def test_spot_oscillating_across_a_band_edge_promotes_nothing(
             await settled(deps, p, 2)
         assert promotions(deps) == 1
         assert await active(deps) == eid
-        assert (
-            metric(deps, "massive_chain_poller_band_decisions_total", symbol="SPX", outcome="kept")
-            >= 20
-        )
+        assert decisions(deps, "kept") >= 20
         assert metric(deps, "massive_chain_poller_band_anchor", symbol="SPX") == 5998.0
     # a restarted poller (nothing in memory) keeps the persisted band: spot is now on the
     # other side of the edges, still no new epoch
@@ -191,10 +178,7 @@ async def test_spot_oscillating_across_a_band_edge_promotes_nothing(
     async with running(p2, Normalizer(deps)):
         await settled(deps, p2, 2)
         assert promotions(deps) == 1
-        initial = metric(
-            deps, "massive_chain_poller_band_decisions_total", symbol="SPX", outcome="initial"
-        )
-        assert initial == 1  # only the first poller's first fetch
+        assert decisions(deps, "initial") == 1  # only the first poller's first fetch
     anchor = sb.decode(await deps.redis.hgetall(keys.chain_band("SPX")))
     assert anchor is not None and anchor.spot == 5998.0
 
@@ -240,12 +224,7 @@ async def test_a_large_move_recentres_once_and_a_fast_one_at_once(
         sim.set_spot("SPX", 6060.0)  # 0.6 h: would re-centre, but the last move is recent
         await settled(deps, p, 2)
         assert promotions(deps) == 1
-        assert (
-            metric(
-                deps, "massive_chain_poller_band_decisions_total", symbol="SPX", outcome="deferred"
-            )
-            >= 2
-        )
+        assert decisions(deps, "deferred") >= 2
         sim.set_spot("SPX", 6080.0)  # 0.8 h: spot would leave the strikes it needs
         await settled(deps, p, 2)
         assert promotions(deps) == 2
