@@ -404,7 +404,7 @@ def test_rest_bad_pages_are_counted_and_never_stop_the_chain_poller(
     split = data.draw(st.integers(0, len(bad_items)), label="split")
     page1 = page(
         [GOOD_ITEMS[0], *bad_items[:split]],
-        next_url="http://elsewhere/v3/snapshot/options/I:SPX?cursor=p2",
+        next_url="http://rest.fuzz/v3/snapshot/options/I:SPX?cursor=p2",
     )
     page2 = page([*bad_items[split:], GOOD_ITEMS[1]])
     cut = data.draw(st.integers(1, len(page1) - 1), label="cut")

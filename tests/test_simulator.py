@@ -389,6 +389,28 @@ async def test_single_contract_and_new_listing(srv: SimServer, client: httpx.Asy
     assert picks & set(new_exp)
 
 
+async def test_set_spot_holds_the_index_and_listings_take_a_strike_or_expiry(
+    srv: SimServer, client: httpx.AsyncClient
+) -> None:
+    srv.set_spot("SPX", 6123.45)
+    for _ in range(3):
+        srv.market.advance(srv.market.now_ns + 60 * 10**9)
+    r = await get(client, srv, "/v3/snapshot/indices", **{"ticker.any_of": "I:SPX"})
+    assert r.json()["results"][0]["value"] == 6123.45
+    srv.set_spot("SPX", None)  # walks again
+    srv.market.advance(srv.market.now_ns + 3600 * 10**9)
+    assert srv.market.indices["SPX"].value != 6123.45
+    new = srv.list_new_strike("SPX", 6001.5)
+    assert {parse_ticker(t).strike for t in new} == {6001.5}
+    with pytest.raises(ValueError, match="already listed"):
+        srv.list_new_strike("SPX", 6001.5)
+    last = max(c.expiry for c in srv.market.by_symbol["NDX"])
+    d = last + dt.timedelta(days=3)
+    assert {parse_ticker(t).expiry for t in srv.list_new_expiry("NDX", d)} == {d}
+    with pytest.raises(ValueError, match="already listed"):
+        srv.list_new_expiry("NDX", d)
+
+
 async def test_indices_snapshot_and_market_status(
     srv: SimServer, client: httpx.AsyncClient
 ) -> None:
