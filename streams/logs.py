@@ -108,9 +108,10 @@ def scrub(record: logging.LogRecord) -> None:
         record.msg, record.args = message, None
     clean = redact(message)
     if clean != message:
-        record.msg, record.args = clean, None
         # uvicorn re-renders this with the original arguments when it colours output
         record.__dict__.pop("color_message", None)
+        if not _redact_args(record):  # keep the arguments when that suffices (formatters
+            record.msg, record.args = clean, None  # such as uvicorn's access log use them)
     if record.exc_info and record.exc_info[0] is not None:
         text = record.exc_text or logging.Formatter().formatException(record.exc_info)
         clean = redact(text)
@@ -119,6 +120,24 @@ def scrub(record: logging.LogRecord) -> None:
             record.exc_info = None  # no formatter may render the original again
     if record.stack_info:
         record.stack_info = redact(record.stack_info)
+
+
+def _redact_args(record: logging.LogRecord) -> bool:
+    """Redact the format string and the string arguments in place; True when the message
+    they make is then clean (else the caller replaces it by its redacted text)."""
+    if not isinstance(record.msg, str) or not isinstance(record.args, tuple):
+        return False
+    msg, args = record.msg, record.args
+    record.msg = redact(msg)
+    record.args = tuple(redact(a) if isinstance(a, str) else a for a in args)
+    try:
+        again = record.getMessage()
+    except Exception:
+        again = None
+    if again is not None and redact(again) == again:
+        return True
+    record.msg, record.args = msg, args
+    return False
 
 
 def _install() -> None:

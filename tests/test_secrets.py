@@ -130,6 +130,30 @@ def test_every_record_is_scrubbed_message_args_traceback_and_stack() -> None:
     assert "RuntimeError: boom at https://h/x?token=***" in text  # the traceback is kept
 
 
+def test_a_record_keeps_its_arguments_when_redacting_them_suffices() -> None:
+    """Formatters that use the arguments (uvicorn's access log unpacks them) still get them."""
+    key = "acc-" + secrets.token_hex(12)
+    logs.add_secret(key)
+    seen: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record)
+
+    log = logging.getLogger("uvicorn.access.test")
+    h = Keep()
+    log.addHandler(h)
+    try:
+        log.warning('%s - "%s %s HTTP/%s" %d', "10.0.0.1:5", "GET", f"/v3?apiKey={key}", "1.1", 200)
+        log.warning("wrapped %r", {"k": key})  # not a str argument: the message is frozen
+    finally:
+        log.removeHandler(h)
+    access, wrapped = seen
+    assert isinstance(access.args, tuple) and len(access.args) == 5
+    assert access.args[2] == "/v3?apiKey=***" and access.getMessage().endswith('HTTP/1.1" 200')
+    assert wrapped.args is None and key not in wrapped.getMessage()
+
+
 async def test_an_error_body_echoing_the_url_is_redacted(
     deps: Deps, caplog: pytest.LogCaptureFixture
 ) -> None:
