@@ -294,6 +294,36 @@ class Contract:
         return "call" if self.call else "put"
 
 
+@dataclass(frozen=True, slots=True)
+class TruthContract:
+    """One contract as the simulated market itself prices it (see :meth:`Market.truth`)."""
+
+    ticker: str
+    root: str
+    expiry: str  # YYYY-MM-DD
+    call: bool
+    strike: float
+    settle_ns: int
+    settled: bool  # settlement instant at or before the market clock
+    oi: int
+    iv: float  # the smile's IV at the current spot (unrounded)
+    t_years: float  # the market's own time to settlement (Market.years_to)
+
+
+@dataclass(frozen=True, slots=True)
+class Truth:
+    """The simulated market's own convention and numbers at its current clock: every
+    contract priced with Black-Scholes at ``spot`` with ``iv``, ``t_years``, ``r`` and ``q``
+    (continuous), so tests can compare derived levels with what the market really is."""
+
+    symbol: str
+    now_ns: int
+    spot: float
+    r: float
+    q: float
+    contracts: list[TruthContract]
+
+
 @dataclass(slots=True)
 class IndexState:
     spec: IndexSpec
@@ -407,8 +437,11 @@ class Market:
         return ns_at(expiry, 16, 0)
 
     def years_to(self, settle_ns: int) -> float:
-        """Time to settlement; the clock is clamped into the session so a simulator running
-        at night prices like the next session (0DTE keeps at least 15 minutes)."""
+        """Time to settlement, the market's IV/T convention: calendar time in 365-day years
+        from the market clock clamped into the session [09:30, 15:45] New York (pre-market
+        and at night it prices as at the open; 0DTE keeps at least 15 minutes), floored at
+        60 s. A real provider has its own convention; the GEX builder backs it out of the
+        published gamma (processors/gex_math.py)."""
         now = min(max(self.now_ns, self.open_ns), self.close_ns - 15 * 60 * NS)
         return max(settle_ns - now, 60 * NS) / NS / YEAR_S
 
@@ -587,6 +620,30 @@ class Market:
                 c.bid, c.ask, c.quote_ts = bid, ask, self.now_ns
         c.version = self.version
         return c
+
+    def truth(self, symbol: str) -> Truth:
+        """Every contract of ``symbol`` with the IV of the smile at the current spot and the
+        market's own time to settlement (see :class:`Truth`). Refreshes the contracts
+        (consumes no randomness, like every read)."""
+        st = self.indices[symbol]
+        out: list[TruthContract] = []
+        for c in self.by_symbol[symbol]:
+            self.refresh(c)
+            out.append(
+                TruthContract(
+                    ticker=c.ticker,
+                    root=c.root,
+                    expiry=c.exp_s,
+                    call=c.call,
+                    strike=c.strike,
+                    settle_ns=c.settle_ns,
+                    settled=c.settle_ns <= self.now_ns,
+                    oi=c.oi,
+                    iv=c.iv,
+                    t_years=self.years_to(c.settle_ns),
+                )
+            )
+        return Truth(symbol, self.now_ns, st.value, self.config.r, self.config.q, out)
 
     # --- time -----------------------------------------------------------------------------
     def advance(self, now_ns: int) -> None:

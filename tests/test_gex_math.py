@@ -8,6 +8,7 @@ import random
 from zoneinfo import ZoneInfo
 
 import msgspec
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -118,28 +119,37 @@ def test_fractional_strikes_are_not_truncated() -> None:
     assert res.legacy_calls[FRI] == {"6852": pytest.approx(0.1), "6852.5": pytest.approx(1.0)}
 
 
-def test_missing_greeks_are_counted_and_skipped_bad_rows_rejected() -> None:
+def test_missing_greeks_are_repriced_missing_oi_excluded_bad_rows_rejected() -> None:
     rows = [
         *HAND,
-        row("SPXW", FRI, "C", 6900, None, 100),
-        row("SPXW", FRI, "C", 6900, 0.001, None),
-        row("SPXW", FRI, "P", 6900, math.nan, 100),
+        row("SPXW", FRI, "C", 6900, None, 100),  # no gamma: re-priced from its IV
+        row("SPXW", FRI, "C", 6900, 0.001, None),  # no OI: excluded
+        row("SPXW", FRI, "P", 6900, math.nan, 100),  # NaN gamma = missing: re-priced
         row("SPXW", FRI, "X", 6900, 0.001, 100),
         row("SPXW", "2026-13-01", "C", 6900, 0.001, 100),
         row("SPXW", FRI, "C", -5, 0.001, 100),
         row("SPXW", FRI, "C", 6900, -0.001, 100),
         row("SPXW", FRI, "C", 6900, 0.001, math.inf),
-        row("SPXW", FRI, "C", 6950, 0.001, 100, iv=None),  # no IV: counted in GEX
+        row("SPXW", FRI, "C", 6950, 0.001, 100, iv=None),  # no IV: imputed, gamma kept
     ]
-    chain = gex_math.prepare(rows, NOW_NS)
+    chain = gex_math.prepare(rows, NOW_NS, snap_spot=SPOT)
     assert chain.n_input == len(rows)
-    assert chain.n_missing_greeks == 3
+    assert chain.n_missing_greeks == 2
     assert chain.rejected == {"bad_right": 1, "bad_expiry": 1, "bad_strike": 1, "bad_greek": 2}
+    assert chain.excluded == {"no_oi": 1}
     assert chain.n_missing_iv == 1
-    assert chain.n == len(HAND) + 1
+    assert chain.n == len(HAND) + 3
+    assert not chain.g_fit.any()  # hand gammas are no Black-Scholes smile: clock basis
+    cov = chain.coverage()
+    assert cov["imputed_iv"] == 1 and cov["repriced_gamma"] == 2
+    assert cov["excluded"] == {"no_oi": 1} and cov["expirations"] == 2
     res = gex_math.compute(chain, SPOT)
-    assert set(res.items()) == {"6750", "6800", "6850", "6950"}
-    assert res.items()["6950"]["calls"] == pytest.approx(10)
+    items = res.items()
+    assert set(items) == {"6750", "6800", "6850", "6900", "6950"}
+    assert items["6950"]["calls"] == pytest.approx(10)
+    g = ref_gamma(SPOT, 6900, ref_t(FRI, "SPXW"), 0.2, 0.0, 0.0) * 100 * 100
+    assert items["6900"]["calls"] == pytest.approx(g, abs=1e-6)
+    assert items["6900"]["puts"] == pytest.approx(-g, abs=1e-6)
     assert res.totals()["all"]["net"] == pytest.approx(-20 + 10)
 
 
@@ -174,15 +184,21 @@ def test_settlement_times_and_time_floor() -> None:
 
 def test_retime_matches_a_fresh_prepare() -> None:
     rows = [*HAND, row("SPX", FRI, "P", 6800, 0.001, 7)]
-    chain = gex_math.prepare(rows, NOW_NS)
-    # Tuesday 01:00 New York: TODAY's contracts are past settlement, 0DTE is now 2026-03-17
+    chain = gex_math.prepare(rows, NOW_NS, snap_spot=SPOT)
+    # Tuesday 01:00 New York: TODAY's contracts settled (dropped with their expiry), 0DTE is
+    # now 2026-03-17 (none listed)
     later = int(dt.datetime(2026, 3, 17, 5, 0, tzinfo=UTC).timestamp()) * 10**9
-    a, b = gex_math.retime(chain, later), gex_math.prepare(rows, later)
+    a = gex_math.retime(chain, later)
+    b = gex_math.prepare(rows, later, snap_spot=SPOT, snap_ns=NOW_NS)
     assert a.today == b.today == "2026-03-17"
-    for name in ("t_years", "zero_dte", "strike", "oi", "exp_idx", "settle_ns"):
+    assert a.expiries == b.expiries == [FRI]
+    assert a.excluded == b.excluded == {"expired": 2}
+    for name in ("t_years", "zero_dte", "strike", "oi", "exp_idx", "grp", "g_settle_ns", "gamma"):
         assert getattr(a, name).tolist() == getattr(b, name).tolist(), name
     assert not a.zero_dte.any()
-    assert a.t_years[0] == pytest.approx((3 * 86400 + 15 * 3600) / (365 * 86400))
+    spxw = a.g_settle_ns.tolist().index(gex_math.expiry_ns(FRI, "SPXW"))
+    assert a.g_t[spxw] == pytest.approx((3 * 86400 + 15 * 3600) / (365 * 86400))
+    assert gex_math.compute(a, SPOT).items() == gex_math.compute(b, SPOT).items()
 
 
 # --- independent Black-Scholes reference ---------------------------------------------------
@@ -347,10 +363,22 @@ row_st = st.builds(
 def test_invariants_sums_signs_and_order_independence(
     rows: list[GexRow], rnd: random.Random
 ) -> None:
-    res = build(rows)
+    chain = gex_math.prepare(rows, NOW_NS, snap_spot=SPOT)
+    res = gex_math.compute(chain, SPOT)
     items = res.items()
-    valid = [r for r in rows if r.gamma is not None and r.oi is not None]
-    assert sum(int(i["n"]) for i in items.values()) == len(valid)
+    assert sum(int(i["n"]) for i in items.values()) == chain.n
+    with_oi = [
+        r
+        for r in rows
+        if r.oi is not None
+        and not math.isnan(r.oi)
+        and gex_math.expiry_ns(r.expiry, r.root) > NOW_NS
+    ]
+    assert chain.n + chain.excluded.get("no_iv", 0) == len(with_oi)
+    # provider gamma is used as given; a missing one is re-priced (finite, >= 0)
+    n_given = sum(r.gamma is not None for r in with_oi)
+    assert np.isfinite(chain.gamma).all() and (chain.gamma >= 0).all()
+    assert int(chain.has_gamma.sum()) == n_given
     for it in items.values():
         assert it["calls"] >= 0 >= it["puts"]
         assert it["net"] == pytest.approx(it["calls"] + it["puts"], abs=1e-5)
@@ -359,17 +387,16 @@ def test_invariants_sums_signs_and_order_independence(
         legacy_p = sum(m.get(k, 0.0) for m in res.legacy_puts.values())
         assert legacy_c == pytest.approx(it["calls"], rel=1e-9, abs=1e-5)
         assert legacy_p == pytest.approx(-it["puts"], rel=1e-9, abs=1e-5)
-        expect_c = 0.0
-        for r in valid:
-            if r.right == "C" and r.strike == it["strike"]:
-                assert r.gamma is not None and r.oi is not None
-                expect_c += r.gamma * r.oi * 100
+        at_k = chain.strike == it["strike"]
+        expect_c = float((chain.gamma * chain.oi * 100)[at_k & chain.is_call].sum())
         assert it["calls"] == pytest.approx(expect_c, rel=1e-9, abs=1e-5)
+        for f, v in it.items():
+            assert not (isinstance(v, float) and v == 0 and math.copysign(1, v) < 0), f
     tot = res.totals()["all"]
     assert tot["calls"] == pytest.approx(sum(i["calls"] for i in items.values()), abs=1e-4)
     shuffled = list(rows)
     rnd.shuffle(shuffled)
-    res2 = build(shuffled)
+    res2 = gex_math.compute(gex_math.prepare(shuffled, NOW_NS, snap_spot=SPOT), SPOT)
     assert res2.items().keys() == items.keys()
     for k, it in res2.items().items():
         for f, v in it.items():
