@@ -62,7 +62,7 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
-from schemas.messages import GexRow
+from schemas.messages import ChainContract, GexRow, GexSource
 
 F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
@@ -171,42 +171,130 @@ def decode_rows(values: Iterable[bytes]) -> tuple[list[RowTuple], dict[str, int]
     return rows, ({"undecodable": bad} if bad else {})
 
 
-# A ChainContract (schemas.messages, array-encoded) as a tuple: decoding a whole snapshot
-# blob into tuples and transposing them in C is ~5x faster than building the structs.
-_Opt = float | None
-_ContractTuple = tuple[
-    str, str, float, str, _Opt, _Opt, _Opt, _Opt, int | None, int | None,
-    _Opt, _Opt, _Opt, _Opt, _Opt, _Opt, _Opt,
-]  # fmt: skip
-
-
-class _SnapshotColumns(msgspec.Struct):
-    symbol: str
-    ts_ns: int
-    spot: float | None
-    contracts: list[_ContractTuple]
-
-
-_snapshot_decoder = msgspec.msgpack.Decoder(_SnapshotColumns)
-
-
 @dataclass(frozen=True, slots=True)
-class SnapshotRows:
-    symbol: str
-    ts_ns: int
-    spot: float | None
-    rows: list[RowTuple]
+class Columns:
+    """A chain as columns: the input of :func:`prepare`. Roots and expiries are codes into
+    their lists; absent numbers are NaN; ``right`` is 1 call, 0 put, -1 anything else."""
+
+    roots: list[str]
+    root: I64
+    expiries: list[str]
+    expiry: I64
+    strike: F64
+    right: npt.NDArray[np.int8]
+    gamma: F64
+    oi: F64
+    iv: F64
+    ts_ns: int  # newest row time (the snapshot behind the chain)
+
+    @property
+    def n(self) -> int:
+        return int(self.strike.shape[0])
 
 
-def snapshot_rows(blob: bytes) -> SnapshotRows:
-    """A ChainSnapshot blob (msgpack, ``schemas.messages.encode_snapshot``) -> GEX row tuples
-    (root from the OCC ticker). Raises msgspec errors on a malformed blob."""
-    snap = _snapshot_decoder.decode(blob)
-    ts = snap.ts_ns
-    rows: list[RowTuple] = [
-        (c[0][2:-15], c[1], c[2], c[3], c[12], c[15], c[10], ts) for c in snap.contracts
-    ]
-    return SnapshotRows(snap.symbol, ts, snap.spot, rows)
+def _floats(col: tuple[float | None, ...]) -> F64:
+    if None in col:
+        return np.array([math.nan if v is None else v for v in col], dtype=np.float64)
+    return np.array(col, dtype=np.float64)
+
+
+def _codes(col: tuple[str, ...]) -> tuple[list[str], I64]:
+    names = sorted(set(col))
+    index = {x: i for i, x in enumerate(names)}
+    return names, np.fromiter((index[x] for x in col), dtype=np.int64, count=len(col))
+
+
+def columns(rows: Iterable[GexRow | RowTuple]) -> Columns:
+    """GEX projection rows (GexRow or its tuple) -> :class:`Columns`."""
+    tuples = [r if isinstance(r, tuple) else msgspec.structs.astuple(r) for r in rows]
+    n = len(tuples)
+    cols: list[tuple[Any, ...]] = list(zip(*tuples, strict=True)) if n else [()] * 8
+    roots_c, exps_c, strikes, rights, gammas, ois, ivs, tss = cols
+    roots, root = _codes(roots_c)
+    expiries, expiry = _codes(exps_c)
+    right = np.fromiter(
+        (1 if x == "C" else 0 if x == "P" else -1 for x in rights), dtype=np.int8, count=n
+    )
+    return Columns(
+        roots=roots,
+        root=root,
+        expiries=expiries,
+        expiry=expiry,
+        strike=_floats(strikes),
+        right=right,
+        gamma=_floats(gammas),
+        oi=_floats(ois),
+        iv=_floats(ivs),
+        ts_ns=max(tss, default=0),
+    )
+
+
+def _occ_root(cid: str) -> str:
+    """``O:SPXW260316C06800000`` -> ``SPXW``."""
+    return cid[2:-15]
+
+
+def source_from_contracts(
+    symbol: str, ts_ns: int, spot: float | None, contracts: Iterable[ChainContract]
+) -> GexSource:
+    """A chain snapshot's contracts -> the compact columnar GEX source (the normalizer writes
+    it for a full-chain snapshot; the GEX builder decodes it with numpy, no per-row work)."""
+    cs = list(contracts)
+    nan = math.nan
+    root_names, root = _codes(tuple(_occ_root(c.cid) for c in cs))
+    exp_names, expiry = _codes(tuple(c.expiry for c in cs))
+
+    def f64(vals: Iterable[float | None]) -> bytes:
+        return np.fromiter((nan if v is None else v for v in vals), np.float64, len(cs)).tobytes()
+
+    right = np.fromiter((1 if c.right == "C" else 0 if c.right == "P" else -1 for c in cs),
+                        np.int8, len(cs))  # fmt: skip
+    return GexSource(
+        symbol=symbol,
+        ts_ns=ts_ns,
+        spot=spot,
+        roots=root_names,
+        expiries=exp_names,
+        root=root.astype(np.int16).tobytes(),
+        expiry=expiry.astype(np.int16).tobytes(),
+        strike=f64(c.strike for c in cs),
+        right=right.tobytes(),
+        gamma=f64(c.gamma for c in cs),
+        oi=f64(c.oi for c in cs),
+        iv=f64(c.iv for c in cs),
+    )
+
+
+def source_columns(src: GexSource) -> Columns:
+    """Decode the columns of a GEX source (read-only numpy views of its bytes)."""
+    n = len(src.strike) // 8
+    arrays = (src.root, src.expiry, src.right, src.gamma, src.oi, src.iv)
+    if (
+        len(src.root) != 2 * n
+        or len(src.expiry) != 2 * n
+        or len(src.right) != n
+        or any(len(a) != 8 * n for a in arrays[3:])
+    ):
+        raise ValueError("GEX source columns have different lengths")
+    root = np.frombuffer(src.root, dtype=np.int16).astype(np.int64)
+    expiry = np.frombuffer(src.expiry, dtype=np.int16).astype(np.int64)
+    if n and (
+        root.min() < 0 or root.max() >= len(src.roots) or expiry.min() < 0
+        or expiry.max() >= len(src.expiries)
+    ):  # fmt: skip
+        raise ValueError("GEX source codes out of range")
+    return Columns(
+        roots=src.roots,
+        root=root,
+        expiries=src.expiries,
+        expiry=expiry,
+        strike=np.frombuffer(src.strike, dtype=np.float64),
+        right=np.frombuffer(src.right, dtype=np.int8),
+        gamma=np.frombuffer(src.gamma, dtype=np.float64),
+        oi=np.frombuffer(src.oi, dtype=np.float64),
+        iv=np.frombuffer(src.iv, dtype=np.float64),
+        ts_ns=src.ts_ns,
+    )
 
 
 # --- Black-Scholes pieces -------------------------------------------------------------------
@@ -308,12 +396,6 @@ class Chain:
         }
 
 
-def _floats(col: tuple[float | None, ...]) -> F64:
-    if None in col:
-        return np.array([math.nan if v is None else v for v in col], dtype=np.float64)
-    return np.array(col, dtype=np.float64)
-
-
 def _count(d: dict[str, int], reason: str, mask: B) -> None:
     k = int(mask.sum())
     if k:
@@ -321,7 +403,7 @@ def _count(d: dict[str, int], reason: str, mask: B) -> None:
 
 
 def prepare(
-    rows: Iterable[GexRow | RowTuple],
+    rows: Columns | Iterable[GexRow | RowTuple],
     now_ns: int,
     params: Params = Params(),
     rejected: Mapping[str, int] | None = None,
@@ -335,32 +417,27 @@ def prepare(
     (default: no fitted basis / the newest row ts). Malformed rows are counted in
     ``rejected`` by reason; well-formed rows left out (no OI, expired, no IV anywhere on
     their smile and no gamma) in ``excluded``."""
+    cols = rows if isinstance(rows, Columns) else columns(rows)
     rej: dict[str, int] = dict(rejected or {})
     exc: dict[str, int] = {}
-    tuples = [r if isinstance(r, tuple) else msgspec.structs.astuple(r) for r in rows]
-    n = len(tuples)
-    cols: list[tuple[Any, ...]] = list(zip(*tuples, strict=True)) if n else [()] * 8
-    roots, exps, strikes, rights, gammas, ois, ivs, tss = cols
-    strike = _floats(strikes)
-    gamma = _floats(gammas)
-    oi = _floats(ois)
-    iv = _floats(ivs)
-    is_call = np.array([x == "C" for x in rights], dtype=np.bool_)
-    is_put = np.array([x == "P" for x in rights], dtype=np.bool_)
-    src_ts = max(tss, default=0)
+    n = cols.n
+    strike, gamma, oi, iv = cols.strike, cols.gamma, cols.oi, cols.iv
+    is_call = cols.right == 1
+    is_put = cols.right == 0
+    src_ts = cols.ts_ns
     snap = snap_ns if snap_ns is not None else (src_ts or now_ns)
-    # settlement instant per distinct (expiry, root) pair; one dict lookup per row
-    pairs = list(zip(exps, roots, strict=True))
-    distinct = sorted(set(pairs))
-    pair_index = {pr: i for i, pr in enumerate(distinct)}
+    # settlement instant per distinct (expiry, root) pair
+    n_roots = max(len(cols.roots), 1)
+    pair_code, pidx = np.unique(cols.expiry * n_roots + cols.root, return_inverse=True)
+    pidx = pidx.astype(np.int64).reshape(-1)
+    distinct = [(cols.expiries[c // n_roots], cols.roots[c % n_roots]) for c in pair_code.tolist()]
     pair_settle = np.empty(len(distinct), dtype=np.int64)
     for i, pr in enumerate(distinct):
         try:
             pair_settle[i] = expiry_ns(*pr)
         except ValueError:
             pair_settle[i] = -1
-    pidx = np.fromiter((pair_index[pr] for pr in pairs), dtype=np.int64, count=n)
-    settle = pair_settle[pidx]
+    settle = pair_settle[pidx] if n else np.zeros(0, dtype=np.int64)
 
     bad_right = ~(is_call | is_put)
     with np.errstate(invalid="ignore"):
@@ -612,13 +689,18 @@ def _fit_basis(
             g[:, 2] -= wp * (c - c_p)
             alive &= np.isfinite(a).all(axis=(1, 2)) & np.isfinite(g).all(axis=1)
             step = np.zeros((ng, 3))
-            for i in np.flatnonzero(alive).tolist():
-                try:
-                    step[i] = np.linalg.solve(a[i], g[i])
-                except np.linalg.LinAlgError:
-                    alive[i] = False
+            try:
+                step[alive] = np.linalg.solve(a[alive], g[alive][..., None])[..., 0]
+            except np.linalg.LinAlgError:  # one degenerate group: solve them one by one
+                for i in np.flatnonzero(alive).tolist():
+                    try:
+                        step[i] = np.linalg.solve(a[i], g[i])
+                    except np.linalg.LinAlgError:
+                        alive[i] = False
             du = np.clip(step[:, 0], -0.7, 0.7)  # at most a factor 2 in tau per iteration
             u, beta, c = u + du, beta + step[:, 1], c + step[:, 2]
+            if not alive.any() or float(np.abs(step[alive]).max()) < 1e-10:
+                break
         r, _, _ = residual(u, beta, c)
         wr = w / (1.0 + w * _MODEL_REL_ERR**2)  # back to plain relative-error weights
         err = np.sqrt(sums(np.where(np.isfinite(r), wr * r * r, np.inf)) / sums(wr))
@@ -661,8 +743,8 @@ def _impute_iv(
         val = np.interp(q, xs, ys)
         if xs.shape[0] >= 2:
             nw = min(_WING_POINTS, xs.shape[0])
-            left = np.polyfit(xs[:nw], ys[:nw], 1)[0]
-            right = np.polyfit(xs[-nw:], ys[-nw:], 1)[0]
+            left = _slope(xs[:nw], ys[:nw])
+            right = _slope(xs[-nw:], ys[-nw:])
             below, above = q < xs[0], q > xs[-1]
             val = np.where(below, ys[0] + min(left, 0.0) * (q - xs[0]), val)
             val = np.where(above, ys[-1] + right * (q - xs[-1]), val)
@@ -671,6 +753,12 @@ def _impute_iv(
         seg[missing] = val
         imputed[lo:hi][missing] = True
     return out, imputed
+
+
+def _slope(x: F64, y: F64) -> float:
+    """Least-squares slope of y on x (x distinct)."""
+    dx = x - x.mean()
+    return float((dx * (y - y.mean())).sum() / (dx * dx).sum())
 
 
 # --- the sweep over hypothetical spots --------------------------------------------------------

@@ -272,3 +272,36 @@ class GexRow(msgspec.Struct, frozen=True, array_like=True):
     oi: float | None
     iv: float | None
     ts_ns: int
+
+
+class GexSource(msgspec.Struct, frozen=True, array_like=True):
+    """The whole chain of one symbol for the GEX builder, column-wise: the value of field
+    ``data`` of HASH ``massive:gex:source:{SYM}`` (msgpack), written by the normalizer from a
+    full-chain snapshot (``ChainPointer.scope == "full"``). Numbers are little-endian numpy
+    buffers, one entry per contract (NaN = absent): ``root``/``expiry`` int16 codes into
+    ``roots``/``expiries``, ``right`` int8 (1 call, 0 put), the rest float64."""
+
+    symbol: str
+    ts_ns: int  # the snapshot's fetch time (the instant its greeks refer to)
+    spot: float | None  # the index level fetched with it
+    roots: list[str]
+    expiries: list[str]
+    root: bytes
+    expiry: bytes
+    strike: bytes
+    right: bytes
+    gamma: bytes
+    oi: bytes
+    iv: bytes
+
+
+_gex_source_encoder = msgspec.msgpack.Encoder()
+_gex_source_decoder = msgspec.msgpack.Decoder(GexSource)
+
+
+def encode_gex_source(src: GexSource) -> bytes:
+    return _gex_source_encoder.encode(src)
+
+
+def decode_gex_source(blob: bytes) -> GexSource:
+    return _gex_source_decoder.decode(blob)

@@ -19,7 +19,7 @@ import numpy as np
 
 from processors import gex_math
 from schemas import massive_rest as mr
-from schemas.messages import ChainSnapshot, encode_snapshot
+from schemas.messages import decode_gex_source, encode_gex_source
 from simulator.market import NY, Truth
 from simulator.server import SimConfig, SimServer
 
@@ -52,10 +52,14 @@ def simulate(now_ns: int, seed: int = 1, symbol: str = "SPX", walk_s: float = 0.
     items = [sim._item(c, st) for c in market.by_symbol[symbol]]
     page = mr.parse_chain_page(msgspec.json.encode({"status": "OK", "results": items}), symbol)
     assert not page.rejections, page.rejections[:3]
-    snap = ChainSnapshot(symbol=symbol, ts_ns=now_ns, spot=st.value, contracts=page.contracts)
-    rows = gex_math.snapshot_rows(encode_snapshot(snap))
+    # the path of a full-chain snapshot: normalizer -> GEX source blob -> GEX builder
+    blob = encode_gex_source(
+        gex_math.source_from_contracts(symbol, now_ns, st.value, page.contracts)
+    )
+    src = decode_gex_source(blob)
     params = gex_math.Params()
-    chain = gex_math.prepare(rows.rows, now_ns, params, snap_spot=rows.spot, snap_ns=rows.ts_ns)
+    cols = gex_math.source_columns(src)
+    chain = gex_math.prepare(cols, now_ns, params, snap_spot=src.spot, snap_ns=src.ts_ns)
     res = gex_math.compute(chain, st.value, params)
     return Case(now_ns, st.value, chain, res, market.truth(symbol))
 
