@@ -1,15 +1,26 @@
-"""GEX builder (processor ``gex``): the epoch's GEX projection -> published GEX models.
+"""GEX builder (processor ``gex``): the whole chain (or the epoch's projection) -> published
+GEX models and a history of levels.
+
+Universe (``scope``): ``full`` (default) = the whole chain of the symbol, every expiration,
+from ``massive:gex:source:{SYM}`` (the normalizer writes it from the chain-poller's
+full-chain snapshots, fetched at their own cadence, apart from the heatmap's narrow window);
+while that source is missing or older than ``source_max_age_s`` the epoch's projection
+(the heatmap window) is used and ``meta.coverage.scope`` says ``window``. ``window`` = the
+epoch's projection only.
 
 Loop (every ``poll_s``): hold or try to take the leader lease (``keys.gex_lease()``, SET NX PX,
 renewed by a compare-and-PEXPIRE script); only the leader builds. For each symbol, read
 ``massive:epoch:active``; build immediately when the active epoch changed (promotion), else
-every ``interval_s``. A build reads ``HGETALL epoch:{eid}:gex`` (GexRow per cid), the spot
-(``massive:spot:latest``, falling back to the epoch meta ``spot``) and skips the math when
-(epoch, spot, projection) are byte-identical to the last build, unless ``reprice_interval_s``
-passed (time to expiry moves the zero-gamma level). It publishes only when an item or the
-meta (timestamps aside) changed: one Lua script checks the lease token (fencing a stale
-leader), XADDs the ModelDiff to ``massive:gex:diffs`` and SETs the canonical model (with
-``diff_id`` = that entry id) and the legacy ``:calls``/``:puts`` keys, atomically.
+every ``interval_s``. A build reads the source's timestamp (the full source's ``ts_ns``, or
+``HGETALL epoch:{eid}:gex``), the spot (``massive:spot:latest``, falling back to the epoch
+meta ``spot``) and skips the math when (epoch, spot, source) are unchanged since the last
+build, unless ``reprice_interval_s`` passed (time to expiry moves the levels); a new source
+is decoded and prepared once (processors/gex_math.py), later builds only re-time it. It
+publishes only when an item or the meta (timestamps aside) changed: one Lua script checks the
+lease token (fencing a stale leader), XADDs the ModelDiff to ``massive:gex:diffs``, SETs the
+canonical model (with ``diff_id`` = that entry id) and the legacy ``:calls``/``:puts`` keys,
+and XADDs the levels to ``massive:gex:levels:{SYM}`` (trimmed to ``history_retention_s``),
+atomically.
 
 Dollar values are computed at ``dollar_spot``, which follows spot only when it moved by at
 least ``dollar_spot_step_bp`` basis points, so small spot ticks do not rewrite every strike
@@ -31,7 +42,13 @@ from redis.asyncio import Redis
 
 from processors import gex_math
 from schemas import keys
-from schemas.messages import ModelDiff, PublishedModel, entry
+from schemas.messages import (
+    GexLevels,
+    ModelDiff,
+    PublishedModel,
+    decode_gex_source,
+    entry,
+)
 from streams import metrics
 from streams.processor import Deps
 from streams.retry import REDIS_BACKOFF, REDIS_UNAVAILABLE, sleep_or_stop
@@ -44,8 +61,9 @@ KIND = "gex"
 # publish: a chain re-seed with identical greeks only moves snapshot_ts_ns)
 VOLATILE_META = frozenset({"built_ns", "spot_ts_ns", "snapshot_ts_ns"})
 
-# KEYS: lease, diff stream, model, calls, puts, chain head. ARGV: token, MINID, diff json,
-# model json without its diff_id, calls, puts, prev id ("" = none).
+# KEYS: lease, diff stream, model, calls, puts, chain head, levels stream. ARGV: token,
+# MINID, diff json, model json without its diff_id, calls, puts, prev id ("" = none),
+# levels json, levels MINID (exact: one small entry per publish, so a few to drop at most).
 # Returns the diff id; false: lease lost; 0: prev id is not the chain head (Redis lost
 # versions we published, or another leader published): reload and rebuild.
 _PUBLISH = """
@@ -56,6 +74,7 @@ redis.call('SET', KEYS[3], ARGV[4] .. '"' .. id .. '"}')
 redis.call('SET', KEYS[4], ARGV[5])
 redis.call('SET', KEYS[5], ARGV[6])
 redis.call('SET', KEYS[6], id)
+redis.call('XADD', KEYS[7], 'MINID', ARGV[9], '*', 'd', ARGV[8])
 return id
 """
 _RENEW = """
@@ -81,12 +100,21 @@ class GexSettings:
     reprice_interval_s: float = 60.0  # rebuild identical inputs this often (time decay)
     dollar_spot_step_bp: float = 10.0  # 0: dollar values always at the live spot
     diff_retention_s: float = 900.0  # resume window of massive:gex:diffs (MINID on publish)
-    rate: float = 0.0
+    scope: str = "full"  # full: massive:gex:source:{SYM} (fallback: the epoch) | window
+    source_max_age_s: float = 300.0  # an older full-chain source is not used
+    history_retention_s: float = 28_800.0  # massive:gex:levels:{SYM} keeps this much (8 h)
+    rate: float = 0.0  # carry where no basis is fitted (see gex_math: t_basis)
     div_yield: float = 0.0
     min_t_s: float = 300.0
     grid_range_pct: float = 15.0
     grid_step_pct: float = 0.25
     tol_points: float = 0.01
+    t_basis: str = "fit"  # fit: T backed out of the provider's gamma per expiry | clock
+    fit_max_err: float = 0.02
+    iv_floor: float = 0.01
+    iv_cap: float = 5.0
+    key_strikes: int = 5
+    value_step_s: float = 60.0
 
     def __post_init__(self) -> None:
         if not self.symbols:
@@ -97,6 +125,10 @@ class GexSettings:
             raise ValueError("lease_ttl_ms must be >= 1000 and >= 3 * poll_s")
         if self.dollar_spot_step_bp < 0 or self.diff_retention_s <= 0:
             raise ValueError("dollar_spot_step_bp must be >= 0 and diff_retention_s > 0")
+        if self.scope not in ("full", "window"):
+            raise ValueError(f"scope must be full or window, got {self.scope!r}")
+        if self.source_max_age_s <= 0 or self.history_retention_s <= 0:
+            raise ValueError("source_max_age_s and history_retention_s must be > 0")
         self.params()  # validates the grid parameters
 
     def params(self) -> gex_math.Params:
@@ -107,6 +139,12 @@ class GexSettings:
             grid_range_pct=self.grid_range_pct,
             grid_step_pct=self.grid_step_pct,
             tol_points=self.tol_points,
+            t_basis=self.t_basis,
+            fit_max_err=self.fit_max_err,
+            iv_floor=self.iv_floor,
+            iv_cap=self.iv_cap,
+            key_strikes=self.key_strikes,
+            value_step_s=self.value_step_s,
         )
 
 
@@ -120,12 +158,37 @@ class _SymState:
     dollar_spot: float | None = None
     eid: str | None = None
     head: str | None = None  # diff id of ``version`` in Redis: the next diff's prev_id
-    fingerprint: tuple[str, float, int] | None = None
+    fingerprint: tuple[str, float, tuple[Any, ...]] | None = None
     built_mono: float = -math.inf
     checked_mono: float = -math.inf
     observed_src_ts: int = 0
-    chain: tuple[tuple[str, int], gex_math.Chain] | None = None  # prepared projection cache
+    chain: tuple[tuple[Any, ...], gex_math.Chain] | None = None  # prepared source cache
     no_spot_logged: bool = False
+    scope_logged: str | None = None
+    bad_source_ts: int | None = None  # an unreadable full-chain source (not retried)
+
+
+UNITS = {
+    "shares": "gamma*OI*100 per strike; calls +, puts -, net = calls + puts",
+    "usd": "shares * dollar_spot^2 * 0.01 (USD per 1% move)",
+    "delta": "position-signed delta*OI*100 (shares; calls +, puts - position)",
+    "delta_usd": "delta * dollar_spot",
+    "vanna_usd": "USD of delta per +1 vol point",
+    "charm_usd": "USD of delta per calendar day that passes",
+    "profile": "net USD gamma per 1% move at each hypothetical spot",
+    "t_years": "time to settlement on the provider's basis (365-day years)",
+}
+
+
+def _clean_max(a: Any) -> float | None:
+    return round(float(a.max()), 6) if a.shape[0] else None
+
+
+def _int(v: bytes | None) -> int | None:
+    try:
+        return int(v) if v is not None else None
+    except ValueError:
+        return None
 
 
 def _num(v: bytes | None) -> float | None:
@@ -169,7 +232,8 @@ class GexBuilder:
         self.m_missing = metrics.counter(
             reg,
             "massive_gex_missing_greeks_total",
-            "Contracts skipped because gamma or OI was missing/NaN (once per projection content)",
+            "Contracts without provider gamma (re-priced from their IV when they have OI; "
+            "once per source content)",
             ["symbol"],
         )
         self.m_rejected = metrics.counter(
@@ -258,9 +322,11 @@ class GexBuilder:
         self.state[sym] = st
         return st
 
-    def _minid(self) -> str:
-        """Diffs older than ``diff_retention_s`` are trimmed with each publish."""
-        ms = self.clock.time_ns() // 1_000_000 - int(self.s.diff_retention_s * 1000)
+    def _minid(self, retention_s: float | None = None) -> str:
+        """Entries older than the retention (default ``diff_retention_s``) are trimmed with
+        each publish."""
+        keep_s = self.s.diff_retention_s if retention_s is None else retention_s
+        ms = self.clock.time_ns() // 1_000_000 - int(keep_s * 1000)
         return f"{max(0, ms)}-0"
 
     async def release(self) -> None:
@@ -317,15 +383,40 @@ class GexBuilder:
                 logger.warning("gex: could not release the lease", exc_info=True)
 
     # --- build --------------------------------------------------------------------------
+    async def _prepare_full(self, sym: str, now_ns: int) -> gex_math.Chain | None:
+        """Decode and prepare the full-chain source; None (counted, logged) if unreadable."""
+        data = await self.redis.hget(keys.gex_source(sym), "data")
+        if not isinstance(data, bytes):
+            return None
+        try:
+            src = decode_gex_source(data)
+            cols = gex_math.source_columns(src)
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+            self.m_rejected.labels(symbol=sym, reason="bad_source").inc()
+            logger.warning("gex: %s: unreadable full-chain source (%s); using the epoch", sym, exc)
+            return None
+        return gex_math.prepare(cols, now_ns, self.params, snap_spot=src.spot, snap_ns=src.ts_ns)
+
+    def _count_inputs(self, sym: str, eid: str, chain: gex_math.Chain) -> None:
+        """Metrics for a newly prepared source (once per source content)."""
+        if chain.n_missing_greeks:
+            self.m_missing.labels(symbol=sym).inc(chain.n_missing_greeks)
+        if chain.rejected:
+            for reason, n in chain.rejected.items():
+                self.m_rejected.labels(symbol=sym, reason=reason).inc(n)
+            logger.warning("gex: %s epoch %s: rejected rows %s", sym, eid, chain.rejected)
+
     async def build(self, sym: str, eid: str, st: _SymState, now_m: float) -> str:
         """Build one symbol; returns the outcome label."""
         t0 = time.perf_counter()
         st.checked_mono = now_m
+        full = self.s.scope == "full"
         pipe = self.redis.pipeline(transaction=False)
-        pipe.hgetall(keys.epoch_gex(eid))
         pipe.hmget(keys.SPOT_LATEST, [sym, f"{sym}:ts_ns"])
-        pipe.hmget(keys.epoch_meta(eid), ["spot"])
-        proj, (spot_raw, spot_ts_raw), (meta_spot_raw,) = await pipe.execute()
+        pipe.hmget(keys.epoch_meta(eid), ["spot", "snapshot_ts_ns"])
+        if full:
+            pipe.hget(keys.gex_source(sym), "ts_ns")
+        (spot_raw, spot_ts_raw), (meta_spot_raw, meta_ts_raw), *rest = await pipe.execute()
         spot, source = _num(spot_raw), "latest"
         if spot is None:
             spot, source = _num(meta_spot_raw), "epoch_meta"
@@ -336,36 +427,81 @@ class GexBuilder:
                 st.no_spot_logged = True
             return "no_spot"
         st.no_spot_logged = False
-        proj_hash = hash(frozenset(proj.items()))
-        fp = (eid, spot, proj_hash)
+        now_ns = self.clock.time_ns()
+        src_ts = _int(rest[0]) if full else None
+        fresh = (
+            src_ts is not None
+            and src_ts != st.bad_source_ts
+            and now_ns - src_ts <= self.s.source_max_age_s * 1e9
+        )
+        proj: dict[Any, Any] | None = None
+        if fresh:
+            src_key: tuple[Any, ...] = ("full", src_ts)
+        else:
+            proj = await self.redis.hgetall(keys.epoch_gex(eid))
+            src_key = ("window", eid, hash(frozenset(proj.items())))
+        fp = (eid, spot, src_key)
         if fp == st.fingerprint and now_m - st.built_mono < self.s.reprice_interval_s:
             self.m_builds.labels(symbol=sym, outcome="same_inputs").inc()
             return "same_inputs"
-        now_ns = self.clock.time_ns()
-        if st.chain is not None and st.chain[0] == (eid, proj_hash):
+        chain: gex_math.Chain | None = None
+        if st.chain is not None and st.chain[0] == src_key:
             chain = gex_math.retime(st.chain[1], now_ns, self.params)  # only spot/clock moved
-        else:  # new projection content: decode, validate, count what is missing or bad
+        elif fresh:
+            chain = await self._prepare_full(sym, now_ns)
+            if chain is None:  # unreadable source: the epoch's projection until a new one
+                st.bad_source_ts = src_ts
+                proj = await self.redis.hgetall(keys.epoch_gex(eid))
+                src_key = ("window", eid, hash(frozenset(proj.items())))
+                fp = (eid, spot, src_key)
+        if chain is None:
+            assert proj is not None
             rows, rejected = gex_math.decode_rows(proj.values())
-            chain = gex_math.prepare(rows, now_ns, self.params, rejected)
-            st.chain = ((eid, proj_hash), chain)
-            if chain.n_missing_greeks:
-                self.m_missing.labels(symbol=sym).inc(chain.n_missing_greeks)
-            if chain.rejected:
-                for reason, n in chain.rejected.items():
-                    self.m_rejected.labels(symbol=sym, reason=reason).inc(n)
-                logger.warning("gex: %s epoch %s: rejected rows %s", sym, eid, chain.rejected)
+            chain = gex_math.prepare(
+                rows,
+                now_ns,
+                self.params,
+                rejected,
+                snap_spot=_num(meta_spot_raw),
+                snap_ns=_int(meta_ts_raw),
+            )
+        if st.chain is None or st.chain[0] != src_key:
+            st.chain = (src_key, chain)
+            self._count_inputs(sym, eid, chain)
+        scope = str(src_key[0])
+        if scope != st.scope_logged:
+            logger.info(
+                "gex: %s now built from the %s (%d contracts, %d expirations)",
+                sym,
+                "whole chain" if scope == "full" else "epoch's projection (heatmap window)",
+                chain.n,
+                len(chain.expiries),
+            )
+            st.scope_logged = scope
         ds = st.dollar_spot
         if ds is None or abs(spot / ds - 1.0) * 1e4 >= self.s.dollar_spot_step_bp:
             ds = spot
         res = gex_math.compute(chain, spot, self.params, ds)
         items = res.items()
+        totals = res.totals()
+        fitted = int(chain.g_fit.sum())
         meta: dict[str, Any] = {
             "spot": spot,
             "spot_source": source,
             "spot_ts_ns": int(spot_ts_raw) if source == "latest" and spot_ts_raw else None,
             "dollar_spot": ds,
             "levels": {"all": res.levels.as_dict(), "0dte": res.levels_0dte.as_dict()},
-            "totals": res.totals(),
+            "totals": totals,
+            "expiry": res.expiry_table(),
+            "profile": res.profile_dict(),
+            "coverage": {"scope": scope, **chain.coverage()},
+            "basis": {
+                "t_basis": self.params.t_basis,
+                "groups": int(chain.g_fit.shape[0]),
+                "fitted": fitted,
+                "max_fit_err": _clean_max(chain.g_fit_err[chain.g_fit]),
+                "snapshot_spot": chain.snap_spot,
+            },
             "epoch": eid,
             "n_contracts": chain.n,
             "n_input": chain.n_input,
@@ -375,10 +511,7 @@ class GexBuilder:
             "expiries": chain.expiries,
             "today": chain.today,
             "snapshot_ts_ns": chain.src_ts_ns or None,
-            "units": {
-                "shares": "gamma*OI*100 per strike; calls +, puts -, net = calls + puts",
-                "usd": "shares * dollar_spot^2 * 0.01 (USD per 1% move)",
-            },
+            "units": UNITS,
             "params": {
                 "rate": self.params.rate,
                 "div_yield": self.params.div_yield,
@@ -386,6 +519,7 @@ class GexBuilder:
                 "grid_range_pct": self.params.grid_range_pct,
                 "grid_step_pct": self.params.grid_step_pct,
                 "dollar_spot_step_bp": self.s.dollar_spot_step_bp,
+                "fit_max_err": self.params.fit_max_err,
             },
             "built_ns": now_ns,
         }
@@ -422,6 +556,22 @@ class GexBuilder:
         legacy |= {"epoch": eid}
         calls = msgspec.json.encode({**legacy, "expirations": res.legacy_calls})
         puts = msgspec.json.encode({**legacy, "expirations": res.legacy_puts})
+        lv, lv0 = res.levels, res.levels_0dte
+        levels = GexLevels(
+            symbol=sym,
+            ts_ns=now_ns,
+            version=version,
+            spot=spot,
+            zero_gamma=lv.zero_gamma,
+            zero_gamma_0dte=lv0.zero_gamma,
+            call_wall=lv.call_wall,
+            put_wall=lv.put_wall,
+            abs_gamma_strike=lv.abs_gamma_strike,
+            call_wall_0dte=lv0.call_wall,
+            put_wall_0dte=lv0.put_wall,
+            net_usd=totals["all"]["net_usd"],
+            net_0dte_usd=totals["0dte"]["net_usd"],
+        )
         diff_id = await self._publish(
             keys=[
                 keys.gex_lease(),
@@ -430,6 +580,7 @@ class GexBuilder:
                 keys.gex_model_calls(sym),
                 keys.gex_model_puts(sym),
                 keys.gex_head(sym),
+                keys.gex_levels_stream(sym),
             ],
             args=[
                 self.token,
@@ -439,6 +590,8 @@ class GexBuilder:
                 calls,
                 puts,
                 st.head or "",
+                entry(levels)[b"d"],
+                self._minid(self.s.history_retention_s),
             ],
         )
         if diff_id is None:

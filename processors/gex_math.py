@@ -35,8 +35,9 @@ Conventions (README "Reading the numbers" has the same with a worked example)
   provider IV (nor ``iv_floor``) and never above ``iv_cap``. Counted (``imputed_iv``).
 * Per-strike exposures are valued at the snapshot: provider gamma where given, else
   Black-Scholes gamma at S0 with the fitted basis and the (imputed) IV; delta, vanna and charm
-  are re-priced the same way. They change only with a new snapshot; dollar values use
-  ``dollar_spot``.
+  are re-priced the same way, at the snapshot's instant rounded down to ``value_step_s`` (a
+  re-seed of the same values a few seconds later re-prices to the same numbers). They
+  change only with a new snapshot; dollar values use ``dollar_spot``.
 * Walls: call wall = strike of max call GEX, put wall = strike of max |put GEX|,
   absolute-gamma strike = strike of max ``calls + |puts|``, key strikes = the
   ``key_strikes`` largest ``calls + |puts|`` strikes (descending). Ties go to the lowest strike.
@@ -82,6 +83,7 @@ _MODEL_REL_ERR = 1e-3
 _FIT_ITERATIONS = 12
 _PRIOR_SD = 0.01  # weak priors on beta and c (in their own units) where data are thin
 _WING_POINTS = 5
+_SIG = 5  # significant digits of re-priced exposures in the published model
 _FIT_MIN_CONTRACTS = 6  # twice the parameters: fewer points would fit anything
 
 
@@ -98,6 +100,7 @@ class Params:
     iv_floor: float = 0.01
     iv_cap: float = 5.0
     key_strikes: int = 5
+    value_step_s: float = 60.0  # re-priced per-strike values: snapshot instant rounded down
 
     def __post_init__(self) -> None:
         if not (0 < self.grid_step_pct <= self.grid_range_pct < 100):
@@ -108,8 +111,8 @@ class Params:
             raise ValueError(f"t_basis must be fit or clock, got {self.t_basis!r}")
         if not (0 < self.iv_floor < self.iv_cap) or self.fit_max_err <= 0:
             raise ValueError("need 0 < iv_floor < iv_cap and fit_max_err > 0")
-        if self.key_strikes < 0:
-            raise ValueError("key_strikes must be >= 0")
+        if self.key_strikes < 0 or self.value_step_s < 0:
+            raise ValueError("key_strikes and value_step_s must be >= 0")
 
 
 # --- time ---------------------------------------------------------------------------------
@@ -143,6 +146,12 @@ def _clean(x: float, nd: int) -> float:
 def _clean_list(a: F64, nd: int) -> list[float]:
     out: list[float] = (np.round(a, nd) + 0.0).tolist()  # + 0.0 turns -0.0 into 0.0
     return out
+
+
+def _significant(a: F64, digits: int, below: float = 0.0) -> list[float]:
+    """Each value to ``digits`` significant digits (shortest float repr), |x| < ``below``
+    as 0, never -0.0: time-valued figures that a few seconds of decay should not rewrite."""
+    return [0.0 if abs(v) < below or v == 0 else float(f"{v:.{digits}g}") + 0.0 for v in a.tolist()]
 
 
 # --- input ---------------------------------------------------------------------------------
@@ -522,7 +531,11 @@ def prepare(
         grp, unpriced = grp[live], unpriced[live]
 
     # --- value every contract at the snapshot ----------------------------------------------
-    tau_c, b_c, q_c = g_tau[grp], g_b[grp], g_q[grp]
+    # at the snapshot's instant rounded down to value_step_s: re-seeds of the same values
+    # within a step re-price to the same numbers (no republish for seconds of decay)
+    step_ns = int(params.value_step_s * 1e9)
+    ahead = (snap % step_ns) / 1e9 / SECONDS_PER_YEAR if step_ns > 0 else 0.0
+    tau_c, b_c, q_c = g_tau[grp] + ahead, g_b[grp], g_q[grp]
     nc = k_s.shape[0]
     delta = np.zeros(nc)
     vanna = np.zeros(nc)
@@ -948,13 +961,9 @@ class GexResult:
                 "puts_usd": _clean(tp * f, 2),
                 "net_usd": _clean((tc + tp) * f, 2),
             }
-        d = float(self.delta.sum())
-        out["all"] |= {
-            "delta": _clean(d, 6),
-            "delta_usd": _clean(d * ds, 2),
-            "vanna_usd": _clean(float(self.vanna.sum()) * ds * 0.01, 2),
-            "charm_usd": _clean(float(self.charm.sum()) * ds / 365.0, 2),
-        }
+        d, va, ch = float(self.delta.sum()), float(self.vanna.sum()), float(self.charm.sum())
+        g = _significant(np.array([d, d * ds, va * ds * 0.01, ch * ds / 365.0]), _SIG)
+        out["all"] |= dict(zip(("delta", "delta_usd", "vanna_usd", "charm_usd"), g, strict=True))
         return out
 
     def expiry_table(self) -> dict[str, dict[str, Any]]:
@@ -972,17 +981,19 @@ class GexResult:
                 "net_usd": _clean((e.calls + e.puts) * f, 2),
                 "zero_gamma": e.zero_gamma.level,
                 "zero_gamma_reason": e.zero_gamma.reason,
-                "t_years": [_clean(t, 8) for t in e.t_years],
+                "t_years": [_clean(t, 6) for t in e.t_years],
                 "t_basis": e.t_basis,
                 "imputed_iv": e.imputed_iv,
             }
         return out
 
     def profile_dict(self) -> dict[str, list[float]]:
+        """The gamma profile for a chart: 4 significant digits (a few seconds of time decay
+        do not republish it)."""
         return {
             "spot": _clean_list(self.grid, 2),
-            "all": _clean_list(self.profile, 0),
-            "0dte": _clean_list(self.profile_0dte, 0),
+            "all": _significant(self.profile, 4, below=1.0),
+            "0dte": _significant(self.profile_0dte, 4, below=1.0),
         }
 
     def items(self) -> dict[str, dict[str, float]]:
@@ -1000,10 +1011,12 @@ class GexResult:
         ):
             cols[name] = _clean_list(arr, 6)
             cols[name + "_usd"] = _clean_list(arr * f, 2)
-        cols["delta"] = _clean_list(self.delta, 6)
-        cols["delta_usd"] = _clean_list(self.delta * ds, 2)
-        cols["vanna_usd"] = _clean_list(self.vanna * ds * 0.01, 2)
-        cols["charm_usd"] = _clean_list(self.charm * ds / 365.0, 2)
+        # re-priced exposures: 5 significant digits (time decay between two snapshots of the
+        # same values would otherwise rewrite every strike)
+        cols["delta"] = _significant(self.delta, _SIG)
+        cols["delta_usd"] = _significant(self.delta * ds, _SIG, below=0.5)
+        cols["vanna_usd"] = _significant(self.vanna * ds * 0.01, _SIG, below=0.5)
+        cols["charm_usd"] = _significant(self.charm * ds / 365.0, _SIG, below=0.5)
         order = (
             "calls",
             "puts",

@@ -123,6 +123,19 @@ def gex_model_puts(symbol: str) -> str:
     return f"massive:gex:model:{symbol}:puts"
 
 
+def gex_source(symbol: str) -> str:
+    """HASH ts_ns, spot, data: the latest full-chain GEX source of the symbol
+    (schemas.messages.GexSource msgpack in ``data``), written by the normalizer from a
+    full-chain snapshot; expires with ``MASSIVE_NORMALIZER_GEX_SOURCE_TTL_S``."""
+    return f"massive:gex:source:{symbol}"
+
+
+def gex_levels_stream(symbol: str) -> str:
+    """Stream of GexLevels (spot, zero gamma, walls) on every GEX publish; trimmed by age
+    (``MASSIVE_GEX_HISTORY_RETENTION_S``) by the GEX builder on every XADD."""
+    return f"massive:gex:levels:{symbol}"
+
+
 def gex_lease() -> str:
     return "massive:gex:leader"
 

@@ -274,6 +274,25 @@ class GexRow(msgspec.Struct, frozen=True, array_like=True):
     ts_ns: int
 
 
+class GexLevels(Message, frozen=True):
+    """Entry on ``massive:gex:levels:{SYM}``: the key levels of one GEX publish (the
+    history behind ``/api/gex/history``). Levels are index points, None when undefined."""
+
+    symbol: str
+    ts_ns: int
+    version: int
+    spot: float
+    zero_gamma: float | None
+    zero_gamma_0dte: float | None
+    call_wall: float | None
+    put_wall: float | None
+    abs_gamma_strike: float | None
+    call_wall_0dte: float | None = None
+    put_wall_0dte: float | None = None
+    net_usd: float | None = None  # net dollar GEX per 1 % move, all expiries
+    net_0dte_usd: float | None = None
+
+
 class GexSource(msgspec.Struct, frozen=True, array_like=True):
     """The whole chain of one symbol for the GEX builder, column-wise: the value of field
     ``data`` of HASH ``massive:gex:source:{SYM}`` (msgpack), written by the normalizer from a

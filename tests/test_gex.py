@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import time
 from typing import Any
 
 import msgspec
@@ -11,9 +12,18 @@ import pytest
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
+from processors import gex_math
 from processors.gex import GexBuilder, GexSettings, build
 from schemas import keys
-from schemas.messages import ChainContract, GexRow, ModelDiff, PublishedModel, from_entry
+from schemas.messages import (
+    ChainContract,
+    GexLevels,
+    GexRow,
+    ModelDiff,
+    PublishedModel,
+    encode_gex_source,
+    from_entry,
+)
 from streams.clock import ManualClock, SystemClock
 from streams.processor import Deps
 from streams.settings import RuntimeSettings
@@ -133,6 +143,10 @@ async def test_identical_inputs_publish_no_new_version_and_oi_change_is_sparse(
     clock = ManualClock(NOW_NS)
     b, reg = make(redis, settings, clock)
     await b.tick()
+    # the normalizer re-seeds the same values with a newer snapshot time: still no version
+    # (levels and exposures are time-valued: the same clock gives the same model)
+    await seed_epoch(redis, "e1", "SPX", CHAIN, spot=SPOT, now_ns=NOW_NS + 5 * 10**9)
+    assert await b.build("SPX", "e1", b.state["SPX"], clock.monotonic()) == "unchanged"
     for _ in range(3):
         clock.advance(2.5)
         await b.tick()
@@ -142,11 +156,6 @@ async def test_identical_inputs_publish_no_new_version_and_oi_change_is_sparse(
         "massive_gex_builds_total", {"symbol": "SPX", "outcome": "same_inputs"}
     )
     assert same == 3
-    # the normalizer re-seeds the same values with a newer snapshot time: still no version
-    await seed_epoch(redis, "e1", "SPX", CHAIN, spot=SPOT, now_ns=NOW_NS + 5 * 10**9)
-    clock.advance(2.5)
-    await b.tick()
-    assert (await model(redis)).version == 1
     unchanged = reg.get_sample_value(
         "massive_gex_builds_total", {"symbol": "SPX", "outcome": "unchanged"}
     )
@@ -225,11 +234,15 @@ async def test_missing_greeks_and_bad_rows_are_counted_not_fatal(
     b, reg = make(redis, settings, ManualClock(NOW_NS))
     await b.tick()
     m = await model(redis)
-    assert m.meta["n_missing_greeks"] == 2
+    # no gamma: re-priced from its IV; no OI: excluded; undecodable: rejected
+    assert m.meta["n_missing_greeks"] == 1
     assert m.meta["rejected"] == {"undecodable": 1}
-    assert m.meta["n_contracts"] == len(CHAIN)
-    assert "6900" not in m.items
-    assert reg.get_sample_value("massive_gex_missing_greeks_total", {"symbol": "SPX"}) == 2
+    assert m.meta["n_contracts"] == len(CHAIN) + 1
+    cov = m.meta["coverage"]
+    assert cov["excluded"] == {"no_oi": 1} and cov["repriced_gamma"] == 1
+    assert cov["scope"] == "window" and cov["expirations"] == 2
+    assert m.items["6900"]["calls"] > 0 and m.items["6900"]["puts"] == 0
+    assert reg.get_sample_value("massive_gex_missing_greeks_total", {"symbol": "SPX"}) == 1
     rej = reg.get_sample_value(
         "massive_gex_rejected_total", {"symbol": "SPX", "reason": "undecodable"}
     )
@@ -239,7 +252,7 @@ async def test_missing_greeks_and_bad_rows_are_counted_not_fatal(
     b.clock.advance(2.5)  # type: ignore[attr-defined]
     await b.tick()
     assert (await model(redis)).version == 2
-    assert reg.get_sample_value("massive_gex_missing_greeks_total", {"symbol": "SPX"}) == 2
+    assert reg.get_sample_value("massive_gex_missing_greeks_total", {"symbol": "SPX"}) == 1
 
 
 async def test_loop_survives_errors_and_recovers(
@@ -351,7 +364,7 @@ async def test_run_loop_publishes_reacts_and_releases_lease(
     redis: Redis, settings: RuntimeSettings, registry: CollectorRegistry
 ) -> None:
     await seed_epoch(redis, "e1", "SPX", CHAIN, spot=SPOT, now_ns=NOW_NS)
-    deps = Deps(redis=redis, settings=settings, registry=registry, clock=SystemClock())
+    deps = Deps(redis=redis, settings=settings, registry=registry, clock=RunningClock(NOW_NS))
     b = GexBuilder(deps, settings_fast(), ("SPX",))
     stop = asyncio.Event()
     task = asyncio.create_task(b.run(stop))
@@ -373,6 +386,16 @@ async def test_run_loop_publishes_reacts_and_releases_lease(
     assert await redis.get(keys.gex_lease()) is None
 
 
+class RunningClock(SystemClock):
+    """Real time, but starting at ``start_ns`` (the chain's contracts are not expired)."""
+
+    def __init__(self, start_ns: int) -> None:
+        self.offset = start_ns - time.time_ns()
+
+    def time_ns(self) -> int:
+        return time.time_ns() + self.offset
+
+
 def settings_fast() -> GexSettings:
     return GexSettings(symbols=("SPX",), interval_s=0.05, poll_s=0.02, lease_ttl_ms=1000)
 
@@ -391,3 +414,98 @@ def test_build_reads_env_and_arg(deps: Deps, monkeypatch: pytest.MonkeyPatch) ->
         GexSettings(interval_s=0)
     with pytest.raises(ValueError):
         GexSettings(grid_step_pct=0)
+
+
+# --- whole-chain source and the levels history ---------------------------------------------
+async def write_source(redis: Redis, chain: list[ChainContract], ts_ns: int, spot: float) -> None:
+    src = gex_math.source_from_contracts("SPX", ts_ns, spot, chain)
+    await redis.hset(
+        keys.gex_source("SPX"),
+        mapping={"ts_ns": ts_ns, "spot": repr(spot), "data": encode_gex_source(src)},
+    )
+
+
+async def test_full_chain_source_is_the_universe_and_a_stale_one_falls_back(
+    redis: Redis, settings: RuntimeSettings
+) -> None:
+    window = [c for c in CHAIN if c.expiry == TODAY]  # the heatmap's epoch: 0DTE only
+    await seed_epoch(redis, "e1", "SPX", window, spot=SPOT, now_ns=NOW_NS)
+    far = "2026-06-18"
+    full = [*CHAIN, contract("SPX", far, "P", 6000, gamma=0.0002, oi=9000, iv=0.25)]
+    await write_source(redis, full, NOW_NS, SPOT)
+    clock = ManualClock(NOW_NS)
+    b, reg = make(redis, settings, clock, source_max_age_s=60.0)
+    await b.tick()
+    m = await model(redis)
+    cov = m.meta["coverage"]
+    assert cov["scope"] == "full" and cov["contracts"] == len(full)
+    assert m.meta["expiries"] == [TODAY, FRI, far]
+    assert set(m.meta["expiry"]) == {TODAY, FRI, far}
+    assert m.meta["expiry"][FRI]["settlement"] == "AM+PM"
+    assert m.meta["expiry"][far]["settlement"] == "AM"
+    legacy = msgspec.json.decode(await redis.get(keys.gex_model_calls("SPX")) or b"{}")
+    assert set(legacy["expirations"]) == {TODAY, FRI, far}
+    assert m.items["6000"]["puts"] == pytest.approx(-0.0002 * 9000 * 100)
+    # the source ages out: the epoch's projection (the window) is used, and said so
+    clock.advance(61)
+    await b.tick()
+    m = await model(redis)
+    assert m.meta["coverage"]["scope"] == "window" and m.meta["expiries"] == [TODAY]
+    # an unreadable source is counted and not used
+    await redis.hset(keys.gex_source("SPX"), mapping={"ts_ns": clock.time_ns(), "data": b"\x00"})
+    clock.advance(2.5)
+    await b.tick()
+    assert (await model(redis)).meta["coverage"]["scope"] == "window"
+    bad = reg.get_sample_value(
+        "massive_gex_rejected_total", {"symbol": "SPX", "reason": "bad_source"}
+    )
+    assert bad == 1
+
+
+async def test_levels_history_stream_one_entry_per_publish_trimmed_by_age(
+    redis: Redis, settings: RuntimeSettings
+) -> None:
+    await seed_epoch(redis, "e1", "SPX", CHAIN, spot=SPOT, now_ns=NOW_NS)
+    clock = ManualClock(NOW_NS)
+    b, _ = make(redis, settings, clock, history_retention_s=100.0)
+    await b.tick()
+    for i in range(3):
+        await redis.hset(keys.SPOT_LATEST, "SPX", repr(SPOT + 2 * (i + 1)))
+        clock.advance(2.5)
+        await b.tick()
+    entries = await redis.xrange(keys.gex_levels_stream("SPX"))
+    levels = [from_entry(f, GexLevels) for _, f in entries]
+    m = await model(redis)
+    assert [x.version for x in levels] == list(range(1, m.version + 1)) and m.version == 4
+    last = levels[-1]
+    lv = m.meta["levels"]
+    assert (last.spot, last.zero_gamma, last.call_wall, last.put_wall) == (
+        m.meta["spot"],
+        lv["all"]["zero_gamma"],
+        lv["all"]["call_wall"],
+        lv["all"]["put_wall"],
+    )
+    assert last.zero_gamma_0dte == lv["0dte"]["zero_gamma"]
+    assert last.net_usd == m.meta["totals"]["all"]["net_usd"]
+
+
+async def test_levels_history_is_trimmed_by_age_on_publish(
+    redis: Redis, settings: RuntimeSettings
+) -> None:
+    # the writer trims with MINID on its own clock and Redis ids are Redis's wall clock:
+    # this test runs on real time, with an entry already older than the retention
+    now = time.time_ns()
+    expiry = (dt.datetime.fromtimestamp(now / 1e9, dt.UTC) + dt.timedelta(days=30)).date()
+    chain = [
+        contract("SPXW", expiry.isoformat(), r, k, gamma=0.001, oi=100, iv=0.2)
+        for k in (6750, 6800, 6850)
+        for r in ("C", "P")
+    ]
+    await seed_epoch(redis, "e1", "SPX", chain, spot=SPOT, now_ns=now)
+    stream = keys.gex_levels_stream("SPX")
+    old_ms = now // 1_000_000 - 200_000
+    await redis.xadd(stream, {"d": b"old"}, id=f"{old_ms}-0")
+    b, _ = make(redis, settings, RunningClock(now), history_retention_s=100.0)
+    await b.tick()
+    left = [from_entry(f, GexLevels) for _, f in await redis.xrange(stream)]
+    assert [x.version for x in left] == [1]
