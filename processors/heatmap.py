@@ -21,33 +21,44 @@ Strategies (``w`` = width, strikes in the id ascending)
 A dirty contract at strike K therefore touches: single K; vertical calls anchored at K and
 K-w, puts anchored at K and K+w; butterflies centered at K-w, K, K+w, for every width.
 
-Leg prices
-    ``as_of`` = the newest event time (contract ts_ns) over the tile's legs. A leg is priced
-    at its quote mid when the quote is fresh, i.e. ``as_of - quote_ts <= max_quote_age``;
-    otherwise at its last trade; with no trade, at the stale mid (source ``mid_stale``).
-    Staleness is measured against ``as_of`` (data time), not the wall clock, so a tile is a
-    deterministic function of its legs' stored values: any replica, any redelivery, and the
-    reference rebuild compute the same bytes. Recorded: per-leg source and price time,
-    ``age_ns = as_of - oldest price time used``, ``stale = age_ns > max_quote_age``,
+Leg prices (``price_leg``: the one rule, mirrored by tile_vec.py)
+    ``as_of`` = the newest information over the tile's legs: event times (contract ts_ns)
+    and the chain snapshots that confirmed their quotes (``quote_rx_ts``). A quote's age is
+    its own: ``as_of`` minus when it was last *received* (``LegQuote.received``: its WS event
+    or the snapshot that confirmed it, the later), never whether it changed. A quote received
+    within ``max_quote_age`` is used at its mid; otherwise the last trade when it is newer than
+    the quote; otherwise the stale mid (source ``mid_stale``, flag ``stale_quote``): a stale
+    quote beats a much older trade. Leg prices are rounded to 1e-6 (a mid of two ticks is
+    exact to that). Staleness is judged against ``as_of`` (data time), not the wall clock, so
+    a tile is a function of its legs' stored values. Recorded: per-leg source and price
+    time, ``age_ns = as_of - oldest price time used``, ``stale = age_ns > max_quote_age``,
     ``px_src`` (mid | last | mixed | none) and ``src`` (ws if any leg came from the WS).
 
-Values (spreads; ``d`` = debit)
-    max_profit = w - d, max_loss = d, r2r = (w - d) / d (None when d <= 0).
-    No-arbitrage bounds 0 <= d <= w: ``below_bound`` (d < 0, a credit for a payoff that is
-    never negative) and ``above_bound`` (d > w, paying more than the maximum payoff) are
-    flagged, values kept as computed (not hidden or clipped); d == 0 is flagged
-    ``zero_debit``.
+Tradability
+    A leg is tradable when its mid is fresh (above) and its quote two-sided (bid > 0,
+    ask >= bid); a tile when every leg is. ``debit_natural`` = what buying the tile costs at
+    the natural price: the ask on long legs, the bid on short legs (None when a leg has no
+    bid/ask).
+
+Values (spreads; ``d`` = the mid debit)
+    max_profit = w - d, max_loss = d, r2r = (w - d) / d (None when d <= 0 or untradable).
+    Bounds: a long spread pays between 0 and w (a single put between 0 and K).
+    ``below_bound`` / ``above_bound`` mean an *executable* arbitrage on a tradable tile:
+    buying at the natural price costs less than 0, or selling at it (longs at the bid,
+    shorts at the ask) brings more than w. A mid debit outside [0, w] alone is the milder
+    ``mid_below_bound`` / ``mid_above_bound`` (quote noise on wide quotes), d == 0 is
+    ``zero_debit``; values are kept as computed (not hidden or clipped).
     Singles: debit = the option price; max_loss = price; puts max_profit = K - price,
     r2r = (K - price) / price; calls max_profit = None (unbounded), r2r = None.
 
 Convexity score (spreads)
-    convexity = max_profit / (max_profit + max_loss) = 1 - d / w, clamped to [0, 1].
+    convexity = max_profit / (max_profit + max_loss) = 1 - d / w, clamped to [0, 1], for a
+    tradable tile; None when untradable (a leg without a fresh two-sided quote) or unpriced.
     The share of the spread's payoff range that is upside: 1 = free (or paid to hold) a
     payoff of up to w, 0 = paying the whole width. It is strictly decreasing in the debit,
     normalised by the width (a 5-wide and a 50-wide butterfly, or any two strikes, are on
     the same scale), equals r2r / (1 + r2r) when d > 0 (so it ranks exactly like
-    reward-to-risk but stays finite), and is defined for every priced tile: 1.0 when
-    d <= 0 (with the bound flag), 0.0 when d >= w. Unpriced tiles: None (``no_price``).
+    reward-to-risk but stays finite). The executable cost is ``debit_natural``.
     Singles have no width to normalise by: convexity None.
     (The old MarketSwarm "convexity" compared a debit with neighbours looked up under keys
     that never matched, so it degenerated to a constant plus an efficiency term; this one
@@ -71,6 +82,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from math import floor as _floor
+from typing import NamedTuple
 from zoneinfo import ZoneInfo
 
 from schemas import ticker
@@ -82,7 +94,7 @@ NY = ZoneInfo("America/New_York")
 PM_ROOTS = ("SPXW", "NDXP")
 
 # Contract hash fields a tile needs, in this order (see LegQuote.from_values).
-LEG_FIELDS = ("bid", "ask", "mid", "quote_ts", "last", "trade_ts", "ts_ns", "src")
+LEG_FIELDS = ("bid", "ask", "mid", "quote_ts", "last", "trade_ts", "ts_ns", "src", "quote_rx_ts")
 
 
 def fmt_strike(strike: float) -> str:
@@ -267,6 +279,14 @@ class LegQuote:
     trade_ts: int | None
     ts_ns: int
     src: str
+    quote_rx: int | None = None  # when the quote was last confirmed by a chain snapshot
+
+    @property
+    def received(self) -> int:
+        """When the quote was last received: its own event time or the chain snapshot that
+        last confirmed it, the later (0 without a quote)."""
+        q, r = self.quote_ts or 0, self.quote_rx or 0
+        return q if q >= r else r
 
     @classmethod
     def from_values(cls, values: Sequence[bytes | str | None]) -> LegQuote | None:
@@ -274,7 +294,8 @@ class LegQuote:
         Unparsable or non-finite numbers count as absent (raises nothing)."""
         if all(v is None for v in values):
             return None
-        bid, ask, mid, qts, last, tts, ts, src = values
+        vals = list(values) + [None] * (len(LEG_FIELDS) - len(values))
+        bid, ask, mid, qts, last, tts, ts, src, rx = vals[: len(LEG_FIELDS)]
         b, a, m = _num(bid), _num(ask), _num(mid)
         if m is None and b is not None and a is not None:
             m = (b + a) / 2
@@ -283,7 +304,7 @@ class LegQuote:
         if ts_ns is None:
             ts_ns = max(q or 0, t or 0)
         s = (src.decode() if isinstance(src, bytes) else src) or "chain"
-        return cls(b, a, m, q, _num(last), t, ts_ns, s)
+        return cls(b, a, m, q, _num(last), t, ts_ns, s, _int(rx) if q is not None else None)
 
     @classmethod
     def from_joined(cls, joined: bytes) -> LegQuote | None:
@@ -291,7 +312,7 @@ class LegQuote:
         (bad or non-finite numbers, wrong arity) goes through ``from_values``."""
         parts = joined.split(b"|")
         try:
-            b, a, m, qts, last, tts, ts, src = parts
+            b, a, m, qts, last, tts, ts, src, rx = parts
             bid = float(b) if b else None
             ask = float(a) if a else None
             mid = float(m) if m else None
@@ -299,13 +320,14 @@ class LegQuote:
             q = int(qts) if qts else None
             t = int(tts) if tts else None
             ts_ns = int(ts) if ts else max(q or 0, t or 0)
+            received = int(rx) if rx and q is not None else None
         except ValueError:
             return cls.from_values(parts)
         if not math.isfinite((bid or 0.0) + (ask or 0.0) + (mid or 0.0) + (lst or 0.0)):
             return cls.from_values(parts)
         if mid is None and bid is not None and ask is not None:
             mid = (bid + ask) / 2
-        return cls(bid, ask, mid, q, lst, t, ts_ns, src.decode() if src else "chain")
+        return cls(bid, ask, mid, q, lst, t, ts_ns, src.decode() if src else "chain", received)
 
 
 def _num(v: bytes | str | None) -> float | None:
@@ -331,17 +353,43 @@ def _int(v: bytes | str | None) -> int | None:
         return int(x) if math.isfinite(x) else None
 
 
-def price_leg(q: LegQuote | None, as_of: int, max_age_ns: int) -> tuple[float | None, str, int]:
-    """(price, source, price time) of one leg (see module doc)."""
+class LegPrice(NamedTuple):
+    """How one leg is priced in a tile (see :func:`price_leg`, the rule)."""
+
+    px: float | None  # rounded to 1e-6
+    src: str  # mid | last | mid_stale | none
+    ts: int  # time of the information used (quote: when last received; trade: its time)
+    tradable: bool  # a two-sided quote received within the max age
+
+
+def price_leg(q: LegQuote | None, as_of: int, max_age_ns: int) -> LegPrice:
+    """THE leg rule (the vectorised path in tile_vec.py mirrors it, byte-equal):
+
+    * a quote's age is its own: ``as_of`` minus when it was last *received*
+      (``LegQuote.received``: the WS event, or the chain snapshot that confirmed it), not
+      when it last changed;
+    * a quote received within ``max_age_ns``: its mid;
+    * else the last trade when it is newer than the quote (or there is no quote);
+    * else the stale mid (``mid_stale``; the tile is flagged ``stale_quote``): a stale quote
+      is better information than an older trade;
+    * tradable = the mid is fresh and the quote is two-sided (bid > 0, ask >= bid).
+    """
     if q is None:
-        return None, "none", 0
-    if q.mid is not None and q.quote_ts is not None and as_of - q.quote_ts <= max_age_ns:
-        return q.mid, "mid", q.quote_ts
-    if q.last is not None:
-        return q.last, "last", q.trade_ts or 0
-    if q.mid is not None:
-        return q.mid, "mid_stale", q.quote_ts or 0
-    return None, "none", 0
+        return _NO_PRICE
+    mid = q.mid
+    rx = q.received
+    if mid is not None and q.quote_ts is not None and as_of - rx <= max_age_ns:
+        b, a = q.bid, q.ask
+        two = b is not None and a is not None and b > 0 and a >= b
+        return LegPrice(_r6(mid), "mid", rx, two)
+    if q.last is not None and (mid is None or (q.trade_ts or 0) > rx):
+        return LegPrice(_r6(q.last), "last", q.trade_ts or 0, False)
+    if mid is not None:
+        return LegPrice(_r6(mid), "mid_stale", rx, False)
+    return _NO_PRICE
+
+
+_NO_PRICE = LegPrice(None, "none", 0, False)
 
 
 def _r6(x: float) -> float:
@@ -350,34 +398,127 @@ def _r6(x: float) -> float:
     return _floor(x * 1e6 + 0.5) / 1e6
 
 
+# Flags in the order they are listed (tile_vec keeps the same bits).
+FLAG_ORDER = (
+    "stale_quote",
+    "above_bound",
+    "below_bound",
+    "mid_above_bound",
+    "mid_below_bound",
+    "zero_debit",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _Priced:
+    """A tile's legs priced (the part shared by ``compute_tile`` and ``staged_value``)."""
+
+    legs: list[LegPrice]
+    as_of: int
+    seq: int
+    debit: float | None
+    natural: float | None  # buy at the natural price: longs at the ask, shorts at the bid
+    natural_sell: float | None  # sell at the natural price: longs at the bid, shorts at the ask
+    tradable: bool
+    px_src: str
+    age: int | None
+    ws: bool
+    stale_quote: bool
+
+
+def _price_tile(spec: TileSpec, quotes: Mapping[str, LegQuote | None], max_age_ns: int) -> _Priced:
+    qs = [quotes.get(leg[0]) for leg in spec.legs]
+    as_of = seq = 0
+    for q in qs:
+        if q is not None:
+            t = q.ts_ns if q.quote_rx is None or q.quote_rx < q.ts_ns else q.quote_rx
+            seq += (q.quote_ts or 0) + (q.trade_ts or 0)
+            if t > as_of:
+                as_of = t
+    legs: list[LegPrice] = []
+    debit: float | None = 0.0
+    buy: float | None = 0.0
+    sell: float | None = 0.0
+    px_src = ""
+    oldest: int | None = None
+    ws = stale_quote = False
+    tradable = True
+    for (_, _, qty), q in zip(spec.legs, qs, strict=True):
+        lp = price_leg(q, as_of, max_age_ns)
+        legs.append(lp)
+        tradable = tradable and lp.tradable
+        if q is not None:
+            if q.src == "ws":
+                ws = True
+            if buy is not None and sell is not None and q.bid is not None and q.ask is not None:
+                buy += qty * (q.ask if qty > 0 else q.bid)
+                sell += qty * (q.bid if qty > 0 else q.ask)
+            else:
+                buy = sell = None
+        else:
+            buy = sell = None
+        if lp.px is None:
+            debit = None
+            continue
+        if lp.src == "mid_stale":
+            stale_quote = True
+        if debit is None:
+            continue
+        debit += qty * lp.px
+        kind = "last" if lp.src == "last" else "mid"
+        px_src = kind if px_src in ("", kind) else "mixed"
+        if oldest is None or lp.ts < oldest:
+            oldest = lp.ts
+    age: int | None = None
+    if debit is None:
+        px_src = "none"
+    elif oldest is not None:
+        age = as_of - oldest
+    return _Priced(legs, as_of, seq, debit, buy, sell, tradable, px_src, age, ws, stale_quote)
+
+
 def _values(
-    spec: TileSpec, d: float, stale_quote: bool
+    spec: TileSpec, p: _Priced
 ) -> tuple[float, float | None, float, float | None, float | None, list[str]]:
-    """(debit, max_profit, max_loss, r2r, convexity, flags) of a priced tile with debit
-    ``d`` (see the module doc), rounded to 6 decimals half up (``_r6``: a float product and
-    floor instead of ``round(x, 6)``, which formats digits and costs ~4x as much on this hot
-    path; no -0.0 comes out: stable JSON)."""
-    flags: list[str] = ["stale_quote"] if stale_quote else []
+    """(debit, max_profit, max_loss, r2r, convexity, flags) of a priced tile (``p.debit``
+    not None), rounded to 6 decimals half up (``_r6``: a float product and floor instead of
+    ``round(x, 6)``, which formats digits and costs ~4x as much on this hot path; no -0.0
+    comes out: stable JSON).
+
+    Bounds: the payoff of a long spread lies in [0, w] (a single put's in [0, K]).
+    ``below_bound``/``above_bound`` = an *executable* arbitrage on fresh two-sided quotes:
+    buying at the natural price costs less than 0, or selling at it brings more than the
+    maximum payoff. ``mid_below_bound``/``mid_above_bound``: only the mid debit is outside
+    (quote noise, wide quotes), ``zero_debit``: a mid debit of 0. Convexity and r2r are
+    null unless the tile is tradable."""
+    d = p.debit
+    assert d is not None
+    flags: list[str] = ["stale_quote"] if p.stale_quote else []
     max_profit: float | None = None
     r2r = conv = None
+    cap: float | None = None  # the maximum payoff
     if spec.strategy == "single":
-        k = spec.strikes[0]
         max_loss = d
         if spec.right == "P":
-            max_profit = k - d
-            if d > k + EPS:
-                flags.append("above_bound")
+            cap = spec.strikes[0]
+            max_profit = cap - d
     else:
-        w = spec.width
-        max_profit, max_loss = w - d, d
-        conv = _r6(min(1.0, max(0.0, 1.0 - d / w)))
-        if d > w + EPS:
-            flags.append("above_bound")
-    if d < -EPS:
+        cap = spec.width
+        max_profit, max_loss = cap - d, d
+        if p.tradable:
+            conv = _r6(min(1.0, max(0.0, 1.0 - d / cap)))
+    sell = p.natural_sell
+    if p.tradable and cap is not None and sell is not None and sell > cap + EPS:
+        flags.append("above_bound")
+    if p.tradable and p.natural is not None and p.natural < -EPS:
         flags.append("below_bound")
+    if cap is not None and d > cap + EPS:
+        flags.append("mid_above_bound")
+    if d < -EPS:
+        flags.append("mid_below_bound")
     elif abs(d) <= EPS:
         flags.append("zero_debit")
-    if max_profit is not None and d > EPS:
+    if max_profit is not None and d > EPS and p.tradable:
         r2r = _r6(max_profit / d)
     return (
         _r6(d),
@@ -395,54 +536,17 @@ def compute_tile(
     epoch: str,
     max_quote_age_ns: int,
 ) -> Tile:
-    # Hot path (runs for every recomputed tile): plain loops, no helper calls.
-    qs = [quotes.get(leg[0]) for leg in spec.legs]
-    as_of = seq = 0
-    for q in qs:
-        if q is not None:
-            t = q.ts_ns
-            seq += (q.quote_ts or 0) + (q.trade_ts or 0)
-            if t > as_of:
-                as_of = t
-    legs: list[Leg] = []
-    debit: float | None = 0.0
-    px_src = ""
-    oldest: int | None = None
-    ws = stale_quote = False
-    for (cid, k, qty), q in zip(spec.legs, qs, strict=True):
-        if q is None:
-            legs.append(Leg(cid, k, qty, None, "none", 0))
-            debit = None
-            continue
-        if q.src == "ws":
-            ws = True
-        mid = q.mid
-        qts = q.quote_ts
-        if mid is not None and qts is not None and as_of - qts <= max_quote_age_ns:
-            px, src, pts, kind = mid, "mid", qts, "mid"
-        elif q.last is not None:
-            px, src, pts, kind = q.last, "last", q.trade_ts or 0, "last"
-        elif mid is not None:
-            px, src, pts, kind = mid, "mid_stale", qts or 0, "mid"
-            stale_quote = True
-        else:
-            legs.append(Leg(cid, k, qty, None, "none", 0))
-            debit = None
-            continue
-        legs.append(Leg(cid, k, qty, px, src, pts))
-        if debit is None:
-            continue
-        debit += qty * px
-        px_src = kind if px_src in ("", kind) else "mixed"
-        if oldest is None or pts < oldest:
-            oldest = pts
-    age: int | None = None
-    if debit is None:
+    """The full tile record (the readable reference; ``staged_value`` is its staged bytes)."""
+    p = _price_tile(spec, quotes, max_quote_age_ns)
+    legs = [
+        Leg(cid, k, qty, lp.px, lp.src, lp.ts)
+        for (cid, k, qty), lp in zip(spec.legs, p.legs, strict=True)
+    ]
+    if p.debit is None:
         flags, max_profit, max_loss, r2r, conv = ["no_price"], None, None, None, None
-        px_src = "none"
+        debit = None
     else:
-        age = as_of - oldest if oldest is not None else None
-        debit, max_profit, max_loss, r2r, conv, flags = _values(spec, debit, stale_quote)
+        debit, max_profit, max_loss, r2r, conv, flags = _values(spec, p)
     return Tile(
         id=spec.id,
         symbol=spec.symbol,
@@ -454,16 +558,18 @@ def compute_tile(
         width=spec.width,
         legs=legs,
         debit=debit,
+        debit_natural=_r6(p.natural) if p.natural is not None else None,
         max_profit=max_profit,
         max_loss=max_loss,
         r2r=r2r,
         convexity=conv,
-        ts=as_of,
-        seq=seq,
-        age_ns=age,
-        stale=age is not None and age > max_quote_age_ns,
-        px_src=px_src,
-        src="ws" if ws else "chain",
+        tradable=p.tradable,
+        ts=p.as_of,
+        seq=p.seq,
+        age_ns=p.age,
+        stale=p.age is not None and p.age > max_quote_age_ns,
+        px_src=p.px_src,
+        src="ws" if p.ws else "chain",
         flags=flags,
     )
 
@@ -478,70 +584,32 @@ def staged_value(
     spec: TileSpec, quotes: Mapping[str, LegQuote | None], max_quote_age_ns: int
 ) -> bytes:
     """The staging value of the tile, ``schemas.heatmap.stage_value(compute_tile(...))``,
-    computed without the intermediate ``Tile``/``Leg`` records: the production path of the
-    tile builders (incremental and full builds). ``compute_tile`` stays the readable
-    reference (reference full rebuild, tests); a property test holds the two byte-equal."""
-    legs = spec.legs
-    qs = [quotes.get(leg[0]) for leg in legs]
-    as_of = seq = 0
-    for q in qs:
-        if q is not None:
-            t = q.ts_ns
-            seq += (q.quote_ts or 0) + (q.trade_ts or 0)
-            if t > as_of:
-                as_of = t
-    vlegs: list[ViewLeg] = []
-    debit: float | None = 0.0
-    px_src = ""
-    oldest: int | None = None
-    ws = stale_quote = False
-    for (_, _, qty), q in zip(legs, qs, strict=True):
-        if q is None:
-            vlegs.append(ViewLeg(qty, None, "none"))
-            debit = None
-            continue
-        if q.src == "ws":
-            ws = True
-        mid = q.mid
-        qts = q.quote_ts
-        if mid is not None and qts is not None and as_of - qts <= max_quote_age_ns:
-            px, src, pts, kind = mid, "mid", qts, "mid"
-        elif q.last is not None:
-            px, src, pts, kind = q.last, "last", q.trade_ts or 0, "last"
-        elif mid is not None:
-            px, src, pts, kind = mid, "mid_stale", qts or 0, "mid"
-            stale_quote = True
-        else:
-            vlegs.append(ViewLeg(qty, None, "none"))
-            debit = None
-            continue
-        vlegs.append(ViewLeg(qty, px, src))
-        if debit is None:
-            continue
-        debit += qty * px
-        px_src = kind if px_src in ("", kind) else "mixed"
-        if oldest is None or pts < oldest:
-            oldest = pts
-    age: int | None = None
-    if debit is None:
+    without the intermediate ``Tile``/``Leg`` records: the per-tile path of the builders
+    (small batches, values the arrays cannot hold); a property test holds the two, and the
+    vectorised path (tile_vec.py), byte-equal."""
+    p = _price_tile(spec, quotes, max_quote_age_ns)
+    vlegs = [ViewLeg(qty, lp.px, lp.src) for (_, _, qty), lp in zip(spec.legs, p.legs, strict=True)]
+    if p.debit is None:
         flags, max_profit, max_loss, r2r, conv = ["no_price"], None, None, None, None
-        px_src = "none"
+        debit = None
     else:
-        age = as_of - oldest if oldest is not None else None
-        debit, max_profit, max_loss, r2r, conv, flags = _values(spec, debit, stale_quote)
+        debit, max_profit, max_loss, r2r, conv, flags = _values(spec, p)
+    legs = spec.legs
     if len(legs) > 1 and legs[0][1] > legs[-1][1]:
         vlegs.reverse()  # publish in strike order (see schemas.heatmap.view)
     v = TileView(
         legs=vlegs,
         debit=debit,
+        debit_natural=_r6(p.natural) if p.natural is not None else None,
         max_profit=max_profit,
         max_loss=max_loss,
         r2r=r2r,
         convexity=conv,
-        age_s=age // NS_PER_S if age is not None else None,
-        stale=age is not None and age > max_quote_age_ns,
-        px_src=px_src,
-        src="ws" if ws else "chain",
+        tradable=p.tradable,
+        age_s=p.age // NS_PER_S if p.age is not None else None,
+        stale=p.age is not None and p.age > max_quote_age_ns,
+        px_src=p.px_src,
+        src="ws" if p.ws else "chain",
         flags=flags,
     )
-    return b"%d:%b" % (seq, encode_view(v))
+    return b"%d:%b" % (p.seq, encode_view(v))

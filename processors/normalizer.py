@@ -409,7 +409,7 @@ class Normalizer(ConsumerProcessor):
             # The in-progress mark goes before the writes (see module docstring).
             pipe.hset(meta_key, "seeding_ts_ns", str(snap.ts_ns))
             for blob in chunks:
-                self._seed.queue(pipe, [meta_key], [prefix, blob])
+                self._seed.queue(pipe, [meta_key], [prefix, blob, str(snap.ts_ns)])
             self._spot_call(pipe, snap)
 
         res = await lua.execute(self.redis, queue)
@@ -605,6 +605,7 @@ class Normalizer(ConsumerProcessor):
                 qts = c.quote_ts_ns or snap.ts_ns
                 row += ("bid", repr(float(c.bid)), "ask", repr(float(c.ask)))
                 row += ("mid", repr((c.bid + c.ask) / 2), "quote_ts", str(qts))
+                row += ("quote_rx_ts", str(snap.ts_ns))  # received with this snapshot
                 ts = qts
             if c.last is not None:
                 tts = c.trade_ts_ns or snap.ts_ns

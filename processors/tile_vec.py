@@ -36,14 +36,15 @@ _SRC_NAMES = np.array([b"mid", b"last", b"mid_stale", b"none"], dtype=object)
 _PX_SRC = np.array([b"mid", b"last", b"mixed", b"none"], dtype=object)
 _WS = np.array([b"chain", b"ws"], dtype=object)
 _BOOL = np.array([b"false", b"true"], dtype=object)
-# Flag bits, in the order the reference lists them.
-_F_STALE, _F_ABOVE, _F_BELOW, _F_ZERO, _F_NOPRICE = 1, 2, 4, 8, 16
-_FLAG_NAMES = ((_F_STALE, "stale_quote"), (_F_ABOVE, "above_bound"), (_F_BELOW, "below_bound"),
-               (_F_ZERO, "zero_debit"))  # fmt: skip
+# Flag bits, in the order the reference lists them (heatmap.FLAG_ORDER), then no_price.
+_F_STALE, _F_ABOVE, _F_BELOW, _F_MID_ABOVE, _F_MID_BELOW, _F_ZERO = (1 << i for i in range(6))
+_F_NOPRICE = 64
+_FLAG_NAMES = tuple((1 << i, name) for i, name in enumerate(hm.FLAG_ORDER))
+_N_FLAGS = 128
 _FLAGS = np.array(
     [
         _enc.encode(["no_price"] if m & _F_NOPRICE else [n for b, n in _FLAG_NAMES if m & b])
-        for m in range(32)
+        for m in range(_N_FLAGS)
     ],
     dtype=object,
 )
@@ -70,14 +71,14 @@ def _r6(x: FloatArr) -> FloatArr:
     return out
 
 
-QuoteRow = tuple[float, float, int, int, int, int, int, int, int]
+QuoteRow = tuple[float, float, int, int, int, int, int, int, int, float, float, int]
 
 
 def quote_row(q: hm.LegQuote | None) -> QuoteRow:
-    """(mid, last, quote_ts, trade_ts, ts_ns, present, has mid, has quote_ts, bits) of one
-    contract; bits: 1 has last, 2 src == ws. Absent numbers are NaN / 0."""
+    """(mid, last, quote_ts, trade_ts, ts_ns, present, has mid, has quote_ts, bits, bid, ask,
+    quote_rx) of one contract; bits: 1 has last, 2 src == ws. Absent numbers are NaN / 0."""
     if q is None:
-        return _NAN, _NAN, 0, 0, 0, 0, 0, 0, 0
+        return _NAN, _NAN, 0, 0, 0, 0, 0, 0, 0, _NAN, _NAN, 0
     return (
         _NAN if q.mid is None else q.mid,
         _NAN if q.last is None else q.last,
@@ -88,6 +89,9 @@ def quote_row(q: hm.LegQuote | None) -> QuoteRow:
         q.mid is not None,
         q.quote_ts is not None,
         (q.last is not None) | ((q.src == "ws") << 1),
+        _NAN if q.bid is None else q.bid,
+        _NAN if q.ask is None else q.ask,
+        q.quote_rx or 0,
     )
 
 
@@ -138,10 +142,13 @@ class TileTable:
         self.has_qts = np.zeros(nc, dtype=bool)
         self.has_last = np.zeros(nc, dtype=bool)
         self.ws = np.zeros(nc, dtype=bool)
+        self.bid = np.full(nc, _NAN)
+        self.ask = np.full(nc, _NAN)
+        self.rx = np.zeros(nc, dtype=np.int64)
         self.exotic = np.zeros(nc, dtype=bool)  # values the arrays cannot hold exactly
         # Per row, a key of the published view this builder last announced (tile_builder's
         # "announce only what changed"): the view's numbers as int64 bits and its codes.
-        self.key_width = 2 * n_legs + 7
+        self.key_width = 2 * n_legs + 9
         self.last_key = np.zeros((n, self.key_width), dtype=np.int64)
         self.last_ok = np.zeros(n, dtype=bool)
 
@@ -177,21 +184,26 @@ class TileTable:
             return
         cidx = self.cidx
         idx = np.array([cidx[c] for c in cids], dtype=np.intp)
-        mid, last, qts, tts, ts, present, has_mid, has_qts, bits = zip(*rows, strict=True)
+        mid, last, qts, tts, ts, present, has_mid, has_qts, bits, bid, ask, rx = zip(
+            *rows, strict=True
+        )
         self.mid[idx] = mid
         self.last[idx] = last
-        ints = [qts, tts, ts]
+        self.bid[idx] = bid
+        self.ask[idx] = ask
+        ints = [qts, tts, ts, rx]
         big = any(max(v) >= _TS_MAX or min(v) < 0 for v in ints)
         exotic = np.zeros(len(idx), dtype=bool)
         if big:  # out of the exact range: keep the rows, mark them for the reference path
-            for j, v in enumerate(zip(qts, tts, ts, strict=True)):
+            for j, v in enumerate(zip(qts, tts, ts, rx, strict=True)):
                 if max(v) >= _TS_MAX or min(v) < 0:
                     exotic[j] = True
-            qts, tts, ts = (tuple(0 if e else x for x, e in zip(v, exotic, strict=True))
-                            for v in ints)  # fmt: skip
+            qts, tts, ts, rx = (tuple(0 if e else x for x, e in zip(v, exotic, strict=True))
+                                for v in ints)  # fmt: skip
         self.qts[idx] = qts
         self.tts[idx] = tts
         self.ts[idx] = ts
+        self.rx[idx] = rx
         self.exotic[idx] = exotic
         self.present[idx] = present
         self.has_mid[idx] = has_mid
@@ -259,27 +271,42 @@ class TileTable:
     ) -> tuple[list[bytes], IntArr] | None:
         n, n_legs = lc.shape
         present = self.present[lc]
-        ts = np.where(present, self.ts[lc], 0)
+        qts, tts, rxc = self.qts[lc], self.tts[lc], self.rx[lc]
+        ts = np.where(present, np.maximum(self.ts[lc], rxc), 0)
         as_of = ts.max(axis=1)
-        qts, tts = self.qts[lc], self.tts[lc]
         seq = np.where(present, qts + tts, 0).astype(np.uint64).sum(axis=1)  # < 3 * 2**62
+        received = np.maximum(qts, rxc)  # heatmap.LegQuote.received
         has_mid = self.has_mid[lc]
         has_last = self.has_last[lc] & present
-        fresh = present & has_mid & self.has_qts[lc] & (as_of[:, None] - qts <= max_age)
-        use_last = ~fresh & has_last
-        stale_mid = present & ~fresh & ~has_last & has_mid
+        # heatmap.price_leg, column-wise
+        fresh = present & has_mid & self.has_qts[lc] & (as_of[:, None] - received <= max_age)
+        use_last = ~fresh & has_last & (~has_mid | (tts > received))
+        stale_mid = present & ~fresh & ~use_last & has_mid
+        bid, ask = self.bid[lc], self.ask[lc]
+        with np.errstate(invalid="ignore"):
+            leg_tradable = fresh & (bid > 0) & (ask >= bid)
+        tradable = leg_tradable.all(axis=1)
         code = np.full((n, n_legs), _NONE, dtype=np.int8)
         code[fresh] = _MID
         code[use_last] = _LAST
         code[stale_mid] = _STALE
         mid_kind = fresh | stale_mid
-        px = np.where(mid_kind, self.mid[lc], np.where(use_last, self.last[lc], _NAN))
-        pts = np.where(mid_kind, qts, np.where(use_last, tts, 0))
+        px = _r6(np.where(mid_kind, self.mid[lc], np.where(use_last, self.last[lc], _NAN)))
+        pts = np.where(mid_kind, received, np.where(use_last, tts, 0))
         priced = (code != _NONE).all(axis=1)
         qty = self.qty[rows]
         debit = np.zeros(n)
         for j in range(n_legs):  # the reference's order: ((0 + q0 p0) + q1 p1) + ...
             debit = debit + qty[:, j] * np.where(priced, px[:, j], 0.0)
+        nat_ok = (present & ~np.isnan(bid) & ~np.isnan(ask)).all(axis=1)
+        buy = np.zeros(n)
+        sell = np.zeros(n)
+        for j in range(n_legs):
+            b = np.where(nat_ok, bid[:, j], 0.0)
+            a = np.where(nat_ok, ask[:, j], 0.0)
+            long = qty[:, j] > 0
+            buy = buy + qty[:, j] * np.where(long, a, b)
+            sell = sell + qty[:, j] * np.where(long, b, a)
         all_mid = mid_kind.all(axis=1)
         all_last = use_last.all(axis=1)
         px_src = np.where(~priced, 3, np.where(all_mid, 0, np.where(all_last, 1, 2))).astype(
@@ -296,24 +323,31 @@ class TileTable:
         if self.single:
             k = self.strike0[rows]
             put = self.put[rows]
+            cap = np.where(put, k, _NAN)
             max_profit = np.where(put, k - d, _NAN)
             max_loss = d
-            flags |= np.where(put & (d > k + eps), _F_ABOVE, 0)
             conv = np.full(n, _NAN)
         else:
-            w = self.width[rows]
-            max_profit, max_loss = w - d, d
-            conv = _r6(np.minimum(1.0, np.maximum(0.0, 1.0 - d / w)))
-            flags |= np.where(d > w + eps, _F_ABOVE, 0)
-        flags |= np.where(d < -eps, _F_BELOW, np.where(np.abs(d) <= eps, _F_ZERO, 0))
+            cap = self.width[rows]
+            max_profit, max_loss = cap - d, d
+            conv = np.where(tradable, _r6(np.minimum(1.0, np.maximum(0.0, 1.0 - d / cap))), _NAN)
+        with np.errstate(invalid="ignore"):
+            flags |= np.where(tradable & nat_ok & (sell > cap + eps), _F_ABOVE, 0)
+            flags |= np.where(tradable & nat_ok & (buy < -eps), _F_BELOW, 0)
+            flags |= np.where(d > cap + eps, _F_MID_ABOVE, 0)
+        flags |= np.where(d < -eps, _F_MID_BELOW, np.where(np.abs(d) <= eps, _F_ZERO, 0))
         with np.errstate(divide="ignore", invalid="ignore"):
-            r2r = np.where((d > eps) & ~np.isnan(max_profit), _r6(max_profit / d), _NAN)
-        vals = (_r6(d), _r6(max_profit), _r6(max_loss), r2r, conv)
-        for v in vals:
+            r2r = np.where((d > eps) & ~np.isnan(max_profit) & tradable, _r6(max_profit / d), _NAN)
+        natural = np.where(nat_ok, _r6(buy), _NAN)
+        vals = (_r6(d), natural, _r6(max_profit), _r6(max_loss), r2r, conv)
+        if not np.isfinite(natural[nat_ok]).all() or not np.isfinite(px[~np.isnan(px)]).all():
+            return None  # the reference decides what a non-finite value does
+        for v in (vals[0], *vals[2:]):
             if not np.isfinite(v[priced & ~np.isnan(v)]).all():
-                return None  # the reference decides what a non-finite value does
+                return None
         nan_if = ~priced
-        num = [_col(np.where(nan_if, _NAN, v)) for v in vals]  # debit .. convexity
+        num = [_col(np.where(nan_if, _NAN, v)) for v in (vals[0], *vals[2:])]
+        num.insert(1, _col(natural))  # debit_natural does not need a mid price
         age_s = np.where(nan_if, -1, age // NS_PER_S)
         age_l: list[int | None] = age_s.tolist()
         for i in np.flatnonzero(nan_if).tolist():
@@ -322,9 +356,9 @@ class TileTable:
         code_o = np.take_along_axis(code, perm, axis=1).astype(np.intp)
         px_o = np.take_along_axis(px, perm, axis=1)
         qty_o = self.qty_ord[rows]
-        tail = ((stale.astype(np.intp) * 4 + px_src) * 2 + ws.astype(np.intp)) * 32 + np.where(
-            priced, flags, _F_NOPRICE
-        )
+        tail = (
+            (stale.astype(np.intp) * 4 + px_src) * 2 + ws.astype(np.intp)
+        ) * _N_FLAGS + np.where(priced, flags, _F_NOPRICE)
         # One row = these pieces; every row ends with b"\n" (never inside JSON), so the whole
         # batch is ONE join and ONE split instead of a format per tile.
         pieces: list[list[bytes]] = [_col(seq.tolist()), _glue(None, qty_o[:, 0])]
@@ -334,6 +368,7 @@ class TileTable:
             pieces.append(_glue(code_o[:, j], nxt))
         for name, col in zip(_NUM_KEYS, num, strict=True):
             pieces += ([name] * n, col)
+        pieces.append(_TRADABLE[tradable.astype(np.intp)].tolist())
         pieces += ([b',"age_s":'] * n, _col(age_l), _TAILS[tail].tolist())
         m = len(pieces)
         flat: list[bytes] = [b""] * (n * m)
@@ -343,13 +378,23 @@ class TileTable:
         key[:, :n_legs] = np.where(np.isnan(px_o), _NAN, px_o).view(np.int64)
         key[:, n_legs : 2 * n_legs] = code_o
         for j, v in enumerate(vals):
-            key[:, 2 * n_legs + j] = np.where(nan_if | np.isnan(v), _NAN, v).view(np.int64)
-        key[:, 2 * n_legs + 5] = age_s
-        key[:, 2 * n_legs + 6] = tail
+            hide = np.isnan(v) if j == 1 else nan_if | np.isnan(v)
+            key[:, 2 * n_legs + j] = np.where(hide, _NAN, v).view(np.int64)
+        key[:, 2 * n_legs + 6] = age_s
+        key[:, 2 * n_legs + 7] = tail
+        key[:, 2 * n_legs + 8] = tradable
         return b"".join(flat).split(b"\n")[:n], key
 
 
-_NUM_KEYS = (b"", b',"max_profit":', b',"max_loss":', b',"r2r":', b',"convexity":')
+_NUM_KEYS = (
+    b"",
+    b',"debit_natural":',
+    b',"max_profit":',
+    b',"max_loss":',
+    b',"r2r":',
+    b',"convexity":',
+)
+_TRADABLE = np.array([b',"tradable":false', b',"tradable":true'], dtype=object)
 # (stale, px_src, src, flags) -> the JSON after age_s, newline-terminated
 _TAILS = np.array(
     [
@@ -358,7 +403,7 @@ _TAILS = np.array(
         for st in range(2)
         for ps in range(4)
         for w in range(2)
-        for f in range(32)
+        for f in range(_N_FLAGS)
     ],
     dtype=object,
 )

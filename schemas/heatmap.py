@@ -8,10 +8,12 @@ spacing), the model's ``meta.roots`` the option root per expiry (SPX or SPXW)::
 
     "SPX:2026-11-24:butterfly:6000-6010-6020:C": {
      "legs": [[qty, price, price_src], ...],          # in strike order, as in the id
-     "debit": 2.4, "max_profit": 7.6, "max_loss": 2.4, "r2r": 3.1667, "convexity": 0.76,
-     "age_s": <whole seconds between the newest leg event and the oldest price used>,
+     "debit": 2.4, "debit_natural": 2.9, "max_profit": 7.6, "max_loss": 2.4,
+     "r2r": 3.1667, "convexity": 0.76, "tradable": true,
+     "age_s": <whole seconds between the newest leg information and the oldest price used>,
      "stale": false, "px_src": "mid|last|mixed|none", "src": "chain|ws",
-     "flags": ["below_bound" | "above_bound" | "zero_debit" | "no_price" | ...]}
+     "flags": ["stale_quote" | "above_bound" | "below_bound" | "mid_above_bound" |
+               "mid_below_bound" | "zero_debit" | "no_price"]}
 
 The view leaves out what the id says and what changes on every event without changing what
 a trader sees (event timestamps, the admission clock, per-leg price times, the legs' tickers:
@@ -55,12 +57,14 @@ class Tile(msgspec.Struct, frozen=True, kw_only=True):
     strikes: list[float]  # ascending
     width: float  # 0 for singles
     legs: list[Leg]
-    debit: float | None  # price paid (negative = credit: flagged below_bound)
+    debit: float | None  # mid price paid (negative = credit: flagged mid_below_bound)
+    debit_natural: float | None  # buying at the natural price: longs at the ask, shorts at bid
     max_profit: float | None  # None = unbounded (single call) or no price
     max_loss: float | None
-    r2r: float | None  # max_profit / max_loss; None when max_loss <= 0 or undefined
-    convexity: float | None  # spreads: clamp(1 - debit / width, 0, 1); singles: None
-    ts: int  # newest event time (ns) over the legs' contracts
+    r2r: float | None  # max_profit / max_loss; None when max_loss <= 0, untradable, undefined
+    convexity: float | None  # spreads: clamp(1 - debit / width, 0, 1) if tradable; else None
+    tradable: bool  # every leg has a fresh two-sided quote
+    ts: int  # newest information time (ns) over the legs' contracts
     seq: int  # admission clock: sum of legs' quote_ts + trade_ts (grows on any leg update)
     age_ns: int | None  # ts - oldest price used (staleness of the tile's inputs)
     stale: bool  # age_ns > max quote age setting
@@ -103,10 +107,12 @@ class TileView(msgspec.Struct, frozen=True, kw_only=True):
 
     legs: list[ViewLeg]
     debit: float | None
+    debit_natural: float | None
     max_profit: float | None
     max_loss: float | None
     r2r: float | None
     convexity: float | None
+    tradable: bool
     age_s: int | None
     stale: bool
     px_src: str
@@ -131,10 +137,12 @@ def view(tile: Tile) -> TileView:
     return TileView(
         legs=[ViewLeg(leg.qty, leg.px, leg.src) for leg in legs],
         debit=tile.debit,
+        debit_natural=tile.debit_natural,
         max_profit=tile.max_profit,
         max_loss=tile.max_loss,
         r2r=tile.r2r,
         convexity=tile.convexity,
+        tradable=tile.tradable,
         age_s=tile.age_ns // NS_PER_S if tile.age_ns is not None else None,
         stale=tile.stale,
         px_src=tile.px_src,

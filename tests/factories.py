@@ -44,6 +44,7 @@ async def seed_epoch(
         if c.bid is not None and c.ask is not None:
             h.update(bid=repr(c.bid), ask=repr(c.ask), mid=repr((c.bid + c.ask) / 2))
             h["quote_ts"] = str(c.quote_ts_ns or now_ns)
+            h["quote_rx_ts"] = str(now_ns)  # received with the snapshot (as the normalizer)
         if c.last is not None:
             h.update(last=repr(c.last), size=repr(c.last_size or 1))
             h["trade_ts"] = str(c.trade_ts_ns or now_ns)

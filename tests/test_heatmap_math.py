@@ -97,23 +97,46 @@ def q(**kw: object) -> hm.LegQuote:
     return hm.LegQuote(**base)  # type: ignore[arg-type]
 
 
-def test_price_rule_fresh_mid_else_last_else_stale_mid() -> None:
+def two_sided(mid: float, ts: int = NOW, **kw: object) -> hm.LegQuote:
+    """A fresh two-sided quote around ``mid`` (bid > 0, ask >= bid)."""
+    bid = max(mid - 0.05, 0.05)
+    return q(bid=bid, ask=bid + 0.1, mid=mid, quote_ts=ts, ts_ns=ts, **kw)
+
+
+def test_price_rule_own_quote_age_else_newer_trade_else_stale_mid() -> None:
     age = 5 * SEC
     fresh = q(mid=2.0, quote_ts=NOW, last=1.5, trade_ts=NOW + 4 * SEC, ts_ns=NOW + 4 * SEC)
-    assert hm.price_leg(fresh, NOW + 4 * SEC, age) == (2.0, "mid", NOW)
+    assert hm.price_leg(fresh, NOW + 4 * SEC, age) == (2.0, "mid", NOW, False)
     stale = q(mid=2.0, quote_ts=NOW, last=1.5, trade_ts=NOW + 6 * SEC, ts_ns=NOW + 6 * SEC)
-    assert hm.price_leg(stale, NOW + 6 * SEC, age) == (1.5, "last", NOW + 6 * SEC)
-    # staleness is judged against the tile's newest leg event, not only the own contract
-    assert hm.price_leg(fresh, NOW + 9 * SEC, age) == (1.5, "last", NOW + 4 * SEC)
+    assert hm.price_leg(stale, NOW + 6 * SEC, age) == (1.5, "last", NOW + 6 * SEC, False)
+    # a quote too old for the tile's time, and a trade newer than it: the trade
+    assert hm.price_leg(fresh, NOW + 9 * SEC, age) == (1.5, "last", NOW + 4 * SEC, False)
+    # a stale quote beats a much older trade (here 3 hours): stale mid, flagged
+    old_trade = q(mid=2.0, quote_ts=NOW, last=1.5, trade_ts=NOW - 3 * 3600 * SEC, ts_ns=NOW)
+    assert hm.price_leg(old_trade, NOW + 9 * SEC, age) == (2.0, "mid_stale", NOW, False)
     no_trade = q(mid=2.0, quote_ts=NOW, ts_ns=NOW)
-    assert hm.price_leg(no_trade, NOW + 9 * SEC, age) == (2.0, "mid_stale", NOW)
-    assert hm.price_leg(None, NOW, age) == (None, "none", 0)
-    assert hm.LegQuote.from_values([b"1", b"3", None, b"5", None, None, None, None]) == q(
-        bid=1.0, ask=3.0, mid=2.0, quote_ts=5, ts_ns=5
+    assert hm.price_leg(no_trade, NOW + 9 * SEC, age) == (2.0, "mid_stale", NOW, False)
+    # age since last *received*: a quote unchanged for a minute, confirmed by a snapshot 1 s
+    # ago, is fresh (its change time does not matter)
+    confirmed = q(
+        bid=1.9, ask=2.1, mid=2.0, quote_ts=NOW - 60 * SEC, quote_rx=NOW + 8 * SEC, ts_ns=NOW
     )
-    assert hm.LegQuote.from_values([None] * 8) is None
-    bad = hm.LegQuote.from_values([b"nan", b"x", None, b"?", b"inf", None, b"7", b"ws"])
-    assert bad == q(ts_ns=7, src="ws")
+    assert confirmed.received == NOW + 8 * SEC
+    assert hm.price_leg(confirmed, NOW + 9 * SEC, age) == (2.0, "mid", NOW + 8 * SEC, True)
+    # tradable needs a two-sided quote
+    no_bid = q(bid=0.0, ask=0.05, mid=0.025, quote_ts=NOW, ts_ns=NOW)
+    assert hm.price_leg(no_bid, NOW, age) == (0.025, "mid", NOW, False)
+    crossed = q(bid=2.2, ask=2.1, mid=2.15, quote_ts=NOW, ts_ns=NOW)
+    assert not hm.price_leg(crossed, NOW, age).tradable
+    assert hm.price_leg(None, NOW, age) == (None, "none", 0, False)
+    # leg prices are rounded to 1e-6
+    assert hm.price_leg(q(mid=377.70000000000005, quote_ts=NOW), NOW, age).px == 377.7
+    assert hm.LegQuote.from_values([b"1", b"3", None, b"5", None, None, None, None, b"9"]) == q(
+        bid=1.0, ask=3.0, mid=2.0, quote_ts=5, ts_ns=5, quote_rx=9
+    )
+    assert hm.LegQuote.from_values([None] * 9) is None
+    bad = hm.LegQuote.from_values([b"nan", b"x", None, b"?", b"inf", None, b"7", b"ws", b"1"])
+    assert bad == q(ts_ns=7, src="ws")  # no quote: its receipt time means nothing
 
 
 def _spec(strategy: str, right: str, strikes: list[float], width: float) -> hm.TileSpec:
@@ -132,18 +155,23 @@ def test_butterfly_formulas_bounds_and_convexity(
     prices: list[float], width: float, right: str
 ) -> None:
     spec = _spec("butterfly", right, [6000 - width, 6000, 6000 + width], width)
-    quotes = {
-        f"c{i}": q(mid=p, quote_ts=NOW + i, trade_ts=i or None, ts_ns=NOW + i)
-        for i, p in enumerate(prices)
-    }
+    quotes = {f"c{i}": two_sided(p, NOW + i, trade_ts=i or None) for i, p in enumerate(prices)}
     t = hm.compute_tile(spec, quotes, "e1", 5 * SEC)
-    d = prices[0] - 2 * prices[1] + prices[2]
+    r = [hm._r6(p) for p in prices]
+    d = 0.0 + r[0] - 2 * r[1] + r[2]  # the tile's own order of operations
+    bid = {c: x.bid for c, x in quotes.items()}
+    ask = {c: x.ask for c, x in quotes.items()}
+    buy = 0.0 + ask["c0"] - 2 * bid["c1"] + ask["c2"]  # type: ignore[operator]
+    sell = 0.0 + bid["c0"] - 2 * ask["c1"] + bid["c2"]  # type: ignore[operator]
+    assert t.tradable and t.debit_natural == pytest.approx(buy, abs=1e-6)
     assert t.debit == pytest.approx(d, abs=1e-6)
     assert t.max_profit == pytest.approx(width - d, abs=1e-6)
     assert t.max_loss == pytest.approx(d, abs=1e-6)
     assert t.seq == 3 * NOW + 3 + 3 and t.ts == NOW + 2  # seq: sum of quote_ts + trade_ts
-    assert ("below_bound" in t.flags) == (d < -1e-9)
-    assert ("above_bound" in t.flags) == (d > width + 1e-9)
+    assert ("mid_below_bound" in t.flags) == (d < -1e-9)
+    assert ("mid_above_bound" in t.flags) == (d > width + 1e-9)
+    assert ("below_bound" in t.flags) == (buy < -1e-9)  # executable: natural prices
+    assert ("above_bound" in t.flags) == (sell > width + 1e-9)
     assert t.convexity is not None and 0.0 <= t.convexity <= 1.0
     if 1e-6 < d < width:
         assert t.r2r == pytest.approx((width - d) / d, rel=1e-5, abs=1e-5)
@@ -152,6 +180,12 @@ def test_butterfly_formulas_bounds_and_convexity(
         assert t.convexity == 1.0 and t.r2r is None
     if d >= width:
         assert t.convexity == 0.0
+    # the same tile with one leg lacking a bid: no convexity, no r2r, no executable flags
+    quotes["c1"] = q(bid=0.0, ask=0.05, mid=prices[1], quote_ts=NOW + 1, ts_ns=NOW + 1)
+    u = hm.compute_tile(spec, quotes, "e1", 5 * SEC)
+    assert not u.tradable and u.convexity is None and u.r2r is None
+    assert not {"below_bound", "above_bound"} & set(u.flags)
+    assert u.debit == t.debit
 
 
 @given(d1=st.floats(-10, 60), d2=st.floats(-10, 60), width=st.sampled_from([5.0, 50.0]))
@@ -159,10 +193,7 @@ def test_convexity_is_monotone_in_debit(d1: float, d2: float, width: float) -> N
     spec = _spec("vertical", "C", [6000, 6000 + width], width)
 
     def conv(d: float) -> float:
-        quotes = {
-            "c0": q(mid=d, quote_ts=NOW, ts_ns=NOW),
-            "c1": q(mid=0.0, quote_ts=NOW, ts_ns=NOW),
-        }
+        quotes = {"c0": two_sided(d), "c1": two_sided(0.0)}
         c = hm.compute_tile(spec, quotes, "e", SEC).convexity
         assert c is not None
         return c
@@ -177,16 +208,18 @@ def test_convexity_is_comparable_across_widths() -> None:
     for w in (5.0, 50.0):
         spec = _spec("butterfly", "C", [6000 - w, 6000, 6000 + w], w)
         p = {"c0": 0.3 * w, "c1": 0.0, "c2": 0.0}
-        quotes = {c: q(mid=v, quote_ts=NOW, ts_ns=NOW) for c, v in p.items()}
+        quotes = {c: two_sided(v) for c, v in p.items()}
         scores.append(hm.compute_tile(spec, quotes, "e", SEC).convexity)
     assert scores[0] == scores[1] == pytest.approx(0.7)
 
 
 def test_singles_and_unpriced_tiles() -> None:
     put = _spec("single", "P", [6000], 0)
-    t = hm.compute_tile(put, {"c0": q(mid=20.0, quote_ts=NOW, ts_ns=NOW)}, "e", SEC)
+    t = hm.compute_tile(put, {"c0": two_sided(20.0)}, "e", SEC)
     assert (t.debit, t.max_profit, t.max_loss, t.convexity) == (20.0, 5980.0, 20.0, None)
-    assert t.r2r == pytest.approx(299.0)
+    assert t.r2r == pytest.approx(299.0) and t.tradable and t.debit_natural == 20.05
+    t = hm.compute_tile(put, {"c0": q(mid=20.0, quote_ts=NOW, ts_ns=NOW)}, "e", SEC)
+    assert t.r2r is None and not t.tradable and t.debit_natural is None  # no bid/ask
     call = _spec("single", "C", [6000], 0)
     t = hm.compute_tile(call, {"c0": q(last=12.5, trade_ts=NOW, ts_ns=NOW)}, "e", SEC)
     assert (t.debit, t.max_profit, t.r2r, t.px_src) == (12.5, None, None, "last")
@@ -198,7 +231,7 @@ def test_singles_and_unpriced_tiles() -> None:
 
 def test_tile_codecs_round_trip() -> None:
     fly = _spec("butterfly", "C", [5990, 6000, 6010], 10)
-    quotes = {f"c{i}": q(mid=p, quote_ts=NOW, ts_ns=NOW, src="ws") for i, p in enumerate((5, 3, 2))}
+    quotes = {f"c{i}": two_sided(p, src="ws") for i, p in enumerate((5, 3, 2))}
     t = hm.compute_tile(fly, quotes, "e", SEC)
     seq, js = split_staged(stage_value(t))
     assert seq == t.seq and js == to_json(t) and decode_view(js) == view(t)
@@ -208,7 +241,10 @@ def test_tile_codecs_round_trip() -> None:
         (-2, 3.0, "mid"),
         (1, 2.0, "mid"),
     ]
-    assert js.startswith(b'{"legs":[[1,5,"mid"],[-2,3,"mid"],[1,2,"mid"]],"debit":1.0,')
+    assert js.startswith(
+        b'{"legs":[[1,5.0,"mid"],[-2,3.0,"mid"],[1,2.0,"mid"]],"debit":1.0,"debit_natural":1.2,'
+    )
+    assert b'"convexity":0.9,"tradable":true,' in js
     assert t.src == "ws" and t.debit == 1.0 and t.convexity == 0.9
 
 
@@ -222,10 +258,10 @@ def leg_quote(draw: st.DrawFn) -> hm.LegQuote | None:
         return None
     bid, ask, last = draw(_opt_px), draw(_opt_px), draw(_opt_px)
     mid = draw(st.one_of(st.none(), st.just((bid + ask) / 2 if bid and ask else None)))
-    qts, tts = draw(_opt_ts), draw(_opt_ts)
+    qts, tts, rx = draw(_opt_ts), draw(_opt_ts), draw(_opt_ts)
     ts = max(qts or 0, tts or 0)
     return q(bid=bid, ask=ask, mid=mid, quote_ts=qts, last=last, trade_ts=tts, ts_ns=ts,
-             src=draw(st.sampled_from(["ws", "chain"])))  # fmt: skip
+             src=draw(st.sampled_from(["ws", "chain"])), quote_rx=rx)  # fmt: skip
 
 
 @settings(max_examples=500, deadline=None)
@@ -265,20 +301,30 @@ def test_production_staged_value_equals_the_reference_tile(
 # --- reference rebuild vs an independent recomputation -----------------------------------
 def independent(
     h: dict[str, dict[str, str]], legs: list[tuple[str, int]], max_age_ns: int
-) -> float | None:
-    """Debit of a tile straight from the contract hashes (as plain string dicts)."""
-    as_of = max(int(h[c].get("ts_ns", "0")) for c, _ in legs)
+) -> tuple[float | None, bool]:
+    """(debit, tradable) of a tile straight from the contract hashes (plain string dicts)."""
+
+    def received(v: dict[str, str]) -> int:
+        return max(int(v.get("quote_ts", "0")), int(v.get("quote_rx_ts", "0")))
+
+    as_of = max(max(int(h[c].get("ts_ns", "0")), received(h[c])) for c, _ in legs)
     total = 0.0
+    tradable = True
     for c, qty in legs:
         v = h[c]
-        if "bid" in v and "ask" in v and as_of - int(v["quote_ts"]) <= max_age_ns:
+        quoted = "bid" in v and "ask" in v
+        fresh = quoted and as_of - received(v) <= max_age_ns
+        if fresh:
             price = (float(v["bid"]) + float(v["ask"])) / 2
-        elif "last" in v:
-            price = float(v["last"])
+            tradable = tradable and 0 < float(v["bid"]) <= float(v["ask"])
+        elif "last" in v and (not quoted or int(v["trade_ts"]) > received(v)):
+            price, tradable = float(v["last"]), False
+        elif quoted:
+            price, tradable = (float(v["bid"]) + float(v["ask"])) / 2, False
         else:
-            return None
+            return None, False
         total += qty * price
-    return total
+    return total, tradable
 
 
 @pytest.mark.parametrize("strategy", hm.STRATEGIES)
@@ -306,7 +352,7 @@ async def test_reference_rebuild_equals_independent_recomputation(
         raw = await redis.hgetall(keys.epoch_contract("e1", c.cid))
         hashes[c.cid] = {k.decode(): v.decode() for k, v in raw.items()}
     by_key = {(c.expiry, c.right, float(c.strike)): c.cid for c in chain}
-    expected: dict[str, float | None] = {}
+    expected: dict[str, tuple[float | None, bool]] = {}
     for exp in exps:
         for right in "CP":
             for k in strikes:
@@ -333,17 +379,25 @@ async def test_reference_rebuild_equals_independent_recomputation(
                         tid = f"SPX:{exp}:butterfly:{k - w}-{k}-{k + w}:{right}"
                     expected[tid] = independent(hashes, legs, 10 * SEC)
     assert set(tiles) == set(expected)
-    n_priced = 0
-    for tid, d in expected.items():
+    n_priced = n_tradable = 0
+    for tid, (d, tradable) in expected.items():
         t: Tile = tiles[tid]
+        assert t.tradable == tradable, tid
+        n_tradable += tradable
         if d is None:
             assert t.debit is None and "no_price" in t.flags, tid
         else:
             n_priced += 1
-            assert t.debit == pytest.approx(d, abs=1e-6), tid
-            if strategy != "single":
-                assert t.convexity == pytest.approx(min(1, max(0, 1 - d / t.width)), abs=1e-6)
+            assert t.debit == pytest.approx(d, abs=1e-5), tid
+            if strategy != "single" and tradable:
+                assert t.convexity == pytest.approx(min(1, max(0, 1 - d / t.width)), abs=1e-5)
+            elif strategy != "single":
+                assert t.convexity is None
     assert n_priced > len(expected) // 2
+    # a third of the contracts traded 20 s after every quote: their neighbours' quotes are
+    # stale for the tiles they share (every butterfly here has such a leg)
+    assert n_tradable < len(expected)
+    assert n_tradable > 0 or strategy == "butterfly"
 
 
 _num_text = st.one_of(
@@ -355,14 +409,18 @@ _num_text = st.one_of(
 
 
 @given(
-    parts=st.lists(_num_text, min_size=7, max_size=7), src=st.sampled_from([b"", b"ws", b"chain"])
+    parts=st.lists(_num_text, min_size=7, max_size=7),
+    src=st.sampled_from([b"", b"ws", b"chain"]),
+    rx=_num_text,
 )
-def test_fast_leg_parser_agrees_with_the_careful_one(parts: list[bytes], src: bytes) -> None:
-    values: list[bytes | None] = [p or None for p in [*parts, src]]
+def test_fast_leg_parser_agrees_with_the_careful_one(
+    parts: list[bytes], src: bytes, rx: bytes
+) -> None:
+    values: list[bytes | None] = [p or None for p in [*parts, src, rx]]
     expected = hm.LegQuote.from_values(values)
     if expected is None:  # the Lua fetch sends "" for a missing hash, never all-empty fields
         return
-    assert hm.LegQuote.from_joined(b"|".join([*parts, src])) == expected
+    assert hm.LegQuote.from_joined(b"|".join([*parts, src, rx])) == expected
 
 
 @given(st.floats(-1e5, 1e5, allow_nan=False))

@@ -48,7 +48,8 @@ def leg_quote(draw: st.DrawFn) -> hm.LegQuote | None:
     qts, tts = draw(_ts), draw(_ts)
     ts = draw(st.one_of(st.just(max(qts or 0, tts or 0)), _ts.map(lambda x: x or 0)))
     src = draw(st.sampled_from(["ws", "chain"]))
-    return hm.LegQuote(bid, ask, mid, qts, last, tts, ts, src)
+    rx = draw(_ts)  # when a chain snapshot last confirmed the quote
+    return hm.LegQuote(bid, ask, mid, qts, last, tts, ts, src, rx)
 
 
 def reference(spec: hm.TileSpec, quotes: dict[str, hm.LegQuote | None], age: int) -> bytes:

@@ -3,6 +3,9 @@
 -- ARGV[1] = key prefix "epoch:{eid}:"
 -- ARGV[2] = msgpack array of rows (all strings, "" = absent):
 --   {cid, quote_ts, bid, ask, mid, trade_ts, last, size, iv, delta, gamma, oi, gex_json}
+-- ARGV[3] = the snapshot's ts: a contract quoted in it has its quote confirmed then
+--   (quote_rx_ts = the later of the stored one and ARGV[3]; not a change: tiles judge a
+--   quote's age by when it was last received, see processors/heatmap.py)
 -- Quotes / trades: A slot absent -> set; B strictly newer ts -> replace; C older/equal -> keep.
 -- iv/delta/gamma/oi: refreshed from every snapshot when present (WS carries none).
 -- GEX projection: field <cid> of HASH epoch:{eid}:gex rewritten for every row.
@@ -26,7 +29,7 @@ for n = 0, #rows - 1 do
   local a = rows[n + 1]
   local key = prefix .. a[1]
   local cur = redis.call('HMGET', key, 'type', 'quote_ts', 'bid', 'ask', 'trade_ts', 'last',
-    'size', 'ts_ns', 'iv', 'delta', 'gamma', 'oi')
+    'size', 'ts_ns', 'iv', 'delta', 'gamma', 'oi', 'quote_rx_ts')
   if not cur[1] then
     misses = misses + 1
   else
@@ -68,6 +71,9 @@ for n = 0, #rows - 1 do
     end
     if drop_size then
       redis.call('HDEL', key, 'size')
+    end
+    if qts ~= '' and ARGV[3] and ((not cur[13]) or newer(ARGV[3], cur[13])) then
+      redis.call('HSET', key, 'quote_rx_ts', ARGV[3])
     end
     gex[#gex + 1] = a[1]; gex[#gex + 1] = a[13]
   end

@@ -1,0 +1,210 @@
+"""What the heatmap publishes on a live simulator run, measured (issue 19 acceptance):
+every vertical and butterfly tile carries ``debit_natural`` and ``tradable``; no tile with
+convexity >= 0.99 is untradable; bound flags (executable arbitrage) stay <= 0.5 % of tiles.
+
+``run`` starts the simulated market and the real processors in this process (chain-poller,
+ws-ingest, normalizer, hydrator, the tile builders) on a private Redis, lets them run, then
+reads every staged tile (the exact bytes the publishers publish). Used by
+tests/test_tile_quality.py (small) and bench/tile_quality.py (longer, prints figures).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import re
+import statistics
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+from prometheus_client import CollectorRegistry
+
+from schemas import keys
+from schemas.heatmap import split_staged
+from simulator.server import SimConfig, SimServer
+from streams.local_redis import RedisServer
+from streams.processor import Deps, Processor, load
+from streams.redis_client import connect
+from streams.runner import run_processors
+from streams.settings import RuntimeSettings
+
+STRATEGIES = ("single", "vertical", "butterfly")
+_raw = msgspec.json.Decoder(dict[str, Any])
+_NEG_ZERO = re.compile(rb"-0(\.0+)?(?![0-9.eE])")
+
+
+@dataclass
+class StrategyStats:
+    tiles: int = 0
+    with_fields: int = 0  # carry both debit_natural and tradable
+    tradable: int = 0
+    convex_99: int = 0  # convexity >= 0.99
+    convex_99_untradable: int = 0
+    bound: int = 0  # below_bound / above_bound: executable arbitrage
+    mid_bound: int = 0  # mid_below_bound / mid_above_bound
+    no_price: int = 0
+    negative_zero: int = 0  # a -0.0 anywhere in the published bytes
+    untradable_one_sided: int = 0  # every leg at a fresh mid, some quote not two-sided
+    untradable_stale: int = 0  # some leg without a fresh quote
+    long_decimals: int = 0  # a leg price with more than 6 decimals
+    last_leg_ages_s: list[int] = field(default_factory=list)  # legs priced from a trade
+
+    def share(self, n: int) -> float:
+        return n / self.tiles if self.tiles else 0.0
+
+
+@dataclass
+class Report:
+    seconds: float
+    ws_applied: int
+    by_strategy: dict[str, StrategyStats]
+
+
+def _decimals(x: float) -> int:
+    s = repr(x)
+    return len(s.split(".")[1]) if "." in s and "e" not in s else 0
+
+
+def measure(staged: dict[bytes, bytes]) -> StrategyStats:
+    st = StrategyStats()
+    for raw in staged.values():
+        _, js = split_staged(raw)
+        v = _raw.decode(js)
+        st.tiles += 1
+        st.with_fields += "debit_natural" in v and "tradable" in v
+        tradable = v.get("tradable") is True
+        st.tradable += tradable
+        conv = v.get("convexity")
+        if conv is not None and conv >= 0.99:
+            st.convex_99 += 1
+            st.convex_99_untradable += not tradable
+        flags = set(v.get("flags", ()))
+        st.bound += bool(flags & {"below_bound", "above_bound"})
+        st.mid_bound += bool(flags & {"mid_below_bound", "mid_above_bound"})
+        st.no_price += "no_price" in flags
+        st.negative_zero += _NEG_ZERO.search(js) is not None
+        if not tradable:
+            fresh = all(src == "mid" for _q, _p, src in v["legs"])
+            st.untradable_one_sided += fresh
+            st.untradable_stale += not fresh
+        for _qty, px, src in v["legs"]:
+            if px is not None and _decimals(px) > 6:
+                st.long_decimals += 1
+            if src == "last" and v.get("age_s") is not None:
+                st.last_leg_ages_s.append(int(v["age_s"]))
+    return st
+
+
+@contextmanager
+def _env(values: dict[str, str]) -> Iterator[None]:
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+async def run(
+    duration_s: float,
+    *,
+    symbols: tuple[str, ...] = ("SPX",),
+    seed: int = 1,
+    rate: float = 400.0,
+    n_expiries: int = 5,
+    warmup_timeout_s: float = 120.0,
+) -> Report:
+    """Run the ingest and heatmap path against the simulator for ``duration_s`` after every
+    strategy's staging is installed, then measure every staged tile."""
+    srv = await asyncio.to_thread(RedisServer().start)
+    sim = SimServer(SimConfig(seed=seed, symbols=symbols, events_per_s=rate))
+    await sim.start("127.0.0.1", 0)
+    env = {
+        "MASSIVE_REDIS_URL": srv.url,
+        "MASSIVE_POLLER_REST_URL": sim.rest_url,
+        "MASSIVE_POLLER_API_KEY": sim.config.api_key,
+        "MASSIVE_POLLER_SYMBOLS": ",".join(symbols),
+        "MASSIVE_WS_WS_URL": sim.ws_url,
+        "MASSIVE_WS_API_KEY": sim.config.api_key,
+        "MASSIVE_WS_SYMBOLS": ",".join(symbols),
+        "MASSIVE_WS_MARKET_HOURS": "always",
+        "MASSIVE_TILES_N_EXPIRIES": str(n_expiries),
+    }
+    redis = connect(srv.url, max_connections=128)
+    stop = asyncio.Event()
+    task: asyncio.Task[None] | None = None
+    try:
+        with _env(env):
+            settings = RuntimeSettings(redis_url=srv.url, consumer="tile-quality")
+            deps = Deps(redis=redis, settings=settings, registry=CollectorRegistry())
+            specs = ["chain-poller", "ws-ingest", "normalizer", "hydrator"]
+            specs += [f"tile-builder:{s}" for s in STRATEGIES]
+            procs: list[Processor] = [load(s, deps) for s in specs]
+        task = asyncio.create_task(run_processors(deps, procs, stop, install_signals=False))
+        deadline = time.monotonic() + warmup_timeout_s
+        while True:  # every strategy's staging installed for every symbol
+            if task.done():
+                task.result()
+            ready = 0
+            for sym in symbols:
+                for strat in STRATEGIES:
+                    ready += bool(await redis.hget(keys.heatmap_manifest(sym, strat), "epoch"))
+            if ready == len(symbols) * len(STRATEGIES):
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError("staging not installed within the warm-up")
+            await asyncio.sleep(0.2)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < duration_s:
+            if task.done():
+                task.result()
+            await asyncio.sleep(0.2)
+        applied = sum(
+            deps.registry.get_sample_value("massive_hydrator_applied_total", {"kind": k}) or 0.0
+            for k in ("quote", "trade")
+        )
+        out: dict[str, StrategyStats] = {}
+        for strat in STRATEGIES:
+            total = StrategyStats()
+            for sym in symbols:
+                st = measure(await redis.hgetall(keys.heatmap_staging(sym, strat)))
+                for f in dataclasses.fields(StrategyStats):
+                    setattr(total, f.name, getattr(total, f.name) + getattr(st, f.name))
+            out[strat] = total
+        return Report(time.monotonic() - t0, int(applied), out)
+    finally:
+        stop.set()
+        if task is not None:
+            with contextlib.suppress(Exception):  # the measurement is what matters here
+                await asyncio.wait_for(task, 30)
+        await redis.aclose()
+        await sim.stop()
+        srv.stop()
+
+
+def summary(r: Report) -> list[str]:
+    lines = [f"ran {r.seconds:.0f} s after warm-up; WS events applied {r.ws_applied}"]
+    for strat, s in r.by_strategy.items():
+        ages = s.last_leg_ages_s
+        med = f"{statistics.median(ages):.0f} s" if ages else "-"
+        lines.append(
+            f"{strat:>9}: tiles {s.tiles}, with debit_natural+tradable {s.with_fields}, "
+            f"tradable {s.tradable} ({100 * s.share(s.tradable):.1f} %; untradable: one-sided "
+            f"quote {s.untradable_one_sided}, stale leg {s.untradable_stale}), convexity>=0.99 "
+            f"{s.convex_99} (untradable {s.convex_99_untradable}), bound flags {s.bound} "
+            f"({100 * s.share(s.bound):.3f} %), mid-bound flags {s.mid_bound} "
+            f"({100 * s.share(s.mid_bound):.2f} %), no_price {s.no_price}, -0.0 "
+            f"{s.negative_zero}, >6 decimals {s.long_decimals}, legs from trades "
+            f"{len(ages)} (median tile age {med})"
+        )
+    return lines
