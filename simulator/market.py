@@ -543,6 +543,8 @@ class Market:
         p_traded = min(0.95, 0.9 * math.exp(-0.5 * (x / 2.0) ** 2) + 0.02) if price >= 0.05 else 0
         if rng.random() < min(1.0, p_traded + 0.1) and price >= 0.05:
             c.prev_close = round_down_tick(price * math.exp(rng.gauss(0.0, 0.08))) or 0.05
+        else:  # listed yesterday too: closed at its value (no draw: the stream stays the same)
+            c.prev_close = round_down_tick(price) or 0.05
         if rng.random() < p_traded:
             px = round_down_tick(price * math.exp(rng.gauss(0.0, 0.03))) or 0.05
             lag = rng.randint(1, 3 * 3600)

@@ -44,7 +44,7 @@ from starlette.websockets import WebSocket
 
 from schemas.ticker import TickerError
 from schemas.ticker import parse as parse_ticker
-from simulator.market import NY, Contract, Event, IndexState, Market, MarketConfig
+from simulator.market import NY, Contract, Event, IndexState, Market, MarketConfig, ns_at
 
 log = logging.getLogger(__name__)
 
@@ -592,6 +592,7 @@ class SimServer:
             }
         out["open_interest"] = c.oi
         out["underlying_asset"] = {
+            "change_to_break_even": round(out["break_even_price"] - st.value, 4),
             "last_updated": st.ts,
             "ticker": f"I:{st.spec.symbol}",
             "timeframe": "REAL-TIME",
@@ -599,10 +600,26 @@ class SimServer:
         }
         return out
 
-    @staticmethod
-    def _day(c: Contract) -> dict[str, Any]:
+    def _day(self, c: Contract) -> dict[str, Any]:
+        """The session bar as the provider sends it: every field; a contract not traded
+        today carries its previous close as open/high/low/close, volume 0, change 0."""
+        prev = c.prev_close
+        start = ns_at(self.market.session, 0, 0)
         if c.day_volume == 0 or c.trade_price is None:
-            return {} if c.prev_close is None else {"previous_close": c.prev_close}
+            if prev is None:
+                return {}
+            return {
+                "change": 0.0,
+                "change_percent": 0.0,
+                "close": prev,
+                "high": prev,
+                "last_updated": start,
+                "low": prev,
+                "open": prev,
+                "previous_close": prev,
+                "volume": 0,
+                "vwap": prev,
+            }
         close = c.trade_price
         day: dict[str, Any] = {
             "close": close,
@@ -613,11 +630,11 @@ class SimServer:
             "volume": c.day_volume,
             "vwap": round(c.day_notional / c.day_volume, 4),
         }
-        if c.prev_close:
-            day["change"] = round(close - c.prev_close, 4)
-            day["change_percent"] = round(100 * (close - c.prev_close) / c.prev_close, 3)
-            day["previous_close"] = c.prev_close
-        return day
+        if prev:
+            day["change"] = round(close - prev, 4)
+            day["change_percent"] = round(100 * (close - prev) / prev, 3)
+            day["previous_close"] = prev
+        return dict(sorted(day.items()))
 
     # --- REST: indices and market status ------------------------------------------------------
     async def _indices(self, request: Request) -> Response:

@@ -346,6 +346,23 @@ async def test_item_shape_units_and_omissions(srv: SimServer, client: httpx.Asyn
         assert u["ticker"] == f"I:{t.symbol}" and u["value"] > 0 and u["last_updated"] > 10**18
         assert isinstance(it["open_interest"], int) and it["open_interest"] >= 0
         assert "break_even_price" in it
+        # like the provider: the distance from the index to break-even
+        assert u["change_to_break_even"] == pytest.approx(
+            it["break_even_price"] - u["value"], abs=1e-4
+        )
+        # the whole session bar, also for a contract not traded today (previous close)
+        day = it["day"]
+        assert set(day) == {
+            "open", "high", "low", "close", "volume", "vwap", "change", "change_percent",
+            "previous_close", "last_updated",
+        }  # fmt: skip
+        assert day["low"] <= min(day["open"], day["close"]) <= day["high"]
+        assert day["change"] == pytest.approx(day["close"] - day["previous_close"], abs=1e-4)
+        assert day["change_percent"] == pytest.approx(
+            100 * day["change"] / day["previous_close"], abs=1e-3
+        )
+        if day["volume"] == 0:
+            assert "last_trade" not in it or it["last_trade"]["sip_timestamp"] < day["last_updated"]
         if "greeks" in it:
             with_greeks += 1
             g = it["greeks"]
