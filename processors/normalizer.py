@@ -1,7 +1,11 @@
 """Normalizer: chain snapshots -> epochs (DESIGN invariants 1-4, 7).
 
 Reads ``massive:chain:stream`` (group ``normalizer``). Each entry is a ``ChainPointer`` to a
-``ChainSnapshot`` blob; a blob that vanished (TTL) is a counted, logged skip.
+``ChainSnapshot`` blob; a blob that vanished (TTL) is a counted, logged skip. A pointer of
+scope ``full`` (the chain-poller's whole-chain fetch for GEX) makes no epoch: its contracts
+become the columnar GEX source ``massive:gex:source:{SYM}`` (``lua/gex_source.lua``: only a
+newer snapshot replaces it; TTL ``gex_source_ttl_s``). The rest is about ``window`` pointers
+(the heatmap's filtered chain).
 
 Epoch id: ``blake2b-64`` hex of ``"<symbol>|<expiries>|<sorted cids>"`` -- the underlying, its
 expiries and the whole strike grid per (root, expiry, right), since a cid encodes all four.
@@ -9,6 +13,7 @@ Stable across processes and restarts; a new strike or expiry gives a new id.
 
 * Same topology as the active epoch -> **re-seed**: one Lua call per chunk of contracts
   (``lua/seed.lua``) applies quotes/trades only if strictly newer and refreshes iv/greeks/oi;
+  every quote the snapshot carries is marked received then (``quote_rx_ts``, not a change);
   the GEX projection ``epoch:{eid}:gex`` is rewritten from the snapshot; a
   ``DirtyEntry(reason="seed")`` names the contracts whose stored fields actually changed.
   Nothing is rebuilt, so a restarted normalizer just re-seeds (Redis is the state).
@@ -60,7 +65,7 @@ import msgspec
 from redis.asyncio.client import Pipeline
 from redis.exceptions import WatchError
 
-from processors import lua
+from processors import gex_math, lua
 from schemas import keys, ticker
 from schemas.messages import (
     ChainContract,
@@ -69,6 +74,7 @@ from schemas.messages import (
     DirtyEntry,
     GexRow,
     decode_snapshot,
+    encode_gex_source,
     entry,
     from_entry,
 )
@@ -93,9 +99,17 @@ class NormalizerSettings:
     seed_chunk: int = 2000  # contracts per seed script call (bounds Redis blocking time)
     scan_count: int = 5000  # SCAN COUNT while retiring
     promote_retries: int = 5  # WATCH conflicts tolerated before giving up (entry retried)
+    gex_source_ttl_s: int = 600  # massive:gex:source:{SYM} expires when no full chain comes
 
     def __post_init__(self) -> None:
-        for name in ("retire_ttl_s", "dirty_chunk", "build_chunk", "seed_chunk", "scan_count"):
+        for name in (
+            "retire_ttl_s",
+            "dirty_chunk",
+            "build_chunk",
+            "seed_chunk",
+            "scan_count",
+            "gex_source_ttl_s",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
 
@@ -207,6 +221,7 @@ class Normalizer(ConsumerProcessor):
         self._expire = lua.get("expire_keys")
         self._hydrate = lua.get("hydrate")
         self._fetch = lua.get("fetch")
+        self._gex_source = lua.get("gex_source")
         self._swept_at_start = False
         reg = deps.registry
         self.m_snapshots = metrics.counter(
@@ -268,6 +283,9 @@ class Normalizer(ConsumerProcessor):
         return result
 
     async def _process(self, ptr: ChainPointer) -> str:
+        if ptr.scope not in ("window", "full"):
+            logger.warning("chain pointer with unknown scope %r skipped", ptr.scope)
+            return "bad_pointer"
         blob: bytes | None = await self.redis.get(ptr.snapshot_key)  # type: ignore[assignment]
         if blob is None:
             logger.warning(
@@ -289,6 +307,8 @@ class Normalizer(ConsumerProcessor):
                 ptr.snapshot_key,
             )
             return "bad_blob"
+        if ptr.scope == "full":
+            return await self.gex_source(snap)
         topo = self.topology(snap)
         if not topo.contracts:
             logger.warning("chain snapshot with no valid contracts key=%s", ptr.snapshot_key)
@@ -320,6 +340,23 @@ class Normalizer(ConsumerProcessor):
             await self.build_and_promote(topo, snap, rebuild=bool(meta))
             return "built"
         raise RuntimeError(f"epoch {topo.eid} kept changing state; entry will be retried")
+
+    async def gex_source(self, snap: ChainSnapshot) -> str:
+        """A full-chain snapshot (GEX universe, apart from the heatmap's epochs) -> the
+        columnar ``massive:gex:source:{SYM}``, only if newer than the stored one."""
+        src = gex_math.source_from_contracts(snap.symbol, snap.ts_ns, snap.spot, snap.contracts)
+        spot = "" if snap.spot is None or not math.isfinite(snap.spot) else repr(snap.spot)
+
+        def queue(pipe: Pipeline) -> None:
+            self._gex_source.queue(
+                pipe,
+                [keys.gex_source(snap.symbol)],
+                [str(snap.ts_ns), spot, encode_gex_source(src), self.cfg.gex_source_ttl_s],
+            )
+            self._spot_call(pipe, snap)
+
+        res = await lua.execute(self.redis, queue)
+        return "gex_source" if int(res[0]) == 1 else "stale_gex_source"
 
     # --- topology --------------------------------------------------------------------------
     def topology(self, snap: ChainSnapshot) -> Topology:

@@ -111,6 +111,9 @@ class ChainPointer(Message, frozen=True):
     spot: float | None = None
     fetch_s: float = 0.0
     reason: str = "cadence"  # cadence | dormancy | startup
+    # window: the heatmap's filtered chain (-> epochs); full: the whole chain, for GEX only
+    # (-> massive:gex:source:{SYM})
+    scope: str = "window"
 
 
 class SpotTick(Message, frozen=True):

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
-from processors import lua
+from processors import gex_math, lua
 from processors.normalizer import Normalizer, NormalizerSettings, epoch_id
 from schemas import keys
 from schemas.messages import (
@@ -24,6 +24,7 @@ from schemas.messages import (
     ContractRecord,
     DirtyEntry,
     GexRow,
+    decode_gex_source,
     encode_snapshot,
     entry,
     from_entry,
@@ -195,10 +196,42 @@ async def test_same_topology_reseeds_with_admission_and_notifies_only_changes(
     m = await meta(redis, eid)
     assert m["snapshot_ts_ns"] == str(NS + SEC) and m["spot"] == "6002.0"
     assert metric(registry, "massive_epoch_promotions_total", symbol="SPX") == 1
-    # An identical snapshot again: nothing changed, nothing notified.
+    # An identical snapshot again: nothing changed, nothing notified; but every quote it
+    # carries counts as received then (quote_rx_ts: tiles judge a quote's age by it)
     again = msgspec.structs.replace(later, ts_ns=NS + 2 * SEC)
     await n.process(await put(redis, again))
     assert len(await dirty(redis)) == 1
+    for c in (c0, c1, c2):
+        rx = await redis.hget(keys.epoch_contract(eid, c.cid), "quote_rx_ts")
+        assert rx == str(NS + 2 * SEC).encode()
+    older = msgspec.structs.replace(later, ts_ns=NS + SEC // 2)  # a late, older snapshot
+    await n.process(await put(redis, older, tag=":late"))
+    rx = await redis.hget(keys.epoch_contract(eid, c0.cid), "quote_rx_ts")
+    assert rx == str(NS + 2 * SEC).encode()  # never moves back
+
+
+async def test_full_chain_snapshot_feeds_the_gex_source_not_an_epoch(
+    deps: Deps, redis: Redis, registry: CollectorRegistry
+) -> None:
+    n = normalizer(deps, gex_source_ttl_s=77)
+    full = chain(extra=[contract("SPX", "2027-06-17", "P", 5000, bid=9.0, ask=9.4, oi=4000)])
+    ptr = msgspec.structs.replace(await put(redis, full), scope="full")
+    assert await n.process(ptr) == "gex_source"
+    assert await redis.hget(keys.EPOCH_ACTIVE, "SPX") is None  # the heatmap's epochs: untouched
+    h = await redis.hgetall(keys.gex_source("SPX"))
+    assert h[b"ts_ns"] == str(NS).encode() and h[b"spot"] == b"6001.0"
+    assert 0 < await redis.ttl(keys.gex_source("SPX")) <= 77
+    cols = gex_math.source_columns(decode_gex_source(h[b"data"]))
+    assert cols.n == 4 and sorted(cols.expiries) == sorted({EXP1, EXP2, "2027-06-17"})
+    assert sorted(cols.roots) == ["SPX", "SPXW"] and cols.ts_ns == NS
+    # a redelivered or older full snapshot never rolls the source back
+    old = msgspec.structs.replace(await put(redis, chain(NS - SEC)), scope="full")
+    assert await n.process(old) == "stale_gex_source"
+    assert (await redis.hget(keys.gex_source("SPX"), "ts_ns")) == str(NS).encode()
+    bad = msgspec.structs.replace(ptr, scope="sideways")
+    assert await n.process(bad) == "bad_pointer"
+    got = metric(registry, "massive_normalizer_snapshots_total", symbol="SPX", result="gex_source")
+    assert got == 1
 
 
 async def test_restart_with_the_same_topology_does_not_rebuild(

@@ -2,7 +2,8 @@
 builder legs, the normalizer's carry).
 
 The ``.lua`` files are package data read through importlib.resources. Every script touches
-keys of ONE hash slot only (one epoch's ``{<eid>}`` keys, or the single spot hash), so the
+keys of ONE hash slot only (one epoch's ``{<eid>}`` keys, the single spot hash, or one GEX
+source hash), so the
 scripts stay valid on Redis Cluster. All timestamps are passed as decimal strings and
 compared as strings (length first, then lexicographically): Lua numbers are doubles and
 cannot hold every nanosecond timestamp exactly.
@@ -25,7 +26,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import NoScriptError
 
-NAMES = ("hydrate", "seed", "build", "spot", "expire_keys", "fetch")
+NAMES = ("hydrate", "seed", "build", "spot", "expire_keys", "fetch", "gex_source")
 
 Arg = str | bytes | int | float
 
