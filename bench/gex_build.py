@@ -1,16 +1,17 @@
-"""Benchmark: one full GEX build for a realistic ~20,000-contract SPX chain.
+"""Benchmark: one full GEX build over the WHOLE chain (default: the simulator's SPX chain,
+~21,800 contracts over every expiration, SPX AM monthlies and SPXW PM weeklies).
 
-Chain: spot 6800, SPXW daily expiries (business days) plus SPX AM monthlies on third Fridays,
-~40 expiries; strikes 5 apart over a band that widens with DTE up to +-20 %; calls and
-puts; IV with a put skew; gamma from Black-Scholes at that IV; OI log-normal; a seeded RNG.
-
-Measured per build (what the gex processor does after HGETALL): decode the projection values,
-validate and build arrays, aggregate per strike/expiry, walls, zero gamma (all + 0DTE views,
-grid + bisection), model items, legacy calls/puts maps, and JSON serialization of the three
-published values. With ``--redis`` it also times the processor's whole build on a private
-redis-server: HGETALL of the projection + spot, the math, serialization and the Lua publish
-(model + legacy keys + diff), with one OI changed before each build so every build publishes.
-Run: ``.venv/bin/python bench/gex_build.py [--contracts 20000] [--repeat 15] [--redis]``.
+The chain: the simulator's REST items (greeks and IV omitted where the provider omits them),
+parsed by the REST parser and turned into the columnar GEX source the normalizer writes.
+Measured per build (what the gex processor does with a new source): decode the source,
+prepare (validation, the time basis fitted per settlement group, IVs imputed along the smile,
+greeks re-priced), compute (per strike and per expiry aggregation, walls, the gamma profile
+and zero gamma for all expiries, 0DTE and every expiry), and the JSON of the three published
+values (model with its meta, legacy calls and puts). A spot-only rebuild (the prepared chain
+re-timed) is timed too. With ``--redis`` it also times the processor's whole build on a
+private redis-server: read of the source and spot, the math, serialization and the Lua
+publish (model + legacy keys + diff + levels history).
+Run: ``.venv/bin/python bench/gex_build.py [--symbol SPX] [--repeat 15] [--redis]``.
 """
 
 from __future__ import annotations
@@ -18,154 +19,133 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import math
-import random
 import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
-from processors import gex_math
-from schemas import ticker
-from schemas.messages import GexRow, PublishedModel
-
-NOW = dt.datetime(2026, 3, 16, 11, 0, tzinfo=gex_math.NY)  # Monday 11:00 New York
-SPOT = 6800.0
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from processors import gex_math  # noqa: E402
+from schemas import massive_rest as mr  # noqa: E402
+from schemas.messages import (  # noqa: E402
+    PublishedModel,
+    decode_gex_source,
+    encode_gex_source,
+)
+from simulator.market import NY  # noqa: E402
+from simulator.server import SimConfig, SimServer  # noqa: E402
+
+NOW = dt.datetime(2026, 3, 17, 11, 0, tzinfo=NY)  # Tuesday 11:00 New York
 
 
-def _third_friday(d: dt.date) -> dt.date:
-    first = d.replace(day=1)
-    return first + dt.timedelta(days=(4 - first.weekday()) % 7 + 14)
+def make_source(symbol: str, now_ns: int) -> tuple[bytes, float, int]:
+    """(GexSource blob, spot, REST items) of the simulator's whole chain at ``now_ns``."""
+    sim = SimServer(SimConfig(seed=1, symbols=(symbol,)), clock=lambda: now_ns)
+    st = sim.market.indices[symbol]
+    items = [sim._item(c, st) for c in sim.market.by_symbol[symbol]]
+    page = mr.parse_chain_page(msgspec.json.encode({"status": "OK", "results": items}), symbol)
+    src = gex_math.source_from_contracts(symbol, now_ns, st.value, page.contracts)
+    return encode_gex_source(src), st.value, len(items)
 
 
-def make_chain(target: int, seed: int = 7) -> dict[bytes, bytes]:
-    """HGETALL-like mapping cid -> GexRow JSON with about ``target`` contracts."""
-    rng = random.Random(seed)
-    days: list[dt.date] = []
-    d = NOW.date()
-    while len(days) < 40:
-        if d.weekday() < 5:
-            days.append(d)
-        d += dt.timedelta(days=1)
-    # band half-width per expiry ~ 1 % + b*dte, capped at 20 %; solve b for the target
-    dtes = [max((x - NOW.date()).days, 0) for x in days]
-    roots = [["SPXW"] + (["SPX"] if x == _third_friday(x) else []) for x in days]
-
-    def count(b: float) -> int:
-        n = 0
-        for dte, rs in zip(dtes, roots, strict=True):
-            half = min(0.20, 0.01 + b * dte) * SPOT
-            n += (2 * int(half // 5) + 1) * 2 * len(rs)
-        return n
-
-    lo_b, hi_b = 0.0, 0.2
-    for _ in range(40):
-        mid = (lo_b + hi_b) / 2
-        lo_b, hi_b = (mid, hi_b) if count(mid) < target else (lo_b, mid)
-    b = hi_b
-    now_ns = int(NOW.timestamp() * 1e9)
-    out: dict[bytes, bytes] = {}
-    enc = msgspec.json.Encoder()
-    for day, dte, rs in zip(days, dtes, roots, strict=True):
-        half = min(0.20, 0.01 + b * dte) * SPOT
-        k0 = round(SPOT / 5) * 5
-        n = int(half // 5)
-        for root in rs:
-            t = gex_math.year_fraction(gex_math.expiry_ns(day.isoformat(), root), now_ns, 300)
-            for j in range(-n, n + 1):
-                k = float(k0 + 5 * j)
-                m = math.log(k / SPOT)
-                iv = max(0.06, 0.16 - 0.5 * m + 1.5 * m * m)
-                d1 = (math.log(SPOT / k) + 0.5 * iv * iv * t) / (iv * math.sqrt(t))
-                gamma = math.exp(-0.5 * d1 * d1) / (SPOT * iv * math.sqrt(2 * math.pi * t))
-                for right in ("C", "P"):
-                    oi = float(int(rng.lognormvariate(6.0, 1.5)))
-                    cid = ticker.encode(root, day, right, k)
-                    row = GexRow(root, day.isoformat(), k, right, gamma, oi, iv, now_ns)
-                    out[cid.encode()] = enc.encode(row)
-    return out
+def serialize(symbol: str, now_ns: int, res: gex_math.GexResult, chain: gex_math.Chain) -> int:
+    meta: dict[str, Any] = {
+        "levels": {"all": res.levels.as_dict(), "0dte": res.levels_0dte.as_dict()},
+        "totals": res.totals(),
+        "expiry": res.expiry_table(),
+        "profile": res.profile_dict(),
+        "coverage": chain.coverage(),
+        "expiries": chain.expiries,
+    }
+    model = PublishedModel(symbol, "gex", "e", 1, now_ns, res.items(), meta)
+    blobs = [
+        msgspec.json.encode(model),
+        msgspec.json.encode({"symbol": symbol, "expirations": res.legacy_calls}),
+        msgspec.json.encode({"symbol": symbol, "expirations": res.legacy_puts}),
+    ]
+    return sum(len(b) for b in blobs)
 
 
 def build_once(
-    values: list[bytes], now_ns: int, params: gex_math.Params
-) -> tuple[int, dict[str, float]]:
-    marks: dict[str, float] = {}
+    blob: bytes, spot: float, now_ns: int, params: gex_math.Params
+) -> tuple[int, dict[str, float], gex_math.Chain]:
     t0 = time.perf_counter()
-    rows, rejected = gex_math.decode_rows(values)
+    src = decode_gex_source(blob)
+    cols = gex_math.source_columns(src)
     t1 = time.perf_counter()
-    chain = gex_math.prepare(rows, now_ns, params, rejected)
+    chain = gex_math.prepare(cols, now_ns, params, snap_spot=src.spot, snap_ns=src.ts_ns)
     t2 = time.perf_counter()
-    res = gex_math.compute(chain, SPOT, params)
+    res = gex_math.compute(chain, spot, params)
     t3 = time.perf_counter()
-    items = res.items()
-    meta = {
-        "levels": {"all": res.levels.as_dict(), "0dte": res.levels_0dte.as_dict()},
-        "totals": res.totals(),
-        "expiries": chain.expiries,
-    }
-    model = PublishedModel("SPX", "gex", "e", 1, now_ns, items, meta)
-    blobs = [
-        msgspec.json.encode(model),
-        msgspec.json.encode({"symbol": "SPX", "expirations": res.legacy_calls}),
-        msgspec.json.encode({"symbol": "SPX", "expirations": res.legacy_puts}),
-    ]
+    size = serialize(src.symbol, now_ns, res, chain)
     t4 = time.perf_counter()
-    marks.update(decode=t1 - t0, prepare=t2 - t1, compute=t3 - t2, serialize=t4 - t3)
+    marks = dict(decode=t1 - t0, prepare=t2 - t1, compute=t3 - t2, serialize=t4 - t3)
     marks["total"] = t4 - t0
-    return sum(len(b) for b in blobs), marks
+    return size, marks, chain
 
 
-async def redis_build(chain: dict[bytes, bytes], repeat: int) -> tuple[list[float], list[float]]:
-    """Time GexBuilder.build (read, math, serialize, publish) against a private Redis:
-    (builds after an OI change, builds after a spot-only change)."""
-    sys.path.insert(0, str(ROOT))
+def spot_only(chain: gex_math.Chain, spot: float, now_ns: int, params: gex_math.Params) -> float:
+    t0 = time.perf_counter()
+    ch = gex_math.retime(chain, now_ns + 2 * 10**9, params)
+    res = gex_math.compute(ch, spot + 0.5, params)
+    serialize("X", now_ns, res, ch)
+    return time.perf_counter() - t0
+
+
+async def redis_build(
+    symbol: str, blob: bytes, spot: float, now_ns: int, repeat: int
+) -> tuple[list[float], list[float]]:
+    """GexBuilder.build (read, math, serialize, publish) against a private Redis:
+    (builds of a new source, spot-only builds)."""
     from prometheus_client import CollectorRegistry
     from redis.asyncio import Redis
 
     from processors.gex import GexBuilder, GexSettings
     from schemas import keys
-    from streams.clock import SystemClock
+    from streams.clock import ManualClock
+    from streams.local_redis import RedisServer
     from streams.processor import Deps
     from streams.settings import RuntimeSettings
-    from tests.util import RedisServer
 
     srv = RedisServer().start()
     redis = Redis.from_url(srv.url)
     try:
         eid = "bench"
-        items = list(chain.items())
-        for i in range(0, len(items), 2000):
-            await redis.hset(keys.epoch_gex(eid), mapping=dict(items[i : i + 2000]))  # type: ignore[arg-type]
-        await redis.hset(keys.epoch_meta(eid), mapping={"symbol": "SPX", "spot": repr(SPOT)})
-        await redis.hset(keys.SPOT_LATEST, mapping={"SPX": repr(SPOT), "SPX:ts_ns": 1})
-        await redis.hset(keys.EPOCH_ACTIVE, "SPX", eid)
+        await redis.hset(keys.epoch_meta(eid), mapping={"symbol": symbol, "spot": repr(spot)})
+        await redis.hset(keys.SPOT_LATEST, mapping={symbol: repr(spot), f"{symbol}:ts_ns": 1})
+        await redis.hset(keys.EPOCH_ACTIVE, symbol, eid)
         rt = RuntimeSettings(redis_url=srv.url, consumer="bench")
-        deps = Deps(redis=redis, settings=rt, registry=CollectorRegistry(), clock=SystemClock())
-        gs = GexSettings(symbols=("SPX",), lease_ttl_ms=3_600_000)  # no renewals in the bench
-        b = GexBuilder(deps, gs, ("SPX",))
-        await b.tick()  # lease + first publish
-        st = b.state["SPX"]
-        cid, raw = items[len(items) // 2]
-        row = msgspec.json.decode(raw, type=GexRow)
-        out = []
-        for i in range(repeat):
-            changed = msgspec.structs.replace(row, oi=(row.oi or 0) + i + 1)
-            await redis.hset(keys.epoch_gex(eid), cid, msgspec.json.encode(changed))
+        clock = ManualClock(now_ns)
+        deps = Deps(redis=redis, settings=rt, registry=CollectorRegistry(), clock=clock)
+        gs = GexSettings(symbols=(symbol,), lease_ttl_ms=3_600_000)  # no renewals in the bench
+        b = GexBuilder(deps, gs, (symbol,))
+        src = decode_gex_source(blob)
+        new_source, spot_moves = [], []
+        for i in range(repeat + 1):
+            ts = now_ns + i  # a new source each time (the normalizer's newer snapshot)
+            renamed = encode_gex_source(msgspec.structs.replace(src, ts_ns=ts))
+            await redis.hset(keys.gex_source(symbol), mapping={"ts_ns": ts, "data": renamed})
+            clock.advance(2.5)
             t0 = time.perf_counter()
-            outcome = await b.build("SPX", eid, st, time.monotonic())
-            out.append(time.perf_counter() - t0)
+            if i == 0:
+                await b.tick()  # lease + first publish
+                continue
+            outcome = await b.build(symbol, eid, b.state[symbol], clock.monotonic())
+            new_source.append(time.perf_counter() - t0)
             assert outcome == "published", outcome
-        spot_only = []
         for i in range(repeat):
-            await redis.hset(keys.SPOT_LATEST, "SPX", repr(SPOT + 0.25 * (i + 1)))
+            await redis.hset(keys.SPOT_LATEST, symbol, repr(spot + 0.25 * (i + 1)))
+            clock.advance(2.5)
             t0 = time.perf_counter()
-            outcome = await b.build("SPX", eid, st, time.monotonic())
-            spot_only.append(time.perf_counter() - t0)
+            outcome = await b.build(symbol, eid, b.state[symbol], clock.monotonic())
+            spot_moves.append(time.perf_counter() - t0)
             assert outcome == "published", outcome
-        return out, spot_only
+        return new_source, spot_moves
     finally:
         await redis.aclose()
         srv.stop()
@@ -173,30 +153,25 @@ async def redis_build(chain: dict[bytes, bytes], repeat: int) -> tuple[list[floa
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--contracts", type=int, default=20_000)
+    ap.add_argument("--symbol", default="SPX")
     ap.add_argument("--repeat", type=int, default=15)
     ap.add_argument("--redis", action="store_true", help="also time the processor build")
     args = ap.parse_args()
-    chain = make_chain(args.contracts)
-    values = list(chain.values())
-    now_ns = int(NOW.timestamp() * 1e9)
+    now_ns = int(NOW.timestamp()) * 10**9
+    blob, spot, n_items = make_source(args.symbol, now_ns)
     params = gex_math.Params()
-    rows, _ = gex_math.decode_rows(values)
-    prep = gex_math.prepare(rows, now_ns, params)
-    res = gex_math.compute(prep, SPOT, params)
+    size, _, chain = build_once(blob, spot, now_ns, params)  # warm-up
+    res = gex_math.compute(chain, spot, params)
+    cov = chain.coverage()
     print(
-        f"chain: {len(values)} contracts, {len(prep.expiries)} expiries, "
-        f"{res.strikes.shape[0]} strikes, 0DTE contracts {int(prep.zero_dte.sum())}"
+        f"chain: {n_items} contracts ({len(blob) / 1e6:.2f} MB source), "
+        f"{len(chain.expiries)} expirations, {chain.g_fit.shape[0]} settlement groups "
+        f"({int(chain.g_fit.sum())} with the basis fitted), {res.strikes.shape[0]} strikes, "
+        f"0DTE contracts {int(chain.zero_dte.sum())}; coverage {cov}"
     )
     print(f"levels(all): {res.levels.as_dict()}")
     print(f"levels(0dte): {res.levels_0dte.as_dict()}")
-    n_grid = 2 * round(params.grid_range_pct / params.grid_step_pct) + 1
-    print(
-        f"zero-gamma grid: {n_grid} spots (+-{params.grid_range_pct}% step {params.grid_step_pct}%)"
-    )
-    build_once(values, now_ns, params)  # warm-up
-    runs = [build_once(values, now_ns, params) for _ in range(args.repeat)]
-    size = runs[0][0]
+    runs = [build_once(blob, spot, now_ns, params) for _ in range(args.repeat)]
     for part in ("decode", "prepare", "compute", "serialize", "total"):
         xs = [r[1][part] * 1000 for r in runs]
         print(
@@ -204,25 +179,24 @@ def main() -> None:
             f"max {max(xs):7.1f} ms"
         )
     print(f"published bytes (model + calls + puts): {size}")
+    spot_runs = [spot_only(chain, spot, now_ns, params) * 1000 for _ in range(args.repeat)]
+    print(f"spot-only rebuild (re-time + compute + serialize): median "
+          f"{statistics.median(spot_runs):.1f} ms")  # fmt: skip
     med = statistics.median(r[1]["total"] * 1000 for r in runs)
     print(f"RESULT gex_build_ms_median={med:.1f} target<=200 {'OK' if med <= 200 else 'OVER'}")
     if args.redis:
-        oi_change, spot_change = asyncio.run(redis_build(chain, args.repeat))
-        for label, runs_s, tag in (
-            ("OI changed (decode + prepare)", oi_change, "gex_processor_build_ms_median"),
-            (
-                "spot-only (prepared chain reused)",
-                spot_change,
-                "gex_processor_spot_build_ms_median",
-            ),
+        fresh, moves = asyncio.run(redis_build(args.symbol, blob, spot, now_ns, args.repeat))
+        for label, xs_s, tag in (
+            ("new source (decode + prepare)", fresh, "gex_processor_build_ms_median"),
+            ("spot-only (prepared chain re-timed)", moves, "gex_processor_spot_build_ms_median"),
         ):
-            xs = [x * 1000 for x in runs_s]
-            med = statistics.median(xs)
+            xs = [x * 1000 for x in xs_s]
             print(
-                f"processor build with Redis, {label}: HGETALL + math + serialize + Lua "
-                f"publish: median {med:.1f} ms  min {min(xs):.1f} ms  max {max(xs):.1f} ms"
+                f"processor build with Redis, {label}: read + math + serialize + Lua publish: "
+                f"median {statistics.median(xs):.1f} ms  min {min(xs):.1f} ms  "
+                f"max {max(xs):.1f} ms"
             )
-            print(f"RESULT {tag}={med:.1f}")
+            print(f"RESULT {tag}={statistics.median(xs):.1f}")
 
 
 if __name__ == "__main__":
