@@ -627,6 +627,27 @@ class GexBuilder:
         return "published"
 
 
+HISTORY_LIMIT = 20_000  # entries per /api/gex/history answer (8 h at one publish per 1.5 s)
+
+
+async def levels_history(
+    redis: Redis, symbol: str, since_ms: int | None = None, limit: int = HISTORY_LIMIT
+) -> bytes:
+    """``/api/gex/history``: the GexLevels entries of ``massive:gex:levels:{SYM}`` as a JSON
+    array, oldest first: those after ``since_ms`` (the first ``limit``), else the newest
+    ``limit``. The entries are stored as JSON, so the answer is their bytes joined."""
+    key = keys.gex_levels_stream(symbol)
+    rows: list[Any]
+    if since_ms is not None:
+        rows = list(
+            await redis.xrange(key, min=f"({since_ms}-18446744073709551615", count=limit) or []
+        )
+    else:
+        rows = list(reversed(await redis.xrevrange(key, count=limit) or []))
+    parts = [f.get(b"d") for _, f in rows if f]
+    return b"[" + b",".join(p for p in parts if isinstance(p, bytes)) + b"]"
+
+
 def build(deps: Deps, arg: str | None) -> GexBuilder:
     """``gex`` or ``gex:SPX,NDX`` (the argument overrides MASSIVE_GEX_SYMBOLS)."""
     s = from_env(GexSettings, "MASSIVE_GEX_")

@@ -60,6 +60,7 @@ from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from processors import gex
 from schemas import keys
 from schemas.messages import RawDiff, RawModel
 from streams.metrics import counter, gauge
@@ -701,6 +702,17 @@ def create_app(deps: Deps, settings: SseSettings) -> Starlette:
             return JSONResponse({"error": f"no {ch.name} model for {sym}"}, status_code=404)
         return Response(raw, media_type="application/json", headers={"Cache-Control": "no-store"})
 
+    async def api_gex_history(request: Request) -> Response:
+        try:
+            sym = _symbol(request)
+            raw_since = request.query_params.get("since_ms")
+            since = int(raw_since) if raw_since else None
+        except ValueError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        async with gw.redis_slots:
+            body = await gex.levels_history(deps.redis, sym, since)
+        return Response(body, media_type="application/json", headers={"Cache-Control": "no-store"})
+
     async def api_epochs(request: Request) -> Response:
         out: dict[str, Any] = {}
         async with gw.redis_slots:
@@ -746,6 +758,7 @@ def create_app(deps: Deps, settings: SseSettings) -> Starlette:
             Route("/sse/gex", sse),
             Route("/api/heatmap/{strategy}", api_model),
             Route("/api/gex", api_model),
+            Route("/api/gex/history", api_gex_history),
             Route("/api/epochs", api_epochs),
             Route("/healthz", healthz),
             Route("/metrics", metrics),

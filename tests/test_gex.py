@@ -7,6 +7,7 @@ import datetime as dt
 import time
 from typing import Any
 
+import httpx
 import msgspec
 import pytest
 from prometheus_client import CollectorRegistry
@@ -14,6 +15,7 @@ from redis.asyncio import Redis
 
 from processors import gex_math
 from processors.gex import GexBuilder, GexSettings, build
+from processors.sse_gateway import SseSettings, create_app
 from schemas import keys
 from schemas.messages import (
     ChainContract,
@@ -509,3 +511,36 @@ async def test_levels_history_is_trimmed_by_age_on_publish(
     await b.tick()
     left = [from_entry(f, GexLevels) for _, f in await redis.xrange(stream)]
     assert [x.version for x in left] == [1]
+
+
+async def test_api_gex_history_serves_the_levels_oldest_first(
+    redis: Redis, settings: RuntimeSettings, registry: CollectorRegistry
+) -> None:
+    await seed_epoch(redis, "e1", "SPX", CHAIN, spot=SPOT, now_ns=NOW_NS)
+    clock = ManualClock(NOW_NS)
+    b, _ = make(redis, settings, clock)
+    await b.tick()
+    for i in range(2):
+        await redis.hset(keys.SPOT_LATEST, "SPX", repr(SPOT + 3 * (i + 1)))
+        clock.advance(2.5)
+        await b.tick()
+    deps = Deps(redis=redis, settings=settings, registry=registry, clock=clock)
+    app = create_app(deps, SseSettings(symbols=("SPX",)))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gw") as http:
+        r = await http.get("/api/gex/history", params={"symbol": "SPX"})
+        assert r.status_code == 200
+        levels = msgspec.json.decode(r.content, type=list[GexLevels])
+        assert [x.version for x in levels] == [1, 2, 3]
+        assert [x.spot for x in levels] == [SPOT, SPOT + 3, SPOT + 6]
+        ids = await redis.xrange(keys.gex_levels_stream("SPX"))
+        first_ms, last_ms = (int(i.split(b"-")[0]) for i in (ids[0][0], ids[-1][0]))
+
+        async def since(ms: int) -> list[int]:
+            r = await http.get("/api/gex/history", params={"symbol": "SPX", "since_ms": ms})
+            return [x.version for x in msgspec.json.decode(r.content, type=list[GexLevels])]
+
+        assert await since(first_ms - 1) == [1, 2, 3]
+        assert await since(last_ms) == []  # entries strictly after that millisecond
+        assert (await http.get("/api/gex/history", params={"symbol": "NDX"})).json() == []
+        assert (await http.get("/api/gex/history", params={"since_ms": "x"})).status_code == 400
