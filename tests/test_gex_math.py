@@ -409,3 +409,144 @@ def test_invariants_sums_signs_and_order_independence(
     if res.levels.put_wall is not None:
         wall = items[gex_math.strike_key(res.levels.put_wall)]["puts"]
         assert wall == min(i["puts"] for i in items.values())
+
+
+# --- whole-chain additions (issue 19) ---------------------------------------------------------
+def bs_call(s: float, k: float, t: float, vol: float, b: float, q: float) -> float:
+    """European call with carry b (forward s e^{bt}) and yield q (discount r = b + q)."""
+    vst = vol * math.sqrt(t)
+    d1 = (math.log(s / k) + (b + vol * vol / 2) * t) / vst
+
+    def cdf(x: float) -> float:
+        return 0.5 * math.erfc(-x / math.sqrt(2))
+
+    return s * math.exp(-q * t) * cdf(d1) - k * math.exp(-(b + q) * t) * cdf(d1 - vst)
+
+
+def smile_chain(spot: float, t_rows: float, b: float, q: float, expiry: str) -> list[GexRow]:
+    """Provider rows whose gamma and IV are consistent Black-Scholes at (spot, t_rows, b, q):
+    a quadratic smile in log-moneyness, calls and puts, OI everywhere."""
+    out = []
+    for k in range(int(spot) - 300, int(spot) + 301, 10):
+        m = math.log(k / (spot * math.exp(b * t_rows)))
+        iv = 0.16 - 0.5 * m + 2.0 * m * m
+        h = spot * 1e-4
+        g = (
+            bs_call(spot + h, k, t_rows, iv, b, q)
+            - 2 * bs_call(spot, k, t_rows, iv, b, q)
+            + bs_call(spot - h, k, t_rows, iv, b, q)
+        ) / (h * h)
+        for right in ("C", "P"):
+            out.append(row("SPXW", expiry, right, float(k), round(g, 8), 100.0, round(iv, 6)))
+    return out
+
+
+def test_time_basis_is_backed_out_of_the_providers_gamma() -> None:
+    # the provider priced FRI with T = 2.5 days (another clock) and carry 0.03, yield 0.01
+    t_rows = 2.5 / 365
+    rows = smile_chain(SPOT, t_rows, 0.03, 0.01, FRI)
+    chain = gex_math.prepare(rows, NOW_NS, snap_spot=SPOT)
+    assert chain.g_fit.tolist() == [True]
+    assert chain.g_tau[0] == pytest.approx(t_rows, rel=1e-3)
+    assert chain.g_b[0] == pytest.approx(0.03, abs=2e-3)
+    assert chain.g_fit_err[0] < 1e-3
+    clock = gex_math.prepare(rows, NOW_NS, Params(t_basis="clock"), snap_spot=SPOT)
+    assert not clock.g_fit.any() and clock.g_tau[0] == pytest.approx(ref_t(FRI, "SPXW"))
+    # no snapshot spot, or gammas that no Black-Scholes smile explains: the wall clock
+    assert not gex_math.prepare(rows, NOW_NS).g_fit.any()
+    noisy = [msgspec.structs.replace(r, gamma=0.001) for r in rows]
+    assert not gex_math.prepare(noisy, NOW_NS, snap_spot=SPOT).g_fit.any()
+
+
+def test_missing_ivs_follow_the_smile_inside_and_are_floored_beyond_the_wings() -> None:
+    rows = smile_chain(SPOT, ref_t(FRI, "SPXW"), 0.0, 0.0, FRI)
+    truth = {(r.strike, r.right): r.iv for r in rows}
+    # drop the IV (and gamma, as the provider does) inside the smile and on both wings
+    gone = {6600.0, 6610.0, 6800.0, 6990.0, 7000.0, 7090.0, 7100.0, 6500.0, 6510.0}
+    cut = [msgspec.structs.replace(r, iv=None, gamma=None) if r.strike in gone else r for r in rows]
+    chain = gex_math.prepare(cut, NOW_NS, snap_spot=SPOT)
+    assert chain.n_imputed_iv == 2 * len(gone)
+    for k, right in ((6800.0, "C"), (6800.0, "P"), (6990.0, "C"), (7000.0, "P")):
+        i = int(np.flatnonzero((chain.strike == k) & (chain.is_call == (right == "C")))[0])
+        assert chain.imputed[i]
+        assert chain.iv[i] == pytest.approx(truth[(k, right)], abs=2e-3)  # linear inside
+    # beyond the wings: extrapolated with the wing's slope, the left one rising as the smile
+    # does, never below the lowest listed IV of the expiry
+    listed = [r.iv for r in cut if r.iv is not None]
+    for k in (6500.0, 6510.0, 7090.0, 7100.0):
+        i = int(np.flatnonzero(chain.strike == k)[0])
+        assert chain.iv[i] >= min(listed) - 1e-12
+    lo = int(np.flatnonzero(chain.strike == 6500.0)[0])
+    assert chain.iv[lo] > truth[(6520.0, "C")]  # rises to the left, like the smile
+    # a missing gamma is re-priced from the imputed IV: close to the provider's own
+    i = int(np.flatnonzero((chain.strike == 6800.0) & chain.is_call)[0])
+    g_true = next(r.gamma for r in rows if r.strike == 6800.0 and r.right == "C")
+    assert chain.gamma[i] == pytest.approx(g_true, rel=0.02)
+
+
+def fd_delta(k: float, call: bool, s: float, vol: float, tau: float, h: float) -> float:
+    """Central difference of the option price in spot (r = q = 0; puts by parity)."""
+
+    def price(x: float) -> float:
+        c = bs_call(x, k, tau, vol, 0.0, 0.0)
+        return c if call else c - x + k
+
+    return (price(s + h) - price(s - h)) / (2 * h)
+
+
+def test_delta_vanna_charm_against_finite_differences() -> None:
+    t = ref_t(FRI, "SPXW")
+    rows = smile_chain(SPOT, t, 0.0, 0.0, FRI)
+    chain = gex_math.prepare(rows, NOW_NS, Params(t_basis="clock", value_step_s=0), snap_spot=SPOT)
+    h, dv, dt_ = SPOT * 1e-4, 1e-4, 60 / (365 * 86400)
+    for i in (5, 30, 31, 50):
+        k, iv, call = float(chain.strike[i]), float(chain.iv[i]), bool(chain.is_call[i])
+        delta = fd_delta(k, call, SPOT, iv, t, h)
+        assert chain.delta[i] == pytest.approx(delta, abs=1e-5)
+        vanna = fd_delta(k, call, SPOT, iv + dv, t, h) - fd_delta(k, call, SPOT, iv - dv, t, h)
+        assert chain.vanna[i] == pytest.approx(vanna / (2 * dv), rel=1e-3)
+        charm = fd_delta(k, call, SPOT, iv, t + dt_, h) - fd_delta(k, call, SPOT, iv, t - dt_, h)
+        assert chain.charm[i] == pytest.approx(-charm / (2 * dt_), rel=2e-3, abs=1e-3)
+    res = gex_math.compute(chain, SPOT)
+    items = res.items()
+    # the same position sign as gamma: calls +, puts -
+    want = sum((1 if chain.is_call[j] else -1) * chain.delta[j] * 100 * 100
+               for j in range(chain.n) if chain.strike[j] == 6800)  # fmt: skip
+    assert items["6800"]["delta"] == pytest.approx(want, rel=1e-4)
+    assert items["6800"]["delta_usd"] == pytest.approx(want * SPOT, rel=1e-4)
+
+
+def test_per_expiry_zero_gamma_profile_and_key_strikes() -> None:
+    today_rows = skewed_chain(3, [TODAY], center=6760)
+    later_rows = skewed_chain(4, [FRI], center=6880)
+    res = build(today_rows + later_rows)
+    table = res.expiry_table()
+    assert list(table) == [TODAY, FRI]
+    assert table[FRI]["settlement"] == "AM+PM" and table[TODAY]["settlement"] == "PM"
+    z0 = table[TODAY]["zero_gamma"]
+    assert z0 == res.levels_0dte.zero_gamma
+    assert_is_zero_crossing(today_rows, z0)
+    assert_is_zero_crossing(later_rows, table[FRI]["zero_gamma"])
+    assert table[FRI]["net_usd"] + table[TODAY]["net_usd"] == pytest.approx(
+        res.totals()["all"]["net_usd"], abs=0.05
+    )
+    # the profile is the net dollar GEX at every grid spot (checked against the reference)
+    prof = res.profile_dict()
+    assert len(prof["spot"]) == len(prof["all"]) == 2 * round(15 / 0.25) + 1
+    for i in (0, 40, 60, 80, 120):
+        net, _ = ref_net(today_rows + later_rows, prof["spot"][i])
+        assert prof["all"][i] == pytest.approx(net, rel=1e-3, abs=1.0)
+    # key strikes: the largest calls + |puts|, descending
+    items = res.items()
+    tot = {float(k): v["calls"] - v["puts"] for k, v in items.items()}
+    assert res.levels.key_strikes == sorted(tot, key=lambda k: (-tot[k], k))[:5]
+    assert res.levels.key_strikes[0] == res.levels.abs_gamma_strike
+
+
+def test_published_numbers_never_carry_negative_zero() -> None:
+    rows = [row("SPXW", FRI, "C", 6800, 0.0, 100), row("SPXW", FRI, "P", 6800, 0.0, 100)]
+    res = build(rows)
+    blob = msgspec.json.encode(
+        [res.items(), res.totals(), res.expiry_table(), res.profile_dict(), res.legacy_puts]
+    )
+    assert b"-0.0" not in blob and b"-0," not in blob
