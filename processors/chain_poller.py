@@ -9,6 +9,12 @@ client-side to the first N expirations, decoded once into a compact :class:`Chai
 blob and written in ONE MULTI: ``SET massive:chain:snapshot:{SYM}:{ts} EX ttl`` + ``XADD
 massive:chain:stream`` (pointer) + ``XADD massive:spot:stream`` (spot).
 
+Whole chain for GEX: every ``full_interval_s`` a cycle also fetches each symbol's WHOLE chain
+(every expiration and strike, only expired dates filtered out) and writes it the same way with
+``ChainPointer.scope = "full"`` (blob TTL ``full_snapshot_ttl_s``); the normalizer turns it into
+the GEX source, never into an epoch, so the heatmap keeps its narrow window. A failed full
+fetch is counted and retried at the next cycle; it never fails the window's cycle.
+
 Cadence: the next cycle starts ``max(min_interval_s, k * last_cycle_duration)`` after the
 previous one completed (never overlapping, never faster than responses complete); a
 ``refresh_chain`` ControlMessage on massive:control:stream (WS dormancy) wakes the loop at
@@ -92,6 +98,8 @@ class PollerSettings:
     retry_after_max_s: float = 60.0
     auth_retry_s: float = 60.0
     snapshot_ttl_s: int = 600
+    full_interval_s: float = 30.0  # whole-chain fetch for GEX (0 = never)
+    full_snapshot_ttl_s: int = 180  # its blob only has to outlive the normalizer's read
     chain_stream_maxlen: int = 10_000
     spot_stream_maxlen: int = 100_000
     control_block_ms: int = 1000
@@ -108,6 +116,8 @@ class PollerSettings:
             raise ValueError("expirations must be >= 1")
         if self.min_interval_s <= 0 or self.latency_factor < 1:
             raise ValueError("min_interval_s must be > 0 and latency_factor >= 1")
+        if self.full_interval_s < 0 or self.full_snapshot_ttl_s < 1:
+            raise ValueError("full_interval_s must be >= 0 and full_snapshot_ttl_s >= 1")
         self.band_rule()  # raises on a bad band
         self.backoff()  # raises on a bad backoff
 
@@ -192,6 +202,7 @@ class FetchResult:
     pages: int
     rejected: int
     seconds: float
+    scope: str = "window"  # window (the heatmap's filtered chain) | full (GEX)
 
 
 class ChainPoller:
@@ -210,6 +221,7 @@ class ChainPoller:
         self._pending_reason: str | None = None
         self._stop: asyncio.Event | None = None
         self._last_spot: dict[str, tuple[float, int | None]] = {}
+        self._full_due_at = -math.inf  # monotonic time of the next whole-chain fetch
         self.last_error: FetchError | None = None
         self.cycles = 0
         self.base_url = httpx.URL(settings.rest_url.rstrip("/") + "/")
@@ -243,6 +255,9 @@ class ChainPoller:
         )
         self.m_contracts = metrics.gauge(
             reg, p + "contracts", "Contracts in the last snapshot", ("symbol",)
+        )
+        self.m_full_contracts = metrics.gauge(
+            reg, p + "full_contracts", "Contracts in the last whole-chain snapshot", ("symbol",)
         )
         self.m_refresh = metrics.counter(
             reg, p + "refresh_requests_total", "refresh_chain control messages", ("reason",)
@@ -439,14 +454,23 @@ class ChainPoller:
             params["strike_price.lte"] = f"{hi:.3f}"
         return params
 
+    def full_params(self) -> dict[str, str]:
+        """The whole chain: every expiration from today, every strike."""
+        return {
+            "expiration_date.gte": self.today().isoformat(),
+            "limit": str(self.s.limit),
+            "sort": "ticker",
+            "order": "asc",
+        }
+
     async def fetch_chain(
-        self, client: httpx.AsyncClient, symbol: str, spot: float | None
+        self, client: httpx.AsyncClient, symbol: str, spot: float | None, scope: str = "window"
     ) -> FetchResult:
         t0 = self.clock.monotonic()
-        band = await self.strike_band(symbol, spot)
-        url = self._url(f"v3/snapshot/options/I:{symbol}").copy_merge_params(
-            self.chain_params(band)
-        )
+        # the whole chain (GEX) has no strike band: it never moves the window's anchor
+        band = None if scope == "full" else await self.strike_band(symbol, spot)
+        params = self.full_params() if scope == "full" else self.chain_params(band)
+        url = self._url(f"v3/snapshot/options/I:{symbol}").copy_merge_params(params)
         seen: dict[str, ChainContract] = {}
         pages = rejected = 0
         u_value: float | None = None
@@ -472,11 +496,14 @@ class ChainPoller:
             url = self.next_page_url(page.next_url)
         if spot is None:  # no index snapshot: the chain's underlying_asset.value is the spot
             spot = u_value
-            if band is None:
+            if band is None and scope != "full":
                 band = await self.strike_band(symbol, spot)
-        contracts = self._trim(list(seen.values()), band)
+        if scope == "full":
+            contracts = sorted(seen.values(), key=lambda c: (c.expiry, c.strike, c.right, c.cid))
+        else:
+            contracts = self._trim(list(seen.values()), band)
         return FetchResult(
-            symbol, contracts, spot, u_ts, pages, rejected, self.clock.monotonic() - t0
+            symbol, contracts, spot, u_ts, pages, rejected, self.clock.monotonic() - t0, scope
         )
 
     def _trim(
@@ -528,11 +555,44 @@ class ChainPoller:
             results.append(res)
         if not results and failed is not None:
             raise failed  # every symbol failed: the loop backs off
+        if self.s.full_interval_s > 0 and self.clock.monotonic() >= self._full_due_at:
+            self._full_due_at = self.clock.monotonic() + self.s.full_interval_s
+            results += await self.full_cycle(client, spots, reason)
         return results
+
+    async def full_cycle(
+        self,
+        client: httpx.AsyncClient,
+        spots: dict[str, tuple[float, int | None]],
+        reason: str,
+    ) -> list[FetchResult]:
+        """The whole chain of every symbol, for GEX (see the module doc)."""
+        out: list[FetchResult] = []
+        for sym in self.s.symbols:
+            spot = spots.get(sym) or self._last_spot.get(sym)
+            try:
+                res = await self.fetch_chain(client, sym, spot[0] if spot else None, "full")
+            except AuthError:
+                self.m_fetches.labels(sym, "auth").inc()
+                raise
+            except FetchError as exc:
+                self.m_fetches.labels(sym, "full_error").inc()
+                self.m_errors.labels(exc.kind).inc()
+                logger.error("chain-poller: %s whole-chain fetch failed: %s", sym, exc)
+                self._full_due_at = self.clock.monotonic()  # again at the next cycle
+                continue
+            if spot is not None:
+                res.spot_ts_ns = spot[1]
+            await self.write(res, reason)
+            self.m_fetches.labels(sym, "full_ok").inc()
+            self.m_full_contracts.labels(sym).set(len(res.contracts))
+            out.append(res)
+        return out
 
     async def write(self, res: FetchResult, reason: str) -> None:
         ts = self.clock.time_ns()
-        key = keys.chain_snapshot(res.symbol, ts)
+        key = keys.chain_snapshot(res.symbol, ts, res.scope)
+        ttl = self.s.full_snapshot_ttl_s if res.scope == "full" else self.s.snapshot_ttl_s
         snap = ChainSnapshot(symbol=res.symbol, ts_ns=ts, spot=res.spot, contracts=res.contracts)
         ptr = ChainPointer(
             symbol=res.symbol,
@@ -542,9 +602,10 @@ class ChainPoller:
             spot=res.spot,
             fetch_s=round(res.seconds, 6),
             reason=reason,
+            scope=res.scope,
         )
         pipe = self.redis.pipeline(transaction=True)
-        pipe.set(key, encode_snapshot(snap), ex=self.s.snapshot_ttl_s)
+        pipe.set(key, encode_snapshot(snap), ex=ttl)
         pipe.xadd(
             keys.CHAIN_STREAM,
             entry(ptr),  # type: ignore[arg-type]
@@ -566,8 +627,9 @@ class ChainPoller:
             )
         await pipe.execute()
         logger.info(
-            "chain-poller: %s snapshot %d contracts, %d pages, %.3fs, spot=%s (%s)",
+            "chain-poller: %s %s snapshot %d contracts, %d pages, %.3fs, spot=%s (%s)",
             res.symbol,
+            res.scope,
             len(res.contracts),
             res.pages,
             res.seconds,

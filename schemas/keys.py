@@ -43,7 +43,10 @@ def tile_builder_group(strategy: str) -> str:
 
 
 # --- chain snapshots -----------------------------------------------------------------
-def chain_snapshot(symbol: str, ts_ns: int) -> str:
+def chain_snapshot(symbol: str, ts_ns: int, scope: str = "window") -> str:
+    """Blob of one chain fetch: the heatmap window, or the whole chain (scope ``full``)."""
+    if scope == "full":
+        return f"massive:chain:snapshot:{symbol}:full:{ts_ns}"
     return f"massive:chain:snapshot:{symbol}:{ts_ns}"
 
 

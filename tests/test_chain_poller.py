@@ -54,6 +54,7 @@ def make(deps: Deps, srv: SimServer, **kw: Any) -> cp.ChainPoller:
         backoff_base_s=0.01,
         backoff_max_s=0.05,
         control_block_ms=50,
+        full_interval_s=0.0,  # the whole-chain fetch has its own test
     )
     base.update(kw)
     return cp.ChainPoller(deps, cp.PollerSettings(**base))
@@ -123,6 +124,43 @@ async def test_pages_to_the_end_every_contract_once(deps: Deps, sim: SimServer) 
     assert [(s.symbol, s.source) for s in spots] == [("SPX", "rest"), ("NDX", "rest")]
     # index snapshot times are ns (the simulator clock is now)
     assert all(abs(s.ts_ns - time.time_ns()) < 60e9 for s in spots)
+
+
+async def test_whole_chain_for_gex_at_its_own_cadence(deps: Deps, sim: SimServer) -> None:
+    p = make(deps, sim, limit=250, full_interval_s=3600.0, full_snapshot_ttl_s=90)
+    async with p._client() as client:
+        await p.cycle(client, "startup")
+        await p.cycle(client, "cadence")  # the whole chain is not due again for an hour
+    ptrs = await pointers(deps.redis)
+    assert [(x.symbol, x.scope) for x in ptrs] == [
+        ("SPX", "window"), ("NDX", "window"), ("SPX", "full"), ("NDX", "full"),
+        ("SPX", "window"), ("NDX", "window"),
+    ]  # fmt: skip
+    for ptr in ptrs[2:4]:
+        snap = decode_snapshot(await deps.redis.get(ptr.snapshot_key) or b"")
+        listed = [c for c in sim.market.by_symbol[ptr.symbol]]
+        today = p.today().isoformat()
+        assert {c.cid for c in snap.contracts} == {c.ticker for c in listed if c.exp_s >= today}
+        assert {c.expiry for c in snap.contracts} == {c.exp_s for c in listed if c.exp_s >= today}
+        assert 0 < await deps.redis.ttl(ptr.snapshot_key) <= 90
+        assert ":full:" in ptr.snapshot_key and ptr.n_contracts == len(snap.contracts)
+        window = decode_snapshot(await deps.redis.get(ptrs[0 if ptr.symbol == "SPX" else 1]
+                                                      .snapshot_key) or b"")  # fmt: skip
+        assert (
+            len({c.expiry for c in window.contracts}) <= 3 < len({c.expiry for c in snap.contracts})
+        )  # the heatmap keeps its narrow window
+    assert metric(deps, "massive_chain_poller_full_contracts", symbol="SPX") == len(
+        [c for c in sim.market.by_symbol["SPX"] if c.exp_s >= p.today().isoformat()]
+    )
+    # a failed whole-chain fetch is counted, the other symbols still go, and it is due again
+    p2 = make(deps, sim, limit=250, full_interval_s=3600.0, max_retries=0)
+    p2._full_due_at = p2.clock.monotonic() + 3600
+    async with p2._client() as client:
+        sim.fail_next(1, status=500)  # SPX's first whole-chain page
+        done = await p2.full_cycle(client, {}, "cadence")
+    assert [r.symbol for r in done] == ["NDX"]
+    assert metric(deps, "massive_chain_poller_fetches_total", symbol="SPX", outcome="full_error")
+    assert p2._full_due_at <= p2.clock.monotonic()
 
 
 async def test_bearer_auth_mode(deps: Deps, sim: SimServer) -> None:
