@@ -239,6 +239,12 @@ async def test_dashboard_on_the_demo_pipeline(redis_server: Any, redis: Redis, p
 
         await _until(page, moved, 30)
         assert await page.get_attribute("#status-heatmap", "data-state") == "live"
+        # the gamma profile and the levels history (issue 19), from /api/gex and its history
+        await page.wait_for_selector("#gex-profile path.profile", state="attached", timeout=20_000)
+        await page.wait_for_selector(
+            "#gex-history path.hist.spot", state="attached", timeout=20_000
+        )
+        assert "untradable" in (await page.text_content("#heat-count") or "")
         await page.mouse.move(5, 5)
         ARTIFACTS.mkdir(exist_ok=True)
         await page.screenshot(path=str(ARTIFACTS / "dashboard-demo.png"))

@@ -269,7 +269,8 @@ function renderHeatmap() {
   for (const t of tiles) {
     cell.set(rowStrike(t) + "|" + t.width, t);
     const v = metricOf(t);
-    if (v !== null && Number.isFinite(v)) vals.push(v);
+    // colours rank what can be traded; untradable tiles are greyed (no two-sided fresh quote)
+    if (v !== null && Number.isFinite(v) && t.tradable !== false) vals.push(v);
   }
   vals.sort((a, b) => a - b);
   // Colour by rank (robust to the heavy tail of reward/risk on near-free tiles).
@@ -283,7 +284,8 @@ function renderHeatmap() {
   $("legend-hi").textContent = fmt(hi);
   const stale = tiles.filter((t) => t.stale).length;
   const arb = tiles.filter(isArb).length;
-  $("heat-count").textContent = `${tiles.length} tiles · ${stale} stale · ${arb} no-arb · v${m.version}`;
+  const untradable = tiles.filter((t) => t.tradable === false).length;
+  $("heat-count").textContent = `${tiles.length} tiles · ${untradable} untradable · ${stale} stale · ${arb} arb · v${m.version}`;
 
   const s = spot();
   let atm = null;
@@ -314,6 +316,7 @@ function renderHeatmap() {
         if (0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2] < 120) c.push("dark");
       }
       if (t.stale) c.push("stale");
+      if (t.tradable === false) c.push("untradable");
       if (isArb(t)) c.push("arb");
       if (changed.has(t.id)) c.push("flash");
       tds.push(`<td class="${c.join(" ")}" data-id="${esc(t.id)}"${style}>${fmt(v, digits)}</td>`);
@@ -393,7 +396,9 @@ function tileTip(t) {
     (t.stale ? '<span class="flag stale">stale</span>' : "");
   const m = heat.model;
   return `<h4>${esc(t.id)}</h4><table>` +
-    row("Debit", fmt(t.debit)) +
+    row("Debit (mid)", fmt(t.debit)) +
+    row("Debit (natural)", fmt(t.debit_natural)) +
+    row("Tradable", t.tradable === false ? "no" : t.tradable === true ? "yes" : "—") +
     row("Max profit", fmt(t.max_profit)) +
     row("Max loss", fmt(t.max_loss)) +
     row("Reward / risk", fmt(t.r2r ?? t.reward_risk)) +
