@@ -1,5 +1,5 @@
-"""Issue 19 acceptance on a live simulator run (small scale; bench/tile_quality.py runs it
-longer and prints the figures): see tests/tile_quality.py."""
+"""Issue 19 acceptance on a live simulator run with default settings (small scale;
+bench/tile_quality.py runs it longer and prints the figures): see tests/tile_quality.py."""
 
 from __future__ import annotations
 
@@ -25,3 +25,7 @@ async def test_live_run_tiles_are_tradable_ranked_and_bounds_executable() -> Non
         assert s.negative_zero == 0 and s.long_decimals == 0, strategy
     single = report.by_strategy["single"]
     assert single.with_fields == single.tiles and single.negative_zero == 0
+    # default settings: GEX over the whole chain, every expiration of the simulated SPX named
+    g = report.gex["SPX"]
+    assert g.scope == "full" and g.model == g.listed and g.legacy_calls == g.listed
+    assert len(g.listed) > 20 and g.zero_gamma is not None

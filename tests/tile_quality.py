@@ -1,11 +1,13 @@
-"""What the heatmap publishes on a live simulator run, measured (issue 19 acceptance):
+"""What the heatmap and GEX publish on a live simulator run, measured (issue 19 acceptance):
 every vertical and butterfly tile carries ``debit_natural`` and ``tradable``; no tile with
-convexity >= 0.99 is untradable; bound flags (executable arbitrage) stay <= 0.5 % of tiles.
+convexity >= 0.99 is untradable; bound flags (executable arbitrage) stay <= 0.5 % of tiles;
+with default settings the GEX model covers the whole chain (every expiration named).
 
 ``run`` starts the simulated market and the real processors in this process (chain-poller,
-ws-ingest, normalizer, hydrator, the tile builders) on a private Redis, lets them run, then
-reads every staged tile (the exact bytes the publishers publish). Used by
-tests/test_tile_quality.py (small) and bench/tile_quality.py (longer, prints figures).
+ws-ingest, normalizer, hydrator, the tile builders, gex) on a private Redis with default
+settings, lets them run, then reads every staged tile (the exact bytes the publishers
+publish) and the GEX models. Used by tests/test_tile_quality.py (small) and
+bench/tile_quality.py (longer, prints figures).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 
 import msgspec
 from prometheus_client import CollectorRegistry
+from redis.asyncio import Redis
 
 from schemas import keys
 from schemas.heatmap import split_staged
@@ -60,10 +63,22 @@ class StrategyStats:
 
 
 @dataclass
+class GexCheck:
+    scope: str
+    contracts: int
+    listed: list[str]  # the simulated chain's expirations (not settled)
+    model: list[str]  # meta.expiries
+    legacy_calls: list[str]  # expirations named by massive:gex:model:{SYM}:calls
+    zero_gamma: float | None
+    zero_gamma_0dte: float | None
+
+
+@dataclass
 class Report:
     seconds: float
     ws_applied: int
     by_strategy: dict[str, StrategyStats]
+    gex: dict[str, GexCheck]
 
 
 def _decimals(x: float) -> int:
@@ -99,6 +114,30 @@ def measure(staged: dict[bytes, bytes]) -> StrategyStats:
             if src == "last" and v.get("age_s") is not None:
                 st.last_leg_ages_s.append(int(v["age_s"]))
     return st
+
+
+async def _gex_scope(redis: Redis, symbol: str) -> str | None:
+    raw = await redis.get(keys.gex_model(symbol))
+    if raw is None:
+        return None
+    return str(_raw.decode(raw)["meta"]["coverage"]["scope"])
+
+
+async def _gex_check(redis: Redis, sim: SimServer, symbol: str) -> GexCheck:
+    m = _raw.decode(await redis.get(keys.gex_model(symbol)) or b"{}")
+    calls = _raw.decode(await redis.get(keys.gex_model_calls(symbol)) or b"{}")
+    now = sim.clock()
+    listed = sorted({c.exp_s for c in sim.market.by_symbol[symbol] if c.settle_ns > now})
+    meta = m["meta"]
+    return GexCheck(
+        scope=meta["coverage"]["scope"],
+        contracts=meta["coverage"]["contracts"],
+        listed=listed,
+        model=meta["expiries"],
+        legacy_calls=sorted(calls["expirations"]),
+        zero_gamma=meta["levels"]["all"]["zero_gamma"],
+        zero_gamma_0dte=meta["levels"]["0dte"]["zero_gamma"],
+    )
 
 
 @contextmanager
@@ -149,6 +188,7 @@ async def run(
             deps = Deps(redis=redis, settings=settings, registry=CollectorRegistry())
             specs = ["chain-poller", "ws-ingest", "normalizer", "hydrator"]
             specs += [f"tile-builder:{s}" for s in STRATEGIES]
+            specs.append("gex")
             procs: list[Processor] = [load(s, deps) for s in specs]
         task = asyncio.create_task(run_processors(deps, procs, stop, install_signals=False))
         deadline = time.monotonic() + warmup_timeout_s
@@ -159,7 +199,8 @@ async def run(
             for sym in symbols:
                 for strat in STRATEGIES:
                     ready += bool(await redis.hget(keys.heatmap_manifest(sym, strat), "epoch"))
-            if ready == len(symbols) * len(STRATEGIES):
+                ready += (await _gex_scope(redis, sym)) == "full"
+            if ready == len(symbols) * (len(STRATEGIES) + 1):
                 break
             if time.monotonic() > deadline:
                 raise TimeoutError("staging not installed within the warm-up")
@@ -181,7 +222,8 @@ async def run(
                 for f in dataclasses.fields(StrategyStats):
                     setattr(total, f.name, getattr(total, f.name) + getattr(st, f.name))
             out[strat] = total
-        return Report(time.monotonic() - t0, int(applied), out)
+        gex = {sym: await _gex_check(redis, sim, sym) for sym in symbols}
+        return Report(time.monotonic() - t0, int(applied), out, gex)
     finally:
         stop.set()
         if task is not None:
@@ -194,6 +236,12 @@ async def run(
 
 def summary(r: Report) -> list[str]:
     lines = [f"ran {r.seconds:.0f} s after warm-up; WS events applied {r.ws_applied}"]
+    for sym, g in r.gex.items():
+        lines.append(
+            f"{sym} GEX: scope {g.scope}, {g.contracts} contracts, expirations named "
+            f"{len(g.legacy_calls)} (model {len(g.model)}) of {len(g.listed)} listed, "
+            f"zero gamma {g.zero_gamma} (0DTE {g.zero_gamma_0dte})"
+        )
     for strat, s in r.by_strategy.items():
         ages = s.last_leg_ages_s
         med = f"{statistics.median(ages):.0f} s" if ages else "-"
