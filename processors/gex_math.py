@@ -213,6 +213,10 @@ def _codes(col: tuple[str, ...]) -> tuple[list[str], I64]:
     return names, np.fromiter((index[x] for x in col), dtype=np.int64, count=len(col))
 
 
+def _right_codes(rights: Iterable[str], n: int) -> npt.NDArray[np.int8]:
+    return np.fromiter((1 if x == "C" else 0 if x == "P" else -1 for x in rights), np.int8, n)
+
+
 def columns(rows: Iterable[GexRow | RowTuple]) -> Columns:
     """GEX projection rows (GexRow or its tuple) -> :class:`Columns`."""
     tuples = [r if isinstance(r, tuple) else msgspec.structs.astuple(r) for r in rows]
@@ -221,9 +225,7 @@ def columns(rows: Iterable[GexRow | RowTuple]) -> Columns:
     roots_c, exps_c, strikes, rights, gammas, ois, ivs, tss = cols
     roots, root = _codes(roots_c)
     expiries, expiry = _codes(exps_c)
-    right = np.fromiter(
-        (1 if x == "C" else 0 if x == "P" else -1 for x in rights), dtype=np.int8, count=n
-    )
+    right = _right_codes(rights, n)
     return Columns(
         roots=roots,
         root=root,
@@ -256,8 +258,7 @@ def source_from_contracts(
     def f64(vals: Iterable[float | None]) -> bytes:
         return np.fromiter((nan if v is None else v for v in vals), np.float64, len(cs)).tobytes()
 
-    right = np.fromiter((1 if c.right == "C" else 0 if c.right == "P" else -1 for c in cs),
-                        np.int8, len(cs))  # fmt: skip
+    right = _right_codes((c.right for c in cs), len(cs))
     return GexSource(
         symbol=symbol,
         ts_ns=ts_ns,
