@@ -22,17 +22,20 @@ A dirty contract at strike K therefore touches: single K; vertical calls anchore
 K-w, puts anchored at K and K+w; butterflies centered at K-w, K, K+w, for every width.
 
 Leg prices (``price_leg``: the one rule, mirrored by tile_vec.py)
-    ``as_of`` = the newest information over the tile's legs: event times (contract ts_ns)
-    and the chain snapshots that confirmed their quotes (``quote_rx_ts``). A quote's age is
-    its own: ``as_of`` minus when it was last *received* (``LegQuote.received``: its WS event
-    or the snapshot that confirmed it, the later), never whether it changed. A quote received
-    within ``max_quote_age`` is used at its mid; otherwise the last trade when it is newer than
-    the quote; otherwise the stale mid (source ``mid_stale``, flag ``stale_quote``): a stale
-    quote beats a much older trade. Leg prices are rounded to 1e-6 (a mid of two ticks is
-    exact to that). Staleness is judged against ``as_of`` (data time), not the wall clock, so
-    a tile is a function of its legs' stored values. Recorded: per-leg source and price
-    time, ``age_ns = as_of - oldest price time used``, ``stale = age_ns > max_quote_age``,
-    ``px_src`` (mid | last | mixed | none) and ``src`` (ws if any leg came from the WS).
+    ``as_of`` = the newest event time over the tile's legs (contract ts_ns). A quote's age
+    is its own: ``as_of`` minus when it was last *received* (``LegQuote.received``: its WS
+    event or the chain snapshot that confirmed it, ``quote_rx_ts``, the later), never whether
+    it changed. A quote received within ``max_quote_age`` is used at its mid; otherwise the
+    last trade when it is newer than the quote; otherwise the stale mid (source ``mid_stale``,
+    flag ``stale_quote``): a stale quote beats a much older trade. Leg prices are rounded to
+    1e-6 (a mid of two ticks is exact to that). Staleness is judged against ``as_of`` (data
+    time), not the wall clock, so a tile is a function of its legs' stored values (the
+    normalizer notifies a contract whose quote a snapshot confirmed, so tiles are recomputed
+    when that can change). Recorded: per-leg source and price time, ``age_ns = as_of -
+    oldest price time used`` (how long the prices have stood), ``stale`` = some leg's
+    information is older than ``max_quote_age`` (a quote not received, a trade not made
+    within it), ``px_src`` (mid | last | mixed | none) and ``src`` (ws if any leg came from
+    the WS).
 
 Tradability
     A leg is tradable when its mid is fresh (above) and its quote two-sided (bid > 0,
@@ -64,10 +67,11 @@ Convexity score (spreads)
     that never matched, so it degenerated to a constant plus an efficiency term; this one
     depends on the tile alone.)
 
-Admission clock ``seq`` = sum over the legs of the contract's ``quote_ts + trade_ts``
-(absent = 0). Each of the two only changes with a strictly newer timestamp of its own kind
-(DESIGN invariant 4, admission per kind), so any leg update, quote or trade, strictly
-increases the sum. Neither the max leg ts (the tile's ``ts``) nor a sum of the contracts'
+Admission clock ``seq`` = sum over the legs of the contract's ``quote_ts + trade_ts +
+quote_rx_ts`` (absent = 0). Each only changes with a strictly newer timestamp of its own kind
+(DESIGN invariant 4, admission per kind; a snapshot only moves quote_rx_ts forward), so any
+leg update, quote, trade or confirmation, strictly increases the sum. Neither the max leg
+ts (the tile's ``ts``) nor a sum of the contracts'
 ``ts_ns`` (= max(quote_ts, trade_ts)) would do: a quote older than the contract's newest
 trade (or a trade older than its newest quote; REST re-seeds and the WS interleave like
 that) changes the values without moving ``ts_ns``, and the recomputed tile would be refused
@@ -358,8 +362,9 @@ class LegPrice(NamedTuple):
 
     px: float | None  # rounded to 1e-6
     src: str  # mid | last | mid_stale | none
-    ts: int  # time of the information used (quote: when last received; trade: its time)
+    ts: int  # time of the price (quote or trade event time; 0 unknown)
     tradable: bool  # a two-sided quote received within the max age
+    info_ts: int  # when the information was last known current (quote: received)
 
 
 def price_leg(q: LegQuote | None, as_of: int, max_age_ns: int) -> LegPrice:
@@ -378,18 +383,20 @@ def price_leg(q: LegQuote | None, as_of: int, max_age_ns: int) -> LegPrice:
         return _NO_PRICE
     mid = q.mid
     rx = q.received
+    qts = q.quote_ts or 0
     if mid is not None and q.quote_ts is not None and as_of - rx <= max_age_ns:
         b, a = q.bid, q.ask
         two = b is not None and a is not None and b > 0 and a >= b
-        return LegPrice(_r6(mid), "mid", rx, two)
-    if q.last is not None and (mid is None or (q.trade_ts or 0) > rx):
-        return LegPrice(_r6(q.last), "last", q.trade_ts or 0, False)
+        return LegPrice(_r6(mid), "mid", qts, two, rx)
+    tts = q.trade_ts or 0
+    if q.last is not None and (mid is None or tts > rx):
+        return LegPrice(_r6(q.last), "last", tts, False, tts)
     if mid is not None:
-        return LegPrice(_r6(mid), "mid_stale", rx, False)
+        return LegPrice(_r6(mid), "mid_stale", qts, False, rx)
     return _NO_PRICE
 
 
-_NO_PRICE = LegPrice(None, "none", 0, False)
+_NO_PRICE = LegPrice(None, "none", 0, False, 0)
 
 
 def _r6(x: float) -> float:
@@ -422,6 +429,7 @@ class _Priced:
     tradable: bool
     px_src: str
     age: int | None
+    stale: bool  # a leg's price information is older than the max age
     ws: bool
     stale_quote: bool
 
@@ -431,8 +439,9 @@ def _price_tile(spec: TileSpec, quotes: Mapping[str, LegQuote | None], max_age_n
     as_of = seq = 0
     for q in qs:
         if q is not None:
-            t = q.ts_ns if q.quote_rx is None or q.quote_rx < q.ts_ns else q.quote_rx
-            seq += (q.quote_ts or 0) + (q.trade_ts or 0)
+            t = q.ts_ns
+            # the admission clock grows with any input: quote, trade, and quote confirmation
+            seq += (q.quote_ts or 0) + (q.trade_ts or 0) + (q.quote_rx or 0)
             if t > as_of:
                 as_of = t
     legs: list[LegPrice] = []
@@ -441,6 +450,7 @@ def _price_tile(spec: TileSpec, quotes: Mapping[str, LegQuote | None], max_age_n
     sell: float | None = 0.0
     px_src = ""
     oldest: int | None = None
+    info: int | None = None
     ws = stale_quote = False
     tradable = True
     for (_, _, qty), q in zip(spec.legs, qs, strict=True):
@@ -469,12 +479,18 @@ def _price_tile(spec: TileSpec, quotes: Mapping[str, LegQuote | None], max_age_n
         px_src = kind if px_src in ("", kind) else "mixed"
         if oldest is None or lp.ts < oldest:
             oldest = lp.ts
+        if info is None or lp.info_ts < info:
+            info = lp.info_ts
     age: int | None = None
+    stale = False
     if debit is None:
         px_src = "none"
-    elif oldest is not None:
+    elif oldest is not None and info is not None:
         age = as_of - oldest
-    return _Priced(legs, as_of, seq, debit, buy, sell, tradable, px_src, age, ws, stale_quote)
+        stale = as_of - info > max_age_ns
+    return _Priced(
+        legs, as_of, seq, debit, buy, sell, tradable, px_src, age, stale, ws, stale_quote
+    )
 
 
 def _values(
@@ -567,7 +583,7 @@ def compute_tile(
         ts=p.as_of,
         seq=p.seq,
         age_ns=p.age,
-        stale=p.age is not None and p.age > max_quote_age_ns,
+        stale=p.stale,
         px_src=p.px_src,
         src="ws" if p.ws else "chain",
         flags=flags,
@@ -607,7 +623,7 @@ def staged_value(
         convexity=conv,
         tradable=p.tradable,
         age_s=p.age // NS_PER_S if p.age is not None else None,
-        stale=p.age is not None and p.age > max_quote_age_ns,
+        stale=p.stale,
         px_src=p.px_src,
         src="ws" if p.ws else "chain",
         flags=flags,

@@ -272,9 +272,12 @@ class TileTable:
         n, n_legs = lc.shape
         present = self.present[lc]
         qts, tts, rxc = self.qts[lc], self.tts[lc], self.rx[lc]
-        ts = np.where(present, np.maximum(self.ts[lc], rxc), 0)
+        ts = np.where(present, self.ts[lc], 0)
         as_of = ts.max(axis=1)
-        seq = np.where(present, qts + tts, 0).astype(np.uint64).sum(axis=1)  # < 3 * 2**62
+        seq_qt = np.where(present, qts + tts, 0).astype(np.uint64).sum(axis=1)  # < 3 * 2**62
+        seq_rx = np.where(present, rxc, 0).astype(np.uint64).sum(axis=1)  # < 3 * 2**61
+        # the sum of both may pass 2**64: add them as Python ints
+        seq = [a + b for a, b in zip(seq_qt.tolist(), seq_rx.tolist(), strict=True)]
         received = np.maximum(qts, rxc)  # heatmap.LegQuote.received
         has_mid = self.has_mid[lc]
         has_last = self.has_last[lc] & present
@@ -292,7 +295,8 @@ class TileTable:
         code[stale_mid] = _STALE
         mid_kind = fresh | stale_mid
         px = _r6(np.where(mid_kind, self.mid[lc], np.where(use_last, self.last[lc], _NAN)))
-        pts = np.where(mid_kind, received, np.where(use_last, tts, 0))
+        pts = np.where(mid_kind, qts, np.where(use_last, tts, 0))
+        info = np.where(mid_kind, received, np.where(use_last, tts, 0))
         priced = (code != _NONE).all(axis=1)
         qty = self.qty[rows]
         debit = np.zeros(n)
@@ -314,7 +318,7 @@ class TileTable:
         )
         oldest = pts.min(axis=1)
         age = np.where(priced, as_of - oldest, 0)
-        stale = priced & (age > max_age)
+        stale = priced & (as_of - info.min(axis=1) > max_age)
         ws = (present & self.ws[lc]).any(axis=1)
         stale_quote = stale_mid.any(axis=1)
         d = debit
@@ -361,7 +365,7 @@ class TileTable:
         ) * _N_FLAGS + np.where(priced, flags, _F_NOPRICE)
         # One row = these pieces; every row ends with b"\n" (never inside JSON), so the whole
         # batch is ONE join and ONE split instead of a format per tile.
-        pieces: list[list[bytes]] = [_col(seq.tolist()), _glue(None, qty_o[:, 0])]
+        pieces: list[list[bytes]] = [_col(seq), _glue(None, qty_o[:, 0])]
         for j in range(n_legs):
             pieces.append(_col(px_o[:, j]))
             nxt = qty_o[:, j + 1] if j + 1 < n_legs else None

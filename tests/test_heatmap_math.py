@@ -106,29 +106,44 @@ def two_sided(mid: float, ts: int = NOW, **kw: object) -> hm.LegQuote:
 def test_price_rule_own_quote_age_else_newer_trade_else_stale_mid() -> None:
     age = 5 * SEC
     fresh = q(mid=2.0, quote_ts=NOW, last=1.5, trade_ts=NOW + 4 * SEC, ts_ns=NOW + 4 * SEC)
-    assert hm.price_leg(fresh, NOW + 4 * SEC, age) == (2.0, "mid", NOW, False)
+    assert hm.price_leg(fresh, NOW + 4 * SEC, age) == (2.0, "mid", NOW, False, NOW)
     stale = q(mid=2.0, quote_ts=NOW, last=1.5, trade_ts=NOW + 6 * SEC, ts_ns=NOW + 6 * SEC)
-    assert hm.price_leg(stale, NOW + 6 * SEC, age) == (1.5, "last", NOW + 6 * SEC, False)
+    assert hm.price_leg(stale, NOW + 6 * SEC, age) == (
+        1.5,
+        "last",
+        NOW + 6 * SEC,
+        False,
+        NOW + 6 * SEC,
+    )
     # a quote too old for the tile's time, and a trade newer than it: the trade
-    assert hm.price_leg(fresh, NOW + 9 * SEC, age) == (1.5, "last", NOW + 4 * SEC, False)
+    assert hm.price_leg(fresh, NOW + 9 * SEC, age) == (
+        1.5,
+        "last",
+        NOW + 4 * SEC,
+        False,
+        NOW + 4 * SEC,
+    )
     # a stale quote beats a much older trade (here 3 hours): stale mid, flagged
     old_trade = q(mid=2.0, quote_ts=NOW, last=1.5, trade_ts=NOW - 3 * 3600 * SEC, ts_ns=NOW)
-    assert hm.price_leg(old_trade, NOW + 9 * SEC, age) == (2.0, "mid_stale", NOW, False)
+    assert hm.price_leg(old_trade, NOW + 9 * SEC, age) == (2.0, "mid_stale", NOW, False, NOW)
     no_trade = q(mid=2.0, quote_ts=NOW, ts_ns=NOW)
-    assert hm.price_leg(no_trade, NOW + 9 * SEC, age) == (2.0, "mid_stale", NOW, False)
+    assert hm.price_leg(no_trade, NOW + 9 * SEC, age) == (2.0, "mid_stale", NOW, False, NOW)
     # age since last *received*: a quote unchanged for a minute, confirmed by a snapshot 1 s
     # ago, is fresh (its change time does not matter)
     confirmed = q(
         bid=1.9, ask=2.1, mid=2.0, quote_ts=NOW - 60 * SEC, quote_rx=NOW + 8 * SEC, ts_ns=NOW
     )
     assert confirmed.received == NOW + 8 * SEC
-    assert hm.price_leg(confirmed, NOW + 9 * SEC, age) == (2.0, "mid", NOW + 8 * SEC, True)
+    # priced as the quote that has stood for a minute, fresh because received 1 s ago
+    assert hm.price_leg(confirmed, NOW + 9 * SEC, age) == (
+        2.0, "mid", NOW - 60 * SEC, True, NOW + 8 * SEC
+    )  # fmt: skip
     # tradable needs a two-sided quote
     no_bid = q(bid=0.0, ask=0.05, mid=0.025, quote_ts=NOW, ts_ns=NOW)
-    assert hm.price_leg(no_bid, NOW, age) == (0.025, "mid", NOW, False)
+    assert hm.price_leg(no_bid, NOW, age) == (0.025, "mid", NOW, False, NOW)
     crossed = q(bid=2.2, ask=2.1, mid=2.15, quote_ts=NOW, ts_ns=NOW)
     assert not hm.price_leg(crossed, NOW, age).tradable
-    assert hm.price_leg(None, NOW, age) == (None, "none", 0, False)
+    assert hm.price_leg(None, NOW, age) == (None, "none", 0, False, 0)
     # leg prices are rounded to 1e-6
     assert hm.price_leg(q(mid=377.70000000000005, quote_ts=NOW), NOW, age).px == 377.7
     assert hm.LegQuote.from_values([b"1", b"3", None, b"5", None, None, None, None, b"9"]) == q(

@@ -168,7 +168,7 @@ async def test_first_snapshot_builds_and_promotes_a_complete_epoch(
     assert metric(registry, "massive_epoch_promotions_total", symbol="SPX") == 1
 
 
-async def test_same_topology_reseeds_with_admission_and_notifies_only_changes(
+async def test_same_topology_reseeds_with_admission_and_notifies_changes_and_confirmations(
     deps: Deps, redis: Redis, registry: CollectorRegistry
 ) -> None:
     n = normalizer(deps)
@@ -177,7 +177,8 @@ async def test_same_topology_reseeds_with_admission_and_notifies_only_changes(
     created = (await meta(redis, eid))["created_ns"]
     await redis.delete(keys.CONTRACTS_DIRTY_STREAM)
     c0, c1, c2 = chain().contracts
-    # c0: newer quote; c1: OLDER quote (discarded) but new iv; c2: identical -> unchanged.
+    # c0: newer quote; c1: OLDER quote (discarded) but new iv; c2: identical values, its
+    # quote confirmed by a newer snapshot (quote_rx_ts) -> notified too.
     later = ChainSnapshot("SPX", NS + SEC, 6002.0, [
         msgspec.structs.replace(c0, bid=1.5, ask=1.7, quote_ts_ns=NS + 10),
         msgspec.structs.replace(c1, bid=9.0, ask=9.9, quote_ts_ns=NS - 50, iv=0.3),
@@ -190,24 +191,27 @@ async def test_same_topology_reseeds_with_admission_and_notifies_only_changes(
     assert (r0.last, r0.trade_ts_ns) == (1.1, NS - 9)  # trade unchanged
     assert (r1.bid, r1.ask, r1.quote_ts_ns, r1.iv) == (2.0, 2.4, NS - 5, 0.3)
     ds = await dirty(redis)
-    assert [(d.reason, sorted(d.cids)) for d in ds] == [("seed", sorted([c0.cid, c1.cid]))]
+    assert [(d.reason, sorted(d.cids)) for d in ds] == [("seed", sorted([c0.cid, c1.cid, c2.cid]))]
     row = msgspec.json.decode(await redis.hget(keys.epoch_gex(eid), c1.cid), type=GexRow)  # type: ignore[arg-type]
     assert (row.iv, row.ts_ns) == (0.3, NS + SEC)
     m = await meta(redis, eid)
     assert m["snapshot_ts_ns"] == str(NS + SEC) and m["spot"] == "6002.0"
     assert metric(registry, "massive_epoch_promotions_total", symbol="SPX") == 1
-    # An identical snapshot again: nothing changed, nothing notified; but every quote it
-    # carries counts as received then (quote_rx_ts: tiles judge a quote's age by it)
+    # The same values again: every quote it carries counts as received then (quote_rx_ts:
+    # tiles judge a quote's age by it), and that is notified (tiles recompute freshness)
     again = msgspec.structs.replace(later, ts_ns=NS + 2 * SEC)
     await n.process(await put(redis, again))
-    assert len(await dirty(redis)) == 1
+    ds = await dirty(redis)
+    assert len(ds) == 2 and sorted(ds[-1].cids) == sorted(c.cid for c in (c0, c1, c2))
     for c in (c0, c1, c2):
         rx = await redis.hget(keys.epoch_contract(eid, c.cid), "quote_rx_ts")
         assert rx == str(NS + 2 * SEC).encode()
-    older = msgspec.structs.replace(later, ts_ns=NS + SEC // 2)  # a late, older snapshot
+    # a late, older snapshot of the same values: nothing changes, nothing is notified
+    older = msgspec.structs.replace(later, ts_ns=NS + SEC // 2)
     await n.process(await put(redis, older, tag=":late"))
     rx = await redis.hget(keys.epoch_contract(eid, c0.cid), "quote_rx_ts")
     assert rx == str(NS + 2 * SEC).encode()  # never moves back
+    assert len(await dirty(redis)) == 2
 
 
 async def test_full_chain_snapshot_feeds_the_gex_source_not_an_epoch(
@@ -510,10 +514,8 @@ async def test_crash_after_reseed_write_notifies_all_on_redelivery(
     ds = await dirty(redis)
     assert [d.reason for d in ds] == ["seed"]
     assert sorted(ds[0].cids) == sorted(c.cid for c in newer.contracts)
-    # Markers settled: the next unchanged snapshot notifies nothing.
-    await normalizer(deps).process(
-        await put(redis, msgspec.structs.replace(newer, ts_ns=NS + 3 * SEC))
-    )
+    # Markers settled: the same snapshot once more (nothing newer in it) notifies nothing.
+    await normalizer(deps).process(await put(redis, newer, tag=":again"))
     assert len(await dirty(redis)) == 1
 
 

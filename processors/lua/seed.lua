@@ -4,8 +4,9 @@
 -- ARGV[2] = msgpack array of rows (all strings, "" = absent):
 --   {cid, quote_ts, bid, ask, mid, trade_ts, last, size, iv, delta, gamma, oi, gex_json}
 -- ARGV[3] = the snapshot's ts: a contract quoted in it has its quote confirmed then
---   (quote_rx_ts = the later of the stored one and ARGV[3]; not a change: tiles judge a
---   quote's age by when it was last received, see processors/heatmap.py)
+--   (quote_rx_ts = the later of the stored one and ARGV[3]). That is a change of the
+--   contract (reported): tiles judge a quote's age by when it was last received
+--   (processors/heatmap.py), so they are recomputed with it.
 -- Quotes / trades: A slot absent -> set; B strictly newer ts -> replace; C older/equal -> keep.
 -- iv/delta/gamma/oi: refreshed from every snapshot when present (WS carries none).
 -- GEX projection: field <cid> of HASH epoch:{eid}:gex rewritten for every row.
@@ -65,15 +66,15 @@ for n = 0, #rows - 1 do
         set[#set + 1] = greeks[g]; set[#set + 1] = v
       end
     end
+    if qts ~= '' and ARGV[3] and ((not cur[13]) or newer(ARGV[3], cur[13])) then
+      set[#set + 1] = 'quote_rx_ts'; set[#set + 1] = ARGV[3]
+    end
     if #set > 0 then
       redis.call('HSET', key, unpack(set))
       out[#out + 1] = n
     end
     if drop_size then
       redis.call('HDEL', key, 'size')
-    end
-    if qts ~= '' and ARGV[3] and ((not cur[13]) or newer(ARGV[3], cur[13])) then
-      redis.call('HSET', key, 'quote_rx_ts', ARGV[3])
     end
     gex[#gex + 1] = a[1]; gex[#gex + 1] = a[13]
   end
