@@ -65,10 +65,15 @@ async def bench_poller(srv: SimServer, deps: Deps, rounds: int) -> None:
             res = await p.cycle(client, "bench")
             dt = time.perf_counter() - t0
             desc = ", ".join(
-                f"{r.symbol} {len(r.contracts)} contracts/{r.pages} pages {r.seconds:.3f}s"
+                f"{r.symbol} {r.scope} {len(r.contracts)} contracts/{r.pages} pages "
+                f"{r.seconds:.3f}s"
                 for r in res
             )
             print(f"poller cycle {i + 1}: {dt:.3f}s ({desc})")
+        t0 = time.perf_counter()
+        full = await p.full_cycle(client, {}, "bench")
+        desc = ", ".join(f"{r.symbol} {len(r.contracts)} contracts/{r.pages} pages" for r in full)
+        print(f"whole chain for GEX: {time.perf_counter() - t0:.3f}s ({desc})")
 
 
 async def bench_ws(redis: Redis, url: str, frames: int, events: int, rounds: int) -> None:

@@ -9,11 +9,12 @@ client-side to the first N expirations, decoded once into a compact :class:`Chai
 blob and written in ONE MULTI: ``SET massive:chain:snapshot:{SYM}:{ts} EX ttl`` + ``XADD
 massive:chain:stream`` (pointer) + ``XADD massive:spot:stream`` (spot).
 
-Whole chain for GEX: every ``full_interval_s`` a cycle also fetches each symbol's WHOLE chain
-(every expiration and strike, only expired dates filtered out) and writes it the same way with
-``ChainPointer.scope = "full"`` (blob TTL ``full_snapshot_ttl_s``); the normalizer turns it into
-the GEX source, never into an epoch, so the heatmap keeps its narrow window. A failed full
-fetch is counted and retried at the next cycle; it never fails the window's cycle.
+Whole chain for GEX: a task next to the window's loop fetches each symbol's WHOLE chain
+(every expiration and strike, only expired dates filtered out) every ``full_interval_s`` and
+writes it the same way with ``ChainPointer.scope = "full"`` (blob TTL
+``full_snapshot_ttl_s``); the normalizer turns it into the GEX source, never into an epoch,
+so the heatmap keeps its narrow window. A failed whole-chain fetch is counted and tried again
+at the next interval; it never delays or fails the window's cycles.
 
 Cadence: the next cycle starts ``max(min_interval_s, k * last_cycle_duration)`` after the
 previous one completed (never overlapping, never faster than responses complete); a
@@ -59,7 +60,7 @@ from streams import metrics
 from streams.consumer import Entry, GroupConsumer
 from streams.logs import add_secret, redact
 from streams.processor import Deps
-from streams.retry import Backoff, sleep_or_stop
+from streams.retry import REDIS_UNAVAILABLE, Backoff, sleep_or_stop
 from streams.settings import from_env
 from streams.spec import StreamSpec
 
@@ -221,7 +222,6 @@ class ChainPoller:
         self._pending_reason: str | None = None
         self._stop: asyncio.Event | None = None
         self._last_spot: dict[str, tuple[float, int | None]] = {}
-        self._full_due_at = -math.inf  # monotonic time of the next whole-chain fetch
         self.last_error: FetchError | None = None
         self.cycles = 0
         self.base_url = httpx.URL(settings.rest_url.rstrip("/") + "/")
@@ -555,10 +555,29 @@ class ChainPoller:
             results.append(res)
         if not results and failed is not None:
             raise failed  # every symbol failed: the loop backs off
-        if self.s.full_interval_s > 0 and self.clock.monotonic() >= self._full_due_at:
-            self._full_due_at = self.clock.monotonic() + self.s.full_interval_s
-            results += await self.full_cycle(client, spots, reason)
         return results
+
+    async def full_loop(self, stop: asyncio.Event) -> None:
+        """The whole chain every ``full_interval_s``, next to (not inside) the window's
+        cycles, so its ~90 pages never delay the heatmap's snapshots."""
+        async with self._client() as client:
+            while not stop.is_set():
+                t0 = self.clock.monotonic()
+                delay = self.s.full_interval_s
+                try:
+                    await self.full_cycle(client, dict(self._last_spot), "cadence")
+                except AuthError as exc:  # counted by the window's loop as well
+                    logger.error("chain-poller: whole chain: %s", exc)
+                    delay = max(delay, self.s.auth_retry_s)
+                except REDIS_UNAVAILABLE as exc:
+                    self.m_errors.labels("redis").inc()
+                    logger.warning("chain-poller: whole chain not written, redis: %s", exc)
+                except Exception:  # never take the window's loop down with it
+                    self.m_errors.labels("internal").inc()
+                    logger.exception("chain-poller: whole-chain cycle failed")
+                took = self.clock.monotonic() - t0
+                if await sleep_or_stop(stop, max(0.0, delay - took)):
+                    return
 
     async def full_cycle(
         self,
@@ -579,7 +598,6 @@ class ChainPoller:
                 self.m_fetches.labels(sym, "full_error").inc()
                 self.m_errors.labels(exc.kind).inc()
                 logger.error("chain-poller: %s whole-chain fetch failed: %s", sym, exc)
-                self._full_due_at = self.clock.monotonic()  # again at the next cycle
                 continue
             if spot is not None:
                 res.spot_ts_ns = spot[1]
@@ -669,6 +687,11 @@ class ChainPoller:
         )
         control = GroupConsumer(self.redis, spec, self.on_control, self.deps.registry, self.name)
         control_task = asyncio.create_task(control.run(stop), name="chain-poller-control")
+        full_task = (
+            asyncio.create_task(self.full_loop(stop), name="chain-poller-full")
+            if self.s.full_interval_s > 0
+            else None
+        )
         reason = "startup"
         failures = 0
         try:
@@ -716,9 +739,11 @@ class ChainPoller:
                     if control_task.done():
                         control_task.result()  # surface a crashed control consumer
         finally:
-            control_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await control_task
+            for t in (control_task, full_task):
+                if t is not None:
+                    t.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await t
 
     async def _wait_next(self, stop: asyncio.Event, delay: float) -> str:
         """Wait ``delay`` (or until a refresh request / stop). Returns the next reason."""

@@ -365,6 +365,7 @@ async def running_poller(
         api_key="k", rest_url="http://rest.fuzz", symbols=("SPX",), min_interval_s=0.05,
         latency_factor=1.0, max_retries=3, backoff_base_s=0.001, backoff_max_s=0.005,
         control_block_ms=20, expirations=5, max_days=14, band_pct=0.5,
+        full_interval_s=0.0,  # this fuzzes the window's pages
     )  # fmt: skip
     poller = cp.ChainPoller(Deps(redis, RuntimeSettings(redis_url=url, consumer="f"), reg), s)
     transport = httpx.MockTransport(handler)
