@@ -252,7 +252,7 @@ class Monitor:
                     await janitor
 
     async def _retention_loop(self, stop: asyncio.Event) -> None:
-        policies = self.retention.policies()
+        policies = self.retention.policies(self.settings.symbols)
         while not stop.is_set():
             await self.retention_pass(policies)
             await sleep_or_stop(stop, self.retention.interval_s)

@@ -19,6 +19,7 @@ publish; the janitor applies their byte budget as a backstop.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,14 +77,18 @@ class RetentionSettings:
     # heatmap/GEX diff streams: their publishers trim by age and bytes on every publish;
     # this is the backstop (no age: a resume window is the publishers' choice)
     diffs_max_mb: int = 256
+    # massive:gex:levels:{SYM}: its writer trims by age (MASSIVE_GEX_HISTORY_RETENTION_S);
+    # this is the backstop
+    gex_levels_max_mb: int = 32
     dead_max_mb: int = 64  # each <stream>:dead (no age: an operator inspects them)
 
     def __post_init__(self) -> None:
         if self.interval_s <= 0:
             raise ValueError("interval_s must be > 0")
 
-    def policies(self) -> dict[str, Policy]:
-        """Stream name -> policy, for every stream of the pipeline and its dead letters."""
+    def policies(self, symbols: Iterable[str] = ()) -> dict[str, Policy]:
+        """Stream name -> policy, for every stream of the pipeline and its dead letters
+        (per-symbol streams for ``symbols``)."""
         from schemas import keys
 
         out = {
@@ -99,6 +104,8 @@ class RetentionSettings:
             out[keys.heatmap_diffs_stream(s)] = Policy(0, self.diffs_max_mb * MB)
         for name in list(out):
             out[keys.dead_letter_stream(name)] = Policy(0, self.dead_max_mb * MB)
+        for sym in symbols:
+            out[keys.gex_levels_stream(sym)] = Policy(0, self.gex_levels_max_mb * MB)
         return out
 
 

@@ -96,6 +96,10 @@ def test_every_pipeline_stream_and_its_dead_letters_have_a_policy() -> None:
     pol = RetentionSettings().policies()
     for s in pipeline_streams():
         assert s in pol and keys.dead_letter_stream(s) in pol, s
+    # per-symbol streams: the GEX levels history (trimmed by age by its writer; bytes here)
+    per_symbol = RetentionSettings(gex_levels_max_mb=3).policies(("SPX", "NDX"))
+    for sym in ("SPX", "NDX"):
+        assert per_symbol[keys.gex_levels_stream(sym)].max_bytes == 3 * 1024 * 1024
 
 
 @settings(max_examples=300, deadline=None)
