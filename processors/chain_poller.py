@@ -100,7 +100,7 @@ class PollerSettings:
     auth_retry_s: float = 60.0
     snapshot_ttl_s: int = 600
     full_interval_s: float = 30.0  # whole-chain fetch for GEX (0 = never)
-    full_snapshot_ttl_s: int = 180  # its blob only has to outlive the normalizer's read
+    full_snapshot_ttl_s: int = 90  # its blob only has to outlive the normalizer's read
     chain_stream_maxlen: int = 10_000
     spot_stream_maxlen: int = 100_000
     control_block_ms: int = 1000
