@@ -65,7 +65,9 @@ class Tile(msgspec.Struct, frozen=True, kw_only=True):
     convexity: float | None  # spreads: clamp(1 - debit / width, 0, 1) if tradable; else None
     tradable: bool  # every leg has a fresh two-sided quote
     ts: int  # newest information time (ns) over the legs' contracts
-    seq: int  # admission clock: sum of legs' quote_ts + trade_ts (grows on any leg update)
+    seq: (
+        int  # admission clock: sum of legs' quote_ts + trade_ts + quote_rx_ts (grows on any update)
+    )
     age_ns: int | None  # ts - oldest price used (staleness of the tile's inputs)
     stale: bool  # age_ns > max quote age setting
     px_src: str  # mid | last | mixed | none
