@@ -21,8 +21,8 @@ Per batch of DirtyEntry (hot path, a fixed number of round trips whatever the ba
      ``massive:tiles:<strategy>``. Only when staging was written between the WATCH and the
      EXEC (a replica, an install) do the values go through the admission script instead:
      strictly greater ``seq`` (sum of the legs' quote_ts + trade_ts + quote_rx_ts) admitted,
-     equal = same inputs (discarded), older refused; rejected wholesale when the batch's epoch is not the
-     staged one; then a separate XADD.
+     equal = same inputs (discarded), older refused; rejected wholesale when the batch's epoch
+     is not the staged one; then a separate XADD.
 On the admission path the delta lists the ids admitted OR found equal (an equal tile may be a
 redelivery whose first delta was lost in a crash: re-announcing it is harmless, the publisher
 compares values); tiles refused as older are left to the replica that wrote the newer value.
