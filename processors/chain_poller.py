@@ -534,28 +534,44 @@ class ChainPoller:
         results: list[FetchResult] = []
         failed: FetchError | None = None
         for sym in self.s.symbols:
-            spot = spots.get(sym) or self._last_spot.get(sym)
-            try:
-                res = await self.fetch_chain(client, sym, spot[0] if spot else None)
-            except AuthError:
-                self.m_fetches.labels(sym, "auth").inc()
-                raise
-            except FetchError as exc:
-                self.m_fetches.labels(sym, "error").inc()
-                self.m_errors.labels(exc.kind).inc()
-                self.last_error = failed = exc
-                logger.error("chain-poller: %s fetch failed: %s", sym, exc)
+            res = await self.fetch_symbol(client, sym, spots, "window")
+            if isinstance(res, FetchError):
+                self.last_error = failed = res
                 continue
-            if spot is not None:  # the index snapshot's own time, not the chain's
-                res.spot_ts_ns = spot[1]
             await self.write(res, reason)
-            self.m_fetches.labels(sym, "ok").inc()
             self.m_fetch_s.labels(sym).observe(res.seconds)
             self.m_contracts.labels(sym).set(len(res.contracts))
             results.append(res)
         if not results and failed is not None:
             raise failed  # every symbol failed: the loop backs off
         return results
+
+    async def fetch_symbol(
+        self,
+        client: httpx.AsyncClient,
+        sym: str,
+        spots: dict[str, tuple[float, int | None]],
+        scope: str,
+    ) -> FetchResult | FetchError:
+        """One symbol's chain with its accounting (``massive_chain_poller_fetches_total``
+        outcome ok | error, prefixed ``full_`` for the whole chain): an AuthError propagates,
+        a FetchError is counted, logged and returned."""
+        spot = spots.get(sym) or self._last_spot.get(sym)
+        prefix = "full_" if scope == "full" else ""
+        try:
+            res = await self.fetch_chain(client, sym, spot[0] if spot else None, scope)
+        except AuthError:
+            self.m_fetches.labels(sym, "auth").inc()
+            raise
+        except FetchError as exc:
+            self.m_fetches.labels(sym, prefix + "error").inc()
+            self.m_errors.labels(exc.kind).inc()
+            logger.error("chain-poller: %s %s fetch failed: %s", sym, scope, exc)
+            return exc
+        if spot is not None:  # the index snapshot's own time, not the chain's
+            res.spot_ts_ns = spot[1]
+        self.m_fetches.labels(sym, prefix + "ok").inc()
+        return res
 
     async def full_loop(self, stop: asyncio.Event) -> None:
         """The whole chain every ``full_interval_s``, next to (not inside) the window's
@@ -588,21 +604,10 @@ class ChainPoller:
         """The whole chain of every symbol, for GEX (see the module doc)."""
         out: list[FetchResult] = []
         for sym in self.s.symbols:
-            spot = spots.get(sym) or self._last_spot.get(sym)
-            try:
-                res = await self.fetch_chain(client, sym, spot[0] if spot else None, "full")
-            except AuthError:
-                self.m_fetches.labels(sym, "auth").inc()
-                raise
-            except FetchError as exc:
-                self.m_fetches.labels(sym, "full_error").inc()
-                self.m_errors.labels(exc.kind).inc()
-                logger.error("chain-poller: %s whole-chain fetch failed: %s", sym, exc)
+            res = await self.fetch_symbol(client, sym, spots, "full")
+            if isinstance(res, FetchError):
                 continue
-            if spot is not None:
-                res.spot_ts_ns = spot[1]
             await self.write(res, reason)
-            self.m_fetches.labels(sym, "full_ok").inc()
             self.m_full_contracts.labels(sym).set(len(res.contracts))
             out.append(res)
         return out
