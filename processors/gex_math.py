@@ -746,8 +746,9 @@ def _impute_iv(
         k_all, c_all = lnk[lo:hi], is_call[lo:hi]
         k_known, v_known = k_all[known], iv[lo:hi][known]
         otm = (k_known >= 0) == c_all[known]
-        # one point per strike: the out-of-the-money side when both are listed
-        order = np.lexsort((~otm, k_known))
+        # one point per strike: the out-of-the-money side when both are listed (then the
+        # lower IV, so duplicated contracts give the same smile in any input order)
+        order = np.lexsort((v_known, ~otm, k_known))
         k_sorted, v_sorted = k_known[order], v_known[order]
         first = np.ones(k_sorted.shape[0], dtype=np.bool_)
         first[1:] = k_sorted[1:] != k_sorted[:-1]
