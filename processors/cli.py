@@ -1,5 +1,6 @@
 """``massive-pipeline``: run processors, inspect and reset consumer-group offsets, and the
-subcommands contributed by other modules (simulate, epoch, record, replay, demo)."""
+subcommands contributed by other modules (simulate, epoch, record, replay, import-flatfiles,
+demo)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ EXTERNAL = {
     "epoch": "processors.epoch_cli:main",
     "record": "processors.replay:record_main",
     "replay": "processors.replay:replay_main",
+    "import-flatfiles": "processors.flatfiles:main",
     "demo": "processors.demo:main",
 }
 

@@ -50,6 +50,7 @@ from schemas.messages import (
     entry,
 )
 from streams import metrics
+from streams.clock import StepClock
 from streams.processor import Deps
 from streams.retry import REDIS_BACKOFF, REDIS_UNAVAILABLE, sleep_or_stop
 from streams.settings import from_env
@@ -215,6 +216,8 @@ class GexBuilder:
         self.leader = False
         self._renew_at = 0.0
         self._ready = False
+        if isinstance(self.clock, StepClock):
+            self.clock.join(self.name)  # a replay: one tick per instant
         self.state: dict[str, _SymState] = {}
         self._publish = self.redis.register_script(_PUBLISH)
         self._renew = self.redis.register_script(_RENEW)
@@ -354,6 +357,9 @@ class GexBuilder:
                     return
 
     async def run(self, stop: asyncio.Event) -> None:
+        if isinstance(self.clock, StepClock):
+            await self._run_stepped(stop, self.clock)
+            return
         failures = 0
         try:
             while not stop.is_set():
@@ -381,6 +387,30 @@ class GexBuilder:
                 await self.release()
             except Exception:  # best effort: the lease also expires by itself
                 logger.warning("gex: could not release the lease", exc_info=True)
+
+    async def _run_stepped(self, stop: asyncio.Event, clock: StepClock) -> None:
+        """A replay: one tick per instant, on the state every record up to it left. An
+        iteration that raises ends the replay (a skipped build would make it differ from
+        the next run of the same recording)."""
+        self._ready = True
+        due: float | None = None
+        try:
+            while await clock.wait_step(self.name, due, stop):
+                await self.tick()
+                due = self._due_s()
+        finally:
+            clock.leave(self.name)
+            await self.release()
+
+    def _due_s(self) -> float | None:
+        """Clock seconds until a build falls due without a promotion (None: nothing built
+        yet; a promotion comes with records, which always bring an instant)."""
+        if not self.leader:
+            return self.s.poll_s
+        checked = [st.checked_mono for st in self.state.values() if math.isfinite(st.checked_mono)]
+        if not checked:
+            return None
+        return min(checked) + self.s.interval_s - self.clock.monotonic()
 
     # --- build --------------------------------------------------------------------------
     async def _prepare_full(self, sym: str, now_ns: int) -> gex_math.Chain | None:

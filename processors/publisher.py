@@ -71,6 +71,7 @@ from schemas import keys
 from schemas.heatmap import TileDelta, split_staged
 from schemas.messages import ModelDiff, PublishedModel, RawDiff, RawModel, encode, from_entry
 from streams import metrics
+from streams.clock import StepClock
 from streams.consumer import Entry
 from streams.processor import Deps
 from streams.retry import REDIS_UNAVAILABLE, run_resilient
@@ -270,6 +271,8 @@ class Publisher:
         self.syms: dict[str, SymState] = {}
         self.unacked: list[bytes] = []
         self._ready = False
+        if isinstance(self.clock, StepClock):
+            self.clock.join(self.name)  # a replay: one lead iteration per instant
         reg, s = deps.registry, strategy
         self.m_publishes = metrics.counter(
             reg,
@@ -426,6 +429,9 @@ class Publisher:
                 continue
 
     async def _lead_loop(self, stop: asyncio.Event) -> None:
+        if isinstance(self.clock, StepClock):
+            await self._lead_stepped(stop, self.clock)
+            return
         while not stop.is_set() and self.leader:
             await self._evaluate()
             await self._checkpoint_idle()
@@ -445,6 +451,48 @@ class Publisher:
                 raise
             if res:
                 await self._ingest(res[0][1])
+
+    async def _lead_stepped(self, stop: asyncio.Event, clock: StepClock) -> None:
+        """A replay (``StepClock``): one iteration per instant, on the state every record up
+        to it left: read every tile delta written so far, then the same decisions as the live
+        loop at the instant's time. The live loop's reads return whatever the builders have
+        written when it wakes, which depends on timing; these do not."""
+        due: float | None = None
+        while self.leader and await clock.wait_step(self.name, due, stop):
+            while True:
+                try:
+                    res: Any = await self.redis.xreadgroup(
+                        self.group, self.consumer, {self.stream: ">"}, count=self.cfg.count
+                    )
+                except ResponseError as exc:
+                    if "NOGROUP" not in str(exc):
+                        raise
+                    await self._ensure_group()
+                    continue
+                got = res[0][1] if res else []
+                if got:
+                    await self._ingest(got)
+                if len(got) < self.cfg.count:
+                    break
+            await self._evaluate()
+            await self._checkpoint_idle()
+            await self._ack_if_idle()
+            due = self._due_s()
+
+    def _due_s(self) -> float | None:
+        """Clock seconds until ``_evaluate`` or ``_checkpoint_idle`` would act without new
+        input (None: never): the time condition of pending changes, the retry of an
+        incomplete reconcile, the idle checkpoint."""
+        cfg = self.cfg
+        due = float("inf")
+        for st in self.syms.values():
+            if st.needs_reconcile:
+                due = min(due, st.last_reconcile + cfg.max_interval_ms / 1000)
+            elif st.pending:
+                due = min(due, st.last_publish + cfg.max_interval_ms / 1000)
+            elif st.version > st.checkpointed and st.diff_id is not None:
+                due = min(due, st.last_publish + cfg.checkpoint_idle_ms / 1000)
+        return None if due == float("inf") else due - self.clock.monotonic()
 
     def _block_ms(self) -> int:
         block = float(self.cfg.tick_ms)

@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import gzip
 import logging
 import os
@@ -51,7 +52,15 @@ import struct
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Sequence
+from collections.abc import (
+    Awaitable,
+    Callable,
+    Coroutine,
+    Generator,
+    Iterable,
+    Iterator,
+    Sequence,
+)
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -60,11 +69,13 @@ import msgspec
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
+from processors import MODEL_PATH
 from schemas import keys
-from schemas.messages import WS_RECV_FIELD, ChainPointer, from_entry
+from schemas.messages import WS_PAYLOAD_FIELD, WS_RECV_FIELD, ChainPointer, SpotTick, from_entry
 from streams import admin
+from streams.clock import StepClock
 from streams.logs import one_line, redact, setup_logging
-from streams.processor import Deps, Processor, load
+from streams.processor import ConsumerProcessor, Deps, Processor, load
 from streams.producer import DEFAULT_MAXLEN
 from streams.redis_client import CONNECT_ERRORS, admin_client, unreachable
 from streams.settings import RuntimeSettings, SettingsError, from_env
@@ -74,8 +85,10 @@ logger = logging.getLogger(__name__)
 FORMAT = "massive-recording"
 VERSION = 1
 NS = 1_000_000_000
+MS = 1_000_000
 
 LONG_LEASE_MS = 7 * 24 * 3600 * 1000
+DEFAULT_STEP_MS = 50.0
 
 FEEDS = {"chain": keys.CHAIN_STREAM, "ws": keys.WS_STREAM, "spot": keys.SPOT_STREAM}
 
@@ -105,24 +118,32 @@ _record_dec = msgspec.msgpack.Decoder(Record)
 _LEN = struct.Struct(">I")
 
 
-class RecordingWriter:
-    """Append records to a ``.mrec.gz`` file; the header is written on open."""
+class FrameWriter:
+    """A gzip file of length-prefixed frames (4-byte big-endian length, then the frame): the
+    layout of recordings and of saved replay outputs."""
 
-    def __init__(self, path: str | Path, streams: Sequence[str], created_ns: int) -> None:
+    def __init__(self, path: str | Path) -> None:
         self._f = gzip.GzipFile(path, "wb", compresslevel=6)
-        self.count = 0
-        self._frame(_enc.encode(RecordingHeader(created_ns=created_ns, streams=list(streams))))
 
-    def _frame(self, payload: bytes) -> None:
+    def frame(self, payload: bytes) -> None:
         self._f.write(_LEN.pack(len(payload)))
         self._f.write(payload)
 
-    def write(self, rec: Record) -> None:
-        self._frame(_enc.encode(rec))
-        self.count += 1
-
     def close(self) -> None:
         self._f.close()
+
+
+class RecordingWriter(FrameWriter):
+    """Append records to a ``.mrec.gz`` file; the header is written on open."""
+
+    def __init__(self, path: str | Path, streams: Sequence[str], created_ns: int) -> None:
+        super().__init__(path)
+        self.count = 0
+        self.frame(_enc.encode(RecordingHeader(created_ns=created_ns, streams=list(streams))))
+
+    def write(self, rec: Record) -> None:
+        self.frame(_enc.encode(rec))
+        self.count += 1
 
     def __enter__(self) -> RecordingWriter:
         return self
@@ -143,6 +164,18 @@ def _frames(f: gzip.GzipFile) -> Iterator[bytes]:
         if len(payload) < n:
             raise RecordingError("truncated frame")
         yield payload
+
+
+def read_frames(path: str | Path) -> Generator[bytes, None, None]:
+    """The frames of a :class:`FrameWriter` file, lazily; RecordingError when truncated or
+    not gzip."""
+    f = gzip.GzipFile(path, "rb")
+    try:
+        yield from _frames(f)
+    except (OSError, EOFError) as exc:
+        raise RecordingError(f"{path}: {exc}") from None
+    finally:
+        f.close()
 
 
 def read_recording(path: str | Path) -> tuple[RecordingHeader, Iterator[Record]]:
@@ -241,19 +274,82 @@ def _range_start(pos: str) -> str:
     return "-" if pos == "0" else "(" + pos
 
 
+async def start_records(
+    redis: Redis,
+    streams: Sequence[str],
+    upto: str,
+    start_ns: int,
+    *,
+    live_spot: bool,
+    scan_max: int = 5000,
+) -> list[Record]:
+    """The state a recording starts from, as records, so that a replay of the file alone
+    meets the epochs and spots the live pipeline had: per symbol the newest chain pointer at
+    or before entry id ``upto`` whose snapshot blob still exists, and the index spot, as a WS
+    ``V`` frame received at the start (the hydrator applies it with the usual admission):
+    ``massive:spot:latest`` when recording from now on (``live_spot``), else the newest spot
+    tick at or before ``upto``. Ordered by receive time, none later than ``start_ns``."""
+    out: list[Record] = []
+    chain_t = 0
+    if keys.CHAIN_STREAM in streams:
+        active = {_s(k) for k in await redis.hkeys(keys.EPOCH_ACTIVE)}
+        found: dict[str, Record] = {}
+        stats = RecordStats()
+        end, seen = upto, 0
+        while seen < scan_max and not (active and active <= found.keys()):
+            batch: Any = await redis.xrevrange(keys.CHAIN_STREAM, max=end, min="-", count=200)
+            if not batch:
+                break
+            seen += len(batch)
+            for rec in await _to_records(redis, keys.CHAIN_STREAM, batch, stats):
+                if rec.blob is None:
+                    continue
+                sym = from_entry(dict(rec.fields), ChainPointer).symbol
+                found.setdefault(sym, rec)  # newest first
+            end = "(" + _s(batch[-1][0])
+        out += sorted(found.values(), key=lambda r: r.t_ns)
+        chain_t = max((r.t_ns for r in out), default=0)
+    if keys.WS_STREAM in streams:
+        spots: dict[str, tuple[float, int]] = {}
+        if live_spot:
+            h = {_s(k): _s(v) for k, v in (await redis.hgetall(keys.SPOT_LATEST)).items()}
+            for k, v in h.items():
+                at = h.get(k + ":ts_ns")
+                if not k.endswith(":ts_ns") and at is not None and at.isdigit():
+                    with contextlib.suppress(ValueError):
+                        spots[k] = (float(v), int(at))
+        else:
+            ticks: Any = await redis.xrevrange(keys.SPOT_STREAM, max=upto, min="-", count=200)
+            for _, fields in ticks:
+                with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
+                    tick = from_entry(fields, SpotTick)
+                    spots.setdefault(tick.symbol, (tick.value, tick.ts_ns))
+        for sym, (value, ts) in sorted(spots.items()):
+            frame = msgspec.json.encode([{"ev": "V", "T": f"I:{sym}", "val": value, "t": ts // MS}])
+            t = min(start_ns, max(ts, chain_t))
+            fields = [(WS_RECV_FIELD, str(t).encode()), (WS_PAYLOAD_FIELD, frame)]
+            out.append(Record(t, keys.WS_STREAM, fields))
+    return out
+
+
 async def record_range(
     redis: Redis,
     streams: Sequence[str],
     since: str = "0",
     until: str | None = None,
     page: int = 1000,
+    with_start: bool = True,
 ) -> tuple[list[Record], RecordStats]:
     """Everything currently in ``streams`` after ``since`` (and up to ``until``), ordered by
-    receive time."""
+    receive time; ``with_start`` and a ``since`` after the streams' beginning: preceded by
+    the state at ``since`` (:func:`start_records`)."""
     stats = RecordStats()
     records: list[Record] = []
     since_pos = admin.parse_position(since)
     until_pos = admin.parse_position(until) if until else "+"
+    prefix: list[Record] = []
+    if with_start and since_pos not in ("0", "$"):
+        prefix = await start_records(redis, streams, since_pos, _id_ns(since_pos), live_spot=False)
     for s in streams:
         if since_pos == "$":
             continue
@@ -266,6 +362,7 @@ async def record_range(
             start = "(" + _s(batch[-1][0])
     order = {s: i for i, s in enumerate(streams)}
     records.sort(key=lambda r: (r.t_ns, order[r.stream]))
+    records = prefix + records
     for r in records:
         stats.records[r.stream] += 1
     if records:
@@ -281,9 +378,12 @@ async def record_follow(
     since: str = "$",
     reorder_window_s: float = 2.0,
     block_ms: int = 500,
+    with_start: bool = True,
 ) -> RecordStats:
     """Tail ``streams`` until ``stop``; records are written in receive-time order once they
-    are ``reorder_window_s`` older than the newest one seen (the rest at the end)."""
+    are ``reorder_window_s`` older than the newest one seen (the rest at the end).
+    ``with_start``: the file begins with the state at the start (:func:`start_records`), so
+    a recording started at any moment replays on its own."""
     stats = RecordStats()
     pos = admin.parse_position(since)
     last: dict[str, str] = {}
@@ -296,6 +396,14 @@ async def record_follow(
     buf: list[Record] = []
     window_ns = int(reorder_window_s * NS)
     order = {s: i for i, s in enumerate(streams)}
+    if with_start and pos != "0":
+        upto = last.get(keys.CHAIN_STREAM, pos) if pos == "$" else pos
+        start_ns = time.time_ns() if pos == "$" else _id_ns(pos)
+        for r in await start_records(redis, streams, upto, start_ns, live_spot=pos == "$"):
+            writer.write(r)
+            stats.records[r.stream] += 1
+            stats.first_ns = r.t_ns if stats.first_ns is None else stats.first_ns
+            stats.last_ns = r.t_ns
 
     def flush(upto: int | None) -> None:
         buf.sort(key=lambda r: (r.t_ns, order[r.stream]))
@@ -320,41 +428,40 @@ async def record_follow(
 
 
 # --- replay ----------------------------------------------------------------------------
-class ReplayClock:
-    """``Deps.clock`` during a replay: time is the receive time of the record being fed.
-
-    Stepwise (``speed=None``): time jumps from record to record and stands still between
-    them, so processors read the same times in every run. Paced (``speed=N``): between
-    records time flows at N x real time. Never goes backwards."""
-
-    def __init__(self, start_ns: int, speed: float | None = None) -> None:
-        self.origin_ns = start_ns
-        self.speed = speed
-        self._anchor_ns = start_ns
-        self._anchor_real = time.perf_counter()
-
-    def set(self, t_ns: int) -> None:
-        self._anchor_ns = max(t_ns, self.time_ns())
-        self._anchor_real = time.perf_counter()
-
-    def time_ns(self) -> int:
-        if self.speed is None:
-            return self._anchor_ns
-        return self._anchor_ns + int((time.perf_counter() - self._anchor_real) * self.speed * NS)
-
-    def monotonic(self) -> float:
-        return (self.time_ns() - self.origin_ns) / NS
-
-
 @dataclass
 class ReplayStats:
     records: Counter[str] = field(default_factory=Counter)
-    max_late_s: float = 0.0  # paced mode: worst delay behind the recorded schedule
+    max_late_s: float = 0.0  # feed mode, paced: worst delay behind the recorded schedule
     wall_s: float = 0.0
     span_s: float = 0.0  # recorded time covered
+    instants: int = 0  # causal / lockstep: instants the participants ran at
 
 
 Hook = Callable[[Record], Awaitable[None]]
+
+
+class _Writer:
+    """XADDs records into their streams (a chain pointer after SET of its blob, on the same
+    connection, so a reader of the pointer finds the blob), pipelined."""
+
+    def __init__(self, redis: Redis, maxlen: int, blob_ttl_s: int) -> None:
+        self.redis = redis
+        self.maxlen = maxlen
+        self.blob_ttl_s = blob_ttl_s
+        self._pipe = redis.pipeline(transaction=False)
+        self.queued = 0
+
+    def queue(self, rec: Record) -> None:
+        if rec.blob is not None and rec.blob_key is not None:
+            self._pipe.set(rec.blob_key, rec.blob, ex=self.blob_ttl_s)
+        self._pipe.xadd(rec.stream, dict(rec.fields), maxlen=self.maxlen, approximate=True)
+        self.queued += 1
+
+    async def flush(self) -> None:
+        if self.queued:
+            await self._pipe.execute()
+            self._pipe = self.redis.pipeline(transaction=False)
+            self.queued = 0
 
 
 async def replay_records(
@@ -362,32 +469,20 @@ async def replay_records(
     records: Iterable[Record],
     *,
     speed: float | None,
-    clock: ReplayClock | None = None,
-    before_write: Hook | None = None,
     after_write: Hook | None = None,
     maxlen: int = DEFAULT_MAXLEN,
     blob_ttl_s: int = 3600,
     stop: asyncio.Event | None = None,
     batch: int = 500,
 ) -> ReplayStats:
-    """XADD every record into its stream (a chain pointer after SET of its blob, on the
-    same connection, so a reader of the pointer finds the blob); ``speed`` None = as fast as
-    possible. Records already due are pipelined, ``batch`` per round trip; with hooks
-    (lockstep) every record is its own round trip."""
+    """Feed mode: XADD every record into its stream, at ``speed`` x the recorded pace (None:
+    as fast as possible), for processors running elsewhere on their own clocks. Records
+    already due are pipelined, ``batch`` per round trip; with ``after_write`` every record
+    is its own round trip."""
     stats = ReplayStats()
     t0: int | None = None
     real0 = time.perf_counter()
-    per_record = before_write is not None or after_write is not None
-    pipe = redis.pipeline(transaction=False)
-    queued = 0
-
-    async def flush() -> None:
-        nonlocal pipe, queued
-        if queued:
-            await pipe.execute()
-            pipe = redis.pipeline(transaction=False)
-            queued = 0
-
+    w = _Writer(redis, maxlen, blob_ttl_s)
     for rec in records:
         if stop is not None and stop.is_set():
             break
@@ -397,24 +492,17 @@ async def replay_records(
             due = real0 + (rec.t_ns - t0) / NS / speed
             delay = due - time.perf_counter()
             if delay > 0:
-                await flush()  # what was due before goes out before we wait
+                await w.flush()  # what was due before goes out before we wait
                 await asyncio.sleep(delay)
             stats.max_late_s = max(stats.max_late_s, time.perf_counter() - due)
-        if clock is not None:
-            clock.set(rec.t_ns)
-        if before_write is not None:
-            await before_write(rec)
-        if rec.blob is not None and rec.blob_key is not None:
-            pipe.set(rec.blob_key, rec.blob, ex=blob_ttl_s)
-        pipe.xadd(rec.stream, dict(rec.fields), maxlen=maxlen, approximate=True)
-        queued += 1
+        w.queue(rec)
         stats.records[rec.stream] += 1
         stats.span_s = (rec.t_ns - t0) / NS
-        if per_record or queued >= batch:
-            await flush()
+        if after_write is not None or w.queued >= batch:
+            await w.flush()
         if after_write is not None:
             await after_write(rec)
-    await flush()
+    await w.flush()
     stats.wall_s = time.perf_counter() - real0
     return stats
 
@@ -450,28 +538,81 @@ async def busy_groups(
     ]
 
 
-async def wait_quiescent(redis: Redis, timeout_s: float = 30.0) -> None:
-    """Until every consumer group has caught up (see :func:`busy_groups`)."""
-    deadline = time.monotonic() + timeout_s
-    interval = 0.001
-    while busy := await busy_groups(redis):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"pipeline not quiescent after {timeout_s}s: {busy}")
-        await asyncio.sleep(interval)
-        interval = min(interval * 2, 0.01)
+class Quiescence:
+    """Waits until given consumer groups have caught up: nothing undelivered (lag 0) and
+    nothing delivered but unacknowledged (pending 0). One MULTI of XINFO GROUPS per check,
+    so every group is seen at one instant: a consumer acks a batch only after writing its
+    output entries, so an output stream can never look caught up while the entries that
+    feed it are still in flight. This is the replay's only backpressure: no sleeps of a
+    fixed length, just re-checks (first after a yield, then at most every 4 ms) until the
+    groups drain."""
+
+    def __init__(self, redis: Redis, groups: Iterable[tuple[str, str]]) -> None:
+        self.redis = redis
+        self.groups: dict[str, set[str]] = {}
+        for stream, group in groups:
+            self.groups.setdefault(stream, set()).add(group)
+        self.checks = 0
+
+    async def busy(self) -> list[str]:
+        """``stream/group`` of every watched group that has not caught up."""
+        if not self.groups:
+            return []
+        pipe = self.redis.pipeline(transaction=True)
+        for s in self.groups:
+            pipe.xinfo_groups(s)
+        replies = await pipe.execute(raise_on_error=False)
+        self.checks += 1
+        out: list[str] = []
+        for (s, wanted), rep in zip(self.groups.items(), replies, strict=True):
+            if isinstance(rep, Exception):  # stream or groups not created yet
+                out += [f"{s}/{g}" for g in sorted(wanted)]
+                continue
+            seen = set()
+            for g in rep:
+                name = _s(g["name"])
+                if name in wanted:
+                    seen.add(name)
+                    if g["lag"] is None or int(g["lag"]) or int(g["pending"]):
+                        out.append(f"{s}/{name}")
+            out += [f"{s}/{g}" for g in sorted(wanted - seen)]
+        return out
+
+    async def wait(self, timeout_s: float, check: Callable[[], None] | None = None) -> None:
+        deadline = time.monotonic() + timeout_s
+        interval = 0.0
+        while busy := await self.busy():
+            if check is not None:
+                check()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"pipeline not caught up after {timeout_s}s: {busy}")
+            await asyncio.sleep(interval)
+            interval = min(max(interval * 2, 0.0005), 0.004)
 
 
-# --- in-process pipeline ---------------------------------------------------------------
+# --- in-process pipeline on the recording's clock -------------------------------------
+MODES = ("causal", "lockstep", "feed")
+
+
 @dataclass
 class ReplayOptions:
-    speed: float | None = 1.0
-    lockstep: bool = False
-    settle_s: float = 0.0
-    drain_s: float = 0.0
-    drain_step_s: float = 1.0
+    """``mode``: causal (default) or lockstep run ``processors`` in this process on a
+    :class:`StepClock`; feed only writes the raw streams (at ``speed`` x the recorded pace,
+    None = as fast as possible) for processors running elsewhere."""
+
+    mode: str = "causal"
+    processors: list[str] = field(default_factory=lambda: list(MODEL_PATH))
+    step_ms: float = DEFAULT_STEP_MS
+    drain_s: float = 5.0
+    speed: float | None = None
     timeout_s: float = 60.0
     blob_ttl_s: int = 3600
-    processors: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"replay mode {self.mode!r} (choose from {MODES})")
+        if self.step_ms <= 0 or self.drain_s < 0 or self.timeout_s <= 0:
+            raise ValueError("step_ms and timeout_s must be > 0, drain_s >= 0")
 
 
 async def replay_file(
@@ -481,77 +622,160 @@ async def replay_file(
     settings: RuntimeSettings,
     registry: CollectorRegistry | None = None,
     stop: asyncio.Event | None = None,
+    on_instant: Callable[[], Awaitable[None]] | None = None,
 ) -> ReplayStats:
-    """Replay ``path`` into ``redis``; with ``opts.processors`` run them in this process
-    (sharing a :class:`ReplayClock`) until the replay and the drain are done."""
+    """Replay ``path`` into ``redis`` (see the module docstring for the modes);
+    ``on_instant`` runs after every instant (e.g. saving the diffs published so far)."""
     _, records = read_recording(path)
-    it = iter(records)
-    first = next(it, None)
-    if first is None:
-        return ReplayStats()
-    clock = ReplayClock(first.t_ns, None if opts.lockstep else opts.speed)
-    deps = Deps(
-        redis=redis, settings=settings, registry=registry or CollectorRegistry(), clock=clock
-    )
-    procs: list[Processor] = [load(n, deps) for n in opts.processors]
-    pstop = asyncio.Event()
-    tasks = [asyncio.create_task(p.run(pstop), name=p.name) for p in procs]
-
-    async def check_tasks() -> None:
-        for t in tasks:
-            if t.done():
-                exc = t.exception()
-                raise RuntimeError(f"processor {t.get_name()} stopped during replay") from exc
-
-    async def settle(_: Record | None = None) -> None:
-        """Caught up, then ``settle_s`` for clock-driven work (and for consumers that
-        act after delivery, e.g. a publisher evaluating what it just read), caught up."""
-        await wait_quiescent(redis, opts.timeout_s)
-        if opts.settle_s > 0:
-            await asyncio.sleep(opts.settle_s)
-            await wait_quiescent(redis, opts.timeout_s)
-        await check_tasks()
-
-    try:
-        deadline = time.monotonic() + opts.timeout_s
-        while not all(p.ready for p in procs):
-            await check_tasks()
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    "processors not ready: " + ",".join(p.name for p in procs if not p.ready)
-                )
-            await asyncio.sleep(0.01)
-        lock = opts.lockstep
-        stats = await replay_records(
+    if opts.mode == "feed":
+        return await replay_records(
             redis,
-            _chain([first], it),
+            records,
             speed=opts.speed,
-            clock=clock,
-            # Lockstep: the clock moves to the record's time and clock-driven work due then
-            # runs on the state before the record (settle); the record is written; the
-            # pipeline processes it and settles again with the same clock reading.
-            before_write=settle if lock else None,
-            after_write=settle if lock else None,
             maxlen=settings.stream_maxlen,
             blob_ttl_s=opts.blob_ttl_s,
             stop=stop,
         )
-        if procs or opts.lockstep:
-            await settle()
-        # Drain: let clock-driven work (time-boundary publishes) run past the last record.
-        t = clock.time_ns()
-        steps = int(opts.drain_s / opts.drain_step_s) if opts.drain_s > 0 else 0
-        for i in range(1, steps + 1):
-            clock.set(t + int(i * opts.drain_step_s * NS))
-            await settle()
-        return stats
+    it = iter(records)
+    first = next(it, None)
+    if first is None:
+        return ReplayStats()
+    clock = StepClock(first.t_ns)
+    deps = Deps(
+        redis=redis, settings=settings, registry=registry or CollectorRegistry(), clock=clock
+    )
+    procs: list[Processor] = [load(n, deps) for n in opts.processors]
+    consumed = [(p.spec.stream, p.spec.group) for p in procs if isinstance(p, ConsumerProcessor)]
+    pstop = asyncio.Event()
+    tasks = [asyncio.create_task(p.run(pstop), name=p.name) for p in procs]
+
+    def ended(task: asyncio.Task[None]) -> None:
+        if not pstop.is_set():
+            clock.fail(task.get_name())
+
+    for t in tasks:
+        t.add_done_callback(ended)
+
+    def check_tasks() -> None:
+        for t in tasks:
+            if t.done() and not pstop.is_set():
+                exc = t.exception() if not t.cancelled() else None
+                raise RuntimeError(f"processor {t.get_name()} stopped during replay") from exc
+
+    try:
+        deadline = time.monotonic() + opts.timeout_s
+        while not all(p.ready for p in procs):
+            check_tasks()
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    "processors not ready: " + ",".join(p.name for p in procs if not p.ready)
+                )
+            await asyncio.sleep(0.005)
+        driver = _Driver(redis, clock, opts, settings, Quiescence(redis, consumed), check_tasks)
+        driver.on_instant = on_instant
+        await driver.settle_participants()
+        return await driver.run(_chain([first], it), stop)
     finally:
         pstop.set()
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=settings.grace_s)
             for task in pending:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            for task, res in zip(tasks, results, strict=True):
+                if isinstance(res, Exception):
+                    logger.error("processor %s ended with %r", task.get_name(), res)
+
+
+class _Driver:
+    """Feeds records to the in-process pipeline and moves the :class:`StepClock`.
+
+    Instants: the grid instant of a record is its receive time rounded up to ``step_ms``;
+    the next instant is the earlier of the next record's grid instant and the earliest time
+    a participant asked for. Every record received at or before an instant is applied, and
+    the consumers caught up, before the participants run at it. Between instants the
+    records are written as fast as the pipeline takes them (causal) or one at a time with
+    the consumers caught up after each (lockstep, the reference). Either way a chain
+    snapshot is applied alone: everything before it is caught up first, and it is caught
+    up (its epoch promoted) before any later record is written, so every WS event meets
+    the epoch it met in the recording's order."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        clock: StepClock,
+        opts: ReplayOptions,
+        settings: RuntimeSettings,
+        quiet: Quiescence,
+        check: Callable[[], None],
+    ) -> None:
+        self.clock = clock
+        self.opts = opts
+        self.quiet = quiet
+        self.check = check
+        self.step_ns = max(1, int(opts.step_ms * 1_000_000))
+        self.writer = _Writer(redis, settings.stream_maxlen, opts.blob_ttl_s)
+        self.stats = ReplayStats()
+        self.on_instant: Callable[[], Awaitable[None]] | None = None
+
+    async def caught_up(self) -> None:
+        await self.quiet.wait(self.opts.timeout_s, self.check)
+
+    async def settle_participants(self) -> None:
+        await asyncio.wait_for(self.clock.settled(), self.opts.timeout_s)
+
+    async def instant(self, t_ns: int) -> None:
+        self.clock.advance(t_ns)
+        self.stats.instants += 1
+        await self.settle_participants()
+        if self.on_instant is not None:
+            await self.on_instant()
+
+    async def apply(self, batch: list[Record]) -> None:
+        """Write ``batch`` (records up to the next instant) and wait until consumed."""
+        lock = self.opts.mode == "lockstep"
+        for rec in batch:
+            isolated = lock or rec.stream == keys.CHAIN_STREAM
+            if isolated and self.writer.queued:
+                await self.writer.flush()
+                await self.caught_up()
+            self.clock.set(rec.t_ns)
+            self.writer.queue(rec)
+            if isolated or self.writer.queued >= 500:
+                await self.writer.flush()
+            if isolated:
+                await self.caught_up()
+        await self.writer.flush()
+        await self.caught_up()
+
+    async def run(self, records: Iterable[Record], stop: asyncio.Event | None) -> ReplayStats:
+        real0 = time.perf_counter()
+        it = iter(records)
+        nxt = next(it, None)
+        t0 = nxt.t_ns if nxt is not None else self.clock.time_ns()
+        last_t = t0
+        step = self.step_ns
+        while stop is None or not stop.is_set():
+            due = self.clock.next_due_ns()
+            if nxt is not None:
+                grid = -(-nxt.t_ns // step) * step
+                at = grid if due is None else min(grid, due)
+            elif due is not None and due <= last_t + int(self.opts.drain_s * NS):
+                at = due  # drain: what the participants still hold after the last record
+            else:
+                break
+            batch: list[Record] = []
+            while nxt is not None and nxt.t_ns <= at:
+                batch.append(nxt)
+                self.stats.records[nxt.stream] += 1
+                last_t = nxt.t_ns
+                nxt = next(it, None)
+            if batch:
+                await self.apply(batch)
+            await self.instant(at)
+        self.stats.span_s = (last_t - t0) / NS
+        self.stats.wall_s = time.perf_counter() - real0
+        return self.stats
 
 
 def _chain(*its: Iterable[Record]) -> Iterator[Record]:
@@ -607,44 +831,66 @@ def record_parser() -> argparse.ArgumentParser:
 def replay_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="massive-pipeline replay",
-        description="XADD a recording into the raw streams of a target Redis, keeping the "
-        "recorded inter-arrival times.",
+        description="Replay a recording through the pipeline on the recording's clock "
+        "(default: causal, as fast as causality allows, deterministic), or only feed its raw "
+        "streams to processors running elsewhere (--feed), or compare two replays.",
     )
-    p.add_argument("file")
+    p.add_argument("file", nargs="?", help="the recording (.mrec.gz)")
     p.add_argument("--redis-url", help="target Redis (default: MASSIVE_REDIS_URL)")
-    pace = p.add_mutually_exclusive_group()
-    pace.add_argument("--speed", type=float, default=1.0, help="N x recorded speed (default 1)")
-    pace.add_argument("--as-fast-as-possible", action="store_true")
     p.add_argument(
         "--lockstep",
         action="store_true",
-        help="after each record wait until every consumer group is caught up "
-        "(lag 0, nothing pending): deterministic processing order",
+        help="the reference: one record at a time, every consumer group caught up after "
+        "each (same output as the default causal mode, much slower)",
     )
     p.add_argument(
         "--run",
         nargs="+",
-        default=[],
+        default=None,
         metavar="PROCESSOR",
-        help="run these processors in this process with the replay clock, e.g. "
-        "normalizer hydrator tile-builder:single publisher:single gex",
+        help="processors to run in this process on the recording's clock (default: "
+        + " ".join(MODEL_PATH)
+        + ")",
     )
     p.add_argument(
-        "--settle-s",
+        "--step-ms",
         type=float,
-        default=None,
-        help="lockstep: real seconds for clock-driven work (publisher tick, GEX poll) at each "
-        "step; must exceed their loop periods (default 0.3 with --run, else 0)",
+        default=DEFAULT_STEP_MS,
+        help="grid of the instants at which clock-driven work (publish conditions, GEX) is "
+        "evaluated after records arrive (default %(default)s; participants' own deadlines, "
+        "e.g. a publisher's max interval, are met exactly)",
     )
     p.add_argument(
         "--drain-s",
         type=float,
-        default=0.0,
-        help="advance the replay clock this far past the last record, in steps",
+        default=5.0,
+        help="keep the clock going this long past the last record while a processor still "
+        "has work due (held changes, checkpoints)",
     )
-    p.add_argument("--drain-step-s", type=float, default=1.0)
     p.add_argument("--timeout-s", type=float, default=60.0)
     p.add_argument("--blob-ttl-s", type=int, default=3600)
+    p.add_argument(
+        "--output",
+        metavar="FILE",
+        help="after the replay, save the published diffs and final models to FILE "
+        "(.mout.gz) for --compare",
+    )
+    feed = p.add_argument_group("feed mode (raw streams only, for processors running elsewhere)")
+    feed.add_argument("--feed", action="store_true", help="only XADD the records")
+    pace = feed.add_mutually_exclusive_group()
+    pace.add_argument(
+        "--speed", type=float, default=None, help="N x recorded pace (implies --feed)"
+    )
+    pace.add_argument(
+        "--as-fast-as-possible", action="store_true", help="no pacing (implies --feed)"
+    )
+    p.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("A", "B"),
+        help="report the first difference between two replays' outputs: each a redis:// URL "
+        "(a Redis a replay ran into) or a file saved with --output",
+    )
     p.add_argument("--summary", action="store_true", help="print what the file holds and exit")
     return p
 
@@ -686,6 +932,10 @@ async def _record(args: argparse.Namespace, settings: RuntimeSettings) -> int:
 
 
 async def _replay(args: argparse.Namespace, settings: RuntimeSettings) -> int:
+    if args.compare:
+        from processors import replay_compare
+
+        return await replay_compare.compare_cli(args.compare[0], args.compare[1])
     if args.summary:
         header, records = read_recording(args.file)
         counts: Counter[str] = Counter()
@@ -701,38 +951,58 @@ async def _replay(args: argparse.Namespace, settings: RuntimeSettings) -> int:
             f", {span:.3f} s from t={first}",
         )
         return 0
-    if args.run:
-        # Lease renewals follow the replay clock, which stands still between records while
-        # the lease TTL runs in Redis real time: keep in-process leaders' leases for the
-        # whole replay unless configured otherwise.
+    feed = args.feed or args.speed is not None or args.as_fast_as_possible
+    mode = "feed" if feed else "lockstep" if args.lockstep else "causal"
+    if mode != "feed":
+        # Lease TTLs run in Redis real time while the clock is the recording's: keep the
+        # in-process leaders' leases for the whole replay unless configured otherwise.
         for var in ("MASSIVE_PUBLISHER_LEASE_TTL_MS", "MASSIVE_GEX_LEASE_TTL_MS"):
             os.environ.setdefault(var, str(LONG_LEASE_MS))
-    settle = args.settle_s if args.settle_s is not None else (0.3 if args.run else 0.0)
     opts = ReplayOptions(
-        speed=None if args.as_fast_as_possible else args.speed,
-        lockstep=args.lockstep,
-        settle_s=settle,
+        mode=mode,
+        processors=list(MODEL_PATH if args.run is None else args.run),
+        step_ms=args.step_ms,
         drain_s=args.drain_s,
-        drain_step_s=args.drain_step_s,
+        speed=args.speed,
         timeout_s=args.timeout_s,
         blob_ttl_s=args.blob_ttl_s,
-        processors=list(args.run),
     )
     redis = admin_client(settings.redis_url)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    out = None
     try:
-        stats = await replay_file(redis, args.file, opts, settings, stop=stop)
+        if mode != "feed" and await redis.dbsize():
+            logger.warning(
+                "target Redis is not empty: a replay's output is reproducible only into an "
+                "empty Redis"
+            )
+        hook = None
+        if args.output:
+            from processors.replay_compare import OutputWriter
+
+            out = OutputWriter(args.output)
+            hook = functools.partial(out.collect, redis)
+        stats = await replay_file(redis, args.file, opts, settings, stop=stop, on_instant=hook)
+        if out is not None:
+            await out.finish(redis)
+            print(f"output saved to {args.output}: {out.n_diffs} diffs and the final models")
     finally:
+        if out is not None:
+            out.close()
         await redis.aclose()
-    _print_stats(
-        f"replayed {args.file}",
-        stats.records,
-        f", {stats.span_s:.3f} s recorded in {stats.wall_s:.3f} s wall, "
-        f"max late {stats.max_late_s * 1000:.1f} ms",
-    )
+    n = sum(stats.records.values())
+    speed = stats.span_s / stats.wall_s if stats.wall_s else 0.0
+    extra = f", {stats.span_s:.3f} s recorded in {stats.wall_s:.3f} s wall ({speed:.1f}x)"
+    if mode == "feed":
+        extra += f", max late {stats.max_late_s * 1000:.1f} ms"
+    else:
+        extra += (
+            f", {mode}, {stats.instants} instants, {n / max(stats.wall_s, 1e-9):,.0f} records/s"
+        )
+    _print_stats(f"replayed {args.file}", stats.records, extra)
     return 0
 
 
@@ -742,8 +1012,10 @@ def _main(
     argv: Sequence[str],
 ) -> int:
     args = parser.parse_args(list(argv))
-    if getattr(args, "speed", 1.0) is not None and getattr(args, "speed", 1.0) <= 0:
+    if getattr(args, "speed", None) is not None and args.speed <= 0:
         parser.error("--speed must be > 0")
+    if parser.prog.endswith("replay") and not args.compare and not args.file:
+        parser.error("a recording file is required (or --compare A B)")
     if getattr(args, "follow", False) and args.until:
         parser.error("--until cannot be combined with --follow")
     try:
@@ -752,12 +1024,20 @@ def _main(
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings.log_level)
+    from processors.cli import run_loop
+
+    result: list[int] = []
+
+    async def main() -> None:
+        result.append(await run(args, settings))
+
     try:
-        return asyncio.run(run(args, settings))
+        run_loop(main(), settings.event_loop)
+        return result[0]
     except CONNECT_ERRORS as exc:
         print(unreachable(settings.redis_url, exc), file=sys.stderr)
         return 2
-    except OSError as exc:  # the recording file; TimeoutError (lockstep)
+    except OSError as exc:  # the recording file; TimeoutError (a pipeline that does not drain)
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 1
     except (RecordingError, ValueError) as exc:

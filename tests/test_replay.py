@@ -235,19 +235,6 @@ async def test_follow_mode_writes_in_receive_time_order(redis: Redis, tmp_path: 
     assert [r.t_ns for r in it] == [T0 + MS, T0 + 2 * MS, T0 + 3 * MS]
 
 
-def test_replay_clock_is_stepwise_or_paced_and_never_goes_back() -> None:
-    c = rp.ReplayClock(T0)
-    assert (c.time_ns(), c.monotonic()) == (T0, 0.0)
-    c.set(T0 + 2 * 10**9)
-    assert (c.time_ns(), c.monotonic()) == (T0 + 2 * 10**9, 2.0)
-    c.set(T0)  # never backwards
-    assert c.time_ns() == T0 + 2 * 10**9
-    paced = rp.ReplayClock(T0, speed=1000.0)
-    a = paced.time_ns()
-    time.sleep(0.01)
-    assert paced.time_ns() - a >= 9 * 10**9  # ~10 ms real at 1000x = ~10 s
-
-
 # --- replay ----------------------------------------------------------------------------------
 async def test_replay_keeps_relative_receive_times_scaled_by_speed(redis: Redis) -> None:
     gaps_s = [0.0, 0.3, 0.9, 1.2]
@@ -324,51 +311,82 @@ def test_cli_record_then_replay_reproduces_the_raw_streams(
     r.close()
 
 
-# --- determinism through the whole pipeline ---------------------------------------------------
-PIPELINE = list(MODEL_PATH)
-
-
-def model_keys() -> list[str]:
-    out = [keys.heatmap_model("SPX", s) for s in keys.STRATEGIES]
-    return [*out, keys.gex_model("SPX"), keys.gex_model_calls("SPX"), keys.gex_model_puts("SPX")]
-
-
-def diff_streams() -> list[str]:
-    return [*(keys.heatmap_diffs_stream(s) for s in keys.STRATEGIES), keys.GEX_DIFFS_STREAM]
-
-
-async def published(redis: Redis) -> dict[str, Any]:
-    """Every published diff (stream order) and the final models, minus what Redis assigns
-    at run time (entry ids: diff_id, and prev_id, the id of the diff a diff follows)."""
-    out: dict[str, Any] = {}
-    for s in diff_streams():
-        out[s] = [
-            {k.decode(): msgspec.json.decode(v) for k, v in f.items()}
-            for _, f in await redis.xrange(s)
-        ]
-        for d in out[s]:
-            d.get("d", {}).pop("prev_id", None)
-    for k in model_keys():
-        raw = await redis.get(k)
-        if raw is not None:
-            m = msgspec.json.decode(raw)
-            m.pop("diff_id", None)
-            out[k] = m
+# --- causal replay: deterministic, equal to the lockstep reference ---------------------------
+def ws_events(records: list[rp.Record]) -> list[tuple[int, str]]:
+    """(position among the records, cid) of every recorded Q/T event, in recording order."""
+    out = []
+    for i, r in enumerate(records):
+        if r.stream != keys.WS_STREAM:
+            continue
+        try:
+            evs = json.loads(dict(r.fields)[WS_PAYLOAD_FIELD])
+        except ValueError:
+            continue
+        out += [(i, e["sym"]) for e in evs if e.get("ev") in ("Q", "T")]
     return out
+
+
+def expected_misses(records: list[rp.Record]) -> int:
+    """WS events for a contract that the newest chain snapshot of its symbol before the
+    event did not list: what the hydrator must count as geometry_miss, and nothing else."""
+    listed: dict[str, set[str]] = {}
+    by_pos: dict[int, dict[str, set[str]]] = {}
+    for i, r in enumerate(records):
+        if r.stream == keys.CHAIN_STREAM and r.blob is not None:
+            snap = msgspec.msgpack.decode(r.blob, type=ChainSnapshot)
+            listed = {**listed, snap.symbol: {c.cid for c in snap.contracts}}
+        by_pos[i] = listed
+    n = 0
+    for i, cid in ws_events(records):
+        sym = "SPX" if cid.startswith("O:SPX") else "NDX"
+        n += cid not in by_pos[i].get(sym, set())
+    return n
+
+
+def metric_sum(registry: CollectorRegistry, name: str) -> float:
+    return sum(s.value for m in registry.collect() for s in m.samples if s.name == name)
+
+
+def replay_settings(settings: RuntimeSettings, run: int) -> RuntimeSettings:
+    return RuntimeSettings(
+        redis_url=settings.redis_url,
+        consumer=f"replay-{run}",
+        block_ms=1000,
+        min_idle_ms=60_000,
+        reclaim_interval_s=60.0,
+        grace_s=5.0,
+    )
+
+
+async def replay_to_file(
+    redis: Redis,
+    recording: Path,
+    out: Path,
+    opts: rp.ReplayOptions,
+    settings: RuntimeSettings,
+    registry: CollectorRegistry,
+) -> rp.ReplayStats:
+    from processors.replay_compare import OutputWriter
+
+    await redis.flushall()
+    w = OutputWriter(out)
+    try:
+        stats = await rp.replay_file(
+            redis, recording, opts, settings, registry, on_instant=lambda: w.collect(redis)
+        )
+        await w.finish(redis)
+    finally:
+        w.close()
+    return stats
 
 
 @pytest.fixture
 def pipeline_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Clock-driven loops wake often (real time) so --settle-s can be short; leases outlive
-    # the replay (their TTL is Redis real time, renewals follow the replay clock).
-    monkeypatch.setenv("MASSIVE_PUBLISHER_TICK_MS", "10")
-    # Small changes are held until a time boundary of the (replay) clock: both publish
-    # conditions occur, and the held entries stay pending in the publisher group.
+    # Small changes are held until the max interval passes on the recording's clock: both
+    # publish conditions occur, and held tile deltas stay pending in the publisher group.
     monkeypatch.setenv("MASSIVE_PUBLISHER_MIN_CHANGED_PCT", "20")
     monkeypatch.setenv("MASSIVE_PUBLISHER_MAX_INTERVAL_MS", "1000")
     monkeypatch.setenv("MASSIVE_PUBLISHER_LEASE_TTL_MS", "600000")
-    monkeypatch.setenv("MASSIVE_PUBLISHER_RENEW_MS", "1000")
-    monkeypatch.setenv("MASSIVE_GEX_POLL_S", "0.03")
     monkeypatch.setenv("MASSIVE_GEX_LEASE_TTL_MS", "600000")
     monkeypatch.setenv("MASSIVE_GEX_SYMBOLS", "SPX")
 
@@ -387,76 +405,116 @@ async def recording(redis: Redis, session: Session, tmp_path: Path) -> AsyncIter
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-async def test_same_recording_replayed_twice_publishes_identical_versions(
-    redis: Redis, settings: RuntimeSettings, recording: Path, pipeline_env: None
+async def test_causal_replay_is_deterministic_and_equals_the_lockstep_reference(
+    redis: Redis,
+    settings: RuntimeSettings,
+    recording: Path,
+    pipeline_env: None,
+    tmp_path: Path,
 ) -> None:
-    opts = rp.ReplayOptions(
-        speed=None,
-        lockstep=True,
-        settle_s=0.1,
-        drain_s=3.0,
-        drain_step_s=0.5,
-        timeout_s=30.0,
-        processors=PIPELINE,
-    )
-    runs = []
-    registries = []
-    for run in range(2):
-        await redis.flushall()
-        s = RuntimeSettings(
-            redis_url=settings.redis_url,
-            consumer=f"replay-{run}",
-            block_ms=20,
-            min_idle_ms=60_000,
-            reclaim_interval_s=60.0,
-            grace_s=5.0,
+    from processors import replay_compare as rc
+
+    runs: list[Path] = []
+    regs: list[CollectorRegistry] = []
+    stats: list[rp.ReplayStats] = []
+    for run, mode in enumerate(("causal", "causal", "lockstep")):
+        out = tmp_path / f"{run}-{mode}.mout.gz"
+        regs.append(CollectorRegistry())
+        opts = rp.ReplayOptions(mode=mode, processors=list(MODEL_PATH), timeout_s=30.0)
+        st = await replay_to_file(
+            redis, recording, out, opts, replay_settings(settings, run), regs[-1]
         )
-        registries.append(CollectorRegistry())
-        stats = await rp.replay_file(redis, recording, opts, s, registries[-1])
-        assert sum(stats.records.values()) == Session().n_records
-        runs.append(await published(redis))
-    first, second = runs
-    # Non-trivial: every model published several versions, across two epochs.
-    for s in diff_streams():
-        versions = [d["d"]["version"] for d in first[s]]
-        assert len(versions) >= 2, (s, versions)
-        assert versions == sorted(versions)
-    epochs = {d["d"]["epoch"] for s in diff_streams() for d in first[s]}
+        assert sum(st.records.values()) == Session().n_records
+        runs.append(out)
+        stats.append(st)
+    assert stats[0].instants == stats[1].instants == stats[2].instants > 10
+    # Non-trivial: every model published several versions, across two epochs, by both the
+    # value and the time condition; GEX too.
+    a = rc.open_source(str(runs[0]))
+    epochs = set()
+    for s in rc.diff_streams():
+        versions = []
+        async for _, raw in a.diffs(s):
+            d = msgspec.json.decode(raw)
+            versions.append(d["version"])
+            epochs.add(d["epoch"])
+        assert len(versions) >= 2 and versions == sorted(versions), (s, versions)
     assert len(epochs) == 2
+    models = await a.models()
+    assert msgspec.json.decode(models[keys.gex_model("SPX")])["items"]
     for s in keys.STRATEGIES:
-        model = first[keys.heatmap_model("SPX", s)]
-        assert model["items"] and model["epoch"] in epochs
-        assert model["version"] == first[keys.heatmap_diffs_stream(s)][-1]["d"]["version"]
-    assert first[keys.gex_model("SPX")]["items"]
-    conditions = {
-        c: sum(
-            registries[0].get_sample_value(
-                "massive_publishes_total", {"strategy": s, "condition": c}
-            )
+        assert msgspec.json.decode(models[keys.heatmap_model("SPX", s)])["items"]
+    for cond in ("complete", "value", "time"):
+        n = sum(
+            regs[0].get_sample_value("massive_publishes_total", {"strategy": s, "condition": cond})
             or 0
             for s in keys.STRATEGIES
         )
-        for c in ("value", "time")
-    }
-    assert conditions["value"] > 0 and conditions["time"] > 0, conditions
-    # The guarantee.
-    assert second.keys() == first.keys()
-    for k in first:
-        assert second[k] == first[k], k
+        assert n > 0, cond
+    # The guarantee: run after run, and equal to the reference.
+    for other in runs[1:]:
+        res = await rc.compare(rc.open_source(str(runs[0])), rc.open_source(str(other)))
+        assert res.difference is None, (other.name, str(res.difference))
+        assert sum(res.diffs.values()) > 10 and res.models == 6  # SPX: 3 heatmaps, GEX x 3
+    # WS events were applied, and the only geometry misses are the events for a contract the
+    # recording had not listed at that point.
+    _, it = rp.read_recording(recording)
+    records = list(it)
+    for reg in regs:
+        assert metric_sum(reg, "massive_hydrator_applied_total") > 40
+        assert metric_sum(reg, "massive_hydrator_geometry_miss_total") == expected_misses(records)
+    assert expected_misses(records) == 1
 
 
-@pytest.mark.slow
+async def test_a_chain_snapshot_is_applied_alone(
+    redis: Redis, settings: RuntimeSettings, tmp_path: Path, pipeline_env: None
+) -> None:
+    """A WS frame right after a snapshot that lists a new strike meets the new epoch (its
+    event applies), and one right before it meets the old one (a geometry miss), however
+    fast the records are written: the snapshot waits for what came before it and is
+    promoted before anything after it is written."""
+    strikes = [5900.0, 5910.0]
+    s1 = snapshot(T0 + 100 * MS, strikes, 5905.0, 0.0)
+    s2 = snapshot(T0 + 300 * MS, [*strikes, 5920.0], 5905.0, 0.0)
+    new = next(c.cid for c in s2.contracts if c.strike == 5920.0)
+
+    def chain(s: ChainSnapshot) -> rp.Record:
+        key = keys.chain_snapshot("SPX", s.ts_ns)
+        ptr = ChainPointer("SPX", key, s.ts_ns, len(s.contracts), s.spot)
+        fields = list(entry(ptr).items())
+        return rp.Record(s.ts_ns, keys.CHAIN_STREAM, fields, key, encode_snapshot(s))
+
+    def quote(t: int, bid: float) -> rp.Record:
+        ev = json.dumps([{"ev": "Q", "sym": new, "bp": bid, "ap": bid + 0.2, "t": t // MS}])
+        fields = [(WS_RECV_FIELD, str(t).encode()), (WS_PAYLOAD_FIELD, ev.encode())]
+        return rp.Record(t, keys.WS_STREAM, fields)
+
+    records = [chain(s1), quote(T0 + 299 * MS, 1.0), chain(s2), quote(T0 + 301 * MS, 2.0)]
+    path = tmp_path / "r.mrec.gz"
+    with rp.RecordingWriter(path, [keys.CHAIN_STREAM, keys.WS_STREAM], 1) as w:
+        for r in records:
+            w.write(r)
+    reg = CollectorRegistry()
+    opts = rp.ReplayOptions(processors=["normalizer", "hydrator"], step_ms=1000.0)
+    st = await rp.replay_file(redis, path, opts, replay_settings(settings, 0), reg)
+    assert st.instants == 1  # all four records in one instant, still in causal order
+    assert metric_sum(reg, "massive_hydrator_geometry_miss_total") == 1
+    assert metric_sum(reg, "massive_hydrator_applied_total") == 1
+    eid = (await redis.hget(keys.EPOCH_ACTIVE, "SPX")).decode()  # type: ignore[union-attr]
+    assert await redis.hget(keys.epoch_contract(eid, new), "bid") == b"2.0"
+
+
 def test_cli_replay_runs_processors_in_process_with_the_recording_clock(
     redis_server: RedisServer,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """``replay FILE --lockstep --run normalizer``: the normalizer builds the epochs of the
-    recorded chain snapshots, stamped with recorded times (not the wall clock)."""
+    """``replay FILE --run normalizer``: the normalizer builds the epochs of the recorded
+    chain snapshots, stamped with recorded times (not the wall clock)."""
     import redis as sync_redis
 
-    # The CLI defaults these (setdefault) for --run; keep that out of other tests.
+    # The CLI defaults these (setdefault) for in-process replays; keep that out of other tests.
     monkeypatch.setenv("MASSIVE_PUBLISHER_LEASE_TTL_MS", "60000")
     monkeypatch.setenv("MASSIVE_GEX_LEASE_TTL_MS", "60000")
 
@@ -476,9 +534,9 @@ def test_cli_replay_runs_processors_in_process_with_the_recording_clock(
 
     asyncio.run(make())
     url = redis_server.url
-    args = [str(path), "--redis-url", url, "--as-fast-as-possible", "--lockstep", "--settle-s", "0"]
-    assert rp.replay_main([*args, "--run", "normalizer"]) == 0
-    assert f"replayed {path}: {len(session.chain)} records" in capsys.readouterr().out
+    assert rp.replay_main([str(path), "--redis-url", url, "--run", "normalizer"]) == 0
+    out = capsys.readouterr().out
+    assert f"replayed {path}: {len(session.chain)} records" in out and "causal" in out
     r = sync_redis.Redis.from_url(url)
     try:
         eid = r.hget(keys.EPOCH_ACTIVE, "SPX")
@@ -493,3 +551,5 @@ def test_cli_replay_runs_processors_in_process_with_the_recording_clock(
         assert (g["lag"], g["pending"]) == (0, 0)
     finally:
         r.close()
+    with pytest.raises(SystemExit):  # no recording and no --compare
+        rp.replay_main(["--redis-url", url])
