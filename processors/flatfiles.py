@@ -190,16 +190,18 @@ class _Reader:
                     f"{self.path}: not a {self.name} flat file: no column(s) {', '.join(missing)}"
                     f" (header: {','.join(header)})"
                 )
-            wanted = self._wanted(f)
-            for fields in csv.reader(wanted):
+            for line in self._wanted(f):
+                # one record per line (a stray quote never swallows the next lines); options
+                # files have no quoted fields, so the split is the common path
+                text = line.rstrip("\r\n")
+                fields = text.split(",") if '"' not in text else next(csv.reader([text]), [])
                 row = self._parse(fields, col, len(header))
                 if row is not None:
                     self.stats.rows[f"{self.name}_kept"] += 1
                     yield row
 
     def _wanted(self, f: IO[str]) -> Iterator[str]:
-        """Lines whose ticker starts with a wanted prefix, before any CSV parsing (a quoted
-        first field never is one)."""
+        """Lines whose ticker starts with a wanted prefix, before any CSV parsing."""
         pfx = self.pfx
         read = filtered = 0
         try:
