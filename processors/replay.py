@@ -1,5 +1,5 @@
-"""``massive-pipeline record`` / ``massive-pipeline replay``: capture the raw feeds and feed
-them through the same pipeline again.
+"""``massive-pipeline record`` / ``massive-pipeline replay``: capture the raw feeds and run
+them through the same pipeline again, deterministically and as fast as causality allows.
 
 Recording file (``*.mrec.gz``): a gzip stream of length-prefixed msgpack frames (4-byte
 big-endian length, then the frame). The first frame is a :class:`RecordingHeader`, every
@@ -11,31 +11,44 @@ are captured when recording). Records are ordered by receive time:
 * ``massive:chain:stream``: the pointer's ``ts_ns`` (fetch completion, the poller's clock);
 * ``massive:spot:stream`` and anything unreadable: the entry id's time (when Redis got it).
 
-Replay XADDs each record into the same stream of a target Redis (a chain pointer after SET
-of its blob), at the recorded pace (``--speed 1``), faster (``--speed N``) or with no
-waiting (``--as-fast-as-possible``). Entry ids are new; fields are the recorded bytes.
+A recording is self-contained: it starts with the state at its first record
+(:func:`start_records`: the newest chain snapshot of every symbol, and its index spot as a WS
+``V`` frame), so one started mid-session replays on its own.
 
-Determinism (``--run`` processors in-process + ``--lockstep``): the processors get a
-:class:`ReplayClock` as ``Deps.clock`` whose time is the receive time of the record being
-fed, never the wall clock, and records are fed one at a time: the clock moves to the
-record's receive time; the pipeline settles (every consumer group caught up, then
-``--settle-s`` of real time so clock-driven work due at that time, e.g. a time-boundary
-publish or a GEX rebuild, runs on the state before the record, then caught up again); the
-record is written; the pipeline processes it and settles again with the same clock reading.
-After the last record the clock is stepped ``--drain-s`` further so held changes publish.
-"Caught up" = lag 0 and nothing pending in every group of the pipeline's streams, except
-that the publishers' group may keep entries pending (they ack once published).
+Replay modes (``replay_file``):
 
-Guarantee: two lockstep replays of one recording into an empty Redis, with the same
-processors and settings, publish the same sequence of diffs per model (version,
-prev_version, epoch, ts_ns, changed, removed, meta) and the same final models. Excluded:
-what Redis assigns at run time (stream entry ids, hence ``diff_id`` and SSE event ids; TTL
-deadlines), and metrics. Conditions: ``--settle-s`` longer than the processors' real-time
-loop periods (publisher tick, GEX poll), and lease TTLs (Redis real time) longer than the
-replay, since lease renewals follow the replay clock. Without ``--lockstep`` the streams are
-processed concurrently and batches form by timing: version sequences differ between runs,
-and so can final values around an epoch change (a WS event processed before the promotion
-lands in the old epoch; the new epoch is seeded from its snapshot), as in live operation.
+* **causal** (default): the model path (``processors.MODEL_PATH``, or ``--run``) runs in this
+  process on a :class:`StepClock` whose time is the recording's. The clock moves through
+  *instants*: the grid instant of a record is its receive time rounded up to ``--step-ms``;
+  the next instant is the earlier of the next record's and the earliest time a clock-driven
+  processor (publisher: max interval, reconcile retry, idle checkpoint; GEX: build cadence)
+  asked for. Every record received up to an instant is written, as fast as the pipeline
+  takes it, and the consumer groups (normalizer, hydrator, builders) drain; then the
+  publishers and GEX run exactly one iteration at the instant, on that state. A chain
+  snapshot is applied alone: what came before it drains first, and its epoch is promoted
+  before anything after it is written, so every WS event meets the epoch it met in the
+  recording's order. No sleeps: the only waits are for the groups' lag and pending to reach
+  0 (:class:`Quiescence`) and for the clock-driven processors to finish their instant.
+* **lockstep** (the reference, ``--lockstep``): the same instants, but one record at a time
+  with every group drained after each; slow, and equal to causal by construction (below).
+* **feed** (``--feed``, ``--speed N``, ``--as-fast-as-possible``): only XADD the records, at
+  N x the recorded pace or unpaced, for processors running elsewhere on their own clocks
+  (not deterministic: their batches form by timing).
+
+Why causal equals lockstep and itself: between instants only the consumers run, and what
+they leave at an instant does not depend on how records were batched (admission keeps the
+newest value per contract and kind whatever the order; a tile's staged value is a function
+of its legs; the publisher folds every announced tile against its model, so its pending set
+is exactly the staged views that differ from the model). Everything that depends on time
+(publish conditions, checkpoints, GEX cadence, diff timestamps) is decided at instants, on
+the recording's clock, from that state. Guarantee: replays of one recording into an empty
+Redis with the same processors, settings and ``--step-ms`` publish the same diffs per model
+(everything but the stream ids ``prev_id`` / ``diff_id`` and ``src_recv_ts_ns``, the
+receive time of the oldest event behind a version, which depends on batching) and the same
+final models, GEX included (``processors/replay_compare.py`` checks it: ``--compare``).
+Not reproduced: stream entry ids, TTL deadlines, metrics, log lines. ``--step-ms`` is the
+finest time resolution of the clock-driven decisions: a publisher's value condition is seen
+at the instant after the records that met it (live, it is seen at its next read).
 """
 
 from __future__ import annotations
@@ -88,7 +101,7 @@ NS = 1_000_000_000
 MS = 1_000_000
 
 LONG_LEASE_MS = 7 * 24 * 3600 * 1000
-DEFAULT_STEP_MS = 50.0
+DEFAULT_STEP_MS = 250.0  # the publishers' default max interval
 
 FEEDS = {"chain": keys.CHAIN_STREAM, "ws": keys.WS_STREAM, "spot": keys.SPOT_STREAM}
 
