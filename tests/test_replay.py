@@ -553,3 +553,170 @@ def test_cli_replay_runs_processors_in_process_with_the_recording_clock(
         r.close()
     with pytest.raises(SystemExit):  # no recording and no --compare
         rp.replay_main(["--redis-url", url])
+
+
+# --- self-contained recordings -------------------------------------------------------------
+async def test_follow_starts_with_the_chain_snapshot_and_spot_of_every_symbol(
+    redis: Redis, settings: RuntimeSettings, tmp_path: Path, pipeline_env: None
+) -> None:
+    """``record --follow`` started mid-session: the file begins with the newest snapshot of
+    each symbol and its spot, so replaying it alone applies the first WS events (no prefix
+    of geometry misses waiting for the next snapshot)."""
+    session = Session()
+    # The session so far: both chain pointers before the topology change, spot from the WS.
+    for snap, reason in session.chain[:2]:
+        key = keys.chain_snapshot(snap.symbol, snap.ts_ns)
+        await redis.set(key, encode_snapshot(snap), ex=600)
+        ptr = ChainPointer(
+            snap.symbol, key, snap.ts_ns, len(snap.contracts), snap.spot, 0.1, reason
+        )
+        await redis.xadd(keys.CHAIN_STREAM, entry(ptr))  # type: ignore[arg-type]
+    spot_ts = session.chain[1][0].ts_ns + 7 * MS
+    await redis.hset(keys.SPOT_LATEST, mapping={"SPX": "5901.25", "SPX:ts_ns": str(spot_ts)})
+    path = tmp_path / "f.mrec.gz"
+    stop = asyncio.Event()
+    streams = list(rp.FEEDS.values())
+    with rp.RecordingWriter(path, streams, 1) as w:
+        task = asyncio.create_task(
+            rp.record_follow(redis, streams, w, stop, "$", reorder_window_s=0.0, block_ms=20)
+        )
+        await asyncio.sleep(0.05)  # the follower takes its "$" position
+        live = session.chain[1][0].contracts[:3]
+        t = session.chain[1][0].ts_ns + 100 * MS
+        frame = json.dumps(
+            [{"ev": "Q", "sym": c.cid, "bp": 1.0, "ap": 1.2, "t": t // MS} for c in live]
+        )
+        await redis.xadd(keys.WS_STREAM, {WS_RECV_FIELD: str(t), WS_PAYLOAD_FIELD: frame})
+        await asyncio.sleep(0.1)
+        stop.set()
+        stats = await asyncio.wait_for(task, 5)
+    assert stats.records == {keys.CHAIN_STREAM: 1, keys.WS_STREAM: 2}
+    _, it = rp.read_recording(path)
+    records = list(it)
+    first, spot, ws = records
+    assert first.stream == keys.CHAIN_STREAM and first.blob is not None
+    assert first.t_ns == session.chain[1][0].ts_ns  # the newest snapshot, with its blob
+    v = json.loads(dict(spot.fields)[WS_PAYLOAD_FIELD])
+    assert v == [{"ev": "V", "T": "I:SPX", "val": 5901.25, "t": spot_ts // MS}]
+    assert first.t_ns <= spot.t_ns <= ws.t_ns
+
+    await redis.flushall()
+    reg = CollectorRegistry()
+    opts = rp.ReplayOptions(processors=["normalizer", "hydrator"])
+    await rp.replay_file(redis, path, opts, replay_settings(settings, 0), reg)
+    assert metric_sum(reg, "massive_hydrator_applied_total") == 3
+    assert metric_sum(reg, "massive_hydrator_geometry_miss_total") == 0
+    assert await redis.hget(keys.SPOT_LATEST, "SPX") == b"5901.25"
+
+
+# --- comparing two replays -----------------------------------------------------------------
+def write_output(
+    path: Path, diffs: list[tuple[str, dict[str, Any]]], models: dict[str, Any]
+) -> str:
+    from processors.replay_compare import OutputEntry, OutputHeader
+
+    w = rp.FrameWriter(path)
+    w.frame(msgspec.msgpack.encode(OutputHeader(created_ns=1)))
+    for i, (stream, d) in enumerate(diffs):
+        w.frame(
+            msgspec.msgpack.encode(OutputEntry("diff", stream, f"{i}-0", msgspec.json.encode(d)))
+        )
+    for k, m in models.items():
+        w.frame(msgspec.msgpack.encode(OutputEntry("model", k, "", msgspec.json.encode(m))))
+    w.close()
+    return str(path)
+
+
+def test_compare_reports_the_first_difference(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fly = keys.heatmap_diffs_stream("butterfly")
+    tile = "SPX:2025-11-24:butterfly:5900-5910-5920:C"
+
+    def diff(v: int, debit: float, **extra: Any) -> tuple[str, dict[str, Any]]:
+        d = {"symbol": "SPX", "kind": "heatmap:butterfly", "epoch": "e1", "version": v,
+             "prev_version": v - 1, "ts_ns": v, "changed": {tile: {"debit": debit}},
+             "removed": [], "meta": {}, **extra}  # fmt: skip
+        return fly, d
+
+    model = {"symbol": "SPX", "kind": "heatmap:butterfly", "epoch": "e1", "version": 3,
+             "ts_ns": 3, "items": {tile: {"debit": 2.0}}, "meta": {}}  # fmt: skip
+    mkey = keys.heatmap_model("SPX", "butterfly")
+    base = [diff(1, 1.0), diff(2, 1.5), diff(3, 2.0)]
+    a = write_output(tmp_path / "a.mout.gz", base, {mkey: {**model, "diff_id": "3-0"}})
+    # Stream ids and the latency field differ run to run: ignored.
+    same = [diff(1, 1.0, prev_id="9-0", src_recv_ts_ns=5), diff(2, 1.5), diff(3, 2.0)]
+    b = write_output(tmp_path / "b.mout.gz", same, {mkey: {**model, "diff_id": "77-0"}})
+    assert rp.replay_main(["--compare", a, b]) == 0
+    assert "identical: 3 diffs" in capsys.readouterr().out
+
+    other = [diff(1, 1.0), diff(2, 1.55), diff(3, 2.0)]
+    c = write_output(tmp_path / "c.mout.gz", other, {mkey: model})
+    assert rp.replay_main(["--compare", a, c]) == 1
+    out = capsys.readouterr().out
+    assert f"first difference: {fly} entry #1: SPX v2 (heatmap:butterfly): " in out
+    assert f".changed.{tile}.debit: 1.5 != 1.55" in out
+
+    short = write_output(tmp_path / "d.mout.gz", base[:2], {mkey: model})
+    assert rp.replay_main(["--compare", a, short]) == 1
+    assert "entry #2: B ends after 2 diffs" in capsys.readouterr().out
+    moved = write_output(tmp_path / "e.mout.gz", base, {mkey: {**model, "version": 4}})
+    assert rp.replay_main(["--compare", a, moved]) == 1
+    assert f"first difference: {mkey}: .version: 3 != 4" in capsys.readouterr().out
+    assert rp.replay_main(["--compare", a, str(tmp_path / "missing.mout.gz")]) == 1
+    assert "no such file" in capsys.readouterr().err
+
+
+# --- a simulator session, recorded mid-session -----------------------------------------------
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+async def test_simulator_session_recorded_midway_replays_causally_like_lockstep(
+    settings: RuntimeSettings, tmp_path: Path, pipeline_env: None
+) -> None:
+    from processors import replay_compare as rc
+    from simulator.server import SimConfig, SimServer
+    from tests import harness as h
+
+    srv = h.redis_server()
+    sim = SimServer(SimConfig(seed=5, symbols=("SPX",), events_per_s=400.0))
+    await sim.start()
+    r = Redis.from_url(srv.url)
+    path = tmp_path / "sim.mrec.gz"
+    try:
+        env = h.sim_env(sim.rest_url, sim.ws_url, sim.config.api_key)
+        async with h.pipeline(srv.url, tmp_path / "logs", ("normalizer", *h.INGEST), env):
+            await h.wait_epoch(r)
+            await asyncio.sleep(1.0)  # mid-session: snapshots and frames already flowed
+            stop = asyncio.Event()
+            streams = list(rp.FEEDS.values())
+            with rp.RecordingWriter(path, streams, 1) as w:
+                task = asyncio.create_task(rp.record_follow(r, streams, w, stop, "$"))
+                await asyncio.sleep(6.0)
+                stop.set()
+                await asyncio.wait_for(task, 10)
+    finally:
+        await r.aclose()
+        await sim.stop()
+    _, it = rp.read_recording(path)
+    records = list(it)
+    assert records[0].stream == keys.CHAIN_STREAM  # self-contained
+    assert sum(r.stream == keys.CHAIN_STREAM for r in records) >= 3
+    runs = []
+    regs = []
+    redis = Redis.from_url(srv.url)
+    try:
+        for i, mode in enumerate(("causal", "lockstep")):
+            regs.append(CollectorRegistry())
+            out = tmp_path / f"{mode}.mout.gz"
+            opts = rp.ReplayOptions(mode=mode, processors=list(MODEL_PATH), timeout_s=60.0)
+            await replay_to_file(redis, path, out, opts, replay_settings(settings, i), regs[-1])
+            runs.append(out)
+    finally:
+        await redis.aclose()
+        srv.stop()
+    res = await rc.compare(rc.open_source(str(runs[0])), rc.open_source(str(runs[1])))
+    assert res.difference is None, str(res.difference)
+    assert sum(res.diffs.values()) > 10
+    for reg in regs:
+        assert metric_sum(reg, "massive_hydrator_applied_total") > 100
+        assert metric_sum(reg, "massive_hydrator_geometry_miss_total") == expected_misses(records)
