@@ -19,15 +19,15 @@ Replay modes (``replay_file``):
 
 * **causal** (default): the model path (``processors.MODEL_PATH``, or ``--run``) runs in this
   process on a :class:`StepClock` whose time is the recording's. The clock moves through
-  *instants*: the grid instant of a record is its receive time rounded up to ``--step-ms``;
-  the next instant is the earlier of the next record's and the earliest time a clock-driven
-  processor (publisher: max interval, reconcile retry, idle checkpoint; GEX: build cadence)
-  asked for. Every record received up to an instant is written, as fast as the pipeline
-  takes it, and the consumer groups (normalizer, hydrator, builders) drain; then the
-  publishers and GEX run exactly one iteration at the instant, on that state. A chain
-  snapshot is applied alone: what came before it drains first, and its epoch is promoted
-  before anything after it is written, so every WS event meets the epoch it met in the
-  recording's order. No sleeps: the only waits are for the groups' lag and pending to reach
+  *instants* on a grid of ``--step-ms``: the next one is the earlier of the next record's
+  receive time and the earliest time a clock-driven processor (publisher: max interval,
+  reconcile retry, idle checkpoint; GEX: build cadence) asked for, rounded up to the grid
+  (so at most one instant per step). Every record received up to an instant is written, as
+  fast as the pipeline takes it, and the consumer groups (normalizer, hydrator, builders)
+  drain; then the publishers and GEX run exactly one iteration at the instant, on that
+  state. A chain snapshot is applied alone: what came before it drains first, and its epoch
+  is promoted before anything after it is written, so every WS event meets the epoch it met
+  in the recording's order. No sleeps: the only waits are for the groups' lag and pending to reach
   0 (:class:`Quiescence`) and for the clock-driven processors to finish their instant.
 * **lockstep** (the reference, ``--lockstep``): the same instants, but one record at a time
   with every group drained after each; slow, and equal to causal by construction (below).
@@ -102,6 +102,8 @@ MS = 1_000_000
 
 LONG_LEASE_MS = 7 * 24 * 3600 * 1000
 DEFAULT_STEP_MS = 250.0  # the publishers' default max interval
+# A deadline this close after an instant counts as at it (float seconds of the participants)
+DUE_TOLERANCE_NS = 1_000
 
 FEEDS = {"chain": keys.CHAIN_STREAM, "ws": keys.WS_STREAM, "spot": keys.SPOT_STREAM}
 
@@ -135,8 +137,8 @@ class FrameWriter:
     """A gzip file of length-prefixed frames (4-byte big-endian length, then the frame): the
     layout of recordings and of saved replay outputs."""
 
-    def __init__(self, path: str | Path) -> None:
-        self._f = gzip.GzipFile(path, "wb", compresslevel=6)
+    def __init__(self, path: str | Path, compresslevel: int = 6) -> None:
+        self._f = gzip.GzipFile(path, "wb", compresslevel=compresslevel)
 
     def frame(self, payload: bytes) -> None:
         self._f.write(_LEN.pack(len(payload)))
@@ -703,9 +705,9 @@ async def replay_file(
 class _Driver:
     """Feeds records to the in-process pipeline and moves the :class:`StepClock`.
 
-    Instants: the grid instant of a record is its receive time rounded up to ``step_ms``;
-    the next instant is the earlier of the next record's grid instant and the earliest time
-    a participant asked for. Every record received at or before an instant is applied, and
+    Instants are on a grid of ``step_ms``: the next one is the earlier of the next record's
+    receive time and the earliest time a participant asked for, rounded up to the grid.
+    Every record received at or before an instant is applied, and
     the consumers caught up, before the participants run at it. Between instants the
     records are written as fast as the pipeline takes them (causal) or one at a time with
     the consumers caught up after each (lockstep, the reference). Either way a chain
@@ -770,6 +772,9 @@ class _Driver:
         step = self.step_ns
         while stop is None or not stop.is_set():
             due = self.clock.next_due_ns()
+            if due is not None:  # on the grid too: the first instant at or after it
+                now = self.clock.time_ns()
+                due = max(-(-(due - DUE_TOLERANCE_NS) // step) * step, now - now % step + step)
             if nxt is not None:
                 grid = -(-nxt.t_ns // step) * step
                 at = grid if due is None else min(grid, due)

@@ -80,7 +80,9 @@ class OutputWriter:
     the diffs added since the previous call; :meth:`finish` the final models."""
 
     def __init__(self, path: str | Path) -> None:
-        self._w = FrameWriter(path)
+        # gzip level 1: a replay's output is large (a 10-minute simulator session publishes
+        # ~1 GB of diffs) and written while the replay runs
+        self._w = FrameWriter(path, compresslevel=1)
         self._w.frame(_enc.encode(OutputHeader(created_ns=time.time_ns())))
         self._last = {s: "0-0" for s in diff_streams()}
         self.symbols: set[str] = set()

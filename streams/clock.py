@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from dataclasses import dataclass
 from typing import Protocol
@@ -74,7 +73,10 @@ class StepClock:
     """
 
     def __init__(self, start_ns: int) -> None:
-        self.origin_ns = start_ns
+        # monotonic() counts from the whole second at or before the start: differences of
+        # instants on a grid of binary fractions of a second (the replay's 250 ms) are then
+        # exact floats, so "now - last >= 0.25" holds at the instant it should
+        self.origin_ns = start_ns - start_ns % NS
         self._now_ns = start_ns
         self._step = 0
         self._parts: dict[str, _Participant] = {}
@@ -138,15 +140,11 @@ class StepClock:
     async def wait_step(self, name: str, due_s: float | None, stop: asyncio.Event) -> bool:
         """``name`` finished its iteration of the current instant: park until the next one.
         ``due_s``: clock seconds after which it needs an iteration even if no record came
-        (None: only when records came); at least 1 ms, so time always moves forward.
+        (None: only when records came; the driver rounds it to its instants).
         Returns False when ``stop`` is set."""
         p = self._parts[name]
         p.parked_step = self._step
-        if due_s is None:
-            p.due_ns = None
-        else:  # a microsecond late: the participant's own float comparison of clock
-            # seconds (now - last >= interval) then holds at the instant
-            p.due_ns = self._now_ns + math.ceil(max(due_s, 0.001) * NS) + 1000
+        p.due_ns = None if due_s is None else self._now_ns + round(max(due_s, 0.0) * NS)
         self._check_parked()
         wake = self._wake
         if stop.is_set():

@@ -337,6 +337,8 @@ def test_replay_job_runs_a_valid_replay_command() -> None:
     (c,) = pod["containers"]
     assert c["args"][0] == "replay" and cli.EXTERNAL["replay"] == "processors.replay:replay_main"
     args = replay_parser().parse_args(c["args"][1:])
+    # it feeds the dev pipeline (whose processors consume the streams): never in-process ones
+    assert args.feed and args.speed == 1.0
     (mount,) = c["volumeMounts"]
     assert Path(args.file).parent == Path(mount["mountPath"])
     (vol,) = pod["volumes"]
