@@ -707,8 +707,8 @@ class _Driver:
 
     Instants are on a grid of ``step_ms``: the next one is the earlier of the next record's
     receive time and the earliest time a participant asked for, rounded up to the grid.
-    Every record received at or before an instant is applied, and
-    the consumers caught up, before the participants run at it. Between instants the
+    Every record received at or before an instant is applied, and the consumers caught up,
+    before the participants run at it. Between instants the
     records are written as fast as the pipeline takes them (causal) or one at a time with
     the consumers caught up after each (lockstep, the reference). Either way a chain
     snapshot is applied alone: everything before it is caught up first, and it is caught

@@ -202,6 +202,10 @@ async def models(redis: Redis) -> dict[str, Any]:
     return out
 
 
+def metric(reg: CollectorRegistry, name: str) -> float:
+    return sum(s.value for mt in reg.collect() for s in mt.samples if s.name == name)
+
+
 def tid(strategy: str, strikes: str, right: str) -> str:
     return f"SPX:2025-11-24:{strategy}:{strikes}:{right}"
 
@@ -250,13 +254,8 @@ async def test_replay_of_an_import_publishes_the_hand_checked_tile_prices(
     gex = m["gex"]
     assert gex is not None and gex["items"] == {}
     assert gex["meta"]["n_missing_greeks"] == 6 and gex["meta"]["spot"] == 5905.0
-    applied = sum(
-        s.value
-        for mt in reg.collect()
-        for s in mt.samples
-        if s.name == "massive_hydrator_applied_total"
-    )
-    assert applied == 10  # 7 quotes + 3 trades, none a geometry miss
+    assert metric(reg, "massive_hydrator_applied_total") == 10  # 7 quotes + 3 trades
+    assert metric(reg, "massive_hydrator_geometry_miss_total") == 0
 
 
 def chain_page(spot: float) -> dict[str, Any]:
@@ -312,14 +311,8 @@ async def test_a_chain_snapshot_gives_topology_open_interest_and_spot(
     gex = m["gex"]
     assert gex["meta"]["spot"] == 5907.5 and gex["meta"]["n_missing_greeks"] == 0
     assert gex["items"]  # gamma x OI by strike
-    misses = sum(
-        s.value
-        for mt in reg.collect()
-        for s in mt.samples
-        if s.name == "massive_hydrator_geometry_miss_total"
-    )
     # C5920 and P5910 were traded/quoted but the snapshot did not list them.
-    assert misses == 2
+    assert metric(reg, "massive_hydrator_geometry_miss_total") == 2
 
 
 # --- invariants ----------------------------------------------------------------------------
