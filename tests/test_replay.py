@@ -720,3 +720,35 @@ async def test_simulator_session_recorded_midway_replays_causally_like_lockstep(
     for reg in regs:
         assert metric_sum(reg, "massive_hydrator_applied_total") > 100
         assert metric_sum(reg, "massive_hydrator_geometry_miss_total") == expected_misses(records)
+
+
+async def test_a_range_from_the_middle_starts_with_the_snapshot_then_current(
+    redis: Redis, session: Session
+) -> None:
+    """``record --since P`` of a live session: entry ids are receive times, as live."""
+    for seq, (recv, payload) in enumerate(session.ws, 1):
+        fields = {WS_RECV_FIELD: str(recv), WS_PAYLOAD_FIELD: payload}
+        await redis.xadd(keys.WS_STREAM, fields, id=f"{recv // MS}-{seq}")  # type: ignore[arg-type]
+    for snap, reason in session.chain:
+        key = keys.chain_snapshot(snap.symbol, snap.ts_ns)
+        await redis.set(key, encode_snapshot(snap), ex=600)
+        ptr = ChainPointer(
+            snap.symbol, key, snap.ts_ns, len(snap.contracts), snap.spot, 0.1, reason
+        )
+        await redis.xadd(keys.CHAIN_STREAM, entry(ptr), id=f"{snap.ts_ns // MS}-0")  # type: ignore[arg-type]
+    for tick in session.spot:
+        await redis.xadd(keys.SPOT_STREAM, entry(tick), id=f"{tick.ts_ns // MS}-0")  # type: ignore[arg-type]
+    (cut,) = [s for s, _ in session.chain if s.ts_ns == T0 + 12 * 400 * MS]  # the re-seed
+    start = cut.ts_ns + 100 * MS
+    records, stats = await rp.record_range(redis, list(rp.FEEDS.values()), f"{start // MS}ms")
+    head, rest = records[:2], records[2:]
+    assert head[0].stream == keys.CHAIN_STREAM and head[0].t_ns == cut.ts_ns
+    assert head[0].blob == encode_snapshot(cut)
+    tick = max((x for x in session.spot if x.ts_ns < start), key=lambda x: x.ts_ns)
+    v = json.loads(dict(head[1].fields)[WS_PAYLOAD_FIELD])
+    assert v == [{"ev": "V", "T": "I:SPX", "val": tick.value, "t": tick.ts_ns // MS}]
+    assert rest and all(r.t_ns >= start for r in rest)
+    assert len(rest) == sum(1 for t, _ in session.ws if t >= start) + sum(
+        1 for s, _ in session.chain if s.ts_ns >= start
+    ) + sum(1 for x in session.spot if x.ts_ns >= start)
+    assert sum(stats.records.values()) == len(records)
