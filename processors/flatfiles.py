@@ -313,7 +313,7 @@ _row_enc = msgspec.msgpack.Encoder()
 _rows_dec = msgspec.msgpack.Decoder(list[Row])
 
 
-def _spill(rows: list[Row], tmp: str, stats: ImportStats, chunk: int = 4096) -> str:
+def _spill(rows: list[Row], tmp: str, stats: ImportStats, chunk: int = 1024) -> str:
     rows.sort()
     fd, path = tempfile.mkstemp(prefix="massive-flatfile-run-", dir=tmp)
     with os.fdopen(fd, "wb", buffering=1 << 20) as f:
