@@ -79,6 +79,7 @@ from schemas.messages import (
     encode_snapshot,
     entry,
 )
+from streams.logs import setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -559,11 +560,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str]) -> int:
     args = parser().parse_args(list(argv))
-    logging.basicConfig(
-        level=os.environ.get("MASSIVE_LOG_LEVEL", "INFO").upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    setup_logging(os.environ.get("MASSIVE_LOG_LEVEL", "INFO"))
     symbols = [s.strip().upper() for s in args.symbols.split(",") if s.strip()]
     unknown = [s for s in symbols if s not in set(ticker.ROOT_TO_SYMBOL.values())]
     if unknown or not symbols:
