@@ -13,7 +13,6 @@ import datetime as dt
 import gzip
 import os
 import random
-import resource
 import subprocess
 import sys
 import tempfile
@@ -54,6 +53,16 @@ def write_files(tmp: Path, rows: int, share: float, seed: int = 1) -> tuple[Path
     return trades, quotes
 
 
+def peak_rss_mb() -> float:
+    """VmHWM of this process (getrusage's ru_maxrss survives exec: it would report the
+    parent's peak, which wrote the fixture)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def import_once(trades: Path, quotes: Path, out: Path, run_rows: int) -> None:
     """One import in this (child) process; prints its figures and its own peak RSS."""
     t0 = time.perf_counter()
@@ -61,11 +70,10 @@ def import_once(trades: Path, quotes: Path, out: Path, run_rows: int) -> None:
     took = time.perf_counter() - t0
     read = st.rows["quotes_read"] + st.rows["trades_read"]
     kept = st.rows["quotes_kept"] + st.rows["trades_kept"]
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(
         f"run rows {run_rows:>7,}: {took:6.1f} s, {read / took:,.0f} rows/s read, "
         f"{kept:,} kept, {st.frames:,} frames, {st.runs} runs spilled, "
-        f"peak RSS {rss / 1024:.0f} MB, recording {out.stat().st_size / 1e6:.1f} MB"
+        f"peak RSS {peak_rss_mb():.0f} MB, recording {out.stat().st_size / 1e6:.1f} MB"
     )
 
 
