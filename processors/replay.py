@@ -86,7 +86,7 @@ from processors import MODEL_PATH
 from schemas import keys
 from schemas.messages import WS_PAYLOAD_FIELD, WS_RECV_FIELD, ChainPointer, SpotTick, from_entry
 from streams import admin
-from streams.clock import StepClock
+from streams.clock import ReplayAborted, StepClock
 from streams.logs import one_line, redact, setup_logging
 from streams.processor import ConsumerProcessor, Deps, Processor, load
 from streams.producer import DEFAULT_MAXLEN
@@ -675,7 +675,7 @@ async def replay_file(
         for t in tasks:
             if t.done() and not pstop.is_set():
                 exc = t.exception() if not t.cancelled() else None
-                raise RuntimeError(f"processor {t.get_name()} stopped during replay") from exc
+                raise ReplayAborted(f"processor {t.get_name()} stopped during the replay") from exc
 
     try:
         deadline = time.monotonic() + opts.timeout_s
@@ -699,7 +699,7 @@ async def replay_file(
             results = await asyncio.gather(*tasks, return_exceptions=True)
             for task, res in zip(tasks, results, strict=True):
                 if isinstance(res, Exception):
-                    logger.error("processor %s ended with %r", task.get_name(), res)
+                    logger.error("processor %s failed", task.get_name(), exc_info=res)
 
 
 class _Driver:
@@ -1058,7 +1058,7 @@ def _main(
     except OSError as exc:  # the recording file; TimeoutError (a pipeline that does not drain)
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 1
-    except (RecordingError, ValueError) as exc:
+    except (RecordingError, ValueError, ReplayAborted) as exc:
         print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 1
 

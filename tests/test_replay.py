@@ -752,3 +752,65 @@ async def test_a_range_from_the_middle_starts_with_the_snapshot_then_current(
         1 for s, _ in session.chain if s.ts_ns >= start
     ) + sum(1 for x in session.spot if x.ts_ns >= start)
     assert sum(stats.records.values()) == len(records)
+
+
+async def test_a_processor_that_fails_ends_the_replay_with_its_name(
+    redis: Redis,
+    settings: RuntimeSettings,
+    recording: Path,
+    pipeline_env: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A skipped GEX build would make the replay differ from the next run: the replay stops
+    (one line from the CLI), it does not carry on without it."""
+    from processors.gex import GexBuilder
+    from streams.clock import ReplayAborted
+
+    calls = 0
+    tick = GexBuilder.tick
+
+    async def failing(self: GexBuilder) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 5:
+            raise RuntimeError("boom")
+        await tick(self)
+
+    monkeypatch.setattr(GexBuilder, "tick", failing)
+    opts = rp.ReplayOptions(processors=["normalizer", "gex"], timeout_s=10.0)
+    with pytest.raises(ReplayAborted, match="gex"):
+        await rp.replay_file(redis, recording, opts, replay_settings(settings, 0))
+
+
+def test_the_cli_reports_a_failed_processor_in_one_line(
+    redis_server: RedisServer,
+    tmp_path: Path,
+    pipeline_env: None,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from processors.gex import GexBuilder
+
+    async def failing(self: GexBuilder) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(GexBuilder, "tick", failing)
+    path = tmp_path / "s.mrec.gz"
+
+    async def make() -> None:
+        a = Redis.from_url(redis_server.url)
+        await a.flushall()
+        await Session().write(a)
+        records, _ = await rp.record_range(a, list(rp.FEEDS.values()))
+        with rp.RecordingWriter(path, list(rp.FEEDS.values()), 1) as w:
+            for rec in records:
+                w.write(rec)
+        await a.flushall()
+        await a.aclose()
+
+    asyncio.run(make())
+    args = [str(path), "--redis-url", redis_server.url, "--run", "normalizer", "gex"]
+    assert rp.replay_main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "gex stopped during the replay" in err
+    assert err.count("\n") == 1  # one error line; the traceback goes to the log
