@@ -299,8 +299,9 @@ async def start_records(
     scan_max: int = 5000,
 ) -> list[Record]:
     """The state a recording starts from, as records, so that a replay of the file alone
-    meets the epochs and spots the live pipeline had: per symbol the newest chain pointer at
-    or before entry id ``upto`` whose snapshot blob still exists, and the index spot, as a WS
+    meets the epochs, GEX sources and spots the live pipeline had: per symbol the newest
+    chain pointer of each scope (the heatmap's window, the whole chain for GEX) at or before
+    entry id ``upto`` whose snapshot blob still exists, and the index spot, as a WS
     ``V`` frame received at the start (the hydrator applies it with the usual admission):
     ``massive:spot:latest`` when recording from now on (``live_spot``), else the newest spot
     tick at or before ``upto``. Ordered by receive time, none later than ``start_ns``."""
@@ -308,10 +309,10 @@ async def start_records(
     chain_t = 0
     if keys.CHAIN_STREAM in streams:
         active = {_s(k) for k in await redis.hkeys(keys.EPOCH_ACTIVE)}
-        found: dict[str, Record] = {}
+        found: dict[tuple[str, str], Record] = {}  # (symbol, scope): window / full chain
         stats = RecordStats()
         end, seen = upto, 0
-        while seen < scan_max and not (active and active <= found.keys()):
+        while seen < scan_max and not (active and active <= {s for s, _ in found}):
             batch: Any = await redis.xrevrange(keys.CHAIN_STREAM, max=end, min="-", count=200)
             if not batch:
                 break
@@ -319,8 +320,8 @@ async def start_records(
             for rec in await _to_records(redis, keys.CHAIN_STREAM, batch, stats):
                 if rec.blob is None:
                     continue
-                sym = from_entry(dict(rec.fields), ChainPointer).symbol
-                found.setdefault(sym, rec)  # newest first
+                ptr = from_entry(dict(rec.fields), ChainPointer)
+                found.setdefault((ptr.symbol, ptr.scope), rec)  # newest first
             end = "(" + _s(batch[-1][0])
         out += sorted(found.values(), key=lambda r: r.t_ns)
         chain_t = max((r.t_ns for r in out), default=0)

@@ -327,12 +327,14 @@ def ws_events(records: list[rp.Record]) -> list[tuple[int, str]]:
 
 
 def expected_misses(records: list[rp.Record]) -> int:
-    """WS events for a contract that the newest chain snapshot of its symbol before the
-    event did not list: what the hydrator must count as geometry_miss, and nothing else."""
+    """WS events for a contract that the newest (window) chain snapshot of its symbol before
+    the event did not list: what the hydrator must count as geometry_miss, and nothing else."""
     listed: dict[str, set[str]] = {}
     by_pos: dict[int, dict[str, set[str]]] = {}
     for i, r in enumerate(records):
         if r.stream == keys.CHAIN_STREAM and r.blob is not None:
+            if from_entry(dict(r.fields), ChainPointer).scope != "window":
+                continue  # a whole chain for GEX: no epoch
             snap = msgspec.msgpack.decode(r.blob, type=ChainSnapshot)
             listed = {**listed, snap.symbol: {c.cid for c in snap.contracts}}
         by_pos[i] = listed
