@@ -622,7 +622,10 @@ class ReplayOptions:
     drain_s: float = 5.0
     speed: float | None = None
     timeout_s: float = 60.0
-    blob_ttl_s: int = 3600
+    # Snapshot blobs: in feed mode the processors elsewhere may lag, here the normalizer has
+    # read a blob before the next record is written (a whole chain is ~4 MB; a day holds
+    # hundreds of them).
+    blob_ttl_s: int | None = None  # None: 3600 in feed mode, else 60
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -649,7 +652,7 @@ async def replay_file(
             records,
             speed=opts.speed,
             maxlen=settings.stream_maxlen,
-            blob_ttl_s=opts.blob_ttl_s,
+            blob_ttl_s=opts.blob_ttl_s or 3600,
             stop=stop,
         )
     it = iter(records)
@@ -730,7 +733,7 @@ class _Driver:
         self.quiet = quiet
         self.check = check
         self.step_ns = max(1, int(opts.step_ms * 1_000_000))
-        self.writer = _Writer(redis, settings.stream_maxlen, opts.blob_ttl_s)
+        self.writer = _Writer(redis, settings.stream_maxlen, opts.blob_ttl_s or 60)
         self.stats = ReplayStats()
         self.on_instant: Callable[[], Awaitable[None]] | None = None
 
@@ -887,7 +890,13 @@ def replay_parser() -> argparse.ArgumentParser:
         "has work due (held changes, checkpoints)",
     )
     p.add_argument("--timeout-s", type=float, default=60.0)
-    p.add_argument("--blob-ttl-s", type=int, default=3600)
+    p.add_argument(
+        "--blob-ttl-s",
+        type=int,
+        default=None,
+        help="TTL of the snapshot blobs written (default 3600 with --feed, else 60: the "
+        "in-process normalizer has read a blob before the next record is written)",
+    )
     p.add_argument(
         "--output",
         metavar="FILE",
