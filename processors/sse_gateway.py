@@ -53,12 +53,13 @@ import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, generate_latest
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
-from sse_starlette.sse import EventSourceResponse
+from sse_starlette.sse import EventSourceResponse, SendTimeoutError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import Receive, Scope, Send
 
 from processors import gex
 from schemas import keys
@@ -229,6 +230,38 @@ class Metrics:
         self.read_errors: Counter = counter(
             r, "massive_sse_read_errors_total", "Failed XREAD calls of a feed", ("channel",)
         )
+        self.send_timeouts: Counter = counter(
+            r,
+            "massive_sse_send_timeouts_total",
+            "Clients dropped because they accepted no bytes for send_timeout_s",
+            ("channel",),
+        )
+
+
+class SlowClientDropping(EventSourceResponse):
+    """An event stream whose client stops reading is closed with one INFO line and a count.
+
+    sse-starlette raises ``SendTimeoutError`` out of the ASGI app when a send waits longer
+    than ``send_timeout``; uncaught, uvicorn logs it as an application error with a full
+    traceback, for what is an ordinary event (a backgrounded tab, a dead mobile link)."""
+
+    def __init__(self, *args: Any, channel: str, metrics: Metrics, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._channel = channel
+        self._metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except SendTimeoutError:
+            self._metrics.send_timeouts.labels(self._channel).inc()
+            client = scope.get("client")
+            logger.info(
+                "dropped SSE client %s on %s: it accepted no bytes for %.0f s",
+                f"{client[0]}:{client[1]}" if client else "?",
+                self._channel,
+                self.send_timeout or 0.0,
+            )
 
 
 # --- subscribers and shared readers -------------------------------------------------------------
@@ -684,11 +717,13 @@ def create_app(deps: Deps, settings: SseSettings) -> Starlette:
         except ValueError as exc:
             return PlainTextResponse(str(exc), status_code=400)
         raw_last = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
-        return EventSourceResponse(
+        return SlowClientDropping(
             gw.session(ch, sym, parse_id(raw_last)),
             ping=settings.ping_s,
             send_timeout=settings.send_timeout_s,
             headers={"Cache-Control": "no-store"},
+            channel=ch.name,
+            metrics=gw.metrics,
         )
 
     async def api_model(request: Request) -> Response:
