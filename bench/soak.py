@@ -138,6 +138,7 @@ async def main() -> int:
     }
     p = h.Pipeline(srv.url, log_dir, extra_env=env, supervise=False)
     mem: list[tuple[float, float]] = []
+    parts: list[tuple[float, dict[str, float]]] = []
     rss: list[tuple[float, dict[str, float]]] = []
     events: list[tuple[float, str]] = []
     clients = [ModelClient(api, ch, "SPX", history_max=5000) for ch in CHANNELS]
@@ -152,8 +153,9 @@ async def main() -> int:
         next_rss = 0.0
         while not stop.is_set():
             try:
-                used = int((await r.info("memory"))["used_memory"]) / 2**20
-                mem.append((at(), used))
+                b = await memory_breakdown(r)
+                mem.append((at(), b["used"]))
+                parts.append((at(), b))
             except Exception as exc:  # Redis restarting: a gap in the series
                 events.append((at(), f"memory sample failed: {type(exc).__name__}"))
             if at() >= next_rss:
@@ -234,6 +236,19 @@ async def main() -> int:
         print(f"{t:8.0f}s  {e}")
     print("\n# redis used_memory (MB), every 15 s")
     print(" ".join(f"{m:.0f}" for _, m in mem))
+    print("\n# what holds it (MB), every minute: used = streams + models + staging + rest")
+    top = sorted({k for _, b in parts for k in b if k.startswith("stream ")})
+    print("t_s     used streams models staging  rest  " + " ".join(k[7:] for k in top))
+    next_t = 0.0
+    for t, b in parts:
+        if t < next_t:
+            continue
+        next_t = t + 60
+        print(
+            f"{t:6.0f} {b['used']:5.0f} {b['streams']:7.0f} {b['models']:6.0f} "
+            f"{b['staging']:7.0f} {b['rest']:5.0f}  "
+            + " ".join(f"{b.get(k, 0.0):.0f}" for k in top)
+        )
     print("\n# RSS (MB), every minute")
     names = [*PROCS, "redis-server"]
     print("t_s     " + " ".join(f"{n[:14]:>14}" for n in names))

@@ -50,9 +50,11 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> RedisServer:
+    def start(self, ready_timeout_s: float = 10.0) -> RedisServer:
+        """Start and wait for PONG; a restart from a large AOF answers LOADING for a while,
+        so callers that restart one pass a longer ``ready_timeout_s``."""
         self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + ready_timeout_s
         while time.monotonic() < deadline:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
@@ -64,7 +66,7 @@ class RedisServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"redis-server exited: see {self.dir}/redis.log")
             time.sleep(0.02)
-        raise RuntimeError("redis-server did not answer PING within 10 s")
+        raise RuntimeError(f"redis-server did not answer PING within {ready_timeout_s:.0f} s")
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

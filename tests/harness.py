@@ -128,9 +128,9 @@ class DurableRedis(RedisServer):
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(5)
 
-    def restart(self) -> None:
+    def restart(self, ready_timeout_s: float = 120.0) -> None:
         self.kill()
-        self.start()
+        self.start(ready_timeout_s)
 
 
 def resilient_client(url: str) -> Redis:
