@@ -1,13 +1,19 @@
 """chain-poller: periodic, filtered options-chain snapshots from Massive REST.
 
-One cycle = index spot (``/v3/snapshot/indices?ticker.any_of=I:SPX,I:NDX``), then for each
-symbol the chain ``/v3/snapshot/options/I:<SYM>`` filtered server-side by expiry horizon
+One cycle = index spot (``/v3/snapshot/indices?ticker.any_of=I:SPX,I:NDX``, index symbols
+only), then for each symbol the chain ``/v3/snapshot/options/<underlying>`` (``I:SPX`` for an
+index, ``SPY`` for a stock or ETF: schemas/symbols.py) filtered server-side by expiry horizon
 (``expiration_date.gte/.lte``) and a strike band (``strike_price.gte/.lte``) centred on an
 anchor that follows spot with hysteresis (processors/strike_band.py), ``limit=250``,
 following ``next_url`` to the end, only on the configured base URL. The result is trimmed
 client-side to the first N expirations, decoded once into a compact :class:`ChainSnapshot`
 blob and written in ONE MULTI: ``SET massive:chain:snapshot:{SYM}:{ts} EX ttl`` + ``XADD
 massive:chain:stream`` (pointer) + ``XADD massive:spot:stream`` (spot).
+
+Spot of a stock or ETF: the chain's ``underlying_asset.price`` (the REST fallback of the
+stocks WS feed that ws-ingest subscribes), with its ``last_updated`` as its time; its age
+at each fetch is ``massive_chain_poller_spot_age_seconds{symbol}`` (a delayed stocks plan
+shows here). The next fetch's strike band is centred on it.
 
 Whole chain for GEX: a task next to the window's loop fetches each symbol's WHOLE chain
 (every expiration and strike, only expired dates filtered out) every ``full_interval_s`` and
@@ -44,7 +50,7 @@ import httpx
 import msgspec
 
 from processors import strike_band
-from schemas import keys
+from schemas import keys, symbols
 from schemas import massive_rest as mr
 from schemas.messages import (
     ChainContract,
@@ -224,6 +230,8 @@ class ChainPoller:
         self._last_spot: dict[str, tuple[float, int | None]] = {}
         self.last_error: FetchError | None = None
         self.cycles = 0
+        reg_sym = symbols.registry()
+        self.specs = {sym: reg_sym.spec(sym) for sym in settings.symbols}
         self.base_url = httpx.URL(settings.rest_url.rstrip("/") + "/")
         add_secret(settings.api_key)
         if not settings.api_key:
@@ -273,6 +281,12 @@ class ChainPoller:
         )
         self.m_anchor = metrics.gauge(
             reg, p + "band_anchor", "Spot the strike band is centred on", ("symbol",)
+        )
+        self.m_spot_age = metrics.gauge(
+            reg,
+            p + "spot_age_seconds",
+            "Age of the spot written with the last snapshot (provider time to our clock)",
+            ("symbol", "source"),
         )
 
     @property
@@ -389,13 +403,21 @@ class ChainPoller:
 
     # --- fetches --------------------------------------------------------------------------
     async def fetch_spots(self, client: httpx.AsyncClient) -> dict[str, tuple[float, int | None]]:
-        tickers = ",".join(f"I:{s}" for s in self.s.symbols)
+        """Index levels from the index snapshot (stocks take theirs from their chain)."""
+        by_ticker = {sp.underlying: sym for sym, sp in self.specs.items() if sp.is_index}
+        if not by_ticker:
+            return {}
+        tickers = ",".join(by_ticker)
         url = self._url("v3/snapshot/indices").copy_merge_params({"ticker.any_of": tickers})
         page: mr.IndexPage = await self.get_page(client, url, mr.parse_index_snapshot)
         for r in page.rejections:
             self.m_rejected.labels(r.reason).inc()
             logger.warning("chain-poller: index snapshot item rejected: %s", r.detail)
-        out = {sp.symbol: (sp.value, sp.ts_ns) for sp in page.spots if sp.symbol in self.s.symbols}
+        out: dict[str, tuple[float, int | None]] = {}
+        for sp in page.spots:
+            sym = by_ticker.get(f"I:{sp.symbol}")
+            if sym is not None:
+                out[sym] = (sp.value, sp.ts_ns)
         return out
 
     def today(self) -> dt.date:
@@ -463,14 +485,24 @@ class ChainPoller:
             "order": "asc",
         }
 
+    def spec(self, symbol: str) -> symbols.SymbolSpec:
+        sp = self.specs.get(symbol)
+        if sp is None:
+            sp = self.specs[symbol] = symbols.registry().spec(symbol)
+        return sp
+
     async def fetch_chain(
         self, client: httpx.AsyncClient, symbol: str, spot: float | None, scope: str = "window"
     ) -> FetchResult:
+        """``spot``: the level the strike band follows (an index's snapshot level; for a
+        stock, the previous chain's). A stock's result carries its chain's own
+        ``underlying_asset.price``."""
         t0 = self.clock.monotonic()
+        spec = self.spec(symbol)
         # the whole chain (GEX) has no strike band: it never moves the window's anchor
         band = None if scope == "full" else await self.strike_band(symbol, spot)
         params = self.full_params() if scope == "full" else self.chain_params(band)
-        url = self._url(f"v3/snapshot/options/I:{symbol}").copy_merge_params(params)
+        url = self._url(f"v3/snapshot/options/{spec.underlying}").copy_merge_params(params)
         seen: dict[str, ChainContract] = {}
         pages = rejected = 0
         u_value: float | None = None
@@ -494,10 +526,13 @@ class ChainPoller:
             if pages >= self.s.max_pages:
                 raise FetchError("too_many_pages", f"{symbol}: more than {pages} pages")
             url = self.next_page_url(page.next_url)
-        if spot is None:  # no index snapshot: the chain's underlying_asset.value is the spot
+        if spot is None and band is None and scope != "full":
+            band = await self.strike_band(symbol, u_value)
+        if spot is None or (not spec.is_index and u_value is not None):
+            # a stock, or no index snapshot: the chain's underlying_asset price/value
             spot = u_value
-            if band is None and scope != "full":
-                band = await self.strike_band(symbol, spot)
+        else:
+            u_ts = None  # the index snapshot's own time (fetch_symbol)
         if scope == "full":
             contracts = sorted(seen.values(), key=lambda c: (c.expiry, c.strike, c.right, c.cid))
         else:
@@ -568,8 +603,10 @@ class ChainPoller:
             self.m_errors.labels(exc.kind).inc()
             logger.error("chain-poller: %s %s fetch failed: %s", sym, scope, exc)
             return exc
-        if spot is not None:  # the index snapshot's own time, not the chain's
-            res.spot_ts_ns = spot[1]
+        if res.spot_ts_ns is None and spot is not None and res.spot == spot[0]:
+            res.spot_ts_ns = spot[1]  # the index snapshot's own time, not the chain's
+        if not self.spec(sym).is_index and res.spot is not None:
+            self._last_spot[sym] = (res.spot, res.spot_ts_ns)  # the next band's centre
         self.m_fetches.labels(sym, prefix + "ok").inc()
         return res
 
@@ -636,6 +673,9 @@ class ChainPoller:
             approximate=True,
         )
         if res.spot is not None:
+            src = "index_snapshot" if self.spec(res.symbol).is_index else "underlying_asset"
+            if res.spot_ts_ns is not None:
+                self.m_spot_age.labels(res.symbol, src).set(max(0.0, (ts - res.spot_ts_ns) / 1e9))
             tick = SpotTick(
                 symbol=res.symbol,
                 value=res.spot,

@@ -30,6 +30,7 @@ least ``dollar_spot_step_bp`` basis points, so small spot ticks do not rewrite e
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import time
@@ -42,6 +43,7 @@ from redis.asyncio import Redis
 
 from processors import gex_math
 from schemas import keys
+from schemas import symbols as symbol_specs
 from schemas.messages import (
     GexLevels,
     ModelDiff,
@@ -170,9 +172,10 @@ class _SymState:
 
 
 UNITS = {
-    "shares": "gamma*OI*100 per strike; calls +, puts -, net = calls + puts",
+    "shares": "gamma*OI*multiplier per strike (shares_per_contract, 100 for standard "
+    "contracts); calls +, puts -, net = calls + puts",
     "usd": "shares * dollar_spot^2 * 0.01 (USD per 1% move)",
-    "delta": "position-signed delta*OI*100 (shares; calls +, puts - position)",
+    "delta": "position-signed delta*OI*multiplier (shares; calls +, puts - position)",
     "delta_usd": "delta * dollar_spot",
     "vanna_usd": "USD of delta per +1 vol point",
     "charm_usd": "USD of delta per calendar day that passes",
@@ -212,6 +215,7 @@ class GexBuilder:
         self.s = settings
         self.symbols = symbols
         self.params = settings.params()
+        self._params: dict[str, gex_math.Params] = {}
         self.token = f"{deps.settings.consumer}:{uuid.uuid4().hex}"
         self.leader = False
         self._renew_at = 0.0
@@ -413,6 +417,20 @@ class GexBuilder:
         return min(checked) + self.s.interval_s - self.clock.monotonic()
 
     # --- build --------------------------------------------------------------------------
+    def params_for(self, sym: str) -> gex_math.Params:
+        """The settings' parameters with the symbol's spec (schemas/symbols.py): its
+        multiplier, and its rate / dividend yield where it sets them."""
+        p = self._params.get(sym)
+        if p is None:
+            spec = symbol_specs.registry().spec(sym)
+            p = self._params[sym] = dataclasses.replace(
+                self.params,
+                multiplier=spec.multiplier,
+                rate=self.params.rate if spec.rate is None else spec.rate,
+                div_yield=self.params.div_yield if spec.div_yield is None else spec.div_yield,
+            )
+        return p
+
     async def _prepare_full(self, sym: str, now_ns: int) -> gex_math.Chain | None:
         """Decode and prepare the full-chain source; None (counted, logged) if unreadable."""
         data = await self.redis.hget(keys.gex_source(sym), "data")
@@ -425,7 +443,9 @@ class GexBuilder:
             self.m_rejected.labels(symbol=sym, reason="bad_source").inc()
             logger.warning("gex: %s: unreadable full-chain source (%s); using the epoch", sym, exc)
             return None
-        return gex_math.prepare(cols, now_ns, self.params, snap_spot=src.spot, snap_ns=src.ts_ns)
+        return gex_math.prepare(
+            cols, now_ns, self.params_for(sym), snap_spot=src.spot, snap_ns=src.ts_ns
+        )
 
     def _count_inputs(self, sym: str, eid: str, chain: gex_math.Chain) -> None:
         """Metrics for a newly prepared source (once per source content)."""
@@ -441,6 +461,7 @@ class GexBuilder:
         t0 = time.perf_counter()
         st.checked_mono = now_m
         full = self.s.scope == "full"
+        params = self.params_for(sym)
         pipe = self.redis.pipeline(transaction=False)
         pipe.hmget(keys.SPOT_LATEST, [sym, f"{sym}:ts_ns"])
         pipe.hmget(keys.epoch_meta(eid), ["spot", "snapshot_ts_ns"])
@@ -476,7 +497,7 @@ class GexBuilder:
             return "same_inputs"
         chain: gex_math.Chain | None = None
         if st.chain is not None and st.chain[0] == src_key:
-            chain = gex_math.retime(st.chain[1], now_ns, self.params)  # only spot/clock moved
+            chain = gex_math.retime(st.chain[1], now_ns, params)  # only spot/clock moved
         elif fresh:
             chain = await self._prepare_full(sym, now_ns)
             if chain is None:  # unreadable source: the epoch's projection until a new one
@@ -490,7 +511,7 @@ class GexBuilder:
             chain = gex_math.prepare(
                 rows,
                 now_ns,
-                self.params,
+                params,
                 rejected,
                 snap_spot=_num(meta_spot_raw),
                 snap_ns=_int(meta_ts_raw),
@@ -511,7 +532,7 @@ class GexBuilder:
         ds = st.dollar_spot
         if ds is None or abs(spot / ds - 1.0) * 1e4 >= self.s.dollar_spot_step_bp:
             ds = spot
-        res = gex_math.compute(chain, spot, self.params, ds)
+        res = gex_math.compute(chain, spot, params, ds)
         items = res.items()
         totals = res.totals()
         fitted = int(chain.g_fit.sum())
@@ -526,7 +547,7 @@ class GexBuilder:
             "profile": res.profile_dict(),
             "coverage": {"scope": scope, **chain.coverage()},
             "basis": {
-                "t_basis": self.params.t_basis,
+                "t_basis": params.t_basis,
                 "groups": int(chain.g_fit.shape[0]),
                 "fitted": fitted,
                 "max_fit_err": _clean_max(chain.g_fit_err[chain.g_fit]),
@@ -543,13 +564,15 @@ class GexBuilder:
             "snapshot_ts_ns": chain.src_ts_ns or None,
             "units": UNITS,
             "params": {
-                "rate": self.params.rate,
-                "div_yield": self.params.div_yield,
-                "min_t_s": self.params.min_t_s,
-                "grid_range_pct": self.params.grid_range_pct,
-                "grid_step_pct": self.params.grid_step_pct,
+                "rate": params.rate,
+                "div_yield": params.div_yield,
+                "min_t_s": params.min_t_s,
+                "grid_range_pct": params.grid_range_pct,
+                "grid_step_pct": params.grid_step_pct,
                 "dollar_spot_step_bp": self.s.dollar_spot_step_bp,
-                "fit_max_err": self.params.fit_max_err,
+                "fit_max_err": params.fit_max_err,
+                "multiplier": params.multiplier,
+                "exercise": symbol_specs.registry().spec(sym).exercise,
             },
             "built_ns": now_ns,
         }

@@ -3,19 +3,29 @@
 Conventions (README "Reading the numbers" has the same with a worked example)
 -----------------------------------------------------------------------------
 * Dealer position convention: dealers are long the calls and short the puts of the open
-  interest, so every exposure is ``position * greek * OI * 100`` with position +1 for a call
+  interest, so every exposure is ``position * greek * OI * m`` with position +1 for a call
   and -1 for a put. Gamma: calls positive, puts negative, ``net = calls + puts``. Delta, vanna
   and charm use the same position sign (a put's delta is negative, so short puts add positive
   delta). The legacy ``:calls``/``:puts`` keys keep the old system's convention (both sides
   positive magnitudes).
-* Units: gamma exposure in shares of the index per 1 point (``gamma * OI * 100``) and in USD
+* ``m`` is the contract's multiplier: the provider's ``shares_per_contract`` (100 for a
+  standard contract), else ``Params.multiplier`` (the symbol's spec).
+* Units: gamma exposure in shares of the underlying per 1 point (``gamma * OI * m``) and in USD
   per 1 % move (``shares * S**2 * 0.01``); delta exposure in shares and USD (``shares * S``);
   vanna exposure in USD of delta per +1 vol point; charm exposure in USD of delta per calendar
   day that passes.
 * Contracts are summed (never overwritten) per strike and per expiry across roots (SPX AM
   monthlies + SPXW PM weeklies at the same strike/expiry add up); each keeps its own
-  settlement instant: expiry date 16:00 America/New_York, 09:30 for the AM-settled roots
-  SPX/NDX. Contracts past settlement are excluded (``expired``).
+  settlement instant: expiry date 16:00 America/New_York, 09:30 for the AM-settled roots of
+  the symbol's spec (SPX/NDX/RUT monthlies). Contracts past settlement are excluded
+  (``expired``).
+* Exercise style: index options are European; stock and ETF options are American, and every
+  greek we compute ourselves (gamma where the provider gave none, delta/vanna/charm, the
+  zero-gamma sweep) is the European Black-Scholes one with the symbol's dividend yield and
+  rate where no basis is fitted. That is an approximation: the early-exercise premium is
+  nil for calls on a non-dividend stock, small for calls on low-yield ETFs and for
+  out-of-the-money puts, and largest for deep in-the-money puts, whose gamma is near zero
+  anyway. Where the provider gives gamma (its own American model) per-strike GEX uses it.
 * Time basis. The provider computed its IV and gamma on its own clock (the simulator: trading
   time from the open; a real provider: its own convention), and an IV only makes sense with
   the T it was implied on. So per settlement group (expiry date x settlement time) the
@@ -63,6 +73,7 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
+from schemas import symbols
 from schemas.messages import ChainContract, GexRow, GexSource
 
 F64 = npt.NDArray[np.float64]
@@ -71,8 +82,7 @@ B = npt.NDArray[np.bool_]
 
 NY = ZoneInfo("America/New_York")
 SECONDS_PER_YEAR = 365.0 * 86400.0
-CONTRACT_MULTIPLIER = 100.0
-AM_SETTLED_ROOTS = frozenset({"SPX", "NDX"})  # monthlies; SPXW / NDXP are PM-settled
+CONTRACT_MULTIPLIER = 100.0  # the default of Params.multiplier
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _LN_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 _CHUNK = 4096  # contracts per block of the (grid x contracts) matrix
@@ -101,6 +111,9 @@ class Params:
     iv_cap: float = 5.0
     key_strikes: int = 5
     value_step_s: float = 60.0  # re-priced per-strike values: snapshot instant rounded down
+    # shares per contract where a row does not carry the provider's shares_per_contract
+    # (the symbol's standard multiplier, schemas/symbols.py)
+    multiplier: float = CONTRACT_MULTIPLIER
 
     def __post_init__(self) -> None:
         if not (0 < self.grid_step_pct <= self.grid_range_pct < 100):
@@ -113,14 +126,20 @@ class Params:
             raise ValueError("need 0 < iv_floor < iv_cap and fit_max_err > 0")
         if self.key_strikes < 0 or self.value_step_s < 0:
             raise ValueError("key_strikes and value_step_s must be >= 0")
+        if not self.multiplier > 0:
+            raise ValueError("multiplier must be > 0")
 
 
 # --- time ---------------------------------------------------------------------------------
 @lru_cache(maxsize=4096)
 def expiry_ns(expiry: str, root: str) -> int:
-    """Settlement instant (ns since epoch) of an option expiring on ``expiry`` (YYYY-MM-DD)."""
+    """Settlement instant (ns since epoch) of an option expiring on ``expiry`` (YYYY-MM-DD):
+    the open (09:30 New York) for the AM-settled roots of its symbol's spec (SPX, NDX, RUT
+    monthlies), else the close (16:00; weeklies, dailies, XSP, stocks and ETFs)."""
     d = dt.date.fromisoformat(expiry)
-    hh, mm = (9, 30) if root in AM_SETTLED_ROOTS else (16, 0)
+    known = symbols.registry()
+    am = known.spec(known.symbol_of_root(root)).settlement(root) == "AM"
+    hh, mm = (9, 30) if am else (16, 0)
     return int(dt.datetime(d.year, d.month, d.day, hh, mm, tzinfo=NY).timestamp()) * 10**9
 
 
@@ -195,6 +214,7 @@ class Columns:
     oi: F64
     iv: F64
     ts_ns: int  # newest row time (the snapshot behind the chain)
+    mult: F64 | None = None  # shares_per_contract (NaN / None: Params.multiplier)
 
     @property
     def n(self) -> int:
@@ -272,6 +292,7 @@ def source_from_contracts(
         gamma=f64(c.gamma for c in cs),
         oi=f64(c.oi for c in cs),
         iv=f64(c.iv for c in cs),
+        mult=f64(c.shares for c in cs) if any(c.shares is not None for c in cs) else b"",
     )
 
 
@@ -284,6 +305,7 @@ def source_columns(src: GexSource) -> Columns:
         or len(src.expiry) != 2 * n
         or len(src.right) != n
         or any(len(a) != 8 * n for a in arrays[3:])
+        or len(src.mult) not in (0, 8 * n)
     ):
         raise ValueError("GEX source columns have different lengths")
     root = np.frombuffer(src.root, dtype=np.int16).astype(np.int64)
@@ -304,6 +326,7 @@ def source_columns(src: GexSource) -> Columns:
         oi=np.frombuffer(src.oi, dtype=np.float64),
         iv=np.frombuffer(src.iv, dtype=np.float64),
         ts_ns=src.ts_ns,
+        mult=np.frombuffer(src.mult, dtype=np.float64) if src.mult else None,
     )
 
 
@@ -356,6 +379,7 @@ class Chain:
     delta: F64  # option delta at the snapshot (re-priced)
     vanna: F64
     charm: F64
+    mult: F64  # shares per contract (the provider's shares_per_contract)
     grp: I64  # settlement group per contract
     exp_idx: I64  # index into expiries per contract
     t_years: F64  # time to settlement on the group's basis at ``now_ns``
@@ -498,6 +522,11 @@ def prepare(
     idx, grp = idx[order], grp[order]
     k_s, call_s = strike[idx], is_call[idx]
     oi_s, gamma_s, iv_s = oi[idx], gamma[idx], iv[idx]
+    mult_s = np.full(idx.shape[0], params.multiplier)
+    if cols.mult is not None:
+        given = cols.mult[idx]
+        with np.errstate(invalid="ignore"):
+            mult_s = np.where(np.isfinite(given) & (given > 0), given, mult_s)
     hasg_s, ivok_s = has_gamma[idx], iv_ok[idx]
 
     # --- basis per group: clock first, then the fit where it holds -------------------------
@@ -529,7 +558,7 @@ def prepare(
         live = ~no_smile
         k_s, oi_s, gamma_s, iv_used = k_s[live], oi_s[live], gamma_s[live], iv_used[live]
         call_s, imputed, hasg_s = call_s[live], imputed[live], hasg_s[live]
-        grp, unpriced = grp[live], unpriced[live]
+        grp, unpriced, mult_s = grp[live], unpriced[live], mult_s[live]
 
     # --- value every contract at the snapshot ----------------------------------------------
     # at the snapshot's instant rounded down to value_step_s: re-seeds of the same values
@@ -563,6 +592,7 @@ def prepare(
         delta=delta,
         vanna=vanna,
         charm=charm,
+        mult=mult_s,
         grp=grp,
         exp_idx=g_expiry[grp] if ng else np.zeros(0, dtype=np.int64),
         t_years=np.zeros(nc),
@@ -603,7 +633,7 @@ def retime(chain: Chain, now_ns: int, params: Params = Params()) -> Chain:
         _count(exc, "expired", ~keep)
         per_contract = (
             "strike", "is_call", "oi", "gamma", "has_gamma", "iv", "imputed", "delta",
-            "vanna", "charm", "t_years", "zero_dte",
+            "vanna", "charm", "mult", "t_years", "zero_dte",
         )  # fmt: skip
         per_group = ("g_settle_ns", "g_root_am", "g_tau", "g_t", "g_b", "g_q", "g_fit")
         new_g = np.cumsum(live_g) - 1
@@ -780,7 +810,7 @@ def _slope(x: F64, y: F64) -> float:
 class _Sweep:
     """Net dollar GEX (position-signed) as a function of a hypothetical spot ``s``, for any
     contiguous range of the chain's contracts:
-    ``sum_i pos_i * OI_i * 100 * gamma_BS(s; K_i, tau_i, iv_i, b, q) * s**2 * 0.01``."""
+    ``sum_i pos_i * OI_i * mult_i * gamma_BS(s; K_i, tau_i, iv_i, b, q) * s**2 * 0.01``."""
 
     def __init__(self, ch: Chain) -> None:
         use = np.isfinite(ch.iv) & (ch.oi != 0)
@@ -793,7 +823,7 @@ class _Sweep:
         # d1 = (ln s - cst) / (iv sqrt T), cst = ln K - (b + iv^2/2) T
         self.cst = np.log(ch.strike) - (b + 0.5 * iv * iv) * t
         pos_oi = np.where(ch.is_call, ch.oi, -ch.oi)
-        self.w = np.where(use, pos_oi, 0.0) * CONTRACT_MULTIPLIER * np.exp(-q * t) * self.inv
+        self.w = np.where(use, pos_oi, 0.0) * ch.mult * np.exp(-q * t) * self.inv
         self.w *= _INV_SQRT_2PI
 
     def at(self, lo: int, hi: int, spots: F64) -> F64:
@@ -1093,12 +1123,12 @@ def compute(
     if not (math.isfinite(spot) and spot > 0):
         raise ValueError(f"spot must be a positive number, got {spot!r}")
     ds = spot if dollar_spot is None else dollar_spot
-    shares = chain.gamma * chain.oi * CONTRACT_MULTIPLIER
+    shares = chain.gamma * chain.oi * chain.mult
     strikes, sidx = np.unique(chain.strike, return_inverse=True)
     sidx = sidx.astype(np.int64).reshape(-1)
     ns = strikes.shape[0]
     put = ~chain.is_call
-    pos_oi = np.where(chain.is_call, chain.oi, -chain.oi) * CONTRACT_MULTIPLIER
+    pos_oi = np.where(chain.is_call, chain.oi, -chain.oi) * chain.mult
 
     def per_strike(weights: F64, mask: B | None = None) -> F64:
         if mask is None:

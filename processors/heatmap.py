@@ -89,13 +89,12 @@ from math import floor as _floor
 from typing import NamedTuple
 from zoneinfo import ZoneInfo
 
-from schemas import ticker
+from schemas import symbols, ticker
 from schemas.heatmap import NS_PER_S, Leg, Tile, TileView, ViewLeg, encode_view
 
 STRATEGIES = ("single", "vertical", "butterfly")
 EPS = 1e-9
 NY = ZoneInfo("America/New_York")
-PM_ROOTS = ("SPXW", "NDXP")
 
 # Contract hash fields a tile needs, in this order (see LegQuote.from_values).
 LEG_FIELDS = ("bid", "ask", "mid", "quote_ts", "last", "trade_ts", "ts_ns", "src", "quote_rx_ts")
@@ -195,7 +194,13 @@ def build_grid(
             ignored += 1
             continue
         parsed.append((cid, t))
-    # One root per expiry: most contracts, ties to the PM-settled weekly root.
+    # One root per expiry: most contracts, ties to the PM-settled weekly root (by the
+    # symbol's spec), then to a standard root over an adjusted one.
+    spec = symbols.registry().spec(symbol)
+
+    def rank(root: str, n: int) -> tuple[int, bool, bool, str]:
+        return n, spec.settlement(root) == "PM", spec.classify(root) == symbols.STANDARD, root
+
     counts: dict[tuple[str, str], int] = {}
     for _, t in parsed:
         key = (t.expiry.isoformat(), t.root)
@@ -203,7 +208,7 @@ def build_grid(
     root_of: dict[str, str] = {}
     for (exp, root), n in counts.items():
         cur = root_of.get(exp)
-        if cur is None or (n, root in PM_ROOTS, root) > (counts[(exp, cur)], cur in PM_ROOTS, cur):
+        if cur is None or rank(root, n) > rank(cur, counts[(exp, cur)]):
             root_of[exp] = root
     expiries = select_expiries(root_of, today, n_expiries)
     keep = set(expiries)
@@ -217,6 +222,8 @@ def build_grid(
             ignored += 1
             continue
         lines.setdefault((exp, t.right), {})[_milli(t.strike)] = (cid, t.strike)
+    if not widths and strategy != "single":  # from the listed strike spacing
+        widths = symbols.derive_widths([k for _, k in ln.values()] for ln in lines.values())
     grid = Grid(
         symbol=symbol,
         strategy=strategy,

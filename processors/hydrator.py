@@ -7,7 +7,9 @@ Reads ``massive:ws:stream`` (group ``hydrator``); entries carry ``recv_ts_ns`` a
    by reason and logged, the good events of the same frame still apply.
 2. Conflate: only the newest event per contract per kind (quote / trade) goes on (equal
    timestamps keep the first in stream order, which is what sequential admission keeps);
-   index ``V`` events are conflated per index.
+   index ``V`` events are conflated per index, and so are the stock ``T``/``Q`` events of the
+   stock and ETF underlyings (``sym`` without ``O:``): a trade's price or a two-sided quote's
+   mid is that symbol's spot, admitted like an index level.
 3. Resolve: the cid IS the event's ``sym``; the derived local cache maps cid -> symbol for the
    topology SET of each symbol's active epoch (``schemas.ticker.parse(cid).symbol``). A cid
    outside the active topology is a counted ``geometry_miss`` and never creates a hash.
@@ -53,7 +55,7 @@ from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import NoScriptError, ResponseError
 
 from processors import lua
-from schemas import keys, ticker
+from schemas import keys, symbols, ticker
 from schemas.massive import IndexValue, Quote, Trade, decode_frame
 from schemas.messages import WS_PAYLOAD_FIELD, WS_RECV_FIELD, DirtyEntry, entry
 from streams import metrics
@@ -64,7 +66,6 @@ from streams.settings import from_env
 
 logger = logging.getLogger(__name__)
 
-KNOWN_SYMBOLS = frozenset(ticker.ROOT_TO_SYMBOL.values())
 NS_PER_MS = 1_000_000
 _MAX = sys.maxsize
 _packer = msgspec.msgpack.Encoder()
@@ -92,7 +93,7 @@ def _s(v: bytes | str) -> str:
 
 
 def _label(symbol: str | None) -> str:
-    return symbol if symbol in KNOWN_SYMBOLS else "other"
+    return symbols.registry().label(symbol)  # bounded by configuration
 
 
 def _symbol_of(cid: str) -> str | None:
@@ -100,6 +101,15 @@ def _symbol_of(cid: str) -> str | None:
         return ticker.parse(cid).symbol
     except ticker.TickerError:
         return None
+
+
+def _stock_value(ev: Quote | Trade) -> IndexValue | None:
+    """A stock event as a spot: a trade's price, a two-sided quote's mid."""
+    if isinstance(ev, Trade):
+        return IndexValue(val=ev.p, ticker=ev.sym, t=ev.t) if ev.p > 0 else None
+    if ev.bp > 0 and ev.ap >= ev.bp:
+        return IndexValue(val=round((ev.bp + ev.ap) / 2, 6), ticker=ev.sym, t=ev.t)
+    return None
 
 
 @dataclass(slots=True)
@@ -203,7 +213,7 @@ class Hydrator(ConsumerProcessor):
         trades: dict[str, Trade] = {}
         spots: dict[str, IndexValue] = {}
         recv_of: dict[str, int] = {}
-        n_q = n_t = n_v = n_other = 0
+        n_q = n_t = n_v = n_s = n_s_bad = n_other = 0
         for eid, fields in entries:
             try:
                 recv = int(fields[WS_RECV_FIELD])
@@ -220,6 +230,19 @@ class Hydrator(ConsumerProcessor):
                     logger.warning("ws entry %r rejected (%s): %s", eid, reason, err)
             for ev in fr.events:
                 cls = type(ev)
+                if (cls is Quote or cls is Trade) and not ev.sym.startswith("O:"):  # type: ignore[union-attr]
+                    # a stock/ETF underlying from /stocks: its spot (the option symbols'
+                    # events all carry O:)
+                    n_s += 1
+                    sv = _stock_value(ev)  # type: ignore[arg-type]
+                    if sv is None:
+                        n_s_bad += 1
+                        self.m_rejected.labels(reason="stock_no_price").inc()
+                        continue
+                    v = spots.get(sv.ticker)
+                    if v is None or sv.t > v.t:
+                        spots[sv.ticker] = sv
+                    continue
                 if cls is Quote:
                     n_q += 1
                     sym = ev.sym  # type: ignore[union-attr]
@@ -247,8 +270,10 @@ class Hydrator(ConsumerProcessor):
         self.m_events.labels(kind="quote").inc(n_q)
         self.m_events.labels(kind="trade").inc(n_t)
         self.m_events.labels(kind="index").inc(n_v)
+        self.m_events.labels(kind="stock").inc(n_s)
         self.m_events.labels(kind="other").inc(n_other)
-        self.m_conflated.inc(n_q + n_t + n_v - len(quotes) - len(trades) - len(spots))
+        n_spot = n_v + n_s - n_s_bad
+        self.m_conflated.inc(n_q + n_t + n_spot - len(quotes) - len(trades) - len(spots))
         return _Batch(quotes, trades, spots, recv_of)
 
     # --- local epoch cache -----------------------------------------------------------------
@@ -506,8 +531,9 @@ class Hydrator(ConsumerProcessor):
             )
         if spots:
             args: list[str] = []
+            known = symbols.registry()
             for v in spots:
-                sym = v.ticker[2:] if v.ticker.startswith("I:") else v.ticker
+                sym = known.symbol_of_underlying(v.ticker)
                 args += (sym, repr(v.val), str(v.t * NS_PER_MS))
             cmds.append(("EVALSHA", self._spot.sha, 1, keys.SPOT_LATEST, *args))
         return cmds

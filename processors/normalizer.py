@@ -66,7 +66,7 @@ from redis.asyncio.client import Pipeline
 from redis.exceptions import WatchError
 
 from processors import gex_math, lua
-from schemas import keys, ticker
+from schemas import keys, symbols, ticker
 from schemas.messages import (
     ChainContract,
     ChainPointer,
@@ -85,8 +85,6 @@ from streams.producer import Fields, xadd_pipe
 from streams.settings import from_env
 
 logger = logging.getLogger(__name__)
-
-KNOWN_SYMBOLS = frozenset(ticker.ROOT_TO_SYMBOL.values())
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +133,7 @@ def epoch_id(symbol: str, cids: Iterable[str], expiries: Iterable[str]) -> str:
 
 
 def _label(symbol: str) -> str:
-    return symbol if symbol in KNOWN_SYMBOLS else "other"
+    return symbols.registry().label(symbol)  # bounded by configuration
 
 
 def _f(v: float | None) -> str:

@@ -51,7 +51,7 @@ from redis.exceptions import WatchError
 from processors import heatmap as hm
 from processors import lua
 from processors import tile_vec as tv
-from schemas import keys
+from schemas import keys, symbols
 from schemas.heatmap import Tile, TileDelta
 from schemas.messages import DirtyEntry, entry, from_entry
 from streams import metrics, producer
@@ -64,11 +64,15 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TileSettings:
-    """Env prefix ``MASSIVE_TILES_`` (e.g. MASSIVE_TILES_WIDTHS_SPX=5,10,15)."""
+    """Env prefix ``MASSIVE_TILES_`` (e.g. MASSIVE_TILES_WIDTHS_SPX=5,10,15).
+
+    Widths per symbol: ``widths_spx`` / ``widths_ndx`` for SPX / NDX, else the symbol's spec
+    (schemas/symbols.py, ``MASSIVE_SYMBOL_SPECS``), else ``widths_other`` when set, else
+    derived from the listed strike spacing (``symbols.derive_widths``)."""
 
     widths_spx: tuple[float, ...] = (5, 10, 15, 20, 25, 30, 35, 40, 45, 50)
     widths_ndx: tuple[float, ...] = (25, 50, 75, 100, 125, 150, 175, 200)
-    widths_other: tuple[float, ...] = (5, 10, 25, 50)
+    widths_other: tuple[float, ...] = ()
     n_expiries: int = 5  # expirations per symbol: 0DTE (when listed) first, then the next ones
     drop_expired: bool = True  # ignore expiries before today (America/New_York)
     max_quote_age_ms: int = 10_000  # quote mid used when as_of - quote_ts <= this
@@ -87,7 +91,12 @@ class TileSettings:
             raise ValueError("n_expiries, fetch_chunk and write_chunk must be >= 1")
 
     def widths(self, symbol: str) -> tuple[float, ...]:
-        return {"SPX": self.widths_spx, "NDX": self.widths_ndx}.get(symbol, self.widths_other)
+        """() = derive from the listed strike spacing (heatmap.build_grid)."""
+        if symbol == "SPX":
+            return self.widths_spx
+        if symbol == "NDX":
+            return self.widths_ndx
+        return symbols.registry().spec(symbol).widths or self.widths_other
 
     @property
     def max_quote_age_ns(self) -> int:

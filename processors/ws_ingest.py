@@ -1,8 +1,11 @@
 """ws-ingest: Massive WebSocket feeds -> raw frames on massive:ws:stream.
 
-Two connections: ``<ws_url>/options`` (``T.`` for every contract of the active epochs, plus
-``Q.`` for at most ``max_quotes`` contracts per connection: the nearest-to-spot contracts of
-the front expiries) and ``<ws_url>/indices`` (``V.I:SPX``, ``V.I:NDX``).
+Up to three connections: ``<ws_url>/options`` (``T.`` for every contract of the active
+epochs, plus ``Q.`` for at most ``max_quotes`` contracts per connection: the nearest-to-spot
+contracts of the front expiries), ``<ws_url>/indices`` (``V.I:SPX``, ``V.I:NDX``: the spot of
+the index symbols) and ``<ws_url>/stocks`` (``T.SPY``, ``Q.SPY``: the spot of the stock and
+ETF symbols, whose frames the hydrator turns into spot updates). Which symbol is which comes
+from its spec (schemas/symbols.py); a feed no configured symbol needs is not opened.
 
 * Handshake: ``connected`` -> ``{"action":"auth"}`` -> ``auth_success``. ``auth_failed`` is
   fatal (:class:`WsAuthError` propagates out of ``run``: "check MASSIVE_API_KEY").
@@ -40,7 +43,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
-from schemas import keys, ticker
+from schemas import keys, symbols, ticker
 from schemas.massive import Status, decode_frame
 from schemas.messages import WS_PAYLOAD_FIELD, WS_RECV_FIELD, ControlMessage, entry
 from streams import metrics
@@ -82,7 +85,9 @@ class WsSettings:
     max_quotes: int = 1000  # provider limit: 1,000 Q contracts per connection
     quote_expiries: int = 2  # Q only for the front expiries (0DTE first)
     quote_recenter_pct: float = 0.0025  # move the Q window when spot moved this much
-    indices: bool = True
+    indices: bool = True  # V.I:<index> on /indices for the index symbols
+    stocks: bool = True  # T.<ticker> (and Q. when stock_quotes) on /stocks for stocks/ETFs
+    stock_quotes: bool = True
     subscribe_chunk: int = 500  # params per subscribe/unsubscribe message
     epoch_poll_s: float = 1.0
     ack_timeout_s: float = 5.0  # wait for the per-param answers of one (un)subscribe message
@@ -183,9 +188,13 @@ class WsIngest:
         self.feeds: dict[str, _Feed] = {}
         if settings.trades or settings.quotes:
             self.feeds["options"] = _Feed("options")
-        if settings.indices:
+        known = symbols.registry()
+        self.specs = {sym: known.spec(sym) for sym in settings.symbols}
+        if settings.indices and any(sp.is_index for sp in self.specs.values()):
             self.feeds["indices"] = _Feed("indices")
-        self._dormancy_feed = "options" if "options" in self.feeds else "indices"
+        if settings.stocks and any(not sp.is_index for sp in self.specs.values()):
+            self.feeds["stocks"] = _Feed("stocks")
+        self._dormancy_feed = "options" if "options" in self.feeds else next(iter(self.feeds), "")
         self._queue: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue(settings.queue_max)
         self._epochs: dict[str, _EpochView] = {}
         self._q_center: dict[str, tuple[str, float]] = {}  # sym -> (eid, spot used)
@@ -422,7 +431,7 @@ class WsIngest:
                 desired = None
             if desired is not None:
                 await self._apply(feed, ws, desired)
-            if feed.market == "indices":
+            if feed.market != "options":
                 await asyncio.Event().wait()  # static: nothing more to do on this connection
             await asyncio.sleep(self.s.epoch_poll_s)
 
@@ -484,7 +493,15 @@ class WsIngest:
     async def desired(self, market: str) -> set[str]:
         """The subscription params this connection should hold now."""
         if market == "indices":
-            return {f"V.I:{sym}" for sym in self.s.symbols}
+            return {f"V.{sp.underlying}" for sp in self.specs.values() if sp.is_index}
+        if market == "stocks":
+            out_s: set[str] = set()
+            for sp in self.specs.values():
+                if not sp.is_index:
+                    out_s.add(f"T.{sp.underlying}")
+                    if self.s.stock_quotes:
+                        out_s.add(f"Q.{sp.underlying}")
+            return out_s
         syms = list(self.s.symbols)
         eids = await self.redis.hmget(keys.EPOCH_ACTIVE, syms)
         spots = await self.redis.hmget(keys.SPOT_LATEST, syms)

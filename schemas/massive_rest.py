@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
+from schemas import symbols
 from schemas import ticker as ticker_codec
 from schemas.messages import ChainContract
 
@@ -41,7 +42,10 @@ R_NO_TICKER = "no_ticker"  # details.ticker missing
 R_BAD_TICKER = "bad_ticker"  # details.ticker does not parse as O:<root><yymmdd><C|P><strike>
 R_MISMATCH = "details_mismatch"  # details disagree with the ticker (expiry/strike/type)
 R_BAD_TYPE = "bad_contract_type"  # contract_type other than call/put
-R_WRONG_UNDERLYING = "wrong_underlying"  # a root that does not belong to the requested index
+R_WRONG_UNDERLYING = "wrong_underlying"  # a root that does not belong to the requested symbol
+# an adjusted root (AAPL1) or shares_per_contract other than the symbol's multiplier, skipped
+# by the symbol's policy (schemas/symbols.py)
+R_ADJUSTED = "adjusted_deliverable"
 R_NON_FINITE = "non_finite"  # NaN/inf or absurd magnitude in a number we use
 R_NEGATIVE = "negative_value"  # negative price/size/OI/IV
 R_BAD_TS = "bad_timestamp"  # timestamp not plausible nanoseconds
@@ -56,6 +60,7 @@ REASONS = (
     R_MISMATCH,
     R_BAD_TYPE,
     R_WRONG_UNDERLYING,
+    R_ADJUSTED,
     R_NON_FINITE,
     R_NEGATIVE,
     R_BAD_TS,
@@ -275,8 +280,10 @@ def _envelope_error(status: str | None, error: str | None, message: str | None) 
 def to_contract(item: OptionSnapshotItem, symbol: str | None = None) -> ChainContract:
     """Convert one chain result item to a :class:`ChainContract`.
 
-    ``symbol`` (e.g. "SPX"), when given, must be the index the contract's root belongs to.
-    Raises :class:`ItemRejected` with a reason; nothing else.
+    ``symbol`` (e.g. "SPX", "AAPL"), when given, must be the underlying the contract's root
+    belongs to by its spec (schemas/symbols.py: SPXW is SPX's, RUTW RUT's); an adjusted or
+    non-standard deliverable is rejected as ``adjusted_deliverable`` unless the spec keeps
+    them. Raises :class:`ItemRejected` with a reason; nothing else.
     """
     d = item.details
     if d is None or not d.ticker:
@@ -299,8 +306,18 @@ def to_contract(item: OptionSnapshotItem, symbol: str | None = None) -> ChainCon
             raise ItemRejected(R_BAD_TYPE, f"{cid}: contract_type {d.contract_type!r}")
         if right != t.right:
             raise ItemRejected(R_MISMATCH, f"{cid}: contract_type {d.contract_type!r}")
-    if symbol is not None and t.symbol != symbol:
-        raise ItemRejected(R_WRONG_UNDERLYING, f"{cid}: root {t.root} is not {symbol}")
+    shares = _num("details.shares_per_contract", d.shares_per_contract, nonneg=True)
+    if symbol is not None:
+        spec = symbols.registry().spec(symbol)
+        kind = spec.classify(t.root)
+        if kind is None:
+            raise ItemRejected(R_WRONG_UNDERLYING, f"{cid}: root {t.root} is not {symbol}")
+        if spec.adjusted == "skip" and (
+            kind == symbols.ADJUSTED or not spec.standard_deliverable(shares)
+        ):
+            raise ItemRejected(
+                R_ADJUSTED, f"{cid}: root {t.root}, shares_per_contract {d.shares_per_contract}"
+            )
 
     bid = ask = quote_ts = None
     q = item.last_quote
@@ -344,6 +361,7 @@ def to_contract(item: OptionSnapshotItem, symbol: str | None = None) -> ChainCon
         vega=vega,
         oi=oi,
         volume=volume,
+        shares=shares,
     )
 
 

@@ -77,6 +77,7 @@ class ChainContract(msgspec.Struct, frozen=True, array_like=True):
     vega: float | None = None
     oi: float | None = None
     volume: float | None = None
+    shares: float | None = None  # shares_per_contract: the contract's multiplier
 
 
 class ChainSnapshot(msgspec.Struct, frozen=True):
@@ -301,7 +302,8 @@ class GexSource(msgspec.Struct, frozen=True, array_like=True):
     ``data`` of HASH ``massive:gex:source:{SYM}`` (msgpack), written by the normalizer from a
     full-chain snapshot (``ChainPointer.scope == "full"``). Numbers are little-endian numpy
     buffers, one entry per contract (NaN = absent): ``root``/``expiry`` int16 codes into
-    ``roots``/``expiries``, ``right`` int8 (1 call, 0 put), the rest float64."""
+    ``roots``/``expiries``, ``right`` int8 (1 call, 0 put), the rest float64 (``mult``: the
+    contract's ``shares_per_contract``)."""
 
     symbol: str
     ts_ns: int  # the snapshot's fetch time (the instant its greeks refer to)
@@ -315,6 +317,8 @@ class GexSource(msgspec.Struct, frozen=True, array_like=True):
     gamma: bytes
     oi: bytes
     iv: bytes
+    # float64 shares_per_contract per contract (NaN: not given); empty: none given at all
+    mult: bytes = b""
 
 
 _gex_source_encoder = msgspec.msgpack.Encoder()

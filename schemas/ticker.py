@@ -9,8 +9,11 @@ import datetime as dt
 from dataclasses import dataclass
 from decimal import Decimal
 
-# Massive index option roots and the index chain each belongs to.
-ROOT_TO_SYMBOL = {"SPX": "SPX", "SPXW": "SPX", "NDX": "NDX", "NDXP": "NDX"}
+from schemas import symbols as _symbols
+
+# The listed roots of the default symbol specs and the underlying each belongs to (other
+# roots resolve through the process's registry: schemas/symbols.py).
+ROOT_TO_SYMBOL = {r: s.symbol for s in _symbols.DEFAULT_SPECS.values() for r in s.roots}
 
 
 class TickerError(ValueError):
@@ -26,8 +29,9 @@ class OptionTicker:
 
     @property
     def symbol(self) -> str:
-        """Index symbol the root belongs to (SPXW -> SPX); unknown roots map to themselves."""
-        return ROOT_TO_SYMBOL.get(self.root, self.root)
+        """Underlying the root belongs to (SPXW -> SPX, AAPL1 -> AAPL, by the process's
+        symbol registry); unknown roots map to themselves."""
+        return _symbols.registry().symbol_of_root(self.root)
 
     def encode(self) -> str:
         return encode(self.root, self.expiry, self.right, self.strike)
