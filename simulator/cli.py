@@ -42,7 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("MASSIVE_API_KEY") or "sim-key",
         help="the key clients must send (default: MASSIVE_API_KEY, else sim-key)",
     )
-    p.add_argument("--symbols", default="SPX,NDX")
+    p.add_argument(
+        "--symbols",
+        default="SPX,NDX",
+        help="underlyings: indices (SPX, NDX) and stocks/ETFs (SPY, QQQ, IWM, AAPL, any ticker)",
+    )
     p.add_argument("--scenario", choices=SCENARIOS, default="open")
     p.add_argument("--walk-speed", type=float, default=1.0, help="spot random-walk time scale")
     p.add_argument("--max-connections", type=int, default=None)
@@ -121,7 +125,7 @@ async def serve(args: argparse.Namespace) -> int:
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     print(f"REST {srv.rest_url}", flush=True)
-    print(f"WS   {srv.ws_url}/options  {srv.ws_url}/indices", flush=True)
+    print(f"WS   {srv.ws_url}/options  {srv.ws_url}/indices  {srv.ws_url}/stocks", flush=True)
     print(f"API key {cfg.api_key!r}; scenario {args.scenario}", flush=True)
     n = {s: len(c) for s, c in srv.market.by_symbol.items()}
     print(f"contracts {n}; session {srv.market.session}", flush=True)

@@ -10,6 +10,14 @@
 * A chain per index: monthly AM root (SPX, NDX: third Fridays) and a PM root (SPXW, NDXP: every
   trading day for the first ``n_daily`` sessions incl. 0DTE, then Fridays, then month ends).
   Strikes: fine step near the money, 5x step out to a wide band.
+* Stocks and ETFs (``kind="equity"``: SPY, QQQ, IWM, AAPL, MSFT and any other ticker as a
+  generic stock): one root (the ticker), PM-settled, American. Expirations: ETFs list dailies
+  for the first ``n_daily`` sessions, then Fridays and the monthlies; stocks list Fridays
+  (weeklies) and the third-Friday monthlies. Strike spacing by price level
+  (:func:`equity_step`). American-style values: the Black-Scholes value with the
+  underlying's dividend yield, floored at intrinsic value (early exercise); greeks are the
+  European ones (close to the American ones except for deep in-the-money puts, whose gamma
+  is small). The stock itself trades on the ``/stocks`` feed (``T``/``Q``).
 * Quotes around the model price with a price-dependent spread on the exchange's tick grid
   (0.05 below 3.00, 0.10 from 3.00), open interest peaking near ATM and at round strikes.
 * Poisson trades and quotes at a total rate, biased to short-dated near-ATM contracts.
@@ -23,6 +31,7 @@ traffic. Pricing is lazy and cached per market tick (``version``).
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import datetime as dt
 import hashlib
 import math
@@ -217,6 +226,67 @@ class IndexSpec:
     oi_scale: float = 4000.0
     exchange: int = 302
     band_scale: float = 1.0  # multiplies the strike bands (NDX lists a narrower grid)
+    kind: str = "index"  # index | equity (a stock or ETF: one PM root, American, /stocks)
+    q: float | None = None  # dividend yield (None: MarketConfig.q)
+    dailies: bool = False  # an equity listing daily expirations (the big ETFs)
+    coarse_mult: float = 5.0  # the wide band's step = coarse_mult x step
+
+    @property
+    def is_equity(self) -> bool:
+        return self.kind == "equity"
+
+
+def equity_step(price: float, etf: bool) -> float:
+    """Listed strike spacing by price level: ETFs 0.5 below 50 then 1; stocks 0.5 below 25,
+    1 below 50, 2.5 below 200, 5 above."""
+    if etf:
+        return 0.5 if price < 50 else 1.0
+    if price < 25:
+        return 0.5
+    if price < 50:
+        return 1.0
+    return 2.5 if price < 200 else 5.0
+
+
+def equity(
+    symbol: str,
+    name: str,
+    spot: float,
+    atm_short: float,
+    atm_long: float,
+    *,
+    etf: bool = False,
+    q: float = 0.0,
+    oi_scale: float = 800.0,
+) -> IndexSpec:
+    """A stock or ETF: root = ticker, strikes spaced by price level, a flatter skew."""
+    return IndexSpec(
+        symbol,
+        name,
+        spot,
+        symbol,
+        symbol,
+        equity_step(spot, etf),
+        atm_short,
+        atm_long,
+        skew=-0.12 if etf else -0.06,
+        curvature=0.05,
+        oi_scale=oi_scale,
+        exchange=301,
+        kind="equity",
+        q=q,
+        dailies=etf,
+        coarse_mult=5.0 if etf else 2.0,
+        band_scale=1.0 if etf else 3.0,  # a stock lists strikes further out, in % of spot
+    )
+
+
+def generic_equity(symbol: str) -> IndexSpec:
+    """Any other ticker: a stock at a level derived from its name (20..520), so
+    ``simulate --symbols XYZ`` serves a chain for any symbol, the same one every run."""
+    h = int.from_bytes(hashlib.blake2b(symbol.encode(), digest_size=4).digest(), "little")
+    spot = 20.0 + round((h % 50_000) / 100.0, 2)
+    return equity(symbol, symbol, spot, 0.35, 0.32, oi_scale=300.0)
 
 
 SPX = IndexSpec("SPX", "S&P 500", 6000.0, "SPX", "SPXW", 5.0, 0.13, 0.18)
@@ -235,9 +305,16 @@ NDX = IndexSpec(
 )
 
 
+SPY = equity("SPY", "SPDR S&P 500 ETF", 600.0, 0.13, 0.18, etf=True, q=0.012, oi_scale=3000.0)
+QQQ = equity("QQQ", "Invesco QQQ", 520.0, 0.17, 0.22, etf=True, q=0.006, oi_scale=1500.0)
+IWM = equity("IWM", "iShares Russell 2000 ETF", 230.0, 0.2, 0.23, etf=True, q=0.012)
+AAPL = equity("AAPL", "Apple Inc.", 230.0, 0.26, 0.27, q=0.004, oi_scale=1500.0)
+MSFT = equity("MSFT", "Microsoft Corp.", 430.0, 0.24, 0.26, q=0.007, oi_scale=1000.0)
+
+
 @dataclass(frozen=True, slots=True)
 class MarketConfig:
-    indices: tuple[IndexSpec, ...] = (SPX, NDX)
+    indices: tuple[IndexSpec, ...] = (SPX, NDX, SPY, QQQ, IWM, AAPL, MSFT)
     r: float = 0.04
     q: float = 0.013
     vol_floor: float = 0.05
@@ -340,8 +417,9 @@ class Event:
     """One generated market event, already in the provider's WS shape (ms timestamps)."""
 
     kind: str  # "T" | "Q" | "V"
-    key: str  # option ticker or index ticker ("I:SPX")
+    key: str  # option ticker, index ticker ("I:SPX") or stock ticker ("AAPL")
     payload: dict[str, Any]
+    market: str = "options"  # the WS cluster carrying it: options | indices | stocks
 
 
 @dataclass(slots=True)
@@ -367,9 +445,11 @@ class Market:
         self.events_per_s = events_per_s
         self.quotes = quotes
         specs = {s.symbol: s for s in self.config.indices}
-        unknown = [s for s in symbols if s not in specs]
-        if unknown:
-            raise ValueError(f"no IndexSpec for symbols {unknown}")
+        for sym in symbols:  # any other ticker: a generic stock
+            if sym not in specs:
+                if not sym.isalpha() or not sym.isupper() or len(sym) > 5:
+                    raise ValueError(f"no spec for symbol {sym!r} (a stock ticker is A-Z)")
+                specs[sym] = generic_equity(sym)
         self.now_ns = now_ns
         self.version = 0
         self.session = session_date(now_ns)
@@ -401,6 +481,8 @@ class Market:
 
     # --- calendar and grid --------------------------------------------------------------
     def expirations(self, spec: IndexSpec) -> list[tuple[str, dt.date]]:
+        if spec.is_equity:
+            return [(spec.pm_root, e) for e in self.equity_expirations(spec)]
         cfg = self.config
         pm: set[dt.date] = set()
         d = self.session
@@ -431,8 +513,39 @@ class Market:
         out = [(spec.monthly_root, e) for e in am] + [(spec.pm_root, e) for e in pm]
         return sorted(out, key=lambda x: (x[1], x[0]))
 
+    def equity_expirations(self, spec: IndexSpec) -> list[dt.date]:
+        """ETFs: dailies for the first ``n_daily`` sessions; every stock and ETF: Fridays out
+        to ``weekly_weeks`` (weeklies) and ``monthlies`` third Fridays."""
+        cfg = self.config
+        out: set[dt.date] = set()
+        d = self.session
+        for _ in range(cfg.n_daily if spec.dailies else 0):
+            out.add(d)
+            d = next_trading_day(d + dt.timedelta(days=1))
+        horizon = self.session + dt.timedelta(weeks=cfg.weekly_weeks)
+        f = self.session + dt.timedelta(days=(4 - self.session.weekday()) % 7)
+        while f <= horizon:
+            out.add(prev_trading_day(f))
+            f += dt.timedelta(weeks=1)
+        y, m, n = self.session.year, self.session.month, 0
+        while n < cfg.monthlies:
+            tf = prev_trading_day(third_friday(y, m))
+            if tf >= self.session:
+                out.add(tf)
+                n += 1
+            y, m = (y + 1, 1) if m == 12 else (y, m + 1)
+        return sorted(e for e in out if e >= self.session)
+
+    def is_monthly(self, spec: IndexSpec, root: str, expiry: dt.date) -> bool:
+        if spec.is_equity:
+            return expiry == prev_trading_day(third_friday(expiry.year, expiry.month))
+        return root == spec.monthly_root
+
+    def q_of(self, spec: IndexSpec) -> float:
+        return self.config.q if spec.q is None else spec.q
+
     def settle_ns(self, root: str, spec: IndexSpec, expiry: dt.date) -> int:
-        if root == spec.monthly_root:
+        if root == spec.monthly_root and not spec.is_equity:
             return ns_at(expiry, 9, 30)
         return ns_at(expiry, 16, 0)
 
@@ -456,7 +569,7 @@ class Market:
         fine = min(max(cfg.band_sigmas[0] * sig, cfg.fine_band[0]), cfg.fine_band[1]) * s
         wide = min(max(cfg.band_sigmas[1] * sig, cfg.wide_band[0]), cfg.wide_band[1]) * s
         fine, wide = fine * spec.band_scale, wide * spec.band_scale
-        step, coarse = spec.step, spec.step * 5
+        step, coarse = spec.step, spec.step * spec.coarse_mult
         centre = round(s / coarse) * coarse
         out: set[float] = set()
         k = centre - math.floor(wide / coarse) * coarse
@@ -516,7 +629,10 @@ class Market:
             if abs(k / mult - round(k / mult)) < 1e-9 * k:
                 base *= fac
                 break
-        if root == spec.monthly_root or expiry == month_end(expiry.year, expiry.month):
+        if spec.is_equity:
+            if self.is_monthly(spec, root, expiry):
+                base *= 3.0
+        elif root == spec.monthly_root or expiry == month_end(expiry.year, expiry.month):
             base *= 3.0
         base *= 0.25 + min(t * 12.0, 1.5)  # open interest accumulates with listing age
         noise = math.exp(rng.gauss(0.0, 0.35))
@@ -599,7 +715,7 @@ class Market:
     # --- pricing --------------------------------------------------------------------------
     def implied_vol(self, c: Contract, spot: float, t: float) -> float:
         spec = self.indices[c.symbol].spec
-        fwd = spot * math.exp((self.config.r - self.config.q) * t)
+        fwd = spot * math.exp((self.config.r - self.q_of(spec)) * t)
         x = math.log(c.strike / fwd) / math.sqrt(max(t, 2.0 / 365.0))
         iv = self.atm_vol(spec, t) + spec.skew * x + spec.curvature * x * x
         return min(max(iv, self.config.vol_floor), 3.0)
@@ -612,7 +728,12 @@ class Market:
         spot = self.indices[c.symbol].value
         t = self.years_to(c.settle_ns)
         iv = self.implied_vol(c, spot, t)
-        c.model = black_scholes(spot, c.strike, t, iv, self.config.r, self.config.q, c.call)
+        spec = self.indices[c.symbol].spec
+        c.model = black_scholes(spot, c.strike, t, iv, self.config.r, self.q_of(spec), c.call)
+        if spec.is_equity:  # American: never worth less than exercising now
+            intrinsic = max(spot - c.strike if c.call else c.strike - spot, 0.0)
+            if intrinsic > c.model.price:
+                c.model = dataclasses.replace(c.model, price=intrinsic)
         c.iv = iv
         if c.version < 0:
             self._seed_history(c)
@@ -645,7 +766,7 @@ class Market:
                     t_years=self.years_to(c.settle_ns),
                 )
             )
-        return Truth(symbol, self.now_ns, st.value, self.config.r, self.config.q, out)
+        return Truth(symbol, self.now_ns, st.value, self.config.r, self.q_of(st.spec), out)
 
     # --- time -----------------------------------------------------------------------------
     def advance(self, now_ns: int) -> None:
@@ -819,6 +940,28 @@ class Market:
                 "V",
                 f"I:{s}",
                 {"ev": "V", "val": st.value, "T": f"I:{s}", "t": self.now_ns // 1_000_000},
+                "indices",
             )
             for s, st in self.indices.items()
+            if not st.spec.is_equity
         ]
+
+    def stock_events(self) -> list[Event]:
+        """A ``Q`` (one cent either side) and a ``T`` (at the price) per stock or ETF at the
+        current tick, in the ``/stocks`` shapes. Draws no randomness."""
+        out: list[Event] = []
+        t = self.now_ns // 1_000_000
+        for s, st in self.indices.items():
+            if not st.spec.is_equity:
+                continue
+            bid, ask = round(st.value - 0.01, 2), round(st.value + 0.01, 2)
+            quote = {
+                "ev": "Q", "sym": s, "bx": 11, "bp": bid, "bs": 3, "ax": 12, "ap": ask,
+                "as": 2, "c": 1, "i": [604], "t": t, "q": self._next_seq(), "z": 3,
+            }  # fmt: skip
+            trade = {
+                "ev": "T", "sym": s, "x": 4, "i": str(self._next_seq()), "z": 3,
+                "p": st.value, "s": 100, "c": [0], "t": t, "q": self._seq,
+            }  # fmt: skip
+            out += [Event("Q", s, quote, "stocks"), Event("T", s, trade, "stocks")]
+        return out

@@ -1,4 +1,10 @@
-"""Simulated Massive API: REST snapshots and the options/indices WebSockets on one port.
+"""Simulated Massive API: REST snapshots and the options/indices/stocks WebSockets on one port.
+
+Index underlyings (SPX, NDX) answer on ``/v3/snapshot/options/I:SPX`` with
+``underlying_asset.value`` and their level on ``/v3/snapshot/indices`` and the ``/indices``
+WS (``V``); stock and ETF underlyings (SPY, AAPL, any ticker) on ``/v3/snapshot/options/SPY``
+with ``underlying_asset.price``, ``exercise_style: american``, their snapshot on
+``/v2/snapshot/locale/us/markets/stocks/tickers/SPY`` and ``T``/``Q`` on the ``/stocks`` WS.
 
 Wire formats follow shared/reference/massive_api.md (official OpenAPI/WS specs and the
 official Python client): ns timestamps in REST, ms in WS, ``next_url`` with an opaque
@@ -44,7 +50,16 @@ from starlette.websockets import WebSocket
 
 from schemas.ticker import TickerError
 from schemas.ticker import parse as parse_ticker
-from simulator.market import NY, Contract, Event, IndexState, Market, MarketConfig, ns_at
+from simulator.market import (
+    NY,
+    Contract,
+    Event,
+    IndexState,
+    Market,
+    MarketConfig,
+    generic_equity,
+    ns_at,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +71,7 @@ SORTS = ("ticker", "expiration_date", "strike_price")
 RANGE_OPS = ("gte", "gt", "lte", "lt")
 OPTIONS_EVS = ("T", "Q", "A", "AM", "FMV")
 INDICES_EVS = ("V", "A", "AM")
+STOCKS_EVS = ("T", "Q", "A", "AM")
 
 
 @dataclass(frozen=True)
@@ -114,11 +130,12 @@ class _Out:
 @dataclass(eq=False)
 class _Conn:
     ws: WebSocket
-    market: str  # "options" | "indices"
+    market: str  # "options" | "indices" | "stocks"
     queue: asyncio.Queue[_Out | int]  # int: close with that code after the queued frames
     authed: bool = False
     closing: bool = False
     t_all: bool = False
+    q_all: bool = False  # Q.* (stocks only: the provider refuses it for options)
     v_all: bool = False
     trades: set[str] = field(default_factory=set)
     quotes: set[str] = field(default_factory=set)
@@ -223,9 +240,13 @@ class SimServer:
         mcfg = cfg.market
         if cfg.spots:
             levels = dict(cfg.spots)
+            known = {i.symbol for i in mcfg.indices}
+            extra = tuple(generic_equity(s) for s in cfg.symbols if s in levels and s not in known)
             mcfg = replace(
                 mcfg,
-                indices=tuple(replace(i, spot=levels.get(i.symbol, i.spot)) for i in mcfg.indices),
+                indices=tuple(
+                    replace(i, spot=levels.get(i.symbol, i.spot)) for i in (*mcfg.indices, *extra)
+                ),
             )
         self.market = Market(
             seed=cfg.seed,
@@ -253,9 +274,11 @@ class SimServer:
                 Route("/v3/snapshot/options/{underlying}", self._chain),
                 Route("/v3/snapshot/options/{underlying}/{contract}", self._contract),
                 Route("/v3/snapshot/indices", self._indices),
+                Route("/v2/snapshot/locale/us/markets/stocks/tickers/{ticker}", self._stock),
                 Route("/v1/marketstatus/now", self._market_status),
                 WebSocketRoute("/options", self._ws_options),
                 WebSocketRoute("/indices", self._ws_indices),
+                WebSocketRoute("/stocks", self._ws_stocks),
             ],
             exception_handlers={404: self._not_found, 405: self._not_found},
         )
@@ -410,8 +433,13 @@ class SimServer:
         return self._json(body)
 
     def _symbol(self, underlying: str) -> str | None:
+        """The chain of ``I:SPX`` (an index; the bare ``SPX`` is answered too, as the
+        provider did) or ``SPY`` (a stock or ETF: never with ``I:``)."""
         sym = underlying[2:] if underlying.startswith("I:") else underlying
-        return sym if sym in self.market.indices else None
+        st = self.market.indices.get(sym)
+        if st is None or (st.spec.is_equity and underlying.startswith("I:")):
+            return None
+        return sym
 
     async def _not_found(self, request: Request, exc: Exception) -> Response:
         self.stats.requests += 1
@@ -551,7 +579,7 @@ class SimServer:
             "day": self._day(c),
             "details": {
                 "contract_type": c.contract_type,
-                "exercise_style": "european",
+                "exercise_style": "american" if st.spec.is_equity else "european",
                 "expiration_date": c.exp_s,
                 "shares_per_contract": 100,
                 "strike_price": c.strike,
@@ -591,6 +619,15 @@ class SimServer:
                 "timeframe": "REAL-TIME",
             }
         out["open_interest"] = c.oi
+        if st.spec.is_equity:  # a stock's last price is "price" (an index's level "value")
+            out["underlying_asset"] = {
+                "change_to_break_even": round(out["break_even_price"] - st.value, 4),
+                "last_updated": st.ts,
+                "price": st.value,
+                "ticker": st.spec.symbol,
+                "timeframe": "REAL-TIME",
+            }
+            return out
         out["underlying_asset"] = {
             "change_to_break_even": round(out["break_even_price"] - st.value, 4),
             "last_updated": st.ts,
@@ -648,7 +685,9 @@ class SimServer:
             if len(tickers) > 250:
                 return self._error(400, "ticker.any_of: at most 250 tickers")
         else:
-            tickers = sorted(f"I:{s}" for s in self.market.indices)
+            tickers = sorted(
+                f"I:{s}" for s, st in self.market.indices.items() if not st.spec.is_equity
+            )
             one = qp.get("ticker")
             if one is not None:
                 tickers = [t for t in tickers if t == one]
@@ -657,7 +696,7 @@ class SimServer:
         for t in tickers:
             sym = t[2:] if t.startswith("I:") else None
             st = self.market.indices.get(sym) if sym else None
-            if st is None:
+            if st is None or st.spec.is_equity:
                 results.append({"ticker": t, "error": "NOT_FOUND", "message": "Ticker not found."})
                 continue
             change = round(st.value - st.prev_close, 2)
@@ -683,6 +722,59 @@ class SimServer:
             )
         return self._ok(request, results)
 
+    async def _stock(self, request: Request) -> Response:
+        """``/v2/snapshot/locale/us/markets/stocks/tickers/{ticker}``: the stock's day bar,
+        last quote and trade (ns times; the quote's ask is ``P``/``S``, its bid ``p``/``s``)."""
+        denied = self._guard(request)
+        if denied is not None:
+            return denied
+        tkr = request.path_params["ticker"]
+        st = self.market.indices.get(tkr)
+        if st is None or not st.spec.is_equity:
+            return self._error(404, "Ticker not found.")
+        change = round(st.value - st.prev_close, 2)
+        v = st.value
+        minute = ns_at(self.market.session, 9, 30) // 1_000_000
+        body = {
+            "status": "OK",
+            "request_id": secrets.token_hex(16),
+            "ticker": {
+                "day": {"c": v, "h": st.high, "l": st.low, "o": st.open, "v": 1_000_000, "vw": v},
+                "lastQuote": {
+                    "P": round(v + 0.01, 2),
+                    "S": 2,
+                    "p": round(v - 0.01, 2),
+                    "s": 3,
+                    "t": st.ts,
+                },
+                "lastTrade": {"c": [0], "i": "1", "p": v, "s": 100, "t": st.ts, "x": 4},
+                "min": {
+                    "av": 1_000_000,
+                    "c": v,
+                    "h": v,
+                    "l": v,
+                    "n": 1,
+                    "o": v,
+                    "t": minute,
+                    "v": 100,
+                    "vw": v,
+                },
+                "prevDay": {
+                    "c": st.prev_close,
+                    "h": st.prev_close,
+                    "l": st.prev_close,
+                    "o": st.prev_close,
+                    "v": 1_000_000,
+                    "vw": st.prev_close,
+                },
+                "ticker": tkr,
+                "todaysChange": change,
+                "todaysChangePerc": round(100 * change / st.prev_close, 3),
+                "updated": st.ts,
+            },
+        }
+        return self._json(body)
+
     async def _market_status(self, request: Request) -> Response:
         denied = self._guard(request)
         if denied is not None:
@@ -706,6 +798,9 @@ class SimServer:
 
     async def _ws_indices(self, ws: WebSocket) -> None:
         await self._ws_session(ws, "indices")
+
+    async def _ws_stocks(self, ws: WebSocket) -> None:
+        await self._ws_session(ws, "stocks")
 
     def _enqueue(self, conn: _Conn, out: _Out) -> None:
         if conn.closing:
@@ -841,11 +936,17 @@ class SimServer:
 
     def _subscribe(self, conn: _Conn, p: str) -> None:
         ev, dot, ticker = p.partition(".")
-        allowed = OPTIONS_EVS if conn.market == "options" else INDICES_EVS
-        if not dot or not ticker or ev not in allowed:
+        allowed = {"options": OPTIONS_EVS, "indices": INDICES_EVS, "stocks": STOCKS_EVS}
+        if not dot or not ticker or ev not in allowed[conn.market]:
             self._reply(conn, "error", f"invalid subscription: {p}")
             return
-        if conn.market == "options" and ev == "Q":
+        if conn.market == "stocks" and ev in ("T", "Q"):
+            if ticker == "*":
+                conn.t_all = conn.t_all or ev == "T"
+                conn.q_all = conn.q_all or ev == "Q"
+            else:
+                (conn.trades if ev == "T" else conn.quotes).add(ticker)
+        elif conn.market == "options" and ev == "Q":
             if ticker == "*":
                 self._reply(conn, "error", f"wildcard not allowed for quotes: {p}")
                 return
@@ -878,6 +979,8 @@ class SimServer:
     def _unsubscribe(self, conn: _Conn, p: str) -> None:
         ev, _, ticker = p.partition(".")
         if ev == "Q":
+            if ticker == "*":
+                conn.q_all = False
             conn.quotes.discard(ticker)
         elif ev == "T":
             if ticker == "*":
@@ -908,6 +1011,7 @@ class SimServer:
                 events = self.market.generate(now)
                 if now >= next_v:
                     events.extend(self.market.index_values())
+                    events.extend(self.market.stock_events())
                     next_v = now + int(cfg.index_interval_s * 1e9)
                 if events and not self._silent:
                     self._fan_out(events)
@@ -919,15 +1023,24 @@ class SimServer:
         for conn in list(self._conns):
             if not conn.authed or conn.closing:
                 continue
-            if conn.market == "options":
+            if conn.market == "indices":
                 mine = [
                     e
                     for e in events
-                    if (e.kind == "T" and (conn.t_all or e.key in conn.trades))
-                    or (e.kind == "Q" and e.key in conn.quotes)
+                    if e.kind == "V"
+                    and e.market == "indices"
+                    and (conn.v_all or e.key in conn.values)
                 ]
             else:
-                mine = [e for e in events if e.kind == "V" and (conn.v_all or e.key in conn.values)]
+                mine = [
+                    e
+                    for e in events
+                    if e.market == conn.market
+                    and (
+                        (e.kind == "T" and (conn.t_all or e.key in conn.trades))
+                        or (e.kind == "Q" and (conn.q_all or e.key in conn.quotes))
+                    )
+                ]
             for i in range(0, len(mine), fmax):
                 chunk = mine[i : i + fmax]
                 if self._malformed > 0:

@@ -420,3 +420,34 @@ def test_rest_retries_use_the_one_backoff_policy_with_full_jitter(deps: Deps) ->
     assert all(0 <= d <= 3.0 for d in delays) and min(delays) < 0.75 and max(delays) > 2.25
     with pytest.raises(ValueError, match="backoff"):
         cp.load_settings({"MASSIVE_POLLER_BACKOFF_BASE_S": "0"})
+
+
+async def test_stock_and_etf_chains_take_their_spot_from_underlying_asset(deps: Deps) -> None:
+    srv = SimServer(SimConfig(seed=2, api_key=KEY, symbols=("SPX", "SPY", "AAPL")))
+    await srv.start(host="127.0.0.1", port=0)
+    try:
+        srv.set_spot("AAPL", 231.5)
+        p = make(deps, srv, symbols=("SPX", "SPY", "AAPL"))
+        async with p._client() as client:
+            first = await p.cycle(client, "startup")
+            again = await p.cycle(client, "cadence")
+    finally:
+        await srv.stop()
+    assert [r.symbol for r in first] == ["SPX", "SPY", "AAPL"]
+    ptrs = [x for x in await pointers(deps.redis) if x.symbol == "AAPL"]
+    snap = decode_snapshot(await deps.redis.get(ptrs[-1].snapshot_key) or b"")
+    assert snap.spot == 231.5 and snap.contracts
+    assert {c.cid[2:6] for c in snap.contracts} == {"AAPL"}
+    assert all(c.shares == 100 for c in snap.contracts)
+    # band around the stock's own price (the first fetch had none: it is trimmed after)
+    assert all(231.5 * 0.96 - 1e-6 <= c.strike <= 231.5 * 1.04 + 1e-6 for c in snap.contracts)
+    ticks = [from_entry(f, SpotTick) for _i, f in await deps.redis.xrange(keys.SPOT_STREAM)]
+    aapl = [t for t in ticks if t.symbol == "AAPL"]
+    assert [t.value for t in aapl] == [231.5, 231.5] and all(t.source == "rest" for t in aapl)
+    age = metric(
+        deps, "massive_chain_poller_spot_age_seconds", symbol="AAPL", source="underlying_asset"
+    )
+    assert 0 <= age < 60
+    assert p._last_spot["AAPL"][0] == 231.5  # the next band's centre
+    assert next(r.spot for r in again if r.symbol == "SPY") is not None
+    assert metric(deps, "massive_chain_poller_errors_total", kind="api_error") == 0

@@ -456,6 +456,35 @@ async def test_index_values_update_spot_with_admission(deps: Deps, redis: Redis)
                     "NDX": "21000.0", "NDX:ts_ns": str((T0 + 1) * MS)}  # fmt: skip
 
 
+async def test_stock_trades_and_quotes_are_the_spot_of_their_symbol(
+    deps: Deps, redis: Redis
+) -> None:
+    await seed(redis)
+    frames = [
+        [trade("SPY", T0 + 5, 601.25, 100), quote("SPY", T0 + 4, 601.1, 601.2)],
+        [quote("AAPL", T0 + 7, 230.1, 230.2), trade("AAPL", T0 + 6, 230.0, 50)],
+        [quote("AAPL", T0 + 8, 0.0, 230.2)],
+    ]  # fmt: skip  (one-sided: no spot)
+    await push(redis, frames)
+    h = Hydrator(deps)
+    await h.handle(await entries(redis))
+    spot = {k.decode(): v.decode() for k, v in (await redis.hgetall(keys.SPOT_LATEST)).items()}
+    assert spot["SPY"] == "601.25" and spot["SPY:ts_ns"] == str((T0 + 5) * MS)
+    assert spot["AAPL"] == "230.15" and spot["AAPL:ts_ns"] == str((T0 + 7) * MS)
+    reg = deps.registry
+    assert metric(reg, "massive_hydrator_events_total", kind="stock") == 5
+    assert metric(reg, "massive_hydrator_rejected_total", reason="stock_no_price") == 1
+    assert metric(reg, "massive_hydrator_conflated_total") == 2
+    assert (
+        sum(
+            metric(reg, "massive_hydrator_geometry_miss_total", symbol=s)
+            for s in ("SPY", "AAPL", "other")
+        )
+        == 0
+    )
+    assert await dirty(redis) == []
+
+
 async def test_survives_script_flush(deps: Deps, redis: Redis) -> None:
     await seed(redis)
     hyd = Hydrator(deps)

@@ -25,6 +25,9 @@ from simulator.market import (
     bid_ask,
     black_scholes,
     is_trading_day,
+    next_trading_day,
+    ns_at,
+    prev_trading_day,
     third_friday,
 )
 from simulator.server import SimConfig, SimServer
@@ -891,3 +894,106 @@ async def test_ws_many_large_subscribe_messages_back_to_back_are_not_slow_consum
         assert srv.stats.connections == 1
     finally:
         await ws.close()
+
+
+# --- stocks and ETFs --------------------------------------------------------------------------
+def test_equity_chains_expiries_and_strike_spacing() -> None:
+    m = Market(seed=3, symbols=("SPY", "AAPL", "XYZ"), now_ns=1_795_838_282_000_000_000)
+    for sym, step in (("SPY", 1.0), ("AAPL", 5.0)):
+        cs = m.by_symbol[sym]
+        assert {c.root for c in cs} == {sym}
+        assert all(c.settle_ns == ns_at(c.expiry, 16, 0) for c in cs)  # PM, one root
+        exps = sorted({c.expiry for c in cs})
+        fridays = [e for e in exps if e.weekday() == 4]
+        assert len(fridays) >= 8  # weeklies
+        assert any(e == prev_trading_day(third_friday(e.year, e.month)) for e in exps)
+        near = sorted({c.strike for c in cs if c.expiry == exps[0]})
+        spot = m.indices[sym].value
+        gaps = [b - a for a, b in itertools.pairwise(near) if abs(a - spot) < 0.05 * spot]
+        assert min(gaps) == step  # strike spacing by price level
+    spy_days = sorted({c.expiry for c in m.by_symbol["SPY"]})
+    assert spy_days[1] == next_trading_day(spy_days[0] + dt.timedelta(days=1))  # ETF dailies
+    assert len(m.by_symbol["XYZ"]) > 200  # any ticker is a generic stock
+    # American: never below intrinsic value
+    for c in m.by_symbol["AAPL"]:
+        m.refresh(c)
+        assert c.model is not None
+        intrinsic = (
+            max(m.indices["AAPL"].value - c.strike, 0)
+            if c.call
+            else max(c.strike - m.indices["AAPL"].value, 0)
+        )
+        assert c.model.price >= intrinsic - 1e-9
+    with pytest.raises(ValueError, match="no spec"):
+        Market(seed=1, symbols=("BRK.B",), now_ns=1_795_838_282_000_000_000)
+
+
+async def test_equity_rest_shapes_and_official_client(client: httpx.AsyncClient) -> None:
+    from massive import RESTClient
+
+    s = SimServer(SimConfig(symbols=("SPY", "AAPL"), spots=(("AAPL", 231.5),)))
+    await s.start()
+    s.set_spot("AAPL", 231.5)  # held still
+    try:
+        r = await get(client, s, "/v3/snapshot/options/AAPL", limit=5)
+        item = r.json()["results"][0]
+        assert item["details"]["exercise_style"] == "american"
+        assert item["details"]["shares_per_contract"] == 100
+        ua = item["underlying_asset"]
+        assert ua["ticker"] == "AAPL" and ua["price"] == 231.5 and "value" not in ua
+        # a stock has no I: chain and is no index
+        assert (await get(client, s, "/v3/snapshot/options/I:AAPL")).json()["results"] == []
+        idx = (await get(client, s, "/v3/snapshot/indices", **{"ticker.any_of": "I:AAPL"})).json()
+        assert idx["results"][0]["error"] == "NOT_FOUND"
+        stock = (await get(client, s, "/v2/snapshot/locale/us/markets/stocks/tickers/AAPL")).json()
+        assert stock["ticker"]["lastTrade"]["p"] == 231.5 and stock["ticker"]["updated"] > 10**18
+
+        rest = RESTClient(api_key=KEY, base=s.rest_url, retries=3)
+        exps = sorted({c.exp_s for c in s.market.by_symbol["SPY"]})
+
+        def run() -> tuple[list[Any], Any]:
+            params = {"expiration_date.lte": exps[1], "limit": 250}
+            snaps = list(rest.list_snapshot_options_chain("SPY", params=params))
+            return snaps, rest.get_snapshot_ticker("stocks", "AAPL")
+
+        snaps, snap = await asyncio.to_thread(run)
+        want = {c.ticker for c in s.market.by_symbol["SPY"] if c.exp_s <= exps[1]}
+        assert {x.details.ticker for x in snaps} == want and len(want) > 250
+        s0 = next(x for x in snaps if x.greeks is not None)
+        assert s0.details.exercise_style == "american" and s0.details.shares_per_contract == 100
+        assert s0.underlying_asset.ticker == "SPY"
+        assert s0.underlying_asset.price == pytest.approx(s.market.indices["SPY"].value, rel=0.01)
+        assert snap.ticker == "AAPL" and snap.last_trade.price == 231.5
+        assert snap.last_quote.bid_price == 231.49 and snap.last_quote.ask_price == 231.51
+    finally:
+        await s.stop()
+
+
+async def test_stocks_ws_trades_and_quotes_parsed_by_official_client() -> None:
+    import logging
+
+    from massive.websocket.models import EquityQuote, EquityTrade, parse
+    from massive.websocket.models import Market as WsMarket
+
+    s = SimServer(SimConfig(symbols=("SPX", "SPY"), index_interval_s=0.1))
+    await s.start()
+    try:
+        ws = await login(s, "stocks")
+        acks = await subscribe(ws, ["T.SPY", "Q.SPY", "V.I:SPX"])
+        assert [a["status"] for a in acks] == ["success", "success", "error"]
+        events = [e for e in await collect(ws, 0.6) if e["ev"] != "status"]
+        assert {e["ev"] for e in events} == {"T", "Q"} and {e["sym"] for e in events} == {"SPY"}
+        parsed = parse(events, logging.getLogger("massive-test"), WsMarket.Stocks)
+        trades = [p for p in parsed if isinstance(p, EquityTrade)]
+        quotes = [p for p in parsed if isinstance(p, EquityQuote)]
+        assert trades and quotes
+        assert trades[0].symbol == "SPY" and trades[0].price == pytest.approx(600, rel=0.05)
+        assert quotes[0].bid_price < quotes[0].ask_price and quotes[0].timestamp > 10**12
+        # the options feed never carries stock events, nor the stocks feed option events
+        wso = await login(s, "options")
+        await subscribe(wso, ["T.*"])
+        assert all(e["sym"].startswith("O:") for e in await collect(wso, 0.4) if "sym" in e)
+        for w in (ws, wso):
+            await w.close()
+    finally:
+        await s.stop()

@@ -178,3 +178,39 @@ def test_chain_items_adjusted_kept_when_the_spec_says_so(monkeypatch: pytest.Mon
     body = b'{"status":"OK","request_id":"x","results":[%s]}' % _item(adj, shares=150)
     page = mr.parse_chain_page(body, "AAPL")
     assert [(c.cid, c.shares) for c in page.contracts] == [(adj, 150)]
+
+
+def test_gex_multiplier_from_shares_per_contract_and_settlement_by_spec() -> None:
+    from processors import gex_math
+    from schemas.messages import ChainContract, decode_gex_source, encode_gex_source
+
+    assert gex_math.expiry_ns("2026-12-18", "RUT") < gex_math.expiry_ns("2026-12-18", "RUTW")
+    assert gex_math.expiry_ns("2026-12-18", "AAPL") == gex_math.expiry_ns("2026-12-18", "SPXW")
+    now_ns = gex_math.expiry_ns("2026-12-18", "AAPL") - 5 * 86400 * 10**9
+
+    def chain(shares: float | None) -> dict[str, dict[str, float]]:
+        cs = [
+            ChainContract(
+                ticker.encode("AAPL", EXP, r, k),
+                EXP.isoformat(),
+                k,
+                r,
+                iv=0.3,
+                gamma=0.02,
+                oi=1000.0,
+                shares=shares,
+            )
+            for k in (220.0, 230.0, 240.0)
+            for r in "CP"
+        ]
+        src = decode_gex_source(
+            encode_gex_source(gex_math.source_from_contracts("AAPL", now_ns, 230.0, cs))
+        )
+        params = gex_math.Params(t_basis="clock", multiplier=100.0)
+        ch = gex_math.prepare(gex_math.source_columns(src), now_ns, params, snap_spot=230.0)
+        return gex_math.compute(ch, 230.0, params).items()
+
+    std, mini, absent = chain(100.0), chain(10.0), chain(None)
+    assert std == absent  # an absent shares_per_contract is the spec's multiplier
+    assert std["230"]["calls"] == pytest.approx(0.02 * 1000 * 100)
+    assert mini["230"]["calls"] == pytest.approx(std["230"]["calls"] / 10)

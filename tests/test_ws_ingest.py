@@ -502,3 +502,30 @@ def test_reconnects_use_the_one_backoff_policy_with_equal_jitter(deps: Deps) -> 
     assert all(2.0 <= d <= 4.0 for d in delays) and max(delays) > 3.5
     with pytest.raises(ValueError, match="backoff"):
         wi.load_settings({"MASSIVE_WS_RECONNECT_MAX_S": "0.1"})
+
+
+async def test_stock_symbols_take_their_spot_from_the_stocks_feed(deps: Deps) -> None:
+    async with simulator(symbols=("SPX", "SPY", "AAPL"), index_interval_s=0.1) as srv:
+        w = make(deps, srv, symbols=("SPX", "SPY", "AAPL"), trades=False, quotes=False)
+        assert sorted(w.feeds) == ["indices", "stocks"]
+        assert await w.desired("indices") == {"V.I:SPX"}
+        assert await w.desired("stocks") == {"T.SPY", "Q.SPY", "T.AAPL", "Q.AAPL"}
+        async with running(w):
+
+            async def both() -> bool:
+                got = count_events([p for _t, p in await stream(deps.redis)])
+                return got.get("V", 0) >= 2 and got.get("T", 0) >= 4 and got.get("Q", 0) >= 4
+
+            await eventually(both, timeout_s=15)
+            assert w.feeds["stocks"].subscribed == {"T.SPY", "Q.SPY", "T.AAPL", "Q.AAPL"}
+    syms = {
+        getattr(e, "sym", None) or getattr(e, "ticker", None)
+        for _t, p in await stream(deps.redis)
+        for e in decode_frame(p).events
+    }
+    assert syms == {"I:SPX", "SPY", "AAPL"}
+    assert metric(deps, "massive_ws_ingest_connected", feed="stocks") == 0
+    assert metric(deps, "massive_ws_ingest_connections_total", feed="stocks") >= 1
+    # only equities: no /indices connection at all
+    eq = make(deps, srv, symbols=("SPY",))
+    assert sorted(eq.feeds) == ["options", "stocks"]
