@@ -56,7 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="dashboard bind address")
     p.add_argument("--port", type=int, default=8000, help="dashboard port")
     p.add_argument("--sim-port", type=int, default=0, help="simulator port (0 = free port)")
-    p.add_argument("--symbols", default="SPX,NDX")
+    p.add_argument(
+        "--symbols",
+        default="SPX,NDX,SPY",
+        help="underlyings: indices (SPX, NDX) and stocks/ETFs (SPY, AAPL, any ticker)",
+    )
     p.add_argument("--seed", type=int, default=1, help="simulated market seed")
     p.add_argument("--rate", type=float, default=200.0, help="simulated WS events per second")
     p.add_argument("--duration-s", type=float, default=None, help="exit after this long")

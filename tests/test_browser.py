@@ -190,9 +190,10 @@ async def _has_put_cells(page: Page) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(130)
 async def test_dashboard_on_the_demo_pipeline(redis_server: Any, redis: Redis, page: Page) -> None:
-    """``massive-pipeline demo`` (simulator + every processor) feeding the real page."""
+    """``massive-pipeline demo`` (simulator + every processor) feeding the real page; the
+    symbol picker then switches from the index SPX to the ETF SPY (issue 18)."""
     port = free_port()
     env = dict(
         os.environ,
@@ -211,9 +212,9 @@ async def test_dashboard_on_the_demo_pipeline(redis_server: Any, redis: Redis, p
         "--port",
         str(port),
         "--symbols",
-        "SPX",
+        "SPX,SPY",
         "--duration-s",
-        "80",
+        "110",
         env=env,
         stdout=asyncio.subprocess.PIPE,
     )
@@ -248,6 +249,18 @@ async def test_dashboard_on_the_demo_pipeline(redis_server: Any, redis: Redis, p
         await page.mouse.move(5, 5)
         ARTIFACTS.mkdir(exist_ok=True)
         await page.screenshot(path=str(ARTIFACTS / "dashboard-demo.png"))
+        # the picker lists the configured symbols; switch to the ETF
+        options = await page.eval_on_selector_all("#symbol option", "els => els.map(e => e.value)")
+        assert {"SPX", "SPY"} <= set(options)
+        await page.select_option("#symbol", "SPY")
+
+        async def spy_shown() -> bool:
+            ids = await _cells(page)
+            return bool(ids) and all(i.startswith("SPY:") for i in ids) and bool(await _bars(page))
+
+        await _until(page, spy_shown, 40)
+        assert "symbol=SPY" in page.url
+        await page.screenshot(path=str(ARTIFACTS / "dashboard-demo-spy.png"))
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGINT)
