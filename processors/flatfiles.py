@@ -69,6 +69,7 @@ import msgspec
 
 from processors.replay import Record, RecordingWriter
 from schemas import keys, ticker
+from schemas import symbols as syms
 from schemas.massive_rest import RestDecodeError, parse_chain_page
 from schemas.messages import (
     WS_PAYLOAD_FIELD,
@@ -141,10 +142,10 @@ def _open_text(path: str | Path) -> IO[str]:
 
 
 def prefixes(symbols: Iterable[str]) -> tuple[str, ...]:
-    """Ticker prefixes of the option roots of ``symbols`` (SPX -> O:SPX, O:SPXW)."""
-    return tuple(
-        sorted(f"O:{root}" for root, sym in ticker.ROOT_TO_SYMBOL.items() if sym in symbols)
-    )
+    """Ticker prefixes of the listed option roots of ``symbols`` by their specs
+    (schemas/symbols.py: SPX -> O:SPX, O:SPXW; AAPL -> O:AAPL, which also covers AAPL1)."""
+    known = syms.registry()
+    return tuple(sorted({f"O:{root}" for s in symbols for root in known.spec(s).roots}))
 
 
 class _Reader:
@@ -235,6 +236,11 @@ class _Reader:
         if t.symbol not in self.symbols:  # a longer root sharing the prefix
             self._bad_tickers[cid] = "other_underlying"
             self.stats.skipped["other_underlying"] += 1
+            return None
+        spec = syms.registry().spec(t.symbol)
+        if spec.adjusted == "skip" and spec.classify(t.root) != syms.STANDARD:
+            self._bad_tickers[cid] = "adjusted_deliverable"
+            self.stats.skipped["adjusted_deliverable"] += 1
             return None
         if t.expiry < self.day:
             self._bad_tickers[cid] = "expired"
@@ -562,9 +568,18 @@ def main(argv: Sequence[str]) -> int:
     args = parser().parse_args(list(argv))
     setup_logging(os.environ.get("MASSIVE_LOG_LEVEL", "INFO"))
     symbols = [s.strip().upper() for s in args.symbols.split(",") if s.strip()]
-    unknown = [s for s in symbols if s not in set(ticker.ROOT_TO_SYMBOL.values())]
+    try:
+        known = syms.registry()
+    except syms.SymbolSpecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    unknown = [s for s in symbols if not s.isalnum() or not known.spec(s).roots]
     if unknown or not symbols:
-        print(f"error: --symbols: unknown {unknown or 'none'} (known: SPX, NDX)", file=sys.stderr)
+        print(
+            f"error: --symbols: unknown {unknown or 'none'} (a symbol with listed option roots "
+            "in its spec: SPX, NDX, RUT, SPY, AAPL, ...)",
+            file=sys.stderr,
+        )
         return 2
     if args.run_rows < 1:
         print("error: --run-rows must be >= 1", file=sys.stderr)

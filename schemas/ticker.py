@@ -11,10 +11,6 @@ from decimal import Decimal
 
 from schemas import symbols as _symbols
 
-# The listed roots of the default symbol specs and the underlying each belongs to (other
-# roots resolve through the process's registry: schemas/symbols.py).
-ROOT_TO_SYMBOL = {r: s.symbol for s in _symbols.DEFAULT_SPECS.values() for r in s.roots}
-
 
 class TickerError(ValueError):
     """A string that is not a valid Massive option ticker."""

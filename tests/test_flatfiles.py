@@ -179,7 +179,7 @@ def test_bad_files_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFix
     empty = write_gz(tmp_path / "e.csv.gz", [",".join(ff.TRADE_COLUMNS)])
     assert ff.main(["--date", "2025-11-24", "--trades", str(empty)]) == 1
     assert "no SPX trades or quotes on 2025-11-24" in capsys.readouterr().err
-    assert ff.main(["--date", "2025-11-24", "--symbols", "RUT", "--trades", str(trades)]) == 2
+    assert ff.main(["--date", "2025-11-24", "--symbols", "X-Y", "--trades", str(trades)]) == 2
     with pytest.raises(SystemExit):
         ff.main(["--date", "2025-11-24", "--spot", "SPX:5900", "--trades", str(trades)])
 

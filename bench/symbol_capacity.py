@@ -1,0 +1,272 @@
+"""Per-symbol cost on Redis and how many symbols one Redis node holds (issue 18).
+
+Runs the live pipeline on the simulator with the symbols given (default SPY,QQQ,AAPL,MSFT:
+two ETFs and two stocks; add SPX for an index): chain-poller, ws-ingest, normalizer,
+hydrator, tile-builder and publisher per strategy, gex, monitor (stream retention), every
+processor in its OWN process (tests/harness.py), a private redis-server. Two phases:
+
+1. **quiet** (``--quiet-rate`` simulated events/s, default 50): once every symbol has an
+   active epoch and every model is published, over ``--duration`` seconds: Redis CPU
+   (``INFO cpu`` used_cpu_user + used_cpu_sys, delta) = the fixed cost of the symbols (window
+   snapshots every few seconds re-seeding the epoch, whole-chain fetches for GEX, GEX builds,
+   publishes) plus the few events; then the memory of every key, attributed to its symbol
+   (``MEMORY USAGE`` per key: the active epoch's keys, staging tiles, published models, GEX
+   source, levels history, snapshot blobs) or to the shared streams.
+2. **load** (``--load-rate``, default 5000 simulated events/s): the same Redis CPU delta, and
+   the events the hydrator really received (``massive_hydrator_events_total``: the simulator
+   only sends what ws-ingest subscribed, T for the epochs and Q for 1,000 contracts).
+
+Figures: per symbol, window contracts (the epoch) and whole-chain contracts (the GEX source);
+bytes per symbol and per 1k contracts; Redis CPU per symbol and per 1k window contracts
+(quiet); Redis CPU per 1k events/s (load minus quiet, over the received event rate); and the
+capacity of one node at 5k events/s: ``floor((cpu_budget - cpu(5k events/s)) / cpu per
+symbol)`` and ``floor(mem_budget / bytes per symbol)``, the smaller of the two. Budgets:
+``--cpu-budget`` (0.7 of Redis's one core) and ``--mem-budget-gb`` (16). The CPU per symbol
+is the mean over the symbols run (their chains differ: see the table).
+
+The machine is shared (2 vCPUs, other jobs): the processors compete for CPU, so the
+figures are those of a contended machine; the load average is printed with them.
+
+    .venv/bin/python bench/symbol_capacity.py [--symbols SPY,QQQ,AAPL,MSFT] [--duration 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from redis.asyncio import Redis
+
+from processors import INGEST, MODEL_PATH
+from schemas import keys
+from simulator.server import SimConfig, SimServer
+from tests import harness as h
+
+PROCS = (*INGEST, *MODEL_PATH, "monitor")
+STRATEGIES = keys.STRATEGIES
+
+
+async def redis_cpu_s(r: Redis) -> float:
+    info = await r.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+async def published(r: Redis, symbols: list[str]) -> bool:
+    names = [keys.heatmap_model(s, st) for s in symbols for st in STRATEGIES]
+    names += [keys.gex_model(s) for s in symbols]
+    have = await r.exists(*names)
+    return int(have) == len(names)
+
+
+async def wait_for(cond: Any, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await cond():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{what}: not within {timeout_s:.0f}s")
+        await asyncio.sleep(0.5)
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+async def memory_by_owner(r: Redis, symbols: list[str]) -> tuple[dict[str, int], dict[str, int]]:
+    """Bytes per symbol and per shared group, from MEMORY USAGE of every key."""
+    active = {_s(k): _s(v) for k, v in (await r.hgetall(keys.EPOCH_ACTIVE)).items()}
+    eid_of = {f"epoch:{{{eid}}}:": sym for sym, eid in active.items()}
+    per_sym: dict[str, int] = defaultdict(int)
+    shared: dict[str, int] = defaultdict(int)
+    batch: list[str] = []
+
+    async def flush() -> None:
+        pipe = r.pipeline(transaction=False)
+        for k in batch:
+            pipe.memory_usage(k, samples=0)
+        for k, n in zip(batch, await pipe.execute(), strict=True):
+            owner = owner_of(k, symbols, eid_of)
+            if owner in symbols:
+                per_sym[owner] += int(n or 0)
+            else:
+                shared[owner] += int(n or 0)
+        batch.clear()
+
+    async for raw in r.scan_iter(count=5000):
+        batch.append(_s(raw))
+        if len(batch) >= 2000:
+            await flush()
+    if batch:
+        await flush()
+    return dict(per_sym), dict(shared)
+
+
+def owner_of(key: str, symbols: list[str], eid_of: dict[str, str]) -> str:
+    if key.startswith("epoch:{"):
+        prefix = key[: key.index("}:") + 2]
+        return eid_of.get(prefix, "retired epochs")
+    for sym in symbols:
+        if f":{sym}:" in key or key.endswith(f":{sym}") or key.startswith(f"heatmap:{{{sym}:"):
+            return sym
+    if "stream" in key or ":diffs" in key or key.startswith("massive:tiles:"):
+        return "streams"
+    return "other"
+
+
+async def contracts(r: Redis, symbols: list[str]) -> dict[str, tuple[int, int]]:
+    """(window contracts of the active epoch, whole-chain contracts of the GEX source)."""
+    from schemas.messages import decode_gex_source
+
+    out = {}
+    for sym in symbols:
+        eid = _s(await r.hget(keys.EPOCH_ACTIVE, sym))
+        n_win = int(await r.scard(keys.epoch_contracts(eid)))
+        data = await r.hget(keys.gex_source(sym), "data")
+        n_full = len(decode_gex_source(data).strike) // 8 if isinstance(data, bytes) else 0
+        out[sym] = (n_win, n_full)
+    return out
+
+
+async def phase(
+    r: Redis, p: h.Pipeline, sim: SimServer, rate: float, duration_s: float
+) -> tuple[float, float, float]:
+    """(Redis CPU s per s, hydrator events received per s, load average) over the window."""
+    sim.market.events_per_s = rate
+    await asyncio.sleep(min(10.0, duration_s / 4))  # the new rate reaches the pipeline
+    ev0 = h.metric_sum(await p.metrics("hydrator"), "massive_hydrator_events_total")
+    cpu0, t0 = await redis_cpu_s(r), time.monotonic()
+    await asyncio.sleep(duration_s)
+    cpu1, t1 = await redis_cpu_s(r), time.monotonic()
+    ev1 = h.metric_sum(await p.metrics("hydrator"), "massive_hydrator_events_total")
+    return (cpu1 - cpu0) / (t1 - t0), (ev1 - ev0) / (t1 - t0), os.getloadavg()[0]
+
+
+async def main(args: argparse.Namespace) -> None:
+    symbols = [s.strip().upper() for s in args.symbols.split(",") if s.strip()]
+    srv = h.redis_server()
+    sim = SimServer(SimConfig(seed=7, symbols=tuple(symbols), events_per_s=args.quiet_rate))
+    await sim.start()
+    r = Redis.from_url(srv.url)
+    joined = ",".join(symbols)
+    env = h.sim_env(
+        sim.rest_url,
+        sim.ws_url,
+        sim.config.api_key,
+        MASSIVE_SYMBOLS=joined,
+        MASSIVE_POLLER_SYMBOLS=joined,
+        MASSIVE_WS_SYMBOLS=joined,
+        MASSIVE_GEX_SYMBOLS=joined,
+        MASSIVE_MONITOR_SYMBOLS=joined,
+        # production cadences and windows (the harness's defaults are test-sized)
+        MASSIVE_POLLER_EXPIRATIONS="5",
+        MASSIVE_POLLER_BAND_POINTS="0",
+        MASSIVE_POLLER_MIN_INTERVAL_S="5",
+        MASSIVE_GEX_INTERVAL_S="2",
+        MASSIVE_WS_INDICES="true",
+        MASSIVE_LOG_LEVEL="WARNING",
+    )
+    t_start = dt.datetime.now(dt.UTC)
+    try:
+        with tempfile.TemporaryDirectory() as logs:
+            async with h.pipeline(srv.url, Path(logs), PROCS, extra_env=env) as p:
+
+                async def ready() -> bool:
+                    active = await r.hgetall(keys.EPOCH_ACTIVE)
+                    full = await r.exists(*[keys.gex_source(s) for s in symbols])
+                    return (
+                        len(active) == len(symbols)
+                        and int(full) == len(symbols)
+                        and await published(r, symbols)
+                    )
+
+                await wait_for(ready, 240, "epochs, GEX sources and models of every symbol")
+                quiet_cpu, quiet_ev, quiet_load = await phase(
+                    r, p, sim, args.quiet_rate, args.duration
+                )
+                per_sym_mem, shared_mem = await memory_by_owner(r, symbols)
+                n = await contracts(r, symbols)
+                used = int((await r.info("memory"))["used_memory"])
+                # the simulator sends only what ws-ingest subscribed: raise its rate until
+                # the hydrator receives about --load-rate (at most 3 tries)
+                rate = args.load_rate
+                for _ in range(3):
+                    load_cpu, load_ev, load_load = await phase(r, p, sim, rate, args.duration)
+                    print(f"  simulated {rate:.0f}/s -> received {load_ev:.0f} events/s",
+                          flush=True)  # fmt: skip
+                    if abs(load_ev / args.load_rate - 1) <= 0.1 or load_ev <= 0:
+                        break
+                    rate *= args.load_rate / load_ev
+    finally:
+        await r.aclose()
+        await sim.stop()
+        srv.stop()
+    print_report(args, symbols, t_start, n, per_sym_mem, shared_mem, used,
+                 (quiet_cpu, quiet_ev, quiet_load), (load_cpu, load_ev, load_load))  # fmt: skip
+
+
+def print_report(
+    args: argparse.Namespace,
+    symbols: list[str],
+    t_start: dt.datetime,
+    n: dict[str, tuple[int, int]],
+    per_sym_mem: dict[str, int],
+    shared_mem: dict[str, int],
+    used: int,
+    quiet: tuple[float, float, float],
+    load: tuple[float, float, float],
+) -> None:
+    mb = 1024 * 1024
+    print(f"# symbol capacity  {t_start:%Y-%m-%d %H:%M} UTC  {platform.node()}  "
+          f"{os.cpu_count()} CPUs  python {platform.python_version()}")  # fmt: skip
+    print("# shared machine: the processors and other jobs compete for the same cores")
+    print(f"symbols {symbols}; {args.duration:.0f} s per phase; "
+          f"Redis used_memory {used / mb:.1f} MB")  # fmt: skip
+    print("symbol  window  full-chain  MB/symbol  KB per 1k (window+full) contracts")
+    tot_c = tot_b = 0
+    for sym in symbols:
+        w, f = n[sym]
+        b = per_sym_mem.get(sym, 0)
+        tot_c += w + f
+        tot_b += b
+        print(f"{sym:6} {w:7d} {f:11d} {b / mb:10.2f} {b / 1024 / ((w + f) / 1000):10.1f}")
+    shared = ", ".join(f"{k} {v / mb:.1f} MB" for k, v in sorted(shared_mem.items()))
+    print(f"shared (streams etc.): {shared}")
+    q_cpu, q_ev, q_load = quiet
+    l_cpu, l_ev, l_load = load
+    per_sym_cpu = q_cpu / len(symbols)
+    win = sum(n[s][0] for s in symbols)
+    print(f"quiet: Redis CPU {100 * q_cpu:.1f} % of a core for {len(symbols)} symbols "
+          f"({q_ev:.0f} events/s received, load {q_load:.1f}): {100 * per_sym_cpu:.2f} % per "
+          f"symbol, {100 * q_cpu / (win / 1000):.2f} % per 1k window contracts")  # fmt: skip
+    ev_cpu = l_cpu - q_cpu  # the events' share of Redis, measured at l_ev events/s
+    ev_cpu_per_k = ev_cpu / ((l_ev - q_ev) / 1000) if l_ev > q_ev else math.nan
+    print(f"load: Redis CPU {100 * l_cpu:.1f} % at {l_ev:.0f} events/s received "
+          f"(load {l_load:.1f}): {100 * ev_cpu_per_k:.2f} % of a core per 1k events/s")  # fmt: skip
+    mem_per_sym = tot_b / len(symbols)
+    by_cpu = math.floor((args.cpu_budget - ev_cpu) / per_sym_cpu) if per_sym_cpu > 0 else 0
+    by_mem = math.floor(args.mem_budget_gb * 1024**3 / mem_per_sym) if mem_per_sym else 0
+    print(f"one node at {l_ev:.0f} events/s: events {100 * ev_cpu:.1f} % of a core; CPU budget "
+          f"{100 * args.cpu_budget:.0f} % -> {by_cpu} symbols; memory {args.mem_budget_gb:.0f} GB "
+          f"/ {mem_per_sym / mb:.1f} MB -> {by_mem} symbols; capacity {min(by_cpu, by_mem)} "
+          f"symbols like these")  # fmt: skip
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--symbols", default="SPY,QQQ,AAPL,MSFT")
+    ap.add_argument("--duration", type=float, default=60.0)
+    ap.add_argument("--quiet-rate", type=float, default=50.0)
+    ap.add_argument("--load-rate", type=float, default=5000.0)
+    ap.add_argument("--cpu-budget", type=float, default=0.7)
+    ap.add_argument("--mem-budget-gb", type=float, default=16.0)
+    asyncio.run(main(ap.parse_args()))
