@@ -8,8 +8,9 @@ Reads ``massive:ws:stream`` (group ``hydrator``); entries carry ``recv_ts_ns`` a
 2. Conflate: only the newest event per contract per kind (quote / trade) goes on (equal
    timestamps keep the first in stream order, which is what sequential admission keeps);
    index ``V`` events are conflated per index, and so are the stock ``T``/``Q`` events of the
-   stock and ETF underlyings (``sym`` without ``O:``): a trade's price or a two-sided quote's
-   mid is that symbol's spot, admitted like an index level.
+   stock and ETF underlyings (``sym`` without ``O:``, of a symbol that runs or is
+   configured): a trade's price or a two-sided quote's mid is that symbol's spot, admitted
+   like an index level.
 3. Resolve: the cid IS the event's ``sym``; the derived local cache maps cid -> symbol for the
    topology SET of each symbol's active epoch (``schemas.ticker.parse(cid).symbol``). A cid
    outside the active topology is a counted ``geometry_miss`` and never creates a hash.
@@ -230,9 +231,13 @@ class Hydrator(ConsumerProcessor):
                     logger.warning("ws entry %r rejected (%s): %s", eid, reason, err)
             for ev in fr.events:
                 cls = type(ev)
-                if (cls is Quote or cls is Trade) and not ev.sym.startswith("O:"):  # type: ignore[union-attr]
-                    # a stock/ETF underlying from /stocks: its spot (the option symbols'
-                    # events all carry O:)
+                if (
+                    (cls is Quote or cls is Trade)
+                    and not ev.sym.startswith("O:")  # type: ignore[union-attr]
+                    and self._is_stock(ev.sym)  # type: ignore[union-attr]
+                ):
+                    # a stock/ETF underlying from /stocks: its spot (anything else without
+                    # O: goes on as an option event and is a geometry miss)
                     n_s += 1
                     sv = _stock_value(ev)  # type: ignore[arg-type]
                     if sv is None:
@@ -275,6 +280,18 @@ class Hydrator(ConsumerProcessor):
         n_spot = n_v + n_s - n_s_bad
         self.m_conflated.inc(n_q + n_t + n_spot - len(quotes) - len(trades) - len(spots))
         return _Batch(quotes, trades, spots, recv_of)
+
+    def _is_stock(self, sym: str) -> bool:
+        """A stock or ETF ticker of a symbol that runs (an active epoch) or is configured /
+        has a spec: a feed's garbage never becomes a spot."""
+        known = symbols.registry()
+        name = known.symbol_of_underlying(sym)
+        if name not in self._active and known.label(name) == "other":
+            return False
+        try:
+            return not known.spec(name).is_index
+        except symbols.SymbolSpecError:  # not a ticker
+            return False
 
     # --- local epoch cache -----------------------------------------------------------------
     async def _refresh(self, active: dict[str, str]) -> set[str]:

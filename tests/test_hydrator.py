@@ -460,6 +460,8 @@ async def test_stock_trades_and_quotes_are_the_spot_of_their_symbol(
     deps: Deps, redis: Redis
 ) -> None:
     await seed(redis)
+    await seed_epoch(redis, "eAAPL", "AAPL", [contract("AAPL", EXP, "C", 230)], spot=230.0)
+    # SPY has a default spec; AAPL runs (an active epoch)
     frames = [
         [trade("SPY", T0 + 5, 601.25, 100), quote("SPY", T0 + 4, 601.1, 601.2)],
         [quote("AAPL", T0 + 7, 230.1, 230.2), trade("AAPL", T0 + 6, 230.0, 50)],
@@ -467,21 +469,23 @@ async def test_stock_trades_and_quotes_are_the_spot_of_their_symbol(
     ]  # fmt: skip  (one-sided: no spot)
     await push(redis, frames)
     h = Hydrator(deps)
-    await h.handle(await entries(redis))
+    await h.handle(await entries(redis))  # the first batch: the epoch cache is still empty
+    await push(redis, [frames[1]], recv0=(T0 + 50) * MS)
+    await h.handle((await entries(redis))[-1:])
     spot = {k.decode(): v.decode() for k, v in (await redis.hgetall(keys.SPOT_LATEST)).items()}
     assert spot["SPY"] == "601.25" and spot["SPY:ts_ns"] == str((T0 + 5) * MS)
     assert spot["AAPL"] == "230.15" and spot["AAPL:ts_ns"] == str((T0 + 7) * MS)
     reg = deps.registry
-    assert metric(reg, "massive_hydrator_events_total", kind="stock") == 5
-    assert metric(reg, "massive_hydrator_rejected_total", reason="stock_no_price") == 1
-    assert metric(reg, "massive_hydrator_conflated_total") == 2
-    assert (
-        sum(
-            metric(reg, "massive_hydrator_geometry_miss_total", symbol=s)
-            for s in ("SPY", "AAPL", "other")
-        )
-        == 0
-    )
+    assert metric(reg, "massive_hydrator_events_total", kind="stock") == 4
+    assert metric(reg, "massive_hydrator_rejected_total", reason="stock_no_price") == 0
+    # a stock symbol that neither runs nor is configured (or garbage) is no spot: a miss
+    # (so were AAPL's events of the first batch, before the epoch cache knew AAPL)
+    misses = metric(reg, "massive_hydrator_geometry_miss_total", symbol="other")
+    await push(redis, [[trade("MSFT", T0 + 9, 430.0, 1), trade("0#0", T0 + 9, 1.0, 1)]],
+               recv0=(T0 + 100) * MS)  # fmt: skip
+    await h.handle((await entries(redis))[-1:])
+    assert not {"MSFT", "0#0"} & {k.decode() for k in await redis.hkeys(keys.SPOT_LATEST)}
+    assert metric(reg, "massive_hydrator_geometry_miss_total", symbol="other") == misses + 2
     assert await dirty(redis) == []
 
 
