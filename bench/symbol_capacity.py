@@ -82,11 +82,14 @@ def _s(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
-async def memory_by_owner(r: Redis, symbols: list[str]) -> tuple[dict[str, int], dict[str, int]]:
-    """Bytes per symbol and per shared group, from MEMORY USAGE of every key."""
+async def memory_by_owner(
+    r: Redis, symbols: list[str]
+) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
+    """Bytes per symbol and kind (epoch, tiles, models, gex, blobs) and per shared group,
+    from MEMORY USAGE of every key."""
     active = {_s(k): _s(v) for k, v in (await r.hgetall(keys.EPOCH_ACTIVE)).items()}
     eid_of = {f"epoch:{{{eid}}}:": sym for sym, eid in active.items()}
-    per_sym: dict[str, int] = defaultdict(int)
+    per_sym: dict[str, dict[str, int]] = {s: defaultdict(int) for s in symbols}
     shared: dict[str, int] = defaultdict(int)
     batch: list[str] = []
 
@@ -95,9 +98,9 @@ async def memory_by_owner(r: Redis, symbols: list[str]) -> tuple[dict[str, int],
         for k in batch:
             pipe.memory_usage(k, samples=0)
         for k, n in zip(batch, await pipe.execute(), strict=True):
-            owner = owner_of(k, symbols, eid_of)
-            if owner in symbols:
-                per_sym[owner] += int(n or 0)
+            owner, kind = owner_of(k, symbols, eid_of)
+            if owner in per_sym:
+                per_sym[owner][kind] += int(n or 0)
             else:
                 shared[owner] += int(n or 0)
         batch.clear()
@@ -108,19 +111,26 @@ async def memory_by_owner(r: Redis, symbols: list[str]) -> tuple[dict[str, int],
             await flush()
     if batch:
         await flush()
-    return dict(per_sym), dict(shared)
+    return {s: dict(v) for s, v in per_sym.items()}, dict(shared)
 
 
-def owner_of(key: str, symbols: list[str], eid_of: dict[str, str]) -> str:
+def owner_of(key: str, symbols: list[str], eid_of: dict[str, str]) -> tuple[str, str]:
+    """(symbol or shared group, kind) of a key."""
     if key.startswith("epoch:{"):
         prefix = key[: key.index("}:") + 2]
-        return eid_of.get(prefix, "retired epochs")
+        return eid_of.get(prefix, "retired epochs"), "epoch"
     for sym in symbols:
-        if f":{sym}:" in key or key.endswith(f":{sym}") or key.startswith(f"heatmap:{{{sym}:"):
-            return sym
+        if key.startswith(f"heatmap:{{{sym}:"):
+            return sym, "tiles"
+        if key.startswith(f"massive:chain:snapshot:{sym}:"):
+            return sym, "blobs"
+        if f":{sym}:" in key or key.endswith(f":{sym}"):
+            if key.startswith("massive:gex:"):
+                return sym, "gex"
+            return sym, "models"
     if "stream" in key or ":diffs" in key or key.startswith("massive:tiles:"):
-        return "streams"
-    return "other"
+        return "streams", ""
+    return "other", ""
 
 
 async def contracts(r: Redis, symbols: list[str]) -> dict[str, tuple[int, int]]:
@@ -138,17 +148,42 @@ async def contracts(r: Redis, symbols: list[str]) -> dict[str, tuple[int, int]]:
 
 
 async def phase(
-    r: Redis, p: h.Pipeline, sim: SimServer, rate: float, duration_s: float
+    r: Redis, p: h.Pipeline, duration_s: float, load: Any = None
 ) -> tuple[float, float, float]:
-    """(Redis CPU s per s, hydrator events received per s, load average) over the window."""
-    sim.market.events_per_s = rate
-    await asyncio.sleep(min(10.0, duration_s / 4))  # the new rate reaches the pipeline
+    """(Redis CPU s per s, hydrator events received per s, load average) over the window;
+    ``load`` (a coroutine) runs during it."""
+    starts = {s: pr.starts for s, pr in p.procs.items()}
     ev0 = h.metric_sum(await p.metrics("hydrator"), "massive_hydrator_events_total")
     cpu0, t0 = await redis_cpu_s(r), time.monotonic()
-    await asyncio.sleep(duration_s)
+    if load is not None:
+        await load
+    else:
+        await asyncio.sleep(duration_s)
     cpu1, t1 = await redis_cpu_s(r), time.monotonic()
     ev1 = h.metric_sum(await p.metrics("hydrator"), "massive_hydrator_events_total")
+    restarted = [s for s, pr in p.procs.items() if pr.starts != starts[s]]
+    if restarted:
+        raise SystemExit(f"processors restarted during the window: {restarted} (logs {p.log_dir})")
+    from processors.replay import busy_groups
+
+    behind = {f"{g.group}": (g.lag or 0) + g.pending for g in await busy_groups(r)}
+    print(f"  backlog at the end of the window (entries per group): {behind or 'none'}")
     return (cpu1 - cpu0) / (t1 - t0), (ev1 - ev0) / (t1 - t0), os.getloadavg()[0]
+
+
+async def load_cids(r: Redis, symbols: list[str], n_hot: int) -> tuple[list[str], list[str]]:
+    """Every contract of the symbols' active epochs, and the ``n_hot`` nearest to spot."""
+    from schemas import ticker
+
+    cids: list[str] = []
+    dist: list[tuple[float, str]] = []
+    for sym in symbols:
+        eid = _s(await r.hget(keys.EPOCH_ACTIVE, sym))
+        spot = float(_s(await r.hget(keys.SPOT_LATEST, sym)))
+        mine = sorted(_s(c) for c in await r.smembers(keys.epoch_contracts(eid)))
+        cids += mine
+        dist += [(abs(ticker.parse(c).strike / spot - 1), c) for c in mine]
+    return cids, [c for _d, c in sorted(dist)[:n_hot]]
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -176,36 +211,34 @@ async def main(args: argparse.Namespace) -> None:
         MASSIVE_LOG_LEVEL="WARNING",
     )
     t_start = dt.datetime.now(dt.UTC)
+    logs = Path(args.log_dir or tempfile.mkdtemp(prefix="symbol-capacity-"))
+    print(f"# processor logs in {logs}", flush=True)
     try:
-        with tempfile.TemporaryDirectory() as logs:
-            async with h.pipeline(srv.url, Path(logs), PROCS, extra_env=env) as p:
+        async with h.pipeline(srv.url, logs, PROCS, extra_env=env) as p:
 
-                async def ready() -> bool:
-                    active = await r.hgetall(keys.EPOCH_ACTIVE)
-                    full = await r.exists(*[keys.gex_source(s) for s in symbols])
-                    return (
-                        len(active) == len(symbols)
-                        and int(full) == len(symbols)
-                        and await published(r, symbols)
-                    )
-
-                await wait_for(ready, 240, "epochs, GEX sources and models of every symbol")
-                quiet_cpu, quiet_ev, quiet_load = await phase(
-                    r, p, sim, args.quiet_rate, args.duration
+            async def ready() -> bool:
+                active = await r.hgetall(keys.EPOCH_ACTIVE)
+                full = await r.exists(*[keys.gex_source(s) for s in symbols])
+                return (
+                    len(active) == len(symbols)
+                    and int(full) == len(symbols)
+                    and await published(r, symbols)
                 )
-                per_sym_mem, shared_mem = await memory_by_owner(r, symbols)
-                n = await contracts(r, symbols)
-                used = int((await r.info("memory"))["used_memory"])
-                # the simulator sends only what ws-ingest subscribed: raise its rate until
-                # the hydrator receives about --load-rate (at most 3 tries)
-                rate = args.load_rate
-                for _ in range(3):
-                    load_cpu, load_ev, load_load = await phase(r, p, sim, rate, args.duration)
-                    print(f"  simulated {rate:.0f}/s -> received {load_ev:.0f} events/s",
-                          flush=True)  # fmt: skip
-                    if abs(load_ev / args.load_rate - 1) <= 0.1 or load_ev <= 0:
-                        break
-                    rate *= args.load_rate / load_ev
+
+            await wait_for(ready, 300, "epochs, GEX sources and models of every symbol")
+            await asyncio.sleep(5)  # the first full-chain GEX builds settle
+            quiet_cpu, quiet_ev, quiet_load = await phase(r, p, args.duration)
+            per_sym_mem, shared_mem = await memory_by_owner(r, symbols)
+            n = await contracts(r, symbols)
+            used = int((await r.info("memory"))["used_memory"])
+            # load: raw WS frames at exactly --load-rate events/s over the symbols'
+            # epochs (tests/harness.LoadReplayer: 80 % quotes, 70 % on the 1,000
+            # contracts nearest spot), on top of the simulator's quiet feed
+            cids, hot = await load_cids(r, symbols, 1000)
+            rep = h.LoadReplayer(cids, hot)
+            await rep.run(r, args.load_rate, 5.0, 0.05)  # warm-up
+            run = rep.run(r, args.load_rate, args.duration, 0.05)
+            load_cpu, load_ev, load_load = await phase(r, p, args.duration, run)
     finally:
         await r.aclose()
         await sim.stop()
@@ -231,18 +264,26 @@ def print_report(
     print("# shared machine: the processors and other jobs compete for the same cores")
     print(f"symbols {symbols}; {args.duration:.0f} s per phase; "
           f"Redis used_memory {used / mb:.1f} MB")  # fmt: skip
-    print("symbol  window  full-chain  MB/symbol  KB per 1k (window+full) contracts")
-    tot_c = tot_b = 0
+    print("symbol  window  full-chain   MB: epoch  tiles  models   gex  blobs  total"
+          "   KB/1k window (epoch+tiles+models)  KB/1k full chain (gex+blobs)")  # fmt: skip
+    tot_b = 0
     for sym in symbols:
         w, f = n[sym]
-        b = per_sym_mem.get(sym, 0)
-        tot_c += w + f
+        m = per_sym_mem.get(sym, {})
+        b = sum(m.values())
         tot_b += b
-        print(f"{sym:6} {w:7d} {f:11d} {b / mb:10.2f} {b / 1024 / ((w + f) / 1000):10.1f}")
-    shared = ", ".join(f"{k} {v / mb:.1f} MB" for k, v in sorted(shared_mem.items()))
-    print(f"shared (streams etc.): {shared}")
+        win_b = m.get("epoch", 0) + m.get("tiles", 0) + m.get("models", 0)
+        full_b = m.get("gex", 0) + m.get("blobs", 0)
+        cols = " ".join(
+            f"{m.get(k, 0) / mb:6.2f}" for k in ("epoch", "tiles", "models", "gex", "blobs")
+        )
+        per_k_win = win_b / 1024 / max(w / 1000, 1e-9)
+        per_k_full = full_b / 1024 / max(f / 1000, 1e-9)
+        print(f"{sym:6} {w:7d} {f:11d}   {cols} {b / mb:6.2f}   "
+              f"{per_k_win:10.0f}   {per_k_full:10.0f}")  # fmt: skip
     q_cpu, q_ev, q_load = quiet
     l_cpu, l_ev, l_load = load
+    print(f"load average during the phases: quiet {q_load:.1f}, load {l_load:.1f}")
     per_sym_cpu = q_cpu / len(symbols)
     win = sum(n[s][0] for s in symbols)
     print(f"quiet: Redis CPU {100 * q_cpu:.1f} % of a core for {len(symbols)} symbols "
@@ -269,4 +310,5 @@ if __name__ == "__main__":
     ap.add_argument("--load-rate", type=float, default=5000.0)
     ap.add_argument("--cpu-budget", type=float, default=0.7)
     ap.add_argument("--mem-budget-gb", type=float, default=16.0)
+    ap.add_argument("--log-dir", default="")
     asyncio.run(main(ap.parse_args()))
