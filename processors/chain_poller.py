@@ -653,7 +653,13 @@ class ChainPoller:
         ts = self.clock.time_ns()
         key = keys.chain_snapshot(res.symbol, ts, res.scope)
         ttl = self.s.full_snapshot_ttl_s if res.scope == "full" else self.s.snapshot_ttl_s
-        snap = ChainSnapshot(symbol=res.symbol, ts_ns=ts, spot=res.spot, contracts=res.contracts)
+        snap = ChainSnapshot(
+            symbol=res.symbol,
+            ts_ns=ts,
+            spot=res.spot,
+            contracts=res.contracts,
+            spot_ts_ns=res.spot_ts_ns,
+        )
         ptr = ChainPointer(
             symbol=res.symbol,
             snapshot_key=key,

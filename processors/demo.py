@@ -83,6 +83,7 @@ def demo_env(
         "MASSIVE_SSE_PORT": str(args.port),
     }
     defaults = {
+        "MASSIVE_SYMBOLS": args.symbols,
         "MASSIVE_POLLER_SYMBOLS": args.symbols,
         "MASSIVE_WS_SYMBOLS": args.symbols,
         "MASSIVE_GEX_SYMBOLS": args.symbols,

@@ -403,9 +403,9 @@ class Normalizer(ConsumerProcessor):
 
     def _spot_call(self, pipe: Pipeline, snap: ChainSnapshot) -> None:
         if snap.spot is not None and math.isfinite(snap.spot):
-            self._spot.queue(
-                pipe, [keys.SPOT_LATEST], [snap.symbol, repr(float(snap.spot)), str(snap.ts_ns)]
-            )
+            ts = snap.spot_ts_ns if snap.spot_ts_ns is not None else snap.ts_ns
+            args = [snap.symbol, repr(float(snap.spot)), str(ts)]
+            self._spot.queue(pipe, [keys.SPOT_LATEST], args)
 
     async def reseed(
         self, topo: Topology, snap: ChainSnapshot, meta: dict[str | None, str | None]

@@ -87,6 +87,9 @@ class ChainSnapshot(msgspec.Struct, frozen=True):
     ts_ns: int  # fetch completion (our clock)
     spot: float | None
     contracts: list[ChainContract]
+    # the provider's time of ``spot`` (index snapshot / underlying_asset.last_updated); None:
+    # unknown (then ``ts_ns``). A delayed REST price never outranks a newer live WS spot.
+    spot_ts_ns: int | None = None
 
 
 _snap_encoder = msgspec.msgpack.Encoder()

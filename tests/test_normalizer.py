@@ -691,3 +691,17 @@ def test_every_contract_hash_keeps_ts_ns_the_max_of_its_quote_and_trade_ts(
             await r.aclose()
 
     asyncio.run(scenario())
+
+
+async def test_snapshot_spot_is_admitted_at_the_providers_time(deps: Deps, redis: Redis) -> None:
+    """A (possibly delayed) REST spot carries its provider time: it never outranks a newer
+    live spot (a stock's /stocks trade, an index's V event)."""
+    await redis.hset(keys.SPOT_LATEST, mapping={"SPX": "6003.5", "SPX:ts_ns": str(NS - SEC)})
+    old = msgspec.structs.replace(chain(NS), spot_ts_ns=NS - 2 * SEC)  # 15-min delayed, say
+    await normalizer(deps).process(await put(redis, old))
+    spot = await redis.hgetall(keys.SPOT_LATEST)
+    assert spot[b"SPX"] == b"6003.5" and spot[b"SPX:ts_ns"] == str(NS - SEC).encode()
+    new = msgspec.structs.replace(chain(NS + SEC), spot=6004.0, spot_ts_ns=NS)
+    await normalizer(deps).process(await put(redis, new))
+    spot = await redis.hgetall(keys.SPOT_LATEST)
+    assert spot[b"SPX"] == b"6004.0" and spot[b"SPX:ts_ns"] == str(NS).encode()
