@@ -1,7 +1,7 @@
 """Per-symbol cost on Redis and how many symbols one Redis node holds (issue 18).
 
-Runs the live pipeline on the simulator with the symbols given (default SPY,QQQ,AAPL,MSFT:
-two ETFs and two stocks; add SPX for an index): chain-poller, ws-ingest, normalizer,
+Runs the live pipeline on the simulator with the symbols given (default SPX,SPY,QQQ,AAPL:
+an index, two ETFs, a stock): chain-poller, ws-ingest, normalizer,
 hydrator, tile-builder and publisher per strategy, gex, monitor (stream retention), every
 processor in its OWN process (tests/harness.py), a private redis-server. Two phases:
 
@@ -12,9 +12,12 @@ processor in its OWN process (tests/harness.py), a private redis-server. Two pha
    publishes) plus the few events; then the memory of every key, attributed to its symbol
    (``MEMORY USAGE`` per key: the active epoch's keys, staging tiles, published models, GEX
    source, levels history, snapshot blobs) or to the shared streams.
-2. **load** (``--load-rate``, default 5000 simulated events/s): the same Redis CPU delta, and
-   the events the hydrator really received (``massive_hydrator_events_total``: the simulator
-   only sends what ws-ingest subscribed, T for the epochs and Q for 1,000 contracts).
+2. **load**: raw WS frames at exactly ``--load-rate`` events/s (default 5000;
+   ``tests.harness.LoadReplayer``: 80 % quotes, 70 % of events on the 1,000 contracts
+   nearest spot) over the symbols' epochs, on top of the quiet feed: Redis CPU from the
+   start of the window until every consumer group has drained (on a loaded machine the tile
+   builders fall behind; their work is the events' cost too), minus the quiet rate for the
+   drain time, per second of window; events received = ``massive_hydrator_events_total``.
 
 Figures: per symbol, window contracts (the epoch) and whole-chain contracts (the GEX source);
 bytes per symbol and per 1k contracts; Redis CPU per symbol and per 1k window contracts
@@ -27,7 +30,7 @@ is the mean over the symbols run (their chains differ: see the table).
 The machine is shared (2 vCPUs, other jobs): the processors compete for CPU, so the
 figures are those of a contended machine; the load average is printed with them.
 
-    .venv/bin/python bench/symbol_capacity.py [--symbols SPY,QQQ,AAPL,MSFT] [--duration 60]
+    .venv/bin/python bench/symbol_capacity.py [--symbols SPX,SPY,QQQ,AAPL] [--duration 60]
 """
 
 from __future__ import annotations
@@ -148,10 +151,14 @@ async def contracts(r: Redis, symbols: list[str]) -> dict[str, tuple[int, int]]:
 
 
 async def phase(
-    r: Redis, p: h.Pipeline, duration_s: float, load: Any = None
+    r: Redis, p: h.Pipeline, duration_s: float, load: Any = None, base_cpu: float = 0.0
 ) -> tuple[float, float, float]:
-    """(Redis CPU s per s, hydrator events received per s, load average) over the window;
-    ``load`` (a coroutine) runs during it."""
+    """(Redis CPU s per s of the window, hydrator events received per s, load average);
+    ``load`` (a coroutine) runs during it. With a load, the work its events cause is counted
+    to the end: Redis CPU until every consumer group has drained (the builders may be behind
+    on a loaded machine), minus ``base_cpu`` (the quiet rate) for the drain time."""
+    from processors.replay import busy_groups
+
     starts = {s: pr.starts for s, pr in p.procs.items()}
     ev0 = h.metric_sum(await p.metrics("hydrator"), "massive_hydrator_events_total")
     cpu0, t0 = await redis_cpu_s(r), time.monotonic()
@@ -159,16 +166,23 @@ async def phase(
         await load
     else:
         await asyncio.sleep(duration_s)
-    cpu1, t1 = await redis_cpu_s(r), time.monotonic()
+    t1 = time.monotonic()
     ev1 = h.metric_sum(await p.metrics("hydrator"), "massive_hydrator_events_total")
+    behind = {f"{g.group}": (g.lag or 0) + g.pending for g in await busy_groups(r)}
+    print(f"  backlog at the end of the window (entries per group): {behind or 'none'}")
+    drain_s = 0.0
+    if load is not None:
+        deadline = time.monotonic() + 180
+        while await busy_groups(r) and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        drain_s = time.monotonic() - t1
+        print(f"  drained in {drain_s:.1f} s", flush=True)
+    cpu1 = await redis_cpu_s(r)
     restarted = [s for s, pr in p.procs.items() if pr.starts != starts[s]]
     if restarted:
         raise SystemExit(f"processors restarted during the window: {restarted} (logs {p.log_dir})")
-    from processors.replay import busy_groups
-
-    behind = {f"{g.group}": (g.lag or 0) + g.pending for g in await busy_groups(r)}
-    print(f"  backlog at the end of the window (entries per group): {behind or 'none'}")
-    return (cpu1 - cpu0) / (t1 - t0), (ev1 - ev0) / (t1 - t0), os.getloadavg()[0]
+    window = t1 - t0
+    return (cpu1 - cpu0 - base_cpu * drain_s) / window, (ev1 - ev0) / window, os.getloadavg()[0]
 
 
 async def load_cids(r: Redis, symbols: list[str], n_hot: int) -> tuple[list[str], list[str]]:
@@ -238,7 +252,7 @@ async def main(args: argparse.Namespace) -> None:
             rep = h.LoadReplayer(cids, hot)
             await rep.run(r, args.load_rate, 5.0, 0.05)  # warm-up
             run = rep.run(r, args.load_rate, args.duration, 0.05)
-            load_cpu, load_ev, load_load = await phase(r, p, args.duration, run)
+            load_cpu, load_ev, load_load = await phase(r, p, args.duration, run, quiet_cpu)
     finally:
         await r.aclose()
         await sim.stop()
@@ -304,7 +318,7 @@ def print_report(
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--symbols", default="SPY,QQQ,AAPL,MSFT")
+    ap.add_argument("--symbols", default="SPX,SPY,QQQ,AAPL")
     ap.add_argument("--duration", type=float, default=60.0)
     ap.add_argument("--quiet-rate", type=float, default=50.0)
     ap.add_argument("--load-rate", type=float, default=5000.0)
