@@ -173,7 +173,7 @@ async def phase(
     drain_s = 0.0
     if load is not None:
         deadline = time.monotonic() + 180
-        while await busy_groups(r) and time.monotonic() < deadline:
+        while await busy_groups(r) and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.2)
         drain_s = time.monotonic() - t1
         print(f"  drained in {drain_s:.1f} s", flush=True)
