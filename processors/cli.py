@@ -14,6 +14,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from redis.exceptions import ResponseError
 
+from schemas import symbols
 from streams import admin
 from streams.logs import redact, setup_logging
 from streams.processor import Deps, FatalError, load
@@ -113,7 +114,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         settings = from_env(RuntimeSettings)
+        symbols.registry()  # MASSIVE_SYMBOL_SPECS: a bad spec fails here, with its name
     except SettingsError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    except symbols.SymbolSpecError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings.log_level)
