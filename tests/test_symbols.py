@@ -214,3 +214,15 @@ def test_gex_multiplier_from_shares_per_contract_and_settlement_by_spec() -> Non
     assert std == absent  # an absent shares_per_contract is the spec's multiplier
     assert std["230"]["calls"] == pytest.approx(0.02 * 1000 * 100)
     assert mini["230"]["calls"] == pytest.approx(std["230"]["calls"] / 10)
+
+
+def test_a_bad_spec_fails_the_cli_at_start(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from processors import cli
+
+    monkeypatch.setenv("MASSIVE_SYMBOL_SPECS", '{"AAPL": {"colour": 1}}')
+    symbols.reset()
+    assert cli.main(["run", "hydrator"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "configuration error: MASSIVE_SYMBOL_SPECS.AAPL: unknown field 'colour'"
