@@ -613,6 +613,25 @@ async function refreshEpochs() {
   }
 }
 
+// The page's live models in the published JSON shape, whatever it keeps internally: the
+// one accessor tests read (tests/browser.py), e.g. to compare the page with /api. ``url`` is
+// the stream the model comes from (its /api twin is the same path under /api/).
+const STRUCTURE_KEYS = ["id", "symbol", "expiry", "strategy", "strikes", "right", "width", "root"];
+window.__model = () => {
+  const plain = (s, structure) => {
+    const m = s.model;
+    if (!m) return { url: s.url, model: null };
+    const items = {};
+    for (const [k, t] of Object.entries(m.items)) {
+      const v = Object.assign({}, t);
+      if (structure) for (const f of STRUCTURE_KEYS) delete v[f]; // added by withStructure
+      items[k] = v;
+    }
+    return { url: s.url, model: { epoch: m.epoch, version: m.version, items } };
+  };
+  return { heatmap: plain(heat, true), gex: plain(gex, false) };
+};
+
 setInterval(() => { heat.tick(); gex.tick(); }, 250);
 setInterval(refreshEpochs, 10000);
 refreshEpochs();
