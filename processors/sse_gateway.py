@@ -13,9 +13,14 @@ Endpoints
   ``{"state": "no_model"}`` while nothing has been published yet (the stream then waits and
   sends the snapshot as soon as the model appears).
 * ``GET /api/heatmap/{strategy}?symbol=``, ``/api/gex?symbol=``: the model JSON at its latest
-  version (checkpoint + the diffs after it; 404 if none);
-  ``/api/epochs``: active epoch and meta per symbol; ``/healthz``; ``/metrics``; ``/`` the
-  dashboard (``processors/static``).
+  version (checkpoint + the diffs after it; 404 if none); ``/api/symbols``: symbols and
+  active epochs (what the page's header shows); ``/healthz``; ``/`` the dashboard
+  (``processors/static``).
+* Admin port (``admin_port``, a second server sharing this process's state; never the public
+  port): ``/metrics``, ``/api/epochs`` (active epoch and full meta per symbol), ``/healthz``,
+  ``/readyz``.
+* Access control (tokens, connection caps, 503 while Redis loads, security headers):
+  processors/sse_access.py.
 
 Fan-out
 -------
