@@ -5,11 +5,12 @@
   page's own scripts, styles and connections (inline ``style=`` attributes are allowed: the
   grid colours its cells with them), ``nosniff``, ``Referrer-Policy: no-referrer`` and no
   framing.
-* :class:`Guard` -- on ``/sse/*`` and ``/api/*`` of the public port:
+* :class:`Guard` -- on ``/sse/*`` and ``/api/*`` (the admin port: the Redis part only):
 
   - optional bearer tokens (``MASSIVE_SSE_TOKENS`` and/or ``MASSIVE_SSE_TOKEN_FILE``, one
-    per line): ``Authorization: Bearer <t>`` or ``?access_token=<t>`` (EventSource cannot
-    set headers); compared in constant time against every configured token; 401 otherwise.
+    per line, re-read when it changes): ``Authorization: Bearer <t>`` or
+    ``?access_token=<t>`` (EventSource cannot set headers); compared in constant time
+    against every configured token; 401 otherwise.
     Off when no token is configured (the demo). The page, its static files and ``/healthz``
     stay open: they hold no data.
   - connection caps on SSE streams, global (``MAX_CLIENTS``) and per client IP
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import os
 from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Any
@@ -67,17 +69,46 @@ REQUEST_BACKOFF = Backoff(base_s=0.05, cap_s=0.3, jitter="equal")
 REQUEST_ATTEMPTS = 3
 
 
-def load_tokens(tokens: tuple[str, ...], token_file: str) -> tuple[bytes, ...]:
-    """The accepted tokens: ``tokens`` plus the non-empty, non-comment lines of
-    ``token_file``. Raises ValueError (naming the file, never a token) when it is unreadable."""
-    out = [t.strip() for t in tokens if t.strip()]
-    if token_file:
+class Tokens:
+    """The accepted bearer tokens: ``fixed`` ones plus the non-empty, non-comment lines of
+    ``path``, re-read when the file changes (a mounted Secret is updated in place, so a
+    rotation needs no restart). Auth is on when any token or a file is configured; an empty
+    file then refuses everyone (fail closed). Raises ValueError (naming the file, never a
+    token) when the file is unreadable at start; later read errors keep the last tokens."""
+
+    def __init__(self, fixed: tuple[str, ...] = (), path: str = "") -> None:
+        self.fixed = tuple(t.strip().encode() for t in fixed if t.strip())
+        self.path = path
+        self._stamp: tuple[int, int, int] | None = None
+        self._from_file: tuple[bytes, ...] = ()
+        if path:
+            self._reload(at_start=True)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.fixed or self.path)
+
+    def current(self) -> tuple[bytes, ...]:
+        if self.path:
+            self._reload(at_start=False)
+        return self.fixed + self._from_file
+
+    def _reload(self, at_start: bool) -> None:
         try:
-            text = Path(token_file).read_text()
+            st = os.stat(self.path)
+            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+            if stamp == self._stamp:
+                return
+            text = Path(self.path).read_text()
         except OSError as exc:
-            raise ValueError(f"token file {token_file}: {exc.strerror or exc}") from None
-        out += [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
-    return tuple(t.encode() for t in out)
+            if at_start:
+                raise ValueError(f"token file {self.path}: {exc.strerror or exc}") from None
+            logger.warning("token file %s unreadable, keeping the last tokens: %s", self.path, exc)
+            return
+        lines = [ln.strip() for ln in text.splitlines()]
+        self._from_file = tuple(ln.encode() for ln in lines if ln and not ln.startswith("#"))
+        self._stamp = stamp
+        logger.info("token file %s: %d tokens", self.path, len(self._from_file))
 
 
 def token_ok(given: str | None, accepted: tuple[bytes, ...]) -> bool:
@@ -168,7 +199,7 @@ class Guard:
         *,
         redis: Redis,
         registry: CollectorRegistry,
-        tokens: tuple[bytes, ...] = (),
+        tokens: Tokens | None = None,
         max_clients: int = 0,
         max_per_ip: int = 0,
         trusted_proxy_hops: int = 0,
@@ -188,7 +219,8 @@ class Guard:
         if scope["type"] != "http" or not (is_sse or is_api):
             await self.app(scope, receive, send)
             return
-        if self.tokens and not token_ok(_token(scope), self.tokens):
+        tokens = self.tokens
+        if tokens is not None and tokens.enabled and not token_ok(_token(scope), tokens.current()):
             await self._refuse(send, 401, "unauthorized", b"missing or wrong access token\n")
             return
         if is_api:

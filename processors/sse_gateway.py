@@ -68,7 +68,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
 from processors import gex
-from processors.sse_access import Guard, SecurityHeaders, load_tokens
+from processors.sse_access import Guard, SecurityHeaders, Tokens
 from schemas import keys
 from schemas.messages import RawDiff, RawModel
 from streams.metrics import counter, gauge
@@ -104,7 +104,7 @@ class SseSettings:
     redis_concurrency: int = 32
     # Access control (processors/sse_access.py). Bearer tokens: none configured = open.
     tokens: tuple[str, ...] = field(default=(), repr=False)
-    token_file: str = ""  # one token per line (a mounted Secret), read at start
+    token_file: str = ""  # one token per line (a mounted Secret), re-read when it changes
     max_clients: int = 0  # SSE streams in total (0: unlimited); over it: 429
     max_per_ip: int = 0  # SSE streams per client IP (0: unlimited); over it: 429
     trusted_proxy_hops: int = 0  # proxies in front (Ingress: 1): client IP from X-Forwarded-For
@@ -833,7 +833,7 @@ def create_app(deps: Deps, settings: SseSettings) -> Starlette:
         finally:
             await gw.stop()
 
-    tokens = load_tokens(settings.tokens, settings.token_file)
+    tokens = Tokens(settings.tokens, settings.token_file)
     app = Starlette(
         routes=[
             Route("/", index),

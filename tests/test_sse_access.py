@@ -16,7 +16,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
-from processors.sse_access import CSP, load_tokens, token_ok
+from processors.sse_access import CSP, Tokens, token_ok
 from streams.clock import SystemClock
 from streams.processor import Deps
 from streams.redis_client import connect
@@ -74,13 +74,27 @@ async def test_bearer_token_auth(deps: Deps, redis: Redis, tmp_path: Path) -> No
         assert await metric(gw, rejected) == 9
 
 
-def test_token_helpers(tmp_path: Path) -> None:
+def test_tokens_constant_time_check_and_file_rotation(tmp_path: Path) -> None:
     assert token_ok("a", (b"b", b"a")) and not token_ok("a", (b"b",))
     assert not token_ok(None, (b"a",)) and not token_ok("", (b"a",))
-    assert load_tokens((" a ", ""), "") == (b"a",)
+    assert Tokens((" a ", "")).current() == (b"a",) and not Tokens().enabled
     with pytest.raises(ValueError, match="token file") as err:
-        load_tokens((), str(tmp_path / "missing"))
+        Tokens((), str(tmp_path / "missing"))
     assert "missing" in str(err.value)
+    f = tmp_path / "tokens"
+    f.write_text("")
+    empty = Tokens((), str(f))
+    assert empty.enabled and empty.current() == ()  # a configured file: closed, not open
+    f.write_text("old\n")
+    tokens = Tokens(("fixed",), str(f))
+    assert tokens.current() == (b"fixed", b"old")
+    # a Secret update swaps the file: the new tokens apply without a restart
+    new = tmp_path / "tokens.new"
+    new.write_text("# rotated\nnew-1\nnew-2\n")
+    new.replace(f)
+    assert tokens.current() == (b"fixed", b"new-1", b"new-2")
+    f.unlink()  # unreadable later: the last tokens stay
+    assert tokens.current() == (b"fixed", b"new-1", b"new-2")
 
 
 async def test_connection_caps_give_429_and_free_on_disconnect(deps: Deps, redis: Redis) -> None:
