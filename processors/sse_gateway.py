@@ -13,9 +13,14 @@ Endpoints
   ``{"state": "no_model"}`` while nothing has been published yet (the stream then waits and
   sends the snapshot as soon as the model appears).
 * ``GET /api/heatmap/{strategy}?symbol=``, ``/api/gex?symbol=``: the model JSON at its latest
-  version (checkpoint + the diffs after it; 404 if none);
-  ``/api/epochs``: active epoch and meta per symbol; ``/healthz``; ``/metrics``; ``/`` the
-  dashboard (``processors/static``).
+  version (checkpoint + the diffs after it; 404 if none); ``/api/symbols``: symbols and
+  active epochs (what the page's header shows); ``/healthz``; ``/`` the dashboard
+  (``processors/static``).
+* Admin port (``admin_port``, a second server sharing this process's state; never the public
+  port): ``/metrics``, ``/api/epochs`` (active epoch and full meta per symbol), ``/healthz``,
+  ``/readyz``.
+* Access control (tokens, connection caps, 503 while Redis loads, security headers):
+  processors/sse_access.py.
 
 Fan-out
 -------
@@ -43,9 +48,9 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import msgspec
 import orjson
@@ -55,6 +60,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from sse_starlette.sse import EventSourceResponse, SendTimeoutError
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
@@ -62,6 +68,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
 from processors import gex
+from processors.sse_access import Guard, SecurityHeaders, Tokens
 from schemas import keys
 from schemas.messages import RawDiff, RawModel
 from streams.metrics import counter, gauge
@@ -95,6 +102,17 @@ class SseSettings:
     # Keeps a reconnect storm inside the client's connection pool (redis-py: 100 by default;
     # the feeds hold one blocking connection each on top).
     redis_concurrency: int = 32
+    # Access control (processors/sse_access.py). Bearer tokens: none configured = open.
+    tokens: tuple[str, ...] = field(default=(), repr=False)
+    token_file: str = ""  # one token per line (a mounted Secret), re-read when it changes
+    max_clients: int = 0  # SSE streams in total (0: unlimited); over it: 429
+    max_per_ip: int = 0  # SSE streams per client IP (0: unlimited); over it: 429
+    trusted_proxy_hops: int = 0  # proxies in front (Ingress: 1): client IP from X-Forwarded-For
+    retry_after_s: int = 2  # Retry-After of a 429 or 503
+    # /metrics, /api/epochs, /healthz, /readyz on their own port, never on the public one
+    # (-1: no admin server; the runner's MASSIVE_METRICS_PORT still serves /metrics).
+    admin_host: str = "0.0.0.0"
+    admin_port: int = -1
 
     def __post_init__(self) -> None:
         if self.queue_max < 1:
@@ -105,6 +123,10 @@ class SseSettings:
             raise ValueError("redis_concurrency must be >= 1")
         if self.replay_page <= 0 or self.no_model_poll_s <= 0:
             raise ValueError("replay_page and no_model_poll_s must be > 0")
+        if min(self.max_clients, self.max_per_ip, self.trusted_proxy_hops) < 0:
+            raise ValueError("max_clients, max_per_ip and trusted_proxy_hops must be >= 0")
+        if self.retry_after_s < 1:
+            raise ValueError("retry_after_s must be >= 1")
 
 
 # --- ids and frames ---------------------------------------------------------------------------
@@ -748,6 +770,26 @@ def create_app(deps: Deps, settings: SseSettings) -> Starlette:
             body = await gex.levels_history(deps.redis, sym, since)
         return Response(body, media_type="application/json", headers={"Cache-Control": "no-store"})
 
+    async def api_symbols(request: Request) -> Response:
+        """What the dashboard shows of the epochs (the full meta is on the admin port)."""
+        out: dict[str, Any] = {}
+        async with gw.redis_slots:
+            active = await deps.redis.hgetall(keys.EPOCH_ACTIVE)
+            for sym_b, eid_b in sorted(active.items()):
+                eid = _s(eid_b)
+                state, n = await deps.redis.hmget(keys.epoch_meta(eid), ["state", "n_contracts"])
+                out[_s(sym_b)] = {
+                    "epoch": eid,
+                    "state": None if state is None else _s(state),
+                    "n_contracts": None if n is None else _s(n),
+                }
+        body = {
+            "active": out,
+            "symbols": list(settings.symbols),
+            "strategies": list(keys.STRATEGIES),
+        }
+        return Response(orjson.dumps(body), media_type="application/json")
+
     async def api_epochs(request: Request) -> Response:
         out: dict[str, Any] = {}
         async with gw.redis_slots:
@@ -775,6 +817,11 @@ def create_app(deps: Deps, settings: SseSettings) -> Starlette:
     async def metrics(request: Request) -> Response:
         return Response(generate_latest(deps.registry), media_type=CONTENT_TYPE_LATEST)
 
+    async def readyz(request: Request) -> Response:
+        if not gw.started or gw.closing:
+            return PlainTextResponse("not ready\n", status_code=503)
+        return PlainTextResponse("ready\n")
+
     async def index(request: Request) -> Response:
         return FileResponse(static / "index.html", headers={"Cache-Control": "no-cache"})
 
@@ -786,6 +833,7 @@ def create_app(deps: Deps, settings: SseSettings) -> Starlette:
         finally:
             await gw.stop()
 
+    tokens = Tokens(settings.tokens, settings.token_file)
     app = Starlette(
         routes=[
             Route("/", index),
@@ -794,14 +842,46 @@ def create_app(deps: Deps, settings: SseSettings) -> Starlette:
             Route("/api/heatmap/{strategy}", api_model),
             Route("/api/gex", api_model),
             Route("/api/gex/history", api_gex_history),
-            Route("/api/epochs", api_epochs),
+            Route("/api/symbols", api_symbols),
             Route("/healthz", healthz),
-            Route("/metrics", metrics),
             Mount("/static", StaticFiles(directory=static), name="static"),
+        ],
+        middleware=[
+            Middleware(SecurityHeaders),
+            Middleware(
+                Guard,
+                tokens=tokens,
+                max_clients=settings.max_clients,
+                max_per_ip=settings.max_per_ip,
+                trusted_proxy_hops=settings.trusted_proxy_hops,
+                redis=deps.redis,
+                registry=deps.registry,
+                retry_after_s=settings.retry_after_s,
+            ),
         ],
         lifespan=lifespan,
     )
+    # The admin port: metrics and internal APIs, reachable only from inside the cluster
+    # (deploy/k8s NetworkPolicy); no token, no caps. It shares the public app's Gateway.
+    admin = Starlette(
+        routes=[
+            Route("/metrics", metrics),
+            Route("/api/epochs", api_epochs),
+            Route("/healthz", healthz),
+            Route("/readyz", readyz),
+        ],
+        middleware=[
+            Middleware(SecurityHeaders),
+            Middleware(
+                Guard,
+                redis=deps.redis,
+                registry=deps.registry,
+                retry_after_s=settings.retry_after_s,
+            ),
+        ],
+    )
     app.state.gateway = gw
+    app.state.admin = admin
     return app
 
 
@@ -823,51 +903,77 @@ class SseGateway:
         self.app = create_app(deps, settings)
         self.gateway: Gateway = self.app.state.gateway
         self.server: _Server | None = None
+        self.admin_server: _Server | None = None
 
     @property
     def ready(self) -> bool:
-        return self.server is not None and self.server.started and self.gateway.started
+        admin_up = self.admin_server is None or self.admin_server.started
+        return self.server is not None and self.server.started and admin_up and self.gateway.started
 
     @property
     def port(self) -> int:
         """The bound port (useful with ``port=0``)."""
-        if self.server is None or not self.server.servers:
-            return self.settings.port
-        sock = self.server.servers[0].sockets[0]
-        return int(sock.getsockname()[1])
+        return _bound_port(self.server, self.settings.port)
+
+    @property
+    def admin_port(self) -> int:
+        """The bound admin port (-1: no admin server)."""
+        return _bound_port(self.admin_server, self.settings.admin_port)
+
+    def _config(
+        self, app: Any, host: str, port: int, lifespan: Literal["on", "off"]
+    ) -> uvicorn.Config:
+        return uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level=self.settings.log_level,
+            lifespan=lifespan,
+            timeout_graceful_shutdown=max(1, int(self.deps.settings.grace_s)),
+            access_log=False,  # query strings may carry an access token
+        )
 
     async def run(self, stop: asyncio.Event) -> None:
-        config = uvicorn.Config(
-            self.app,
-            host=self.settings.host,
-            port=self.settings.port,
-            log_level=self.settings.log_level,
-            lifespan="on",
-            timeout_graceful_shutdown=max(1, int(self.deps.settings.grace_s)),
-            access_log=False,
-        )
-        self.server = _Server(config)
-        server = self.server
+        s = self.settings
+        self.server = _Server(self._config(self.app, s.host, s.port, "on"))
+        servers = [(self.server, s.host, s.port)]
+        if s.admin_port >= 0:
+            self.admin_server = _Server(
+                self._config(self.app.state.admin, s.admin_host, s.admin_port, "off")
+            )
+            servers.append((self.admin_server, s.admin_host, s.admin_port))
 
-        async def serve() -> None:
+        async def serve(server: _Server, host: str, port: int) -> None:
             try:
                 await server.serve()
             except SystemExit:  # uvicorn exits the process when it cannot bind
-                raise RuntimeError(
-                    f"sse-gateway: cannot serve on {self.settings.host}:{self.settings.port}"
-                ) from None
+                raise RuntimeError(f"sse-gateway: cannot serve on {host}:{port}") from None
 
-        serving = asyncio.create_task(serve(), name="sse-gateway:uvicorn")
+        serving = [
+            asyncio.create_task(serve(*srv), name=f"sse-gateway:uvicorn:{i}")
+            for i, srv in enumerate(servers)
+        ]
         stopper = asyncio.create_task(stop.wait(), name="sse-gateway:stop")
         try:
-            await asyncio.wait([serving, stopper], return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([*serving, stopper], return_when=asyncio.FIRST_COMPLETED)
         finally:
             stopper.cancel()
             self.gateway.close_sessions()  # open streams end, so uvicorn can drain
-            self.server.should_exit = True
-            await serving
+            for server, _, _ in servers:
+                server.should_exit = True
+            results = await asyncio.gather(*serving, return_exceptions=True)
+        for res in results:
+            if isinstance(res, BaseException):
+                raise res
         if not stop.is_set():  # startup failed (lifespan: Redis unreachable) or crashed
             raise RuntimeError("sse-gateway: the HTTP server stopped unexpectedly (see log)")
+
+
+def _bound_port(server: uvicorn.Server | None, configured: int) -> int:
+    if server is None or not server.servers:
+        return configured
+    sock = server.servers[0].sockets[0]
+    return int(sock.getsockname()[1])
 
 
 def build(deps: Deps, arg: str | None) -> SseGateway:

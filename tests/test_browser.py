@@ -14,54 +14,34 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from redis.asyncio import Redis
 
 from streams.processor import Deps
+from tests import browser
 from tests.sse_publisher import FakeMarket, ModelWriter, publish_full, publish_step
 from tests.test_sse_gateway import SETTINGS, base, gateway
 from tests.util import free_port
 
-CHROMIUM = os.environ.get("MASSIVE_CHROMIUM", "/usr/bin/chromium")
-ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
-ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
+if TYPE_CHECKING:
+    from playwright.async_api import Page
 
-try:
-    from playwright.async_api import Page, async_playwright
-except ImportError:  # pragma: no cover - depends on the machine
-    async_playwright = None  # type: ignore[assignment]
+ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.skipif(async_playwright is None, reason="playwright not installed (pip)"),
-    pytest.mark.skipif(
-        not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} missing (apt-get install chromium)"
-    ),
+    pytest.mark.skipif(browser.missing() is not None, reason=str(browser.missing())),
 ]
 
 
 @pytest.fixture
 async def page() -> AsyncIterator[Page]:
-    async with async_playwright() as pw:
-        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        ctx = await browser.new_context(viewport={"width": 1600, "height": 920})
-        pg = await ctx.new_page()
-        errors: list[str] = []
-        pg.on("pageerror", lambda e: errors.append(str(e)))
+    errors: list[str] = []
+    async with browser.open_page(errors) as pg:
         yield pg
-        await browser.close()
-        assert not errors, errors
+    assert not errors, errors
 
 
 async def _cells(page: Page) -> dict[str, str]:

@@ -499,3 +499,171 @@ def test_every_configured_variable_is_read_by_a_settings_class_and_parses(overla
         assert names <= known, (dep["metadata"]["name"], sorted(names - known))
         for prefix, cls in classes.items():
             from_env(cls, prefix, env)  # every value parses (raises SettingsError if not)
+
+
+# --- prod access: Ingress + TLS, NetworkPolicies, gateway auth --------------------------
+def _ports(dep: dict[str, Any]) -> dict[str, int]:
+    return {p["name"]: p["containerPort"] for p in container(dep)["ports"]}
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Kubernetes label-selector semantics (matchLabels + In/NotIn/Exists expressions)."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for e in selector.get("matchExpressions", []):
+        has, val = e["key"] in labels, labels.get(e["key"])
+        op = e["operator"]
+        if (op == "In" and val not in e["values"]) or (op == "NotIn" and val in e["values"]):
+            return False
+        if (op == "Exists" and not has) or (op == "DoesNotExist" and has):
+            return False
+    return True
+
+
+def _port_ok(rule: dict[str, Any], port: int, ports: dict[str, int]) -> bool:
+    if "ports" not in rule:
+        return True
+    for p in rule["ports"]:
+        want = p["port"]
+        if (ports.get(want) if isinstance(want, str) else want) == port:
+            return True
+    return False
+
+
+def _peer_ok(peers: list[dict[str, Any]] | None, namespace: str | None, ip: str | None) -> bool:
+    """Whether a peer (a pod of ``namespace`` of any labels, or an outside ``ip``) is one of
+    ``peers`` (None: any peer)."""
+    if peers is None:
+        return True
+    for peer in peers:
+        if "ipBlock" in peer and ip is not None:
+            import ipaddress
+
+            block = peer["ipBlock"]
+            addr = ipaddress.ip_address(ip)
+            if addr in ipaddress.ip_network(block["cidr"]) and not any(
+                addr in ipaddress.ip_network(x) for x in block.get("except", [])
+            ):
+                return True
+        ns_sel = peer.get("namespaceSelector")
+        if (
+            namespace is not None
+            and ns_sel is not None
+            and "podSelector" not in peer
+            and _selects(ns_sel, {"kubernetes.io/metadata.name": namespace})
+        ):
+            return True
+    return False
+
+
+def _allowed(
+    policies: dict[str, dict[str, Any]],
+    pod: dict[str, Any],
+    direction: str,
+    port: int,
+    namespace: str | None = None,
+    ip: str | None = None,
+) -> bool:
+    """Whether the NetworkPolicies let traffic into (``ingress``: from a pod of
+    ``namespace``) or out of (``egress``: to ``ip`` or ``namespace``) ``pod`` on ``port``."""
+    labels = pod["spec"]["template"]["metadata"]["labels"]
+    ports = _ports(pod)
+    kind = direction.capitalize()
+    isolating = [
+        p["spec"]
+        for p in policies.values()
+        if _selects(p["spec"]["podSelector"], labels) and kind in p["spec"]["policyTypes"]
+    ]
+    if not isolating:
+        return True
+    key, peer_key = direction, "from" if direction == "ingress" else "to"
+    return any(
+        _port_ok(rule, port, ports) and _peer_ok(rule.get(peer_key), namespace, ip)
+        for spec in isolating
+        for rule in spec.get(key, [])
+    )
+
+
+def test_prod_ingress_routes_only_to_the_gateway_public_port_over_tls() -> None:
+    docs = render("prod")
+    (ing,) = by_kind(docs, "Ingress").values()
+    ann = ing["metadata"]["annotations"]
+    assert ann["cert-manager.io/cluster-issuer"]  # cert-manager issues the certificate
+    assert ann["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"  # SSE frames flow
+    (tls,) = ing["spec"]["tls"]
+    hosts = {r["host"] for r in ing["spec"]["rules"]}
+    assert hosts == set(tls["hosts"]) and tls["secretName"]
+    backends = {
+        (p["backend"]["service"]["name"], p["backend"]["service"]["port"]["name"])
+        for r in ing["spec"]["rules"]
+        for p in r["http"]["paths"]
+    }
+    assert backends == {("sse-gateway", "http")}
+    gw = by_kind(docs, "Deployment")["sse-gateway"]
+    ports = _ports(gw)
+    env = {e["name"]: e.get("value") for e in container(gw)["env"]}
+    assert ports["http"] == int(env["MASSIVE_SSE_PORT"])
+    assert ports["admin"] == int(env["MASSIVE_SSE_ADMIN_PORT"]) != ports["http"]
+    # no Service exposes the admin or metrics ports
+    for svc in by_kind(docs, "Service").values():
+        assert {p["targetPort"] for p in svc["spec"]["ports"]} <= {"http"}, svc["metadata"]
+
+
+def test_prod_network_policies() -> None:
+    """Only the gateway's public port is reachable, only through the Ingress controller;
+    metrics and the admin port only from the monitoring namespace; only processors reach
+    Redis; only the ingest reaches the provider."""
+    docs = render("prod")
+    pols = by_kind(docs, "NetworkPolicy")
+    deps = by_kind(docs, "Deployment")
+    gw = deps["sse-gateway"]
+    gp = _ports(gw)
+    assert _allowed(pols, gw, "ingress", gp["http"], namespace="ingress-nginx")
+    for other in ("default", "monitoring", "massive", None):
+        assert not _allowed(pols, gw, "ingress", gp["http"], namespace=other, ip="203.0.113.9")
+    assert not _allowed(pols, gw, "ingress", gp["admin"], namespace="ingress-nginx")
+    assert _allowed(pols, gw, "ingress", gp["admin"], namespace="monitoring")
+    for name, dep in deps.items():
+        port = _ports(dep)["metrics"]
+        assert _allowed(pols, dep, "ingress", port, namespace="monitoring"), name
+        for ns in ("ingress-nginx", "default", "massive"):
+            assert not _allowed(pols, dep, "ingress", port, namespace=ns), (name, ns)
+        if name != "sse-gateway":
+            assert not any(
+                _allowed(pols, dep, "ingress", p, namespace="ingress-nginx")
+                for p in _ports(dep).values()
+            ), name
+    # Redis (the port of the overlay's example URL) from every processor, from nothing else
+    redis_port = 6380
+    assert f":{redis_port}/0" in (K8S / "overlays/prod/kustomization.yaml").read_text()
+    for name, dep in deps.items():
+        assert _allowed(pols, dep, "egress", redis_port, ip="10.1.2.3"), name
+        assert _allowed(pols, dep, "egress", 53, namespace="kube-system"), name
+        calls_provider = _allowed(pols, dep, "egress", 443, ip="198.51.100.7")
+        assert calls_provider == (name in NEEDS_API_KEY), name
+    pod = {"metadata": {"labels": {"app.kubernetes.io/name": "debug"}}}
+    stranger = {"spec": {"template": {**pod, "spec": {"containers": [{"ports": []}]}}}}
+    assert not _allowed(pols, stranger, "egress", redis_port, ip="10.1.2.3")
+    assert not _allowed(pols, stranger, "ingress", 8080, namespace="ingress-nginx")
+
+
+def test_prod_gateway_requires_a_token_from_its_own_secret() -> None:
+    from processors.sse_gateway import SseSettings
+
+    docs = render("prod")
+    deps = by_kind(docs, "Deployment")
+    gw = deps["sse-gateway"]
+    c = container(gw)
+    env = {**config(docs), **{e["name"]: e.get("value", "") for e in c["env"]}}
+    s = from_env(SseSettings, "MASSIVE_SSE_", env)
+    assert s.token_file and s.max_clients > 0 and s.max_per_ip > 0
+    assert s.trusted_proxy_hops == 1 and s.admin_port > 0
+    (mount,) = [m for m in c["volumeMounts"] if s.token_file.startswith(m["mountPath"] + "/")]
+    (vol,) = [v for v in gw["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"]]
+    assert vol["secret"]["secretName"] == "massive-sse-tokens"
+    assert s.token_file.rsplit("/", 1)[1] in example_secrets()["massive-sse-tokens"]
+    # only the gateway holds the tokens
+    assert {n for n, w in deps.items() if "massive-sse-tokens" in secret_refs(w)} == {"sse-gateway"}
+    # the demo and the dev overlay stay open
+    dev = container(by_kind(render("dev"), "Deployment")["sse-gateway"])
+    assert not any("TOKEN" in e["name"] for e in dev["env"])

@@ -7,12 +7,16 @@
 * a lossy restart (SAVE, publish on, kill -9, restart from that older RDB: a failover that
   lost its last writes does the same): the publishers re-issue versions Redis lost with other
   content; every connected SSE client, which holds versions that no longer exist, must end
-  equal to ``/api`` (the diff chain's ``prev_id`` tells it apart, and the gateway resyncs).
+  equal to ``/api`` (the diff chain's ``prev_id`` tells it apart, and the gateway resyncs):
+  the Python SSE client of the tests, and the dashboard page in headless Chromium (its live
+  models read through ``window.__model()``) when Chromium and Playwright are installed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +25,7 @@ import pytest
 from redis.asyncio import Redis
 
 from schemas import keys
+from tests import browser
 from tests import harness as h
 from tests.sse_client import ModelClient
 from tests.util import eventually, free_port
@@ -128,6 +133,11 @@ async def test_lossy_restart_leaves_no_client_on_a_rewritten_history(tmp_path: P
     api = f"http://127.0.0.1:{gw_port}"
     channels = [f"heatmap/{s}" for s in HEATMAP] + ["gex"]
     clients = [ModelClient(api, ch, "SPX") for ch in channels]
+    no_browser = browser.missing()
+    if no_browser:
+        warnings.warn(f"lossy restart: the browser page is not checked: {no_browser}", stacklevel=1)
+    page_errors: list[str] = []
+    stack = contextlib.AsyncExitStack()
     try:
         async with h.pipeline(
             srv.url, tmp_path, ALL_SPECS, extra_env=env, per_env=per, supervise=False
@@ -135,10 +145,17 @@ async def test_lossy_restart_leaves_no_client_on_a_rewritten_history(tmp_path: P
             await h.wait_epoch(r)
             for c in clients:
                 c.start()
+            page = None
+            if not no_browser:
+                page = await stack.enter_async_context(browser.open_page(page_errors))
+                await page.goto(api + "/?symbol=SPX")
             await eventually(
                 lambda: _true(all(c.version > 0 for c in clients)), timeout_s=90, interval_s=0.2
             )
+            if page is not None:
+                await eventually(lambda: _page_versions(page, 1), timeout_s=30)
             await r.save()
+            page_mark = await _page_versions(page, 0) if page is not None else None
             saved = await _versions(r)
             # publish on: the clients take versions that the RDB will not have
             for c in clients:
@@ -149,6 +166,12 @@ async def test_lossy_restart_leaves_no_client_on_a_rewritten_history(tmp_path: P
                 interval_s=0.1,
             )
             lost = {c.channel: c.version for c in clients}
+            if page is not None:  # the page too holds versions the RDB will not have
+                assert page_mark is not None
+                page_lost = await eventually(
+                    lambda: _page_versions(page, {k: v + 3 for k, v in page_mark.items()}),
+                    timeout_s=30,
+                )
             srv.kill()
             srv.start()  # loads dump.rdb: the versions after the SAVE are gone
             restored = await _versions(r)
@@ -173,6 +196,18 @@ async def test_lossy_restart_leaves_no_client_on_a_rewritten_history(tmp_path: P
                             bad.append(f"{c.channel}: client v{c.version} api v{truth['version']}")
                         elif c.model["items"] != truth["items"]:
                             bad.append(f"{c.channel}: items differ at v{c.version}")
+                    if page is not None:
+                        for name, view in (await browser.page_models(page)).items():
+                            # the page's stream and its /api twin (same path and view query)
+                            truth = (
+                                await http.get(api + view["url"].replace("/sse/", "/api/"))
+                            ).json()
+                            m = view["model"]
+                            if m is None or m["version"] != truth["version"]:
+                                got = m and m["version"]
+                                bad.append(f"page {name}: v{got} api v{truth['version']}")
+                            elif m["epoch"] != truth["epoch"] or m["items"] != truth["items"]:
+                                bad.append(f"page {name}: items differ at v{m['version']}")
                     return bad
 
                 async def converged() -> bool:
@@ -183,12 +218,16 @@ async def test_lossy_restart_leaves_no_client_on_a_rewritten_history(tmp_path: P
                 except AssertionError:
                     raise AssertionError(await clients_equal_api()) from None
     finally:
+        await stack.aclose()
         for c in clients:
             await c.stop()
         await r.aclose()
         await sim.stop()
         srv.stop()
     print(f"saved {saved}; clients had {lost}; restored {restored}")
+    if not no_browser:
+        print(f"the page had {page_lost}")
+        assert not page_errors, page_errors
     print({c.channel: (c.snapshots, c.chain_breaks) for c in clients})
     for c in clients:
         # the restore took away versions this client held: it must have been re-based
@@ -200,3 +239,12 @@ async def test_lossy_restart_leaves_no_client_on_a_rewritten_history(tmp_path: P
 
 async def _true(v: bool) -> bool:
     return v
+
+
+async def _page_versions(page: Any, at_least: int | dict[str, int]) -> dict[str, int] | None:
+    """The page's model versions (by stream name) once each is at least ``at_least`` (one
+    figure for all, or per name)."""
+    models = await browser.page_models(page)
+    vs = {k: int((v["model"] or {}).get("version", 0)) for k, v in models.items()}
+    low = at_least if isinstance(at_least, dict) else dict.fromkeys(vs, at_least)
+    return vs if all(v >= low[k] for k, v in vs.items()) else None

@@ -24,7 +24,9 @@ from streams.processor import Deps
 from tests.sse_publisher import FakeMarket, ModelWriter, publish_full, publish_step
 from tests.util import eventually
 
-SETTINGS = SseSettings(host="127.0.0.1", port=0, ping_s=15.0, queue_max=64, block_ms=200)
+SETTINGS = SseSettings(
+    host="127.0.0.1", port=0, ping_s=15.0, queue_max=64, block_ms=200, admin_port=0
+)
 HEAT = "heatmap:butterfly"
 
 
@@ -49,6 +51,11 @@ async def gateway(deps: Deps, settings: SseSettings = SETTINGS) -> AsyncIterator
 
 def base(gw: SseGateway) -> str:
     return f"http://127.0.0.1:{gw.port}"
+
+
+def admin(gw: SseGateway) -> str:
+    """The admin port: /metrics, /api/epochs (never on the public port)."""
+    return f"http://127.0.0.1:{gw.admin_port}"
 
 
 class Client:
@@ -174,14 +181,14 @@ async def test_checkpoint_model_is_followed_by_the_diffs_after_it(deps: Deps, re
 
 async def metric(gw: SseGateway, series: str) -> float:
     """Value of one exposition line of /metrics (0 when absent)."""
-    for line in (await _get(gw, "/metrics")).text.splitlines():
+    for line in (await _get(gw, "/metrics", admin(gw))).text.splitlines():
         if line.startswith(series + " "):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
 
 
-async def _get(gw: SseGateway, path: str) -> httpx.Response:
-    async with httpx.AsyncClient(base_url=base(gw)) as http:
+async def _get(gw: SseGateway, path: str, url: str | None = None) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=url or base(gw)) as http:
         return await http.get(path)
 
 
@@ -241,7 +248,7 @@ async def test_resume_from_trimmed_id_sends_fresh_snapshot(deps: Deps, redis: Re
         # an id that never existed (well after the head) also falls back to a snapshot
         async with Client(url, {"Last-Event-ID": "1-1"}) as c3:
             assert json.loads((await c3.next_data("snapshot")).data)["version"] == 7
-        metrics = (await _get(gw, "/metrics")).text
+        metrics = (await _get(gw, "/metrics", admin(gw))).text
         assert 'massive_sse_resyncs_total{channel="heatmap:butterfly",reason="resume"} 2.0' in (
             metrics
         )
@@ -270,7 +277,7 @@ async def test_version_gap_and_epoch_change_resync_live_clients(deps: Deps, redi
             await publish_step(writer, spx, 3)
             diff = json.loads((await c.next_data("diff")).data)
             assert (diff["epoch"], diff["version"]) == ("fake-epoch-2", 2)
-        metrics = (await _get(gw, "/metrics")).text
+        metrics = (await _get(gw, "/metrics", admin(gw))).text
         for reason in ("gap", "epoch"):
             assert (
                 f'massive_sse_resyncs_total{{channel="heatmap:butterfly",reason="{reason}"}} 1.0'
@@ -336,7 +343,7 @@ async def test_stalled_client_is_bounded_and_resynced_without_blocking_others(
                 await fast.next_data("snapshot")
 
                 async def slow_subscribed() -> bool:
-                    m = (await _get(gw, "/metrics")).text
+                    m = (await _get(gw, "/metrics", admin(gw))).text
                     return 'massive_sse_clients{channel="heatmap:butterfly"} 2.0' in m
 
                 await eventually(slow_subscribed)
@@ -441,12 +448,18 @@ async def test_json_endpoints_health_metrics_and_keepalive(deps: Deps, redis: Re
         assert (await http.get("/api/heatmap/condor?symbol=SPX")).status_code == 400
         assert (await http.get("/sse/heatmap/condor?symbol=SPX")).status_code == 400
         assert (await http.get("/api/gex?symbol=S%20X")).status_code == 400
-        ep = (await http.get("/api/epochs")).json()
+        ep = (await http.get(admin(gw) + "/api/epochs")).json()
         assert ep["active"]["SPX"] == {
             "epoch": "eid1",
             "meta": {"state": "active", "spot": "6850.1"},
         }
         assert ep["strategies"] == list(keys.STRATEGIES)
+        # the page's view of it, on the public port (internal APIs are not)
+        sy = (await http.get("/api/symbols")).json()
+        assert sy["active"]["SPX"] == {"epoch": "eid1", "state": "active", "n_contracts": None}
+        for internal in ("/api/epochs", "/metrics"):
+            assert (await http.get(internal)).status_code == 404
+        assert (await http.get(admin(gw) + "/readyz")).text == "ready\n"
         assert (await http.get("/healthz")).text == "ok\n"
         page = await http.get("/")
         assert page.status_code == 200 and "app.js" in page.text
@@ -459,7 +472,7 @@ async def test_json_endpoints_health_metrics_and_keepalive(deps: Deps, redis: Re
                 if body.count(b": ping") >= 2:
                     break
             assert b"event: snapshot" in body
-        metrics = (await http.get("/metrics")).text
+        metrics = (await http.get(admin(gw) + "/metrics")).text
         assert 'massive_sse_events_sent_total{channel="gex",event="snapshot"} 1.0' in metrics
 
 

@@ -11,6 +11,19 @@
 
 const $ = (id) => document.getElementById(id);
 
+// A gateway with bearer-token auth: open the page as /?access_token=<token>. EventSource
+// cannot send headers, so streams carry the token in the query; fetches send it as a header.
+const ACCESS_TOKEN = new URLSearchParams(location.search).get("access_token");
+function withToken(url) {
+  if (!ACCESS_TOKEN) return url;
+  return url + (url.includes("?") ? "&" : "?") + "access_token=" + encodeURIComponent(ACCESS_TOKEN);
+}
+function apiFetch(url, init = {}) {
+  const headers = Object.assign({}, init.headers || {});
+  if (ACCESS_TOKEN) headers.Authorization = "Bearer " + ACCESS_TOKEN;
+  return fetch(url, Object.assign({}, init, { headers }));
+}
+
 const ui = {
   symbol: new URLSearchParams(location.search).get("symbol") || "SPX",
   strategy: "butterfly",
@@ -72,7 +85,7 @@ class ModelStream {
     this.model = null;
     this.onChange(null, null);
     this.setState("connecting");
-    const es = new EventSource(url);
+    const es = new EventSource(withToken(url));
     this.es = es;
     es.addEventListener("snapshot", (e) => this.onSnapshot(e));
     es.addEventListener("diff", (e) => this.onDiff(e));
@@ -588,7 +601,9 @@ segmented("gex-range", (v) => { ui.gexRange = +v; schedule("gex"); });
 $("expiry").addEventListener("change", (ev) => { ui.expiry = ev.target.value; ui.scrollToAtm = true; schedule("heat"); });
 $("symbol").addEventListener("change", (ev) => {
   ui.symbol = ev.target.value;
-  history.replaceState(null, "", `?symbol=${encodeURIComponent(ui.symbol)}`);
+  const query = new URLSearchParams(location.search);
+  query.set("symbol", ui.symbol);
+  history.replaceState(null, "", "?" + query.toString());
   expiriesKey = "";
   connectHeat();
   connectGex();
@@ -598,7 +613,7 @@ addEventListener("resize", () => schedule("gex"));
 
 async function refreshEpochs() {
   try {
-    const r = await fetch("/api/epochs", { cache: "no-store" });
+    const r = await apiFetch("/api/symbols", { cache: "no-store" });
     const info = await r.json();
     const syms = [...new Set([...(info.symbols || []), ...Object.keys(info.active || {}), ui.symbol])];
     const sel = $("symbol");
@@ -607,11 +622,30 @@ async function refreshEpochs() {
     }
     sel.value = ui.symbol;
     const a = (info.active || {})[ui.symbol];
-    $("epoch").textContent = a ? `epoch ${a.epoch.slice(0, 10)} · ${a.meta.state || "?"} · ${a.meta.n_contracts || "?"} contracts` : "no active epoch";
+    $("epoch").textContent = a ? `epoch ${a.epoch.slice(0, 10)} · ${a.state || "?"} · ${a.n_contracts || "?"} contracts` : "no active epoch";
   } catch (e) {
     $("epoch").textContent = "";
   }
 }
+
+// The page's live models in the published JSON shape, whatever it keeps internally: the
+// one accessor tests read (tests/browser.py), e.g. to compare the page with /api. ``url`` is
+// the stream the model comes from (its /api twin is the same path under /api/).
+const STRUCTURE_KEYS = ["id", "symbol", "expiry", "strategy", "strikes", "right", "width", "root"];
+window.__model = () => {
+  const plain = (s, structure) => {
+    const m = s.model;
+    if (!m) return { url: s.url, model: null };
+    const items = {};
+    for (const [k, t] of Object.entries(m.items)) {
+      const v = Object.assign({}, t);
+      if (structure) for (const f of STRUCTURE_KEYS) delete v[f]; // added by withStructure
+      items[k] = v;
+    }
+    return { url: s.url, model: { epoch: m.epoch, version: m.version, items } };
+  };
+  return { heatmap: plain(heat, true), gex: plain(gex, false) };
+};
 
 setInterval(() => { heat.tick(); gex.tick(); }, 250);
 setInterval(refreshEpochs, 10000);

@@ -108,7 +108,7 @@
       st.symbol = sym; st.history = []; st.lastMs = null; st.profile = null;
     }
     try {
-      const m = await fetch(`/api/gex?symbol=${encodeURIComponent(sym)}`, { cache: "no-store" });
+      const m = await apiFetch(`/api/gex?symbol=${encodeURIComponent(sym)}`, { cache: "no-store" });
       if (m.ok) {
         const model = await m.json();
         const meta = model.meta || {};
@@ -117,7 +117,7 @@
         st.levels = (meta.levels || {})[st.scope] || {};
       }
       const q = st.lastMs === null ? "" : `&since_ms=${st.lastMs}`;
-      const r = await fetch(`/api/gex/history?symbol=${encodeURIComponent(sym)}${q}`, { cache: "no-store" });
+      const r = await apiFetch(`/api/gex/history?symbol=${encodeURIComponent(sym)}${q}`, { cache: "no-store" });
       if (r.ok && sym === st.symbol) {
         const rows = await r.json();
         if (rows.length) {
