@@ -5,6 +5,8 @@ crash windows, bad input."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -12,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
+from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
 from processors import gex_math, lua
@@ -29,10 +32,11 @@ from schemas.messages import (
     entry,
     from_entry,
 )
+from streams.clock import SystemClock
 from streams.processor import Deps
 from streams.settings import RuntimeSettings
 from tests.factories import big_chain, contract
-from tests.util import eventually
+from tests.util import RedisServer, eventually
 
 NS = 1_764_000_000_000_000_000
 SEC = 1_000_000_000
@@ -319,6 +323,57 @@ async def test_older_snapshot_with_another_topology_is_not_promoted_back(
     assert await n.process(await put(redis, chain(NS))) == "stale"
     assert await active(redis) == eid
     assert metric(registry, "massive_normalizer_snapshots_total", symbol="SPX", result="stale") == 1
+
+
+class RacingClock(SystemClock):
+    """A clock whose next reading, once armed, first runs ``race`` (a write by another
+    client): the promotion reads the clock between its read of the active pointer and EXEC."""
+
+    def __init__(self) -> None:
+        self.race: Callable[[], None] | None = None
+
+    def time_ns(self) -> int:
+        race, self.race = self.race, None
+        if race is not None:
+            race()
+        return super().time_ns()
+
+
+async def test_promotion_retries_when_another_writer_moves_the_active_pointer(
+    deps: Deps, redis: Redis, redis_server: RedisServer
+) -> None:
+    """Another writer promotes epoch ``rival`` after this promotion read the active pointer
+    and before its EXEC: the transaction must not go through on the stale read. It retries,
+    retires the rival (not the epoch it read first) and carries from it."""
+    clock = RacingClock()
+    n = Normalizer(dataclasses.replace(deps, clock=clock), NormalizerSettings())
+    await n.process(await put(redis, chain(NS)))
+    first = await active(redis)
+    rival = "00000000000000ff"
+    other = SyncRedis.from_url(redis_server.url)
+
+    def rival_promotes() -> None:
+        other.hset(keys.epoch_meta(rival), mapping={"symbol": "SPX", "state": "active"})
+        other.hset(keys.EPOCH_ACTIVE, "SPX", rival)
+
+    real = n.promote
+    replaced: list[str | None] = []
+
+    async def promote(topo: Any, snap: ChainSnapshot) -> str | None:
+        clock.race = rival_promotes  # fires at the promotion's first clock reading
+        replaced.append(await real(topo, snap))
+        return replaced[-1]
+
+    n.promote = promote  # type: ignore[method-assign]
+    extra = [contract("SPXW", EXP2, "P", 6010, bid=1.0, ask=1.1)]
+    try:
+        assert await n.process(await put(redis, chain(NS + SEC, extra=extra))) == "built"
+    finally:
+        other.close()
+    new = await active(redis)
+    assert new not in (first, rival)
+    assert (await meta(redis, rival))["state"] == "retired"
+    assert replaced == [rival]  # what it carried from and retired
 
 
 async def test_topology_coming_back_rebuilds_it_fresh_without_ttls(

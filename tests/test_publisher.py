@@ -294,6 +294,36 @@ async def test_publish_script_rejects_a_stale_leader_and_an_inactive_epoch(
         await asyncio.wait_for(task2, 5)
 
 
+async def test_publish_script_refuses_any_version_but_current_plus_one(
+    deps: Deps, redis: Redis
+) -> None:
+    """Under a valid token and lease, with the right chain head: a repeated, older or skipping
+    version is refused (-4) and writes nothing; current + 1 goes in."""
+    await seed(redis)
+    b = TileBuilder(deps, STRAT, TCFG)
+    await b.handle([(b"1-0", entry(DirtyEntry("SPX", "e1", [], NOW, reason="epoch")))])
+    p = Publisher(deps, STRAT, PCFG)
+    stop, task = start(p)
+    try:
+        await eventually(lambda: caught_up(redis))
+        ver_key, head_key = keys.heatmap_version("SPX", STRAT), keys.heatmap_head("SPX", STRAT)
+        stream = keys.heatmap_diffs_stream(STRAT)
+        head = await redis.get(head_key)
+        assert head is not None and await redis.get(ver_key) == b"1"
+        n_diffs = await redis.xlen(stream)
+        for version in (1, 0, 3):
+            code, _ = await p._write("SPX", "e1", version, b"{}", head.decode())
+            assert code == -4, version
+        assert await redis.get(ver_key) == b"1" and await redis.get(head_key) == head
+        assert await redis.xlen(stream) == n_diffs
+        code, diff_id = await p._write("SPX", "e1", 2, b"{}", head.decode())
+        assert code == 1 and await redis.get(ver_key) == b"2"
+        assert await redis.get(head_key) == diff_id.encode()
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
+
+
 async def test_diff_id_above_a_later_stream_id_is_chosen_and_carried_by_the_model(
     deps: Deps, redis: Redis
 ) -> None:

@@ -206,6 +206,34 @@ async def test_older_tile_is_not_admitted_and_redelivery_reannounces(
     assert (await staged(redis, "single"))[tid] == good
 
 
+async def test_restaging_a_tile_with_its_staged_seq_is_a_no_op(deps: Deps, redis: Redis) -> None:
+    """Admission keeps the first value of a seq: the same value again, or another value with
+    the same seq (a replica that read the same legs), changes nothing, is counted "equal"
+    and does not mark staging as written by admission."""
+    await seed(redis)
+    b = TileBuilder(deps, "single", CFG)
+    await b.handle(as_entries(DirtyEntry("SPX", "e1", [], NOW, reason="epoch")))
+    before = await staged(redis, "single")
+    man = keys.heatmap_manifest("SPX", "single")
+    writer = await redis.hget(man, "writer")
+    assert writer != b"admission"
+    tid, good = next(iter(before.items()))
+    seq, _ = split_staged(good)
+    other = b"%d:%b" % (seq, b'{"legs":[],"debit":null}')
+    assert await b._stage_tiles("SPX", "e1", [tid, tid], [good, other]) == [0, 0]
+    assert await staged(redis, "single") == before
+    assert await redis.hget(man, "writer") == writer
+    n_equal = deps.registry.get_sample_value(
+        "massive_tiles_staged_total", {"strategy": "single", "result": "equal"}
+    )
+    assert n_equal == 2
+    # one more than the staged seq is admitted (the boundary above)
+    newer = b"%d:%b" % (seq + 1, good.partition(b":")[2])
+    assert await b._stage_tiles("SPX", "e1", [tid], [newer]) == [1]
+    assert (await staged(redis, "single"))[tid] == newer
+    assert await redis.hget(man, "writer") == b"admission"
+
+
 async def test_entries_of_a_non_active_epoch_are_skipped_and_counted(
     deps: Deps, redis: Redis
 ) -> None:
