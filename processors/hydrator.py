@@ -329,7 +329,7 @@ class Hydrator(ConsumerProcessor):
     def _clean(self, rt: _Routed, res: list[Any]) -> bool:
         """``res`` (replies of ``rt``) needs no re-resolution: every epoch was active and the
         active pointer equals the cache. Settling it then makes no Redis call."""
-        return all(int(r[0]) == 0 for r in res[1 : 1 + len(rt.order)]) and (
+        return all(int(r[0]) == lua.EpochWrite.APPLIED for r in res[1 : 1 + len(rt.order)]) and (
             _hash(res[0]) == self._active
         )
 
@@ -446,7 +446,7 @@ class Hydrator(ConsumerProcessor):
             stale: set[str] = set()
             for s, eid, r in zip(order, eids, res[1 : 1 + len(order)], strict=True):
                 qs, ts = groups[s]
-                if int(r[0]) == 1:
+                if int(r[0]) == lua.EpochWrite.NOT_ACTIVE:
                     stale.add(s)
                     pend_q += qs
                     pend_t += ts

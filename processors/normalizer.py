@@ -356,7 +356,7 @@ class Normalizer(ConsumerProcessor):
             self._spot_call(pipe, snap)
 
         res = await lua.execute(self.redis, queue)
-        return "gex_source" if int(res[0]) == 1 else "stale_gex_source"
+        return "gex_source" if int(res[0]) == lua.GexSource.WRITTEN else "stale_gex_source"
 
     # --- topology --------------------------------------------------------------------------
     def topology(self, snap: ChainSnapshot) -> Topology:
@@ -452,7 +452,7 @@ class Normalizer(ConsumerProcessor):
         res = await lua.execute(self.redis, queue)
         changed: list[str] = []
         for k, r in enumerate(res[1 : 1 + len(chunks)]):
-            if int(r[0]) == 1:
+            if int(r[0]) == lua.EpochWrite.NOT_ACTIVE:
                 logger.warning("epoch %s no longer active during re-seed", eid)
                 return False
             if int(r[1]):
@@ -556,8 +556,9 @@ class Normalizer(ConsumerProcessor):
             if warming:
                 args.append("warming")
             reply = await self._hydrate(self.redis, [meta_key], args)
-            if int(reply[0]) == 1:  # state changed: promoted (the next carry follows) or
-                # retired (a newer epoch carries from this one)
+            if int(reply[0]) == lua.EpochWrite.NOT_ACTIVE:
+                # state changed: promoted (the next carry follows) or retired (a newer epoch
+                # carries from this one)
                 logger.info("epoch %s changed state during its carry from %s", eid, old)
                 return len(changed)
             for i in reply[2:]:
@@ -666,7 +667,7 @@ class Normalizer(ConsumerProcessor):
             self._spot_call(pipe, snap)
 
         res = await lua.execute(self.redis, queue)
-        if any(int(r) < 0 for r in res[: len(chunks)]):
+        if any(int(r) == lua.Build.NOT_WARMING for r in res[: len(chunks)]):
             raise RuntimeError(f"epoch {eid} left the warming state during its build")
 
     async def promote(self, topo: Topology, snap: ChainSnapshot) -> str | None:

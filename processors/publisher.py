@@ -11,8 +11,8 @@ Leadership
     lease is renewed by a background task every ``renew_ms`` (and by every publish); an
     expired lease whose fence still equals our token (nobody acquired since) is re-set, not
     lost, so an iteration longer than the TTL does not drop leadership. Every publish is one
-    script (PUBLISH_LUA, one round trip): it checks the fence counter equals this leader's
-    token and the lease is not held by another owner, so a stale (paused, partitioned)
+    script (lua/heatmap_publish.lua, one round trip): it checks the fence counter equals this
+    leader's token and the lease is not held by another owner, so a stale (paused, partitioned)
     leader's publish is rejected; it also checks the version is exactly current + 1 and the
     epoch is the active one, then XADDs the diff (explicit id, MINID ~ of its retention:
     age and bytes, :class:`DiffRetention`) and SETs the model
@@ -67,6 +67,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError, WatchError
 
 from processors import heatmap as hm
+from processors import lua
 from schemas import keys
 from schemas.heatmap import TileDelta, split_staged
 from schemas.messages import ModelDiff, PublishedModel, RawDiff, RawModel, encode, from_entry
@@ -112,63 +113,15 @@ class PublisherSettings:
             raise ValueError("diff_retention_s and diff_retention_mb must be > 0")
 
 
-ACQUIRE_LUA = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-local t = redis.call('INCR', KEYS[2])
-redis.call('SET', KEYS[1], t .. ':' .. ARGV[1], 'PX', ARGV[2])
-return t
-"""
+# Scripts (processors/lua): lease_acquire / lease_renew / lease_release (the fenced lease)
+# and heatmap_publish (one version).
 
-# KEYS: lease, fence. ARGV: lease value, ttl ms, token. An expired lease whose fence still
-# equals our token (nobody acquired since) is re-set: a long iteration is not a lost lease.
-RENEW_LUA = """
-local cur = redis.call('GET', KEYS[1])
-if cur == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-if cur == false and redis.call('GET', KEYS[2]) == ARGV[3] then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
-end
-return 0
-"""
-
-# KEYS: fence, lease, active-epoch hash, version, diff stream, chain head.
-# ARGV: token, lease value, symbol, epoch, version, diff id, diff json, lease ttl ms, the
-# diff stream's MINID (retention), prev id ("" = none).
-# Returns {1} ok, {-1} fenced, {-2} lease held by another owner, {-3} epoch not active,
-# {-4} version is not current + 1 or prev id is not the chain's head (Redis lost writes we
-# made, or someone else published), {-5, last id} diff id not above the stream's last
-# generated id (the caller picks a later id and retries).
-PUBLISH_LUA = """
-local fence = redis.call('GET', KEYS[1])
-if fence ~= ARGV[1] then return {-1} end
-local holder = redis.call('GET', KEYS[2])
-if holder and holder ~= ARGV[2] then return {-2} end
-if redis.call('HGET', KEYS[3], ARGV[3]) ~= ARGV[4] then return {-3} end
-local cur = redis.call('GET', KEYS[4]) or '0'
-if tonumber(ARGV[5]) ~= tonumber(cur) + 1 then return {-4} end
-if (redis.call('GET', KEYS[6]) or '') ~= ARGV[10] then return {-4} end
-local added = redis.pcall('XADD', KEYS[5], 'MINID', '~', ARGV[9], ARGV[6], 'd', ARGV[7])
-if type(added) == 'table' and added.err then
-  -- the id is not above the stream's top: report the last generated id (XINFO only on
-  -- this rare path: it also returns the first and last entries, megabytes of diff)
-  local info = redis.call('XINFO', 'STREAM', KEYS[5])
-  for i = 1, #info, 2 do
-    if info[i] == 'last-generated-id' then return {-5, info[i + 1]} end
-  end
-  return redis.error_reply(added.err)
-end
-redis.call('SET', KEYS[4], ARGV[5])
-redis.call('SET', KEYS[6], ARGV[6])
-redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[8])
-return {1}
-"""
-
-RELEASE_LUA = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
-
+_REJECTED = {
+    lua.Publish.FENCED: "fenced",
+    lua.Publish.LEASE_HELD: "lease_lost",
+    lua.Publish.INACTIVE_EPOCH: "inactive_epoch",
+    lua.Publish.MOVED: "version",
+}
 _model_decoder = msgspec.json.Decoder(RawModel)
 _diff_decoder = msgspec.json.Decoder(RawDiff)
 
@@ -258,10 +211,10 @@ class Publisher:
         self.owner = f"{self.consumer}:{uuid.uuid4().hex[:12]}"
         self.lease_key = keys.publisher_lease(strategy)
         self.fence_key = keys.publisher_fence(strategy)
-        self._acquire = self.redis.register_script(ACQUIRE_LUA)
-        self._renew = self.redis.register_script(RENEW_LUA)
-        self._release = self.redis.register_script(RELEASE_LUA)
-        self._publish = self.redis.register_script(PUBLISH_LUA)
+        self._acquire = lua.get("lease_acquire")
+        self._renew = lua.get("lease_renew")
+        self._release = lua.get("lease_release")
+        self._publish = lua.get("heatmap_publish")
         self._last_diff_id = (0, 0)  # (ms, seq) of our last diff: ids we pick stay above it
         self._retention = DiffRetention(
             int(cfg.diff_retention_s * 1000), int(cfg.diff_retention_mb * 1024 * 1024)
@@ -345,14 +298,15 @@ class Publisher:
         last = self._last_token
         if last is not None:
             kept = await self._renew(
-                keys=[self.lease_key, self.fence_key],
-                args=[f"{last}:{self.owner}", self.cfg.lease_ttl_ms, str(last)],
+                self.redis,
+                [self.lease_key, self.fence_key],
+                [f"{last}:{self.owner}", self.cfg.lease_ttl_ms, str(last)],
             )
             if int(kept):
                 return last
         return int(
             await self._acquire(
-                keys=[self.lease_key, self.fence_key], args=[self.owner, self.cfg.lease_ttl_ms]
+                self.redis, [self.lease_key, self.fence_key], [self.owner, self.cfg.lease_ttl_ms]
             )
         )
 
@@ -383,7 +337,7 @@ class Publisher:
                 if stop.is_set() and self.token is not None:
                     # Graceful stop: hand over at once (a crash skips this; the TTL expires).
                     with contextlib.suppress(*REDIS_UNAVAILABLE):
-                        await self._release(keys=[self.lease_key], args=[self.lease_value])
+                        await self._release(self.redis, [self.lease_key], [self.lease_value])
                 self._drop_leadership()
 
     async def _lead(self, stop: asyncio.Event, resume: bool = False) -> None:
@@ -405,8 +359,9 @@ class Publisher:
         if self.token is None:
             return False
         ok = await self._renew(
-            keys=[self.lease_key, self.fence_key],
-            args=[self.lease_value, self.cfg.lease_ttl_ms, str(self.token)],
+            self.redis,
+            [self.lease_key, self.fence_key],
+            [self.lease_value, self.cfg.lease_ttl_ms, str(self.token)],
         )
         if not int(ok):
             logger.warning("publisher %s lost its lease", self.strategy)
@@ -802,12 +757,12 @@ class Publisher:
             or t0 - st.last_checkpoint >= self.cfg.checkpoint_ms / 1000
         )
         code, diff_id = await self._write(st.symbol, epoch, version, encode(diff), st.head)
-        if code == 1 and items is None:
+        if code == lua.Publish.OK and items is None:
             items = st.items
             items.update(changed)
             for k in removed:
                 items.pop(k, None)
-        if code == 1 and checkpoint:
+        if code == lua.Publish.OK and checkpoint:
             assert items is not None
             model = PublishedModel(
                 symbol=st.symbol,
@@ -822,11 +777,11 @@ class Publisher:
             # argument costs Redis two extra copies); a crash in between leaves the previous
             # checkpoint, which the diffs bring up to date.
             model_json = encode(msgspec.structs.replace(model, diff_id=diff_id))  # type: ignore[arg-type]
-            if await self._write_checkpoint(st.symbol, version, model_json) == 1:
+            if await self._write_checkpoint(st.symbol, version, model_json) == lua.Publish.OK:
                 st.checkpointed, st.last_checkpoint = version, t0
                 st.checkpoint_id = diff_id
         self.m_publish_s.observe(self.clock.monotonic() - t0)
-        if code == 1:
+        if code == lua.Publish.OK:
             assert items is not None
             st.epoch, st.version, st.items = epoch, version, items
             st.diff_id, st.ts_ns, st.meta = diff_id, now_ns, meta
@@ -839,12 +794,12 @@ class Publisher:
             if recv is not None:
                 self.m_latency.observe(max(0.0, (self.clock.time_ns() - recv) / 1e9))
             return
-        reason = {-1: "fenced", -2: "lease_lost", -3: "inactive_epoch", -4: "version"}[code]
+        reason = _REJECTED[code]
         self.m_rejected.labels(self.strategy, reason).inc()
         logger.warning("publish %s %s v%d rejected: %s", self.strategy, st.symbol, version, reason)
-        if code in (-1, -2):
+        if code in (lua.Publish.FENCED, lua.Publish.LEASE_HELD):
             self.token = None  # a stale leader: stop, leave entries pending for the new one
-        elif code == -3:
+        elif code == lua.Publish.INACTIVE_EPOCH:
             st.pending, st.pending_recv = {}, {}
             st.needs_reconcile = True
             st.last_publish = self.clock.monotonic()  # retry no faster than max_interval
@@ -863,16 +818,15 @@ class Publisher:
 
     async def _write(
         self, sym: str, epoch: str, version: int, diff_json: bytes, prev_id: str | None
-    ) -> tuple[int, str]:
-        """One script (PUBLISH_LUA): check fence, lease holder, active epoch, version =
+    ) -> tuple[lua.Publish, str]:
+        """One script (lua/heatmap_publish.lua): check fence, lease holder, active epoch, version =
         current + 1 and ``prev_id`` = the chain head, then XADD the diff with an explicit
         id, SET the version key, the head and the lease: one round trip per publish. The diff
         id is picked here, above both the clock's millisecond and our previous id; if the
         stream's top id is higher anyway (another leader's diff in the same millisecond),
         the script says so and a later id is picked. An absent (expired) lease with an
-        unchanged fence is still ours and is re-set. Returns (code, diff id); codes: 1 ok,
-        -1 fenced, -2 lease held by someone else, -3 epoch not active, -4 version or chain
-        head moved."""
+        unchanged fence is still ours and is re-set. Returns (code, diff id); the codes are
+        ``lua.Publish`` (never ID_TOO_LOW: that one is retried here)."""
         k = [
             self.fence_key,
             self.lease_key,
@@ -887,8 +841,9 @@ class Publisher:
             ms, seq = (now_ms, 0) if now_ms > floor[0] else (floor[0], floor[1] + 1)
             diff_id = f"{ms}-{seq}"
             res: Any = await self._publish(
-                keys=k,
-                args=[
+                self.redis,
+                k,
+                [
                     str(self.token),
                     self.lease_value,
                     sym,
@@ -901,12 +856,12 @@ class Publisher:
                     prev_id or "",
                 ],
             )
-            code = int(res[0])
-            if code == -5:
+            code = lua.Publish(int(res[0]))
+            if code == lua.Publish.ID_TOO_LOW:
                 lm, ls = (int(x) for x in _s(res[1]).split("-"))
                 floor = max(floor, (lm, ls))
                 continue
-            if code == 1:
+            if code == lua.Publish.OK:
                 self._last_diff_id = (ms, seq)
                 self._retention.added(ms, seq, len(diff_json))
             return code, diff_id
@@ -947,21 +902,21 @@ class Publisher:
                 diff_id=st.diff_id,
             )
             rc = await self._write_checkpoint(st.symbol, st.version, encode(model))  # type: ignore[arg-type]
-            if rc == 1:
+            if rc == lua.Publish.OK:
                 st.checkpointed, st.last_checkpoint = st.version, self.clock.monotonic()
                 st.checkpoint_id = st.diff_id
-            elif rc == -1:
+            elif rc == lua.Publish.FENCED:
                 self.token = None  # fenced: a stale leader stops
                 return
             else:  # the version moved on under us: resync
                 self.syms.pop(st.symbol, None)
                 await self._state(st.symbol)
 
-    async def _write_checkpoint(self, sym: str, version: int, model_json: bytes) -> int:
+    async def _write_checkpoint(self, sym: str, version: int, model_json: bytes) -> lua.Publish:
         """SET the model key to an already published ``version`` if this leader is not
         fenced and the version key still says ``version``: an optimistic transaction (a
         model of ~15 MB as a script argument costs Redis two extra copies and a Lua string).
-        1 written, -1 fenced or lease held by another owner, -4 version moved on."""
+        OK written, FENCED fenced or lease held by another owner, MOVED version moved on."""
         ver_k = keys.heatmap_version(sym, self.strategy)
         async with self.redis.pipeline(transaction=True) as pipe:
             while True:
@@ -973,15 +928,15 @@ class Publisher:
                         await pipe.get(ver_k),
                     )
                     if fence is None or int(fence) != self.token:
-                        return -1
+                        return lua.Publish.FENCED
                     if holder is not None and _s(holder) != self.lease_value:
-                        return -1
+                        return lua.Publish.FENCED
                     if cur is None or int(cur) != version:
-                        return -4
+                        return lua.Publish.MOVED
                     pipe.multi()  # type: ignore[no-untyped-call]
                     pipe.set(keys.heatmap_model(sym, self.strategy), model_json)
                     await pipe.execute()
-                    return 1
+                    return lua.Publish.OK
                 except WatchError:
                     continue
 

@@ -94,77 +94,8 @@ class TileSettings:
         return self.max_quote_age_ms * 1_000_000
 
 
-# Leg reads: lua/fetch.lua (also the normalizer's carry), queued as plain EVALSHA by
-# ``lua.execute`` (redis-py's pipeline scripts cost a SCRIPT EXISTS round trip per batch).
-
-# KEYS: staging, manifest. ARGV: epoch, then tile_id, value pairs; a staged value starts
-# with its seq (admission clock) and ":" (schemas.heatmap.stage_value).
-# Returns -9 when the staged epoch is not ARGV[1]; else one status per tile:
-# 1 admitted (slot absent or seq strictly greater), 0 equal (discarded), -1 older (discarded).
-# seq values are non-negative decimal strings: compared by length, then lexically (exact;
-# Lua numbers are doubles and would round nanosecond sums).
-STAGE_LUA = """
-if redis.call('HGET', KEYS[2], 'epoch') ~= ARGV[1] then return -9 end
-local find, sub = string.find, string.sub
-local n = (#ARGV - 1) / 2
-local out, ids, tv = {}, {}, {}
-local wrote = false
-for a = 1, n, 1000 do
-  local b = math.min(a + 999, n)
-  for i = a, b do ids[i - a + 1] = ARGV[2 * i] end
-  local old = redis.call('HMGET', KEYS[1], unpack(ids, 1, b - a + 1))
-  for i = a, b do
-    local o, v = old[i - a + 1], ARGV[2 * i + 1]
-    local seq = sub(v, 1, find(v, ':', 1, true) - 1)
-    local st
-    if not o then st = 1
-    else
-      local c = find(o, ':', 1, true)
-      local os = c and sub(o, 1, c - 1) or ''
-      if #seq ~= #os then if #seq > #os then st = 1 else st = -1 end
-      elseif seq > os then st = 1
-      elseif seq == os then st = 0
-      else st = -1 end
-    end
-    out[i] = st
-    if st == 1 then
-      tv[#tv + 1] = ARGV[2 * i]; tv[#tv + 1] = v
-    end
-  end
-  if #tv > 0 then
-    redis.call('HSET', KEYS[1], unpack(tv))
-    tv = {}
-    wrote = true
-  end
-end
--- staging no longer holds exactly one builder's writes (see TileBuilder._compute_and_stage)
-if wrote then redis.call('HSET', KEYS[2], 'writer', 'admission') end
-return out
-"""
-
-# KEYS: staging, manifest, build.
-# ARGV: epoch, created_ns, expected, built_ns, roots (JSON expiry -> option root).
-# 1 = installed (build renamed onto staging, manifest rewritten);
-# 0 = this epoch is already installed (build dropped; caller merges with admission);
-# -1 = a newer epoch is installed (build dropped).
-INSTALL_LUA = """
-local cur = redis.call('HGET', KEYS[2], 'epoch')
-if cur == ARGV[1] then redis.call('DEL', KEYS[3]) return 0 end
-local cc = redis.call('HGET', KEYS[2], 'created_ns')
-if cc and (#cc > #ARGV[2] or (#cc == #ARGV[2] and cc > ARGV[2])) then
-  redis.call('DEL', KEYS[3])
-  return -1
-end
-if redis.call('EXISTS', KEYS[3]) == 1 then
-  redis.call('RENAME', KEYS[3], KEYS[1])
-else
-  redis.call('DEL', KEYS[1])
-end
-redis.call('DEL', KEYS[2])
-redis.call('HSET', KEYS[2], 'epoch', ARGV[1], 'created_ns', ARGV[2], 'expected', ARGV[3],
-           'built_ns', ARGV[4], 'roots', ARGV[5])
-return 1
-"""
+# Scripts (processors/lua): fetch.lua reads legs (also the normalizer's carry), stage.lua
+# is staging admission, install.lua installs a full build.
 
 
 class QuoteParser:
@@ -255,8 +186,8 @@ class TileBuilder(ConsumerProcessor):
         self.cfg = cfg
         self.clock = deps.clock
         self.tiles_stream = keys.tiles_stream(strategy)
-        self._stage = self.redis.register_script(STAGE_LUA)
-        self._install = self.redis.register_script(INSTALL_LUA)
+        self._stage = lua.get("stage")
+        self._install = lua.get("install")
         self._grids: dict[str, tuple[str, hm.Grid]] = {}
         self._tables: dict[str, tuple[str, tv.TileTable]] = {}
         self._parse = QuoteParser()
@@ -422,7 +353,7 @@ class TileBuilder(ConsumerProcessor):
         exactly what the admission script would have admitted (at ~1/6 of its Redis time:
         no old values read, no Lua strings); the delta lands with the values or not at all.
         If anyone wrote (a replica of this builder, an epoch install), EXEC aborts and the
-        same values go through the admission script (STAGE_LUA), which decides per tile.
+        same values go through the admission script (lua/stage.lua), which decides per tile.
 
         Announcing only what changed: every optimistic write sets the manifest's ``writer``
         to this builder's owner id; the admission script sets it to "admission" when it
@@ -478,7 +409,7 @@ class TileBuilder(ConsumerProcessor):
             await self.full_build(sym, eid, recv_ts_ns=recv_ts_ns, n_dirty=n_dirty)
             return []
         # Admitted or equal (an equal tile may be a redelivery whose delta was lost).
-        ids = [t for t, st in zip(tids, statuses, strict=True) if st >= 0]
+        ids = [t for t, st in zip(tids, statuses, strict=True) if st >= lua.Stage.EQUAL]
         if ids:
             await producer.xadd(self.redis, self.tiles_stream, delta(ids), self.cfg.tiles_maxlen)
             self.m_deltas.inc()
@@ -529,16 +460,22 @@ class TileBuilder(ConsumerProcessor):
         """Admission write of the tiles ``tids`` with staging ``values``; None when staging
         holds another epoch."""
         k = [keys.heatmap_staging(sym, self.strategy), keys.heatmap_manifest(sym, self.strategy)]
-        pipe = self.redis.pipeline(transaction=False)
-        for pairs in _pairs(tids, values, self.cfg.write_chunk):
-            await self._stage(keys=k, args=[eid, *pairs], client=pipe)
-        replies = await pipe.execute()
+        chunks = _pairs(tids, values, self.cfg.write_chunk)
+
+        def queue(pipe: Pipeline) -> None:
+            for pairs in chunks:
+                self._stage.queue(pipe, k, [eid, *pairs])
+
         out: list[int] = []
-        for rep in replies:
-            if not isinstance(rep, list):
+        for rep in await lua.execute(self.redis, queue):
+            if not isinstance(rep, list):  # lua.Stage.WRONG_EPOCH
                 return None
             out += rep
-        for name, code in (("admitted", 1), ("equal", 0), ("older", -1)):
+        for name, code in (
+            ("admitted", lua.Stage.ADMITTED),
+            ("equal", lua.Stage.EQUAL),
+            ("older", lua.Stage.OLDER),
+        ):
             c = out.count(code)
             if c:
                 self.m_staged.labels(self.strategy, name).inc(c)
@@ -564,12 +501,13 @@ class TileBuilder(ConsumerProcessor):
             pipe.hset(b_key, mapping=dict(tiles[i : i + n]))
         await pipe.execute()
         rc = await self._install(
-            keys=[
+            self.redis,
+            [
                 keys.heatmap_staging(sym, self.strategy),
                 keys.heatmap_manifest(sym, self.strategy),
                 b_key,
             ],
-            args=[
+            [
                 eid,
                 str(created_ns),
                 str(len(tiles)),
@@ -578,11 +516,11 @@ class TileBuilder(ConsumerProcessor):
             ],
         )
         rc = int(rc)
-        if rc == -1:
+        if rc == lua.Install.SUPERSEDED:
             result = "superseded"
             logger.warning("full build of %s epoch=%s superseded by a newer epoch", sym, eid)
         else:
-            if rc == 0:
+            if rc == lua.Install.ALREADY_INSTALLED:
                 result = "merged"
                 await self._stage_tiles(sym, eid, tids, values)
             else:

@@ -17,7 +17,7 @@ from typing import Any
 import msgspec
 from redis.asyncio import Redis
 
-from processors import gex_math, heatmap
+from processors import gex_math, heatmap, lua
 from schemas import keys, ticker
 from schemas.messages import GexRow, ModelDiff, PublishedModel, encode
 
@@ -39,7 +39,7 @@ class ModelWriter:
         self.redis = redis
         self.maxlen = maxlen
         self.models: dict[tuple[str, str], PublishedModel] = {}
-        self._script = redis.register_script(PUBLISH_LUA)
+        self._script = lua.Script("sse_publisher", PUBLISH_LUA)
 
     @staticmethod
     def keys_of(symbol: str, kind: str) -> tuple[str, str]:
@@ -89,7 +89,9 @@ class ModelWriter:
         body = _json.encode(model)
         assert body.endswith(b"null}")
         key, stream = self.keys_of(symbol, kind)
-        raw_id = await self._script(keys=[key, stream], args=[body[:-5], encode(diff), self.maxlen])
+        raw_id = await self._script(
+            self.redis, [key, stream], [body[:-5], encode(diff), self.maxlen]
+        )
         diff_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
         self.models[(symbol, kind)] = PublishedModel(
             symbol, kind, epoch, v, ts_ns, items, m, diff_id
