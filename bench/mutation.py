@@ -42,6 +42,7 @@ T_NORM = ("tests/test_normalizer.py",)
 T_HYD = ("tests/test_hydrator.py",)
 T_TILE = ("tests/test_tile_builder.py",)
 T_PUB = ("tests/test_publisher.py",)
+T_LEASE = ("tests/test_lease.py", "tests/test_publisher.py", "tests/test_gex.py")
 T_GEX = ("tests/test_gex.py",)
 T_GEXM = ("tests/test_gex_math.py",)
 T_VEC = ("tests/test_tile_vec.py", "tests/test_heatmap_math.py")
@@ -149,7 +150,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "await tx.watch(k_man + ':unrelated')",
         T_TILE,
     ),
-    # --- heatmap publisher: fencing and the version chain -----------------------------------
+    # --- heatmap publisher and the fenced lease (processors/lease.py) ----------------------
     Mutation(
         "publish-without-version-check",
         LUA + "heatmap_publish.lua",
@@ -183,42 +184,42 @@ MUTATIONS: tuple[Mutation, ...] = (
         LUA + "lease_acquire.lua",
         "if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end\n",
         "",
-        T_PUB,
+        T_LEASE,
     ),
     Mutation(
         "renew-an-expired-lease-after-the-fence-moved",
         LUA + "lease_renew.lua",
         "if cur == false and redis.call('GET', KEYS[2]) == ARGV[3] then",
         "if cur == false then",
-        T_PUB,
+        T_LEASE,
+    ),
+    Mutation(
+        "renew-another-owners-lease",
+        LUA + "lease_renew.lua",
+        "if cur == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end",
+        "if cur then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end",
+        T_LEASE,
     ),
     Mutation(
         "release-another-owners-lease",
         LUA + "lease_release.lua",
         "if redis.call('GET', KEYS[1]) == ARGV[1] then",
         "if true then",
-        T_PUB,
+        T_LEASE,
     ),
     # --- GEX publisher --------------------------------------------------------------------------
     Mutation(
-        "gex-publish-without-lease",
-        "processors/gex.py",
-        "if redis.call('GET', KEYS[1]) ~= ARGV[1] then return false end\n",
+        "gex-publish-without-fence",
+        LUA + "gex_publish.lua",
+        "if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end\n",
         "",
         T_GEX,
     ),
     Mutation(
         "gex-publish-without-chain-head",
-        "processors/gex.py",
-        "if (redis.call('GET', KEYS[6]) or '') ~= ARGV[7] then return 0 end\n",
+        LUA + "gex_publish.lua",
+        "if (redis.call('GET', KEYS[7]) or '') ~= ARGV[8] then return 0 end\n",
         "",
-        T_GEX,
-    ),
-    Mutation(
-        "gex-renew-another-owners-lease",
-        "processors/gex.py",
-        '_RENEW = """\nif redis.call(\'GET\', KEYS[1]) == ARGV[1] then',
-        '_RENEW = """\nif redis.call(\'EXISTS\', KEYS[1]) == 1 then',
         T_GEX,
     ),
     # --- GEX math -------------------------------------------------------------------------------

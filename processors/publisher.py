@@ -2,13 +2,11 @@
 that declares versions of ``massive:heatmap:model:{SYM}:{strategy}``.
 
 Leadership
-    Any number of replicas run; one leads. Lease = ``keys.publisher_lease(strategy)``
-    holding ``"<token>:<owner>"`` with a PX TTL. Acquire (Lua, the equivalent of SET NX PX):
-    if absent, INCR ``keys.publisher_fence(strategy)`` (the token, a lease epoch that only
-    grows) and SET the lease. Renew: compare value and PEXPIRE (Lua). Standbys only retry
-    acquisition; they never read the stream, so they cannot steal entries. A leader that
-    crashes stops renewing; a standby takes over within ``lease_ttl_ms + renew_ms``. The
-    lease is renewed by a background task every ``renew_ms`` (and by every publish); an
+    Any number of replicas run; one leads: the fenced lease of processors/lease.py on
+    ``keys.publisher_lease(strategy)`` and ``keys.publisher_fence(strategy)``. Standbys only
+    retry acquisition; they never read the stream, so they cannot steal entries. A leader
+    that crashes stops renewing; a standby takes over within ``lease_ttl_ms + renew_ms``.
+    The lease is renewed by a background task every ``renew_ms`` (and by every publish); an
     expired lease whose fence still equals our token (nobody acquired since) is re-set, not
     lost, so an iteration longer than the TTL does not drop leadership. Every publish is one
     script (lua/heatmap_publish.lua, one round trip): it checks the fence counter equals this
@@ -68,6 +66,7 @@ from redis.exceptions import ResponseError, WatchError
 
 from processors import heatmap as hm
 from processors import lua
+from processors.lease import FencedLease
 from schemas import keys
 from schemas.heatmap import TileDelta, split_staged
 from schemas.messages import ModelDiff, PublishedModel, RawDiff, RawModel, encode, from_entry
@@ -209,18 +208,18 @@ class Publisher:
         self.group = keys.PUBLISHER_GROUP
         self.consumer = deps.settings.consumer
         self.owner = f"{self.consumer}:{uuid.uuid4().hex[:12]}"
-        self.lease_key = keys.publisher_lease(strategy)
-        self.fence_key = keys.publisher_fence(strategy)
-        self._acquire = lua.get("lease_acquire")
-        self._renew = lua.get("lease_renew")
-        self._release = lua.get("lease_release")
+        self.lease = FencedLease(
+            self.redis,
+            keys.publisher_lease(strategy),
+            keys.publisher_fence(strategy),
+            self.owner,
+            cfg.lease_ttl_ms,
+        )
         self._publish = lua.get("heatmap_publish")
         self._last_diff_id = (0, 0)  # (ms, seq) of our last diff: ids we pick stay above it
         self._retention = DiffRetention(
             int(cfg.diff_retention_s * 1000), int(cfg.diff_retention_mb * 1024 * 1024)
         )
-        self.token: int | None = None
-        self._last_token: int | None = None
         self.syms: dict[str, SymState] = {}
         self.unacked: list[bytes] = []
         self._ready = False
@@ -265,11 +264,11 @@ class Publisher:
 
     @property
     def leader(self) -> bool:
-        return self.token is not None
+        return self.lease.held
 
     @property
-    def lease_value(self) -> str:
-        return f"{self.token}:{self.owner}"
+    def token(self) -> int | None:
+        return self.lease.token
 
     # --- lifecycle ------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -288,31 +287,13 @@ class Publisher:
         )
 
     def _drop_leadership(self) -> None:
-        self.token = None
+        self.lease.drop()
         self.m_leader.set(0)
-
-    async def _take_lease(self) -> int:
-        """Our previous token when the lease is still ours (a Redis blip: the RENEW script
-        re-sets an expired lease whose fence nobody moved), else a fresh acquisition (0:
-        someone else leads)."""
-        last = self._last_token
-        if last is not None:
-            kept = await self._renew(
-                self.redis,
-                [self.lease_key, self.fence_key],
-                [f"{last}:{self.owner}", self.cfg.lease_ttl_ms, str(last)],
-            )
-            if int(kept):
-                return last
-        return int(
-            await self._acquire(
-                self.redis, [self.lease_key, self.fence_key], [self.owner, self.cfg.lease_ttl_ms]
-            )
-        )
 
     async def _run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            tok = await self._take_lease()
+            prev = self.lease.last_token
+            tok = await self.lease.take()
             if tok == 0:
                 await _wait(stop, self.cfg.renew_ms / 1000)
                 continue
@@ -320,24 +301,19 @@ class Publisher:
             # is still what we published, so keep it instead of reconciling every symbol
             # from scratch. If Redis lost some of it, the publish script's chain check
             # resyncs that symbol.
-            resume = self._last_token is not None and tok in (
-                self._last_token,
-                self._last_token + 1,
-            )
+            resume = prev is not None and tok in (prev, prev + 1)
             if not resume:
                 self.syms.clear()
                 self.unacked = []
-            self.token = tok
-            self._last_token = tok
             self.m_leader.set(1)
             logger.info("publisher %s leads (token %d, owner %s)", self.strategy, tok, self.owner)
             try:
                 await self._lead(stop, resume)
             finally:
-                if stop.is_set() and self.token is not None:
+                if stop.is_set():
                     # Graceful stop: hand over at once (a crash skips this; the TTL expires).
                     with contextlib.suppress(*REDIS_UNAVAILABLE):
-                        await self._release(self.redis, [self.lease_key], [self.lease_value])
+                        await self.lease.release()
                 self._drop_leadership()
 
     async def _lead(self, stop: asyncio.Event, resume: bool = False) -> None:
@@ -356,16 +332,10 @@ class Publisher:
                 await renewer
 
     async def _renew_once(self) -> bool:
-        if self.token is None:
+        if not self.lease.held:
             return False
-        ok = await self._renew(
-            self.redis,
-            [self.lease_key, self.fence_key],
-            [self.lease_value, self.cfg.lease_ttl_ms, str(self.token)],
-        )
-        if not int(ok):
+        if not await self.lease.renew():
             logger.warning("publisher %s lost its lease", self.strategy)
-            self.token = None
             return False
         return True
 
@@ -798,7 +768,7 @@ class Publisher:
         self.m_rejected.labels(self.strategy, reason).inc()
         logger.warning("publish %s %s v%d rejected: %s", self.strategy, st.symbol, version, reason)
         if code in (lua.Publish.FENCED, lua.Publish.LEASE_HELD):
-            self.token = None  # a stale leader: stop, leave entries pending for the new one
+            self.lease.drop()  # a stale leader: stop, leave entries pending for the new one
         elif code == lua.Publish.INACTIVE_EPOCH:
             st.pending, st.pending_recv = {}, {}
             st.needs_reconcile = True
@@ -828,8 +798,8 @@ class Publisher:
         unchanged fence is still ours and is re-set. Returns (code, diff id); the codes are
         ``lua.Publish`` (never ID_TOO_LOW: that one is retried here)."""
         k = [
-            self.fence_key,
-            self.lease_key,
+            self.lease.fence_key,
+            self.lease.lease_key,
             keys.EPOCH_ACTIVE,
             keys.heatmap_version(sym, self.strategy),
             keys.heatmap_diffs_stream(self.strategy),
@@ -844,8 +814,8 @@ class Publisher:
                 self.redis,
                 k,
                 [
-                    str(self.token),
-                    self.lease_value,
+                    str(self.lease.token),
+                    self.lease.value,
                     sym,
                     epoch,
                     str(version),
@@ -906,7 +876,7 @@ class Publisher:
                 st.checkpointed, st.last_checkpoint = st.version, self.clock.monotonic()
                 st.checkpoint_id = st.diff_id
             elif rc == lua.Publish.FENCED:
-                self.token = None  # fenced: a stale leader stops
+                self.lease.drop()  # fenced: a stale leader stops
                 return
             else:  # the version moved on under us: resync
                 self.syms.pop(st.symbol, None)
@@ -921,15 +891,16 @@ class Publisher:
         async with self.redis.pipeline(transaction=True) as pipe:
             while True:
                 try:
-                    await pipe.watch(self.fence_key, self.lease_key, ver_k)
+                    lease = self.lease
+                    await pipe.watch(lease.fence_key, lease.lease_key, ver_k)
                     fence, holder, cur = (
-                        await pipe.get(self.fence_key),
-                        await pipe.get(self.lease_key),
+                        await pipe.get(lease.fence_key),
+                        await pipe.get(lease.lease_key),
                         await pipe.get(ver_k),
                     )
                     if fence is None or int(fence) != self.token:
                         return lua.Publish.FENCED
-                    if holder is not None and _s(holder) != self.lease_value:
+                    if holder is not None and _s(holder) != lease.value:
                         return lua.Publish.FENCED
                     if cur is None or int(cur) != version:
                         return lua.Publish.MOVED

@@ -143,6 +143,11 @@ def gex_lease() -> str:
     return "massive:gex:leader"
 
 
+def gex_fence() -> str:
+    """Counter INCRed on every GEX lease acquisition: the fencing token (lease epoch)."""
+    return "massive:gex:leader:fence"
+
+
 # --- liveness ------------------------------------------------------------------------
 def heartbeat(processor: str, consumer: str) -> str:
     return f"massive:heartbeat:{processor}:{consumer}"

@@ -272,7 +272,7 @@ async def test_publish_script_rejects_a_stale_leader_and_an_inactive_epoch(
     try:
         await eventually(lambda: _leads(q), timeout_s=5)
         # the crashed leader wakes up and tries to publish with its old token
-        p.token = old_token
+        p.lease.token = old_token
         st = await p._state("SPX")
         st.pending = {"SPX:x": b"{}"}
         await p._publish_pending(st, "time")
