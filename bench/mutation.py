@@ -38,8 +38,8 @@ class Mutation:
     equivalent: str = ""  # why no behaviour tells it apart (then it is not run)
 
 
-T_NORM = ("tests/test_normalizer.py",)
-T_HYD = ("tests/test_hydrator.py",)
+T_NORM = ("tests/test_normalizer.py", "tests/test_lua.py")
+T_HYD = ("tests/test_hydrator.py", "tests/test_lua.py")
 T_TILE = ("tests/test_tile_builder.py",)
 T_PUB = ("tests/test_publisher.py",)
 T_LEASE = ("tests/test_lease.py", "tests/test_publisher.py", "tests/test_gex.py")

@@ -236,6 +236,9 @@ async def test_full_chain_snapshot_feeds_the_gex_source_not_an_epoch(
     old = msgspec.structs.replace(await put(redis, chain(NS - SEC)), scope="full")
     assert await n.process(old) == "stale_gex_source"
     assert (await redis.hget(keys.gex_source("SPX"), "ts_ns")) == str(NS).encode()
+    await redis.expire(keys.gex_source("SPX"), 5)
+    assert await n.process(ptr) == "stale_gex_source"  # redelivered: not written again
+    assert 0 < await redis.ttl(keys.gex_source("SPX")) <= 5
     bad = msgspec.structs.replace(ptr, scope="sideways")
     assert await n.process(bad) == "bad_pointer"
     got = metric(registry, "massive_normalizer_snapshots_total", symbol="SPX", result="gex_source")
@@ -634,6 +637,34 @@ async def test_sweep_drops_expired_epochs_from_the_index(deps: Deps, redis: Redi
         await redis.delete(k)
     await n.sweep()
     assert await redis.zrange(keys.EPOCH_INDEX, 0, -1) == [(await active(redis)).encode()]
+
+
+async def test_sweep_never_retires_the_epoch_the_active_pointer_names(
+    deps: Deps, redis: Redis
+) -> None:
+    """The sweep reads every meta, then the active pointers: a promotion in between (another
+    symbol's normalizer sweeps while this one promotes a rebuilt epoch) shows the epoch as
+    retired without a TTL, yet active. The pointer wins: its keys keep no TTL."""
+    n = normalizer(deps)
+    await n.process(await put(redis, chain()))
+    eid = await active(redis)
+    await redis.hset(keys.epoch_meta(eid), "state", "retired")  # the meta as read before
+    await n.sweep()
+    assert all([await redis.ttl(k) == -1 for k in await epoch_keys(redis, eid)])
+
+
+async def test_retiring_again_never_extends_a_ttl(deps: Deps, redis: Redis) -> None:
+    """Retirement (and the sweep) put a TTL only on keys without one: a second retirement of
+    an epoch whose keys are already expiring leaves their deadline where it was."""
+    n = normalizer(deps, retire_ttl_s=300)
+    await n.process(await put(redis, chain()))
+    eid = await active(redis)
+    ks = await epoch_keys(redis, eid)
+    assert await n.retire(eid) == len(ks)
+    for k in ks:  # as if 295 s passed
+        await redis.expire(k, 5)
+    assert await n.retire(eid) == 0
+    assert all([0 < await redis.ttl(k) <= 5 for k in ks])
 
 
 # --- bad input ------------------------------------------------------------------------------------

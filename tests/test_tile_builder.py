@@ -232,6 +232,10 @@ async def test_restaging_a_tile_with_its_staged_seq_is_a_no_op(deps: Deps, redis
     assert await b._stage_tiles("SPX", "e1", [tid], [newer]) == [1]
     assert (await staged(redis, "single"))[tid] == newer
     assert await redis.hget(man, "writer") == b"admission"
+    # a replica still computing an epoch that staging no longer holds writes nothing
+    older = b"%d:%b" % (seq + 2, good.partition(b":")[2])
+    assert await b._stage_tiles("SPX", "e0", [tid], [older]) is None
+    assert (await staged(redis, "single"))[tid] == newer
 
 
 async def test_entries_of_a_non_active_epoch_are_skipped_and_counted(
