@@ -52,7 +52,7 @@ from processors import heatmap as hm
 from processors import lua
 from processors import tile_vec as tv
 from schemas import keys
-from schemas.heatmap import Tile, TileDelta
+from schemas.heatmap import TileDelta
 from schemas.messages import DirtyEntry, entry, from_entry
 from streams import metrics, producer
 from streams.consumer import Entry
@@ -121,13 +121,6 @@ class QuoteParser:
         return self.pair(joined)[0]
 
 
-async def fetch_quotes(
-    redis: Redis, eid: str, cids: Sequence[str], chunk: int = 2000
-) -> dict[str, hm.LegQuote | None]:
-    """Read LEG_FIELDS of every contract in ``cids`` (one pipelined round trip)."""
-    return (await fetch_rows(redis, eid, cids, chunk, QuoteParser()))[0]
-
-
 async def fetch_rows(
     redis: Redis,
     eid: str,
@@ -135,8 +128,8 @@ async def fetch_rows(
     chunk: int,
     parser: QuoteParser,
 ) -> tuple[dict[str, hm.LegQuote | None], list[tv.QuoteRow]]:
-    """``fetch_quotes`` for the vectorised path: the quotes and their array rows, in the
-    order of ``cids``."""
+    """Read LEG_FIELDS of every contract in ``cids`` (one pipelined round trip): the quotes
+    and their array rows (tile_vec), in the order of ``cids``."""
     if not cids:
         return {}, []
     script = lua.get("fetch")
@@ -162,16 +155,6 @@ async def load_grid(
     return hm.build_grid(
         symbol, strategy, cids, cfg.widths(symbol), today=today, n_expiries=cfg.n_expiries
     )
-
-
-async def reference_full_build(
-    redis: Redis, eid: str, symbol: str, strategy: str, cfg: TileSettings, now_ns: int
-) -> dict[str, Tile]:
-    """Every tile of ``strategy`` for epoch ``eid`` recomputed from the contract hashes
-    (reference mode for tests and benchmarks; production uses the incremental path)."""
-    grid = await load_grid(redis, eid, symbol, strategy, cfg, now_ns)
-    quotes = await fetch_quotes(redis, eid, grid.leg_cids(grid.specs.values()), cfg.fetch_chunk)
-    return hm.compute_all(grid, quotes, eid, cfg.max_quote_age_ns)
 
 
 class TileBuilder(ConsumerProcessor):

@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 from processors import gex_math, heatmap, lua
 from schemas import keys, ticker
 from schemas.messages import GexRow, ModelDiff, PublishedModel, encode
+from tests.heatmap_reference import compute_tile
 
 # KEYS[1] model key, KEYS[2] diff stream; ARGV[1] model JSON up to `"diff_id":`,
 # ARGV[2] diff entry JSON, ARGV[3] MAXLEN. Returns the diff entry id.
@@ -190,7 +191,7 @@ class FakeMarket:
         specs = grid.specs if cids is None else grid.affected(cids)
         out: dict[str, Any] = {}
         for tid, spec in specs.items():
-            tile = heatmap.compute_tile(spec, self.quotes, self.epoch, 10**12)
+            tile = compute_tile(spec, self.quotes, self.epoch, 10**12)
             out[tid] = msgspec.to_builtins(tile)
         return out
 

@@ -12,13 +12,14 @@ from redis.asyncio import Redis
 
 from processors import heatmap as hm
 from processors import tile_vec as tv
-from processors.tile_builder import TileBuilder, TileSettings, reference_full_build
+from processors.tile_builder import TileBuilder, TileSettings
 from schemas import keys
-from schemas.heatmap import TileDelta, TileView, decode_view, split_staged, stage_value
+from schemas.heatmap import TileDelta, TileView, split_staged
 from schemas.messages import DirtyEntry, entry, from_entry
 from streams.consumer import Entry
 from streams.processor import Deps
 from tests.factories import option_chain, seed_epoch
+from tests.heatmap_reference import decode_view, reference_full_build, stage_value
 from tests.util import eventually
 
 NOW = 1_764_000_000_000_000_000

@@ -1,6 +1,6 @@
 -- Admission write of heatmap tiles into staging (processors/tile_builder.py).
 -- KEYS: staging, manifest. ARGV: epoch, then tile_id, value pairs; a staged value starts
--- with its seq (admission clock) and ":" (schemas.heatmap.stage_value).
+-- with its seq (admission clock) and ":" (processors.heatmap.staged_value).
 -- Returns -9 when the staged epoch is not ARGV[1]; else one status per tile:
 -- 1 admitted (slot absent or seq strictly greater), 0 equal (discarded), -1 older (discarded).
 -- seq values are non-negative decimal strings: compared by length, then lexically (exact;
