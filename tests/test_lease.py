@@ -50,3 +50,14 @@ async def test_a_restored_lease_of_ours_is_reclaimed_and_a_moved_fence_loses_it(
     assert await a.take() == 0
     await a.release()  # not ours: nothing released
     assert await redis.get(LEASE) == b"3:b"
+
+
+async def test_a_stale_holder_neither_renews_nor_releases_the_new_lease(redis: Redis) -> None:
+    a, b = lease(redis, "a"), lease(redis, "b")
+    await a.take()
+    await redis.delete(LEASE)  # a paused past its TTL
+    assert await b.take() == 2
+    await a.release()  # still believes it holds token 1
+    assert await redis.get(LEASE) == b"2:b"
+    a.token = 1
+    assert not await a.renew() and await redis.get(LEASE) == b"2:b"

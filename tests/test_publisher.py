@@ -298,7 +298,8 @@ async def test_publish_script_refuses_any_version_but_current_plus_one(
     deps: Deps, redis: Redis
 ) -> None:
     """Under a valid token and lease, with the right chain head: a repeated, older or skipping
-    version is refused (-4) and writes nothing; current + 1 goes in."""
+    version is refused (-4) and writes nothing, as is current + 1 on another chain head;
+    current + 1 on the head goes in."""
     await seed(redis)
     b = TileBuilder(deps, STRAT, TCFG)
     await b.handle([(b"1-0", entry(DirtyEntry("SPX", "e1", [], NOW, reason="epoch")))])
@@ -316,6 +317,8 @@ async def test_publish_script_refuses_any_version_but_current_plus_one(
             assert code == -4, version
         assert await redis.get(ver_key) == b"1" and await redis.get(head_key) == head
         assert await redis.xlen(stream) == n_diffs
+        # the right version on another chain head (Redis lost our last diff): refused too
+        assert (await p._write("SPX", "e1", 2, b"{}", "1-1"))[0] == -4
         code, diff_id = await p._write("SPX", "e1", 2, b"{}", head.decode())
         assert code == 1 and await redis.get(ver_key) == b"2"
         assert await redis.get(head_key) == diff_id.encode()
