@@ -57,19 +57,18 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import msgspec
 import numpy as np
 import numpy.typing as npt
 
 from schemas.messages import ChainContract, GexRow, GexSource
+from streams.clock import NY
 
 F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
 B = npt.NDArray[np.bool_]
 
-NY = ZoneInfo("America/New_York")
 SECONDS_PER_YEAR = 365.0 * 86400.0
 CONTRACT_MULTIPLIER = 100.0
 AM_SETTLED_ROOTS = frozenset({"SPX", "NDX"})  # monthlies; SPXW / NDXP are PM-settled

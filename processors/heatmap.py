@@ -87,14 +87,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from math import floor as _floor
 from typing import NamedTuple
-from zoneinfo import ZoneInfo
 
 from schemas import ticker
 from schemas.heatmap import NS_PER_S, TileView, ViewLeg, encode_view
+from schemas.keys import STRATEGIES
+from streams.clock import NY
 
-STRATEGIES = ("single", "vertical", "butterfly")
 EPS = 1e-9
-NY = ZoneInfo("America/New_York")
 PM_ROOTS = ("SPXW", "NDXP")
 
 # Contract hash fields a tile needs, in this order (see LegQuote.from_values).

@@ -64,7 +64,6 @@ import msgspec
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError, WatchError
 
-from processors import heatmap as hm
 from processors import lua
 from processors.lease import FencedLease
 from schemas import keys
@@ -74,6 +73,7 @@ from streams import metrics
 from streams.clock import StepClock
 from streams.consumer import Entry
 from streams.processor import Deps
+from streams.redis_client import as_str
 from streams.retry import REDIS_UNAVAILABLE, run_resilient
 from streams.settings import from_env
 
@@ -195,8 +195,8 @@ class Publisher:
     name = "publisher"
 
     def __init__(self, deps: Deps, strategy: str, cfg: PublisherSettings) -> None:
-        if strategy not in hm.STRATEGIES:
-            raise ValueError(f"publisher: unknown strategy {strategy!r} ({hm.STRATEGIES})")
+        if strategy not in keys.STRATEGIES:
+            raise ValueError(f"publisher: unknown strategy {strategy!r} ({keys.STRATEGIES})")
         self.name = f"publisher:{strategy}"
         self.deps = deps
         self.redis: Redis = deps.redis
@@ -451,7 +451,7 @@ class Publisher:
     # --- model state ----------------------------------------------------------------------
     async def _load_models(self) -> None:
         active = await self.redis.hgetall(keys.EPOCH_ACTIVE)
-        for sym in sorted(_s(k) for k in active):
+        for sym in sorted(as_str(k) for k in active):
             await self._state(sym)
 
     async def _state(self, sym: str) -> SymState:
@@ -476,7 +476,7 @@ class Publisher:
             await self._catch_up(st, int(ver))
         # The next diff continues the chain Redis holds, whatever this process published
         # before (a lossy restart may have taken our last diffs).
-        st.head = _s(head) if head is not None else None
+        st.head = as_str(head) if head is not None else None
         self.syms[sym] = st
         return st
 
@@ -494,7 +494,7 @@ class Publisher:
             if not batch:
                 break
             for eid, fields in batch:
-                start = "(" + _s(eid)
+                start = "(" + as_str(eid)
                 try:
                     d = _diff_decoder.decode(fields[b"d"])
                 except (KeyError, msgspec.ValidationError, msgspec.DecodeError):
@@ -507,7 +507,7 @@ class Publisher:
                 for k in d.removed:
                     items.pop(k, None)
                 version, epoch = d.version, d.epoch
-                st.diff_id, st.ts_ns, st.meta = _s(eid), d.ts_ns, d.meta
+                st.diff_id, st.ts_ns, st.meta = as_str(eid), d.ts_ns, d.meta
         if version == target:
             st.items, st.version, st.epoch = items, version, epoch
             return
@@ -558,7 +558,7 @@ class Publisher:
         for i, sym in enumerate(syms):
             man_b, vals = replies[2 * i], replies[2 * i + 1]
             st = self.syms[sym]
-            if man_b is None or _s(man_b) != st.epoch:
+            if man_b is None or as_str(man_b) != st.epoch:
                 for recv in wanted[sym].values():  # staging replaced since: another epoch
                     st.note_reconcile(recv)
                 continue
@@ -638,8 +638,8 @@ class Publisher:
         pipe.hget(keys.EPOCH_ACTIVE, sym)
         pipe.hgetall(keys.heatmap_staging(sym, self.strategy))
         manifest, active_b, staged = await pipe.execute()
-        man_epoch = _s(manifest[b"epoch"]) if b"epoch" in manifest else None
-        active = _s(active_b) if active_b is not None else None
+        man_epoch = as_str(manifest[b"epoch"]) if b"epoch" in manifest else None
+        active = as_str(active_b) if active_b is not None else None
         if man_epoch is None or man_epoch != active:
             # Nothing staged, or staging holds a warming/retired epoch: publish nothing;
             # the builder announces the active epoch once installed.
@@ -656,7 +656,7 @@ class Publisher:
         for k, raw in staged.items():
             js = self._staged_json(k, raw)
             if js is not None:
-                tiles[_s(k)] = js
+                tiles[as_str(k)] = js
         recv = st.reconcile_recv
         if man_epoch != st.epoch:
             if len(tiles) < expected:
@@ -828,7 +828,7 @@ class Publisher:
             )
             code = lua.Publish(int(res[0]))
             if code == lua.Publish.ID_TOO_LOW:
-                lm, ls = (int(x) for x in _s(res[1]).split("-"))
+                lm, ls = (int(x) for x in as_str(res[1]).split("-"))
                 floor = max(floor, (lm, ls))
                 continue
             if code == lua.Publish.OK:
@@ -900,7 +900,7 @@ class Publisher:
                     )
                     if fence is None or int(fence) != self.token:
                         return lua.Publish.FENCED
-                    if holder is not None and _s(holder) != lease.value:
+                    if holder is not None and as_str(holder) != lease.value:
                         return lua.Publish.FENCED
                     if cur is None or int(cur) != version:
                         return lua.Publish.MOVED
@@ -925,10 +925,6 @@ async def _wait(stop: asyncio.Event, seconds: float) -> None:
         await asyncio.wait_for(stop.wait(), seconds)
 
 
-def _s(v: bytes | str) -> str:
-    return v.decode() if isinstance(v, bytes) else v
-
-
 def _stream_id(v: str) -> tuple[int, int]:
     a, _, b = v.partition("-")
     return int(a), int(b or 0)
@@ -936,5 +932,5 @@ def _stream_id(v: str) -> tuple[int, int]:
 
 def build(deps: Deps, arg: str | None) -> Publisher:
     if not arg:
-        raise ValueError(f"publisher needs a strategy: publisher:<{'|'.join(hm.STRATEGIES)}>")
+        raise ValueError(f"publisher needs a strategy: publisher:<{'|'.join(keys.STRATEGIES)}>")
     return Publisher(deps, arg, from_env(PublisherSettings, "MASSIVE_PUBLISHER_"))

@@ -57,6 +57,7 @@ from schemas.messages import DirtyEntry, entry, from_entry
 from streams import metrics, producer
 from streams.consumer import Entry
 from streams.processor import ConsumerProcessor, Deps
+from streams.redis_client import as_str
 from streams.settings import from_env
 
 logger = logging.getLogger(__name__)
@@ -161,8 +162,8 @@ class TileBuilder(ConsumerProcessor):
     name = "tile-builder"
 
     def __init__(self, deps: Deps, strategy: str, cfg: TileSettings) -> None:
-        if strategy not in hm.STRATEGIES:
-            raise ValueError(f"tile-builder: unknown strategy {strategy!r} ({hm.STRATEGIES})")
+        if strategy not in keys.STRATEGIES:
+            raise ValueError(f"tile-builder: unknown strategy {strategy!r} ({keys.STRATEGIES})")
         self.name = f"tile-builder:{strategy}"
         super().__init__(deps, keys.CONTRACTS_DIRTY_STREAM, keys.tile_builder_group(strategy))
         self.strategy = strategy
@@ -231,9 +232,9 @@ class TileBuilder(ConsumerProcessor):
         started after the promotion, with no dirty traffic: market closed)."""
         active = await self.redis.hgetall(keys.EPOCH_ACTIVE)
         for sym_b, eid_b in sorted(active.items()):
-            sym, eid = _s(sym_b), _s(eid_b)
+            sym, eid = as_str(sym_b), as_str(eid_b)
             installed = await self.redis.hget(keys.heatmap_manifest(sym, self.strategy), "epoch")
-            if installed is None or _s(installed) != eid:
+            if installed is None or as_str(installed) != eid:
                 await self.full_build(sym, eid, recv_ts_ns=None, n_dirty=0)
 
     # --- batch handling -------------------------------------------------------------------
@@ -373,16 +374,16 @@ class TileBuilder(ConsumerProcessor):
         async with self.redis.pipeline(transaction=True) as tx:
             await tx.watch(k_st, k_man)
             staged, writer = await tx.hmget(k_man, ["epoch", "writer"])
-            if staged is not None and _s(staged) == eid:
+            if staged is not None and as_str(staged) == eid:
                 ids, tids, values = await self._try_optimistic(
-                    tx, k_st, k_man, table, rows, _s(writer) if writer else None, delta
+                    tx, k_st, k_man, table, rows, as_str(writer) if writer else None, delta
                 )
                 if ids is not None:
                     self.m_seconds.labels(self.strategy, "incremental").observe(
                         time.perf_counter() - t0
                     )
                     return ids
-        if staged is None or _s(staged) != eid:  # another epoch staged (replaced): rebuild
+        if staged is None or as_str(staged) != eid:  # another epoch staged (replaced): rebuild
             await self.full_build(sym, eid, recv_ts_ns=recv_ts_ns, n_dirty=n_dirty)
             return []
         # Staging was written meanwhile: the admission script decides per tile.
@@ -552,15 +553,13 @@ def _pairs(ids: list[str], values: list[bytes], n: int) -> list[list[str | bytes
     return out
 
 
-def _s(v: bytes | str) -> str:
-    return v.decode() if isinstance(v, bytes) else v
-
-
 def _fields(msg: TileDelta) -> producer.Fields:
     return cast(producer.Fields, entry(msg))
 
 
 def build(deps: Deps, arg: str | None) -> TileBuilder:
     if not arg:
-        raise ValueError(f"tile-builder needs a strategy: tile-builder:<{'|'.join(hm.STRATEGIES)}>")
+        raise ValueError(
+            f"tile-builder needs a strategy: tile-builder:<{'|'.join(keys.STRATEGIES)}>"
+        )
     return TileBuilder(deps, arg, from_env(TileSettings, "MASSIVE_TILES_"))

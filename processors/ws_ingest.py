@@ -33,7 +33,6 @@ import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import msgspec
 import websockets
@@ -44,6 +43,7 @@ from schemas import keys, ticker
 from schemas.massive import Status, decode_frame
 from schemas.messages import WS_PAYLOAD_FIELD, WS_RECV_FIELD, ControlMessage, entry
 from streams import metrics
+from streams.clock import NY
 from streams.logs import add_secret
 from streams.processor import Deps, FatalError
 from streams.producer import xadd
@@ -52,7 +52,6 @@ from streams.settings import from_env
 
 logger = logging.getLogger(__name__)
 
-NY = ZoneInfo("America/New_York")
 DISCONNECT_STATUSES = frozenset({"max_connections", "force_disconnect", "slow_consumer"})
 KNOWN_STATUSES = frozenset(
     {

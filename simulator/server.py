@@ -44,7 +44,8 @@ from starlette.websockets import WebSocket
 
 from schemas.ticker import TickerError
 from schemas.ticker import parse as parse_ticker
-from simulator.market import NY, Contract, Event, IndexState, Market, MarketConfig, ns_at
+from simulator.market import Contract, Event, IndexState, Market, MarketConfig, ns_at
+from streams.clock import NY
 
 log = logging.getLogger(__name__)
 

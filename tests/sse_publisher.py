@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 from processors import gex_math, heatmap, lua
 from schemas import keys, ticker
 from schemas.messages import GexRow, ModelDiff, PublishedModel, encode
+from streams.clock import NY
 from tests.heatmap_reference import compute_tile
 
 # KEYS[1] model key, KEYS[2] diff stream; ARGV[1] model JSON up to `"diff_id":`,
@@ -210,9 +211,7 @@ class FakeMarket:
             e = ticker.parse(cid).expiry.isoformat()
             g = bs_gamma(self.spot, k, t, self.vol(k))
             rows.append(GexRow(self.root, e, k, right, g, self.oi[cid], self.vol(k), self.ts_ns))
-        now = int(
-            dt.datetime.combine(self.today, dt.time(15, 0), tzinfo=gex_math.NY).timestamp() * 1e9
-        )
+        now = int(dt.datetime.combine(self.today, dt.time(15, 0), tzinfo=NY).timestamp() * 1e9)
         chain = gex_math.prepare(rows, now)
         res = gex_math.compute(chain, self.spot)
         meta = {

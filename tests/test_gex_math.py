@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import math
 import random
-from zoneinfo import ZoneInfo
 
 import msgspec
 import numpy as np
@@ -16,8 +15,8 @@ from hypothesis import strategies as st
 from processors import gex_math
 from processors.gex_math import Params
 from schemas.messages import GexRow
+from streams.clock import NY
 
-NY = ZoneInfo("America/New_York")
 UTC = dt.UTC
 # Monday 2026-03-16 11:00 New York (EDT, UTC-4) -> 15:00 UTC
 NOW = dt.datetime(2026, 3, 16, 15, 0, tzinfo=UTC)
