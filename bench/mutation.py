@@ -8,7 +8,7 @@ before it starts. A mutation whose tests still pass SURVIVED: it either gets a t
 listed here with ``equivalent`` saying why no behaviour can tell it apart (those are not run
 and not scored).
 
-Run: ``.venv/bin/python bench/mutation.py [-k NAME] [--list] [--baseline]``.
+Run: ``.venv/bin/python bench/mutation.py [-k NAME ...] [--list] [--baseline]``.
 Prints one line per mutation, then the score and the survivors.
 """
 
@@ -342,11 +342,13 @@ def _mutate(tree: Path, m: Mutation) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("-k", dest="only", default="", help="run mutations whose name has this")
+    ap.add_argument(
+        "-k", dest="only", action="append", default=[], help="mutations whose name has this"
+    )
     ap.add_argument("--list", action="store_true", help="list the mutations and exit")
     ap.add_argument("--baseline", action="store_true", help="first run each test set unmutated")
     args = ap.parse_args()
-    chosen = [m for m in MUTATIONS if args.only in m.name]
+    chosen = [m for m in MUTATIONS if not args.only or any(k in m.name for k in args.only)]
     if args.list:
         for m in chosen:
             note = f"  [equivalent: {m.equivalent}]" if m.equivalent else ""

@@ -35,7 +35,6 @@ import math
 import time
 import uuid
 from dataclasses import dataclass, field
-from enum import IntEnum
 from typing import Any
 
 import msgspec
@@ -63,12 +62,6 @@ KIND = "gex"
 # meta fields that change without the values changing (never on their own a reason to
 # publish: a chain re-seed with identical greeks only moves snapshot_ts_ns)
 VOLATILE_META = frozenset({"built_ns", "spot_ts_ns", "snapshot_ts_ns"})
-
-
-# Publish script: lua/gex_publish.lua (the diff id, or one of these).
-class _Rejected(IntEnum):
-    FENCED = -1  # a stale leader
-    MOVED = 0  # prev id is not the chain head: reload and rebuild
 
 
 @dataclass(frozen=True, slots=True)
@@ -611,11 +604,11 @@ class GexBuilder:
                 self._minid(self.s.history_retention_s),
             ],
         )
-        if diff_id == _Rejected.FENCED:
+        if diff_id == lua.GexPublish.FENCED:
             logger.warning("gex: %s v%d not published: lease lost", sym, version)
             self._lose()
             return "lost_lease"
-        if diff_id == _Rejected.MOVED:
+        if diff_id == lua.GexPublish.MOVED:
             # Redis holds another history than ours (it lost our last versions, or another
             # leader published): continue from the published model; the next build diffs
             # against it and carries its chain head.

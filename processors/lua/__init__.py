@@ -91,6 +91,13 @@ class Publish(IntEnum):
     ID_TOO_LOW = -5  # diff id not above the stream's last id (second element: that id)
 
 
+class GexPublish(IntEnum):
+    """gex_publish.lua: the diff id, or one of these."""
+
+    FENCED = -1  # a stale leader
+    MOVED = 0  # prev id is not the chain head: reload and rebuild
+
+
 Arg = str | bytes | int | float
 
 
