@@ -37,8 +37,8 @@ from schemas.messages import (  # noqa: E402
     decode_gex_source,
     encode_gex_source,
 )
-from simulator.market import NY  # noqa: E402
 from simulator.server import SimConfig, SimServer  # noqa: E402
+from streams.clock import NY  # noqa: E402
 
 NOW = dt.datetime(2026, 3, 17, 11, 0, tzinfo=NY)  # Tuesday 11:00 New York
 

@@ -33,13 +33,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prometheus_client import CollectorRegistry
 
-from processors.tile_builder import TileBuilder, TileSettings, reference_full_build
+from processors.tile_builder import TileBuilder, TileSettings
 from schemas import keys
 from schemas.messages import DirtyEntry, entry
 from streams.processor import Deps
 from streams.redis_client import connect
 from streams.settings import RuntimeSettings
 from tests.factories import option_chain, seed_epoch
+from tests.heatmap_reference import reference_full_build
 from tests.util import RedisServer
 
 NOW = 1_764_000_000_000_000_000

@@ -44,7 +44,6 @@ import math
 import os
 from dataclasses import dataclass
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import httpx
 import msgspec
@@ -63,6 +62,7 @@ from schemas.messages import (
     from_entry,
 )
 from streams import metrics
+from streams.clock import NY
 from streams.consumer import Entry, GroupConsumer
 from streams.logs import add_secret, redact
 from streams.processor import Deps
@@ -73,7 +73,6 @@ from streams.spec import StreamSpec
 logger = logging.getLogger(__name__)
 
 
-NY = ZoneInfo("America/New_York")
 RETRY_STATUSES = frozenset({413, 429, 499, 500, 502, 503, 504})
 
 

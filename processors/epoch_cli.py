@@ -16,7 +16,6 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
 
 import orjson
 from redis.asyncio import Redis
@@ -25,7 +24,7 @@ from redis.exceptions import ResponseError
 from schemas import keys
 from streams import admin
 from streams.logs import one_line
-from streams.redis_client import CONNECT_ERRORS, admin_client, unreachable
+from streams.redis_client import CONNECT_ERRORS, admin_client, as_str, unreachable
 from streams.settings import RuntimeSettings, SettingsError, from_env
 
 
@@ -54,18 +53,14 @@ class Report:
     dirty_length: int
 
 
-def _s(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
-
-
 def _age(now_ns: int, v: str | None) -> float | None:
     return None if not v else round((now_ns - int(v)) / 1e9, 3)
 
 
 async def collect(redis: Redis, now_ns: int | None = None) -> Report:
     now = time.time_ns() if now_ns is None else now_ns
-    active = {_s(k): _s(v) for k, v in (await redis.hgetall(keys.EPOCH_ACTIVE)).items()}
-    eids = [_s(e) for e in await redis.zrange(keys.EPOCH_INDEX, 0, -1)]
+    active = {as_str(k): as_str(v) for k, v in (await redis.hgetall(keys.EPOCH_ACTIVE)).items()}
+    eids = [as_str(e) for e in await redis.zrange(keys.EPOCH_INDEX, 0, -1)]
     for e in active.values():
         if e not in eids:
             eids.append(e)
@@ -78,7 +73,7 @@ async def collect(redis: Redis, now_ns: int | None = None) -> Report:
     live = set(active.values())
     rows = []
     for i, e in enumerate(eids):
-        meta = {_s(k): _s(v) for k, v in res[3 * i].items()}
+        meta = {as_str(k): as_str(v) for k, v in res[3 * i].items()}
         card, ttl = int(res[3 * i + 1]), int(res[3 * i + 2])
         n = int(meta["n_contracts"]) if meta.get("n_contracts") else None
         rows.append(

@@ -63,7 +63,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
-from zoneinfo import ZoneInfo
 
 import msgspec
 
@@ -80,11 +79,11 @@ from schemas.messages import (
     encode_snapshot,
     entry,
 )
+from streams.clock import NY
 from streams.logs import setup_logging
 
 logger = logging.getLogger(__name__)
 
-NY = ZoneInfo("America/New_York")
 MS = 1_000_000
 TRADE, QUOTE = 0, 1
 TRADE_COLUMNS = ("ticker", "conditions", "correction", "exchange", "price", "sip_timestamp", "size")

@@ -8,19 +8,19 @@ while that source is missing or older than ``source_max_age_s`` the epoch's proj
 (the heatmap window) is used and ``meta.coverage.scope`` says ``window``. ``window`` = the
 epoch's projection only.
 
-Loop (every ``poll_s``): hold or try to take the leader lease (``keys.gex_lease()``, SET NX PX,
-renewed by a compare-and-PEXPIRE script); only the leader builds. For each symbol, read
-``massive:epoch:active``; build immediately when the active epoch changed (promotion), else
-every ``interval_s``. A build reads the source's timestamp (the full source's ``ts_ns``, or
-``HGETALL epoch:{eid}:gex``), the spot (``massive:spot:latest``, falling back to the epoch
-meta ``spot``) and skips the math when (epoch, spot, source) are unchanged since the last
-build, unless ``reprice_interval_s`` passed (time to expiry moves the levels); a new source
-is decoded and prepared once (processors/gex_math.py), later builds only re-time it. It
-publishes only when an item or the meta (timestamps aside) changed: one Lua script checks the
-lease token (fencing a stale leader), XADDs the ModelDiff to ``massive:gex:diffs``, SETs the
-canonical model (with ``diff_id`` = that entry id) and the legacy ``:calls``/``:puts`` keys,
-and XADDs the levels to ``massive:gex:levels:{SYM}`` (trimmed to ``history_retention_s``),
-atomically.
+Loop (every ``poll_s``): hold or try to take the leader lease (the fenced lease of
+processors/lease.py on ``keys.gex_lease()`` and ``keys.gex_fence()``); only the leader
+builds. For each symbol, read ``massive:epoch:active``; build immediately when the active
+epoch changed (promotion), else every ``interval_s``. A build reads the source's timestamp
+(the full source's ``ts_ns``, or ``HGETALL epoch:{eid}:gex``), the spot
+(``massive:spot:latest``, falling back to the epoch meta ``spot``) and skips the math when
+(epoch, spot, source) are unchanged since the last build, unless ``reprice_interval_s``
+passed (time to expiry moves the levels); a new source is decoded and prepared once
+(processors/gex_math.py), later builds only re-time it. It publishes only when an item or
+the meta (timestamps aside) changed: one Lua script (lua/gex_publish.lua) checks the fence
+(refusing a stale leader), XADDs the ModelDiff to ``massive:gex:diffs``, SETs the canonical
+model (with ``diff_id`` = that entry id) and the legacy ``:calls``/``:puts`` keys, and XADDs
+the levels to ``massive:gex:levels:{SYM}`` (trimmed to ``history_retention_s``), atomically.
 
 Dollar values are computed at ``dollar_spot``, which follows spot only when it moved by at
 least ``dollar_spot_step_bp`` basis points, so small spot ticks do not rewrite every strike
@@ -41,7 +41,8 @@ from typing import Any
 import msgspec
 from redis.asyncio import Redis
 
-from processors import gex_math
+from processors import gex_math, lua
+from processors.lease import FencedLease
 from schemas import keys
 from schemas import symbols as symbol_specs
 from schemas.messages import (
@@ -63,33 +64,6 @@ KIND = "gex"
 # meta fields that change without the values changing (never on their own a reason to
 # publish: a chain re-seed with identical greeks only moves snapshot_ts_ns)
 VOLATILE_META = frozenset({"built_ns", "spot_ts_ns", "snapshot_ts_ns"})
-
-# KEYS: lease, diff stream, model, calls, puts, chain head, levels stream. ARGV: token,
-# MINID, diff json, model json without its diff_id, calls, puts, prev id ("" = none),
-# levels json, levels MINID (exact: one small entry per publish, so a few to drop at most).
-# Returns the diff id; false: lease lost; 0: prev id is not the chain head (Redis lost
-# versions we published, or another leader published): reload and rebuild.
-_PUBLISH = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return false end
-if (redis.call('GET', KEYS[6]) or '') ~= ARGV[7] then return 0 end
-local id = redis.call('XADD', KEYS[2], 'MINID', '~', ARGV[2], '*', 'd', ARGV[3])
-redis.call('SET', KEYS[3], ARGV[4] .. '"' .. id .. '"}')
-redis.call('SET', KEYS[4], ARGV[5])
-redis.call('SET', KEYS[5], ARGV[6])
-redis.call('SET', KEYS[6], id)
-redis.call('XADD', KEYS[7], 'MINID', ARGV[9], '*', 'd', ARGV[8])
-return id
-"""
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"""
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,16 +190,19 @@ class GexBuilder:
         self.symbols = symbols
         self.params = settings.params()
         self._params: dict[str, gex_math.Params] = {}
-        self.token = f"{deps.settings.consumer}:{uuid.uuid4().hex}"
-        self.leader = False
+        self.lease = FencedLease(
+            self.redis,
+            keys.gex_lease(),
+            keys.gex_fence(),
+            f"{deps.settings.consumer}:{uuid.uuid4().hex[:12]}",
+            settings.lease_ttl_ms,
+        )
         self._renew_at = 0.0
         self._ready = False
         if isinstance(self.clock, StepClock):
             self.clock.join(self.name)  # a replay: one tick per instant
         self.state: dict[str, _SymState] = {}
-        self._publish = self.redis.register_script(_PUBLISH)
-        self._renew = self.redis.register_script(_RENEW)
-        self._release = self.redis.register_script(_RELEASE)
+        self._publish = lua.get("gex_publish")
         reg = deps.registry
         self.m_publishes = metrics.counter(
             reg, "massive_gex_publishes_total", "GEX model versions published", ["symbol"]
@@ -276,29 +253,29 @@ class GexBuilder:
     def ready(self) -> bool:
         return self._ready
 
+    @property
+    def leader(self) -> bool:
+        return self.lease.held
+
     # --- leadership ---------------------------------------------------------------------
     async def _lease(self, now_m: float) -> None:
-        ttl = self.s.lease_ttl_ms
+        renew_s = self.s.lease_ttl_ms / 3000
         if self.leader:
             if now_m < self._renew_at:
                 return
-            if await self._renew(keys=[keys.gex_lease()], args=[self.token, ttl]):
-                self._renew_at = now_m + ttl / 3000
+            if await self.lease.renew():
+                self._renew_at = now_m + renew_s
                 return
             logger.warning("gex: lost the leader lease")
             self._lose()
-        elif await self.redis.set(keys.gex_lease(), self.token, nx=True, px=ttl) or int(
-            # still ours (e.g. Redis came back from its AOF with our lease in it)
-            await self._renew(keys=[keys.gex_lease()], args=[self.token, ttl])
-        ):
-            logger.info("gex: acquired the leader lease (%s)", self.token)
-            self.leader = True
-            self._renew_at = now_m + ttl / 3000
+        elif await self.lease.take():  # also keeps our lease across a Redis restart
+            logger.info("gex: acquired the leader lease (%s)", self.lease.value)
+            self._renew_at = now_m + renew_s
             self.m_leader.set(1)
             await self._load_state()
 
     def _lose(self) -> None:
-        self.leader = False
+        self.lease.drop()
         self.state.clear()
         self.m_leader.set(0)
 
@@ -338,7 +315,7 @@ class GexBuilder:
 
     async def release(self) -> None:
         if self.leader:
-            await self._release(keys=[keys.gex_lease()], args=[self.token])
+            await self.lease.release()
             self._lose()
 
     # --- loop ---------------------------------------------------------------------------
@@ -626,7 +603,9 @@ class GexBuilder:
             net_0dte_usd=totals["0dte"]["net_usd"],
         )
         diff_id = await self._publish(
-            keys=[
+            self.redis,
+            [
+                keys.gex_fence(),
                 keys.gex_lease(),
                 keys.GEX_DIFFS_STREAM,
                 keys.gex_model(sym),
@@ -635,8 +614,9 @@ class GexBuilder:
                 keys.gex_head(sym),
                 keys.gex_levels_stream(sym),
             ],
-            args=[
-                self.token,
+            [
+                str(self.lease.token),
+                self.lease.value,
                 self._minid(),
                 entry(diff)[b"d"],
                 model[: -len(tail)],
@@ -647,11 +627,11 @@ class GexBuilder:
                 self._minid(self.s.history_retention_s),
             ],
         )
-        if diff_id is None:
+        if diff_id == lua.GexPublish.FENCED:
             logger.warning("gex: %s v%d not published: lease lost", sym, version)
             self._lose()
             return "lost_lease"
-        if diff_id == 0:
+        if diff_id == lua.GexPublish.MOVED:
             # Redis holds another history than ours (it lost our last versions, or another
             # leader published): continue from the published model; the next build diffs
             # against it and carries its chain head.

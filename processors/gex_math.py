@@ -67,7 +67,6 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import msgspec
 import numpy as np
@@ -75,12 +74,12 @@ import numpy.typing as npt
 
 from schemas import symbols
 from schemas.messages import ChainContract, GexRow, GexSource
+from streams.clock import NY
 
 F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
 B = npt.NDArray[np.bool_]
 
-NY = ZoneInfo("America/New_York")
 SECONDS_PER_YEAR = 365.0 * 86400.0
 CONTRACT_MULTIPLIER = 100.0  # the default of Params.multiplier
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)

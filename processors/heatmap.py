@@ -87,14 +87,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from math import floor as _floor
 from typing import NamedTuple
-from zoneinfo import ZoneInfo
 
 from schemas import symbols, ticker
-from schemas.heatmap import NS_PER_S, Leg, Tile, TileView, ViewLeg, encode_view
+from schemas.heatmap import NS_PER_S, TileView, ViewLeg, encode_view
+from schemas.keys import STRATEGIES
+from streams.clock import NY
 
-STRATEGIES = ("single", "vertical", "butterfly")
 EPS = 1e-9
-NY = ZoneInfo("America/New_York")
 
 # Contract hash fields a tile needs, in this order (see LegQuote.from_values).
 LEG_FIELDS = ("bid", "ask", "mid", "quote_ts", "last", "trade_ts", "ts_ns", "src", "quote_rx_ts")
@@ -425,7 +424,8 @@ FLAG_ORDER = (
 
 @dataclass(frozen=True, slots=True)
 class _Priced:
-    """A tile's legs priced (the part shared by ``compute_tile`` and ``staged_value``)."""
+    """A tile's legs priced (``staged_value``; also the readable reference of the tests,
+    tests/heatmap_reference.py)."""
 
     legs: list[LegPrice]
     as_of: int
@@ -553,63 +553,13 @@ def _values(
     )
 
 
-def compute_tile(
-    spec: TileSpec,
-    quotes: Mapping[str, LegQuote | None],
-    epoch: str,
-    max_quote_age_ns: int,
-) -> Tile:
-    """The full tile record (the readable reference; ``staged_value`` is its staged bytes)."""
-    p = _price_tile(spec, quotes, max_quote_age_ns)
-    legs = [
-        Leg(cid, k, qty, lp.px, lp.src, lp.ts)
-        for (cid, k, qty), lp in zip(spec.legs, p.legs, strict=True)
-    ]
-    if p.debit is None:
-        flags, max_profit, max_loss, r2r, conv = ["no_price"], None, None, None, None
-        debit = None
-    else:
-        debit, max_profit, max_loss, r2r, conv, flags = _values(spec, p)
-    return Tile(
-        id=spec.id,
-        symbol=spec.symbol,
-        epoch=epoch,
-        expiry=spec.expiry,
-        strategy=spec.strategy,
-        right=spec.right,
-        strikes=list(spec.strikes),
-        width=spec.width,
-        legs=legs,
-        debit=debit,
-        debit_natural=_r6(p.natural) if p.natural is not None else None,
-        max_profit=max_profit,
-        max_loss=max_loss,
-        r2r=r2r,
-        convexity=conv,
-        tradable=p.tradable,
-        ts=p.as_of,
-        seq=p.seq,
-        age_ns=p.age,
-        stale=p.stale,
-        px_src=p.px_src,
-        src="ws" if p.ws else "chain",
-        flags=flags,
-    )
-
-
-def compute_all(
-    grid: Grid, quotes: Mapping[str, LegQuote | None], epoch: str, max_quote_age_ns: int
-) -> dict[str, Tile]:
-    return {tid: compute_tile(s, quotes, epoch, max_quote_age_ns) for tid, s in grid.specs.items()}
-
-
 def staged_value(
     spec: TileSpec, quotes: Mapping[str, LegQuote | None], max_quote_age_ns: int
 ) -> bytes:
-    """The staging value of the tile, ``schemas.heatmap.stage_value(compute_tile(...))``,
-    without the intermediate ``Tile``/``Leg`` records: the per-tile path of the builders
-    (small batches, values the arrays cannot hold); a property test holds the two, and the
-    vectorised path (tile_vec.py), byte-equal."""
+    """The staging value of the tile (``<seq>:`` + its published view): the per-tile path of
+    the builders (small batches, values the arrays cannot hold). Property tests hold it
+    byte-equal to the readable reference (tests/heatmap_reference.py) and to the vectorised
+    path (tile_vec.py)."""
     p = _price_tile(spec, quotes, max_quote_age_ns)
     vlegs = [ViewLeg(qty, lp.px, lp.src) for (_, _, qty), lp in zip(spec.legs, p.legs, strict=True)]
     if p.debit is None:

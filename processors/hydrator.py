@@ -63,6 +63,7 @@ from streams import metrics
 from streams.consumer import Entry
 from streams.processor import ConsumerProcessor, Deps
 from streams.producer import Fields, xadd_pipe
+from streams.redis_client import as_str
 from streams.settings import from_env
 
 logger = logging.getLogger(__name__)
@@ -87,10 +88,6 @@ class HydratorSettings:
             raise ValueError(
                 "dirty_chunk >= 1, count >= 0, max_attempts >= 1 and sub_batch >= 1 required"
             )
-
-
-def _s(v: bytes | str) -> str:
-    return v.decode() if isinstance(v, bytes) else v
 
 
 def _label(symbol: str | None) -> str:
@@ -310,7 +307,7 @@ class Hydrator(ConsumerProcessor):
                 self._cid_sym.pop(cid, None)
             self._active.pop(s, None)
         for s, mem in zip(loading, members, strict=True):
-            cids = [_s(c) for c in mem]
+            cids = [as_str(c) for c in mem]
             self._topo[s] = cids
             for cid in cids:
                 self._cid_sym[cid] = s
@@ -371,7 +368,7 @@ class Hydrator(ConsumerProcessor):
     def _clean(self, rt: _Routed, res: list[Any]) -> bool:
         """``res`` (replies of ``rt``) needs no re-resolution: every epoch was active and the
         active pointer equals the cache. Settling it then makes no Redis call."""
-        return all(int(r[0]) == 0 for r in res[1 : 1 + len(rt.order)]) and (
+        return all(int(r[0]) == lua.EpochWrite.APPLIED for r in res[1 : 1 + len(rt.order)]) and (
             _hash(res[0]) == self._active
         )
 
@@ -488,7 +485,7 @@ class Hydrator(ConsumerProcessor):
             stale: set[str] = set()
             for s, eid, r in zip(order, eids, res[1 : 1 + len(order)], strict=True):
                 qs, ts = groups[s]
-                if int(r[0]) == 1:
+                if int(r[0]) == lua.EpochWrite.NOT_ACTIVE:
                     stale.add(s)
                     pend_q += qs
                     pend_t += ts
@@ -659,8 +656,8 @@ class _Link:
 def _hash(reply: Any) -> dict[str, str]:
     """A raw HGETALL reply (RESP2 flat list or RESP3 map) as a str dict."""
     if isinstance(reply, dict):
-        return {_s(k): _s(v) for k, v in reply.items()}
-    return {_s(k): _s(v) for k, v in zip(reply[::2], reply[1::2], strict=True)}
+        return {as_str(k): as_str(v) for k, v in reply.items()}
+    return {as_str(k): as_str(v) for k, v in zip(reply[::2], reply[1::2], strict=True)}
 
 
 def _fields(msg: DirtyEntry) -> Fields:

@@ -46,6 +46,7 @@ from schemas import keys
 from streams import admin
 from streams.metrics import counter, gauge, histogram, redis_outages
 from streams.processor import Deps
+from streams.redis_client import as_str
 from streams.retention import Policy, RetentionSettings, StreamJanitor, Trimmed
 from streams.retry import REDIS_UNAVAILABLE, sleep_or_stop
 from streams.settings import from_env
@@ -113,10 +114,6 @@ def _stamp(prefix: bytes) -> _ModelStamp | None:
     out as the model structs write them (the caller then reads the whole value)."""
     m = _STAMP_RE.match(prefix)
     return None if m is None else _ModelStamp(version=int(m[1]), ts_ns=int(m[2]))
-
-
-def _s(v: bytes | str) -> str:
-    return v.decode() if isinstance(v, bytes) else v
 
 
 class _Family:
@@ -267,7 +264,7 @@ class Monitor:
                 pipe.type(name)
             types = await pipe.execute()
             for (name, policy), t in zip(policies.items(), types, strict=True):
-                if _s(t) == "stream":
+                if as_str(t) == "stream":
                     out.append(await self.janitor.trim(name, policy, now_ms))
         except REDIS_UNAVAILABLE as exc:
             self.m_redis_errors.inc()
@@ -317,7 +314,7 @@ class Monitor:
         for n in names:
             pipe.type(n)
         types = await pipe.execute()
-        return [n for n, t in zip(names, types, strict=True) if _s(t) == "stream"]
+        return [n for n, t in zip(names, types, strict=True) if as_str(t) == "stream"]
 
     async def _poll(self) -> None:
         now_ns = self.clock.time_ns()
@@ -336,7 +333,7 @@ class Monitor:
             self.consumers.set(lbl, g.consumers)
 
         raw_active = await self.redis.hgetall(keys.EPOCH_ACTIVE)
-        active = {_s(k): _s(v) for k, v in raw_active.items()}
+        active = {as_str(k): as_str(v) for k, v in raw_active.items()}
         symbols = sorted(set(self.settings.symbols) | set(active))
         for sym in symbols:
             eid = active.get(sym)

@@ -82,6 +82,7 @@ from streams import metrics
 from streams.consumer import Entry
 from streams.processor import ConsumerProcessor, Deps
 from streams.producer import Fields, xadd_pipe
+from streams.redis_client import opt_str
 from streams.settings import from_env
 
 logger = logging.getLogger(__name__)
@@ -199,12 +200,6 @@ def _carry_events(
     return qs, ts, q_ids + t_ids
 
 
-def _s(v: bytes | str | None) -> str | None:
-    if v is None:
-        return None
-    return v.decode() if isinstance(v, bytes) else v
-
-
 class Normalizer(ConsumerProcessor):
     name = "normalizer"
 
@@ -316,8 +311,8 @@ class Normalizer(ConsumerProcessor):
             pipe.hget(keys.EPOCH_ACTIVE, topo.symbol)
             pipe.hgetall(keys.epoch_meta(topo.eid))
             active_raw, meta_raw = await pipe.execute()
-            active = _s(active_raw)
-            meta = {_s(k): _s(v) for k, v in meta_raw.items()}
+            active = opt_str(active_raw)
+            meta = {opt_str(k): opt_str(v) for k, v in meta_raw.items()}
             if active == topo.eid and meta.get("state") == "active":
                 carry_from = meta.get("carry_from")
                 if carry_from:  # an earlier run promoted but did not finish its carry
@@ -354,7 +349,7 @@ class Normalizer(ConsumerProcessor):
             self._spot_call(pipe, snap)
 
         res = await lua.execute(self.redis, queue)
-        return "gex_source" if int(res[0]) == 1 else "stale_gex_source"
+        return "gex_source" if int(res[0]) == lua.GexSource.WRITTEN else "stale_gex_source"
 
     # --- topology --------------------------------------------------------------------------
     def topology(self, snap: ChainSnapshot) -> Topology:
@@ -450,7 +445,7 @@ class Normalizer(ConsumerProcessor):
         res = await lua.execute(self.redis, queue)
         changed: list[str] = []
         for k, r in enumerate(res[1 : 1 + len(chunks)]):
-            if int(r[0]) == 1:
+            if int(r[0]) == lua.EpochWrite.NOT_ACTIVE:
                 logger.warning("epoch %s no longer active during re-seed", eid)
                 return False
             if int(r[1]):
@@ -554,8 +549,9 @@ class Normalizer(ConsumerProcessor):
             if warming:
                 args.append("warming")
             reply = await self._hydrate(self.redis, [meta_key], args)
-            if int(reply[0]) == 1:  # state changed: promoted (the next carry follows) or
-                # retired (a newer epoch carries from this one)
+            if int(reply[0]) == lua.EpochWrite.NOT_ACTIVE:
+                # state changed: promoted (the next carry follows) or retired (a newer epoch
+                # carries from this one)
                 logger.info("epoch %s changed state during its carry from %s", eid, old)
                 return len(changed)
             for i in reply[2:]:
@@ -585,7 +581,7 @@ class Normalizer(ConsumerProcessor):
             # not yet): start from nothing so no stale value and no TTL survives.
             await self.delete_epoch(eid)
         await self.build(topo, snap)
-        prev = _s(await self.redis.hget(keys.EPOCH_ACTIVE, topo.symbol))
+        prev = opt_str(await self.redis.hget(keys.EPOCH_ACTIVE, topo.symbol))
         sent: dict[tuple[str, int], bytes] = {}
         if prev is not None and prev != eid:  # most of the carry, notified by the promotion
             await self.carry(topo, prev, snap, sent, warming=True)
@@ -664,7 +660,7 @@ class Normalizer(ConsumerProcessor):
             self._spot_call(pipe, snap)
 
         res = await lua.execute(self.redis, queue)
-        if any(int(r) < 0 for r in res[: len(chunks)]):
+        if any(int(r) == lua.Build.NOT_WARMING for r in res[: len(chunks)]):
             raise RuntimeError(f"epoch {eid} left the warming state during its build")
 
     async def promote(self, topo: Topology, snap: ChainSnapshot) -> str | None:
@@ -676,7 +672,7 @@ class Normalizer(ConsumerProcessor):
             async with self.redis.pipeline(transaction=True) as pipe:
                 try:
                     await pipe.watch(keys.EPOCH_ACTIVE)
-                    old = _s(await pipe.hget(keys.EPOCH_ACTIVE, topo.symbol))
+                    old = opt_str(await pipe.hget(keys.EPOCH_ACTIVE, topo.symbol))
                     now = str(self.clock.time_ns())
                     pipe.multi()  # type: ignore[no-untyped-call]
                     if old is not None and old != eid:
@@ -748,12 +744,12 @@ class Normalizer(ConsumerProcessor):
             pipe.hmget(keys.epoch_meta(e), "state", "created_ns")
             pipe.ttl(keys.epoch_meta(e))
         res = await pipe.execute()
-        active = {_s(v) for v in (await self.redis.hgetall(keys.EPOCH_ACTIVE)).values()}
+        active = {opt_str(v) for v in (await self.redis.hgetall(keys.EPOCH_ACTIVE)).values()}
         now = self.clock.time_ns()
         gone: list[str] = []
         for k, e in enumerate(eids):
             (state_b, created_b), ttl = res[2 * k], int(res[2 * k + 1])
-            state = _s(state_b)
+            state = opt_str(state_b)
             if state is None:
                 gone.append(e)
                 continue

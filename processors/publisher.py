@@ -2,17 +2,15 @@
 that declares versions of ``massive:heatmap:model:{SYM}:{strategy}``.
 
 Leadership
-    Any number of replicas run; one leads. Lease = ``keys.publisher_lease(strategy)``
-    holding ``"<token>:<owner>"`` with a PX TTL. Acquire (Lua, the equivalent of SET NX PX):
-    if absent, INCR ``keys.publisher_fence(strategy)`` (the token, a lease epoch that only
-    grows) and SET the lease. Renew: compare value and PEXPIRE (Lua). Standbys only retry
-    acquisition; they never read the stream, so they cannot steal entries. A leader that
-    crashes stops renewing; a standby takes over within ``lease_ttl_ms + renew_ms``. The
-    lease is renewed by a background task every ``renew_ms`` (and by every publish); an
+    Any number of replicas run; one leads: the fenced lease of processors/lease.py on
+    ``keys.publisher_lease(strategy)`` and ``keys.publisher_fence(strategy)``. Standbys only
+    retry acquisition; they never read the stream, so they cannot steal entries. A leader
+    that crashes stops renewing; a standby takes over within ``lease_ttl_ms + renew_ms``.
+    The lease is renewed by a background task every ``renew_ms`` (and by every publish); an
     expired lease whose fence still equals our token (nobody acquired since) is re-set, not
     lost, so an iteration longer than the TTL does not drop leadership. Every publish is one
-    script (PUBLISH_LUA, one round trip): it checks the fence counter equals this leader's
-    token and the lease is not held by another owner, so a stale (paused, partitioned)
+    script (lua/heatmap_publish.lua, one round trip): it checks the fence counter equals this
+    leader's token and the lease is not held by another owner, so a stale (paused, partitioned)
     leader's publish is rejected; it also checks the version is exactly current + 1 and the
     epoch is the active one, then XADDs the diff (explicit id, MINID ~ of its retention:
     age and bytes, :class:`DiffRetention`) and SETs the model
@@ -66,7 +64,8 @@ import msgspec
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError, WatchError
 
-from processors import heatmap as hm
+from processors import lua
+from processors.lease import FencedLease
 from schemas import keys
 from schemas.heatmap import TileDelta, split_staged
 from schemas.messages import ModelDiff, PublishedModel, RawDiff, RawModel, encode, from_entry
@@ -74,6 +73,7 @@ from streams import metrics
 from streams.clock import StepClock
 from streams.consumer import Entry
 from streams.processor import Deps
+from streams.redis_client import as_str
 from streams.retry import REDIS_UNAVAILABLE, run_resilient
 from streams.settings import from_env
 
@@ -112,63 +112,15 @@ class PublisherSettings:
             raise ValueError("diff_retention_s and diff_retention_mb must be > 0")
 
 
-ACQUIRE_LUA = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-local t = redis.call('INCR', KEYS[2])
-redis.call('SET', KEYS[1], t .. ':' .. ARGV[1], 'PX', ARGV[2])
-return t
-"""
+# Scripts (processors/lua): lease_acquire / lease_renew / lease_release (the fenced lease)
+# and heatmap_publish (one version).
 
-# KEYS: lease, fence. ARGV: lease value, ttl ms, token. An expired lease whose fence still
-# equals our token (nobody acquired since) is re-set: a long iteration is not a lost lease.
-RENEW_LUA = """
-local cur = redis.call('GET', KEYS[1])
-if cur == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-if cur == false and redis.call('GET', KEYS[2]) == ARGV[3] then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
-end
-return 0
-"""
-
-# KEYS: fence, lease, active-epoch hash, version, diff stream, chain head.
-# ARGV: token, lease value, symbol, epoch, version, diff id, diff json, lease ttl ms, the
-# diff stream's MINID (retention), prev id ("" = none).
-# Returns {1} ok, {-1} fenced, {-2} lease held by another owner, {-3} epoch not active,
-# {-4} version is not current + 1 or prev id is not the chain's head (Redis lost writes we
-# made, or someone else published), {-5, last id} diff id not above the stream's last
-# generated id (the caller picks a later id and retries).
-PUBLISH_LUA = """
-local fence = redis.call('GET', KEYS[1])
-if fence ~= ARGV[1] then return {-1} end
-local holder = redis.call('GET', KEYS[2])
-if holder and holder ~= ARGV[2] then return {-2} end
-if redis.call('HGET', KEYS[3], ARGV[3]) ~= ARGV[4] then return {-3} end
-local cur = redis.call('GET', KEYS[4]) or '0'
-if tonumber(ARGV[5]) ~= tonumber(cur) + 1 then return {-4} end
-if (redis.call('GET', KEYS[6]) or '') ~= ARGV[10] then return {-4} end
-local added = redis.pcall('XADD', KEYS[5], 'MINID', '~', ARGV[9], ARGV[6], 'd', ARGV[7])
-if type(added) == 'table' and added.err then
-  -- the id is not above the stream's top: report the last generated id (XINFO only on
-  -- this rare path: it also returns the first and last entries, megabytes of diff)
-  local info = redis.call('XINFO', 'STREAM', KEYS[5])
-  for i = 1, #info, 2 do
-    if info[i] == 'last-generated-id' then return {-5, info[i + 1]} end
-  end
-  return redis.error_reply(added.err)
-end
-redis.call('SET', KEYS[4], ARGV[5])
-redis.call('SET', KEYS[6], ARGV[6])
-redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[8])
-return {1}
-"""
-
-RELEASE_LUA = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
-
+_REJECTED = {
+    lua.Publish.FENCED: "fenced",
+    lua.Publish.LEASE_HELD: "lease_lost",
+    lua.Publish.INACTIVE_EPOCH: "inactive_epoch",
+    lua.Publish.MOVED: "version",
+}
 _model_decoder = msgspec.json.Decoder(RawModel)
 _diff_decoder = msgspec.json.Decoder(RawDiff)
 
@@ -243,8 +195,8 @@ class Publisher:
     name = "publisher"
 
     def __init__(self, deps: Deps, strategy: str, cfg: PublisherSettings) -> None:
-        if strategy not in hm.STRATEGIES:
-            raise ValueError(f"publisher: unknown strategy {strategy!r} ({hm.STRATEGIES})")
+        if strategy not in keys.STRATEGIES:
+            raise ValueError(f"publisher: unknown strategy {strategy!r} ({keys.STRATEGIES})")
         self.name = f"publisher:{strategy}"
         self.deps = deps
         self.redis: Redis = deps.redis
@@ -256,18 +208,18 @@ class Publisher:
         self.group = keys.PUBLISHER_GROUP
         self.consumer = deps.settings.consumer
         self.owner = f"{self.consumer}:{uuid.uuid4().hex[:12]}"
-        self.lease_key = keys.publisher_lease(strategy)
-        self.fence_key = keys.publisher_fence(strategy)
-        self._acquire = self.redis.register_script(ACQUIRE_LUA)
-        self._renew = self.redis.register_script(RENEW_LUA)
-        self._release = self.redis.register_script(RELEASE_LUA)
-        self._publish = self.redis.register_script(PUBLISH_LUA)
+        self.lease = FencedLease(
+            self.redis,
+            keys.publisher_lease(strategy),
+            keys.publisher_fence(strategy),
+            self.owner,
+            cfg.lease_ttl_ms,
+        )
+        self._publish = lua.get("heatmap_publish")
         self._last_diff_id = (0, 0)  # (ms, seq) of our last diff: ids we pick stay above it
         self._retention = DiffRetention(
             int(cfg.diff_retention_s * 1000), int(cfg.diff_retention_mb * 1024 * 1024)
         )
-        self.token: int | None = None
-        self._last_token: int | None = None
         self.syms: dict[str, SymState] = {}
         self.unacked: list[bytes] = []
         self._ready = False
@@ -312,11 +264,11 @@ class Publisher:
 
     @property
     def leader(self) -> bool:
-        return self.token is not None
+        return self.lease.held
 
     @property
-    def lease_value(self) -> str:
-        return f"{self.token}:{self.owner}"
+    def token(self) -> int | None:
+        return self.lease.token
 
     # --- lifecycle ------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -335,30 +287,13 @@ class Publisher:
         )
 
     def _drop_leadership(self) -> None:
-        self.token = None
+        self.lease.drop()
         self.m_leader.set(0)
-
-    async def _take_lease(self) -> int:
-        """Our previous token when the lease is still ours (a Redis blip: the RENEW script
-        re-sets an expired lease whose fence nobody moved), else a fresh acquisition (0:
-        someone else leads)."""
-        last = self._last_token
-        if last is not None:
-            kept = await self._renew(
-                keys=[self.lease_key, self.fence_key],
-                args=[f"{last}:{self.owner}", self.cfg.lease_ttl_ms, str(last)],
-            )
-            if int(kept):
-                return last
-        return int(
-            await self._acquire(
-                keys=[self.lease_key, self.fence_key], args=[self.owner, self.cfg.lease_ttl_ms]
-            )
-        )
 
     async def _run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            tok = await self._take_lease()
+            prev = self.lease.last_token
+            tok = await self.lease.take()
             if tok == 0:
                 await _wait(stop, self.cfg.renew_ms / 1000)
                 continue
@@ -366,24 +301,19 @@ class Publisher:
             # is still what we published, so keep it instead of reconciling every symbol
             # from scratch. If Redis lost some of it, the publish script's chain check
             # resyncs that symbol.
-            resume = self._last_token is not None and tok in (
-                self._last_token,
-                self._last_token + 1,
-            )
+            resume = prev is not None and tok in (prev, prev + 1)
             if not resume:
                 self.syms.clear()
                 self.unacked = []
-            self.token = tok
-            self._last_token = tok
             self.m_leader.set(1)
             logger.info("publisher %s leads (token %d, owner %s)", self.strategy, tok, self.owner)
             try:
                 await self._lead(stop, resume)
             finally:
-                if stop.is_set() and self.token is not None:
+                if stop.is_set():
                     # Graceful stop: hand over at once (a crash skips this; the TTL expires).
                     with contextlib.suppress(*REDIS_UNAVAILABLE):
-                        await self._release(keys=[self.lease_key], args=[self.lease_value])
+                        await self.lease.release()
                 self._drop_leadership()
 
     async def _lead(self, stop: asyncio.Event, resume: bool = False) -> None:
@@ -402,15 +332,10 @@ class Publisher:
                 await renewer
 
     async def _renew_once(self) -> bool:
-        if self.token is None:
+        if not self.lease.held:
             return False
-        ok = await self._renew(
-            keys=[self.lease_key, self.fence_key],
-            args=[self.lease_value, self.cfg.lease_ttl_ms, str(self.token)],
-        )
-        if not int(ok):
+        if not await self.lease.renew():
             logger.warning("publisher %s lost its lease", self.strategy)
-            self.token = None
             return False
         return True
 
@@ -526,7 +451,7 @@ class Publisher:
     # --- model state ----------------------------------------------------------------------
     async def _load_models(self) -> None:
         active = await self.redis.hgetall(keys.EPOCH_ACTIVE)
-        for sym in sorted(_s(k) for k in active):
+        for sym in sorted(as_str(k) for k in active):
             await self._state(sym)
 
     async def _state(self, sym: str) -> SymState:
@@ -551,7 +476,7 @@ class Publisher:
             await self._catch_up(st, int(ver))
         # The next diff continues the chain Redis holds, whatever this process published
         # before (a lossy restart may have taken our last diffs).
-        st.head = _s(head) if head is not None else None
+        st.head = as_str(head) if head is not None else None
         self.syms[sym] = st
         return st
 
@@ -569,7 +494,7 @@ class Publisher:
             if not batch:
                 break
             for eid, fields in batch:
-                start = "(" + _s(eid)
+                start = "(" + as_str(eid)
                 try:
                     d = _diff_decoder.decode(fields[b"d"])
                 except (KeyError, msgspec.ValidationError, msgspec.DecodeError):
@@ -582,7 +507,7 @@ class Publisher:
                 for k in d.removed:
                     items.pop(k, None)
                 version, epoch = d.version, d.epoch
-                st.diff_id, st.ts_ns, st.meta = _s(eid), d.ts_ns, d.meta
+                st.diff_id, st.ts_ns, st.meta = as_str(eid), d.ts_ns, d.meta
         if version == target:
             st.items, st.version, st.epoch = items, version, epoch
             return
@@ -633,7 +558,7 @@ class Publisher:
         for i, sym in enumerate(syms):
             man_b, vals = replies[2 * i], replies[2 * i + 1]
             st = self.syms[sym]
-            if man_b is None or _s(man_b) != st.epoch:
+            if man_b is None or as_str(man_b) != st.epoch:
                 for recv in wanted[sym].values():  # staging replaced since: another epoch
                     st.note_reconcile(recv)
                 continue
@@ -713,8 +638,8 @@ class Publisher:
         pipe.hget(keys.EPOCH_ACTIVE, sym)
         pipe.hgetall(keys.heatmap_staging(sym, self.strategy))
         manifest, active_b, staged = await pipe.execute()
-        man_epoch = _s(manifest[b"epoch"]) if b"epoch" in manifest else None
-        active = _s(active_b) if active_b is not None else None
+        man_epoch = as_str(manifest[b"epoch"]) if b"epoch" in manifest else None
+        active = as_str(active_b) if active_b is not None else None
         if man_epoch is None or man_epoch != active:
             # Nothing staged, or staging holds a warming/retired epoch: publish nothing;
             # the builder announces the active epoch once installed.
@@ -731,7 +656,7 @@ class Publisher:
         for k, raw in staged.items():
             js = self._staged_json(k, raw)
             if js is not None:
-                tiles[_s(k)] = js
+                tiles[as_str(k)] = js
         recv = st.reconcile_recv
         if man_epoch != st.epoch:
             if len(tiles) < expected:
@@ -802,12 +727,12 @@ class Publisher:
             or t0 - st.last_checkpoint >= self.cfg.checkpoint_ms / 1000
         )
         code, diff_id = await self._write(st.symbol, epoch, version, encode(diff), st.head)
-        if code == 1 and items is None:
+        if code == lua.Publish.OK and items is None:
             items = st.items
             items.update(changed)
             for k in removed:
                 items.pop(k, None)
-        if code == 1 and checkpoint:
+        if code == lua.Publish.OK and checkpoint:
             assert items is not None
             model = PublishedModel(
                 symbol=st.symbol,
@@ -822,11 +747,11 @@ class Publisher:
             # argument costs Redis two extra copies); a crash in between leaves the previous
             # checkpoint, which the diffs bring up to date.
             model_json = encode(msgspec.structs.replace(model, diff_id=diff_id))  # type: ignore[arg-type]
-            if await self._write_checkpoint(st.symbol, version, model_json) == 1:
+            if await self._write_checkpoint(st.symbol, version, model_json) == lua.Publish.OK:
                 st.checkpointed, st.last_checkpoint = version, t0
                 st.checkpoint_id = diff_id
         self.m_publish_s.observe(self.clock.monotonic() - t0)
-        if code == 1:
+        if code == lua.Publish.OK:
             assert items is not None
             st.epoch, st.version, st.items = epoch, version, items
             st.diff_id, st.ts_ns, st.meta = diff_id, now_ns, meta
@@ -839,12 +764,12 @@ class Publisher:
             if recv is not None:
                 self.m_latency.observe(max(0.0, (self.clock.time_ns() - recv) / 1e9))
             return
-        reason = {-1: "fenced", -2: "lease_lost", -3: "inactive_epoch", -4: "version"}[code]
+        reason = _REJECTED[code]
         self.m_rejected.labels(self.strategy, reason).inc()
         logger.warning("publish %s %s v%d rejected: %s", self.strategy, st.symbol, version, reason)
-        if code in (-1, -2):
-            self.token = None  # a stale leader: stop, leave entries pending for the new one
-        elif code == -3:
+        if code in (lua.Publish.FENCED, lua.Publish.LEASE_HELD):
+            self.lease.drop()  # a stale leader: stop, leave entries pending for the new one
+        elif code == lua.Publish.INACTIVE_EPOCH:
             st.pending, st.pending_recv = {}, {}
             st.needs_reconcile = True
             st.last_publish = self.clock.monotonic()  # retry no faster than max_interval
@@ -863,19 +788,18 @@ class Publisher:
 
     async def _write(
         self, sym: str, epoch: str, version: int, diff_json: bytes, prev_id: str | None
-    ) -> tuple[int, str]:
-        """One script (PUBLISH_LUA): check fence, lease holder, active epoch, version =
+    ) -> tuple[lua.Publish, str]:
+        """One script (lua/heatmap_publish.lua): check fence, lease holder, active epoch, version =
         current + 1 and ``prev_id`` = the chain head, then XADD the diff with an explicit
         id, SET the version key, the head and the lease: one round trip per publish. The diff
         id is picked here, above both the clock's millisecond and our previous id; if the
         stream's top id is higher anyway (another leader's diff in the same millisecond),
         the script says so and a later id is picked. An absent (expired) lease with an
-        unchanged fence is still ours and is re-set. Returns (code, diff id); codes: 1 ok,
-        -1 fenced, -2 lease held by someone else, -3 epoch not active, -4 version or chain
-        head moved."""
+        unchanged fence is still ours and is re-set. Returns (code, diff id); the codes are
+        ``lua.Publish`` (never ID_TOO_LOW: that one is retried here)."""
         k = [
-            self.fence_key,
-            self.lease_key,
+            self.lease.fence_key,
+            self.lease.lease_key,
             keys.EPOCH_ACTIVE,
             keys.heatmap_version(sym, self.strategy),
             keys.heatmap_diffs_stream(self.strategy),
@@ -887,10 +811,11 @@ class Publisher:
             ms, seq = (now_ms, 0) if now_ms > floor[0] else (floor[0], floor[1] + 1)
             diff_id = f"{ms}-{seq}"
             res: Any = await self._publish(
-                keys=k,
-                args=[
-                    str(self.token),
-                    self.lease_value,
+                self.redis,
+                k,
+                [
+                    str(self.lease.token),
+                    self.lease.value,
                     sym,
                     epoch,
                     str(version),
@@ -901,12 +826,12 @@ class Publisher:
                     prev_id or "",
                 ],
             )
-            code = int(res[0])
-            if code == -5:
-                lm, ls = (int(x) for x in _s(res[1]).split("-"))
+            code = lua.Publish(int(res[0]))
+            if code == lua.Publish.ID_TOO_LOW:
+                lm, ls = (int(x) for x in as_str(res[1]).split("-"))
                 floor = max(floor, (lm, ls))
                 continue
-            if code == 1:
+            if code == lua.Publish.OK:
                 self._last_diff_id = (ms, seq)
                 self._retention.added(ms, seq, len(diff_json))
             return code, diff_id
@@ -947,41 +872,42 @@ class Publisher:
                 diff_id=st.diff_id,
             )
             rc = await self._write_checkpoint(st.symbol, st.version, encode(model))  # type: ignore[arg-type]
-            if rc == 1:
+            if rc == lua.Publish.OK:
                 st.checkpointed, st.last_checkpoint = st.version, self.clock.monotonic()
                 st.checkpoint_id = st.diff_id
-            elif rc == -1:
-                self.token = None  # fenced: a stale leader stops
+            elif rc == lua.Publish.FENCED:
+                self.lease.drop()  # fenced: a stale leader stops
                 return
             else:  # the version moved on under us: resync
                 self.syms.pop(st.symbol, None)
                 await self._state(st.symbol)
 
-    async def _write_checkpoint(self, sym: str, version: int, model_json: bytes) -> int:
+    async def _write_checkpoint(self, sym: str, version: int, model_json: bytes) -> lua.Publish:
         """SET the model key to an already published ``version`` if this leader is not
         fenced and the version key still says ``version``: an optimistic transaction (a
         model of ~15 MB as a script argument costs Redis two extra copies and a Lua string).
-        1 written, -1 fenced or lease held by another owner, -4 version moved on."""
+        OK written, FENCED fenced or lease held by another owner, MOVED version moved on."""
         ver_k = keys.heatmap_version(sym, self.strategy)
         async with self.redis.pipeline(transaction=True) as pipe:
             while True:
                 try:
-                    await pipe.watch(self.fence_key, self.lease_key, ver_k)
+                    lease = self.lease
+                    await pipe.watch(lease.fence_key, lease.lease_key, ver_k)
                     fence, holder, cur = (
-                        await pipe.get(self.fence_key),
-                        await pipe.get(self.lease_key),
+                        await pipe.get(lease.fence_key),
+                        await pipe.get(lease.lease_key),
                         await pipe.get(ver_k),
                     )
                     if fence is None or int(fence) != self.token:
-                        return -1
-                    if holder is not None and _s(holder) != self.lease_value:
-                        return -1
+                        return lua.Publish.FENCED
+                    if holder is not None and as_str(holder) != lease.value:
+                        return lua.Publish.FENCED
                     if cur is None or int(cur) != version:
-                        return -4
+                        return lua.Publish.MOVED
                     pipe.multi()  # type: ignore[no-untyped-call]
                     pipe.set(keys.heatmap_model(sym, self.strategy), model_json)
                     await pipe.execute()
-                    return 1
+                    return lua.Publish.OK
                 except WatchError:
                     continue
 
@@ -999,10 +925,6 @@ async def _wait(stop: asyncio.Event, seconds: float) -> None:
         await asyncio.wait_for(stop.wait(), seconds)
 
 
-def _s(v: bytes | str) -> str:
-    return v.decode() if isinstance(v, bytes) else v
-
-
 def _stream_id(v: str) -> tuple[int, int]:
     a, _, b = v.partition("-")
     return int(a), int(b or 0)
@@ -1010,5 +932,5 @@ def _stream_id(v: str) -> tuple[int, int]:
 
 def build(deps: Deps, arg: str | None) -> Publisher:
     if not arg:
-        raise ValueError(f"publisher needs a strategy: publisher:<{'|'.join(hm.STRATEGIES)}>")
+        raise ValueError(f"publisher needs a strategy: publisher:<{'|'.join(keys.STRATEGIES)}>")
     return Publisher(deps, arg, from_env(PublisherSettings, "MASSIVE_PUBLISHER_"))

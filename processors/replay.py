@@ -90,7 +90,7 @@ from streams.clock import ReplayAborted, StepClock
 from streams.logs import one_line, redact, setup_logging
 from streams.processor import ConsumerProcessor, Deps, Processor, load
 from streams.producer import DEFAULT_MAXLEN
-from streams.redis_client import CONNECT_ERRORS, admin_client, unreachable
+from streams.redis_client import CONNECT_ERRORS, admin_client, as_str, unreachable
 from streams.settings import RuntimeSettings, SettingsError, from_env
 
 logger = logging.getLogger(__name__)
@@ -222,12 +222,8 @@ def read_recording(path: str | Path) -> tuple[RecordingHeader, Iterator[Record]]
 
 
 # --- recording -------------------------------------------------------------------------
-def _s(v: bytes | str) -> str:
-    return v.decode() if isinstance(v, bytes) else v
-
-
 def _id_ns(eid: bytes | str) -> int:
-    return int(_s(eid).partition("-")[0]) * 1_000_000
+    return int(as_str(eid).partition("-")[0]) * 1_000_000
 
 
 def receive_time_ns(stream: str, eid: bytes | str, fields: dict[bytes, bytes]) -> int:
@@ -308,7 +304,7 @@ async def start_records(
     out: list[Record] = []
     chain_t = 0
     if keys.CHAIN_STREAM in streams:
-        active = {_s(k) for k in await redis.hkeys(keys.EPOCH_ACTIVE)}
+        active = {as_str(k) for k in await redis.hkeys(keys.EPOCH_ACTIVE)}
         found: dict[tuple[str, str], Record] = {}  # (symbol, scope): window / full chain
         stats = RecordStats()
         end, seen = upto, 0
@@ -322,13 +318,13 @@ async def start_records(
                     continue
                 ptr = from_entry(dict(rec.fields), ChainPointer)
                 found.setdefault((ptr.symbol, ptr.scope), rec)  # newest first
-            end = "(" + _s(batch[-1][0])
+            end = "(" + as_str(batch[-1][0])
         out += sorted(found.values(), key=lambda r: r.t_ns)
         chain_t = max((r.t_ns for r in out), default=0)
     if keys.WS_STREAM in streams:
         spots: dict[str, tuple[float, int]] = {}
         if live_spot:
-            h = {_s(k): _s(v) for k, v in (await redis.hgetall(keys.SPOT_LATEST)).items()}
+            h = {as_str(k): as_str(v) for k, v in (await redis.hgetall(keys.SPOT_LATEST)).items()}
             for k, v in h.items():
                 at = h.get(k + ":ts_ns")
                 if not k.endswith(":ts_ns") and at is not None and at.isdigit():
@@ -375,7 +371,7 @@ async def record_range(
             records += await _to_records(redis, s, batch, stats)
             if len(batch) < page:
                 break
-            start = "(" + _s(batch[-1][0])
+            start = "(" + as_str(batch[-1][0])
     order = {s: i for i, s in enumerate(streams)}
     records.sort(key=lambda r: (r.t_ns, order[r.stream]))
     records = prefix + records
@@ -406,7 +402,7 @@ async def record_follow(
     for s in streams:
         if pos == "$":
             info = await redis.xinfo_stream(s) if await redis.exists(s) else None
-            last[s] = _s(info["last-generated-id"]) if info else "0-0"
+            last[s] = as_str(info["last-generated-id"]) if info else "0-0"
         else:
             last[s] = "0-0" if pos == "0" else pos
     buf: list[Record] = []
@@ -434,9 +430,9 @@ async def record_follow(
     while not stop.is_set():
         res: Any = await redis.xread(dict(last), count=1000, block=block_ms)  # type: ignore[arg-type]
         for sname, entries in res or []:
-            s = _s(sname)
+            s = as_str(sname)
             buf += await _to_records(redis, s, entries, stats)
-            last[s] = _s(entries[-1][0])
+            last[s] = as_str(entries[-1][0])
         if buf:
             flush(max(r.t_ns for r in buf) - window_ns)
     flush(None)
@@ -586,7 +582,7 @@ class Quiescence:
                 continue
             seen = set()
             for g in rep:
-                name = _s(g["name"])
+                name = as_str(g["name"])
                 if name in wanted:
                     seen.add(name)
                     if g["lag"] is None or int(g["lag"]) or int(g["pending"]):

@@ -29,7 +29,7 @@ from redis.asyncio import Redis
 
 from processors.replay import FrameWriter, RecordingError, read_frames
 from schemas import keys
-from streams.redis_client import connect
+from streams.redis_client import as_str, connect
 
 FORMAT = "massive-replay-output"
 VERSION = 1
@@ -67,10 +67,6 @@ _entry_dec = msgspec.msgpack.Decoder(OutputEntry)
 _header_dec = msgspec.msgpack.Decoder(OutputHeader)
 
 
-def _s(v: bytes | str) -> str:
-    return v.decode() if isinstance(v, bytes) else v
-
-
 def _b(v: bytes | str) -> bytes:
     return v if isinstance(v, bytes) else v.encode()
 
@@ -97,12 +93,12 @@ class OutputWriter:
             for s, entries in zip(list(self._last), await pipe.execute(), strict=True):
                 for eid, fields in entries:
                     value = fields.get(b"d", b"")
-                    self._w.frame(_enc.encode(OutputEntry("diff", s, _s(eid), value)))
+                    self._w.frame(_enc.encode(OutputEntry("diff", s, as_str(eid), value)))
                     with contextlib.suppress(msgspec.DecodeError):
                         self.symbols.add(msgspec.json.decode(value, type=_Sym).symbol)
                     self.n_diffs += 1
                 if entries:
-                    self._last[s] = _s(entries[-1][0])
+                    self._last[s] = as_str(entries[-1][0])
                 full = full or len(entries) == page
             if not full:
                 return
@@ -165,10 +161,10 @@ class _RedisSource(_Source):
                 value = fields.get(b"d", b"")
                 with contextlib.suppress(msgspec.DecodeError):
                     self.symbols.add(msgspec.json.decode(value, type=_Sym).symbol)
-                yield _s(eid), value
+                yield as_str(eid), value
             if len(batch) < 1000:
                 return
-            start = "(" + _s(batch[-1][0])
+            start = "(" + as_str(batch[-1][0])
 
     async def models(self) -> dict[str, bytes]:
         for s in diff_streams():  # the symbols that published

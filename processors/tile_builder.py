@@ -52,11 +52,12 @@ from processors import heatmap as hm
 from processors import lua
 from processors import tile_vec as tv
 from schemas import keys, symbols
-from schemas.heatmap import Tile, TileDelta
+from schemas.heatmap import TileDelta
 from schemas.messages import DirtyEntry, entry, from_entry
 from streams import metrics, producer
 from streams.consumer import Entry
 from streams.processor import ConsumerProcessor, Deps
+from streams.redis_client import as_str
 from streams.settings import from_env
 
 logger = logging.getLogger(__name__)
@@ -103,77 +104,8 @@ class TileSettings:
         return self.max_quote_age_ms * 1_000_000
 
 
-# Leg reads: lua/fetch.lua (also the normalizer's carry), queued as plain EVALSHA by
-# ``lua.execute`` (redis-py's pipeline scripts cost a SCRIPT EXISTS round trip per batch).
-
-# KEYS: staging, manifest. ARGV: epoch, then tile_id, value pairs; a staged value starts
-# with its seq (admission clock) and ":" (schemas.heatmap.stage_value).
-# Returns -9 when the staged epoch is not ARGV[1]; else one status per tile:
-# 1 admitted (slot absent or seq strictly greater), 0 equal (discarded), -1 older (discarded).
-# seq values are non-negative decimal strings: compared by length, then lexically (exact;
-# Lua numbers are doubles and would round nanosecond sums).
-STAGE_LUA = """
-if redis.call('HGET', KEYS[2], 'epoch') ~= ARGV[1] then return -9 end
-local find, sub = string.find, string.sub
-local n = (#ARGV - 1) / 2
-local out, ids, tv = {}, {}, {}
-local wrote = false
-for a = 1, n, 1000 do
-  local b = math.min(a + 999, n)
-  for i = a, b do ids[i - a + 1] = ARGV[2 * i] end
-  local old = redis.call('HMGET', KEYS[1], unpack(ids, 1, b - a + 1))
-  for i = a, b do
-    local o, v = old[i - a + 1], ARGV[2 * i + 1]
-    local seq = sub(v, 1, find(v, ':', 1, true) - 1)
-    local st
-    if not o then st = 1
-    else
-      local c = find(o, ':', 1, true)
-      local os = c and sub(o, 1, c - 1) or ''
-      if #seq ~= #os then if #seq > #os then st = 1 else st = -1 end
-      elseif seq > os then st = 1
-      elseif seq == os then st = 0
-      else st = -1 end
-    end
-    out[i] = st
-    if st == 1 then
-      tv[#tv + 1] = ARGV[2 * i]; tv[#tv + 1] = v
-    end
-  end
-  if #tv > 0 then
-    redis.call('HSET', KEYS[1], unpack(tv))
-    tv = {}
-    wrote = true
-  end
-end
--- staging no longer holds exactly one builder's writes (see TileBuilder._compute_and_stage)
-if wrote then redis.call('HSET', KEYS[2], 'writer', 'admission') end
-return out
-"""
-
-# KEYS: staging, manifest, build.
-# ARGV: epoch, created_ns, expected, built_ns, roots (JSON expiry -> option root).
-# 1 = installed (build renamed onto staging, manifest rewritten);
-# 0 = this epoch is already installed (build dropped; caller merges with admission);
-# -1 = a newer epoch is installed (build dropped).
-INSTALL_LUA = """
-local cur = redis.call('HGET', KEYS[2], 'epoch')
-if cur == ARGV[1] then redis.call('DEL', KEYS[3]) return 0 end
-local cc = redis.call('HGET', KEYS[2], 'created_ns')
-if cc and (#cc > #ARGV[2] or (#cc == #ARGV[2] and cc > ARGV[2])) then
-  redis.call('DEL', KEYS[3])
-  return -1
-end
-if redis.call('EXISTS', KEYS[3]) == 1 then
-  redis.call('RENAME', KEYS[3], KEYS[1])
-else
-  redis.call('DEL', KEYS[1])
-end
-redis.call('DEL', KEYS[2])
-redis.call('HSET', KEYS[2], 'epoch', ARGV[1], 'created_ns', ARGV[2], 'expected', ARGV[3],
-           'built_ns', ARGV[4], 'roots', ARGV[5])
-return 1
-"""
+# Scripts (processors/lua): fetch.lua reads legs (also the normalizer's carry), stage.lua
+# is staging admission, install.lua installs a full build.
 
 
 class QuoteParser:
@@ -199,13 +131,6 @@ class QuoteParser:
         return self.pair(joined)[0]
 
 
-async def fetch_quotes(
-    redis: Redis, eid: str, cids: Sequence[str], chunk: int = 2000
-) -> dict[str, hm.LegQuote | None]:
-    """Read LEG_FIELDS of every contract in ``cids`` (one pipelined round trip)."""
-    return (await fetch_rows(redis, eid, cids, chunk, QuoteParser()))[0]
-
-
 async def fetch_rows(
     redis: Redis,
     eid: str,
@@ -213,8 +138,8 @@ async def fetch_rows(
     chunk: int,
     parser: QuoteParser,
 ) -> tuple[dict[str, hm.LegQuote | None], list[tv.QuoteRow]]:
-    """``fetch_quotes`` for the vectorised path: the quotes and their array rows, in the
-    order of ``cids``."""
+    """Read LEG_FIELDS of every contract in ``cids`` (one pipelined round trip): the quotes
+    and their array rows (tile_vec), in the order of ``cids``."""
     if not cids:
         return {}, []
     script = lua.get("fetch")
@@ -242,30 +167,20 @@ async def load_grid(
     )
 
 
-async def reference_full_build(
-    redis: Redis, eid: str, symbol: str, strategy: str, cfg: TileSettings, now_ns: int
-) -> dict[str, Tile]:
-    """Every tile of ``strategy`` for epoch ``eid`` recomputed from the contract hashes
-    (reference mode for tests and benchmarks; production uses the incremental path)."""
-    grid = await load_grid(redis, eid, symbol, strategy, cfg, now_ns)
-    quotes = await fetch_quotes(redis, eid, grid.leg_cids(grid.specs.values()), cfg.fetch_chunk)
-    return hm.compute_all(grid, quotes, eid, cfg.max_quote_age_ns)
-
-
 class TileBuilder(ConsumerProcessor):
     name = "tile-builder"
 
     def __init__(self, deps: Deps, strategy: str, cfg: TileSettings) -> None:
-        if strategy not in hm.STRATEGIES:
-            raise ValueError(f"tile-builder: unknown strategy {strategy!r} ({hm.STRATEGIES})")
+        if strategy not in keys.STRATEGIES:
+            raise ValueError(f"tile-builder: unknown strategy {strategy!r} ({keys.STRATEGIES})")
         self.name = f"tile-builder:{strategy}"
         super().__init__(deps, keys.CONTRACTS_DIRTY_STREAM, keys.tile_builder_group(strategy))
         self.strategy = strategy
         self.cfg = cfg
         self.clock = deps.clock
         self.tiles_stream = keys.tiles_stream(strategy)
-        self._stage = self.redis.register_script(STAGE_LUA)
-        self._install = self.redis.register_script(INSTALL_LUA)
+        self._stage = lua.get("stage")
+        self._install = lua.get("install")
         self._grids: dict[str, tuple[str, hm.Grid]] = {}
         self._tables: dict[str, tuple[str, tv.TileTable]] = {}
         self._parse = QuoteParser()
@@ -326,9 +241,9 @@ class TileBuilder(ConsumerProcessor):
         started after the promotion, with no dirty traffic: market closed)."""
         active = await self.redis.hgetall(keys.EPOCH_ACTIVE)
         for sym_b, eid_b in sorted(active.items()):
-            sym, eid = _s(sym_b), _s(eid_b)
+            sym, eid = as_str(sym_b), as_str(eid_b)
             installed = await self.redis.hget(keys.heatmap_manifest(sym, self.strategy), "epoch")
-            if installed is None or _s(installed) != eid:
+            if installed is None or as_str(installed) != eid:
                 await self.full_build(sym, eid, recv_ts_ns=None, n_dirty=0)
 
     # --- batch handling -------------------------------------------------------------------
@@ -431,7 +346,7 @@ class TileBuilder(ConsumerProcessor):
         exactly what the admission script would have admitted (at ~1/6 of its Redis time:
         no old values read, no Lua strings); the delta lands with the values or not at all.
         If anyone wrote (a replica of this builder, an epoch install), EXEC aborts and the
-        same values go through the admission script (STAGE_LUA), which decides per tile.
+        same values go through the admission script (lua/stage.lua), which decides per tile.
 
         Announcing only what changed: every optimistic write sets the manifest's ``writer``
         to this builder's owner id; the admission script sets it to "admission" when it
@@ -468,16 +383,16 @@ class TileBuilder(ConsumerProcessor):
         async with self.redis.pipeline(transaction=True) as tx:
             await tx.watch(k_st, k_man)
             staged, writer = await tx.hmget(k_man, ["epoch", "writer"])
-            if staged is not None and _s(staged) == eid:
+            if staged is not None and as_str(staged) == eid:
                 ids, tids, values = await self._try_optimistic(
-                    tx, k_st, k_man, table, rows, _s(writer) if writer else None, delta
+                    tx, k_st, k_man, table, rows, as_str(writer) if writer else None, delta
                 )
                 if ids is not None:
                     self.m_seconds.labels(self.strategy, "incremental").observe(
                         time.perf_counter() - t0
                     )
                     return ids
-        if staged is None or _s(staged) != eid:  # another epoch staged (replaced): rebuild
+        if staged is None or as_str(staged) != eid:  # another epoch staged (replaced): rebuild
             await self.full_build(sym, eid, recv_ts_ns=recv_ts_ns, n_dirty=n_dirty)
             return []
         # Staging was written meanwhile: the admission script decides per tile.
@@ -487,7 +402,7 @@ class TileBuilder(ConsumerProcessor):
             await self.full_build(sym, eid, recv_ts_ns=recv_ts_ns, n_dirty=n_dirty)
             return []
         # Admitted or equal (an equal tile may be a redelivery whose delta was lost).
-        ids = [t for t, st in zip(tids, statuses, strict=True) if st >= 0]
+        ids = [t for t, st in zip(tids, statuses, strict=True) if st >= lua.Stage.EQUAL]
         if ids:
             await producer.xadd(self.redis, self.tiles_stream, delta(ids), self.cfg.tiles_maxlen)
             self.m_deltas.inc()
@@ -538,16 +453,22 @@ class TileBuilder(ConsumerProcessor):
         """Admission write of the tiles ``tids`` with staging ``values``; None when staging
         holds another epoch."""
         k = [keys.heatmap_staging(sym, self.strategy), keys.heatmap_manifest(sym, self.strategy)]
-        pipe = self.redis.pipeline(transaction=False)
-        for pairs in _pairs(tids, values, self.cfg.write_chunk):
-            await self._stage(keys=k, args=[eid, *pairs], client=pipe)
-        replies = await pipe.execute()
+        chunks = _pairs(tids, values, self.cfg.write_chunk)
+
+        def queue(pipe: Pipeline) -> None:
+            for pairs in chunks:
+                self._stage.queue(pipe, k, [eid, *pairs])
+
         out: list[int] = []
-        for rep in replies:
-            if not isinstance(rep, list):
+        for rep in await lua.execute(self.redis, queue):
+            if not isinstance(rep, list):  # lua.Stage.WRONG_EPOCH
                 return None
             out += rep
-        for name, code in (("admitted", 1), ("equal", 0), ("older", -1)):
+        for name, code in (
+            ("admitted", lua.Stage.ADMITTED),
+            ("equal", lua.Stage.EQUAL),
+            ("older", lua.Stage.OLDER),
+        ):
             c = out.count(code)
             if c:
                 self.m_staged.labels(self.strategy, name).inc(c)
@@ -573,12 +494,13 @@ class TileBuilder(ConsumerProcessor):
             pipe.hset(b_key, mapping=dict(tiles[i : i + n]))
         await pipe.execute()
         rc = await self._install(
-            keys=[
+            self.redis,
+            [
                 keys.heatmap_staging(sym, self.strategy),
                 keys.heatmap_manifest(sym, self.strategy),
                 b_key,
             ],
-            args=[
+            [
                 eid,
                 str(created_ns),
                 str(len(tiles)),
@@ -587,11 +509,11 @@ class TileBuilder(ConsumerProcessor):
             ],
         )
         rc = int(rc)
-        if rc == -1:
+        if rc == lua.Install.SUPERSEDED:
             result = "superseded"
             logger.warning("full build of %s epoch=%s superseded by a newer epoch", sym, eid)
         else:
-            if rc == 0:
+            if rc == lua.Install.ALREADY_INSTALLED:
                 result = "merged"
                 await self._stage_tiles(sym, eid, tids, values)
             else:
@@ -640,15 +562,13 @@ def _pairs(ids: list[str], values: list[bytes], n: int) -> list[list[str | bytes
     return out
 
 
-def _s(v: bytes | str) -> str:
-    return v.decode() if isinstance(v, bytes) else v
-
-
 def _fields(msg: TileDelta) -> producer.Fields:
     return cast(producer.Fields, entry(msg))
 
 
 def build(deps: Deps, arg: str | None) -> TileBuilder:
     if not arg:
-        raise ValueError(f"tile-builder needs a strategy: tile-builder:<{'|'.join(hm.STRATEGIES)}>")
+        raise ValueError(
+            f"tile-builder needs a strategy: tile-builder:<{'|'.join(keys.STRATEGIES)}>"
+        )
     return TileBuilder(deps, arg, from_env(TileSettings, "MASSIVE_TILES_"))

@@ -36,7 +36,6 @@ import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import msgspec
 import websockets
@@ -47,6 +46,7 @@ from schemas import keys, symbols, ticker
 from schemas.massive import Status, decode_frame
 from schemas.messages import WS_PAYLOAD_FIELD, WS_RECV_FIELD, ControlMessage, entry
 from streams import metrics
+from streams.clock import NY
 from streams.logs import add_secret
 from streams.processor import Deps, FatalError
 from streams.producer import xadd
@@ -55,7 +55,6 @@ from streams.settings import from_env
 
 logger = logging.getLogger(__name__)
 
-NY = ZoneInfo("America/New_York")
 DISCONNECT_STATUSES = frozenset({"max_connections", "force_disconnect", "slow_consumer"})
 KNOWN_STATUSES = frozenset(
     {

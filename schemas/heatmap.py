@@ -1,10 +1,11 @@
-"""Convexity heatmap records: the computed tile, its published (JSON) and staged forms, and
-the tile delta entry on ``massive:tiles:<strategy>`` (tile builders -> publisher).
+"""Convexity heatmap records: a tile's published (JSON) and staged forms, and the tile delta
+entry on ``massive:tiles:<strategy>`` (tile builders -> publisher).
 
-``Tile`` is the full computed record (tile builders, tests, reference mode). What leaves the
-builder is its compact **view**, one item of a published heatmap model, keyed by tile id;
-the id carries the structure (``<SYM>:<expiry>:<strategy>:<strikes>:<C|P>``, width = strike
-spacing), the model's ``meta.roots`` the option root per expiry (SPX or SPXW)::
+What leaves the builder is a tile's compact **view** (the full record with every leg's
+contract and price time is the tests' reference, tests/heatmap_reference.py), one item of a
+published heatmap model, keyed by tile id; the id carries the structure
+(``<SYM>:<expiry>:<strategy>:<strikes>:<C|P>``, width = strike spacing), the model's
+``meta.roots`` the option root per expiry (SPX or SPXW)::
 
     "SPX:2026-11-24:butterfly:6000-6010-6020:C": {
      "legs": [[qty, price, price_src], ...],          # in strike order, as in the id
@@ -30,49 +31,6 @@ from __future__ import annotations
 import msgspec
 
 from schemas.messages import Message
-
-
-class Leg(msgspec.Struct, frozen=True, array_like=True):
-    """One leg of a tile: encoded as an array ``[cid, strike, qty, px, src, ts]``.
-
-    ``qty`` is signed (+1 long, -1 short, -2 the body of a butterfly); ``src`` is the price
-    source actually used (``mid``, ``last``, ``mid_stale`` or ``none``); ``ts`` is the event
-    time of that price (quote_ts for a mid, trade_ts for a last; 0 when unknown)."""
-
-    cid: str
-    strike: float
-    qty: int
-    px: float | None
-    src: str
-    ts: int
-
-
-class Tile(msgspec.Struct, frozen=True, kw_only=True):
-    id: str
-    symbol: str
-    epoch: str
-    expiry: str
-    strategy: str  # single | vertical | butterfly
-    right: str  # C | P
-    strikes: list[float]  # ascending
-    width: float  # 0 for singles
-    legs: list[Leg]
-    debit: float | None  # mid price paid (negative = credit: flagged mid_below_bound)
-    debit_natural: float | None  # buying at the natural price: longs at the ask, shorts at bid
-    max_profit: float | None  # None = unbounded (single call) or no price
-    max_loss: float | None
-    r2r: float | None  # max_profit / max_loss; None when max_loss <= 0, untradable, undefined
-    convexity: float | None  # spreads: clamp(1 - debit / width, 0, 1) if tradable; else None
-    tradable: bool  # every leg has a fresh two-sided quote
-    ts: int  # newest information time (ns) over the legs' contracts
-    seq: (
-        int  # admission clock: sum of legs' quote_ts + trade_ts + quote_rx_ts (grows on any update)
-    )
-    age_ns: int | None  # ts - oldest price used (staleness of the tile's inputs)
-    stale: bool  # age_ns > max quote age setting
-    px_src: str  # mid | last | mixed | none
-    src: str  # ws if any leg was updated from the WebSocket, else chain
-    flags: list[str]
 
 
 class TileDelta(Message, frozen=True):
@@ -123,7 +81,6 @@ class TileView(msgspec.Struct, frozen=True, kw_only=True):
 
 
 _json = msgspec.json.Encoder()
-_view_decoder = msgspec.json.Decoder(TileView)
 NS_PER_S = 1_000_000_000
 
 
@@ -132,39 +89,8 @@ def root_of(cid: str) -> str:
     return cid[2:-15] if cid.startswith("O:") and len(cid) > 17 else ""
 
 
-def view(tile: Tile) -> TileView:
-    legs = tile.legs
-    if len(legs) > 1 and legs[0].strike > legs[-1].strike:
-        legs = legs[::-1]  # put verticals are built long-leg first: publish in strike order
-    return TileView(
-        legs=[ViewLeg(leg.qty, leg.px, leg.src) for leg in legs],
-        debit=tile.debit,
-        debit_natural=tile.debit_natural,
-        max_profit=tile.max_profit,
-        max_loss=tile.max_loss,
-        r2r=tile.r2r,
-        convexity=tile.convexity,
-        tradable=tile.tradable,
-        age_s=tile.age_ns // NS_PER_S if tile.age_ns is not None else None,
-        stale=tile.stale,
-        px_src=tile.px_src,
-        src=tile.src,
-        flags=tile.flags,
-    )
-
-
-def to_json(tile: Tile) -> bytes:
-    """Published encoding (JSON object) of a tile: its view."""
-    return _json.encode(view(tile))
-
-
 def encode_view(v: TileView) -> bytes:
     return _json.encode(v)
-
-
-def stage_value(tile: Tile) -> bytes:
-    """Staging encoding: ``b"<seq>:" + to_json(tile)``."""
-    return b"%d:%b" % (tile.seq, _json.encode(view(tile)))
 
 
 def split_staged(raw: bytes) -> tuple[int, bytes]:
@@ -173,7 +99,3 @@ def split_staged(raw: bytes) -> tuple[int, bytes]:
     if not sep or not js:
         raise ValueError(f"malformed staged tile {raw[:40]!r}")
     return int(seq), js
-
-
-def decode_view(js: bytes) -> TileView:
-    return _view_decoder.decode(js)

@@ -101,7 +101,7 @@ def epoch_key_pattern(eid: str) -> str:
 
 # --- heatmap -------------------------------------------------------------------------
 def heatmap_staging(symbol: str, strategy: str) -> str:
-    """HASH tile_id -> ``<seq>:<view json>`` (schemas.heatmap.stage_value)."""
+    """HASH tile_id -> ``<seq>:<view json>`` (processors.heatmap.staged_value)."""
     return f"heatmap:{{{symbol}:{strategy}}}:staging"
 
 
@@ -143,11 +143,12 @@ def gex_lease() -> str:
     return "massive:gex:leader"
 
 
+def gex_fence() -> str:
+    """Counter INCRed on every GEX lease acquisition: the fencing token (lease epoch)."""
+    return "massive:gex:leader:fence"
+
+
 # --- liveness ------------------------------------------------------------------------
-def heartbeat(processor: str, consumer: str) -> str:
-    return f"massive:heartbeat:{processor}:{consumer}"
-
-
 WS_LAST_EVENT = "massive:ws:last_event_ns"
 
 # Latest index spot: HASH field "<SYM>" -> value, "<SYM>:ts_ns" -> its event time (ns).

@@ -38,11 +38,10 @@ import math
 import random
 from dataclasses import dataclass, field
 from typing import Any
-from zoneinfo import ZoneInfo
 
 from schemas.ticker import encode
+from streams.clock import NY
 
-NY = ZoneInfo("America/New_York")
 NS = 1_000_000_000
 YEAR_S = 365.0 * 86400.0
 TRADING_YEAR_S = 252.0 * 6.5 * 3600.0

@@ -51,7 +51,6 @@ from starlette.websockets import WebSocket
 from schemas.ticker import TickerError
 from schemas.ticker import parse as parse_ticker
 from simulator.market import (
-    NY,
     Contract,
     Event,
     IndexState,
@@ -60,6 +59,7 @@ from simulator.market import (
     generic_equity,
     ns_at,
 )
+from streams.clock import NY
 
 log = logging.getLogger(__name__)
 

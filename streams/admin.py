@@ -9,6 +9,8 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from streams.redis_client import as_str
+
 MAX_SEQ = 18446744073709551615
 _ENTRY_ID = re.compile(r"\d+-\d+")
 
@@ -74,7 +76,7 @@ async def reset_offset(redis: Redis, stream: str, group: str, to: str) -> tuple[
     first = info.get("first-entry", info.get(b"first-entry"))
     if pos == "$" or first is None:
         entries_read = added
-    elif _id_tuple(_s(first[0])) > _id_tuple(pos):
+    elif _id_tuple(as_str(first[0])) > _id_tuple(pos):
         # Before the first entry (also "0" after trimming): every entry left is unread.
         entries_read = added - int(info.get("length", info.get(b"length", 0)))
     else:
@@ -83,10 +85,6 @@ async def reset_offset(redis: Redis, stream: str, group: str, to: str) -> tuple[
         "XGROUP", "SETID", stream, group, pos, "ENTRIESREAD", entries_read
     )
     return pos, entries_read
-
-
-def _s(v: bytes | str) -> str:
-    return v.decode() if isinstance(v, bytes) else v
 
 
 def _g(d: dict[Any, Any], k: str) -> Any:

@@ -6,8 +6,10 @@ import asyncio
 import time
 from dataclasses import dataclass
 from typing import Protocol
+from zoneinfo import ZoneInfo
 
 NS = 1_000_000_000
+NY = ZoneInfo("America/New_York")  # the market's time zone: trading days, sessions, expiries
 
 
 class Clock(Protocol):

@@ -29,6 +29,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from schemas import keys
 from streams.metrics import ConsumerMetrics
+from streams.redis_client import as_str
 from streams.retry import REDIS_BACKOFF
 from streams.spec import StreamSpec
 
@@ -221,7 +222,7 @@ class GroupConsumer:
                 raise
             if not pending:
                 return total
-            cursor = "(" + _s(pending[-1]["message_id"])
+            cursor = "(" + as_str(pending[-1]["message_id"])
             total += await self._claim_and_process(pending, own=own)
             if len(pending) < spec.count:
                 return total
@@ -263,12 +264,8 @@ class GroupConsumer:
         for eid, _ in entries:
             logger.error(
                 "dead-lettered id=%s stream=%s group=%s deliveries=%d",
-                _s(eid),
+                as_str(eid),
                 spec.stream,
                 spec.group,
                 delivered.get(eid, 0),
             )
-
-
-def _s(v: bytes | str) -> str:
-    return v.decode() if isinstance(v, bytes) else v

@@ -86,3 +86,13 @@ def unreachable(url: str, exc: BaseException) -> str:
     """The line a command prints when Redis cannot be reached: the URL without its password
     and the reason, no traceback."""
     return f"error: cannot reach Redis at {redact(url)}: {one_line(exc)}"
+
+
+def as_str(v: object) -> str:
+    """A Redis reply value as text (bytes decoded; a str or a number as it reads)."""
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def opt_str(v: object) -> str | None:
+    """:func:`as_str`, with None (a missing key or field) kept."""
+    return None if v is None else as_str(v)

@@ -29,6 +29,7 @@ from redis.exceptions import ResponseError
 
 from streams.admin import count_after
 from streams.metrics import counter, gauge
+from streams.redis_client import as_str
 
 logger = logging.getLogger(__name__)
 
@@ -109,12 +110,8 @@ class RetentionSettings:
         return out
 
 
-def _s(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
-
-
 def _id(v: Any) -> tuple[int, int]:
-    a, _, b = _s(v).partition("-")
+    a, _, b = as_str(v).partition("-")
     return int(a), int(b or 0)
 
 
@@ -167,17 +164,17 @@ class StreamJanitor:
             return []
         out = []
         for g in raw:
-            d = {_s(k): v for k, v in g.items()}
+            d = {as_str(k): v for k, v in g.items()}
             pending = int(d.get("pending") or 0)
             lag = d.get("lag")
             oldest = None
             if pending:
-                summary: Any = await self.redis.xpending(stream, _s(d["name"]))
+                summary: Any = await self.redis.xpending(stream, as_str(d["name"]))
                 if summary and summary.get("min") is not None:
                     oldest = _id(summary["min"])
             out.append(
                 _Group(
-                    _s(d["name"]),
+                    as_str(d["name"]),
                     _id(d.get("last-delivered-id") or "0-0"),
                     None if lag is None else int(lag),
                     pending,

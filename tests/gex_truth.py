@@ -20,8 +20,9 @@ import numpy as np
 from processors import gex_math
 from schemas import massive_rest as mr
 from schemas.messages import decode_gex_source, encode_gex_source
-from simulator.market import NY, Truth
+from simulator.market import Truth
 from simulator.server import SimConfig, SimServer
+from streams.clock import NY
 
 DAY = dt.date(2026, 3, 17)  # a Tuesday: 0DTE SPXW, no AM monthly settling that day
 TIMES = {"pre-market": (8, 0), "midday": (12, 30), "30 min before close": (15, 30)}

@@ -17,9 +17,11 @@ from typing import Any
 import msgspec
 from redis.asyncio import Redis
 
-from processors import gex_math, heatmap
+from processors import gex_math, heatmap, lua
 from schemas import keys, ticker
 from schemas.messages import GexRow, ModelDiff, PublishedModel, encode
+from streams.clock import NY
+from tests.heatmap_reference import compute_tile
 
 # KEYS[1] model key, KEYS[2] diff stream; ARGV[1] model JSON up to `"diff_id":`,
 # ARGV[2] diff entry JSON, ARGV[3] MAXLEN. Returns the diff entry id.
@@ -39,7 +41,7 @@ class ModelWriter:
         self.redis = redis
         self.maxlen = maxlen
         self.models: dict[tuple[str, str], PublishedModel] = {}
-        self._script = redis.register_script(PUBLISH_LUA)
+        self._script = lua.Script("sse_publisher", PUBLISH_LUA)
 
     @staticmethod
     def keys_of(symbol: str, kind: str) -> tuple[str, str]:
@@ -89,7 +91,9 @@ class ModelWriter:
         body = _json.encode(model)
         assert body.endswith(b"null}")
         key, stream = self.keys_of(symbol, kind)
-        raw_id = await self._script(keys=[key, stream], args=[body[:-5], encode(diff), self.maxlen])
+        raw_id = await self._script(
+            self.redis, [key, stream], [body[:-5], encode(diff), self.maxlen]
+        )
         diff_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
         self.models[(symbol, kind)] = PublishedModel(
             symbol, kind, epoch, v, ts_ns, items, m, diff_id
@@ -188,7 +192,7 @@ class FakeMarket:
         specs = grid.specs if cids is None else grid.affected(cids)
         out: dict[str, Any] = {}
         for tid, spec in specs.items():
-            tile = heatmap.compute_tile(spec, self.quotes, self.epoch, 10**12)
+            tile = compute_tile(spec, self.quotes, self.epoch, 10**12)
             out[tid] = msgspec.to_builtins(tile)
         return out
 
@@ -207,9 +211,7 @@ class FakeMarket:
             e = ticker.parse(cid).expiry.isoformat()
             g = bs_gamma(self.spot, k, t, self.vol(k))
             rows.append(GexRow(self.root, e, k, right, g, self.oi[cid], self.vol(k), self.ts_ns))
-        now = int(
-            dt.datetime.combine(self.today, dt.time(15, 0), tzinfo=gex_math.NY).timestamp() * 1e9
-        )
+        now = int(dt.datetime.combine(self.today, dt.time(15, 0), tzinfo=NY).timestamp() * 1e9)
         chain = gex_math.prepare(rows, now)
         res = gex_math.compute(chain, self.spot)
         meta = {

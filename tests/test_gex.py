@@ -182,6 +182,33 @@ async def test_identical_inputs_publish_no_new_version_and_oi_change_is_sparse(
     assert m.items["6850"]["calls"] == pytest.approx(120)
 
 
+async def test_a_chain_head_moved_under_the_leader_is_resynced_not_overwritten(
+    redis: Redis, settings: RuntimeSettings
+) -> None:
+    """Redis holds another history than the leader's (it lost our last version, or another
+    leader published): the publish is refused, the leader reloads what is published and its
+    next version continues that chain."""
+    await seed_epoch(redis, "e1", "SPX", CHAIN, spot=SPOT, now_ns=NOW_NS)
+    clock = ManualClock(NOW_NS)
+    b, reg = make(redis, settings, clock)
+    await b.tick()
+    assert len(await diffs(redis)) == 1
+    await redis.set(keys.gex_head("SPX"), "1-1")  # a head that is not our last diff
+    await set_row(redis, "e1", CHAIN[4], oi=800.0)
+    clock.advance(2.5)
+    await b.tick()
+    assert len(await diffs(redis)) == 1 and (await model(redis)).version == 1
+    resync = reg.get_sample_value(
+        "massive_gex_builds_total", {"symbol": "SPX", "outcome": "resync"}
+    )
+    assert resync == 1
+    clock.advance(2.5)
+    await b.tick()
+    (last_id, last), *_ = reversed(await diffs(redis))
+    assert (last.version, last.prev_id) == (2, "1-1")
+    assert await redis.get(keys.gex_head("SPX")) == last_id.encode()
+
+
 async def test_reprice_interval_rebuilds_same_inputs(
     redis: Redis, settings: RuntimeSettings
 ) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import math
 import random
-from zoneinfo import ZoneInfo
 
 import msgspec
 import numpy as np
@@ -16,8 +15,8 @@ from hypothesis import strategies as st
 from processors import gex_math
 from processors.gex_math import Params
 from schemas.messages import GexRow
+from streams.clock import NY
 
-NY = ZoneInfo("America/New_York")
 UTC = dt.UTC
 # Monday 2026-03-16 11:00 New York (EDT, UTC-4) -> 15:00 UTC
 NOW = dt.datetime(2026, 3, 16, 15, 0, tzinfo=UTC)
@@ -291,6 +290,30 @@ def test_zero_gamma_against_independent_black_scholes() -> None:
     nearest = min(xs, key=lambda x: abs(x - SPOT))
     assert abs(nearest - z) <= 2.0
     assert res.levels.zero_gamma_crossings >= 1
+
+
+def banded_chain() -> list[GexRow]:
+    """Alternating bands of put and call open interest 150 points apart: net GEX changes
+    sign three times within the search range (near 6675, 6825 and 6970)."""
+    bands = ((6600, "P"), (6750, "C"), (6900, "P"), (7050, "C"))
+    return [
+        row("SPXW", FRI, right, k + dk, None, 3000, 0.12)
+        for k, right in bands
+        for dk in (-10, -5, 0, 5, 10)
+    ]
+
+
+@pytest.mark.parametrize("spot", [6700.0, 6810.0, 6960.0])
+def test_zero_gamma_is_the_crossing_nearest_to_spot_among_several(spot: float) -> None:
+    rows = banded_chain()
+    res = build(rows, spot=spot)
+    z = res.levels.zero_gamma
+    assert z is not None and res.levels.zero_gamma_crossings == 3
+    assert_is_zero_crossing(rows, z)
+    xs = ref_crossings(rows, spot * 0.85, spot * 1.15, 2.0)
+    assert len(xs) == 3, xs
+    nearest = min(xs, key=lambda x: abs(x - spot))
+    assert abs(nearest - z) <= 2.0, (z, xs)
 
 
 def test_zero_gamma_with_rates_and_dividends() -> None:

@@ -12,10 +12,19 @@ from hypothesis import strategies as st
 from redis.asyncio import Redis
 
 from processors import heatmap as hm
-from processors.tile_builder import TileSettings, reference_full_build
+from processors.tile_builder import TileSettings
 from schemas import keys, ticker
-from schemas.heatmap import Tile, decode_view, split_staged, stage_value, to_json, view
+from schemas.heatmap import split_staged
 from tests.factories import option_chain, seed_epoch
+from tests.heatmap_reference import (
+    Tile,
+    compute_tile,
+    decode_view,
+    reference_full_build,
+    stage_value,
+    to_json,
+    view,
+)
 
 NOW = 1_764_000_000_000_000_000  # 2025-11-24T16:00Z
 SEC = 1_000_000_000
@@ -171,7 +180,7 @@ def test_butterfly_formulas_bounds_and_convexity(
 ) -> None:
     spec = _spec("butterfly", right, [6000 - width, 6000, 6000 + width], width)
     quotes = {f"c{i}": two_sided(p, NOW + i, trade_ts=i or None) for i, p in enumerate(prices)}
-    t = hm.compute_tile(spec, quotes, "e1", 5 * SEC)
+    t = compute_tile(spec, quotes, "e1", 5 * SEC)
     r = [hm._r6(p) for p in prices]
     d = 0.0 + r[0] - 2 * r[1] + r[2]  # the tile's own order of operations
     bid = {c: x.bid for c, x in quotes.items()}
@@ -197,7 +206,7 @@ def test_butterfly_formulas_bounds_and_convexity(
         assert t.convexity == 0.0
     # the same tile with one leg lacking a bid: no convexity, no r2r, no executable flags
     quotes["c1"] = q(bid=0.0, ask=0.05, mid=prices[1], quote_ts=NOW + 1, ts_ns=NOW + 1)
-    u = hm.compute_tile(spec, quotes, "e1", 5 * SEC)
+    u = compute_tile(spec, quotes, "e1", 5 * SEC)
     assert not u.tradable and u.convexity is None and u.r2r is None
     assert not {"below_bound", "above_bound"} & set(u.flags)
     assert u.debit == t.debit
@@ -209,7 +218,7 @@ def test_convexity_is_monotone_in_debit(d1: float, d2: float, width: float) -> N
 
     def conv(d: float) -> float:
         quotes = {"c0": two_sided(d), "c1": two_sided(0.0)}
-        c = hm.compute_tile(spec, quotes, "e", SEC).convexity
+        c = compute_tile(spec, quotes, "e", SEC).convexity
         assert c is not None
         return c
 
@@ -224,22 +233,22 @@ def test_convexity_is_comparable_across_widths() -> None:
         spec = _spec("butterfly", "C", [6000 - w, 6000, 6000 + w], w)
         p = {"c0": 0.3 * w, "c1": 0.0, "c2": 0.0}
         quotes = {c: two_sided(v) for c, v in p.items()}
-        scores.append(hm.compute_tile(spec, quotes, "e", SEC).convexity)
+        scores.append(compute_tile(spec, quotes, "e", SEC).convexity)
     assert scores[0] == scores[1] == pytest.approx(0.7)
 
 
 def test_singles_and_unpriced_tiles() -> None:
     put = _spec("single", "P", [6000], 0)
-    t = hm.compute_tile(put, {"c0": two_sided(20.0)}, "e", SEC)
+    t = compute_tile(put, {"c0": two_sided(20.0)}, "e", SEC)
     assert (t.debit, t.max_profit, t.max_loss, t.convexity) == (20.0, 5980.0, 20.0, None)
     assert t.r2r == pytest.approx(299.0) and t.tradable and t.debit_natural == 20.05
-    t = hm.compute_tile(put, {"c0": q(mid=20.0, quote_ts=NOW, ts_ns=NOW)}, "e", SEC)
+    t = compute_tile(put, {"c0": q(mid=20.0, quote_ts=NOW, ts_ns=NOW)}, "e", SEC)
     assert t.r2r is None and not t.tradable and t.debit_natural is None  # no bid/ask
     call = _spec("single", "C", [6000], 0)
-    t = hm.compute_tile(call, {"c0": q(last=12.5, trade_ts=NOW, ts_ns=NOW)}, "e", SEC)
+    t = compute_tile(call, {"c0": q(last=12.5, trade_ts=NOW, ts_ns=NOW)}, "e", SEC)
     assert (t.debit, t.max_profit, t.r2r, t.px_src) == (12.5, None, None, "last")
     fly = _spec("butterfly", "C", [5990, 6000, 6010], 10)
-    t = hm.compute_tile(fly, {"c0": q(mid=1.0, quote_ts=NOW, ts_ns=NOW)}, "e", SEC)
+    t = compute_tile(fly, {"c0": q(mid=1.0, quote_ts=NOW, ts_ns=NOW)}, "e", SEC)
     assert t.debit is None and t.convexity is None and t.flags == ["no_price"]
     assert t.px_src == "none" and not t.stale
 
@@ -247,7 +256,7 @@ def test_singles_and_unpriced_tiles() -> None:
 def test_tile_codecs_round_trip() -> None:
     fly = _spec("butterfly", "C", [5990, 6000, 6010], 10)
     quotes = {f"c{i}": two_sided(p, src="ws") for i, p in enumerate((5, 3, 2))}
-    t = hm.compute_tile(fly, quotes, "e", SEC)
+    t = compute_tile(fly, quotes, "e", SEC)
     seq, js = split_staged(stage_value(t))
     assert seq == t.seq and js == to_json(t) and decode_view(js) == view(t)
     v = view(t)
@@ -305,7 +314,7 @@ def test_production_staged_value_equals_the_reference_tile(
         tuple(zip(cids, strikes, qty, strict=True)),
     )  # fmt: skip
     quotes = dict(zip(cids, legs, strict=False))
-    ref = hm.compute_tile(spec, quotes, "e", max_age_s * SEC)
+    ref = compute_tile(spec, quotes, "e", max_age_s * SEC)
     assert hm.staged_value(spec, quotes, max_age_s * SEC) == stage_value(ref)
     v = view(ref)
     assert [leg.qty for leg in v.legs] == [

@@ -5,6 +5,8 @@ crash windows, bad input."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -12,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
+from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
 from processors import gex_math, lua
@@ -29,10 +32,11 @@ from schemas.messages import (
     entry,
     from_entry,
 )
+from streams.clock import SystemClock
 from streams.processor import Deps
 from streams.settings import RuntimeSettings
 from tests.factories import big_chain, contract
-from tests.util import eventually
+from tests.util import RedisServer, eventually
 
 NS = 1_764_000_000_000_000_000
 SEC = 1_000_000_000
@@ -232,6 +236,9 @@ async def test_full_chain_snapshot_feeds_the_gex_source_not_an_epoch(
     old = msgspec.structs.replace(await put(redis, chain(NS - SEC)), scope="full")
     assert await n.process(old) == "stale_gex_source"
     assert (await redis.hget(keys.gex_source("SPX"), "ts_ns")) == str(NS).encode()
+    await redis.expire(keys.gex_source("SPX"), 5)
+    assert await n.process(ptr) == "stale_gex_source"  # redelivered: not written again
+    assert 0 < await redis.ttl(keys.gex_source("SPX")) <= 5
     bad = msgspec.structs.replace(ptr, scope="sideways")
     assert await n.process(bad) == "bad_pointer"
     got = metric(registry, "massive_normalizer_snapshots_total", symbol="SPX", result="gex_source")
@@ -319,6 +326,57 @@ async def test_older_snapshot_with_another_topology_is_not_promoted_back(
     assert await n.process(await put(redis, chain(NS))) == "stale"
     assert await active(redis) == eid
     assert metric(registry, "massive_normalizer_snapshots_total", symbol="SPX", result="stale") == 1
+
+
+class RacingClock(SystemClock):
+    """A clock whose next reading, once armed, first runs ``race`` (a write by another
+    client): the promotion reads the clock between its read of the active pointer and EXEC."""
+
+    def __init__(self) -> None:
+        self.race: Callable[[], None] | None = None
+
+    def time_ns(self) -> int:
+        race, self.race = self.race, None
+        if race is not None:
+            race()
+        return super().time_ns()
+
+
+async def test_promotion_retries_when_another_writer_moves_the_active_pointer(
+    deps: Deps, redis: Redis, redis_server: RedisServer
+) -> None:
+    """Another writer promotes epoch ``rival`` after this promotion read the active pointer
+    and before its EXEC: the transaction must not go through on the stale read. It retries,
+    retires the rival (not the epoch it read first) and carries from it."""
+    clock = RacingClock()
+    n = Normalizer(dataclasses.replace(deps, clock=clock), NormalizerSettings())
+    await n.process(await put(redis, chain(NS)))
+    first = await active(redis)
+    rival = "00000000000000ff"
+    other = SyncRedis.from_url(redis_server.url)
+
+    def rival_promotes() -> None:
+        other.hset(keys.epoch_meta(rival), mapping={"symbol": "SPX", "state": "active"})
+        other.hset(keys.EPOCH_ACTIVE, "SPX", rival)
+
+    real = n.promote
+    replaced: list[str | None] = []
+
+    async def promote(topo: Any, snap: ChainSnapshot) -> str | None:
+        clock.race = rival_promotes  # fires at the promotion's first clock reading
+        replaced.append(await real(topo, snap))
+        return replaced[-1]
+
+    n.promote = promote  # type: ignore[method-assign]
+    extra = [contract("SPXW", EXP2, "P", 6010, bid=1.0, ask=1.1)]
+    try:
+        assert await n.process(await put(redis, chain(NS + SEC, extra=extra))) == "built"
+    finally:
+        other.close()
+    new = await active(redis)
+    assert new not in (first, rival)
+    assert (await meta(redis, rival))["state"] == "retired"
+    assert replaced == [rival]  # what it carried from and retired
 
 
 async def test_topology_coming_back_rebuilds_it_fresh_without_ttls(
@@ -579,6 +637,34 @@ async def test_sweep_drops_expired_epochs_from_the_index(deps: Deps, redis: Redi
         await redis.delete(k)
     await n.sweep()
     assert await redis.zrange(keys.EPOCH_INDEX, 0, -1) == [(await active(redis)).encode()]
+
+
+async def test_sweep_never_retires_the_epoch_the_active_pointer_names(
+    deps: Deps, redis: Redis
+) -> None:
+    """The sweep reads every meta, then the active pointers: a promotion in between (another
+    symbol's normalizer sweeps while this one promotes a rebuilt epoch) shows the epoch as
+    retired without a TTL, yet active. The pointer wins: its keys keep no TTL."""
+    n = normalizer(deps)
+    await n.process(await put(redis, chain()))
+    eid = await active(redis)
+    await redis.hset(keys.epoch_meta(eid), "state", "retired")  # the meta as read before
+    await n.sweep()
+    assert all([await redis.ttl(k) == -1 for k in await epoch_keys(redis, eid)])
+
+
+async def test_retiring_again_never_extends_a_ttl(deps: Deps, redis: Redis) -> None:
+    """Retirement (and the sweep) put a TTL only on keys without one: a second retirement of
+    an epoch whose keys are already expiring leaves their deadline where it was."""
+    n = normalizer(deps, retire_ttl_s=300)
+    await n.process(await put(redis, chain()))
+    eid = await active(redis)
+    ks = await epoch_keys(redis, eid)
+    assert await n.retire(eid) == len(ks)
+    for k in ks:  # as if 295 s passed
+        await redis.expire(k, 5)
+    assert await n.retire(eid) == 0
+    assert all([0 < await redis.ttl(k) <= 5 for k in ks])
 
 
 # --- bad input ------------------------------------------------------------------------------------

@@ -5,9 +5,11 @@ leader failover without versions going backwards or repeating."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import random
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
@@ -103,6 +105,23 @@ async def crash(p: Publisher, task: asyncio.Task[None]) -> None:
 def start(p: Publisher) -> tuple[asyncio.Event, asyncio.Task[None]]:
     stop = asyncio.Event()
     return stop, asyncio.create_task(p.run(stop))
+
+
+@contextlib.asynccontextmanager
+async def leading(deps: Deps, redis: Redis) -> AsyncIterator[Publisher]:
+    """Epoch e1 installed by a tile builder and a publisher leading on it, caught up
+    (version 1); stopped on exit."""
+    await seed(redis)
+    b = TileBuilder(deps, STRAT, TCFG)
+    await b.handle([(b"1-0", entry(DirtyEntry("SPX", "e1", [], NOW, reason="epoch")))])
+    p = Publisher(deps, STRAT, PCFG)
+    stop, task = start(p)
+    try:
+        await eventually(lambda: caught_up(redis))
+        yield p
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
 
 
 async def caught_up(redis: Redis) -> bool:
@@ -272,7 +291,7 @@ async def test_publish_script_rejects_a_stale_leader_and_an_inactive_epoch(
     try:
         await eventually(lambda: _leads(q), timeout_s=5)
         # the crashed leader wakes up and tries to publish with its old token
-        p.token = old_token
+        p.lease.token = old_token
         st = await p._state("SPX")
         st.pending = {"SPX:x": b"{}"}
         await p._publish_pending(st, "time")
@@ -294,19 +313,37 @@ async def test_publish_script_rejects_a_stale_leader_and_an_inactive_epoch(
         await asyncio.wait_for(task2, 5)
 
 
+async def test_publish_script_refuses_any_version_but_current_plus_one(
+    deps: Deps, redis: Redis
+) -> None:
+    """Under a valid token and lease, with the right chain head: a repeated, older or skipping
+    version is refused (-4) and writes nothing, as is current + 1 on another chain head;
+    current + 1 on the head goes in."""
+    async with leading(deps, redis) as p:
+        ver_key, head_key = keys.heatmap_version("SPX", STRAT), keys.heatmap_head("SPX", STRAT)
+        stream = keys.heatmap_diffs_stream(STRAT)
+        head = await redis.get(head_key)
+        assert head is not None and await redis.get(ver_key) == b"1"
+        n_diffs = await redis.xlen(stream)
+        for version in (1, 0, 3):
+            code, _ = await p._write("SPX", "e1", version, b"{}", head.decode())
+            assert code == -4, version
+        assert await redis.get(ver_key) == b"1" and await redis.get(head_key) == head
+        assert await redis.xlen(stream) == n_diffs
+        # the right version on another chain head (Redis lost our last diff): refused too
+        assert (await p._write("SPX", "e1", 2, b"{}", "1-1"))[0] == -4
+        code, diff_id = await p._write("SPX", "e1", 2, b"{}", head.decode())
+        assert code == 1 and await redis.get(ver_key) == b"2"
+        assert await redis.get(head_key) == diff_id.encode()
+
+
 async def test_diff_id_above_a_later_stream_id_is_chosen_and_carried_by_the_model(
     deps: Deps, redis: Redis
 ) -> None:
     """The publisher picks diff ids from its clock; when the stream already holds a later id
     (another leader, clock skew) the script refuses and the model is re-rendered with an id
     above it: the diff lands and the model's diff_id is exactly its entry id."""
-    await seed(redis)
-    b = TileBuilder(deps, STRAT, TCFG)
-    await b.handle([(b"1-0", entry(DirtyEntry("SPX", "e1", [], NOW, reason="epoch")))])
-    p = Publisher(deps, STRAT, PCFG)
-    stop, task = start(p)
-    try:
-        await eventually(lambda: caught_up(redis))
+    async with leading(deps, redis) as p:
         future_ms = time.time_ns() // 1_000_000 + 3_600_000
         await redis.xadd(keys.heatmap_diffs_stream(STRAT), {"d": b"{}"}, id=f"{future_ms}-5")
         st = await p._state("SPX")
@@ -320,9 +357,6 @@ async def test_diff_id_above_a_later_stream_id_is_chosen_and_carried_by_the_mode
         last_id, last = (await redis.xrevrange(keys.heatmap_diffs_stream(STRAT), count=1))[0]
         assert m["diff_id"] == last_id.decode() == f"{future_ms}-6"
         assert msgspec.json.decode(last[b"d"])["version"] == 2
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 5)
 
 
 async def test_model_key_is_a_checkpoint_and_a_new_leader_catches_up_from_the_diffs(

@@ -12,13 +12,14 @@ from redis.asyncio import Redis
 
 from processors import heatmap as hm
 from processors import tile_vec as tv
-from processors.tile_builder import TileBuilder, TileSettings, reference_full_build
+from processors.tile_builder import TileBuilder, TileSettings
 from schemas import keys
-from schemas.heatmap import TileDelta, TileView, decode_view, split_staged, stage_value
+from schemas.heatmap import TileDelta, TileView, split_staged
 from schemas.messages import DirtyEntry, entry, from_entry
 from streams.consumer import Entry
 from streams.processor import Deps
 from tests.factories import option_chain, seed_epoch
+from tests.heatmap_reference import decode_view, reference_full_build, stage_value
 from tests.util import eventually
 
 NOW = 1_764_000_000_000_000_000
@@ -204,6 +205,38 @@ async def test_older_tile_is_not_admitted_and_redelivery_reannounces(
     await b.handle(as_entries(msg))
     assert [d.ids for d in await deltas(redis, "single")] == [[tid]]
     assert (await staged(redis, "single"))[tid] == good
+
+
+async def test_restaging_a_tile_with_its_staged_seq_is_a_no_op(deps: Deps, redis: Redis) -> None:
+    """Admission keeps the first value of a seq: the same value again, or another value with
+    the same seq (a replica that read the same legs), changes nothing, is counted "equal"
+    and does not mark staging as written by admission."""
+    await seed(redis)
+    b = TileBuilder(deps, "single", CFG)
+    await b.handle(as_entries(DirtyEntry("SPX", "e1", [], NOW, reason="epoch")))
+    before = await staged(redis, "single")
+    man = keys.heatmap_manifest("SPX", "single")
+    writer = await redis.hget(man, "writer")
+    assert writer != b"admission"
+    tid, good = next(iter(before.items()))
+    seq, _ = split_staged(good)
+    other = b"%d:%b" % (seq, b'{"legs":[],"debit":null}')
+    assert await b._stage_tiles("SPX", "e1", [tid, tid], [good, other]) == [0, 0]
+    assert await staged(redis, "single") == before
+    assert await redis.hget(man, "writer") == writer
+    n_equal = deps.registry.get_sample_value(
+        "massive_tiles_staged_total", {"strategy": "single", "result": "equal"}
+    )
+    assert n_equal == 2
+    # one more than the staged seq is admitted (the boundary above)
+    newer = b"%d:%b" % (seq + 1, good.partition(b":")[2])
+    assert await b._stage_tiles("SPX", "e1", [tid], [newer]) == [1]
+    assert (await staged(redis, "single"))[tid] == newer
+    assert await redis.hget(man, "writer") == b"admission"
+    # a replica still computing an epoch that staging no longer holds writes nothing
+    older = b"%d:%b" % (seq + 2, good.partition(b":")[2])
+    assert await b._stage_tiles("SPX", "e0", [tid], [older]) is None
+    assert (await staged(redis, "single"))[tid] == newer
 
 
 async def test_entries_of_a_non_active_epoch_are_skipped_and_counted(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 
+import msgspec
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -52,6 +53,32 @@ def leg_quote(draw: st.DrawFn) -> hm.LegQuote | None:
     return hm.LegQuote(bid, ask, mid, qts, last, tts, ts, src, rx)
 
 
+_cents = st.integers(0, 6000).map(lambda k: k * 5 / 100)  # 0.00 .. 300.00 in 0.05 steps
+_secs = st.integers(0, 90).map(lambda s: NOW - s * SEC)  # whole seconds: age == max_age is common
+
+
+@st.composite
+def typical_quote(draw: st.DrawFn) -> hm.LegQuote | None:
+    """What a live chain holds: two-sided quotes (sometimes one-sided, crossed or bid 0),
+    trades or none, timestamps of the last 90 s, every value inside the arrays' range."""
+    if draw(st.integers(0, 19)) == 0:
+        return None
+    bid: float | None = draw(_cents)
+    ask: float | None = round(bid + draw(st.integers(-2, 40)) * 0.05, 2)  # type: ignore[operator]
+    side = draw(st.integers(0, 9))
+    if side == 0:
+        bid = ask = None  # no quote at all
+    elif side == 1:
+        ask = None
+    mid = (bid + ask) / 2 if bid is not None and ask is not None else None
+    qts = None if bid is None and ask is None else draw(_secs)
+    rx = draw(st.one_of(st.none(), _secs)) if qts is not None else None
+    last, tts = (None, None) if draw(st.booleans()) else (draw(_cents), draw(_secs))
+    ts = max(qts or 0, tts or 0)
+    src = draw(st.sampled_from(["ws", "chain"]))
+    return hm.LegQuote(bid, ask, mid, qts, last, tts, ts, src, rx)
+
+
 def reference(spec: hm.TileSpec, quotes: dict[str, hm.LegQuote | None], age: int) -> bytes:
     try:
         return hm.staged_value(spec, quotes, age)
@@ -66,21 +93,32 @@ def numpy_path_for_every_batch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tv, "SMALL_BATCH", 0)
 
 
+@st.composite
+def chain_quotes(draw: st.DrawFn) -> tuple[bool, list[hm.LegQuote | None]]:
+    """(typical, one quote per contract): four batches in five are typical chains (the
+    vectorised path must take them); the rest mix in any value (exotic ones send the batch
+    through the reference path)."""
+    typical = draw(st.integers(0, 4)) > 0
+    leg = typical_quote() if typical else st.one_of(typical_quote(), leg_quote())
+    return typical, draw(st.lists(leg, min_size=len(CIDS), max_size=len(CIDS)))
+
+
 @settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(
     strategy=st.sampled_from(hm.STRATEGIES),
-    quotes=st.lists(leg_quote(), min_size=len(CIDS), max_size=len(CIDS)),
+    drawn=chain_quotes(),
     dirty=st.lists(st.sampled_from(CIDS), min_size=1, max_size=8),
     max_age_s=st.sampled_from([1, 10, 60]),
 )
 def test_vectorised_batch_equals_the_reference_tile_by_tile(
     strategy: str,
-    quotes: list[hm.LegQuote | None],
+    drawn: tuple[bool, list[hm.LegQuote | None]],
     dirty: list[str],
     max_age_s: int,
 ) -> None:
+    typical, quotes = drawn
     grid = hm.build_grid("SPX", strategy, CIDS, (5.0, 10.0, 22.5), today=None, n_expiries=2)
     table = tv.TileTable(grid)
     qs = dict(zip(CIDS, quotes, strict=True))
@@ -91,15 +129,47 @@ def test_vectorised_batch_equals_the_reference_tile_by_tile(
         read = {c: qs[c] for c in legs}
         table.load(read)
         try:
-            got = table.staged_values(rows, read, age)
+            got, key = table.staged_values_keyed(rows, read, age)
         except OverflowError:
-            got = None
+            got, key = None, None
         want = [reference(grid.specs[t], read, age) for t in table.tile_ids(rows)]
+        if typical:
+            assert key is not None, "a typical batch fell back to the per-tile path"
         if got is None:
             assert b"overflow" in want
         else:
             assert got == want
     assert set(table.tile_ids(table.affected(dirty))) == set(grid.affected(dirty))
+
+
+@pytest.mark.parametrize("strategy", hm.STRATEGIES)
+@pytest.mark.parametrize("via_rx", [False, True], ids=["quote_ts", "quote_rx"])
+def test_a_quote_exactly_max_age_old_is_fresh_and_one_ns_older_is_stale(
+    strategy: str, via_rx: bool
+) -> None:
+    """The freshness edge apart from the property test: every leg received exactly
+    ``max_age`` before the tile's as-of time prices at its mid, unflagged; one nanosecond
+    more and it is a stale mid. Vectorised and reference agree on both sides."""
+    max_age = 10 * SEC
+    grid = hm.build_grid("SPX", strategy, CIDS, (5.0, 10.0, 22.5), today=None, n_expiries=2)
+    table = tv.TileTable(grid)
+    rows = table.all_rows()
+    for extra_ns, src, stale in ((0, b'"mid"', b"false"), (1, b'"mid_stale"', b"true")):
+        received = NOW - max_age - extra_ns
+        qts = NOW - 100 * SEC if via_rx else received
+        rx = received if via_rx else None
+        qs: dict[str, hm.LegQuote | None] = {
+            c: hm.LegQuote(1.0 + i, 1.2 + i, 1.1 + i, qts, None, None, NOW, "chain", rx)
+            for i, c in enumerate(CIDS)
+        }
+        table.load(qs)
+        got, key = table.staged_values_keyed(rows, qs, max_age)
+        assert key is not None  # the vectorised path ran
+        assert got == [reference(grid.specs[t], qs, max_age) for t in table.tile_ids(rows)]
+        for v in got:
+            legs = msgspec.json.decode(v.partition(b":")[2])["legs"]
+            assert {leg[2] for leg in legs} == {src.strip(b'"').decode()}
+            assert b'"stale":' + stale in v
 
 
 def test_table_rows_follow_the_grid() -> None:

@@ -30,6 +30,7 @@ from redis.asyncio import Redis
 
 from schemas import keys
 from schemas.heatmap import split_staged
+from schemas.keys import STRATEGIES
 from simulator.server import SimConfig, SimServer
 from streams.local_redis import RedisServer
 from streams.processor import Deps, Processor, load
@@ -37,7 +38,6 @@ from streams.redis_client import connect
 from streams.runner import run_processors
 from streams.settings import RuntimeSettings
 
-STRATEGIES = ("single", "vertical", "butterfly")
 _raw = msgspec.json.Decoder(dict[str, Any])
 _NEG_ZERO = re.compile(rb"-0(\.0+)?(?![0-9.eE])")
 

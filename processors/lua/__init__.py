@@ -1,5 +1,6 @@
-"""Lua scripts of the epoch stages (normalizer, hydrator) and the contract reads (tile
-builder legs, the normalizer's carry).
+"""Every Lua script of the pipeline: the epoch stages (normalizer, hydrator), the contract
+reads (tile builder legs, the normalizer's carry), heatmap staging, the publishers' fenced
+lease and their publish scripts. Status codes the scripts return are the IntEnums below.
 
 The ``.lua`` files are package data read through importlib.resources. Every script touches
 keys of ONE hash slot only (one epoch's ``{<eid>}`` keys, the single spot hash, or one GEX
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
+from enum import IntEnum
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -26,7 +28,75 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import NoScriptError
 
-NAMES = ("hydrate", "seed", "build", "spot", "expire_keys", "fetch", "gex_source")
+NAMES = (
+    "hydrate",
+    "seed",
+    "build",
+    "spot",
+    "expire_keys",
+    "fetch",
+    "gex_source",
+    "stage",
+    "install",
+    "lease_acquire",
+    "lease_renew",
+    "lease_release",
+    "heatmap_publish",
+    "gex_publish",
+)
+
+
+class EpochWrite(IntEnum):
+    """First element of hydrate.lua / seed.lua replies."""
+
+    APPLIED = 0
+    NOT_ACTIVE = 1  # the epoch is not in the required state: nothing written
+
+
+class Build(IntEnum):
+    """build.lua: the number of contracts written, or NOT_WARMING."""
+
+    NOT_WARMING = -1
+
+
+class GexSource(IntEnum):
+    WRITTEN = 1
+    NOT_NEWER = 0
+
+
+class Stage(IntEnum):
+    """stage.lua: one per tile, or WRONG_EPOCH for the whole call."""
+
+    ADMITTED = 1
+    EQUAL = 0
+    OLDER = -1
+    WRONG_EPOCH = -9
+
+
+class Install(IntEnum):
+    INSTALLED = 1
+    ALREADY_INSTALLED = 0  # this epoch is staged: the build is dropped, admission merges
+    SUPERSEDED = -1  # a newer epoch is staged
+
+
+class Publish(IntEnum):
+    """heatmap_publish.lua (first element of the reply); also the publisher's checkpoint
+    write (OK, FENCED, MOVED)."""
+
+    OK = 1
+    FENCED = -1
+    LEASE_HELD = -2  # by another owner
+    INACTIVE_EPOCH = -3
+    MOVED = -4  # version is not current + 1, or prev id is not the chain head
+    ID_TOO_LOW = -5  # diff id not above the stream's last id (second element: that id)
+
+
+class GexPublish(IntEnum):
+    """gex_publish.lua: the diff id, or one of these."""
+
+    FENCED = -1  # a stale leader
+    MOVED = 0  # prev id is not the chain head: reload and rebuild
+
 
 Arg = str | bytes | int | float
 
@@ -41,9 +111,10 @@ def source(name: str) -> str:
 class Script:
     """One Lua script addressed by its SHA1."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, text: str | None = None) -> None:
+        """The packaged script ``name``, or ``text`` under that name (tests' own scripts)."""
         self.name = name
-        self.source = source(name)
+        self.source = source(name) if text is None else text
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
 
     def queue(self, pipe: Pipeline, keys: Sequence[Arg], args: Sequence[Arg]) -> None:
