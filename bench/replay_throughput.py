@@ -19,13 +19,18 @@ Starts its own redis-server (and simulator and processes when it records).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -150,43 +155,154 @@ def simulator_recording(url: str, seconds: float, out: Path, logs: Path) -> None
 
 
 # --- 3. pipeline replay --------------------------------------------------------------------
-async def replay(
-    url: str, path: Path, mode: str, step_ms: float, out: Path
-) -> tuple[rp.ReplayStats, float]:
-    redis = connect(url)
+def proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (/proc/<pid>/stat): robust to
+    other load on the machine, unlike wall time."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class _Timed(Coroutine[Any, Any, Any]):
+    """A task's coroutine whose every step is timed (thread CPU) into ``cpu[name]``."""
+
+    __slots__ = ("_c", "_cpu", "_name")
+
+    def __init__(self, c: Coroutine[Any, Any, Any], name: str, cpu: Counter[str]) -> None:
+        self._c, self._name, self._cpu = c, name, cpu
+
+    def send(self, value: Any) -> Any:
+        t = time.thread_time()
+        try:
+            return self._c.send(value)
+        finally:
+            self._cpu[self._name] += time.thread_time() - t
+
+    def throw(self, *args: Any) -> Any:
+        t = time.thread_time()
+        try:
+            return self._c.throw(*args)
+        finally:
+            self._cpu[self._name] += time.thread_time() - t
+
+    def close(self) -> None:
+        self._c.close()
+
+    def __await__(self) -> Any:
+        return self
+
+
+def _task_name(coro: Coroutine[Any, Any, Any]) -> str:
+    owner = getattr(coro, "cr_frame", None)
+    obj = owner.f_locals.get("self") if owner is not None else None
+    name = getattr(obj, "name", None)
+    return str(name) if name is not None else "other tasks (redis-py, clock)"
+
+
+def time_tasks(cpu: Counter[str]) -> None:
+    """Attribute the CPU of every task created from now on to its processor (its name)."""
+    loop = asyncio.get_running_loop()
+
+    def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kw: Any) -> asyncio.Task[Any]:
+        return asyncio.Task(_Timed(coro, _task_name(coro), cpu), loop=loop, **kw)
+
+    loop.set_task_factory(factory)  # type: ignore[arg-type]
+
+
+@dataclass
+class Run:
+    stats: rp.ReplayStats
+    cpu_s: float  # the replay process (driver + every in-process processor)
+    redis_cpu_s: float
+    output_cpu_s: float  # saving the diffs after each instant (--output), in cpu_s
+    tasks: Counter[str]
+
+
+async def replay(srv: RedisServer, path: Path, mode: str, step_ms: float, out: Path) -> Run:
+    redis = connect(srv.url)
     await redis.flushall()
-    settings = RuntimeSettings(redis_url=url, consumer=f"bench-{mode}", log_level="WARNING")
+    settings = RuntimeSettings(redis_url=srv.url, consumer=f"bench-{mode}", log_level="WARNING")
     opts = rp.ReplayOptions(mode=mode, processors=list(MODEL_PATH), step_ms=step_ms)
     w = rc.OutputWriter(out)
-    cpu0 = time.process_time()
+    tasks: Counter[str] = Counter()
+    out_cpu = [0.0]
+
+    async def collect() -> None:
+        t = time.thread_time()
+        await w.collect(redis)
+        out_cpu[0] += time.thread_time() - t
+
+    assert srv.proc is not None
+    time_tasks(tasks)
+    cpu0, rcpu0 = time.process_time(), proc_cpu_s(srv.proc.pid)
     try:
         stats = await rp.replay_file(
-            redis, path, opts, settings, CollectorRegistry(), on_instant=lambda: w.collect(redis)
+            redis, path, opts, settings, CollectorRegistry(), on_instant=collect
         )
+        cpu, rcpu = time.process_time() - cpu0, proc_cpu_s(srv.proc.pid) - rcpu0
         await w.finish(redis)
     finally:
+        asyncio.get_running_loop().set_task_factory(None)
         w.close()
         await redis.aclose()
-    return stats, time.process_time() - cpu0
+    return Run(stats, cpu, rcpu, out_cpu[0], tasks)
 
 
-async def pipeline_replays(url: str, path: Path, step_ms: float, lockstep: bool, tmp: Path) -> None:
+def print_cpu(runs: dict[str, Run]) -> None:
+    """CPU seconds per replayed minute, per process and per in-process participant, and
+    what they imply for an idle machine of 2 vCPUs: the replay process is one thread and
+    Redis another, so the wall time is at least the larger of the two (perfect overlap) and
+    at most their sum (every round trip waited for)."""
+    print("\nCPU seconds per replayed minute (the figures load on the machine distorts least):")
+    names = sorted({n for r in runs.values() for n in r.tasks}, key=lambda n: n.lower())
+    head = f"{'':32}" + "".join(f"{m:>12}" for m in runs)
+    print(head)
+
+    def row(label: str, get: Callable[[Run], float]) -> None:
+        vals = "".join(f"{get(r) / (r.stats.span_s / 60):12.2f}" for r in runs.values())
+        print(f"{label:32}{vals}")
+
+    row("replay process", lambda r: r.cpu_s)
+    for n in names:
+        row(f"  {n}", lambda r, n=n: r.tasks.get(n, 0.0))  # type: ignore[misc]
+    row("  saving the output (--output)", lambda r: r.output_cpu_s)
+    row(
+        "  driver, event loop, rest",
+        lambda r: r.cpu_s - sum(r.tasks.values()) - r.output_cpu_s,
+    )
+    row("redis-server", lambda r: r.redis_cpu_s)
+    for m, r in runs.items():
+        lo, hi = max(r.cpu_s, r.redis_cpu_s), r.cpu_s + r.redis_cpu_s
+        print(
+            f"{m}: on an idle 2-vCPU machine (replay process on one core, Redis on the other) "
+            f"{r.stats.span_s / hi:.1f}x .. {r.stats.span_s / lo:.1f}x real time "
+            f"(CPU sum {hi:.1f} s .. larger process {lo:.1f} s for {r.stats.span_s:.0f} s)"
+        )
+
+
+async def pipeline_replays(
+    srv: RedisServer, path: Path, step_ms: float, lockstep: bool, tmp: Path
+) -> None:
     _, it = rp.read_recording(path)
     n = sum(1 for _ in it)
     print(f"\nrecording {path}: {n} records")
     modes = ["causal", "lockstep"] if lockstep else ["causal"]
     outs: dict[str, Path] = {}
+    runs: dict[str, Run] = {}
     print(
         f"{'mode':9} {'wall s':>8} {'x real time':>12} {'records/s':>10} {'instants':>9} "
-        f"{'replayer CPU s':>15}"
+        f"{'replay CPU s':>13} {'redis CPU s':>12} {'load':>5}"
     )
     for mode in modes:
         outs[mode] = tmp / f"{mode}.mout.gz"
-        st, cpu = await replay(url, path, mode, step_ms, outs[mode])
+        r = runs[mode] = await replay(srv, path, mode, step_ms, outs[mode])
+        st = r.stats
         print(
             f"{mode:9} {st.wall_s:8.2f} {st.span_s / st.wall_s:11.1f}x "
-            f"{sum(st.records.values()) / st.wall_s:10,.0f} {st.instants:9d} {cpu:15.1f}"
+            f"{sum(st.records.values()) / st.wall_s:10,.0f} {st.instants:9d} {r.cpu_s:13.1f} "
+            f"{r.redis_cpu_s:12.1f} {os.getloadavg()[0]:5.1f}"
         )
+    print_cpu(runs)
     if lockstep:
         res = await rc.compare(
             rc.open_source(str(outs["causal"])), rc.open_source(str(outs["lockstep"]))
@@ -221,7 +337,7 @@ async def main() -> None:
             path = tmp / "sim.mrec.gz"
             print(f"\nrecording {args.seconds:.0f} s of the simulator (SPX, NDX, default rate)")
             simulator_recording(srv.url, args.seconds, path, tmp)
-        await pipeline_replays(srv.url, path, args.step_ms, not args.skip_lockstep, tmp)
+        await pipeline_replays(srv, path, args.step_ms, not args.skip_lockstep, tmp)
     finally:
         srv.stop()
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")

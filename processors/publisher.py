@@ -56,7 +56,7 @@ import contextlib
 import logging
 import uuid
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -541,10 +541,13 @@ class Publisher:
                 st.note_reconcile(d.recv_ts_ns)
                 continue
             w = wanted.setdefault(d.symbol, {})
+            r = d.recv_ts_ns
+            if not w:
+                w.update(dict.fromkeys(d.ids, r))
+                continue
             for tid in d.ids:
-                prev = w.get(tid)
-                r = d.recv_ts_ns
-                w[tid] = r if prev is None else (prev if r is None else min(prev, r))
+                prev = w.get(tid, r)
+                w[tid] = r if prev is None else (prev if r is None or prev < r else r)
         if not wanted:
             return
         syms = sorted(wanted)
@@ -562,21 +565,7 @@ class Publisher:
                 for recv in wanted[sym].values():  # staging replaced since: another epoch
                     st.note_reconcile(recv)
                 continue
-            self._fold(st, self._views(st, wanted[sym].items(), vals))
-
-    def _views(
-        self, st: SymState, wanted: Iterable[tuple[str, int | None]], vals: list[bytes | None]
-    ) -> Iterator[tuple[str, msgspec.Raw, int | None]]:
-        """(tile id, published view, recv) of the staged values read for ``wanted``; a tile
-        gone from staging asks for a reconcile."""
-        staged_json = self._staged_json
-        for (tid, recv), raw in zip(wanted, vals, strict=True):
-            if raw is None:
-                st.note_reconcile(recv)
-                continue
-            js = staged_json(tid, raw)
-            if js is not None:
-                yield tid, js, recv
+            self._fold_staged(st, wanted[sym], vals)
 
     def _staged_json(self, tid: str | bytes, raw: bytes) -> msgspec.Raw | None:
         """The published view in a staged value ``b"<seq>:<json>"``; None (counted, logged)
@@ -590,6 +579,36 @@ class Publisher:
             self.m_rejected.labels(self.strategy, "bad_staged_tile").inc()
             logger.error("unreadable staged tile %r: %s", tid, exc)
             return None
+
+    def _fold_staged(
+        self, st: SymState, wanted: dict[str, int | None], vals: list[bytes | None]
+    ) -> None:
+        """Fold the staged values read for ``wanted`` (tile id -> recv) like ``_fold``; a
+        tile gone from staging asks for a reconcile. One loop without a call per tile on the
+        usual path: it runs for every announced tile (~400k a minute in a replay of the
+        simulator)."""
+        items_get, pending, precv = st.items.get, st.pending, st.pending_recv
+        raw_view = msgspec.Raw
+        for (tid, recv), raw in zip(wanted.items(), vals, strict=True):
+            if raw is None:
+                st.note_reconcile(recv)
+                continue
+            c = raw.find(b":")
+            if 0 < c < len(raw) - 1 and raw[:c].isdigit():
+                js = raw_view(raw[c + 1 :])
+            else:
+                bad = self._staged_json(tid, raw)
+                if bad is None:
+                    continue
+                js = bad
+            if items_get(tid) == js:
+                pending.pop(tid, None)
+                precv.pop(tid, None)
+                continue
+            pending[tid] = js
+            if recv is not None:
+                cur = precv.get(tid)
+                precv[tid] = recv if cur is None or recv < cur else cur
 
     @staticmethod
     def _fold(st: SymState, views: Iterable[tuple[str, msgspec.Raw, int | None]]) -> None:

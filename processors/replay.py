@@ -87,6 +87,7 @@ from schemas import keys
 from schemas.messages import WS_PAYLOAD_FIELD, WS_RECV_FIELD, ChainPointer, SpotTick, from_entry
 from streams import admin
 from streams.clock import ReplayAborted, StepClock
+from streams.consumer import GroupConsumer
 from streams.logs import one_line, redact, setup_logging
 from streams.processor import ConsumerProcessor, Deps, Processor, load
 from streams.producer import DEFAULT_MAXLEN
@@ -556,15 +557,27 @@ class Quiescence:
     so every group is seen at one instant: a consumer acks a batch only after writing its
     output entries, so an output stream can never look caught up while the entries that
     feed it are still in flight. This is the replay's only backpressure: no sleeps of a
-    fixed length, just re-checks (first after a yield, then at most every 4 ms) until the
-    groups drain."""
+    fixed length, just re-checks until the groups drain. The consumers of those groups that
+    run in this process (``consumers``) say when they wait in their next read, holding
+    nothing: Redis is asked only then (and again once one of them has read anew), not on a
+    timer while they are still working; at most every 4 ms otherwise."""
 
-    def __init__(self, redis: Redis, groups: Iterable[tuple[str, str]]) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        groups: Iterable[tuple[str, str]],
+        consumers: Sequence[GroupConsumer] = (),
+    ) -> None:
         self.redis = redis
         self.groups: dict[str, set[str]] = {}
         for stream, group in groups:
             self.groups.setdefault(stream, set()).add(group)
         self.checks = 0
+        self.reads = 0  # reads sent by the in-process consumers
+        self.consumers = list(consumers)
+        self._read = asyncio.Event()
+        for c in self.consumers:
+            c.on_read = self._on_read
 
     async def busy(self) -> list[str]:
         """``stream/group`` of every watched group that has not caught up."""
@@ -590,16 +603,39 @@ class Quiescence:
             out += [f"{s}/{g}" for g in sorted(wanted - seen)]
         return out
 
+    def _on_read(self) -> None:
+        self.reads += 1
+        self._read.set()
+
+    async def _next_read(self, since: int, timeout_s: float) -> None:
+        """Until an in-process consumer has sent a read after the first ``since`` (or
+        ``timeout_s``)."""
+        if self.reads == since:
+            self._read.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._read.wait(), timeout_s)
+
     async def wait(self, timeout_s: float, check: Callable[[], None] | None = None) -> None:
         deadline = time.monotonic() + timeout_s
         interval = 0.0
-        while busy := await self.busy():
+        while True:
+            while not all(c.reading for c in self.consumers):
+                await self._next_read(self.reads, 0.004)  # one still works on what it read
+                if check is not None:
+                    check()
+            since = self.reads
+            busy = await self.busy()
+            if not busy:
+                return
             if check is not None:
                 check()
             if time.monotonic() > deadline:
                 raise TimeoutError(f"pipeline not caught up after {timeout_s}s: {busy}")
-            await asyncio.sleep(interval)
-            interval = min(max(interval * 2, 0.0005), 0.004)
+            if self.consumers:
+                await self._next_read(since, 0.004)  # entries on their way to a consumer
+            else:
+                await asyncio.sleep(interval)
+                interval = min(max(interval * 2, 0.0005), 0.004)
 
 
 # --- in-process pipeline on the recording's clock -------------------------------------
@@ -660,7 +696,8 @@ async def replay_file(
         redis=redis, settings=settings, registry=registry or CollectorRegistry(), clock=clock
     )
     procs: list[Processor] = [load(n, deps) for n in opts.processors]
-    consumed = [(p.spec.stream, p.spec.group) for p in procs if isinstance(p, ConsumerProcessor)]
+    consumers = [p for p in procs if isinstance(p, ConsumerProcessor)]
+    consumed = [(p.spec.stream, p.spec.group) for p in consumers]
     pstop = asyncio.Event()
     tasks = [asyncio.create_task(p.run(pstop), name=p.name) for p in procs]
 
@@ -686,7 +723,8 @@ async def replay_file(
                     "processors not ready: " + ",".join(p.name for p in procs if not p.ready)
                 )
             await asyncio.sleep(0.005)
-        driver = _Driver(redis, clock, opts, settings, Quiescence(redis, consumed), check_tasks)
+        quiet = Quiescence(redis, consumed, [p.consumer for p in consumers])
+        driver = _Driver(redis, clock, opts, settings, quiet, check_tasks)
         driver.on_instant = on_instant
         await driver.settle_participants()
         return await driver.run(_chain([first], it), stop)

@@ -137,23 +137,28 @@ async def fetch_rows(
     cids: Sequence[str],
     chunk: int,
     parser: QuoteParser,
-) -> tuple[dict[str, hm.LegQuote | None], list[tv.QuoteRow]]:
-    """Read LEG_FIELDS of every contract in ``cids`` (one pipelined round trip): the quotes
-    and their array rows (tile_vec), in the order of ``cids``."""
-    if not cids:
-        return {}, []
+    manifest: str | None = None,
+) -> tuple[dict[str, hm.LegQuote | None], list[tv.QuoteRow], list[Any]]:
+    """``fetch_quotes`` for the vectorised path: the quotes and their array rows, in the
+    order of ``cids``; with ``manifest``, its ``epoch`` and ``writer`` read in the same
+    round trip, before the legs (else ``[]``)."""
+    if not cids and manifest is None:
+        return {}, [], []
     script = lua.get("fetch")
     prefix = keys.epoch_contract_prefix(eid)
 
     def queue(pipe: Pipeline) -> None:
+        if manifest is not None:
+            pipe.hmget(manifest, ["epoch", "writer"])
         for i in range(0, len(cids), chunk):
             script.queue(pipe, [prefix + c for c in cids[i : i + chunk]], hm.LEG_FIELDS)
 
     replies = await lua.execute(redis, queue)
+    head: list[Any] = replies[0] if manifest is not None else []
     pair = parser.pair
-    pairs = [pair(j) for rep in replies for j in rep]
+    pairs = [pair(j) for rep in replies[1 if manifest is not None else 0 :] for j in rep]
     quotes = dict(zip(cids, [p[0] for p in pairs], strict=True))
-    return quotes, [p[1] for p in pairs]
+    return quotes, [p[1] for p in pairs], head
 
 
 async def load_grid(
@@ -322,7 +327,23 @@ class TileBuilder(ConsumerProcessor):
         """Read the legs of the tiles ``rows`` and compute their staging values (and view
         keys, ``TileTable.staged_values_keyed``)."""
         cids = table.leg_contracts(rows)
-        quotes, qrows = await fetch_rows(self.redis, eid, cids, self.cfg.fetch_chunk, self._parse)
+        quotes, qrows, _ = await fetch_rows(
+            self.redis, eid, cids, self.cfg.fetch_chunk, self._parse
+        )
+        return await self._values(table, rows, cids, quotes, qrows)
+
+    async def _values(
+        self,
+        table: tv.TileTable,
+        rows: Any,
+        cids: list[str],
+        quotes: dict[str, hm.LegQuote | None],
+        qrows: list[tv.QuoteRow],
+    ) -> tuple[list[str], list[bytes], Any]:
+        """The staging values (and view keys) of the tiles ``rows`` from their legs just
+        read (``cids``: ``table.leg_contracts(rows)``). A coroutine although it does no
+        I/O: the step between the reads and the optimistic write, where a test lets a
+        replica write staging."""
         table.load_rows(cids, qrows)
         values, key = table.staged_values_keyed(rows, quotes, self.cfg.max_quote_age_ns)
         return table.tile_ids(rows), values, key
@@ -382,10 +403,18 @@ class TileBuilder(ConsumerProcessor):
 
         async with self.redis.pipeline(transaction=True) as tx:
             await tx.watch(k_st, k_man)
-            staged, writer = await tx.hmget(k_man, ["epoch", "writer"])
+            # After the WATCH, in one round trip: the staged epoch and writer, and the legs
+            # (used only if the epoch is the staged one, the usual case).
+            legs = table.leg_contracts(rows)
+            quotes, qrows, (staged, writer) = await fetch_rows(
+                self.redis, eid, legs, self.cfg.fetch_chunk, self._parse, manifest=k_man
+            )
             if staged is not None and as_str(staged) == eid:
-                ids, tids, values = await self._try_optimistic(
-                    tx, k_st, k_man, table, rows, as_str(writer) if writer else None, delta
+                if writer is None or as_str(writer) != self.owner:
+                    table.forget_announced()
+                tids, values, key = await self._values(table, rows, legs, quotes, qrows)
+                ids = await self._try_optimistic(
+                    tx, k_st, k_man, table, rows, tids, values, key, delta
                 )
                 if ids is not None:
                     self.m_seconds.labels(self.strategy, "incremental").observe(
@@ -416,36 +445,35 @@ class TileBuilder(ConsumerProcessor):
         k_man: str,
         table: tv.TileTable,
         rows: Any,
-        writer: str | None,
+        tids: list[str],
+        values: list[bytes],
+        key: Any,
         delta: Callable[[list[str]], producer.Fields],
-    ) -> tuple[list[str] | None, list[str], list[bytes]]:
-        """The optimistic write of ``incremental`` on the WATCHing pipeline ``tx``: compute,
-        then MULTI (HSETs, writer, delta) / EXEC. Returns (announced ids or None when EXEC
-        aborted, computed ids, their values)."""
-        if writer != self.owner:
-            table.forget_announced()
-        tids, values, key = await self._compute(table, table.epoch, rows)
+    ) -> list[str] | None:
+        """The optimistic write of ``incremental`` on the WATCHing pipeline ``tx``: MULTI
+        (HSETs of the values computed, writer, delta) / EXEC. Returns the announced ids, or
+        None when EXEC aborted."""
         self.m_computed.labels(self.strategy, "incremental").inc(len(tids))
         changed = table.view_changed(rows, key)
         tx.multi()
         for items in _pairs(tids, values, self.cfg.write_chunk):
             tx.hset(k_st, items=items)
         tx.hset(k_man, "writer", self.owner)
-        ids = table.ids[rows[changed]].tolist()
+        ids: list[str] = table.ids[rows[changed]].tolist()
         if ids:
             producer.xadd_pipe(tx, self.tiles_stream, delta(ids), self.cfg.tiles_maxlen)
         try:
             await tx.execute()
         except WatchError:
             self.m_stage_conflicts.inc()
-            return None, tids, values
+            return None
         self.m_staged.labels(self.strategy, "admitted").inc(len(tids))
         if len(ids) < len(tids):
             self.m_unchanged.inc(len(tids) - len(ids))
         if ids:
             self.m_deltas.inc()
         table.announced(rows[changed], None if key is None else key[changed])
-        return ids, tids, values
+        return ids
 
     async def _stage_tiles(
         self, sym: str, eid: str, tids: list[str], values: list[bytes]

@@ -64,6 +64,12 @@ class GroupConsumer:
         self.ready = False
         self.backoff = REDIS_BACKOFF
         self._last_reclaim = 0.0
+        # True while the read (XACK of the previous batch + XREADGROUP) is in flight: the
+        # consumer holds no entry. A replay driver in the same process watches it (and
+        # ``on_read``, called as each read is sent) to ask Redis whether the groups caught up
+        # only when every consumer has finished what it held.
+        self.reading = False
+        self.on_read: Callable[[], None] | None = None
 
     # --- group lifecycle ---------------------------------------------------------------
     async def ensure_group(self) -> None:
@@ -151,12 +157,17 @@ class GroupConsumer:
         pipe.xreadgroup(
             spec.group, spec.consumer, {spec.stream: ">"}, count=spec.count, block=spec.block_ms
         )
+        self.reading = True
+        if self.on_read is not None:
+            self.on_read()
         try:
             res = await pipe.execute()
         except ResponseError as exc:
             if await self._on_nogroup(exc):
                 return []
             raise
+        finally:
+            self.reading = False
         batch = res[-1]
         if not batch:
             return []

@@ -354,14 +354,14 @@ async def test_staging_written_meanwhile_falls_back_to_admission(deps: Deps, red
     tids = table.tile_ids(table.affected([c]))
     victim = tids[0]
     newer = b"9" * 30 + b':{"legs":[],"flags":["from_a_replica"]}'
-    real_compute = b._compute
+    real_values = b._values
 
     async def compute_then_replica_writes(*a: object) -> tuple[list[str], list[bytes]]:
-        out = await real_compute(*a)  # type: ignore[arg-type]
+        out = await real_values(*a)  # type: ignore[arg-type]
         await redis.hset(keys.heatmap_staging("SPX", "vertical"), victim, newer)
         return out
 
-    b._compute = compute_then_replica_writes  # type: ignore[method-assign]
+    b._values = compute_then_replica_writes  # type: ignore[method-assign,assignment]
     await tick(redis, "e1", c, NOW + 3 * SEC, 4.0, 4.4)
     await redis.delete(keys.tiles_stream("vertical"))
     await b.handle(as_entries(DirtyEntry("SPX", "e1", [c], NOW + 3 * SEC)))
