@@ -35,7 +35,6 @@ import datetime as dt
 import email.utils
 import logging
 import math
-import os
 from dataclasses import dataclass
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -61,7 +60,7 @@ from streams.consumer import Entry, GroupConsumer
 from streams.logs import add_secret, redact
 from streams.processor import Deps
 from streams.retry import REDIS_UNAVAILABLE, Backoff, sleep_or_stop
-from streams.settings import from_env
+from streams.settings import env_settings, fallback_env, from_env, stage_symbols
 from streams.spec import StreamSpec
 
 logger = logging.getLogger(__name__)
@@ -71,14 +70,14 @@ NY = ZoneInfo("America/New_York")
 RETRY_STATUSES = frozenset({413, 429, 499, 500, 502, 503, 504})
 
 
+@env_settings("MASSIVE_POLLER_")
 @dataclass(frozen=True, slots=True)
 class PollerSettings:
     """Env prefix ``MASSIVE_POLLER_``; the key is also read from ``MASSIVE_API_KEY``."""
 
-    api_key: str = ""
+    api_key: str = fallback_env("MASSIVE_API_KEY", "")
     rest_url: str = "https://api.massive.com"
     auth_mode: str = "query"  # query (?apiKey=, the spec) | bearer (Authorization header)
-    symbols: tuple[str, ...] = ("SPX", "NDX")
     band_pct: float = 0.08  # strike band: anchor * (1 +- band_pct) ...
     band_points: float = 0.0  # ... or anchor +- band_points when > 0
     # the band's anchor follows spot with hysteresis (processors/strike_band.py)
@@ -109,8 +108,6 @@ class PollerSettings:
     def __post_init__(self) -> None:
         if self.auth_mode not in ("query", "bearer"):
             raise ValueError(f"auth_mode must be query or bearer, got {self.auth_mode!r}")
-        if not self.symbols:
-            raise ValueError("symbols is empty")
         if not 1 <= self.limit <= 250:
             raise ValueError(f"limit must be 1..250 (the API maximum), got {self.limit}")
         if self.expirations < 1:
@@ -134,13 +131,6 @@ class PollerSettings:
     def backoff(self) -> Backoff:
         """REST retries: full jitter (many clients of one provider spread out)."""
         return Backoff(base_s=self.backoff_base_s, cap_s=self.backoff_max_s, jitter="full")
-
-
-def load_settings(environ: dict[str, str] | None = None) -> PollerSettings:
-    env = dict(os.environ if environ is None else environ)
-    if "MASSIVE_POLLER_API_KEY" not in env and env.get("MASSIVE_API_KEY"):
-        env["MASSIVE_POLLER_API_KEY"] = env["MASSIVE_API_KEY"]
-    return from_env(PollerSettings, "MASSIVE_POLLER_", env)
 
 
 # --- errors ---------------------------------------------------------------------------------
@@ -209,11 +199,14 @@ class FetchResult:
 class ChainPoller:
     name = "chain-poller"
 
-    def __init__(self, deps: Deps, settings: PollerSettings) -> None:
+    def __init__(
+        self, deps: Deps, settings: PollerSettings, symbols: tuple[str, ...] | None = None
+    ) -> None:
         self.deps = deps
         self.redis = deps.redis
         self.clock = deps.clock
         self.s = settings
+        self.symbols = symbols or deps.settings.symbols
         self._backoff = settings.backoff()
         self._band = settings.band_rule()
         self._anchors: dict[str, strike_band.Anchor | None] = {}
@@ -389,13 +382,13 @@ class ChainPoller:
 
     # --- fetches --------------------------------------------------------------------------
     async def fetch_spots(self, client: httpx.AsyncClient) -> dict[str, tuple[float, int | None]]:
-        tickers = ",".join(f"I:{s}" for s in self.s.symbols)
+        tickers = ",".join(f"I:{s}" for s in self.symbols)
         url = self._url("v3/snapshot/indices").copy_merge_params({"ticker.any_of": tickers})
         page: mr.IndexPage = await self.get_page(client, url, mr.parse_index_snapshot)
         for r in page.rejections:
             self.m_rejected.labels(r.reason).inc()
             logger.warning("chain-poller: index snapshot item rejected: %s", r.detail)
-        out = {sp.symbol: (sp.value, sp.ts_ns) for sp in page.spots if sp.symbol in self.s.symbols}
+        out = {sp.symbol: (sp.value, sp.ts_ns) for sp in page.spots if sp.symbol in self.symbols}
         return out
 
     def today(self) -> dt.date:
@@ -533,7 +526,7 @@ class ChainPoller:
             self._last_spot[sym] = v
         results: list[FetchResult] = []
         failed: FetchError | None = None
-        for sym in self.s.symbols:
+        for sym in self.symbols:
             res = await self.fetch_symbol(client, sym, spots, "window")
             if isinstance(res, FetchError):
                 self.last_error = failed = res
@@ -603,7 +596,7 @@ class ChainPoller:
     ) -> list[FetchResult]:
         """The whole chain of every symbol, for GEX (see the module doc)."""
         out: list[FetchResult] = []
-        for sym in self.s.symbols:
+        for sym in self.symbols:
             res = await self.fetch_symbol(client, sym, spots, "full")
             if isinstance(res, FetchError):
                 continue
@@ -777,12 +770,5 @@ def _origin_text(u: httpx.URL) -> str:
 
 
 def build(deps: Deps, arg: str | None) -> ChainPoller:
-    settings = load_settings()
-    if arg:
-        settings = PollerSettings(
-            **{
-                **{f: getattr(settings, f) for f in settings.__dataclass_fields__},
-                "symbols": tuple(s.strip().upper() for s in arg.split(",") if s.strip()),
-            }
-        )
-    return ChainPoller(deps, settings)
+    """``chain-poller`` or ``chain-poller:SPX`` (the argument overrides MASSIVE_SYMBOLS)."""
+    return ChainPoller(deps, from_env(PollerSettings), stage_symbols(deps.settings, arg))

@@ -60,7 +60,7 @@ from streams import metrics
 from streams.consumer import Entry
 from streams.processor import ConsumerProcessor, Deps
 from streams.producer import Fields, xadd_pipe
-from streams.settings import from_env
+from streams.settings import env_settings, from_env
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ _packer = msgspec.msgpack.Encoder()
 _FMT_CACHE_MAX = 1 << 16  # formatted prices remembered (cleared when full)
 
 
+@env_settings("MASSIVE_HYDRATOR_")
 @dataclass(frozen=True, slots=True)
 class HydratorSettings:
     """Env prefix ``MASSIVE_HYDRATOR_``."""
@@ -625,4 +626,4 @@ def _fields(msg: DirtyEntry) -> Fields:
 
 
 def build(deps: Deps, arg: str | None) -> Hydrator:
-    return Hydrator(deps, from_env(HydratorSettings, "MASSIVE_HYDRATOR_"))
+    return Hydrator(deps, from_env(HydratorSettings))

@@ -75,11 +75,12 @@ from streams.clock import StepClock
 from streams.consumer import Entry
 from streams.processor import Deps
 from streams.retry import REDIS_UNAVAILABLE, run_resilient
-from streams.settings import from_env
+from streams.settings import env_settings, from_env
 
 logger = logging.getLogger(__name__)
 
 
+@env_settings("MASSIVE_PUBLISHER_")
 @dataclass(frozen=True)
 class PublisherSettings:
     """Env prefix ``MASSIVE_PUBLISHER_``."""
@@ -1011,4 +1012,4 @@ def _stream_id(v: str) -> tuple[int, int]:
 def build(deps: Deps, arg: str | None) -> Publisher:
     if not arg:
         raise ValueError(f"publisher needs a strategy: publisher:<{'|'.join(hm.STRATEGIES)}>")
-    return Publisher(deps, arg, from_env(PublisherSettings, "MASSIVE_PUBLISHER_"))
+    return Publisher(deps, arg, from_env(PublisherSettings))

@@ -65,7 +65,7 @@ from schemas import keys
 from schemas.messages import RawDiff, RawModel
 from streams.metrics import counter, gauge
 from streams.processor import Deps
-from streams.settings import from_env
+from streams.settings import env_settings, from_env
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +73,7 @@ STATIC_DIR = Path(__file__).with_name("static")
 SEP = b"\r\n"
 
 
+@env_settings("MASSIVE_SSE_")
 @dataclass(frozen=True, slots=True)
 class SseSettings:
     """Env prefix ``MASSIVE_SSE_``."""
@@ -87,7 +88,6 @@ class SseSettings:
     no_model_poll_s: float = 1.0  # re-read interval of a model that does not exist yet
     send_timeout_s: float = 30.0  # a client that accepts no bytes for this long is dropped
     retry_ms: int = 1000  # EventSource reconnection delay announced to browsers
-    symbols: tuple[str, ...] = ("SPX", "NDX")  # offered by the dashboard
     static_dir: str = ""  # dashboard files ("" = processors/static)
     log_level: str = "warning"  # uvicorn's own logger
     # Concurrent Redis reads of client sessions and JSON endpoints (snapshot GETs, replays).
@@ -723,7 +723,7 @@ def create_app(deps: Deps, settings: SseSettings) -> Starlette:
                 out[_s(sym_b)] = {"epoch": eid, "meta": {_s(k): _s(v) for k, v in meta.items()}}
         body = {
             "active": out,
-            "symbols": list(settings.symbols),
+            "symbols": list(deps.settings.symbols),
             "strategies": list(keys.STRATEGIES),
         }
         return Response(orjson.dumps(body), media_type="application/json")
@@ -838,4 +838,4 @@ class SseGateway:
 def build(deps: Deps, arg: str | None) -> SseGateway:
     if arg:
         raise ValueError(f"sse-gateway takes no argument (got {arg!r})")
-    return SseGateway(deps, from_env(SseSettings, "MASSIVE_SSE_"))
+    return SseGateway(deps, from_env(SseSettings))

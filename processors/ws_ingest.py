@@ -1,8 +1,8 @@
 """ws-ingest: Massive WebSocket feeds -> raw frames on massive:ws:stream.
 
-Two connections: ``<ws_url>/options`` (``T.`` for every contract of the active epochs, plus
+Two connections: ``<url>/options`` (``T.`` for every contract of the active epochs, plus
 ``Q.`` for at most ``max_quotes`` contracts per connection: the nearest-to-spot contracts of
-the front expiries) and ``<ws_url>/indices`` (``V.I:SPX``, ``V.I:NDX``).
+the front expiries) and ``<url>/indices`` (``V.I:SPX``, ``V.I:NDX``).
 
 * Handshake: ``connected`` -> ``{"action":"auth"}`` -> ``auth_success``. ``auth_failed`` is
   fatal (:class:`WsAuthError` propagates out of ``run``: "check MASSIVE_API_KEY").
@@ -27,10 +27,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import datetime as dt
 import logging
-import os
 from dataclasses import dataclass, field
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -48,7 +46,7 @@ from streams.logs import add_secret
 from streams.processor import Deps, FatalError
 from streams.producer import xadd
 from streams.retry import REDIS_BACKOFF, Backoff, sleep_or_stop
-from streams.settings import from_env
+from streams.settings import env_settings, fallback_env, from_env, stage_symbols
 
 logger = logging.getLogger(__name__)
 
@@ -69,14 +67,13 @@ KNOWN_STATUSES = frozenset(
 _raw_list = msgspec.json.Decoder(list[msgspec.Raw])
 
 
+@env_settings("MASSIVE_WS_")
 @dataclass(frozen=True, slots=True)
 class WsSettings:
-    """Env prefix ``MASSIVE_WS_``; the key is also read from ``MASSIVE_API_KEY`` and the
-    URL from ``MASSIVE_WS_URL`` (as well as ``MASSIVE_WS_WS_URL``)."""
+    """Env prefix ``MASSIVE_WS_``; the key is also read from ``MASSIVE_API_KEY``."""
 
-    api_key: str = ""
-    ws_url: str = "wss://socket.massive.com"
-    symbols: tuple[str, ...] = ("SPX", "NDX")
+    api_key: str = fallback_env("MASSIVE_API_KEY", "")
+    url: str = "wss://socket.massive.com"
     trades: bool = True
     quotes: bool = True
     max_quotes: int = 1000  # provider limit: 1,000 Q contracts per connection
@@ -118,15 +115,6 @@ class WsSettings:
         """Reconnects: equal jitter (at least half the window: a restarting server is not
         hit by an immediate reconnect)."""
         return Backoff(base_s=self.reconnect_base_s, cap_s=self.reconnect_max_s, jitter="equal")
-
-
-def load_settings(environ: dict[str, str] | None = None) -> WsSettings:
-    env = dict(os.environ if environ is None else environ)
-    if "MASSIVE_WS_API_KEY" not in env and env.get("MASSIVE_API_KEY"):
-        env["MASSIVE_WS_API_KEY"] = env["MASSIVE_API_KEY"]
-    if "MASSIVE_WS_WS_URL" not in env and env.get("MASSIVE_WS_URL"):
-        env["MASSIVE_WS_WS_URL"] = env["MASSIVE_WS_URL"]  # the shorter spelling
-    return from_env(WsSettings, "MASSIVE_WS_", env)
 
 
 def market_expected_open(now_ns: int, s: WsSettings) -> bool:
@@ -174,11 +162,14 @@ class _EpochView:
 class WsIngest:
     name = "ws-ingest"
 
-    def __init__(self, deps: Deps, settings: WsSettings) -> None:
+    def __init__(
+        self, deps: Deps, settings: WsSettings, symbols: tuple[str, ...] | None = None
+    ) -> None:
         self.deps = deps
         self.redis = deps.redis
         self.clock = deps.clock
         self.s = settings
+        self.symbols = symbols or deps.settings.symbols
         self._backoff = settings.backoff()
         self.feeds: dict[str, _Feed] = {}
         if settings.trades or settings.quotes:
@@ -284,7 +275,7 @@ class WsIngest:
 
     # --- connection -----------------------------------------------------------------------
     async def _feed_loop(self, feed: _Feed, stop: asyncio.Event) -> None:
-        url = f"{self.s.ws_url.rstrip('/')}/{feed.market}"
+        url = f"{self.s.url.rstrip('/')}/{feed.market}"
         attempt = 0
         while not stop.is_set():
             reason = "closed"
@@ -484,8 +475,8 @@ class WsIngest:
     async def desired(self, market: str) -> set[str]:
         """The subscription params this connection should hold now."""
         if market == "indices":
-            return {f"V.I:{sym}" for sym in self.s.symbols}
-        syms = list(self.s.symbols)
+            return {f"V.I:{sym}" for sym in self.symbols}
+        syms = list(self.symbols)
         eids = await self.redis.hmget(keys.EPOCH_ACTIVE, syms)
         spots = await self.redis.hmget(keys.SPOT_LATEST, syms)
         out: set[str] = set()
@@ -646,8 +637,5 @@ def allocate(ranked: dict[str, list[str]], budget: int) -> list[str]:
 
 
 def build(deps: Deps, arg: str | None) -> WsIngest:
-    settings = load_settings()
-    if arg:
-        syms = tuple(s.strip().upper() for s in arg.split(",") if s.strip())
-        settings = dataclasses.replace(settings, symbols=syms)
-    return WsIngest(deps, settings)
+    """``ws-ingest`` or ``ws-ingest:SPX`` (the argument overrides MASSIVE_SYMBOLS)."""
+    return WsIngest(deps, from_env(WsSettings), stage_symbols(deps.settings, arg))

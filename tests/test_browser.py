@@ -24,7 +24,7 @@ from tests.sse_publisher import FakeMarket, ModelWriter, publish_full, publish_s
 from tests.test_sse_gateway import SETTINGS, base, gateway
 from tests.util import free_port
 
-CHROMIUM = os.environ.get("MASSIVE_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")  # not MASSIVE_*: those are settings
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 ARGS = [
     "--headless",
