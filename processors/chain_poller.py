@@ -683,7 +683,9 @@ class ChainPoller:
             block_ms=self.s.control_block_ms,
             start_id="$",
         )
-        control = GroupConsumer(self.redis, spec, self.on_control, self.deps.registry, self.name)
+        control = GroupConsumer(
+            self.redis, spec, self.on_control, self.deps.registry, self.name, self.deps.heartbeats
+        )
         control_task = asyncio.create_task(control.run(stop), name="chain-poller-control")
         full_task = (
             asyncio.create_task(self.full_loop(stop), name="chain-poller-full")

@@ -88,6 +88,17 @@ async def _lag(settings: RuntimeSettings, streams: list[str] | None) -> None:
         )
 
 
+# Errors printed on one line (exit code 2) instead of a traceback: what the user must fix.
+SAID = (FatalError, ValueError, SettingsError, ResponseError)
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -138,11 +149,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(_offsets_reset(settings, args.stream, args.group, args.to))
         elif args.cmd == "lag":
             asyncio.run(_lag(settings, args.streams))
-    except FatalError as exc:  # e.g. the provider refused the API key: said, not traced
+    except SAID as exc:  # e.g. the provider refused the API key: said, not traced
         print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 2
-    except (ValueError, SettingsError, ResponseError) as exc:
-        print(f"error: {redact(str(exc))}", file=sys.stderr)
+    except ExceptionGroup as group:  # several processors failed: each one said
+        said, rest = group.split(SAID)
+        if rest is not None or said is None:
+            raise
+        for leaf in _leaves(said):
+            print(f"error: {redact(str(leaf))}", file=sys.stderr)
         return 2
     except CONNECT_ERRORS as exc:
         if args.cmd == "run":

@@ -361,6 +361,7 @@ class GexBuilder:
         failures = 0
         try:
             while not stop.is_set():
+                self.deps.heartbeats.beat(self.name)
                 delay = self.s.poll_s
                 try:
                     await self.tick()

@@ -242,6 +242,7 @@ class Monitor:
             janitor = asyncio.create_task(self._retention_loop(stop), name="monitor:retention")
         try:
             while not stop.is_set():
+                self.deps.heartbeats.beat(self.name)
                 await self.poll_once()
                 await sleep_or_stop(stop, self.settings.interval_s)
         finally:

@@ -359,6 +359,7 @@ class Publisher:
 
     async def _run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
+            self.deps.heartbeats.beat(self.name)  # the lead loop beats under the same name
             tok = await self._take_lease()
             if tok == 0:
                 await _wait(stop, self.cfg.renew_ms / 1000)
@@ -434,6 +435,7 @@ class Publisher:
             await self._lead_stepped(stop, self.clock)
             return
         while not stop.is_set() and self.leader:
+            self.deps.heartbeats.beat(self.name)
             await self._evaluate()
             await self._checkpoint_idle()
             await self._ack_if_idle()

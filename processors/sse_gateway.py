@@ -42,7 +42,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -63,6 +63,7 @@ from starlette.staticfiles import StaticFiles
 from processors import gex
 from schemas import keys
 from schemas.messages import RawDiff, RawModel
+from streams.health import QuietServer
 from streams.metrics import counter, gauge
 from streams.processor import Deps
 from streams.settings import env_settings, from_env
@@ -771,14 +772,6 @@ def create_app(deps: Deps, settings: SseSettings) -> Starlette:
 
 
 # --- processor ---------------------------------------------------------------------------------
-class _Server(uvicorn.Server):
-    """uvicorn without its own signal handlers (the runner owns SIGTERM/SIGINT)."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
 class SseGateway:
     name = "sse-gateway"
 
@@ -787,7 +780,7 @@ class SseGateway:
         self.settings = settings
         self.app = create_app(deps, settings)
         self.gateway: Gateway = self.app.state.gateway
-        self.server: _Server | None = None
+        self.server: QuietServer | None = None
 
     @property
     def ready(self) -> bool:
@@ -811,7 +804,7 @@ class SseGateway:
             timeout_graceful_shutdown=max(1, int(self.deps.settings.grace_s)),
             access_log=False,
         )
-        self.server = _Server(config)
+        self.server = QuietServer(config)
         server = self.server
 
         async def serve() -> None:

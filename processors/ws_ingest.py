@@ -594,6 +594,7 @@ class WsIngest:
         tick = min(0.25, s.silence_s / 4)
         feed = self._dormancy_feed
         while not stop.is_set():
+            self.deps.heartbeats.beat(self.name)
             await self._sleep(tick)
             mono = self.clock.monotonic()
             now_ns = self.clock.time_ns()

@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 
 from streams.clock import Clock, SystemClock
 from streams.consumer import Entry, GroupConsumer
+from streams.heartbeat import Heartbeats
 from streams.settings import RuntimeSettings
 from streams.spec import StreamSpec
 
@@ -31,6 +32,7 @@ class Deps:
     settings: RuntimeSettings
     registry: CollectorRegistry
     clock: Clock = field(default_factory=SystemClock)
+    heartbeats: Heartbeats = field(default_factory=Heartbeats)
 
 
 class Processor(Protocol):
@@ -69,7 +71,9 @@ class ConsumerProcessor:
         self.deps = deps
         self.redis = deps.redis
         self.spec = StreamSpec(**params)  # type: ignore[arg-type]
-        self.consumer = GroupConsumer(deps.redis, self.spec, self.handle, deps.registry, self.name)
+        self.consumer = GroupConsumer(
+            deps.redis, self.spec, self.handle, deps.registry, self.name, deps.heartbeats
+        )
 
     @property
     def ready(self) -> bool:

@@ -180,6 +180,8 @@ class RuntimeSettings:
     max_deliveries: int = 5
     stream_maxlen: int = 500_000
     grace_s: float = 20.0  # SIGTERM: time to finish the batch before cancelling
+    # /healthz fails when a processor loop has not beaten for this long (streams/heartbeat.py)
+    liveness_s: float = 60.0
     # Event loop of ``massive-pipeline run``: uvloop (libuv; measured less CPU per Redis
     # round trip and per SSE write than asyncio's selector loop) or asyncio.
     event_loop: str = "uvloop"
@@ -187,8 +189,8 @@ class RuntimeSettings:
     symbols: tuple[str, ...] = ("SPX", "NDX")
 
     def __post_init__(self) -> None:
-        if self.grace_s <= 0:
-            raise ValueError("grace_s must be > 0")
+        if self.grace_s <= 0 or self.liveness_s <= 0:
+            raise ValueError("grace_s and liveness_s must be > 0")
         if not self.consumer:
             raise ValueError("consumer name is empty")
         if self.event_loop not in ("uvloop", "asyncio"):
