@@ -419,7 +419,10 @@ def test_dockerfile_is_slim_non_root_and_copies_every_package() -> None:
     user = [ln for ln in lines if ln.startswith("USER ")]
     assert user and not user[-1].split()[1].startswith(("root", "0"))
     assert 'ENTRYPOINT ["massive-pipeline"]' in lines
-    assert any(re.match(r"RUN pip install \.", ln) for ln in lines)
+    # the locked, hashed dependencies first, then the package alone
+    assert "RUN pip install --require-hashes -r requirements.lock \\" in lines
+    assert "&& pip install --no-deps . \\" in lines
+    assert "requirements.lock" in next(ln for ln in lines if ln.startswith("COPY pyproject.toml"))
     py = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert py["project"]["scripts"]["massive-pipeline"] == "processors.cli:main"
     copied = {ln.split()[1] for ln in lines if ln.startswith("COPY ")}
@@ -433,7 +436,14 @@ def test_dockerfile_is_slim_non_root_and_copies_every_package() -> None:
         if ln.strip() and not ln.startswith("#")
     ]
     assert {".venv", ".git"} <= set(ignored)
-    assert not {"schemas", "streams", "processors", "simulator", "pyproject.toml"} & set(ignored)
+    assert not {
+        "schemas",
+        "streams",
+        "processors",
+        "simulator",
+        "pyproject.toml",
+        "requirements.lock",
+    } & set(ignored)
     hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
     if Path(hadolint).exists():
         res = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True)
