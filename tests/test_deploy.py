@@ -348,6 +348,51 @@ def test_replay_job_runs_a_valid_replay_command() -> None:
     assert c["envFrom"][0]["configMapRef"]["name"] in by_kind(docs, "ConfigMap")
 
 
+def test_replay_overlay_stops_the_live_ingest_as_the_readme_says() -> None:
+    deps = by_kind(render("replay"), "Deployment")
+    assert {n: deps[n]["spec"]["replicas"] for n in ("chain-poller", "ws-ingest", "simulator")} == {
+        "chain-poller": 0,
+        "ws-ingest": 0,
+        "simulator": 0,
+    }
+    model_path = set(PROCESSORS) - {"chain-poller", "ws-ingest"}
+    assert all(deps[n]["spec"].get("replicas") != 0 for n in model_path)
+    readme = " ".join((ROOT / "deploy" / "README.md").read_text().split())
+    assert "chain-poller, ws-ingest and the simulator at 0 replicas" in readme
+
+
+def pod_images(doc: dict[str, Any]) -> list[str]:
+    """The image of every container and init container anywhere in ``doc``."""
+    out: list[str] = []
+    if isinstance(doc, dict):
+        for key, value in doc.items():
+            if key in ("containers", "initContainers") and isinstance(value, list):
+                out += [c["image"] for c in value]
+            else:
+                out += pod_images(value)
+    elif isinstance(doc, list):
+        for value in doc:
+            out += pod_images(value)
+    return out
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_image_of_the_project_is_rewritten(overlay: str) -> None:
+    """The overlays set one image for every container they deploy, the ones they add
+    (simulator, replay Job) included: none is left as the bare ``massive-pipeline``."""
+    component = yaml.safe_load((K8S / "components/image/kustomization.yaml").read_text())
+    (img,) = component["images"]
+    ours = f"{img['newName']}:{img['newTag']}"
+    images = {f"{d['kind']}/{d['metadata']['name']}": pod_images(d) for d in render(overlay)}
+    unrewritten = {w: i for w, imgs in images.items() for i in imgs if i != ours and i != "redis:7"}
+    assert unrewritten == {}
+    assert images["Deployment/chain-poller"] == [ours]
+    if overlay != "prod":
+        assert images["Deployment/simulator"] == [ours]
+    if overlay == "replay":
+        assert images["Job/massive-replay"] == [ours]
+
+
 # --- Prometheus rules and the dashboard ------------------------------------------------
 PROMTOOL = shutil.which("promtool")
 
