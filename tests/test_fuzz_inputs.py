@@ -253,7 +253,7 @@ EXPIRY = _expiry()
 
 
 def rest_item(strike: float, right: str = "C", root: str = "SPXW") -> dict[str, Any]:
-    """One chain snapshot result item in the provider's shape (see shared/fixtures)."""
+    """One chain snapshot result item in the provider's shape (see tests/fixtures/massive)."""
     cid = ticker.encode(root, EXPIRY, right, strike)
     return {
         "details": {"contract_type": "call" if right == "C" else "put",
