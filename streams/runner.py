@@ -4,8 +4,8 @@ The processors run as one ``asyncio.TaskGroup``. SIGTERM/SIGINT, ``stop``, or th
 processor (a crash included) sets ``stop``; every processor then has ``grace_s`` to finish and
 ack its batch (``asyncio.timeout``), and those still running are cancelled and awaited before
 ``run_processors`` returns: their cleanup (lease release, ws-ingest's final flush) runs while
-the caller's Redis client is still open. Every processor error is logged on one line and raised:
-one as itself, several as an ``ExceptionGroup``.
+the caller's Redis client is still open. Every processor error is raised then: one as itself,
+several as an ``ExceptionGroup`` (``massive-pipeline`` prints each on one line).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import signal
 from collections.abc import Awaitable, Sequence
 
 from streams.health import health_server
-from streams.logs import one_line
 from streams.processor import Deps, Processor
 
 logger = logging.getLogger(__name__)
@@ -45,8 +44,7 @@ async def run_processors(
     async def supervise(name: str, work: Awaitable[None]) -> None:
         try:
             await work
-        except Exception as exc:
-            logger.error("%s failed: %s", name, one_line(exc))
+        except Exception as exc:  # raised once every processor has stopped
             errors.append(exc)
         finally:
             stop.set()  # one processor ending ends the process: Kubernetes restarts it
