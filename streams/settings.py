@@ -187,6 +187,8 @@ class RuntimeSettings:
     event_loop: str = "uvloop"
     # The underlyings every stage works on (chain-poller, ws-ingest, gex, monitor, dashboard).
     symbols: tuple[str, ...] = ("SPX", "NDX")
+    # Per-symbol spec overrides, a JSON object (MASSIVE_SYMBOL_SPECS; schemas/symbols.py)
+    symbol_specs: str = ""
 
     def __post_init__(self) -> None:
         if self.grace_s <= 0 or self.liveness_s <= 0:
