@@ -10,13 +10,15 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /src
-COPY pyproject.toml ./
+COPY pyproject.toml requirements.lock ./
 COPY schemas ./schemas
 COPY streams ./streams
 COPY processors ./processors
 COPY simulator ./simulator
 # Every dependency ships manylinux wheels (hiredis, orjson, msgspec): no compiler needed.
-RUN pip install . \
+# The pinned, hashed versions of requirements.lock, then the package itself.
+RUN pip install --require-hashes -r requirements.lock \
+    && pip install --no-deps . \
     && rm -rf /src \
     && groupadd --system --gid 10001 massive \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \

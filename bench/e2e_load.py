@@ -381,7 +381,7 @@ async def main() -> int:
         "MASSIVE_GEX_DOLLAR_SPOT_STEP_BP": "10",
         "MASSIVE_SSE_PORT": str(sse_port),
         "MASSIVE_SSE_HOST": "127.0.0.1",
-        "MASSIVE_SSE_SYMBOLS": "SPX",
+        "MASSIVE_SYMBOLS": "SPX",
     }
     for kv in args.env:
         k, sep, v = kv.partition("=")

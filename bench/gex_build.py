@@ -122,7 +122,7 @@ async def redis_build(
         rt = RuntimeSettings(redis_url=srv.url, consumer="bench")
         clock = ManualClock(now_ns)
         deps = Deps(redis=redis, settings=rt, registry=CollectorRegistry(), clock=clock)
-        gs = GexSettings(symbols=(symbol,), lease_ttl_ms=3_600_000)  # no renewals in the bench
+        gs = GexSettings(lease_ttl_ms=3_600_000)  # no renewals in the bench
         b = GexBuilder(deps, gs, (symbol,))
         src = decode_gex_source(blob)
         new_source, spot_moves = [], []

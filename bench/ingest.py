@@ -99,7 +99,7 @@ async def bench_ws(redis: Redis, url: str, frames: int, events: int, rounds: int
             deps = Deps(redis, RuntimeSettings(redis_url=url, consumer="b"), CollectorRegistry())
             w = WsIngest(
                 deps,
-                WsSettings(api_key="k", ws_url=f"ws://127.0.0.1:{port}", market_hours="never"),
+                WsSettings(api_key="k", url=f"ws://127.0.0.1:{port}", market_hours="never"),
             )
             stop = asyncio.Event()
             task = asyncio.create_task(w.run(stop))

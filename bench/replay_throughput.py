@@ -131,7 +131,7 @@ def simulator_recording(url: str, seconds: float, out: Path, logs: Path) -> None
         MASSIVE_POLLER_API_KEY="sim-key",
         MASSIVE_POLLER_REST_URL=f"http://127.0.0.1:{port}",
         MASSIVE_WS_API_KEY="sim-key",
-        MASSIVE_WS_WS_URL=f"ws://127.0.0.1:{port}",
+        MASSIVE_WS_URL=f"ws://127.0.0.1:{port}",
         MASSIVE_WS_MARKET_HOURS="always",
     )
     cli = [PY, "-m", "processors.cli"]

@@ -132,9 +132,7 @@ async def main() -> int:
         "MASSIVE_LOG_LEVEL": "WARNING",
         "MASSIVE_SSE_PORT": str(port),
         "MASSIVE_SSE_HOST": "127.0.0.1",
-        "MASSIVE_SSE_SYMBOLS": "SPX",
-        "MASSIVE_GEX_SYMBOLS": "SPX",
-        "MASSIVE_MONITOR_SYMBOLS": "SPX",
+        "MASSIVE_SYMBOLS": "SPX",
     }
     p = h.Pipeline(srv.url, log_dir, extra_env=env, supervise=False)
     mem: list[tuple[float, float]] = []

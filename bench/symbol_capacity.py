@@ -212,10 +212,6 @@ async def main(args: argparse.Namespace) -> None:
         sim.ws_url,
         sim.config.api_key,
         MASSIVE_SYMBOLS=joined,
-        MASSIVE_POLLER_SYMBOLS=joined,
-        MASSIVE_WS_SYMBOLS=joined,
-        MASSIVE_GEX_SYMBOLS=joined,
-        MASSIVE_MONITOR_SYMBOLS=joined,
         # production cadences and windows (the harness's defaults are test-sized)
         MASSIVE_POLLER_EXPIRATIONS="5",
         MASSIVE_POLLER_BAND_POINTS="0",

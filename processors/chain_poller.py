@@ -41,7 +41,6 @@ import datetime as dt
 import email.utils
 import logging
 import math
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,8 +48,9 @@ import httpx
 import msgspec
 
 from processors import strike_band
-from schemas import keys, symbols
+from schemas import keys
 from schemas import massive_rest as mr
+from schemas import symbols as symbol_specs
 from schemas.messages import (
     ChainContract,
     ChainPointer,
@@ -67,7 +67,7 @@ from streams.consumer import Entry, GroupConsumer
 from streams.logs import add_secret, redact
 from streams.processor import Deps
 from streams.retry import REDIS_UNAVAILABLE, Backoff, sleep_or_stop
-from streams.settings import from_env
+from streams.settings import env_settings, fallback_env, from_env, stage_symbols
 from streams.spec import StreamSpec
 
 logger = logging.getLogger(__name__)
@@ -76,14 +76,14 @@ logger = logging.getLogger(__name__)
 RETRY_STATUSES = frozenset({413, 429, 499, 500, 502, 503, 504})
 
 
+@env_settings("MASSIVE_POLLER_")
 @dataclass(frozen=True, slots=True)
 class PollerSettings:
     """Env prefix ``MASSIVE_POLLER_``; the key is also read from ``MASSIVE_API_KEY``."""
 
-    api_key: str = ""
+    api_key: str = fallback_env("MASSIVE_API_KEY", "")
     rest_url: str = "https://api.massive.com"
     auth_mode: str = "query"  # query (?apiKey=, the spec) | bearer (Authorization header)
-    symbols: tuple[str, ...] = ("SPX", "NDX")
     band_pct: float = 0.08  # strike band: anchor * (1 +- band_pct) ...
     band_points: float = 0.0  # ... or anchor +- band_points when > 0
     # the band's anchor follows spot with hysteresis (processors/strike_band.py)
@@ -114,8 +114,6 @@ class PollerSettings:
     def __post_init__(self) -> None:
         if self.auth_mode not in ("query", "bearer"):
             raise ValueError(f"auth_mode must be query or bearer, got {self.auth_mode!r}")
-        if not self.symbols:
-            raise ValueError("symbols is empty")
         if not 1 <= self.limit <= 250:
             raise ValueError(f"limit must be 1..250 (the API maximum), got {self.limit}")
         if self.expirations < 1:
@@ -139,13 +137,6 @@ class PollerSettings:
     def backoff(self) -> Backoff:
         """REST retries: full jitter (many clients of one provider spread out)."""
         return Backoff(base_s=self.backoff_base_s, cap_s=self.backoff_max_s, jitter="full")
-
-
-def load_settings(environ: dict[str, str] | None = None) -> PollerSettings:
-    env = dict(os.environ if environ is None else environ)
-    if "MASSIVE_POLLER_API_KEY" not in env and env.get("MASSIVE_API_KEY"):
-        env["MASSIVE_POLLER_API_KEY"] = env["MASSIVE_API_KEY"]
-    return from_env(PollerSettings, "MASSIVE_POLLER_", env)
 
 
 # --- errors ---------------------------------------------------------------------------------
@@ -214,11 +205,14 @@ class FetchResult:
 class ChainPoller:
     name = "chain-poller"
 
-    def __init__(self, deps: Deps, settings: PollerSettings) -> None:
+    def __init__(
+        self, deps: Deps, settings: PollerSettings, symbols: tuple[str, ...] | None = None
+    ) -> None:
         self.deps = deps
         self.redis = deps.redis
         self.clock = deps.clock
         self.s = settings
+        self.symbols = symbols or deps.settings.symbols
         self._backoff = settings.backoff()
         self._band = settings.band_rule()
         self._anchors: dict[str, strike_band.Anchor | None] = {}
@@ -229,8 +223,8 @@ class ChainPoller:
         self._last_spot: dict[str, tuple[float, int | None]] = {}
         self.last_error: FetchError | None = None
         self.cycles = 0
-        reg_sym = symbols.registry()
-        self.specs = {sym: reg_sym.spec(sym) for sym in settings.symbols}
+        reg_sym = symbol_specs.registry()
+        self.specs = {sym: reg_sym.spec(sym) for sym in self.symbols}
         self.base_url = httpx.URL(settings.rest_url.rstrip("/") + "/")
         add_secret(settings.api_key)
         if not settings.api_key:
@@ -484,10 +478,10 @@ class ChainPoller:
             "order": "asc",
         }
 
-    def spec(self, symbol: str) -> symbols.SymbolSpec:
+    def spec(self, symbol: str) -> symbol_specs.SymbolSpec:
         sp = self.specs.get(symbol)
         if sp is None:
-            sp = self.specs[symbol] = symbols.registry().spec(symbol)
+            sp = self.specs[symbol] = symbol_specs.registry().spec(symbol)
         return sp
 
     async def fetch_chain(
@@ -567,7 +561,7 @@ class ChainPoller:
             self._last_spot[sym] = v
         results: list[FetchResult] = []
         failed: FetchError | None = None
-        for sym in self.s.symbols:
+        for sym in self.symbols:
             res = await self.fetch_symbol(client, sym, spots, "window")
             if isinstance(res, FetchError):
                 self.last_error = failed = res
@@ -639,7 +633,7 @@ class ChainPoller:
     ) -> list[FetchResult]:
         """The whole chain of every symbol, for GEX (see the module doc)."""
         out: list[FetchResult] = []
-        for sym in self.s.symbols:
+        for sym in self.symbols:
             res = await self.fetch_symbol(client, sym, spots, "full")
             if isinstance(res, FetchError):
                 continue
@@ -735,7 +729,9 @@ class ChainPoller:
             block_ms=self.s.control_block_ms,
             start_id="$",
         )
-        control = GroupConsumer(self.redis, spec, self.on_control, self.deps.registry, self.name)
+        control = GroupConsumer(
+            self.redis, spec, self.on_control, self.deps.registry, self.name, self.deps.heartbeats
+        )
         control_task = asyncio.create_task(control.run(stop), name="chain-poller-control")
         full_task = (
             asyncio.create_task(self.full_loop(stop), name="chain-poller-full")
@@ -822,12 +818,5 @@ def _origin_text(u: httpx.URL) -> str:
 
 
 def build(deps: Deps, arg: str | None) -> ChainPoller:
-    settings = load_settings()
-    if arg:
-        settings = PollerSettings(
-            **{
-                **{f: getattr(settings, f) for f in settings.__dataclass_fields__},
-                "symbols": tuple(s.strip().upper() for s in arg.split(",") if s.strip()),
-            }
-        )
-    return ChainPoller(deps, settings)
+    """``chain-poller`` or ``chain-poller:SPX`` (the argument overrides MASSIVE_SYMBOLS)."""
+    return ChainPoller(deps, from_env(PollerSettings), stage_symbols(deps.settings, arg))

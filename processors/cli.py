@@ -14,13 +14,14 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from redis.exceptions import ResponseError
 
+from processors import registry
 from schemas import symbols
 from streams import admin
 from streams.logs import redact, setup_logging
-from streams.processor import Deps, FatalError, load
+from streams.processor import Deps, FatalError
 from streams.redis_client import CONNECT_ERRORS, admin_client, connect, unreachable
 from streams.runner import run_processors
-from streams.settings import RuntimeSettings, SettingsError, from_env
+from streams.settings import RuntimeSettings, SettingsError, check_env, from_env
 
 # Subcommands implemented elsewhere: name -> "module:function" taking argv.
 EXTERNAL = {
@@ -56,7 +57,7 @@ def run_loop(coro: Coroutine[Any, Any, None], event_loop: str = "uvloop") -> Non
 async def _run(names: Sequence[str], settings: RuntimeSettings) -> None:
     deps = make_deps(settings)
     try:
-        procs = [load(n, deps) for n in names]
+        procs = [registry.load(n, deps) for n in names]
         await run_processors(deps, procs)
     finally:
         await deps.redis.aclose()
@@ -88,8 +89,24 @@ async def _lag(settings: RuntimeSettings, streams: list[str] | None) -> None:
         )
 
 
+# Errors printed on one line (exit code 2) instead of a traceback: what the user must fix.
+SAID = (FatalError, ValueError, SettingsError, ResponseError)
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        check_env()  # every settings class is registered: processors.registry imports them
+    except SettingsError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
     if argv and argv[0] in EXTERNAL:
         mod, _, fn = EXTERNAL[argv[0]].partition(":")
         func = getattr(importlib.import_module(mod), fn)
@@ -98,8 +115,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="massive-pipeline", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
-    run = sub.add_parser("run", help="run processors, e.g. run normalizer hydrator")
-    run.add_argument("processors", nargs="+", help="name[:arg], e.g. tile-builder:butterfly")
+    run = sub.add_parser(
+        "run",
+        help="run processors, e.g. run normalizer hydrator",
+        description="Run processors in one process until SIGTERM/SIGINT.",
+        epilog="processors:\n" + registry.describe(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument(
+        "processors", nargs="+", metavar="processor", help="name[:arg], e.g. tile-builder:butterfly"
+    )
     off = sub.add_parser("offsets", help="consumer-group offsets")
     off_sub = off.add_subparsers(dest="offcmd", required=True)
     reset = off_sub.add_parser("reset", help="XGROUP SETID ... ENTRIESREAD n")
@@ -129,11 +154,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(_offsets_reset(settings, args.stream, args.group, args.to))
         elif args.cmd == "lag":
             asyncio.run(_lag(settings, args.streams))
-    except FatalError as exc:  # e.g. the provider refused the API key: said, not traced
+    except SAID as exc:  # e.g. the provider refused the API key: said, not traced
         print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 2
-    except (ValueError, SettingsError, ResponseError) as exc:
-        print(f"error: {redact(str(exc))}", file=sys.stderr)
+    except ExceptionGroup as group:  # several processors failed: each one said
+        said, rest = group.split(SAID)
+        if rest is not None or said is None:
+            raise
+        for leaf in _leaves(said):
+            print(f"error: {redact(str(leaf))}", file=sys.stderr)
         return 2
     except CONNECT_ERRORS as exc:
         if args.cmd == "run":

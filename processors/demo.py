@@ -23,16 +23,17 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from processors import MODEL_PATH
+from processors.registry import load
 from streams.local_redis import RedisServer
 from streams.logs import setup_logging
-from streams.processor import Deps, Processor, load
+from streams.processor import Deps, Processor
 from streams.redis_client import connect
 from streams.runner import run_processors
 from streams.settings import RuntimeSettings, SettingsError, from_env
 
 logger = logging.getLogger("demo")
 
-PROCESSORS = (
+DEMO_PROCESSORS = (
     "chain-poller",
     "ws-ingest",
     *MODEL_PATH,
@@ -77,18 +78,13 @@ def demo_env(
         "MASSIVE_REDIS_URL": redis_url,
         "MASSIVE_POLLER_REST_URL": rest_url,
         "MASSIVE_POLLER_API_KEY": api_key,
-        "MASSIVE_WS_WS_URL": ws_url,
+        "MASSIVE_WS_URL": ws_url,
         "MASSIVE_WS_API_KEY": api_key,
         "MASSIVE_SSE_HOST": args.host,
         "MASSIVE_SSE_PORT": str(args.port),
     }
     defaults = {
         "MASSIVE_SYMBOLS": args.symbols,
-        "MASSIVE_POLLER_SYMBOLS": args.symbols,
-        "MASSIVE_WS_SYMBOLS": args.symbols,
-        "MASSIVE_GEX_SYMBOLS": args.symbols,
-        "MASSIVE_MONITOR_SYMBOLS": args.symbols,
-        "MASSIVE_SSE_SYMBOLS": args.symbols,
         "MASSIVE_WS_MARKET_HOURS": "always",  # the simulated market never closes
         "MASSIVE_LOG_LEVEL": args.log_level,
     }
@@ -126,14 +122,7 @@ async def _demo(args: argparse.Namespace) -> int:
             settings=settings,
             registry=CollectorRegistry(),
         )
-        procs: list[Processor] = []
-        for spec in PROCESSORS:
-            try:
-                procs.append(load(spec, deps))
-            except ValueError as exc:
-                if "unknown processor" not in str(exc):
-                    raise
-                logger.warning("skipping %s: %s", spec, exc)
+        procs: list[Processor] = [load(spec, deps) for spec in DEMO_PROCESSORS]
         stop = asyncio.Event()
         gw = next((p for p in procs if p.name == "sse-gateway"), None)
 

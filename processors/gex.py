@@ -56,7 +56,7 @@ from streams import metrics
 from streams.clock import StepClock
 from streams.processor import Deps
 from streams.retry import REDIS_BACKOFF, REDIS_UNAVAILABLE, sleep_or_stop
-from streams.settings import from_env
+from streams.settings import env_settings, from_env, stage_symbols
 
 logger = logging.getLogger(__name__)
 
@@ -66,11 +66,11 @@ KIND = "gex"
 VOLATILE_META = frozenset({"built_ns", "spot_ts_ns", "snapshot_ts_ns"})
 
 
+@env_settings("MASSIVE_GEX_")
 @dataclass(frozen=True, slots=True)
 class GexSettings:
     """Env prefix ``MASSIVE_GEX_``."""
 
-    symbols: tuple[str, ...] = ("SPX", "NDX")
     interval_s: float = 2.0  # build cadence (the issue asks for 2-5 s)
     poll_s: float = 0.25  # lease / active-epoch poll (promotion is seen within this)
     lease_ttl_ms: int = 10_000
@@ -94,8 +94,6 @@ class GexSettings:
     value_step_s: float = 60.0
 
     def __post_init__(self) -> None:
-        if not self.symbols:
-            raise ValueError("symbols is empty")
         if self.interval_s <= 0 or self.poll_s <= 0 or self.reprice_interval_s <= 0:
             raise ValueError("interval_s, poll_s and reprice_interval_s must be > 0")
         if self.lease_ttl_ms < 1000 or self.lease_ttl_ms / 1000 < 3 * self.poll_s:
@@ -344,6 +342,7 @@ class GexBuilder:
         failures = 0
         try:
             while not stop.is_set():
+                self.deps.heartbeats.beat(self.name)
                 delay = self.s.poll_s
                 try:
                     await self.tick()
@@ -682,7 +681,5 @@ async def levels_history(
 
 
 def build(deps: Deps, arg: str | None) -> GexBuilder:
-    """``gex`` or ``gex:SPX,NDX`` (the argument overrides MASSIVE_GEX_SYMBOLS)."""
-    s = from_env(GexSettings, "MASSIVE_GEX_")
-    symbols = tuple(x.strip() for x in arg.split(",") if x.strip()) if arg else s.symbols
-    return GexBuilder(deps, s, symbols)
+    """``gex`` or ``gex:SPX,NDX`` (the argument overrides MASSIVE_SYMBOLS)."""
+    return GexBuilder(deps, from_env(GexSettings), stage_symbols(deps.settings, arg))

@@ -64,7 +64,7 @@ from streams.consumer import Entry
 from streams.processor import ConsumerProcessor, Deps
 from streams.producer import Fields, xadd_pipe
 from streams.redis_client import as_str
-from streams.settings import from_env
+from streams.settings import env_settings, from_env
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +74,7 @@ _packer = msgspec.msgpack.Encoder()
 _FMT_CACHE_MAX = 1 << 16  # formatted prices remembered (cleared when full)
 
 
+@env_settings("MASSIVE_HYDRATOR_")
 @dataclass(frozen=True, slots=True)
 class HydratorSettings:
     """Env prefix ``MASSIVE_HYDRATOR_``."""
@@ -665,4 +666,4 @@ def _fields(msg: DirtyEntry) -> Fields:
 
 
 def build(deps: Deps, arg: str | None) -> Hydrator:
-    return Hydrator(deps, from_env(HydratorSettings, "MASSIVE_HYDRATOR_"))
+    return Hydrator(deps, from_env(HydratorSettings))

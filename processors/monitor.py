@@ -49,20 +49,19 @@ from streams.processor import Deps
 from streams.redis_client import as_str
 from streams.retention import Policy, RetentionSettings, StreamJanitor, Trimmed
 from streams.retry import REDIS_UNAVAILABLE, sleep_or_stop
-from streams.settings import from_env
+from streams.settings import env_settings, from_env
 
 logger = logging.getLogger(__name__)
 
 NS = 1_000_000_000
 
 
+@env_settings("MASSIVE_MONITOR_")
 @dataclass(frozen=True, slots=True)
 class MonitorSettings:
     """Env prefix ``MASSIVE_MONITOR_``."""
 
     interval_s: float = 5.0
-    # Symbols whose models/epochs are watched even before an epoch is active.
-    symbols: tuple[str, ...] = ("SPX", "NDX")
     # Extra streams to watch, found with SCAN MATCH (empty: only the pipeline's own streams).
     scan_pattern: str = ""
 
@@ -240,6 +239,7 @@ class Monitor:
             janitor = asyncio.create_task(self._retention_loop(stop), name="monitor:retention")
         try:
             while not stop.is_set():
+                self.deps.heartbeats.beat(self.name)
                 await self.poll_once()
                 await sleep_or_stop(stop, self.settings.interval_s)
         finally:
@@ -249,7 +249,7 @@ class Monitor:
                     await janitor
 
     async def _retention_loop(self, stop: asyncio.Event) -> None:
-        policies = self.retention.policies(self.settings.symbols)
+        policies = self.retention.policies(self.deps.settings.symbols)
         while not stop.is_set():
             await self.retention_pass(policies)
             await sleep_or_stop(stop, self.retention.interval_s)
@@ -334,7 +334,8 @@ class Monitor:
 
         raw_active = await self.redis.hgetall(keys.EPOCH_ACTIVE)
         active = {as_str(k): as_str(v) for k, v in raw_active.items()}
-        symbols = sorted(set(self.settings.symbols) | set(active))
+        # MASSIVE_SYMBOLS are watched even before an epoch is active
+        symbols = sorted(set(self.deps.settings.symbols) | set(active))
         for sym in symbols:
             eid = active.get(sym)
             if eid is not None:
@@ -374,6 +375,6 @@ def build(deps: Deps, arg: str | None) -> Monitor:
         raise ValueError(f"monitor takes no argument (got {arg!r})")
     return Monitor(
         deps,
-        from_env(MonitorSettings, "MASSIVE_MONITOR_"),
-        from_env(RetentionSettings, "MASSIVE_RETENTION_"),
+        from_env(MonitorSettings),
+        from_env(RetentionSettings),
     )

@@ -83,11 +83,12 @@ from streams.consumer import Entry
 from streams.processor import ConsumerProcessor, Deps
 from streams.producer import Fields, xadd_pipe
 from streams.redis_client import opt_str
-from streams.settings import from_env
+from streams.settings import env_settings, from_env
 
 logger = logging.getLogger(__name__)
 
 
+@env_settings("MASSIVE_NORMALIZER_")
 @dataclass(frozen=True, slots=True)
 class NormalizerSettings:
     """Env prefix ``MASSIVE_NORMALIZER_``."""
@@ -766,4 +767,4 @@ class Normalizer(ConsumerProcessor):
 
 
 def build(deps: Deps, arg: str | None) -> Normalizer:
-    return Normalizer(deps, from_env(NormalizerSettings, "MASSIVE_NORMALIZER_"))
+    return Normalizer(deps, from_env(NormalizerSettings))

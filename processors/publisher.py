@@ -75,11 +75,12 @@ from streams.consumer import Entry
 from streams.processor import Deps
 from streams.redis_client import as_str
 from streams.retry import REDIS_UNAVAILABLE, run_resilient
-from streams.settings import from_env
+from streams.settings import env_settings, from_env
 
 logger = logging.getLogger(__name__)
 
 
+@env_settings("MASSIVE_PUBLISHER_")
 @dataclass(frozen=True)
 class PublisherSettings:
     """Env prefix ``MASSIVE_PUBLISHER_``."""
@@ -292,6 +293,7 @@ class Publisher:
 
     async def _run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
+            self.deps.heartbeats.beat(self.name)  # the lead loop beats under the same name
             prev = self.lease.last_token
             tok = await self.lease.take()
             if tok == 0:
@@ -358,6 +360,7 @@ class Publisher:
             await self._lead_stepped(stop, self.clock)
             return
         while not stop.is_set() and self.leader:
+            self.deps.heartbeats.beat(self.name)
             await self._evaluate()
             await self._checkpoint_idle()
             await self._ack_if_idle()
@@ -952,4 +955,4 @@ def _stream_id(v: str) -> tuple[int, int]:
 def build(deps: Deps, arg: str | None) -> Publisher:
     if not arg:
         raise ValueError(f"publisher needs a strategy: publisher:<{'|'.join(keys.STRATEGIES)}>")
-    return Publisher(deps, arg, from_env(PublisherSettings, "MASSIVE_PUBLISHER_"))
+    return Publisher(deps, arg, from_env(PublisherSettings))

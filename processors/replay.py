@@ -83,13 +83,14 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
 from processors import MODEL_PATH
+from processors.registry import load
 from schemas import keys
 from schemas.messages import WS_PAYLOAD_FIELD, WS_RECV_FIELD, ChainPointer, SpotTick, from_entry
 from streams import admin
 from streams.clock import ReplayAborted, StepClock
 from streams.consumer import GroupConsumer
 from streams.logs import one_line, redact, setup_logging
-from streams.processor import ConsumerProcessor, Deps, Processor, load
+from streams.processor import ConsumerProcessor, Deps, Processor
 from streams.producer import DEFAULT_MAXLEN
 from streams.redis_client import CONNECT_ERRORS, admin_client, as_str, unreachable
 from streams.settings import RuntimeSettings, SettingsError, from_env

@@ -47,7 +47,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -71,9 +71,10 @@ from processors import gex
 from processors.sse_access import Guard, SecurityHeaders, Tokens
 from schemas import keys
 from schemas.messages import RawDiff, RawModel
+from streams.health import QuietServer
 from streams.metrics import counter, gauge
 from streams.processor import Deps
-from streams.settings import from_env
+from streams.settings import env_settings, from_env
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ STATIC_DIR = Path(__file__).with_name("static")
 SEP = b"\r\n"
 
 
+@env_settings("MASSIVE_SSE_")
 @dataclass(frozen=True, slots=True)
 class SseSettings:
     """Env prefix ``MASSIVE_SSE_``."""
@@ -95,7 +97,6 @@ class SseSettings:
     no_model_poll_s: float = 1.0  # re-read interval of a model that does not exist yet
     send_timeout_s: float = 30.0  # a client that accepts no bytes for this long is dropped
     retry_ms: int = 1000  # EventSource reconnection delay announced to browsers
-    symbols: tuple[str, ...] = ("SPX", "NDX")  # offered by the dashboard
     static_dir: str = ""  # dashboard files ("" = processors/static)
     log_level: str = "warning"  # uvicorn's own logger
     # Concurrent Redis reads of client sessions and JSON endpoints (snapshot GETs, replays).
@@ -785,7 +786,7 @@ def create_app(deps: Deps, settings: SseSettings) -> Starlette:
                 }
         body = {
             "active": out,
-            "symbols": list(settings.symbols),
+            "symbols": list(deps.settings.symbols),
             "strategies": list(keys.STRATEGIES),
         }
         return Response(orjson.dumps(body), media_type="application/json")
@@ -800,7 +801,7 @@ def create_app(deps: Deps, settings: SseSettings) -> Starlette:
                 out[_s(sym_b)] = {"epoch": eid, "meta": {_s(k): _s(v) for k, v in meta.items()}}
         body = {
             "active": out,
-            "symbols": list(settings.symbols),
+            "symbols": list(deps.settings.symbols),
             "strategies": list(keys.STRATEGIES),
         }
         return Response(orjson.dumps(body), media_type="application/json")
@@ -886,14 +887,6 @@ def create_app(deps: Deps, settings: SseSettings) -> Starlette:
 
 
 # --- processor ---------------------------------------------------------------------------------
-class _Server(uvicorn.Server):
-    """uvicorn without its own signal handlers (the runner owns SIGTERM/SIGINT)."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
 class SseGateway:
     name = "sse-gateway"
 
@@ -902,8 +895,8 @@ class SseGateway:
         self.settings = settings
         self.app = create_app(deps, settings)
         self.gateway: Gateway = self.app.state.gateway
-        self.server: _Server | None = None
-        self.admin_server: _Server | None = None
+        self.server: QuietServer | None = None
+        self.admin_server: QuietServer | None = None
 
     @property
     def ready(self) -> bool:
@@ -935,15 +928,15 @@ class SseGateway:
 
     async def run(self, stop: asyncio.Event) -> None:
         s = self.settings
-        self.server = _Server(self._config(self.app, s.host, s.port, "on"))
+        self.server = QuietServer(self._config(self.app, s.host, s.port, "on"))
         servers = [(self.server, s.host, s.port)]
         if s.admin_port >= 0:
-            self.admin_server = _Server(
+            self.admin_server = QuietServer(
                 self._config(self.app.state.admin, s.admin_host, s.admin_port, "off")
             )
             servers.append((self.admin_server, s.admin_host, s.admin_port))
 
-        async def serve(server: _Server, host: str, port: int) -> None:
+        async def serve(server: QuietServer, host: str, port: int) -> None:
             try:
                 await server.serve()
             except SystemExit:  # uvicorn exits the process when it cannot bind
@@ -979,4 +972,4 @@ def _bound_port(server: uvicorn.Server | None, configured: int) -> int:
 def build(deps: Deps, arg: str | None) -> SseGateway:
     if arg:
         raise ValueError(f"sse-gateway takes no argument (got {arg!r})")
-    return SseGateway(deps, from_env(SseSettings, "MASSIVE_SSE_"))
+    return SseGateway(deps, from_env(SseSettings))

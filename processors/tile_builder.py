@@ -58,11 +58,12 @@ from streams import metrics, producer
 from streams.consumer import Entry
 from streams.processor import ConsumerProcessor, Deps
 from streams.redis_client import as_str
-from streams.settings import from_env
+from streams.settings import env_settings, from_env
 
 logger = logging.getLogger(__name__)
 
 
+@env_settings("MASSIVE_TILES_")
 @dataclass(frozen=True)
 class TileSettings:
     """Env prefix ``MASSIVE_TILES_`` (e.g. MASSIVE_TILES_WIDTHS_SPX=5,10,15).
@@ -599,4 +600,4 @@ def build(deps: Deps, arg: str | None) -> TileBuilder:
         raise ValueError(
             f"tile-builder needs a strategy: tile-builder:<{'|'.join(keys.STRATEGIES)}>"
         )
-    return TileBuilder(deps, arg, from_env(TileSettings, "MASSIVE_TILES_"))
+    return TileBuilder(deps, arg, from_env(TileSettings))

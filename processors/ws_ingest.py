@@ -30,10 +30,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import datetime as dt
 import logging
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,7 +40,8 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
-from schemas import keys, symbols, ticker
+from schemas import keys, ticker
+from schemas import symbols as symbol_specs
 from schemas.massive import Status, decode_frame
 from schemas.messages import WS_PAYLOAD_FIELD, WS_RECV_FIELD, ControlMessage, entry
 from streams import metrics
@@ -51,7 +50,7 @@ from streams.logs import add_secret
 from streams.processor import Deps, FatalError
 from streams.producer import xadd
 from streams.retry import REDIS_BACKOFF, Backoff, sleep_or_stop
-from streams.settings import from_env
+from streams.settings import env_settings, fallback_env, from_env, stage_symbols
 
 logger = logging.getLogger(__name__)
 
@@ -71,14 +70,13 @@ KNOWN_STATUSES = frozenset(
 _raw_list = msgspec.json.Decoder(list[msgspec.Raw])
 
 
+@env_settings("MASSIVE_WS_")
 @dataclass(frozen=True, slots=True)
 class WsSettings:
-    """Env prefix ``MASSIVE_WS_``; the key is also read from ``MASSIVE_API_KEY`` and the
-    URL from ``MASSIVE_WS_URL`` (as well as ``MASSIVE_WS_WS_URL``)."""
+    """Env prefix ``MASSIVE_WS_``; the key is also read from ``MASSIVE_API_KEY``."""
 
-    api_key: str = ""
-    ws_url: str = "wss://socket.massive.com"
-    symbols: tuple[str, ...] = ("SPX", "NDX")
+    api_key: str = fallback_env("MASSIVE_API_KEY", "")
+    url: str = "wss://socket.massive.com"
     trades: bool = True
     quotes: bool = True
     max_quotes: int = 1000  # provider limit: 1,000 Q contracts per connection
@@ -122,15 +120,6 @@ class WsSettings:
         """Reconnects: equal jitter (at least half the window: a restarting server is not
         hit by an immediate reconnect)."""
         return Backoff(base_s=self.reconnect_base_s, cap_s=self.reconnect_max_s, jitter="equal")
-
-
-def load_settings(environ: dict[str, str] | None = None) -> WsSettings:
-    env = dict(os.environ if environ is None else environ)
-    if "MASSIVE_WS_API_KEY" not in env and env.get("MASSIVE_API_KEY"):
-        env["MASSIVE_WS_API_KEY"] = env["MASSIVE_API_KEY"]
-    if "MASSIVE_WS_WS_URL" not in env and env.get("MASSIVE_WS_URL"):
-        env["MASSIVE_WS_WS_URL"] = env["MASSIVE_WS_URL"]  # the shorter spelling
-    return from_env(WsSettings, "MASSIVE_WS_", env)
 
 
 def market_expected_open(now_ns: int, s: WsSettings) -> bool:
@@ -178,17 +167,20 @@ class _EpochView:
 class WsIngest:
     name = "ws-ingest"
 
-    def __init__(self, deps: Deps, settings: WsSettings) -> None:
+    def __init__(
+        self, deps: Deps, settings: WsSettings, symbols: tuple[str, ...] | None = None
+    ) -> None:
         self.deps = deps
         self.redis = deps.redis
         self.clock = deps.clock
         self.s = settings
+        self.symbols = symbols or deps.settings.symbols
         self._backoff = settings.backoff()
         self.feeds: dict[str, _Feed] = {}
         if settings.trades or settings.quotes:
             self.feeds["options"] = _Feed("options")
-        known = symbols.registry()
-        self.specs = {sym: known.spec(sym) for sym in settings.symbols}
+        known = symbol_specs.registry()
+        self.specs = {sym: known.spec(sym) for sym in self.symbols}
         if settings.indices and any(sp.is_index for sp in self.specs.values()):
             self.feeds["indices"] = _Feed("indices")
         if settings.stocks and any(not sp.is_index for sp in self.specs.values()):
@@ -292,7 +284,7 @@ class WsIngest:
 
     # --- connection -----------------------------------------------------------------------
     async def _feed_loop(self, feed: _Feed, stop: asyncio.Event) -> None:
-        url = f"{self.s.ws_url.rstrip('/')}/{feed.market}"
+        url = f"{self.s.url.rstrip('/')}/{feed.market}"
         attempt = 0
         while not stop.is_set():
             reason = "closed"
@@ -501,7 +493,7 @@ class WsIngest:
                     if self.s.stock_quotes:
                         out_s.add(f"Q.{sp.underlying}")
             return out_s
-        syms = list(self.s.symbols)
+        syms = list(self.symbols)
         eids = await self.redis.hmget(keys.EPOCH_ACTIVE, syms)
         spots = await self.redis.hmget(keys.SPOT_LATEST, syms)
         out: set[str] = set()
@@ -619,6 +611,7 @@ class WsIngest:
         tick = min(0.25, s.silence_s / 4)
         feed = self._dormancy_feed
         while not stop.is_set():
+            self.deps.heartbeats.beat(self.name)
             await self._sleep(tick)
             mono = self.clock.monotonic()
             now_ns = self.clock.time_ns()
@@ -662,8 +655,5 @@ def allocate(ranked: dict[str, list[str]], budget: int) -> list[str]:
 
 
 def build(deps: Deps, arg: str | None) -> WsIngest:
-    settings = load_settings()
-    if arg:
-        syms = tuple(s.strip().upper() for s in arg.split(",") if s.strip())
-        settings = dataclasses.replace(settings, symbols=syms)
-    return WsIngest(deps, settings)
+    """``ws-ingest`` or ``ws-ingest:SPX`` (the argument overrides MASSIVE_SYMBOLS)."""
+    return WsIngest(deps, from_env(WsSettings), stage_symbols(deps.settings, arg))

@@ -28,6 +28,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from schemas import keys
+from streams.heartbeat import Heartbeats
 from streams.metrics import ConsumerMetrics
 from streams.redis_client import as_str
 from streams.retry import REDIS_BACKOFF
@@ -55,10 +56,13 @@ class GroupConsumer:
         handler: Handler,
         registry: CollectorRegistry,
         processor: str,
+        heartbeats: Heartbeats | None = None,
     ) -> None:
         self.redis = redis
         self.spec = spec
         self.handler = handler
+        self.heartbeats = heartbeats
+        self.beat_name = f"{processor}:{spec.stream}"
         self.metrics = ConsumerMetrics(registry, processor, spec.stream, spec.group)
         self.dead_stream = keys.dead_letter_stream(spec.stream)
         self.ready = False
@@ -105,6 +109,8 @@ class GroupConsumer:
         failures = 0
         try:
             while not stop.is_set():
+                if self.heartbeats is not None:
+                    self.heartbeats.beat(self.beat_name)
                 try:
                     if not started:
                         await self.ensure_group()
@@ -137,6 +143,8 @@ class GroupConsumer:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), delay)
         finally:
+            if self.heartbeats is not None:
+                self.heartbeats.forget(self.beat_name)
             if to_ack:
                 # Finish what we processed: ack it before leaving (SIGTERM path).
                 with contextlib.suppress(RedisConnectionError, RedisTimeoutError):

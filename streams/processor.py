@@ -1,13 +1,12 @@
 """The processor unit: one lifecycle (start, run loop, stop) with injected dependencies.
 
-A processor module ``processors/<name>.py`` exposes ``build(deps, arg) -> Processor``;
-``massive-pipeline run <name>[:<arg>]`` loads it (e.g. ``tile-builder:butterfly``).
+``massive-pipeline run <name>[:<arg>]`` builds processors by name from the registry in
+``processors/registry.py`` (e.g. ``tile-builder:butterfly``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -16,6 +15,7 @@ from redis.asyncio import Redis
 
 from streams.clock import Clock, SystemClock
 from streams.consumer import Entry, GroupConsumer
+from streams.heartbeat import Heartbeats
 from streams.settings import RuntimeSettings
 from streams.spec import StreamSpec
 
@@ -32,6 +32,7 @@ class Deps:
     settings: RuntimeSettings
     registry: CollectorRegistry
     clock: Clock = field(default_factory=SystemClock)
+    heartbeats: Heartbeats = field(default_factory=Heartbeats)
 
 
 class Processor(Protocol):
@@ -70,7 +71,9 @@ class ConsumerProcessor:
         self.deps = deps
         self.redis = deps.redis
         self.spec = StreamSpec(**params)  # type: ignore[arg-type]
-        self.consumer = GroupConsumer(deps.redis, self.spec, self.handle, deps.registry, self.name)
+        self.consumer = GroupConsumer(
+            deps.redis, self.spec, self.handle, deps.registry, self.name, deps.heartbeats
+        )
 
     @property
     def ready(self) -> bool:
@@ -81,20 +84,3 @@ class ConsumerProcessor:
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.consumer.run(stop)
-
-
-def load(spec: str, deps: Deps) -> Processor:
-    """``"tile-builder:butterfly"`` -> processors.tile_builder.build(deps, "butterfly")."""
-    name, _, arg = spec.partition(":")
-    module_name = "processors." + name.replace("-", "_")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name == module_name:
-            raise ValueError(f"unknown processor {name!r} (no module {module_name})") from None
-        raise
-    build = getattr(module, "build", None)
-    if build is None:
-        raise ValueError(f"processor module {module_name} has no build(deps, arg)")
-    proc: Processor = build(deps, arg or None)
-    return proc

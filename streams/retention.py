@@ -30,6 +30,7 @@ from redis.exceptions import ResponseError
 from streams.admin import count_after
 from streams.metrics import counter, gauge
 from streams.redis_client import as_str
+from streams.settings import env_settings
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class Trimmed:
     unread: dict[str, int]  # group -> entries trimmed before the group processed them
 
 
+@env_settings("MASSIVE_RETENTION_")
 @dataclass(frozen=True, slots=True)
 class RetentionSettings:
     """Env prefix ``MASSIVE_RETENTION_``: per stream family, an age (s) and a byte budget

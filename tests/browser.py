@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-CHROMIUM = os.environ.get("MASSIVE_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")  # not MASSIVE_*: those are settings
 ARGS = [
     "--headless",
     "--no-sandbox",

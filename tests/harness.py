@@ -78,8 +78,7 @@ BASE_ENV = {
     # dollar GEX at the live spot: otherwise the dollar reference spot depends on WHEN
     # builds ran (history), and two runs of one input could differ legitimately
     "MASSIVE_GEX_DOLLAR_SPOT_STEP_BP": "0",
-    "MASSIVE_GEX_SYMBOLS": "SPX",
-    "MASSIVE_MONITOR_SYMBOLS": "SPX",
+    "MASSIVE_SYMBOLS": "SPX",
     "PYTHONUNBUFFERED": "1",
     "OPENBLAS_NUM_THREADS": "1",
 }
@@ -90,7 +89,7 @@ def sim_env(rest_url: str, ws_url: str, api_key: str, **extra: str) -> dict[str,
     env = {
         "MASSIVE_POLLER_API_KEY": api_key,
         "MASSIVE_POLLER_REST_URL": rest_url,
-        "MASSIVE_POLLER_SYMBOLS": "SPX",
+        "MASSIVE_SYMBOLS": "SPX",
         "MASSIVE_POLLER_EXPIRATIONS": "1",
         "MASSIVE_POLLER_BAND_POINTS": "150",
         "MASSIVE_POLLER_MIN_INTERVAL_S": "2",
@@ -100,8 +99,7 @@ def sim_env(rest_url: str, ws_url: str, api_key: str, **extra: str) -> dict[str,
         "MASSIVE_POLLER_CONTROL_BLOCK_MS": "100",
         "MASSIVE_POLLER_REFRESH_MIN_GAP_S": "0.05",
         "MASSIVE_WS_API_KEY": api_key,
-        "MASSIVE_WS_WS_URL": ws_url,
-        "MASSIVE_WS_SYMBOLS": "SPX",
+        "MASSIVE_WS_URL": ws_url,
         "MASSIVE_WS_MARKET_HOURS": "always",
         "MASSIVE_WS_EPOCH_POLL_S": "0.2",
         "MASSIVE_WS_RECONNECT_BASE_S": "0.05",

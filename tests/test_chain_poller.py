@@ -27,6 +27,7 @@ from schemas.messages import (
 )
 from simulator.server import SimConfig, SimServer
 from streams.processor import Deps
+from streams.settings import from_env
 from tests.util import FakeHttp, eventually
 
 KEY = "sim-key"
@@ -56,8 +57,9 @@ def make(deps: Deps, srv: SimServer, **kw: Any) -> cp.ChainPoller:
         control_block_ms=50,
         full_interval_s=0.0,  # the whole-chain fetch has its own test
     )
+    symbols = kw.pop("symbols", None)
     base.update(kw)
-    return cp.ChainPoller(deps, cp.PollerSettings(**base))
+    return cp.ChainPoller(deps, cp.PollerSettings(**base), symbols)
 
 
 def metric(deps: Deps, name: str, **labels: str) -> float:
@@ -348,9 +350,8 @@ async def test_a_hostile_next_url_never_reaches_another_host(deps: Deps) -> None
         async with FakeHttp(answer) as provider:
             p = cp.ChainPoller(
                 deps,
-                cp.PollerSettings(
-                    api_key=key, rest_url=provider.url, symbols=("SPX",), max_retries=0
-                ),
+                cp.PollerSettings(api_key=key, rest_url=provider.url, max_retries=0),
+                ("SPX",),
             )
             async with p._client() as client:
                 for _ in hostile:
@@ -378,36 +379,31 @@ def test_retry_after_parsing() -> None:
 def test_settings_from_env() -> None:
     env = {
         "MASSIVE_API_KEY": "from-generic",
-        "MASSIVE_POLLER_SYMBOLS": "SPX",
         "MASSIVE_POLLER_AUTH_MODE": "bearer",
         "MASSIVE_POLLER_BAND_POINTS": "200",
     }
-    s = cp.load_settings(env)
-    assert (s.api_key, s.symbols, s.auth_mode, s.band_points) == (
-        "from-generic",
-        ("SPX",),
-        "bearer",
-        200.0,
-    )
-    assert cp.load_settings({**env, "MASSIVE_POLLER_API_KEY": "own"}).api_key == "own"
+    s = from_env(cp.PollerSettings, env)
+    assert (s.api_key, s.auth_mode, s.band_points) == ("from-generic", "bearer", 200.0)
+    own = from_env(cp.PollerSettings, {**env, "MASSIVE_POLLER_API_KEY": "own"})
+    assert own.api_key == "own"
     with pytest.raises(ValueError, match="auth_mode"):
-        cp.load_settings({"MASSIVE_POLLER_AUTH_MODE": "cookie"})
+        from_env(cp.PollerSettings, {"MASSIVE_POLLER_AUTH_MODE": "cookie"})
 
 
 def test_build_via_processor_loader(deps: Deps, monkeypatch: pytest.MonkeyPatch) -> None:
-    from streams.processor import load
+    from processors.registry import load
 
     monkeypatch.setenv("MASSIVE_API_KEY", "env-key")
     monkeypatch.setenv("MASSIVE_POLLER_REST_URL", "http://127.0.0.1:1")
     p = load("chain-poller", deps)
     assert isinstance(p, cp.ChainPoller) and p.name == "chain-poller" and not p.ready
-    assert (p.s.api_key, p.s.rest_url, p.s.symbols) == (
+    assert (p.s.api_key, p.s.rest_url, p.symbols) == (
         "env-key",
         "http://127.0.0.1:1",
         ("SPX", "NDX"),
     )
     only = load("chain-poller:spx", deps)
-    assert isinstance(only, cp.ChainPoller) and only.s.symbols == ("SPX",)
+    assert isinstance(only, cp.ChainPoller) and only.symbols == ("SPX",)
 
 
 def test_rest_retries_use_the_one_backoff_policy_with_full_jitter(deps: Deps) -> None:
@@ -419,7 +415,7 @@ def test_rest_retries_use_the_one_backoff_policy_with_full_jitter(deps: Deps) ->
     delays = [p._backoff.delay_s(4) for _ in range(400)]  # window min(3.0, 0.2 * 2**4) = 3.0
     assert all(0 <= d <= 3.0 for d in delays) and min(delays) < 0.75 and max(delays) > 2.25
     with pytest.raises(ValueError, match="backoff"):
-        cp.load_settings({"MASSIVE_POLLER_BACKOFF_BASE_S": "0"})
+        from_env(cp.PollerSettings, {"MASSIVE_POLLER_BACKOFF_BASE_S": "0"})
 
 
 async def test_stock_and_etf_chains_take_their_spot_from_underlying_asset(deps: Deps) -> None:

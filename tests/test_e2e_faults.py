@@ -203,9 +203,9 @@ async def test_kill_each_processor_kind_mid_flight(
     for spec in kinds:
         assert -signal.SIGKILL in run.exits[spec], (spec, run.exits[spec])
     # the re-sent tail is the same events again: same final state, more entries read
-    assert run.ws_len == _ws_count(recording) + 50
-    run.ws_len -= 50
-    run.ws_read -= 50
+    assert run.ws_len == _ws_count(recording) + len(tail)
+    run.ws_len -= len(tail)
+    run.ws_read -= len(tail)
     _assert_converged(run, baseline, recording)
 
 

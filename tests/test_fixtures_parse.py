@@ -1,24 +1,33 @@
-"""Every provider fixture that shows a chain snapshot, a single-contract snapshot, an index
-snapshot or a WS frame parses into our schemas (shared/fixtures/massive, beside the repo).
+"""The provider fixtures (tests/fixtures/massive) are of the documented shapes, and every
+chain page, contract snapshot, index snapshot and WS frame among them parses into our schemas.
 
-Expected values are read from the fixture JSON itself (independently, with the stdlib json
-module) and compared with what our msgspec schemas produce; the ns/ms handling is checked by
-converting concrete timestamps to calendar dates.
+The fixtures are written by this project in the shapes the provider documents (REST chain
+snapshot pages with ``next_url``, a single-contract snapshot, the indices snapshot, WS frames
+of every event type and status). ``DOCUMENTED`` below restates the documented fields: each
+fixture is checked against it first, so a fixture cannot drift into a shape the provider does
+not send. Expected values are read from the fixture JSON itself (independently, with the
+stdlib json module) and compared with what the msgspec schemas produce; ns/ms handling is
+checked by converting concrete timestamps to calendar dates.
 """
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import json
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlparse
 
 import pytest
 
+from processors.ws_ingest import KNOWN_STATUSES
 from schemas import massive_rest as mr
 from schemas.massive import (
+    Aggregate,
     FairMarketValue,
     IndexValue,
+    MinuteAggregate,
     Quote,
     Status,
     Trade,
@@ -26,44 +35,141 @@ from schemas.massive import (
     ms_to_ns,
 )
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-FIX = SHARED / "fixtures" / "massive"
-MOCKS = FIX / "client-python" / "test_rest" / "mocks"
-SPEC = FIX / "client-python" / ".massive"
-
-pytestmark = pytest.mark.skipif(not FIX.is_dir(), reason=f"fixtures not found at {FIX}")
-
-CHAIN_FILES = ["client-python/test_rest/mocks/v3/snapshot/options/AAPL.json"]
-CONTRACT_FILES = [
-    "client-python/test_rest/mocks/v3/snapshot/options/AAPL/O;AAPL230616C00150000.json"
-]
-INDEX_FILES = [
-    "client-python/test_rest/mocks/v3/snapshot/indices&ticker.any_of=SPX%2CAPx%2CAPy.json",
-    "client-python/test_rest/mocks/v3/snapshot.json",  # universal snapshot (marketswarm spot)
-]
-COVERED = {
-    *CHAIN_FILES,
-    *CONTRACT_FILES,
-    *INDEX_FILES,
-    "kb_spx_index_option_chain_example.json",
-    "ws_sample_messages.json",
-    "spec_extract_chain_spec.json",
-    "spec_extract_contract_spec.json",
-    "spec_extract_indices_spec.json",
-    "spec_extract_ws_options_indices.json",
-    "client-python/.massive/rest.json",
-    "client-python/.massive/websocket.json",
+FIX = Path(__file__).resolve().parent / "fixtures" / "massive"
+CHAIN_PAGES = ["rest/chain_spx_page1.json", "rest/chain_spx_page2.json"]
+FILES = {
+    *CHAIN_PAGES,
+    "rest/chain_spy_delayed.json",
+    "rest/contract_spxw.json",
+    "rest/indices_snapshot.json",
+    "ws/options.json",
+    "ws/indices.json",
+    "README.md",
 }
-# Fixtures that are none of the four kinds (reference data, market status, summaries).
-NOT_SNAPSHOTS = {
-    "client-python/SOURCE_COMMIT.txt",
-    "client-python/test_rest/mocks/v1/marketstatus/now.json",
-    "client-python/test_rest/mocks/v1/summaries&ticker.any_of=NCLH%2CO%3ANCLH221014C00005000"
-    "%2CC%3AEURUSD%2CX%3ABTCUSD%2CAPx.json",
-    "client-python/test_rest/mocks/v3/reference/options/contracts.json",
-    "client-python/test_rest/mocks/v3/reference/options/contracts&cursor="
-    "YXA9JTdCJTIySUQlMjIlM0ElMjIy.json",
-    "client-python/test_rest/mocks/v3/reference/options/contracts/OEVRI240119C00002500.json",
+
+# What the provider documents (OpenAPI/AsyncAPI specs), as facts: field -> JSON type.
+NUM = (int, float)
+DAY_FIELDS = (
+    "open",
+    "high",
+    "low",
+    "close",
+    "previous_close",
+    "volume",
+    "vwap",
+    "change",
+    "change_percent",
+)
+DOCUMENTED: dict[str, dict[str, Any]] = {
+    "envelope": {"required": {"status": str, "request_id": str}},
+    "item": {
+        "required": {
+            "day": dict,
+            "last_quote": dict,
+            "underlying_asset": dict,
+            "details": dict,
+            "break_even_price": NUM,
+            "open_interest": NUM,
+        },
+        "optional": {"greeks": dict, "implied_volatility": NUM, "last_trade": dict, "fmv": NUM},
+    },
+    "details": {
+        "required": {
+            "contract_type": str,
+            "exercise_style": str,
+            "expiration_date": str,
+            "shares_per_contract": NUM,
+            "strike_price": NUM,
+            "ticker": str,
+        },
+        "optional": {},
+    },
+    "greeks": {"required": {k: NUM for k in ("delta", "gamma", "theta", "vega")}, "optional": {}},
+    "last_quote": {
+        "required": {k: NUM for k in ("ask", "bid", "ask_size", "bid_size", "midpoint")},
+        "optional": {
+            "ask_exchange": int,
+            "bid_exchange": int,
+            "last_updated": int,
+            "timeframe": str,
+        },
+    },
+    "last_trade": {
+        "required": {"price": NUM, "size": int, "exchange": int, "sip_timestamp": int},
+        "optional": {"conditions": list, "timeframe": str},
+    },
+    "day": {  # may be partial or empty for an untraded contract
+        "required": {},
+        "optional": {**dict.fromkeys(DAY_FIELDS, NUM), "last_updated": int},
+    },
+    "underlying_asset": {
+        "required": {"ticker": str},
+        "optional": {
+            "change_to_break_even": NUM,
+            "price": NUM,
+            "value": NUM,
+            "last_updated": int,
+            "timeframe": str,
+        },
+    },
+    "index": {
+        "required": {"ticker": str},
+        "optional": {
+            "name": str,
+            "type": str,
+            "value": NUM,
+            "market_status": str,
+            "timeframe": str,
+            "last_updated": int,
+            "session": dict,
+            "error": str,
+            "message": str,
+        },
+    },
+}
+ENUMS = {
+    "contract_type": {"put", "call", "other"},
+    "exercise_style": {"american", "european", "bermudan"},
+    "timeframe": {"DELAYED", "REAL-TIME"},
+    "index_error": {"NOT_FOUND", "NOT_ENTITLED"},
+}
+# WS: every field of each event is present in the spec's examples.
+WS_FIELDS = {
+    "options": {
+        "T": {"ev", "sym", "x", "p", "s", "c", "t", "q"},
+        "Q": {"ev", "sym", "bx", "ax", "bp", "ap", "bs", "as", "t", "q"},
+        "A": {"ev", "sym", "v", "av", "op", "vw", "o", "c", "h", "l", "a", "z", "s", "e"},
+        "AM": {"ev", "sym", "v", "av", "op", "vw", "o", "c", "h", "l", "a", "z", "s", "e"},
+        "FMV": {"ev", "fmv", "sym", "t"},
+        "status": {"ev", "status", "message"},
+    },
+    "indices": {
+        "V": {"ev", "val", "T", "t"},
+        "A": {"ev", "sym", "op", "o", "c", "h", "l", "s", "e"},
+        "AM": {"ev", "sym", "op", "o", "c", "h", "l", "s", "e"},
+        "status": {"ev", "status", "message"},
+    },
+}
+WS_STATUSES = {
+    "connected",
+    "auth_success",
+    "auth_timeout",
+    "auth_failed",
+    "success",
+    "auth_required",
+    "error",
+    "max_connections",
+    "force_disconnect",
+    "slow_consumer",
+}
+WS_TYPE = {
+    "T": Trade,
+    "Q": Quote,
+    "V": IndexValue,
+    "A": Aggregate,
+    "AM": MinuteAggregate,
+    "FMV": FairMarketValue,
+    "status": Status,
 }
 
 
@@ -75,13 +181,84 @@ def utc_date(ns: int) -> dt.date:
     return dt.datetime.fromtimestamp(ns / 1e9, tz=dt.UTC).date()
 
 
-def test_every_fixture_is_classified() -> None:
-    """A new fixture file forces a decision: parse it here or say why not."""
+def conforms(obj: dict[str, Any], kind: str) -> None:
+    """``obj`` has the documented required fields, and only documented fields, of the
+    documented JSON types."""
+    spec = DOCUMENTED[kind]
+    fields = {**spec["required"], **spec.get("optional", {})}
+    assert set(spec["required"]) <= set(obj), (kind, set(spec["required"]) - set(obj))
+    assert set(obj) <= set(fields), (kind, set(obj) - set(fields))
+    for k, v in obj.items():
+        assert isinstance(v, fields[k]) and not isinstance(v, bool), (kind, k, v)
+
+
+def conforms_item(item: dict[str, Any]) -> None:
+    conforms(item, "item")
+    for part in ("details", "last_quote", "day", "underlying_asset", "greeks", "last_trade"):
+        if part in item:
+            conforms(item[part], part)
+    d = item["details"]
+    assert d["contract_type"] in ENUMS["contract_type"]
+    assert d["exercise_style"] in ENUMS["exercise_style"]
+    dt.date.fromisoformat(d["expiration_date"])
+    for part in ("last_quote", "last_trade", "underlying_asset"):
+        if "timeframe" in item.get(part, {}):
+            assert item[part]["timeframe"] in ENUMS["timeframe"]
+    if d["ticker"].startswith(("O:SPX", "O:NDX")):  # index options: value, european
+        assert "value" in item["underlying_asset"] and d["exercise_style"] == "european"
+
+
+# --- the fixtures themselves -------------------------------------------------------------
+def test_every_fixture_is_covered() -> None:
+    """A new fixture file forces a decision: check it here."""
     found = {str(p.relative_to(FIX)) for p in FIX.rglob("*") if p.is_file()}
-    assert found == COVERED | NOT_SNAPSHOTS
+    assert found == FILES
 
 
-# --- option items ------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "rel", [*CHAIN_PAGES, "rest/chain_spy_delayed.json", "rest/contract_spxw.json"]
+)
+def test_rest_option_fixtures_have_the_documented_shape(rel: str) -> None:
+    raw = load(rel)
+    conforms({k: v for k, v in raw.items() if k in ("status", "request_id")}, "envelope")
+    assert set(raw) <= {"status", "request_id", "results", "next_url"}
+    items = raw["results"] if isinstance(raw["results"], list) else [raw["results"]]
+    for item in items:
+        conforms_item(item)
+
+
+def test_index_fixture_has_the_documented_shape() -> None:
+    raw = load("rest/indices_snapshot.json")
+    for item in raw["results"]:
+        conforms(item, "index")
+        assert ("error" in item) != ("value" in item)
+        if "error" in item:
+            assert item["error"] in ENUMS["index_error"]
+        else:
+            assert item["ticker"].startswith("I:") and item["ticker"][2:].isalnum()
+
+
+@pytest.mark.parametrize("feed", ["options", "indices"])
+def test_ws_fixtures_have_the_documented_shape(feed: str) -> None:
+    raw = load(f"ws/{feed}.json")
+    seen = set()
+    for frame in raw["server"].values():
+        assert isinstance(frame, list) and frame  # every server frame is a JSON array
+        for ev in frame:
+            assert set(ev) == WS_FIELDS[feed][ev["ev"]], ev
+            seen.add(ev["ev"])
+            if ev["ev"] == "status":
+                assert ev["status"] in WS_STATUSES
+    assert seen == set(WS_FIELDS[feed])  # every event type of the feed
+    for msg in raw["client"].values():  # client frames: single objects
+        assert set(msg) == {"action", "params"}
+        assert msg["action"] in ("auth", "subscribe", "unsubscribe")
+    if feed == "options":
+        statuses = {f[0]["status"] for f in raw["server"].values() if f[0]["ev"] == "status"}
+        assert statuses == WS_STATUSES  # every documented status value
+
+
+# --- REST option items -------------------------------------------------------------------
 def check_item(raw: dict[str, Any], c: Any) -> None:
     """``c`` (a ChainContract) carries exactly the values of the raw item."""
     d = raw["details"]
@@ -106,224 +283,141 @@ def check_item(raw: dict[str, Any], c: Any) -> None:
     assert c.volume == (raw.get("day") or {}).get("volume")
 
 
-@pytest.mark.parametrize("rel", CHAIN_FILES)
-def test_chain_mock_parses(rel: str) -> None:
+def test_first_chain_page_parses_with_its_cursor() -> None:
+    rel = CHAIN_PAGES[0]
     raw = load(rel)
-    page = mr.parse_chain_page((FIX / rel).read_bytes())
-    assert page.rejections == []
-    assert page.status == "OK" and page.error is None and page.next_url is None
-    assert len(page.contracts) == len(raw["results"]) == 1
+    page = mr.parse_chain_page((FIX / rel).read_bytes(), symbol="SPX")
+    assert page.rejections == [] and page.error is None
+    assert page.status == "OK" and page.request_id == raw["request_id"]
+    assert len(page.contracts) == len(raw["results"]) == 3
     for item, c in zip(raw["results"], page.contracts, strict=True):
         check_item(item, c)
-    c = page.contracts[0]
-    # REST times are ns: the quote is from 2022-04-29, the trade from 2023-03-13.
-    assert c.quote_ts_ns == 1651254260800059648
-    assert utc_date(c.quote_ts_ns) == dt.date(2022, 4, 29)
-    assert c.trade_ts_ns is not None and utc_date(c.trade_ts_ns) == dt.date(2023, 3, 13)
-    # stock underlying: price, ns time
-    assert page.underlying_value == raw["results"][0]["underlying_asset"]["price"]
+    # next_url: absolute, the query state in an unpadded base64url cursor, no API key
+    url = urlparse(page.next_url or "")
+    assert (url.scheme, url.path) == ("https", "/v3/snapshot/options/I:SPX")
+    (cursor,) = parse_qs(url.query)["cursor"]
+    state = parse_qs(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode())
+    assert state["limit"] == ["3"] and state["sort"] == ["ticker"]
+    assert "apiKey" not in url.query
+    # REST times are ns, exact int64: the 0DTE call's quote is 2026-01-07 14:45:00.123456789
+    call = page.contracts[1]
+    assert call.cid == "O:SPXW260107C06850000"
+    assert call.quote_ts_ns == 1767797100123456789
+    assert utc_date(call.quote_ts_ns) == dt.date(2026, 1, 7) == dt.date.fromisoformat(call.expiry)
+    # the untraded put: no trade, no greeks, no IV, an empty day bar
+    put = page.contracts[2]
+    assert (put.last, put.delta, put.iv, put.volume) == (None, None, None, None)
+    # index underlying: value (not price), ns time
+    assert page.underlying_value == raw["results"][0]["underlying_asset"]["value"] == 6843.21
     assert page.underlying_ts_ns is not None
-    assert utc_date(page.underlying_ts_ns) == dt.date(2022, 4, 29)
+    assert utc_date(page.underlying_ts_ns) == dt.date(2026, 1, 7)
 
 
-@pytest.mark.parametrize("rel", CONTRACT_FILES)
-def test_single_contract_mock_parses(rel: str) -> None:
+def test_last_chain_page_rejects_bad_items_with_their_reason() -> None:
+    rel = CHAIN_PAGES[1]
     raw = load(rel)
-    page = mr.parse_contract_snapshot((FIX / rel).read_bytes())
+    page = mr.parse_chain_page((FIX / rel).read_bytes(), symbol="SPX")
+    assert page.next_url is None  # the last page
+    (c,) = page.contracts
+    check_item(raw["results"][0], c)
+    assert [r.reason for r in page.rejections] == [mr.R_BAD_TICKER, mr.R_MISMATCH]
+
+
+def test_roots_belong_to_their_index() -> None:
+    body = (FIX / CHAIN_PAGES[0]).read_bytes()
+    roots = {c.cid[2:6] for c in mr.parse_chain_page(body, symbol="SPX").contracts}
+    assert roots == {"SPX2", "SPXW"}  # SPX monthlies and SPXW dailies: both under I:SPX
+    wrong = mr.parse_chain_page(body, symbol="NDX")
+    assert wrong.contracts == []
+    assert {r.reason for r in wrong.rejections} == {mr.R_WRONG_UNDERLYING}
+
+
+def test_single_contract_snapshot_parses_like_the_chain_item() -> None:
+    rel = "rest/contract_spxw.json"
+    raw = load(rel)
+    page = mr.parse_contract_snapshot((FIX / rel).read_bytes(), symbol="SPX")
     assert page.rejections == [] and len(page.contracts) == 1
     check_item(raw["results"], page.contracts[0])
-    # the same item through the chain path gives the same contract
     chain = mr.parse_chain_page(json.dumps({"status": "OK", "results": [raw["results"]]}))
     assert chain.contracts == page.contracts
 
 
-def test_kb_spx_index_option_example() -> None:
-    rel = "kb_spx_index_option_chain_example.json"
+def test_equity_underlying_carries_price_on_a_delayed_plan() -> None:
+    rel = "rest/chain_spy_delayed.json"
     raw = load(rel)
-    body = (FIX / rel).read_bytes()
-    page = mr.parse_chain_page(body, symbol="SPX")
-    assert page.rejections == []
-    assert len(page.contracts) == 1
-    check_item(raw["results"][0], page.contracts[0])
-    c = page.contracts[0]
-    assert (c.cid, c.expiry, c.strike, c.right) == (
-        "O:SPXW230712C04500000",
-        "2023-07-12",
-        4500.0,
-        "C",
-    )
-    # quote and trade at 2023-07-12 (the expiry day, 0DTE), ns
-    assert c.quote_ts_ns is not None and utc_date(c.quote_ts_ns) == dt.date(2023, 7, 12)
-    assert c.trade_ts_ns is not None and utc_date(c.trade_ts_ns) == dt.date(2023, 7, 12)
-    # index underlying carries value (not price)
-    assert page.underlying_value == raw["results"][0]["underlying_asset"]["value"]
-    # SPXW belongs to SPX, not NDX
-    wrong = mr.parse_chain_page(body, symbol="NDX")
-    assert wrong.contracts == []
-    assert [r.reason for r in wrong.rejections] == [mr.R_WRONG_UNDERLYING]
+    page = mr.parse_chain_page((FIX / rel).read_bytes())
+    assert page.status == "DELAYED" and page.error is None and page.rejections == []
+    (c,) = page.contracts
+    check_item(raw["results"][0], c)
+    assert page.underlying_value == raw["results"][0]["underlying_asset"]["price"]
 
 
-def test_index_mock_without_prefix_and_ticker_errors() -> None:
-    rel = INDEX_FILES[0]
+def test_index_snapshot_parses_levels_and_per_ticker_errors() -> None:
+    rel = "rest/indices_snapshot.json"
     raw = load(rel)
     page = mr.parse_index_snapshot((FIX / rel).read_bytes())
-    spx = raw["results"][0]
-    assert spx["ticker"] == "SPX"  # the old mock has no I: prefix
-    assert page.spots == [mr.IndexSpot("SPX", spx["value"], None, spx["market_status"])]
+    spx, ndx = raw["results"][:2]
+    assert page.spots == [
+        mr.IndexSpot("SPX", spx["value"], spx["last_updated"], "open"),
+        mr.IndexSpot("NDX", ndx["value"], ndx["last_updated"], "open"),
+    ]
+    assert utc_date(page.spots[0].ts_ns or 0) == dt.date(2026, 1, 7)
     assert [r.reason for r in page.rejections] == [mr.R_TICKER_ERROR, mr.R_TICKER_ERROR]
     assert "NOT_FOUND" in page.rejections[0].detail
     assert "NOT_ENTITLED" in page.rejections[1].detail
 
 
-def test_universal_snapshot_has_no_index_level() -> None:
-    rel = INDEX_FILES[1]
-    page = mr.parse_index_snapshot((FIX / rel).read_bytes())
-    assert page.spots == []
-    # option entry (O: ticker), stock entry (no value), per-ticker error
-    assert [r.reason for r in page.rejections] == [
-        mr.R_BAD_INDEX_TICKER,
-        mr.R_NO_VALUE,
-        mr.R_TICKER_ERROR,
-    ]
-
-
-# --- spec examples -----------------------------------------------------------------------
-def spec_example(op: dict[str, Any]) -> Any:
-    return op["get"]["responses"]["200"]["content"]["application/json"]["example"]
-
-
-def chain_spec_checks(ex: dict[str, Any]) -> None:
-    page = mr.parse_chain_page(json.dumps(ex))
-    # The spec example's ticker "O:AAPL211022C000150000" has a 9-digit strike and a date
-    # that disagrees with expiration_date 2022-01-21: it is rejected, with that reason.
-    assert page.contracts == []
-    assert [r.reason for r in page.rejections] == [mr.R_BAD_TICKER]
-    # the rest of the item is of the documented shape
-    item = mr.decode_item(json.dumps(ex["results"][0]).encode())
-    assert item.last_quote is not None
-    assert item.last_quote.last_updated == ex["results"][0]["last_quote"]["last_updated"]
-    assert item.underlying_asset is not None and item.underlying_asset.timeframe == "DELAYED"
-    # with a well-formed ticker (same date as expiration_date) the item converts
-    fixed = json.loads(json.dumps(ex["results"][0]))
-    fixed["details"]["ticker"] = "O:AAPL220121C00150000"
-    (c,) = mr.parse_chain_page(json.dumps({"results": [fixed]})).contracts
-    check_item(fixed, c)
-    assert c.quote_ts_ns is not None and utc_date(c.quote_ts_ns) == dt.date(2020, 11, 12)
-
-
-def contract_spec_checks(ex: dict[str, Any]) -> None:
-    page = mr.parse_contract_snapshot(json.dumps(ex))
-    assert page.rejections == []
-    (c,) = page.contracts
-    check_item(ex["results"], c)
-    assert c.quote_ts_ns is not None and utc_date(c.quote_ts_ns) == dt.date(2021, 11, 10)
-    item = mr.decode_item(json.dumps(ex["results"]).encode())
-    assert item.last_quote is not None
-    assert (item.last_quote.bid_exchange, item.last_quote.ask_exchange) == (301, 301)
-
-
-def indices_spec_checks(ex: dict[str, Any]) -> None:
-    page = mr.parse_index_snapshot(json.dumps(ex))
-    (spot,) = page.spots
-    first = ex["results"][0]
-    assert spot.symbol == "DJI" and spot.value == first["value"]
-    assert spot.ts_ns == first["last_updated"]
-    assert spot.ts_ns is not None and utc_date(spot.ts_ns) == dt.date(2023, 3, 23)
-    assert [r.reason for r in page.rejections] == [mr.R_TICKER_ERROR, mr.R_TICKER_ERROR]
-
-
-def test_spec_extract_examples() -> None:
-    chain_spec_checks(spec_example(load("spec_extract_chain_spec.json")))
-    contract_spec_checks(spec_example(load("spec_extract_contract_spec.json")))
-    indices_spec_checks(spec_example(load("spec_extract_indices_spec.json")))
-
-
-def test_full_rest_spec_examples() -> None:
-    paths = json.loads((SPEC / "rest.json").read_text())["paths"]
-    chain_spec_checks(spec_example(paths["/v3/snapshot/options/{underlyingAsset}"]))
-    contract_spec_checks(
-        spec_example(paths["/v3/snapshot/options/{underlyingAsset}/{optionContract}"])
-    )
-    indices_spec_checks(spec_example(paths["/v3/snapshot/indices"]))
-    universal = mr.parse_index_snapshot(json.dumps(spec_example(paths["/v3/snapshot"])))
-    assert universal.spots == [] and len(universal.rejections) == 3
-
-
 # --- WebSocket frames --------------------------------------------------------------------
-EXPECTED_WS_TYPE = {
-    "T": Trade,
-    "Q": Quote,
-    "V": IndexValue,
-    "status": Status,
-    "FMV": FairMarketValue,
-}
-
-
 def check_ws_frame(frame: list[dict[str, Any]]) -> None:
     out = decode_frame(json.dumps(frame).encode())
     assert out.errors == []
     assert len(out.events) == len(frame)
     for raw, ev in zip(frame, out.events, strict=True):
-        typ = EXPECTED_WS_TYPE.get(raw["ev"])
-        if typ is not None:
-            assert isinstance(ev, typ)
+        assert isinstance(ev, WS_TYPE[raw["ev"]])
         if isinstance(ev, Trade):
-            assert (ev.sym, ev.p, ev.s, ev.t) == (raw["sym"], raw["p"], raw["s"], raw["t"])
+            assert (ev.sym, ev.p, ev.s, ev.t, ev.x, ev.q, ev.c) == (
+                raw["sym"],
+                raw["p"],
+                raw["s"],
+                raw["t"],
+                raw["x"],
+                raw["q"],
+                raw["c"],
+            )
         elif isinstance(ev, Quote):
-            assert (ev.bp, ev.ap, ev.bs, ev.as_, ev.t) == (
+            assert (ev.sym, ev.bp, ev.ap, ev.bs, ev.as_, ev.bx, ev.ax, ev.t) == (
+                raw["sym"],
                 raw["bp"],
                 raw["ap"],
                 raw["bs"],
                 raw["as"],
+                raw["bx"],
+                raw["ax"],
                 raw["t"],
             )
         elif isinstance(ev, IndexValue):
             assert (ev.ticker, ev.val, ev.t) == (raw["T"], raw["val"], raw["t"])
+        elif isinstance(ev, Status):
+            assert (ev.status, ev.message) == (raw["status"], raw["message"])
 
 
-def test_ws_sample_messages() -> None:
-    samples = load("ws_sample_messages.json")
-    server = {k: v for k, v in samples.items() if isinstance(v, list)}
-    client = {k: v for k, v in samples.items() if k.startswith("client_")}
-    assert set(server) | set(client) | {"_note"} == set(samples)
-    for frame in server.values():
+@pytest.mark.parametrize("feed", ["options", "indices"])
+def test_every_ws_frame_decodes(feed: str) -> None:
+    for frame in load(f"ws/{feed}.json")["server"].values():
         check_ws_frame(frame)
-    for msg in client.values():
-        assert msg["action"] in ("auth", "subscribe", "unsubscribe")
-    # WS T/Q/V times are ms: the sample trade is from 2021-08-24, the V from 2023-03-07
-    (t,) = decode_frame(json.dumps(samples["options_T"])).events
-    assert isinstance(t, Trade) and utc_date(ms_to_ns(t.t)) == dt.date(2021, 8, 24)
-    (v,) = decode_frame(json.dumps(samples["indices_V"])).events
-    assert isinstance(v, IndexValue) and utc_date(ms_to_ns(v.t)) == dt.date(2023, 3, 7)
-    # ... while FMV t is already ns (2014-06-02)
-    (f,) = decode_frame(json.dumps(samples["options_FMV_business"])).events
-    assert isinstance(f, FairMarketValue) and utc_date(f.t) == dt.date(2014, 6, 2)
 
 
-def ws_examples(paths: dict[str, Any]) -> list[dict[str, Any]]:
-    out = []
-    for path, op in paths.items():
-        if path.startswith(("/options/", "/indices/", "/business/options/")):
-            out.append(spec_example(op))
-    return out
+def test_ws_times_are_ms_except_fmv() -> None:
+    options = load("ws/options.json")["server"]
+    (t,) = decode_frame(json.dumps(options["T"])).events
+    assert isinstance(t, Trade) and utc_date(ms_to_ns(t.t)) == dt.date(2026, 1, 7)
+    (q,) = decode_frame(json.dumps(options["Q"])).events
+    assert isinstance(q, Quote) and utc_date(ms_to_ns(q.t)) == dt.date(2026, 1, 7)
+    (v, _) = decode_frame(json.dumps(load("ws/indices.json")["server"]["V"])).events
+    assert isinstance(v, IndexValue) and utc_date(ms_to_ns(v.t)) == dt.date(2026, 1, 7)
+    (f,) = decode_frame(json.dumps(options["FMV"])).events  # FMV t is already ns
+    assert isinstance(f, FairMarketValue) and utc_date(f.t) == dt.date(2026, 1, 7)
 
 
-def test_ws_spec_extract_examples() -> None:
-    spec = load("spec_extract_ws_options_indices.json")
-    events = ws_examples(spec)
-    assert len(events) == 8
-    for ev in events:
-        check_ws_frame([ev])  # the server wraps events in an array
-    for name in ("ConnectEvent", "DisconnectEvent", "AuthEvent", "SubscribeEvent"):
-        status = json.loads(spec[name]["allOf"][1]["example"])
-        check_ws_frame([status])
-
-
-def test_full_ws_spec_examples() -> None:
-    spec = json.loads((SPEC / "websocket.json").read_text())
-    events = ws_examples(spec["paths"])
-    assert len(events) == 8
-    extract = ws_examples(load("spec_extract_ws_options_indices.json"))
-    assert events == extract
-    for ev in events:
-        check_ws_frame([ev])
+def test_ws_ingest_knows_every_documented_status() -> None:
+    assert WS_STATUSES <= KNOWN_STATUSES

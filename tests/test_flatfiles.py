@@ -187,7 +187,11 @@ def test_bad_files_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFix
 # --- replay: the hand-checked tile prices --------------------------------------------------
 def replay_settings(settings: RuntimeSettings) -> RuntimeSettings:
     return RuntimeSettings(
-        redis_url=settings.redis_url, consumer="ff", min_idle_ms=60_000, grace_s=5.0
+        redis_url=settings.redis_url,
+        consumer="ff",
+        symbols=("SPX",),
+        min_idle_ms=60_000,
+        grace_s=5.0,
     )
 
 
@@ -214,7 +218,6 @@ def tid(strategy: str, strikes: str, right: str) -> str:
 def replay_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MASSIVE_PUBLISHER_LEASE_TTL_MS", "600000")
     monkeypatch.setenv("MASSIVE_GEX_LEASE_TTL_MS", "600000")
-    monkeypatch.setenv("MASSIVE_GEX_SYMBOLS", "SPX")
 
 
 @pytest.mark.timeout(120)

@@ -253,7 +253,7 @@ EXPIRY = _expiry()
 
 
 def rest_item(strike: float, right: str = "C", root: str = "SPXW") -> dict[str, Any]:
-    """One chain snapshot result item in the provider's shape (see shared/fixtures)."""
+    """One chain snapshot result item in the provider's shape (see tests/fixtures/massive)."""
     cid = ticker.encode(root, EXPIRY, right, strike)
     return {
         "details": {"contract_type": "call" if right == "C" else "put",
@@ -362,12 +362,13 @@ async def running_poller(
     url: str,
 ) -> AsyncIterator[tuple[cp.ChainPoller, asyncio.Task[None]]]:
     s = cp.PollerSettings(
-        api_key="k", rest_url="http://rest.fuzz", symbols=("SPX",), min_interval_s=0.05,
+        api_key="k", rest_url="http://rest.fuzz", min_interval_s=0.05,
         latency_factor=1.0, max_retries=3, backoff_base_s=0.001, backoff_max_s=0.005,
         control_block_ms=20, expirations=5, max_days=14, band_pct=0.5,
         full_interval_s=0.0,  # this fuzzes the window's pages
     )  # fmt: skip
-    poller = cp.ChainPoller(Deps(redis, RuntimeSettings(redis_url=url, consumer="f"), reg), s)
+    rs = RuntimeSettings(redis_url=url, consumer="f", symbols=("SPX",))
+    poller = cp.ChainPoller(Deps(redis, rs, reg), s)
     transport = httpx.MockTransport(handler)
     poller._client = lambda: httpx.AsyncClient(transport=transport)  # type: ignore[method-assign]
     stop = asyncio.Event()

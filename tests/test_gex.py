@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import time
 from typing import Any
@@ -49,7 +50,7 @@ CHAIN = [
 
 
 def settings(**kw: Any) -> GexSettings:
-    base: dict[str, Any] = dict(symbols=("SPX",), interval_s=2.0, reprice_interval_s=600.0)
+    base: dict[str, Any] = dict(interval_s=2.0, reprice_interval_s=600.0)
     base.update(kw)
     return GexSettings(**base)
 
@@ -426,7 +427,7 @@ class RunningClock(SystemClock):
 
 
 def settings_fast() -> GexSettings:
-    return GexSettings(symbols=("SPX",), interval_s=0.05, poll_s=0.02, lease_ttl_ms=1000)
+    return GexSettings(interval_s=0.05, poll_s=0.02, lease_ttl_ms=1000)
 
 
 async def _ge(f: Any, n: int) -> bool:
@@ -435,7 +436,7 @@ async def _ge(f: Any, n: int) -> bool:
 
 def test_build_reads_env_and_arg(deps: Deps, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MASSIVE_GEX_INTERVAL_S", "5")
-    monkeypatch.setenv("MASSIVE_GEX_SYMBOLS", "NDX")
+    deps = dataclasses.replace(deps, settings=dataclasses.replace(deps.settings, symbols=("NDX",)))
     p = build(deps, None)
     assert p.name == "gex" and p.s.interval_s == 5.0 and p.symbols == ("NDX",)
     assert build(deps, "SPX,NDX").symbols == ("SPX", "NDX")
@@ -551,8 +552,9 @@ async def test_api_gex_history_serves_the_levels_oldest_first(
         await redis.hset(keys.SPOT_LATEST, "SPX", repr(SPOT + 3 * (i + 1)))
         clock.advance(2.5)
         await b.tick()
+    settings = dataclasses.replace(settings, symbols=("SPX",))
     deps = Deps(redis=redis, settings=settings, registry=registry, clock=clock)
-    app = create_app(deps, SseSettings(symbols=("SPX",)))
+    app = create_app(deps, SseSettings())
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://gw") as http:
         r = await http.get("/api/gex/history", params={"symbol": "SPX"})

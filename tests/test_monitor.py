@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 import re
@@ -57,8 +58,11 @@ async def consume(redis: Redis, stream: str, group: str, n: int, ack: int) -> No
         await redis.xack(stream, group, *ids[:ack])
 
 
-def monitor(deps: Deps, clock: ManualClock, **kw: object) -> Monitor:
-    d = Deps(redis=deps.redis, settings=deps.settings, registry=deps.registry, clock=clock)
+def monitor(
+    deps: Deps, clock: ManualClock, symbols: tuple[str, ...] | None = None, **kw: object
+) -> Monitor:
+    rt = deps.settings if symbols is None else dataclasses.replace(deps.settings, symbols=symbols)
+    d = Deps(redis=deps.redis, settings=rt, registry=deps.registry, clock=clock)
     return Monitor(d, MonitorSettings(**kw))  # type: ignore[arg-type]
 
 

@@ -353,6 +353,7 @@ def replay_settings(settings: RuntimeSettings, run: int) -> RuntimeSettings:
     return RuntimeSettings(
         redis_url=settings.redis_url,
         consumer=f"replay-{run}",
+        symbols=("SPX",),
         block_ms=1000,
         min_idle_ms=60_000,
         reclaim_interval_s=60.0,
@@ -390,7 +391,6 @@ def pipeline_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MASSIVE_PUBLISHER_MAX_INTERVAL_MS", "1000")
     monkeypatch.setenv("MASSIVE_PUBLISHER_LEASE_TTL_MS", "600000")
     monkeypatch.setenv("MASSIVE_GEX_LEASE_TTL_MS", "600000")
-    monkeypatch.setenv("MASSIVE_GEX_SYMBOLS", "SPX")
 
 
 @pytest.fixture

@@ -526,13 +526,12 @@ async def test_bind_failure_raises_instead_of_exiting(deps: Deps) -> None:
 
 
 async def test_build_reads_env_settings(deps: Deps, monkeypatch: pytest.MonkeyPatch) -> None:
-    from streams.processor import load
+    from processors.registry import load
 
     monkeypatch.setenv("MASSIVE_SSE_PORT", "0")
     monkeypatch.setenv("MASSIVE_SSE_QUEUE_MAX", "7")
-    monkeypatch.setenv("MASSIVE_SSE_SYMBOLS", "SPX,RUT")
     proc = load("sse-gateway", deps)
     assert isinstance(proc, SseGateway) and proc.name == "sse-gateway"
-    assert proc.settings.queue_max == 7 and proc.settings.symbols == ("SPX", "RUT")
+    assert proc.settings.queue_max == 7
     with pytest.raises(ValueError, match="no argument"):
         load("sse-gateway:x", deps)

@@ -23,6 +23,7 @@ from schemas.massive import IndexValue, Quote, Trade, decode_frame
 from schemas.messages import WS_PAYLOAD_FIELD, WS_RECV_FIELD, ControlMessage, from_entry
 from simulator.server import SimConfig, SimServer
 from streams.processor import Deps
+from streams.settings import from_env
 from tests.util import eventually
 
 KEY = "sim-key"
@@ -81,15 +82,16 @@ async def seed_both(redis: Redis, srv: SimServer) -> dict[str, list[str]]:
 def make(deps: Deps, srv: SimServer, **kw: Any) -> wi.WsIngest:
     base: dict[str, Any] = dict(
         api_key=KEY,
-        ws_url=srv.ws_url,
+        url=srv.ws_url,
         market_hours="always",
         epoch_poll_s=0.1,
         reconnect_base_s=0.05,
         reconnect_max_s=0.2,
         silence_s=5.0,
     )
+    symbols = kw.pop("symbols", None)
     base.update(kw)
-    return wi.WsIngest(deps, wi.WsSettings(**base))
+    return wi.WsIngest(deps, wi.WsSettings(**base), symbols)
 
 
 @contextlib.asynccontextmanager
@@ -472,24 +474,25 @@ def test_allocate_quote_budget(raw: dict[str, list[int]], budget: int) -> None:
 
 
 def test_settings_from_env() -> None:
-    s = wi.load_settings(
-        {"MASSIVE_API_KEY": "k", "MASSIVE_WS_SILENCE_S": "0.5", "MASSIVE_WS_QUOTES": "false"}
+    s = from_env(
+        wi.WsSettings,
+        {"MASSIVE_API_KEY": "k", "MASSIVE_WS_SILENCE_S": "0.5", "MASSIVE_WS_QUOTES": "false"},
     )
     assert (s.api_key, s.silence_s, s.quotes) == ("k", 0.5, False)
     with pytest.raises(ValueError, match="max_quotes"):
-        wi.load_settings({"MASSIVE_WS_MAX_QUOTES": "1001"})
+        from_env(wi.WsSettings, {"MASSIVE_WS_MAX_QUOTES": "1001"})
 
 
 def test_build_via_processor_loader(deps: Deps, monkeypatch: pytest.MonkeyPatch) -> None:
-    from streams.processor import load
+    from processors.registry import load
 
     monkeypatch.setenv("MASSIVE_API_KEY", "env-key")
     monkeypatch.setenv("MASSIVE_WS_URL", "ws://127.0.0.1:1")
     w = load("ws-ingest", deps)
     assert isinstance(w, wi.WsIngest) and w.name == "ws-ingest" and not w.ready
-    assert (w.s.api_key, w.s.ws_url) == ("env-key", "ws://127.0.0.1:1")
+    assert (w.s.api_key, w.s.url) == ("env-key", "ws://127.0.0.1:1")
     assert set(w.feeds) == {"options", "indices"}
-    assert load("ws-ingest:ndx", deps).s.symbols == ("NDX",)  # type: ignore[attr-defined]
+    assert load("ws-ingest:ndx", deps).symbols == ("NDX",)  # type: ignore[attr-defined]
 
 
 def test_reconnects_use_the_one_backoff_policy_with_equal_jitter(deps: Deps) -> None:
@@ -501,7 +504,7 @@ def test_reconnects_use_the_one_backoff_policy_with_equal_jitter(deps: Deps) -> 
     delays = [w._backoff.delay_s(3) for _ in range(400)]  # window min(8, 0.5 * 2**3) = 4
     assert all(2.0 <= d <= 4.0 for d in delays) and max(delays) > 3.5
     with pytest.raises(ValueError, match="backoff"):
-        wi.load_settings({"MASSIVE_WS_RECONNECT_MAX_S": "0.1"})
+        from_env(wi.WsSettings, {"MASSIVE_WS_RECONNECT_MAX_S": "0.1"})
 
 
 async def test_stock_symbols_take_their_spot_from_the_stocks_feed(deps: Deps) -> None:

@@ -28,12 +28,13 @@ import msgspec
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
+from processors.registry import load
 from schemas import keys
 from schemas.heatmap import split_staged
 from schemas.keys import STRATEGIES
 from simulator.server import SimConfig, SimServer
 from streams.local_redis import RedisServer
-from streams.processor import Deps, Processor, load
+from streams.processor import Deps, Processor
 from streams.redis_client import connect
 from streams.runner import run_processors
 from streams.settings import RuntimeSettings
@@ -172,10 +173,9 @@ async def run(
         "MASSIVE_REDIS_URL": srv.url,
         "MASSIVE_POLLER_REST_URL": sim.rest_url,
         "MASSIVE_POLLER_API_KEY": sim.config.api_key,
-        "MASSIVE_POLLER_SYMBOLS": ",".join(symbols),
-        "MASSIVE_WS_WS_URL": sim.ws_url,
+        "MASSIVE_SYMBOLS": ",".join(symbols),
+        "MASSIVE_WS_URL": sim.ws_url,
         "MASSIVE_WS_API_KEY": sim.config.api_key,
-        "MASSIVE_WS_SYMBOLS": ",".join(symbols),
         "MASSIVE_WS_MARKET_HOURS": "always",
         "MASSIVE_TILES_N_EXPIRIES": str(n_expiries),
     }
@@ -184,7 +184,7 @@ async def run(
     task: asyncio.Task[None] | None = None
     try:
         with _env(env):
-            settings = RuntimeSettings(redis_url=srv.url, consumer="tile-quality")
+            settings = RuntimeSettings(redis_url=srv.url, consumer="tile-quality", symbols=symbols)
             deps = Deps(redis=redis, settings=settings, registry=CollectorRegistry())
             specs = ["chain-poller", "ws-ingest", "normalizer", "hydrator"]
             specs += [f"tile-builder:{s}" for s in STRATEGIES]
