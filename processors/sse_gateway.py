@@ -278,6 +278,7 @@ class SlowClientDropping(EventSourceResponse):
             await super().__call__(scope, receive, send)
         except SendTimeoutError:
             self._metrics.send_timeouts.labels(self._channel).inc()
+            _INCOMPLETE.expect()
             client = scope.get("client")
             logger.info(
                 "dropped SSE client %s on %s: it accepted no bytes for %.0f s",
@@ -285,6 +286,33 @@ class SlowClientDropping(EventSourceResponse):
                 self._channel,
                 self.send_timeout or 0.0,
             )
+
+
+class _DroppedResponses(logging.Filter):
+    """uvicorn closes a connection whose app returned mid-response with an ERROR line; the
+    response of a dropped slow client is incomplete by design (its socket accepts nothing, so
+    no final chunk can be sent), and was logged at INFO already. Each expected close turns
+    the next such line into DEBUG; any other stays an ERROR."""
+
+    MESSAGE = "ASGI callable returned without completing response."
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.expected = 0
+
+    def expect(self) -> None:
+        self.expected += 1
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.expected and record.getMessage() == self.MESSAGE:
+            self.expected -= 1
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+_INCOMPLETE = _DroppedResponses()
+logging.getLogger("uvicorn.error").addFilter(_INCOMPLETE)
 
 
 # --- subscribers and shared readers -------------------------------------------------------------

@@ -406,7 +406,12 @@ async def test_client_that_stops_reading_is_dropped_with_one_info_line(
     settings = replace(SETTINGS, queue_max=1000, send_timeout_s=0.5)
     blob = "x" * 100_000
     caplog.set_level(logging.INFO)
+    uvicorn_errors: list[logging.LogRecord] = []
+    collect = logging.Handler(logging.ERROR)
+    collect.emit = uvicorn_errors.append  # type: ignore[method-assign]
     async with gateway(deps, settings) as gw:
+        # uvicorn's loggers don't propagate, and its start-up replaces their handlers
+        logging.getLogger("uvicorn.error").addHandler(collect)
         stuck = socket.socket()
         stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         stuck.connect(("127.0.0.1", gw.port))
@@ -424,7 +429,8 @@ async def test_client_that_stops_reading_is_dropped_with_one_info_line(
             stuck.close()
         # the gateway serves on
         assert (await _get(gw, "/api/heatmap/butterfly?symbol=SPX")).status_code == 200
-    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    logging.getLogger("uvicorn.error").removeHandler(collect)
+    errors = [r for r in [*caplog.records, *uvicorn_errors] if r.levelno >= logging.ERROR]
     assert errors == [], [r.getMessage() for r in errors]
     infos = [r.getMessage() for r in caplog.records if "dropped SSE client" in r.getMessage()]
     assert len(infos) == 1 and "heatmap:butterfly" in infos[0], infos
