@@ -258,7 +258,11 @@ async def memory_breakdown(r: Redis) -> dict[str, float]:
     """used_memory and what holds it (MB): every stream, published models, staging tiles,
     epoch keys (the rest of the keyspace)."""
     mb = 2**20
-    used = int((await r.info("memory"))["used_memory"])
+    info = await r.info("memory")
+    used = int(info["used_memory"])
+    # connection buffers (big replies: diffs, checkpoints, script results) and the AOF buffer
+    # are in used_memory too; they come and go with the traffic, unlike the keyspace
+    buffers = int(info.get("mem_clients_normal", 0)) + int(info.get("mem_aof_buffer", 0))
     streams = 0
     per: dict[str, float] = {}
     for s in pipeline_streams():
@@ -275,7 +279,8 @@ async def memory_breakdown(r: Redis) -> dict[str, float]:
         "streams": streams / mb,
         "models": models / mb,
         "staging": staging / mb,
-        "rest": (used - streams - models - staging) / mb,
+        "buffers": buffers / mb,
+        "rest": (used - streams - models - staging - buffers) / mb,
         **{f"stream {k}": v for k, v in sorted(per.items(), key=lambda kv: -kv[1])},
     }
 
@@ -555,9 +560,10 @@ async def main() -> int:
                          f"{peak:.0f}; {growth:+.1f}"))  # fmt: skip
             rows.append(
                 (
-                    f"{k} redis memory at end (MB): used = streams + models + staging + rest",
+                    f"{k} redis memory at end (MB): used = streams + models + staging + "
+                    "buffers + rest",
                     f"{brk['used']:.0f} = {brk['streams']:.0f} + {brk['models']:.0f} + "
-                    f"{brk['staging']:.0f} + {brk['rest']:.0f}",
+                    f"{brk['staging']:.0f} + {brk['buffers']:.0f} + {brk['rest']:.0f}",
                 )
             )
             rows.append(

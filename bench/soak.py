@@ -236,7 +236,7 @@ async def main() -> int:
     print(" ".join(f"{m:.0f}" for _, m in mem))
     print("\n# what holds it (MB), every minute: used = streams + models + staging + rest")
     top = sorted({k for _, b in parts for k in b if k.startswith("stream ")})
-    print("t_s     used streams models staging  rest  " + " ".join(k[7:] for k in top))
+    print("t_s     used streams models staging buffers  rest  " + " ".join(k[7:] for k in top))
     next_t = 0.0
     for t, b in parts:
         if t < next_t:
@@ -244,7 +244,7 @@ async def main() -> int:
         next_t = t + 60
         print(
             f"{t:6.0f} {b['used']:5.0f} {b['streams']:7.0f} {b['models']:6.0f} "
-            f"{b['staging']:7.0f} {b['rest']:5.0f}  "
+            f"{b['staging']:7.0f} {b['buffers']:7.0f} {b['rest']:5.0f}  "
             + " ".join(f"{b.get(k, 0.0):.0f}" for k in top)
         )
     print("\n# RSS (MB), every minute")
@@ -266,7 +266,7 @@ async def main() -> int:
     print(
         f"redis used_memory at the end (MB): {brk['used']:.0f} = streams "
         f"{brk['streams']:.0f} + models {brk['models']:.0f} + staging {brk['staging']:.0f} "
-        f"+ rest {brk['rest']:.0f}"
+        f"+ buffers {brk['buffers']:.0f} + rest {brk['rest']:.0f}"
     )
     for n in names:
         xs = [snap[n] for t, snap in rss if warm <= t < close_s and n in snap]
