@@ -72,6 +72,7 @@ from schemas.messages import ModelDiff, PublishedModel, RawDiff, RawModel, encod
 from streams import metrics
 from streams.clock import StepClock
 from streams.consumer import Entry
+from streams.memory import release_freed_memory
 from streams.processor import Deps
 from streams.redis_client import as_str
 from streams.retry import REDIS_UNAVAILABLE, run_resilient
@@ -775,6 +776,7 @@ class Publisher:
         self.m_publish_s.observe(self.clock.monotonic() - t0)
         if code == lua.Publish.OK:
             assert items is not None
+            new_epoch = epoch != st.epoch
             st.epoch, st.version, st.items = epoch, version, items
             st.diff_id, st.ts_ns, st.meta = diff_id, now_ns, meta
             st.head = diff_id
@@ -785,6 +787,8 @@ class Publisher:
             self.m_version.labels(self.strategy, st.symbol).set(version)
             if recv is not None:
                 self.m_latency.observe(max(0.0, (self.clock.time_ns() - recv) / 1e9))
+            if new_epoch:  # the previous epoch's model was just dropped
+                release_freed_memory()
             return
         reason = _REJECTED[code]
         self.m_rejected.labels(self.strategy, reason).inc()
