@@ -67,7 +67,7 @@ async def test_spy_and_aapl_publish_heatmap_and_gex(tmp_path: Path) -> None:
                     return all(m.get("version", 0) > 0 and m.get("items") for m in got.values())
 
                 await eventually(published, timeout_s=120, interval_s=0.5)
-                epochs = (await c.get(api + "/api/epochs")).json()
+                symbols_info = (await c.get(api + "/api/symbols")).json()
             spot = {k.decode(): v.decode() for k, v in (await r.hgetall(keys.SPOT_LATEST)).items()}
             hyd = await p.metrics("hydrator")
             poller = await p.metrics("chain-poller")
@@ -102,4 +102,7 @@ async def test_spy_and_aapl_publish_heatmap_and_gex(tmp_path: Path) -> None:
     assert h.metric_sum(hyd, "massive_hydrator_epoch_refresh_total", symbol="AAPL") >= 1
     assert h.metric_sum(hyd, "massive_hydrator_epoch_refresh_total", symbol="other") == 0
     # the dashboard's symbol picker offers the configured symbols (and the active ones)
-    assert epochs["symbols"] == ["SPY", "AAPL"] and set(epochs["active"]) == {"SPY", "AAPL"}
+    assert symbols_info["symbols"] == ["SPY", "AAPL"] and set(symbols_info["active"]) == {
+        "SPY",
+        "AAPL",
+    }
