@@ -34,7 +34,7 @@ from schemas.messages import (
 )
 from streams.settings import RuntimeSettings
 from tests.factories import option_chain
-from tests.util import RedisServer
+from tests.util import RedisServer, eventually
 
 T0 = 1_764_000_000_000_000_000  # 2025-11-24T16:00:00Z: a Monday, 11:00 in New York
 MS = 1_000_000
@@ -691,9 +691,21 @@ async def test_simulator_session_recorded_midway_replays_causally_like_lockstep(
             await asyncio.sleep(1.0)  # mid-session: snapshots and frames already flowed
             stop = asyncio.Event()
             streams = list(rp.FEEDS.values())
-            with rp.RecordingWriter(path, streams, 1) as w:
+
+            class Counting(rp.RecordingWriter):
+                chains = 0
+
+                def write(self, rec: rp.Record) -> None:
+                    super().write(rec)
+                    self.chains += rec.stream == keys.CHAIN_STREAM
+
+            with Counting(path, streams, 1) as w:
                 task = asyncio.create_task(rp.record_follow(r, streams, w, stop, "$"))
-                await asyncio.sleep(6.0)
+
+                async def three_chains() -> bool:  # the initial one and two live ones
+                    return w.chains >= 3
+
+                await eventually(three_chains, timeout_s=60)
                 stop.set()
                 await asyncio.wait_for(task, 10)
     finally:
