@@ -686,7 +686,7 @@ def test_prod_gateway_requires_a_token_from_its_own_secret() -> None:
     gw = deps["sse-gateway"]
     c = container(gw)
     env = {**config(docs), **{e["name"]: e.get("value", "") for e in c["env"]}}
-    s = from_env(SseSettings, "MASSIVE_SSE_", env)
+    s = from_env(SseSettings, env)
     assert s.token_file and s.max_clients > 0 and s.max_per_ip > 0
     assert s.trusted_proxy_hops == 1 and s.admin_port > 0
     (mount,) = [m for m in c["volumeMounts"] if s.token_file.startswith(m["mountPath"] + "/")]
