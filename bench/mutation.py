@@ -291,9 +291,6 @@ def _copy_tree(dst: Path) -> None:
         if src.is_file():
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst / rel)
-    shared = ROOT.parent / "shared"  # the fixtures some tests read through ../shared
-    if shared.exists():
-        os.symlink(shared, dst.parent / "shared")
 
 
 def _env(tree: Path) -> dict[str, str]:

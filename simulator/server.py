@@ -34,7 +34,7 @@ import socket
 import time
 from bisect import bisect_left, bisect_right
 from collections import deque
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from http import HTTPStatus
 from typing import Any
@@ -60,6 +60,7 @@ from simulator.market import (
     ns_at,
 )
 from streams.clock import NY
+from streams.health import QuietServer
 
 log = logging.getLogger(__name__)
 
@@ -141,14 +142,6 @@ class _Conn:
     quotes: set[str] = field(default_factory=set)
     values: set[str] = field(default_factory=set)
     other: set[str] = field(default_factory=set)  # acknowledged, never fed (A, AM, FMV)
-
-
-class _Server(uvicorn.Server):
-    """uvicorn server that leaves signal handling to its owner."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        yield
 
 
 def _status(status: str, message: str) -> dict[str, str]:
@@ -264,7 +257,7 @@ class SimServer:
         self._malformed_kind = 0
         self._conns: set[_Conn] = set()
         self._sorted: dict[tuple[str, str], tuple[int, list[Contract], list[tuple[Any, ...]]]] = {}
-        self._server: _Server | None = None
+        self._server: QuietServer | None = None
         self._serve_task: asyncio.Task[None] | None = None
         self._pump_task: asyncio.Task[None] | None = None
         self.host = "127.0.0.1"
@@ -314,7 +307,7 @@ class SimServer:
         except OSError:
             sock.close()
             raise
-        self._server = _Server(config)
+        self._server = QuietServer(config)
         self._serve_task = asyncio.create_task(
             self._server.serve(sockets=[sock]), name="sim-uvicorn"
         )

@@ -110,6 +110,8 @@ def check_env(
 def from_env(cls: type[T], environ: Mapping[str, str] | None = None) -> T:
     """An instance of the registered settings class ``cls`` from ``environ`` (default: the
     process environment); unset variables keep the field defaults."""
+    if isinstance(environ, str):  # the old from_env(cls, prefix) call: the prefix is registered
+        raise TypeError(f"from_env({cls.__name__}, {environ!r}): pass no prefix (@env_settings)")
     env = os.environ if environ is None else environ
     prefix = env_prefix(cls)
     by_field: dict[str, list[str]] = {}

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
@@ -49,10 +50,23 @@ async def seed(redis: Redis, eid: str = "e1", shift: int = 0, **kw: Any) -> list
     return [c.cid for c in chain]
 
 
+_REPLICA_CLIENTS: list[Redis] = []
+
+
+@pytest.fixture(autouse=True)
+async def _close_replica_clients() -> AsyncIterator[None]:
+    yield
+    while _REPLICA_CLIENTS:
+        await _REPLICA_CLIENTS.pop().aclose()
+
+
 def with_consumer(deps: Deps, name: str) -> Deps:
-    """A separate replica: own consumer name, own Redis connections, own metrics."""
+    """A separate replica: own consumer name, own Redis connections (closed after the
+    test), own metrics."""
+    r = Redis.from_url(deps.settings.redis_url)
+    _REPLICA_CLIENTS.append(r)
     return Deps(
-        redis=Redis.from_url(deps.settings.redis_url),
+        redis=r,
         settings=dataclasses.replace(deps.settings, consumer=name),
         registry=CollectorRegistry(),
         clock=SystemClock(),

@@ -83,6 +83,8 @@ def test_an_unregistered_class_is_refused() -> None:
 
     with pytest.raises(TypeError, match="env_settings"):
         from_env(Loose, {})
+    with pytest.raises(TypeError, match="pass no prefix"):
+        from_env(Example, "MASSIVE_EXAMPLE_")  # type: ignore[arg-type]
 
 
 def test_an_unknown_name_is_refused_with_the_closest_known_one() -> None:
