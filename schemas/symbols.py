@@ -13,8 +13,9 @@ PM settlement, multiplier 100, widths derived from the listed strike spacing.
 Overrides: ``MASSIVE_SYMBOL_SPECS`` is a JSON object ``{"AAPL": {"div_yield": 0.005},
 "RUT": {"widths": [5, 10, 20]}}`` whose fields replace the default's (an unknown symbol
 starts from the generic equity); an unknown field or a bad value fails at start with the
-variable's name. The configured symbol list itself (``MASSIVE_SYMBOLS``, the runtime
-settings) stays where it is; this module only bounds metric labels by it.
+variable's name. Both variables are fields of ``streams.settings.RuntimeSettings`` (so the
+strict environment check knows them); this module reads them from the same environment,
+once per process, and bounds metric labels by ``MASSIVE_SYMBOLS``.
 
 Roots: an option's root (``SPXW`` in ``O:SPXW260107C06850000``) is *standard* when it is one
 of ``roots`` or fully matches ``root_pattern``; *adjusted* when it is a standard root
@@ -259,13 +260,11 @@ class Registry:
 
 def load(environ: Mapping[str, str] | None = None) -> Registry:
     """The registry of a process: ``MASSIVE_SYMBOL_SPECS`` overrides; labels bounded by
-    ``MASSIVE_SYMBOLS`` of this process's environment."""
+    ``MASSIVE_SYMBOLS`` (and the overridden symbols)."""
     env = os.environ if environ is None else environ
     overrides = parse_overrides(env.get("MASSIVE_SYMBOL_SPECS", ""))
-    configured: list[str] = list(overrides)
-    raw = env.get("MASSIVE_SYMBOLS", "")
-    configured += [s.strip().upper() for s in raw.split(",") if s.strip()]
-    return Registry(overrides, [s for s in configured if s.isalnum()])
+    configured = [*overrides, *env.get("MASSIVE_SYMBOLS", "").split(",")]
+    return Registry(overrides, [s.strip().upper() for s in configured if s.strip().isalnum()])
 
 
 @lru_cache(maxsize=1)

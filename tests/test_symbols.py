@@ -97,7 +97,7 @@ def test_overrides_from_json_and_errors() -> None:
 
 
 def test_labels_are_bounded_by_configuration() -> None:
-    reg = symbols.load({"MASSIVE_SYMBOLS": "SPY,AAPL,MSFT"})
+    reg = symbols.load({"MASSIVE_SYMBOLS": "SPY, aapl,MSFT"})
     assert [reg.label(s) for s in ("SPY", "AAPL", "MSFT", "SPX", "GME", None)] == [
         "SPY",
         "AAPL",
