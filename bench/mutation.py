@@ -313,18 +313,19 @@ def _check_isolated(tree: Path) -> None:
         raise SystemExit(f"mutation: tests would import {got}, not the copy in {tree}")
 
 
-def _run_tests(tree: Path, tests: tuple[str, ...]) -> tuple[bool, float]:
-    """(passed, seconds)."""
+def _run_tests(tree: Path, tests: tuple[str, ...]) -> tuple[bool, float, str]:
+    """(passed, seconds, the end of pytest's output)."""
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:randomly"]
     cmd += ["-p", "no:cacheprovider", *tests]
     t0 = time.monotonic()
     try:
-        rc = subprocess.run(
-            cmd, cwd=tree, env=_env(tree), capture_output=True, timeout=TIMEOUT_S
-        ).returncode
+        run = subprocess.run(
+            cmd, cwd=tree, env=_env(tree), capture_output=True, text=True, timeout=TIMEOUT_S
+        )
     except subprocess.TimeoutExpired:
-        return False, time.monotonic() - t0
-    return rc == 0, time.monotonic() - t0
+        return False, time.monotonic() - t0, "timeout"
+    tail = "\n".join((run.stdout + run.stderr).splitlines()[-30:])
+    return run.returncode == 0, time.monotonic() - t0, tail
 
 
 def _mutate(tree: Path, m: Mutation) -> str:
@@ -360,9 +361,10 @@ def main() -> None:
             (tree / m.path).write_text(_mutate(tree, m), encoding="utf-8")
         if args.baseline:
             for tests in sorted({m.tests for m in chosen if not m.equivalent}):
-                ok, secs = _run_tests(tree, tests)
+                ok, secs, tail = _run_tests(tree, tests)
                 print(f"baseline {'ok' if ok else 'FAILED'} {secs:6.1f}s  {' '.join(tests)}")
                 if not ok:
+                    print(tail)
                     raise SystemExit("mutation: the unmutated tests fail; fix them first")
         killed: list[str] = []
         survived: list[str] = []
@@ -372,7 +374,7 @@ def main() -> None:
                 continue
             original = _mutate(tree, m)
             try:
-                passed, secs = _run_tests(tree, m.tests)
+                passed, secs, _ = _run_tests(tree, m.tests)
             finally:
                 (tree / m.path).write_text(original, encoding="utf-8")
             (survived if passed else killed).append(m.name)

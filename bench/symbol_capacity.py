@@ -55,6 +55,7 @@ from redis.asyncio import Redis
 from processors import INGEST, MODEL_PATH
 from schemas import keys
 from simulator.server import SimConfig, SimServer
+from streams.redis_client import as_str
 from tests import harness as h
 
 PROCS = (*INGEST, *MODEL_PATH, "monitor")
@@ -81,16 +82,12 @@ async def wait_for(cond: Any, timeout_s: float, what: str) -> None:
         await asyncio.sleep(0.5)
 
 
-def _s(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
-
-
 async def memory_by_owner(
     r: Redis, symbols: list[str]
 ) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
     """Bytes per symbol and kind (epoch, tiles, models, gex, blobs) and per shared group,
     from MEMORY USAGE of every key."""
-    active = {_s(k): _s(v) for k, v in (await r.hgetall(keys.EPOCH_ACTIVE)).items()}
+    active = {as_str(k): as_str(v) for k, v in (await r.hgetall(keys.EPOCH_ACTIVE)).items()}
     eid_of = {f"epoch:{{{eid}}}:": sym for sym, eid in active.items()}
     per_sym: dict[str, dict[str, int]] = {s: defaultdict(int) for s in symbols}
     shared: dict[str, int] = defaultdict(int)
@@ -109,7 +106,7 @@ async def memory_by_owner(
         batch.clear()
 
     async for raw in r.scan_iter(count=5000):
-        batch.append(_s(raw))
+        batch.append(as_str(raw))
         if len(batch) >= 2000:
             await flush()
     if batch:
@@ -142,7 +139,7 @@ async def contracts(r: Redis, symbols: list[str]) -> dict[str, tuple[int, int]]:
 
     out = {}
     for sym in symbols:
-        eid = _s(await r.hget(keys.EPOCH_ACTIVE, sym))
+        eid = as_str(await r.hget(keys.EPOCH_ACTIVE, sym))
         n_win = int(await r.scard(keys.epoch_contracts(eid)))
         data = await r.hget(keys.gex_source(sym), "data")
         n_full = len(decode_gex_source(data).strike) // 8 if isinstance(data, bytes) else 0
@@ -192,9 +189,9 @@ async def load_cids(r: Redis, symbols: list[str], n_hot: int) -> tuple[list[str]
     cids: list[str] = []
     dist: list[tuple[float, str]] = []
     for sym in symbols:
-        eid = _s(await r.hget(keys.EPOCH_ACTIVE, sym))
-        spot = float(_s(await r.hget(keys.SPOT_LATEST, sym)))
-        mine = sorted(_s(c) for c in await r.smembers(keys.epoch_contracts(eid)))
+        eid = as_str(await r.hget(keys.EPOCH_ACTIVE, sym))
+        spot = float(as_str(await r.hget(keys.SPOT_LATEST, sym)))
+        mine = sorted(as_str(c) for c in await r.smembers(keys.epoch_contracts(eid)))
         cids += mine
         dist += [(abs(ticker.parse(c).strike / spot - 1), c) for c in mine]
     return cids, [c for _d, c in sorted(dist)[:n_hot]]

@@ -75,7 +75,7 @@ from streams.consumer import Entry
 from streams.memory import release_freed_memory
 from streams.processor import Deps
 from streams.redis_client import as_str
-from streams.retry import REDIS_UNAVAILABLE, run_resilient
+from streams.retry import REDIS_UNAVAILABLE, run_resilient, sleep_or_stop
 from streams.settings import env_settings, from_env
 
 logger = logging.getLogger(__name__)
@@ -298,7 +298,7 @@ class Publisher:
             prev = self.lease.last_token
             tok = await self.lease.take()
             if tok == 0:
-                await _wait(stop, self.cfg.renew_ms / 1000)
+                await sleep_or_stop(stop, self.cfg.renew_ms / 1000)
                 continue
             # Nobody led between our previous token and this one (or we kept it): our state
             # is still what we published, so keep it instead of reconciling every symbol
@@ -345,7 +345,7 @@ class Publisher:
     async def _renew_loop(self, stop: asyncio.Event) -> None:
         """Renew every ``renew_ms`` independently of how long one lead iteration takes."""
         while not stop.is_set() and self.leader:
-            await _wait(stop, self.cfg.renew_ms / 1000)
+            await sleep_or_stop(stop, self.cfg.renew_ms / 1000)
             if stop.is_set():
                 return
             try:
@@ -944,11 +944,6 @@ class Publisher:
             return
         await self.redis.xack(self.stream, self.group, *self.unacked)
         self.unacked = []
-
-
-async def _wait(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)
 
 
 def _stream_id(v: str) -> tuple[int, int]:

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 
 from simulator.server import SimConfig, SimServer
 from streams.logs import add_secret, setup_logging
+from streams.retry import sleep_or_stop
 
 log = logging.getLogger("simulator")
 
@@ -65,9 +66,7 @@ async def run_scenario(srv: SimServer, args: argparse.Namespace, stop: asyncio.E
 
     async def wait(seconds: float) -> bool:
         """Sleep unless stopping; True when it is time to stop."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), seconds)
-        return stop.is_set()
+        return await sleep_or_stop(stop, seconds)
 
     sc = args.scenario
     if sc == "closed":

@@ -31,7 +31,7 @@ from schemas import keys
 from streams.heartbeat import Heartbeats
 from streams.metrics import ConsumerMetrics
 from streams.redis_client import as_str
-from streams.retry import REDIS_BACKOFF
+from streams.retry import REDIS_BACKOFF, sleep_or_stop
 from streams.spec import StreamSpec
 
 logger = logging.getLogger(__name__)
@@ -140,8 +140,7 @@ class GroupConsumer:
                         delay,
                         exc,
                     )
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), delay)
+                    await sleep_or_stop(stop, delay)
         finally:
             if self.heartbeats is not None:
                 self.heartbeats.forget(self.beat_name)

@@ -74,8 +74,12 @@ async def sleep_or_stop(stop: asyncio.Event | None, seconds: float) -> bool:
         return False
     if stop.is_set():
         return True
+    # asyncio.timeout, not wait_for: Python 3.11's wait_for can turn a cancellation that
+    # lands as its timeout fires into a TimeoutError, which would be suppressed here and
+    # leave a cancelled loop running.
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), max(0.0, seconds))
+        async with asyncio.timeout(max(0.0, seconds)):
+            await stop.wait()
     return stop.is_set()
 
 
