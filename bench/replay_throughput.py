@@ -8,12 +8,15 @@
    chain-poller, ws-ingest, the normalizer and ``record --follow``, or ``--recording``)
    replayed through normalizer, hydrator, the three tile builders and publishers and GEX on
    the recording's clock: wall time, times real time, records/s, instants, and whether the
-   two outputs (every diff, the final models) are identical.
+   two outputs (every diff, the final models) are identical; then CPU seconds per replayed
+   minute of the replay process (and of each processor in it) and of redis-server (from
+   /proc: the figures other load on the machine distorts least), and the range of x real
+   time they allow on an idle 2-vCPU machine.
 
 Starts its own redis-server (and simulator and processes when it records).
 
     .venv/bin/python bench/replay_throughput.py [--n 100000] [--seconds 60]
-        [--recording FILE] [--skip-lockstep] [--step-ms 250]
+        [--recording FILE] [--skip-lockstep] [--step-ms 250] [--keep]
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -322,6 +326,7 @@ async def main() -> None:
     ap.add_argument("--skip-lockstep", action="store_true")
     ap.add_argument("--skip-feed", action="store_true")
     ap.add_argument("--step-ms", type=float, default=rp.DEFAULT_STEP_MS)
+    ap.add_argument("--keep", action="store_true", help="keep the replays' outputs (.mout.gz)")
     args = ap.parse_args()
     # Leases: their TTL runs in Redis real time while the clock is the recording's.
     for var in ("MASSIVE_PUBLISHER_LEASE_TTL_MS", "MASSIVE_GEX_LEASE_TTL_MS"):
@@ -340,6 +345,10 @@ async def main() -> None:
         await pipeline_replays(srv, path, args.step_ms, not args.skip_lockstep, tmp)
     finally:
         srv.stop()
+        if args.keep:
+            print(f"outputs kept in {tmp} (replay --compare A B)")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 

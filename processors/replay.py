@@ -624,6 +624,9 @@ class Quiescence:
                 await self._next_read(self.reads, 0.004)  # one still works on what it read
                 if check is not None:
                     check()
+                if time.monotonic() > deadline:
+                    working = [c.spec.group for c in self.consumers if not c.reading]
+                    raise TimeoutError(f"consumers still working after {timeout_s}s: {working}")
             since = self.reads
             busy = await self.busy()
             if not busy:

@@ -796,6 +796,27 @@ async def test_a_processor_that_fails_ends_the_replay_with_its_name(
         await rp.replay_file(redis, recording, opts, replay_settings(settings, 0))
 
 
+async def test_a_consumer_that_never_finishes_its_batch_ends_the_replay_with_its_group(
+    redis: Redis,
+    settings: RuntimeSettings,
+    recording: Path,
+    pipeline_env: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The driver waits for in-process consumers to finish what they read before it asks
+    Redis whether the groups caught up; one that never does ends the replay at
+    ``timeout_s``, naming its group, instead of waiting forever."""
+    from processors.normalizer import Normalizer
+
+    async def hangs(self: Normalizer, entries: object) -> None:
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(Normalizer, "handle", hangs)
+    opts = rp.ReplayOptions(processors=["normalizer", "hydrator"], timeout_s=1.0)
+    with pytest.raises(TimeoutError, match=keys.NORMALIZER_GROUP):
+        await rp.replay_file(redis, recording, opts, replay_settings(settings, 0))
+
+
 def test_the_cli_reports_a_failed_processor_in_one_line(
     redis_server: RedisServer,
     tmp_path: Path,
