@@ -1,12 +1,30 @@
-"""SSE fan-out load: N concurrent SSE clients on loopback, one publisher writing versioned
+"""SSE fan-out load, three scenarios.
+
+``fanout`` (default): N concurrent SSE clients on loopback, one publisher writing versioned
 diffs at a fixed rate; reports the delivery delay (diff ts_ns set at publish -> receipt by
-the client) as p50/p99/max and checks that every client got every diff once, in order.
+the client) as p50/p99/max and checks that every client got every diff once, in order. The
+gateway runs in its own process (``massive-pipeline run sse-gateway``) against a private
+redis-server, so clients and server do not share an event loop.
 
     .venv/bin/python bench/sse_load.py [--clients 200] [--diffs 200] [--rate 20]
 
-The gateway runs in its own process (``massive-pipeline run sse-gateway``) against a private
-redis-server, so clients and server do not share an event loop. The clients are minimal
-asyncio socket readers (an HTTP client library would add its own parsing cost to the delay).
+``scoped``: the model path end to end (every processor in its own process, as
+bench/e2e_load.py: a 20,000-contract SPX epoch, ``--events`` WS events/s from the load
+replayer) and ``--clients`` SSE clients spread over 20 views (butterfly and vertical x 5
+expiries x C/P). Prints bytes/s per client, p99 tick->SSE per view (receipt minus the
+diff's ``src_recv_ts_ns``), gateway CPU and RSS, the RSS per idle client (all clients
+connected, no events) and after they all left.
+
+    .venv/bin/python bench/sse_load.py --scenario scoped [--clients 1000] [--events 5000]
+
+``acceptance``: ``massive-pipeline demo`` (the simulator, SPX) and, over the same
+``--seconds`` (20), the bytes of ``/sse/heatmap/butterfly?symbol=SPX&expiry=<front>&right=C``
+against the unscoped stream; checks that the scoped stream holds only that view's tiles.
+
+    .venv/bin/python bench/sse_load.py --scenario acceptance [--seconds 20]
+
+The clients are minimal asyncio socket readers (an HTTP client library would add its own
+parsing cost to the delay).
 """
 
 from __future__ import annotations
@@ -14,17 +32,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime as dt
 import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
+import msgspec
 import orjson
 from redis.asyncio import Redis
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.e2e_load import build_epoch, machine, rss_mb
+from processors import MODEL_PATH
+from tests import harness as h
+from tests.sse_client import Dechunk, ViewReader
 from tests.sse_publisher import ModelWriter
 from tests.util import RedisServer, free_port
 
@@ -107,7 +133,7 @@ async def run_load(
     url = httpx.URL(base_url)
     host, port = url.host, url.port or 80
     writer = ModelWriter(redis)
-    await writer.publish(symbol, KIND, "bench", {"t0": {"v": 0}}, ts_ns=time.time_ns())
+    await writer.publish(symbol, KIND, "bench", {"t0": {"v": -1}}, ts_ns=time.time_ns())
     readers = [_Reader() for _ in range(clients)]
     path = f"/sse/heatmap/butterfly?symbol={symbol}"
     t0 = time.monotonic()
@@ -185,12 +211,418 @@ async def _main(args: argparse.Namespace) -> None:
         srv.stop()
 
 
+# --- scoped / acceptance ----------------------------------------------------------------------
+class Tap:
+    """One SSE client: counts wire bytes; per diff, the tick->SSE delay from the head of the
+    frame (``src_recv_ts_ns``); optionally keeps the view (``ViewReader``)."""
+
+    def __init__(self, path: str, keep: bool = False, read_delay_s: float = 0.0) -> None:
+        self.path = path
+        self.read_delay_s = read_delay_s  # a slow client: a pause after every read
+        self.bytes = 0
+        self.snapshot = asyncio.Event()
+        self.delays_ms: list[float] = []  # tick (ingest receive) -> SSE
+        self.publish_ms: list[float] = []  # publish -> SSE (the gateway's part)
+        self.diffs = 0
+        self.snapshots = 0
+        self.counting = True
+        self.reader = ViewReader() if keep else None
+        self.task: asyncio.Task[None] | None = None
+
+    async def run(self, host: str, port: int) -> None:
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(f"GET {self.path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        await writer.drain()
+        dc = Dechunk()
+        try:
+            status = await reader.readline()
+            if b" 200 " not in status:
+                raise RuntimeError(f"{self.path}: {status.decode().strip()}")
+            dc += status
+            while True:
+                chunk = await reader.read(1 << 16 if self.read_delay_s else 1 << 18)
+                if not chunk:
+                    return
+                if self.read_delay_s:
+                    await asyncio.sleep(self.read_delay_s)
+                now = time.time_ns()
+                if self.counting:
+                    self.bytes += len(chunk)
+                dc += chunk
+                for ev, eid, data in dc.frames():
+                    if ev == "snapshot":
+                        self.snapshots += 1
+                        if self.reader is not None:
+                            self.reader.snapshot(data)
+                        self.snapshot.set()
+                    elif ev == "diff":
+                        self.diffs += 1
+                        if self.reader is not None:
+                            self.reader.diff(data, eid)
+                        if self.counting:
+                            src = _head_int(data, b'"src_recv_ts_ns":')
+                            if src is not None:
+                                self.delays_ms.append((now - src) / 1e6)
+                            pub = _head_int(data, b'"ts_ns":')
+                            if pub is not None:
+                                self.publish_ms.append((now - pub) / 1e6)
+        finally:
+            writer.close()
+
+    def start(self, host: str, port: int) -> None:
+        self.task = asyncio.create_task(self.run(host, port))
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, OSError):
+                await self.task
+
+
+def _head_int(data: bytes, field: bytes) -> int | None:
+    """An integer field of a compact diff's head, without parsing the diff."""
+    i = data.find(field, 0, 400)
+    if i < 0:
+        return None
+    j = i + len(field)
+    k = data.find(b",", j)
+    try:
+        return int(data[j:k])
+    except ValueError:
+        return None
+
+
+def pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+async def _wait_snapshots(taps: list[Tap], timeout_s: float) -> None:
+    try:
+        await asyncio.wait_for(asyncio.gather(*(t.snapshot.wait() for t in taps)), timeout_s)
+    except TimeoutError:
+        n = sum(t.snapshot.is_set() for t in taps)
+        errs = [t.task.exception() for t in taps if t.task and t.task.done()]
+        raise RuntimeError(f"only {n}/{len(taps)} clients got a snapshot; {errs[:3]}") from None
+
+
+async def _front_expiries(port: int, strategy: str) -> list[str]:
+    deadline = time.monotonic() + 300
+    while True:  # 404 until the gateway holds the model
+        tap = Tap(f"/sse/heatmap/{strategy}?symbol=SPX&expiry=front&right=C", keep=True)
+        tap.start("127.0.0.1", port)
+        assert tap.task is not None
+        got = asyncio.ensure_future(tap.snapshot.wait())
+        await asyncio.wait({tap.task, got}, timeout=120, return_when=asyncio.FIRST_COMPLETED)
+        got.cancel()
+        await tap.stop()
+        if tap.snapshot.is_set():
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError("no front expiry from the gateway")
+        await asyncio.sleep(1)
+    assert tap.reader is not None and tap.reader.model is not None
+    return list(tap.reader.model["expiries"])
+
+
+async def acceptance(seconds: float, sim_rate: float) -> None:
+    port = free_port()
+    exe = os.path.join(os.path.dirname(sys.executable), "massive-pipeline")
+    env = dict(os.environ, MASSIVE_LOG_LEVEL="WARNING")
+    env.pop("MASSIVE_REDIS_URL", None)  # a private redis-server
+    proc = await asyncio.create_subprocess_exec(
+        exe, "demo", "--port", str(port), "--symbols", "SPX", "--rate", str(sim_rate), env=env
+    )
+    try:
+        async with httpx.AsyncClient() as http:
+            for _ in range(1200):
+                with contextlib.suppress(httpx.HTTPError):
+                    r = await http.get(f"http://127.0.0.1:{port}/api/heatmap/butterfly?symbol=SPX")
+                    if r.status_code == 200 and r.json()["items"]:
+                        break
+                await asyncio.sleep(0.1)
+        front = (await _front_expiries(port, "butterfly"))[0]
+        # the window opens once the publisher is publishing (a first diff on a probe)
+        probe = Tap("/sse/heatmap/butterfly?symbol=SPX")
+        probe.start("127.0.0.1", port)
+        for _ in range(600):
+            if probe.diffs:
+                break
+            await asyncio.sleep(0.1)
+        await probe.stop()
+        scoped = Tap(f"/sse/heatmap/butterfly?symbol=SPX&expiry={front}&right=C", keep=True)
+        whole = Tap("/sse/heatmap/butterfly?symbol=SPX", keep=True)
+        for t in (scoped, whole):
+            t.start("127.0.0.1", port)
+        await asyncio.sleep(seconds)
+        for t in (scoped, whole):
+            t.counting = False
+            await t.stop()
+        assert scoped.reader is not None and scoped.reader.model is not None
+        items = scoped.reader.model["items"]
+        only = all(k.split(":")[1] == front and k.endswith(":C") for k in items)
+        print(f"# machine: {machine()}")
+        print(f"# date: {dt.datetime.now(dt.UTC).isoformat(timespec='seconds')}")
+        print(
+            f"acceptance (simulator SPX at {sim_rate:.0f} events/s, {seconds:.0f} s, same window, "
+            f"each stream from its snapshot): scoped "
+            f"expiry={front} right=C {scoped.bytes:,} B ({scoped.diffs} diffs, "
+            f"{len(items)} tiles, only that view: {only}); unscoped {whole.bytes:,} B "
+            f"({whole.diffs} diffs); scoped/unscoped = {100 * scoped.bytes / whole.bytes:.1f} %"
+        )
+    finally:
+        proc.terminate()
+        await asyncio.wait_for(proc.wait(), 30)
+
+
+async def scoped(args: argparse.Namespace) -> None:
+    log_dir = Path(tempfile.mkdtemp(prefix="sse-scoped-"))
+    srv = h.redis_server()
+    r = Redis.from_url(srv.url)
+    port = free_port()
+    env = {
+        "MASSIVE_LOG_LEVEL": "WARNING",
+        "MASSIVE_SSE_PORT": str(port),
+        "MASSIVE_SSE_HOST": "127.0.0.1",
+        "MASSIVE_SSE_SYMBOLS": "SPX",
+        "MASSIVE_GEX_INTERVAL_S": "2",
+    }
+    procs = (*MODEL_PATH, "monitor", "sse-gateway")
+    p = h.Pipeline(srv.url, log_dir, extra_env=env)
+    taps: list[Tap] = []
+    try:
+        await p.start(procs, ready_timeout_s=120)
+        _eid, cids, hot, mem = await build_epoch(r, args.contracts, 1000)
+        await h.wait_settled(r, timeout_s=300, quiet_s=1.0)
+        gw_pid = p.procs["sse-gateway"].pid
+        rss0 = rss_mb(gw_pid)
+        exps = (await _front_expiries(port, "butterfly"))[:5]
+        views = [
+            f"/sse/heatmap/{s}?symbol=SPX&expiry={e}&right={right}"
+            for s in ("butterfly", "vertical")
+            for e in exps
+            for right in "CP"
+        ]
+        print(f"# machine: {machine()}")
+        print(f"# date: {dt.datetime.now(dt.UTC).isoformat(timespec='seconds')}; logs {log_dir}")
+        print(
+            f"# {len(cids)} contracts, tiles "
+            + ", ".join(f"{s}={int(mem['tiles_' + s])}" for s in ("butterfly", "vertical"))
+            + f"; {len(views)} views; {args.clients} clients"
+        )
+        # idle memory: one client per view first (mirrors and views exist), then the rest
+        taps = [Tap(v) for v in views]
+        for t in taps:
+            t.start("127.0.0.1", port)
+        await _wait_snapshots(taps, 120)
+        await asyncio.sleep(2)
+        rss_views = rss_mb(gw_pid)
+        rest = [Tap(views[i % len(views)]) for i in range(args.clients - len(views))]
+        for t in rest:
+            t.start("127.0.0.1", port)
+        await _wait_snapshots(rest, 300)
+        taps += rest
+        await asyncio.sleep(2)
+        rss_idle = rss_mb(gw_pid)
+        per_idle_kb = (rss_idle - rss_views) * 1024 / max(1, len(rest))
+        # load
+        for t in taps:
+            t.bytes, t.delays_ms, t.publish_ms, t.diffs = 0, [], [], 0
+        rep = h.LoadReplayer(cids, hot)
+        cpu0, t0 = h.proc_cpu_seconds(gw_pid), time.monotonic()
+        rss_max = rss_idle
+        done = 0.0
+        while done < args.seconds:
+            step = min(5.0, args.seconds - done)
+            await rep.run(r, args.events, step, 0.05)
+            done += step
+            rss_max = max(rss_max, rss_mb(gw_pid))
+        wall = time.monotonic() - t0
+        cpu = (h.proc_cpu_seconds(gw_pid) - cpu0) / wall * 100
+        for t in taps:
+            t.counting = False
+        rss_load = rss_mb(gw_pid)
+        per_client = [t.bytes / wall for t in taps]
+        print(
+            f"scoped: {args.clients} clients over {len(views)} views, {args.events:.0f} events/s "
+            f"for {wall:.0f} s: bytes/s per client mean {sum(per_client) / len(per_client):,.0f}"
+            f", max {max(per_client):,.0f}; gateway CPU {cpu:.0f} % of a core; gateway RSS "
+            f"before clients {rss0:.0f} MB, {len(views)} views {rss_views:.0f} MB, all idle "
+            f"{rss_idle:.0f} MB (idle client {per_idle_kb:.0f} kB), under load {rss_load:.0f} MB"
+            f" (max {rss_max:.0f} MB)"
+        )
+        for v in views:
+            ds = [d for t in taps if t.path == v for d in t.delays_ms]
+            ps = [d for t in taps if t.path == v for d in t.publish_ms]
+            n = sum(t.diffs for t in taps if t.path == v)
+            print(
+                f"  {v.split('?')[0].rsplit('/', 1)[1]:9s} {v.split('expiry=')[1]}: "
+                f"diffs {n}, tick->SSE p50 {pct(ds, 0.5):.0f} ms, p99 {pct(ds, 0.99):.0f} ms; "
+                f"publish->SSE p50 {pct(ps, 0.5):.0f} ms, p99 {pct(ps, 0.99):.0f} ms"
+            )
+        for t in taps:
+            await t.stop()
+        taps = []
+        await asyncio.sleep(5)
+        left = rss_mb(gw_pid)
+        await asyncio.sleep(45)  # views and mirrors without clients linger 30 s
+        print(
+            f"gateway RSS after every client left: {left:.0f} MB; 45 s later (views and "
+            f"mirrors dropped): {rss_mb(gw_pid):.0f} MB"
+        )
+    finally:
+        for t in taps:
+            await t.stop()
+        await p.stop()
+        await r.aclose()
+        srv.stop()
+
+
+async def rss_run(args: argparse.Namespace) -> None:
+    """The gateway's RSS over time with one unscoped client and ``/api`` polled every 3 s, on
+    a synthetic butterfly model of ``--tiles`` tiles with ``--changed`` tiles per diff at
+    ``--rate`` diffs/s, the model key rewritten every 5 s (a checkpoint, as the publisher)."""
+    import random
+
+    from schemas import keys
+    from schemas.messages import ModelDiff, PublishedModel, encode
+
+    srv = RedisServer().start()
+    port = free_port()
+    env = dict(
+        os.environ,
+        MASSIVE_REDIS_URL=srv.url,
+        MASSIVE_SSE_HOST="127.0.0.1",
+        MASSIVE_SSE_PORT=str(port),
+        MASSIVE_LOG_LEVEL="WARNING",
+    )
+    if args.gateway_path:  # another checkout's gateway (e.g. `git archive` of an older main)
+        env["PYTHONPATH"] = args.gateway_path
+    exe = os.path.join(os.path.dirname(sys.executable), "massive-pipeline")
+    proc = await asyncio.create_subprocess_exec(exe, "run", "sse-gateway", env=env)
+    redis = Redis.from_url(srv.url)
+    rng = random.Random(1)
+    stream, key = keys.heatmap_diffs_stream("butterfly"), keys.heatmap_model("SPX", "butterfly")
+
+    def tile(px: float) -> dict[str, object]:
+        return {
+            "legs": [[1, round(px, 2), "mid"], [-2, 12.35, "mid"], [1, 7.05, "mid"]],
+            "debit": round(px - 17.65, 2),
+            "debit_natural": round(px - 17.0, 2),
+            "max_profit": round(27.65 - px, 2),
+            "max_loss": round(px - 17.65, 2),
+            "r2r": round((27.65 - px) / max(0.01, px - 17.65), 4),
+            "convexity": round(1 - (px - 17.65) / 10, 4),
+            "tradable": True,
+            "age_s": 1,
+            "stale": False,
+            "px_src": "mid",
+            "src": "ws",
+            "flags": [],
+        }
+
+    exps = [f"2026-12-{d:02d}" for d in range(3, 8)]
+    ids = [
+        f"SPX:{e}:butterfly:{k:g}-{k + w:g}-{k + 2 * w:g}:{r}"
+        for e in exps
+        for r in "CP"
+        for w in (5, 10, 15, 20, 25)
+        for k in range(5000, 5000 + 5 * (args.tiles // 50), 5)
+    ][: args.tiles]
+    raw = msgspec.json.Encoder().encode
+    items: dict[str, object] = {k: msgspec.Raw(raw(tile(20 + rng.random()))) for k in ids}
+    pools = [  # diffs prepared up front: the bench must not be the bottleneck
+        {k: msgspec.Raw(raw(tile(20 + rng.random()))) for k in rng.sample(ids, args.changed)}
+        for _ in range(8)
+    ]
+    version, head = 1, None
+    samples: list[tuple[float, float]] = []
+    try:
+        model = PublishedModel("SPX", "heatmap:butterfly", "e1", 1, time.time_ns(), items, {})
+        await redis.set(key, encode(model))
+        async with httpx.AsyncClient(timeout=60) as http:
+            for _ in range(200):
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await http.get(f"http://127.0.0.1:{port}/healthz")).status_code == 200:
+                        break
+                await asyncio.sleep(0.05)
+            tap = Tap("/sse/heatmap/butterfly?symbol=SPX", read_delay_s=args.read_delay_s)
+            tap.start("127.0.0.1", port)
+            await asyncio.wait_for(tap.snapshot.wait(), 120)
+            t0 = time.monotonic()
+            last_ckpt = last_api = last_rss = 0.0
+            while (now := time.monotonic() - t0) < args.seconds:
+                changed = pools[version % len(pools)]
+                items.update(changed)
+                version += 1
+                d = ModelDiff(
+                    "SPX", "heatmap:butterfly", "e1", version, version - 1, time.time_ns(),
+                    changed, [], {}, prev_id=head,
+                )  # fmt: skip
+                head = (await redis.xadd(stream, {"d": encode(d)}, maxlen=200)).decode()
+                if now - last_ckpt >= 5:
+                    m = PublishedModel(
+                        "SPX", "heatmap:butterfly", "e1", version, d.ts_ns, items, {}, head
+                    )
+                    await redis.set(key, encode(m))
+                    last_ckpt = now
+                if now - last_api >= 3:
+                    await http.get(f"http://127.0.0.1:{port}/api/heatmap/butterfly?symbol=SPX")
+                    last_api = now
+                if now - last_rss >= 5:
+                    samples.append((now, rss_mb(proc.pid)))
+                    last_rss = now
+                await asyncio.sleep(max(0.0, 1 / args.rate - (time.monotonic() - t0 - now)))
+            await tap.stop()
+        print(f"# machine: {machine()}")
+        print(f"# date: {dt.datetime.now(dt.UTC).isoformat(timespec='seconds')}")
+        print(
+            f"rss: {args.tiles} tiles, {args.changed} changed per diff at {args.rate}/s, "
+            f"client read pause {args.read_delay_s} s per 64 kB: {tap.diffs} diffs received, "
+            f"{tap.snapshots} snapshots; gateway RSS (MB) every 5 s: "
+            + " ".join(f"{v:.0f}" for _, v in samples)
+        )
+    finally:
+        await redis.aclose()
+        proc.terminate()
+        try:
+            await asyncio.wait_for(proc.wait(), 30)
+        except TimeoutError:
+            proc.kill()
+        srv.stop()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--clients", type=int, default=200)
     p.add_argument("--diffs", type=int, default=200)
     p.add_argument("--rate", type=float, default=20.0, help="diffs per second")
-    asyncio.run(_main(p.parse_args()))
+    p.add_argument(
+        "--scenario", choices=("fanout", "scoped", "acceptance", "rss"), default="fanout"
+    )
+    p.add_argument("--tiles", type=int, default=100_000, help="rss: model size")
+    p.add_argument("--changed", type=int, default=7000, help="rss: tiles per diff")
+    p.add_argument("--gateway-path", default="", help="rss: PYTHONPATH of the gateway process")
+    p.add_argument("--read-delay-s", type=float, default=0.0, help="rss: slow client's pause")
+    p.add_argument("--events", type=float, default=5000.0, help="scoped: WS events per second")
+    p.add_argument("--sim-rate", type=float, default=200.0, help="acceptance: simulator rate")
+    p.add_argument("--contracts", type=int, default=20_000, help="scoped: chain size")
+    p.add_argument("--seconds", type=float, default=0.0, help="scoped 30, acceptance 20")
+    args = p.parse_args()
+    if args.scenario == "rss":
+        args.seconds = args.seconds or 120.0
+        asyncio.run(rss_run(args))
+    elif args.scenario == "acceptance":
+        asyncio.run(acceptance(args.seconds or 20.0, args.sim_rate))
+    elif args.scenario == "scoped":
+        if args.clients == 200:
+            args.clients = 1000
+        args.seconds = args.seconds or 30.0
+        asyncio.run(scoped(args))
+    else:
+        asyncio.run(_main(args))
 
 
 if __name__ == "__main__":

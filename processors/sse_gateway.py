@@ -3,19 +3,22 @@ dashboard page (DESIGN.md "Stages and streams", invariant 6).
 
 Endpoints
 ---------
-* ``GET /sse/heatmap/{strategy}?symbol=SPX`` and ``GET /sse/gex?symbol=SPX``: event
-  ``snapshot`` (the PublishedModel JSON stored at the model key, byte for byte), then events
-  ``diff`` (the ModelDiff JSON of that symbol from the diff stream). Every frame's SSE ``id``
-  is a diff stream entry id (a snapshot carries its model's ``diff_id``), so ``Last-Event-ID``
-  (header, or ``?last_event_id=`` for a hand-made reconnect) resumes without loss: entries
-  after the id are replayed while the id is still in the stream; a trimmed id, a changed
-  epoch or a version gap yields a fresh snapshot instead. Event ``status`` says
-  ``{"state": "no_model"}`` while nothing has been published yet (the stream then waits and
-  sends the snapshot as soon as the model appears).
-* ``GET /api/heatmap/{strategy}?symbol=``, ``/api/gex?symbol=``: the model JSON at its latest
-  version (checkpoint + the diffs after it; 404 if none); ``/api/symbols``: symbols and
-  active epochs (what the page's header shows); ``/healthz``; ``/`` the dashboard
-  (``processors/static``).
+* ``GET /sse/heatmap/{strategy}?symbol=SPX[&expiry=YYYY-MM-DD|front][&right=C|P]
+  [&strikes=lo-hi][&widths=5,10]`` and ``GET /sse/gex?symbol=SPX[&expiry=all|0dte|<today>]``:
+  a **view** of the model (processors/sse_views.py). Event ``snapshot`` (the view's items,
+  compact), then events ``diff`` (what changed in the view, compact: changed fields only).
+  No filter = the whole model as published: ``snapshot`` = the stored model, ``diff`` = the
+  diff stream entries as they are (:meth:`Gateway.whole_session`). Every frame's SSE ``id``
+  is a diff stream entry id, so ``Last-Event-ID`` (header, or ``?last_event_id=``) resumes
+  without loss while the gateway still holds the view's diffs after that id
+  (``history_bytes`` per view; whole models: while the id is in the diff stream); else a
+  fresh snapshot. Event ``status`` says ``{"state": "no_model"}`` while nothing has been
+  published yet (the snapshot follows as soon as the model appears). An unknown symbol or
+  expiry gives 404, a malformed filter 400.
+* ``GET /api/heatmap/{strategy}?symbol=`` (same filters), ``/api/gex?symbol=[&expiry=]``: the
+  view as PublishedModel JSON at the model's latest version (checkpoint + the diffs after
+  it; 404 if none); ``/api/symbols``: symbols and active epochs (what the page's header
+  shows); ``/healthz``; ``/`` the dashboard (``processors/static``).
 * Admin port (``admin_port``, a second server sharing this process's state; never the public
   port): ``/metrics``, ``/api/epochs`` (active epoch and full meta per symbol), ``/healthz``,
   ``/readyz``.
@@ -24,19 +27,24 @@ Endpoints
 
 Fan-out
 -------
-One :class:`DiffFeed` per diff stream runs a plain ``XREAD BLOCK`` loop from the stream's tail
-(primed before the server accepts clients) and pushes each entry, decoded once and framed
-once, into the bounded buffer of every subscriber of that symbol. A push never waits: when a
-subscriber's buffer is full the entry is dropped for it and the subscriber is marked
-overflowed; its session then discards the buffer and sends a fresh snapshot (a ``resync``).
-So a slow client costs only its own buffer and never delays the reader or other clients.
+One :class:`DiffFeed` per diff stream runs a plain ``XREAD BLOCK`` loop from the stream's tail.
+Whole-model clients get each entry, decoded (its head) and framed once, by reference; their
+backlog is bounded in bytes (``whole_pending_max_bytes``, then a resync). For views, the
+feed hands each entry of a symbol to that symbol's :class:`Mirror` (one per model and symbol
+with subscribers): the gateway's own copy of the model, loaded once from the model key (a
+checkpoint) plus the diffs after its ``diff_id``, then kept current. Each distinct view has
+one ``ViewFeed`` that turns a model diff into one compact view diff, encoded once and shared
+by reference by all its subscribers; its snapshot is encoded once per view version and
+streamed to each client in slices (no per-client copy).
 
-No loss at the snapshot/diff hand-off: a session subscribes first, then reads the model and
-the diffs of its symbol after the model's ``diff_id`` (XRANGE: a heatmap model key is a
-checkpoint that may be a few versions behind, see processors/publisher.py), sends the
-snapshot and those diffs, and skips buffered entries at or below the last id sent.
-Every forwarded diff is checked to continue the session's ``(epoch, version)`` chain
-(``prev_version`` = last sent version); anything else triggers a resync.
+A subscriber holds references to the view diffs it has not been sent. A slow client's
+pending diffs are **conflated** (merged per item and field) when they exceed
+``conflate_bytes``; once even the merged diff exceeds ``pending_max_bytes`` it is dropped
+for a fresh snapshot (a ``resync``). So a slow client never delays the reader or others.
+
+A model diff that does not continue the mirror's ``(epoch, version, prev_id)`` chain (a new
+epoch, a gap, a history rewritten after Redis lost writes) reloads the mirror and resyncs
+its clients.
 
 Settings: env prefix ``MASSIVE_SSE_`` (:class:`SseSettings`).
 """
@@ -45,8 +53,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import dataclasses
 import logging
-from collections import deque
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,17 +79,42 @@ from starlette.types import Receive, Scope, Send
 
 from processors import gex
 from processors.sse_access import Guard, SecurityHeaders, Tokens
+from processors.sse_views import (
+    FRONT,
+    GEX_0DTE_KEEP,
+    Model,
+    PartKey,
+    Subscriber,
+    ViewDiff,
+    ViewFeed,
+    ViewSpec,
+    apply_changes,
+    conflate,
+    frame,
+    gex_part,
+    heat_part,
+    parse_view,
+)
 from schemas import keys
 from schemas.messages import RawDiff, RawModel
 from streams.health import QuietServer
+from streams.memory import release_freed_memory
 from streams.metrics import counter, gauge
 from streams.processor import Deps
 from streams.settings import env_settings, from_env
+
+__all__ = ["SseGateway", "SseSettings", "build", "create_app", "frame", "parse_id"]
 
 logger = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).with_name("static")
 SEP = b"\r\n"
+SNAPSHOT_SLICE = 64 * 1024  # a snapshot goes out in slices: the transport never copies it whole
+SNAPSHOT_SHARE_S = 2.0  # clients joining within this share one read of a stored model
+# Keep-alive comments come from the session itself, between frames (sse-starlette's own
+# pings could land between two slices of a snapshot).
+PING = b": ping" + SEP + SEP
+_NO_PING_S = 10**9
 
 
 @env_settings("MASSIVE_SSE_")
@@ -90,19 +125,27 @@ class SseSettings:
     host: str = "0.0.0.0"
     port: int = 8000
     ping_s: float = 15.0  # keep-alive comment interval
-    queue_max: int = 512  # diffs buffered per client before it is resynced
+    # Unsent diffs of a client: sent as they are up to conflate_bytes, merged per item
+    # beyond; a client whose merged backlog exceeds pending_max_bytes is resynced.
+    conflate_bytes: int = 64 * 1024
+    pending_max_bytes: int = 1024 * 1024
+    history_bytes: int = 1024 * 1024  # recent diffs kept per view for Last-Event-ID resume
+    # whole-model streams (no filter): unsent diffs (shared frames) of a client, and the
+    # diffs replayed on a resume, before it gets a snapshot instead
+    whole_pending_max_bytes: int = 64 * 1024 * 1024
+    view_linger_s: float = 30.0  # a view (and its mirror) without clients is kept this long
     block_ms: int = 1000  # XREAD BLOCK of the shared readers
     read_count: int = 1000  # XREAD COUNT of the shared readers
-    replay_page: int = 1000  # XRANGE page when resuming from Last-Event-ID
+    replay_page_bytes: int = 8 * 1024 * 1024  # XRANGE page (in entry bytes) of a mirror load
     no_model_poll_s: float = 1.0  # re-read interval of a model that does not exist yet
     send_timeout_s: float = 30.0  # a client that accepts no bytes for this long is dropped
     retry_ms: int = 1000  # EventSource reconnection delay announced to browsers
     static_dir: str = ""  # dashboard files ("" = processors/static)
     log_level: str = "warning"  # uvicorn's own logger
-    # Concurrent Redis reads of client sessions and JSON endpoints (snapshot GETs, replays).
-    # Keeps a reconnect storm inside the client's connection pool (redis-py: 100 by default;
-    # the feeds hold one blocking connection each on top).
+    # Concurrent Redis reads of mirror loads and JSON endpoints.
     redis_concurrency: int = 32
+    # glibc malloc: a fixed mmap threshold (0 = glibc's sliding one), see tame_malloc
+    mmap_threshold_kb: int = 256
     # Access control (processors/sse_access.py). Bearer tokens: none configured = open.
     tokens: tuple[str, ...] = field(default=(), repr=False)
     token_file: str = ""  # one token per line (a mounted Secret), re-read when it changes
@@ -116,21 +159,44 @@ class SseSettings:
     admin_port: int = -1
 
     def __post_init__(self) -> None:
-        if self.queue_max < 1:
-            raise ValueError("queue_max must be >= 1")
+        if min(self.conflate_bytes, self.pending_max_bytes, self.history_bytes) < 1:
+            raise ValueError("conflate_bytes, pending_max_bytes and history_bytes must be >= 1")
         if self.ping_s <= 0 or self.block_ms <= 0 or self.read_count <= 0:
             raise ValueError("ping_s, block_ms and read_count must be > 0")
         if self.redis_concurrency < 1:
             raise ValueError("redis_concurrency must be >= 1")
-        if self.replay_page <= 0 or self.no_model_poll_s <= 0:
-            raise ValueError("replay_page and no_model_poll_s must be > 0")
+        if self.replay_page_bytes <= 0 or self.no_model_poll_s <= 0 or self.view_linger_s < 0:
+            raise ValueError("replay_page_bytes and no_model_poll_s must be > 0")
+
         if min(self.max_clients, self.max_per_ip, self.trusted_proxy_hops) < 0:
             raise ValueError("max_clients, max_per_ip and trusted_proxy_hops must be >= 0")
         if self.retry_after_s < 1:
             raise ValueError("retry_after_s must be >= 1")
 
 
-# --- ids and frames ---------------------------------------------------------------------------
+# --- memory ------------------------------------------------------------------------------------
+_M_MMAP_THRESHOLD = -3
+
+
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to tune
+        return None
+
+
+def tame_malloc(mmap_threshold_kb: int) -> None:
+    """Keep large blocks out of the heap. glibc raises its mmap threshold to the size of
+    every mmapped block it frees (up to 32 MB): after one multi-MB snapshot or Redis reply,
+    every later frame, diff and reply below that size is carved from the heap, whose holes
+    are rarely returned, and RSS ratchets up. A fixed
+    threshold keeps them mmapped: returned to the OS when freed."""
+    libc = _libc()
+    if libc is not None and mmap_threshold_kb > 0:
+        libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold_kb * 1024)
+
+
+# --- ids ---------------------------------------------------------------------------------------
 StreamId = tuple[int, int]
 ZERO_ID: StreamId = (0, 0)
 
@@ -152,48 +218,64 @@ def format_id(t: StreamId) -> str:
     return f"{t[0]}-{t[1]}"
 
 
-def frame(event: str, data: bytes, event_id: str | None = None) -> bytes:
-    """One SSE frame. ``data`` is single-line JSON (raw newlines in JSON are whitespace)."""
-    if b"\n" in data or b"\r" in data:
-        data = data.replace(b"\r", b" ").replace(b"\n", b" ")
-    head = b"" if event_id is None else b"id: " + event_id.encode() + SEP
-    return head + b"event: " + event.encode() + SEP + b"data: " + data + SEP + SEP
-
-
 class _DiffHead(msgspec.Struct):
-    """The fields of a ModelDiff the gateway routes on (the rest is forwarded untouched)."""
+    symbol: str
+
+
+class _WholeHead(msgspec.Struct):
+    """The fields of a ModelDiff a whole-model stream routes on (the rest is forwarded)."""
+
+    symbol: str
+    epoch: str
+    version: int
+    prev_version: int
+    prev_id: str | None = None
+
+
+class _Diff(msgspec.Struct):
+    """A diff stream entry with its changed items decoded (once, for every view)."""
 
     symbol: str
     epoch: str
     version: int
     prev_version: int
     ts_ns: int = 0
+    changed: dict[str, Any] = {}
+    removed: list[str] = []
+    meta: msgspec.Raw = msgspec.Raw(b"{}")
     prev_id: str | None = None
+    src_recv_ts_ns: int | None = None
+
+
+class _Model(msgspec.Struct):
+    symbol: str
+    epoch: str
+    version: int
+    ts_ns: int = 0
+    items: dict[str, Any] = {}
+    meta: msgspec.Raw = msgspec.Raw(b"{}")
+    diff_id: str | None = None
 
 
 class _ModelHead(msgspec.Struct):
-    symbol: str
+    meta: dict[str, Any] = {}
+
+
+class _WholeModelHead(msgspec.Struct):
     epoch: str
     version: int
     diff_id: str | None = None
 
 
 _diff_head = msgspec.json.Decoder(_DiffHead)
+_diff_dec = msgspec.json.Decoder(_Diff)
+_model_dec = msgspec.json.Decoder(_Model)
 _model_head = msgspec.json.Decoder(_ModelHead)
-
-
+_whole_head = msgspec.json.Decoder(_WholeHead)
+_whole_model_head = msgspec.json.Decoder(_WholeModelHead)
 _full_model = msgspec.json.Decoder(RawModel)
 _full_diff = msgspec.json.Decoder(RawDiff)
 _json_encoder = msgspec.json.Encoder()
-
-
-@dataclass(frozen=True, slots=True)
-class Item:
-    """One diff stream entry, decoded and framed once, shared by every subscriber."""
-
-    id: StreamId
-    head: _DiffHead
-    frame: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +291,9 @@ class Channel:
             return keys.gex_model(symbol)
         return keys.heatmap_model(symbol, self.strategy)
 
+    def part_of(self, key: str) -> PartKey:
+        return heat_part(key) if self.strategy is not None else gex_part(key)
+
 
 def channels() -> dict[str, Channel]:
     out = {
@@ -223,19 +308,31 @@ class Metrics:
     def __init__(self, deps: Deps) -> None:
         r = deps.registry
         self.clients: Gauge = gauge(r, "massive_sse_clients", "Connected SSE clients", ("channel",))
+        self.views: Gauge = gauge(
+            r, "massive_sse_views", "Distinct views held (with or without clients)", ("channel",)
+        )
         self.events: Counter = counter(
             r, "massive_sse_events_sent_total", "SSE events sent", ("channel", "event")
+        )
+        self.bytes: Counter = counter(
+            r, "massive_sse_bytes_sent_total", "SSE bytes handed to the server", ("channel",)
         )
         self.resyncs: Counter = counter(
             r,
             "massive_sse_resyncs_total",
-            "Fresh snapshots sent instead of diffs (overflow, gap, epoch, trimmed resume id)",
+            "Fresh snapshots sent instead of diffs (overflow, gap, epoch, rewrite, resume)",
             ("channel", "reason"),
+        )
+        self.conflated: Counter = counter(
+            r,
+            "massive_sse_conflated_total",
+            "Backlogs of a slow client merged into one diff",
+            ("channel",),
         )
         self.dropped: Counter = counter(
             r,
             "massive_sse_dropped_total",
-            "Diffs dropped for a client whose buffer was full (it is resynced)",
+            "Backlogs dropped for a client too far behind (it is resynced)",
             ("channel",),
         )
         self.rejected: Counter = counter(
@@ -247,7 +344,7 @@ class Metrics:
         self.session_errors: Counter = counter(
             r,
             "massive_sse_session_errors_total",
-            "SSE streams ended by a Redis error (clients reconnect and resume)",
+            "Mirror loads that failed on a Redis error (retried)",
             ("channel",),
         )
         self.read_errors: Counter = counter(
@@ -315,56 +412,22 @@ _INCOMPLETE = _DroppedResponses()
 logging.getLogger("uvicorn.error").addFilter(_INCOMPLETE)
 
 
-# --- subscribers and shared readers -------------------------------------------------------------
-class Subscriber:
-    """A client's bounded diff buffer. ``push`` never blocks; overflow marks it for resync."""
-
-    __slots__ = ("buf", "closed", "maxlen", "overflowed", "symbol", "wake")
-
-    def __init__(self, symbol: str, maxlen: int) -> None:
-        self.symbol = symbol
-        self.maxlen = maxlen
-        self.buf: deque[Item] = deque()
-        self.wake = asyncio.Event()
-        self.overflowed = False
-        self.closed = False
-
-    def push(self, item: Item) -> bool:
-        if self.overflowed or len(self.buf) >= self.maxlen:
-            self.overflowed = True
-            self.wake.set()
-            return False
-        self.buf.append(item)
-        self.wake.set()
-        return True
-
-    def close(self) -> None:
-        self.closed = True
-        self.wake.set()
-
-    async def wait(self, timeout_s: float | None = None) -> None:
-        """Return when there is something to do (items, overflow, close) or on timeout."""
-        if self.buf or self.overflowed or self.closed:
-            return
-        self.wake.clear()
-        if timeout_s is None:
-            await self.wake.wait()
-        else:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), timeout_s)
-
-    def take(self) -> list[Item]:
-        items = list(self.buf)
-        self.buf.clear()
-        return items
-
-    def reset(self) -> None:
-        self.buf.clear()
-        self.overflowed = False
+def _rows(raw: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """XRANGE/XREAD entries as returned by a bytes (decode_responses=False) client."""
+    return cast(list[tuple[bytes, dict[bytes, bytes]]], raw or [])
 
 
+def _b(v: bytes | str) -> bytes:
+    return v if isinstance(v, bytes) else v.encode()
+
+
+def _s(v: bytes | str) -> str:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+# --- shared readers ------------------------------------------------------------------------------
 class DiffFeed:
-    """The one reader of a diff stream; fans entries out to the subscribers of their symbol."""
+    """The one reader of a diff stream; hands each entry to the mirror of its symbol."""
 
     def __init__(
         self, redis: Redis, channel: Channel, settings: SseSettings, metrics: Metrics
@@ -372,12 +435,12 @@ class DiffFeed:
         self.redis = redis
         self.channel = channel
         self.settings = settings
-        self.metrics = metrics
-        self.subs: dict[str, set[Subscriber]] = {}
+        self.mirrors: dict[str, Mirror] = {}
+        self.whole: dict[str, set[WholeSubscriber]] = {}  # unfiltered streams, by symbol
         self.last_id: StreamId = ZERO_ID
-        self.dropped = metrics.dropped.labels(channel=channel.name)
         self.reject_decode = metrics.rejected.labels(channel=channel.name, reason="bad_diff")
         self.read_errors = metrics.read_errors.labels(channel=channel.name)
+        self.dropped = metrics.dropped.labels(channel=channel.name)
 
     async def prime(self) -> None:
         """Start at the stream's current tail (earlier diffs are inside the models)."""
@@ -385,37 +448,51 @@ class DiffFeed:
         if last:
             self.last_id = parse_id(last[0][0]) or ZERO_ID
 
-    def subscribe(self, symbol: str) -> Subscriber:
-        sub = Subscriber(symbol, self.settings.queue_max)
-        self.subs.setdefault(symbol, set()).add(sub)
-        return sub
-
-    def unsubscribe(self, sub: Subscriber) -> None:
-        group = self.subs.get(sub.symbol)
-        if group is not None:
-            group.discard(sub)
-            if not group:
-                del self.subs[sub.symbol]
-
-    def close(self) -> None:
-        for group in self.subs.values():
-            for sub in group:
-                sub.close()
-
     def dispatch(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
         for raw_id, fields in entries:
             sid = parse_id(raw_id)
             if sid is None:
                 continue
             self.last_id = sid
-            item = decode_item(sid, raw_id.decode(), fields)
-            if item is None:
+            if self.whole:
+                item = decode_item(sid, raw_id.decode(), fields)
+                if item is not None:
+                    for sub in self.whole.get(item.head.symbol, ()):
+                        if not sub.push(item):
+                            self.dropped.inc()
+            if not self.mirrors:
+                continue  # nobody watches this model: not even its symbol is needed
+            raw = fields.get(b"d")
+            try:
+                symbol = _diff_head.decode(raw).symbol if raw is not None else None
+            except (msgspec.ValidationError, msgspec.DecodeError):
+                symbol = None
+            if symbol is None or raw is None:
                 self.reject_decode.inc()
                 logger.warning("channel=%s id=%s: undecodable diff entry", self.channel.name, sid)
                 continue
-            for sub in self.subs.get(item.head.symbol, ()):
-                if not sub.push(item):
-                    self.dropped.inc()
+            mirror = self.mirrors.get(symbol)
+            if mirror is not None:
+                mirror.on_entry(sid, raw_id.decode(), raw)
+
+    def subscribe_whole(self, symbol: str, max_bytes: int) -> WholeSubscriber:
+        sub = WholeSubscriber(symbol, max_bytes)
+        self.whole.setdefault(symbol, set()).add(sub)
+        return sub
+
+    def unsubscribe_whole(self, sub: WholeSubscriber) -> None:
+        group = self.whole.get(sub.symbol)
+        if group is not None:
+            group.discard(sub)
+            if not group:
+                del self.whole[sub.symbol]
+
+    def close(self) -> None:
+        for group in self.whole.values():
+            for sub in group:
+                sub.close()
+        for mirror in self.mirrors.values():
+            mirror.stop()
 
     async def run(self, stop: asyncio.Event) -> None:
         backoff_s = 0.1
@@ -443,17 +520,14 @@ class DiffFeed:
                 self.dispatch(_rows(entries))
 
 
-def _rows(raw: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
-    """XRANGE/XREAD entries as returned by a bytes (decode_responses=False) client."""
-    return cast(list[tuple[bytes, dict[bytes, bytes]]], raw or [])
+# --- whole-model streams (no filter): the diff stream entries as they are -----------------------
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One diff stream entry, decoded (its head) and framed once, shared by every client."""
 
-
-def _b(v: bytes | str) -> bytes:
-    return v if isinstance(v, bytes) else v.encode()
-
-
-def _s(v: bytes | str) -> str:
-    return v.decode() if isinstance(v, bytes) else v
+    id: StreamId
+    head: _WholeHead
+    frame: bytes
 
 
 def decode_item(sid: StreamId, raw_id: str, fields: dict[bytes, bytes]) -> Item | None:
@@ -461,13 +535,60 @@ def decode_item(sid: StreamId, raw_id: str, fields: dict[bytes, bytes]) -> Item 
     if raw is None:
         return None
     try:
-        head = _diff_head.decode(raw)
+        head = _whole_head.decode(raw)
     except (msgspec.ValidationError, msgspec.DecodeError):
         return None
     return Item(sid, head, frame("diff", raw, raw_id))
 
 
-# --- one client session -----------------------------------------------------------------------
+class WholeSubscriber:
+    """A whole-model client's unsent diffs (shared frames), bounded in bytes: beyond the
+    bound it is marked for a fresh snapshot. ``push`` never blocks."""
+
+    __slots__ = ("buf", "closed", "max_bytes", "nbytes", "overflowed", "symbol", "wake")
+
+    def __init__(self, symbol: str, max_bytes: int) -> None:
+        self.symbol = symbol
+        self.max_bytes = max_bytes
+        self.buf: list[Item] = []
+        self.nbytes = 0
+        self.wake = asyncio.Event()
+        self.overflowed = False
+        self.closed = False
+
+    def push(self, item: Item) -> bool:
+        """False when the item is dropped (the client is marked for a resync)."""
+        if self.overflowed:
+            return False
+        self.buf.append(item)
+        self.nbytes += len(item.frame)
+        self.wake.set()
+        if self.nbytes > self.max_bytes:
+            self.overflowed = True
+            self.buf, self.nbytes = [], 0
+            return False
+        return True
+
+    def close(self) -> None:
+        self.closed = True
+        self.wake.set()
+
+    async def wait(self, timeout_s: float) -> None:
+        if self.buf or self.overflowed or self.closed:
+            return
+        self.wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.wake.wait(), timeout_s)
+
+    def take(self) -> list[Item]:
+        items, self.buf, self.nbytes = self.buf, [], 0
+        return items
+
+    def reset(self) -> None:
+        self.buf, self.nbytes = [], 0
+        self.overflowed = False
+
+
 @dataclass(slots=True)
 class _State:
     epoch: str
@@ -482,240 +603,6 @@ class Resync(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
-
-
-class Gateway:
-    """Shared state of one gateway process: feeds, settings, metrics."""
-
-    def __init__(self, deps: Deps, settings: SseSettings) -> None:
-        self.deps = deps
-        self.redis = deps.redis
-        self.settings = settings
-        self.metrics = Metrics(deps)
-        self.channels = channels()
-        self.feeds = {
-            name: DiffFeed(deps.redis, ch, settings, self.metrics)
-            for name, ch in self.channels.items()
-        }
-        self._stop = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
-        self.started = False
-        self.redis_slots = asyncio.Semaphore(settings.redis_concurrency)
-
-    async def start(self) -> None:
-        self._stop = asyncio.Event()
-        for feed in self.feeds.values():
-            await feed.prime()
-        self._tasks = [
-            asyncio.create_task(f.run(self._stop), name=f"sse-feed:{n}")
-            for n, f in self.feeds.items()
-        ]
-        self.started = True
-
-    def close_sessions(self) -> None:
-        """Ask every open SSE stream to end (server shutdown)."""
-        self._stop.set()
-        for feed in self.feeds.values():
-            feed.close()
-
-    async def stop(self) -> None:
-        self.close_sessions()
-        if self._tasks:
-            _, pending = await asyncio.wait(self._tasks, timeout=self.settings.block_ms / 1000 + 2)
-            for t in pending:
-                t.cancel()
-        self._tasks = []
-        self.started = False
-
-    @property
-    def closing(self) -> bool:
-        return self._stop.is_set()
-
-    async def snapshot(self, channel: Channel, symbol: str) -> tuple[bytes, _State] | None:
-        raw = await self.redis.get(channel.model_key(symbol))
-        if raw is None:
-            return None
-        try:
-            head = _model_head.decode(raw)
-        except (msgspec.ValidationError, msgspec.DecodeError):
-            self.metrics.rejected.labels(channel=channel.name, reason="bad_model").inc()
-            logger.warning("channel=%s symbol=%s: undecodable model", channel.name, symbol)
-            return None
-        last = parse_id(head.diff_id) if head.diff_id else None
-        state = _State(head.epoch, head.version, last or ZERO_ID, head.diff_id)
-        return frame("snapshot", _b(raw), head.diff_id), state
-
-    async def catch_up(self, channel: Channel, symbol: str, state: _State) -> list[bytes] | None:
-        """Diffs of ``symbol`` after the snapshot's ``diff_id`` (``state``, advanced): a
-        heatmap model key is a checkpoint that may be some versions behind its diffs (see
-        processors/publisher.py). None when they do not continue the snapshot's chain."""
-        frames: list[bytes] = []
-        async for raw_id, fields in self._entries_after(channel.stream, format_id(state.last_id)):
-            sid = parse_id(raw_id)
-            item = decode_item(sid, raw_id.decode(), fields) if sid is not None else None
-            if item is None or item.head.symbol != symbol:
-                continue
-            try:
-                if accept(state, item):
-                    frames.append(item.frame)
-            except Resync:
-                return None
-        return frames
-
-    async def _entries_after(
-        self, stream: str, after: str
-    ) -> AsyncIterator[tuple[bytes, dict[bytes, bytes]]]:
-        """Entries of ``stream`` with ids above ``after``, paged by ``replay_page``."""
-        cursor = after
-        while True:
-            page = _rows(
-                await self.redis.xrange(stream, "(" + cursor, "+", count=self.settings.replay_page)
-            )
-            for raw_id, fields in page:
-                cursor = raw_id.decode()
-                yield raw_id, fields
-            if len(page) < self.settings.replay_page:
-                return
-
-    async def current_model(self, channel: Channel, symbol: str) -> bytes | None:
-        """The model at its latest version: the model key (a checkpoint) with the diffs after
-        its ``diff_id`` applied (usually none: returned as stored)."""
-        raw = await self.redis.get(channel.model_key(symbol))
-        if raw is None:
-            return None
-        try:
-            head = _model_head.decode(raw)
-        except (msgspec.ValidationError, msgspec.DecodeError):
-            return _b(raw)
-        if head.diff_id is None:
-            return _b(raw)
-        model: RawModel | None = None
-        async for raw_id, fields in self._entries_after(channel.stream, head.diff_id):
-            body = fields.get(b"d")
-            try:
-                d = _full_diff.decode(body) if body is not None else None
-            except (msgspec.ValidationError, msgspec.DecodeError):
-                d = None
-            if d is None or d.symbol != symbol:
-                continue
-            if model is None:
-                model = _full_model.decode(raw)
-            if (
-                d.epoch != model.epoch
-                or d.prev_version != model.version
-                or (
-                    d.prev_id is not None
-                    and model.diff_id is not None
-                    and d.prev_id != model.diff_id
-                )
-            ):
-                return _b(raw)  # not a continuation: the checkpoint is what we have
-            model.items.update(d.changed)
-            for k in d.removed:
-                model.items.pop(k, None)
-            model.version, model.ts_ns, model.meta = d.version, d.ts_ns, d.meta
-            model.diff_id = raw_id.decode()
-        return _b(raw) if model is None else _json_encoder.encode(model)
-
-    async def replay(
-        self, channel: Channel, symbol: str, after: StreamId
-    ) -> tuple[list[bytes], _State] | None:
-        """Diffs of ``symbol`` after entry ``after``, or None if a snapshot is needed."""
-        stream = channel.stream
-        first = _rows(await self.redis.xrange(stream, "-", "+", count=1))
-        if not first or after < (parse_id(first[0][0]) or ZERO_ID):
-            return None  # trimmed (or the stream is gone): the client missed diffs
-        at = _rows(await self.redis.xrange(stream, format_id(after), format_id(after), count=1))
-        if not at:
-            return None
-        base = decode_item(after, format_id(after), at[0][1])
-        if base is None or base.head.symbol != symbol:
-            return None
-        model = await self.redis.get(channel.model_key(symbol))
-        if model is None:
-            return None
-        try:
-            if _model_head.decode(model).epoch != base.head.epoch:
-                return None
-        except (msgspec.ValidationError, msgspec.DecodeError):
-            return None
-        state = _State(base.head.epoch, base.head.version, after, format_id(after))
-        frames = await self.catch_up(channel, symbol, state)
-        return None if frames is None else (frames, state)
-
-    async def session(
-        self, channel: Channel, symbol: str, last_event_id: StreamId | None
-    ) -> AsyncIterator[bytes]:
-        feed = self.feeds[channel.name]
-        m = self.metrics
-        sent_diff = m.events.labels(channel=channel.name, event="diff")
-        sent_snap = m.events.labels(channel=channel.name, event="snapshot")
-        clients = m.clients.labels(channel=channel.name)
-        sub = feed.subscribe(symbol)  # before any read: see the module docstring
-        clients.inc()
-        try:
-            yield b"retry: " + str(self.settings.retry_ms).encode() + SEP + SEP
-            state: _State | None = None
-            if last_event_id is not None:
-                async with self.redis_slots:
-                    resumed = await self.replay(channel, symbol, last_event_id)
-                if resumed is None:
-                    m.resyncs.labels(channel=channel.name, reason="resume").inc()
-                else:
-                    frames, state = resumed
-                    if frames:
-                        sent_diff.inc(len(frames))
-                        yield b"".join(frames)
-            announced = False
-            while not sub.closed:
-                if state is None:
-                    async with self.redis_slots:
-                        snap = await self.snapshot(channel, symbol)
-                    if snap is None:
-                        if not announced:
-                            announced = True
-                            yield frame("status", b'{"state":"no_model"}')
-                        await sub.wait(self.settings.no_model_poll_s)
-                        sub.reset()  # diffs without a base are useless; re-read the model
-                        continue
-                    data, state = snap
-                    async with self.redis_slots:
-                        caught = await self.catch_up(channel, symbol, state)
-                    if caught is None:  # the checkpoint's diffs do not chain: read again
-                        m.resyncs.labels(channel=channel.name, reason="gap").inc()
-                        state = None
-                        await sub.wait(self.settings.no_model_poll_s)
-                        continue
-                    sent_snap.inc()
-                    yield data
-                    if caught:
-                        sent_diff.inc(len(caught))
-                        yield b"".join(caught)
-                    continue
-                await sub.wait()
-                if sub.overflowed:
-                    sub.reset()
-                    m.resyncs.labels(channel=channel.name, reason="overflow").inc()
-                    state = None
-                    continue
-                out: list[bytes] = []
-                try:
-                    for item in sub.take():
-                        if accept(state, item):
-                            out.append(item.frame)
-                except Resync as rs:
-                    m.resyncs.labels(channel=channel.name, reason=rs.reason).inc()
-                    state = None
-                if out:
-                    sent_diff.inc(len(out))
-                    yield b"".join(out)
-        except (RedisError, OSError) as exc:
-            # end this stream; the browser reconnects (Last-Event-ID) once Redis is back
-            m.session_errors.labels(channel=channel.name).inc()
-            logger.warning("channel=%s symbol=%s: stream ended: %s", channel.name, symbol, exc)
-        finally:
-            feed.unsubscribe(sub)
-            clients.dec()
 
 
 def accept(state: _State, item: Item) -> bool:
@@ -741,12 +628,693 @@ def accept(state: _State, item: Item) -> bool:
     return True
 
 
+# --- the gateway's copy of one model -------------------------------------------------------------
+LOADING, READY, NO_MODEL = "loading", "ready", "no_model"
+_BUFFER_MAX = 10_000  # live entries kept while a mirror loads (beyond: load again)
+
+
+class Mirror:
+    """One model of one symbol as the gateway holds it, with the views clients asked for."""
+
+    def __init__(self, gw: Gateway, channel: Channel, symbol: str) -> None:
+        self.gw = gw
+        self.channel = channel
+        self.symbol = symbol
+        self.model = Model(channel.part_of)
+        self.views: dict[ViewSpec, ViewFeed] = {}
+        self.state = LOADING
+        self.buffer: list[tuple[StreamId, str, bytes]] | None = []
+        self.wake = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+        self.reason = ""
+        self.m_resyncs = gw.metrics.resyncs
+        self.m_dropped = gw.metrics.dropped.labels(channel=channel.name)
+        self.m_conflated = gw.metrics.conflated.labels(channel=channel.name)
+        self.m_reject = gw.metrics.rejected.labels(channel=channel.name, reason="bad_diff")
+        self.ready_event = asyncio.Event()
+        self.created = time.monotonic()
+
+    # -- views --
+    def view(self, spec: ViewSpec) -> ViewFeed:
+        v = self.views.get(spec)
+        if v is None:
+            s = self.gw.settings
+            v = self.views[spec] = ViewFeed(
+                spec,
+                self.model,
+                self.channel.name,
+                self.symbol,
+                self.channel.strategy,
+                s.history_bytes,
+                s.pending_max_bytes,
+            )
+            v.reset("new")
+            self.gw.metrics.views.labels(channel=self.channel.name).inc()
+        return v
+
+    def drop_view(self, spec: ViewSpec) -> None:
+        if self.views.pop(spec, None) is not None:
+            self.gw.metrics.views.labels(channel=self.channel.name).dec()
+
+    def _notify(self) -> None:
+        for v in self.views.values():
+            for sub in v.subs:
+                sub.wake.set()
+
+    # -- loading --
+    def start(self) -> None:
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(
+                self._load_loop(), name=f"sse-mirror:{self.channel.name}:{self.symbol}"
+            )
+
+    def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+        for v in self.views.values():
+            for sub in v.subs:
+                sub.close()
+
+    def reload(self, reason: str) -> None:
+        """The model no longer continues: read it again; every client gets a snapshot."""
+        self.state = LOADING
+        self.ready_event.clear()
+        self.buffer = []
+        for v in self.views.values():
+            n = v.reset(reason)
+            if n:
+                self.m_resyncs.labels(channel=self.channel.name, reason=reason).inc(n)
+        self.start()
+
+    async def _load_loop(self) -> None:
+        gw = self.gw
+        while not gw.closing:
+            self.buffer = []
+            self.wake.clear()
+            try:
+                model = await self._load()
+            except (RedisError, OSError) as exc:
+                gw.metrics.session_errors.labels(channel=self.channel.name).inc()
+                logger.warning(
+                    "channel=%s symbol=%s: model load failed: %s",
+                    self.channel.name,
+                    self.symbol,
+                    exc,
+                )
+                model = None
+            if isinstance(model, Model):
+                old, self.model = self.model, model
+                self.buffer = None
+                self.state = READY
+                for v in self.views.values():
+                    v.model = model
+                    v.reset("")
+                self.ready_event.set()
+                if old.n_items():
+                    del old
+                    release_freed_memory()  # the previous copy of the model is garbage now
+                return
+            if model == NO_MODEL and self.state != NO_MODEL:
+                self.state = NO_MODEL
+                self._notify()
+                self.ready_event.set()  # no model is an answer too (the stream says so)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), gw.settings.no_model_poll_s)
+
+    async def _load(self) -> Model | str | None:
+        """The model at its latest version; NO_MODEL; None when its diffs do not chain."""
+        gw, ch = self.gw, self.channel
+        async with gw.redis_slots:
+            raw = await gw.redis.get(ch.model_key(self.symbol))
+        if raw is None:
+            return NO_MODEL
+        try:
+            pm = _model_dec.decode(raw)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            gw.metrics.rejected.labels(channel=ch.name, reason="bad_model").inc()
+            logger.warning("channel=%s symbol=%s: undecodable model", ch.name, self.symbol)
+            return None
+        del raw
+        model = Model(ch.part_of)
+        model.epoch, model.version, model.ts_ns = pm.epoch, pm.version, pm.ts_ns
+        model.head = pm.diff_id
+        model.head_sid = (parse_id(pm.diff_id) if pm.diff_id else None) or ZERO_ID
+        model.meta = bytes(pm.meta)
+        items, pm.items = pm.items, {}
+        for i, (key, obj) in enumerate(items.items()):
+            model.set(key, obj)
+            if i % 4096 == 4095:
+                await asyncio.sleep(0)  # a 100k-item model: let the other clients run
+        del items
+        # the checkpoint may be versions behind its diffs (processors/publisher.py)
+        async for sid, id_s, body in gw.entries_after(ch.stream, model.head_sid):
+            if _diff_head.decode(body).symbol != self.symbol:
+                continue
+            if self.apply(model, sid, id_s, body, emit=False) is not None:
+                return None
+        if self.buffer is None:  # live entries overflowed while we read: read again
+            return None
+        for sid, id_s, body in self.buffer:
+            if self.apply(model, sid, id_s, body, emit=False) is not None:
+                return None
+        return model
+
+    # -- live --
+    def on_entry(self, sid: StreamId, id_s: str, raw: bytes) -> None:
+        if self.state != READY:
+            if self.buffer is not None:
+                self.buffer.append((sid, id_s, raw))
+                if len(self.buffer) > _BUFFER_MAX:
+                    self.buffer = None
+            self.wake.set()
+            return
+        reason = self.apply(self.model, sid, id_s, raw, emit=True)
+        if reason is not None:
+            self.reload(reason)
+
+    def apply(self, m: Model, sid: StreamId, id_s: str, raw: bytes, emit: bool) -> str | None:
+        """Apply one diff entry to ``m``; a resync reason when it does not continue it."""
+        if sid <= m.head_sid:
+            return None
+        try:
+            d = _diff_dec.decode(raw)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            self.m_reject.inc()
+            return None
+        if d.epoch != m.epoch:
+            return "epoch"
+        if d.prev_id is not None and m.head is not None and d.prev_id != m.head:
+            # A later entry that does not follow the diff we hold: versions we have were
+            # re-issued with other content (Redis lost writes), or we missed one.
+            return "rewrite" if d.version <= m.version else "gap"
+        if d.version <= m.version:
+            m.head_sid = sid
+            return None
+        if d.prev_version != m.version:
+            return "gap"
+        changes = apply_changes(m, d.changed, d.removed)
+        meta = bytes(d.meta)
+        meta_changed = meta != m.meta
+        m.version, m.head, m.head_sid, m.ts_ns = d.version, id_s, sid, d.ts_ns
+        if meta_changed:
+            m.meta = meta
+        if emit:
+            for view in self.views.values():
+                vd = view.on_diff(
+                    sid, id_s, d.ts_ns, d.src_recv_ts_ns, changes, meta if meta_changed else None
+                )
+                if vd is not None:
+                    for sub in view.subs:
+                        self.push(view, sub, vd)
+        return None
+
+    def push(self, view: ViewFeed, sub: Subscriber, vd: ViewDiff) -> None:
+        if sub.push(vd):
+            return
+        # over its byte bound: merge the backlog per item; still over it -> resync
+        backlog = sub.take()
+        merged = conflate(backlog, view.names)
+        self.m_conflated.inc()
+        if len(merged.frame) > sub.max_bytes:
+            self.m_dropped.inc()
+            sub.resync("overflow")
+            return
+        sub.pending, sub.pending_bytes = [merged], len(merged.frame)
+        sub.wake.set()
+
+
+class Gateway:
+    """Shared state of one gateway process: feeds, mirrors, settings, metrics."""
+
+    def __init__(self, deps: Deps, settings: SseSettings) -> None:
+        self.deps = deps
+        self.redis = deps.redis
+        self.settings = settings
+        self.metrics = Metrics(deps)
+        self.channels = channels()
+        self.feeds = {
+            name: DiffFeed(deps.redis, ch, settings, self.metrics)
+            for name, ch in self.channels.items()
+        }
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.started = False
+        self.redis_slots = asyncio.Semaphore(settings.redis_concurrency)
+        self._snaps: dict[tuple[str, str], tuple[float, bytes | asyncio.Future[bytes | None]]] = {}
+
+    async def start(self) -> None:
+        self._stop = asyncio.Event()
+        tame_malloc(self.settings.mmap_threshold_kb)
+        for feed in self.feeds.values():
+            await feed.prime()
+        self._tasks = [
+            asyncio.create_task(f.run(self._stop), name=f"sse-feed:{n}")
+            for n, f in self.feeds.items()
+        ]
+        self._tasks.append(asyncio.create_task(self._janitor(), name="sse-janitor"))
+        self.started = True
+
+    def close_sessions(self) -> None:
+        """Ask every open SSE stream to end (server shutdown)."""
+        self._stop.set()
+        for feed in self.feeds.values():
+            feed.close()
+
+    async def stop(self) -> None:
+        self.close_sessions()
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=self.settings.block_ms / 1000 + 2)
+            for t in pending:
+                t.cancel()
+        self._tasks = []
+        self.started = False
+
+    @property
+    def closing(self) -> bool:
+        return self._stop.is_set()
+
+    def mirror(self, channel: Channel, symbol: str) -> Mirror:
+        feed = self.feeds[channel.name]
+        m = feed.mirrors.get(symbol)
+        if m is None:
+            m = feed.mirrors[symbol] = Mirror(self, channel, symbol)
+            m.start()
+        return m
+
+    async def _janitor(self) -> None:
+        """Drops views nobody watched for ``view_linger_s``, and mirrors without views."""
+        linger = self.settings.view_linger_s
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), max(0.5, min(5.0, linger / 2)))
+            now = time.monotonic()
+            dropped = False
+            for key, (t, v) in list(self._snaps.items()):
+                if isinstance(v, bytes) and now - t >= SNAPSHOT_SHARE_S:
+                    del self._snaps[key]
+            for feed in self.feeds.values():
+                for sym, mirror in list(feed.mirrors.items()):
+                    for spec, view in list(mirror.views.items()):
+                        if not view.subs and now - view.idle_since >= linger:
+                            mirror.drop_view(spec)
+                    if not mirror.views and now - mirror.created >= linger:
+                        mirror.stop()
+                        del feed.mirrors[sym]
+                        dropped = True
+            if dropped:  # a whole model graph was freed: hand its pages back
+                release_freed_memory()
+
+    async def entries_after(
+        self, stream: str, after: StreamId
+    ) -> AsyncIterator[tuple[StreamId, str, bytes]]:
+        """Entries of ``stream`` with ids above ``after``, in pages of about
+        ``replay_page_bytes`` (a butterfly diff is ~1 MB under load)."""
+        cursor = format_id(after)
+        count = 16
+        while True:
+            async with self.redis_slots:
+                page = _rows(await self.redis.xrange(stream, "(" + cursor, "+", count=count))
+            size = 0
+            for raw_id, fields in page:
+                cursor = raw_id.decode()
+                body = fields.get(b"d")
+                sid = parse_id(raw_id)
+                if body is None or sid is None:
+                    continue
+                size += len(body)
+                yield sid, cursor, body
+            if len(page) < count:
+                return
+            avg = max(1, size // max(1, len(page)))
+            count = max(1, min(1000, self.settings.replay_page_bytes // avg))
+
+    async def current_model(self, channel: Channel, symbol: str) -> bytes | None:
+        """The model at its latest version: the model key (a checkpoint) with the diffs after
+        its ``diff_id`` applied (usually none: returned as stored)."""
+        raw = await self.redis.get(channel.model_key(symbol))
+        if raw is None:
+            return None
+        try:
+            model = _full_model.decode(raw)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            return _b(raw)
+        if model.diff_id is None:
+            return _b(raw)
+        changed = False
+        after = parse_id(model.diff_id) or ZERO_ID
+        async for _sid, id_s, body in self.entries_after(channel.stream, after):
+            try:
+                d = _full_diff.decode(body)
+            except (msgspec.ValidationError, msgspec.DecodeError):
+                continue
+            if d.symbol != symbol:
+                continue
+            if (
+                d.epoch != model.epoch
+                or d.prev_version != model.version
+                or (d.prev_id is not None and d.prev_id != model.diff_id)
+            ):
+                break  # not a continuation: the checkpoint is what we have
+            model.items.update(d.changed)
+            for k in d.removed:
+                model.items.pop(k, None)
+            model.version, model.ts_ns, model.meta = d.version, d.ts_ns, d.meta
+            model.diff_id = id_s
+            changed = True
+        return _json_encoder.encode(model) if changed else _b(raw)
+
+    # -- whole-model streams --
+    async def _stored_model(self, channel: Channel, symbol: str) -> bytes | None:
+        """The model key's value, one read shared by the clients that ask within
+        ``SNAPSHOT_SHARE_S`` (a model is tens of MB: one copy, not one per joining client).
+        An older checkpoint is fine: each client then gets the diffs after its diff_id."""
+        key = (channel.name, symbol)
+        now = time.monotonic()
+        hit = self._snaps.get(key)
+        if hit is not None:
+            t, held = hit
+            if isinstance(held, asyncio.Future):  # a read in flight: share it
+                return cast(bytes | None, await asyncio.shield(held))
+            if now - t < SNAPSHOT_SHARE_S:
+                return held
+        fut: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
+        self._snaps[key] = (now, fut)
+        try:
+            async with self.redis_slots:
+                raw = await self.redis.get(channel.model_key(symbol))
+        except BaseException as exc:
+            self._snaps.pop(key, None)
+            fut.set_exception(exc)
+            fut.exception()  # retrieved: waiters re-raise it
+            raise
+        value = _b(raw) if raw is not None else None
+        fut.set_result(value)
+        if value is None:
+            self._snaps.pop(key, None)
+        else:
+            self._snaps[key] = (time.monotonic(), value)
+        return value
+
+    async def whole_snapshot(self, channel: Channel, symbol: str) -> tuple[bytes, _State] | None:
+        raw = await self._stored_model(channel, symbol)
+        if raw is None:
+            return None
+        try:
+            head = _whole_model_head.decode(raw)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            self.metrics.rejected.labels(channel=channel.name, reason="bad_model").inc()
+            logger.warning("channel=%s symbol=%s: undecodable model", channel.name, symbol)
+            return None
+        last = parse_id(head.diff_id) if head.diff_id else None
+        state = _State(head.epoch, head.version, last or ZERO_ID, head.diff_id)
+        return frame("snapshot", _b(raw), head.diff_id), state
+
+    async def catch_up(self, channel: Channel, symbol: str, state: _State) -> list[bytes] | None:
+        """Diffs of ``symbol`` after ``state`` (advanced): a heatmap model key is a checkpoint
+        that may be some versions behind its diffs (processors/publisher.py). None when they
+        do not continue the chain, or exceed ``whole_pending_max_bytes`` (a snapshot is
+        then cheaper)."""
+        frames: list[bytes] = []
+        size = 0
+        async for sid, id_s, body in self.entries_after(channel.stream, state.last_id):
+            item = decode_item(sid, id_s, {b"d": body})
+            if item is None or item.head.symbol != symbol:
+                continue
+            try:
+                if accept(state, item):
+                    frames.append(item.frame)
+                    size += len(item.frame)
+            except Resync:
+                return None
+            if size > self.settings.whole_pending_max_bytes:
+                return None
+        return frames
+
+    async def replay(
+        self, channel: Channel, symbol: str, after: StreamId
+    ) -> tuple[list[bytes], _State] | None:
+        """Diffs of ``symbol`` after entry ``after``, or None if a snapshot is needed."""
+        stream = channel.stream
+        async with self.redis_slots:
+            first = _rows(await self.redis.xrange(stream, "-", "+", count=1))
+            if not first or after < (parse_id(first[0][0]) or ZERO_ID):
+                return None  # trimmed (or the stream is gone): the client missed diffs
+            at = _rows(await self.redis.xrange(stream, format_id(after), format_id(after)))
+            model = await self.redis.get(channel.model_key(symbol))
+        if not at or model is None:
+            return None
+        base = decode_item(after, format_id(after), at[0][1])
+        if base is None or base.head.symbol != symbol:
+            return None
+        try:
+            if _whole_model_head.decode(model).epoch != base.head.epoch:
+                return None
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            return None
+        del model
+        state = _State(base.head.epoch, base.head.version, after, format_id(after))
+        frames = await self.catch_up(channel, symbol, state)
+        return None if frames is None else (frames, state)
+
+    async def whole_session(
+        self, channel: Channel, symbol: str, last_event_id: str | None
+    ) -> AsyncIterator[bytes]:
+        """The whole model: the stored model, then the diff stream's entries as they are
+        (shared frames). Subscribes before it reads the model, so nothing is lost."""
+        feed = self.feeds[channel.name]
+        m = self.metrics
+        name = channel.name
+        sent_diff = m.events.labels(channel=name, event="diff")
+        sent_snap = m.events.labels(channel=name, event="snapshot")
+        sent_bytes = m.bytes.labels(channel=name)
+        clients = m.clients.labels(channel=name)
+        ping_s = self.settings.ping_s
+        sub = feed.subscribe_whole(symbol, self.settings.whole_pending_max_bytes)
+        clients.inc()
+        try:
+            yield b"retry: " + str(self.settings.retry_ms).encode() + SEP + SEP
+            state: _State | None = None
+            after = parse_id(last_event_id)
+            if after is not None:
+                resumed = await self.replay(channel, symbol, after)
+                if resumed is None:
+                    m.resyncs.labels(channel=name, reason="resume").inc()
+                else:
+                    frames, state = resumed
+                    if frames:
+                        sent_diff.inc(len(frames))
+                        out = b"".join(frames)
+                        del frames
+                        sent_bytes.inc(len(out))
+                        yield out
+            announced = False
+            while not sub.closed:
+                if state is None:
+                    snap = await self.whole_snapshot(channel, symbol)
+                    if snap is None:
+                        if not announced:
+                            announced = True
+                            yield frame("status", b'{"state":"no_model"}')
+                        await sub.wait(self.settings.no_model_poll_s)
+                        sub.reset()  # diffs without a base are useless; re-read the model
+                        continue
+                    data, state = snap
+                    caught = await self.catch_up(channel, symbol, state)
+                    if caught is None:  # the checkpoint's diffs do not chain: read again
+                        self._snaps.pop((name, symbol), None)
+                        m.resyncs.labels(channel=name, reason="gap").inc()
+                        state = None
+                        await sub.wait(self.settings.no_model_poll_s)
+                        continue
+                    sent_snap.inc()
+                    sent_bytes.inc(len(data))
+                    for i in range(0, len(data), SNAPSHOT_SLICE):
+                        yield data[i : i + SNAPSHOT_SLICE]
+                    del data
+                    if caught:
+                        sent_diff.inc(len(caught))
+                        yield b"".join(caught)
+                    continue
+                await sub.wait(ping_s)
+                if sub.overflowed:
+                    sub.reset()
+                    m.resyncs.labels(channel=name, reason="overflow").inc()
+                    state = None
+                    continue
+                items = sub.take()
+                if not items and not sub.closed:
+                    yield PING
+                    continue
+                out_frames: list[bytes] = []
+                try:
+                    for item in items:
+                        if accept(state, item):
+                            out_frames.append(item.frame)
+                except Resync as rs:
+                    m.resyncs.labels(channel=name, reason=rs.reason).inc()
+                    self._snaps.pop((name, symbol), None)  # the model moved on: read it again
+                    state = None
+                del items
+                if out_frames:
+                    sent_diff.inc(len(out_frames))
+                    out = b"".join(out_frames)
+                    del out_frames
+                    sent_bytes.inc(len(out))
+                    yield out
+        except (RedisError, OSError) as exc:
+            # end this stream; the client reconnects (Last-Event-ID) once Redis is back
+            m.session_errors.labels(channel=name).inc()
+            logger.warning("channel=%s symbol=%s: stream ended: %s", name, symbol, exc)
+        finally:
+            feed.unsubscribe_whole(sub)
+            clients.dec()
+
+    async def resolve(self, channel: Channel, symbol: str, spec: ViewSpec) -> ViewSpec | str:
+        """The view to serve, or why it is unknown (-> 404): a symbol neither offered nor
+        published, an expiry the model does not have, a GEX date other than today's (GEX by
+        strike is published for all expiries and for 0DTE)."""
+        key = channel.model_key(symbol)
+        if symbol not in self.deps.settings.symbols:
+            async with self.redis_slots:
+                if not await self.redis.exists(key):
+                    return f"unknown symbol {symbol!r}"
+        if channel.strategy is None and spec.expiry is not None:
+            async with self.redis_slots:
+                raw = await self.redis.get(key)
+            today = None
+            if raw is not None:
+                with contextlib.suppress(msgspec.ValidationError, msgspec.DecodeError):
+                    today = _model_head.decode(raw).meta.get("today")
+            if spec.expiry != today:
+                return f"GEX by strike is published for all expiries and 0dte (today: {today})"
+            return ViewSpec(scope="0dte")
+        if spec.expiry is not None:
+            mirror = self.mirror(channel, symbol)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(mirror.ready_event.wait(), 10.0)
+            expiries = mirror.model.expiries() if mirror.state == READY else []
+            if spec.expiry == FRONT:
+                if not expiries:
+                    return f"no {channel.name} model of {symbol} yet"
+                return dataclasses.replace(spec, expiry=expiries[0])
+            if mirror.state == READY and spec.expiry not in expiries:
+                return f"no expiry {spec.expiry} in the {channel.name} model of {symbol}"
+        return spec
+
+    async def session(
+        self, channel: Channel, symbol: str, spec: ViewSpec, last_event_id: str | None
+    ) -> AsyncIterator[bytes]:
+        mirror = self.mirror(channel, symbol)
+        view = mirror.view(spec)
+        m = self.metrics
+        name = channel.name
+        sent_diff = m.events.labels(channel=name, event="diff")
+        sent_snap = m.events.labels(channel=name, event="snapshot")
+        sent_bytes = m.bytes.labels(channel=name)
+        clients = m.clients.labels(channel=name)
+        ping_s = self.settings.ping_s
+        sub = view.subscribe()
+        clients.inc()
+        try:
+            yield b"retry: " + str(self.settings.retry_ms).encode() + SEP + SEP
+            announced = False
+            resume = last_event_id
+            while not sub.closed:
+                if sub.need_snapshot:
+                    if mirror.state != READY:
+                        if mirror.state == NO_MODEL and not announced:
+                            announced = True
+                            yield frame("status", b'{"state":"no_model"}')
+                        sub.wake.clear()
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(sub.wake.wait(), ping_s)
+                        if not sub.wake.is_set():
+                            yield PING
+                        continue
+                    view = mirror.views.get(spec) or view
+                    if sub.reason:
+                        m.resyncs.labels(channel=name, reason=sub.reason).inc()
+                        sub.reason = ""
+                    if resume is not None:
+                        replay = view.replay_after(resume)
+                        resume = None
+                        if replay is not None:
+                            sub.need_snapshot = False
+                            sub.head = view.head
+                            if replay:
+                                out = self._frames(view, replay)
+                                sent_diff.inc()
+                                sent_bytes.inc(len(out))
+                                yield out
+                            continue
+                        m.resyncs.labels(channel=name, reason="resume").inc()
+                    data = view.snapshot()
+                    sub.need_snapshot = False
+                    sub.head = view.head
+                    sent_snap.inc()
+                    sent_bytes.inc(len(data))
+                    for i in range(0, len(data), SNAPSHOT_SLICE):
+                        yield data[i : i + SNAPSHOT_SLICE]
+                    del data
+                    continue
+                await sub.wait(ping_s)
+                if sub.need_snapshot or sub.closed:
+                    continue
+                items = sub.take()
+                if not items:
+                    yield PING
+                    continue
+                if items[0].prev_id != sub.head:  # cannot happen: a view feeds in order
+                    sub.resync("gap")
+                    continue
+                sub.head = items[-1].id_s
+                out = self._frames(view, items)
+                sent_diff.inc()
+                sent_bytes.inc(len(out))
+                yield out
+        finally:
+            view.unsubscribe(sub, time.monotonic())
+            clients.dec()
+
+    def _frames(self, view: ViewFeed, items: list[ViewDiff]) -> bytes:
+        """The diffs as they are, or merged into one when they are many bytes."""
+        if len(items) == 1:
+            return items[0].frame
+        if sum(len(vd.frame) for vd in items) <= self.settings.conflate_bytes:
+            return b"".join(vd.frame for vd in items)
+        self.metrics.conflated.labels(channel=view.kind).inc()
+        return conflate(items, view.names).frame
+
+
 # --- HTTP application --------------------------------------------------------------------------
 def _symbol(request: Request) -> str:
     sym = request.query_params.get("symbol", "SPX").strip().upper()
     if not sym.isalnum() or len(sym) > 12:
         raise ValueError(f"bad symbol {sym!r}")
     return sym
+
+
+def filter_model(raw: bytes, channel: Channel, spec: ViewSpec) -> bytes:
+    """A PublishedModel JSON narrowed to a view (the ``/api`` form of a view)."""
+    model = _full_model.decode(raw)
+    items: dict[str, Any] = {}
+    for key, item in model.items.items():
+        if not spec.covers(channel.part_of(key)):
+            continue
+        if spec.rows_filtered and not spec.keep(key):
+            continue
+        if spec.scope is not None:
+            obj = msgspec.json.decode(item)
+            if isinstance(obj, dict):
+                zero = spec.scope == "0dte"
+                obj = {
+                    k: x for k, x in obj.items() if k in GEX_0DTE_KEEP or (("_0dte" in k) == zero)
+                }
+            items[key] = obj
+        else:
+            items[key] = item
+    model.items = items
+    return _json_encoder.encode(model)
 
 
 def create_app(deps: Deps, settings: SseSettings) -> Starlette:
@@ -762,15 +1330,31 @@ def create_app(deps: Deps, settings: SseSettings) -> Starlette:
             raise ValueError(f"unknown strategy {strategy!r}")
         return ch
 
-    async def sse(request: Request) -> Response:
+    async def view_of(request: Request) -> tuple[Channel, str, ViewSpec] | Response:
         try:
             ch, sym = channel_of(request), _symbol(request)
+            spec = parse_view(request.query_params, ch.strategy is None)
         except ValueError as exc:
             return PlainTextResponse(str(exc), status_code=400)
+        found = await gw.resolve(ch, sym, spec)
+        if isinstance(found, str):
+            return PlainTextResponse(found, status_code=404)
+        return ch, sym, found
+
+    async def sse(request: Request) -> Response:
+        v = await view_of(request)
+        if isinstance(v, Response):
+            return v
+        ch, sym, spec = v
         raw_last = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
+        last = raw_last.strip() if raw_last and parse_id(raw_last) is not None else None
+        if spec == ViewSpec():  # the whole model, as published (no mirror needed)
+            stream = gw.whole_session(ch, sym, last)
+        else:
+            stream = gw.session(ch, sym, spec, last)
         return SlowClientDropping(
-            gw.session(ch, sym, parse_id(raw_last)),
-            ping=settings.ping_s,
+            stream,
+            ping=_NO_PING_S,
             send_timeout=settings.send_timeout_s,
             headers={"Cache-Control": "no-store"},
             channel=ch.name,
@@ -778,14 +1362,15 @@ def create_app(deps: Deps, settings: SseSettings) -> Starlette:
         )
 
     async def api_model(request: Request) -> Response:
-        try:
-            ch, sym = channel_of(request), _symbol(request)
-        except ValueError as exc:
-            return JSONResponse({"error": str(exc)}, status_code=400)
-        async with gw.redis_slots:
-            raw = await gw.current_model(ch, sym)
+        v = await view_of(request)
+        if isinstance(v, Response):
+            return JSONResponse({"error": bytes(v.body).decode()}, status_code=v.status_code)
+        ch, sym, spec = v
+        raw = await gw.current_model(ch, sym)
         if raw is None:
             return JSONResponse({"error": f"no {ch.name} model for {sym}"}, status_code=404)
+        if spec != ViewSpec():
+            raw = filter_model(raw, ch, spec)
         return Response(raw, media_type="application/json", headers={"Cache-Control": "no-store"})
 
     async def api_gex_history(request: Request) -> Response:

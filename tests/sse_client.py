@@ -1,6 +1,8 @@
-"""A Python reader of the gateway's SSE wire format, as a browser page uses it: it keeps
-the model of one (channel, symbol), applies diffs, checks the diff chain and reconnects with
-``Last-Event-ID`` when the stream ends. Tests compare its model with ``/api``."""
+"""A Python reader of the gateway's SSE wire formats (whole models: the published JSON;
+views: compact, processors/sse_views.py), as the browser page uses them: it keeps the model
+of one stream, applies diffs, checks the diff chain and reconnects with ``Last-Event-ID``
+when the stream ends. Tests compare its model (items keyed by tile id, in their published
+JSON form) with ``/api``."""
 
 from __future__ import annotations
 
@@ -12,11 +14,123 @@ import httpx
 import orjson
 
 
-class ModelClient:
-    """``channel``: ``heatmap/<strategy>`` or ``gex``."""
+def full_key(kt: list[str | None] | None, key: str) -> str:
+    """A compact key -> the item's id (the key template ``kt`` of the snapshot)."""
+    if kt is None:
+        return key
+    if key.startswith("="):
+        return key[1:]
+    parts = iter(key.split(":"))
+    return ":".join(p if p is not None else next(parts) for p in kt)
 
-    def __init__(self, base_url: str, channel: str, symbol: str, history_max: int = 0) -> None:
-        self.url = f"{base_url}/sse/{channel}?symbol={symbol}"
+
+def set_field(item: dict[str, Any], name: str, v: Any) -> None:
+    """``name`` = a key, or ``key.i.j``: element j of the i-th array of ``item[key]``."""
+    k, dot, rest = name.partition(".")
+    if not dot:
+        item[k] = v
+        return
+    i_s, _, j_s = rest.partition(".")
+    i, j = int(i_s), int(j_s)
+    arr = item.setdefault(k, [])
+    while len(arr) <= i:
+        arr.append([])
+    while len(arr[i]) <= j:
+        arr[i].append(None)
+    arr[i][j] = v
+
+
+class ChainBreak(Exception):
+    """A diff that does not continue the model held (a gateway bug)."""
+
+
+class ViewReader:
+    """The model of one view from its ``snapshot`` and ``diff`` events."""
+
+    def __init__(self) -> None:
+        self.model: dict[str, Any] | None = None
+        self.kt: list[str | None] | None = None
+        self.head: str | None = None  # id of the diff (or snapshot) the model is at
+
+    def snapshot(self, data: bytes | str) -> dict[str, Any]:
+        s = orjson.loads(data)
+        if "items" in s:  # a whole-model stream: the published model as stored
+            self.model, self.kt, self.head = s, None, s.get("diff_id")
+            return s
+        self.kt = s.get("kt")
+        names = s["f"]
+        items: dict[str, Any] = {}
+        for row in s["d"]:
+            item: dict[str, Any] = {}
+            for name, v in zip(names, row[1:], strict=True):
+                set_field(item, name, v)
+            items[full_key(self.kt, row[0])] = item
+        for k, v in s.get("o", {}).items():
+            items[full_key(self.kt, k)] = v
+        self.model = {
+            k: s.get(k) for k in ("symbol", "kind", "epoch", "version", "ts_ns", "meta", "diff_id")
+        }
+        self.model["items"] = items
+        self.model["view"] = s.get("view", {})
+        self.model["expiries"] = s.get("expiries", [])
+        self.head = s.get("diff_id")
+        return self.model
+
+    def diff(self, data: bytes | str, event_id: str | None) -> tuple[dict[str, Any], list[str]]:
+        """Apply one diff; returns (the diff as sent, ids of the changed items). Raises
+        ChainBreak when it does not continue the model (nothing is applied then)."""
+        m = self.model
+        if m is None:
+            raise ChainBreak("diff before any snapshot")
+        d = orjson.loads(data)
+        prev_id = d.get("prev_id")
+        if (
+            d["epoch"] != m["epoch"]
+            or d["prev_version"] != m["version"]
+            or (prev_id is not None and self.head is not None and prev_id != self.head)
+        ):
+            raise ChainBreak(f"have {m['epoch']}/v{m['version']}@{self.head}, got {d}")
+        items = m["items"]
+        touched: list[str] = []
+        if "changed" in d:  # a whole-model stream: the ModelDiff as published
+            items.update(d["changed"])
+            for k in d.get("removed", ()):
+                items.pop(k, None)
+            m["version"], m["ts_ns"], m["meta"] = d["version"], d["ts_ns"], d.get("meta", {})
+            self.head = event_id
+            return d, [*d["changed"], *d.get("removed", ())]
+        for g in d.get("c", ()):
+            names, whole = g["f"], g.get("n") == 1
+            for row in g["d"]:
+                key = full_key(self.kt, row[0])
+                item = {} if whole else items.get(key)
+                if item is None:
+                    raise ChainBreak(f"fields of an unknown item {key}")
+                for name, v in zip(names, row[1:], strict=True):
+                    set_field(item, name, v)
+                items[key] = item
+                touched.append(key)
+        for k, v in d.get("o", {}).items():
+            items[full_key(self.kt, k)] = v
+            touched.append(full_key(self.kt, k))
+        removed = [full_key(self.kt, k) for k in d.get("r", ())]
+        for k in removed:
+            items.pop(k, None)
+        m["version"], m["ts_ns"] = d["version"], d["ts_ns"]
+        if "meta" in d:
+            m["meta"] = d["meta"]
+        self.head = event_id
+        return d, touched + removed
+
+
+class ModelClient:
+    """``channel``: ``heatmap/<strategy>`` or ``gex``; ``view``: extra query (``&expiry=..``)."""
+
+    def __init__(
+        self, base_url: str, channel: str, symbol: str, history_max: int = 0, view: str = ""
+    ) -> None:
+        self.url = f"{base_url}/sse/{channel}?symbol={symbol}{view}"
+        self.reader = ViewReader()
         self.channel = channel
         self.model: dict[str, Any] | None = None
         self.head: str | None = None  # id of the diff (or snapshot) the model is at
@@ -56,12 +170,15 @@ class ModelClient:
                     httpx.AsyncClient(timeout=httpx.Timeout(30, read=60)) as c,
                     c.stream("GET", self.url, headers=headers) as resp,
                 ):
-                    buf = b""
+                    buf = bytearray()
                     async for chunk in resp.aiter_bytes():
-                        buf += chunk.replace(b"\r\n", b"\n")
-                        while b"\n\n" in buf:
-                            raw, buf = buf.split(b"\n\n", 1)
-                            self._on_frame(raw)
+                        start = max(0, len(buf) - 3)  # a separator may span two chunks
+                        buf += chunk
+                        end = buf.find(b"\r\n\r\n", start)
+                        while end >= 0:
+                            self._on_frame(bytes(buf[:end]).replace(b"\r\n", b"\n"))
+                            del buf[: end + 4]
+                            end = buf.find(b"\r\n\r\n")
             except (httpx.HTTPError, OSError):
                 pass
             await asyncio.sleep(0.2)  # a browser's EventSource retry
@@ -78,36 +195,34 @@ class ModelClient:
         if eid:
             self.last_event_id = eid
         if event == "snapshot":
-            self.model = orjson.loads(data)
-            self.head = self.model.get("diff_id") if self.model else None
+            self.model = self.reader.snapshot(data)
+            self.head = self.reader.head
             self.snapshots += 1
-            if self.history_max and self.model is not None:
+            if self.history_max:
                 self._fp = fingerprint(self.model["items"])
                 self._remember()
         elif event == "diff" and self.model is not None:
-            d = orjson.loads(data)
-            prev_id = d.get("prev_id")
-            if (
-                d["epoch"] != self.model["epoch"]
-                or d["prev_version"] != self.model["version"]
-                or (prev_id is not None and self.head is not None and prev_id != self.head)
-            ):
+            items = self.model["items"]
+            before: dict[str, Any] = {}
+            if self.history_max:
+                # the hash of every item this diff may touch, before it is applied
+                d = orjson.loads(data)
+                kt = self.reader.kt
+                keys = [full_key(kt, row[0]) for g in d.get("c", ()) for row in g["d"]]
+                keys += [full_key(kt, k) for k in (*d.get("o", {}), *d.get("r", ()))]
+                keys += [*d.get("changed", ()), *d.get("removed", ())]
+                before = {k: item_hash(k, items[k]) for k in keys if k in items}
+            try:
+                _, touched = self.reader.diff(data, eid)
+            except ChainBreak:
                 self.chain_breaks += 1
                 return
-            items = self.model["items"]
             if self.history_max:
-                for k, v in d["changed"].items():
+                for k in set(touched):
+                    if k in before:
+                        self._fp ^= before[k]
                     if k in items:
                         self._fp ^= item_hash(k, items[k])
-                    self._fp ^= item_hash(k, v)
-                for k in d.get("removed", ()):
-                    if k in items:
-                        self._fp ^= item_hash(k, items[k])
-            items.update(d["changed"])
-            for k in d.get("removed", ()):
-                items.pop(k, None)
-            self.model["version"] = d["version"]
-            self.model["meta"] = d.get("meta", self.model.get("meta"))
             self.head = eid
             self.diffs += 1
             if self.history_max:
@@ -129,3 +244,51 @@ def fingerprint(items: dict[str, Any]) -> int:
     for k, v in items.items():
         fp ^= item_hash(k, v)
     return fp
+
+
+class Dechunk:
+    """The body of a chunked HTTP/1.1 response read from a raw socket (``+=`` raw bytes)."""
+
+    def __init__(self) -> None:
+        self.raw = bytearray()
+        self.body = bytearray()
+        self.headers_done = False
+
+    def __iadd__(self, chunk: bytes) -> Dechunk:
+        self.raw += chunk
+        if not self.headers_done:
+            end = self.raw.find(b"\r\n\r\n")
+            if end < 0:
+                return self
+            del self.raw[: end + 4]
+            self.headers_done = True
+        while True:
+            eol = self.raw.find(b"\r\n")
+            if eol < 0:
+                return self
+            size = int(bytes(self.raw[:eol]), 16)
+            if len(self.raw) < eol + 2 + size + 2:
+                return self
+            self.body += self.raw[eol + 2 : eol + 2 + size]
+            del self.raw[: eol + 2 + size + 2]
+
+    def frames(self) -> list[tuple[str, str, bytes]]:
+        """Pop the complete SSE events of the body as (event, id, data); comments skipped."""
+        out: list[tuple[str, str, bytes]] = []
+        buf = self.body
+        while True:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                return out
+            block = bytes(buf[:end])
+            del buf[: end + 4]
+            ev, eid, data = "", "", b""
+            for line in block.split(b"\r\n"):
+                if line.startswith(b"event: "):
+                    ev = line[7:].decode()
+                elif line.startswith(b"id: "):
+                    eid = line[4:].decode()
+                elif line.startswith(b"data: "):
+                    data = line[6:]
+            if ev:
+                out.append((ev, eid, data))

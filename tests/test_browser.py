@@ -115,15 +115,16 @@ async def test_dashboard_live_heatmap_and_gex(deps: Deps, redis: Redis, page: Pa
         await task
         last = writer.models[("SPX", "heatmap:butterfly")].version
 
+        # after all diffs the page's grid equals the published model, cell for cell (the
+        # view's version is the last one that changed the view: up to the model's)
         async def caught_up() -> bool:
-            return await _version(page, "heatmap") == last
+            model = writer.models[("SPX", "heatmap:butterfly")]
+            cells = await _cells(page)
+            return 0 < await _version(page, "heatmap") <= last and all(
+                _same(text, model.items[tid]["debit"]) for tid, text in cells.items()
+            )
 
         await _until(page, caught_up)
-        # after all diffs the page's grid equals the published model, cell for cell
-        model = writer.models[("SPX", "heatmap:butterfly")]
-        cells = await _cells(page)
-        for tid, text in cells.items():
-            assert _same(text, model.items[tid]["debit"]), (tid, text)
 
         # a version gap makes the page fetch a fresh snapshot (no silent divergence)
         gap_v = last + 3
@@ -135,6 +136,42 @@ async def test_dashboard_live_heatmap_and_gex(deps: Deps, redis: Redis, page: Pa
             return await _version(page, "heatmap") == gap_v
 
         await _until(page, resynced)
+
+        # switching the expiry re-subscribes: the grid shows exactly that view, and stays live
+        model = writer.models[("SPX", "heatmap:butterfly")]
+        second = sorted({t["expiry"] for t in model.items.values()})[1]
+        await page.select_option("#expiry", second)
+
+        def view_ids(expiry: str, right: str) -> set[str]:
+            m = writer.models[("SPX", "heatmap:butterfly")]
+            return {
+                tid for tid, t in m.items.items() if t["expiry"] == expiry and t["right"] == right
+            }
+
+        async def switched() -> bool:
+            return set(await _cells(page)) == view_ids(second, "C")
+
+        await _until(page, switched)
+        v1 = await _version(page, "heatmap")
+
+        async def feed_until_view_moves() -> None:
+            for _ in range(200):
+                await publish_step(writer, market, time.time_ns())
+                if await _version(page, "heatmap") > v1:
+                    return
+                await asyncio.sleep(0.05)
+
+        await feed_until_view_moves()
+        assert await _version(page, "heatmap") > v1
+
+        async def live_view() -> bool:
+            model = writer.models[("SPX", "heatmap:butterfly")]
+            cells = await _cells(page)
+            return set(cells) == view_ids(second, "C") and all(
+                _same(text, model.items[tid]["debit"]) for tid, text in cells.items()
+            )
+
+        await _until(page, live_view)
 
         # controls: puts, convexity, GEX net / 0DTE
         await page.click('#right button[data-v="P"]')

@@ -203,7 +203,8 @@ async def test_lossy_restart_leaves_no_client_on_a_rewritten_history(tmp_path: P
                                 await http.get(api + view["url"].replace("/sse/", "/api/"))
                             ).json()
                             m = view["model"]
-                            if m is None or m["version"] != truth["version"]:
+                            # a view's version is the model version that last changed it
+                            if m is None or m["version"] > truth["version"]:
                                 got = m and m["version"]
                                 bad.append(f"page {name}: v{got} api v{truth['version']}")
                             elif m["epoch"] != truth["epoch"] or m["items"] != truth["items"]:

@@ -11,7 +11,7 @@ import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -21,12 +21,11 @@ from redis.asyncio import Redis
 from processors.sse_gateway import SseGateway, SseSettings, frame, parse_id
 from schemas import keys
 from streams.processor import Deps
+from tests.sse_client import Dechunk, ViewReader
 from tests.sse_publisher import FakeMarket, ModelWriter, publish_full, publish_step
 from tests.util import eventually
 
-SETTINGS = SseSettings(
-    host="127.0.0.1", port=0, ping_s=15.0, queue_max=64, block_ms=200, admin_port=0
-)
+SETTINGS = SseSettings(host="127.0.0.1", port=0, ping_s=15.0, block_ms=200, admin_port=0)
 HEAT = "heatmap:butterfly"
 
 
@@ -108,6 +107,11 @@ class Client:
         if event is not None:
             assert ev.event == event, (ev.event, ev.data[:200])
         return ev
+
+
+def norm(items: dict[str, Any]) -> dict[str, Any]:
+    """Items as JSON text gives them (tuples -> lists)."""
+    return cast(dict[str, Any], json.loads(json.dumps(items)))
 
 
 def apply(items: dict[str, Any], diff: dict[str, Any]) -> dict[str, Any]:
@@ -300,26 +304,9 @@ async def test_stream_waits_for_a_model_that_does_not_exist_yet(deps: Deps, redi
         assert json.loads((await c.next_data("diff")).data)["version"] == 2
 
 
-def _frames(buf: bytearray) -> list[tuple[str, str, str]]:
-    """Pop complete frames from ``buf`` as (event, id, data); comments/retry are skipped."""
-    out = []
-    while True:
-        end = buf.find(b"\r\n\r\n")
-        if end < 0:
-            return out
-        block = bytes(buf[:end]).decode()
-        del buf[: end + 4]
-        ev = eid = data = ""
-        for line in block.split("\r\n"):
-            name, _, value = line.partition(": ")
-            if name == "event":
-                ev = value
-            elif name == "id":
-                eid = value
-            elif name == "data":
-                data = value
-        if ev:
-            out.append((ev, eid, data))
+def _frames(dc: Dechunk) -> list[tuple[str, str, str]]:
+    """Pop complete frames of a raw HTTP response as (event, id, data); comments skipped."""
+    return [(ev, eid, data.decode()) for ev, eid, data in dc.frames()]
 
 
 @pytest.mark.slow
@@ -329,7 +316,9 @@ async def test_stalled_client_is_bounded_and_resynced_without_blocking_others(
     writer = ModelWriter(redis)
     await writer.publish("SPX", HEAT, "e1", {"seed": 0}, ts_ns=1)
     # the stalled client must stay connected however long the machine takes to send the rest
-    settings = replace(SETTINGS, queue_max=8, send_timeout_s=600.0)
+    settings = replace(
+        SETTINGS, whole_pending_max_bytes=800_000, send_timeout_s=600.0
+    )  # ~8 diffs of 100 kB  # ~8 diffs of 100 kB
     n = 80
     blob = "x" * 100_000  # 80 x 100 kB: more than the socket buffers can absorb
     async with gateway(deps, settings) as gw:
@@ -363,33 +352,34 @@ async def test_stalled_client_is_bounded_and_resynced_without_blocking_others(
                 # the stalled client's buffer overflowed (entries dropped for it alone) while
                 # the reader and the fast client went on
                 assert await eventually(dropped, timeout_s=5) > 0
-                # now the slow client reads: it gets a fresh snapshot of the latest version
+                # now the slow client reads: a consistent prefix (snapshot v1, diffs v2..vk),
+                # then a fresh snapshot (a stored model shared by clients joining within
+                # SNAPSHOT_SHARE_S may be a few versions old) and the diffs after it, up to
+                # the latest version: every event continues the model it holds
                 loop = asyncio.get_running_loop()
-                buf = bytearray()
-                seen: list[tuple[str, str, str]] = []
-                deadline = time.monotonic() + 300  # a hang guard, not a speed bound
-                while not any(
-                    e == "snapshot" and json.loads(d)["version"] == n + 1 for e, _, d in seen
-                ):
-                    assert time.monotonic() < deadline, [(e, i) for e, i, _ in seen]
+                buf = Dechunk()
+                reader = ViewReader()
+                snapshots = 0
+                deadline = time.monotonic() + 300  # a hang guard, not a speed target
+                while snapshots < 2 or reader.model is None or reader.model["version"] < n + 1:
+                    assert time.monotonic() < deadline, (snapshots, reader.head)
                     chunk = await asyncio.wait_for(loop.sock_recv(slow, 1 << 20), 10)
                     assert chunk, "slow stream closed"
                     buf += chunk
-                    seen += _frames(buf)
-                # before the resync it received a consistent prefix: snapshot v1, diffs v2..vk
-                first_vs = [json.loads(d)["version"] for _, _, d in seen]
-                k = first_vs.index(n + 1)
-                assert first_vs[:k] == list(range(1, k + 1))
-                assert [e for e, _, _ in seen[1:k]] == ["diff"] * (k - 1)
+                    for e, eid, d in _frames(buf):
+                        if e == "snapshot":
+                            snapshots += 1
+                            reader.snapshot(d)
+                        elif e == "diff":
+                            reader.diff(d, eid)
+                assert reader.model["items"] == writer.models[("SPX", HEAT)].items
                 # and after the resync, live diffs flow again
                 await writer.publish("SPX", HEAT, "e1", {"after": 1}, ts_ns=n + 1)
-                while True:
-                    chunk = await asyncio.wait_for(loop.sock_recv(slow, 1 << 20), 10)
-                    buf += chunk
-                    got = _frames(buf)
-                    if got:
-                        assert got[0][0] == "diff" and json.loads(got[0][2])["version"] == n + 2
-                        break
+                while reader.model["version"] < n + 2:
+                    buf += await asyncio.wait_for(loop.sock_recv(slow, 1 << 20), 10)
+                    for e, eid, d in _frames(buf):
+                        assert e == "diff"
+                        reader.diff(d, eid)
                 overflow = (
                     'massive_sse_resyncs_total{channel="heatmap:butterfly",reason="overflow"}'
                 )
@@ -404,7 +394,7 @@ async def test_client_that_stops_reading_is_dropped_with_one_info_line(
     writer = ModelWriter(redis)
     await writer.publish("SPX", HEAT, "e1", {"seed": 0}, ts_ns=1)
     # a queue deeper than what the socket can hold, so the session blocks in send, not overflow
-    settings = replace(SETTINGS, queue_max=1000, send_timeout_s=0.5)
+    settings = replace(SETTINGS, send_timeout_s=0.5)
     blob = "x" * 100_000
     caplog.set_level(logging.INFO)
     uvicorn_errors: list[logging.LogRecord] = []
@@ -536,9 +526,207 @@ async def test_build_reads_env_settings(deps: Deps, monkeypatch: pytest.MonkeyPa
     from processors.registry import load
 
     monkeypatch.setenv("MASSIVE_SSE_PORT", "0")
-    monkeypatch.setenv("MASSIVE_SSE_QUEUE_MAX", "7")
+    monkeypatch.setenv("MASSIVE_SSE_PENDING_MAX_BYTES", "7000")
     proc = load("sse-gateway", deps)
     assert isinstance(proc, SseGateway) and proc.name == "sse-gateway"
-    assert proc.settings.queue_max == 7
+    assert proc.settings.pending_max_bytes == 7000
     with pytest.raises(ValueError, match="no argument"):
         load("sse-gateway:x", deps)
+
+
+def view_truth(writer: ModelWriter, kind: str, expiry: str, right: str) -> dict[str, Any]:
+    items = writer.models[("SPX", kind)].items
+    return norm(
+        {k: v for k, v in items.items() if k.split(":")[1] == expiry and k.endswith(":" + right)}
+    )
+
+
+async def drain(c: Client, reader: ViewReader, touched: set[str]) -> None:
+    """Apply every event received so far."""
+    while not c.events.empty():
+        ev = c.events.get_nowait()
+        if ev.event == "diff":
+            touched.update(reader.diff(ev.data, ev.id)[1])
+        elif ev.event == "snapshot":
+            reader.snapshot(ev.data)
+
+
+async def test_view_stream_carries_only_its_tiles(deps: Deps, redis: Redis) -> None:
+    writer = ModelWriter(redis)
+    spx = FakeMarket("SPX")
+    await publish_full(writer, spx, 1)
+    front = min(e.isoformat() for e in spx.expiries)
+    q = f"symbol=SPX&expiry={front}&right=C"
+    async with gateway(deps) as gw, Client(f"{base(gw)}/sse/heatmap/butterfly?{q}") as c:
+        reader = ViewReader()
+        snap = reader.snapshot((await c.next_data("snapshot")).data)
+        truth = view_truth(writer, HEAT, front, "C")
+        assert snap["items"] == truth and 0 < len(truth) < len(writer.models[("SPX", HEAT)].items)
+        assert snap["view"] == {"expiry": front, "right": "C"}
+        assert snap["expiries"] == sorted(e.isoformat() for e in spx.expiries)
+        touched: set[str] = set()
+        for i in range(30):
+            await publish_step(writer, spx, 10 + i)
+
+        async def caught_up() -> bool:
+            await drain(c, reader, touched)
+            assert reader.model is not None
+            return reader.model["items"] == view_truth(writer, HEAT, front, "C")
+
+        await eventually(caught_up)
+        assert touched and touched <= set(truth)  # every diff stayed inside the view
+        # the same view as JSON
+        api = (await _get(gw, f"/api/heatmap/butterfly?{q}")).json()
+        assert api["items"] == view_truth(writer, HEAT, front, "C")
+        # front = the first expiry
+        async with Client(f"{base(gw)}/sse/heatmap/butterfly?symbol=SPX&expiry=front") as c2:
+            s2 = ViewReader().snapshot((await c2.next_data("snapshot")).data)
+            assert s2["view"] == {"expiry": front}
+            assert {k.split(":")[1] for k in s2["items"]} == {front}
+        # GEX: the 0DTE fields only
+        async with Client(f"{base(gw)}/sse/gex?symbol=SPX&expiry=0dte") as g:
+            gs = ViewReader().snapshot((await g.next_data("snapshot")).data)
+            one = next(iter(gs["items"].values()))
+            assert "calls_0dte" in one and "calls" not in one and "strike" in one
+            full = writer.models[("SPX", "gex")].items
+            assert set(gs["items"]) == set(full)
+            api = (await _get(gw, "/api/gex?symbol=SPX&expiry=0dte")).json()
+            assert api["items"] == gs["items"]
+
+
+async def test_view_work_is_shared_and_unknown_views_are_refused(deps: Deps, redis: Redis) -> None:
+    writer = ModelWriter(redis)
+    spx = FakeMarket("SPX")
+    await publish_full(writer, spx, 1)
+    front = min(e.isoformat() for e in spx.expiries)
+    url = f"/sse/heatmap/butterfly?symbol=SPX&expiry={front}&right=P"
+    async with gateway(deps) as gw, Client(base(gw) + url) as a, Client(base(gw) + url) as b:
+        sa, sb = await a.next_data("snapshot"), await b.next_data("snapshot")
+        assert sa.data == sb.data
+        for i in range(10):
+            await publish_step(writer, spx, 10 + i)
+        ea, eb = await a.next_data("diff"), await b.next_data("diff")
+        assert (ea.id, ea.data) == (eb.id, eb.data)  # one frame, shared
+        assert await metric(gw, 'massive_sse_views{channel="heatmap:butterfly"}') == 1
+        assert await metric(gw, 'massive_sse_clients{channel="heatmap:butterfly"}') == 2
+        async with httpx.AsyncClient(base_url=base(gw)) as http:
+            for path, status in [
+                ("/sse/heatmap/butterfly?symbol=QQQ", 404),  # neither offered nor published
+                ("/api/heatmap/butterfly?symbol=QQQ", 404),
+                ("/sse/heatmap/butterfly?symbol=SPX&expiry=2001-01-01", 404),
+                ("/api/heatmap/butterfly?symbol=SPX&expiry=2001-01-01", 404),
+                ("/sse/gex?symbol=SPX&expiry=2001-01-01", 404),  # GEX dates: today's only
+                ("/sse/heatmap/butterfly?symbol=SPX&right=X", 400),
+                ("/sse/heatmap/butterfly?symbol=SPX&strikes=9-1", 400),
+                ("/sse/gex?symbol=SPX&right=C", 400),
+            ]:
+                assert (await http.get(path)).status_code == status, path
+
+
+async def test_view_resume_by_last_event_id(deps: Deps, redis: Redis) -> None:
+    writer = ModelWriter(redis)
+    spx = FakeMarket("SPX")
+    await publish_full(writer, spx, 1)
+    front = min(e.isoformat() for e in spx.expiries)
+    q = f"symbol=SPX&expiry={front}&right=C"
+    async with gateway(deps) as gw:
+        url = f"{base(gw)}/sse/heatmap/butterfly?{q}"
+        reader = ViewReader()
+        async with Client(url) as c:
+            reader.snapshot((await c.next_data("snapshot")).data)
+            for i in range(10):
+                await publish_step(writer, spx, 10 + i)
+
+            async def moved() -> bool:
+                await drain(c, reader, set())
+                return reader.model is not None and reader.model["version"] > 1
+
+            await eventually(moved)
+        assert reader.head is not None
+        held = reader.head
+        for i in range(20):  # missed while away
+            await publish_step(writer, spx, 30 + i)
+        async with Client(url, {"Last-Event-ID": held}) as c2:
+            first = await c2.next_data("diff")  # no snapshot: the missed diffs (merged or not)
+            touched = set(reader.diff(first.data, first.id)[1])
+
+            async def caught_up() -> bool:
+                await drain(c2, reader, touched)
+                assert reader.model is not None
+                return reader.model["items"] == view_truth(writer, HEAT, front, "C")
+
+            await eventually(caught_up)
+        resumed = 'massive_sse_resyncs_total{channel="heatmap:butterfly",reason="resume"}'
+        assert await metric(gw, resumed) == 0
+
+
+@pytest.mark.slow
+async def test_slow_view_client_is_conflated_then_resynced_without_slowing_others(
+    deps: Deps, redis: Redis
+) -> None:
+    """A view client that reads slowly gets its backlog merged per tile (many versions in one
+    diff); one that stops reading exceeds the bound even merged and is resynced; a fast
+    client of the same view gets a continuous chain meanwhile."""
+    writer = ModelWriter(redis)
+    day = "2026-12-03"
+    tid = [f"SPX:{day}:butterfly:{6000 + 5 * i}-{6005 + 5 * i}-{6010 + 5 * i}:C" for i in range(40)]
+    await writer.publish("SPX", HEAT, "e1", {t: {"v": 0, "x": ""} for t in tid}, ts_ns=1)
+    path = f"/sse/heatmap/butterfly?symbol=SPX&expiry={day}&right=C"
+    settings = replace(SETTINGS, conflate_bytes=20_000, pending_max_bytes=300_000)
+    async with gateway(deps, settings) as gw:
+        stuck = socket.socket()
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stuck.connect(("127.0.0.1", gw.port))
+        stuck.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        stuck.setblocking(False)
+        try:
+            async with Client(base(gw) + path) as fast:
+                reader = ViewReader()
+                reader.snapshot((await fast.next_data("snapshot")).data)
+
+                async def both() -> bool:
+                    m = 'massive_sse_clients{channel="heatmap:butterfly"} 2.0'
+                    return m in (await _get(gw, "/metrics", admin(gw))).text
+
+                await eventually(both)
+                # phase 1: the same two tiles over and over (a merged backlog stays small),
+                # then big values on every tile (the merged backlog exceeds the bound)
+                for i in range(200):
+                    await writer.publish("SPX", HEAT, "e1", {tid[i % 2]: {"v": i, "x": ""}})
+                blob = "x" * 100_000  # 8 MB: more than the socket buffers can absorb
+                for i in range(80):
+                    await writer.publish("SPX", HEAT, "e1", {tid[i % 40]: {"v": i, "x": blob}})
+                last = writer.models[("SPX", HEAT)].version
+                while reader.model is not None and reader.model["version"] < last:
+                    ev = await fast.next_data("diff", 20)
+                    reader.diff(ev.data, ev.id)
+                assert reader.model is not None
+                assert reader.model["items"] == writer.models[("SPX", HEAT)].items
+
+                async def dropped() -> float:
+                    series = 'massive_sse_dropped_total{channel="heatmap:butterfly"}'
+                    return await metric(gw, series)
+
+                assert await eventually(dropped, timeout_s=10) >= 1
+                conflated = 'massive_sse_conflated_total{channel="heatmap:butterfly"}'
+                assert await metric(gw, conflated) >= 1
+                # the stuck client now reads: a consistent prefix, then a fresh snapshot of
+                # the latest version, then live diffs
+                loop = asyncio.get_running_loop()
+                dc = Dechunk()
+                slow = ViewReader()
+                deadline = time.monotonic() + 30
+                while slow.model is None or slow.model["version"] < last:
+                    assert time.monotonic() < deadline
+                    dc += await asyncio.wait_for(loop.sock_recv(stuck, 1 << 20), 10)
+                    for ev, eid, data in dc.frames():
+                        if ev == "snapshot":
+                            slow.snapshot(data)
+                        elif ev == "diff":
+                            slow.diff(data, eid)
+                assert slow.model["items"] == writer.models[("SPX", HEAT)].items
+                overflow = 'reason="overflow"'
+                series = f'massive_sse_resyncs_total{{channel="heatmap:butterfly",{overflow}}}'
+                assert await metric(gw, series) >= 1
+        finally:
+            stuck.close()

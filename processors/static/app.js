@@ -1,10 +1,13 @@
 /* massive-pipeline dashboard: live convexity heatmap + GEX by strike over SSE.
  *
- * Each panel keeps a local copy of one published model: the "snapshot" event replaces it,
- * every "diff" must continue it (same epoch, prev_version == local version) and is applied
- * in place; anything else is a gap, answered by reconnecting without Last-Event-ID, which
- * makes the gateway send a fresh snapshot. On network errors the browser's EventSource
- * reconnects by itself with Last-Event-ID, and the gateway replays the missed diffs.
+ * Each panel subscribes to exactly the view it shows (heatmap: symbol, strategy, expiry,
+ * right; GEX: symbol, all/0dte) and keeps a local copy of it: the "snapshot" event replaces
+ * it, every "diff" must continue it (same epoch, prev_version == local version, prev_id ==
+ * the id held) and is applied in place; anything else is a gap, answered by reconnecting
+ * without Last-Event-ID, which makes the gateway send a fresh snapshot. On network errors
+ * the browser's EventSource reconnects by itself with Last-Event-ID, and the gateway
+ * replays the missed diffs. Changing the view re-subscribes; the previous view stays on
+ * screen until the new snapshot arrives. Wire format: README "SSE wire format".
  * Plain JS, no build step, no external resources.
  */
 "use strict";
@@ -65,7 +68,30 @@ function esc(s) {
   return String(s).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
 }
 
-// --- one live model over SSE ---------------------------------------------------------------
+// --- the compact wire format ----------------------------------------------------------------
+// key -> item id: the key template kt has null where the key's ":"-parts go ("=" = whole id)
+function fullKey(kt, k) {
+  if (!kt) return k;
+  if (k.charCodeAt(0) === 61) return k.slice(1);
+  const p = k.split(":");
+  let j = 0;
+  return kt.map((x) => (x === null ? p[j++] : x)).join(":");
+}
+// "name" or "name.i.j" (element j of the i-th array of item[name])
+function fieldSetters(names) {
+  return names.map((n) => {
+    const a = n.split(".");
+    if (a.length === 1) return (it, v) => { it[n] = v; };
+    const k = a[0], i = +a[1], j = +a[2];
+    return (it, v) => {
+      const arr = it[k] || (it[k] = []);
+      while (arr.length <= i) arr.push([]);
+      arr[i][j] = v;
+    };
+  });
+}
+
+// --- one live view over SSE ---------------------------------------------------------------
 class ModelStream {
   constructor(name, statusEl, onChange) {
     this.name = name;
@@ -73,17 +99,19 @@ class ModelStream {
     this.onChange = onChange;
     this.es = null;
     this.model = null;
+    this.head = null;
+    this.kt = null;
     this.url = null;
     this.lastUpdate = 0;
     this.resyncs = 0;
     this.retryTimer = null;
+    this.onGone = null; // the view no longer exists (HTTP error): pick another
   }
 
   connect(url) {
     this.close();
     this.url = url;
-    this.model = null;
-    this.onChange(null, null);
+    // the previous view stays on screen until this one's snapshot arrives
     this.setState("connecting");
     const es = new EventSource(withToken(url));
     this.es = es;
@@ -96,9 +124,9 @@ class ModelStream {
     es.onerror = () => {
       if (es !== this.es) return;
       if (es.readyState === EventSource.CLOSED) {
-        // the browser gave up (e.g. HTTP error): retry from scratch
+        // the browser gave up (e.g. HTTP 404: an expiry that rolled off): retry from scratch
         this.setState("reconnecting");
-        this.retryTimer = setTimeout(() => this.connect(this.url), 2000);
+        this.retryTimer = setTimeout(() => (this.onGone ? this.onGone() : this.connect(this.url)), 2000);
       } else {
         this.setState("reconnecting"); // auto-reconnect with Last-Event-ID
       }
@@ -118,7 +146,21 @@ class ModelStream {
   }
 
   onSnapshot(e) {
-    this.model = JSON.parse(e.data);
+    const s = JSON.parse(e.data);
+    const kt = s.kt || null;
+    const set = fieldSetters(s.f);
+    const items = {};
+    for (const row of s.d) {
+      const it = {};
+      for (let i = 0; i < set.length; i++) set[i](it, row[i + 1]);
+      items[fullKey(kt, row[0])] = it;
+    }
+    for (const k in s.o || {}) items[fullKey(kt, k)] = s.o[k];
+    this.kt = kt;
+    this.modelUrl = this.url; // the stream of the model on screen (url may be the next one)
+    this.head = e.lastEventId || s.diff_id;
+    this.model = { symbol: s.symbol, kind: s.kind, epoch: s.epoch, version: s.version,
+      ts_ns: s.ts_ns, meta: s.meta || {}, view: s.view || {}, expiries: s.expiries || [], items };
     this.touch();
     this.onChange(this.model, null);
   }
@@ -128,18 +170,38 @@ class ModelStream {
     const m = this.model;
     if (!m) return;
     if (d.epoch === m.epoch && d.version <= m.version) return; // already applied
-    if (d.epoch !== m.epoch || d.prev_version !== m.version) {
+    if (d.epoch !== m.epoch || d.prev_version !== m.version ||
+        (d.prev_id && this.head && d.prev_id !== this.head)) {
       this.resync(`gap: have ${m.epoch}/v${m.version}, got ${d.epoch}/v${d.version}`);
       return;
     }
     const items = m.items;
-    for (const k in d.changed) items[k] = d.changed[k];
-    for (const k of d.removed) delete items[k];
+    const changed = [];
+    for (const g of d.c || []) {
+      const set = fieldSetters(g.f);
+      for (const row of g.d) {
+        const k = fullKey(this.kt, row[0]);
+        const it = g.n ? {} : items[k];
+        if (!it) {
+          this.resync(`gap: fields of an unknown item ${k}`);
+          return;
+        }
+        for (let i = 0; i < set.length; i++) set[i](it, row[i + 1]);
+        items[k] = it;
+        changed.push(k);
+      }
+    }
+    for (const k in d.o || {}) {
+      items[fullKey(this.kt, k)] = d.o[k];
+      changed.push(fullKey(this.kt, k));
+    }
+    for (const k of d.r || []) delete items[fullKey(this.kt, k)];
     if (d.meta && Object.keys(d.meta).length) m.meta = d.meta;
     m.version = d.version;
     m.ts_ns = d.ts_ns;
+    this.head = e.lastEventId;
     this.touch();
-    this.onChange(m, Object.keys(d.changed));
+    this.onChange(m, changed);
   }
 
   touch() {
@@ -194,12 +256,16 @@ const gex = new ModelStream("gex", $("status-gex"), () => {
   schedule("heat"); // spot / ATM row come from the GEX model
 });
 
+// exactly the view on screen; "front" = the model's first expiry (the snapshot names it)
 function connectHeat() {
   ui.scrollToAtm = true;
-  heat.connect(`/sse/heatmap/${ui.strategy}?symbol=${encodeURIComponent(ui.symbol)}`);
+  const q = new URLSearchParams({ symbol: ui.symbol, expiry: ui.expiry || "front", right: ui.right });
+  heat.connect(`/sse/heatmap/${ui.strategy}?${q}`);
 }
+heat.onGone = () => { ui.expiry = null; connectHeat(); };
 function connectGex() {
-  gex.connect(`/sse/gex?symbol=${encodeURIComponent(ui.symbol)}`);
+  const q = new URLSearchParams({ symbol: ui.symbol, expiry: ui.gexScope });
+  gex.connect(`/sse/gex?${q}`);
 }
 
 function spot() {
@@ -245,8 +311,9 @@ function isArb(t) {
 }
 
 let expiriesKey = "";
-function syncExpiries(tiles) {
-  const exps = [...new Set(tiles.map((t) => t.expiry))].sort();
+function syncExpiries(m) {
+  if (m.view && m.view.expiry && !ui.expiry) ui.expiry = m.view.expiry; // "front" resolved
+  const exps = m.expiries || [];
   const key = exps.join(",");
   if (key !== expiriesKey) {
     expiriesKey = key;
@@ -270,9 +337,10 @@ function renderHeatmap() {
   }
   // items carry no id (it is their key): attach it for the grid and the tooltip
   // items carry values only: the structure is in the id (see withStructure)
+  // the model is the view on screen (or the previous one until the new snapshot arrives)
   const all = Object.entries(m.items).map(([id, t]) => withStructure(id, t));
-  syncExpiries(all);
-  const tiles = all.filter((t) => t.expiry === ui.expiry && t.right === ui.right);
+  syncExpiries(m);
+  const tiles = all;
   $("heat-empty").hidden = tiles.length > 0;
   $("heat-empty").textContent = all.length ? "No tiles for this selection" : "The model has no tiles yet";
   const widths = [...new Set(tiles.map((t) => t.width))].sort((a, b) => a - b);
@@ -431,22 +499,27 @@ $("heatmap").addEventListener("mousemove", (ev) => { if (!tip.hidden) moveTip(ev
 $("heatmap").addEventListener("mouseleave", hideTip);
 
 // --- GEX ------------------------------------------------------------------------------------------
+// the scope of the model on screen (until a re-subscription's snapshot arrives, the previous one)
+function gexScope() {
+  const v = gex.model && gex.model.view ? gex.model.view.expiry : null;
+  return v === "0dte" || v === "all" ? v : ui.gexScope;
+}
 function gexField(base) {
-  const scope = ui.gexScope === "0dte" ? "_0dte" : "";
+  const scope = gexScope() === "0dte" ? "_0dte" : "";
   const unit = ui.gexUnit === "usd" ? "_usd" : "";
   return base + scope + unit;
 }
 function gexVal(it, base) {
   const v = it[gexField(base)];
   if (Number.isFinite(v)) return v;
-  const fallback = it[base + (ui.gexScope === "0dte" ? "_0dte" : "")];
+  const fallback = it[base + (gexScope() === "0dte" ? "_0dte" : "")];
   return Number.isFinite(fallback) ? fallback : 0;
 }
 function levelsOf(meta) {
   if (!meta) return {};
   const L = meta.levels || {};
-  if (L.all || L["0dte"]) return L[ui.gexScope] || {};
-  if (ui.gexScope === "0dte") return meta.levels_0dte || {};
+  if (L.all || L["0dte"]) return L[gexScope()] || {};
+  if (gexScope() === "0dte") return meta.levels_0dte || {};
   return L;
 }
 const LEVELS = [
@@ -470,7 +543,7 @@ function renderGex() {
   }
   const lv = levelsOf(m.meta);
   const vals = { spot: s, call_wall: lv.call_wall, put_wall: lv.put_wall, zero_gamma: lv.zero_gamma };
-  const totals = m.meta && m.meta.totals ? m.meta.totals[ui.gexScope] : null;
+  const totals = m.meta && m.meta.totals ? m.meta.totals[gexScope()] : null;
   const netTotal = totals ? (ui.gexUnit === "usd" ? totals.net_usd : totals.net) : null;
   $("gex-levels").innerHTML = LEVELS.map(([k, label]) => {
     const v = vals[k];
@@ -505,7 +578,7 @@ function renderGex() {
   if (n && maxAbs === 0) {
     const today = m.meta && m.meta.today ? ` (no contracts expiring ${m.meta.today})` : "";
     $("gex-empty").hidden = false;
-    $("gex-empty").textContent = ui.gexScope === "0dte" ? `No 0DTE exposure${today}` : "No exposure in range";
+    $("gex-empty").textContent = gexScope() === "0dte" ? `No 0DTE exposure${today}` : "No exposure in range";
   }
   maxAbs = maxAbs || 1;
   const xm = (x0 + x1) / 2;
@@ -570,7 +643,7 @@ $("gex").addEventListener("mouseover", (ev) => {
   const items = $("gex")._items;
   if (i === undefined || !items) return hideTip();
   const it = items[+i];
-  const sc = ui.gexScope === "0dte" ? "_0dte" : "";
+  const sc = gexScope() === "0dte" ? "_0dte" : "";
   showTip(`<h4>Strike ${fmtStrike(it.strike)}${sc ? " · 0DTE" : ""}</h4><table>` +
     row("Calls", `${fmtBig(it["calls" + sc])} sh · $${fmtBig(it["calls" + sc + "_usd"])}`) +
     row("Puts", `${fmtBig(it["puts" + sc])} sh · $${fmtBig(it["puts" + sc + "_usd"])}`) +
@@ -592,19 +665,20 @@ function segmented(id, onPick) {
   });
 }
 segmented("strategy", (v) => { ui.strategy = v; connectHeat(); });
-segmented("right", (v) => { ui.right = v; ui.scrollToAtm = true; schedule("heat"); });
+segmented("right", (v) => { ui.right = v; connectHeat(); });
 segmented("metric", (v) => { ui.metric = v; schedule("heat"); });
 segmented("gex-view", (v) => { ui.gexView = v; schedule("gex"); });
-segmented("gex-scope", (v) => { ui.gexScope = v; schedule("gex"); });
+segmented("gex-scope", (v) => { ui.gexScope = v; connectGex(); schedule("gex"); });
 segmented("gex-unit", (v) => { ui.gexUnit = v; schedule("gex"); });
 segmented("gex-range", (v) => { ui.gexRange = +v; schedule("gex"); });
-$("expiry").addEventListener("change", (ev) => { ui.expiry = ev.target.value; ui.scrollToAtm = true; schedule("heat"); });
+$("expiry").addEventListener("change", (ev) => { ui.expiry = ev.target.value; connectHeat(); });
 $("symbol").addEventListener("change", (ev) => {
   ui.symbol = ev.target.value;
   const query = new URLSearchParams(location.search);
   query.set("symbol", ui.symbol);
   history.replaceState(null, "", "?" + query.toString());
   expiriesKey = "";
+  ui.expiry = null;
   connectHeat();
   connectGex();
   refreshEpochs();
@@ -635,14 +709,14 @@ const STRUCTURE_KEYS = ["id", "symbol", "expiry", "strategy", "strikes", "right"
 window.__model = () => {
   const plain = (s, structure) => {
     const m = s.model;
-    if (!m) return { url: s.url, model: null };
+    if (!m) return { url: s.modelUrl || s.url, model: null };
     const items = {};
     for (const [k, t] of Object.entries(m.items)) {
       const v = Object.assign({}, t);
       if (structure) for (const f of STRUCTURE_KEYS) delete v[f]; // added by withStructure
       items[k] = v;
     }
-    return { url: s.url, model: { epoch: m.epoch, version: m.version, items } };
+    return { url: s.modelUrl || s.url, model: { epoch: m.epoch, version: m.version, items } };
   };
   return { heatmap: plain(heat, true), gex: plain(gex, false) };
 };
