@@ -355,7 +355,11 @@ async def test_stalled_client_is_bounded_and_resynced_without_blocking_others(
                 # now the slow client reads: a consistent prefix (snapshot v1, diffs v2..vk),
                 # then a fresh snapshot (a stored model shared by clients joining within
                 # SNAPSHOT_SHARE_S may be a few versions old) and the diffs after it, up to
-                # the latest version: every event continues the model it holds
+                # the latest version: every event continues the model it holds. Its tiny
+                # receive buffer was there to stall it; it reads with a normal one now (through
+                # a window of a few kB the ~11 MB trickled at a pace that depended on how the
+                # response headers aligned the stream).
+                slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
                 loop = asyncio.get_running_loop()
                 buf = Dechunk()
                 reader = ViewReader()
