@@ -75,4 +75,5 @@ class RedisServer:
                 self.proc.wait(5)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+                self.proc.wait()  # reaped: no zombie, no "still running" at garbage collection
         shutil.rmtree(self.dir, ignore_errors=True)
