@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import itertools
 import math
 import os
 import platform
@@ -84,12 +85,13 @@ async def wait_for(cond: Any, timeout_s: float, what: str) -> None:
 
 async def memory_by_owner(
     r: Redis, symbols: list[str]
-) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
-    """Bytes per symbol and kind (epoch, tiles, models, gex, blobs) and per shared group,
-    from MEMORY USAGE of every key."""
+) -> tuple[dict[str, dict[str, int]], dict[str, int], dict[str, dict[str, int]]]:
+    """Bytes per symbol and kind (epoch, tiles, models, gex, blob_window, blob_full) and per
+    shared group, from MEMORY USAGE of every key; and the number of keys per symbol and kind."""
     active = {as_str(k): as_str(v) for k, v in (await r.hgetall(keys.EPOCH_ACTIVE)).items()}
     eid_of = {f"epoch:{{{eid}}}:": sym for sym, eid in active.items()}
     per_sym: dict[str, dict[str, int]] = {s: defaultdict(int) for s in symbols}
+    counts: dict[str, dict[str, int]] = {s: defaultdict(int) for s in symbols}
     shared: dict[str, int] = defaultdict(int)
     batch: list[str] = []
 
@@ -101,6 +103,7 @@ async def memory_by_owner(
             owner, kind = owner_of(k, symbols, eid_of)
             if owner in per_sym:
                 per_sym[owner][kind] += int(n or 0)
+                counts[owner][kind] += 1
             else:
                 shared[owner] += int(n or 0)
         batch.clear()
@@ -111,7 +114,11 @@ async def memory_by_owner(
             await flush()
     if batch:
         await flush()
-    return {s: dict(v) for s, v in per_sym.items()}, dict(shared)
+    return (
+        {s: dict(v) for s, v in per_sym.items()},
+        dict(shared),
+        {s: dict(v) for s, v in counts.items()},
+    )
 
 
 def owner_of(key: str, symbols: list[str], eid_of: dict[str, str]) -> tuple[str, str]:
@@ -122,8 +129,10 @@ def owner_of(key: str, symbols: list[str], eid_of: dict[str, str]) -> tuple[str,
     for sym in symbols:
         if key.startswith(f"heatmap:{{{sym}:"):
             return sym, "tiles"
+        if key.startswith(f"massive:chain:snapshot:{sym}:full:"):
+            return sym, "blob_full"
         if key.startswith(f"massive:chain:snapshot:{sym}:"):
-            return sym, "blobs"
+            return sym, "blob_window"
         if f":{sym}:" in key or key.endswith(f":{sym}"):
             if key.startswith("massive:gex:"):
                 return sym, "gex"
@@ -131,6 +140,19 @@ def owner_of(key: str, symbols: list[str], eid_of: dict[str, str]) -> tuple[str,
     if "stream" in key or ":diffs" in key or key.startswith("massive:tiles:"):
         return "streams", ""
     return "other", ""
+
+
+async def window_interval_s(r: Redis, symbol: str) -> float:
+    """Median time between the symbol's window snapshots (chain pointers)."""
+    from schemas.messages import ChainPointer, from_entry
+
+    ts = [
+        x.ts_ns
+        for _i, f in await r.xrange(keys.CHAIN_STREAM)
+        if (x := from_entry(f, ChainPointer)).symbol == symbol and x.scope == "window"
+    ]
+    gaps = sorted(b - a for a, b in itertools.pairwise(ts))
+    return gaps[len(gaps) // 2] / 1e9 if gaps else math.nan
 
 
 async def contracts(r: Redis, symbols: list[str]) -> dict[str, tuple[int, int]]:
@@ -214,6 +236,7 @@ async def main(args: argparse.Namespace) -> None:
         MASSIVE_POLLER_BAND_POINTS="0",
         MASSIVE_POLLER_MIN_INTERVAL_S="5",
         MASSIVE_GEX_INTERVAL_S="2",
+        MASSIVE_POLLER_FULL_INTERVAL_S=str(args.full_interval_s),
         MASSIVE_WS_INDICES="true",
         MASSIVE_LOG_LEVEL="WARNING",
     )
@@ -235,7 +258,8 @@ async def main(args: argparse.Namespace) -> None:
             await wait_for(ready, 300, "epochs, GEX sources and models of every symbol")
             await asyncio.sleep(5)  # the first full-chain GEX builds settle
             quiet_cpu, quiet_ev, quiet_load = await phase(r, p, args.duration)
-            per_sym_mem, shared_mem = await memory_by_owner(r, symbols)
+            per_sym_mem, shared_mem, key_counts = await memory_by_owner(r, symbols)
+            intervals = {s: await window_interval_s(r, s) for s in symbols}
             n = await contracts(r, symbols)
             used = int((await r.info("memory"))["used_memory"])
             # load: raw WS frames at exactly --load-rate events/s over the symbols'
@@ -252,6 +276,7 @@ async def main(args: argparse.Namespace) -> None:
         srv.stop()
     print_report(args, symbols, t_start, n, per_sym_mem, shared_mem, used,
                  (quiet_cpu, quiet_ev, quiet_load), (load_cpu, load_ev, load_load))  # fmt: skip
+    print_blobs(args, symbols, per_sym_mem, key_counts, intervals)
 
 
 def print_report(
@@ -259,7 +284,7 @@ def print_report(
     symbols: list[str],
     t_start: dt.datetime,
     n: dict[str, tuple[int, int]],
-    per_sym_mem: dict[str, int],
+    per_sym_mem: dict[str, dict[str, int]],
     shared_mem: dict[str, int],
     used: int,
     quiet: tuple[float, float, float],
@@ -276,7 +301,8 @@ def print_report(
     tot_b = 0
     for sym in symbols:
         w, f = n[sym]
-        m = per_sym_mem.get(sym, {})
+        m = dict(per_sym_mem.get(sym, {}))
+        m["blobs"] = m.pop("blob_window", 0) + m.pop("blob_full", 0)
         b = sum(m.values())
         tot_b += b
         win_b = m.get("epoch", 0) + m.get("tiles", 0) + m.get("models", 0)
@@ -309,6 +335,34 @@ def print_report(
           f"symbols like these")  # fmt: skip
 
 
+def print_blobs(
+    args: argparse.Namespace,
+    symbols: list[str],
+    per_sym_mem: dict[str, dict[str, int]],
+    key_counts: dict[str, dict[str, int]],
+    intervals: dict[str, float],
+) -> None:
+    """The snapshot blobs held at the measurement, and what their TTLs keep once the run is
+    longer than them (``snapshot_ttl_s`` / the measured interval x the mean blob)."""
+    from processors.chain_poller import PollerSettings
+
+    ps = PollerSettings()
+    kb = 1024
+    for sym in symbols:
+        m, c = per_sym_mem.get(sym, {}), key_counts.get(sym, {})
+        nw, nf = c.get("blob_window", 0), c.get("blob_full", 0)
+        mean_w = m.get("blob_window", 0) / nw if nw else 0.0
+        mean_f = m.get("blob_full", 0) / nf if nf else 0.0
+        every = intervals.get(sym, math.nan)
+        held = ps.snapshot_ttl_s / every * mean_w if every > 0 else math.nan
+        full_held = ps.full_snapshot_ttl_s / args.full_interval_s * mean_f
+        print(f"{sym:6} blobs now: window {nw} x {mean_w / kb:.0f} KB, whole chain {nf} x "
+              f"{mean_f / kb:.0f} KB; at their TTLs: window {ps.snapshot_ttl_s} s / {every:.1f} s"
+              f" x {mean_w / kb:.0f} KB = {held / kb / kb:.1f} MB, whole chain "
+              f"{ps.full_snapshot_ttl_s} s / {args.full_interval_s:.0f} s x "
+              f"{mean_f / kb:.0f} KB = {full_held / kb / kb:.1f} MB")  # fmt: skip
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--symbols", default="SPX,SPY,QQQ,AAPL")
@@ -318,4 +372,5 @@ if __name__ == "__main__":
     ap.add_argument("--cpu-budget", type=float, default=0.7)
     ap.add_argument("--mem-budget-gb", type=float, default=16.0)
     ap.add_argument("--log-dir", default="")
+    ap.add_argument("--full-interval-s", type=float, default=30.0, help="whole-chain cadence")
     asyncio.run(main(ap.parse_args()))
