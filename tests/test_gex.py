@@ -390,6 +390,28 @@ async def test_one_leader_standby_takes_over_and_stale_leader_is_fenced(
     assert [d.prev_version for _, d in await diffs(redis)] == [0, 1, 2]
 
 
+async def test_a_stale_leader_is_fenced_even_when_nobody_holds_the_lease(
+    redis: Redis, settings: RuntimeSettings
+) -> None:
+    """A took the lease, stalled past it; B acquired (the fence moved) and lost it in turn.
+    No lease is held when A wakes up and publishes: the fence alone refuses it."""
+    await seed_epoch(redis, "e1", "SPX", CHAIN, spot=SPOT, now_ns=NOW_NS)
+    clock_a, clock_b = ManualClock(NOW_NS), ManualClock(NOW_NS)
+    a, _ = make(redis, settings, clock_a)
+    b, _ = make(redis, settings, clock_b)
+    await a.tick()
+    assert a.leader and (await model(redis)).version == 1
+    await redis.delete(keys.gex_lease())
+    await b.tick()
+    assert b.leader
+    await redis.delete(keys.gex_lease())
+    await set_row(redis, "e1", CHAIN[3], oi=1000.0)
+    clock_a.advance(2.5)  # a build is due, a renewal not yet
+    await a.tick()
+    assert not a.leader
+    assert (await model(redis)).version == 1 and len(await diffs(redis)) == 1
+
+
 async def test_run_loop_publishes_reacts_and_releases_lease(
     redis: Redis, settings: RuntimeSettings, registry: CollectorRegistry
 ) -> None:

@@ -40,6 +40,19 @@ async def test_hydrate_orders_timestamps_of_different_lengths_by_value(
     assert await redis.hmget(key, "quote_ts", "ts_ns") == [want.encode(), want.encode()]
 
 
+async def test_hydrate_discards_another_value_at_the_stored_time(redis: Redis) -> None:
+    """Equal time, other values (a replica's or a reordered duplicate): the stored quote is
+    kept and the event is not reported; the same values again are reported (a redelivery
+    whose notification may have been lost)."""
+    await redis.hset(keys.epoch_meta(EID), "state", "active")
+    key = keys.epoch_contract(EID, CID)
+    await redis.hset(key, mapping={"bid": "1.0", "quote_ts": "1000", "ts_ns": "1000"})
+    assert await hydrate_quote(redis, "1000", "1.1") == [lua.EpochWrite.APPLIED, 0]
+    assert await redis.hget(key, "bid") == b"1.0"
+    await redis.hset(key, "ask", "2.0")
+    assert await hydrate_quote(redis, "1000", "1.0") == [lua.EpochWrite.APPLIED, 0, 0]
+
+
 @pytest.mark.parametrize(
     ("stored", "event", "applied"),
     [("999999999", "1000000000", True), ("1000000000", "999999999", False)],
