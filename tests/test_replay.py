@@ -694,18 +694,22 @@ async def test_simulator_session_recorded_midway_replays_causally_like_lockstep(
 
             class Counting(rp.RecordingWriter):
                 chains = 0
+                first_ns = last_ns = 0
 
                 def write(self, rec: rp.Record) -> None:
                     super().write(rec)
                     self.chains += rec.stream == keys.CHAIN_STREAM
+                    self.first_ns = self.first_ns or rec.t_ns
+                    self.last_ns = rec.t_ns
 
             with Counting(path, streams, 1) as w:
                 task = asyncio.create_task(rp.record_follow(r, streams, w, stop, "$"))
 
-                async def three_chains() -> bool:  # the initial one and two live ones
-                    return w.chains >= 3
+                async def long_enough() -> bool:
+                    # the initial chain and two live ones, over 6 s of the session's own time
+                    return w.chains >= 3 and w.last_ns - w.first_ns >= 6_000_000_000
 
-                await eventually(three_chains, timeout_s=60)
+                await eventually(long_enough, timeout_s=90)
                 stop.set()
                 await asyncio.wait_for(task, 10)
     finally:
