@@ -386,7 +386,7 @@ async def scoped(args: argparse.Namespace) -> None:
         "MASSIVE_LOG_LEVEL": "WARNING",
         "MASSIVE_SSE_PORT": str(port),
         "MASSIVE_SSE_HOST": "127.0.0.1",
-        "MASSIVE_SSE_SYMBOLS": "SPX",
+        "MASSIVE_SYMBOLS": "SPX",
         "MASSIVE_GEX_INTERVAL_S": "2",
     }
     procs = (*MODEL_PATH, "monitor", "sse-gateway")
