@@ -29,6 +29,7 @@ the gauge ``massive_sse_connections``. Tokens are never logged.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import os
@@ -204,9 +205,13 @@ class Guard:
         max_per_ip: int = 0,
         trusted_proxy_hops: int = 0,
         retry_after_s: int = 2,
+        redis_slots: asyncio.Semaphore | None = None,
     ) -> None:
         self.app = app
         self.redis = redis
+        # the gateway's bound on concurrent Redis calls: a thousand clients connecting at
+        # once must queue for the pool, not exhaust it (MaxConnectionsError read as an outage)
+        self.redis_slots = redis_slots or asyncio.Semaphore(32)
         self.tokens = tokens
         self.slots = Slots(max_clients, max_per_ip)
         self.hops = trusted_proxy_hops
@@ -236,7 +241,7 @@ class Guard:
             try:
                 await retrying(
                     "sse-gateway: stream",
-                    lambda: self.redis.exists(keys.EPOCH_ACTIVE),
+                    self._redis_serves_reads,
                     None,
                     log=logger,
                     backoff=REQUEST_BACKOFF,
@@ -249,6 +254,10 @@ class Guard:
         finally:
             self.slots.release(ip)
             self.metrics.connections.dec()
+
+    async def _redis_serves_reads(self) -> None:
+        async with self.redis_slots:
+            await self.redis.exists(keys.EPOCH_ACTIVE)
 
     async def _api(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = False

@@ -1471,6 +1471,7 @@ def create_app(deps: Deps, settings: SseSettings) -> Starlette:
                 redis=deps.redis,
                 registry=deps.registry,
                 retry_after_s=settings.retry_after_s,
+                redis_slots=gw.redis_slots,
             ),
         ],
         lifespan=lifespan,
