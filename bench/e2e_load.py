@@ -2,7 +2,7 @@
 20,000-contract SPX epoch. Prints machine, date and the figures.
 
 Setup (private redis-server, every processor in its OWN process via
-``python -m processors.cli run <name>`` with MASSIVE_* env, see tests/harness.py):
+``python -m processors.ops.cli run <name>`` with MASSIVE_* env, see tests/harness.py):
 normalizer, hydrator, tile-builder:{single,vertical,butterfly}, publisher:{...}, gex,
 sse-gateway. A 20,000-contract chain snapshot (tests.factories.big_chain: 20 expiries x 500
 strikes x C/P) is stored as a blob + ChainPointer on massive:chain:stream; the normalizer
@@ -57,8 +57,8 @@ import orjson
 from redis.asyncio import Redis
 
 from processors import MODEL_PATH
-from processors import replay as rp
-from processors.monitor import pipeline_streams
+from processors.ops import replay as rp
+from processors.ops.monitor import pipeline_streams
 from schemas import keys
 from streams import admin
 from tests import harness as h

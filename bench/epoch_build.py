@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
-from processors.normalizer import Normalizer, NormalizerSettings
+from processors.epochs.normalizer import Normalizer, NormalizerSettings
 from schemas import keys
 from schemas.messages import ChainPointer, ChainSnapshot, encode_snapshot
 from streams.processor import Deps

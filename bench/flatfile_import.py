@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from processors import flatfiles as ff
+from processors.ops import flatfiles as ff
 
 DAY = dt.date(2025, 11, 24)
 OPEN_NS = 1_763_994_600_000_000_000  # 2025-11-24 09:30 New York

@@ -30,7 +30,7 @@ import msgspec
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from processors import gex_math  # noqa: E402
+from processors.gex import exposure as gex_math  # noqa: E402
 from schemas import massive_rest as mr  # noqa: E402
 from schemas.messages import (  # noqa: E402
     PublishedModel,
@@ -105,7 +105,7 @@ async def redis_build(
     from prometheus_client import CollectorRegistry
     from redis.asyncio import Redis
 
-    from processors.gex import GexBuilder, GexSettings
+    from processors.gex.calculator import GexBuilder, GexSettings
     from schemas import keys
     from streams.clock import ManualClock
     from streams.local_redis import RedisServer

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prometheus_client import CollectorRegistry
 
-from processors.tile_builder import TileBuilder, TileSettings
+from processors.heatmap.tile_builder import TileBuilder, TileSettings
 from schemas import keys
 from schemas.messages import DirtyEntry, entry
 from streams.processor import Deps

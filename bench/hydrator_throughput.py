@@ -27,8 +27,8 @@ import orjson
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
-from processors.hydrator import Hydrator, HydratorSettings
-from processors.normalizer import Normalizer
+from processors.epochs.hydrator import Hydrator, HydratorSettings
+from processors.epochs.normalizer import Normalizer
 from schemas import keys
 from schemas.messages import WS_PAYLOAD_FIELD, WS_RECV_FIELD, ChainPointer, encode_snapshot
 from streams.processor import Deps

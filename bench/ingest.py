@@ -26,8 +26,8 @@ import websockets
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
-from processors.chain_poller import ChainPoller, PollerSettings
-from processors.ws_ingest import WsIngest, WsSettings
+from processors.ingest.chain_poller import ChainPoller, PollerSettings
+from processors.ingest.ws_ingest import WsIngest, WsSettings
 from schemas import keys
 from schemas import massive_rest as mr
 from simulator.server import SimConfig, SimServer

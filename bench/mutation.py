@@ -52,7 +52,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     # --- epochs: promotion, build, sweep, retire --------------------------------------------
     Mutation(
         "promote-without-watch",
-        "processors/normalizer.py",
+        "processors/epochs/normalizer.py",
         "await pipe.watch(keys.EPOCH_ACTIVE)",
         "await pipe.watch(keys.EPOCH_INDEX)",
         T_NORM,
@@ -66,7 +66,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "sweep-retires-the-active-epoch",
-        "processors/normalizer.py",
+        "processors/epochs/normalizer.py",
         "if e in active or ttl >= 0:",
         "if ttl >= 0:",
         T_NORM,
@@ -145,7 +145,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "optimistic-write-without-watch",
-        "processors/tile_builder.py",
+        "processors/heatmap/tile_builder.py",
         "await tx.watch(k_st, k_man)",
         "await tx.watch(k_man + ':unrelated')",
         T_TILE,
@@ -225,14 +225,14 @@ MUTATIONS: tuple[Mutation, ...] = (
     # --- GEX math -------------------------------------------------------------------------------
     Mutation(
         "zero-gamma-farthest-crossing",
-        "processors/gex_math.py",
+        "processors/gex/exposure.py",
         "    _, lo, hi = min(cands)",
         "    _, lo, hi = max(cands)",
         T_GEXM,
     ),
     Mutation(
         "puts-counted-positive",
-        "processors/gex_math.py",
+        "processors/gex/exposure.py",
         "    puts = -per_strike(shares, put)\n",
         "    puts = per_strike(shares, put)\n",
         T_GEXM,
@@ -240,35 +240,35 @@ MUTATIONS: tuple[Mutation, ...] = (
     # --- the leg-pricing rule: reference and vectorised ------------------------------------
     Mutation(
         "vec-fresh-quote-strict",
-        "processors/tile_vec.py",
+        "processors/heatmap/tile_vec.py",
         "(as_of[:, None] - received <= max_age)",
         "(as_of[:, None] - received < max_age)",
         T_VEC,
     ),
     Mutation(
         "vec-stale-at-max-age",
-        "processors/tile_vec.py",
+        "processors/heatmap/tile_vec.py",
         "stale = priced & (as_of - info.min(axis=1) > max_age)",
         "stale = priced & (as_of - info.min(axis=1) >= max_age)",
         T_VEC,
     ),
     Mutation(
         "ref-fresh-quote-strict",
-        "processors/heatmap.py",
+        "processors/heatmap/grid.py",
         "and as_of - rx <= max_age_ns:",
         "and as_of - rx < max_age_ns:",
         T_VEC,
     ),
     Mutation(
         "ref-equal-trade-beats-stale-quote",
-        "processors/heatmap.py",
+        "processors/heatmap/grid.py",
         "if q.last is not None and (mid is None or tts > rx):",
         "if q.last is not None and (mid is None or tts >= rx):",
         T_VEC,
     ),
     Mutation(
         "ref-locked-market-untradable",
-        "processors/heatmap.py",
+        "processors/heatmap/grid.py",
         "two = b is not None and a is not None and b > 0 and a >= b",
         "two = b is not None and a is not None and b > 0 and a > b",
         T_VEC,

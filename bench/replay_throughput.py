@@ -42,8 +42,8 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
 from processors import MODEL_PATH
-from processors import replay as rp
-from processors import replay_compare as rc
+from processors.ops import replay as rp
+from processors.ops import replay_compare as rc
 from schemas import keys
 from schemas.messages import (
     WS_PAYLOAD_FIELD,
@@ -138,7 +138,7 @@ def simulator_recording(url: str, seconds: float, out: Path, logs: Path) -> None
         MASSIVE_WS_URL=f"ws://127.0.0.1:{port}",
         MASSIVE_WS_MARKET_HOURS="always",
     )
-    cli = [PY, "-m", "processors.cli"]
+    cli = [PY, "-m", "processors.ops.cli"]
     procs = []
     try:
         with open(logs / "sim.log", "wb") as log:
@@ -353,6 +353,6 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    from processors.cli import run_loop
+    from processors.ops.cli import run_loop
 
     run_loop(main())  # uvloop, as the CLI

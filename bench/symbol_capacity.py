@@ -176,7 +176,7 @@ async def phase(
     ``load`` (a coroutine) runs during it. With a load, the work its events cause is counted
     to the end: Redis CPU until every consumer group has drained (the builders may be behind
     on a loaded machine), minus ``base_cpu`` (the quiet rate) for the drain time."""
-    from processors.replay import busy_groups
+    from processors.ops.replay import busy_groups
 
     starts = {s: pr.starts for s, pr in p.procs.items()}
     ev0 = h.metric_sum(await p.metrics("hydrator"), "massive_hydrator_events_total")
@@ -344,7 +344,7 @@ def print_blobs(
 ) -> None:
     """The snapshot blobs held at the measurement, and what their TTLs keep once the run is
     longer than them (``snapshot_ttl_s`` / the measured interval x the mean blob)."""
-    from processors.chain_poller import PollerSettings
+    from processors.ingest.chain_poller import PollerSettings
 
     ps = PollerSettings()
     kb = 1024

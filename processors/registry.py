@@ -10,17 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from processors import (
-    chain_poller,
-    gex,
-    hydrator,
-    monitor,
-    normalizer,
-    publisher,
-    sse_gateway,
-    tile_builder,
-    ws_ingest,
-)
+from processors.epochs import hydrator, normalizer
+from processors.gex import calculator as gex
+from processors.heatmap import publisher, tile_builder
+from processors.ingest import chain_poller, ws_ingest
+from processors.ops import monitor
+from processors.serve import gateway as sse_gateway
 from streams.processor import Deps, Processor
 
 Builder = Callable[[Deps, "str | None"], Processor]

@@ -23,7 +23,7 @@ an identical item and the publisher drops it from the diff. The staging HASH hol
 ``b"<seq>:" + view`` per tile id: the admission clock the staging Lua compares, then the
 bytes the publisher publishes as they are (no decode/re-encode on the publish path).
 
-Formulas and the convexity definition: see processors/heatmap.py.
+Formulas and the convexity definition: see processors/heatmap/grid.py.
 """
 
 from __future__ import annotations

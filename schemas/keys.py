@@ -51,7 +51,7 @@ def chain_snapshot(symbol: str, ts_ns: int, scope: str = "window") -> str:
 
 
 def chain_band(symbol: str) -> str:
-    """HASH spot, set_ns: the chain-poller's strike-band anchor (processors/strike_band.py),
+    """HASH spot, set_ns: the chain-poller's strike-band anchor (processors/ingest/strike_band.py),
     kept across poller restarts so a restart does not move the band."""
     return f"massive:chain:band:{symbol}"
 
@@ -101,7 +101,7 @@ def epoch_key_pattern(eid: str) -> str:
 
 # --- heatmap -------------------------------------------------------------------------
 def heatmap_staging(symbol: str, strategy: str) -> str:
-    """HASH tile_id -> ``<seq>:<view json>`` (processors.heatmap.staged_value)."""
+    """HASH tile_id -> ``<seq>:<view json>`` (processors.heatmap.grid.staged_value)."""
     return f"heatmap:{{{symbol}:{strategy}}}:staging"
 
 

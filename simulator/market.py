@@ -553,7 +553,7 @@ class Market:
         from the market clock clamped into the session [09:30, 15:45] New York (pre-market
         and at night it prices as at the open; 0DTE keeps at least 15 minutes), floored at
         60 s. A real provider has its own convention; the GEX builder backs it out of the
-        published gamma (processors/gex_math.py)."""
+        published gamma (processors/gex/exposure.py)."""
         now = min(max(self.now_ns, self.open_ns), self.close_ns - 15 * 60 * NS)
         return max(settle_ns - now, 60 * NS) / NS / YEAR_S
 

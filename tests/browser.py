@@ -1,6 +1,6 @@
 """Headless Chromium for tests (Debian ``chromium`` driven by Playwright for Python, no
 ``playwright install``): :func:`open_page` and :func:`page_models`, the page's live models
-read through its one test accessor ``window.__model()`` (processors/static/app.js)."""
+read through its one test accessor ``window.__model()`` (processors/serve/static/app.js)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Test factories: small chains and hand-seeded epochs following the documented key layout
-(DESIGN.md + schemas/keys.py). Production code builds epochs in processors/normalizer.py;
+(DESIGN.md + schemas/keys.py). Production code builds epochs in processors/epochs/normalizer.py;
 these let model tests arrange exact contract values without running the normalizer."""
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import msgspec
 import numpy as np
 
-from processors import gex_math
+from processors.gex import exposure as gex_math
 from schemas import massive_rest as mr
 from schemas.messages import decode_gex_source, encode_gex_source
 from simulator.market import Truth

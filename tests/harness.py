@@ -4,11 +4,11 @@
   durable: ``aof=True`` adds ``--appendonly yes --appendfsync always`` (data in the server's
   temp dir), so :meth:`DurableRedis.restart` (SIGKILL + start on the same port and dir)
   keeps every acknowledged write, like a Redis pod with a persistent AOF volume.
-* :class:`Pipeline` -- processors as SUBPROCESSES (``python -m processors.cli run <spec>``)
+* :class:`Pipeline` -- processors as SUBPROCESSES (``python -m processors.ops.cli run <spec>``)
   with ``MASSIVE_*`` env settings, each with its own ``/metrics`` port and a stable consumer
   name. A supervisor task restarts any process that exits (like Kubernetes restarts a pod's
   container), so a test can ``kill(spec)`` with SIGKILL mid-flight and watch it come back.
-* Recording/replay helpers: a recording is a list of ``processors.replay.Record`` (chain
+* Recording/replay helpers: a recording is a list of ``processors.ops.replay.Record`` (chain
   pointers with their snapshot blobs, raw WS frames), produced once from the simulator by the
   real chain-poller + ws-ingest (+ normalizer, so ws-ingest has an epoch to subscribe to),
   and XADDed again into a fresh Redis by :func:`replay`.
@@ -40,7 +40,7 @@ import orjson
 from redis.asyncio import Redis
 
 from processors import INGEST, MODEL_PATH
-from processors import replay as rp
+from processors.ops import replay as rp
 from schemas import keys
 from schemas.messages import (
     WS_PAYLOAD_FIELD,
@@ -173,7 +173,7 @@ class Proc:
         log.write(f"--- start #{self.starts} {time.time():.3f}\n".encode())
         log.flush()
         self.popen = subprocess.Popen(
-            [PY, "-m", "processors.cli", "run", self.spec],
+            [PY, "-m", "processors.ops.cli", "run", self.spec],
             env=self.env,
             cwd=str(ROOT),
             stdout=log,

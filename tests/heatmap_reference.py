@@ -12,9 +12,9 @@ from collections.abc import Mapping, Sequence
 import msgspec
 from redis.asyncio import Redis
 
-from processors import heatmap as hm
-from processors.heatmap import Grid, LegQuote, TileSpec, _price_tile, _r6, _values
-from processors.tile_builder import QuoteParser, TileSettings, fetch_rows, load_grid
+from processors.heatmap import grid as hm
+from processors.heatmap.grid import Grid, LegQuote, TileSpec, _price_tile, _r6, _values
+from processors.heatmap.tile_builder import QuoteParser, TileSettings, fetch_rows, load_grid
 from schemas.heatmap import NS_PER_S, TileView, ViewLeg
 
 _json = msgspec.json.Encoder()

@@ -1,5 +1,5 @@
 """A Python reader of the gateway's SSE wire formats (whole models: the published JSON;
-views: compact, processors/sse_views.py), as the browser page uses them: it keeps the model
+views: compact, processors/serve/views.py), as the browser page uses them: it keeps the model
 of one stream, applies diffs, checks the diff chain and reconnects with ``Last-Event-ID``
 when the stream ends. Tests compare its model (items keyed by tile id, in their published
 JSON form) with ``/api``."""

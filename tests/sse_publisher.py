@@ -1,8 +1,8 @@
 """A stand-in for the publishers (heatmap + GEX) that writes models and diffs to Redis the
 way the contract in notes/COMMON.md says: model key and diff entry in one atomic step, the
 model carrying its diff's entry id. Tile values come from the real tile math
-(processors.heatmap) over Black-Scholes prices of a small synthetic chain, GEX items from
-processors.gex_math, so the dashboard shows realistic shapes.
+(processors.heatmap.grid) over Black-Scholes prices of a small synthetic chain, GEX items from
+processors.gex.exposure, so the dashboard shows realistic shapes.
 
 Used by tests/test_sse_gateway.py, tests/test_browser.py and bench/sse_load.py.
 """
@@ -17,7 +17,9 @@ from typing import Any
 import msgspec
 from redis.asyncio import Redis
 
-from processors import gex_math, heatmap, lua
+from processors import lua
+from processors.gex import exposure as gex_math
+from processors.heatmap import grid as heatmap
 from schemas import keys, ticker
 from schemas.messages import GexRow, ModelDiff, PublishedModel, encode
 from streams.clock import NY

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from processors import chain_poller as cp
+from processors.ingest import chain_poller as cp
 from schemas import keys
 from schemas.messages import (
     ChainPointer,

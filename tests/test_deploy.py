@@ -7,7 +7,6 @@ lints and the wheel it installs carries the package data."""
 from __future__ import annotations
 
 import base64
-import importlib.util
 import json
 import re
 import shutil
@@ -24,8 +23,9 @@ import pytest
 import yaml
 from cloudcoil.models.keda.v1alpha1 import ScaledObject
 
-from processors import cli
-from processors.replay import replay_parser
+from processors import registry
+from processors.ops import cli
+from processors.ops.replay import replay_parser
 from schemas import keys
 from streams.settings import RuntimeSettings, check_env, from_env, registered
 
@@ -212,12 +212,12 @@ def test_every_processor_has_a_deployment_with_probes_grace_and_config(overlay: 
 
 
 def test_deployments_run_processors_that_exist() -> None:
-    missing = []
-    for _, (run, _) in PROCESSORS.items():
-        module = "processors." + run.partition(":")[0].replace("-", "_")
-        if importlib.util.find_spec(module) is None:
-            missing.append(module)
-    assert not missing, f"Deployments run processors with no module: {missing}"
+    missing = [
+        run
+        for _, (run, _) in PROCESSORS.items()
+        if run.partition(":")[0] not in registry.PROCESSORS
+    ]
+    assert not missing, f"Deployments run processors the registry does not know: {missing}"
     sim = container(by_kind(render("dev"), "Deployment")["simulator"])
     assert sim["args"][0] in cli.EXTERNAL
 
@@ -335,7 +335,9 @@ def test_replay_job_runs_a_valid_replay_command() -> None:
     (job,) = by_kind(docs, "Job").values()
     pod = job["spec"]["template"]["spec"]
     (c,) = pod["containers"]
-    assert c["args"][0] == "replay" and cli.EXTERNAL["replay"] == "processors.replay:replay_main"
+    assert (
+        c["args"][0] == "replay" and cli.EXTERNAL["replay"] == "processors.ops.replay:replay_main"
+    )
     args = replay_parser().parse_args(c["args"][1:])
     # it feeds the dev pipeline (whose processors consume the streams): never in-process ones
     assert args.feed and args.speed == 1.0
@@ -421,7 +423,7 @@ def defined_metrics() -> set[str]:
     kinds = r"\b(counter|gauge|histogram|Counter|Gauge|Histogram|_Family)\(\s*[\w.]+,\s*"
     literal = re.compile(kinds + r"\"(massive_\w+)\"")
     prefixed = re.compile(kinds + r"(\w+) \+ \"(\w+)\"")
-    sources = [*ROOT.glob("streams/*.py"), *ROOT.glob("processors/*.py")]
+    sources = [*ROOT.glob("streams/*.py"), *ROOT.glob("processors/**/*.py")]
     for src in sources:
         text = src.read_text()
         found = literal.findall(text)
@@ -469,7 +471,7 @@ def test_dockerfile_is_slim_non_root_and_copies_every_package() -> None:
     assert "&& pip install --no-deps . \\" in lines
     assert "requirements.lock" in next(ln for ln in lines if ln.startswith("COPY pyproject.toml"))
     py = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert py["project"]["scripts"]["massive-pipeline"] == "processors.cli:main"
+    assert py["project"]["scripts"]["massive-pipeline"] == "processors.ops.cli:main"
     copied = {ln.split()[1] for ln in lines if ln.startswith("COPY ")}
     for pattern in py["tool"]["setuptools"]["packages"]["find"]["include"]:
         pkg = pattern.rstrip("*")
@@ -679,7 +681,7 @@ def test_prod_network_policies() -> None:
 
 
 def test_prod_gateway_requires_a_token_from_its_own_secret() -> None:
-    from processors.sse_gateway import SseSettings
+    from processors.serve.gateway import SseSettings
 
     docs = render("prod")
     deps = by_kind(docs, "Deployment")

@@ -9,8 +9,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
-from processors import cli, epoch_cli
-from processors.normalizer import Normalizer
+from processors.epochs.normalizer import Normalizer
+from processors.ops import cli, epoch_cli
 from schemas import keys
 from schemas.messages import ChainPointer, ChainSnapshot, encode_snapshot
 from streams.processor import Deps

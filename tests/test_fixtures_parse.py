@@ -21,7 +21,7 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
-from processors.ws_ingest import KNOWN_STATUSES
+from processors.ingest.ws_ingest import KNOWN_STATUSES
 from schemas import massive_rest as mr
 from schemas.massive import (
     Aggregate,

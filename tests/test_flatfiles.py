@@ -22,8 +22,8 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
 from processors import MODEL_PATH
-from processors import flatfiles as ff
-from processors import replay as rp
+from processors.ops import flatfiles as ff
+from processors.ops import replay as rp
 from schemas import keys
 from schemas.messages import ChainSnapshot
 from streams.settings import RuntimeSettings

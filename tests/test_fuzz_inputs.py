@@ -3,8 +3,8 @@ types, missing fields, huge numbers, NaN, unknown tickers, truncated JSON) go th
 REAL processing paths against a real Redis:
 
 * WS: raw entries XADDed to ``massive:ws:stream`` and consumed by a running
-  :class:`processors.hydrator.Hydrator` (its consumer-group loop, not ``handle`` directly);
-* REST: a running :class:`processors.chain_poller.ChainPoller` loop whose HTTP client is
+  :class:`processors.epochs.hydrator.Hydrator` (its consumer-group loop, not ``handle`` directly);
+* REST: a running :class:`processors.ingest.chain_poller.ChainPoller` loop whose HTTP client is
   served by an ``httpx.MockTransport`` (the poller's own request, retry, paging, decoding and
   Redis write code runs unchanged).
 
@@ -30,8 +30,8 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
-from processors import chain_poller as cp
-from processors.hydrator import Hydrator
+from processors.epochs.hydrator import Hydrator
+from processors.ingest import chain_poller as cp
 from schemas import keys, ticker
 from schemas.messages import WS_PAYLOAD_FIELD, WS_RECV_FIELD, ChainPointer, decode_snapshot
 from schemas.messages import from_entry as msg_from_entry

@@ -14,9 +14,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
-from processors import gex_math
-from processors.gex import GexBuilder, GexSettings, build
-from processors.sse_gateway import SseSettings, create_app
+from processors.gex import exposure as gex_math
+from processors.gex.calculator import GexBuilder, GexSettings, build
+from processors.serve.gateway import SseSettings, create_app
 from schemas import keys
 from schemas.messages import (
     ChainContract,

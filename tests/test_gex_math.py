@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from processors import gex_math
-from processors.gex_math import Params
+from processors.gex import exposure as gex_math
+from processors.gex.exposure import Params
 from schemas.messages import GexRow
 from streams.clock import NY
 

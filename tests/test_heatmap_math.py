@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 
-from processors import heatmap as hm
-from processors.tile_builder import TileSettings
+from processors.heatmap import grid as hm
+from processors.heatmap.tile_builder import TileSettings
 from schemas import keys, ticker
 from schemas.heatmap import split_staged
 from tests.factories import option_chain, seed_epoch

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
-from processors.hydrator import Hydrator, HydratorSettings
+from processors.epochs.hydrator import Hydrator, HydratorSettings
 from schemas import keys
 from schemas.messages import WS_PAYLOAD_FIELD, WS_RECV_FIELD, DirtyEntry, from_entry
 from streams.processor import Deps

@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
-from processors.monitor import STAMP_PREFIX_BYTES, Monitor, MonitorSettings, _stamp, build
+from processors.ops.monitor import STAMP_PREFIX_BYTES, Monitor, MonitorSettings, _stamp, build
 from schemas import keys
 from schemas.messages import PublishedModel, RawModel, encode
 from streams import admin

@@ -17,8 +17,9 @@ from prometheus_client import CollectorRegistry
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
-from processors import gex_math, lua
-from processors.normalizer import Normalizer, NormalizerSettings, epoch_id
+from processors import lua
+from processors.epochs.normalizer import Normalizer, NormalizerSettings, epoch_id
+from processors.gex import exposure as gex_math
 from schemas import keys
 from schemas.messages import (
     ChainContract,

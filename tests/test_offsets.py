@@ -23,7 +23,7 @@ import redis as sync_redis
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
-from processors import cli
+from processors.ops import cli
 from streams import admin
 from streams.consumer import Entry, GroupConsumer
 from streams.spec import StreamSpec

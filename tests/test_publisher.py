@@ -20,8 +20,8 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from processors.publisher import Publisher, PublisherSettings
-from processors.tile_builder import TileBuilder, TileSettings
+from processors.heatmap.publisher import Publisher, PublisherSettings
+from processors.heatmap.tile_builder import TileBuilder, TileSettings
 from schemas import keys
 from schemas.heatmap import split_staged
 from schemas.messages import DirtyEntry, ModelDiff, entry, from_entry

@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
 from processors import MODEL_PATH
-from processors import replay as rp
+from processors.ops import replay as rp
 from schemas import keys
 from schemas.messages import (
     WS_PAYLOAD_FIELD,
@@ -369,7 +369,7 @@ async def replay_to_file(
     settings: RuntimeSettings,
     registry: CollectorRegistry,
 ) -> rp.ReplayStats:
-    from processors.replay_compare import OutputWriter
+    from processors.ops.replay_compare import OutputWriter
 
     await redis.flushall()
     w = OutputWriter(out)
@@ -414,7 +414,7 @@ async def test_causal_replay_is_deterministic_and_equals_the_lockstep_reference(
     pipeline_env: None,
     tmp_path: Path,
 ) -> None:
-    from processors import replay_compare as rc
+    from processors.ops import replay_compare as rc
 
     runs: list[Path] = []
     regs: list[CollectorRegistry] = []
@@ -615,7 +615,7 @@ async def test_follow_starts_with_the_chain_snapshot_and_spot_of_every_symbol(
 def write_output(
     path: Path, diffs: list[tuple[str, dict[str, Any]]], models: dict[str, Any]
 ) -> str:
-    from processors.replay_compare import OutputEntry, OutputHeader
+    from processors.ops.replay_compare import OutputEntry, OutputHeader
 
     w = rp.FrameWriter(path)
     w.frame(msgspec.msgpack.encode(OutputHeader(created_ns=1)))
@@ -675,7 +675,7 @@ def test_compare_reports_the_first_difference(
 async def test_simulator_session_recorded_midway_replays_causally_like_lockstep(
     settings: RuntimeSettings, tmp_path: Path, pipeline_env: None
 ) -> None:
-    from processors import replay_compare as rc
+    from processors.ops import replay_compare as rc
     from simulator.server import SimConfig, SimServer
     from tests import harness as h
 
@@ -781,7 +781,7 @@ async def test_a_processor_that_fails_ends_the_replay_with_its_name(
 ) -> None:
     """A skipped GEX build would make the replay differ from the next run: the replay stops
     (one line from the CLI), it does not carry on without it."""
-    from processors.gex import GexBuilder
+    from processors.gex.calculator import GexBuilder
     from streams.clock import ReplayAborted
 
     calls = 0
@@ -810,7 +810,7 @@ async def test_a_consumer_that_never_finishes_its_batch_ends_the_replay_with_its
     """The driver waits for in-process consumers to finish what they read before it asks
     Redis whether the groups caught up; one that never does ends the replay at
     ``timeout_s``, naming its group, instead of waiting forever."""
-    from processors.normalizer import Normalizer
+    from processors.epochs.normalizer import Normalizer
 
     async def hangs(self: Normalizer, entries: object) -> None:
         await asyncio.Event().wait()
@@ -828,7 +828,7 @@ def test_the_cli_reports_a_failed_processor_in_one_line(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from processors.gex import GexBuilder
+    from processors.gex.calculator import GexBuilder
 
     async def failing(self: GexBuilder) -> None:
         raise RuntimeError("boom")

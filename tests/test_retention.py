@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
-from processors.publisher import DiffRetention
+from processors.heatmap.publisher import DiffRetention
 from streams.retention import MB, Policy, RetentionSettings, StreamJanitor
 
 S = "massive:test:stream"
@@ -90,7 +90,7 @@ async def test_no_group_and_missing_stream(redis: Redis) -> None:
 
 
 def test_every_pipeline_stream_and_its_dead_letters_have_a_policy() -> None:
-    from processors.monitor import pipeline_streams
+    from processors.ops.monitor import pipeline_streams
     from schemas import keys
 
     pol = RetentionSettings().policies()

@@ -25,8 +25,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 
-from processors import chain_poller as cp
-from processors import replay as rp
+from processors.ingest import chain_poller as cp
+from processors.ops import replay as rp
 from schemas import keys
 from simulator.server import SimConfig, SimServer
 from streams import logs
@@ -188,7 +188,7 @@ def base_env(**extra: str) -> dict[str, str]:
 
 def cli(*args: str, env: dict[str, str], timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [PY, "-m", "processors.cli", *args],
+        [PY, "-m", "processors.ops.cli", *args],
         env=env,
         cwd=ROOT,
         capture_output=True,
@@ -256,7 +256,7 @@ async def test_ws_ingest_with_a_bad_key_exits_with_one_line(redis_server: RedisS
         proc = await asyncio.create_subprocess_exec(
             PY,
             "-m",
-            "processors.cli",
+            "processors.ops.cli",
             "run",
             "ws-ingest",
             env=env,
@@ -312,7 +312,7 @@ async def test_the_key_is_absent_from_all_ingest_output_at_debug(
         with open(log, "wb") as f:
             procs.append(
                 subprocess.Popen(
-                    [PY, "-m", "processors.cli", *args],
+                    [PY, "-m", "processors.ops.cli", *args],
                     env=base_env(**env),
                     cwd=ROOT,
                     stdout=f,

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from processors import chain_poller, cli, registry, ws_ingest
+from processors import registry
+from processors.ingest import chain_poller, ws_ingest
+from processors.ops import cli
 from streams.settings import (
     RuntimeSettings,
     SettingsError,

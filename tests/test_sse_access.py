@@ -1,4 +1,4 @@
-"""Access control of the SSE gateway (processors/sse_access.py) against a real uvicorn
+"""Access control of the SSE gateway (processors/serve/access.py) against a real uvicorn
 server and a real Redis: bearer tokens, connection caps, the admin port, security headers,
 and 503 (never 500) while Redis is loading or just restarted."""
 
@@ -16,7 +16,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
-from processors.sse_access import CSP, Tokens, token_ok
+from processors.serve.access import CSP, Tokens, token_ok
 from streams.clock import SystemClock
 from streams.processor import Deps
 from streams.redis_client import connect

@@ -18,7 +18,7 @@ import pytest
 from httpx_sse import ServerSentEvent, aconnect_sse
 from redis.asyncio import Redis
 
-from processors.sse_gateway import SseGateway, SseSettings, frame, parse_id
+from processors.serve.gateway import SseGateway, SseSettings, frame, parse_id
 from schemas import keys
 from streams.processor import Deps
 from tests.sse_client import Dechunk, ViewReader

@@ -1,4 +1,4 @@
-"""Views and the compact wire format without a server (processors/sse_views.py): applying a
+"""Views and the compact wire format without a server (processors/serve/views.py): applying a
 view's compact snapshot and diffs (tests/sse_client.py's reader, as the page does) gives the
 full model filtered to the view; a merged (conflated) backlog gives the same; a slow
 subscriber is merged, then resynced."""
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from processors.sse_views import (
+from processors.serve.views import (
     Model,
     ViewFeed,
     ViewSpec,

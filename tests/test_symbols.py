@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from processors import heatmap as hm
-from processors.tile_builder import TileSettings
+from processors.heatmap import grid as hm
+from processors.heatmap.tile_builder import TileSettings
 from schemas import massive_rest as mr
 from schemas import symbols, ticker
 
@@ -181,7 +181,7 @@ def test_chain_items_adjusted_kept_when_the_spec_says_so(monkeypatch: pytest.Mon
 
 
 def test_gex_multiplier_from_shares_per_contract_and_settlement_by_spec() -> None:
-    from processors import gex_math
+    from processors.gex import exposure as gex_math
     from schemas.messages import ChainContract, decode_gex_source, encode_gex_source
 
     assert gex_math.expiry_ns("2026-12-18", "RUT") < gex_math.expiry_ns("2026-12-18", "RUTW")
@@ -219,7 +219,7 @@ def test_gex_multiplier_from_shares_per_contract_and_settlement_by_spec() -> Non
 def test_a_bad_spec_fails_the_cli_at_start(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from processors import cli
+    from processors.ops import cli
 
     monkeypatch.setenv("MASSIVE_SYMBOL_SPECS", '{"AAPL": {"colour": 1}}')
     symbols.reset()

@@ -10,9 +10,9 @@ import msgspec
 import pytest
 from redis.asyncio import Redis
 
-from processors import heatmap as hm
-from processors import tile_vec as tv
-from processors.tile_builder import TileBuilder, TileSettings
+from processors.heatmap import grid as hm
+from processors.heatmap import tile_vec as tv
+from processors.heatmap.tile_builder import TileBuilder, TileSettings
 from schemas import keys
 from schemas.heatmap import TileDelta, TileView, split_staged
 from schemas.messages import DirtyEntry, entry, from_entry

@@ -1,4 +1,4 @@
-"""The builders' vectorised tile path (processors.tile_vec) is byte-equal to the per-tile
+"""The builders' vectorised tile path (processors.heatmap.tile_vec) is byte-equal to the per-tile
 reference ``heatmap.staged_value`` over whole grids, whatever the leg values: missing,
 stale, trades only, credits, zero debits, huge prices, negative or far-future timestamps
 (the last two take the reference path inside the batch)."""
@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from processors import heatmap as hm
-from processors import tile_vec as tv
+from processors.heatmap import grid as hm
+from processors.heatmap import tile_vec as tv
 from schemas import ticker
 
 NOW = 1_764_000_000_000_000_000

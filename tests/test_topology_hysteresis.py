@@ -15,9 +15,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from processors import chain_poller as cp
-from processors import strike_band as sb
-from processors.normalizer import Normalizer
+from processors.epochs.normalizer import Normalizer
+from processors.ingest import chain_poller as cp
+from processors.ingest import strike_band as sb
 from schemas import keys
 from simulator.market import MarketConfig, next_trading_day
 from simulator.server import SimConfig, SimServer

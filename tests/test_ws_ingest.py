@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 
-from processors import ws_ingest as wi
+from processors.ingest import ws_ingest as wi
 from schemas import keys
 from schemas.massive import IndexValue, Quote, Trade, decode_frame
 from schemas.messages import WS_PAYLOAD_FIELD, WS_RECV_FIELD, ControlMessage, from_entry

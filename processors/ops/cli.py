@@ -26,11 +26,11 @@ from streams.settings import RuntimeSettings, SettingsError, check_env, from_env
 # Subcommands implemented elsewhere: name -> "module:function" taking argv.
 EXTERNAL = {
     "simulate": "simulator.cli:main",
-    "epoch": "processors.epoch_cli:main",
-    "record": "processors.replay:record_main",
-    "replay": "processors.replay:replay_main",
-    "import-flatfiles": "processors.flatfiles:main",
-    "demo": "processors.demo:main",
+    "epoch": "processors.ops.epoch_cli:main",
+    "record": "processors.ops.replay:record_main",
+    "replay": "processors.ops.replay:replay_main",
+    "import-flatfiles": "processors.ops.flatfiles:main",
+    "demo": "processors.ops.demo:main",
 }
 
 

@@ -29,8 +29,8 @@ compares values); tiles refused as older are left to the replica that wrote the 
 On the optimistic path, a builder that was the sole writer since its last batch lists only the
 tiles whose published view changed (see ``incremental``).
 
-The tile math (formulas, convexity score, staleness) is in processors/heatmap.py; its batch
-form, byte-equal, in processors/tile_vec.py.
+The tile math (formulas, convexity score, staleness) is in processors/heatmap/grid.py; its batch
+form, byte-equal, in processors/heatmap/tile_vec.py.
 """
 
 from __future__ import annotations
@@ -48,9 +48,9 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import WatchError
 
-from processors import heatmap as hm
 from processors import lua
-from processors import tile_vec as tv
+from processors.heatmap import grid as hm
+from processors.heatmap import tile_vec as tv
 from schemas import keys, symbols
 from schemas.heatmap import TileDelta
 from schemas.messages import DirtyEntry, entry, from_entry

@@ -1,5 +1,5 @@
 """Access control of the SSE gateway's public port: ASGI middleware, applied in
-:func:`processors.sse_gateway.create_app` (outermost first).
+:func:`processors.serve.gateway.create_app` (outermost first).
 
 * :class:`SecurityHeaders` -- every response (both ports) carries a CSP that allows only the
   page's own scripts, styles and connections (inline ``style=`` attributes are allowed: the

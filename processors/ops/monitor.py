@@ -15,7 +15,7 @@ Every ``interval_s`` it reads (Redis >= 7 for lag):
   key's ts_ns) and ``massive_model_version{symbol,model}``, read from the key's first
   ``STAMP_PREFIX_BYTES`` (GETRANGE: the models are megabytes; a value laid out otherwise is
   read and decoded whole); a heatmap model key is a
-  checkpoint (see processors/publisher.py), at most ``checkpoint_ms`` (5 s) behind the
+  checkpoint (see processors/heatmap/publisher.py), at most ``checkpoint_ms`` (5 s) behind the
   latest diff while publishing, so both trail the diffs by that much at most;
 * WS dormancy: ``massive_ws_last_event_age_seconds`` (now - ``keys.WS_LAST_EVENT``).
 

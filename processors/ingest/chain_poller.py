@@ -4,7 +4,7 @@ One cycle = index spot (``/v3/snapshot/indices?ticker.any_of=I:SPX,I:NDX``, inde
 only), then for each symbol the chain ``/v3/snapshot/options/<underlying>`` (``I:SPX`` for an
 index, ``SPY`` for a stock or ETF: schemas/symbols.py) filtered server-side by expiry horizon
 (``expiration_date.gte/.lte``) and a strike band (``strike_price.gte/.lte``) centred on an
-anchor that follows spot with hysteresis (processors/strike_band.py), ``limit=250``,
+anchor that follows spot with hysteresis (processors/ingest/strike_band.py), ``limit=250``,
 following ``next_url`` to the end, only on the configured base URL. The result is trimmed
 client-side to the first N expirations, decoded once into a compact :class:`ChainSnapshot`
 blob and written in ONE MULTI: ``SET massive:chain:snapshot:{SYM}:{ts} EX ttl`` + ``XADD
@@ -47,7 +47,7 @@ from typing import Any
 import httpx
 import msgspec
 
-from processors import strike_band
+from processors.ingest import strike_band
 from schemas import keys
 from schemas import massive_rest as mr
 from schemas import symbols as symbol_specs
@@ -86,7 +86,7 @@ class PollerSettings:
     auth_mode: str = "query"  # query (?apiKey=, the spec) | bearer (Authorization header)
     band_pct: float = 0.08  # strike band: anchor * (1 +- band_pct) ...
     band_points: float = 0.0  # ... or anchor +- band_points when > 0
-    # the band's anchor follows spot with hysteresis (processors/strike_band.py)
+    # the band's anchor follows spot with hysteresis (processors/ingest/strike_band.py)
     band_recenter_frac: float = 0.5
     band_force_frac: float = 0.75
     band_min_interval_s: float = 300.0
@@ -422,7 +422,7 @@ class ChainPoller:
 
     async def strike_band(self, symbol: str, spot: float | None) -> tuple[float, float] | None:
         """The band to fetch ``symbol`` with: centred on its anchor, which follows ``spot``
-        with hysteresis and is persisted (processors/strike_band.py). None: no band (off,
+        with hysteresis and is persisted (processors/ingest/strike_band.py). None: no band (off,
         or neither a spot nor an anchor known yet)."""
         if not self._band.enabled:
             return None

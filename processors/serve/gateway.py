@@ -5,7 +5,7 @@ Endpoints
 ---------
 * ``GET /sse/heatmap/{strategy}?symbol=SPX[&expiry=YYYY-MM-DD|front][&right=C|P]
   [&strikes=lo-hi][&widths=5,10]`` and ``GET /sse/gex?symbol=SPX[&expiry=all|0dte|<today>]``:
-  a **view** of the model (processors/sse_views.py). Event ``snapshot`` (the view's items,
+  a **view** of the model (processors/serve/views.py). Event ``snapshot`` (the view's items,
   compact), then events ``diff`` (what changed in the view, compact: changed fields only).
   No filter = the whole model as published: ``snapshot`` = the stored model, ``diff`` = the
   diff stream entries as they are (:meth:`Gateway.whole_session`). Every frame's SSE ``id``
@@ -18,12 +18,12 @@ Endpoints
 * ``GET /api/heatmap/{strategy}?symbol=`` (same filters), ``/api/gex?symbol=[&expiry=]``: the
   view as PublishedModel JSON at the model's latest version (checkpoint + the diffs after
   it; 404 if none); ``/api/symbols``: symbols and active epochs (what the page's header
-  shows); ``/healthz``; ``/`` the dashboard (``processors/static``).
+  shows); ``/healthz``; ``/`` the dashboard (``processors/serve/static``).
 * Admin port (``admin_port``, a second server sharing this process's state; never the public
   port): ``/metrics``, ``/api/epochs`` (active epoch and full meta per symbol), ``/healthz``,
   ``/readyz``.
 * Access control (tokens, connection caps, 503 while Redis loads, security headers):
-  processors/sse_access.py.
+  processors/serve/access.py.
 
 Fan-out
 -------
@@ -77,9 +77,9 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
-from processors import gex
-from processors.sse_access import Guard, SecurityHeaders, Tokens
-from processors.sse_views import (
+from processors.gex import calculator as gex
+from processors.serve.access import Guard, SecurityHeaders, Tokens
+from processors.serve.views import (
     FRONT,
     GEX_0DTE_KEEP,
     Model,
@@ -140,13 +140,13 @@ class SseSettings:
     no_model_poll_s: float = 1.0  # re-read interval of a model that does not exist yet
     send_timeout_s: float = 30.0  # a client that accepts no bytes for this long is dropped
     retry_ms: int = 1000  # EventSource reconnection delay announced to browsers
-    static_dir: str = ""  # dashboard files ("" = processors/static)
+    static_dir: str = ""  # dashboard files ("" = processors/serve/static)
     log_level: str = "warning"  # uvicorn's own logger
     # Concurrent Redis reads of mirror loads and JSON endpoints.
     redis_concurrency: int = 32
     # glibc malloc: a fixed mmap threshold (0 = glibc's sliding one), see tame_malloc
     mmap_threshold_kb: int = 256
-    # Access control (processors/sse_access.py). Bearer tokens: none configured = open.
+    # Access control (processors/serve/access.py). Bearer tokens: none configured = open.
     tokens: tuple[str, ...] = field(default=(), repr=False)
     token_file: str = ""  # one token per line (a mounted Secret), re-read when it changes
     max_clients: int = 0  # SSE streams in total (0: unlimited); over it: 429
@@ -766,7 +766,7 @@ class Mirror:
             if i % 4096 == 4095:
                 await asyncio.sleep(0)  # a 100k-item model: let the other clients run
         del items
-        # the checkpoint may be versions behind its diffs (processors/publisher.py)
+        # the checkpoint may be versions behind its diffs (processors/heatmap/publisher.py)
         async for sid, id_s, body in gw.entries_after(ch.stream, model.head_sid):
             if _diff_head.decode(body).symbol != self.symbol:
                 continue
@@ -1031,7 +1031,7 @@ class Gateway:
 
     async def catch_up(self, channel: Channel, symbol: str, state: _State) -> list[bytes] | None:
         """Diffs of ``symbol`` after ``state`` (advanced): a heatmap model key is a checkpoint
-        that may be some versions behind its diffs (processors/publisher.py). None when they
+        that may be some versions behind its diffs (processors/heatmap/publisher.py). None when they
         do not continue the chain, or exceed ``whole_pending_max_bytes`` (a snapshot is
         then cheaper)."""
         frames: list[bytes] = []

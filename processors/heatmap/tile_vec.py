@@ -1,6 +1,6 @@
 """Vectorised tile math: the staging values of a whole batch of tiles at once (numpy), the
 production path of the tile builders. Byte-equal to ``heatmap.staged_value`` tile by tile
-(a hypothesis test holds them equal); the rules and formulas are in processors/heatmap.py.
+(a hypothesis test holds them equal); the rules and formulas are in processors/heatmap/grid.py.
 
 Why: at 5,000 WS events/s a spread builder recomputes 10-15k tiles per batch, and the
 per-tile Python of ``staged_value`` (~9 us per tile on the benchmark VM) was two thirds of
@@ -25,7 +25,7 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
-from processors import heatmap as hm
+from processors.heatmap import grid as hm
 from schemas.heatmap import NS_PER_S
 
 _enc = msgspec.json.Encoder()

@@ -65,7 +65,8 @@ import msgspec
 from redis.asyncio.client import Pipeline
 from redis.exceptions import WatchError
 
-from processors import gex_math, lua
+from processors import lua
+from processors.gex import exposure as gex_math
 from schemas import keys, symbols, ticker
 from schemas.messages import (
     ChainContract,

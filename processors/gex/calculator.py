@@ -16,7 +16,7 @@ epoch changed (promotion), else every ``interval_s``. A build reads the source's
 (``massive:spot:latest``, falling back to the epoch meta ``spot``) and skips the math when
 (epoch, spot, source) are unchanged since the last build, unless ``reprice_interval_s``
 passed (time to expiry moves the levels); a new source is decoded and prepared once
-(processors/gex_math.py), later builds only re-time it. It publishes only when an item or
+(processors/gex/exposure.py), later builds only re-time it. It publishes only when an item or
 the meta (timestamps aside) changed: one Lua script (lua/gex_publish.lua) checks the fence
 (refusing a stale leader), XADDs the ModelDiff to ``massive:gex:diffs``, SETs the canonical
 model (with ``diff_id`` = that entry id) and the legacy ``:calls``/``:puts`` keys, and XADDs
@@ -41,7 +41,8 @@ from typing import Any
 import msgspec
 from redis.asyncio import Redis
 
-from processors import gex_math, lua
+from processors import lua
+from processors.gex import exposure as gex_math
 from processors.lease import FencedLease
 from schemas import keys
 from schemas import symbols as symbol_specs

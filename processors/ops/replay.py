@@ -45,7 +45,7 @@ the recording's clock, from that state. Guarantee: replays of one recording into
 Redis with the same processors, settings and ``--step-ms`` publish the same diffs per model
 (everything but the stream ids ``prev_id`` / ``diff_id`` and ``src_recv_ts_ns``, the
 receive time of the oldest event behind a version, which depends on batching) and the same
-final models, GEX included (``processors/replay_compare.py`` checks it: ``--compare``).
+final models, GEX included (``processors/ops/replay_compare.py`` checks it: ``--compare``).
 Not reproduced: stream entry ids, TTL deadlines, metrics, log lines. ``--step-ms`` is the
 finest time resolution of the clock-driven decisions: a publisher's value condition is seen
 at the instant after the records that met it (live, it is seen at its next read).
@@ -522,7 +522,7 @@ async def replay_records(
 
 
 def pipeline_streams() -> list[str]:
-    from processors.monitor import pipeline_streams as streams
+    from processors.ops.monitor import pipeline_streams as streams
 
     return streams()
 
@@ -999,7 +999,7 @@ async def _record(args: argparse.Namespace, settings: RuntimeSettings) -> int:
 
 async def _replay(args: argparse.Namespace, settings: RuntimeSettings) -> int:
     if args.compare:
-        from processors import replay_compare
+        from processors.ops import replay_compare
 
         return await replay_compare.compare_cli(args.compare[0], args.compare[1])
     if args.summary:
@@ -1047,7 +1047,7 @@ async def _replay(args: argparse.Namespace, settings: RuntimeSettings) -> int:
             )
         hook = None
         if args.output:
-            from processors.replay_compare import OutputWriter
+            from processors.ops.replay_compare import OutputWriter
 
             out = OutputWriter(args.output)
             hook = functools.partial(out.collect, redis)
@@ -1090,7 +1090,7 @@ def _main(
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings.log_level)
-    from processors.cli import run_loop
+    from processors.ops.cli import run_loop
 
     result: list[int] = []
 

@@ -27,7 +27,7 @@ from typing import Any
 import msgspec
 from redis.asyncio import Redis
 
-from processors.replay import FrameWriter, RecordingError, read_frames
+from processors.ops.replay import FrameWriter, RecordingError, read_frames
 from schemas import keys
 from streams.redis_client import as_str, connect
 

@@ -1,5 +1,5 @@
 """``massive-pipeline import-flatfiles``: the provider's historical flat files -> a recording
-(``processors/replay.py`` format) that replays like one made live, so a past session can be
+(``processors/ops/replay.py`` format) that replays like one made live, so a past session can be
 backtested through the same pipeline.
 
 Inputs (Massive flat files, one gzip CSV per day and dataset, columns named in a header row
@@ -66,7 +66,7 @@ from typing import IO, Any
 
 import msgspec
 
-from processors.replay import Record, RecordingWriter
+from processors.ops.replay import Record, RecordingWriter
 from schemas import keys, ticker
 from schemas import symbols as syms
 from schemas.massive_rest import RestDecodeError, parse_chain_page
