@@ -431,7 +431,9 @@ async def scoped(args: argparse.Namespace) -> None:
         for t in taps:
             t.bytes, t.delays_ms, t.publish_ms, t.diffs = 0, [], [], 0
         rep = h.LoadReplayer(cids, hot)
+        print(f"# load starts {time.strftime('%H:%M:%S')}", flush=True)
         cpu0, t0 = h.proc_cpu_seconds(gw_pid), time.monotonic()
+        bench_cpu0 = time.process_time()
         rss_max = rss_idle
         done = 0.0
         while done < args.seconds:
@@ -441,6 +443,7 @@ async def scoped(args: argparse.Namespace) -> None:
             rss_max = max(rss_max, rss_mb(gw_pid))
         wall = time.monotonic() - t0
         cpu = (h.proc_cpu_seconds(gw_pid) - cpu0) / wall * 100
+        bench_cpu = (time.process_time() - bench_cpu0) / wall * 100
         for t in taps:
             t.counting = False
         rss_load = rss_mb(gw_pid)
@@ -451,7 +454,8 @@ async def scoped(args: argparse.Namespace) -> None:
             f", max {max(per_client):,.0f}; gateway CPU {cpu:.0f} % of a core; gateway RSS "
             f"before clients {rss0:.0f} MB, {len(views)} views {rss_views:.0f} MB, all idle "
             f"{rss_idle:.0f} MB (idle client {per_idle_kb:.0f} kB), under load {rss_load:.0f} MB"
-            f" (max {rss_max:.0f} MB)"
+            f" (max {rss_max:.0f} MB); this bench process (clients + replayer) CPU "
+            f"{bench_cpu:.0f} % of a core"
         )
         for v in views:
             ds = [d for t in taps if t.path == v for d in t.delays_ms]

@@ -55,9 +55,10 @@ import asyncio
 import contextlib
 import ctypes
 import dataclasses
+import itertools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -89,8 +90,8 @@ from processors.serve.views import (
     ViewFeed,
     ViewSpec,
     apply_changes,
-    conflate,
     frame,
+    gc_paused,
     gex_part,
     heat_part,
     parse_view,
@@ -441,6 +442,10 @@ class DiffFeed:
         self.reject_decode = metrics.rejected.labels(channel=channel.name, reason="bad_diff")
         self.read_errors = metrics.read_errors.labels(channel=channel.name)
         self.dropped = metrics.dropped.labels(channel=channel.name)
+        self.conflated = metrics.conflated.labels(channel=channel.name)
+        # merged backlogs of whole-model clients, by (prev_id of the first, last id): the
+        # clients that fall behind together share one merge
+        self._merged: dict[tuple[str | None, StreamId], Item | None] = {}
 
     async def prime(self) -> None:
         """Start at the stream's current tail (earlier diffs are inside the models)."""
@@ -475,8 +480,18 @@ class DiffFeed:
             if mirror is not None:
                 mirror.on_entry(sid, raw_id.decode(), raw)
 
+    def merge(self, items: list[Item]) -> Item | None:
+        key = (items[0].head.prev_id, items[-1].id)
+        if key in self._merged:
+            return self._merged[key]
+        merged = self._merged[key] = merge_items(items)
+        while len(self._merged) > 8:
+            del self._merged[next(iter(self._merged))]
+        self.conflated.inc()
+        return merged
+
     def subscribe_whole(self, symbol: str, max_bytes: int) -> WholeSubscriber:
-        sub = WholeSubscriber(symbol, max_bytes)
+        sub = WholeSubscriber(symbol, max_bytes, self.merge)
         self.whole.setdefault(symbol, set()).add(sub)
         return sub
 
@@ -516,8 +531,9 @@ class DiffFeed:
                 backoff_s = min(backoff_s * 2, 5.0)
                 continue
             backoff_s = 0.1
-            for _stream, entries in cast(list[Any], resp or []):
-                self.dispatch(_rows(entries))
+            with gc_paused():
+                for _stream, entries in cast(list[Any], resp or []):
+                    self.dispatch(_rows(entries))
 
 
 # --- whole-model streams (no filter): the diff stream entries as they are -----------------------
@@ -541,33 +557,123 @@ def decode_item(sid: StreamId, raw_id: str, fields: dict[bytes, bytes]) -> Item 
     return Item(sid, head, frame("diff", raw, raw_id))
 
 
+class _MergeDiff(msgspec.Struct):
+    """A ModelDiff with its items and meta left as raw JSON, for merging a backlog."""
+
+    symbol: str
+    kind: str
+    epoch: str
+    version: int
+    prev_version: int
+    ts_ns: int
+    changed: dict[str, msgspec.Raw]
+    removed: list[str] = []
+    meta: msgspec.Raw = msgspec.Raw(b"{}")
+    prev_id: str | None = None
+    src_recv_ts_ns: int | None = None
+
+
+_merge_dec = msgspec.json.Decoder(_MergeDiff)
+
+
+def merge_items(items: list[Item]) -> Item | None:
+    """One diff equal to applying ``items`` in order (later values win per item), or None
+    when they are not one unbroken chain of one epoch (the client then needs a snapshot)."""
+    for a, b in itertools.pairwise(items):
+        hb = b.head
+        if (
+            hb.epoch != a.head.epoch
+            or hb.prev_version != a.head.version
+            or (hb.prev_id is not None and hb.prev_id != format_id(a.id))
+        ):
+            return None
+    changed: dict[str, msgspec.Raw] = {}
+    removed: set[str] = set()
+    first = last = None
+    for item in items:
+        try:
+            d = _merge_dec.decode(_frame_data(item.frame))
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            return None
+        if first is None:
+            first = d
+        last = d
+        for k in d.removed:
+            changed.pop(k, None)
+            removed.add(k)
+        removed.difference_update(d.changed)
+        changed.update(d.changed)
+    assert first is not None and last is not None
+    last.changed, last.removed = changed, sorted(removed)
+    last.prev_version, last.prev_id = first.prev_version, first.prev_id
+    h = items[-1].head
+    head = _WholeHead(h.symbol, h.epoch, h.version, first.prev_version, first.prev_id)
+    id_s = format_id(items[-1].id)
+    return Item(items[-1].id, head, frame("diff", _json_encoder.encode(last), id_s))
+
+
+def _frame_data(fr: bytes) -> bytes:
+    """The ``data`` of one SSE frame built by :func:`frame`."""
+    start = fr.index(b"data: ") + 6
+    return fr[start : len(fr) - 2 * len(SEP)]
+
+
 class WholeSubscriber:
     """A whole-model client's unsent diffs (shared frames), bounded in bytes: beyond the
-    bound it is marked for a fresh snapshot. ``push`` never blocks."""
+    bound the backlog is merged into one diff (shared by the clients with the same
+    backlog); when even that exceeds the bound, or the backlog does not chain, it is marked
+    for a fresh snapshot. ``push`` never blocks."""
 
-    __slots__ = ("buf", "closed", "max_bytes", "nbytes", "overflowed", "symbol", "wake")
+    __slots__ = (
+        "buf",
+        "closed",
+        "floor",
+        "max_bytes",
+        "merge",
+        "nbytes",
+        "overflowed",
+        "symbol",
+        "wake",
+    )
 
-    def __init__(self, symbol: str, max_bytes: int) -> None:
+    def __init__(
+        self, symbol: str, max_bytes: int, merge: Callable[[list[Item]], Item | None]
+    ) -> None:
         self.symbol = symbol
         self.max_bytes = max_bytes
+        self.merge = merge
         self.buf: list[Item] = []
         self.nbytes = 0
         self.wake = asyncio.Event()
         self.overflowed = False
         self.closed = False
+        self.floor: StreamId | None = None  # entries up to it are in what the client holds
 
     def push(self, item: Item) -> bool:
-        """False when the item is dropped (the client is marked for a resync)."""
+        """False when the backlog is dropped (the client is marked for a resync)."""
         if self.overflowed:
             return False
+        if self.floor is not None and item.id <= self.floor:
+            return True
         self.buf.append(item)
         self.nbytes += len(item.frame)
         self.wake.set()
-        if self.nbytes > self.max_bytes:
+        if self.nbytes <= self.max_bytes:
+            return True
+        merged = self.merge(self.buf) if self.floor is not None else None
+        if merged is None or len(merged.frame) > self.max_bytes:
             self.overflowed = True
             self.buf, self.nbytes = [], 0
             return False
+        self.buf, self.nbytes = [merged], len(merged.frame)
         return True
+
+    def hold(self, last_id: StreamId) -> None:
+        """The client holds the model up to entry ``last_id``: older entries are dropped."""
+        self.floor = last_id
+        if self.buf and self.buf[0].id <= last_id:
+            self.buf = [it for it in self.buf if it.id > last_id]
+            self.nbytes = sum(len(it.frame) for it in self.buf)
 
     def close(self) -> None:
         self.closed = True
@@ -587,6 +693,62 @@ class WholeSubscriber:
     def reset(self) -> None:
         self.buf, self.nbytes = [], 0
         self.overflowed = False
+        self.floor = None
+
+
+class _Sent:
+    """A session's counters, and its frames cut for the transport: a large frame goes out
+    in slices (the transport copies what it is given), small ones joined."""
+
+    def __init__(self, metrics: Metrics, channel: str) -> None:
+        self.metrics = metrics
+        self.channel = channel
+        self.n_diff = metrics.events.labels(channel=channel, event="diff")
+        self.n_snap = metrics.events.labels(channel=channel, event="snapshot")
+        self.n_bytes = metrics.bytes.labels(channel=channel)
+        self.clients = metrics.clients.labels(channel=channel)
+
+    def resync(self, reason: str) -> None:
+        self.metrics.resyncs.labels(channel=self.channel, reason=reason).inc()
+
+    def snapshot(self, data: bytes) -> Iterator[bytes]:
+        self.n_snap.inc()
+        self.n_bytes.inc(len(data))
+        for i in range(0, len(data), SNAPSHOT_SLICE):
+            yield data[i : i + SNAPSHOT_SLICE]
+
+    def diffs(self, frames: list[bytes]) -> Iterator[bytes]:
+        if not frames:
+            return
+        self.n_diff.inc(len(frames))
+        small: list[bytes] = []
+        size = 0
+        for fr in frames:
+            self.n_bytes.inc(len(fr))
+            if len(fr) > SNAPSHOT_SLICE:
+                if small:
+                    yield b"".join(small)
+                    small, size = [], 0
+                for i in range(0, len(fr), SNAPSHOT_SLICE):
+                    yield fr[i : i + SNAPSHOT_SLICE]
+                continue
+            small.append(fr)
+            size += len(fr)
+            if size >= SNAPSHOT_SLICE:
+                yield b"".join(small)
+                small, size = [], 0
+        if small:
+            yield b"".join(small)
+
+
+@dataclass(frozen=True, slots=True)
+class _WholeSnap:
+    """A stored model framed as a snapshot event, shared by the clients that join together."""
+
+    frame: bytes
+    epoch: str
+    version: int
+    diff_id: str | None
 
 
 @dataclass(slots=True)
@@ -749,7 +911,8 @@ class Mirror:
         if raw is None:
             return NO_MODEL
         try:
-            pm = _model_dec.decode(raw)
+            with gc_paused():
+                pm = _model_dec.decode(raw)
         except (msgspec.ValidationError, msgspec.DecodeError):
             gw.metrics.rejected.labels(channel=ch.name, reason="bad_model").inc()
             logger.warning("channel=%s symbol=%s: undecodable model", ch.name, self.symbol)
@@ -761,11 +924,14 @@ class Mirror:
         model.head_sid = (parse_id(pm.diff_id) if pm.diff_id else None) or ZERO_ID
         model.meta = bytes(pm.meta)
         items, pm.items = pm.items, {}
-        for i, (key, obj) in enumerate(items.items()):
-            model.set(key, obj)
-            if i % 4096 == 4095:
-                await asyncio.sleep(0)  # a 100k-item model: let the other clients run
+        batch = list(items.items())
         del items
+        for start in range(0, len(batch), 4096):
+            with gc_paused():
+                for key, obj in batch[start : start + 4096]:
+                    model.set(key, obj)
+            await asyncio.sleep(0)  # a 100k-item model: let the other clients run
+        del batch
         # the checkpoint may be versions behind its diffs (processors/heatmap/publisher.py)
         async for sid, id_s, body in gw.entries_after(ch.stream, model.head_sid):
             if _diff_head.decode(body).symbol != self.symbol:
@@ -833,7 +999,7 @@ class Mirror:
             return
         # over its byte bound: merge the backlog per item; still over it -> resync
         backlog = sub.take()
-        merged = conflate(backlog, view.names)
+        merged = view.merged(backlog)
         self.m_conflated.inc()
         if len(merged.frame) > sub.max_bytes:
             self.m_dropped.inc()
@@ -860,7 +1026,9 @@ class Gateway:
         self._tasks: list[asyncio.Task[None]] = []
         self.started = False
         self.redis_slots = asyncio.Semaphore(settings.redis_concurrency)
-        self._snaps: dict[tuple[str, str], tuple[float, bytes | asyncio.Future[bytes | None]]] = {}
+        self._snaps: dict[
+            tuple[str, str], tuple[float, _WholeSnap | asyncio.Future[_WholeSnap | None]]
+        ] = {}
 
     async def start(self) -> None:
         self._stop = asyncio.Event()
@@ -910,7 +1078,7 @@ class Gateway:
             now = time.monotonic()
             dropped = False
             for key, (t, v) in list(self._snaps.items()):
-                if isinstance(v, bytes) and now - t >= SNAPSHOT_SHARE_S:
+                if isinstance(v, _WholeSnap) and now - t >= SNAPSHOT_SHARE_S:
                     del self._snaps[key]
             for feed in self.feeds.values():
                 for sym, mirror in list(feed.mirrors.items()):
@@ -957,9 +1125,9 @@ class Gateway:
         try:
             model = _full_model.decode(raw)
         except (msgspec.ValidationError, msgspec.DecodeError):
-            return _b(raw)
+            return cast(bytes, raw)
         if model.diff_id is None:
-            return _b(raw)
+            return cast(bytes, raw)
         changed = False
         after = parse_id(model.diff_id) or ZERO_ID
         async for _sid, id_s, body in self.entries_after(channel.stream, after):
@@ -981,53 +1149,60 @@ class Gateway:
             model.version, model.ts_ns, model.meta = d.version, d.ts_ns, d.meta
             model.diff_id = id_s
             changed = True
-        return _json_encoder.encode(model) if changed else _b(raw)
+        return _json_encoder.encode(model) if changed else cast(bytes, raw)
 
     # -- whole-model streams --
-    async def _stored_model(self, channel: Channel, symbol: str) -> bytes | None:
-        """The model key's value, one read shared by the clients that ask within
-        ``SNAPSHOT_SHARE_S`` (a model is tens of MB: one copy, not one per joining client).
-        An older checkpoint is fine: each client then gets the diffs after its diff_id."""
+    async def whole_snapshot(self, channel: Channel, symbol: str) -> tuple[bytes, _State] | None:
+        """The stored model framed as a ``snapshot`` event and the chain state it is at. One
+        read and one frame shared by the clients that ask within ``SNAPSHOT_SHARE_S`` (a
+        model is tens of MB: one copy, not one per joining client). An older checkpoint is
+        fine: each client then gets the diffs after its diff_id."""
         key = (channel.name, symbol)
-        now = time.monotonic()
         hit = self._snaps.get(key)
         if hit is not None:
             t, held = hit
             if isinstance(held, asyncio.Future):  # a read in flight: share it
-                return cast(bytes | None, await asyncio.shield(held))
-            if now - t < SNAPSHOT_SHARE_S:
-                return held
-        fut: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
-        self._snaps[key] = (now, fut)
+                snap = await asyncio.shield(held)
+            elif time.monotonic() - t < SNAPSHOT_SHARE_S:
+                snap = held
+            else:
+                snap = await self._read_snapshot(channel, symbol)
+        else:
+            snap = await self._read_snapshot(channel, symbol)
+        if snap is None:
+            return None
+        last = parse_id(snap.diff_id) if snap.diff_id else None
+        return snap.frame, _State(snap.epoch, snap.version, last or ZERO_ID, snap.diff_id)
+
+    async def _read_snapshot(self, channel: Channel, symbol: str) -> _WholeSnap | None:
+        key = (channel.name, symbol)
+        fut: asyncio.Future[_WholeSnap | None] = asyncio.get_running_loop().create_future()
+        self._snaps[key] = (time.monotonic(), fut)
         try:
             async with self.redis_slots:
                 raw = await self.redis.get(channel.model_key(symbol))
+            snap = None if raw is None else self._frame_snapshot(channel, symbol, cast(bytes, raw))
         except BaseException as exc:
             self._snaps.pop(key, None)
             fut.set_exception(exc)
             fut.exception()  # retrieved: waiters re-raise it
             raise
-        value = _b(raw) if raw is not None else None
-        fut.set_result(value)
-        if value is None:
+        fut.set_result(snap)
+        if snap is None:
             self._snaps.pop(key, None)
         else:
-            self._snaps[key] = (time.monotonic(), value)
-        return value
+            self._snaps[key] = (time.monotonic(), snap)
+        return snap
 
-    async def whole_snapshot(self, channel: Channel, symbol: str) -> tuple[bytes, _State] | None:
-        raw = await self._stored_model(channel, symbol)
-        if raw is None:
-            return None
+    def _frame_snapshot(self, channel: Channel, symbol: str, raw: bytes) -> _WholeSnap | None:
         try:
             head = _whole_model_head.decode(raw)
         except (msgspec.ValidationError, msgspec.DecodeError):
             self.metrics.rejected.labels(channel=channel.name, reason="bad_model").inc()
             logger.warning("channel=%s symbol=%s: undecodable model", channel.name, symbol)
             return None
-        last = parse_id(head.diff_id) if head.diff_id else None
-        state = _State(head.epoch, head.version, last or ZERO_ID, head.diff_id)
-        return frame("snapshot", _b(raw), head.diff_id), state
+        data = frame("snapshot", raw, head.diff_id)
+        return _WholeSnap(data, head.epoch, head.version, head.diff_id)
 
     async def catch_up(self, channel: Channel, symbol: str, state: _State) -> list[bytes] | None:
         """Diffs of ``symbol`` after ``state`` (advanced): a heatmap model key is a checkpoint
@@ -1080,17 +1255,12 @@ class Gateway:
         self, channel: Channel, symbol: str, last_event_id: str | None
     ) -> AsyncIterator[bytes]:
         """The whole model: the stored model, then the diff stream's entries as they are
-        (shared frames). Subscribes before it reads the model, so nothing is lost."""
+        (shared frames; a backlog merged into one diff when it grows past the bound).
+        Subscribes before it reads the model, so nothing is lost."""
         feed = self.feeds[channel.name]
-        m = self.metrics
-        name = channel.name
-        sent_diff = m.events.labels(channel=name, event="diff")
-        sent_snap = m.events.labels(channel=name, event="snapshot")
-        sent_bytes = m.bytes.labels(channel=name)
-        clients = m.clients.labels(channel=name)
-        ping_s = self.settings.ping_s
+        out = _Sent(self.metrics, channel.name)
         sub = feed.subscribe_whole(symbol, self.settings.whole_pending_max_bytes)
-        clients.inc()
+        out.clients.inc()
         try:
             yield b"retry: " + str(self.settings.retry_ms).encode() + SEP + SEP
             state: _State | None = None
@@ -1098,76 +1268,83 @@ class Gateway:
             if after is not None:
                 resumed = await self.replay(channel, symbol, after)
                 if resumed is None:
-                    m.resyncs.labels(channel=name, reason="resume").inc()
+                    out.resync("resume")
                 else:
                     frames, state = resumed
-                    if frames:
-                        sent_diff.inc(len(frames))
-                        out = b"".join(frames)
-                        del frames
-                        sent_bytes.inc(len(out))
-                        yield out
+                    sub.hold(state.last_id)
+                    for chunk in out.diffs(frames):
+                        yield chunk
             announced = False
             while not sub.closed:
                 if state is None:
-                    snap = await self.whole_snapshot(channel, symbol)
-                    if snap is None:
-                        if not announced:
-                            announced = True
-                            yield frame("status", b'{"state":"no_model"}')
+                    base = await self._whole_base(channel, symbol)
+                    if base == NO_MODEL and not announced:
+                        announced = True
+                        yield frame("status", b'{"state":"no_model"}')
+                    if not isinstance(base, tuple):  # no model yet, or a checkpoint to re-read
                         await sub.wait(self.settings.no_model_poll_s)
-                        sub.reset()  # diffs without a base are useless; re-read the model
+                        sub.reset()  # diffs without a base are useless
                         continue
-                    data, state = snap
-                    caught = await self.catch_up(channel, symbol, state)
-                    if caught is None:  # the checkpoint's diffs do not chain: read again
-                        self._snaps.pop((name, symbol), None)
-                        m.resyncs.labels(channel=name, reason="gap").inc()
-                        state = None
-                        await sub.wait(self.settings.no_model_poll_s)
-                        continue
-                    sent_snap.inc()
-                    sent_bytes.inc(len(data))
-                    for i in range(0, len(data), SNAPSHOT_SLICE):
-                        yield data[i : i + SNAPSHOT_SLICE]
+                    data, caught, state = base
+                    sub.hold(state.last_id)
+                    for chunk in out.snapshot(data):
+                        yield chunk
                     del data
-                    if caught:
-                        sent_diff.inc(len(caught))
-                        yield b"".join(caught)
+                    for chunk in out.diffs(caught):
+                        yield chunk
                     continue
-                await sub.wait(ping_s)
-                if sub.overflowed:
-                    sub.reset()
-                    m.resyncs.labels(channel=name, reason="overflow").inc()
+                await sub.wait(self.settings.ping_s)
+                frames, reason = self._whole_next(channel, sub, state)
+                if reason:
+                    out.resync(reason)
                     state = None
-                    continue
-                items = sub.take()
-                if not items and not sub.closed:
+                elif not frames and not sub.closed:
                     yield PING
-                    continue
-                out_frames: list[bytes] = []
-                try:
-                    for item in items:
-                        if accept(state, item):
-                            out_frames.append(item.frame)
-                except Resync as rs:
-                    m.resyncs.labels(channel=name, reason=rs.reason).inc()
-                    self._snaps.pop((name, symbol), None)  # the model moved on: read it again
-                    state = None
-                del items
-                if out_frames:
-                    sent_diff.inc(len(out_frames))
-                    out = b"".join(out_frames)
-                    del out_frames
-                    sent_bytes.inc(len(out))
-                    yield out
+                for chunk in out.diffs(frames):
+                    yield chunk
         except (RedisError, OSError) as exc:
             # end this stream; the client reconnects (Last-Event-ID) once Redis is back
-            m.session_errors.labels(channel=name).inc()
-            logger.warning("channel=%s symbol=%s: stream ended: %s", name, symbol, exc)
+            self.metrics.session_errors.labels(channel=channel.name).inc()
+            logger.warning("channel=%s symbol=%s: stream ended: %s", channel.name, symbol, exc)
         finally:
             feed.unsubscribe_whole(sub)
-            clients.dec()
+            out.clients.dec()
+
+    async def _whole_base(
+        self, channel: Channel, symbol: str
+    ) -> tuple[bytes, list[bytes], _State] | str:
+        """The snapshot frame, the diffs after it and the state they bring it to; NO_MODEL;
+        or "gap" when the checkpoint's diffs do not chain (read it again)."""
+        snap = await self.whole_snapshot(channel, symbol)
+        if snap is None:
+            return NO_MODEL
+        data, state = snap
+        caught = await self.catch_up(channel, symbol, state)
+        if caught is None:
+            self._snaps.pop((channel.name, symbol), None)
+            self.metrics.resyncs.labels(channel=channel.name, reason="gap").inc()
+            return "gap"
+        return data, caught, state
+
+    def _whole_next(
+        self, channel: Channel, sub: WholeSubscriber, state: _State
+    ) -> tuple[list[bytes], str]:
+        """The frames of the client's backlog that continue ``state`` (advanced), or the
+        reason it needs a fresh snapshot."""
+        if sub.overflowed:
+            sub.reset()
+            return [], "overflow"
+        frames: list[bytes] = []
+        try:
+            for item in sub.take():
+                if accept(state, item):
+                    frames.append(item.frame)
+        except Resync as rs:
+            self._snaps.pop((channel.name, sub.symbol), None)  # the model moved on
+            sub.reset()
+            return [], rs.reason
+        sub.hold(state.last_id)
+        return frames, ""
 
     async def resolve(self, channel: Channel, symbol: str, spec: ViewSpec) -> ViewSpec | str:
         """The view to serve, or why it is unknown (-> 404): a symbol neither offered nor
@@ -1283,7 +1460,7 @@ class Gateway:
         if sum(len(vd.frame) for vd in items) <= self.settings.conflate_bytes:
             return b"".join(vd.frame for vd in items)
         self.metrics.conflated.labels(channel=view.kind).inc()
-        return conflate(items, view.names).frame
+        return view.merged(items).frame
 
 
 # --- HTTP application --------------------------------------------------------------------------

@@ -46,9 +46,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import gc
 import logging
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -188,6 +189,21 @@ def gex_part(key: str) -> PartKey:
     return None
 
 
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """No cyclic collection during a burst of allocations that makes no cycles (decoding and
+    applying a diff of thousands of items): each one would traverse every object the
+    process holds. Only around synchronous code (no await inside)."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 # --- flattened items ---------------------------------------------------------------------------
 class Odd:
     """An item without the model's shape: sent whole."""
@@ -204,13 +220,16 @@ class Odd:
 
 
 REMOVED = None  # a removed key in a change list
-Row = list[Any] | Odd
-Change = tuple[tuple[int, ...], list[Any]] | Odd | None  # (field indexes, values) | whole | removed
+# Rows are tuples: a tuple of plain values is untracked by the cyclic GC, so the ~100k rows of
+# a mirror cost nothing to each full collection (lists would be traversed every time).
+Row = tuple[Any, ...] | Odd
+# a change: (field indexes, values) | a whole item | removed
+Change = tuple[tuple[int, ...], Sequence[Any]] | Odd | None
 
 _interned: dict[str, str] = {}
 
 
-def flatten(obj: Any) -> tuple[tuple[Any, ...], list[Any]] | None:
+def flatten(obj: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]] | None:
     """An item -> (signature, values); None when it is not a JSON object. Arrays of arrays
     (a tile's legs) are flattened one level, element by element."""
     if type(obj) is not dict:
@@ -230,7 +249,7 @@ def flatten(obj: Any) -> tuple[tuple[Any, ...], list[Any]] | None:
         else:
             vals.append(_interned.setdefault(v, v) if type(v) is str and len(v) < 24 else v)
             sig.append(k)
-    return tuple(sig), vals
+    return tuple(sig), tuple(vals)
 
 
 def _intern(x: Any) -> Any:
@@ -238,7 +257,9 @@ def _intern(x: Any) -> Any:
     return _interned.setdefault(x, x) if type(x) is str and len(x) < 24 else x
 
 
-def compile_flatten(sig: tuple[Any, ...], sample: list[Any]) -> Callable[[Any], list[Any] | None]:
+def compile_flatten(
+    sig: tuple[Any, ...], sample: tuple[Any, ...]
+) -> Callable[[Any], tuple[Any, ...] | None]:
     """``flatten`` specialised to one shape: the values of an item of signature ``sig``, None
     for any other item (then ``flatten`` tells). Positions holding a string in ``sample``
     are interned."""
@@ -266,11 +287,11 @@ def compile_flatten(sig: tuple[Any, ...], sample: list[Any]) -> Callable[[Any], 
         f"(I({v}, {v}) if type({v}) is str and len({v}) < 24 else {v})" if type(x) is str else v
         for v, x in zip(vals, sample, strict=True)
     ]
-    lines.append(f"    return [{', '.join(vals)}]")
+    lines.append(f"    return ({', '.join(vals)},)")
     scope: dict[str, Any] = {"N": len(keys), "KEYS": keys, "I": _interned.setdefault}
     # keys enter the source only as repr() literals
     exec("\n".join(lines), scope)
-    return cast(Callable[[Any], list[Any] | None], scope["f"])
+    return cast(Callable[[Any], tuple[Any, ...] | None], scope["f"])
 
 
 def field_names(sig: tuple[Any, ...]) -> list[str]:
@@ -315,8 +336,8 @@ def set_field(item: dict[str, Any], name: str, v: Any) -> None:
 
 def row_change(old: Row | None, new: Row, n: int, all_idx: tuple[int, ...]) -> Change | bool:
     """The change from ``old`` to ``new``; False when nothing changed."""
-    if type(new) is list:
-        if type(old) is list:
+    if type(new) is tuple:
+        if type(old) is tuple:
             if old == new and all(type(a) is type(b) for a, b in zip(old, new, strict=True)):
                 return False
             idx = tuple(
@@ -541,7 +562,7 @@ class Model:
         self.head_sid: tuple[int, int] = (0, 0)
         self.ts_ns = 0
         self.meta = b"{}"
-        self._fast: Callable[[Any], list[Any] | None] | None = None
+        self._fast: Callable[[Any], tuple[Any, ...] | None] | None = None
         # partition of every key (parsed once; partition tuples shared)
         self._where: dict[str, PartKey | bool] = {}
         self._pks: dict[PartKey, PartKey] = {}
@@ -614,6 +635,7 @@ def apply_changes(
 
 
 GEX_0DTE_KEEP = ("strike", "n")
+_MERGED_KEPT = 8  # merged backlogs kept per view (subscribers a few diffs apart)
 
 
 class ViewFeed:
@@ -645,6 +667,9 @@ class ViewFeed:
         self.ts_ns = 0
         self.epoch = ""
         self.snap: tuple[str | None, bytes] | None = None
+        # backlogs merged for slow subscribers, by (prev_id of the first, id of the last):
+        # the subscribers of a view fall behind together, so one merge serves them all
+        self._merged: dict[tuple[str | None, str], ViewDiff] = {}
         self.idle_since = 0.0
         self._proj: tuple[int, ...] | None = None
         self._proj_sig: tuple[Any, ...] | None = None
@@ -713,6 +738,7 @@ class ViewFeed:
         self.ring_bytes = 0
         self.version, self.head, self.ts_ns, self.epoch = m.version, m.head, m.ts_ns, m.epoch
         self.snap = None
+        self._merged.clear()
         n = 0
         for sub in self.subs:
             if not sub.need_snapshot:
@@ -792,6 +818,17 @@ class ViewFeed:
             self.ring_bytes -= len(self.ring.popleft().frame)
         return vd
 
+    def merged(self, diffs: list[ViewDiff]) -> ViewDiff:
+        """``conflate(diffs)``, computed once for every subscriber with the same backlog (a
+        backlog is a run of this view's chain: its ends identify it)."""
+        key = (diffs[0].prev_id, diffs[-1].id_s)
+        vd = self._merged.get(key)
+        if vd is None:
+            vd = self._merged[key] = conflate(diffs, self.names)
+            while len(self._merged) > _MERGED_KEPT:
+                del self._merged[next(iter(self._merged))]
+        return vd
+
     def replay_after(self, last: str) -> list[ViewDiff] | None:
         """The view diffs after id ``last`` (still in the recent history), or None."""
         if last == self.head:
@@ -819,7 +856,7 @@ class ViewFeed:
             for key, row in part.items.items():
                 if spec.rows_filtered and not spec.keep(key):
                     continue
-                if type(row) is list:
+                if type(row) is tuple:
                     vals = row if proj is None else [row[i] for i in proj]
                     rows.append([self.short(key), *vals])
                 else:
