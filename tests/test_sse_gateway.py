@@ -392,6 +392,65 @@ async def test_stalled_client_is_bounded_and_resynced_without_blocking_others(
             slow.close()
 
 
+@pytest.mark.slow
+async def test_stalled_whole_client_gets_its_backlog_merged_not_a_new_snapshot(
+    deps: Deps, redis: Redis
+) -> None:
+    """Diffs that rewrite the same items merge into one diff of about one diff's size: a
+    stalled unfiltered client catches up from it, with no second snapshot."""
+    writer = ModelWriter(redis)
+    await writer.publish("SPX", HEAT, "e1", {"seed": 0, "gone": 1}, ts_ns=1)
+    settings = replace(SETTINGS, whole_pending_max_bytes=800_000, send_timeout_s=600.0)
+    n = 80
+    async with gateway(deps, settings) as gw:
+        slow = socket.socket()
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        slow.connect(("127.0.0.1", gw.port))
+        slow.sendall(b"GET /sse/heatmap/butterfly?symbol=SPX HTTP/1.1\r\nHost: x\r\n\r\n")
+        slow.setblocking(False)
+        try:
+
+            async def subscribed() -> bool:
+                m = (await _get(gw, "/metrics", admin(gw))).text
+                return 'massive_sse_clients{channel="heatmap:butterfly"} 1.0' in m
+
+            await eventually(subscribed)
+            await asyncio.sleep(0.5)  # the snapshot is out: the client holds v1
+            for i in range(n):
+                changed = {"hot": f"{i:03d}" + "x" * 100_000, f"k{i % 3}": i}
+                await writer.publish("SPX", HEAT, "e1", changed, ["gone"] if i == 5 else [])
+
+            async def conflated() -> float:
+                return await metric(gw, 'massive_sse_conflated_total{channel="heatmap:butterfly"}')
+
+            assert await eventually(conflated, timeout_s=10) > 0
+            slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            loop = asyncio.get_running_loop()
+            buf, reader, snapshots = Dechunk(), ViewReader(), 0
+            deadline = time.monotonic() + 300  # a hang guard, not a speed target
+            while reader.model is None or reader.model["version"] < n + 1:
+                assert time.monotonic() < deadline, reader.head
+                chunk = await asyncio.wait_for(loop.sock_recv(slow, 1 << 20), 10)
+                assert chunk, "slow stream closed"
+                buf += chunk
+                for e, eid, d in _frames(buf):
+                    if e == "snapshot":
+                        snapshots += 1
+                        reader.snapshot(d)
+                    elif e == "diff":
+                        reader.diff(d, eid)  # raises ChainBreak if a merge broke the chain
+            assert snapshots == 1
+            assert reader.model["items"] == writer.models[("SPX", HEAT)].items
+            assert "gone" not in reader.model["items"]
+            for reason in ("overflow", "gap", "rewrite"):
+                series = (
+                    f'massive_sse_resyncs_total{{channel="heatmap:butterfly",reason="{reason}"}}'
+                )
+                assert await metric(gw, series) == 0
+        finally:
+            slow.close()
+
+
 async def test_client_that_stops_reading_is_dropped_with_one_info_line(
     deps: Deps, redis: Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -676,7 +735,7 @@ async def test_slow_view_client_is_conflated_then_resynced_without_slowing_other
     tid = [f"SPX:{day}:butterfly:{6000 + 5 * i}-{6005 + 5 * i}-{6010 + 5 * i}:C" for i in range(40)]
     await writer.publish("SPX", HEAT, "e1", {t: {"v": 0, "x": ""} for t in tid}, ts_ns=1)
     path = f"/sse/heatmap/butterfly?symbol=SPX&expiry={day}&right=C"
-    settings = replace(SETTINGS, conflate_bytes=20_000, pending_max_bytes=300_000)
+    settings = replace(SETTINGS, pending_max_bytes=20_000)
     async with gateway(deps, settings) as gw:
         stuck = socket.socket()
         stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)

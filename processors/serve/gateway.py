@@ -111,6 +111,9 @@ logger = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).with_name("static")
 SEP = b"\r\n"
 SNAPSHOT_SLICE = 64 * 1024  # a snapshot goes out in slices: the transport never copies it whole
+# a diff frame goes out as it is (the transport makes its one copy), a huge one (a merged
+# whole-model backlog) in slices
+DIFF_SLICE = 1024 * 1024
 SNAPSHOT_SHARE_S = 2.0  # clients joining within this share one read of a stored model
 # Keep-alive comments come from the session itself, between frames (sse-starlette's own
 # pings could land between two slices of a snapshot).
@@ -126,9 +129,8 @@ class SseSettings:
     host: str = "0.0.0.0"
     port: int = 8000
     ping_s: float = 15.0  # keep-alive comment interval
-    # Unsent diffs of a client: sent as they are up to conflate_bytes, merged per item
-    # beyond; a client whose merged backlog exceeds pending_max_bytes is resynced.
-    conflate_bytes: int = 64 * 1024
+    # Unsent diffs of a view client (references to shared frames): merged per item when
+    # they exceed pending_max_bytes; a client whose merged backlog still does is resynced.
     pending_max_bytes: int = 1024 * 1024
     history_bytes: int = 1024 * 1024  # recent diffs kept per view for Last-Event-ID resume
     # whole-model streams (no filter): unsent diffs (shared frames) of a client, and the
@@ -160,8 +162,8 @@ class SseSettings:
     admin_port: int = -1
 
     def __post_init__(self) -> None:
-        if min(self.conflate_bytes, self.pending_max_bytes, self.history_bytes) < 1:
-            raise ValueError("conflate_bytes, pending_max_bytes and history_bytes must be >= 1")
+        if min(self.pending_max_bytes, self.history_bytes) < 1:
+            raise ValueError("pending_max_bytes and history_bytes must be >= 1")
         if self.ping_s <= 0 or self.block_ms <= 0 or self.read_count <= 0:
             raise ValueError("ping_s, block_ms and read_count must be > 0")
         if self.redis_concurrency < 1:
@@ -729,8 +731,8 @@ class _Sent:
                 if small:
                     yield b"".join(small)
                     small, size = [], 0
-                for i in range(0, len(fr), SNAPSHOT_SLICE):
-                    yield fr[i : i + SNAPSHOT_SLICE]
+                for i in range(0, len(fr), DIFF_SLICE):
+                    yield fr if len(fr) <= DIFF_SLICE else fr[i : i + DIFF_SLICE]
                 continue
             small.append(fr)
             size += len(fr)
@@ -1381,86 +1383,75 @@ class Gateway:
     async def session(
         self, channel: Channel, symbol: str, spec: ViewSpec, last_event_id: str | None
     ) -> AsyncIterator[bytes]:
+        """A view: its snapshot (or the diffs after ``last_event_id``), then its diffs."""
         mirror = self.mirror(channel, symbol)
         view = mirror.view(spec)
-        m = self.metrics
-        name = channel.name
-        sent_diff = m.events.labels(channel=name, event="diff")
-        sent_snap = m.events.labels(channel=name, event="snapshot")
-        sent_bytes = m.bytes.labels(channel=name)
-        clients = m.clients.labels(channel=name)
-        ping_s = self.settings.ping_s
+        out = _Sent(self.metrics, channel.name)
         sub = view.subscribe()
-        clients.inc()
+        out.clients.inc()
         try:
             yield b"retry: " + str(self.settings.retry_ms).encode() + SEP + SEP
             announced = False
             resume = last_event_id
             while not sub.closed:
-                if sub.need_snapshot:
-                    if mirror.state != READY:
-                        if mirror.state == NO_MODEL and not announced:
-                            announced = True
-                            yield frame("status", b'{"state":"no_model"}')
-                        sub.wake.clear()
-                        with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(sub.wake.wait(), ping_s)
-                        if not sub.wake.is_set():
-                            yield PING
-                        continue
-                    view = mirror.views.get(spec) or view
-                    if sub.reason:
-                        m.resyncs.labels(channel=name, reason=sub.reason).inc()
-                        sub.reason = ""
-                    if resume is not None:
-                        replay = view.replay_after(resume)
-                        resume = None
-                        if replay is not None:
-                            sub.need_snapshot = False
-                            sub.head = view.head
-                            if replay:
-                                out = self._frames(view, replay)
-                                sent_diff.inc()
-                                sent_bytes.inc(len(out))
-                                yield out
-                            continue
-                        m.resyncs.labels(channel=name, reason="resume").inc()
+                if not sub.need_snapshot:
+                    await sub.wait(self.settings.ping_s)
+                    frames = _view_next(sub)
+                    if frames == []:
+                        yield PING
+                    for chunk in out.diffs(frames or []):
+                        yield chunk
+                    continue
+                if mirror.state != READY:
+                    if mirror.state == NO_MODEL and not announced:
+                        announced = True
+                        yield frame("status", b'{"state":"no_model"}')
+                    if not await sub.woken(self.settings.ping_s):
+                        yield PING
+                    continue
+                view = mirror.views.get(spec) or view
+                if sub.reason:
+                    out.resync(sub.reason)
+                    sub.reason = ""
+                frames = _view_resume(view, sub, resume, out) if resume is not None else None
+                resume = None
+                if frames is None:
                     data = view.snapshot()
                     sub.need_snapshot = False
                     sub.head = view.head
-                    sent_snap.inc()
-                    sent_bytes.inc(len(data))
-                    for i in range(0, len(data), SNAPSHOT_SLICE):
-                        yield data[i : i + SNAPSHOT_SLICE]
+                    frames = list(out.snapshot(data))
                     del data
-                    continue
-                await sub.wait(ping_s)
-                if sub.need_snapshot or sub.closed:
-                    continue
-                items = sub.take()
-                if not items:
-                    yield PING
-                    continue
-                if items[0].prev_id != sub.head:  # cannot happen: a view feeds in order
-                    sub.resync("gap")
-                    continue
-                sub.head = items[-1].id_s
-                out = self._frames(view, items)
-                sent_diff.inc()
-                sent_bytes.inc(len(out))
-                yield out
+                for chunk in frames:
+                    yield chunk
         finally:
             view.unsubscribe(sub, time.monotonic())
-            clients.dec()
+            out.clients.dec()
 
-    def _frames(self, view: ViewFeed, items: list[ViewDiff]) -> bytes:
-        """The diffs as they are, or merged into one when they are many bytes."""
-        if len(items) == 1:
-            return items[0].frame
-        if sum(len(vd.frame) for vd in items) <= self.settings.conflate_bytes:
-            return b"".join(vd.frame for vd in items)
-        self.metrics.conflated.labels(channel=view.kind).inc()
-        return view.merged(items).frame
+
+def _view_next(sub: Subscriber) -> list[bytes] | None:
+    """The frames of the diffs a view client has not been sent (the shared objects); None
+    when it needs a snapshot (or is closed) instead."""
+    if sub.need_snapshot or sub.closed:
+        return None
+    items = sub.take()
+    if items and items[0].prev_id != sub.head:  # cannot happen: a view feeds in order
+        sub.resync("gap")
+        return None
+    if items:
+        sub.head = items[-1].id_s
+    return [vd.frame for vd in items]
+
+
+def _view_resume(view: ViewFeed, sub: Subscriber, last: str, out: _Sent) -> list[bytes] | None:
+    """The chunks of the view diffs after id ``last`` while the view still holds them, or
+    None (a snapshot is needed)."""
+    replay = view.replay_after(last)
+    if replay is None:
+        out.resync("resume")
+        return None
+    sub.need_snapshot = False
+    sub.head = view.head
+    return list(out.diffs([vd.frame for vd in replay]))
 
 
 # --- HTTP application --------------------------------------------------------------------------

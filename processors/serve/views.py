@@ -528,6 +528,13 @@ class Subscriber:
         self.closed = True
         self.wake.set()
 
+    async def woken(self, timeout_s: float) -> bool:
+        """Wait for the next wake-up (the model loaded, a resync, close); False on timeout."""
+        self.wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.wake.wait(), timeout_s)
+        return self.wake.is_set()
+
     async def wait(self, timeout_s: float | None = None) -> None:
         if self.pending or self.closed:
             return
