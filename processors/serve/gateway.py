@@ -243,7 +243,7 @@ class _Diff(msgspec.Struct):
     version: int
     prev_version: int
     ts_ns: int = 0
-    changed: dict[str, Any] = {}
+    changed: dict[str, msgspec.Raw] = {}  # decoded per item where a view looks (views.Model)
     removed: list[str] = []
     meta: msgspec.Raw = msgspec.Raw(b"{}")
     prev_id: str | None = None
@@ -255,7 +255,7 @@ class _Model(msgspec.Struct):
     epoch: str
     version: int
     ts_ns: int = 0
-    items: dict[str, Any] = {}
+    items: dict[str, msgspec.Raw] = {}
     meta: msgspec.Raw = msgspec.Raw(b"{}")
     diff_id: str | None = None
 
@@ -804,8 +804,8 @@ class Mirror:
         self.gw = gw
         self.channel = channel
         self.symbol = symbol
-        self.model = Model(channel.part_of)
         self.views: dict[ViewSpec, ViewFeed] = {}
+        self.model = Model(channel.part_of, self._wants)
         self.state = LOADING
         self.buffer: list[tuple[StreamId, str, bytes]] | None = []
         self.wake = asyncio.Event()
@@ -833,8 +833,13 @@ class Mirror:
                 s.pending_max_bytes,
             )
             v.reset("new")
+            self.model.heat(spec.covers)
             self.gw.metrics.views.labels(channel=self.channel.name).inc()
         return v
+
+    def _wants(self, pk: PartKey) -> bool:
+        """Whether a view covers partition ``pk`` (only those are decoded and flattened)."""
+        return any(spec.covers(pk) for spec in self.views)
 
     def drop_view(self, spec: ViewSpec) -> None:
         if self.views.pop(spec, None) is not None:
@@ -887,6 +892,7 @@ class Mirror:
                 )
                 model = None
             if isinstance(model, Model):
+                model.heat(self._wants)  # views added while it loaded
                 old, self.model = self.model, model
                 self.buffer = None
                 self.state = READY
@@ -920,7 +926,7 @@ class Mirror:
             logger.warning("channel=%s symbol=%s: undecodable model", ch.name, self.symbol)
             return None
         del raw
-        model = Model(ch.part_of)
+        model = Model(ch.part_of, self._wants)
         model.epoch, model.version, model.ts_ns = pm.epoch, pm.version, pm.ts_ns
         model.head = pm.diff_id
         model.head_sid = (parse_id(pm.diff_id) if pm.diff_id else None) or ZERO_ID
@@ -1415,14 +1421,15 @@ class Gateway:
                     sub.reason = ""
                 frames = _view_resume(view, sub, resume, out) if resume is not None else None
                 resume = None
-                if frames is None:
-                    data = view.snapshot()
+                if frames is None:  # a snapshot, shared by the view's clients, in slices
                     sub.need_snapshot = False
                     sub.head = view.head
-                    frames = list(out.snapshot(data))
-                    del data
-                for chunk in frames:
+                    chunks = out.snapshot(view.snapshot())
+                else:
+                    chunks = iter(frames)
+                for chunk in chunks:
                     yield chunk
+                del chunks, frames
         finally:
             view.unsubscribe(sub, time.monotonic())
             out.clients.dec()

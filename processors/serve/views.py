@@ -548,17 +548,33 @@ class Subscriber:
 
 # --- the mirror of one model and its views -----------------------------------------------------
 class Part:
-    __slots__ = ("items",)
+    """The items of one partition: flattened rows while a view covers it (``hot``), else
+    their JSON as published (``cold``: a diff's items are stored, not decoded)."""
 
-    def __init__(self) -> None:
+    __slots__ = ("cold", "hot", "items")
+
+    def __init__(self, hot: bool) -> None:
+        self.hot = hot
         self.items: dict[str, Row] = {}
+        self.cold: dict[str, bytes] = {}
+
+    def __len__(self) -> int:
+        return len(self.items) + len(self.cold)
+
+
+def _all_parts(pk: PartKey) -> bool:
+    return True
 
 
 class Model:
-    """A model held flattened: items by partition (heatmap: expiry x right)."""
+    """A model held by partition (heatmap: expiry x right): flattened where a view looks
+    (``wants``), raw JSON elsewhere, flattened when a view first covers it."""
 
-    def __init__(self, part_of: Callable[[str], PartKey]) -> None:
+    def __init__(
+        self, part_of: Callable[[str], PartKey], wants: Callable[[PartKey], bool] = _all_parts
+    ) -> None:
         self.part_of = part_of
+        self.wants = wants
         self.parts: dict[PartKey, Part] = {}
         self.sig: tuple[Any, ...] | None = None
         self.names: list[str] = []
@@ -599,10 +615,18 @@ class Model:
         return cast(PartKey, pk)
 
     def set(self, key: str, obj: Any) -> tuple[PartKey, Change | bool]:
+        """``obj``: the item, or its JSON (``msgspec.Raw``, bytes)."""
         pk = self._part_key(key)
         part = self.parts.get(pk)
         if part is None:
-            part = self.parts[pk] = Part()
+            part = self.parts[pk] = Part(self.wants(pk))
+        if not part.hot:  # nobody looks: keep the JSON (a copy: a Raw pins its whole diff)
+            part.cold[key] = (
+                bytes(obj) if isinstance(obj, (msgspec.Raw, bytes)) else _json.encode(obj)
+            )
+            return pk, False
+        if isinstance(obj, (msgspec.Raw, bytes)):
+            obj = _decode_any.decode(obj)
         new = self._row(obj)
         old = part.items.get(key)
         part.items[key] = new
@@ -612,23 +636,40 @@ class Model:
         pk = self._part_key(key)
         del self._where[key]
         part = self.parts.get(pk)
-        if part is None or part.items.pop(key, None) is None:
+        if part is None:
             return pk, False
-        if not part.items:
+        had = part.items.pop(key, None) is not None or part.cold.pop(key, None) is not None
+        if not part:
             del self.parts[pk]
-        return pk, True
+        return pk, had and part.hot
+
+    def heat(self, covers: Callable[[PartKey], bool]) -> int:
+        """Flatten the cold partitions ``covers`` selects (a view was added); the number of
+        items flattened."""
+        n = 0
+        for pk, part in self.parts.items():
+            if part.hot or not covers(pk):
+                continue
+            with gc_paused():
+                for key, raw in part.cold.items():
+                    part.items[key] = self._row(_decode_any.decode(raw))
+            n += len(part.cold)
+            part.cold = {}
+            part.hot = True
+        return n
 
     def expiries(self) -> list[str]:
         return sorted({pk[0] for pk in self.parts if pk is not None})
 
     def n_items(self) -> int:
-        return sum(len(p.items) for p in self.parts.values())
+        return sum(len(p) for p in self.parts.values())
 
 
 def apply_changes(
     m: Model, changed: Mapping[str, Any], removed: Iterable[str]
 ) -> dict[PartKey, list[tuple[str, Change]]]:
-    """Apply a model diff's items to ``m``; the effective changes by partition."""
+    """Apply a model diff's items (objects, or their JSON) to ``m``; the effective changes
+    of its flattened partitions, by partition."""
     out: dict[PartKey, list[tuple[str, Change]]] = {}
     for key, obj in changed.items():
         pk, ch = m.set(key, obj)
