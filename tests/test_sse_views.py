@@ -52,8 +52,10 @@ tile = st.fixed_dictionaries(
         "flags": st.lists(st.sampled_from(("stale_quote", "zero_debit")), max_size=2),
     }
 )
-# items without the model's shape: sent whole
-odd = st.one_of(st.integers(), st.fixed_dictionaries({"legs": st.just([]), "debit": num}))
+# items without the model's shape: sent whole (JSON integers: 64-bit, as msgspec reads them)
+odd = st.one_of(
+    st.integers(-(2**63), 2**63 - 1), st.fixed_dictionaries({"legs": st.just([]), "debit": num})
+)
 item = st.one_of(tile, tile, tile, odd)
 diff = st.tuples(
     st.dictionaries(ids, item, max_size=12),

@@ -102,6 +102,7 @@ from streams.health import QuietServer
 from streams.memory import release_freed_memory
 from streams.metrics import counter, gauge
 from streams.processor import Deps
+from streams.redis_client import as_str, opt_str
 from streams.settings import env_settings, from_env
 
 __all__ = ["SseGateway", "SseSettings", "build", "create_app", "frame", "parse_id"]
@@ -418,14 +419,6 @@ logging.getLogger("uvicorn.error").addFilter(_INCOMPLETE)
 def _rows(raw: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
     """XRANGE/XREAD entries as returned by a bytes (decode_responses=False) client."""
     return cast(list[tuple[bytes, dict[bytes, bytes]]], raw or [])
-
-
-def _b(v: bytes | str) -> bytes:
-    return v if isinstance(v, bytes) else v.encode()
-
-
-def _s(v: bytes | str) -> str:
-    return v.decode() if isinstance(v, bytes) else v
 
 
 # --- shared readers ------------------------------------------------------------------------------
@@ -1272,44 +1265,33 @@ class Gateway:
         try:
             yield b"retry: " + str(self.settings.retry_ms).encode() + SEP + SEP
             state: _State | None = None
-            after = parse_id(last_event_id)
-            if after is not None:
-                resumed = await self.replay(channel, symbol, after)
-                if resumed is None:
-                    out.resync("resume")
-                else:
-                    frames, state = resumed
-                    sub.hold(state.last_id)
-                    for chunk in out.diffs(frames):
-                        yield chunk
+            chunks: Iterator[bytes] = iter(())
+            resumed = await self._whole_resume(channel, symbol, last_event_id, out)
+            if resumed is not None:
+                frames, state = resumed
+                sub.hold(state.last_id)
+                chunks = out.diffs(frames)
             announced = False
-            while not sub.closed:
-                if state is None:
-                    base = await self._whole_base(channel, symbol)
-                    if base == NO_MODEL and not announced:
-                        announced = True
-                        yield frame("status", b'{"state":"no_model"}')
-                    if not isinstance(base, tuple):  # no model yet, or a checkpoint to re-read
-                        await sub.wait(self.settings.no_model_poll_s)
-                        sub.reset()  # diffs without a base are useless
-                        continue
-                    data, caught, state = base
-                    sub.hold(state.last_id)
-                    for chunk in out.snapshot(data):
-                        yield chunk
-                    del data
-                    for chunk in out.diffs(caught):
-                        yield chunk
-                    continue
-                await sub.wait(self.settings.ping_s)
-                frames, reason = self._whole_next(channel, sub, state)
-                if reason:
-                    out.resync(reason)
-                    state = None
-                elif not frames and not sub.closed:
-                    yield PING
-                for chunk in out.diffs(frames):
+            while True:
+                for chunk in chunks:
                     yield chunk
+                chunks = iter(())
+                if sub.closed:
+                    break
+                if state is not None:
+                    await sub.wait(self.settings.ping_s)
+                    chunks, state = self._whole_next(channel, sub, state, out)
+                    continue
+                base = await self._whole_base(channel, symbol, out)
+                if isinstance(base, tuple):
+                    chunks, state = base
+                    sub.hold(state.last_id)
+                    continue
+                if base == NO_MODEL and not announced:
+                    announced = True
+                    yield frame("status", b'{"state":"no_model"}')
+                await sub.wait(self.settings.no_model_poll_s)
+                sub.reset()  # diffs without a base are useless
         except (RedisError, OSError) as exc:
             # end this stream; the client reconnects (Last-Event-ID) once Redis is back
             self.metrics.session_errors.labels(channel=channel.name).inc()
@@ -1318,11 +1300,24 @@ class Gateway:
             feed.unsubscribe_whole(sub)
             out.clients.dec()
 
+    async def _whole_resume(
+        self, channel: Channel, symbol: str, last_event_id: str | None, out: _Sent
+    ) -> tuple[list[bytes], _State] | None:
+        """The diffs after ``Last-Event-ID`` while the diff stream holds them, or None."""
+        after = parse_id(last_event_id)
+        if after is None:
+            return None
+        resumed = await self.replay(channel, symbol, after)
+        if resumed is None:
+            out.resync("resume")
+        return resumed
+
     async def _whole_base(
-        self, channel: Channel, symbol: str
-    ) -> tuple[bytes, list[bytes], _State] | str:
-        """The snapshot frame, the diffs after it and the state they bring it to; NO_MODEL;
-        or "gap" when the checkpoint's diffs do not chain (read it again)."""
+        self, channel: Channel, symbol: str, out: _Sent
+    ) -> tuple[Iterator[bytes], _State] | str:
+        """The snapshot and the diffs after it (as chunks) and the state they bring the
+        client to; NO_MODEL; or "gap" when the checkpoint's diffs do not chain (read it
+        again)."""
         snap = await self.whole_snapshot(channel, symbol)
         if snap is None:
             return NO_MODEL
@@ -1330,18 +1325,19 @@ class Gateway:
         caught = await self.catch_up(channel, symbol, state)
         if caught is None:
             self._snaps.pop((channel.name, symbol), None)
-            self.metrics.resyncs.labels(channel=channel.name, reason="gap").inc()
+            out.resync("gap")
             return "gap"
-        return data, caught, state
+        return itertools.chain(out.snapshot(data), out.diffs(caught)), state
 
     def _whole_next(
-        self, channel: Channel, sub: WholeSubscriber, state: _State
-    ) -> tuple[list[bytes], str]:
-        """The frames of the client's backlog that continue ``state`` (advanced), or the
-        reason it needs a fresh snapshot."""
+        self, channel: Channel, sub: WholeSubscriber, state: _State, out: _Sent
+    ) -> tuple[Iterator[bytes], _State | None]:
+        """The chunks of the client's backlog that continues ``state`` (advanced; a ping
+        when there is none), or None for the state when it needs a fresh snapshot."""
         if sub.overflowed:
             sub.reset()
-            return [], "overflow"
+            out.resync("overflow")
+            return iter(()), None
         frames: list[bytes] = []
         try:
             for item in sub.take():
@@ -1350,9 +1346,12 @@ class Gateway:
         except Resync as rs:
             self._snaps.pop((channel.name, sub.symbol), None)  # the model moved on
             sub.reset()
-            return [], rs.reason
+            out.resync(rs.reason)
+            return iter(()), None
         sub.hold(state.last_id)
-        return frames, ""
+        if not frames and not sub.closed:
+            return iter((PING,)), state
+        return out.diffs(frames), state
 
     async def resolve(self, channel: Channel, symbol: str, spec: ViewSpec) -> ViewSpec | str:
         """The view to serve, or why it is unknown (-> 404): a symbol neither offered nor
@@ -1492,127 +1491,139 @@ def filter_model(raw: bytes, channel: Channel, spec: ViewSpec) -> bytes:
     return _json_encoder.encode(model)
 
 
-def create_app(deps: Deps, settings: SseSettings) -> Starlette:
-    """The gateway's ASGI app; ``app.state.gateway`` is its :class:`Gateway`."""
-    gw = Gateway(deps, settings)
-    static = Path(settings.static_dir) if settings.static_dir else STATIC_DIR
+class Endpoints:
+    """The HTTP handlers of both ports, over one :class:`Gateway`."""
 
-    def channel_of(request: Request) -> Channel:
+    def __init__(self, gw: Gateway, deps: Deps, settings: SseSettings) -> None:
+        self.gw = gw
+        self.deps = deps
+        self.settings = settings
+        self.static = Path(settings.static_dir) if settings.static_dir else STATIC_DIR
+
+    def channel_of(self, request: Request) -> Channel:
         strategy = request.path_params.get("strategy")
         name = "gex" if strategy is None else f"heatmap:{strategy}"
-        ch = gw.channels.get(name)
+        ch = self.gw.channels.get(name)
         if ch is None:
             raise ValueError(f"unknown strategy {strategy!r}")
         return ch
 
-    async def view_of(request: Request) -> tuple[Channel, str, ViewSpec] | Response:
+    async def view_of(self, request: Request) -> tuple[Channel, str, ViewSpec] | Response:
         try:
-            ch, sym = channel_of(request), _symbol(request)
+            ch, sym = self.channel_of(request), _symbol(request)
             spec = parse_view(request.query_params, ch.strategy is None)
         except ValueError as exc:
             return PlainTextResponse(str(exc), status_code=400)
-        found = await gw.resolve(ch, sym, spec)
+        found = await self.gw.resolve(ch, sym, spec)
         if isinstance(found, str):
             return PlainTextResponse(found, status_code=404)
         return ch, sym, found
 
-    async def sse(request: Request) -> Response:
-        v = await view_of(request)
+    async def sse(self, request: Request) -> Response:
+        v = await self.view_of(request)
         if isinstance(v, Response):
             return v
         ch, sym, spec = v
         raw_last = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
         last = raw_last.strip() if raw_last and parse_id(raw_last) is not None else None
         if spec == ViewSpec():  # the whole model, as published (no mirror needed)
-            stream = gw.whole_session(ch, sym, last)
+            stream = self.gw.whole_session(ch, sym, last)
         else:
-            stream = gw.session(ch, sym, spec, last)
+            stream = self.gw.session(ch, sym, spec, last)
         return SlowClientDropping(
             stream,
             ping=_NO_PING_S,
-            send_timeout=settings.send_timeout_s,
+            send_timeout=self.settings.send_timeout_s,
             headers={"Cache-Control": "no-store"},
             channel=ch.name,
-            metrics=gw.metrics,
+            metrics=self.gw.metrics,
         )
 
-    async def api_model(request: Request) -> Response:
-        v = await view_of(request)
+    async def api_model(self, request: Request) -> Response:
+        v = await self.view_of(request)
         if isinstance(v, Response):
             return JSONResponse({"error": bytes(v.body).decode()}, status_code=v.status_code)
         ch, sym, spec = v
-        raw = await gw.current_model(ch, sym)
+        raw = await self.gw.current_model(ch, sym)
         if raw is None:
             return JSONResponse({"error": f"no {ch.name} model for {sym}"}, status_code=404)
         if spec != ViewSpec():
             raw = filter_model(raw, ch, spec)
         return Response(raw, media_type="application/json", headers={"Cache-Control": "no-store"})
 
-    async def api_gex_history(request: Request) -> Response:
+    async def api_gex_history(self, request: Request) -> Response:
         try:
             sym = _symbol(request)
             raw_since = request.query_params.get("since_ms")
             since = int(raw_since) if raw_since else None
         except ValueError as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
-        async with gw.redis_slots:
-            body = await gex.levels_history(deps.redis, sym, since)
+        async with self.gw.redis_slots:
+            body = await gex.levels_history(self.deps.redis, sym, since)
         return Response(body, media_type="application/json", headers={"Cache-Control": "no-store"})
 
-    async def api_symbols(request: Request) -> Response:
-        """What the dashboard shows of the epochs (the full meta is on the admin port)."""
+    async def _epochs(self, fields: list[str] | None) -> Response:
+        """Active epoch per symbol with its meta (``fields`` of it; None: all), in two
+        round trips whatever the number of symbols."""
+        redis = self.deps.redis
+        async with self.gw.redis_slots:
+            active = sorted(
+                (as_str(k), as_str(v)) for k, v in (await redis.hgetall(keys.EPOCH_ACTIVE)).items()
+            )
+            pipe = redis.pipeline(transaction=False)
+            for _sym, eid in active:
+                if fields is None:
+                    pipe.hgetall(keys.epoch_meta(eid))
+                else:
+                    pipe.hmget(keys.epoch_meta(eid), fields)
+            metas = await pipe.execute() if active else []
         out: dict[str, Any] = {}
-        async with gw.redis_slots:
-            active = await deps.redis.hgetall(keys.EPOCH_ACTIVE)
-            for sym_b, eid_b in sorted(active.items()):
-                eid = _s(eid_b)
-                state, n = await deps.redis.hmget(keys.epoch_meta(eid), ["state", "n_contracts"])
-                out[_s(sym_b)] = {
-                    "epoch": eid,
-                    "state": None if state is None else _s(state),
-                    "n_contracts": None if n is None else _s(n),
+        for (sym, eid), meta in zip(active, metas, strict=True):
+            if fields is None:
+                out[sym] = {"epoch": eid, "meta": {as_str(k): as_str(v) for k, v in meta.items()}}
+            else:
+                out[sym] = {"epoch": eid} | {
+                    f: opt_str(v) for f, v in zip(fields, meta, strict=True)
                 }
         body = {
             "active": out,
-            "symbols": list(deps.settings.symbols),
+            "symbols": list(self.deps.settings.symbols),
             "strategies": list(keys.STRATEGIES),
         }
         return Response(orjson.dumps(body), media_type="application/json")
 
-    async def api_epochs(request: Request) -> Response:
-        out: dict[str, Any] = {}
-        async with gw.redis_slots:
-            active = await deps.redis.hgetall(keys.EPOCH_ACTIVE)
-            for sym_b, eid_b in sorted(active.items()):
-                eid = _s(eid_b)
-                meta = await deps.redis.hgetall(keys.epoch_meta(eid))
-                out[_s(sym_b)] = {"epoch": eid, "meta": {_s(k): _s(v) for k, v in meta.items()}}
-        body = {
-            "active": out,
-            "symbols": list(deps.settings.symbols),
-            "strategies": list(keys.STRATEGIES),
-        }
-        return Response(orjson.dumps(body), media_type="application/json")
+    async def api_symbols(self, request: Request) -> Response:
+        """What the dashboard shows of the epochs (the full meta is on the admin port)."""
+        return await self._epochs(["state", "n_contracts"])
 
-    async def healthz(request: Request) -> Response:
+    async def api_epochs(self, request: Request) -> Response:
+        return await self._epochs(None)
+
+    async def healthz(self, request: Request) -> Response:
         try:
-            await asyncio.wait_for(deps.redis.ping(), 2)
+            await asyncio.wait_for(self.deps.redis.ping(), 2)
         except (RedisError, OSError, TimeoutError) as exc:
             return PlainTextResponse(f"redis: {exc}\n", status_code=503)
-        if not gw.started:
+        if not self.gw.started:
             return PlainTextResponse("feeds not started\n", status_code=503)
         return PlainTextResponse("ok\n")
 
-    async def metrics(request: Request) -> Response:
-        return Response(generate_latest(deps.registry), media_type=CONTENT_TYPE_LATEST)
+    async def metrics(self, request: Request) -> Response:
+        return Response(generate_latest(self.deps.registry), media_type=CONTENT_TYPE_LATEST)
 
-    async def readyz(request: Request) -> Response:
-        if not gw.started or gw.closing:
+    async def readyz(self, request: Request) -> Response:
+        if not self.gw.started or self.gw.closing:
             return PlainTextResponse("not ready\n", status_code=503)
         return PlainTextResponse("ready\n")
 
-    async def index(request: Request) -> Response:
-        return FileResponse(static / "index.html", headers={"Cache-Control": "no-cache"})
+    async def index(self, request: Request) -> Response:
+        return FileResponse(self.static / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+def create_app(deps: Deps, settings: SseSettings) -> Starlette:
+    """The gateway's ASGI app; ``app.state.gateway`` is its :class:`Gateway`."""
+    gw = Gateway(deps, settings)
+    ep = Endpoints(gw, deps, settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -1625,15 +1636,15 @@ def create_app(deps: Deps, settings: SseSettings) -> Starlette:
     tokens = Tokens(settings.tokens, settings.token_file)
     app = Starlette(
         routes=[
-            Route("/", index),
-            Route("/sse/heatmap/{strategy}", sse),
-            Route("/sse/gex", sse),
-            Route("/api/heatmap/{strategy}", api_model),
-            Route("/api/gex", api_model),
-            Route("/api/gex/history", api_gex_history),
-            Route("/api/symbols", api_symbols),
-            Route("/healthz", healthz),
-            Mount("/static", StaticFiles(directory=static), name="static"),
+            Route("/", ep.index),
+            Route("/sse/heatmap/{strategy}", ep.sse),
+            Route("/sse/gex", ep.sse),
+            Route("/api/heatmap/{strategy}", ep.api_model),
+            Route("/api/gex", ep.api_model),
+            Route("/api/gex/history", ep.api_gex_history),
+            Route("/api/symbols", ep.api_symbols),
+            Route("/healthz", ep.healthz),
+            Mount("/static", StaticFiles(directory=ep.static), name="static"),
         ],
         middleware=[
             Middleware(SecurityHeaders),
@@ -1655,10 +1666,10 @@ def create_app(deps: Deps, settings: SseSettings) -> Starlette:
     # (deploy/k8s NetworkPolicy); no token, no caps. It shares the public app's Gateway.
     admin = Starlette(
         routes=[
-            Route("/metrics", metrics),
-            Route("/api/epochs", api_epochs),
-            Route("/healthz", healthz),
-            Route("/readyz", readyz),
+            Route("/metrics", ep.metrics),
+            Route("/api/epochs", ep.api_epochs),
+            Route("/healthz", ep.healthz),
+            Route("/readyz", ep.readyz),
         ],
         middleware=[
             Middleware(SecurityHeaders),

@@ -136,15 +136,7 @@ def parse_view(params: Mapping[str, str], gex: bool) -> ViewSpec:
     """Query parameters -> ViewSpec; ValueError (-> 400) for a malformed one."""
     expiry = (params.get("expiry") or "").strip()
     if gex:
-        for name in ("right", "strikes", "widths"):
-            if params.get(name):
-                raise ValueError(f"{name} is not a GEX filter")
-        if not expiry:
-            return ViewSpec()
-        if expiry.lower() in ("all", "0dte"):
-            return ViewSpec(scope=expiry.lower())
-        _date(expiry)
-        return ViewSpec(expiry=expiry)  # resolved against the model (today -> 0dte)
+        return _gex_view(params, expiry)
     right = (params.get("right") or "").strip().upper() or None
     if right not in (None, "C", "P"):
         raise ValueError(f"bad right {right!r} (C or P)")
@@ -152,23 +144,45 @@ def parse_view(params: Mapping[str, str], gex: bool) -> ViewSpec:
         expiry = FRONT  # the model's first expiry, resolved when the stream opens
     elif expiry:
         _date(expiry)
-    strikes = None
-    raw = (params.get("strikes") or "").strip()
-    if raw:
-        lo_s, dash, hi_s = raw.partition("-")
-        if not dash:
-            raise ValueError(f"bad strikes {raw!r} (lo-hi)")
-        lo, hi = _num(lo_s, "strike"), _num(hi_s, "strike")
-        if lo > hi:
-            raise ValueError(f"bad strikes {raw!r} (lo > hi)")
-        strikes = (lo, hi)
-    widths = None
-    raw = (params.get("widths") or "").strip()
-    if raw:
-        widths = frozenset(_num(w, "width") for w in raw.split(",") if w.strip())
-        if not widths:
-            raise ValueError(f"bad widths {raw!r}")
-    return ViewSpec(expiry or None, right, strikes, widths)
+    return ViewSpec(
+        expiry or None,
+        right,
+        _strikes((params.get("strikes") or "").strip()),
+        _widths((params.get("widths") or "").strip()),
+    )
+
+
+def _gex_view(params: Mapping[str, str], expiry: str) -> ViewSpec:
+    for name in ("right", "strikes", "widths"):
+        if params.get(name):
+            raise ValueError(f"{name} is not a GEX filter")
+    if not expiry:
+        return ViewSpec()
+    if expiry.lower() in ("all", "0dte"):
+        return ViewSpec(scope=expiry.lower())
+    _date(expiry)
+    return ViewSpec(expiry=expiry)  # resolved against the model (today -> 0dte)
+
+
+def _strikes(raw: str) -> tuple[float, float] | None:
+    if not raw:
+        return None
+    lo_s, dash, hi_s = raw.partition("-")
+    if not dash:
+        raise ValueError(f"bad strikes {raw!r} (lo-hi)")
+    lo, hi = _num(lo_s, "strike"), _num(hi_s, "strike")
+    if lo > hi:
+        raise ValueError(f"bad strikes {raw!r} (lo > hi)")
+    return lo, hi
+
+
+def _widths(raw: str) -> frozenset[float] | None:
+    if not raw:
+        return None
+    widths = frozenset(_num(w, "width") for w in raw.split(",") if w.strip())
+    if not widths:
+        raise ValueError(f"bad widths {raw!r}")
+    return widths
 
 
 def _date(s: str) -> None:
