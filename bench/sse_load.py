@@ -49,6 +49,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.e2e_load import build_epoch, machine, rss_mb
 from processors import MODEL_PATH
+from processors.serve.gateway import SseSettings
 from tests import harness as h
 from tests.sse_client import Dechunk, ViewReader
 from tests.sse_publisher import ModelWriter
@@ -250,24 +251,27 @@ class Tap:
                     self.bytes += len(chunk)
                 dc += chunk
                 for ev, eid, data in dc.frames():
-                    if ev == "snapshot":
-                        self.snapshots += 1
-                        if self.reader is not None:
-                            self.reader.snapshot(data)
-                        self.snapshot.set()
-                    elif ev == "diff":
-                        self.diffs += 1
-                        if self.reader is not None:
-                            self.reader.diff(data, eid)
-                        if self.counting:
-                            src = _head_int(data, b'"src_recv_ts_ns":')
-                            if src is not None:
-                                self.delays_ms.append((now - src) / 1e6)
-                            pub = _head_int(data, b'"ts_ns":')
-                            if pub is not None:
-                                self.publish_ms.append((now - pub) / 1e6)
+                    self._event(ev, eid, data, now)
         finally:
             writer.close()
+
+    def _event(self, ev: str, eid: str, data: bytes, now: int) -> None:
+        if ev == "snapshot":
+            self.snapshots += 1
+            if self.reader is not None:
+                self.reader.snapshot(data)
+            self.snapshot.set()
+        elif ev == "diff":
+            self.diffs += 1
+            if self.reader is not None:
+                self.reader.diff(data, eid)
+            if self.counting:
+                src = _head_int(data, b'"src_recv_ts_ns":')
+                if src is not None:
+                    self.delays_ms.append((now - src) / 1e6)
+                pub = _head_int(data, b'"ts_ns":')
+                if pub is not None:
+                    self.publish_ms.append((now - pub) / 1e6)
 
     def start(self, host: str, port: int) -> None:
         self.task = asyncio.create_task(self.run(host, port))
@@ -277,6 +281,21 @@ class Tap:
             self.task.cancel()
             with contextlib.suppress(asyncio.CancelledError, OSError):
                 await self.task
+
+
+async def _dispatch_metrics(admin_port: int) -> dict[str, tuple[float, float]]:
+    """channel -> (dispatch CPU seconds, diff entries read) from the gateway's /metrics."""
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(f"http://127.0.0.1:{admin_port}/metrics")).text
+    out: dict[str, list[float]] = {}
+    for line in text.splitlines():
+        for i, name in enumerate(
+            ("massive_sse_dispatch_cpu_seconds_total{", "massive_sse_dispatched_entries_total{")
+        ):
+            if line.startswith(name):
+                ch = line.split('channel="', 1)[1].split('"', 1)[0]
+                out.setdefault(ch, [0.0, 0.0])[i] = float(line.rsplit(" ", 1)[1])
+    return {ch: (v[0], v[1]) for ch, v in out.items()}
 
 
 def _head_int(data: bytes, field: bytes) -> int | None:
@@ -381,10 +400,11 @@ async def scoped(args: argparse.Namespace) -> None:
     log_dir = Path(tempfile.mkdtemp(prefix="sse-scoped-"))
     srv = h.redis_server()
     r = Redis.from_url(srv.url)
-    port = free_port()
+    port, admin = free_port(), free_port()
     env = {
         "MASSIVE_LOG_LEVEL": "WARNING",
         "MASSIVE_SSE_PORT": str(port),
+        "MASSIVE_SSE_ADMIN_PORT": str(admin),
         "MASSIVE_SSE_HOST": "127.0.0.1",
         "MASSIVE_SYMBOLS": "SPX",
         "MASSIVE_GEX_INTERVAL_S": "2",
@@ -432,6 +452,7 @@ async def scoped(args: argparse.Namespace) -> None:
             t.bytes, t.delays_ms, t.publish_ms, t.diffs = 0, [], [], 0
         rep = h.LoadReplayer(cids, hot)
         print(f"# load starts {time.strftime('%H:%M:%S')}", flush=True)
+        m0 = await _dispatch_metrics(admin)
         cpu0, t0 = h.proc_cpu_seconds(gw_pid), time.monotonic()
         bench_cpu0 = time.process_time()
         rss_max = rss_idle
@@ -447,6 +468,7 @@ async def scoped(args: argparse.Namespace) -> None:
         for t in taps:
             t.counting = False
         rss_load = rss_mb(gw_pid)
+        m1 = await _dispatch_metrics(admin)
         per_client = [t.bytes / wall for t in taps]
         print(
             f"scoped: {args.clients} clients over {len(views)} views, {args.events:.0f} events/s "
@@ -466,15 +488,25 @@ async def scoped(args: argparse.Namespace) -> None:
                 f"diffs {n}, tick->SSE p50 {pct(ds, 0.5):.0f} ms, p99 {pct(ds, 0.99):.0f} ms; "
                 f"publish->SSE p50 {pct(ps, 0.5):.0f} ms, p99 {pct(ps, 0.99):.0f} ms"
             )
+        for ch in sorted(m1):
+            cpu_s = m1[ch][0] - m0.get(ch, (0.0, 0.0))[0]
+            n = m1[ch][1] - m0.get(ch, (0.0, 0.0))[1]
+            if n:
+                print(
+                    f"  gateway {ch}: {n:.0f} model diffs read, dispatch CPU "
+                    f"{1000 * cpu_s / n:.1f} ms per diff ({cpu_s:.1f} s in all)"
+                )
         for t in taps:
             await t.stop()
         taps = []
         await asyncio.sleep(5)
         left = rss_mb(gw_pid)
-        await asyncio.sleep(45)  # views and mirrors without clients linger 30 s
+        await asyncio.sleep(25)
         print(
-            f"gateway RSS after every client left: {left:.0f} MB; 45 s later (views and "
-            f"mirrors dropped): {rss_mb(gw_pid):.0f} MB"
+            f"gateway RSS before clients {rss0:.0f} MB, with all clients idle {rss_idle:.0f} MB,"
+            f" under load {rss_load:.0f} MB; 5 s after every client left {left:.0f} MB, 30 s "
+            f"after {rss_mb(gw_pid):.0f} MB (views and mirrors without clients linger "
+            f"{SseSettings().view_linger_s:.0f} s)"
         )
     finally:
         for t in taps:

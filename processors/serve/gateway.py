@@ -137,7 +137,7 @@ class SseSettings:
     # whole-model streams (no filter): unsent diffs (shared frames) of a client, and the
     # diffs replayed on a resume, before it gets a snapshot instead
     whole_pending_max_bytes: int = 64 * 1024 * 1024
-    view_linger_s: float = 30.0  # a view (and its mirror) without clients is kept this long
+    view_linger_s: float = 10.0  # a view (and its mirror) without clients is kept this long
     block_ms: int = 1000  # XREAD BLOCK of the shared readers
     read_count: int = 1000  # XREAD COUNT of the shared readers
     replay_page_bytes: int = 8 * 1024 * 1024  # XRANGE page (in entry bytes) of a mirror load
@@ -360,6 +360,16 @@ class Metrics:
             "Clients dropped because they accepted no bytes for send_timeout_s",
             ("channel",),
         )
+        self.dispatch_cpu: Counter = counter(
+            r,
+            "massive_sse_dispatch_cpu_seconds_total",
+            "CPU time of the shared readers handing diff entries to mirrors, views and "
+            "subscribers (decode, apply, encode once per view)",
+            ("channel",),
+        )
+        self.dispatched: Counter = counter(
+            r, "massive_sse_dispatched_entries_total", "Diff stream entries read", ("channel",)
+        )
 
 
 class SlowClientDropping(EventSourceResponse):
@@ -438,6 +448,8 @@ class DiffFeed:
         self.read_errors = metrics.read_errors.labels(channel=channel.name)
         self.dropped = metrics.dropped.labels(channel=channel.name)
         self.conflated = metrics.conflated.labels(channel=channel.name)
+        self.dispatch_cpu = metrics.dispatch_cpu.labels(channel=channel.name)
+        self.dispatched = metrics.dispatched.labels(channel=channel.name)
         # merged backlogs of whole-model clients, by (prev_id of the first, last id): the
         # clients that fall behind together share one merge
         self._merged: dict[tuple[str | None, StreamId], Item | None] = {}
@@ -526,9 +538,12 @@ class DiffFeed:
                 backoff_s = min(backoff_s * 2, 5.0)
                 continue
             backoff_s = 0.1
+            t0 = time.thread_time()
             with gc_paused():
                 for _stream, entries in cast(list[Any], resp or []):
+                    self.dispatched.inc(len(entries))
                     self.dispatch(_rows(entries))
+            self.dispatch_cpu.inc(time.thread_time() - t0)
 
 
 # --- whole-model streams (no filter): the diff stream entries as they are -----------------------
