@@ -678,10 +678,74 @@ async def test_view_work_is_shared_and_unknown_views_are_refused(deps: Deps, red
                 ("/api/heatmap/butterfly?symbol=QQQ", 404),
                 ("/sse/heatmap/butterfly?symbol=SPX&expiry=2001-01-01", 404),
                 ("/api/heatmap/butterfly?symbol=SPX&expiry=2001-01-01", 404),
-                ("/sse/gex?symbol=SPX&expiry=2001-01-01", 404),  # GEX dates: today's only
+                ("/sse/gex?symbol=SPX&expiry=2001-01-01", 404),  # not a listed expiry
                 ("/sse/heatmap/butterfly?symbol=SPX&right=X", 400),
                 ("/sse/heatmap/butterfly?symbol=SPX&strikes=9-1", 400),
                 ("/sse/gex?symbol=SPX&right=C", 400),
+            ]:
+                assert (await http.get(path)).status_code == status, path
+
+
+async def _gex_with_dates(
+    writer: ModelWriter, redis: Redis, calls: dict[str, dict[str, float]], puts: dict[str, Any]
+) -> None:
+    """A GEX model listing three expiries, and its per-expiry keys at the same version (the
+    keys first: the gateway reads them when the diff arrives, as after the publish script)."""
+    old = writer.models.get(("SPX", "gex"))
+    version = 1 if old is None else old.version + 1
+    for key, side in ((keys.gex_model_calls("SPX"), calls), (keys.gex_model_puts("SPX"), puts)):
+        body = {"version": version, "epoch": "e1", "expirations": side}
+        await redis.set(key, json.dumps(body))
+    meta = {"expiries": ["2026-12-01", "2026-12-04", "2026-12-18"], "today": "2026-12-01"}
+    meta |= {"dollar_spot": 100.0, "spot": 100.2}
+    items = {k: {"strike": float(k), "calls": 1.0, "calls_0dte": 0.5} for k in ("95", "100")}
+    await writer.publish("SPX", "gex", "e1", items, meta=meta, ts_ns=version)
+
+
+async def test_gex_view_of_any_listed_expiry(deps: Deps, redis: Redis) -> None:
+    """``/sse/gex?expiry=<date>``: all, 0dte, today's date (= 0dte) or any listed expiry; an
+    unlisted date is a 404. A date view follows the model's versions."""
+    writer = ModelWriter(redis)
+    day = "2026-12-04"
+    calls = {"2026-12-01": {"100": 5.0}, day: {"95": 2.0, "100": 3.0}, "2026-12-18": {}}
+    puts = {"2026-12-01": {}, day: {"100": 1.5, "105": 4.0}, "2026-12-18": {"90": 1.0}}
+    await _gex_with_dates(writer, redis, calls, puts)
+
+    def want(c: dict[str, float], p: dict[str, float]) -> dict[str, Any]:
+        out = {}
+        for k in sorted(c.keys() | p.keys(), key=float):
+            cv, pv = c.get(k, 0.0), -p.get(k, 0.0)
+            net = round(cv + pv, 6)
+            out[k] = {"strike": float(k), "calls": cv, "puts": pv, "net": net}
+            out[k] |= {"calls_usd": cv * 100.0, "puts_usd": pv * 100.0, "net_usd": net * 100.0}
+        return out
+
+    async with gateway(deps) as gw:
+        async with Client(f"{base(gw)}/sse/gex?symbol=SPX&expiry={day}") as c:
+            reader = ViewReader()
+            snap = reader.snapshot((await c.next_data("snapshot")).data)
+            assert snap["view"] == {"expiry": day}
+            assert snap["items"] == want(calls[day], puts[day])
+            assert snap["version"] == writer.models[("SPX", "gex")].version
+            api = (await _get(gw, f"/api/gex?symbol=SPX&expiry={day}")).json()
+            assert api["items"] == snap["items"] and api["version"] == snap["version"]
+            # the next version: one strike changes, one goes, one comes
+            calls[day] = {"95": 2.5, "110": 1.0}
+            await _gex_with_dates(writer, redis, calls, puts)
+            ev = await c.next_data("diff")
+            reader.diff(ev.data, ev.id)
+            assert reader.model is not None
+            assert reader.model["items"] == want(calls[day], puts[day])
+            assert reader.model["version"] == writer.models[("SPX", "gex")].version
+        async with Client(f"{base(gw)}/sse/gex?symbol=SPX&expiry=2026-12-01") as t:
+            today = ViewReader().snapshot((await t.next_data("snapshot")).data)
+            assert today["view"] == {"expiry": "0dte"}
+        async with httpx.AsyncClient(base_url=base(gw)) as http:
+            for path, status in [
+                ("/sse/gex?symbol=SPX&expiry=2026-12-05", 404),  # not listed
+                ("/api/gex?symbol=SPX&expiry=2026-12-05", 404),
+                ("/api/gex?symbol=SPX&expiry=2026-12-18", 200),
+                ("/api/gex?symbol=SPX&expiry=all", 200),
             ]:
                 assert (await http.get(path)).status_code == status, path
 

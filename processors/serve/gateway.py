@@ -79,6 +79,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
 from processors.gex import calculator as gex
+from processors.serve import gex_expiry
 from processors.serve.access import Guard, SecurityHeaders, Tokens
 from processors.serve.views import (
     FRONT,
@@ -261,10 +262,6 @@ class _Model(msgspec.Struct):
     diff_id: str | None = None
 
 
-class _ModelHead(msgspec.Struct):
-    meta: dict[str, Any] = {}
-
-
 class _WholeModelHead(msgspec.Struct):
     epoch: str
     version: int
@@ -274,7 +271,6 @@ class _WholeModelHead(msgspec.Struct):
 _diff_head = msgspec.json.Decoder(_DiffHead)
 _diff_dec = msgspec.json.Decoder(_Diff)
 _model_dec = msgspec.json.Decoder(_Model)
-_model_head = msgspec.json.Decoder(_ModelHead)
 _whole_head = msgspec.json.Decoder(_WholeHead)
 _whole_model_head = msgspec.json.Decoder(_WholeModelHead)
 _full_model = msgspec.json.Decoder(RawModel)
@@ -825,15 +821,18 @@ class Mirror:
         self.m_reject = gw.metrics.rejected.labels(channel=channel.name, reason="bad_diff")
         self.ready_event = asyncio.Event()
         self.created = time.monotonic()
+        self.dates_due = asyncio.Event()
+        self.dates_task: asyncio.Task[None] | None = None
 
     # -- views --
     def view(self, spec: ViewSpec) -> ViewFeed:
         v = self.views.get(spec)
         if v is None:
             s = self.gw.settings
+            date = is_date(self.channel, spec)
             v = self.views[spec] = ViewFeed(
                 spec,
-                self.model,
+                Model(self.channel.part_of) if date else self.model,
                 self.channel.name,
                 self.symbol,
                 self.channel.strategy,
@@ -841,9 +840,71 @@ class Mirror:
                 s.pending_max_bytes,
             )
             v.reset("new")
-            self.model.heat(spec.covers)
+            if date:
+                v.filled = False
+                self._refresh_dates()
+            else:
+                self.model.heat(spec.covers)
             self.gw.metrics.views.labels(channel=self.channel.name).inc()
         return v
+
+    # -- GEX by expiry date (processors/serve/gex_expiry.py) --
+    def _refresh_dates(self) -> None:
+        """Bring the date views to the GEX model's latest version (in the background)."""
+        self.dates_due.set()
+        if self.dates_task is None or self.dates_task.done():
+            self.dates_task = asyncio.create_task(
+                self._dates_loop(), name=f"sse-gex-dates:{self.symbol}"
+            )
+
+    async def _dates_loop(self) -> None:
+        gw = self.gw
+        while not gw.closing and any(is_date(self.channel, s) for s in self.views):
+            await self.dates_due.wait()
+            self.dates_due.clear()
+            try:
+                async with gw.redis_slots:
+                    ge = await gex_expiry.read(gw.redis, self.symbol)
+            except (RedisError, OSError, ValueError) as exc:
+                gw.metrics.session_errors.labels(channel=self.channel.name).inc()
+                logger.warning("gex dates %s: %s", self.symbol, exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(gw._stop.wait(), gw.settings.no_model_poll_s)
+                self.dates_due.set()
+                continue
+            if ge is None:  # no model yet, or a publish between the reads: the next diff
+                continue
+            for spec, view in list(self.views.items()):
+                if is_date(self.channel, spec):
+                    self._date_update(view, ge)
+
+    def _date_update(self, view: ViewFeed, ge: gex_expiry.GexExpiries) -> None:
+        m = view.model
+        if view.filled and m.epoch == ge.epoch and m.version >= ge.version:
+            return
+        items = ge.items(cast(str, view.spec.scope))
+        sid = (parse_id(ge.diff_id) if ge.diff_id else None) or ZERO_ID
+        if not view.filled or m.epoch != ge.epoch:  # first fill, or a new epoch: a snapshot
+            m = Model(self.channel.part_of)
+            with gc_paused():
+                apply_changes(m, items, [])
+            m.epoch, m.version, m.head, m.head_sid, m.ts_ns = (
+                ge.epoch, ge.version, ge.diff_id, sid, ge.ts_ns,
+            )  # fmt: skip
+            first = not view.filled
+            view.model, view.filled = m, True
+            n = view.reset("" if first else "epoch")
+            if n:
+                self.m_resyncs.labels(channel=self.channel.name, reason="epoch").inc(n)
+            return
+        gone = [k for p in m.parts.values() for k in p.items if k not in items]
+        with gc_paused():
+            changes = apply_changes(m, items, gone)
+        m.version, m.head, m.head_sid, m.ts_ns = ge.version, ge.diff_id, sid, ge.ts_ns
+        vd = view.on_diff(sid, ge.diff_id or format_id(sid), ge.ts_ns, None, changes, None)
+        if vd is not None:
+            for sub in view.subs:
+                self.push(view, sub, vd)
 
     def _wants(self, pk: PartKey) -> bool:
         """Whether a view covers partition ``pk`` (only those are decoded and flattened)."""
@@ -866,8 +927,9 @@ class Mirror:
             )
 
     def stop(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
+        for task in (self.task, self.dates_task):
+            if task is not None:
+                task.cancel()
         for v in self.views.values():
             for sub in v.subs:
                 sub.close()
@@ -904,7 +966,10 @@ class Mirror:
                 old, self.model = self.model, model
                 self.buffer = None
                 self.state = READY
-                for v in self.views.values():
+                for spec, v in self.views.items():
+                    if is_date(self.channel, spec):
+                        self._refresh_dates()
+                        continue
                     v.model = model
                     v.reset("")
                 self.ready_event.set()
@@ -1001,7 +1066,11 @@ class Mirror:
         if meta_changed:
             m.meta = meta
         if emit:
-            for view in self.views.values():
+            if self.dates_task is not None:
+                self._refresh_dates()
+            for spec, view in self.views.items():
+                if is_date(self.channel, spec):
+                    continue
                 vd = view.on_diff(
                     sid, id_s, d.ts_ns, d.src_recv_ts_ns, changes, meta if meta_changed else None
                 )
@@ -1378,15 +1447,7 @@ class Gateway:
                 if not await self.redis.exists(key):
                     return f"unknown symbol {symbol!r}"
         if channel.strategy is None and spec.expiry is not None:
-            async with self.redis_slots:
-                raw = await self.redis.get(key)
-            today = None
-            if raw is not None:
-                with contextlib.suppress(msgspec.ValidationError, msgspec.DecodeError):
-                    today = _model_head.decode(raw).meta.get("today")
-            if spec.expiry != today:
-                return f"GEX by strike is published for all expiries and 0dte (today: {today})"
-            return ViewSpec(scope="0dte")
+            return await self._gex_date(key, spec.expiry)
         if spec.expiry is not None:
             mirror = self.mirror(channel, symbol)
             with contextlib.suppress(TimeoutError):
@@ -1399,6 +1460,21 @@ class Gateway:
             if mirror.state == READY and spec.expiry not in expiries:
                 return f"no expiry {spec.expiry} in the {channel.name} model of {symbol}"
         return spec
+
+    async def _gex_date(self, key: str, expiry: str) -> ViewSpec | str:
+        """A GEX date: today's is the 0DTE scope; another listed expiry its own view."""
+        async with self.redis_slots:
+            raw = await self.redis.get(key)
+        expiries: list[str] = []
+        today = None
+        if raw is not None:
+            with contextlib.suppress(msgspec.ValidationError, msgspec.DecodeError):
+                expiries, today = gex_expiry.listed(cast(bytes, raw))
+        if expiry == today:
+            return ViewSpec(scope="0dte")
+        if expiry not in expiries:
+            return f"no expiry {expiry} in the GEX model (listed: {', '.join(expiries)})"
+        return ViewSpec(scope=expiry)
 
     async def session(
         self, channel: Channel, symbol: str, spec: ViewSpec, last_event_id: str | None
@@ -1422,7 +1498,7 @@ class Gateway:
                     for chunk in out.diffs(frames or []):
                         yield chunk
                     continue
-                if mirror.state != READY:
+                if mirror.state != READY or not view.filled:
                     if mirror.state == NO_MODEL and not announced:
                         announced = True
                         yield frame("status", b'{"state":"no_model"}')
@@ -1481,6 +1557,11 @@ def _symbol(request: Request) -> str:
     if not sym.isalnum() or len(sym) > 12:
         raise ValueError(f"bad symbol {sym!r}")
     return sym
+
+
+def is_date(channel: Channel, spec: ViewSpec) -> bool:
+    """A GEX view of one expiry date (not all expiries, not 0DTE)."""
+    return channel.strategy is None and spec.scope not in (None, "all", "0dte")
 
 
 def filter_model(raw: bytes, channel: Channel, spec: ViewSpec) -> bytes:
@@ -1559,10 +1640,15 @@ class Endpoints:
         if isinstance(v, Response):
             return JSONResponse({"error": bytes(v.body).decode()}, status_code=v.status_code)
         ch, sym, spec = v
-        raw = await self.gw.current_model(ch, sym)
+        if is_date(ch, spec):
+            async with self.gw.redis_slots:
+                ge = await gex_expiry.read(self.deps.redis, sym)
+            raw = None if ge is None else ge.model_json(cast(str, spec.scope))
+        else:
+            raw = await self.gw.current_model(ch, sym)
         if raw is None:
             return JSONResponse({"error": f"no {ch.name} model for {sym}"}, status_code=404)
-        if spec != ViewSpec():
+        if spec != ViewSpec() and not is_date(ch, spec):
             raw = filter_model(raw, ch, spec)
         return Response(raw, media_type="application/json", headers={"Cache-Control": "no-store"})
 

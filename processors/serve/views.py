@@ -729,6 +729,7 @@ class ViewFeed:
         self.ts_ns = 0
         self.epoch = ""
         self.snap: tuple[str | None, bytes] | None = None
+        self.filled = True  # False: a derived view (GEX by date) before its first content
         # backlogs merged for slow subscribers, by (prev_id of the first, id of the last):
         # the subscribers of a view fall behind together, so one merge serves them all
         self._merged: dict[tuple[str | None, str], ViewDiff] = {}
