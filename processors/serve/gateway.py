@@ -58,7 +58,7 @@ import dataclasses
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -853,9 +853,7 @@ class Mirror:
         """Bring the date views to the GEX model's latest version (in the background)."""
         self.dates_due.set()
         if self.dates_task is None or self.dates_task.done():
-            self.dates_task = asyncio.create_task(
-                self._dates_loop(), name=f"sse-gex-dates:{self.symbol}"
-            )
+            self.dates_task = self.gw.spawn(self._dates_loop(), f"sse-gex-dates:{self.symbol}")
 
     async def _dates_loop(self) -> None:
         gw = self.gw
@@ -922,8 +920,8 @@ class Mirror:
     # -- loading --
     def start(self) -> None:
         if self.task is None or self.task.done():
-            self.task = asyncio.create_task(
-                self._load_loop(), name=f"sse-mirror:{self.channel.name}:{self.symbol}"
+            self.task = self.gw.spawn(
+                self._load_loop(), f"sse-mirror:{self.channel.name}:{self.symbol}"
             )
 
     def stop(self) -> None:
@@ -1108,39 +1106,53 @@ class Gateway:
             for name, ch in self.channels.items()
         }
         self._stop = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tg: asyncio.TaskGroup | None = None
+        self.grace_s = min(deps.settings.grace_s, settings.block_ms / 1000 + 2)
         self.started = False
         self.redis_slots = asyncio.Semaphore(settings.redis_concurrency)
         self._snaps: dict[
             tuple[str, str], tuple[float, _WholeSnap | asyncio.Future[_WholeSnap | None]]
         ] = {}
 
-    async def start(self) -> None:
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """The shared readers and the janitor (and every mirror's loader), as one task group,
+        for the life of the server. On exit they are asked to stop, given ``grace_s``, then
+        cancelled, and awaited either way; an error of any of them is raised."""
         self._stop = asyncio.Event()
         tame_malloc(self.settings.mmap_threshold_kb)
         for feed in self.feeds.values():
             await feed.prime()
-        self._tasks = [
-            asyncio.create_task(f.run(self._stop), name=f"sse-feed:{n}")
-            for n, f in self.feeds.items()
-        ]
-        self._tasks.append(asyncio.create_task(self._janitor(), name="sse-janitor"))
-        self.started = True
+        shutdown = asyncio.timeout(None)
+        try:
+            async with shutdown, asyncio.TaskGroup() as tg:
+                self._tg = tg
+                for n, f in self.feeds.items():
+                    tg.create_task(f.run(self._stop), name=f"sse-feed:{n}")
+                tg.create_task(self._janitor(), name="sse-janitor")
+                self.started = True
+                try:
+                    yield
+                finally:
+                    self.started = False
+                    self.close_sessions()
+                    shutdown.reschedule(asyncio.get_running_loop().time() + self.grace_s)
+        except TimeoutError:
+            logger.warning("sse-gateway: readers still busy after %.0f s: cancelled", self.grace_s)
+        finally:
+            self._tg = None
+
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        """A task of the gateway's group (mirror loaders): awaited at shutdown."""
+        if self._tg is None:
+            raise RuntimeError("sse-gateway: not running")
+        return self._tg.create_task(coro, name=name)
 
     def close_sessions(self) -> None:
         """Ask every open SSE stream to end (server shutdown)."""
         self._stop.set()
         for feed in self.feeds.values():
             feed.close()
-
-    async def stop(self) -> None:
-        self.close_sessions()
-        if self._tasks:
-            _, pending = await asyncio.wait(self._tasks, timeout=self.settings.block_ms / 1000 + 2)
-            for t in pending:
-                t.cancel()
-        self._tasks = []
-        self.started = False
 
     @property
     def closing(self) -> bool:
@@ -1728,11 +1740,8 @@ def create_app(deps: Deps, settings: SseSettings) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await gw.start()
-        try:
+        async with gw.running():
             yield
-        finally:
-            await gw.stop()
 
     tokens = Tokens(settings.tokens, settings.token_file)
     app = Starlette(
@@ -1837,28 +1846,36 @@ class SseGateway:
             )
             servers.append((self.admin_server, s.admin_host, s.admin_port))
 
+        failed: list[Exception] = []
+
         async def serve(server: QuietServer, host: str, port: int) -> None:
+            # A failure ends this task normally: the other server then shuts down gracefully
+            # (closing its sockets) instead of being cancelled by the group.
             try:
                 await server.serve()
             except SystemExit:  # uvicorn exits the process when it cannot bind
-                raise RuntimeError(f"sse-gateway: cannot serve on {host}:{port}") from None
+                failed.append(RuntimeError(f"sse-gateway: cannot serve on {host}:{port}"))
+            except Exception as exc:
+                failed.append(exc)
 
-        serving = [
-            asyncio.create_task(serve(*srv), name=f"sse-gateway:uvicorn:{i}")
-            for i, srv in enumerate(servers)
-        ]
-        stopper = asyncio.create_task(stop.wait(), name="sse-gateway:stop")
         try:
-            await asyncio.wait([*serving, stopper], return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopper.cancel()
-            self.gateway.close_sessions()  # open streams end, so uvicorn can drain
-            for server, _, _ in servers:
-                server.should_exit = True
-            results = await asyncio.gather(*serving, return_exceptions=True)
-        for res in results:
-            if isinstance(res, BaseException):
-                raise res
+            async with asyncio.TaskGroup() as tg:
+                serving = [
+                    tg.create_task(serve(*srv), name=f"sse-gateway:uvicorn:{i}")
+                    for i, srv in enumerate(servers)
+                ]
+                stopper = tg.create_task(stop.wait(), name="sse-gateway:stop")
+                try:
+                    await asyncio.wait([*serving, stopper], return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    stopper.cancel()
+                    self.gateway.close_sessions()  # open streams end, so uvicorn can drain
+                    for server, _, _ in servers:
+                        server.should_exit = True
+        except BaseExceptionGroup as eg:
+            raise eg.exceptions[0] from None  # the first failure, as a plain exception
+        if failed:
+            raise failed[0]
         if not stop.is_set():  # startup failed (lifespan: Redis unreachable) or crashed
             raise RuntimeError("sse-gateway: the HTTP server stopped unexpectedly (see log)")
 
