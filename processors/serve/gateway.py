@@ -79,6 +79,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
 from processors.gex import calculator as gex
+from processors.heatmap import checkpoint
 from processors.serve import gex_expiry
 from processors.serve.access import Guard, SecurityHeaders, Tokens
 from processors.serve.views import (
@@ -1192,26 +1193,18 @@ class Gateway:
     async def entries_after(
         self, stream: str, after: StreamId
     ) -> AsyncIterator[tuple[StreamId, str, bytes]]:
-        """Entries of ``stream`` with ids above ``after``, in pages of about
-        ``replay_page_bytes`` (a butterfly diff is ~1 MB under load)."""
-        cursor = format_id(after)
-        count = 16
-        while True:
-            async with self.redis_slots:
-                page = _rows(await self.redis.xrange(stream, "(" + cursor, "+", count=count))
-            size = 0
-            for raw_id, fields in page:
-                cursor = raw_id.decode()
-                body = fields.get(b"d")
-                sid = parse_id(raw_id)
-                if body is None or sid is None:
-                    continue
-                size += len(body)
-                yield sid, cursor, body
-            if len(page) < count:
-                return
-            avg = max(1, size // max(1, len(page)))
-            count = max(1, min(1000, self.settings.replay_page_bytes // avg))
+        """Entries of ``stream`` with ids above ``after`` (processors/heatmap/checkpoint.py),
+        in pages of about ``replay_page_bytes``."""
+        async for id_s, body in checkpoint.diffs_after(
+            self.redis,
+            stream,
+            format_id(after),
+            self.settings.replay_page_bytes,
+            self.redis_slots,
+        ):
+            sid = parse_id(id_s)
+            if sid is not None:
+                yield sid, id_s, body
 
     async def current_model(self, channel: Channel, symbol: str) -> bytes | None:
         """The model at its latest version: the model key (a checkpoint) with the diffs after
