@@ -691,7 +691,8 @@ class WholeSubscriber:
             return
         self.wake.clear()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.wake.wait(), timeout_s)
+            async with asyncio.timeout(timeout_s):  # no task per wait (wait_for makes one)
+                await self.wake.wait()
 
     def take(self) -> list[Item]:
         items, self.buf, self.nbytes = self.buf, [], 0
@@ -981,7 +982,8 @@ class Mirror:
                 self._notify()
                 self.ready_event.set()  # no model is an answer too (the stream says so)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), gw.settings.no_model_poll_s)
+                async with asyncio.timeout(gw.settings.no_model_poll_s):
+                    await self.wake.wait()
 
     async def _load(self) -> Model | str | None:
         """The model at its latest version; NO_MODEL; None when its diffs do not chain."""

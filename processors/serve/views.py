@@ -546,7 +546,8 @@ class Subscriber:
         """Wait for the next wake-up (the model loaded, a resync, close); False on timeout."""
         self.wake.clear()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.wake.wait(), timeout_s)
+            async with asyncio.timeout(timeout_s):  # no task per wait (wait_for makes one)
+                await self.wake.wait()
         return self.wake.is_set()
 
     async def wait(self, timeout_s: float | None = None) -> None:
@@ -557,7 +558,8 @@ class Subscriber:
             await self.wake.wait()
         else:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), timeout_s)
+                async with asyncio.timeout(timeout_s):  # no task per wait (wait_for makes one)
+                    await self.wake.wait()
 
 
 # --- the mirror of one model and its views -----------------------------------------------------
