@@ -799,7 +799,7 @@ async def test_slow_view_client_is_conflated_then_resynced_without_slowing_other
     tid = [f"SPX:{day}:butterfly:{6000 + 5 * i}-{6005 + 5 * i}-{6010 + 5 * i}:C" for i in range(40)]
     await writer.publish("SPX", HEAT, "e1", {t: {"v": 0, "x": ""} for t in tid}, ts_ns=1)
     path = f"/sse/heatmap/butterfly?symbol=SPX&expiry={day}&right=C"
-    settings = replace(SETTINGS, pending_max_bytes=20_000)
+    settings = replace(SETTINGS, pending_max_bytes=300_000)
     async with gateway(deps, settings) as gw:
         stuck = socket.socket()
         stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -816,10 +816,12 @@ async def test_slow_view_client_is_conflated_then_resynced_without_slowing_other
                     return m in (await _get(gw, "/metrics", admin(gw))).text
 
                 await eventually(both)
-                # phase 1: the same two tiles over and over (a merged backlog stays small),
-                # then big values on every tile (the merged backlog exceeds the bound)
+                # phase 1: the same two tiles over and over, 400 kB in all (the merged
+                # backlog stays at two tiles), then big values on every tile (the merged
+                # backlog exceeds the bound)
+                pad = "y" * 2000
                 for i in range(200):
-                    await writer.publish("SPX", HEAT, "e1", {tid[i % 2]: {"v": i, "x": ""}})
+                    await writer.publish("SPX", HEAT, "e1", {tid[i % 2]: {"v": i, "x": pad}})
                 blob = "x" * 100_000  # 8 MB: more than the socket buffers can absorb
                 for i in range(80):
                     await writer.publish("SPX", HEAT, "e1", {tid[i % 40]: {"v": i, "x": blob}})
