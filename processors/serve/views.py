@@ -352,13 +352,12 @@ def row_change(old: Row | None, new: Row, n: int, all_idx: tuple[int, ...]) -> C
     """The change from ``old`` to ``new``; False when nothing changed."""
     if type(new) is tuple:
         if type(old) is tuple:
-            if old == new and all(type(a) is type(b) for a, b in zip(old, new, strict=True)):
-                return False
+            # one pass; ``a is b`` first: interned strings, small ints, shared flags
             idx = tuple(
                 [
                     i
                     for i, (a, b) in enumerate(zip(old, new, strict=True))
-                    if a != b or type(a) is not type(b)
+                    if a is not b and (a != b or type(a) is not type(b))
                 ]
             )
             return (idx, [new[i] for i in idx]) if idx else False
