@@ -141,7 +141,9 @@ class SseSettings:
     whole_pending_max_bytes: int = 64 * 1024 * 1024
     view_linger_s: float = 10.0  # a view (and its mirror) without clients is kept this long
     block_ms: int = 1000  # XREAD BLOCK of the shared readers
-    read_count: int = 1000  # XREAD COUNT of the shared readers
+    # XREAD COUNT of the shared readers: a butterfly diff is ~1 MB under load, so a reader
+    # that fell behind would otherwise pull up to a GB in one reply (the RSS high-water mark)
+    read_count: int = 32
     replay_page_bytes: int = 8 * 1024 * 1024  # XRANGE page (in entry bytes) of a mirror load
     no_model_poll_s: float = 1.0  # re-read interval of a model that does not exist yet
     send_timeout_s: float = 30.0  # a client that accepts no bytes for this long is dropped
