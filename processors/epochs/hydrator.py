@@ -48,7 +48,7 @@ import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 from redis.asyncio import Redis
@@ -57,7 +57,7 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from processors import lua
 from schemas import keys, symbols, ticker
-from schemas.massive import IndexValue, Quote, Trade, decode_frame
+from schemas.massive import Event, IndexValue, Quote, Trade, decode_frame
 from schemas.messages import WS_PAYLOAD_FIELD, WS_RECV_FIELD, DirtyEntry, entry
 from streams import metrics
 from streams.consumer import Entry
@@ -140,6 +140,41 @@ class _Routed:
     misses_t: list[Trade]
 
 
+_Ev = TypeVar("_Ev", Quote, Trade, IndexValue)
+
+
+def _keep_newest(newest: dict[str, _Ev], key: str, ev: _Ev) -> None:
+    """Conflation: an equal timestamp keeps the first in stream order."""
+    old = newest.get(key)
+    if old is None or ev.t > old.t:
+        newest[key] = ev
+
+
+def _book_applied(
+    qs: list[Quote],
+    ts: list[Trade],
+    applied: Sequence[int],
+    recv: dict[str, int],
+    got: dict[str, int],
+    max_ts: int,
+) -> tuple[int, int]:
+    """Record in ``got`` the contracts of the ``applied`` event indices (quote indices first,
+    ascending, then trades) with their earliest receive time; returns the number of quotes
+    among them and the newest event time (at least ``max_ts``)."""
+    nq = len(qs)
+    n_q = 0
+    for i in applied:
+        ev: Quote | Trade
+        if i < nq:
+            ev = qs[i]
+            n_q += 1
+        else:
+            ev = ts[i - nq]
+        got[ev.sym] = recv.get(ev.sym, _MAX)
+        max_ts = max(max_ts, ev.t)
+    return n_q, max_ts
+
+
 @dataclass(slots=True)
 class _Batch:
     quotes: dict[str, Quote]
@@ -208,11 +243,8 @@ class Hydrator(ConsumerProcessor):
 
     # --- decode + conflate -----------------------------------------------------------------
     def _collect(self, entries: list[Entry]) -> _Batch:
-        quotes: dict[str, Quote] = {}
-        trades: dict[str, Trade] = {}
-        spots: dict[str, IndexValue] = {}
-        recv_of: dict[str, int] = {}
-        n_q = n_t = n_v = n_s = n_s_bad = n_other = 0
+        b = _Batch({}, {}, {}, {})
+        n = dict.fromkeys(("quote", "trade", "index", "stock", "stock_bad", "other"), 0)
         for eid, fields in entries:
             try:
                 recv = int(fields[WS_RECV_FIELD])
@@ -222,62 +254,51 @@ class Hydrator(ConsumerProcessor):
                 logger.warning("ws entry %r without valid recv_ts_ns/payload: %r", eid, exc)
                 continue
             fr = decode_frame(payload)
-            if fr.errors:
-                for err in fr.errors:
-                    reason = "bad_frame" if err.startswith("frame") else "bad_event"
-                    self.m_rejected.labels(reason=reason).inc()
-                    logger.warning("ws entry %r rejected (%s): %s", eid, reason, err)
+            for err in fr.errors:
+                reason = "bad_frame" if err.startswith("frame") else "bad_event"
+                self.m_rejected.labels(reason=reason).inc()
+                logger.warning("ws entry %r rejected (%s): %s", eid, reason, err)
             for ev in fr.events:
-                cls = type(ev)
-                if (
-                    (cls is Quote or cls is Trade)
-                    and not ev.sym.startswith("O:")  # type: ignore[union-attr]
-                    and self._is_stock(ev.sym)  # type: ignore[union-attr]
-                ):
-                    # a stock/ETF underlying from /stocks: its spot (anything else without
-                    # O: goes on as an option event and is a geometry miss)
-                    n_s += 1
-                    sv = _stock_value(ev)  # type: ignore[arg-type]
-                    if sv is None:
-                        n_s_bad += 1
-                        self.m_rejected.labels(reason="stock_no_price").inc()
-                        continue
-                    v = spots.get(sv.ticker)
-                    if v is None or sv.t > v.t:
-                        spots[sv.ticker] = sv
-                    continue
-                if cls is Quote:
-                    n_q += 1
-                    sym = ev.sym  # type: ignore[union-attr]
-                    q = quotes.get(sym)
-                    if q is None or ev.t > q.t:  # type: ignore[union-attr]
-                        quotes[sym] = ev  # type: ignore[assignment]
-                elif cls is Trade:
-                    n_t += 1
-                    sym = ev.sym  # type: ignore[union-attr]
-                    t = trades.get(sym)
-                    if t is None or ev.t > t.t:  # type: ignore[union-attr]
-                        trades[sym] = ev  # type: ignore[assignment]
-                elif cls is IndexValue:
-                    n_v += 1
-                    sym = ev.ticker  # type: ignore[union-attr]
-                    v = spots.get(sym)
-                    if v is None or ev.t > v.t:  # type: ignore[union-attr]
-                        spots[sym] = ev  # type: ignore[assignment]
-                    continue
+                sym = self._conflate(ev, b, n)
+                if sym is not None and recv < b.recv.get(sym, _MAX):
+                    b.recv[sym] = recv
+        for kind in ("quote", "trade", "index", "stock", "other"):
+            self.m_events.labels(kind=kind).inc(n[kind])
+        n_spot = n["index"] + n["stock"] - n["stock_bad"]
+        self.m_conflated.inc(
+            n["quote"] + n["trade"] + n_spot - len(b.quotes) - len(b.trades) - len(b.spots)
+        )
+        return b
+
+    def _conflate(self, ev: Event, b: _Batch, n: dict[str, int]) -> str | None:
+        """Keep ``ev`` in ``b`` if it is the newest of its kind and contract (counted in
+        ``n``); returns the option contract it belongs to, None for spots and others."""
+        if type(ev) is Quote or type(ev) is Trade:
+            sym = ev.sym
+            if not sym.startswith("O:") and self._is_stock(sym):
+                # a stock/ETF underlying from /stocks: its spot (anything else without
+                # O: goes on as an option event and is a geometry miss)
+                n["stock"] += 1
+                sv = _stock_value(ev)
+                if sv is None:
+                    n["stock_bad"] += 1
+                    self.m_rejected.labels(reason="stock_no_price").inc()
                 else:
-                    n_other += 1
-                    continue
-                if recv < recv_of.get(sym, _MAX):
-                    recv_of[sym] = recv
-        self.m_events.labels(kind="quote").inc(n_q)
-        self.m_events.labels(kind="trade").inc(n_t)
-        self.m_events.labels(kind="index").inc(n_v)
-        self.m_events.labels(kind="stock").inc(n_s)
-        self.m_events.labels(kind="other").inc(n_other)
-        n_spot = n_v + n_s - n_s_bad
-        self.m_conflated.inc(n_q + n_t + n_spot - len(quotes) - len(trades) - len(spots))
-        return _Batch(quotes, trades, spots, recv_of)
+                    _keep_newest(b.spots, sv.ticker, sv)
+                return None
+            if type(ev) is Quote:
+                n["quote"] += 1
+                _keep_newest(b.quotes, sym, ev)
+            elif type(ev) is Trade:
+                n["trade"] += 1
+                _keep_newest(b.trades, sym, ev)
+            return sym
+        if type(ev) is IndexValue:
+            n["index"] += 1
+            _keep_newest(b.spots, ev.ticker, ev)
+        else:
+            n["other"] += 1
+        return None
 
     def _is_stock(self, sym: str) -> bool:
         """A stock or ETF ticker of a symbol that runs (an active epoch) or is configured /
@@ -498,24 +519,11 @@ class Hydrator(ConsumerProcessor):
                     logger.error("epoch %s: %d events hit missing contract hashes", eid, r[1])
                     self.m_miss.labels(symbol=_label(s)).inc(int(r[1]))
                 key = (s, eid)
-                got = changed.setdefault(key, {})
-                mts = max_ts.get(key, 0)
-                nq = len(qs)
-                n_q = 0
-                for i in r[2:]:  # quote indices first, ascending, then trades
-                    ev: Quote | Trade
-                    if i < nq:
-                        ev = qs[i]
-                        n_q += 1
-                    else:
-                        ev = ts[i - nq]
-                    sym = ev.sym
-                    got[sym] = recv.get(sym, _MAX)
-                    if ev.t > mts:
-                        mts = ev.t
+                n_q, max_ts[key] = _book_applied(
+                    qs, ts, r[2:], recv, changed.setdefault(key, {}), max_ts.get(key, 0)
+                )
                 applied_q += n_q
                 applied_t += len(r) - 2 - n_q
-                max_ts[key] = mts
             if stale and active == self._active:
                 # The epoch was retired after our HGETALL: read the pointer again.
                 active = _hash((await link.call([("HGETALL", keys.EPOCH_ACTIVE)]))[0])
