@@ -69,6 +69,11 @@ class SymbolSpec:
     rate: float | None = None  # risk-free rate for greeks we compute (None: GEX setting)
 
     def __post_init__(self) -> None:
+        self._check_values()
+        self._check_underlying()
+        self._check_roots()
+
+    def _check_values(self) -> None:
         name = self.symbol
         if not name or not name.isalnum() or name != name.upper():
             raise SymbolSpecError(f"symbol {name!r}: must be upper-case alphanumeric")
@@ -85,6 +90,10 @@ class SymbolSpec:
         for label, v in (("div_yield", self.div_yield), ("rate", self.rate)):
             if v is not None and not -1.0 < v < 1.0:
                 raise SymbolSpecError(f"{name}: {label} {v} is not a yearly rate")
+
+    def _check_underlying(self) -> None:
+        """Default the provider ticker from kind and symbol; the two must agree."""
+        name = self.symbol
         if not self.underlying:
             tkr = f"I:{name}" if self.kind == "index" else name
             object.__setattr__(self, "underlying", tkr)
@@ -92,6 +101,9 @@ class SymbolSpec:
             raise SymbolSpecError(f"{name}: an index underlying is spelled I:<ticker>")
         if self.kind == "equity" and self.underlying.startswith("I:"):
             raise SymbolSpecError(f"{name}: an equity underlying has no I: prefix")
+
+    def _check_roots(self) -> None:
+        name = self.symbol
         if not self.roots and not self.root_pattern:
             object.__setattr__(self, "roots", (name,))
         if self.root_pattern:
