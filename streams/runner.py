@@ -11,9 +11,11 @@ several as an ``ExceptionGroup`` (``massive-pipeline`` prints each on one line).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Iterator, Sequence
+from typing import Any
 
 from streams.health import health_server
 from streams.processor import Deps, Processor
@@ -33,10 +35,6 @@ async def run_processors(
     A processor that crashes stops the others and its error propagates (the process exits
     non-zero and Kubernetes restarts it)."""
     stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    if install_signals:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
     procs = list(processors)
     errors: list[Exception] = []
     stopped = asyncio.Event()
@@ -49,31 +47,49 @@ async def run_processors(
         finally:
             stop.set()  # one processor ending ends the process: Kubernetes restarts it
 
-    try:
+    with _stop_on_signals(stop, install_signals):
         async with asyncio.TaskGroup() as tg:
             tasks = [tg.create_task(supervise(p.name, p.run(stop)), name=p.name) for p in procs]
             if deps.settings.metrics_port:
                 health = serve_health(deps, procs, stopped)
                 tg.create_task(supervise("health endpoint", health), name="health")
             await stop.wait()
-            try:
-                async with asyncio.timeout(deps.settings.grace_s):
-                    if tasks:
-                        await asyncio.wait(tasks)
-            except TimeoutError:
-                for t in tasks:
-                    if not t.done():
-                        logger.warning("%s did not stop within grace, cancelling", t.get_name())
-                        t.cancel()
+            await stop_within(tasks, deps.settings.grace_s)
             stopped.set()  # the endpoint answers probes until the processors are done
-    finally:
-        if install_signals:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
     if len(errors) == 1:
         raise errors[0]
     if errors:
         raise ExceptionGroup(f"{len(errors)} processors failed", errors)
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop: asyncio.Event, install: bool) -> Iterator[None]:
+    """SIGTERM/SIGINT set ``stop`` while inside (when ``install``)."""
+    if not install:
+        yield
+        return
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        yield
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+async def stop_within(tasks: Sequence[asyncio.Task[Any]], grace_s: float) -> None:
+    """Give ``tasks`` (already told to stop) ``grace_s`` to end; cancel those still running
+    (the caller's TaskGroup then awaits them)."""
+    try:
+        async with asyncio.timeout(grace_s):
+            if tasks:
+                await asyncio.wait(tasks)
+    except TimeoutError:
+        for t in tasks:
+            if not t.done():
+                logger.warning("%s did not stop within grace, cancelling", t.get_name())
+                t.cancel()
 
 
 async def serve_health(deps: Deps, processors: Sequence[Processor], until: asyncio.Event) -> None:
