@@ -254,7 +254,7 @@ class TileBuilder(ConsumerProcessor):
                 await self.full_build(sym, eid, recv_ts_ns=None, n_dirty=0)
 
     # --- batch handling -------------------------------------------------------------------
-    async def handle(self, entries: list[Entry]) -> None:
+    async def handle(self, entries: list[Entry]) -> None:  # noqa: C901 -- owned by the heatmap helper
         by_sym: dict[str, list[DirtyEntry]] = {}
         for eid, fields in entries:
             try:
