@@ -56,6 +56,7 @@ from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import NoScriptError, ResponseError
 
 from processors import lua
+from processors.epochs.topology import ActiveTopology
 from schemas import keys, symbols, ticker
 from schemas.massive import Event, IndexValue, Quote, Trade, decode_frame
 from schemas.messages import WS_PAYLOAD_FIELD, WS_RECV_FIELD, DirtyEntry, entry
@@ -194,10 +195,9 @@ class Hydrator(ConsumerProcessor):
         self._hydrate = lua.get("hydrate")
         self._spot = lua.get("spot")
         # Derived local cache (invariant 2): active epoch per symbol and its frozen topology.
-        self._active: dict[str, str] = {}
-        self._cid_sym: dict[str, str] = {}
-        self._topo: dict[str, list[str]] = {}
-        self._version = 0  # bumped on every cache change
+        self.topology = ActiveTopology(self.redis)
+        self._active = self.topology.active
+        self._cid_sym = self.topology.by_cid
         self._fmt: dict[float, str] = {}  # price -> repr(price)
         reg = deps.registry
         self.m_events = metrics.counter(
@@ -315,27 +315,11 @@ class Hydrator(ConsumerProcessor):
     # --- local epoch cache -----------------------------------------------------------------
     async def _refresh(self, active: dict[str, str]) -> set[str]:
         """Bring the cache to ``active``; returns the symbols whose epoch changed."""
-        changed = {s for s in {*active, *self._active} if active.get(s) != self._active.get(s)}
-        if not changed:
-            return changed
-        self._version += 1
-        pipe = self.redis.pipeline(transaction=False)
-        loading = [s for s in changed if s in active]
-        for s in loading:
-            pipe.smembers(keys.epoch_contracts(active[s]))
-        members = await pipe.execute() if loading else []
-        for s in changed:
-            for cid in self._topo.pop(s, ()):
-                self._cid_sym.pop(cid, None)
-            self._active.pop(s, None)
-        for s, mem in zip(loading, members, strict=True):
-            cids = [as_str(c) for c in mem]
-            self._topo[s] = cids
-            for cid in cids:
-                self._cid_sym[cid] = s
-            self._active[s] = active[s]
+        changed = await self.topology.sync(active)
+        for s in changed & active.keys():
             self.m_refresh.labels(symbol=_label(s)).inc()
-            logger.info("active epoch %s=%s (%d contracts) cached", s, active[s], len(cids))
+            n = len(self.topology.cids[s])
+            logger.info("active epoch %s=%s (%d contracts) cached", s, active[s], n)
         return changed
 
     # --- the batch -------------------------------------------------------------------------
@@ -358,7 +342,11 @@ class Hydrator(ConsumerProcessor):
                 todo = bool(b.quotes or b.trades or b.spots)
                 if sent is not None:
                     res = await link.recv()
-                    if todo and self._clean(sent[1], res) and routed.version == self._version:
+                    if (
+                        todo
+                        and self._clean(sent[1], res)
+                        and routed.version == self.topology.version
+                    ):
                         await link.send(self._commands(routed, list(b.spots.values())))
                         _merge(acc, await self._settle(link, *sent, res))  # makes no call
                         sent = (b, routed)
@@ -366,7 +354,7 @@ class Hydrator(ConsumerProcessor):
                     _merge(acc, await self._settle(link, *sent, res))
                     sent = None
                 if todo:
-                    if routed.version != self._version:  # the cache moved while settling
+                    if routed.version != self.topology.version:  # the cache moved while settling
                         routed = self._route(list(b.quotes.values()), list(b.trades.values()))
                     await link.send(self._commands(routed, list(b.spots.values())))
                     sent = (b, routed)
@@ -462,7 +450,7 @@ class Hydrator(ConsumerProcessor):
         order = list(groups)
         enc = _packer.encode
         return _Routed(
-            version=self._version,
+            version=self.topology.version,
             groups=groups,
             order=order,
             eids=[self._active[s] for s in order],
@@ -528,7 +516,7 @@ class Hydrator(ConsumerProcessor):
                 # The epoch was retired after our HGETALL: read the pointer again.
                 active = _hash((await link.call([("HGETALL", keys.EPOCH_ACTIVE)]))[0])
             await self._refresh(active)
-            if rt.version != self._version and (misses_q or misses_t):
+            if rt.version != self.topology.version and (misses_q or misses_t):
                 # Resolved against an older cache: a new epoch may know these contracts.
                 pend_q += misses_q
                 pend_t += misses_t

@@ -40,6 +40,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
+from processors.epochs.topology import ActiveTopology
 from schemas import keys, ticker
 from schemas import symbols as symbol_specs
 from schemas.massive import Status, decode_frame
@@ -187,7 +188,8 @@ class WsIngest:
             self.feeds["stocks"] = _Feed("stocks")
         self._dormancy_feed = "options" if "options" in self.feeds else next(iter(self.feeds), "")
         self._queue: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue(settings.queue_max)
-        self._epochs: dict[str, _EpochView] = {}
+        self.topology = ActiveTopology(self.redis)
+        self._epochs: dict[str, _EpochView] = {}  # parsed from the topology, per epoch
         self._q_center: dict[str, tuple[str, float]] = {}  # sym -> (eid, spot used)
         self._last_data_mono: dict[str, float] = {}
         self._last_signal_mono: float | None = None
@@ -504,7 +506,7 @@ class WsIngest:
             eid = raw_eid.decode() if isinstance(raw_eid, bytes) else str(raw_eid)
             view = self._epochs.get(sym)
             if view is None or view.eid != eid:
-                view = self._epochs[sym] = await self._load_epoch(eid)
+                view = self._epochs[sym] = await self._load_epoch(sym, eid)
             if self.s.trades:
                 out.update(f"T.{cid}" for cid, _e, _k in view.contracts)
             if self.s.quotes:
@@ -514,11 +516,9 @@ class WsIngest:
             out.update(f"Q.{cid}" for cid in allocate(ranked, self.s.max_quotes))
         return out
 
-    async def _load_epoch(self, eid: str) -> _EpochView:
-        members = await self.redis.smembers(keys.epoch_contracts(eid))
+    async def _load_epoch(self, sym: str, eid: str) -> _EpochView:
         contracts = []
-        for m in members:
-            cid = m.decode() if isinstance(m, bytes) else str(m)
+        for cid in await self.topology.epoch(sym, eid):
             try:
                 t = ticker.parse(cid)
             except ticker.TickerError:
