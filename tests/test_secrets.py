@@ -170,7 +170,7 @@ async def test_an_error_body_echoing_the_url_is_redacted(
             ("SPX",),
         )
         caplog.set_level(logging.DEBUG)
-        async with p._client() as client:
+        async with p.rest.client() as client:
             with pytest.raises(cp.FetchError) as ei:
                 await p.cycle(client, "startup")
     assert all(f"apiKey={key}" in t for t in provider.requests)  # the key was sent ...
