@@ -16,6 +16,7 @@ from processors.heatmap import publisher, tile_builder
 from processors.ingest import chain_poller, ws_ingest
 from processors.ops import monitor
 from processors.serve import gateway as sse_gateway
+from schemas import symbols
 from streams.processor import Deps, Processor
 
 Builder = Callable[[Deps, "str | None"], Processor]
@@ -54,7 +55,9 @@ PROCESSORS: dict[str, Stage] = {
 
 
 def load(spec: str, deps: Deps) -> Processor:
-    """``"tile-builder:butterfly"`` -> tile_builder.build(deps, "butterfly")."""
+    """``"tile-builder:butterfly"`` -> tile_builder.build(deps, "butterfly"), with the
+    process's symbol specs taken from ``deps.settings`` (schemas/symbols.py)."""
+    symbols.configure(deps.settings.symbol_specs, deps.settings.symbols)
     name, _, arg = spec.partition(":")
     stage = PROCESSORS.get(name)
     if stage is None:

@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -244,42 +245,55 @@ class WsIngest:
 
     # --- lifecycle ------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
+        """The feeds, the dormancy watch and the writer as one ``asyncio.TaskGroup``, until
+        ``stop`` or until one of them ends (an error: raised once all have stopped, several
+        as an ``ExceptionGroup``). On the way out the feeds are cancelled first, then the
+        writer flushes what was received, within ``grace_s``."""
         self._stop = stop
         now = self.clock.monotonic()
         for market in self.feeds:
             self._last_data_mono[market] = now
-        writer = asyncio.create_task(self._writer(), name="ws-writer")
-        dormancy = asyncio.create_task(self._dormancy(stop), name="ws-dormancy")
-        feeds = [
-            asyncio.create_task(self._feed_loop(f, stop), name=f"ws-{f.market}")
-            for f in self.feeds.values()
-        ]
-        stop_w = asyncio.create_task(stop.wait())
-        error: BaseException | None = None
+        errors: list[Exception] = []
+        ending = asyncio.Event()
+
+        async def supervise(work: Coroutine[Any, Any, None]) -> None:
+            try:
+                await work
+            except Exception as exc:
+                if ending.is_set():  # raised while being stopped: the run is over anyway
+                    logger.warning("ws-ingest: error while stopping: %r", exc)
+                else:
+                    errors.append(exc)
+            finally:
+                ending.set()
+
         try:
-            pending = {stop_w, writer, dormancy, *feeds}
-            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for t in done:
-                if t is not stop_w and not t.cancelled() and t.exception() is not None:
-                    error = t.exception()
-        finally:
-            for t in (*feeds, dormancy, stop_w):
-                t.cancel()
-            for t in (*feeds, dormancy, stop_w):
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await t
-            # flush what was received before stopping
-            if not writer.done():
+            async with asyncio.TaskGroup() as tg:
+                writer = tg.create_task(supervise(self._writer()), name="ws-writer")
+                readers = [tg.create_task(supervise(self._dormancy(stop)), name="ws-dormancy")]
+                readers += [
+                    tg.create_task(supervise(self._feed_loop(f, stop)), name=f"ws-{f.market}")
+                    for f in self.feeds.values()
+                ]
+                relay = tg.create_task(_relay(stop, ending), name="ws-stop")
+                await ending.wait()
+                for t in (relay, *readers):
+                    t.cancel()
+                await asyncio.wait((relay, *readers))
+                # flush what was received before stopping
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._queue.join(), self.deps.settings.grace_s)
+                    async with asyncio.timeout(self.deps.settings.grace_s):
+                        if not writer.done():
+                            await self._queue.join()
                 writer.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await writer
+        finally:
             for f in self.feeds.values():
                 f.connected = False
                 self.m_connected.labels(f.market).set(0)
-        if error is not None:
-            raise error
+        if len(errors) == 1:
+            raise errors[0]
+        if errors:
+            raise ExceptionGroup(f"ws-ingest: {len(errors)} tasks failed", errors)
 
     async def _sleep(self, seconds: float) -> None:
         await sleep_or_stop(self._stop, seconds)
@@ -652,6 +666,11 @@ def allocate(ranked: dict[str, list[str]], budget: int) -> list[str]:
         out.extend(take)
         remaining -= len(take)
     return out
+
+
+async def _relay(source: asyncio.Event, target: asyncio.Event) -> None:
+    await source.wait()
+    target.set()
 
 
 def build(deps: Deps, arg: str | None) -> WsIngest:

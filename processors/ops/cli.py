@@ -115,7 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         settings = from_env(RuntimeSettings)
-        symbols.registry()  # MASSIVE_SYMBOL_SPECS: a bad spec fails here, with its name
+        # MASSIVE_SYMBOL_SPECS: a bad spec fails here, with its name
+        symbols.configure(settings.symbol_specs, settings.symbols)
     except SettingsError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
