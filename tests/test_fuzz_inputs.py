@@ -370,7 +370,7 @@ async def running_poller(
     rs = RuntimeSettings(redis_url=url, consumer="f", symbols=("SPX",))
     poller = cp.ChainPoller(Deps(redis, rs, reg), s)
     transport = httpx.MockTransport(handler)
-    poller._client = lambda: httpx.AsyncClient(transport=transport)  # type: ignore[method-assign]
+    poller.rest.client = lambda: httpx.AsyncClient(transport=transport)  # type: ignore[method-assign]
     stop = asyncio.Event()
     task = asyncio.create_task(poller.run(stop))
     try:
