@@ -34,7 +34,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -112,70 +111,7 @@ class Checker:
             self.details.append(f"{c.channel} v{v}")
 
 
-def _flat(xs: list[float]) -> str:
-    if len(xs) < 2:
-        return "n/a"
-    lo, hi, last = min(xs), max(xs), xs[-1]
-    return f"min {lo:.0f} max {hi:.0f} last {last:.0f} ({100 * (hi / lo - 1):.0f} % range)"
-
-
-class _Series:
-    """Redis memory every 15 s, its breakdown and the processes' RSS every minute, and the
-    run's events, each at seconds since ``t0``."""
-
-    def __init__(self) -> None:
-        self.t0 = time.monotonic()
-        self.mem: list[tuple[float, float]] = []
-        self.parts: list[tuple[float, dict[str, float]]] = []
-        self.rss: list[tuple[float, dict[str, float]]] = []
-        self.events: list[tuple[float, str]] = []
-
-    def at(self) -> float:
-        return time.monotonic() - self.t0
-
-    async def sample(self, r: Any, srv: Any, p: h.Pipeline, stop: asyncio.Event) -> None:
-        next_rss = 0.0
-        while not stop.is_set():
-            try:
-                b = await memory_breakdown(r)
-                self.mem.append((self.at(), b["used"]))
-                self.parts.append((self.at(), b))
-            except Exception as exc:  # Redis restarting: a gap in the series
-                self.events.append((self.at(), f"memory sample failed: {type(exc).__name__}"))
-            if self.at() >= next_rss:
-                snap = {s: rss_mb(p.procs[s].pid) for s in PROCS}
-                snap["redis-server"] = rss_mb(srv.proc.pid if srv.proc else None)
-                self.rss.append((self.at(), snap))
-                next_rss += 60
-            await sleep_or_stop(stop, 15)
-
-    def print(self) -> None:
-        print("\n# events")
-        for t, e in self.events:
-            print(f"{t:8.0f}s  {e}")
-        print("\n# redis used_memory (MB), every 15 s")
-        print(" ".join(f"{m:.0f}" for _, m in self.mem))
-        print("\n# what holds it (MB), every minute: used = streams + models + staging + rest")
-        top = sorted({k for _, b in self.parts for k in b if k.startswith("stream ")})
-        print("t_s     used streams models staging buffers  rest  " + " ".join(k[7:] for k in top))
-        next_t = 0.0
-        for t, b in self.parts:
-            if t < next_t:
-                continue
-            next_t = t + 60
-            print(
-                f"{t:6.0f} {b['used']:5.0f} {b['streams']:7.0f} {b['models']:6.0f} "
-                f"{b['staging']:7.0f} {b['buffers']:7.0f} {b['rest']:5.0f}  "
-                + " ".join(f"{b.get(k, 0.0):.0f}" for k in top)
-            )
-        print("\n# RSS (MB), every minute")
-        names = [*PROCS, "redis-server"]
-        print("t_s     " + " ".join(f"{n[:14]:>14}" for n in names))
-        for t, snap in self.rss:
-            print(f"{t:6.0f}  " + " ".join(f"{snap.get(n, float('nan')):14.0f}" for n in names))
-
-
-async def main() -> int:
+async def main() -> int:  # noqa: C901 -- owned by the rss helper (bench/soak.py)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--minutes", type=float, default=24.0)
     ap.add_argument("--rate", type=float, default=5000.0)
@@ -199,11 +135,33 @@ async def main() -> int:
         "MASSIVE_SYMBOLS": "SPX",
     }
     p = h.Pipeline(srv.url, log_dir, extra_env=env, supervise=False)
-    series = _Series()
-    mem, rss, events, at = series.mem, series.rss, series.events, series.at
+    mem: list[tuple[float, float]] = []
+    parts: list[tuple[float, dict[str, float]]] = []
+    rss: list[tuple[float, dict[str, float]]] = []
+    events: list[tuple[float, str]] = []
     clients = [ModelClient(api, ch, "SPX", history_max=5000) for ch in CHANNELS]
     checker = Checker(api, clients, args.check_every_s)
     stop = asyncio.Event()
+    t0 = time.monotonic()
+
+    def at() -> float:
+        return time.monotonic() - t0
+
+    async def sample() -> None:
+        next_rss = 0.0
+        while not stop.is_set():
+            try:
+                b = await memory_breakdown(r)
+                mem.append((at(), b["used"]))
+                parts.append((at(), b))
+            except Exception as exc:  # Redis restarting: a gap in the series
+                events.append((at(), f"memory sample failed: {type(exc).__name__}"))
+            if at() >= next_rss:
+                snap = {s: rss_mb(p.procs[s].pid) for s in PROCS}
+                snap["redis-server"] = rss_mb(srv.proc.pid if srv.proc else None)
+                rss.append((at(), snap))
+                next_rss += 60
+            await sleep_or_stop(stop, 15)
 
     print(f"# machine: {machine()}")
     print(f"# date: {dt.datetime.now(dt.UTC).isoformat(timespec='seconds')}; logs {log_dir}")
@@ -225,11 +183,8 @@ async def main() -> int:
         rep = h.LoadReplayer(cids, [c.cid for c in near[:1000]])
         for c in clients:
             c.start()
-        series.t0 = time.monotonic()
-        tasks = [
-            asyncio.create_task(series.sample(r, srv, p, stop)),
-            asyncio.create_task(checker.run(stop)),
-        ]
+        t0 = time.monotonic()
+        tasks = [asyncio.create_task(sample()), asyncio.create_task(checker.run(stop))]
         listed = 0
         next_topo = open_s + args.topology_every_min * 60
         restarted = False
@@ -274,12 +229,40 @@ async def main() -> int:
         await r.aclose()
         srv.stop()
 
-    series.print()
+    print("\n# events")
+    for t, e in events:
+        print(f"{t:8.0f}s  {e}")
+    print("\n# redis used_memory (MB), every 15 s")
+    print(" ".join(f"{m:.0f}" for _, m in mem))
+    print("\n# what holds it (MB), every minute: used = streams + models + staging + rest")
+    top = sorted({k for _, b in parts for k in b if k.startswith("stream ")})
+    print("t_s     used streams models staging buffers  rest  " + " ".join(k[7:] for k in top))
+    next_t = 0.0
+    for t, b in parts:
+        if t < next_t:
+            continue
+        next_t = t + 60
+        print(
+            f"{t:6.0f} {b['used']:5.0f} {b['streams']:7.0f} {b['models']:6.0f} "
+            f"{b['staging']:7.0f} {b['buffers']:7.0f} {b['rest']:5.0f}  "
+            + " ".join(f"{b.get(k, 0.0):.0f}" for k in top)
+        )
+    print("\n# RSS (MB), every minute")
     names = [*PROCS, "redis-server"]
+    print("t_s     " + " ".join(f"{n[:14]:>14}" for n in names))
+    for t, snap in rss:
+        print(f"{t:6.0f}  " + " ".join(f"{snap.get(n, float('nan')):14.0f}" for n in names))
+
+    def flat(xs: list[float]) -> str:
+        if len(xs) < 2:
+            return "n/a"
+        lo, hi, last = min(xs), max(xs), xs[-1]
+        return f"min {lo:.0f} max {hi:.0f} last {last:.0f} ({100 * (hi / lo - 1):.0f} % range)"
+
     warm = open_s + 180  # the retention windows (WS 120 s) are full by then
     in_open = [m for t, m in mem if warm <= t < close_s]
     print("\n# summary")
-    print(f"redis used_memory during the open after warm-up (MB): {_flat(in_open)}")
+    print(f"redis used_memory during the open after warm-up (MB): {flat(in_open)}")
     print(
         f"redis used_memory at the end (MB): {brk['used']:.0f} = streams "
         f"{brk['streams']:.0f} + models {brk['models']:.0f} + staging {brk['staging']:.0f} "
@@ -287,7 +270,7 @@ async def main() -> int:
     )
     for n in names:
         xs = [snap[n] for t, snap in rss if warm <= t < close_s and n in snap]
-        print(f"RSS {n} during the open after warm-up (MB): {_flat(xs)}")
+        print(f"RSS {n} during the open after warm-up (MB): {flat(xs)}")
     print(f"epoch promotions: {promotions:.0f} (new strikes listed: {listed}, plus the first)")
     print(f"stream entries trimmed: {trimmed:,.0f}; trimmed before a group read them: {unread:.0f}")
     print(

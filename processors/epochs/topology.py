@@ -18,9 +18,15 @@ from schemas import keys
 from streams.redis_client import as_str
 
 
-async def read_topology(redis: Redis, eid: str) -> list[str]:
-    """The contract ids of epoch ``eid`` (SMEMBERS order; empty for an unknown epoch)."""
-    return [as_str(c) for c in await redis.smembers(keys.epoch_contracts(eid))]
+def _topology_key(symbol: str, eid: str) -> str:
+    """The topology SET of ``symbol``'s epoch ``eid`` (the id alone names it today)."""
+    return keys.epoch_contracts(eid)
+
+
+async def read_topology(redis: Redis, symbol: str, eid: str) -> list[str]:
+    """The contract ids of ``symbol``'s epoch ``eid`` (SMEMBERS order; empty for an unknown
+    epoch)."""
+    return [as_str(c) for c in await redis.smembers(_topology_key(symbol, eid))]
 
 
 class ActiveTopology:
@@ -47,7 +53,7 @@ class ActiveTopology:
         loading = [s for s in changed if s in active]
         pipe = self.redis.pipeline(transaction=False)
         for s in loading:
-            pipe.smembers(keys.epoch_contracts(active[s]))
+            pipe.smembers(_topology_key(s, active[s]))
         members = await pipe.execute() if loading else []
         for s in changed:
             for cid in self.cids.pop(s, ()):

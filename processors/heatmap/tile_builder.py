@@ -167,7 +167,7 @@ async def fetch_rows(
 async def load_grid(
     redis: Redis, eid: str, symbol: str, strategy: str, cfg: TileSettings, now_ns: int
 ) -> hm.Grid:
-    return make_grid(await read_topology(redis, eid), symbol, strategy, cfg, now_ns)
+    return make_grid(await read_topology(redis, symbol, eid), symbol, strategy, cfg, now_ns)
 
 
 def make_grid(
