@@ -57,11 +57,11 @@ PROCESSORS: dict[str, Stage] = {
 def load(spec: str, deps: Deps) -> Processor:
     """``"tile-builder:butterfly"`` -> tile_builder.build(deps, "butterfly"), with the
     process's symbol specs taken from ``deps.settings`` (schemas/symbols.py)."""
-    symbols.configure(deps.settings.symbol_specs, deps.settings.symbols)
     name, _, arg = spec.partition(":")
     stage = PROCESSORS.get(name)
     if stage is None:
         raise ValueError(f"unknown processor {name!r} (known: {', '.join(PROCESSORS)})")
+    symbols.configure(deps.settings.symbol_specs, deps.settings.symbols)
     return stage.build(deps, arg or None)
 
 
