@@ -39,7 +39,6 @@ failed inside (Redis down), delays the next one with the same backoff policy
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import logging
 import math
@@ -568,60 +567,62 @@ class ChainPoller:
         control = GroupConsumer(
             self.redis, spec, self.on_control, self.deps.registry, self.name, self.deps.heartbeats
         )
-        control_task = asyncio.create_task(control.run(stop), name="chain-poller-control")
-        full_task = (
-            asyncio.create_task(self.full_loop(stop), name="chain-poller-full")
-            if self.s.full_interval_s > 0
-            else None
-        )
+        # the control consumer and the whole-chain loop next to the window's cycles, in one
+        # TaskGroup: a crashed helper stops the cycles and is raised (as itself)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                helpers = [tg.create_task(control.run(stop), name="chain-poller-control")]
+                if self.s.full_interval_s > 0:
+                    helpers.append(tg.create_task(self.full_loop(stop), name="chain-poller-full"))
+                try:
+                    await self._cycles(stop)
+                finally:
+                    for t in helpers:
+                        t.cancel()
+        except ExceptionGroup as group:
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
+
+    async def _cycles(self, stop: asyncio.Event) -> None:
+        """The window's cycles until ``stop``, each after the delay the last one asks for."""
         reason = "startup"
         failures = 0
-        try:
-            async with self.rest.client() as client:
-                while not stop.is_set():
-                    self._wake.clear()
-                    self._pending_reason = None
-                    t0 = self.clock.monotonic()
-                    delay: float
-                    try:
-                        await self.cycle(client, reason)
-                        self.m_auth_failed.set(0)
-                        failures = 0
-                        self._ready = True
-                        self.cycles += 1
-                        took = self.clock.monotonic() - t0
-                        delay = max(self.s.min_interval_s, self.s.latency_factor * took)
-                    except AuthError as exc:
-                        self.last_error = exc
-                        self.m_errors.labels("auth").inc()
-                        self.m_auth_failed.set(1)
-                        logger.error(
-                            "chain-poller: %s; retrying in %.0fs", exc, self.s.auth_retry_s
-                        )
-                        took = self.clock.monotonic() - t0
-                        delay = self.s.auth_retry_s
-                    except FetchError as exc:  # every symbol failed (already counted)
-                        self.last_error = exc
-                        failures += 1
-                        took = self.clock.monotonic() - t0
-                        delay = self._failed_cycle_backoff(took).delay_s(min(failures, 6))
-                    except Exception as exc:  # Redis down etc.: log, back off, keep going
-                        self.m_errors.labels("internal").inc()
-                        logger.exception("chain-poller: cycle failed: %r", exc)
-                        failures += 1
-                        took = self.clock.monotonic() - t0
-                        delay = self._internal_backoff.delay_s(failures - 1)
-                    self.m_cycle_s.set(took)
-                    self.m_interval.set(delay)
-                    reason = await self._wait_next(stop, delay)
-                    if control_task.done():
-                        control_task.result()  # surface a crashed control consumer
-        finally:
-            for t in (control_task, full_task):
-                if t is not None:
-                    t.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await t
+        async with self.rest.client() as client:
+            while not stop.is_set():
+                self._wake.clear()
+                self._pending_reason = None
+                t0 = self.clock.monotonic()
+                delay: float
+                try:
+                    await self.cycle(client, reason)
+                    self.m_auth_failed.set(0)
+                    failures = 0
+                    self._ready = True
+                    self.cycles += 1
+                    took = self.clock.monotonic() - t0
+                    delay = max(self.s.min_interval_s, self.s.latency_factor * took)
+                except AuthError as exc:
+                    self.last_error = exc
+                    self.m_errors.labels("auth").inc()
+                    self.m_auth_failed.set(1)
+                    logger.error("chain-poller: %s; retrying in %.0fs", exc, self.s.auth_retry_s)
+                    took = self.clock.monotonic() - t0
+                    delay = self.s.auth_retry_s
+                except FetchError as exc:  # every symbol failed (already counted)
+                    self.last_error = exc
+                    failures += 1
+                    took = self.clock.monotonic() - t0
+                    delay = self._failed_cycle_backoff(took).delay_s(min(failures, 6))
+                except Exception as exc:  # Redis down etc.: log, back off, keep going
+                    self.m_errors.labels("internal").inc()
+                    logger.exception("chain-poller: cycle failed: %r", exc)
+                    failures += 1
+                    took = self.clock.monotonic() - t0
+                    delay = self._internal_backoff.delay_s(failures - 1)
+                self.m_cycle_s.set(took)
+                self.m_interval.set(delay)
+                reason = await self._wait_next(stop, delay)
 
     def _failed_cycle_backoff(self, took: float) -> Backoff:
         """After a cycle in which every symbol failed: the cadence delay, doubled per

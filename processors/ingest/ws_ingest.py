@@ -260,8 +260,8 @@ class WsIngest:
             try:
                 await work
             except Exception as exc:
-                if ending.is_set():  # raised while being stopped: the run is over anyway
-                    logger.warning("ws-ingest: error while stopping: %r", exc)
+                if ending.is_set():  # e.g. a second feed's auth_failed: said once already
+                    logger.debug("ws-ingest: error while stopping: %r", exc)
                 else:
                     errors.append(exc)
             finally:
