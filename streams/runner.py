@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Awaitable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
 from typing import Any
 
 from streams.health import health_server
@@ -76,6 +76,19 @@ def _stop_on_signals(stop: asyncio.Event, install: bool) -> Iterator[None]:
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+
+
+@contextlib.asynccontextmanager
+async def task_group() -> AsyncIterator[asyncio.TaskGroup]:
+    """``asyncio.TaskGroup`` for a supervisor whose one failure is said as itself: a lone
+    exception leaves unwrapped, several as the ``ExceptionGroup``."""
+    try:
+        async with asyncio.TaskGroup() as tg:
+            yield tg
+    except ExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
 
 
 async def stop_within(tasks: Sequence[asyncio.Task[Any]], grace_s: float) -> None:

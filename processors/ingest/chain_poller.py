@@ -66,6 +66,7 @@ from streams.clock import NY
 from streams.consumer import Entry, GroupConsumer
 from streams.processor import Deps
 from streams.retry import REDIS_UNAVAILABLE, Backoff, sleep_or_stop
+from streams.runner import task_group
 from streams.settings import env_settings, fallback_env, from_env, stage_symbols
 from streams.spec import StreamSpec
 
@@ -569,20 +570,15 @@ class ChainPoller:
         )
         # the control consumer and the whole-chain loop next to the window's cycles, in one
         # TaskGroup: a crashed helper stops the cycles and is raised (as itself)
-        try:
-            async with asyncio.TaskGroup() as tg:
-                helpers = [tg.create_task(control.run(stop), name="chain-poller-control")]
-                if self.s.full_interval_s > 0:
-                    helpers.append(tg.create_task(self.full_loop(stop), name="chain-poller-full"))
-                try:
-                    await self._cycles(stop)
-                finally:
-                    for t in helpers:
-                        t.cancel()
-        except ExceptionGroup as group:
-            if len(group.exceptions) == 1:
-                raise group.exceptions[0] from None
-            raise
+        async with task_group() as tg:
+            helpers = [tg.create_task(control.run(stop), name="chain-poller-control")]
+            if self.s.full_interval_s > 0:
+                helpers.append(tg.create_task(self.full_loop(stop), name="chain-poller-full"))
+            try:
+                await self._cycles(stop)
+            finally:
+                for t in helpers:
+                    t.cancel()
 
     async def _cycles(self, stop: asyncio.Event) -> None:
         """The window's cycles until ``stop``, each after the delay the last one asks for."""

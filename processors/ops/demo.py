@@ -28,7 +28,7 @@ from streams.local_redis import RedisServer
 from streams.logs import setup_logging
 from streams.processor import Deps, Processor
 from streams.redis_client import connect
-from streams.runner import run_processors
+from streams.runner import run_processors, task_group
 from streams.settings import RuntimeSettings, SettingsError, from_env
 
 logger = logging.getLogger("demo")
@@ -118,6 +118,11 @@ async def _announce(procs: list[Processor], args: argparse.Namespace) -> None:
         print(f"dashboard: http://{host}:{args.port}/  (Ctrl-C to stop)", flush=True)
 
 
+async def _set_after(event: asyncio.Event, seconds: float) -> None:
+    await asyncio.sleep(seconds)
+    event.set()
+
+
 async def _demo(args: argparse.Namespace) -> int:
     from simulator.server import SimConfig, SimServer
 
@@ -141,18 +146,15 @@ async def _demo(args: argparse.Namespace) -> int:
         )
         procs: list[Processor] = [load(spec, deps) for spec in DEMO_PROCESSORS]
         stop = asyncio.Event()
-
-        async def deadline() -> None:
+        async with task_group() as tg:
+            helpers = [tg.create_task(_announce(procs, args))]
             if args.duration_s is not None:
-                await asyncio.sleep(args.duration_s)
-                stop.set()
-
-        helpers = [asyncio.create_task(_announce(procs, args)), asyncio.create_task(deadline())]
-        try:
-            await run_processors(deps, procs, stop)
-        finally:
-            for t in helpers:
-                t.cancel()
+                helpers.append(tg.create_task(_set_after(stop, args.duration_s)))
+            try:
+                await run_processors(deps, procs, stop)
+            finally:
+                for t in helpers:
+                    t.cancel()
         return 0
     finally:
         with contextlib.suppress(Exception):
