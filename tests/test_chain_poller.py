@@ -421,6 +421,25 @@ def test_rest_retries_use_the_one_backoff_policy_with_full_jitter(deps: Deps) ->
         from_env(cp.PollerSettings, {"MASSIVE_POLLER_BACKOFF_BASE_S": "0"})
 
 
+def test_failed_cycles_back_off_with_the_one_policy(deps: Deps) -> None:
+    """A cycle in which every symbol failed waits its cadence delay doubled per failed cycle
+    (up to 6 x backoff_max_s); an internal failure (Redis down) min_interval_s doubled up to
+    backoff_max_s; both with equal jitter (at least half the window)."""
+    from streams.retry import Backoff
+
+    s = cp.PollerSettings(min_interval_s=5.0, latency_factor=2.0, backoff_max_s=10.0)
+    p = cp.ChainPoller(deps, s)
+    fetch = p._failed_cycle_backoff(took=4.0)  # cadence max(5, 2 * 4) = 8
+    assert fetch == Backoff(base_s=8.0, cap_s=60.0, jitter="equal")
+    first = [fetch.delay_s(1) for _ in range(200)]  # window 16
+    assert all(8.0 <= d <= 16.0 for d in first) and max(first) - min(first) > 4.0
+    assert all(30.0 <= fetch.delay_s(6) <= 60.0 for _ in range(50))  # capped
+    assert p._failed_cycle_backoff(took=100.0).base_s == 60.0  # a slow cycle: the cap
+    internal = [p._internal_backoff.delay_s(n) for n in (0, 1, 5) for _ in range(50)]
+    assert all(2.5 <= d <= 10.0 for d in internal)
+    assert p._internal_backoff == Backoff(base_s=5.0, cap_s=10.0, jitter="equal")
+
+
 async def test_stock_and_etf_chains_take_their_spot_from_underlying_asset(deps: Deps) -> None:
     srv = SimServer(SimConfig(seed=2, api_key=KEY, symbols=("SPX", "SPY", "AAPL")))
     await srv.start(host="127.0.0.1", port=0)
