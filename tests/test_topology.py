@@ -11,15 +11,15 @@ from processors.epochs.topology import ActiveTopology
 
 
 async def test_a_topology_is_read_once_per_epoch_change(redis: Redis) -> None:
-    await redis.sadd(topology._topology_key("SPX", "e1"), "O:A", "O:B")  # type: ignore[misc]
-    await redis.sadd(topology._topology_key("NDX", "e2"), "O:C")  # type: ignore[misc]
+    await redis.sadd(topology._topology_key("SPX", "e1"), "O:A", "O:B")
+    await redis.sadd(topology._topology_key("NDX", "e2"), "O:C")
     t = ActiveTopology(redis)
     assert await t.sync({"SPX": "e1"}) == {"SPX"}
     assert sorted(t.cids["SPX"]) == ["O:A", "O:B"]
     assert t.by_cid == {"O:A": "SPX", "O:B": "SPX"} and t.active == {"SPX": "e1"}
     version = t.version
     # a topology is frozen: while its epoch stays active it is not read again
-    await redis.sadd(topology._topology_key("SPX", "e1"), "O:Z")  # type: ignore[misc]
+    await redis.sadd(topology._topology_key("SPX", "e1"), "O:Z")
     assert await t.sync({"SPX": "e1"}) == set()
     assert t.version == version and "O:Z" not in t.by_cid
     # one symbol's epoch at a time (ws-ingest, the builders) keeps the others
