@@ -36,30 +36,49 @@ async def run_processors(
     non-zero and Kubernetes restarts it)."""
     stop = stop or asyncio.Event()
     procs = list(processors)
-    errors: list[Exception] = []
+    # one processor ending ends the process (Kubernetes restarts it): it sets ``stop``
+    sup = Supervisor(stop)
     stopped = asyncio.Event()
-
-    async def supervise(name: str, work: Awaitable[None]) -> None:
-        try:
-            await work
-        except Exception as exc:  # raised once every processor has stopped
-            errors.append(exc)
-        finally:
-            stop.set()  # one processor ending ends the process: Kubernetes restarts it
-
     with _stop_on_signals(stop, install_signals):
         async with asyncio.TaskGroup() as tg:
-            tasks = [tg.create_task(supervise(p.name, p.run(stop)), name=p.name) for p in procs]
+            tasks = [tg.create_task(sup.watch(p.run(stop)), name=p.name) for p in procs]
             if deps.settings.metrics_port:
                 health = serve_health(deps, procs, stopped)
-                tg.create_task(supervise("health endpoint", health), name="health")
+                tg.create_task(sup.watch(health), name="health")
             await stop.wait()
             await stop_within(tasks, deps.settings.grace_s)
             stopped.set()  # the endpoint answers probes until the processors are done
-    if len(errors) == 1:
-        raise errors[0]
-    if errors:
-        raise ExceptionGroup(f"{len(errors)} processors failed", errors)
+    sup.raise_errors("processors")
+
+
+class Supervisor:
+    """What the children of a supervisor's ``asyncio.TaskGroup`` share: the first to end sets
+    ``ended`` (the supervisor then stops the others), and an error does not cancel its
+    siblings: it is kept and raised by :meth:`raise_errors` once all have stopped, one as
+    itself, several as an ``ExceptionGroup``. With ``late_errors=False`` an error raised
+    after ``ended`` (a sibling failing of the same cause while stopping) is only logged."""
+
+    def __init__(self, ended: asyncio.Event | None = None, *, late_errors: bool = True) -> None:
+        self.ended = ended or asyncio.Event()
+        self.late_errors = late_errors
+        self.errors: list[Exception] = []
+
+    async def watch(self, work: Awaitable[None]) -> None:
+        try:
+            await work
+        except Exception as exc:
+            if self.late_errors or not self.ended.is_set():
+                self.errors.append(exc)
+            else:
+                logger.debug("error while stopping: %r", exc)
+        finally:
+            self.ended.set()
+
+    def raise_errors(self, what: str) -> None:
+        if len(self.errors) == 1:
+            raise self.errors[0]
+        if self.errors:
+            raise ExceptionGroup(f"{len(self.errors)} {what} failed", self.errors)
 
 
 @contextlib.contextmanager

@@ -32,7 +32,6 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
-from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +51,7 @@ from streams.logs import add_secret
 from streams.processor import Deps, FatalError
 from streams.producer import xadd
 from streams.retry import REDIS_BACKOFF, Backoff, sleep_or_stop
+from streams.runner import Supervisor
 from streams.settings import env_settings, fallback_env, from_env, stage_symbols
 
 logger = logging.getLogger(__name__)
@@ -253,30 +253,18 @@ class WsIngest:
         now = self.clock.monotonic()
         for market in self.feeds:
             self._last_data_mono[market] = now
-        errors: list[Exception] = []
-        ending = asyncio.Event()
-
-        async def supervise(work: Coroutine[Any, Any, None]) -> None:
-            try:
-                await work
-            except Exception as exc:
-                if ending.is_set():  # e.g. a second feed's auth_failed: said once already
-                    logger.debug("ws-ingest: error while stopping: %r", exc)
-                else:
-                    errors.append(exc)
-            finally:
-                ending.set()
-
+        # an error raised while stopping (e.g. a second feed's auth_failed) is said once
+        sup = Supervisor(late_errors=False)
         try:
             async with asyncio.TaskGroup() as tg:
-                writer = tg.create_task(supervise(self._writer()), name="ws-writer")
-                readers = [tg.create_task(supervise(self._dormancy(stop)), name="ws-dormancy")]
+                writer = tg.create_task(sup.watch(self._writer()), name="ws-writer")
+                readers = [tg.create_task(sup.watch(self._dormancy(stop)), name="ws-dormancy")]
                 readers += [
-                    tg.create_task(supervise(self._feed_loop(f, stop)), name=f"ws-{f.market}")
+                    tg.create_task(sup.watch(self._feed_loop(f, stop)), name=f"ws-{f.market}")
                     for f in self.feeds.values()
                 ]
-                relay = tg.create_task(_relay(stop, ending), name="ws-stop")
-                await ending.wait()
+                relay = tg.create_task(_relay(stop, sup.ended), name="ws-stop")
+                await sup.ended.wait()
                 for t in (relay, *readers):
                     t.cancel()
                 await asyncio.wait((relay, *readers))
@@ -290,10 +278,7 @@ class WsIngest:
             for f in self.feeds.values():
                 f.connected = False
                 self.m_connected.labels(f.market).set(0)
-        if len(errors) == 1:
-            raise errors[0]
-        if errors:
-            raise ExceptionGroup(f"ws-ingest: {len(errors)} tasks failed", errors)
+        sup.raise_errors("ws-ingest tasks")
 
     async def _sleep(self, seconds: float) -> None:
         await sleep_or_stop(self._stop, seconds)
