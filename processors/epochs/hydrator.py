@@ -258,10 +258,7 @@ class Hydrator(ConsumerProcessor):
                 reason = "bad_frame" if err.startswith("frame") else "bad_event"
                 self.m_rejected.labels(reason=reason).inc()
                 logger.warning("ws entry %r rejected (%s): %s", eid, reason, err)
-            for ev in fr.events:
-                sym = self._conflate(ev, b, n)
-                if sym is not None and recv < b.recv.get(sym, _MAX):
-                    b.recv[sym] = recv
+            self._conflate(fr.events, recv, b, n)
         for kind in ("quote", "trade", "index", "stock", "other"):
             self.m_events.labels(kind=kind).inc(n[kind])
         n_spot = n["index"] + n["stock"] - n["stock_bad"]
@@ -270,35 +267,50 @@ class Hydrator(ConsumerProcessor):
         )
         return b
 
-    def _conflate(self, ev: Event, b: _Batch, n: dict[str, int]) -> str | None:
-        """Keep ``ev`` in ``b`` if it is the newest of its kind and contract (counted in
-        ``n``); returns the option contract it belongs to, None for spots and others."""
-        if type(ev) is Quote or type(ev) is Trade:
-            sym = ev.sym
-            if not sym.startswith("O:") and self._is_stock(sym):
-                # a stock/ETF underlying from /stocks: its spot (anything else without
-                # O: goes on as an option event and is a geometry miss)
-                n["stock"] += 1
-                sv = _stock_value(ev)
-                if sv is None:
-                    n["stock_bad"] += 1
-                    self.m_rejected.labels(reason="stock_no_price").inc()
+    def _conflate(self, events: list[Event], recv: int, b: _Batch, n: dict[str, int]) -> None:
+        """Keep each event of one frame (received at ``recv``) in ``b`` if it is the newest
+        of its kind and contract, counted by kind in ``n``; an option contract's earliest
+        receive time goes to ``b.recv``. (``type(ev) is``: the hot path, no isinstance.)"""
+        quotes, trades, recv_of = b.quotes, b.trades, b.recv
+        n_q = n_t = 0
+        for ev in events:
+            cls = type(ev)
+            if cls is Quote or cls is Trade:
+                sym: str = ev.sym  # type: ignore[union-attr]
+                if not sym.startswith("O:") and self._is_stock(sym):
+                    # a stock/ETF underlying from /stocks: its spot (anything else without
+                    # O: goes on as an option event and is a geometry miss)
+                    self._stock_spot(ev, b, n)  # type: ignore[arg-type]
+                    continue
+                if cls is Quote:
+                    n_q += 1
+                    q = quotes.get(sym)
+                    if q is None or ev.t > q.t:  # type: ignore[union-attr]
+                        quotes[sym] = ev  # type: ignore[assignment]
                 else:
-                    _keep_newest(b.spots, sv.ticker, sv)
-                return None
-            if type(ev) is Quote:
-                n["quote"] += 1
-                _keep_newest(b.quotes, sym, ev)
-            elif type(ev) is Trade:
-                n["trade"] += 1
-                _keep_newest(b.trades, sym, ev)
-            return sym
-        if type(ev) is IndexValue:
-            n["index"] += 1
-            _keep_newest(b.spots, ev.ticker, ev)
+                    n_t += 1
+                    t = trades.get(sym)
+                    if t is None or ev.t > t.t:  # type: ignore[union-attr]
+                        trades[sym] = ev  # type: ignore[assignment]
+                if recv < recv_of.get(sym, _MAX):
+                    recv_of[sym] = recv
+            elif cls is IndexValue:
+                n["index"] += 1
+                iv: IndexValue = ev  # type: ignore[assignment]
+                _keep_newest(b.spots, iv.ticker, iv)
+            else:
+                n["other"] += 1
+        n["quote"] += n_q
+        n["trade"] += n_t
+
+    def _stock_spot(self, ev: Quote | Trade, b: _Batch, n: dict[str, int]) -> None:
+        n["stock"] += 1
+        sv = _stock_value(ev)
+        if sv is None:
+            n["stock_bad"] += 1
+            self.m_rejected.labels(reason="stock_no_price").inc()
         else:
-            n["other"] += 1
-        return None
+            _keep_newest(b.spots, sv.ticker, sv)
 
     def _is_stock(self, sym: str) -> bool:
         """A stock or ETF ticker of a symbol that runs (an active epoch) or is configured /
