@@ -667,8 +667,6 @@ class _Link:
         return out
 
 
-
-
 def _fields(msg: DirtyEntry) -> Fields:
     return {k: v for k, v in entry(msg).items()}
 
