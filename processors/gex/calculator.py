@@ -78,7 +78,7 @@ class GexSettings:
     lease_ttl_ms: int = 10_000
     reprice_interval_s: float = 60.0  # rebuild identical inputs this often (time decay)
     dollar_spot_step_bp: float = 10.0  # 0: dollar values always at the live spot
-    diff_retention_s: float = 900.0  # resume window of massive:gex:diffs (MINID on publish)
+    diff_retention_s: float = 900.0  # resume window of massive:gex:diffs:{<SYM>} (MINID on publish)
     scope: str = "full"  # full: massive:gex:source:{SYM} (fallback: the epoch) | window
     source_max_age_s: float = 300.0  # an older full-chain source is not used
     history_retention_s: float = 28_800.0  # massive:gex:levels:{SYM} keeps this much (8 h)

@@ -1,4 +1,4 @@
-"""ws-ingest: Massive WebSocket feeds -> raw frames on massive:ws:stream.
+"""ws-ingest: Massive WebSocket feeds -> raw frames on massive:{ws}:stream.
 
 Up to three connections: ``<ws_url>/options`` (``T.`` for every contract of the active
 epochs, plus ``Q.`` for at most ``max_quotes`` contracts per connection: the nearest-to-spot
@@ -11,8 +11,8 @@ from its spec (schemas/symbols.py); a feed no configured symbol needs is not ope
   fatal (:class:`WsAuthError` propagates out of ``run``: "check MASSIVE_API_KEY").
   ``max_connections`` / ``force_disconnect`` / ``slow_consumer`` / ``auth_timeout`` and any
   drop: counted, reconnect with exponential backoff + jitter, resubscribe everything.
-* Subscriptions follow the active epoch (``HGET massive:epoch:active SYM``,
-  ``SMEMBERS epoch:{eid}:contracts``, polled every ``epoch_poll_s``) by DIFF on the live
+* Subscriptions follow the active epoch (``GET massive:epoch:active:{<SYM>}``,
+  ``SMEMBERS epoch:{<SYM>}:<eid>:contracts``, polled every ``epoch_poll_s``) by DIFF on the live
   connection: unsubscribe removed, subscribe added, in chunks of ``subscribe_chunk`` params.
 * Every data frame is forwarded byte for byte with its receive time
   (``{recv_ts_ns, payload}``) through one writer task that pipelines bounded XADDs (a batch
@@ -21,7 +21,7 @@ from its spec (schemas/symbols.py); a feed no configured symbol needs is not ope
   shallow msgspec pass counts events and flags frames that are not a JSON array (counted as
   malformed, still forwarded).
 * Dormancy: no options data for ``silence_s`` while the market is expected open -> XADD
-  ``ControlMessage(kind="refresh_chain", reason="ws_dormant")`` on massive:control:stream,
+  ``ControlMessage(kind="refresh_chain", reason="ws_dormant")`` on massive:{control}:stream,
   then again every ``silence_s`` while the silence lasts. ``massive:ws:last_event_ns`` is
   refreshed at most every ``last_event_interval_s``.
 """

@@ -7,9 +7,9 @@ other one a :class:`Record`: one raw stream entry (its fields byte for byte) wit
 time and, for chain pointers, the snapshot blob it points at (blobs expire in Redis, so they
 are captured when recording). Records are ordered by receive time:
 
-* ``massive:ws:stream``: the entry's ``recv_ts_ns`` (ws-ingest stamps it on receipt);
-* ``massive:chain:stream``: the pointer's ``ts_ns`` (fetch completion, the poller's clock);
-* ``massive:spot:stream`` and anything unreadable: the entry id's time (when Redis got it).
+* ``massive:{ws}:stream``: the entry's ``recv_ts_ns`` (ws-ingest stamps it on receipt);
+* ``massive:{chain}:stream``: the pointer's ``ts_ns`` (fetch completion, the poller's clock);
+* ``massive:{chain}:spot:stream`` and anything unreadable: the entry id's time (when Redis got it).
 
 A recording is self-contained: it starts with the state at its first record
 (:func:`start_records`: the newest chain snapshot of every symbol, and its index spot as a WS
