@@ -853,7 +853,6 @@ class Publisher:
                 [
                     str(self.lease.token),
                     self.lease.value,
-                    sym,
                     epoch,
                     str(version),
                     diff_id,
