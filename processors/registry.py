@@ -31,12 +31,14 @@ class Stage:
 
 PROCESSORS: dict[str, Stage] = {
     "chain-poller": Stage(
-        chain_poller.build, "chain-poller[:SPX,...]", "REST chain snapshots -> massive:chain:stream"
+        chain_poller.build,
+        "chain-poller[:SPX,...]",
+        "REST chain snapshots -> massive:{chain}:stream",
     ),
     "ws-ingest": Stage(
         ws_ingest.build,
         "ws-ingest[:SPX,...]",
-        "WebSocket trades, quotes, indices -> massive:ws:stream",
+        "WebSocket trades, quotes, indices -> massive:{ws}:stream",
     ),
     "normalizer": Stage(normalizer.build, "normalizer", "chain snapshots -> epochs"),
     "hydrator": Stage(hydrator.build, "hydrator", "WS frames -> contract values of the epoch"),

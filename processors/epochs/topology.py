@@ -1,6 +1,6 @@
 """The active-topology cache: each symbol's active epoch and that epoch's contract ids.
 
-An epoch's topology (its ``massive:epoch:{eid}:contracts`` SET) is frozen once the epoch is
+An epoch's topology (its ``keys.epoch_contracts`` SET) is frozen once the epoch is
 built, so a stage that maps contracts to symbols (the hydrator), subscribes to them
 (ws-ingest) or lays tiles over them (the tile builders) reads it once per epoch change and
 keeps it: a derived local cache (invariant 2), never a source of truth. Each processor holds
@@ -19,8 +19,8 @@ from streams.redis_client import as_str
 
 
 def _topology_key(symbol: str, eid: str) -> str:
-    """The topology SET of ``symbol``'s epoch ``eid`` (the id alone names it today)."""
-    return keys.epoch_contracts(eid)
+    """The topology SET of ``symbol``'s epoch ``eid``."""
+    return keys.epoch_contracts(symbol, eid)
 
 
 async def read_topology(redis: Redis, symbol: str, eid: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""ws-ingest: Massive WebSocket feeds -> raw frames on massive:ws:stream.
+"""ws-ingest: Massive WebSocket feeds -> raw frames on massive:{ws}:stream.
 
 Up to three connections: ``<ws_url>/options`` (``T.`` for every contract of the active
 epochs, plus ``Q.`` for at most ``max_quotes`` contracts per connection: the nearest-to-spot
@@ -11,8 +11,8 @@ from its spec (schemas/symbols.py); a feed no configured symbol needs is not ope
   fatal (:class:`WsAuthError` propagates out of ``run``: "check MASSIVE_API_KEY").
   ``max_connections`` / ``force_disconnect`` / ``slow_consumer`` / ``auth_timeout`` and any
   drop: counted, reconnect with exponential backoff + jitter, resubscribe everything.
-* Subscriptions follow the active epoch (``HGET massive:epoch:active SYM``,
-  ``SMEMBERS epoch:{eid}:contracts``, polled every ``epoch_poll_s``) by DIFF on the live
+* Subscriptions follow the active epoch (``GET massive:epoch:active:{<SYM>}``,
+  ``SMEMBERS epoch:{<SYM>}:<eid>:contracts``, polled every ``epoch_poll_s``) by DIFF on the live
   connection: unsubscribe removed, subscribe added, in chunks of ``subscribe_chunk`` params.
 * Every data frame is forwarded byte for byte with its receive time
   (``{recv_ts_ns, payload}``) through one writer task that pipelines bounded XADDs (a batch
@@ -21,7 +21,7 @@ from its spec (schemas/symbols.py); a feed no configured symbol needs is not ope
   shallow msgspec pass counts events and flags frames that are not a JSON array (counted as
   malformed, still forwarded).
 * Dormancy: no options data for ``silence_s`` while the market is expected open -> XADD
-  ``ControlMessage(kind="refresh_chain", reason="ws_dormant")`` on massive:control:stream,
+  ``ControlMessage(kind="refresh_chain", reason="ws_dormant")`` on massive:{control}:stream,
   then again every ``silence_s`` while the silence lasts. ``massive:ws:last_event_ns`` is
   refreshed at most every ``last_event_interval_s``.
 """
@@ -495,7 +495,10 @@ class WsIngest:
                         out_s.add(f"Q.{sp.underlying}")
             return out_s
         syms = list(self.symbols)
-        eids = await self.redis.hmget(keys.EPOCH_ACTIVE, syms)
+        pipe = self.redis.pipeline(transaction=False)
+        for sym in syms:
+            pipe.get(keys.epoch_active(sym))
+        eids = await pipe.execute()
         spots = await self.redis.hmget(keys.SPOT_LATEST, syms)
         out: set[str] = set()
         ranked: dict[str, list[str]] = {}
@@ -533,7 +536,7 @@ class WsIngest:
             with contextlib.suppress(ValueError):
                 spot = float(raw_spot)
         if spot is None:
-            meta = await self.redis.hget(keys.epoch_meta(eid), "spot")
+            meta = await self.redis.hget(keys.epoch_meta(sym, eid), "spot")
             if meta is not None:
                 with contextlib.suppress(ValueError):
                     spot = float(meta)
