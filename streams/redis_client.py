@@ -264,6 +264,22 @@ class FastCluster(RedisCluster):
         return slots.pop()
 
 
+def command_key(cmd: tuple[Any, ...]) -> Any:
+    """The (first) key of a command as the pipeline sends it: the one after ``numkeys`` of
+    EVAL / EVALSHA / FCALL, the first stream of XREAD / XREADGROUP, else the first
+    argument. (A cluster command's keys share one slot, so one key gives the slot.)"""
+    name = cmd[0].decode() if isinstance(cmd[0], bytes) else str(cmd[0])
+    upper = name.upper()
+    if upper in ("EVAL", "EVALSHA", "FCALL", "FCALL_RO"):
+        if int(cmd[2]) < 1:
+            raise ValueError(f"{name} without keys has no slot")
+        return cmd[3]
+    streams = stream_keys(name, cmd[1:])
+    if streams is not None:
+        return streams[0]
+    return cmd[1]
+
+
 def stream_keys(command: Any, args: tuple[Any, ...]) -> list[Any] | None:
     """The stream keys of an XREAD / XREADGROUP (``args`` without the command name), else
     None."""
