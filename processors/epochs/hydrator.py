@@ -23,8 +23,9 @@ Reads ``massive:ws:stream`` (group ``hydrator``); entries carry ``recv_ts_ns`` a
    half-built epoch. If the epoch changed, the cache is refreshed (SMEMBERS of the new
    topology) and the affected events are resolved and applied again.
    Steps 1-4 run per sub-batch (``sub_batch`` entries), in stream order, on one held
-   connection (on a cluster, one per node the request touches: ``streams/link.py``): sub-batch k's request is flushed to the socket before sub-batch k+1 is
-   decoded, so Redis runs k's Lua while this process decodes k+1 (see ``handle``). The
+   connection (on a cluster, one per node the request touches: ``streams/link.py``):
+   sub-batch k's request is flushed to the socket before sub-batch k+1 is decoded, so Redis
+   runs k's Lua while this process decodes k+1 (see ``handle``). The
    script's fast path relies on every writer keeping ``ts_ns = max(quote_ts, trade_ts)``
    (normalizer build, ``seed.lua``, ``hydrate.lua``): see ``lua/hydrate.lua``.
 5. XADD ``DirtyEntry{symbol, epoch, cids, max_ts_ns, recv_ts_ns}`` for the contracts changed,
