@@ -224,9 +224,9 @@ async def build_epoch(
     mem1 = int((await r.info("memory"))["used_memory"])
     blob = int(await r.memory_usage(key) or 0)
     streams = 0
-    for s in (keys.CHAIN_STREAM, keys.CONTRACTS_DIRTY_STREAM, keys.GEX_DIFFS_STREAM,
-              *(keys.tiles_stream(x) for x in keys.STRATEGIES),
-              *(keys.heatmap_diffs_stream(x) for x in keys.STRATEGIES)):  # fmt: skip
+    for s in (keys.CHAIN_STREAM, keys.contracts_dirty_stream("SPX"), keys.gex_diffs_stream("SPX"),
+              *(keys.tiles_stream(x, "SPX") for x in keys.STRATEGIES),
+              *(keys.heatmap_diffs_stream(x, "SPX") for x in keys.STRATEGIES)):  # fmt: skip
         streams += int(await r.memory_usage(s) or 0)
     models = 0
     for k in h.model_keys():
@@ -325,7 +325,7 @@ def hist_delta(
 
 async def diff_stats(r: Redis, strategy: str) -> tuple[int, float]:
     """(entries on the strategy's diff stream, mean bytes of the last 10 diffs)."""
-    s = keys.heatmap_diffs_stream(strategy)
+    s = keys.heatmap_diffs_stream(strategy, "SPX")
     info: Any = await r.xinfo_stream(s) if await r.exists(s) else {}
     n = int(info.get("entries-added", 0))
     last: Any = await r.xrevrange(s, count=10)

@@ -53,8 +53,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "promote-without-watch",
         "processors/epochs/normalizer.py",
-        "await pipe.watch(keys.EPOCH_ACTIVE)",
-        "await pipe.watch(keys.EPOCH_INDEX)",
+        "await pipe.watch(keys.epoch_active(sym))",
+        "await pipe.watch(keys.epoch_index(sym))",
         T_NORM,
     ),
     Mutation(
@@ -67,7 +67,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "sweep-retires-the-active-epoch",
         "processors/epochs/normalizer.py",
-        "if e in active or ttl >= 0:",
+        "if e == active or ttl >= 0:",
         "if ttl >= 0:",
         T_NORM,
     ),

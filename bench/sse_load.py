@@ -504,7 +504,10 @@ async def rss_run(args: argparse.Namespace) -> None:
     proc = await asyncio.create_subprocess_exec(exe, "run", "sse-gateway", env=env)
     redis = Redis.from_url(srv.url)
     rng = random.Random(1)
-    stream, key = keys.heatmap_diffs_stream("butterfly"), keys.heatmap_model("SPX", "butterfly")
+    stream, key = (
+        keys.heatmap_diffs_stream("butterfly", "SPX"),
+        keys.heatmap_model("SPX", "butterfly"),
+    )
 
     def tile(px: float) -> dict[str, object]:
         return {

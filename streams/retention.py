@@ -96,15 +96,18 @@ class RetentionSettings:
 
         out = {
             keys.WS_STREAM: Policy(self.ws_max_age_s, self.ws_max_mb * MB),
-            keys.CONTRACTS_DIRTY_STREAM: Policy(self.dirty_max_age_s, self.dirty_max_mb * MB),
             keys.CHAIN_STREAM: Policy(self.small_max_age_s, self.small_max_mb * MB),
             keys.SPOT_STREAM: Policy(self.small_max_age_s, self.small_max_mb * MB),
             keys.CONTROL_STREAM: Policy(self.small_max_age_s, self.small_max_mb * MB),
-            keys.GEX_DIFFS_STREAM: Policy(0, self.diffs_max_mb * MB),
         }
-        for s in keys.STRATEGIES:
-            out[keys.tiles_stream(s)] = Policy(self.tiles_max_age_s, self.tiles_max_mb * MB)
-            out[keys.heatmap_diffs_stream(s)] = Policy(0, self.diffs_max_mb * MB)
+        for sym in symbols:
+            dirty = keys.contracts_dirty_stream(sym)
+            out[dirty] = Policy(self.dirty_max_age_s, self.dirty_max_mb * MB)
+            out[keys.gex_diffs_stream(sym)] = Policy(0, self.diffs_max_mb * MB)
+            for s in keys.STRATEGIES:
+                tiles = keys.tiles_stream(s, sym)
+                out[tiles] = Policy(self.tiles_max_age_s, self.tiles_max_mb * MB)
+                out[keys.heatmap_diffs_stream(s, sym)] = Policy(0, self.diffs_max_mb * MB)
         for name in list(out):
             out[keys.dead_letter_stream(name)] = Policy(0, self.dead_max_mb * MB)
         for sym in symbols:

@@ -536,7 +536,7 @@ async def lag_disagreements(redis: Redis) -> list[Backlog]:
 async def wait_epoch(redis: Redis, symbol: str = "SPX", timeout_s: float = 30.0) -> str:
     deadline = time.monotonic() + timeout_s
     while True:
-        eid = await redis.hget(keys.EPOCH_ACTIVE, symbol)
+        eid = await redis.get(keys.epoch_active(symbol))
         if eid:
             return eid.decode() if isinstance(eid, bytes) else str(eid)
         if time.monotonic() > deadline:
@@ -615,7 +615,7 @@ async def make_recording(
                     raise AssertionError("too few chain snapshots while recording")
         records = await record(r)
         eid = await wait_epoch(r)
-        n = int(await r.scard(keys.epoch_contracts(eid)))
+        n = int(await r.scard(keys.epoch_contracts("SPX", eid)))
         return Recording(records, dict(sim.stats.events_sent), n)
     finally:
         await r.aclose()
@@ -688,7 +688,9 @@ async def check_contracts(redis: Redis, eid: str, exp: Expected) -> list[str]:
     cids = sorted(set(exp.quote_ts) | set(exp.trade_ts))
     pipe = redis.pipeline(transaction=False)
     for cid in cids:
-        pipe.hmget(keys.epoch_contract(eid, cid), "quote_ts", "bid", "ask", "trade_ts", "last")
+        pipe.hmget(
+            keys.epoch_contract("SPX", eid, cid), "quote_ts", "bid", "ask", "trade_ts", "last"
+        )
     out: list[str] = []
     for cid, (qts, bid, ask, tts, last) in zip(cids, await pipe.execute(), strict=True):
         if cid in exp.quote_ts:

@@ -54,7 +54,7 @@ PROCESSORS = {
 SCALED = {
     "hydrator": (keys.WS_STREAM, keys.HYDRATOR_GROUP),
     **{
-        f"tile-builder-{s}": (keys.CONTRACTS_DIRTY_STREAM, keys.tile_builder_group(s))
+        f"tile-builder-{s}": (keys.contracts_dirty_stream("SPX"), keys.tile_builder_group(s))
         for s in keys.STRATEGIES
     },
 }

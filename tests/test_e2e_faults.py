@@ -73,7 +73,7 @@ async def _finish(r: Redis, p: h.Pipeline, rec: h.Recording, run: Run) -> Run:
     models = await h.wait_settled(r, timeout_s=90)
     run.models = h.normalized_items(models)
     run.eid = await h.wait_epoch(r)
-    topo = {h.as_str(c) for c in await r.smembers(keys.epoch_contracts(run.eid))}
+    topo = {h.as_str(c) for c in await r.smembers(keys.epoch_contracts("SPX", run.eid))}
     exp = h.expected_state(rec.records, topo)
     run.contract_diffs = await h.check_contracts(r, run.eid, exp)
     ms = await p.metrics("hydrator")
@@ -95,11 +95,11 @@ async def _finish(r: Redis, p: h.Pipeline, rec: h.Recording, run: Run) -> Run:
             assert not unread, g
             run.ws_read = g.length - len(unread)
     run.lag_mismatch = await h.lag_disagreements(r)
-    for s in (keys.WS_STREAM, keys.CHAIN_STREAM, keys.CONTRACTS_DIRTY_STREAM):
+    for s in (keys.WS_STREAM, keys.CHAIN_STREAM, keys.contracts_dirty_stream("SPX")):
         run.dead[s] = int(await r.xlen(keys.dead_letter_stream(s)))
     for s in keys.STRATEGIES:
-        run.dead[keys.tiles_stream(s)] = int(
-            await r.xlen(keys.dead_letter_stream(keys.tiles_stream(s)))
+        run.dead[keys.tiles_stream(s, "SPX")] = int(
+            await r.xlen(keys.dead_letter_stream(keys.tiles_stream(s, "SPX")))
         )
     run.exits = {s: list(pr.exits) for s, pr in p.procs.items()}
     return run

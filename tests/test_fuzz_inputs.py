@@ -198,7 +198,7 @@ def test_ws_bad_frames_are_counted_and_never_stop_the_hydrator(
             await pipe.execute()
 
             async def good_applied() -> bool:
-                v = await redis.hget(keys.epoch_contract(EID, GOOD_CID), "quote_ts")
+                v = await redis.hget(keys.epoch_contract("SPX", EID, GOOD_CID), "quote_ts")
                 return v is not None and int(v) == good_t * MS
 
             await _wait(good_applied)
@@ -212,7 +212,7 @@ def test_ws_bad_frames_are_counted_and_never_stop_the_hydrator(
                 for s in ("SPX", "NDX", "other")
             )
             assert misses == expected["miss"], (misses, cases)
-            h = await redis.hgetall(keys.epoch_contract(EID, GOOD_CID))
+            h = await redis.hgetall(keys.epoch_contract("SPX", EID, GOOD_CID))
             assert h[b"bid"] == b"7.0" and h[b"ask"] == b"7.5"
             # nothing invented: only the two epoch contracts exist
             n_hashes = len([k async for k in redis.scan_iter(match=f"epoch:{{{EID}}}:contract:*")])

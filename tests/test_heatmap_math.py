@@ -362,7 +362,7 @@ async def test_reference_rebuild_equals_independent_recomputation(
     # newer trades on a third of the contracts: their quotes become stale (> 10 s older)
     pipe = redis.pipeline()
     for i, c in enumerate(chain):
-        k = keys.epoch_contract("e1", c.cid)
+        k = keys.epoch_contract("SPX", "e1", c.cid)
         if i % 3 == 0:
             ts = NOW + 20 * SEC + i
             pipe.hset(k, mapping={"last": 1.0 + i / 100, "trade_ts": ts, "ts_ns": ts, "src": "ws"})
@@ -373,7 +373,7 @@ async def test_reference_rebuild_equals_independent_recomputation(
     tiles = await reference_full_build(redis, "e1", "SPX", strategy, cfg, NOW)
     hashes: dict[str, dict[str, str]] = {}
     for c in chain:
-        raw = await redis.hgetall(keys.epoch_contract("e1", c.cid))
+        raw = await redis.hgetall(keys.epoch_contract("SPX", "e1", c.cid))
         hashes[c.cid] = {k.decode(): v.decode() for k, v in raw.items()}
     by_key = {(c.expiry, c.right, float(c.strike)): c.cid for c in chain}
     expected: dict[str, tuple[float | None, bool]] = {}

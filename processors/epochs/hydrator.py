@@ -1,6 +1,6 @@
 """Hydrator: raw WS frames -> contract values of the active epoch (DESIGN invariants 1, 4, 7).
 
-Reads ``massive:ws:stream`` (group ``hydrator``); entries carry ``recv_ts_ns`` and ``payload``
+Reads ``massive:{ws}:stream`` (group ``hydrator``); entries carry ``recv_ts_ns`` and ``payload``
 (the provider's frame). Per batch:
 
 1. Decode every frame with ``schemas.massive.decode_frame``; rejected frames/events are counted
@@ -14,9 +14,10 @@ Reads ``massive:ws:stream`` (group ``hydrator``); entries carry ``recv_ts_ns`` a
 3. Resolve: the cid IS the event's ``sym``; the derived local cache maps cid -> symbol for the
    topology SET of each symbol's active epoch (``schemas.ticker.parse(cid).symbol``). A cid
    outside the active topology is a counted ``geometry_miss`` and never creates a hash.
-4. ONE round trip: ``HGETALL massive:epoch:active`` (the cheap once-per-batch epoch check)
-   followed by one ``EVALSHA lua/hydrate.lua`` per active epoch touched (its keys share one
-   hash slot; normally one or two calls) with the events packed as two msgpack arguments, and
+4. ONE round trip: a GET of every configured symbol's ``massive:epoch:active:{<SYM>}`` (the
+   cheap once-per-batch epoch check) followed by one ``EVALSHA lua/hydrate.lua`` per active
+   epoch touched (its meta and the contract hash of every event in KEYS, one ``{<SYM>}``
+   slot; normally one or two calls) with the events packed as two msgpack arguments, and
    the spot admission script for ``V`` events. The Lua script enforces admission A/B/C per
    kind and refuses to write unless the epoch's meta state is ``active`` (promotion flips it
    in the same MULTI as the active pointer), so nothing is ever written into a retired or
@@ -28,7 +29,8 @@ Reads ``massive:ws:stream`` (group ``hydrator``); entries carry ``recv_ts_ns`` a
    runs k's Lua while this process decodes k+1 (see ``handle``). The
    script's fast path relies on every writer keeping ``ts_ns = max(quote_ts, trade_ts)``
    (normalizer build, ``seed.lua``, ``hydrate.lua``): see ``lua/hydrate.lua``.
-5. XADD ``DirtyEntry{symbol, epoch, cids, max_ts_ns, recv_ts_ns}`` for the contracts changed,
+5. XADD ``DirtyEntry{symbol, epoch, cids, max_ts_ns, recv_ts_ns}`` for the contracts changed
+   on the symbol's ``massive:contracts:dirty:{<SYM>}`` (events are routed by symbol here),
    then return (the runtime acks in its next round trip).
 
 Crash safety (invariant 7), chosen design: the Lua script reports, besides the events it
@@ -36,8 +38,8 @@ applied, every event whose exact values and timestamp are already stored (so it 
 by an earlier delivery of the same entry). If the process dies after the Lua write and before
 the dirty XADD, the entries stay pending, are redelivered (own-PEL drain at restart, or
 reclaimed by another replica), and the redelivered batch re-emits their dirty notifications.
-Having the script XADD the dirty entry itself would also be atomic, but it would make the
-script touch two hash slots (epoch keys + the dirty stream) and break Redis Cluster.
+Having the script XADD the dirty entry itself would also be atomic (the symbol's dirty
+stream shares the epoch's slot now), but the crash-safe redelivery above already covers it.
 Side effect: a duplicated WS event (same ts, same values) re-notifies its contract; that is
 harmless (recompute of an unchanged tile) and never loses a notification.
 """
@@ -156,6 +158,9 @@ class Hydrator(ConsumerProcessor):
         self.maxlen = deps.settings.stream_maxlen
         self._hydrate = lua.get("hydrate")
         self._spot = lua.get("spot")
+        # Every request starts with one GET per symbol's active pointer (one slot each).
+        self.symbols = deps.settings.symbols
+        self._pointer_reads = [("GET", keys.epoch_active(s)) for s in self.symbols]
         # Derived local cache (invariant 2): active epoch per symbol and its frozen topology.
         self._active: dict[str, str] = {}
         self._cid_sym: dict[str, str] = {}
@@ -299,7 +304,7 @@ class Hydrator(ConsumerProcessor):
         pipe = self.redis.pipeline(transaction=False)
         loading = [s for s in changed if s in active]
         for s in loading:
-            pipe.smembers(keys.epoch_contracts(active[s]))
+            pipe.smembers(keys.epoch_contracts(s, active[s]))
         members = await pipe.execute() if loading else []
         for s in changed:
             for cid in self._topo.pop(s, ()):
@@ -367,8 +372,9 @@ class Hydrator(ConsumerProcessor):
     def _clean(self, rt: _Routed, res: list[Any]) -> bool:
         """``res`` (replies of ``rt``) needs no re-resolution: every epoch was active and the
         active pointer equals the cache. Settling it then makes no Redis call."""
-        return all(int(r[0]) == lua.EpochWrite.APPLIED for r in res[1 : 1 + len(rt.order)]) and (
-            _hash(res[0]) == self._active
+        n = len(self.symbols)
+        return all(int(r[0]) == lua.EpochWrite.APPLIED for r in res[n : n + len(rt.order)]) and (
+            self._pointers(res) == self._active
         )
 
     def _dirty_entries(self, acc: dict[tuple[str, str], _Dirty]) -> list[DirtyEntry]:
@@ -448,6 +454,10 @@ class Hydrator(ConsumerProcessor):
             misses_t=misses_t,
         )
 
+    def _pointers(self, res: list[Any]) -> dict[str, str]:
+        """symbol -> active epoch id from the replies of ``_pointer_reads`` (first in ``res``)."""
+        return {s: as_str(v) for s, v in zip(self.symbols, res, strict=False) if v is not None}
+
     def _fmt_miss(self, x: float) -> str:
         """``repr(x)``, remembered (never for zero: -0.0 == 0.0 but they print apart)."""
         r = repr(x)
@@ -479,10 +489,11 @@ class Hydrator(ConsumerProcessor):
                 res = await link.call(self._commands(rt, []))
             groups, order, eids = rt.groups, rt.order, rt.eids
             misses_q, misses_t = rt.misses_q, rt.misses_t
-            active = _hash(res[0])
+            active = self._pointers(res)
+            n = len(self.symbols)
             pend_q, pend_t = [], []
             stale: set[str] = set()
-            for s, eid, r in zip(order, eids, res[1 : 1 + len(order)], strict=True):
+            for s, eid, r in zip(order, eids, res[n : n + len(order)], strict=True):
                 qs, ts = groups[s]
                 if int(r[0]) == lua.EpochWrite.NOT_ACTIVE:
                     stale.add(s)
@@ -515,8 +526,8 @@ class Hydrator(ConsumerProcessor):
                 applied_t += len(r) - 2 - n_q
                 max_ts[key] = mts
             if stale and active == self._active:
-                # The epoch was retired after our HGETALL: read the pointer again.
-                active = _hash((await link.call([("HGETALL", keys.EPOCH_ACTIVE)]))[0])
+                # The epoch was retired after our read: read the pointers again.
+                active = self._pointers(await link.call(self._pointer_reads))
             await self._refresh(active)
             if rt.version != self._version and (misses_q or misses_t):
                 # Resolved against an older cache: a new epoch may know these contracts.
@@ -535,13 +546,15 @@ class Hydrator(ConsumerProcessor):
         return {key: _Dirty(got, max_ts[key]) for key, got in changed.items() if got}
 
     def _commands(self, rt: _Routed, spots: list[IndexValue]) -> list[tuple[Any, ...]]:
-        """HGETALL of the active pointer, one hydrate call per epoch, the spot script."""
-        cmds: list[tuple[Any, ...]] = [("HGETALL", keys.EPOCH_ACTIVE)]
+        """The active pointers, one hydrate call per epoch (its meta and the contract hash
+        of every event in KEYS), the spot script."""
+        cmds: list[tuple[Any, ...]] = list(self._pointer_reads)
         sha = self._hydrate.sha
-        for eid, (qb, tb) in zip(rt.eids, rt.blobs, strict=True):
-            cmds.append(
-                ("EVALSHA", sha, 1, keys.epoch_meta(eid), keys.epoch_contract_prefix(eid), qb, tb)
-            )
+        for s, eid, (qb, tb) in zip(rt.order, rt.eids, rt.blobs, strict=True):
+            qs, ts = rt.groups[s]
+            p = keys.epoch_contract_prefix(s, eid)
+            names = [keys.epoch_meta(s, eid), *[p + q.sym for q in qs], *[p + t.sym for t in ts]]
+            cmds.append(("EVALSHA", sha, len(names), *names, qb, tb))
         if spots:
             args: list[str] = []
             known = symbols.registry()
@@ -567,7 +580,7 @@ class Hydrator(ConsumerProcessor):
         pipe = self.redis.pipeline(transaction=False)
         n = 0
         for d in dirty:
-            xadd_pipe(pipe, keys.CONTRACTS_DIRTY_STREAM, _fields(d), maxlen=self.maxlen)
+            xadd_pipe(pipe, keys.contracts_dirty_stream(d.symbol), _fields(d), maxlen=self.maxlen)
             n += len(d.cids)
         await pipe.execute()
         self.m_dirty.inc(n)

@@ -2,25 +2,26 @@
 GEX models and a history of levels.
 
 Universe (``scope``): ``full`` (default) = the whole chain of the symbol, every expiration,
-from ``massive:gex:source:{SYM}`` (the normalizer writes it from the chain-poller's
+from ``massive:gex:source:{<SYM>}`` (the normalizer writes it from the chain-poller's
 full-chain snapshots, fetched at their own cadence, apart from the heatmap's narrow window);
 while that source is missing or older than ``source_max_age_s`` the epoch's projection
 (the heatmap window) is used and ``meta.coverage.scope`` says ``window``. ``window`` = the
 epoch's projection only.
 
 Loop (every ``poll_s``): hold or try to take the leader lease (the fenced lease of
-processors/lease.py on ``keys.gex_lease()`` and ``keys.gex_fence()``); only the leader
-builds. For each symbol, read ``massive:epoch:active``; build immediately when the active
-epoch changed (promotion), else every ``interval_s``. A build reads the source's timestamp
-(the full source's ``ts_ns``, or ``HGETALL epoch:{eid}:gex``), the spot
+processors/lease.py on ``keys.gex_lease(symbol)`` and ``keys.gex_fence(symbol)``: one leader
+per symbol); only the leader builds. Read ``massive:epoch:active:{<SYM>}``; build
+immediately when the active epoch changed (promotion), else every ``interval_s``. A build
+reads the source's timestamp
+(the full source's ``ts_ns``, or ``HGETALL epoch:{<SYM>}:<eid>:gex``), the spot
 (``massive:spot:latest``, falling back to the epoch meta ``spot``) and skips the math when
 (epoch, spot, source) are unchanged since the last build, unless ``reprice_interval_s``
 passed (time to expiry moves the levels); a new source is decoded and prepared once
 (processors/gex/exposure.py), later builds only re-time it. It publishes only when an item or
 the meta (timestamps aside) changed: one Lua script (lua/gex_publish.lua) checks the fence
-(refusing a stale leader), XADDs the ModelDiff to ``massive:gex:diffs``, SETs the canonical
+(refusing a stale leader), XADDs the ModelDiff to ``massive:gex:diffs:{<SYM>}``, SETs the canonical
 model (with ``diff_id`` = that entry id) and the legacy ``:calls``/``:puts`` keys, and XADDs
-the levels to ``massive:gex:levels:{SYM}`` (trimmed to ``history_retention_s``), atomically.
+the levels to ``massive:gex:levels:{<SYM>}`` (trimmed to ``history_retention_s``), atomically.
 
 Dollar values are computed at ``dollar_spot``, which follows spot only when it moved by at
 least ``dollar_spot_step_bp`` basis points, so small spot ticks do not rewrite every strike
@@ -179,20 +180,26 @@ def _num(v: bytes | None) -> float | None:
 
 
 class GexBuilder:
+    """The GEX builder of ONE symbol: its own lease and keys (one ``{<SYM>}`` slot), so the
+    symbols are led, and published, independently (the ``gex`` processor runs one per
+    symbol, :class:`GexBuilders`)."""
+
     name = "gex"
 
-    def __init__(self, deps: Deps, settings: GexSettings, symbols: tuple[str, ...]) -> None:
+    def __init__(self, deps: Deps, settings: GexSettings, symbol: str) -> None:
+        self.name = f"gex:{symbol}"
         self.deps = deps
         self.redis: Redis = deps.redis
         self.clock = deps.clock
         self.s = settings
-        self.symbols = symbols
+        self.symbol = symbol
+        self.symbols = (symbol,)
         self.params = settings.params()
         self._params: dict[str, gex_math.Params] = {}
         self.lease = FencedLease(
             self.redis,
-            keys.gex_lease(),
-            keys.gex_fence(),
+            keys.gex_lease(symbol),
+            keys.gex_fence(symbol),
             f"{deps.settings.consumer}:{uuid.uuid4().hex[:12]}",
             settings.lease_ttl_ms,
         )
@@ -241,12 +248,12 @@ class GexBuilder:
             ["model"],
         ).labels(model=KIND)
         self.m_leader = metrics.gauge(
-            reg, "massive_gex_leader", "1 while this builder holds the GEX lease"
-        )
+            reg, "massive_gex_leader", "1 while this builder holds the GEX lease", ["symbol"]
+        ).labels(symbol=symbol)
         self.m_version = metrics.gauge(
             reg, "massive_gex_version", "Last published GEX model version", ["symbol"]
         )
-        self.m_redis_errors = metrics.redis_outages(reg, self.name)
+        self.m_redis_errors = metrics.redis_outages(reg, "gex")
 
     @property
     def ready(self) -> bool:
@@ -324,9 +331,8 @@ class GexBuilder:
         await self._lease(now_m)
         if not self.leader:
             return
-        active: dict[Any, Any] = await self.redis.hgetall(keys.EPOCH_ACTIVE)
         for sym in self.symbols:
-            raw = active.get(sym.encode())
+            raw = await self.redis.get(keys.epoch_active(sym))
             if raw is None:
                 continue
             eid = raw.decode() if isinstance(raw, bytes) else str(raw)
@@ -441,7 +447,7 @@ class GexBuilder:
         params = self.params_for(sym)
         pipe = self.redis.pipeline(transaction=False)
         pipe.hmget(keys.SPOT_LATEST, [sym, f"{sym}:ts_ns"])
-        pipe.hmget(keys.epoch_meta(eid), ["spot", "snapshot_ts_ns"])
+        pipe.hmget(keys.epoch_meta(sym, eid), ["spot", "snapshot_ts_ns"])
         if full:
             pipe.hget(keys.gex_source(sym), "ts_ns")
         (spot_raw, spot_ts_raw), (meta_spot_raw, meta_ts_raw), *rest = await pipe.execute()
@@ -466,7 +472,7 @@ class GexBuilder:
         if fresh:
             src_key: tuple[Any, ...] = ("full", src_ts)
         else:
-            proj = await self.redis.hgetall(keys.epoch_gex(eid))
+            proj = await self.redis.hgetall(keys.epoch_gex(sym, eid))
             src_key = ("window", eid, hash(frozenset(proj.items())))
         fp = (eid, spot, src_key)
         if fp == st.fingerprint and now_m - st.built_mono < self.s.reprice_interval_s:
@@ -479,7 +485,7 @@ class GexBuilder:
             chain = await self._prepare_full(sym, now_ns)
             if chain is None:  # unreadable source: the epoch's projection until a new one
                 st.bad_source_ts = src_ts
-                proj = await self.redis.hgetall(keys.epoch_gex(eid))
+                proj = await self.redis.hgetall(keys.epoch_gex(sym, eid))
                 src_key = ("window", eid, hash(frozenset(proj.items())))
                 fp = (eid, spot, src_key)
         if chain is None:
@@ -605,9 +611,9 @@ class GexBuilder:
         diff_id = await self._publish(
             self.redis,
             [
-                keys.gex_fence(),
-                keys.gex_lease(),
-                keys.GEX_DIFFS_STREAM,
+                keys.gex_fence(sym),
+                keys.gex_lease(sym),
+                keys.gex_diffs_stream(sym),
                 keys.gex_model(sym),
                 keys.gex_model_calls(sym),
                 keys.gex_model_puts(sym),
@@ -666,7 +672,7 @@ HISTORY_LIMIT = 20_000  # entries per /api/gex/history answer (8 h at one publis
 async def levels_history(
     redis: Redis, symbol: str, since_ms: int | None = None, limit: int = HISTORY_LIMIT
 ) -> bytes:
-    """``/api/gex/history``: the GexLevels entries of ``massive:gex:levels:{SYM}`` as a JSON
+    """``/api/gex/history``: the GexLevels entries of ``massive:gex:levels:{<SYM>}`` as a JSON
     array, oldest first: those after ``since_ms`` (the first ``limit``), else the newest
     ``limit``. The entries are stored as JSON, so the answer is their bytes joined."""
     key = keys.gex_levels_stream(symbol)
@@ -681,6 +687,26 @@ async def levels_history(
     return b"[" + b",".join(p for p in parts if isinstance(p, bytes)) + b"]"
 
 
-def build(deps: Deps, arg: str | None) -> GexBuilder:
+class GexBuilders:
+    """Processor ``gex``: one :class:`GexBuilder` (lease, keys) per symbol."""
+
+    name = "gex"
+
+    def __init__(self, deps: Deps, settings: GexSettings, symbols: tuple[str, ...]) -> None:
+        self.s = settings
+        self.symbols = symbols
+        self.builders = [GexBuilder(deps, settings, s) for s in symbols]
+
+    @property
+    def ready(self) -> bool:
+        return all(b.ready for b in self.builders)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        async with asyncio.TaskGroup() as tg:
+            for b in self.builders:
+                tg.create_task(b.run(stop), name=b.name)
+
+
+def build(deps: Deps, arg: str | None) -> GexBuilders:
     """``gex`` or ``gex:SPX,NDX`` (the argument overrides MASSIVE_SYMBOLS)."""
-    return GexBuilder(deps, from_env(GexSettings), stage_symbols(deps.settings, arg))
+    return GexBuilders(deps, from_env(GexSettings), stage_symbols(deps.settings, arg))

@@ -1,8 +1,11 @@
 """Tile builder (``massive-pipeline run tile-builder:<strategy>``): keeps the staging tiles of
-one strategy (single | vertical | butterfly) up to date from ``massive:contracts:dirty``.
+one strategy (single | vertical | butterfly) up to date from ``massive:contracts:dirty:{<SYM>}``
+of every configured symbol (one group reader per symbol stream; batches handled one at a time).
 
 Each strategy is an independent consumer group (``keys.tile_builder_group``) so the three
-builders scale and lag independently; replicas of one strategy share the group.
+builders scale and lag independently; replicas of one strategy share the group. Every key and
+stream of one symbol's batch (epoch keys, staging, manifest, tile stream) shares the symbol's
+``{<SYM>}`` slot.
 
 Per batch of DirtyEntry (hot path, a fixed number of round trips whatever the batch size):
   1. one pipeline: the active epoch of each symbol + the epoch the staging hash holds;
@@ -18,7 +21,7 @@ Per batch of DirtyEntry (hot path, a fixed number of round trips whatever the ba
      (``incremental``): WATCH staging + manifest, Lua calls read every leg hash (HMGET of
      LEG_FIELDS per key, one pipelined round trip), the batch's tile values are computed
      vectorised, then ONE MULTI/EXEC writes them as plain HSETs with the TileDelta XADD on
-     ``massive:tiles:<strategy>``. Only when staging was written between the WATCH and the
+     ``massive:tiles:<strategy>:{<SYM>}``. Only when staging was written between the WATCH and the
      EXEC (a replica, an install) do the values go through the admission script instead:
      strictly greater ``seq`` (sum of the legs' quote_ts + trade_ts + quote_rx_ts) admitted,
      equal = same inputs (discarded), older refused; rejected wholesale when the batch's epoch
@@ -135,6 +138,7 @@ class QuoteParser:
 
 async def fetch_rows(
     redis: Redis,
+    symbol: str,
     eid: str,
     cids: Sequence[str],
     chunk: int,
@@ -147,7 +151,7 @@ async def fetch_rows(
     if not cids and manifest is None:
         return {}, [], []
     script = lua.get("fetch")
-    prefix = keys.epoch_contract_prefix(eid)
+    prefix = keys.epoch_contract_prefix(symbol, eid)
 
     def queue(pipe: Pipeline) -> None:
         if manifest is not None:
@@ -166,7 +170,7 @@ async def fetch_rows(
 async def load_grid(
     redis: Redis, eid: str, symbol: str, strategy: str, cfg: TileSettings, now_ns: int
 ) -> hm.Grid:
-    raw = await redis.smembers(keys.epoch_contracts(eid))
+    raw = await redis.smembers(keys.epoch_contracts(symbol, eid))
     cids = [c.decode() if isinstance(c, bytes) else c for c in raw]
     today = hm.market_date(now_ns) if cfg.drop_expired else None
     return hm.build_grid(
@@ -181,11 +185,12 @@ class TileBuilder(ConsumerProcessor):
         if strategy not in keys.STRATEGIES:
             raise ValueError(f"tile-builder: unknown strategy {strategy!r} ({keys.STRATEGIES})")
         self.name = f"tile-builder:{strategy}"
-        super().__init__(deps, keys.CONTRACTS_DIRTY_STREAM, keys.tile_builder_group(strategy))
+        self.symbols = deps.settings.symbols
+        streams = [keys.contracts_dirty_stream(s) for s in self.symbols]
+        super().__init__(deps, streams, keys.tile_builder_group(strategy))
         self.strategy = strategy
         self.cfg = cfg
         self.clock = deps.clock
-        self.tiles_stream = keys.tiles_stream(strategy)
         self._stage = lua.get("stage")
         self._install = lua.get("install")
         self._grids: dict[str, tuple[str, hm.Grid]] = {}
@@ -246,9 +251,11 @@ class TileBuilder(ConsumerProcessor):
     async def bootstrap(self) -> None:
         """Full-build every active epoch that staging does not hold yet (e.g. a builder
         started after the promotion, with no dirty traffic: market closed)."""
-        active = await self.redis.hgetall(keys.EPOCH_ACTIVE)
-        for sym_b, eid_b in sorted(active.items()):
-            sym, eid = as_str(sym_b), as_str(eid_b)
+        for sym in sorted(self.symbols):
+            eid_b = await self.redis.get(keys.epoch_active(sym))
+            if eid_b is None:
+                continue
+            eid = as_str(eid_b)
             installed = await self.redis.hget(keys.heatmap_manifest(sym, self.strategy), "epoch")
             if installed is None or as_str(installed) != eid:
                 await self.full_build(sym, eid, recv_ts_ns=None, n_dirty=0)
@@ -268,12 +275,12 @@ class TileBuilder(ConsumerProcessor):
             return
         syms = sorted(by_sym)
         pipe = self.redis.pipeline(transaction=False)
-        pipe.hmget(keys.EPOCH_ACTIVE, syms)
         for s in syms:
+            pipe.get(keys.epoch_active(s))
             pipe.hget(keys.heatmap_manifest(s, self.strategy), "epoch")
         res = await pipe.execute()
         for i, sym in enumerate(syms):
-            act_b, inst_b = res[0][i], res[1 + i]
+            act_b, inst_b = res[2 * i], res[2 * i + 1]
             act = act_b.decode() if act_b is not None else None
             inst = inst_b.decode() if inst_b is not None else None
             live = [d for d in by_sym[sym] if d.epoch == act]
@@ -325,13 +332,13 @@ class TileBuilder(ConsumerProcessor):
         return table
 
     async def _compute(
-        self, table: tv.TileTable, eid: str, rows: Any
+        self, table: tv.TileTable, sym: str, eid: str, rows: Any
     ) -> tuple[list[str], list[bytes], Any]:
         """Read the legs of the tiles ``rows`` and compute their staging values (and view
         keys, ``TileTable.staged_values_keyed``)."""
         cids = table.leg_contracts(rows)
         quotes, qrows, _ = await fetch_rows(
-            self.redis, eid, cids, self.cfg.fetch_chunk, self._parse
+            self.redis, sym, eid, cids, self.cfg.fetch_chunk, self._parse
         )
         return await self._values(table, rows, cids, quotes, qrows)
 
@@ -390,6 +397,7 @@ class TileBuilder(ConsumerProcessor):
             return []
         k_st = keys.heatmap_staging(sym, self.strategy)
         k_man = keys.heatmap_manifest(sym, self.strategy)
+        k_tiles = keys.tiles_stream(self.strategy, sym)
 
         def delta(ids: list[str]) -> producer.Fields:
             return _fields(
@@ -410,14 +418,14 @@ class TileBuilder(ConsumerProcessor):
             # (used only if the epoch is the staged one, the usual case).
             legs = table.leg_contracts(rows)
             quotes, qrows, (staged, writer) = await fetch_rows(
-                self.redis, eid, legs, self.cfg.fetch_chunk, self._parse, manifest=k_man
+                self.redis, sym, eid, legs, self.cfg.fetch_chunk, self._parse, manifest=k_man
             )
             if staged is not None and as_str(staged) == eid:
                 if writer is None or as_str(writer) != self.owner:
                     table.forget_announced()
                 tids, values, key = await self._values(table, rows, legs, quotes, qrows)
                 ids = await self._try_optimistic(
-                    tx, k_st, k_man, table, rows, tids, values, key, delta
+                    tx, (k_st, k_man, k_tiles), table, rows, tids, values, key, delta
                 )
                 if ids is not None:
                     self.m_seconds.labels(self.strategy, "incremental").observe(
@@ -436,7 +444,7 @@ class TileBuilder(ConsumerProcessor):
         # Admitted or equal (an equal tile may be a redelivery whose delta was lost).
         ids = [t for t, st in zip(tids, statuses, strict=True) if st >= lua.Stage.EQUAL]
         if ids:
-            await producer.xadd(self.redis, self.tiles_stream, delta(ids), self.cfg.tiles_maxlen)
+            await producer.xadd(self.redis, k_tiles, delta(ids), self.cfg.tiles_maxlen)
             self.m_deltas.inc()
         self.m_seconds.labels(self.strategy, "incremental").observe(time.perf_counter() - t0)
         return ids
@@ -444,8 +452,7 @@ class TileBuilder(ConsumerProcessor):
     async def _try_optimistic(
         self,
         tx: Any,
-        k_st: str,
-        k_man: str,
+        names: tuple[str, str, str],
         table: tv.TileTable,
         rows: Any,
         tids: list[str],
@@ -455,7 +462,8 @@ class TileBuilder(ConsumerProcessor):
     ) -> list[str] | None:
         """The optimistic write of ``incremental`` on the WATCHing pipeline ``tx``: MULTI
         (HSETs of the values computed, writer, delta) / EXEC. Returns the announced ids, or
-        None when EXEC aborted."""
+        None when EXEC aborted. ``names``: staging, manifest, tile stream (one slot)."""
+        k_st, k_man, k_tiles = names
         self.m_computed.labels(self.strategy, "incremental").inc(len(tids))
         changed = table.view_changed(rows, key)
         tx.multi()
@@ -464,7 +472,7 @@ class TileBuilder(ConsumerProcessor):
         tx.hset(k_man, "writer", self.owner)
         ids: list[str] = table.ids[rows[changed]].tolist()
         if ids:
-            producer.xadd_pipe(tx, self.tiles_stream, delta(ids), self.cfg.tiles_maxlen)
+            producer.xadd_pipe(tx, k_tiles, delta(ids), self.cfg.tiles_maxlen)
         try:
             await tx.execute()
         except WatchError:
@@ -509,11 +517,11 @@ class TileBuilder(ConsumerProcessor):
         """Compute every tile of epoch ``eid`` and install it (see module doc). Returns
         installed | merged | superseded."""
         t0 = time.perf_counter()
-        created = await self.redis.hget(keys.epoch_meta(eid), "created_ns")
+        created = await self.redis.hget(keys.epoch_meta(sym, eid), "created_ns")
         created_ns = int(created) if created is not None else 0
         grid = await self._grid(sym, eid)
         table = await self._table(sym, eid)
-        tids, values, _ = await self._compute(table, eid, table.all_rows())
+        tids, values, _ = await self._compute(table, sym, eid, table.all_rows())
         tiles = list(zip(tids, values, strict=True))
         self.m_computed.labels(self.strategy, "full").inc(len(tiles))
         consumer = self.spec.consumer
@@ -577,7 +585,8 @@ class TileBuilder(ConsumerProcessor):
             recv_ts_ns=recv_ts_ns,
             n_dirty=n_dirty,
         )
-        await producer.xadd(self.redis, self.tiles_stream, _fields(delta), self.cfg.tiles_maxlen)
+        stream = keys.tiles_stream(self.strategy, sym)
+        await producer.xadd(self.redis, stream, _fields(delta), self.cfg.tiles_maxlen)
         self.m_deltas.inc()
 
 

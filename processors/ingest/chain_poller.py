@@ -7,8 +7,8 @@ index, ``SPY`` for a stock or ETF: schemas/symbols.py) filtered server-side by e
 anchor that follows spot with hysteresis (processors/ingest/strike_band.py), ``limit=250``,
 following ``next_url`` to the end, only on the configured base URL. The result is trimmed
 client-side to the first N expirations, decoded once into a compact :class:`ChainSnapshot`
-blob and written in ONE MULTI: ``SET massive:chain:snapshot:{SYM}:{ts} EX ttl`` + ``XADD
-massive:chain:stream`` (pointer) + ``XADD massive:spot:stream`` (spot).
+blob and written: ``SET massive:chain:snapshot:{<SYM>}:<ts> EX ttl``, then ONE MULTI with
+``XADD massive:{chain}:stream`` (pointer) + ``XADD massive:{chain}:spot:stream`` (spot).
 
 Spot of a stock or ETF: the chain's ``underlying_asset.price`` (the REST fallback of the
 stocks WS feed that ws-ingest subscribes), with its ``last_updated`` as its time; its age
@@ -24,7 +24,7 @@ at the next interval; it never delays or fails the window's cycles.
 
 Cadence: the next cycle starts ``max(min_interval_s, k * last_cycle_duration)`` after the
 previous one completed (never overlapping, never faster than responses complete); a
-``refresh_chain`` ControlMessage on massive:control:stream (WS dormancy) wakes the loop at
+``refresh_chain`` ControlMessage on massive:{control}:stream (WS dormancy) wakes the loop at
 once; several requests are coalesced into one fetch.
 
 Errors: 429 (Retry-After honoured), 5xx, timeouts, connection errors and undecodable bodies
@@ -663,8 +663,11 @@ class ChainPoller:
             reason=reason,
             scope=res.scope,
         )
+        # The blob first, alone (its {SYM} slot), then pointer and spot tick in one MULTI
+        # (the {chain} slot): a pointer never names a blob not yet written; a crash between
+        # leaves an unnamed blob that expires.
+        await self.redis.set(key, encode_snapshot(snap), ex=ttl)
         pipe = self.redis.pipeline(transaction=True)
-        pipe.set(key, encode_snapshot(snap), ex=ttl)
         pipe.xadd(
             keys.CHAIN_STREAM,
             entry(ptr),  # type: ignore[arg-type]

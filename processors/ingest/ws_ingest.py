@@ -494,7 +494,10 @@ class WsIngest:
                         out_s.add(f"Q.{sp.underlying}")
             return out_s
         syms = list(self.symbols)
-        eids = await self.redis.hmget(keys.EPOCH_ACTIVE, syms)
+        pipe = self.redis.pipeline(transaction=False)
+        for sym in syms:
+            pipe.get(keys.epoch_active(sym))
+        eids = await pipe.execute()
         spots = await self.redis.hmget(keys.SPOT_LATEST, syms)
         out: set[str] = set()
         ranked: dict[str, list[str]] = {}
@@ -504,7 +507,7 @@ class WsIngest:
             eid = raw_eid.decode() if isinstance(raw_eid, bytes) else str(raw_eid)
             view = self._epochs.get(sym)
             if view is None or view.eid != eid:
-                view = self._epochs[sym] = await self._load_epoch(eid)
+                view = self._epochs[sym] = await self._load_epoch(sym, eid)
             if self.s.trades:
                 out.update(f"T.{cid}" for cid, _e, _k in view.contracts)
             if self.s.quotes:
@@ -514,8 +517,8 @@ class WsIngest:
             out.update(f"Q.{cid}" for cid in allocate(ranked, self.s.max_quotes))
         return out
 
-    async def _load_epoch(self, eid: str) -> _EpochView:
-        members = await self.redis.smembers(keys.epoch_contracts(eid))
+    async def _load_epoch(self, sym: str, eid: str) -> _EpochView:
+        members = await self.redis.smembers(keys.epoch_contracts(sym, eid))
         contracts = []
         for m in members:
             cid = m.decode() if isinstance(m, bytes) else str(m)
@@ -534,7 +537,7 @@ class WsIngest:
             with contextlib.suppress(ValueError):
                 spot = float(raw_spot)
         if spot is None:
-            meta = await self.redis.hget(keys.epoch_meta(eid), "spot")
+            meta = await self.redis.hget(keys.epoch_meta(sym, eid), "spot")
             if meta is not None:
                 with contextlib.suppress(ValueError):
                     spot = float(meta)

@@ -1,6 +1,7 @@
 -- One heatmap model version (processors/publisher.py, Publisher._write).
--- KEYS: fence, lease, active-epoch hash, version, diff stream, chain head.
--- ARGV: token, lease value, symbol, epoch, version, diff id, diff json, lease ttl ms, the
+-- KEYS (one {SYM} slot): fence, lease, the symbol's active-epoch pointer, version, diff
+-- stream, chain head.
+-- ARGV: token, lease value, (unused), epoch, version, diff id, diff json, lease ttl ms, the
 -- diff stream's MINID (retention), prev id ("" = none).
 -- Returns {1} ok, {-1} fenced, {-2} lease held by another owner, {-3} epoch not active,
 -- {-4} version is not current + 1 or prev id is not the chain's head (Redis lost writes we
@@ -10,7 +11,7 @@ local fence = redis.call('GET', KEYS[1])
 if fence ~= ARGV[1] then return {-1} end
 local holder = redis.call('GET', KEYS[2])
 if holder and holder ~= ARGV[2] then return {-2} end
-if redis.call('HGET', KEYS[3], ARGV[3]) ~= ARGV[4] then return {-3} end
+if redis.call('GET', KEYS[3]) ~= ARGV[4] then return {-3} end
 local cur = redis.call('GET', KEYS[4]) or '0'
 if tonumber(ARGV[5]) ~= tonumber(cur) + 1 then return {-4} end
 if (redis.call('GET', KEYS[6]) or '') ~= ARGV[10] then return {-4} end

@@ -125,6 +125,15 @@ class Record(msgspec.Struct, array_like=True):
     blob: bytes | None = None
 
 
+# Stream names of recordings made before the cluster key schema (schemas/keys.py): read as
+# the streams they are now, so an older recording replays unchanged.
+LEGACY_STREAMS = {
+    "massive:chain:stream": keys.CHAIN_STREAM,
+    "massive:ws:stream": keys.WS_STREAM,
+    "massive:spot:stream": keys.SPOT_STREAM,
+}
+
+
 class RecordingError(ValueError):
     """Not a recording, a newer format, or a truncated/corrupt file."""
 
@@ -207,12 +216,15 @@ def read_recording(path: str | Path) -> tuple[RecordingHeader, Iterator[Record]]
     if header.format != FORMAT or header.version > VERSION:
         f.close()
         raise RecordingError(f"{path}: format {header.format!r} v{header.version} unsupported")
+    header.streams = [LEGACY_STREAMS.get(s, s) for s in header.streams]
 
     def records() -> Iterator[Record]:
         try:
             for payload in frames:
                 try:
-                    yield _record_dec.decode(payload)
+                    rec = _record_dec.decode(payload)
+                    rec.stream = LEGACY_STREAMS.get(rec.stream, rec.stream)
+                    yield rec
                 except msgspec.DecodeError as exc:
                     raise RecordingError(f"{path}: bad record: {exc}") from None
         except (OSError, EOFError) as exc:  # gzip: truncated or corrupt
@@ -306,7 +318,13 @@ async def start_records(
     out: list[Record] = []
     chain_t = 0
     if keys.CHAIN_STREAM in streams:
-        active = {as_str(k) for k in await redis.hkeys(keys.EPOCH_ACTIVE)}
+        from processors.ops.monitor import every_symbol
+
+        syms = every_symbol()
+        pipe = redis.pipeline(transaction=False)
+        for sym in syms:
+            pipe.exists(keys.epoch_active(sym))
+        active = {s for s, n in zip(syms, await pipe.execute(), strict=True) if n}
         found: dict[tuple[str, str], Record] = {}  # (symbol, scope): window / full chain
         stats = RecordStats()
         end, seen = upto, 0
@@ -521,10 +539,10 @@ async def replay_records(
     return stats
 
 
-def pipeline_streams() -> list[str]:
+def pipeline_streams(symbols: Iterable[str] | None = None) -> list[str]:
     from processors.ops.monitor import pipeline_streams as streams
 
-    return streams()
+    return streams(symbols)
 
 
 # Groups whose consumer keeps entries pending on purpose while it holds their effect in
@@ -701,7 +719,7 @@ async def replay_file(
     )
     procs: list[Processor] = [load(n, deps) for n in opts.processors]
     consumers = [p for p in procs if isinstance(p, ConsumerProcessor)]
-    consumed = [(p.spec.stream, p.spec.group) for p in consumers]
+    consumed = [(sp.stream, sp.group) for p in consumers for sp in p.specs]
     pstop = asyncio.Event()
     tasks = [asyncio.create_task(p.run(pstop), name=p.name) for p in procs]
 
@@ -727,7 +745,7 @@ async def replay_file(
                     "processors not ready: " + ",".join(p.name for p in procs if not p.ready)
                 )
             await asyncio.sleep(0.005)
-        quiet = Quiescence(redis, consumed, [p.consumer for p in consumers])
+        quiet = Quiescence(redis, consumed, [c for p in consumers for c in p.consumers])
         driver = _Driver(redis, clock, opts, settings, quiet, check_tasks)
         driver.on_instant = on_instant
         await driver.settle_participants()

@@ -280,11 +280,16 @@ _json_encoder = msgspec.json.Encoder()
 
 @dataclass(frozen=True, slots=True)
 class Channel:
-    """A model family: its diff stream and model key (``heatmap:<strategy>`` or ``gex``)."""
+    """A model family (``heatmap:<strategy>`` or ``gex``): per symbol, its diff stream and
+    model key (one ``{<SYM>}`` slot)."""
 
     name: str
-    stream: str
     strategy: str | None
+
+    def stream(self, symbol: str) -> str:
+        if self.strategy is None:
+            return keys.gex_diffs_stream(symbol)
+        return keys.heatmap_diffs_stream(self.strategy, symbol)
 
     def model_key(self, symbol: str) -> str:
         if self.strategy is None:
@@ -296,11 +301,8 @@ class Channel:
 
 
 def channels() -> dict[str, Channel]:
-    out = {
-        f"heatmap:{s}": Channel(f"heatmap:{s}", keys.heatmap_diffs_stream(s), s)
-        for s in keys.STRATEGIES
-    }
-    out["gex"] = Channel("gex", keys.GEX_DIFFS_STREAM, None)
+    out = {f"heatmap:{s}": Channel(f"heatmap:{s}", s) for s in keys.STRATEGIES}
+    out["gex"] = Channel("gex", None)
     return out
 
 
@@ -427,13 +429,20 @@ def _s(v: bytes | str) -> str:
 
 # --- shared readers ------------------------------------------------------------------------------
 class DiffFeed:
-    """The one reader of a diff stream; hands each entry to the mirror of its symbol."""
+    """The one reader of a diff stream (one model family, one symbol); hands each entry to
+    the mirror of its symbol."""
 
     def __init__(
-        self, redis: Redis, channel: Channel, settings: SseSettings, metrics: Metrics
+        self,
+        redis: Redis,
+        channel: Channel,
+        symbol: str,
+        settings: SseSettings,
+        metrics: Metrics,
     ) -> None:
         self.redis = redis
         self.channel = channel
+        self.stream = channel.stream(symbol)
         self.settings = settings
         self.mirrors: dict[str, Mirror] = {}
         self.whole: dict[str, set[WholeSubscriber]] = {}  # unfiltered streams, by symbol
@@ -444,7 +453,7 @@ class DiffFeed:
 
     async def prime(self) -> None:
         """Start at the stream's current tail (earlier diffs are inside the models)."""
-        last = await self.redis.xrevrange(self.channel.stream, "+", "-", count=1)
+        last = await self.redis.xrevrange(self.stream, "+", "-", count=1)
         if last:
             self.last_id = parse_id(last[0][0]) or ZERO_ID
 
@@ -494,12 +503,23 @@ class DiffFeed:
         for mirror in self.mirrors.values():
             mirror.stop()
 
-    async def run(self, stop: asyncio.Event) -> None:
+    async def run(self, stop: asyncio.Event, prime: bool = False) -> None:
+        """Read until ``stop``; ``prime``: start at the stream's tail (a feed added after the
+        gateway started)."""
         backoff_s = 0.1
+        while prime and not stop.is_set():
+            try:
+                await self.prime()
+                break
+            except (RedisError, OSError) as exc:
+                self.read_errors.inc()
+                logger.warning("channel=%s prime failed: %s", self.channel.name, exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), backoff_s)
         while not stop.is_set():
             try:
                 resp = await self.redis.xread(
-                    {self.channel.stream: format_id(self.last_id)},
+                    {self.stream: format_id(self.last_id)},
                     count=self.settings.read_count,
                     block=self.settings.block_ms,
                 )
@@ -767,7 +787,7 @@ class Mirror:
                 await asyncio.sleep(0)  # a 100k-item model: let the other clients run
         del items
         # the checkpoint may be versions behind its diffs (processors/heatmap/publisher.py)
-        async for sid, id_s, body in gw.entries_after(ch.stream, model.head_sid):
+        async for sid, id_s, body in gw.entries_after(ch.stream(self.symbol), model.head_sid):
             if _diff_head.decode(body).symbol != self.symbol:
                 continue
             if self.apply(model, sid, id_s, body, emit=False) is not None:
@@ -852,9 +872,12 @@ class Gateway:
         self.settings = settings
         self.metrics = Metrics(deps)
         self.channels = channels()
+        # One reader per (model family, symbol) diff stream: the configured symbols' now,
+        # another symbol's when a client first asks for it (``feed``).
         self.feeds = {
-            name: DiffFeed(deps.redis, ch, settings, self.metrics)
+            (name, sym): DiffFeed(deps.redis, ch, sym, settings, self.metrics)
             for name, ch in self.channels.items()
+            for sym in deps.settings.symbols
         }
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -868,8 +891,8 @@ class Gateway:
         for feed in self.feeds.values():
             await feed.prime()
         self._tasks = [
-            asyncio.create_task(f.run(self._stop), name=f"sse-feed:{n}")
-            for n, f in self.feeds.items()
+            asyncio.create_task(f.run(self._stop), name=f"sse-feed:{n}:{s}")
+            for (n, s), f in self.feeds.items()
         ]
         self._tasks.append(asyncio.create_task(self._janitor(), name="sse-janitor"))
         self.started = True
@@ -893,8 +916,19 @@ class Gateway:
     def closing(self) -> bool:
         return self._stop.is_set()
 
+    def feed(self, channel: Channel, symbol: str) -> DiffFeed:
+        """The reader of ``symbol``'s diff stream of ``channel`` (started when new)."""
+        f = self.feeds.get((channel.name, symbol))
+        if f is None:
+            f = DiffFeed(self.redis, channel, symbol, self.settings, self.metrics)
+            self.feeds[(channel.name, symbol)] = f
+            if self.started:
+                name = f"sse-feed:{channel.name}:{symbol}"
+                self._tasks.append(asyncio.create_task(f.run(self._stop, prime=True), name=name))
+        return f
+
     def mirror(self, channel: Channel, symbol: str) -> Mirror:
-        feed = self.feeds[channel.name]
+        feed = self.feed(channel, symbol)
         m = feed.mirrors.get(symbol)
         if m is None:
             m = feed.mirrors[symbol] = Mirror(self, channel, symbol)
@@ -962,7 +996,7 @@ class Gateway:
             return _b(raw)
         changed = False
         after = parse_id(model.diff_id) or ZERO_ID
-        async for _sid, id_s, body in self.entries_after(channel.stream, after):
+        async for _sid, id_s, body in self.entries_after(channel.stream(symbol), after):
             try:
                 d = _full_diff.decode(body)
             except (msgspec.ValidationError, msgspec.DecodeError):
@@ -1036,7 +1070,7 @@ class Gateway:
         then cheaper)."""
         frames: list[bytes] = []
         size = 0
-        async for sid, id_s, body in self.entries_after(channel.stream, state.last_id):
+        async for sid, id_s, body in self.entries_after(channel.stream(symbol), state.last_id):
             item = decode_item(sid, id_s, {b"d": body})
             if item is None or item.head.symbol != symbol:
                 continue
@@ -1054,7 +1088,7 @@ class Gateway:
         self, channel: Channel, symbol: str, after: StreamId
     ) -> tuple[list[bytes], _State] | None:
         """Diffs of ``symbol`` after entry ``after``, or None if a snapshot is needed."""
-        stream = channel.stream
+        stream = channel.stream(symbol)
         async with self.redis_slots:
             first = _rows(await self.redis.xrange(stream, "-", "+", count=1))
             if not first or after < (parse_id(first[0][0]) or ZERO_ID):
@@ -1081,7 +1115,7 @@ class Gateway:
     ) -> AsyncIterator[bytes]:
         """The whole model: the stored model, then the diff stream's entries as they are
         (shared frames). Subscribes before it reads the model, so nothing is lost."""
-        feed = self.feeds[channel.name]
+        feed = self.feed(channel, symbol)
         m = self.metrics
         name = channel.name
         sent_diff = m.events.labels(channel=name, event="diff")
@@ -1388,11 +1422,15 @@ def create_app(deps: Deps, settings: SseSettings) -> Starlette:
         """What the dashboard shows of the epochs (the full meta is on the admin port)."""
         out: dict[str, Any] = {}
         async with gw.redis_slots:
-            active = await deps.redis.hgetall(keys.EPOCH_ACTIVE)
-            for sym_b, eid_b in sorted(active.items()):
+            for sym in sorted(deps.settings.symbols):
+                eid_b = await deps.redis.get(keys.epoch_active(sym))
+                if eid_b is None:
+                    continue
                 eid = _s(eid_b)
-                state, n = await deps.redis.hmget(keys.epoch_meta(eid), ["state", "n_contracts"])
-                out[_s(sym_b)] = {
+                state, n = await deps.redis.hmget(
+                    keys.epoch_meta(sym, eid), ["state", "n_contracts"]
+                )
+                out[sym] = {
                     "epoch": eid,
                     "state": None if state is None else _s(state),
                     "n_contracts": None if n is None else _s(n),
@@ -1407,11 +1445,13 @@ def create_app(deps: Deps, settings: SseSettings) -> Starlette:
     async def api_epochs(request: Request) -> Response:
         out: dict[str, Any] = {}
         async with gw.redis_slots:
-            active = await deps.redis.hgetall(keys.EPOCH_ACTIVE)
-            for sym_b, eid_b in sorted(active.items()):
+            for sym in sorted(deps.settings.symbols):
+                eid_b = await deps.redis.get(keys.epoch_active(sym))
+                if eid_b is None:
+                    continue
                 eid = _s(eid_b)
-                meta = await deps.redis.hgetall(keys.epoch_meta(eid))
-                out[_s(sym_b)] = {"epoch": eid, "meta": {_s(k): _s(v) for k, v in meta.items()}}
+                meta = await deps.redis.hgetall(keys.epoch_meta(sym, eid))
+                out[sym] = {"epoch": eid, "meta": {_s(k): _s(v) for k, v in meta.items()}}
         body = {
             "active": out,
             "symbols": list(deps.settings.symbols),
