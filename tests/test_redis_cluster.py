@@ -338,7 +338,7 @@ def sentinel() -> Iterator[LocalSentinel]:
 async def test_sentinel_promotion_the_runtime_goes_on(sentinel: LocalSentinel) -> None:
     r = connect(sentinel.url)
     try:
-        stream = "massive:test:stream"
+        stream = "{t}massive:test:stream"
         await r.xgroup_create(stream, "g", id="0", mkstream=True)
         script = lua.Script("echo", ECHO)
         assert await script(r, ["k"], ["before"]) == [b"k", b"before"]
