@@ -173,7 +173,7 @@ class LocalCluster:
         raise LookupError(f"no live replica of 127.0.0.1:{master.port}")
 
     def master_of_key(self, key: str) -> ClusterNode:
-        with self.nodes[0].client() as c:
+        with next(n for n in self.nodes if n.alive).client() as c:
             slot = int(c.execute_command("CLUSTER KEYSLOT", key))
             for lo, hi, owner, *_ in c.execute_command("CLUSTER SLOTS"):
                 if lo <= slot <= hi:
@@ -187,7 +187,19 @@ class LocalCluster:
         with replica.client() as c:
             c.execute_command("CLUSTER FAILOVER")
         _wait(lambda: self.role(replica) == "master", "replica promoted", timeout_s)
+        _wait(lambda: self._all_see_master(replica), "every node sees the new master", timeout_s)
         _wait(self.healthy, "cluster healthy after failover", timeout_s)
+
+    def _all_see_master(self, node: ClusterNode) -> bool:
+        for n in self.nodes:
+            if not n.alive:
+                continue
+            with n.client() as c:
+                known = c.execute_command("CLUSTER NODES")  # {"host:port@bus": {...}}
+            me = next((v for k, v in known.items() if k.startswith(f"127.0.0.1:{node.port}")), {})
+            if "master" not in str(me.get("flags", "")):
+                return False
+        return True
 
     def kill(self, n: ClusterNode) -> None:
         """SIGKILL one node (its temp dir stays until :meth:`stop`)."""

@@ -28,15 +28,7 @@ from tests import harness as h
 from tests.redis_cluster import LocalCluster
 from tests.util import eventually, free_port
 
-pytestmark = [
-    pytest.mark.timeout(300),
-    pytest.mark.slow,
-    pytest.mark.xfail(
-        strict=False,
-        reason="needs the per-symbol {SYM} key schema (branch cluster-keys): until then the "
-        "chain-poller MULTI and the lease scripts fail with CROSSSLOT on a cluster",
-    ),
-]
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
 SPECS = (
     *INGEST,
