@@ -20,6 +20,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import redis as redis_sync
 
@@ -196,7 +197,8 @@ class LocalCluster:
                 continue
             with n.client() as c:
                 known = c.execute_command("CLUSTER NODES")  # {"host:port@bus": {...}}
-            me = next((v for k, v in known.items() if k.startswith(f"127.0.0.1:{node.port}")), {})
+            name = f"127.0.0.1:{node.port}"
+            me: dict[str, Any] = next((v for k, v in known.items() if k.startswith(name)), {})
             if "master" not in str(me.get("flags", "")):
                 return False
         return True
