@@ -66,9 +66,11 @@ DEAD_SUFFIX = ":dead"
 
 
 def dead_letter_stream(stream: str) -> str:
-    """``<stream>:dead``: same hash tag, so the move (XADD dead + XACK) is one slot."""
+    """``<stream>:dead``: same hash tag, so the move (XADD dead + XACK) is one slot. Every
+    stream of the pipeline has a tag; a stream without one (a test's, an operator's) gets
+    ``{<stream>}:dead``, which hashes exactly as the untagged stream does."""
     if "{" not in stream:
-        raise ValueError(f"stream {stream!r} has no hash tag: its dead letters would be elsewhere")
+        return f"{{{stream}}}{DEAD_SUFFIX}"
     return f"{stream}{DEAD_SUFFIX}"
 
 

@@ -810,8 +810,6 @@ async def install_chain(r: Redis, snap: ChainSnapshot) -> str:
         n_contracts=len(snap.contracts),
         spot=snap.spot,
     )
-    async with r.pipeline(transaction=True) as pipe:
-        pipe.set(key, encode_snapshot(snap), ex=3600)
-        pipe.xadd(keys.CHAIN_STREAM, entry(ptr))  # type: ignore[arg-type]
-        await pipe.execute()
+    await r.set(key, encode_snapshot(snap), ex=3600)  # its own slot, before the pointer
+    await r.xadd(keys.CHAIN_STREAM, entry(ptr))  # type: ignore[arg-type]
     return key

@@ -51,10 +51,14 @@ PROCESSORS = {
     "monitor": ("monitor", 1),
     "sse-gateway": ("sse-gateway", 2),
 }
+# name -> (stream, group) of each trigger: one per symbol's dirty stream for the builders
 SCALED = {
-    "hydrator": (keys.WS_STREAM, keys.HYDRATOR_GROUP),
+    "hydrator": [(keys.WS_STREAM, keys.HYDRATOR_GROUP)],
     **{
-        f"tile-builder-{s}": (keys.contracts_dirty_stream("SPX"), keys.tile_builder_group(s))
+        f"tile-builder-{s}": [
+            (keys.contracts_dirty_stream(sym), keys.tile_builder_group(s))
+            for sym in RuntimeSettings().symbols
+        ]
         for s in keys.STRATEGIES
     },
 }
@@ -229,20 +233,26 @@ def test_keda_scales_on_the_lag_of_the_right_groups(overlay: str) -> None:
     deps = by_kind(docs, "Deployment")
     cfg = config(docs)
     assert set(scaled) == set(SCALED)
-    for name, (stream, group) in SCALED.items():
+    for name, wanted in SCALED.items():
         so = scaled[name]["spec"]
         assert so["scaleTargetRef"] == {"name": name}
         assert 1 <= so["minReplicaCount"] <= so["maxReplicaCount"]
-        (trig,) = so["triggers"]
+        trigs = so["triggers"]
+        assert [(t["metadata"]["stream"], t["metadata"]["consumerGroup"]) for t in trigs] == wanted
         cluster = overlay == "prod-cluster"
-        assert trig["type"] == ("redis-cluster-streams" if cluster else "redis-streams")
-        md = trig["metadata"]
-        assert (md["stream"], md["consumerGroup"]) == (stream, group)
-        assert int(md["lagCount"]) > 0 and int(md["activationLagCount"]) >= 0
+        kind = "redis-cluster-streams" if cluster else "redis-streams"
+        assert all(t["type"] == kind for t in trigs)
+        md = trigs[0]["metadata"]
+        assert all(int(t["metadata"]["lagCount"]) > 0 for t in trigs)
+        assert int(md["activationLagCount"]) >= 0
         # KEDA resolves addressFromEnv (a cluster: addressesFromEnv, the seed nodes) from
-        # the target's container env/envFrom.
+        # the target's container env/envFrom; every trigger of a ScaledObject the same way.
         env_name = md["addressesFromEnv" if cluster else "addressFromEnv"]
-        assert ("addressFromEnv" in md) != cluster
+        for t in trigs:
+            assert ("addressFromEnv" in t["metadata"]) != cluster
+            assert (
+                t["metadata"].get("addressesFromEnv" if cluster else "addressFromEnv") == env_name
+            )
         c = container(deps[name])
         assert "massive-redis" in secret_refs(deps[name])  # envFrom: what KEDA resolves
         if overlay == "dev":
@@ -251,8 +261,9 @@ def test_keda_scales_on_the_lag_of_the_right_groups(overlay: str) -> None:
         else:
             redis_secret = example_secrets()["massive-redis"]
             assert env_name in redis_secret
-            assert md["passwordFromEnv"] in redis_secret
-            assert md["enableTLS"] == "true"
+            for t in trigs:  # every trigger reaches Redis as the processors do
+                assert t["metadata"]["passwordFromEnv"] in redis_secret
+                assert t["metadata"]["enableTLS"] == "true"
             assert any("secretRef" in r for r in c["envFrom"])
 
 

@@ -215,7 +215,14 @@ def test_ws_bad_frames_are_counted_and_never_stop_the_hydrator(
             h = await redis.hgetall(keys.epoch_contract("SPX", EID, GOOD_CID))
             assert h[b"bid"] == b"7.0" and h[b"ask"] == b"7.5"
             # nothing invented: only the two epoch contracts exist
-            n_hashes = len([k async for k in redis.scan_iter(match=f"epoch:{{{EID}}}:contract:*")])
+            n_hashes = len(
+                [
+                    k
+                    async for k in redis.scan_iter(
+                        match=keys.epoch_contract_prefix("SPX", EID) + "*"
+                    )
+                ]
+            )
             assert n_hashes == len(KNOWN)
             assert await redis.xlen(keys.dead_letter_stream(keys.WS_STREAM)) == 0
         finally:

@@ -31,6 +31,7 @@ EXTERNAL = {
     "replay": "processors.ops.replay:replay_main",
     "import-flatfiles": "processors.ops.flatfiles:main",
     "demo": "processors.ops.demo:main",
+    "migrate-keys": "processors.ops.migrate_keys:main",
 }
 
 
