@@ -289,14 +289,20 @@ def machine() -> str:
     return f"{platform.node()} {platform.machine()} {os.cpu_count()} cpu ({cpu}), Python {py}"
 
 
+# Chain geometry of the synthetic epochs: spot and strike step per symbol.
+GEOMETRY = {"SPX": (6000.0, 5.0), "NDX": (21000.0, 25.0)}
+
+
 async def build_epoch(
-    r: Redis, n: int, n_hot: int
+    r: Redis, n: int, n_hot: int, symbol: str = "SPX"
 ) -> tuple[str, list[str], list[str], dict[str, float]]:
     mem0 = await used_memory(r)
-    snap = big_chain("SPX", n, first_expiry=(dt.date.today() + dt.timedelta(days=1)).isoformat())
+    spot, step = GEOMETRY[symbol]
+    first = (dt.date.today() + dt.timedelta(days=1)).isoformat()
+    snap = big_chain(symbol, n, spot=spot, step=step, first_expiry=first)
     t0 = time.perf_counter()
     key = await h.install_chain(r, snap)
-    eid = await h.wait_epoch(r, timeout_s=120)
+    eid = await h.wait_epoch(r, symbol, timeout_s=120)
     await h.wait_settled(r, timeout_s=300, quiet_s=1.0)
     ready_s = time.perf_counter() - t0
     mem1 = await used_memory(r)
@@ -327,7 +333,7 @@ async def build_epoch(
     cids = sorted(c.cid for c in snap.contracts)
     front = sorted({c.expiry for c in snap.contracts})[:2]
     near = [c for c in snap.contracts if c.expiry in front]
-    near.sort(key=lambda c: abs(c.strike - 6000.0))
+    near.sort(key=lambda c: abs(c.strike - spot))
     hot = [c.cid for c in near[: max(1, n_hot)]]
     return eid, cids, hot, mem
 
@@ -448,6 +454,12 @@ def parse_args() -> argparse.Namespace:
         "MASSIVE_PUBLISHER_CHECKPOINT_MS=15000",
     )
     ap.add_argument(
+        "--symbols",
+        default="SPX",
+        help="SPX or SPX,NDX: an epoch of --contracts per symbol, the events spread over them "
+        "(latency and memory figures are SPX's)",
+    )
+    ap.add_argument(
         "--cluster",
         action="store_true",
         help="run twice, on one redis-server and on a private 3-master Redis Cluster "
@@ -459,6 +471,9 @@ def parse_args() -> argparse.Namespace:
 async def run_once(args: argparse.Namespace, kind: str) -> list[tuple[str, str]]:
     """The whole bench on one kind of Redis (``node`` or ``cluster``); the figure rows."""
     rates = [float(x) for x in args.rates.split(",") if x.strip()]
+    symbols = [x.strip().upper() for x in args.symbols.split(",") if x.strip()]
+    if symbols[0] != "SPX" or not set(symbols) <= set(GEOMETRY):
+        raise SystemExit(f"--symbols: SPX first, then any of {sorted(GEOMETRY)}")
     log_dir = Path(args.logs or tempfile.mkdtemp(prefix="e2e-load-"))
     backend = Backend(kind)
     r = connect(backend.url)
@@ -476,7 +491,7 @@ async def run_once(args: argparse.Namespace, kind: str) -> list[tuple[str, str]]
         "MASSIVE_GEX_DOLLAR_SPOT_STEP_BP": "10",
         "MASSIVE_SSE_PORT": str(sse_port),
         "MASSIVE_SSE_HOST": "127.0.0.1",
-        "MASSIVE_SYMBOLS": "SPX",
+        "MASSIVE_SYMBOLS": ",".join(symbols),
     }
     for kv in args.env:
         k, sep, v = kv.partition("=")
@@ -492,6 +507,12 @@ async def run_once(args: argparse.Namespace, kind: str) -> list[tuple[str, str]]
     try:
         await p.start(PROCS, ready_timeout_s=120)
         eid, cids, hot, mem = await build_epoch(r, args.contracts, args.hot_contracts)
+        for sym in symbols[1:]:  # the same load on every other symbol's epoch
+            _, more_cids, more_hot, _ = await build_epoch(
+                r, args.contracts, args.hot_contracts, sym
+            )
+            cids += more_cids
+            hot += more_hot
         probe = Probe(sse_port, list(keys.STRATEGIES))
         rep = h.LoadReplayer(cids, hot)
         print(f"# machine: {machine()}")
@@ -500,7 +521,7 @@ async def run_once(args: argparse.Namespace, kind: str) -> list[tuple[str, str]]
         print(f"# {kind}: redis-server {version} ({backend.url}), logs {log_dir}")
         where = backend.placement(
             {
-                "SPX keys and streams": keys.epoch_active("SPX"),
+                **{f"{x} keys and streams": keys.epoch_active(x) for x in symbols},
                 "WS stream": keys.WS_STREAM,
                 "chain stream": keys.CHAIN_STREAM,
             }
