@@ -529,7 +529,8 @@ async def run_once(args: argparse.Namespace, kind: str) -> list[tuple[str, str]]
         if where:
             print(f"# {kind}: {where}")
         print(
-            f"# epoch {eid}: {len(cids)} contracts, tiles "
+            f"# SPX epoch {eid}: {args.contracts} contracts ({len(cids)} over "
+            f"{','.join(symbols)}), SPX tiles "
             + ", ".join(f"{s}={int(mem['tiles_' + s])}" for s in keys.STRATEGIES)
             + f"; snapshot -> all models published in {mem['ready_s']:.1f}s"
         )

@@ -39,7 +39,9 @@ SPECS = (
     "gex",
     "sse-gateway",
 )
-PATHS = ("/api/heatmap/single?symbol=SPX", "/api/gex?symbol=NDX", "/api/heatmap/single?symbol=NDX")
+PATHS = tuple(
+    f"/api/{model}?symbol={sym}" for model in ("heatmap/single", "gex") for sym in ("SPX", "NDX")
+)
 
 
 @dataclass
