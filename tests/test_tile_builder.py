@@ -301,13 +301,13 @@ async def test_old_epoch_grid_and_table_are_dropped_before_the_new_ones_are_buil
     await b.handle(as_entries(DirtyEntry("SPX", "e1", [], NOW, reason="epoch")))
     assert b._tables["SPX"][0] == "e1"
     held: list[tuple[object, object]] = []
-    real_load = tb.load_grid
+    real_make = tb.make_grid
 
-    async def spy(*args: Any, **kw: Any) -> hm.Grid:
+    def spy(*args: Any, **kw: Any) -> hm.Grid:
         held.append((b._grids.get("SPX"), b._tables.get("SPX")))
-        return await real_load(*args, **kw)
+        return real_make(*args, **kw)
 
-    monkeypatch.setattr(tb, "load_grid", spy)
+    monkeypatch.setattr(tb, "make_grid", spy)
     chain = option_chain("SPXW", EXPS, [k + 100 for k in STRIKES], spot=6100, asof="2026-11-24")
     await seed_epoch(redis, "e2", "SPX", chain, spot=6100, now_ns=NOW + 60 * SEC)
     await b.handle(as_entries(DirtyEntry("SPX", "e2", [], NOW, reason="epoch")))
