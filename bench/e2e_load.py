@@ -61,8 +61,10 @@ from processors.ops import replay as rp
 from processors.ops.monitor import pipeline_streams
 from schemas import keys
 from streams import admin
+from streams.redis_client import cluster_of, connect
 from tests import harness as h
 from tests.factories import big_chain
+from tests.redis_cluster import LocalCluster
 from tests.util import free_port
 
 PROCS = (*MODEL_PATH, "monitor", "sse-gateway")  # the monitor runs stream retention
@@ -198,6 +200,82 @@ def _pct(xs: list[int], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))] / 1e6
 
 
+# --- Redis: one node, or a private 3-master cluster (--cluster) -------------------------
+class Backend:
+    """A private redis-server, or a private 3-master Redis Cluster (tests/redis_cluster.py)
+    reached with ``redis+cluster://``: its URL and the pid of every server (CPU, RSS)."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.node: h.DurableRedis | None = None
+        self.cluster: LocalCluster | None = None
+        if kind == "cluster":
+            self.cluster = LocalCluster(masters=3).start()
+            self.url = self.cluster.url
+        else:
+            self.node = h.redis_server()
+            self.url = self.node.url
+
+    def pids(self) -> dict[str, int | None]:
+        """Server name -> pid: ``redis-server``, or ``redis shard <i>`` per master."""
+        if self.node is not None:
+            return {"redis-server": self.node.proc.pid if self.node.proc else None}
+        assert self.cluster is not None
+        return {
+            f"redis shard {i + 1}": n.server.proc.pid if n.server.proc else None
+            for i, n in enumerate(self.cluster.nodes)
+        }
+
+    def placement(self, names: dict[str, str]) -> str:
+        """Which shard holds what: ``{SPX} keys -> shard 2, ...`` (cluster only)."""
+        if self.cluster is None:
+            return ""
+        nodes = self.cluster.nodes
+        return ", ".join(
+            f"{what} -> shard {nodes.index(self.cluster.master_of_key(key)) + 1}"
+            for what, key in names.items()
+        )
+
+    def stop(self) -> None:
+        if self.node is not None:
+            self.node.stop()
+        if self.cluster is not None:
+            self.cluster.stop()
+
+
+def _nodes(r: Redis) -> list[Any]:
+    c = cluster_of(r)
+    return [None] if c is None else list(c.get_primaries())
+
+
+async def info_all(r: Redis, section: str) -> list[dict[str, Any]]:
+    """``INFO <section>`` of every master (one node: of it)."""
+    out: list[dict[str, Any]] = []
+    for n in _nodes(r):
+        kw: dict[str, Any] = {} if n is None else {"target_nodes": n}
+        out.append(await r.info(section, **kw))
+    return out
+
+
+async def used_memory(r: Redis) -> int:
+    return sum(int(i["used_memory"]) for i in await info_all(r, "memory"))
+
+
+async def reset_stats(r: Redis) -> None:
+    for n in _nodes(r):
+        kw: dict[str, Any] = {} if n is None else {"target_nodes": n}
+        await r.config_resetstat(**kw)
+
+
+async def command_usec(r: Redis) -> dict[str, float]:
+    """INFO commandstats usec per command, summed over the masters."""
+    out: dict[str, float] = {}
+    for stats in await info_all(r, "commandstats"):
+        for name, v in stats.items():
+            out[name] = out.get(name, 0.0) + float(v["usec"])
+    return out
+
+
 def machine() -> str:
     cpu = "?"
     try:
@@ -211,22 +289,28 @@ def machine() -> str:
     return f"{platform.node()} {platform.machine()} {os.cpu_count()} cpu ({cpu}), Python {py}"
 
 
+# Chain geometry of the synthetic epochs: spot and strike step per symbol.
+GEOMETRY = {"SPX": (6000.0, 5.0), "NDX": (21000.0, 25.0)}
+
+
 async def build_epoch(
-    r: Redis, n: int, n_hot: int
+    r: Redis, n: int, n_hot: int, symbol: str = "SPX"
 ) -> tuple[str, list[str], list[str], dict[str, float]]:
-    mem0 = int((await r.info("memory"))["used_memory"])
-    snap = big_chain("SPX", n, first_expiry=(dt.date.today() + dt.timedelta(days=1)).isoformat())
+    mem0 = await used_memory(r)
+    spot, step = GEOMETRY[symbol]
+    first = (dt.date.today() + dt.timedelta(days=1)).isoformat()
+    snap = big_chain(symbol, n, spot=spot, step=step, first_expiry=first)
     t0 = time.perf_counter()
     key = await h.install_chain(r, snap)
-    eid = await h.wait_epoch(r, timeout_s=120)
+    eid = await h.wait_epoch(r, symbol, timeout_s=120)
     await h.wait_settled(r, timeout_s=300, quiet_s=1.0)
     ready_s = time.perf_counter() - t0
-    mem1 = int((await r.info("memory"))["used_memory"])
+    mem1 = await used_memory(r)
     blob = int(await r.memory_usage(key) or 0)
     streams = 0
-    for s in (keys.CHAIN_STREAM, keys.CONTRACTS_DIRTY_STREAM, keys.GEX_DIFFS_STREAM,
-              *(keys.tiles_stream(x) for x in keys.STRATEGIES),
-              *(keys.heatmap_diffs_stream(x) for x in keys.STRATEGIES)):  # fmt: skip
+    for s in (keys.CHAIN_STREAM, keys.contracts_dirty_stream("SPX"), keys.gex_diffs_stream("SPX"),
+              *(keys.tiles_stream(x, "SPX") for x in keys.STRATEGIES),
+              *(keys.heatmap_diffs_stream(x, "SPX") for x in keys.STRATEGIES)):  # fmt: skip
         streams += int(await r.memory_usage(s) or 0)
     models = 0
     for k in h.model_keys():
@@ -249,7 +333,7 @@ async def build_epoch(
     cids = sorted(c.cid for c in snap.contracts)
     front = sorted({c.expiry for c in snap.contracts})[:2]
     near = [c for c in snap.contracts if c.expiry in front]
-    near.sort(key=lambda c: abs(c.strike - 6000.0))
+    near.sort(key=lambda c: abs(c.strike - spot))
     hot = [c.cid for c in near[: max(1, n_hot)]]
     return eid, cids, hot, mem
 
@@ -258,11 +342,13 @@ async def memory_breakdown(r: Redis) -> dict[str, float]:
     """used_memory and what holds it (MB): every stream, published models, staging tiles,
     epoch keys (the rest of the keyspace)."""
     mb = 2**20
-    info = await r.info("memory")
-    used = int(info["used_memory"])
+    infos = await info_all(r, "memory")
+    used = sum(int(i["used_memory"]) for i in infos)
     # connection buffers (big replies: diffs, checkpoints, script results) and the AOF buffer
     # are in used_memory too; they come and go with the traffic, unlike the keyspace
-    buffers = int(info.get("mem_clients_normal", 0)) + int(info.get("mem_aof_buffer", 0))
+    buffers = sum(
+        int(i.get("mem_clients_normal", 0)) + int(i.get("mem_aof_buffer", 0)) for i in infos
+    )
     streams = 0
     per: dict[str, float] = {}
     for s in pipeline_streams():
@@ -325,7 +411,7 @@ def hist_delta(
 
 async def diff_stats(r: Redis, strategy: str) -> tuple[int, float]:
     """(entries on the strategy's diff stream, mean bytes of the last 10 diffs)."""
-    s = keys.heatmap_diffs_stream(strategy)
+    s = keys.heatmap_diffs_stream(strategy, "SPX")
     info: Any = await r.xinfo_stream(s) if await r.exists(s) else {}
     n = int(info.get("entries-added", 0))
     last: Any = await r.xrevrange(s, count=10)
@@ -343,7 +429,7 @@ async def hyd_counts(p: h.Pipeline) -> dict[str, float]:
     }
 
 
-async def main() -> int:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--rates", default="5000,20000", help="WS events/s, comma separated")
     ap.add_argument("--duration", type=float, default=60.0, help="seconds per rate")
@@ -367,11 +453,30 @@ async def main() -> int:
         help="extra setting for every processor (repeatable), e.g. "
         "MASSIVE_PUBLISHER_CHECKPOINT_MS=15000",
     )
-    args = ap.parse_args()
+    ap.add_argument(
+        "--symbols",
+        default="SPX",
+        help="SPX or SPX,NDX: an epoch of --contracts per symbol, the events spread over them "
+        "(latency and memory figures are SPX's)",
+    )
+    ap.add_argument(
+        "--cluster",
+        action="store_true",
+        help="run twice, on one redis-server and on a private 3-master Redis Cluster "
+        "(redis+cluster://), and print the figures side by side",
+    )
+    return ap.parse_args()
+
+
+async def run_once(args: argparse.Namespace, kind: str) -> list[tuple[str, str]]:
+    """The whole bench on one kind of Redis (``node`` or ``cluster``); the figure rows."""
     rates = [float(x) for x in args.rates.split(",") if x.strip()]
+    symbols = [x.strip().upper() for x in args.symbols.split(",") if x.strip()]
+    if symbols[0] != "SPX" or not set(symbols) <= set(GEOMETRY):
+        raise SystemExit(f"--symbols: SPX first, then any of {sorted(GEOMETRY)}")
     log_dir = Path(args.logs or tempfile.mkdtemp(prefix="e2e-load-"))
-    srv = h.redis_server()
-    r = Redis.from_url(srv.url)
+    backend = Backend(kind)
+    r = connect(backend.url)
     sse_port = free_port()
     env = {
         "MASSIVE_LOG_LEVEL": "WARNING",
@@ -386,7 +491,7 @@ async def main() -> int:
         "MASSIVE_GEX_DOLLAR_SPOT_STEP_BP": "10",
         "MASSIVE_SSE_PORT": str(sse_port),
         "MASSIVE_SSE_HOST": "127.0.0.1",
-        "MASSIVE_SYMBOLS": "SPX",
+        "MASSIVE_SYMBOLS": ",".join(symbols),
     }
     for kv in args.env:
         k, sep, v = kv.partition("=")
@@ -397,17 +502,35 @@ async def main() -> int:
         print(f"# extra settings: {' '.join(args.env)}")
     rows: list[tuple[str, str]] = []
     probe: Probe | None = None
-    p = h.Pipeline(srv.url, log_dir, extra_env=env)
+    servers = backend.pids()
+    p = h.Pipeline(backend.url, log_dir, extra_env=env)
     try:
         await p.start(PROCS, ready_timeout_s=120)
         eid, cids, hot, mem = await build_epoch(r, args.contracts, args.hot_contracts)
+        for sym in symbols[1:]:  # the same load on every other symbol's epoch
+            _, more_cids, more_hot, _ = await build_epoch(
+                r, args.contracts, args.hot_contracts, sym
+            )
+            cids += more_cids
+            hot += more_hot
         probe = Probe(sse_port, list(keys.STRATEGIES))
         rep = h.LoadReplayer(cids, hot)
         print(f"# machine: {machine()}")
         print(f"# date: {dt.datetime.now(dt.UTC).isoformat(timespec='seconds')}")
-        print(f"# redis-server {(await r.info('server'))['redis_version']}, logs {log_dir}")
+        version = (await r.info("server"))["redis_version"]
+        print(f"# {kind}: redis-server {version} ({backend.url}), logs {log_dir}")
+        where = backend.placement(
+            {
+                **{f"{x} keys and streams": keys.epoch_active(x) for x in symbols},
+                "WS stream": keys.WS_STREAM,
+                "chain stream": keys.CHAIN_STREAM,
+            }
+        )
+        if where:
+            print(f"# {kind}: {where}")
         print(
-            f"# epoch {eid}: {len(cids)} contracts, tiles "
+            f"# SPX epoch {eid}: {args.contracts} contracts ({len(cids)} over "
+            f"{','.join(symbols)}), SPX tiles "
             + ", ".join(f"{s}={int(mem['tiles_' + s])}" for s in keys.STRATEGIES)
             + f"; snapshot -> all models published in {mem['ready_s']:.1f}s"
         )
@@ -425,10 +548,10 @@ async def main() -> int:
             await rep.run(r, rate, args.warmup, tick)
             c0 = await hyd_counts(p)
             cpu0 = {s: p.cpu_seconds(s) for s in PROCS}
-            redis_cpu0 = h.proc_cpu_seconds(srv.proc.pid) if srv.proc else 0.0
+            redis_cpu0 = {n: h.proc_cpu_seconds(pid) if pid else 0.0 for n, pid in servers.items()}
             harness0 = (time.process_time(), probe.cpu_seconds())
-            await r.config_resetstat()  # INFO commandstats over the window only
-            if os.environ.get("E2E_SLOWLOG"):
+            await reset_stats(r)  # INFO commandstats over the window only
+            if os.environ.get("E2E_SLOWLOG") and kind == "node":
                 await r.config_set("slowlog-log-slower-than", 5000)
                 await r.config_set("slowlog-max-len", 1000)
                 await r.slowlog_reset()
@@ -453,7 +576,7 @@ async def main() -> int:
             ) -> None:
                 t_start = time.perf_counter()
                 while True:
-                    used = int((await r.info("memory"))["used_memory"]) / 2**20
+                    used = await used_memory(r) / 2**20
                     out.append((time.perf_counter() - t_start, used))
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), every_s)
@@ -474,8 +597,11 @@ async def main() -> int:
             await mem_sampler
             brk = await memory_breakdown(r)
             rss = {sp: rss_mb(p.procs[sp].pid) for sp in PROCS}
-            rss["redis-server"] = rss_mb(srv.proc.pid if srv.proc else None)
-            redis_cpu = (h.proc_cpu_seconds(srv.proc.pid) if srv.proc else 0.0) - redis_cpu0
+            rss.update({n: rss_mb(pid) for n, pid in servers.items()})
+            redis_cpu = {
+                n: (h.proc_cpu_seconds(pid) if pid else 0.0) - redis_cpu0[n]
+                for n, pid in servers.items()
+            }
             bench_cpu = time.process_time() - harness0[0]  # replayer + lag sampler
             probe_cpu = probe.cpu_seconds() - harness0[1]
             c1 = await hyd_counts(p)
@@ -585,31 +711,34 @@ async def main() -> int:
             for s in PROCS:
                 rows.append((f"{k} CPU {s} (% of one core)",
                              f"{100 * (cpu1[s] - cpu0[s]) / wall:.0f}"))  # fmt: skip
-            rows.append((f"{k} CPU redis-server (% of one core)", f"{100 * redis_cpu / wall:.0f}"))
+            for n, cpu in redis_cpu.items():
+                rows.append((f"{k} CPU {n} (% of one core)", f"{100 * cpu / wall:.0f}"))
             rows.append(
                 (
                     f"{k} CPU of the harness on the same cores: replayer, SSE probes (%)",
                     f"{100 * bench_cpu / wall:.0f}, {100 * probe_cpu / wall:.0f}",
                 )
             )
-            if os.environ.get("E2E_SLOWLOG"):
+            if os.environ.get("E2E_SLOWLOG") and kind == "node":
                 # raw reply: [id, ts, duration_us, [args...], ...] (args may be binary)
-                sl: Any = await r.execute_command("SLOWLOG", "GET", 1000, NEVER_DECODE=True)
+                sl: Any = await r.execute_command(  # type: ignore[no-untyped-call]
+                    "SLOWLOG", "GET", 1000, NEVER_DECODE=True
+                )
                 agg: dict[str, list[float]] = {}
                 for e in sl:
-                    args = [a[:40].decode("utf-8", "replace") for a in e[3][:4]]
-                    name = " ".join(args)[:90]
+                    words = [a[:40].decode("utf-8", "replace") for a in e[3][:4]]
+                    name = " ".join(words)[:90]
                     agg.setdefault(name, []).append(int(e[2]) / 1000)
                 for name, ds in sorted(agg.items(), key=lambda kv: -sum(kv[1]))[:12]:
                     tot, mx = sum(ds), max(ds)
                     print(f"# slowlog {name}: n={len(ds)} total={tot:.0f}ms max={mx:.0f}ms")
-            stats: Any = await r.info("commandstats")
-            top = sorted(stats.items(), key=lambda kv: -float(kv[1]["usec"]))[:8]
+            usec = await command_usec(r)
+            top = sorted(usec.items(), key=lambda kv: -kv[1])[:8]
             rows.append(
                 (
                     f"{k} redis time by command (% of one core; calls from scripts counted too)",
                     ", ".join(
-                        f"{name.removeprefix('cmdstat_')} {100 * float(v['usec']) / 1e6 / wall:.0f}"
+                        f"{name.removeprefix('cmdstat_')} {100 * v / 1e6 / wall:.0f}"
                         for name, v in top
                     ),
                 )
@@ -626,11 +755,23 @@ async def main() -> int:
             probe.close()
         await p.stop()
         await r.aclose()
-        srv.stop()
-    w = max(len(a) for a, _ in rows)
-    print(f"{'figure':<{w}}  value")
-    for a, b in rows:
-        print(f"{a:<{w}}  {b}")
+        backend.stop()
+    return rows
+
+
+async def main() -> int:
+    args = parse_args()
+    kinds = ["node", "cluster"] if args.cluster else ["node"]
+    results = {kind: await run_once(args, kind) for kind in kinds}
+    labels: list[str] = []
+    for rows in results.values():
+        labels += [a for a, _ in rows if a not in labels]
+    w = max(len(a) for a in labels)
+    heads = {"node": "one node", "cluster": "3-master cluster"}
+    print(f"{'figure':<{w}}  " + "  |  ".join(heads[k] for k in kinds))
+    for a in labels:
+        vals = [dict(results[k]).get(a, "-") for k in kinds]
+        print(f"{a:<{w}}  " + "  |  ".join(vals))
     return 0
 
 

@@ -71,8 +71,8 @@ async def one_round(url: str, n: int) -> dict[str, float]:
     # The build+promote part alone of the change (retire and sweep excluded), from the metric.
     hist = norm.m_build.labels(symbol="SPX")
     out["build_promote_hist_sum_s"] = float(hist._sum.get())  # type: ignore[attr-defined]
-    eid = (await r.hget(keys.EPOCH_ACTIVE, "SPX")).decode()  # type: ignore[union-attr]
-    out["n_contracts"] = float(await r.scard(keys.epoch_contracts(eid)))
+    eid = (await r.get(keys.epoch_active("SPX"))).decode()  # type: ignore[union-attr]
+    out["n_contracts"] = float(await r.scard(keys.epoch_contracts("SPX", eid)))
     out["keys_total"] = float(await r.dbsize())
     await r.aclose()
     return out

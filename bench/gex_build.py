@@ -116,14 +116,16 @@ async def redis_build(
     redis = Redis.from_url(srv.url)
     try:
         eid = "bench"
-        await redis.hset(keys.epoch_meta(eid), mapping={"symbol": symbol, "spot": repr(spot)})
+        await redis.hset(
+            keys.epoch_meta(symbol, eid), mapping={"symbol": symbol, "spot": repr(spot)}
+        )
         await redis.hset(keys.SPOT_LATEST, mapping={symbol: repr(spot), f"{symbol}:ts_ns": 1})
-        await redis.hset(keys.EPOCH_ACTIVE, symbol, eid)
+        await redis.set(keys.epoch_active(symbol), eid)
         rt = RuntimeSettings(redis_url=srv.url, consumer="bench")
         clock = ManualClock(now_ns)
         deps = Deps(redis=redis, settings=rt, registry=CollectorRegistry(), clock=clock)
         gs = GexSettings(lease_ttl_ms=3_600_000)  # no renewals in the bench
-        b = GexBuilder(deps, gs, (symbol,))
+        b = GexBuilder(deps, gs, symbol)
         src = decode_gex_source(blob)
         new_source, spot_moves = [], []
         for i in range(repeat + 1):

@@ -92,7 +92,7 @@ async def main(args: argparse.Namespace) -> None:
                     ts += 1_000_000
                     mid = round(rng.uniform(0.5, 80), 2)
                     pipe.hset(
-                        keys.epoch_contract("bench", c),
+                        keys.epoch_contract("SPX", "bench", c),
                         mapping={
                             "bid": mid - 0.05,
                             "ask": mid + 0.05,

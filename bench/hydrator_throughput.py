@@ -50,7 +50,7 @@ async def setup(r: Redis, url: str, frames: int, per_frame: int, seed: int) -> t
         ChainPointer(symbol="SPX", snapshot_key=key, ts_ns=snap.ts_ns, n_contracts=20_000)
     )
     assert res == "built", res
-    eid = (await r.hget(keys.EPOCH_ACTIVE, "SPX")).decode()  # type: ignore[union-attr]
+    eid = (await r.get(keys.epoch_active("SPX"))).decode()  # type: ignore[union-attr]
     cids = [c.cid for c in snap.contracts]
     rng = random.Random(seed)
     n_events = 0
@@ -132,7 +132,7 @@ async def one_round(
     rcpu = redis_cpu(await r.info("cpu")) - rcpu0
     stop.set()
     await task
-    dirty = await r.xlen(keys.CONTRACTS_DIRTY_STREAM)
+    dirty = await r.xlen(keys.contracts_dirty_stream("SPX"))
     await hyd_r.aclose()
     await r.aclose()
     return {

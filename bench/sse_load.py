@@ -251,11 +251,11 @@ class Tap:
                     self.bytes += len(chunk)
                 dc += chunk
                 for ev, eid, data in dc.frames():
-                    self._event(ev, eid, data, now)
+                    self._on_event(ev, eid, data, now)
         finally:
             writer.close()
 
-    def _event(self, ev: str, eid: str, data: bytes, now: int) -> None:
+    def _on_event(self, ev: str, eid: str, data: bytes, now: int) -> None:
         if ev == "snapshot":
             self.snapshots += 1
             if self.reader is not None:
@@ -540,7 +540,10 @@ async def rss_run(args: argparse.Namespace) -> None:
     proc = await asyncio.create_subprocess_exec(exe, "run", "sse-gateway", env=env)
     redis = Redis.from_url(srv.url)
     rng = random.Random(1)
-    stream, key = keys.heatmap_diffs_stream("butterfly"), keys.heatmap_model("SPX", "butterfly")
+    stream, key = (
+        keys.heatmap_diffs_stream("butterfly", "SPX"),
+        keys.heatmap_model("SPX", "butterfly"),
+    )
 
     def tile(px: float) -> dict[str, object]:
         return {

@@ -88,8 +88,8 @@ async def memory_by_owner(
 ) -> tuple[dict[str, dict[str, int]], dict[str, int], dict[str, dict[str, int]]]:
     """Bytes per symbol and kind (epoch, tiles, models, gex, blob_window, blob_full) and per
     shared group, from MEMORY USAGE of every key; and the number of keys per symbol and kind."""
-    active = {as_str(k): as_str(v) for k, v in (await r.hgetall(keys.EPOCH_ACTIVE)).items()}
-    eid_of = {f"epoch:{{{eid}}}:": sym for sym, eid in active.items()}
+    active = {s: as_str(await r.get(keys.epoch_active(s))) for s in symbols}
+    eid_of = {keys.epoch_key_prefix(sym, eid): sym for sym, eid in active.items()}
     per_sym: dict[str, dict[str, int]] = {s: defaultdict(int) for s in symbols}
     counts: dict[str, dict[str, int]] = {s: defaultdict(int) for s in symbols}
     shared: dict[str, int] = defaultdict(int)
@@ -124,16 +124,19 @@ async def memory_by_owner(
 def owner_of(key: str, symbols: list[str], eid_of: dict[str, str]) -> tuple[str, str]:
     """(symbol or shared group, kind) of a key."""
     if key.startswith("epoch:{"):
-        prefix = key[: key.index("}:") + 2]
+        at = key.index("}:") + 2
+        prefix = key[: key.index(":", at) + 1]
         return eid_of.get(prefix, "retired epochs"), "epoch"
     for sym in symbols:
-        if key.startswith(f"heatmap:{{{sym}:"):
+        if key.startswith(f"heatmap:{{{sym}}}:"):
             return sym, "tiles"
-        if key.startswith(f"massive:chain:snapshot:{sym}:full:"):
+        if key.startswith(f"massive:chain:snapshot:{{{sym}}}:full:"):
             return sym, "blob_full"
-        if key.startswith(f"massive:chain:snapshot:{sym}:"):
+        if key.startswith(f"massive:chain:snapshot:{{{sym}}}:"):
             return sym, "blob_window"
-        if f":{sym}:" in key or key.endswith(f":{sym}"):
+        if "stream" in key or ":diffs" in key or key.startswith("massive:tiles:"):
+            return "streams", ""
+        if f":{{{sym}}}:" in key or key.endswith(f":{{{sym}}}"):
             if key.startswith("massive:gex:"):
                 return sym, "gex"
             return sym, "models"
@@ -161,8 +164,8 @@ async def contracts(r: Redis, symbols: list[str]) -> dict[str, tuple[int, int]]:
 
     out = {}
     for sym in symbols:
-        eid = as_str(await r.hget(keys.EPOCH_ACTIVE, sym))
-        n_win = int(await r.scard(keys.epoch_contracts(eid)))
+        eid = as_str(await r.get(keys.epoch_active(sym)))
+        n_win = int(await r.scard(keys.epoch_contracts(sym, eid)))
         data = await r.hget(keys.gex_source(sym), "data")
         n_full = len(decode_gex_source(data).strike) // 8 if isinstance(data, bytes) else 0
         out[sym] = (n_win, n_full)
@@ -211,9 +214,9 @@ async def load_cids(r: Redis, symbols: list[str], n_hot: int) -> tuple[list[str]
     cids: list[str] = []
     dist: list[tuple[float, str]] = []
     for sym in symbols:
-        eid = as_str(await r.hget(keys.EPOCH_ACTIVE, sym))
+        eid = as_str(await r.get(keys.epoch_active(sym)))
         spot = float(as_str(await r.hget(keys.SPOT_LATEST, sym)))
-        mine = sorted(as_str(c) for c in await r.smembers(keys.epoch_contracts(eid)))
+        mine = sorted(as_str(c) for c in await r.smembers(keys.epoch_contracts(sym, eid)))
         cids += mine
         dist += [(abs(ticker.parse(c).strike / spot - 1), c) for c in mine]
     return cids, [c for _d, c in sorted(dist)[:n_hot]]
@@ -247,13 +250,9 @@ async def main(args: argparse.Namespace) -> None:
         async with h.pipeline(srv.url, logs, PROCS, extra_env=env) as p:
 
             async def ready() -> bool:
-                active = await r.hgetall(keys.EPOCH_ACTIVE)
-                full = await r.exists(*[keys.gex_source(s) for s in symbols])
-                return (
-                    len(active) == len(symbols)
-                    and int(full) == len(symbols)
-                    and await published(r, symbols)
-                )
+                active = [await r.exists(keys.epoch_active(s)) for s in symbols]
+                full = [await r.exists(keys.gex_source(s)) for s in symbols]
+                return all(active) and all(full) and await published(r, symbols)
 
             await wait_for(ready, 300, "epochs, GEX sources and models of every symbol")
             await asyncio.sleep(5)  # the first full-chain GEX builds settle

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -47,40 +48,65 @@ class Processor(Protocol):
 
 
 class ConsumerProcessor:
-    """Base for processors that consume one stream through one group.
+    """Base for processors that consume one group on one stream, or on several streams (one
+    per symbol: a Redis Cluster serves each from the symbol's shard).
 
     Subclasses set ``name`` and implement ``handle(entries)``; the effect of a batch must be
-    in Redis when ``handle`` returns (the runtime acks right after).
+    in Redis when ``handle`` returns (the runtime acks right after). A batch holds entries of
+    one stream. With several streams, one ``GroupConsumer`` per stream reads; their batches
+    reach ``handle`` one at a time (a lock), so a handler never runs concurrently with
+    itself.
     """
 
     name = "consumer"
 
-    def __init__(self, deps: Deps, stream: str, group: str, **spec_overrides: object) -> None:
+    def __init__(
+        self, deps: Deps, stream: str | Sequence[str], group: str, **spec_overrides: object
+    ) -> None:
         s = deps.settings
-        params: dict[str, object] = dict(
-            stream=stream,
-            group=group,
-            consumer=s.consumer,
-            count=s.count,
-            block_ms=s.block_ms,
-            min_idle_ms=s.min_idle_ms,
-            reclaim_interval_s=s.reclaim_interval_s,
-            max_deliveries=s.max_deliveries,
-        )
-        params.update(spec_overrides)
+        streams = [stream] if isinstance(stream, str) else list(dict.fromkeys(stream))
+        if not streams:
+            raise ValueError(f"{self.name}: no stream to consume")
         self.deps = deps
         self.redis = deps.redis
-        self.spec = StreamSpec(**params)  # type: ignore[arg-type]
-        self.consumer = GroupConsumer(
-            deps.redis, self.spec, self.handle, deps.registry, self.name, deps.heartbeats
-        )
+        self.specs: list[StreamSpec] = []
+        for name in streams:
+            params: dict[str, object] = dict(
+                stream=name,
+                group=group,
+                consumer=s.consumer,
+                count=s.count,
+                block_ms=s.block_ms,
+                min_idle_ms=s.min_idle_ms,
+                reclaim_interval_s=s.reclaim_interval_s,
+                max_deliveries=s.max_deliveries,
+            )
+            params.update(spec_overrides)
+            self.specs.append(StreamSpec(**params))  # type: ignore[arg-type]
+        self.spec = self.specs[0]
+        handler = self.handle if len(self.specs) == 1 else self._serial_handle
+        self._lock = asyncio.Lock()
+        self.consumers = [
+            GroupConsumer(deps.redis, sp, handler, deps.registry, self.name, deps.heartbeats)
+            for sp in self.specs
+        ]
+        self.consumer = self.consumers[0]
 
     @property
     def ready(self) -> bool:
-        return self.consumer.ready
+        return all(c.ready for c in self.consumers)
+
+    async def _serial_handle(self, entries: list[Entry]) -> None:
+        async with self._lock:
+            await self.handle(entries)
 
     async def handle(self, entries: list[Entry]) -> None:
         raise NotImplementedError
 
     async def run(self, stop: asyncio.Event) -> None:
-        await self.consumer.run(stop)
+        if len(self.consumers) == 1:
+            await self.consumer.run(stop)
+            return
+        async with asyncio.TaskGroup() as tg:
+            for c in self.consumers:
+                tg.create_task(c.run(stop))

@@ -22,6 +22,12 @@ from typing import TypeVar
 
 from prometheus_client import Counter
 from redis.backoff import EqualJitterBackoff, FullJitterBackoff
+from redis.exceptions import (
+    AskError,
+    ClusterError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -31,12 +37,19 @@ T = TypeVar("T")
 
 # Redis is (temporarily) unreachable: restarting, failing over, loading its dataset
 # (BusyLoadingError is a ConnectionError), or the socket died. OSError covers a refused
-# connect that redis-py did not wrap.
+# connect that redis-py did not wrap. On a cluster, also what a slot moving or a master
+# failing over answers once redis-py's own redirects and retries are spent: CLUSTERDOWN
+# (ClusterError covers it and "TTL exhausted"), MOVED/ASK (AskError), TRYAGAIN, a slot that
+# no known node serves. None of these ran the command, so retrying the iteration is safe.
 REDIS_UNAVAILABLE: tuple[type[BaseException], ...] = (
     RedisConnectionError,
     RedisTimeoutError,
     ConnectionError,
     OSError,
+    ClusterError,
+    AskError,
+    TryAgainError,
+    SlotNotCoveredError,
 )
 
 
@@ -118,15 +131,7 @@ async def run_resilient(
                 errors.inc()
             if on_unavailable is not None:
                 on_unavailable()
-            delay = backoff.delay_s(attempt)
-            log.warning(
-                "%s: redis unavailable (attempt %d, retry in %.2fs): %s",
-                name,
-                attempt,
-                delay,
-                one_line(exc),
-            )
-            if await sleep_or_stop(stop, delay):
+            if await _wait_after_outage(name, exc, attempt, stop, log, backoff):
                 return
 
 
@@ -155,16 +160,28 @@ async def retrying(
                 errors.inc()
             if attempts is not None and attempt >= attempts:
                 raise
-            delay = backoff.delay_s(attempt)
-            log.warning(
-                "%s: redis unavailable (attempt %d, retry in %.2fs): %s",
-                name,
-                attempt,
-                delay,
-                one_line(exc),
-            )
-            if await sleep_or_stop(stop, delay):
+            if await _wait_after_outage(name, exc, attempt, stop, log, backoff):
                 raise asyncio.CancelledError(f"{name}: stopped while waiting for redis") from exc
+
+
+async def _wait_after_outage(
+    name: str,
+    exc: BaseException,
+    attempt: int,
+    stop: asyncio.Event | None,
+    log: logging.Logger,
+    backoff: Backoff,
+) -> bool:
+    """Log the outage on one line and wait ``backoff.delay_s(attempt)``; True when stopped."""
+    delay = backoff.delay_s(attempt)
+    log.warning(
+        "%s: redis unavailable (attempt %d, retry in %.2fs): %s",
+        name,
+        attempt,
+        delay,
+        one_line(exc),
+    )
+    return await sleep_or_stop(stop, delay)
 
 
 def _cancelling() -> bool:

@@ -55,15 +55,15 @@ async def seed_epoch(
             v = getattr(c, name)
             if v is not None:
                 h[name] = repr(v)
-        pipe.hset(keys.epoch_contract(eid, c.cid), mapping=h)  # type: ignore[arg-type]
-        pipe.sadd(keys.epoch_contracts(eid), c.cid)
-        pipe.zadd(keys.epoch_by_strike(eid), {c.cid: c.strike})
-        pipe.zadd(keys.epoch_by_expiry(eid), {c.cid: int(c.expiry.replace("-", ""))})
+        pipe.hset(keys.epoch_contract(symbol, eid, c.cid), mapping=h)  # type: ignore[arg-type]
+        pipe.sadd(keys.epoch_contracts(symbol, eid), c.cid)
+        pipe.zadd(keys.epoch_by_strike(symbol, eid), {c.cid: c.strike})
+        pipe.zadd(keys.epoch_by_expiry(symbol, eid), {c.cid: int(c.expiry.replace("-", ""))})
         row = GexRow(t.root, c.expiry, c.strike, c.right, c.gamma, c.oi, c.iv, now_ns)
-        pipe.hset(keys.epoch_gex(eid), c.cid, _json(row))
+        pipe.hset(keys.epoch_gex(symbol, eid), c.cid, _json(row))
     expiries = sorted({c.expiry for c in contracts})
     pipe.hset(
-        keys.epoch_meta(eid),
+        keys.epoch_meta(symbol, eid),
         mapping={
             "symbol": symbol,
             "state": state,
@@ -76,7 +76,7 @@ async def seed_epoch(
         },
     )
     if state == "active":
-        pipe.hset(keys.EPOCH_ACTIVE, symbol, eid)
+        pipe.set(keys.epoch_active(symbol), eid)
     pipe.hset(keys.SPOT_LATEST, mapping={symbol: repr(spot), f"{symbol}:ts_ns": now_ns})
     await pipe.execute()
 

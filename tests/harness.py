@@ -536,7 +536,7 @@ async def lag_disagreements(redis: Redis) -> list[Backlog]:
 async def wait_epoch(redis: Redis, symbol: str = "SPX", timeout_s: float = 30.0) -> str:
     deadline = time.monotonic() + timeout_s
     while True:
-        eid = await redis.hget(keys.EPOCH_ACTIVE, symbol)
+        eid = await redis.get(keys.epoch_active(symbol))
         if eid:
             return eid.decode() if isinstance(eid, bytes) else str(eid)
         if time.monotonic() > deadline:
@@ -615,7 +615,7 @@ async def make_recording(
                     raise AssertionError("too few chain snapshots while recording")
         records = await record(r)
         eid = await wait_epoch(r)
-        n = int(await r.scard(keys.epoch_contracts(eid)))
+        n = int(await r.scard(keys.epoch_contracts("SPX", eid)))
         return Recording(records, dict(sim.stats.events_sent), n)
     finally:
         await r.aclose()
@@ -654,33 +654,42 @@ class Expected:
 
 
 def expected_state(records: Iterable[rp.Record], topology: set[str]) -> Expected:
-    from schemas.massive import Quote, Trade, decode_frame
-    from schemas.messages import decode_snapshot
-
     exp = Expected()
     for r in records:
         if r.stream == keys.CHAIN_STREAM and r.blob is not None:
             if from_entry(dict(r.fields), ChainPointer).scope == "full":
                 continue  # the whole chain feeds GEX only, never the epoch's contracts
-            for c in decode_snapshot(r.blob).contracts:
-                if c.cid not in topology:
-                    continue
-                if c.bid is not None and c.ask is not None and c.quote_ts_ns:
-                    exp._q(c.cid, c.quote_ts_ns, c.bid, c.ask)
-                if c.last is not None and c.trade_ts_ns:
-                    exp._t(c.cid, c.trade_ts_ns, c.last)
+            _expect_snapshot(exp, r.blob, topology)
         elif r.stream == keys.WS_STREAM:
-            for ev in decode_frame(dict(r.fields).get(b"payload", b"")).events:
-                if isinstance(ev, Quote | Trade):
-                    exp.ws_events += 1
-                    if ev.sym not in topology:
-                        continue
-                    exp.ws_in_topology += 1
-                    if isinstance(ev, Quote):
-                        exp._q(ev.sym, ev.t * 1_000_000, ev.bp, ev.ap)
-                    else:
-                        exp._t(ev.sym, ev.t * 1_000_000, ev.p)
+            _expect_frame(exp, dict(r.fields).get(b"payload", b""), topology)
     return exp
+
+
+def _expect_snapshot(exp: Expected, blob: bytes, topology: set[str]) -> None:
+    from schemas.messages import decode_snapshot
+
+    for c in decode_snapshot(blob).contracts:
+        if c.cid not in topology:
+            continue
+        if c.bid is not None and c.ask is not None and c.quote_ts_ns:
+            exp._q(c.cid, c.quote_ts_ns, c.bid, c.ask)
+        if c.last is not None and c.trade_ts_ns:
+            exp._t(c.cid, c.trade_ts_ns, c.last)
+
+
+def _expect_frame(exp: Expected, payload: bytes, topology: set[str]) -> None:
+    from schemas.massive import Quote, Trade, decode_frame
+
+    for ev in decode_frame(payload).events:
+        if isinstance(ev, Quote | Trade):
+            exp.ws_events += 1
+            if ev.sym not in topology:
+                continue
+            exp.ws_in_topology += 1
+            if isinstance(ev, Quote):
+                exp._q(ev.sym, ev.t * 1_000_000, ev.bp, ev.ap)
+            else:
+                exp._t(ev.sym, ev.t * 1_000_000, ev.p)
 
 
 async def check_contracts(redis: Redis, eid: str, exp: Expected) -> list[str]:
@@ -688,7 +697,9 @@ async def check_contracts(redis: Redis, eid: str, exp: Expected) -> list[str]:
     cids = sorted(set(exp.quote_ts) | set(exp.trade_ts))
     pipe = redis.pipeline(transaction=False)
     for cid in cids:
-        pipe.hmget(keys.epoch_contract(eid, cid), "quote_ts", "bid", "ask", "trade_ts", "last")
+        pipe.hmget(
+            keys.epoch_contract("SPX", eid, cid), "quote_ts", "bid", "ask", "trade_ts", "last"
+        )
     out: list[str] = []
     for cid, (qts, bid, ask, tts, last) in zip(cids, await pipe.execute(), strict=True):
         if cid in exp.quote_ts:
@@ -808,8 +819,6 @@ async def install_chain(r: Redis, snap: ChainSnapshot) -> str:
         n_contracts=len(snap.contracts),
         spot=snap.spot,
     )
-    async with r.pipeline(transaction=True) as pipe:
-        pipe.set(key, encode_snapshot(snap), ex=3600)
-        pipe.xadd(keys.CHAIN_STREAM, entry(ptr))  # type: ignore[arg-type]
-        await pipe.execute()
+    await r.set(key, encode_snapshot(snap), ex=3600)  # its own slot, before the pointer
+    await r.xadd(keys.CHAIN_STREAM, entry(ptr))  # type: ignore[arg-type]
     return key

@@ -150,10 +150,10 @@ def compute_all(
 
 
 async def fetch_quotes(
-    redis: Redis, eid: str, cids: Sequence[str], chunk: int = 2000
+    redis: Redis, symbol: str, eid: str, cids: Sequence[str], chunk: int = 2000
 ) -> dict[str, hm.LegQuote | None]:
     """Read LEG_FIELDS of every contract in ``cids`` (one pipelined round trip)."""
-    return (await fetch_rows(redis, eid, cids, chunk, QuoteParser()))[0]
+    return (await fetch_rows(redis, symbol, eid, cids, chunk, QuoteParser()))[0]
 
 
 async def reference_full_build(
@@ -162,5 +162,7 @@ async def reference_full_build(
     """Every tile of ``strategy`` for epoch ``eid`` recomputed from the contract hashes
     (reference mode for tests and benchmarks; production uses the incremental path)."""
     grid = await load_grid(redis, eid, symbol, strategy, cfg, now_ns)
-    quotes = await fetch_quotes(redis, eid, grid.leg_cids(grid.specs.values()), cfg.fetch_chunk)
+    quotes = await fetch_quotes(
+        redis, symbol, eid, grid.leg_cids(grid.specs.values()), cfg.fetch_chunk
+    )
     return compute_all(grid, quotes, eid, cfg.max_quote_age_ns)

@@ -185,14 +185,7 @@ class ModelClient:
             await asyncio.sleep(0.2)  # a browser's EventSource retry
 
     def _on_frame(self, raw: bytes) -> None:
-        event, data, eid = "message", b"", None
-        for line in raw.split(b"\n"):
-            if line.startswith(b"event: "):
-                event = line[7:].decode()
-            elif line.startswith(b"data: "):
-                data = line[6:]
-            elif line.startswith(b"id: "):
-                eid = line[4:].decode()
+        event, data, eid = _parse_event(raw)
         if eid:
             self.last_event_id = eid
         if event == "snapshot":
@@ -238,6 +231,19 @@ class ModelClient:
         self.history[self.version] = self._fp
         if len(self.history) > self.history_max:
             del self.history[min(self.history)]
+
+
+def _parse_event(raw: bytes) -> tuple[str, bytes, str | None]:
+    """(event, data, id) of one SSE event (LF line ends)."""
+    event, data, eid = "message", b"", None
+    for line in raw.split(b"\n"):
+        if line.startswith(b"event: "):
+            event = line[7:].decode()
+        elif line.startswith(b"data: "):
+            data = line[6:]
+        elif line.startswith(b"id: "):
+            eid = line[4:].decode()
+    return event, data, eid
 
 
 def item_hash(key: str, value: Any) -> int:

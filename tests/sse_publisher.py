@@ -48,9 +48,9 @@ class ModelWriter:
     @staticmethod
     def keys_of(symbol: str, kind: str) -> tuple[str, str]:
         if kind == "gex":
-            return keys.gex_model(symbol), keys.GEX_DIFFS_STREAM
+            return keys.gex_model(symbol), keys.gex_diffs_stream(symbol)
         strategy = kind.split(":", 1)[1]
-        return keys.heatmap_model(symbol, strategy), keys.heatmap_diffs_stream(strategy)
+        return keys.heatmap_model(symbol, strategy), keys.heatmap_diffs_stream(strategy, symbol)
 
     async def publish(
         self,

@@ -37,9 +37,9 @@ async def populate(url: str) -> tuple[str, str]:
             key = keys.chain_snapshot("SPX", ts)
             await r.set(key, encode_snapshot(s))
             await n.process(ChainPointer(symbol="SPX", snapshot_key=key, ts_ns=ts, n_contracts=4))
-            eids.append((await r.hget(keys.EPOCH_ACTIVE, "SPX")).decode())  # type: ignore[union-attr]
+            eids.append((await r.get(keys.epoch_active("SPX"))).decode())  # type: ignore[union-attr]
         # A tile builder group that has read nothing yet: its lag is the whole stream.
-        await r.xgroup_create(keys.CONTRACTS_DIRTY_STREAM, "tiles-single", id="0")
+        await r.xgroup_create(keys.contracts_dirty_stream("SPX"), "tiles-single", id="0")
         return eids[0], eids[1]
     finally:
         await r.aclose()
@@ -82,12 +82,14 @@ def test_inspect_flags_an_inconsistent_epoch_and_a_pointer_without_meta(
     async def setup() -> None:
         r = Redis.from_url(redis_server.url)
         await r.flushall()
-        await r.hset(keys.EPOCH_ACTIVE, mapping={"SPX": "gone", "NDX": "half"})
+        await r.set(keys.epoch_active("SPX"), "gone")
+        await r.set(keys.epoch_active("NDX"), "half")
         await r.hset(
-            keys.epoch_meta("half"), mapping={"symbol": "NDX", "state": "active", "n_contracts": 5}
+            keys.epoch_meta("NDX", "half"),
+            mapping={"symbol": "NDX", "state": "active", "n_contracts": 5},
         )
-        await r.sadd(keys.epoch_contracts("half"), "a", "b")
-        await r.hset(keys.epoch_meta("half"), "carry_from", "prev")  # a crashed carry
+        await r.sadd(keys.epoch_contracts("NDX", "half"), "a", "b")
+        await r.hset(keys.epoch_meta("NDX", "half"), "carry_from", "prev")  # a crashed carry
         await r.aclose()
 
     asyncio.run(setup())

@@ -60,7 +60,7 @@ def make(
 ) -> tuple[GexBuilder, CollectorRegistry]:
     reg = CollectorRegistry()
     deps = Deps(redis=redis, settings=rt, registry=reg, clock=clock)
-    return GexBuilder(deps, settings(**kw), ("SPX",)), reg
+    return GexBuilder(deps, settings(**kw), "SPX"), reg
 
 
 async def model(redis: Redis, sym: str = "SPX") -> PublishedModel:
@@ -71,16 +71,16 @@ async def model(redis: Redis, sym: str = "SPX") -> PublishedModel:
 
 async def diffs(redis: Redis) -> list[tuple[str, ModelDiff]]:
     out = []
-    for eid, fields in await redis.xrange(keys.GEX_DIFFS_STREAM):
+    for eid, fields in await redis.xrange(keys.gex_diffs_stream("SPX")):
         out.append((eid.decode(), from_entry(fields, ModelDiff)))
     return out
 
 
 async def set_row(redis: Redis, eid: str, c: ChainContract, **changes: float | None) -> None:
-    raw = await redis.hget(keys.epoch_gex(eid), c.cid)
+    raw = await redis.hget(keys.epoch_gex("SPX", eid), c.cid)
     row = msgspec.json.decode(raw, type=GexRow)
     row = msgspec.structs.replace(row, **changes)
-    await redis.hset(keys.epoch_gex(eid), c.cid, msgspec.json.encode(row))
+    await redis.hset(keys.epoch_gex("SPX", eid), c.cid, msgspec.json.encode(row))
 
 
 async def test_publishes_model_legacy_keys_and_diff_atomically(
@@ -260,7 +260,7 @@ async def test_missing_greeks_and_bad_rows_are_counted_not_fatal(
         contract("SPXW", FRI, "P", 6900, gamma=0.001, oi=None, iv=0.15),
     ]
     await seed_epoch(redis, "e1", "SPX", chain, spot=SPOT, now_ns=NOW_NS)
-    await redis.hset(keys.epoch_gex("e1"), "O:SPXW260320C06950000", b"garbage")
+    await redis.hset(keys.epoch_gex("SPX", "e1"), "O:SPXW260320C06950000", b"garbage")
     b, reg = make(redis, settings, ManualClock(NOW_NS))
     await b.tick()
     m = await model(redis)
@@ -289,10 +289,10 @@ async def test_loop_survives_errors_and_recovers(
     redis: Redis, settings: RuntimeSettings, registry: CollectorRegistry
 ) -> None:
     await seed_epoch(redis, "e1", "SPX", CHAIN, spot=SPOT, now_ns=NOW_NS)
-    await redis.delete(keys.epoch_gex("e1"))
-    await redis.set(keys.epoch_gex("e1"), b"not a hash")  # HGETALL -> WRONGTYPE
+    await redis.delete(keys.epoch_gex("SPX", "e1"))
+    await redis.set(keys.epoch_gex("SPX", "e1"), b"not a hash")  # HGETALL -> WRONGTYPE
     deps = Deps(redis=redis, settings=settings, registry=registry, clock=SystemClock())
-    b = GexBuilder(deps, settings_fast(), ("SPX",))
+    b = GexBuilder(deps, settings_fast(), "SPX")
     stop = asyncio.Event()
     task = asyncio.create_task(b.run(stop))
     try:
@@ -302,7 +302,7 @@ async def test_loop_survives_errors_and_recovers(
 
         await eventually(errors)
         assert not task.done()
-        await redis.delete(keys.epoch_gex("e1"))
+        await redis.delete(keys.epoch_gex("SPX", "e1"))
         await seed_epoch(redis, "e1", "SPX", CHAIN, spot=SPOT, now_ns=NOW_NS)
 
         async def published() -> bool:
@@ -324,7 +324,7 @@ async def test_spot_falls_back_to_epoch_meta_and_is_required(
     await b.tick()
     m = await model(redis)
     assert m.meta["spot"] == SPOT and m.meta["spot_source"] == "epoch_meta"
-    await redis.hdel(keys.epoch_meta("e1"), "spot")
+    await redis.hdel(keys.epoch_meta("SPX", "e1"), "spot")
     await set_row(redis, "e1", CHAIN[0], oi=1.0)
     clock.advance(2.5)
     await b.tick()
@@ -370,7 +370,7 @@ async def test_one_leader_standby_takes_over_and_stale_leader_is_fenced(
     assert a.leader and not b.leader
     assert (await model(redis)).version == 1
     # A stalls past its lease; B takes over and continues the version sequence
-    await redis.delete(keys.gex_lease())
+    await redis.delete(keys.gex_lease("SPX"))
     await set_row(redis, "e1", CHAIN[3], oi=1000.0)
     clock_b.advance(2.5)
     await b.tick()
@@ -401,10 +401,10 @@ async def test_a_stale_leader_is_fenced_even_when_nobody_holds_the_lease(
     b, _ = make(redis, settings, clock_b)
     await a.tick()
     assert a.leader and (await model(redis)).version == 1
-    await redis.delete(keys.gex_lease())
+    await redis.delete(keys.gex_lease("SPX"))
     await b.tick()
     assert b.leader
-    await redis.delete(keys.gex_lease())
+    await redis.delete(keys.gex_lease("SPX"))
     await set_row(redis, "e1", CHAIN[3], oi=1000.0)
     clock_a.advance(2.5)  # a build is due, a renewal not yet
     await a.tick()
@@ -417,7 +417,7 @@ async def test_run_loop_publishes_reacts_and_releases_lease(
 ) -> None:
     await seed_epoch(redis, "e1", "SPX", CHAIN, spot=SPOT, now_ns=NOW_NS)
     deps = Deps(redis=redis, settings=settings, registry=registry, clock=RunningClock(NOW_NS))
-    b = GexBuilder(deps, settings_fast(), ("SPX",))
+    b = GexBuilder(deps, settings_fast(), "SPX")
     stop = asyncio.Event()
     task = asyncio.create_task(b.run(stop))
     try:
@@ -435,7 +435,7 @@ async def test_run_loop_publishes_reacts_and_releases_lease(
     finally:
         stop.set()
         await asyncio.wait_for(task, 5)
-    assert await redis.get(keys.gex_lease()) is None
+    assert await redis.get(keys.gex_lease("SPX")) is None
 
 
 class RunningClock(SystemClock):

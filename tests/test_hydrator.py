@@ -5,6 +5,7 @@ geometry misses, malformed frames, epoch changes, spot admission."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Any
 
 import orjson
@@ -61,13 +62,15 @@ async def entries(redis: Redis) -> list[Any]:
 
 
 async def dirty(redis: Redis) -> list[DirtyEntry]:
-    return [from_entry(f, DirtyEntry) for _, f in await redis.xrange(keys.CONTRACTS_DIRTY_STREAM)]
+    return [
+        from_entry(f, DirtyEntry) for _, f in await redis.xrange(keys.contracts_dirty_stream("SPX"))
+    ]
 
 
 async def state(redis: Redis, eid: str = EID, cids: list[str] = CIDS) -> dict[str, dict[str, str]]:
     out = {}
     for cid in cids:
-        h = await redis.hgetall(keys.epoch_contract(eid, cid))
+        h = await redis.hgetall(keys.epoch_contract("SPX", eid, cid))
         out[cid] = {k.decode(): v.decode() for k, v in h.items()}
     return out
 
@@ -178,7 +181,7 @@ def test_reordered_duplicated_events_match_sequential_admission(
             assert values(got) == reference(events)
             for cid in CIDS:  # fixed fields untouched, no slot invented
                 assert got[cid]["type"] in ("C", "P") and got[cid]["symbol"] == "SPX"
-            assert await redis.exists(keys.epoch_contract(EID, OUTSIDE)) == 0
+            assert await redis.exists(keys.epoch_contract("SPX", EID, OUTSIDE)) == 0
         finally:
             await redis.aclose()
 
@@ -277,7 +280,7 @@ async def test_kill_between_write_and_dirty_xadd_loses_no_notification(
     # The Lua write happened, the notification did not, the entries are still pending.
     st_ = await state(redis)
     assert st_[CIDS[2]]["bid"] == "3.0" and st_[CIDS[1]]["last"] == "2.2"
-    assert await redis.xlen(keys.CONTRACTS_DIRTY_STREAM) == 0
+    assert await redis.xlen(keys.contracts_dirty_stream("SPX")) == 0
     assert int((await redis.xinfo_groups(keys.WS_STREAM))[0]["pending"]) == 2
 
     # Restart (same pod name): the own-PEL drain redelivers and the notifications come out.
@@ -319,7 +322,7 @@ async def test_geometry_miss_is_counted_and_creates_nothing(
     await Hydrator(deps).handle(await entries(redis))
     assert metric(registry, "massive_hydrator_geometry_miss_total", symbol="SPX") == 1
     assert metric(registry, "massive_hydrator_geometry_miss_total", symbol="NDX") == 1
-    assert await redis.exists(keys.epoch_contract(EID, OUTSIDE)) == 0
+    assert await redis.exists(keys.epoch_contract("SPX", EID, OUTSIDE)) == 0
     assert await redis.dbsize() == n_keys + 1  # only the dirty stream appeared
     assert (await state(redis))[CIDS[2]]["bid"] == "0.5"
     assert [d.cids for d in await dirty(redis)] == [[CIDS[2]]]
@@ -361,7 +364,7 @@ async def test_epoch_change_moves_writes_to_the_new_epoch(deps: Deps, redis: Red
     # Promote e2 (one more strike) the way the normalizer does: old meta retired.
     new = contract("SPXW", EXP, "C", 9995)
     await seed_epoch(redis, "e2", "SPX", [*SEEDED, new], spot=6001.0)
-    await redis.hset(keys.epoch_meta(EID), "state", "retired")
+    await redis.hset(keys.epoch_meta("SPX", EID), "state", "retired")
     await push(redis, [[quote(new.cid, T0 + 10, 7.0, 7.5), quote(CIDS[2], T0 + 10, 0.7, 0.8)]])
     await hyd.handle((await entries(redis))[-1:])
     e2 = await state(redis, "e2", [new.cid, CIDS[2]])
@@ -383,7 +386,7 @@ async def test_epoch_change_within_one_batch_of_sub_batches(
     await hyd.handle(await entries(redis))  # caches e1
     new = contract("SPXW", EXP, "C", 9995)
     await seed_epoch(redis, "e2", "SPX", [*SEEDED, new], spot=6001.0)
-    await redis.hset(keys.epoch_meta(EID), "state", "retired")
+    await redis.hset(keys.epoch_meta("SPX", EID), "state", "retired")
     await push(redis, [[quote(CIDS[2], T0 + 10, 0.7, 0.8)], [quote(new.cid, T0 + 11, 7.0, 7.5)],
                        [trade(CIDS[0], T0 + 12, 1.3, 2)],
                        [quote(new.cid, T0 + 13, 7.1, 7.6)]])  # fmt: skip
@@ -426,8 +429,8 @@ async def test_error_between_request_and_reply_leaves_no_connection_out_of_sync(
     with pytest.raises(ValueError, match="decode failed"):
         await hyd.handle(es)
     for _ in range(3):  # whichever pooled connection comes next answers its own command
-        assert await redis.hget(keys.EPOCH_ACTIVE, "SPX") == EID.encode()
-        assert await redis.hget(keys.epoch_contract(EID, CIDS[2]), "bid") == b"0.5"
+        assert await redis.get(keys.epoch_active("SPX")) == EID.encode()
+        assert await redis.hget(keys.epoch_contract("SPX", EID, CIDS[2]), "bid") == b"0.5"
     hyd._collect = real  # type: ignore[method-assign]
     await hyd.handle(es)
     assert (await state(redis))[CIDS[1]]["bid"] == "2.1"
@@ -436,7 +439,7 @@ async def test_error_between_request_and_reply_leaves_no_connection_out_of_sync(
 
 async def test_inactive_epoch_is_never_written(deps: Deps, redis: Redis) -> None:
     await seed_epoch(redis, EID, "SPX", SEEDED, spot=6000.0, state="warming")
-    await redis.hset(keys.EPOCH_ACTIVE, "SPX", EID)  # pointer without an active meta
+    await redis.set(keys.epoch_active("SPX"), EID)  # pointer without an active meta
     await push(redis, [[quote(CIDS[2], T0 + 9, 0.5, 0.6)]])
     with pytest.raises(RuntimeError, match="kept changing"):
         await Hydrator(deps).handle(await entries(redis))
@@ -461,14 +464,15 @@ async def test_stock_trades_and_quotes_are_the_spot_of_their_symbol(
 ) -> None:
     await seed(redis)
     await seed_epoch(redis, "eAAPL", "AAPL", [contract("AAPL", EXP, "C", 230)], spot=230.0)
-    # SPY has a default spec; AAPL runs (an active epoch)
+    # SPY has a default spec; AAPL is configured and runs (an active epoch)
     frames = [
         [trade("SPY", T0 + 5, 601.25, 100), quote("SPY", T0 + 4, 601.1, 601.2)],
         [quote("AAPL", T0 + 7, 230.1, 230.2), trade("AAPL", T0 + 6, 230.0, 50)],
         [quote("AAPL", T0 + 8, 0.0, 230.2)],
     ]  # fmt: skip  (one-sided: no spot)
     await push(redis, frames)
-    h = Hydrator(deps)
+    cfg = dataclasses.replace(deps.settings, symbols=("SPX", "AAPL"))
+    h = Hydrator(dataclasses.replace(deps, settings=cfg))
     await h.handle(await entries(redis))  # the first batch: the epoch cache is still empty
     await push(redis, [frames[1]], recv0=(T0 + 50) * MS)
     await h.handle((await entries(redis))[-1:])

@@ -70,20 +70,20 @@ async def test_exports_streams_groups_dead_letters_epochs_models_and_dormancy(
     redis: Redis, deps: Deps, registry: CollectorRegistry
 ) -> None:
     clock = ManualClock(NOW_NS)
-    tiles = keys.tiles_stream("butterfly")
+    tiles = keys.tiles_stream("butterfly", "SPX")
     await fill(redis, keys.WS_STREAM, 10)
     await consume(redis, keys.WS_STREAM, keys.HYDRATOR_GROUP, n=4, ack=1)
-    await fill(redis, keys.CONTRACTS_DIRTY_STREAM, 7)
+    await fill(redis, keys.contracts_dirty_stream("SPX"), 7)
     for s in keys.STRATEGIES:
-        await consume(redis, keys.CONTRACTS_DIRTY_STREAM, keys.tile_builder_group(s), 0, 0)
+        await consume(redis, keys.contracts_dirty_stream("SPX"), keys.tile_builder_group(s), 0, 0)
     await redis.xreadgroup(
-        keys.tile_builder_group("single"), "c1", {keys.CONTRACTS_DIRTY_STREAM: ">"}, count=7
+        keys.tile_builder_group("single"), "c1", {keys.contracts_dirty_stream("SPX"): ">"}, count=7
     )
     await fill(redis, tiles, 3)
     await fill(redis, keys.dead_letter_stream(keys.WS_STREAM), 2)
-    await redis.hset(keys.EPOCH_ACTIVE, "SPX", "e1")
-    await redis.hset(keys.epoch_meta("e1"), mapping={"created_ns": NOW_NS - 90 * 10**9})
-    await redis.hset(keys.epoch_meta("e1"), "promoted_ns", NOW_NS - 30 * 10**9)
+    await redis.set(keys.epoch_active("SPX"), "e1")
+    await redis.hset(keys.epoch_meta("SPX", "e1"), mapping={"created_ns": NOW_NS - 90 * 10**9})
+    await redis.hset(keys.epoch_meta("SPX", "e1"), "promoted_ns", NOW_NS - 30 * 10**9)
     model = PublishedModel("SPX", "heatmap:butterfly", "e1", 12, NOW_NS - 2_500_000_000, {})
     await redis.set(keys.heatmap_model("SPX", "butterfly"), encode(model))
     gex = PublishedModel("NDX", "gex", "e2", 3, NOW_NS - 7 * 10**9, {"a": 1})
@@ -102,7 +102,7 @@ async def test_exports_streams_groups_dead_letters_epochs_models_and_dormancy(
     assert val(registry, "massive_stream_group_consumers", **ws) == 1
     assert val(registry, "massive_stream_group_lag_unknown", **ws) == 0
     for s, lag in (("single", 0), ("vertical", 7), ("butterfly", 7)):
-        lbl = {"stream": keys.CONTRACTS_DIRTY_STREAM, "group": keys.tile_builder_group(s)}
+        lbl = {"stream": keys.contracts_dirty_stream("SPX"), "group": keys.tile_builder_group(s)}
         assert val(registry, "massive_stream_group_lag", **lbl) == lag
     assert val(registry, "massive_stream_length", stream=tiles) == 3
     assert val(registry, "massive_dead_letter_length", stream=keys.WS_STREAM) == 2
@@ -176,7 +176,8 @@ async def test_model_stamps_are_read_from_a_key_prefix_not_the_whole_model(
     assert val(registry, "massive_model_version", symbol="SPX", model="gex") == 7
     stats = await redis.info("commandstats")
     assert stats["cmdstat_getrange"]["calls"] == 4  # 3 heatmap models + gex
-    assert stats["cmdstat_get"]["calls"] == 2  # the odd model + the WS last-event key
+    # the odd model, the WS last-event key, the symbol's active-epoch pointer
+    assert stats["cmdstat_get"]["calls"] == 3
 
 
 async def test_nil_lag_is_nan_and_flagged_not_zero(

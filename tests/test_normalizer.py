@@ -70,25 +70,32 @@ def normalizer(deps: Deps, **cfg: Any) -> Normalizer:
 
 
 async def active(redis: Redis, sym: str = "SPX") -> str:
-    v = await redis.hget(keys.EPOCH_ACTIVE, sym)
+    v = await redis.get(keys.epoch_active(sym))
     assert v is not None
     return v.decode()
 
 
 async def meta(redis: Redis, eid: str) -> dict[str, str]:
-    return {k.decode(): v.decode() for k, v in (await redis.hgetall(keys.epoch_meta(eid))).items()}
+    return {
+        k.decode(): v.decode()
+        for k, v in (await redis.hgetall(keys.epoch_meta("SPX", eid))).items()
+    }
 
 
 async def dirty(redis: Redis) -> list[DirtyEntry]:
-    return [from_entry(f, DirtyEntry) for _, f in await redis.xrange(keys.CONTRACTS_DIRTY_STREAM)]
+    return [
+        from_entry(f, DirtyEntry) for _, f in await redis.xrange(keys.contracts_dirty_stream("SPX"))
+    ]
 
 
 async def record(redis: Redis, eid: str, cid: str) -> ContractRecord:
-    return ContractRecord.from_hash(cid, await redis.hgetall(keys.epoch_contract(eid, cid)))
+    return ContractRecord.from_hash(cid, await redis.hgetall(keys.epoch_contract("SPX", eid, cid)))
 
 
 async def epoch_keys(redis: Redis, eid: str) -> list[bytes]:
-    return [k async for k in redis.scan_iter(match=keys.epoch_key_pattern(eid), count=1000)]
+    return [
+        k async for k in redis.scan_iter(match=keys.epoch_key_prefix("SPX", eid) + "*", count=1000)
+    ]
 
 
 def metric(reg: CollectorRegistry, name: str, **labels: str) -> float:
@@ -136,18 +143,20 @@ async def test_first_snapshot_builds_and_promotes_a_complete_epoch(
     assert m["symbol"] == "SPX" and m["state"] == "active" and m["n_contracts"] == "3"
     assert m["expiries"] == f"{EXP1},{EXP2}" and m["spot"] == "6001.0"
     assert m["snapshot_ts_ns"] == str(NS) and int(m["promoted_ns"]) >= int(m["created_ns"]) > 0
-    assert sorted(c.decode() for c in await redis.smembers(keys.epoch_contracts(eid))) == cids
+    assert (
+        sorted(c.decode() for c in await redis.smembers(keys.epoch_contracts("SPX", eid))) == cids
+    )
     by_strike = {
         k.decode(): v
-        for k, v in await redis.zrange(keys.epoch_by_strike(eid), 0, -1, withscores=True)
+        for k, v in await redis.zrange(keys.epoch_by_strike("SPX", eid), 0, -1, withscores=True)
     }
     assert by_strike == {c.cid: c.strike for c in snap.contracts}
     by_exp = {
         k.decode(): v
-        for k, v in await redis.zrange(keys.epoch_by_expiry(eid), 0, -1, withscores=True)
+        for k, v in await redis.zrange(keys.epoch_by_expiry("SPX", eid), 0, -1, withscores=True)
     }
     assert by_exp == {c.cid: float(c.expiry.replace("-", "")) for c in snap.contracts}
-    gex = await redis.hgetall(keys.epoch_gex(eid))
+    gex = await redis.hgetall(keys.epoch_gex("SPX", eid))
     rows = {k.decode(): msgspec.json.decode(v, type=GexRow) for k, v in gex.items()}
     assert rows[snap.contracts[0].cid] == GexRow("SPXW", EXP1, 6000.0, "C", 0.01, 100.0, 0.2, NS)
     assert rows[snap.contracts[2].cid].root == "SPX"
@@ -162,12 +171,12 @@ async def test_first_snapshot_builds_and_promotes_a_complete_epoch(
         "C",
         "chain",
     )
-    h2 = await redis.hgetall(keys.epoch_contract(eid, snap.contracts[2].cid))
+    h2 = await redis.hgetall(keys.epoch_contract("SPX", eid, snap.contracts[2].cid))
     assert h2[b"root"] == b"SPX" and b"last" not in h2 and b"delta" not in h2
     ds = await dirty(redis)
     assert [d.reason for d in ds] == ["epoch", "epoch"] and [len(d.cids) for d in ds] == [2, 1]
     assert sorted(c for d in ds for c in d.cids) == cids and {d.epoch for d in ds} == {eid}
-    assert await redis.zscore(keys.EPOCH_INDEX, eid) is not None
+    assert await redis.zscore(keys.epoch_index("SPX"), eid) is not None
     spot = await redis.hgetall(keys.SPOT_LATEST)
     assert spot[b"SPX"] == b"6001.0" and spot[b"SPX:ts_ns"] == str(NS).encode()
     assert metric(registry, "massive_epoch_promotions_total", symbol="SPX") == 1
@@ -180,7 +189,7 @@ async def test_same_topology_reseeds_with_admission_and_notifies_changes_and_con
     await n.process(await put(redis, chain()))
     eid = await active(redis)
     created = (await meta(redis, eid))["created_ns"]
-    await redis.delete(keys.CONTRACTS_DIRTY_STREAM)
+    await redis.delete(keys.contracts_dirty_stream("SPX"))
     c0, c1, c2 = chain().contracts
     # c0: newer quote; c1: OLDER quote (discarded) but new iv; c2: identical values, its
     # quote confirmed by a newer snapshot (quote_rx_ts) -> notified too.
@@ -197,7 +206,7 @@ async def test_same_topology_reseeds_with_admission_and_notifies_changes_and_con
     assert (r1.bid, r1.ask, r1.quote_ts_ns, r1.iv) == (2.0, 2.4, NS - 5, 0.3)
     ds = await dirty(redis)
     assert [(d.reason, sorted(d.cids)) for d in ds] == [("seed", sorted([c0.cid, c1.cid, c2.cid]))]
-    row = msgspec.json.decode(await redis.hget(keys.epoch_gex(eid), c1.cid), type=GexRow)  # type: ignore[arg-type]
+    row = msgspec.json.decode(await redis.hget(keys.epoch_gex("SPX", eid), c1.cid), type=GexRow)  # type: ignore[arg-type]
     assert (row.iv, row.ts_ns) == (0.3, NS + SEC)
     m = await meta(redis, eid)
     assert m["snapshot_ts_ns"] == str(NS + SEC) and m["spot"] == "6002.0"
@@ -209,12 +218,12 @@ async def test_same_topology_reseeds_with_admission_and_notifies_changes_and_con
     ds = await dirty(redis)
     assert len(ds) == 2 and sorted(ds[-1].cids) == sorted(c.cid for c in (c0, c1, c2))
     for c in (c0, c1, c2):
-        rx = await redis.hget(keys.epoch_contract(eid, c.cid), "quote_rx_ts")
+        rx = await redis.hget(keys.epoch_contract("SPX", eid, c.cid), "quote_rx_ts")
         assert rx == str(NS + 2 * SEC).encode()
     # a late, older snapshot of the same values: nothing changes, nothing is notified
     older = msgspec.structs.replace(later, ts_ns=NS + SEC // 2)
     await n.process(await put(redis, older, tag=":late"))
-    rx = await redis.hget(keys.epoch_contract(eid, c0.cid), "quote_rx_ts")
+    rx = await redis.hget(keys.epoch_contract("SPX", eid, c0.cid), "quote_rx_ts")
     assert rx == str(NS + 2 * SEC).encode()  # never moves back
     assert len(await dirty(redis)) == 2
 
@@ -226,7 +235,7 @@ async def test_full_chain_snapshot_feeds_the_gex_source_not_an_epoch(
     full = chain(extra=[contract("SPX", "2027-06-17", "P", 5000, bid=9.0, ask=9.4, oi=4000)])
     ptr = msgspec.structs.replace(await put(redis, full), scope="full")
     assert await n.process(ptr) == "gex_source"
-    assert await redis.hget(keys.EPOCH_ACTIVE, "SPX") is None  # the heatmap's epochs: untouched
+    assert await redis.get(keys.epoch_active("SPX")) is None  # the heatmap's epochs: untouched
     h = await redis.hgetall(keys.gex_source("SPX"))
     assert h[b"ts_ns"] == str(NS).encode() and h[b"spot"] == b"6001.0"
     assert 0 < await redis.ttl(keys.gex_source("SPX")) <= 77
@@ -281,9 +290,9 @@ async def test_promotion_is_never_seen_half_built_and_retired_keys_all_expire(
         r = Redis.from_url(deps.settings.redis_url)
         try:
             while not stop.is_set():
-                eid = (await r.hget(keys.EPOCH_ACTIVE, "SPX")).decode()  # type: ignore[union-attr]
-                state, n_c = await r.hmget(keys.epoch_meta(eid), "state", "n_contracts")
-                card = await r.scard(keys.epoch_contracts(eid))
+                eid = (await r.get(keys.epoch_active("SPX"))).decode()  # type: ignore[union-attr]
+                state, n_c = await r.hmget(keys.epoch_meta("SPX", eid), "state", "n_contracts")
+                card = await r.scard(keys.epoch_contracts("SPX", eid))
                 seen.append((eid, state.decode(), int(n_c), card))
                 await asyncio.sleep(0)
         finally:
@@ -357,8 +366,8 @@ async def test_promotion_retries_when_another_writer_moves_the_active_pointer(
     other = SyncRedis.from_url(redis_server.url)
 
     def rival_promotes() -> None:
-        other.hset(keys.epoch_meta(rival), mapping={"symbol": "SPX", "state": "active"})
-        other.hset(keys.EPOCH_ACTIVE, "SPX", rival)
+        other.hset(keys.epoch_meta("SPX", rival), mapping={"symbol": "SPX", "state": "active"})
+        other.set(keys.epoch_active("SPX"), rival)
 
     real = n.promote
     replaced: list[str | None] = []
@@ -389,7 +398,7 @@ async def test_topology_coming_back_rebuilds_it_fresh_without_ttls(
     a = await active(redis)
     await n.process(await put(redis, chain(NS + SEC, extra=extra)))
     b = await active(redis)
-    assert await redis.ttl(keys.epoch_meta(a)) > 0
+    assert await redis.ttl(keys.epoch_meta("SPX", a)) > 0
     assert await n.process(await put(redis, chain(NS + 2 * SEC))) == "built"
     assert await active(redis) == a
     assert all([await redis.ttl(k) == -1 for k in await epoch_keys(redis, a)])
@@ -416,7 +425,7 @@ async def test_a_reactivated_epoch_has_no_ttl_while_active_and_gets_it_again_whe
         snap = chain(NS + step * SEC, extra=extra if step % 2 else [])
         assert await n.process(await put(redis, snap)) == "built"
         now = await active(redis)
-        index = [e.decode() for e in await redis.zrange(keys.EPOCH_INDEX, 0, -1)]
+        index = [e.decode() for e in await redis.zrange(keys.epoch_index("SPX"), 0, -1)]
         (old,) = [e for e in index if e != now]
         full.setdefault(now, len(await epoch_keys(redis, now)))
         on, off = await ttls(redis, now), await ttls(redis, old)
@@ -438,13 +447,13 @@ async def test_a_reactivated_epoch_whose_meta_expired_first_is_rebuilt_whole(
     c0 = chain().contracts[0].cid
     await n.process(await put(redis, chain(NS + SEC, extra=extra)))
     b = await active(redis)
-    await redis.hset(keys.epoch_contract(a, c0), "stale", "1")  # a field of its first life
-    await redis.delete(keys.epoch_meta(a))  # expired before its other keys
+    await redis.hset(keys.epoch_contract("SPX", a, c0), "stale", "1")  # a field of its first life
+    await redis.delete(keys.epoch_meta("SPX", a))  # expired before its other keys
     assert await n.process(await put(redis, chain(NS + 2 * SEC))) == "built"
     assert await active(redis) == a
     on = await ttls(redis, a)
     assert on and set(on.values()) == {-1}
-    assert await redis.hget(keys.epoch_contract(a, c0), "stale") is None
+    assert await redis.hget(keys.epoch_contract("SPX", a, c0), "stale") is None
     await n.process(await put(redis, chain(NS + 3 * SEC, extra=extra)))
     assert await active(redis) == b
     assert all(0 < t <= 300 for t in (await ttls(redis, a)).values())
@@ -459,9 +468,9 @@ async def ws_apply(
     enc = msgspec.msgpack.encode
     q = [x for c, t, b, a in quotes for x in (c, str(t), repr(b), repr(a), repr((b + a) / 2))]
     tr = [x for c, t, p, n in trades for x in (c, str(t), repr(p), str(n))]
-    res = await lua.get("hydrate")(
-        redis, [keys.epoch_meta(eid)], [keys.epoch_contract_prefix(eid), enc(q), enc(tr)]
-    )
+    cids = [c for c, *_ in quotes] + [c for c, *_ in trades]
+    names = [keys.epoch_meta("SPX", eid), *(keys.epoch_contract("SPX", eid, c) for c in cids)]
+    res = await lua.get("hydrate")(redis, names, [enc(q), enc(tr)])
     assert int(res[0]) == 0 and len(res) - 2 == len(quotes) + len(trades)
 
 
@@ -477,7 +486,7 @@ async def warm_and_tick(deps: Deps, redis: Redis) -> tuple[str, list[str], Chain
     c0, c1, c2 = (c.cid for c in chain().contracts)
     await ws_apply(redis, e1, [(c0, NS + 2 * SEC, 1.5, 1.7), (c1, NS + SEC // 2, 2.1, 2.5)],
                    [(c2, NS + 2 * SEC, 3.3, 4)])  # fmt: skip
-    await redis.delete(keys.CONTRACTS_DIRTY_STREAM)
+    await redis.delete(keys.contracts_dirty_stream("SPX"))
     return e1, [c0, c1, c2], await put(redis, chain(NS + SEC, extra=NEW_STRIKE))
 
 
@@ -505,7 +514,7 @@ async def test_ws_values_newer_than_the_new_snapshot_are_carried_into_the_new_ep
     assert "carry_from" not in await meta(redis, e2)
     assert metric(registry, "massive_epoch_carried_total", symbol="SPX") == 2
     # The next snapshot of the same topology carries nothing again.
-    await redis.delete(keys.CONTRACTS_DIRTY_STREAM)
+    await redis.delete(keys.contracts_dirty_stream("SPX"))
     assert await normalizer(deps).process(
         await put(redis, chain(NS + SEC, extra=NEW_STRIKE), ":again")
     ) == "reseeded"  # fmt: skip
@@ -551,7 +560,7 @@ async def test_crash_after_reseed_write_notifies_all_on_redelivery(
     n = normalizer(deps)
     await n.process(await put(redis, chain()))
     eid = await active(redis)
-    await redis.delete(keys.CONTRACTS_DIRTY_STREAM)
+    await redis.delete(keys.contracts_dirty_stream("SPX"))
     c0 = chain().contracts[0]
     newer = chain(NS + SEC)  # c0 gets a newer quote below
     newer = msgspec.structs.replace(
@@ -568,7 +577,7 @@ async def test_crash_after_reseed_write_notifies_all_on_redelivery(
     with pytest.raises(Killed):
         await crashing.process(ptr)
     assert (await record(redis, eid, c0.cid)).bid == 1.4  # written, not notified
-    assert await redis.xlen(keys.CONTRACTS_DIRTY_STREAM) == 0
+    assert await redis.xlen(keys.contracts_dirty_stream("SPX")) == 0
     assert await normalizer(deps).process(ptr) == "reseeded"  # redelivery
     ds = await dirty(redis)
     assert [d.reason for d in ds] == ["seed"]
@@ -612,7 +621,7 @@ async def test_crash_between_promotion_and_retirement_is_swept(deps: Deps, redis
     await n.process(await put(redis, chain()))
     old = await active(redis)
 
-    async def boom(_: str) -> int:
+    async def boom(_: str, __: str) -> int:
         raise Killed
 
     crashing = normalizer(deps)
@@ -637,7 +646,7 @@ async def test_sweep_drops_expired_epochs_from_the_index(deps: Deps, redis: Redi
     for k in await epoch_keys(redis, old):  # as if 300 s passed
         await redis.delete(k)
     await n.sweep()
-    assert await redis.zrange(keys.EPOCH_INDEX, 0, -1) == [(await active(redis)).encode()]
+    assert await redis.zrange(keys.epoch_index("SPX"), 0, -1) == [(await active(redis)).encode()]
 
 
 async def test_sweep_never_retires_the_epoch_the_active_pointer_names(
@@ -649,7 +658,7 @@ async def test_sweep_never_retires_the_epoch_the_active_pointer_names(
     n = normalizer(deps)
     await n.process(await put(redis, chain()))
     eid = await active(redis)
-    await redis.hset(keys.epoch_meta(eid), "state", "retired")  # the meta as read before
+    await redis.hset(keys.epoch_meta("SPX", eid), "state", "retired")  # the meta as read before
     await n.sweep()
     assert all([await redis.ttl(k) == -1 for k in await epoch_keys(redis, eid)])
 
@@ -661,10 +670,10 @@ async def test_retiring_again_never_extends_a_ttl(deps: Deps, redis: Redis) -> N
     await n.process(await put(redis, chain()))
     eid = await active(redis)
     ks = await epoch_keys(redis, eid)
-    assert await n.retire(eid) == len(ks)
+    assert await n.retire("SPX", eid) == len(ks)
     for k in ks:  # as if 295 s passed
         await redis.expire(k, 5)
-    assert await n.retire(eid) == 0
+    assert await n.retire("SPX", eid) == 0
     assert all([0 < await redis.ttl(k) <= 5 for k in ks])
 
 
@@ -719,7 +728,7 @@ async def test_invalid_contracts_are_rejected_from_the_topology(
     snap = ChainSnapshot("SPX", NS, 6000.0, [*good, *bad])
     assert await normalizer(deps).process(await put(redis, snap)) == "built"
     eid = await active(redis)
-    assert await redis.scard(keys.epoch_contracts(eid)) == 3
+    assert await redis.scard(keys.epoch_contracts("SPX", eid)) == 3
     rej = "massive_normalizer_contracts_rejected_total"
     reasons = ("bad_ticker", "wrong_symbol", "ticker_mismatch", "duplicate")
     assert [metric(registry, rej, reason=r) for r in reasons] == [1, 1, 1, 1]
@@ -771,7 +780,7 @@ def test_every_contract_hash_keeps_ts_ns_the_max_of_its_quote_and_trade_ts(
                 await n.process(await put(r, snap))
                 eid = await active(r)
                 for c in snap.contracts:
-                    h = await r.hgetall(keys.epoch_contract(eid, c.cid))
+                    h = await r.hgetall(keys.epoch_contract("SPX", eid, c.cid))
                     q, t = int(h.get(b"quote_ts", 0)), int(h.get(b"trade_ts", 0))
                     assert int(h.get(b"ts_ns", 0)) == max(q, t), h
         finally:

@@ -86,7 +86,7 @@ async def staging_items(redis: Redis) -> dict[str, Any]:
 async def diffs(redis: Redis) -> list[tuple[bytes, ModelDiff]]:
     return [
         (i, from_entry(f, ModelDiff))
-        for i, f in await redis.xrange(keys.heatmap_diffs_stream(STRAT))
+        for i, f in await redis.xrange(keys.heatmap_diffs_stream(STRAT, "SPX"))
     ]
 
 
@@ -97,7 +97,7 @@ async def dirty(redis: Redis, b: TileBuilder, eid: str, cids: list[str], ts: int
     for c in cids:
         mid = rng.uniform(0.5, 60)
         pipe.hset(
-            keys.epoch_contract(eid, c),
+            keys.epoch_contract("SPX", eid, c),
             mapping={"bid": mid - 0.1, "ask": mid + 0.1, "mid": mid, "quote_ts": ts, "ts_ns": ts},
         )
     await pipe.execute()
@@ -128,7 +128,7 @@ async def leading(deps: Deps, redis: Redis) -> AsyncIterator[Publisher]:
     await seed(redis)
     b = TileBuilder(deps, STRAT, TCFG)
     await b.handle([(b"1-0", entry(DirtyEntry("SPX", "e1", [], NOW, reason="epoch")))])
-    p = Publisher(deps, STRAT, PCFG)
+    p = Publisher(deps, STRAT, PCFG, "SPX")
     stop, task = start(p)
     try:
         await eventually(lambda: caught_up(redis))
@@ -154,7 +154,7 @@ async def test_closed_market_publishes_the_complete_model_once(deps: Deps, redis
     await seed(redis)
     b = TileBuilder(deps, STRAT, TCFG)
     await b.handle([(b"1-0", entry(DirtyEntry("SPX", "e1", [], NOW, reason="epoch")))])
-    p = Publisher(deps, STRAT, PCFG)
+    p = Publisher(deps, STRAT, PCFG, "SPX")
     stop, task = start(p)
     try:
         await eventually(lambda: caught_up(redis))
@@ -169,12 +169,12 @@ async def test_closed_market_publishes_the_complete_model_once(deps: Deps, redis
         await asyncio.sleep(PCFG.max_interval_ms / 1000 * 8)  # observe stability over time
         assert (await model(redis) or {})["version"] == 1 and len(await diffs(redis)) == 1
         assert count(p, "complete") == 1 and count(p, "time") == count(p, "value") == 0
-        pending = await redis.xpending(keys.tiles_stream(STRAT), keys.PUBLISHER_GROUP)
+        pending = await redis.xpending(keys.tiles_stream(STRAT, "SPX"), keys.PUBLISHER_GROUP)
         assert pending["pending"] == 0  # everything acked once covered
     finally:
         stop.set()
         await asyncio.wait_for(task, 5)
-    assert await redis.get(keys.publisher_lease(STRAT)) is None  # released on graceful stop
+    assert await redis.get(keys.publisher_lease("SPX", STRAT)) is None  # released on graceful stop
 
 
 def apply(items: dict[str, Any], version: int, d: ModelDiff) -> int:
@@ -207,7 +207,7 @@ def test_client_replaying_diffs_equals_canonical_model(
         cids = await seed(redis)
         b = TileBuilder(deps, STRAT, TCFG)
         await b.handle([(b"1-0", entry(DirtyEntry("SPX", "e1", [], NOW, reason="epoch")))])
-        p = Publisher(deps, STRAT, PCFG)
+        p = Publisher(deps, STRAT, PCFG, "SPX")
         stop, task = start(p)
         try:
             await eventually(lambda: caught_up(redis))
@@ -250,7 +250,7 @@ async def test_no_tile_of_a_warming_or_retired_epoch_is_published(deps: Deps, re
     cids1 = await seed(redis, "e1")
     b = TileBuilder(deps, STRAT, TCFG)
     await b.handle([(b"1-0", entry(DirtyEntry("SPX", "e1", [], NOW, reason="epoch")))])
-    p = Publisher(deps, STRAT, PCFG)
+    p = Publisher(deps, STRAT, PCFG, "SPX")
     stop, task = start(p)
     try:
         await eventually(lambda: caught_up(redis))
@@ -267,8 +267,8 @@ async def test_no_tile_of_a_warming_or_retired_epoch_is_published(deps: Deps, re
             "massive_publisher_rejected_total", {"strategy": STRAT, "reason": "staging_not_active"}
         )
         # promotion: e2 active, e1 retired; the next publish is e2's complete model
-        await redis.hset(keys.epoch_meta("e2"), "state", "active")
-        await redis.hset(keys.EPOCH_ACTIVE, "SPX", "e2")
+        await redis.hset(keys.epoch_meta("SPX", "e2"), "state", "active")
+        await redis.set(keys.epoch_active("SPX"), "e2")
         await b.handle([(b"2-0", entry(DirtyEntry("SPX", "e2", [], NOW, reason="epoch")))])
         await eventually(lambda: caught_up(redis))
         n_before = len(await diffs(redis))
@@ -295,12 +295,12 @@ async def test_publish_script_rejects_a_stale_leader_and_an_inactive_epoch(
     await seed(redis)
     b = TileBuilder(deps, STRAT, TCFG)
     await b.handle([(b"1-0", entry(DirtyEntry("SPX", "e1", [], NOW, reason="epoch")))])
-    p = Publisher(with_consumer(deps, "test-1b"), STRAT, PCFG)
+    p = Publisher(with_consumer(deps, "test-1b"), STRAT, PCFG, "SPX")
     _stop, task = start(p)
     await eventually(lambda: caught_up(redis))
     old_token = p.token
     await crash(p, task)  # lease not released
-    q = Publisher(with_consumer(deps, "test-2"), STRAT, PCFG)
+    q = Publisher(with_consumer(deps, "test-2"), STRAT, PCFG, "SPX")
     stop2, task2 = start(q)
     try:
         await eventually(lambda: _leads(q), timeout_s=5)
@@ -335,7 +335,7 @@ async def test_publish_script_refuses_any_version_but_current_plus_one(
     current + 1 on the head goes in."""
     async with leading(deps, redis) as p:
         ver_key, head_key = keys.heatmap_version("SPX", STRAT), keys.heatmap_head("SPX", STRAT)
-        stream = keys.heatmap_diffs_stream(STRAT)
+        stream = keys.heatmap_diffs_stream(STRAT, "SPX")
         head = await redis.get(head_key)
         assert head is not None and await redis.get(ver_key) == b"1"
         n_diffs = await redis.xlen(stream)
@@ -359,7 +359,7 @@ async def test_diff_id_above_a_later_stream_id_is_chosen_and_carried_by_the_mode
     above it: the diff lands and the model's diff_id is exactly its entry id."""
     async with leading(deps, redis) as p:
         future_ms = time.time_ns() // 1_000_000 + 3_600_000
-        await redis.xadd(keys.heatmap_diffs_stream(STRAT), {"d": b"{}"}, id=f"{future_ms}-5")
+        await redis.xadd(keys.heatmap_diffs_stream(STRAT, "SPX"), {"d": b"{}"}, id=f"{future_ms}-5")
         st = await p._state("SPX")
         tid = next(iter(st.items))
         st.pending = {tid: msgspec.Raw(b'{"changed":true}')}
@@ -368,7 +368,7 @@ async def test_diff_id_above_a_later_stream_id_is_chosen_and_carried_by_the_mode
         await eventually(lambda: _model_version_is(redis, 2))
         m = await model(redis)
         assert m is not None and m["items"][tid] == {"changed": True}
-        last_id, last = (await redis.xrevrange(keys.heatmap_diffs_stream(STRAT), count=1))[0]
+        last_id, last = (await redis.xrevrange(keys.heatmap_diffs_stream(STRAT, "SPX"), count=1))[0]
         assert m["diff_id"] == last_id.decode() == f"{future_ms}-6"
         assert msgspec.json.decode(last[b"d"])["version"] == 2
 
@@ -385,7 +385,7 @@ async def test_model_key_is_a_checkpoint_and_a_new_leader_catches_up_from_the_di
     b = TileBuilder(deps, STRAT, TCFG)
     await b.handle([(b"1-0", entry(DirtyEntry("SPX", "e1", [], NOW, reason="epoch")))])
     cfg = dataclasses.replace(PCFG, checkpoint_ms=3_600_000)
-    p = Publisher(with_consumer(deps, "cp-1"), STRAT, cfg)
+    p = Publisher(with_consumer(deps, "cp-1"), STRAT, cfg, "SPX")
     stop, task = start(p)
     await eventually(lambda: caught_up(redis))
     snap = await model(redis)
@@ -404,7 +404,7 @@ async def test_model_key_is_a_checkpoint_and_a_new_leader_catches_up_from_the_di
     # before any later checkpoint (the hour-long interval held it back except when idle)
     await crash(p, task)
     await redis.set(keys.heatmap_model("SPX", STRAT), first_raw)
-    q = Publisher(with_consumer(deps, "cp-2"), STRAT, PCFG)
+    q = Publisher(with_consumer(deps, "cp-2"), STRAT, PCFG, "SPX")
     stop2, task2 = start(q)
     try:
         await eventually(lambda: _leads(q), timeout_s=5)
@@ -442,10 +442,10 @@ async def test_leader_crash_hands_over_without_version_regression(deps: Deps, re
     cids = await seed(redis)
     b = TileBuilder(deps, STRAT, TCFG)
     await b.handle([(b"1-0", entry(DirtyEntry("SPX", "e1", [], NOW, reason="epoch")))])
-    a = Publisher(with_consumer(deps, "pub-a"), STRAT, PCFG)
+    a = Publisher(with_consumer(deps, "pub-a"), STRAT, PCFG, "SPX")
     stop_a, task_a = start(a)
     await eventually(lambda: _leads(a))
-    s = Publisher(with_consumer(deps, "pub-b"), STRAT, PCFG)
+    s = Publisher(with_consumer(deps, "pub-b"), STRAT, PCFG, "SPX")
     stop_s, task_s = start(s)
     rng = random.Random(5)
     ts = NOW
@@ -457,7 +457,12 @@ async def test_leader_crash_hands_over_without_version_regression(deps: Deps, re
         assert not s.leader
         assert (
             await redis.xpending_range(
-                keys.tiles_stream(STRAT), keys.PUBLISHER_GROUP, "-", "+", 100, consumername="pub-b"
+                keys.tiles_stream(STRAT, "SPX"),
+                keys.PUBLISHER_GROUP,
+                "-",
+                "+",
+                100,
+                consumername="pub-b",
             )
             == []
         )  # the standby never read

@@ -434,7 +434,7 @@ async def test_causal_replay_is_deterministic_and_equals_the_lockstep_reference(
     # value and the time condition; GEX too.
     a = rc.open_source(str(runs[0]))
     epochs = set()
-    for s in rc.diff_streams():
+    for s in rc.diff_streams(("SPX",)):  # the session's symbol
         versions = []
         async for _, raw in a.diffs(s):
             d = msgspec.json.decode(raw)
@@ -502,8 +502,8 @@ async def test_a_chain_snapshot_is_applied_alone(
     assert st.instants == 1  # all four records in one instant, still in causal order
     assert metric_sum(reg, "massive_hydrator_geometry_miss_total") == 1
     assert metric_sum(reg, "massive_hydrator_applied_total") == 1
-    eid = (await redis.hget(keys.EPOCH_ACTIVE, "SPX")).decode()  # type: ignore[union-attr]
-    assert await redis.hget(keys.epoch_contract(eid, new), "bid") == b"2.0"
+    eid = (await redis.get(keys.epoch_active("SPX"))).decode()  # type: ignore[union-attr]
+    assert await redis.hget(keys.epoch_contract("SPX", eid, new), "bid") == b"2.0"
 
 
 def test_cli_replay_runs_processors_in_process_with_the_recording_clock(
@@ -541,9 +541,9 @@ def test_cli_replay_runs_processors_in_process_with_the_recording_clock(
     assert f"replayed {path}: {len(session.chain)} records" in out and "causal" in out
     r = sync_redis.Redis.from_url(url)
     try:
-        eid = r.hget(keys.EPOCH_ACTIVE, "SPX")
+        eid = r.get(keys.epoch_active("SPX"))
         assert eid is not None
-        meta = r.hgetall(keys.epoch_meta(eid.decode()))
+        meta = r.hgetall(keys.epoch_meta("SPX", eid.decode()))
         last_chain = session.chain[-1][0]
         assert meta[b"state"] == b"active"
         # Promoted at the recorded receive time of the snapshot that changed the topology.
@@ -632,7 +632,7 @@ def write_output(
 def test_compare_reports_the_first_difference(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    fly = keys.heatmap_diffs_stream("butterfly")
+    fly = keys.heatmap_diffs_stream("butterfly", "SPX")
     tile = "SPX:2025-11-24:butterfly:5900-5910-5920:C"
 
     def diff(v: int, debit: float, **extra: Any) -> tuple[str, dict[str, Any]]:

@@ -242,7 +242,9 @@ async def test_resume_from_trimmed_id_sends_fresh_snapshot(deps: Deps, redis: Re
             old = (await c.next_data("snapshot")).id
         for i in range(6):
             await publish_step(writer, spx, 10 + i)
-        await redis.xtrim(keys.heatmap_diffs_stream("butterfly"), maxlen=2, approximate=False)
+        await redis.xtrim(
+            keys.heatmap_diffs_stream("butterfly", "SPX"), maxlen=2, approximate=False
+        )
         async with Client(url, {"Last-Event-ID": old}) as c2:
             snap = await c2.next_data("snapshot")
             model = json.loads(snap.data)
@@ -494,8 +496,8 @@ async def test_json_endpoints_health_metrics_and_keepalive(deps: Deps, redis: Re
     writer = ModelWriter(redis)
     spx = FakeMarket("SPX")
     await publish_full(writer, spx, 1)
-    await redis.hset(keys.EPOCH_ACTIVE, "SPX", "eid1")
-    await redis.hset(keys.epoch_meta("eid1"), mapping={"state": "active", "spot": "6850.1"})
+    await redis.set(keys.epoch_active("SPX"), "eid1")
+    await redis.hset(keys.epoch_meta("SPX", "eid1"), mapping={"state": "active", "spot": "6850.1"})
     async with (
         gateway(deps, replace(SETTINGS, ping_s=0.2)) as gw,
         httpx.AsyncClient(base_url=base(gw)) as http,

@@ -15,6 +15,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
+from schemas import keys
 from streams import admin
 from streams.consumer import Entry, GroupConsumer
 from streams.retry import Backoff
@@ -179,13 +180,13 @@ async def test_poison_entry_dead_lettered_and_processing_continues(
     await fill(redis, 30, start=30)
 
     async def done() -> bool:
-        dead = await redis.xlen(STREAM + ":dead")
+        dead = await redis.xlen(keys.dead_letter_stream(STREAM))
         return dead == 1 and len(rec.seen) == 59 and (await group_info(redis))["pending"] == 0
 
     await eventually(done, timeout_s=10)
     stop.set()
     await task
-    [(_, fields)] = await redis.xrange(STREAM + ":dead")
+    [(_, fields)] = await redis.xrange(keys.dead_letter_stream(STREAM))
     assert fields[b"n"] == b"13"
     assert int(fields[b"_deliveries"]) == 3
     assert fields[b"_group"] == GROUP.encode()

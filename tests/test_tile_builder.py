@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import random
+from typing import Any
 
 import msgspec
 import pytest
 from redis.asyncio import Redis
 
 from processors.heatmap import grid as hm
+from processors.heatmap import tile_builder as tb
 from processors.heatmap import tile_vec as tv
-from processors.heatmap.tile_builder import TileBuilder, TileSettings
+from processors.heatmap.tile_builder import QuoteParser, TileBuilder, TileSettings
 from schemas import keys
 from schemas.heatmap import TileDelta, TileView, split_staged
 from schemas.messages import DirtyEntry, entry, from_entry
@@ -53,13 +55,15 @@ async def staged_view(redis: Redis, strategy: str, tid: str) -> TileView:
 
 
 async def deltas(redis: Redis, strategy: str = "butterfly") -> list[TileDelta]:
-    return [from_entry(f, TileDelta) for _, f in await redis.xrange(keys.tiles_stream(strategy))]
+    return [
+        from_entry(f, TileDelta) for _, f in await redis.xrange(keys.tiles_stream(strategy, "SPX"))
+    ]
 
 
 async def tick(redis: Redis, eid: str, cid: str, ts: int, bid: float, ask: float) -> None:
     """What the hydrator does for a newer quote (admission itself is the hydrator's job)."""
     await redis.hset(
-        keys.epoch_contract(eid, cid),
+        keys.epoch_contract("SPX", eid, cid),
         mapping={
             "bid": bid,
             "ask": ask,
@@ -110,7 +114,7 @@ async def test_random_dirty_sequences_keep_staging_equal_to_full_rebuild(
             mid = rng.uniform(0.1, 80)
             await tick(redis, "e1", c, ts, round(mid - 0.05, 2), round(mid + 0.05, 2))
         before = await staged(redis)
-        await redis.delete(keys.tiles_stream("butterfly"))
+        await redis.delete(keys.tiles_stream("butterfly", "SPX"))
         await b.handle(as_entries(DirtyEntry("SPX", "e1", batch, ts, recv_ts_ns=ts - 7)))
         after = await staged(redis)
         await assert_staging_matches_reference(redis, "butterfly", "e1")
@@ -152,7 +156,7 @@ async def test_update_older_than_the_other_kind_is_admitted(
     await b.handle(as_entries(DirtyEntry("SPX", "e1", [], NOW, reason="epoch")))
     tid = "SPX:2026-12-01:single:6000:C"
     cid = (await b._grid("SPX", "e1")).specs[tid].legs[0][0]
-    key = keys.epoch_contract("e1", cid)
+    key = keys.epoch_contract("SPX", "e1", cid)
     if late == "quote":
         # newest trade at +60 s, quote at +10 s (stale): the tile prices off the last trade
         await redis.hset(key, mapping={"bid": 9.0, "ask": 9.2, "mid": 9.1,
@@ -201,7 +205,7 @@ async def test_older_tile_is_not_admitted_and_redelivery_reannounces(
     # optimistic write puts values and delta in one transaction, so "values staged, delta
     # lost" takes another writer in between, which the manifest's writer field shows.)
     await redis.hset(keys.heatmap_manifest("SPX", "single"), "writer", "admission")
-    await redis.delete(keys.tiles_stream("single"))
+    await redis.delete(keys.tiles_stream("single", "SPX"))
     await b.handle(as_entries(msg))
     assert [d.ids for d in await deltas(redis, "single")] == [[tid]]
     assert (await staged(redis, "single"))[tid] == good
@@ -246,7 +250,7 @@ async def test_entries_of_a_non_active_epoch_are_skipped_and_counted(
     b = TileBuilder(deps, "butterfly", CFG)
     await b.handle(as_entries(DirtyEntry("SPX", "e1", [], NOW, reason="epoch")))
     before = await staged(redis)
-    await redis.delete(keys.tiles_stream("butterfly"))
+    await redis.delete(keys.tiles_stream("butterfly", "SPX"))
     await tick(redis, "e1", cids[5], NOW + SEC, 3.0, 3.4)
     await b.handle(
         [
@@ -282,11 +286,53 @@ async def test_new_epoch_replaces_staging_and_older_epoch_never_comes_back(
     assert new and old_ids - set(new)  # e1-only tiles existed and are gone from staging
     await assert_staging_matches_reference(redis, "butterfly", "e2")
     # a slow replica finishing a full build of the retired e1 cannot reinstall it
-    await redis.hset(keys.EPOCH_ACTIVE, "SPX", "e1")  # (as seen by that replica's read)
+    await redis.set(keys.epoch_active("SPX"), "e1")  # (as seen by that replica's read)
     b2 = TileBuilder(deps, "butterfly", CFG)
     assert await b2.full_build("SPX", "e1", recv_ts_ns=None, n_dirty=0) == "superseded"
     assert await staged(redis) == new
     assert (await redis.hget(keys.heatmap_manifest("SPX", "butterfly"), "epoch")) == b"e2"
+
+
+async def test_old_epoch_grid_and_table_are_dropped_before_the_new_ones_are_built(
+    deps: Deps, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await seed(redis, "e1", created=NOW)
+    b = TileBuilder(deps, "vertical", CFG)
+    await b.handle(as_entries(DirtyEntry("SPX", "e1", [], NOW, reason="epoch")))
+    assert b._tables["SPX"][0] == "e1"
+    held: list[tuple[object, object]] = []
+    real_make = tb.make_grid
+
+    def spy(*args: Any, **kw: Any) -> hm.Grid:
+        held.append((b._grids.get("SPX"), b._tables.get("SPX")))
+        return real_make(*args, **kw)
+
+    monkeypatch.setattr(tb, "make_grid", spy)
+    chain = option_chain("SPXW", EXPS, [k + 100 for k in STRIKES], spot=6100, asof="2026-11-24")
+    await seed_epoch(redis, "e2", "SPX", chain, spot=6100, now_ns=NOW + 60 * SEC)
+    await b.handle(as_entries(DirtyEntry("SPX", "e2", [], NOW, reason="epoch")))
+    assert held == [(None, None)]  # nothing of e1 was alive while e2's grid was loaded
+    assert b._grids["SPX"][0] == b._tables["SPX"][0] == "e2"
+    await assert_staging_matches_reference(redis, "vertical", "e2")
+
+
+def test_leg_memo_is_bounded_and_keeps_recent_replies() -> None:
+    parse = QuoteParser(max_entries=100)
+
+    def reply(i: int) -> bytes:
+        return f"{i}.5|{i}.7||{NOW + i}||||ws|{NOW + i}".encode()
+
+    first = parse.pair(reply(0))
+    for i in range(1, 40):
+        parse.pair(reply(i))
+    assert parse.pair(reply(0)) is first  # memoised
+    for i in range(1000):
+        parse.pair(reply(i))
+        assert len(parse) <= 100
+    recent = parse.pair(reply(999))
+    assert parse.pair(reply(999)) is recent
+    q = parse(reply(7))
+    assert q is not None and q.bid == 7.5 and q.src == "ws"
 
 
 async def test_run_bootstraps_an_active_epoch_and_consumes_the_stream(
@@ -304,7 +350,7 @@ async def test_run_bootstraps_an_active_epoch_and_consumes_the_stream(
         await eventually(installed)
         await tick(redis, "e1", cids[10], NOW + 3 * SEC, 7.0, 7.5)
         await redis.xadd(
-            keys.CONTRACTS_DIRTY_STREAM,
+            keys.contracts_dirty_stream("SPX"),
             entry(DirtyEntry("SPX", "e1", [cids[10]], NOW + 3 * SEC)),  # type: ignore[arg-type]
         )
 
@@ -363,7 +409,7 @@ async def test_staging_written_meanwhile_falls_back_to_admission(deps: Deps, red
 
     b._values = compute_then_replica_writes  # type: ignore[method-assign,assignment]
     await tick(redis, "e1", c, NOW + 3 * SEC, 4.0, 4.4)
-    await redis.delete(keys.tiles_stream("vertical"))
+    await redis.delete(keys.tiles_stream("vertical", "SPX"))
     await b.handle(as_entries(DirtyEntry("SPX", "e1", [c], NOW + 3 * SEC)))
     assert _counter(deps, "massive_tile_stage_conflicts_total", strategy="vertical") == 1
     got = await staged(redis, "vertical")
@@ -394,7 +440,7 @@ async def test_lone_builder_announces_only_changed_views(
 
     async def step(ts: int, bid: float, ask: float) -> set[str]:
         await tick(redis, "e1", c, ts, bid, ask)
-        await redis.delete(keys.tiles_stream("vertical"))
+        await redis.delete(keys.tiles_stream("vertical", "SPX"))
         await b.handle(as_entries(DirtyEntry("SPX", "e1", [c], ts)))
         await assert_staging_matches_reference(redis, "vertical", "e1")
         return {i for d in await deltas(redis, "vertical") for i in d.ids}

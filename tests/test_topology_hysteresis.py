@@ -122,7 +122,7 @@ def decisions(deps: Deps, outcome: str) -> float:
 
 
 async def active(deps: Deps) -> str:
-    eid = await deps.redis.hget(keys.EPOCH_ACTIVE, "SPX")
+    eid = await deps.redis.get(keys.epoch_active("SPX"))
     assert eid is not None
     return eid.decode() if isinstance(eid, bytes) else str(eid)
 
@@ -197,7 +197,7 @@ async def test_new_strikes_and_expiries_still_promote_at_once(deps: Deps, sim: S
         await settled(deps, p, 2)
         assert promotions(deps) == 2
         eid = await active(deps)
-        assert all([await deps.redis.sismember(keys.epoch_contracts(eid), c) for c in new])
+        assert all([await deps.redis.sismember(keys.epoch_contracts("SPX", eid), c) for c in new])
         # a new expiry among the first three (the first unlisted trading day)
         today = p.today()
         listed = sorted({c.expiry for c in sim.market.by_symbol["SPX"] if c.expiry >= today})
@@ -208,7 +208,7 @@ async def test_new_strikes_and_expiries_still_promote_at_once(deps: Deps, sim: S
         sim.list_new_expiry("SPX", d)
         await settled(deps, p, 2)
         assert promotions(deps) == 3
-        exps = await deps.redis.hget(keys.epoch_meta(await active(deps)), "expiries")
+        exps = await deps.redis.hget(keys.epoch_meta("SPX", await active(deps)), "expiries")
         assert exps is not None and d.isoformat() in exps.decode().split(",")
 
 

@@ -65,9 +65,9 @@ def front_contracts(srv: SimServer, symbol: str, n_exp: int = 3, band: float = 0
 
 async def seed_epoch(redis: Redis, srv: SimServer, symbol: str, eid: str, cids: list[str]) -> None:
     async with redis.pipeline(transaction=True) as pipe:
-        pipe.sadd(keys.epoch_contracts(eid), *cids)
+        pipe.sadd(keys.epoch_contracts(symbol, eid), *cids)
         pipe.hset(keys.SPOT_LATEST, symbol, repr(srv.market.indices[symbol].value))
-        pipe.hset(keys.EPOCH_ACTIVE, symbol, eid)
+        pipe.set(keys.epoch_active(symbol), eid)
         await pipe.execute()
 
 

@@ -1,6 +1,6 @@
 """Hydrator: raw WS frames -> contract values of the active epoch (DESIGN invariants 1, 4, 7).
 
-Reads ``massive:ws:stream`` (group ``hydrator``); entries carry ``recv_ts_ns`` and ``payload``
+Reads ``massive:{ws}:stream`` (group ``hydrator``); entries carry ``recv_ts_ns`` and ``payload``
 (the provider's frame). Per batch:
 
 1. Decode every frame with ``schemas.massive.decode_frame``; rejected frames/events are counted
@@ -14,20 +14,23 @@ Reads ``massive:ws:stream`` (group ``hydrator``); entries carry ``recv_ts_ns`` a
 3. Resolve: the cid IS the event's ``sym``; the derived local cache maps cid -> symbol for the
    topology SET of each symbol's active epoch (``schemas.ticker.parse(cid).symbol``). A cid
    outside the active topology is a counted ``geometry_miss`` and never creates a hash.
-4. ONE round trip: ``HGETALL massive:epoch:active`` (the cheap once-per-batch epoch check)
-   followed by one ``EVALSHA lua/hydrate.lua`` per active epoch touched (its keys share one
-   hash slot; normally one or two calls) with the events packed as two msgpack arguments, and
+4. ONE round trip: a GET of every configured symbol's ``massive:epoch:active:{<SYM>}`` (the
+   cheap once-per-batch epoch check) followed by one ``EVALSHA lua/hydrate.lua`` per active
+   epoch touched (its meta and the contract hash of every event in KEYS, one ``{<SYM>}``
+   slot; normally one or two calls) with the events packed as two msgpack arguments, and
    the spot admission script for ``V`` events. The Lua script enforces admission A/B/C per
    kind and refuses to write unless the epoch's meta state is ``active`` (promotion flips it
    in the same MULTI as the active pointer), so nothing is ever written into a retired or
    half-built epoch. If the epoch changed, the cache is refreshed (SMEMBERS of the new
    topology) and the affected events are resolved and applied again.
    Steps 1-4 run per sub-batch (``sub_batch`` entries), in stream order, on one held
-   connection: sub-batch k's request is flushed to the socket before sub-batch k+1 is
-   decoded, so Redis runs k's Lua while this process decodes k+1 (see ``handle``). The
+   connection (on a cluster, one per node the request touches: ``streams/link.py``):
+   sub-batch k's request is flushed to the socket before sub-batch k+1 is decoded, so Redis
+   runs k's Lua while this process decodes k+1 (see ``handle``). The
    script's fast path relies on every writer keeping ``ts_ns = max(quote_ts, trade_ts)``
    (normalizer build, ``seed.lua``, ``hydrate.lua``): see ``lua/hydrate.lua``.
-5. XADD ``DirtyEntry{symbol, epoch, cids, max_ts_ns, recv_ts_ns}`` for the contracts changed,
+5. XADD ``DirtyEntry{symbol, epoch, cids, max_ts_ns, recv_ts_ns}`` for the contracts changed
+   on the symbol's ``massive:contracts:dirty:{<SYM>}`` (events are routed by symbol here),
    then return (the runtime acks in its next round trip).
 
 Crash safety (invariant 7), chosen design: the Lua script reports, besides the events it
@@ -35,8 +38,8 @@ applied, every event whose exact values and timestamp are already stored (so it 
 by an earlier delivery of the same entry). If the process dies after the Lua write and before
 the dirty XADD, the entries stay pending, are redelivered (own-PEL drain at restart, or
 reclaimed by another replica), and the redelivered batch re-emits their dirty notifications.
-Having the script XADD the dirty entry itself would also be atomic, but it would make the
-script touch two hash slots (epoch keys + the dirty stream) and break Redis Cluster.
+Having the script XADD the dirty entry itself would also be atomic (the symbol's dirty
+stream shares the epoch's slot now), but the crash-safe redelivery above already covers it.
 Side effect: a duplicated WS event (same ts, same values) re-notifies its contract; that is
 harmless (recompute of an unchanged tile) and never loses a notification.
 """
@@ -47,20 +50,18 @@ import logging
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
-from redis.asyncio import Redis
-from redis.asyncio.connection import AbstractConnection
-from redis.exceptions import NoScriptError, ResponseError
 
 from processors import lua
+from processors.epochs.topology import ActiveTopology
 from schemas import keys, symbols, ticker
-from schemas.massive import IndexValue, Quote, Trade, decode_frame
+from schemas.massive import Event, IndexValue, Quote, Trade, decode_frame
 from schemas.messages import WS_PAYLOAD_FIELD, WS_RECV_FIELD, DirtyEntry, entry
 from streams import metrics
 from streams.consumer import Entry
+from streams.link import Link
 from streams.processor import ConsumerProcessor, Deps
 from streams.producer import Fields, xadd_pipe
 from streams.redis_client import as_str
@@ -140,6 +141,41 @@ class _Routed:
     misses_t: list[Trade]
 
 
+_Ev = TypeVar("_Ev", Quote, Trade, IndexValue)
+
+
+def _keep_newest(newest: dict[str, _Ev], key: str, ev: _Ev) -> None:
+    """Conflation: an equal timestamp keeps the first in stream order."""
+    old = newest.get(key)
+    if old is None or ev.t > old.t:
+        newest[key] = ev
+
+
+def _book_applied(
+    qs: list[Quote],
+    ts: list[Trade],
+    applied: Sequence[int],
+    recv: dict[str, int],
+    got: dict[str, int],
+    max_ts: int,
+) -> tuple[int, int]:
+    """Record in ``got`` the contracts of the ``applied`` event indices (quote indices first,
+    ascending, then trades) with their earliest receive time; returns the number of quotes
+    among them and the newest event time (at least ``max_ts``)."""
+    nq = len(qs)
+    n_q = 0
+    for i in applied:
+        ev: Quote | Trade
+        if i < nq:
+            ev = qs[i]
+            n_q += 1
+        else:
+            ev = ts[i - nq]
+        got[ev.sym] = recv.get(ev.sym, _MAX)
+        max_ts = max(max_ts, ev.t)
+    return n_q, max_ts
+
+
 @dataclass(slots=True)
 class _Batch:
     quotes: dict[str, Quote]
@@ -158,11 +194,13 @@ class Hydrator(ConsumerProcessor):
         self.maxlen = deps.settings.stream_maxlen
         self._hydrate = lua.get("hydrate")
         self._spot = lua.get("spot")
+        # Every request starts with one GET per symbol's active pointer (one slot each).
+        self.symbols = deps.settings.symbols
+        self._pointer_reads = [("GET", keys.epoch_active(s)) for s in self.symbols]
         # Derived local cache (invariant 2): active epoch per symbol and its frozen topology.
-        self._active: dict[str, str] = {}
-        self._cid_sym: dict[str, str] = {}
-        self._topo: dict[str, list[str]] = {}
-        self._version = 0  # bumped on every cache change
+        self.topology = ActiveTopology(self.redis)
+        self._active = self.topology.active
+        self._cid_sym = self.topology.by_cid
         self._fmt: dict[float, str] = {}  # price -> repr(price)
         reg = deps.registry
         self.m_events = metrics.counter(
@@ -208,11 +246,8 @@ class Hydrator(ConsumerProcessor):
 
     # --- decode + conflate -----------------------------------------------------------------
     def _collect(self, entries: list[Entry]) -> _Batch:
-        quotes: dict[str, Quote] = {}
-        trades: dict[str, Trade] = {}
-        spots: dict[str, IndexValue] = {}
-        recv_of: dict[str, int] = {}
-        n_q = n_t = n_v = n_s = n_s_bad = n_other = 0
+        b = _Batch({}, {}, {}, {})
+        n = dict.fromkeys(("quote", "trade", "index", "stock", "stock_bad", "other"), 0)
         for eid, fields in entries:
             try:
                 recv = int(fields[WS_RECV_FIELD])
@@ -222,62 +257,63 @@ class Hydrator(ConsumerProcessor):
                 logger.warning("ws entry %r without valid recv_ts_ns/payload: %r", eid, exc)
                 continue
             fr = decode_frame(payload)
-            if fr.errors:
-                for err in fr.errors:
-                    reason = "bad_frame" if err.startswith("frame") else "bad_event"
-                    self.m_rejected.labels(reason=reason).inc()
-                    logger.warning("ws entry %r rejected (%s): %s", eid, reason, err)
-            for ev in fr.events:
-                cls = type(ev)
-                if (
-                    (cls is Quote or cls is Trade)
-                    and not ev.sym.startswith("O:")  # type: ignore[union-attr]
-                    and self._is_stock(ev.sym)  # type: ignore[union-attr]
-                ):
+            for err in fr.errors:
+                reason = "bad_frame" if err.startswith("frame") else "bad_event"
+                self.m_rejected.labels(reason=reason).inc()
+                logger.warning("ws entry %r rejected (%s): %s", eid, reason, err)
+            self._conflate(fr.events, recv, b, n)
+        for kind in ("quote", "trade", "index", "stock", "other"):
+            self.m_events.labels(kind=kind).inc(n[kind])
+        n_spot = n["index"] + n["stock"] - n["stock_bad"]
+        self.m_conflated.inc(
+            n["quote"] + n["trade"] + n_spot - len(b.quotes) - len(b.trades) - len(b.spots)
+        )
+        return b
+
+    def _conflate(self, events: list[Event], recv: int, b: _Batch, n: dict[str, int]) -> None:
+        """Keep each event of one frame (received at ``recv``) in ``b`` if it is the newest
+        of its kind and contract, counted by kind in ``n``; an option contract's earliest
+        receive time goes to ``b.recv``. (``type(ev) is``: the hot path, no isinstance.)"""
+        quotes, trades, recv_of = b.quotes, b.trades, b.recv
+        n_q = n_t = 0
+        for ev in events:
+            cls = type(ev)
+            if cls is Quote or cls is Trade:
+                sym: str = ev.sym  # type: ignore[union-attr]
+                if not sym.startswith("O:") and self._is_stock(sym):
                     # a stock/ETF underlying from /stocks: its spot (anything else without
                     # O: goes on as an option event and is a geometry miss)
-                    n_s += 1
-                    sv = _stock_value(ev)  # type: ignore[arg-type]
-                    if sv is None:
-                        n_s_bad += 1
-                        self.m_rejected.labels(reason="stock_no_price").inc()
-                        continue
-                    v = spots.get(sv.ticker)
-                    if v is None or sv.t > v.t:
-                        spots[sv.ticker] = sv
+                    self._stock_spot(ev, b, n)  # type: ignore[arg-type]
                     continue
                 if cls is Quote:
                     n_q += 1
-                    sym = ev.sym  # type: ignore[union-attr]
                     q = quotes.get(sym)
                     if q is None or ev.t > q.t:  # type: ignore[union-attr]
                         quotes[sym] = ev  # type: ignore[assignment]
-                elif cls is Trade:
+                else:
                     n_t += 1
-                    sym = ev.sym  # type: ignore[union-attr]
                     t = trades.get(sym)
                     if t is None or ev.t > t.t:  # type: ignore[union-attr]
                         trades[sym] = ev  # type: ignore[assignment]
-                elif cls is IndexValue:
-                    n_v += 1
-                    sym = ev.ticker  # type: ignore[union-attr]
-                    v = spots.get(sym)
-                    if v is None or ev.t > v.t:  # type: ignore[union-attr]
-                        spots[sym] = ev  # type: ignore[assignment]
-                    continue
-                else:
-                    n_other += 1
-                    continue
                 if recv < recv_of.get(sym, _MAX):
                     recv_of[sym] = recv
-        self.m_events.labels(kind="quote").inc(n_q)
-        self.m_events.labels(kind="trade").inc(n_t)
-        self.m_events.labels(kind="index").inc(n_v)
-        self.m_events.labels(kind="stock").inc(n_s)
-        self.m_events.labels(kind="other").inc(n_other)
-        n_spot = n_v + n_s - n_s_bad
-        self.m_conflated.inc(n_q + n_t + n_spot - len(quotes) - len(trades) - len(spots))
-        return _Batch(quotes, trades, spots, recv_of)
+            elif cls is IndexValue:
+                n["index"] += 1
+                iv: IndexValue = ev  # type: ignore[assignment]
+                _keep_newest(b.spots, iv.ticker, iv)
+            else:
+                n["other"] += 1
+        n["quote"] += n_q
+        n["trade"] += n_t
+
+    def _stock_spot(self, ev: Quote | Trade, b: _Batch, n: dict[str, int]) -> None:
+        n["stock"] += 1
+        sv = _stock_value(ev)
+        if sv is None:
+            n["stock_bad"] += 1
+            self.m_rejected.labels(reason="stock_no_price").inc()
+        else:
+            _keep_newest(b.spots, sv.ticker, sv)
 
     def _is_stock(self, sym: str) -> bool:
         """A stock or ETF ticker of a symbol that runs (an active epoch) or is configured /
@@ -294,27 +330,11 @@ class Hydrator(ConsumerProcessor):
     # --- local epoch cache -----------------------------------------------------------------
     async def _refresh(self, active: dict[str, str]) -> set[str]:
         """Bring the cache to ``active``; returns the symbols whose epoch changed."""
-        changed = {s for s in {*active, *self._active} if active.get(s) != self._active.get(s)}
-        if not changed:
-            return changed
-        self._version += 1
-        pipe = self.redis.pipeline(transaction=False)
-        loading = [s for s in changed if s in active]
-        for s in loading:
-            pipe.smembers(keys.epoch_contracts(active[s]))
-        members = await pipe.execute() if loading else []
-        for s in changed:
-            for cid in self._topo.pop(s, ()):
-                self._cid_sym.pop(cid, None)
-            self._active.pop(s, None)
-        for s, mem in zip(loading, members, strict=True):
-            cids = [as_str(c) for c in mem]
-            self._topo[s] = cids
-            for cid in cids:
-                self._cid_sym[cid] = s
-            self._active[s] = active[s]
+        changed = await self.topology.sync(active)
+        for s in changed & active.keys():
             self.m_refresh.labels(symbol=_label(s)).inc()
-            logger.info("active epoch %s=%s (%d contracts) cached", s, active[s], len(cids))
+            n = len(self.topology.cids[s])
+            logger.info("active epoch %s=%s (%d contracts) cached", s, active[s], n)
         return changed
 
     # --- the batch -------------------------------------------------------------------------
@@ -329,7 +349,7 @@ class Hydrator(ConsumerProcessor):
         cache moved. The first sub-batches are smaller, so Redis starts early. The dirty
         entries of the whole batch are emitted once, at the end."""
         acc: dict[tuple[str, str], _Dirty] = {}
-        async with _Link(self.redis) as link:
+        async with Link(self.redis, lua.load_all) as link:
             sent: tuple[_Batch, _Routed] | None = None
             for chunk in self._chunks(entries):
                 b = self._collect(chunk)
@@ -337,7 +357,11 @@ class Hydrator(ConsumerProcessor):
                 todo = bool(b.quotes or b.trades or b.spots)
                 if sent is not None:
                     res = await link.recv()
-                    if todo and self._clean(sent[1], res) and routed.version == self._version:
+                    if (
+                        todo
+                        and self._clean(sent[1], res)
+                        and routed.version == self.topology.version
+                    ):
                         await link.send(self._commands(routed, list(b.spots.values())))
                         _merge(acc, await self._settle(link, *sent, res))  # makes no call
                         sent = (b, routed)
@@ -345,7 +369,7 @@ class Hydrator(ConsumerProcessor):
                     _merge(acc, await self._settle(link, *sent, res))
                     sent = None
                 if todo:
-                    if routed.version != self._version:  # the cache moved while settling
+                    if routed.version != self.topology.version:  # the cache moved while settling
                         routed = self._route(list(b.quotes.values()), list(b.trades.values()))
                     await link.send(self._commands(routed, list(b.spots.values())))
                     sent = (b, routed)
@@ -369,8 +393,9 @@ class Hydrator(ConsumerProcessor):
     def _clean(self, rt: _Routed, res: list[Any]) -> bool:
         """``res`` (replies of ``rt``) needs no re-resolution: every epoch was active and the
         active pointer equals the cache. Settling it then makes no Redis call."""
-        return all(int(r[0]) == lua.EpochWrite.APPLIED for r in res[1 : 1 + len(rt.order)]) and (
-            _hash(res[0]) == self._active
+        n = len(self.symbols)
+        return all(int(r[0]) == lua.EpochWrite.APPLIED for r in res[n : n + len(rt.order)]) and (
+            self._pointers(res) == self._active
         )
 
     def _dirty_entries(self, acc: dict[tuple[str, str], _Dirty]) -> list[DirtyEntry]:
@@ -441,7 +466,7 @@ class Hydrator(ConsumerProcessor):
         order = list(groups)
         enc = _packer.encode
         return _Routed(
-            version=self._version,
+            version=self.topology.version,
             groups=groups,
             order=order,
             eids=[self._active[s] for s in order],
@@ -449,6 +474,10 @@ class Hydrator(ConsumerProcessor):
             misses_q=misses_q,
             misses_t=misses_t,
         )
+
+    def _pointers(self, res: list[Any]) -> dict[str, str]:
+        """symbol -> active epoch id from the replies of ``_pointer_reads`` (first in ``res``)."""
+        return {s: as_str(v) for s, v in zip(self.symbols, res, strict=False) if v is not None}
 
     def _fmt_miss(self, x: float) -> str:
         """``repr(x)``, remembered (never for zero: -0.0 == 0.0 but they print apart)."""
@@ -460,7 +489,7 @@ class Hydrator(ConsumerProcessor):
         return r
 
     async def _settle(
-        self, link: _Link, b: _Batch, routed: _Routed, res: list[Any]
+        self, link: Link, b: _Batch, routed: _Routed, res: list[Any]
     ) -> dict[tuple[str, str], _Dirty]:
         """Book the replies ``res`` of ``routed`` and finish the sub-batch:
         events of an epoch found inactive, and geometry misses after a cache refresh, are
@@ -481,10 +510,11 @@ class Hydrator(ConsumerProcessor):
                 res = await link.call(self._commands(rt, []))
             groups, order, eids = rt.groups, rt.order, rt.eids
             misses_q, misses_t = rt.misses_q, rt.misses_t
-            active = _hash(res[0])
+            active = self._pointers(res)
+            n = len(self.symbols)
             pend_q, pend_t = [], []
             stale: set[str] = set()
-            for s, eid, r in zip(order, eids, res[1 : 1 + len(order)], strict=True):
+            for s, eid, r in zip(order, eids, res[n : n + len(order)], strict=True):
                 qs, ts = groups[s]
                 if int(r[0]) == lua.EpochWrite.NOT_ACTIVE:
                     stale.add(s)
@@ -498,29 +528,16 @@ class Hydrator(ConsumerProcessor):
                     logger.error("epoch %s: %d events hit missing contract hashes", eid, r[1])
                     self.m_miss.labels(symbol=_label(s)).inc(int(r[1]))
                 key = (s, eid)
-                got = changed.setdefault(key, {})
-                mts = max_ts.get(key, 0)
-                nq = len(qs)
-                n_q = 0
-                for i in r[2:]:  # quote indices first, ascending, then trades
-                    ev: Quote | Trade
-                    if i < nq:
-                        ev = qs[i]
-                        n_q += 1
-                    else:
-                        ev = ts[i - nq]
-                    sym = ev.sym
-                    got[sym] = recv.get(sym, _MAX)
-                    if ev.t > mts:
-                        mts = ev.t
+                n_q, max_ts[key] = _book_applied(
+                    qs, ts, r[2:], recv, changed.setdefault(key, {}), max_ts.get(key, 0)
+                )
                 applied_q += n_q
                 applied_t += len(r) - 2 - n_q
-                max_ts[key] = mts
             if stale and active == self._active:
-                # The epoch was retired after our HGETALL: read the pointer again.
-                active = _hash((await link.call([("HGETALL", keys.EPOCH_ACTIVE)]))[0])
+                # The epoch was retired after our read: read the pointers again.
+                active = self._pointers(await link.call(self._pointer_reads))
             await self._refresh(active)
-            if rt.version != self._version and (misses_q or misses_t):
+            if rt.version != self.topology.version and (misses_q or misses_t):
                 # Resolved against an older cache: a new epoch may know these contracts.
                 pend_q += misses_q
                 pend_t += misses_t
@@ -537,13 +554,15 @@ class Hydrator(ConsumerProcessor):
         return {key: _Dirty(got, max_ts[key]) for key, got in changed.items() if got}
 
     def _commands(self, rt: _Routed, spots: list[IndexValue]) -> list[tuple[Any, ...]]:
-        """HGETALL of the active pointer, one hydrate call per epoch, the spot script."""
-        cmds: list[tuple[Any, ...]] = [("HGETALL", keys.EPOCH_ACTIVE)]
+        """The active pointers, one hydrate call per epoch (its meta and the contract hash
+        of every event in KEYS), the spot script."""
+        cmds: list[tuple[Any, ...]] = list(self._pointer_reads)
         sha = self._hydrate.sha
-        for eid, (qb, tb) in zip(rt.eids, rt.blobs, strict=True):
-            cmds.append(
-                ("EVALSHA", sha, 1, keys.epoch_meta(eid), keys.epoch_contract_prefix(eid), qb, tb)
-            )
+        for s, eid, (qb, tb) in zip(rt.order, rt.eids, rt.blobs, strict=True):
+            qs, ts = rt.groups[s]
+            p = keys.epoch_contract_prefix(s, eid)
+            names = [keys.epoch_meta(s, eid), *[p + q.sym for q in qs], *[p + t.sym for t in ts]]
+            cmds.append(("EVALSHA", sha, len(names), *names, qb, tb))
         if spots:
             args: list[str] = []
             known = symbols.registry()
@@ -569,89 +588,10 @@ class Hydrator(ConsumerProcessor):
         pipe = self.redis.pipeline(transaction=False)
         n = 0
         for d in dirty:
-            xadd_pipe(pipe, keys.CONTRACTS_DIRTY_STREAM, _fields(d), maxlen=self.maxlen)
+            xadd_pipe(pipe, keys.contracts_dirty_stream(d.symbol), _fields(d), maxlen=self.maxlen)
             n += len(d.cids)
         await pipe.execute()
         self.m_dirty.inc(n)
-
-
-class _Link:
-    """One pooled connection held for a batch. A request is written and flushed at once (so
-    Redis runs it while this process goes on decoding) and its replies are read later, in
-    order. redis-py's pipeline cannot do this: ``execute`` sends and waits for the replies in
-    one call, and its send goes through ``asyncio.wait_for`` (a task that only writes when the
-    caller next yields), so a decode started after it ran before the bytes left.
-
-    NOSCRIPT (Redis restarted, SCRIPT FLUSH) loads the scripts and re-sends the request once
-    (callers only send idempotent commands). A connection left with unread replies (an error
-    between send and read) is disconnected, never handed back to the pool out of sync."""
-
-    def __init__(self, redis: Redis) -> None:
-        self.redis = redis
-        self._conn: AbstractConnection | None = None
-        self._cmds: Sequence[tuple[Any, ...]] = ()
-        self._unread = 0
-
-    async def __aenter__(self) -> _Link:
-        self._conn = await self.redis.connection_pool.get_connection()  # type: ignore[no-untyped-call]
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        conn, self._conn = self._conn, None
-        if conn is None:
-            return
-        try:
-            if self._unread:
-                await conn.disconnect()
-        finally:
-            await self.redis.connection_pool.release(conn)
-
-    def _connection(self) -> AbstractConnection:
-        if self._conn is None:
-            raise RuntimeError("_Link used outside 'async with'")
-        return self._conn
-
-    async def send(self, cmds: Sequence[tuple[Any, ...]]) -> None:
-        if self._unread:
-            raise RuntimeError("a request is already in flight")
-        conn = self._connection()
-        self._cmds = cmds
-        self._unread = len(cmds)
-        await conn.send_packed_command(conn.pack_commands(cmds))
-
-    async def recv(self) -> list[Any]:
-        """The replies of the request in flight; raises the first error reply."""
-        for attempt in (0, 1):
-            out = await self._read()
-            err = next((r for r in out if isinstance(r, ResponseError)), None)
-            if err is None:
-                return out
-            if not isinstance(err, NoScriptError) or attempt:
-                raise err
-            await lua.load_all(self.redis)
-            await self.send(self._cmds)
-        raise AssertionError("unreachable")
-
-    async def call(self, cmds: Sequence[tuple[Any, ...]]) -> list[Any]:
-        await self.send(cmds)
-        return await self.recv()
-
-    async def _read(self) -> list[Any]:
-        conn = self._connection()
-        out: list[Any] = []
-        while self._unread:
-            try:
-                r = await conn.read_response()
-            except ResponseError as exc:  # an error reply; the stream stays in sync
-                r = exc
-            self._unread -= 1
-            out.append(r)
-        return out
 
 
 def _hash(reply: Any) -> dict[str, str]:

@@ -1,9 +1,10 @@
 """Normalizer: chain snapshots -> epochs (DESIGN invariants 1-4, 7).
 
-Reads ``massive:chain:stream`` (group ``normalizer``). Each entry is a ``ChainPointer`` to a
-``ChainSnapshot`` blob; a blob that vanished (TTL) is a counted, logged skip. A pointer of
-scope ``full`` (the chain-poller's whole-chain fetch for GEX) makes no epoch: its contracts
-become the columnar GEX source ``massive:gex:source:{SYM}`` (``lua/gex_source.lua``: only a
+Reads ``massive:{chain}:stream`` (group ``normalizer``).
+Each entry is a ``ChainPointer`` to a ``ChainSnapshot`` blob; a blob that vanished (TTL) is
+a counted, logged skip. A pointer of scope ``full`` (the chain-poller's whole-chain fetch
+for GEX) makes no epoch: its contracts become the columnar GEX source
+``massive:gex:source:{<SYM>}`` (``lua/gex_source.lua``: only a
 newer snapshot replaces it; TTL ``gex_source_ttl_s``). The rest is about ``window`` pointers
 (the heatmap's filtered chain).
 
@@ -14,16 +15,18 @@ Stable across processes and restarts; a new strike or expiry gives a new id.
 * Same topology as the active epoch -> **re-seed**: one Lua call per chunk of contracts
   (``lua/seed.lua``) applies quotes/trades only if strictly newer and refreshes iv/greeks/oi;
   every quote the snapshot carries is marked received then (``quote_rx_ts``, not a change);
-  the GEX projection ``epoch:{eid}:gex`` is rewritten from the snapshot; a
+  the GEX projection ``epoch:{<SYM>}:<eid>:gex`` is rewritten from the snapshot; a
   ``DirtyEntry(reason="seed")`` names the contracts whose stored fields actually changed.
   Nothing is rebuilt, so a restarted normalizer just re-seeds (Redis is the state).
 * Changed topology -> **build** a ``warming`` epoch (contract hashes, topology SET,
   by_strike/by_expiry ZSETs, GEX projection, meta) with pipelined writes, then **promote**
-  it in ONE MULTI/EXEC (WATCH on ``massive:epoch:active``): old meta -> retired, new meta ->
-  active, ``HSET massive:epoch:active SYM eid`` and the ``DirtyEntry(reason="epoch")`` chunks
-  for every contract. Readers therefore never see a half-built active epoch, and promotion and
-  its notifications are one atomic effect. Then every key of the old epoch gets a TTL
-  (SCAN ``epoch:{old}:*`` + ``EXPIRE NX``), and a sweep over ``massive:epoch:index`` expires
+  it in ONE MULTI/EXEC (WATCH on ``massive:epoch:active:{<SYM>}``): old meta -> retired, new
+  meta -> active, the pointer ``SET massive:epoch:active:{<SYM>} eid`` and the
+  ``DirtyEntry(reason="epoch")`` chunks for every contract (all in the symbol's slot). Readers
+  therefore never see a half-built active epoch, and promotion and its notifications are
+  one atomic effect. Then every key of the old epoch gets a TTL
+  (its fixed keys and the contract hashes its ``contracts`` SET names, ``EXPIRE NX``; no SCAN),
+  and a sweep over ``massive:epoch:index:{<SYM>}`` expires
   epochs that a crash left retired/abandoned without TTLs and drops index entries whose meta
   is gone, so the key count stays bounded.
 * **Carry**: quotes and trades the WS applied to the old epoch while the new one was warming
@@ -54,6 +57,7 @@ Spot: the snapshot's spot updates ``massive:spot:latest`` with admission (``lua/
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import math
@@ -81,9 +85,10 @@ from schemas.messages import (
 )
 from streams import metrics
 from streams.consumer import Entry
+from streams.memory import fix_mmap_threshold, release_freed_memory
 from streams.processor import ConsumerProcessor, Deps
 from streams.producer import Fields, xadd_pipe
-from streams.redis_client import opt_str
+from streams.redis_client import as_str, opt_str
 from streams.settings import env_settings, from_env
 
 logger = logging.getLogger(__name__)
@@ -98,7 +103,6 @@ class NormalizerSettings:
     dirty_chunk: int = 500  # cids per DirtyEntry
     build_chunk: int = 2000  # contracts per build script call (bounds Redis blocking time)
     seed_chunk: int = 2000  # contracts per seed script call (bounds Redis blocking time)
-    scan_count: int = 5000  # SCAN COUNT while retiring
     promote_retries: int = 5  # WATCH conflicts tolerated before giving up (entry retried)
     gex_source_ttl_s: int = 600  # massive:gex:source:{SYM} expires when no full chain comes
 
@@ -108,7 +112,6 @@ class NormalizerSettings:
             "dirty_chunk",
             "build_chunk",
             "seed_chunk",
-            "scan_count",
             "gex_source_ttl_s",
         ):
             if getattr(self, name) < 1:
@@ -206,6 +209,8 @@ class Normalizer(ConsumerProcessor):
     name = "normalizer"
 
     def __init__(self, deps: Deps, cfg: NormalizerSettings | None = None) -> None:
+        # Symbols whose epochs the sweep visits: the configured ones and any seen since.
+        self.symbols: set[str] = set(deps.settings.symbols)
         super().__init__(deps, keys.CHAIN_STREAM, keys.NORMALIZER_GROUP)
         self.cfg = cfg or NormalizerSettings()
         self.clock = deps.clock
@@ -271,13 +276,23 @@ class Normalizer(ConsumerProcessor):
                 continue
             await self.process(ptr)
 
+    async def run(self, stop: asyncio.Event) -> None:
+        fix_mmap_threshold()  # multi-MB blobs and pipelines must not move the threshold up
+        await super().run(stop)
+
     async def process(self, ptr: ChainPointer) -> str:
         """Handle one pointer; returns the result label (built, reseeded, missing_blob, ...)."""
+        self.symbols.add(ptr.symbol)
         result = await self._process(ptr)
         self.m_snapshots.labels(symbol=_label(ptr.symbol), result=result).inc()
+        if result == "built":
+            # A new epoch's build (the snapshot decoded, every contract written, the carry)
+            # is the largest transient of the process: its pages go back to the OS.
+            release_freed_memory()
         return result
 
-    async def _process(self, ptr: ChainPointer) -> str:
+    async def _load_snapshot(self, ptr: ChainPointer) -> ChainSnapshot | str:
+        """The pointer's snapshot, or the result label why there is none to use."""
         if ptr.scope not in ("window", "full"):
             logger.warning("chain pointer with unknown scope %r skipped", ptr.scope)
             return "bad_pointer"
@@ -302,6 +317,12 @@ class Normalizer(ConsumerProcessor):
                 ptr.snapshot_key,
             )
             return "bad_blob"
+        return snap
+
+    async def _process(self, ptr: ChainPointer) -> str:
+        snap = await self._load_snapshot(ptr)
+        if isinstance(snap, str):
+            return snap
         if ptr.scope == "full":
             return await self.gex_source(snap)
         topo = self.topology(snap)
@@ -310,8 +331,8 @@ class Normalizer(ConsumerProcessor):
             return "empty"
         for _attempt in range(3):
             pipe = self.redis.pipeline(transaction=False)
-            pipe.hget(keys.EPOCH_ACTIVE, topo.symbol)
-            pipe.hgetall(keys.epoch_meta(topo.eid))
+            pipe.get(keys.epoch_active(topo.symbol))
+            pipe.hgetall(keys.epoch_meta(topo.symbol, topo.eid))
             active_raw, meta_raw = await pipe.execute()
             active = opt_str(active_raw)
             meta = {opt_str(k): opt_str(v) for k, v in meta_raw.items()}
@@ -323,7 +344,9 @@ class Normalizer(ConsumerProcessor):
                     return "reseeded"
                 continue  # the epoch was retired under us: decide again
             if active is not None and active != topo.eid:
-                cur_ts = await self.redis.hget(keys.epoch_meta(active), "snapshot_ts_ns")
+                cur_ts = await self.redis.hget(
+                    keys.epoch_meta(topo.symbol, active), "snapshot_ts_ns"
+                )
                 if cur_ts is not None and int(cur_ts) > snap.ts_ns:
                     logger.info(
                         "stale snapshot with another topology skipped symbol=%s ts=%d active=%s",
@@ -338,7 +361,7 @@ class Normalizer(ConsumerProcessor):
 
     async def gex_source(self, snap: ChainSnapshot) -> str:
         """A full-chain snapshot (GEX universe, apart from the heatmap's epochs) -> the
-        columnar ``massive:gex:source:{SYM}``, only if newer than the stored one."""
+        columnar ``massive:gex:source:{<SYM>}``, only if newer than the stored one."""
         src = gex_math.source_from_contracts(snap.symbol, snap.ts_ns, snap.spot, snap.contracts)
         spot = "" if snap.spot is None or not math.isfinite(snap.spot) else repr(snap.spot)
 
@@ -409,7 +432,7 @@ class Normalizer(ConsumerProcessor):
     ) -> bool:
         """Returns False when the epoch stopped being active before the write (nothing done)."""
         eid = topo.eid
-        meta_key = keys.epoch_meta(eid)
+        meta_key = keys.epoch_meta(topo.symbol, eid)
         crashed_before = meta.get("seeding_ts_ns") != meta.get("seeded_ts_ns")
         gex = self._gex_rows(topo, snap.ts_ns)
         rows: list[tuple[str, ...]] = []
@@ -434,14 +457,21 @@ class Normalizer(ConsumerProcessor):
                 )
             )
         step = self.cfg.seed_chunk
-        prefix = keys.epoch_key_prefix(eid)
-        chunks = [_pack(rows[off : off + step]) for off in range(0, len(rows), step)]
+        gex_key = keys.epoch_gex(topo.symbol, eid)
+        prefix = keys.epoch_contract_prefix(topo.symbol, eid)
+        chunks = [
+            (
+                [meta_key, gex_key] + [prefix + r[0] for r in rows[off : off + step]],
+                _pack(rows[off : off + step]),
+            )
+            for off in range(0, len(rows), step)
+        ]
 
         def queue(pipe: Pipeline) -> None:
             # The in-progress mark goes before the writes (see module docstring).
             pipe.hset(meta_key, "seeding_ts_ns", str(snap.ts_ns))
-            for blob in chunks:
-                self._seed.queue(pipe, [meta_key], [prefix, blob, str(snap.ts_ns)])
+            for names, blob in chunks:
+                self._seed.queue(pipe, names, [blob, str(snap.ts_ns)])
             self._spot_call(pipe, snap)
 
         res = await lua.execute(self.redis, queue)
@@ -495,7 +525,9 @@ class Normalizer(ConsumerProcessor):
                 recv_ts_ns=snap.ts_ns if snap is not None else None,
                 reason=reason,
             )
-            xadd_pipe(pipe, keys.CONTRACTS_DIRTY_STREAM, _fields(msg), maxlen=self.maxlen)
+            xadd_pipe(
+                pipe, keys.contracts_dirty_stream(topo.symbol), _fields(msg), maxlen=self.maxlen
+            )
             n += 1
         return n
 
@@ -516,9 +548,9 @@ class Normalizer(ConsumerProcessor):
         every contract); else notify the contracts that took a value and clear the
         ``carry_from`` mark. ``snap`` None (a run after a crash): send every value, an equal
         one stored is reported (and notified) too. Returns how many contracts took a value."""
-        eid = topo.eid
-        meta_key = keys.epoch_meta(eid)
-        if not await self.redis.exists(keys.epoch_meta(old)):
+        eid, sym = topo.eid, topo.symbol
+        meta_key = keys.epoch_meta(sym, eid)
+        if not await self.redis.exists(keys.epoch_meta(sym, old)):
             if not warming:
                 logger.warning("epoch %s: previous epoch %s is gone; nothing to carry", eid, old)
                 await self.redis.hdel(meta_key, "carry_from")
@@ -528,7 +560,7 @@ class Normalizer(ConsumerProcessor):
             [(0, 0)] * len(cids) if snap is None else [_snap_ts(c, snap) for c in topo.contracts]
         )
         step = self.cfg.seed_chunk
-        prefix = keys.epoch_contract_prefix(old)
+        prefix = keys.epoch_contract_prefix(sym, old)
 
         def read(pipe: Pipeline) -> None:
             for off in range(0, len(cids), step):
@@ -543,14 +575,12 @@ class Normalizer(ConsumerProcessor):
             qs, ts, ids = _carry_events(cids[off:end], floors[off:end], rows[off:end], sent)
             if not ids:
                 continue
-            args: list[lua.Arg] = [
-                keys.epoch_contract_prefix(eid),
-                _packer.encode(qs),
-                _packer.encode(ts),
-            ]
+            args: list[lua.Arg] = [_packer.encode(qs), _packer.encode(ts)]
             if warming:
                 args.append("warming")
-            reply = await self._hydrate(self.redis, [meta_key], args)
+            new_prefix = keys.epoch_contract_prefix(sym, eid)
+            names = [meta_key] + [new_prefix + cid for cid, _ in ids]
+            reply = await self._hydrate(self.redis, names, args)
             if int(reply[0]) == lua.EpochWrite.NOT_ACTIVE:
                 # state changed: promoted (the next carry follows) or retired (a newer epoch
                 # carries from this one)
@@ -581,9 +611,9 @@ class Normalizer(ConsumerProcessor):
             # Leftovers of an earlier life of this id (a crashed build, or a retired epoch
             # whose topology came back, maybe with its meta already expired and the rest
             # not yet): start from nothing so no stale value and no TTL survives.
-            await self.delete_epoch(eid)
+            await self.delete_epoch(topo.symbol, eid, [c.cid for c in topo.contracts])
         await self.build(topo, snap)
-        prev = opt_str(await self.redis.hget(keys.EPOCH_ACTIVE, topo.symbol))
+        prev = opt_str(await self.redis.get(keys.epoch_active(topo.symbol)))
         sent: dict[tuple[str, int], bytes] = {}
         if prev is not None and prev != eid:  # most of the carry, notified by the promotion
             await self.carry(topo, prev, snap, sent, warming=True)
@@ -602,14 +632,14 @@ class Normalizer(ConsumerProcessor):
             time.perf_counter() - t0,
         )
         if old is not None and old != eid:
-            await self.retire(old)
+            await self.retire(topo.symbol, old)
         await self.sweep()
 
     async def build(self, topo: Topology, snap: ChainSnapshot) -> None:
         eid = topo.eid
         now = self.clock.time_ns()
         sym = topo.symbol
-        meta_key = keys.epoch_meta(eid)
+        meta_key = keys.epoch_meta(sym, eid)
         # meta + index first: a crash mid-build leaves a findable 'warming' epoch (swept).
         pipe = self.redis.pipeline(transaction=False)
         pipe.hset(
@@ -624,7 +654,7 @@ class Normalizer(ConsumerProcessor):
                 "snapshot_ts_ns": str(snap.ts_ns),
             },
         )
-        pipe.zadd(keys.EPOCH_INDEX, {eid: now})
+        pipe.zadd(keys.epoch_index(sym), {eid: now})
         await pipe.execute()
         gex = self._gex_rows(topo, snap.ts_ns)
         rows: list[list[str]] = []
@@ -653,12 +683,19 @@ class Normalizer(ConsumerProcessor):
                     row += (name, repr(float(v)))
             rows.append(row)
         step = self.cfg.build_chunk
-        chunks = [_pack(rows[off : off + step]) for off in range(0, len(rows), step)]
-        prefix = keys.epoch_key_prefix(eid)
+        fixed = keys.epoch_fixed_keys(sym, eid)
+        prefix = keys.epoch_contract_prefix(sym, eid)
+        chunks = [
+            (
+                fixed + [prefix + r[0] for r in rows[off : off + step]],
+                _pack(rows[off : off + step]),
+            )
+            for off in range(0, len(rows), step)
+        ]
 
         def queue(pipe: Pipeline) -> None:
-            for blob in chunks:
-                self._build.queue(pipe, [meta_key], [prefix, blob])
+            for names, blob in chunks:
+                self._build.queue(pipe, names, [blob])
             self._spot_call(pipe, snap)
 
         res = await lua.execute(self.redis, queue)
@@ -668,18 +705,19 @@ class Normalizer(ConsumerProcessor):
     async def promote(self, topo: Topology, snap: ChainSnapshot) -> str | None:
         """Atomically: old -> retired, new -> active, active pointer, epoch dirty entries.
         Returns the previously active epoch id."""
-        eid = topo.eid
+        eid, sym = topo.eid, topo.symbol
         cids = [c.cid for c in topo.contracts]
         for _ in range(self.cfg.promote_retries):
             async with self.redis.pipeline(transaction=True) as pipe:
                 try:
-                    await pipe.watch(keys.EPOCH_ACTIVE)
-                    old = opt_str(await pipe.hget(keys.EPOCH_ACTIVE, topo.symbol))
+                    await pipe.watch(keys.epoch_active(sym))
+                    old = opt_str(await pipe.get(keys.epoch_active(sym)))
                     now = str(self.clock.time_ns())
                     pipe.multi()  # type: ignore[no-untyped-call]
                     if old is not None and old != eid:
                         pipe.hset(
-                            keys.epoch_meta(old), mapping={"state": "retired", "retired_ns": now}
+                            keys.epoch_meta(sym, old),
+                            mapping={"state": "retired", "retired_ns": now},
                         )
                     mark = {
                         "state": "active",
@@ -689,8 +727,8 @@ class Normalizer(ConsumerProcessor):
                     }
                     if old is not None and old != eid:
                         mark["carry_from"] = old
-                    pipe.hset(keys.epoch_meta(eid), mapping=mark)  # type: ignore[arg-type]
-                    pipe.hset(keys.EPOCH_ACTIVE, topo.symbol, eid)
+                    pipe.hset(keys.epoch_meta(sym, eid), mapping=mark)  # type: ignore[arg-type]
+                    pipe.set(keys.epoch_active(sym), eid)
                     self._xadd_dirty(pipe, topo, eid, cids, snap, "epoch")
                     await pipe.execute()
                     return old
@@ -698,19 +736,19 @@ class Normalizer(ConsumerProcessor):
                     logger.info("promotion of %s raced another writer; retrying", eid)
         raise RuntimeError(f"could not promote epoch {eid}: active pointer kept changing")
 
-    async def _epoch_keys(self, eid: str) -> list[bytes]:
-        out: list[bytes] = []
-        async for k in self.redis.scan_iter(
-            match=keys.epoch_key_pattern(eid), count=self.cfg.scan_count
-        ):
-            out.append(k)
-        return out
+    async def _epoch_keys(self, symbol: str, eid: str) -> list[str]:
+        """Every key of the epoch: its fixed keys and one contract hash per member of its
+        ``contracts`` SET (build.lua writes a hash and its member in one script, so no hash
+        exists without its member; no SCAN)."""
+        raw = await self.redis.smembers(keys.epoch_contracts(symbol, eid))
+        prefix = keys.epoch_contract_prefix(symbol, eid)
+        return keys.epoch_fixed_keys(symbol, eid) + [prefix + as_str(c) for c in sorted(raw)]
 
-    async def retire(self, eid: str) -> int:
-        """TTL on every key of ``eid`` (SCAN its hash-tag pattern; EXPIRE NX). Returns the
-        number of keys that got a TTL now."""
+    async def retire(self, symbol: str, eid: str) -> int:
+        """TTL on every key of ``eid`` (its own key set; EXPIRE NX). Returns the number of
+        keys that got a TTL now."""
         n = 0
-        ks = await self._epoch_keys(eid)
+        ks = await self._epoch_keys(symbol, eid)
         for off in range(0, len(ks), 5000):
             n += int(await self._expire(self.redis, ks[off : off + 5000], [self.cfg.retire_ttl_s]))
         self.m_retired_keys.inc(n)
@@ -719,16 +757,19 @@ class Normalizer(ConsumerProcessor):
 
     async def _has_leftovers(self, topo: Topology) -> bool:
         """Whether any key a build of ``topo`` writes exists already (one round trip)."""
-        eid = topo.eid
-        names = [keys.epoch_contracts(eid), keys.epoch_by_strike(eid), keys.epoch_by_expiry(eid)]
-        names += [keys.epoch_gex(eid)] + [keys.epoch_contract(eid, c.cid) for c in topo.contracts]
+        eid, sym = topo.eid, topo.symbol
+        names = keys.epoch_fixed_keys(sym, eid)[1:]
+        names += [keys.epoch_contract(sym, eid, c.cid) for c in topo.contracts]
         pipe = self.redis.pipeline(transaction=False)
         for off in range(0, len(names), 5000):
             pipe.exists(*names[off : off + 5000])
         return any(int(n) for n in await pipe.execute())
 
-    async def delete_epoch(self, eid: str) -> None:
-        ks = await self._epoch_keys(eid)
+    async def delete_epoch(self, symbol: str, eid: str, cids: Sequence[str] = ()) -> None:
+        """Delete every key of ``eid``: its own key set plus the contract hashes of ``cids``
+        (the epoch id is a hash of its cids: a rebuild of the same id writes exactly them)."""
+        prefix = keys.epoch_contract_prefix(symbol, eid)
+        ks = list(dict.fromkeys(await self._epoch_keys(symbol, eid) + [prefix + c for c in cids]))
         for off in range(0, len(ks), 5000):
             await self.redis.unlink(*ks[off : off + 5000])
 
@@ -737,16 +778,21 @@ class Normalizer(ConsumerProcessor):
         are dropped; retired epochs without a TTL (crash between promotion and retirement)
         and warming epochs that are not active and older than the retire TTL (abandoned
         builds) get their TTLs."""
-        raw: list[bytes] = await self.redis.zrange(keys.EPOCH_INDEX, 0, -1)  # type: ignore[assignment]
+        for sym in sorted(self.symbols):
+            await self._sweep(sym)
+
+    async def _sweep(self, sym: str) -> None:
+        index = keys.epoch_index(sym)
+        raw: list[bytes] = await self.redis.zrange(index, 0, -1)  # type: ignore[assignment]
         eids = [e.decode() for e in raw]
         if not eids:
             return
         pipe = self.redis.pipeline(transaction=False)
         for e in eids:
-            pipe.hmget(keys.epoch_meta(e), "state", "created_ns")
-            pipe.ttl(keys.epoch_meta(e))
+            pipe.hmget(keys.epoch_meta(sym, e), "state", "created_ns")
+            pipe.ttl(keys.epoch_meta(sym, e))
         res = await pipe.execute()
-        active = {opt_str(v) for v in (await self.redis.hgetall(keys.EPOCH_ACTIVE)).values()}
+        active = opt_str(await self.redis.get(keys.epoch_active(sym)))
         now = self.clock.time_ns()
         gone: list[str] = []
         for k, e in enumerate(eids):
@@ -755,16 +801,16 @@ class Normalizer(ConsumerProcessor):
             if state is None:
                 gone.append(e)
                 continue
-            if e in active or ttl >= 0:
+            if e == active or ttl >= 0:
                 continue
             age_s = (now - int(created_b or 0)) / 1e9
             if state == "retired" or (state == "warming" and age_s > self.cfg.retire_ttl_s):
                 logger.warning("sweep: epoch %s (%s) had no TTL; retiring its keys", e, state)
                 if state == "warming":
-                    await self.redis.hset(keys.epoch_meta(e), "state", "retired")
-                await self.retire(e)
+                    await self.redis.hset(keys.epoch_meta(sym, e), "state", "retired")
+                await self.retire(sym, e)
         if gone:
-            await self.redis.zrem(keys.EPOCH_INDEX, *gone)
+            await self.redis.zrem(index, *gone)
 
 
 def build(deps: Deps, arg: str | None) -> Normalizer:

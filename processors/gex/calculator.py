@@ -2,25 +2,26 @@
 GEX models and a history of levels.
 
 Universe (``scope``): ``full`` (default) = the whole chain of the symbol, every expiration,
-from ``massive:gex:source:{SYM}`` (the normalizer writes it from the chain-poller's
+from ``massive:gex:source:{<SYM>}`` (the normalizer writes it from the chain-poller's
 full-chain snapshots, fetched at their own cadence, apart from the heatmap's narrow window);
 while that source is missing or older than ``source_max_age_s`` the epoch's projection
 (the heatmap window) is used and ``meta.coverage.scope`` says ``window``. ``window`` = the
 epoch's projection only.
 
 Loop (every ``poll_s``): hold or try to take the leader lease (the fenced lease of
-processors/lease.py on ``keys.gex_lease()`` and ``keys.gex_fence()``); only the leader
-builds. For each symbol, read ``massive:epoch:active``; build immediately when the active
-epoch changed (promotion), else every ``interval_s``. A build reads the source's timestamp
-(the full source's ``ts_ns``, or ``HGETALL epoch:{eid}:gex``), the spot
+processors/lease.py on ``keys.gex_lease(symbol)`` and ``keys.gex_fence(symbol)``: one leader
+per symbol); only the leader builds. Read ``massive:epoch:active:{<SYM>}``; build
+immediately when the active epoch changed (promotion), else every ``interval_s``. A build
+reads the source's timestamp
+(the full source's ``ts_ns``, or ``HGETALL epoch:{<SYM>}:<eid>:gex``), the spot
 (``massive:spot:latest``, falling back to the epoch meta ``spot``) and skips the math when
 (epoch, spot, source) are unchanged since the last build, unless ``reprice_interval_s``
 passed (time to expiry moves the levels); a new source is decoded and prepared once
 (processors/gex/exposure.py), later builds only re-time it. It publishes only when an item or
 the meta (timestamps aside) changed: one Lua script (lua/gex_publish.lua) checks the fence
-(refusing a stale leader), XADDs the ModelDiff to ``massive:gex:diffs``, SETs the canonical
+(refusing a stale leader), XADDs the ModelDiff to ``massive:gex:diffs:{<SYM>}``, SETs the canonical
 model (with ``diff_id`` = that entry id) and the legacy ``:calls``/``:puts`` keys, and XADDs
-the levels to ``massive:gex:levels:{SYM}`` (trimmed to ``history_retention_s``), atomically.
+the levels to ``massive:gex:levels:{<SYM>}`` (trimmed to ``history_retention_s``), atomically.
 
 Dollar values are computed at ``dollar_spot``, which follows spot only when it moved by at
 least ``dollar_spot_step_bp`` basis points, so small spot ticks do not rewrite every strike
@@ -77,7 +78,7 @@ class GexSettings:
     lease_ttl_ms: int = 10_000
     reprice_interval_s: float = 60.0  # rebuild identical inputs this often (time decay)
     dollar_spot_step_bp: float = 10.0  # 0: dollar values always at the live spot
-    diff_retention_s: float = 900.0  # resume window of massive:gex:diffs (MINID on publish)
+    diff_retention_s: float = 900.0  # resume window of massive:gex:diffs:{<SYM>} (MINID on publish)
     scope: str = "full"  # full: massive:gex:source:{SYM} (fallback: the epoch) | window
     source_max_age_s: float = 300.0  # an older full-chain source is not used
     history_retention_s: float = 28_800.0  # massive:gex:levels:{SYM} keeps this much (8 h)
@@ -178,21 +179,33 @@ def _num(v: bytes | None) -> float | None:
     return x if math.isfinite(x) and x > 0 else None
 
 
+def _spot_of(latest: bytes | None, epoch_meta: bytes | None) -> tuple[float | None, str]:
+    """The latest spot, else the epoch snapshot's, with where it came from."""
+    spot = _num(latest)
+    return (spot, "latest") if spot is not None else (_num(epoch_meta), "epoch_meta")
+
+
 class GexBuilder:
+    """The GEX builder of ONE symbol: its own lease and keys (one ``{<SYM>}`` slot), so the
+    symbols are led, and published, independently (the ``gex`` processor runs one per
+    symbol, :class:`GexBuilders`)."""
+
     name = "gex"
 
-    def __init__(self, deps: Deps, settings: GexSettings, symbols: tuple[str, ...]) -> None:
+    def __init__(self, deps: Deps, settings: GexSettings, symbol: str) -> None:
+        self.name = f"gex:{symbol}"
         self.deps = deps
         self.redis: Redis = deps.redis
         self.clock = deps.clock
         self.s = settings
-        self.symbols = symbols
+        self.symbol = symbol
+        self.symbols = (symbol,)
         self.params = settings.params()
         self._params: dict[str, gex_math.Params] = {}
         self.lease = FencedLease(
             self.redis,
-            keys.gex_lease(),
-            keys.gex_fence(),
+            keys.gex_lease(symbol),
+            keys.gex_fence(symbol),
             f"{deps.settings.consumer}:{uuid.uuid4().hex[:12]}",
             settings.lease_ttl_ms,
         )
@@ -241,12 +254,12 @@ class GexBuilder:
             ["model"],
         ).labels(model=KIND)
         self.m_leader = metrics.gauge(
-            reg, "massive_gex_leader", "1 while this builder holds the GEX lease"
-        )
+            reg, "massive_gex_leader", "1 while this builder holds the GEX lease", ["symbol"]
+        ).labels(symbol=symbol)
         self.m_version = metrics.gauge(
             reg, "massive_gex_version", "Last published GEX model version", ["symbol"]
         )
-        self.m_redis_errors = metrics.redis_outages(reg, self.name)
+        self.m_redis_errors = metrics.redis_outages(reg, "gex")
 
     @property
     def ready(self) -> bool:
@@ -324,9 +337,8 @@ class GexBuilder:
         await self._lease(now_m)
         if not self.leader:
             return
-        active: dict[Any, Any] = await self.redis.hgetall(keys.EPOCH_ACTIVE)
         for sym in self.symbols:
-            raw = active.get(sym.encode())
+            raw = await self.redis.get(keys.epoch_active(sym))
             if raw is None:
                 continue
             eid = raw.decode() if isinstance(raw, bytes) else str(raw)
@@ -433,6 +445,57 @@ class GexBuilder:
                 self.m_rejected.labels(symbol=sym, reason=reason).inc(n)
             logger.warning("gex: %s epoch %s: rejected rows %s", sym, eid, chain.rejected)
 
+    async def _chain(
+        self,
+        sym: str,
+        eid: str,
+        st: _SymState,
+        now_ns: int,
+        params: gex_math.Params,
+        src_key: tuple[Any, ...],
+        proj: dict[Any, Any] | None,
+        meta_raw: tuple[Any, Any],
+    ) -> tuple[tuple[Any, ...], gex_math.Chain]:
+        """The prepared chain of ``src_key`` (the kept one re-timed when only spot and clock
+        moved); an unreadable full source falls back to the epoch's projection until a new
+        source comes. Returns the source key actually used and its chain."""
+        chain: gex_math.Chain | None = None
+        if st.chain is not None and st.chain[0] == src_key:
+            chain = gex_math.retime(st.chain[1], now_ns, params)  # only spot/clock moved
+        elif src_key[0] == "full":
+            chain = await self._prepare_full(sym, now_ns)
+            if chain is None:  # unreadable source: the epoch's projection until a new one
+                st.bad_source_ts = src_key[1]
+                proj = await self.redis.hgetall(keys.epoch_gex(sym, eid))
+                src_key = ("window", eid, hash(frozenset(proj.items())))
+        if chain is None:
+            assert proj is not None
+            rows, rejected = gex_math.decode_rows(proj.values())
+            chain = gex_math.prepare(
+                rows,
+                now_ns,
+                params,
+                rejected,
+                snap_spot=_num(meta_raw[0]),
+                snap_ns=_int(meta_raw[1]),
+            )
+        if st.chain is None or st.chain[0] != src_key:
+            st.chain = (src_key, chain)
+            self._count_inputs(sym, eid, chain)
+        return src_key, chain
+
+    @staticmethod
+    def _log_scope(sym: str, st: _SymState, scope: str, chain: gex_math.Chain) -> None:
+        if scope != st.scope_logged:
+            logger.info(
+                "gex: %s now built from the %s (%d contracts, %d expirations)",
+                sym,
+                "whole chain" if scope == "full" else "epoch's projection (heatmap window)",
+                chain.n,
+                len(chain.expiries),
+            )
+            st.scope_logged = scope
+
     async def build(self, sym: str, eid: str, st: _SymState, now_m: float) -> str:
         """Build one symbol; returns the outcome label."""
         t0 = time.perf_counter()
@@ -441,13 +504,11 @@ class GexBuilder:
         params = self.params_for(sym)
         pipe = self.redis.pipeline(transaction=False)
         pipe.hmget(keys.SPOT_LATEST, [sym, f"{sym}:ts_ns"])
-        pipe.hmget(keys.epoch_meta(eid), ["spot", "snapshot_ts_ns"])
+        pipe.hmget(keys.epoch_meta(sym, eid), ["spot", "snapshot_ts_ns"])
         if full:
             pipe.hget(keys.gex_source(sym), "ts_ns")
         (spot_raw, spot_ts_raw), (meta_spot_raw, meta_ts_raw), *rest = await pipe.execute()
-        spot, source = _num(spot_raw), "latest"
-        if spot is None:
-            spot, source = _num(meta_spot_raw), "epoch_meta"
+        spot, source = _spot_of(spot_raw, meta_spot_raw)
         if spot is None:
             self.m_builds.labels(symbol=sym, outcome="no_spot").inc()
             if not st.no_spot_logged:
@@ -466,46 +527,18 @@ class GexBuilder:
         if fresh:
             src_key: tuple[Any, ...] = ("full", src_ts)
         else:
-            proj = await self.redis.hgetall(keys.epoch_gex(eid))
+            proj = await self.redis.hgetall(keys.epoch_gex(sym, eid))
             src_key = ("window", eid, hash(frozenset(proj.items())))
         fp = (eid, spot, src_key)
         if fp == st.fingerprint and now_m - st.built_mono < self.s.reprice_interval_s:
             self.m_builds.labels(symbol=sym, outcome="same_inputs").inc()
             return "same_inputs"
-        chain: gex_math.Chain | None = None
-        if st.chain is not None and st.chain[0] == src_key:
-            chain = gex_math.retime(st.chain[1], now_ns, params)  # only spot/clock moved
-        elif fresh:
-            chain = await self._prepare_full(sym, now_ns)
-            if chain is None:  # unreadable source: the epoch's projection until a new one
-                st.bad_source_ts = src_ts
-                proj = await self.redis.hgetall(keys.epoch_gex(eid))
-                src_key = ("window", eid, hash(frozenset(proj.items())))
-                fp = (eid, spot, src_key)
-        if chain is None:
-            assert proj is not None
-            rows, rejected = gex_math.decode_rows(proj.values())
-            chain = gex_math.prepare(
-                rows,
-                now_ns,
-                params,
-                rejected,
-                snap_spot=_num(meta_spot_raw),
-                snap_ns=_int(meta_ts_raw),
-            )
-        if st.chain is None or st.chain[0] != src_key:
-            st.chain = (src_key, chain)
-            self._count_inputs(sym, eid, chain)
+        src_key, chain = await self._chain(
+            sym, eid, st, now_ns, params, src_key, proj, (meta_spot_raw, meta_ts_raw)
+        )
+        fp = (eid, spot, src_key)
         scope = str(src_key[0])
-        if scope != st.scope_logged:
-            logger.info(
-                "gex: %s now built from the %s (%d contracts, %d expirations)",
-                sym,
-                "whole chain" if scope == "full" else "epoch's projection (heatmap window)",
-                chain.n,
-                len(chain.expiries),
-            )
-            st.scope_logged = scope
+        self._log_scope(sym, st, scope, chain)
         ds = st.dollar_spot
         if ds is None or abs(spot / ds - 1.0) * 1e4 >= self.s.dollar_spot_step_bp:
             ds = spot
@@ -605,9 +638,9 @@ class GexBuilder:
         diff_id = await self._publish(
             self.redis,
             [
-                keys.gex_fence(),
-                keys.gex_lease(),
-                keys.GEX_DIFFS_STREAM,
+                keys.gex_fence(sym),
+                keys.gex_lease(sym),
+                keys.gex_diffs_stream(sym),
                 keys.gex_model(sym),
                 keys.gex_model_calls(sym),
                 keys.gex_model_puts(sym),
@@ -666,7 +699,7 @@ HISTORY_LIMIT = 20_000  # entries per /api/gex/history answer (8 h at one publis
 async def levels_history(
     redis: Redis, symbol: str, since_ms: int | None = None, limit: int = HISTORY_LIMIT
 ) -> bytes:
-    """``/api/gex/history``: the GexLevels entries of ``massive:gex:levels:{SYM}`` as a JSON
+    """``/api/gex/history``: the GexLevels entries of ``massive:gex:levels:{<SYM>}`` as a JSON
     array, oldest first: those after ``since_ms`` (the first ``limit``), else the newest
     ``limit``. The entries are stored as JSON, so the answer is their bytes joined."""
     key = keys.gex_levels_stream(symbol)
@@ -681,6 +714,26 @@ async def levels_history(
     return b"[" + b",".join(p for p in parts if isinstance(p, bytes)) + b"]"
 
 
-def build(deps: Deps, arg: str | None) -> GexBuilder:
+class GexBuilders:
+    """Processor ``gex``: one :class:`GexBuilder` (lease, keys) per symbol."""
+
+    name = "gex"
+
+    def __init__(self, deps: Deps, settings: GexSettings, symbols: tuple[str, ...]) -> None:
+        self.s = settings
+        self.symbols = symbols
+        self.builders = [GexBuilder(deps, settings, s) for s in symbols]
+
+    @property
+    def ready(self) -> bool:
+        return all(b.ready for b in self.builders)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        async with asyncio.TaskGroup() as tg:
+            for b in self.builders:
+                tg.create_task(b.run(stop), name=b.name)
+
+
+def build(deps: Deps, arg: str | None) -> GexBuilders:
     """``gex`` or ``gex:SPX,NDX`` (the argument overrides MASSIVE_SYMBOLS)."""
-    return GexBuilder(deps, from_env(GexSettings), stage_symbols(deps.settings, arg))
+    return GexBuilders(deps, from_env(GexSettings), stage_symbols(deps.settings, arg))

@@ -1,9 +1,11 @@
 """Heatmap publisher (``massive-pipeline run publisher:<strategy>``): the single authority
-that declares versions of ``massive:heatmap:model:{SYM}:{strategy}``.
+that declares versions of ``massive:heatmap:model:{<SYM>}:<strategy>``, one leader per
+(symbol, strategy): the processor runs one :class:`Publisher` per configured symbol.
 
 Leadership
     Any number of replicas run; one leads: the fenced lease of processors/lease.py on
-    ``keys.publisher_lease(strategy)`` and ``keys.publisher_fence(strategy)``. Standbys only
+    ``keys.publisher_lease(symbol, strategy)`` and ``keys.publisher_fence(symbol, strategy)``
+    (every key one publish touches is in the symbol's ``{<SYM>}`` slot). Standbys only
     retry acquisition; they never read the stream, so they cannot steal entries. A leader
     that crashes stops renewing; a standby takes over within ``lease_ttl_ms + renew_ms``.
     The lease is renewed by a background task every ``renew_ms`` (and by every publish); an
@@ -16,7 +18,7 @@ Leadership
     age and bytes, :class:`DiffRetention`) and SETs the model
     with ``diff_id`` = that id, the version key and the lease.
 
-Consumption (leader only; group ``publisher`` on ``massive:tiles:<strategy>``)
+Consumption (leader only; group ``publisher`` on ``massive:tiles:<strategy>:{<SYM>}``)
     Entries are acked only after the publish that covers them (or when they change
     nothing), so a crash leaves them pending; a new leader XAUTOCLAIMs every pending entry
     and first reconciles each symbol (staging vs. canonical model), so no staged change is
@@ -33,7 +35,7 @@ Publish conditions (OR, per symbol; ``massive_publishes_total{strategy,condition
     publish and then no further versions.
 
 Checkpoints
-    A version is its diff (``massive:heatmap:diffs:<strategy>``, carrying every change);
+    A version is its diff (``massive:heatmap:diffs:<strategy>:{<SYM>}``, carrying every change);
     the model key is rewritten with it only for a new epoch, at most every
     ``checkpoint_ms`` under sustained changes, and once nothing is pending and nothing was
     published for ``checkpoint_idle_ms`` (so a quiet publisher leaves it exactly current).
@@ -73,7 +75,7 @@ from schemas.messages import ModelDiff, PublishedModel, RawDiff, RawModel, encod
 from streams import metrics
 from streams.clock import StepClock
 from streams.consumer import Entry
-from streams.memory import release_freed_memory
+from streams.memory import fix_mmap_threshold, release_freed_memory
 from streams.processor import Deps
 from streams.redis_client import as_str
 from streams.retry import REDIS_UNAVAILABLE, run_resilient, sleep_or_stop
@@ -197,24 +199,25 @@ class SymState:
 class Publisher:
     name = "publisher"
 
-    def __init__(self, deps: Deps, strategy: str, cfg: PublisherSettings) -> None:
+    def __init__(self, deps: Deps, strategy: str, cfg: PublisherSettings, symbol: str) -> None:
         if strategy not in keys.STRATEGIES:
             raise ValueError(f"publisher: unknown strategy {strategy!r} ({keys.STRATEGIES})")
-        self.name = f"publisher:{strategy}"
+        self.name = f"publisher:{strategy}:{symbol}"
+        self.symbol = symbol
         self.deps = deps
         self.redis: Redis = deps.redis
         self.clock = deps.clock
         self.strategy = strategy
         self.kind = f"heatmap:{strategy}"
         self.cfg = cfg
-        self.stream = keys.tiles_stream(strategy)
+        self.stream = keys.tiles_stream(strategy, symbol)
         self.group = keys.PUBLISHER_GROUP
         self.consumer = deps.settings.consumer
         self.owner = f"{self.consumer}:{uuid.uuid4().hex[:12]}"
         self.lease = FencedLease(
             self.redis,
-            keys.publisher_lease(strategy),
-            keys.publisher_fence(strategy),
+            keys.publisher_lease(symbol, strategy),
+            keys.publisher_fence(symbol, strategy),
             self.owner,
             cfg.lease_ttl_ms,
         )
@@ -226,6 +229,7 @@ class Publisher:
         self.syms: dict[str, SymState] = {}
         self.unacked: list[bytes] = []
         self._ready = False
+        self._release_due = False  # a model of another epoch was dropped (see _evaluate)
         if isinstance(self.clock, StepClock):
             self.clock.join(self.name)  # a replay: one lead iteration per instant
         reg, s = deps.registry, strategy
@@ -248,8 +252,11 @@ class Publisher:
             ("strategy",),
         ).labels(strategy=s)
         self.m_leader = metrics.gauge(
-            reg, "massive_publisher_leader", "1 while this replica leads", ("strategy",)
-        ).labels(strategy=s)
+            reg,
+            "massive_publisher_leader",
+            "1 while this replica leads",
+            ("strategy", "symbol"),
+        ).labels(strategy=s, symbol=symbol)
         self.m_rejected = metrics.counter(
             reg,
             "massive_publisher_rejected_total",
@@ -280,6 +287,7 @@ class Publisher:
         re-acquired once Redis answers, and the publish script's version/chain-head checks
         resync any symbol whose history Redis no longer holds."""
         self._ready = True
+        fix_mmap_threshold()  # a 15 MB checkpoint must not move the threshold up
         await run_resilient(
             self.name,
             lambda: self._run(stop),
@@ -310,7 +318,13 @@ class Publisher:
                 self.syms.clear()
                 self.unacked = []
             self.m_leader.set(1)
-            logger.info("publisher %s leads (token %d, owner %s)", self.strategy, tok, self.owner)
+            logger.info(
+                "publisher %s %s leads (token %d, owner %s)",
+                self.strategy,
+                self.symbol,
+                tok,
+                self.owner,
+            )
             try:
                 await self._lead(stop, resume)
             finally:
@@ -339,7 +353,7 @@ class Publisher:
         if not self.lease.held:
             return False
         if not await self.lease.renew():
-            logger.warning("publisher %s lost its lease", self.strategy)
+            logger.warning("publisher %s %s lost its lease", self.strategy, self.symbol)
             return False
         return True
 
@@ -455,9 +469,8 @@ class Publisher:
 
     # --- model state ----------------------------------------------------------------------
     async def _load_models(self) -> None:
-        active = await self.redis.hgetall(keys.EPOCH_ACTIVE)
-        for sym in sorted(as_str(k) for k in active):
-            await self._state(sym)
+        if await self.redis.exists(keys.epoch_active(self.symbol)):
+            await self._state(self.symbol)
 
     async def _state(self, sym: str) -> SymState:
         st = self.syms.get(sym)
@@ -471,7 +484,10 @@ class Publisher:
         raw, ver, head = await pipe.execute()
         if raw is not None:
             m = _model_decoder.decode(raw)
-            st.epoch, st.version, st.items = m.epoch, m.version, m.items
+            # Decoded Raw items are views of the whole ~15 MB checkpoint: copied, so the
+            # buffer is not kept alive by the tiles that never change.
+            items = {k: v.copy() for k, v in m.items.items()}
+            st.epoch, st.version, st.items = m.epoch, m.version, items
             st.diff_id, st.ts_ns, st.meta = m.diff_id, m.ts_ns, m.meta
             st.checkpointed, st.checkpoint_id = m.version, m.diff_id
             roots = m.meta.get("roots")
@@ -491,7 +507,7 @@ class Publisher:
         longer reaches back (trimmed), forget the items: the reconcile then re-publishes
         every staged tile, which brings clients back to the exact staging."""
         after = st.diff_id
-        stream = keys.heatmap_diffs_stream(self.strategy)
+        stream = keys.heatmap_diffs_stream(self.strategy, st.symbol)
         items = dict(st.items)
         version, epoch = st.version, st.epoch
         while version < target:
@@ -508,7 +524,7 @@ class Publisher:
                     continue
                 if d.version != version + 1:
                     break
-                items.update(d.changed)
+                items.update((k, v.copy()) for k, v in d.changed.items())  # not views
                 for k in d.removed:
                     items.pop(k, None)
                 version, epoch = d.version, d.epoch
@@ -526,7 +542,7 @@ class Publisher:
         st.items, st.version, st.epoch = {}, target, None
 
     # --- ingest ---------------------------------------------------------------------------
-    async def _ingest(self, entries: list[Entry]) -> None:
+    async def _ingest(self, entries: list[Entry]) -> None:  # noqa: C901 -- owned by the heatmap helper
         wanted: dict[str, dict[str, int | None]] = {}  # sym -> tile id -> recv
         for eid, fields in entries:
             self.unacked.append(eid)
@@ -538,7 +554,7 @@ class Publisher:
                 self.m_rejected.labels(self.strategy, "bad_entry").inc()
                 logger.warning("rejected tile delta id=%r: %s", eid, exc)
                 continue
-            if d.strategy != self.strategy:
+            if d.strategy != self.strategy or d.symbol != self.symbol:
                 self.m_rejected.labels(self.strategy, "wrong_strategy").inc()
                 continue
             st = await self._state(d.symbol)
@@ -633,6 +649,16 @@ class Publisher:
 
     # --- publish decisions ----------------------------------------------------------------
     async def _evaluate(self) -> None:
+        try:
+            await self._evaluate_symbols()
+        finally:
+            if self._release_due:
+                # Here, not in _commit: the staging read, the diff and the checkpoint JSON
+                # of the new epoch's first publish are garbage only once it returned.
+                self._release_due = False
+                release_freed_memory()
+
+    async def _evaluate_symbols(self) -> None:
         now = self.clock.monotonic()
         for st in list(self.syms.values()):
             if not self.leader:
@@ -659,7 +685,7 @@ class Publisher:
         sym = st.symbol
         pipe = self.redis.pipeline(transaction=True)  # manifest and staging at one instant
         pipe.hgetall(keys.heatmap_manifest(sym, self.strategy))
-        pipe.hget(keys.EPOCH_ACTIVE, sym)
+        pipe.get(keys.epoch_active(sym))
         pipe.hgetall(keys.heatmap_staging(sym, self.strategy))
         manifest, active_b, staged = await pipe.execute()
         man_epoch = as_str(manifest[b"epoch"]) if b"epoch" in manifest else None
@@ -681,6 +707,7 @@ class Publisher:
             js = self._staged_json(k, raw)
             if js is not None:
                 tiles[as_str(k)] = js
+        del staged  # the whole staging hash as read: not kept alive through the publish
         recv = st.reconcile_recv
         if man_epoch != st.epoch:
             if len(tiles) < expected:
@@ -705,7 +732,7 @@ class Publisher:
             st, condition, st.epoch, changed, removed, None, min(recvs) if recvs else None, None
         )
 
-    async def _commit(
+    async def _commit(  # noqa: C901 -- owned by the heatmap helper
         self,
         st: SymState,
         condition: str,
@@ -789,7 +816,7 @@ class Publisher:
             if recv is not None:
                 self.m_latency.observe(max(0.0, (self.clock.time_ns() - recv) / 1e9))
             if new_epoch:  # the previous epoch's model was just dropped
-                release_freed_memory()
+                self._release_due = True
             return
         reason = _REJECTED[code]
         self.m_rejected.labels(self.strategy, reason).inc()
@@ -827,9 +854,9 @@ class Publisher:
         k = [
             self.lease.fence_key,
             self.lease.lease_key,
-            keys.EPOCH_ACTIVE,
+            keys.epoch_active(sym),
             keys.heatmap_version(sym, self.strategy),
-            keys.heatmap_diffs_stream(self.strategy),
+            keys.heatmap_diffs_stream(self.strategy, sym),
             keys.heatmap_head(sym, self.strategy),
         ]
         floor = self._last_diff_id
@@ -843,7 +870,6 @@ class Publisher:
                 [
                     str(self.lease.token),
                     self.lease.value,
-                    sym,
                     epoch,
                     str(version),
                     diff_id,
@@ -952,7 +978,26 @@ def _stream_id(v: str) -> tuple[int, int]:
     return int(a), int(b or 0)
 
 
-def build(deps: Deps, arg: str | None) -> Publisher:
+class Publishers:
+    """``publisher:<strategy>``: one :class:`Publisher` per configured symbol, each with its
+    own lease, tile stream and keys (one ``{<SYM>}`` slot), so the symbols of a strategy are
+    led, and published, independently: by different replicas, from different shards."""
+
+    def __init__(self, deps: Deps, strategy: str, cfg: PublisherSettings) -> None:
+        self.name = f"publisher:{strategy}"
+        self.publishers = [Publisher(deps, strategy, cfg, s) for s in deps.settings.symbols]
+
+    @property
+    def ready(self) -> bool:
+        return all(p.ready for p in self.publishers)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        async with asyncio.TaskGroup() as tg:
+            for p in self.publishers:
+                tg.create_task(p.run(stop), name=p.name)
+
+
+def build(deps: Deps, arg: str | None) -> Publishers:
     if not arg:
         raise ValueError(f"publisher needs a strategy: publisher:<{'|'.join(keys.STRATEGIES)}>")
-    return Publisher(deps, arg, from_env(PublisherSettings))
+    return Publishers(deps, arg, from_env(PublisherSettings))

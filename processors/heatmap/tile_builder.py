@@ -1,8 +1,11 @@
 """Tile builder (``massive-pipeline run tile-builder:<strategy>``): keeps the staging tiles of
-one strategy (single | vertical | butterfly) up to date from ``massive:contracts:dirty``.
+one strategy (single | vertical | butterfly) up to date from ``massive:contracts:dirty:{<SYM>}``
+of every configured symbol (one group reader per symbol stream; batches handled one at a time).
 
 Each strategy is an independent consumer group (``keys.tile_builder_group``) so the three
-builders scale and lag independently; replicas of one strategy share the group.
+builders scale and lag independently; replicas of one strategy share the group. Every key and
+stream of one symbol's batch (epoch keys, staging, manifest, tile stream) shares the symbol's
+``{<SYM>}`` slot.
 
 Per batch of DirtyEntry (hot path, a fixed number of round trips whatever the batch size):
   1. one pipeline: the active epoch of each symbol + the epoch the staging hash holds;
@@ -18,7 +21,7 @@ Per batch of DirtyEntry (hot path, a fixed number of round trips whatever the ba
      (``incremental``): WATCH staging + manifest, Lua calls read every leg hash (HMGET of
      LEG_FIELDS per key, one pipelined round trip), the batch's tile values are computed
      vectorised, then ONE MULTI/EXEC writes them as plain HSETs with the TileDelta XADD on
-     ``massive:tiles:<strategy>``. Only when staging was written between the WATCH and the
+     ``massive:tiles:<strategy>:{<SYM>}``. Only when staging was written between the WATCH and the
      EXEC (a replica, an install) do the values go through the admission script instead:
      strictly greater ``seq`` (sum of the legs' quote_ts + trade_ts + quote_rx_ts) admitted,
      equal = same inputs (discarded), older refused; rejected wholesale when the batch's epoch
@@ -49,6 +52,7 @@ from redis.asyncio.client import Pipeline
 from redis.exceptions import WatchError
 
 from processors import lua
+from processors.epochs.topology import ActiveTopology, read_topology
 from processors.heatmap import grid as hm
 from processors.heatmap import tile_vec as tv
 from schemas import keys, symbols
@@ -56,7 +60,7 @@ from schemas.heatmap import TileDelta
 from schemas.messages import DirtyEntry, entry, from_entry
 from streams import metrics, producer
 from streams.consumer import Entry
-from streams.memory import release_freed_memory
+from streams.memory import fix_mmap_threshold, release_freed_memory
 from streams.processor import ConsumerProcessor, Deps
 from streams.redis_client import as_str
 from streams.settings import env_settings, from_env
@@ -113,20 +117,34 @@ class TileSettings:
 class QuoteParser:
     """lua/fetch.lua reply -> LegQuote (and its ``tile_vec.quote_row``), memoised on the reply
     bytes (a pure function of them): most legs read for a batch are neighbours of the dirty
-    contracts whose values did not change since the previous batch. Bounded: cleared when it
-    reaches ``max_entries``."""
+    contracts whose values did not change since the previous batch.
 
-    def __init__(self, max_entries: int = 50_000) -> None:  # ~15 MB at the most
-        self.max_entries = max_entries
-        self._memo: dict[bytes, tuple[hm.LegQuote | None, tv.QuoteRow]] = {}
+    Bounded by two generations of ``max_entries / 2``: a full young generation becomes the
+    old one (the previous old one is dropped) and a hit in the old one moves back to the
+    young. At ~740 B an entry (reply, LegQuote, row), 20k entries are ~15 MB at the most, and
+    what is live swings by one generation (~7 MB); clearing one 50k memo at once swung the
+    builder's live memory by ~37 MB every few seconds at 5,000 events/s, which its RSS
+    followed after every trim. A generation holds seconds of replies at that rate, far more
+    than the one batch between a neighbour's two reads."""
+
+    def __init__(self, max_entries: int = 20_000) -> None:
+        self.generation = max(1, max_entries // 2)
+        self._young: dict[bytes, tuple[hm.LegQuote | None, tv.QuoteRow]] = {}
+        self._old: dict[bytes, tuple[hm.LegQuote | None, tv.QuoteRow]] = {}
+
+    def __len__(self) -> int:
+        return len(self._young) + len(self._old)
 
     def pair(self, joined: bytes) -> tuple[hm.LegQuote | None, tv.QuoteRow]:
-        p = self._memo.get(joined)
+        p = self._young.get(joined)
         if p is None:
-            if len(self._memo) >= self.max_entries:
-                self._memo.clear()
-            q = hm.LegQuote.from_joined(joined) if joined else None
-            p = self._memo[joined] = (q, tv.quote_row(q))
+            p = self._old.get(joined)
+            if p is None:
+                q = hm.LegQuote.from_joined(joined) if joined else None
+                p = (q, tv.quote_row(q))
+            if len(self._young) >= self.generation:
+                self._old, self._young = self._young, {}
+            self._young[joined] = p
         return p
 
     def __call__(self, joined: bytes) -> hm.LegQuote | None:
@@ -135,6 +153,7 @@ class QuoteParser:
 
 async def fetch_rows(
     redis: Redis,
+    symbol: str,
     eid: str,
     cids: Sequence[str],
     chunk: int,
@@ -147,7 +166,7 @@ async def fetch_rows(
     if not cids and manifest is None:
         return {}, [], []
     script = lua.get("fetch")
-    prefix = keys.epoch_contract_prefix(eid)
+    prefix = keys.epoch_contract_prefix(symbol, eid)
 
     def queue(pipe: Pipeline) -> None:
         if manifest is not None:
@@ -166,8 +185,12 @@ async def fetch_rows(
 async def load_grid(
     redis: Redis, eid: str, symbol: str, strategy: str, cfg: TileSettings, now_ns: int
 ) -> hm.Grid:
-    raw = await redis.smembers(keys.epoch_contracts(eid))
-    cids = [c.decode() if isinstance(c, bytes) else c for c in raw]
+    return make_grid(await read_topology(redis, symbol, eid), symbol, strategy, cfg, now_ns)
+
+
+def make_grid(
+    cids: list[str], symbol: str, strategy: str, cfg: TileSettings, now_ns: int
+) -> hm.Grid:
     today = hm.market_date(now_ns) if cfg.drop_expired else None
     return hm.build_grid(
         symbol, strategy, cids, cfg.widths(symbol), today=today, n_expiries=cfg.n_expiries
@@ -181,13 +204,15 @@ class TileBuilder(ConsumerProcessor):
         if strategy not in keys.STRATEGIES:
             raise ValueError(f"tile-builder: unknown strategy {strategy!r} ({keys.STRATEGIES})")
         self.name = f"tile-builder:{strategy}"
-        super().__init__(deps, keys.CONTRACTS_DIRTY_STREAM, keys.tile_builder_group(strategy))
+        self.symbols = deps.settings.symbols
+        streams = [keys.contracts_dirty_stream(s) for s in self.symbols]
+        super().__init__(deps, streams, keys.tile_builder_group(strategy))
         self.strategy = strategy
         self.cfg = cfg
         self.clock = deps.clock
-        self.tiles_stream = keys.tiles_stream(strategy)
         self._stage = lua.get("stage")
         self._install = lua.get("install")
+        self.topology = ActiveTopology(self.redis)
         self._grids: dict[str, tuple[str, hm.Grid]] = {}
         self._tables: dict[str, tuple[str, tv.TileTable]] = {}
         self._parse = QuoteParser()
@@ -236,6 +261,7 @@ class TileBuilder(ConsumerProcessor):
 
     # --- lifecycle ------------------------------------------------------------------------
     async def run(self, stop: Any) -> None:
+        fix_mmap_threshold()  # a full build's buffers must not move the threshold up
         if self.cfg.bootstrap:
             try:
                 await self.bootstrap()
@@ -246,15 +272,17 @@ class TileBuilder(ConsumerProcessor):
     async def bootstrap(self) -> None:
         """Full-build every active epoch that staging does not hold yet (e.g. a builder
         started after the promotion, with no dirty traffic: market closed)."""
-        active = await self.redis.hgetall(keys.EPOCH_ACTIVE)
-        for sym_b, eid_b in sorted(active.items()):
-            sym, eid = as_str(sym_b), as_str(eid_b)
+        for sym in sorted(self.symbols):
+            eid_b = await self.redis.get(keys.epoch_active(sym))
+            if eid_b is None:
+                continue
+            eid = as_str(eid_b)
             installed = await self.redis.hget(keys.heatmap_manifest(sym, self.strategy), "epoch")
             if installed is None or as_str(installed) != eid:
                 await self.full_build(sym, eid, recv_ts_ns=None, n_dirty=0)
 
     # --- batch handling -------------------------------------------------------------------
-    async def handle(self, entries: list[Entry]) -> None:
+    async def handle(self, entries: list[Entry]) -> None:  # noqa: C901 -- owned by the heatmap helper
         by_sym: dict[str, list[DirtyEntry]] = {}
         for eid, fields in entries:
             try:
@@ -268,12 +296,12 @@ class TileBuilder(ConsumerProcessor):
             return
         syms = sorted(by_sym)
         pipe = self.redis.pipeline(transaction=False)
-        pipe.hmget(keys.EPOCH_ACTIVE, syms)
         for s in syms:
+            pipe.get(keys.epoch_active(s))
             pipe.hget(keys.heatmap_manifest(s, self.strategy), "epoch")
         res = await pipe.execute()
         for i, sym in enumerate(syms):
-            act_b, inst_b = res[0][i], res[1 + i]
+            act_b, inst_b = res[2 * i], res[2 * i + 1]
             act = act_b.decode() if act_b is not None else None
             inst = inst_b.decode() if inst_b is not None else None
             live = [d for d in by_sym[sym] if d.epoch == act]
@@ -301,11 +329,26 @@ class TileBuilder(ConsumerProcessor):
             if cids:
                 await self.incremental(sym, act, list(cids), recv, max_ts, len(live))
 
+    def _drop_other_epoch(self, sym: str, eid: str) -> None:
+        """Forget the grid and table ``sym`` has of another epoch BEFORE building ``eid``'s:
+        the new ones then reuse the old ones' memory instead of adding to it (holding both
+        is what a process keeps as its RSS afterwards)."""
+        dropped = False
+        for cache in (self._grids, self._tables):
+            held = cache.get(sym)
+            if held is not None and held[0] != eid:
+                del cache[sym]
+                dropped = True
+        if dropped:
+            gc.unfreeze()  # frozen objects are never collected: let the old epoch's go
+
     async def _grid(self, sym: str, eid: str) -> hm.Grid:
         cached = self._grids.get(sym)
         if cached is not None and cached[0] == eid:
             return cached[1]
-        grid = await load_grid(self.redis, eid, sym, self.strategy, self.cfg, self.clock.time_ns())
+        self._drop_other_epoch(sym, eid)
+        cids = await self.topology.epoch(sym, eid)
+        grid = make_grid(cids, sym, self.strategy, self.cfg, self.clock.time_ns())
         self._grids[sym] = (eid, grid)
         return grid
 
@@ -313,25 +356,26 @@ class TileBuilder(ConsumerProcessor):
         cached = self._tables.get(sym)
         if cached is not None and cached[0] == eid:
             return cached[1]
+        self._drop_other_epoch(sym, eid)
         table = tv.TileTable(await self._grid(sym, eid), eid)
         self._tables[sym] = (eid, table)
         # The grid and table are ~500k small objects that live for the epoch: out of the
         # cyclic GC's reach, a full collection no longer walks them (measured: gen2 pauses
         # of up to 100 ms, ~1 s per 90 s at 20k events/s, straight into tick-to-SSE latency).
-        # Freed by reference counting when the epoch's table is replaced; the previous
+        # Freed by reference counting when the epoch's table is dropped; the previous
         # table's pages go back to the OS here.
         release_freed_memory()
         gc.freeze()
         return table
 
     async def _compute(
-        self, table: tv.TileTable, eid: str, rows: Any
+        self, table: tv.TileTable, sym: str, eid: str, rows: Any
     ) -> tuple[list[str], list[bytes], Any]:
         """Read the legs of the tiles ``rows`` and compute their staging values (and view
         keys, ``TileTable.staged_values_keyed``)."""
         cids = table.leg_contracts(rows)
         quotes, qrows, _ = await fetch_rows(
-            self.redis, eid, cids, self.cfg.fetch_chunk, self._parse
+            self.redis, sym, eid, cids, self.cfg.fetch_chunk, self._parse
         )
         return await self._values(table, rows, cids, quotes, qrows)
 
@@ -390,6 +434,7 @@ class TileBuilder(ConsumerProcessor):
             return []
         k_st = keys.heatmap_staging(sym, self.strategy)
         k_man = keys.heatmap_manifest(sym, self.strategy)
+        k_tiles = keys.tiles_stream(self.strategy, sym)
 
         def delta(ids: list[str]) -> producer.Fields:
             return _fields(
@@ -410,14 +455,14 @@ class TileBuilder(ConsumerProcessor):
             # (used only if the epoch is the staged one, the usual case).
             legs = table.leg_contracts(rows)
             quotes, qrows, (staged, writer) = await fetch_rows(
-                self.redis, eid, legs, self.cfg.fetch_chunk, self._parse, manifest=k_man
+                self.redis, sym, eid, legs, self.cfg.fetch_chunk, self._parse, manifest=k_man
             )
             if staged is not None and as_str(staged) == eid:
                 if writer is None or as_str(writer) != self.owner:
                     table.forget_announced()
                 tids, values, key = await self._values(table, rows, legs, quotes, qrows)
                 ids = await self._try_optimistic(
-                    tx, k_st, k_man, table, rows, tids, values, key, delta
+                    tx, (k_st, k_man, k_tiles), table, rows, tids, values, key, delta
                 )
                 if ids is not None:
                     self.m_seconds.labels(self.strategy, "incremental").observe(
@@ -436,7 +481,7 @@ class TileBuilder(ConsumerProcessor):
         # Admitted or equal (an equal tile may be a redelivery whose delta was lost).
         ids = [t for t, st in zip(tids, statuses, strict=True) if st >= lua.Stage.EQUAL]
         if ids:
-            await producer.xadd(self.redis, self.tiles_stream, delta(ids), self.cfg.tiles_maxlen)
+            await producer.xadd(self.redis, k_tiles, delta(ids), self.cfg.tiles_maxlen)
             self.m_deltas.inc()
         self.m_seconds.labels(self.strategy, "incremental").observe(time.perf_counter() - t0)
         return ids
@@ -444,8 +489,7 @@ class TileBuilder(ConsumerProcessor):
     async def _try_optimistic(
         self,
         tx: Any,
-        k_st: str,
-        k_man: str,
+        names: tuple[str, str, str],
         table: tv.TileTable,
         rows: Any,
         tids: list[str],
@@ -455,7 +499,8 @@ class TileBuilder(ConsumerProcessor):
     ) -> list[str] | None:
         """The optimistic write of ``incremental`` on the WATCHing pipeline ``tx``: MULTI
         (HSETs of the values computed, writer, delta) / EXEC. Returns the announced ids, or
-        None when EXEC aborted."""
+        None when EXEC aborted. ``names``: staging, manifest, tile stream (one slot)."""
+        k_st, k_man, k_tiles = names
         self.m_computed.labels(self.strategy, "incremental").inc(len(tids))
         changed = table.view_changed(rows, key)
         tx.multi()
@@ -464,7 +509,7 @@ class TileBuilder(ConsumerProcessor):
         tx.hset(k_man, "writer", self.owner)
         ids: list[str] = table.ids[rows[changed]].tolist()
         if ids:
-            producer.xadd_pipe(tx, self.tiles_stream, delta(ids), self.cfg.tiles_maxlen)
+            producer.xadd_pipe(tx, k_tiles, delta(ids), self.cfg.tiles_maxlen)
         try:
             await tx.execute()
         except WatchError:
@@ -508,12 +553,20 @@ class TileBuilder(ConsumerProcessor):
     async def full_build(self, sym: str, eid: str, *, recv_ts_ns: int | None, n_dirty: int) -> str:
         """Compute every tile of epoch ``eid`` and install it (see module doc). Returns
         installed | merged | superseded."""
+        try:
+            return await self._full_build(sym, eid, recv_ts_ns=recv_ts_ns, n_dirty=n_dirty)
+        finally:
+            # Every tile's value, its leg reads and the write pipeline (tens of MB of small
+            # objects, once per epoch) are garbage now: give their pages back.
+            release_freed_memory()
+
+    async def _full_build(self, sym: str, eid: str, *, recv_ts_ns: int | None, n_dirty: int) -> str:
         t0 = time.perf_counter()
-        created = await self.redis.hget(keys.epoch_meta(eid), "created_ns")
+        created = await self.redis.hget(keys.epoch_meta(sym, eid), "created_ns")
         created_ns = int(created) if created is not None else 0
         grid = await self._grid(sym, eid)
         table = await self._table(sym, eid)
-        tids, values, _ = await self._compute(table, eid, table.all_rows())
+        tids, values, _ = await self._compute(table, sym, eid, table.all_rows())
         tiles = list(zip(tids, values, strict=True))
         self.m_computed.labels(self.strategy, "full").inc(len(tiles))
         consumer = self.spec.consumer
@@ -577,7 +630,8 @@ class TileBuilder(ConsumerProcessor):
             recv_ts_ns=recv_ts_ns,
             n_dirty=n_dirty,
         )
-        await producer.xadd(self.redis, self.tiles_stream, _fields(delta), self.cfg.tiles_maxlen)
+        stream = keys.tiles_stream(self.strategy, sym)
+        await producer.xadd(self.redis, stream, _fields(delta), self.cfg.tiles_maxlen)
         self.m_deltas.inc()
 
 

@@ -2,12 +2,13 @@
 reads (tile builder legs, the normalizer's carry), heatmap staging, the publishers' fenced
 lease and their publish scripts. Status codes the scripts return are the IntEnums below.
 
-The ``.lua`` files are package data read through importlib.resources. Every script touches
-keys of ONE hash slot only (one epoch's ``{<eid>}`` keys, the single spot hash, or one GEX
-source hash), so the
-scripts stay valid on Redis Cluster. All timestamps are passed as decimal strings and
-compared as strings (length first, then lexicographically): Lua numbers are doubles and
-cannot hold every nanosecond timestamp exactly.
+The ``.lua`` files are package data read through importlib.resources. Every script declares
+every key it touches in KEYS (no name is built from ARGV) and those keys share ONE hash slot
+(one symbol's ``{<SYM>}`` keys: its epochs, staging, publisher and GEX keys; or the single
+spot hash), so the scripts stay valid on Redis Cluster (tests/test_cluster_slots.py). All
+timestamps are passed as decimal strings and compared as strings (length first, then
+lexicographically): Lua numbers are doubles and cannot hold every nanosecond timestamp
+exactly.
 
 Scripts are queued on pipelines as plain ``EVALSHA`` (redis-py's own pipeline script support
 sends ``SCRIPT EXISTS`` before every execute: one extra round trip per batch). ``execute``
@@ -118,7 +119,8 @@ class Script:
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
 
     def queue(self, pipe: Pipeline, keys: Sequence[Arg], args: Sequence[Arg]) -> None:
-        pipe.evalsha(self.sha, len(keys), *keys, *args)
+        # (not pipe.evalsha: a cluster pipeline refuses that method, not the command)
+        pipe.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
 
     async def load(self, redis: Redis) -> None:
         sha = await redis.script_load(self.source)

@@ -1,9 +1,9 @@
 -- WS values -> contract hashes of the ACTIVE epoch, with admission (DESIGN invariant 4).
--- KEYS[1] = epoch:{eid}:meta (declares the slot; every contract key shares the {eid} tag)
--- ARGV[1] = contract key prefix "epoch:{eid}:contract:"
--- ARGV[2] = msgpack FLAT array of quotes, 5 strings each: cid, ts_ns, bid, ask, mid
--- ARGV[3] = msgpack FLAT array of trades, 4 strings each: cid, ts_ns, last, size
--- ARGV[4] = optional: the epoch state required, default 'active' (the normalizer's carry
+-- KEYS[1] = the epoch's meta; KEYS[1 + i] = the contract hash of event i (quotes first, then
+--           trades, 1-based): every key of one epoch shares its symbol's {SYM} slot
+-- ARGV[1] = msgpack FLAT array of quotes, 5 strings each: cid, ts_ns, bid, ask, mid
+-- ARGV[2] = msgpack FLAT array of trades, 4 strings each: cid, ts_ns, last, size
+-- ARGV[3] = optional: the epoch state required, default 'active' (the normalizer's carry
 --           also writes into a 'warming' epoch before promoting it)
 -- (flat arrays: no Lua table per event.)
 -- Per kind: A slot absent -> create; B strictly newer ts -> replace; C older/equal -> discard.
@@ -18,7 +18,7 @@
 -- ts_ns whenever it writes either, so an event strictly newer than ts_ns is strictly newer
 -- than the stored slot of its kind (rule A or B: apply) and becomes the new ts_ns. Anything
 -- else (ts_ns absent, equal or older) takes the full check.
-if redis.call('HGET', KEYS[1], 'state') ~= (ARGV[4] or 'active') then
+if redis.call('HGET', KEYS[1], 'state') ~= (ARGV[3] or 'active') then
   return {1, 0}
 end
 local function newer(a, b)
@@ -26,15 +26,14 @@ local function newer(a, b)
   return a > b
 end
 local call = redis.call
-local prefix = ARGV[1]
-local q = cmsgpack.unpack(ARGV[2])
-local t = cmsgpack.unpack(ARGV[3])
+local q = cmsgpack.unpack(ARGV[1])
+local t = cmsgpack.unpack(ARGV[2])
 local out = {0, 0}
 local misses = 0
 local nq = #q / 5
 for n = 0, nq - 1 do
   local j = n * 5
-  local key = prefix .. q[j + 1]
+  local key = KEYS[2 + n]
   local ts = q[j + 2]
   local tsn = call('HGET', key, 'ts_ns')
   if tsn and newer(ts, tsn) then
@@ -61,7 +60,7 @@ end
 local nt = #t / 4
 for n = 0, nt - 1 do
   local j = n * 4
-  local key = prefix .. t[j + 1]
+  local key = KEYS[2 + nq + n]
   local ts = t[j + 2]
   local tsn = call('HGET', key, 'ts_ns')
   if tsn and newer(ts, tsn) then

@@ -1,15 +1,15 @@
 -- Chain snapshot values -> contract hashes of the ACTIVE epoch (same topology), admission.
--- KEYS[1] = epoch:{eid}:meta (declares the slot; every key written shares the {eid} tag)
--- ARGV[1] = key prefix "epoch:{eid}:"
--- ARGV[2] = msgpack array of rows (all strings, "" = absent):
+-- KEYS[1] = the epoch's meta, KEYS[2] = its gex HASH, KEYS[2 + i] = the contract hash of
+--           row i (1-based): every key of one epoch shares its symbol's {SYM} slot
+-- ARGV[1] = msgpack array of rows (all strings, "" = absent):
 --   {cid, quote_ts, bid, ask, mid, trade_ts, last, size, iv, delta, gamma, oi, gex_json}
--- ARGV[3] = the snapshot's ts: a contract quoted in it has its quote confirmed then
---   (quote_rx_ts = the later of the stored one and ARGV[3]). That is a change of the
+-- ARGV[2] = the snapshot's ts: a contract quoted in it has its quote confirmed then
+--   (quote_rx_ts = the later of the stored one and ARGV[2]). That is a change of the
 --   contract (reported): tiles judge a quote's age by when it was last received
 --   (processors/heatmap.py), so they are recomputed with it.
 -- Quotes / trades: A slot absent -> set; B strictly newer ts -> replace; C older/equal -> keep.
 -- iv/delta/gamma/oi: refreshed from every snapshot when present (WS carries none).
--- GEX projection: field <cid> of HASH epoch:{eid}:gex rewritten for every row.
+-- GEX projection: field <cid> of the epoch's gex HASH (KEYS[2]) rewritten for every row.
 -- Returns {status, misses, i1, i2, ...}: status 1 = epoch not active (nothing written);
 -- misses = rows whose contract hash does not exist; i = 0-based index of each row whose
 -- stored contract fields actually changed.
@@ -20,15 +20,14 @@ local function newer(a, b)
   if #a ~= #b then return #a > #b end
   return a > b
 end
-local prefix = ARGV[1] .. 'contract:'
-local rows = cmsgpack.unpack(ARGV[2])
+local rows = cmsgpack.unpack(ARGV[1])
 local greeks = {'iv', 'delta', 'gamma', 'oi'}
 local gex = {}
 local out = {0, 0}
 local misses = 0
 for n = 0, #rows - 1 do
   local a = rows[n + 1]
-  local key = prefix .. a[1]
+  local key = KEYS[3 + n]
   local cur = redis.call('HMGET', key, 'type', 'quote_ts', 'bid', 'ask', 'trade_ts', 'last',
     'size', 'ts_ns', 'iv', 'delta', 'gamma', 'oi', 'quote_rx_ts')
   if not cur[1] then
@@ -66,8 +65,8 @@ for n = 0, #rows - 1 do
         set[#set + 1] = greeks[g]; set[#set + 1] = v
       end
     end
-    if qts ~= '' and ARGV[3] and ((not cur[13]) or newer(ARGV[3], cur[13])) then
-      set[#set + 1] = 'quote_rx_ts'; set[#set + 1] = ARGV[3]
+    if qts ~= '' and ARGV[2] and ((not cur[13]) or newer(ARGV[2], cur[13])) then
+      set[#set + 1] = 'quote_rx_ts'; set[#set + 1] = ARGV[2]
     end
     if #set > 0 then
       redis.call('HSET', key, unpack(set))
@@ -80,7 +79,7 @@ for n = 0, #rows - 1 do
   end
 end
 if #gex > 0 then
-  redis.call('HSET', ARGV[1] .. 'gex', unpack(gex))
+  redis.call('HSET', KEYS[2], unpack(gex))
 end
 out[2] = misses
 return out

@@ -1,10 +1,11 @@
 """``massive-pipeline epoch inspect``: active epochs, states, counts, ages, dirty backlog.
 
 Reads only (connects with ``RuntimeSettings.redis_url`` from the environment):
-``massive:epoch:active``, ``massive:epoch:index`` and each indexed epoch's meta, the SCARD of
+``massive:epoch:active:{<SYM>}``, ``massive:epoch:index:{<SYM>}`` (MASSIVE_SYMBOLS) and each
+indexed epoch's meta, the SCARD of
 its topology SET (must equal ``n_contracts``), the TTL of its meta (retired epochs expire),
 a carry from the previous epoch that a crash left unfinished (``carry_from`` in the meta),
-and the consumer groups of ``massive:contracts:dirty`` (lag, pending). ``--json`` prints the
+and the consumer groups of ``massive:contracts:dirty:{<SYM>}`` (lag, pending). ``--json`` prints the
 same as one JSON document.
 """
 
@@ -14,7 +15,7 @@ import argparse
 import asyncio
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
 import orjson
@@ -35,7 +36,7 @@ class EpochRow:
     state: str  # active | warming | retired | missing (pointer without meta)
     is_active: bool
     n_contracts: int | None
-    topology: int  # SCARD of epoch:{eid}:contracts
+    topology: int  # SCARD of epoch:{<SYM>}:<eid>:contracts
     expiries: list[str]
     age_s: float | None  # since created
     promoted_age_s: float | None
@@ -57,29 +58,40 @@ def _age(now_ns: int, v: str | None) -> float | None:
     return None if not v else round((now_ns - int(v)) / 1e9, 3)
 
 
-async def collect(redis: Redis, now_ns: int | None = None) -> Report:
+async def collect(redis: Redis, symbols: Iterable[str], now_ns: int | None = None) -> Report:
+    """The epochs of ``symbols`` (each symbol's pointer and index: one slot per symbol)."""
     now = time.time_ns() if now_ns is None else now_ns
-    active = {as_str(k): as_str(v) for k, v in (await redis.hgetall(keys.EPOCH_ACTIVE)).items()}
-    eids = [as_str(e) for e in await redis.zrange(keys.EPOCH_INDEX, 0, -1)]
-    for e in active.values():
-        if e not in eids:
-            eids.append(e)
+    syms = sorted(dict.fromkeys(symbols))
     pipe = redis.pipeline(transaction=False)
-    for e in eids:
-        pipe.hgetall(keys.epoch_meta(e))
-        pipe.scard(keys.epoch_contracts(e))
-        pipe.ttl(keys.epoch_meta(e))
+    for sym in syms:
+        pipe.get(keys.epoch_active(sym))
+        pipe.zrange(keys.epoch_index(sym), 0, -1)
+    got = await pipe.execute()
+    active: dict[str, str] = {}
+    pairs: list[tuple[str, str]] = []  # (symbol, eid)
+    for i, sym in enumerate(syms):
+        cur, indexed = got[2 * i], got[2 * i + 1]
+        pairs += [(sym, as_str(e)) for e in indexed]
+        if cur is not None:
+            active[sym] = as_str(cur)
+            if (sym, active[sym]) not in pairs:
+                pairs.append((sym, active[sym]))
+    pipe = redis.pipeline(transaction=False)
+    for sym, e in pairs:
+        pipe.hgetall(keys.epoch_meta(sym, e))
+        pipe.scard(keys.epoch_contracts(sym, e))
+        pipe.ttl(keys.epoch_meta(sym, e))
     res = await pipe.execute()
     live = set(active.values())
     rows = []
-    for i, e in enumerate(eids):
+    for i, (sym, e) in enumerate(pairs):
         meta = {as_str(k): as_str(v) for k, v in res[3 * i].items()}
         card, ttl = int(res[3 * i + 1]), int(res[3 * i + 2])
         n = int(meta["n_contracts"]) if meta.get("n_contracts") else None
         rows.append(
             EpochRow(
                 eid=e,
-                symbol=meta.get("symbol") or next((s for s, v in active.items() if v == e), "?"),
+                symbol=meta.get("symbol") or sym,
                 state=meta.get("state", "missing"),
                 is_active=e in live,
                 n_contracts=n,
@@ -94,11 +106,15 @@ async def collect(redis: Redis, now_ns: int | None = None) -> Report:
             )
         )
     rows.sort(key=lambda r: (r.symbol, not r.is_active, r.age_s if r.age_s is not None else 0.0))
-    try:
-        dirty = await admin.lag(redis, [keys.CONTRACTS_DIRTY_STREAM])
-        length = int(await redis.xlen(keys.CONTRACTS_DIRTY_STREAM))
-    except ResponseError:  # the stream does not exist yet
-        dirty, length = [], 0
+    dirty: list[admin.GroupLag] = []
+    length = 0
+    for sym in syms:
+        stream = keys.contracts_dirty_stream(sym)
+        try:
+            dirty += await admin.lag(redis, [stream])
+            length += int(await redis.xlen(stream))
+        except ResponseError:  # the stream does not exist yet
+            pass
     return Report(active=active, epochs=rows, dirty=dirty, dirty_length=length)
 
 
@@ -115,7 +131,7 @@ def _fmt_age(v: float | None) -> str:
 def render(rep: Report) -> str:
     out = []
     if not rep.epochs:
-        out.append("no epochs (massive:epoch:index and massive:epoch:active are empty)")
+        out.append("no epochs (massive:epoch:index:{<SYM>}, massive:epoch:active:{<SYM>} empty)")
     else:
         out.append(
             f"{'symbol':6} {'epoch':16} {'state':8} {'act':3} {'contracts':>9} {'topology':>8} "
@@ -132,21 +148,22 @@ def render(rep: Report) -> str:
                 f"{_fmt_age(r.snapshot_age_s):>8} {r.ttl_s if r.ttl_s >= 0 else '-':>5}{flag}"
             )
     out.append("")
-    out.append(f"dirty backlog ({keys.CONTRACTS_DIRTY_STREAM}, length {rep.dirty_length}):")
+    out.append(f"dirty backlog (massive:contracts:dirty:{{<SYM>}}, length {rep.dirty_length}):")
     if not rep.dirty:
         out.append("  no consumer groups")
     for g in rep.dirty:
         lag = "?" if g.lag is None else str(g.lag)
         out.append(
-            f"  group {g.group:24} lag {lag:>8} pending {g.pending:>6} consumers {g.consumers}"
+            f"  {g.stream} group {g.group:24} lag {lag:>8} pending {g.pending:>6} "
+            f"consumers {g.consumers}"
         )
     return "\n".join(out)
 
 
-async def _inspect(url: str, as_json: bool) -> int:
+async def _inspect(url: str, symbols: Iterable[str], as_json: bool) -> int:
     r = admin_client(url)
     try:
-        rep = await collect(r)
+        rep = await collect(r, symbols)
     finally:
         await r.aclose()
     if as_json:
@@ -168,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
     try:
-        return asyncio.run(_inspect(settings.redis_url, args.json))
+        return asyncio.run(_inspect(settings.redis_url, settings.symbols, args.json))
     except CONNECT_ERRORS as exc:
         print(unreachable(settings.redis_url, exc), file=sys.stderr)
         return 2

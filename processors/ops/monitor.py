@@ -35,6 +35,7 @@ import contextlib
 import logging
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +44,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from schemas import keys
+from schemas import symbols as known_symbols
 from streams import admin
 from streams.metrics import counter, gauge, histogram, redis_outages
 from streams.processor import Deps
@@ -70,19 +72,21 @@ class MonitorSettings:
             raise ValueError("interval_s must be > 0")
 
 
-def pipeline_streams() -> list[str]:
-    """Every stream the pipeline defines (schemas.keys), without dead-letter streams."""
-    out = [
-        keys.CHAIN_STREAM,
-        keys.SPOT_STREAM,
-        keys.WS_STREAM,
-        keys.CONTRACTS_DIRTY_STREAM,
-        keys.GEX_DIFFS_STREAM,
-        keys.CONTROL_STREAM,
-    ]
-    for s in keys.STRATEGIES:
-        out += [keys.tiles_stream(s), keys.heatmap_diffs_stream(s)]
-    return out
+def every_symbol() -> list[str]:
+    """Every symbol configured (``MASSIVE_SYMBOLS``) or with a spec: the per-symbol streams
+    a tool looks for when it is not told which symbols ran."""
+    reg = known_symbols.registry()
+    return list(dict.fromkeys([*reg.configured, *reg.specs]))
+
+
+def pipeline_streams(symbols: Iterable[str] | None = None) -> list[str]:
+    """Every stream the pipeline defines (schemas.keys), without dead-letter streams: the
+    shared ones and the per-symbol ones of ``symbols`` (default: every symbol configured or
+    with a spec; a stream that does not exist is skipped by the callers)."""
+    if symbols is None:
+        symbols = every_symbol()
+    out = [keys.CHAIN_STREAM, keys.SPOT_STREAM, keys.WS_STREAM, keys.CONTROL_STREAM]
+    return out + keys.symbol_streams(symbols)
 
 
 def model_keys(symbol: str) -> list[tuple[str, str]]:
@@ -305,7 +309,7 @@ class Monitor:
         return True
 
     async def _streams(self) -> list[str]:
-        base = pipeline_streams()
+        base = pipeline_streams(self.deps.settings.symbols)
         names = base + [keys.dead_letter_stream(s) for s in base]
         if self.settings.scan_pattern:
             names += await admin.stream_names(self.redis, self.settings.scan_pattern)
@@ -316,10 +320,34 @@ class Monitor:
         types = await pipe.execute()
         return [n for n, t in zip(names, types, strict=True) if as_str(t) == "stream"]
 
+    async def _poll_models(self, sym: str, now_ns: int) -> None:
+        """Publish age and version of every model of ``sym``."""
+        labels_keys = model_keys(sym)
+        pipe = self.redis.pipeline(transaction=False)
+        for _, k in labels_keys:
+            pipe.getrange(k, 0, STAMP_PREFIX_BYTES - 1)
+        prefixes = await pipe.execute()
+        for (model, key), prefix in zip(labels_keys, prefixes, strict=True):
+            if not prefix:  # absent (a model is never empty)
+                continue
+            stamp = _stamp(prefix)
+            if stamp is None:  # not the usual layout: decode the whole value
+                raw = await self.redis.get(key)
+                if raw is None:
+                    continue
+                try:
+                    stamp = _stamp_decoder.decode(raw)
+                except msgspec.DecodeError as exc:  # ValidationError is a DecodeError
+                    self.poll_errors.labels("bad_model").inc()
+                    logger.warning("monitor: unreadable model %s: %s", key, exc)
+                    continue
+            self.publish_age.set((sym, model), (now_ns - stamp.ts_ns) / NS)
+            self.version.set((sym, model), stamp.version)
+
     async def _poll(self) -> None:
         now_ns = self.clock.time_ns()
         streams = await self._streams()
-        dead_suffix = keys.dead_letter_stream("")
+        dead_suffix = keys.DEAD_SUFFIX
         for s in streams:
             length = int(await self.redis.xlen(s))
             self.length.set((s,), length)
@@ -332,38 +360,23 @@ class Monitor:
             self.pending.set(lbl, g.pending)
             self.consumers.set(lbl, g.consumers)
 
-        raw_active = await self.redis.hgetall(keys.EPOCH_ACTIVE)
-        active = {as_str(k): as_str(v) for k, v in raw_active.items()}
         # MASSIVE_SYMBOLS are watched even before an epoch is active
-        symbols = sorted(set(self.deps.settings.symbols) | set(active))
+        symbols = sorted(self.deps.settings.symbols)
+        pipe = self.redis.pipeline(transaction=False)
+        for sym in symbols:
+            pipe.get(keys.epoch_active(sym))
+        replies = await pipe.execute()
+        active = {s: as_str(v) for s, v in zip(symbols, replies, strict=True) if v is not None}
         for sym in symbols:
             eid = active.get(sym)
             if eid is not None:
-                meta = await self.redis.hmget(keys.epoch_meta(eid), ["promoted_ns", "created_ns"])
+                meta = await self.redis.hmget(
+                    keys.epoch_meta(sym, eid), ["promoted_ns", "created_ns"]
+                )
                 since = meta[0] or meta[1]
                 if since:
                     self.epoch_age.set((sym,), (now_ns - int(since)) / NS)
-            labels_keys = model_keys(sym)
-            pipe = self.redis.pipeline(transaction=False)
-            for _, k in labels_keys:
-                pipe.getrange(k, 0, STAMP_PREFIX_BYTES - 1)
-            prefixes = await pipe.execute()
-            for (model, key), prefix in zip(labels_keys, prefixes, strict=True):
-                if not prefix:  # absent (a model is never empty)
-                    continue
-                stamp = _stamp(prefix)
-                if stamp is None:  # not the usual layout: decode the whole value
-                    raw = await self.redis.get(key)
-                    if raw is None:
-                        continue
-                    try:
-                        stamp = _stamp_decoder.decode(raw)
-                    except msgspec.DecodeError as exc:  # ValidationError is a DecodeError
-                        self.poll_errors.labels("bad_model").inc()
-                        logger.warning("monitor: unreadable model %s: %s", key, exc)
-                        continue
-                self.publish_age.set((sym, model), (now_ns - stamp.ts_ns) / NS)
-                self.version.set((sym, model), stamp.version)
+            await self._poll_models(sym, now_ns)
 
         last_ws = await self.redis.get(keys.WS_LAST_EVENT)
         if last_ws is not None:

@@ -7,9 +7,9 @@ other one a :class:`Record`: one raw stream entry (its fields byte for byte) wit
 time and, for chain pointers, the snapshot blob it points at (blobs expire in Redis, so they
 are captured when recording). Records are ordered by receive time:
 
-* ``massive:ws:stream``: the entry's ``recv_ts_ns`` (ws-ingest stamps it on receipt);
-* ``massive:chain:stream``: the pointer's ``ts_ns`` (fetch completion, the poller's clock);
-* ``massive:spot:stream`` and anything unreadable: the entry id's time (when Redis got it).
+* ``massive:{ws}:stream``: the entry's ``recv_ts_ns`` (ws-ingest stamps it on receipt);
+* ``massive:{chain}:stream``: the pointer's ``ts_ns`` (fetch completion, the poller's clock);
+* ``massive:{chain}:spot:stream`` and anything unreadable: the entry id's time (when Redis got it).
 
 A recording is self-contained: it starts with the state at its first record
 (:func:`start_records`: the newest chain snapshot of every symbol, and its index spot as a WS
@@ -81,6 +81,7 @@ from typing import Any
 import msgspec
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 
 from processors import MODEL_PATH
 from processors.registry import load
@@ -123,6 +124,15 @@ class Record(msgspec.Struct, array_like=True):
     fields: list[tuple[bytes, bytes]]
     blob_key: str | None = None
     blob: bytes | None = None
+
+
+# Stream names of recordings made before the cluster key schema (schemas/keys.py): read as
+# the streams they are now, so an older recording replays unchanged.
+LEGACY_STREAMS = {
+    "massive:chain:stream": keys.CHAIN_STREAM,
+    "massive:ws:stream": keys.WS_STREAM,
+    "massive:spot:stream": keys.SPOT_STREAM,
+}
 
 
 class RecordingError(ValueError):
@@ -207,12 +217,15 @@ def read_recording(path: str | Path) -> tuple[RecordingHeader, Iterator[Record]]
     if header.format != FORMAT or header.version > VERSION:
         f.close()
         raise RecordingError(f"{path}: format {header.format!r} v{header.version} unsupported")
+    header.streams = [LEGACY_STREAMS.get(s, s) for s in header.streams]
 
     def records() -> Iterator[Record]:
         try:
             for payload in frames:
                 try:
-                    yield _record_dec.decode(payload)
+                    rec = _record_dec.decode(payload)
+                    rec.stream = LEGACY_STREAMS.get(rec.stream, rec.stream)
+                    yield rec
                 except msgspec.DecodeError as exc:
                     raise RecordingError(f"{path}: bad record: {exc}") from None
         except (OSError, EOFError) as exc:  # gzip: truncated or corrupt
@@ -306,7 +319,13 @@ async def start_records(
     out: list[Record] = []
     chain_t = 0
     if keys.CHAIN_STREAM in streams:
-        active = {as_str(k) for k in await redis.hkeys(keys.EPOCH_ACTIVE)}
+        from processors.ops.monitor import every_symbol
+
+        syms = every_symbol()
+        pipe = redis.pipeline(transaction=False)
+        for sym in syms:
+            pipe.exists(keys.epoch_active(sym))
+        active = {s for s, n in zip(syms, await pipe.execute(), strict=True) if n}
         found: dict[tuple[str, str], Record] = {}  # (symbol, scope): window / full chain
         stats = RecordStats()
         end, seen = upto, 0
@@ -455,26 +474,31 @@ Hook = Callable[[Record], Awaitable[None]]
 
 
 class _Writer:
-    """XADDs records into their streams (a chain pointer after SET of its blob, on the same
-    connection, so a reader of the pointer finds the blob), pipelined."""
+    """XADDs records into their streams, pipelined; a chain pointer goes out only once the
+    SET of its blob has been answered, so a reader of the pointer finds the blob. (One
+    pipeline is not enough on a Redis Cluster: the blob and the pointer live in different
+    slots, and a cluster pipeline sends to their nodes in parallel.)"""
 
     def __init__(self, redis: Redis, maxlen: int, blob_ttl_s: int) -> None:
         self.redis = redis
         self.maxlen = maxlen
         self.blob_ttl_s = blob_ttl_s
-        self._pipe = redis.pipeline(transaction=False)
+        # pipelines executed in order: a new one starts after each blob SET
+        self._pipes: list[Pipeline] = [redis.pipeline(transaction=False)]
         self.queued = 0
 
     def queue(self, rec: Record) -> None:
         if rec.blob is not None and rec.blob_key is not None:
-            self._pipe.set(rec.blob_key, rec.blob, ex=self.blob_ttl_s)
-        self._pipe.xadd(rec.stream, dict(rec.fields), maxlen=self.maxlen, approximate=True)
+            self._pipes[-1].set(rec.blob_key, rec.blob, ex=self.blob_ttl_s)
+            self._pipes.append(self.redis.pipeline(transaction=False))
+        self._pipes[-1].xadd(rec.stream, dict(rec.fields), maxlen=self.maxlen, approximate=True)
         self.queued += 1
 
     async def flush(self) -> None:
         if self.queued:
-            await self._pipe.execute()
-            self._pipe = self.redis.pipeline(transaction=False)
+            for pipe in self._pipes:
+                await pipe.execute()
+            self._pipes = [self.redis.pipeline(transaction=False)]
             self.queued = 0
 
 
@@ -521,10 +545,10 @@ async def replay_records(
     return stats
 
 
-def pipeline_streams() -> list[str]:
+def pipeline_streams(symbols: Iterable[str] | None = None) -> list[str]:
     from processors.ops.monitor import pipeline_streams as streams
 
-    return streams()
+    return streams(symbols)
 
 
 # Groups whose consumer keeps entries pending on purpose while it holds their effect in
@@ -701,7 +725,7 @@ async def replay_file(
     )
     procs: list[Processor] = [load(n, deps) for n in opts.processors]
     consumers = [p for p in procs if isinstance(p, ConsumerProcessor)]
-    consumed = [(p.spec.stream, p.spec.group) for p in consumers]
+    consumed = [(sp.stream, sp.group) for p in consumers for sp in p.specs]
     pstop = asyncio.Event()
     tasks = [asyncio.create_task(p.run(pstop), name=p.name) for p in procs]
 
@@ -713,35 +737,51 @@ async def replay_file(
         t.add_done_callback(ended)
 
     def check_tasks() -> None:
-        for t in tasks:
-            if t.done() and not pstop.is_set():
-                exc = t.exception() if not t.cancelled() else None
-                raise ReplayAborted(f"processor {t.get_name()} stopped during the replay") from exc
+        _check_tasks(tasks, pstop)
 
     try:
-        deadline = time.monotonic() + opts.timeout_s
-        while not all(p.ready for p in procs):
-            check_tasks()
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    "processors not ready: " + ",".join(p.name for p in procs if not p.ready)
-                )
-            await asyncio.sleep(0.005)
-        quiet = Quiescence(redis, consumed, [p.consumer for p in consumers])
+        await _wait_ready(procs, opts.timeout_s, check_tasks)
+        quiet = Quiescence(redis, consumed, [c for p in consumers for c in p.consumers])
         driver = _Driver(redis, clock, opts, settings, quiet, check_tasks)
         driver.on_instant = on_instant
         await driver.settle_participants()
         return await driver.run(_chain([first], it), stop)
     finally:
         pstop.set()
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=settings.grace_s)
-            for task in pending:
-                task.cancel()
-            results = await asyncio.gather(*tasks, return_exceptions=True)
-            for task, res in zip(tasks, results, strict=True):
-                if isinstance(res, Exception):
-                    logger.error("processor %s failed", task.get_name(), exc_info=res)
+        await _stop_tasks(tasks, settings.grace_s)
+
+
+def _check_tasks(tasks: list[asyncio.Task[None]], pstop: asyncio.Event) -> None:
+    """Raise ReplayAborted if a processor stopped before the replay asked it to."""
+    for t in tasks:
+        if t.done() and not pstop.is_set():
+            exc = t.exception() if not t.cancelled() else None
+            raise ReplayAborted(f"processor {t.get_name()} stopped during the replay") from exc
+
+
+async def _wait_ready(procs: list[Processor], timeout_s: float, check: Callable[[], None]) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not all(p.ready for p in procs):
+        check()
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                "processors not ready: " + ",".join(p.name for p in procs if not p.ready)
+            )
+        await asyncio.sleep(0.005)
+
+
+async def _stop_tasks(tasks: list[asyncio.Task[None]], grace_s: float) -> None:
+    """Wait ``grace_s`` for the processors (stop already set), cancel the rest, await all
+    and log each failure."""
+    if not tasks:
+        return
+    _, pending = await asyncio.wait(tasks, timeout=grace_s)
+    for task in pending:
+        task.cancel()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    for task, res in zip(tasks, results, strict=True):
+        if isinstance(res, Exception):
+            logger.error("processor %s failed", task.get_name(), exc_info=res)
 
 
 class _Driver:

@@ -37,8 +37,15 @@ IGNORED_DIFF_FIELDS = frozenset({"prev_id", "src_recv_ts_ns"})
 IGNORED_MODEL_FIELDS = frozenset({"diff_id"})
 
 
-def diff_streams() -> list[str]:
-    return [*(keys.heatmap_diffs_stream(s) for s in keys.STRATEGIES), keys.GEX_DIFFS_STREAM]
+def diff_streams(symbols: Iterable[str] | None = None) -> list[str]:
+    """The diff streams of ``symbols`` (default: every symbol configured or with a spec)."""
+    from processors.ops.monitor import every_symbol
+
+    out: list[str] = []
+    for sym in every_symbol() if symbols is None else symbols:
+        out += [keys.heatmap_diffs_stream(s, sym) for s in keys.STRATEGIES]
+        out.append(keys.gex_diffs_stream(sym))
+    return out
 
 
 def model_keys(symbols: Iterable[str]) -> list[str]:

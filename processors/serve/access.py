@@ -257,7 +257,7 @@ class Guard:
 
     async def _redis_serves_reads(self) -> None:
         async with self.redis_slots:
-            await self.redis.exists(keys.EPOCH_ACTIVE)
+            await self.redis.exists(keys.SPOT_LATEST)
 
     async def _api(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = False

@@ -85,6 +85,7 @@ from processors.serve.access import Guard, SecurityHeaders, Tokens
 from processors.serve.views import (
     FRONT,
     GEX_0DTE_KEEP,
+    Change,
     Model,
     PartKey,
     Subscriber,
@@ -283,11 +284,16 @@ _json_encoder = msgspec.json.Encoder()
 
 @dataclass(frozen=True, slots=True)
 class Channel:
-    """A model family: its diff stream and model key (``heatmap:<strategy>`` or ``gex``)."""
+    """A model family (``heatmap:<strategy>`` or ``gex``): per symbol, its diff stream and
+    model key (one ``{<SYM>}`` slot)."""
 
     name: str
-    stream: str
     strategy: str | None
+
+    def stream(self, symbol: str) -> str:
+        if self.strategy is None:
+            return keys.gex_diffs_stream(symbol)
+        return keys.heatmap_diffs_stream(self.strategy, symbol)
 
     def model_key(self, symbol: str) -> str:
         if self.strategy is None:
@@ -299,11 +305,8 @@ class Channel:
 
 
 def channels() -> dict[str, Channel]:
-    out = {
-        f"heatmap:{s}": Channel(f"heatmap:{s}", keys.heatmap_diffs_stream(s), s)
-        for s in keys.STRATEGIES
-    }
-    out["gex"] = Channel("gex", keys.GEX_DIFFS_STREAM, None)
+    out = {f"heatmap:{s}": Channel(f"heatmap:{s}", s) for s in keys.STRATEGIES}
+    out["gex"] = Channel("gex", None)
     return out
 
 
@@ -432,13 +435,20 @@ def _rows(raw: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
 
 # --- shared readers ------------------------------------------------------------------------------
 class DiffFeed:
-    """The one reader of a diff stream; hands each entry to the mirror of its symbol."""
+    """The one reader of a diff stream (one model family, one symbol); hands each entry to
+    the mirror of its symbol."""
 
     def __init__(
-        self, redis: Redis, channel: Channel, settings: SseSettings, metrics: Metrics
+        self,
+        redis: Redis,
+        channel: Channel,
+        symbol: str,
+        settings: SseSettings,
+        metrics: Metrics,
     ) -> None:
         self.redis = redis
         self.channel = channel
+        self.stream = channel.stream(symbol)
         self.settings = settings
         self.mirrors: dict[str, Mirror] = {}
         self.whole: dict[str, set[WholeSubscriber]] = {}  # unfiltered streams, by symbol
@@ -455,7 +465,7 @@ class DiffFeed:
 
     async def prime(self) -> None:
         """Start at the stream's current tail (earlier diffs are inside the models)."""
-        last = await self.redis.xrevrange(self.channel.stream, "+", "-", count=1)
+        last = await self.redis.xrevrange(self.stream, "+", "-", count=1)
         if last:
             self.last_id = parse_id(last[0][0]) or ZERO_ID
 
@@ -515,12 +525,23 @@ class DiffFeed:
         for mirror in self.mirrors.values():
             mirror.stop()
 
-    async def run(self, stop: asyncio.Event) -> None:
+    async def run(self, stop: asyncio.Event, prime: bool = False) -> None:
+        """Read until ``stop``; ``prime``: start at the stream's tail (a feed added after the
+        gateway started)."""
         backoff_s = 0.1
+        while prime and not stop.is_set():
+            try:
+                await self.prime()
+                break
+            except (RedisError, OSError) as exc:
+                self.read_errors.inc()
+                logger.warning("channel=%s prime failed: %s", self.channel.name, exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), backoff_s)
         while not stop.is_set():
             try:
                 resp = await self.redis.xread(
-                    {self.channel.stream: format_id(self.last_id)},
+                    {self.stream: format_id(self.last_id)},
                     count=self.settings.read_count,
                     block=self.settings.block_ms,
                 )
@@ -1017,7 +1038,7 @@ class Mirror:
             await asyncio.sleep(0)  # a 100k-item model: let the other clients run
         del batch
         # the checkpoint may be versions behind its diffs (processors/heatmap/publisher.py)
-        async for sid, id_s, body in gw.entries_after(ch.stream, model.head_sid):
+        async for sid, id_s, body in gw.entries_after(ch.stream(self.symbol), model.head_sid):
             if _diff_head.decode(body).symbol != self.symbol:
                 continue
             if self.apply(model, sid, id_s, body, emit=False) is not None:
@@ -1069,18 +1090,27 @@ class Mirror:
         if meta_changed:
             m.meta = meta
         if emit:
-            if self.dates_task is not None:
-                self._refresh_dates()
-            for spec, view in self.views.items():
-                if is_date(self.channel, spec):
-                    continue
-                vd = view.on_diff(
-                    sid, id_s, d.ts_ns, d.src_recv_ts_ns, changes, meta if meta_changed else None
-                )
-                if vd is not None:
-                    for sub in view.subs:
-                        self.push(view, sub, vd)
+            self._emit(sid, id_s, d, changes, meta if meta_changed else None)
         return None
+
+    def _emit(
+        self,
+        sid: StreamId,
+        id_s: str,
+        d: _Diff,
+        changes: dict[PartKey, list[tuple[str, Change]]],
+        meta: bytes | None,
+    ) -> None:
+        """One view diff per view the model diff touches, shared by its subscribers."""
+        if self.dates_task is not None:
+            self._refresh_dates()
+        for spec, view in self.views.items():
+            if is_date(self.channel, spec):
+                continue
+            vd = view.on_diff(sid, id_s, d.ts_ns, d.src_recv_ts_ns, changes, meta)
+            if vd is not None:
+                for sub in view.subs:
+                    self.push(view, sub, vd)
 
     def push(self, view: ViewFeed, sub: Subscriber, vd: ViewDiff) -> None:
         if sub.push(vd):
@@ -1106,9 +1136,12 @@ class Gateway:
         self.settings = settings
         self.metrics = Metrics(deps)
         self.channels = channels()
+        # One reader per (model family, symbol) diff stream: the configured symbols' now,
+        # another symbol's when a client first asks for it (``feed``).
         self.feeds = {
-            name: DiffFeed(deps.redis, ch, settings, self.metrics)
+            (name, sym): DiffFeed(deps.redis, ch, sym, settings, self.metrics)
             for name, ch in self.channels.items()
+            for sym in deps.settings.symbols
         }
         self._stop = asyncio.Event()
         self._tg: asyncio.TaskGroup | None = None
@@ -1132,8 +1165,8 @@ class Gateway:
         try:
             async with shutdown, asyncio.TaskGroup() as tg:
                 self._tg = tg
-                for n, f in self.feeds.items():
-                    tg.create_task(f.run(self._stop), name=f"sse-feed:{n}")
+                for (n, sym), f in self.feeds.items():
+                    tg.create_task(f.run(self._stop), name=f"sse-feed:{n}:{sym}")
                 tg.create_task(self._janitor(), name="sse-janitor")
                 self.started = True
                 try:
@@ -1148,7 +1181,8 @@ class Gateway:
             self._tg = None
 
     def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
-        """A task of the gateway's group (mirror loaders): awaited at shutdown."""
+        """A task of the gateway's group (feeds added later, mirror loaders): awaited at
+        shutdown."""
         if self._tg is None:
             raise RuntimeError("sse-gateway: not running")
         return self._tg.create_task(coro, name=name)
@@ -1163,8 +1197,19 @@ class Gateway:
     def closing(self) -> bool:
         return self._stop.is_set()
 
+    def feed(self, channel: Channel, symbol: str) -> DiffFeed:
+        """The reader of ``symbol``'s diff stream of ``channel`` (started when new)."""
+        f = self.feeds.get((channel.name, symbol))
+        if f is None:
+            f = DiffFeed(self.redis, channel, symbol, self.settings, self.metrics)
+            self.feeds[(channel.name, symbol)] = f
+            if self.started:
+                name = f"sse-feed:{channel.name}:{symbol}"
+                self.spawn(f.run(self._stop, prime=True), name)
+        return f
+
     def mirror(self, channel: Channel, symbol: str) -> Mirror:
-        feed = self.feeds[channel.name]
+        feed = self.feed(channel, symbol)
         m = feed.mirrors.get(symbol)
         if m is None:
             m = feed.mirrors[symbol] = Mirror(self, channel, symbol)
@@ -1224,7 +1269,7 @@ class Gateway:
             return cast(bytes, raw)
         changed = False
         after = parse_id(model.diff_id) or ZERO_ID
-        async for _sid, id_s, body in self.entries_after(channel.stream, after):
+        async for _sid, id_s, body in self.entries_after(channel.stream(symbol), after):
             try:
                 d = _full_diff.decode(body)
             except (msgspec.ValidationError, msgspec.DecodeError):
@@ -1305,7 +1350,7 @@ class Gateway:
         then cheaper)."""
         frames: list[bytes] = []
         size = 0
-        async for sid, id_s, body in self.entries_after(channel.stream, state.last_id):
+        async for sid, id_s, body in self.entries_after(channel.stream(symbol), state.last_id):
             item = decode_item(sid, id_s, {b"d": body})
             if item is None or item.head.symbol != symbol:
                 continue
@@ -1323,7 +1368,7 @@ class Gateway:
         self, channel: Channel, symbol: str, after: StreamId
     ) -> tuple[list[bytes], _State] | None:
         """Diffs of ``symbol`` after entry ``after``, or None if a snapshot is needed."""
-        stream = channel.stream
+        stream = channel.stream(symbol)
         async with self.redis_slots:
             first = _rows(await self.redis.xrange(stream, "-", "+", count=1))
             if not first or after < (parse_id(first[0][0]) or ZERO_ID):
@@ -1351,7 +1396,7 @@ class Gateway:
         """The whole model: the stored model, then the diff stream's entries as they are
         (shared frames; a backlog merged into one diff when it grows past the bound).
         Subscribes before it reads the model, so nothing is lost."""
-        feed = self.feeds[channel.name]
+        feed = self.feed(channel, symbol)
         out = _Sent(self.metrics, channel.name)
         sub = feed.subscribe_whole(symbol, self.settings.whole_pending_max_bytes)
         out.clients.inc()
@@ -1673,19 +1718,22 @@ class Endpoints:
         return Response(body, media_type="application/json", headers={"Cache-Control": "no-store"})
 
     async def _epochs(self, fields: list[str] | None) -> Response:
-        """Active epoch per symbol with its meta (``fields`` of it; None: all), in two
-        round trips whatever the number of symbols."""
+        """Active epoch per configured symbol with its meta (``fields`` of it; None: all), in
+        two pipelined round trips whatever the number of symbols."""
         redis = self.deps.redis
+        symbols = sorted(self.deps.settings.symbols)
         async with self.gw.redis_slots:
-            active = sorted(
-                (as_str(k), as_str(v)) for k, v in (await redis.hgetall(keys.EPOCH_ACTIVE)).items()
-            )
             pipe = redis.pipeline(transaction=False)
-            for _sym, eid in active:
+            for sym in symbols:
+                pipe.get(keys.epoch_active(sym))
+            eids = await pipe.execute() if symbols else []
+            active = [(sym, as_str(e)) for sym, e in zip(symbols, eids, strict=True) if e]
+            pipe = redis.pipeline(transaction=False)
+            for sym, eid in active:
                 if fields is None:
-                    pipe.hgetall(keys.epoch_meta(eid))
+                    pipe.hgetall(keys.epoch_meta(sym, eid))
                 else:
-                    pipe.hmget(keys.epoch_meta(eid), fields)
+                    pipe.hmget(keys.epoch_meta(sym, eid), fields)
             metas = await pipe.execute() if active else []
         out: dict[str, Any] = {}
         for (sym, eid), meta in zip(active, metas, strict=True):
