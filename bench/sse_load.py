@@ -285,7 +285,7 @@ class Tap:
 
 async def _dispatch_metrics(admin_port: int) -> dict[str, tuple[float, float]]:
     """channel -> (dispatch CPU seconds, diff entries read) from the gateway's /metrics."""
-    async with httpx.AsyncClient() as http:
+    async with httpx.AsyncClient(timeout=120) as http:  # a starved gateway answers late
         text = (await http.get(f"http://127.0.0.1:{admin_port}/metrics")).text
     out: dict[str, list[float]] = {}
     for line in text.splitlines():

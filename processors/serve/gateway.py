@@ -558,12 +558,16 @@ class DiffFeed:
                 backoff_s = min(backoff_s * 2, 5.0)
                 continue
             backoff_s = 0.1
-            t0 = time.thread_time()
-            with gc_paused():
-                for _stream, entries in cast(list[Any], resp or []):
-                    self.dispatched.inc(len(entries))
-                    self.dispatch(_rows(entries))
-            self.dispatch_cpu.inc(time.thread_time() - t0)
+            for _stream, entries in cast(list[Any], resp or []):
+                for entry in _rows(entries):
+                    t0 = time.thread_time()
+                    with gc_paused():
+                        self.dispatch([entry])
+                    self.dispatched.inc()
+                    self.dispatch_cpu.inc(time.thread_time() - t0)
+                    # the clients get this diff before the next one is worked on (a diff
+                    # of a big model is tens of ms; a reply holds up to read_count of them)
+                    await asyncio.sleep(0)
 
 
 # --- whole-model streams (no filter): the diff stream entries as they are -----------------------
