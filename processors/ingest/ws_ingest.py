@@ -482,18 +482,23 @@ class WsIngest:
             for ch in ("T", "Q", "V"):
                 self.m_subs.labels(feed.market, ch).set(counts.get(ch, 0))
 
-    async def desired(self, market: str) -> set[str]:
-        """The subscription params this connection should hold now."""
+    def _spot_params(self, market: str) -> set[str]:
+        """The subscriptions of the ``indices`` or ``stocks`` feed: the configured symbols'
+        spots (``V.`` of an index; ``T.``, and ``Q.`` when configured, of a stock or ETF)."""
         if market == "indices":
             return {f"V.{sp.underlying}" for sp in self.specs.values() if sp.is_index}
-        if market == "stocks":
-            out_s: set[str] = set()
-            for sp in self.specs.values():
-                if not sp.is_index:
-                    out_s.add(f"T.{sp.underlying}")
-                    if self.s.stock_quotes:
-                        out_s.add(f"Q.{sp.underlying}")
-            return out_s
+        out: set[str] = set()
+        for sp in self.specs.values():
+            if not sp.is_index:
+                out.add(f"T.{sp.underlying}")
+                if self.s.stock_quotes:
+                    out.add(f"Q.{sp.underlying}")
+        return out
+
+    async def desired(self, market: str) -> set[str]:
+        """The subscription params this connection should hold now."""
+        if market in ("indices", "stocks"):
+            return self._spot_params(market)
         syms = list(self.symbols)
         pipe = self.redis.pipeline(transaction=False)
         for sym in syms:
