@@ -3,6 +3,11 @@ GroupConsumer (XREADGROUP COUNT 500, pipelined XACK, msgspec decode of each entr
 XINFO GROUPS shows every entry read and none pending. Starts its own redis-server.
 
     .venv/bin/python bench/consumer_throughput.py [--n 200000] [--rounds 3]
+
+``--cluster``: the same consumer on a private 3-master Redis Cluster, with the processors'
+cluster client (``redis+cluster://``: hiredis packing, stream slots found locally) and with
+redis-py's plain RedisCluster (pure-Python packing, ``COMMAND GETKEYS`` per XREADGROUP),
+interleaved: what the cluster client's two changes are worth.
 """
 
 from __future__ import annotations
@@ -14,16 +19,19 @@ import platform
 import statistics
 import sys
 import time
+from typing import cast
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import msgspec
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from streams.consumer import Entry, GroupConsumer
 from streams.redis_client import connect
 from streams.spec import StreamSpec
+from tests.redis_cluster import LocalCluster
 from tests.util import RedisServer
 
 STREAM = "bench:consumer"
@@ -50,8 +58,11 @@ async def prefill(r: Redis, n: int) -> None:
         await pipe.execute()
 
 
-async def one_round(url: str, n: int, rnd: int, count: int) -> tuple[float, float]:
-    r = connect(url)  # the processors' client (hiredis command packing)
+async def one_round(
+    url: str, n: int, rnd: int, count: int, plain_cluster: bool = False
+) -> tuple[float, float]:
+    # the processors' client (hiredis command packing), or redis-py's own cluster client
+    r = plain_cluster_client(url) if plain_cluster else connect(url)
     group = f"g{rnd}"
     await r.xgroup_create(STREAM, group, id="0")
     dec = msgspec.json.Decoder(Trade)
@@ -80,6 +91,37 @@ async def one_round(url: str, n: int, rnd: int, count: int) -> tuple[float, floa
     assert checksum == n * (n - 1) // 2, "lost or duplicated entries"
     await r.aclose()
     return n / elapsed, cpu
+
+
+def plain_cluster_client(url: str) -> Redis:
+    seed = url.replace("redis+cluster://", "redis://")
+    return cast(Redis, RedisCluster.from_url(seed))
+
+
+async def cluster_main(n: int, rounds: int, count: int) -> None:
+    cluster = LocalCluster(masters=3).start()
+    try:
+        r = connect(cluster.url)
+        await prefill(r, n)
+        await r.aclose()
+        fast, plain = [], []
+        for i in range(rounds):
+            rate, cpu = await one_round(cluster.url, n, i, count)
+            fast.append(rate)
+            print(
+                f"round {i + 1}: cluster, our client {rate:,.0f} msgs/s  (python cpu {cpu:.2f} s)"
+            )
+            rate, cpu = await one_round(cluster.url, n, 100 + i, count, plain_cluster=True)
+            plain.append(rate)
+            print(f"round {i + 1}: cluster, plain redis-py {rate:,.0f} msgs/s  (cpu {cpu:.2f} s)")
+        print(
+            f"consumer throughput on a 3-master cluster, N={n:,}, COUNT {count}: our client "
+            f"median {statistics.median(fast):,.0f} msgs/s, redis-py's RedisCluster "
+            f"{statistics.median(plain):,.0f} msgs/s  [{platform.machine()}, "
+            f"{os.cpu_count()} cpus, load {os.getloadavg()[0]:.1f}]"
+        )
+    finally:
+        cluster.stop()
 
 
 async def raw_round(url: str, n: int, rnd: int, count: int) -> tuple[float, float]:
@@ -118,7 +160,11 @@ async def main() -> None:
     ap.add_argument("--n", type=int, default=200_000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--count", type=int, default=500, help="XREADGROUP COUNT")
+    ap.add_argument("--cluster", action="store_true", help="on a 3-master cluster (see above)")
     a = ap.parse_args()
+    if a.cluster:
+        await cluster_main(a.n, a.rounds, a.count)
+        return
     srv = RedisServer().start()
     try:
         r = Redis.from_url(srv.url)

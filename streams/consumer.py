@@ -23,15 +23,13 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from schemas import keys
 from streams.heartbeat import Heartbeats
 from streams.metrics import ConsumerMetrics
 from streams.redis_client import as_str
-from streams.retry import REDIS_BACKOFF, sleep_or_stop
+from streams.retry import REDIS_BACKOFF, REDIS_UNAVAILABLE, sleep_or_stop
 from streams.spec import StreamSpec
 
 logger = logging.getLogger(__name__)
@@ -40,6 +38,9 @@ Entry = tuple[bytes, dict[bytes, bytes]]
 """(stream entry id, fields) exactly as Redis returned them."""
 
 Handler = Callable[[list[Entry]], Awaitable[None]]
+
+# A handler failing with one of these leaves its batch pending as a whole (no isolation).
+_NOT_A_BAD_ENTRY: tuple[type[BaseException], ...] = (asyncio.CancelledError, *REDIS_UNAVAILABLE)
 
 
 class GroupConsumer:
@@ -123,7 +124,7 @@ class GroupConsumer:
                     to_ack = await self._step(to_ack)
                     failures = 0
                     self.ready = True
-                except (RedisConnectionError, RedisTimeoutError) as exc:
+                except REDIS_UNAVAILABLE as exc:
                     # Entries delivered by a read whose reply was lost, and the batch whose
                     # handler was cut off, sit in our own PEL: drain it again on reconnect
                     # rather than waiting min_idle_ms for the reclaim (or another replica).
@@ -146,7 +147,7 @@ class GroupConsumer:
                 self.heartbeats.forget(self.beat_name)
             if to_ack:
                 # Finish what we processed: ack it before leaving (SIGTERM path).
-                with contextlib.suppress(RedisConnectionError, RedisTimeoutError):
+                with contextlib.suppress(*REDIS_UNAVAILABLE):
                     await self.redis.xack(self.spec.stream, self.spec.group, *to_ack)
 
     async def _step(self, to_ack: list[bytes]) -> list[bytes]:
@@ -191,9 +192,9 @@ class GroupConsumer:
         try:
             await self.handler(live)
             done = [e[0] for e in live]
-        except (asyncio.CancelledError, RedisConnectionError, RedisTimeoutError):
-            # Redis unavailable is not a bad entry: nothing is acked, the run loop retries
-            # the connection and re-drains our pending entries.
+        except _NOT_A_BAD_ENTRY:
+            # Redis unavailable (a failover too) is not a bad entry: nothing is acked, the run
+            # loop retries the connection and re-drains our pending entries.
             raise
         except Exception:
             # Isolate the bad entries: retry one by one, ack the good ones.
@@ -206,7 +207,7 @@ class GroupConsumer:
                     try:
                         await self.handler([e])
                         done.append(e[0])
-                    except (asyncio.CancelledError, RedisConnectionError, RedisTimeoutError):
+                    except _NOT_A_BAD_ENTRY:
                         raise
                     except Exception:
                         self.metrics.errors.inc()

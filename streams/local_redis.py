@@ -17,14 +17,31 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_cluster_port() -> int:
+    """A free loopback port whose cluster bus port (port + 10000) is free too."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+            if port + 10000 > 65535:
+                continue
+            with socket.socket() as bus:
+                try:
+                    bus.bind(("127.0.0.1", port + 10000))
+                except OSError:
+                    continue
+            return port
+    raise RuntimeError("no free port pair (port, port + 10000) found")
+
+
 class RedisServer:
     """A private ``redis-server`` on a free loopback port, in its own temp dir."""
 
-    def __init__(self, *extra: str) -> None:
+    def __init__(self, *extra: str, port: int | None = None) -> None:
         exe = shutil.which("redis-server")
         if exe is None:
             raise RuntimeError("redis-server not found: apt-get install redis-server")
-        self.port = free_port()
+        self.port = free_port() if port is None else port
         self.dir = tempfile.mkdtemp(prefix="massive-redis-")
         self.args = [
             exe,

@@ -22,6 +22,12 @@ from typing import TypeVar
 
 from prometheus_client import Counter
 from redis.backoff import EqualJitterBackoff, FullJitterBackoff
+from redis.exceptions import (
+    AskError,
+    ClusterError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -31,12 +37,19 @@ T = TypeVar("T")
 
 # Redis is (temporarily) unreachable: restarting, failing over, loading its dataset
 # (BusyLoadingError is a ConnectionError), or the socket died. OSError covers a refused
-# connect that redis-py did not wrap.
+# connect that redis-py did not wrap. On a cluster, also what a slot moving or a master
+# failing over answers once redis-py's own redirects and retries are spent: CLUSTERDOWN
+# (ClusterError covers it and "TTL exhausted"), MOVED/ASK (AskError), TRYAGAIN, a slot that
+# no known node serves. None of these ran the command, so retrying the iteration is safe.
 REDIS_UNAVAILABLE: tuple[type[BaseException], ...] = (
     RedisConnectionError,
     RedisTimeoutError,
     ConnectionError,
     OSError,
+    ClusterError,
+    AskError,
+    TryAgainError,
+    SlotNotCoveredError,
 )
 
 

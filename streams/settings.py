@@ -28,6 +28,9 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from streams.logs import redact
+from streams.redis_client import parse_url
+
 T = TypeVar("T")
 
 ENV_PREFIX = "MASSIVE_"
@@ -201,6 +204,10 @@ class RuntimeSettings:
             raise ValueError(f"event_loop must be uvloop or asyncio, not {self.event_loop!r}")
         if not self.symbols:
             raise ValueError("symbols is empty")
+        try:
+            parse_url(self.redis_url)
+        except ValueError as exc:
+            raise ValueError(f"MASSIVE_REDIS_URL={redact(self.redis_url)}: {exc}") from None
 
 
 def stage_symbols(settings: RuntimeSettings, arg: str | None) -> tuple[str, ...]:

@@ -10,6 +10,7 @@ from streams.clock import SystemClock
 from streams.processor import Deps
 from streams.redis_client import connect
 from streams.settings import RuntimeSettings
+from tests.redis_cluster import LocalCluster
 from tests.util import RedisServer
 
 
@@ -18,6 +19,25 @@ def redis_server() -> Iterator[RedisServer]:
     srv = RedisServer().start()
     yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[LocalCluster]:
+    """A private 3-master Redis Cluster (no replicas) shared by the tests that do not change
+    its topology; failover tests start their own."""
+    cluster = LocalCluster(masters=3).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+async def cluster_redis(redis_cluster: LocalCluster) -> AsyncIterator[Redis]:
+    """A client of :func:`redis_cluster` (``redis+cluster://`` from ``connect``), on empty
+    nodes without scripts."""
+    redis_cluster.flushall()
+    r = connect(redis_cluster.url)
+    yield r
+    await r.aclose()
 
 
 @pytest.fixture

@@ -32,7 +32,7 @@ from streams.settings import RuntimeSettings, check_env, from_env, registered
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"
 GRAFANA = ROOT / "deploy" / "grafana"
-OVERLAYS = ["dev", "prod", "replay"]
+OVERLAYS = ["dev", "prod", "prod-cluster", "replay"]
 K8S_VERSIONS = ["1.29.0", kubernetes_validate.latest_version()]
 
 PROCESSORS = {
@@ -226,7 +226,7 @@ def test_deployments_run_processors_that_exist() -> None:
     assert sim["args"][0] in cli.EXTERNAL
 
 
-@pytest.mark.parametrize("overlay", ["dev", "prod"])
+@pytest.mark.parametrize("overlay", ["dev", "prod", "prod-cluster"])
 def test_keda_scales_on_the_lag_of_the_right_groups(overlay: str) -> None:
     docs = render(overlay)
     scaled = by_kind(docs, "ScaledObject")
@@ -239,12 +239,20 @@ def test_keda_scales_on_the_lag_of_the_right_groups(overlay: str) -> None:
         assert 1 <= so["minReplicaCount"] <= so["maxReplicaCount"]
         trigs = so["triggers"]
         assert [(t["metadata"]["stream"], t["metadata"]["consumerGroup"]) for t in trigs] == wanted
-        assert all(t["type"] == "redis-streams" for t in trigs)
+        cluster = overlay == "prod-cluster"
+        kind = "redis-cluster-streams" if cluster else "redis-streams"
+        assert all(t["type"] == kind for t in trigs)
         md = trigs[0]["metadata"]
         assert all(int(t["metadata"]["lagCount"]) > 0 for t in trigs)
         assert int(md["activationLagCount"]) >= 0
-        # KEDA resolves addressFromEnv from the target's container env/envFrom.
-        env_name = md["addressFromEnv"]
+        # KEDA resolves addressFromEnv (a cluster: addressesFromEnv, the seed nodes) from
+        # the target's container env/envFrom; every trigger of a ScaledObject the same way.
+        env_name = md["addressesFromEnv" if cluster else "addressFromEnv"]
+        for t in trigs:
+            assert ("addressFromEnv" in t["metadata"]) != cluster
+            assert (
+                t["metadata"].get("addressesFromEnv" if cluster else "addressFromEnv") == env_name
+            )
         c = container(deps[name])
         assert "massive-redis" in secret_refs(deps[name])  # envFrom: what KEDA resolves
         if overlay == "dev":
@@ -317,7 +325,7 @@ def test_only_the_ingest_gets_the_api_key(overlay: str) -> None:
     docs = render(overlay)
     workloads = {**by_kind(docs, "Deployment"), **by_kind(docs, "Job")}
     with_key = {n for n, w in workloads.items() if "massive-api-key" in secret_refs(w)}
-    expected = NEEDS_API_KEY | ({"simulator"} if overlay != "prod" else set())
+    expected = NEEDS_API_KEY | ({"simulator"} if not overlay.startswith("prod") else set())
     assert with_key == expected
     assert "sse-gateway" in workloads and "sse-gateway" not in with_key
     for name in with_key:  # by name, not envFrom: nothing else of that Secret leaks in
@@ -328,7 +336,7 @@ def test_only_the_ingest_gets_the_api_key(overlay: str) -> None:
         )
         (ref,) = [e for e in c["env"] if e["name"] == "MASSIVE_API_KEY"]
         assert ref["valueFrom"]["secretKeyRef"]["key"] == "MASSIVE_API_KEY"
-    if overlay != "prod":  # the generated Secrets: the key only in its own
+    if not overlay.startswith("prod"):  # the generated Secrets: the key only in its own
         assert set(secret(docs, "massive-api-key")) == {"MASSIVE_API_KEY"}
         assert "MASSIVE_API_KEY" not in secret(docs, "massive-redis")
         assert "MASSIVE_API_KEY" not in config(docs)
@@ -395,7 +403,7 @@ def test_every_image_of_the_project_is_rewritten(overlay: str) -> None:
     unrewritten = {w: i for w, imgs in images.items() for i in imgs if i != ours and i != "redis:7"}
     assert unrewritten == {}
     assert images["Deployment/chain-poller"] == [ours]
-    if overlay != "prod":
+    if not overlay.startswith("prod"):
         assert images["Deployment/simulator"] == [ours]
     if overlay == "replay":
         assert images["Job/massive-replay"] == [ours]

@@ -21,9 +21,10 @@ Timing: the recording is replayed at its recorded pace so kills land mid-flight.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,9 @@ from redis.asyncio import Redis
 
 from schemas import keys
 from streams import admin
+from streams.redis_client import connect
 from tests import harness as h
+from tests.redis_cluster import LocalCluster
 from tests.util import eventually
 
 pytestmark = [pytest.mark.timeout(240)]
@@ -109,19 +112,34 @@ def _ws_count(rec: h.Recording) -> int:
     return sum(1 for x in rec.records if x.stream == keys.WS_STREAM)
 
 
-async def _replay_undisturbed(rec: h.Recording, logs: Path) -> Run:
+@contextlib.asynccontextmanager
+async def _redis(kind: str) -> AsyncIterator[tuple[str, Redis]]:
+    """(URL, client) of a private single node or a private 3-master Redis Cluster."""
+    if kind == "cluster":
+        cluster = LocalCluster(masters=3).start()
+        r = connect(cluster.url)
+        try:
+            yield cluster.url, r
+        finally:
+            await r.aclose()
+            cluster.stop()
+        return
     srv = h.redis_server()
     r = Redis.from_url(srv.url)
     try:
-        async with h.pipeline(srv.url, logs, h.DOWNSTREAM) as p:
-            head, rest = h.split_at_first_chain(rec.records)
-            await h.replay(r, head)
-            await h.wait_settled(r, timeout_s=60)
-            await h.replay(r, rest, speed=1.0)
-            return await _finish(r, p, rec, Run())
+        yield srv.url, r
     finally:
         await r.aclose()
         srv.stop()
+
+
+async def _replay_undisturbed(rec: h.Recording, logs: Path, kind: str = "node") -> Run:
+    async with _redis(kind) as (url, r), h.pipeline(url, logs, h.DOWNSTREAM) as p:
+        head, rest = h.split_at_first_chain(rec.records)
+        await h.replay(r, head)
+        await h.wait_settled(r, timeout_s=60)
+        await h.replay(r, rest, speed=1.0)
+        return await _finish(r, p, rec, Run())
 
 
 @pytest.fixture(scope="module")
@@ -165,42 +183,54 @@ def test_undisturbed_run_matches_the_recording(recording: h.Recording, baseline:
 
 
 @pytest.mark.slow
-async def test_kill_each_processor_kind_mid_flight(
+async def test_a_cluster_run_publishes_what_the_single_node_run_does(
     recording: h.Recording, baseline: Run, logs: Path
 ) -> None:
+    """The same recording through the same processors on a 3-master Redis Cluster
+    (``redis+cluster://``): the same epoch, contract state and published items as on one
+    node, every WS entry consumed, nothing dead-lettered, no process exit."""
+    run = await _replay_undisturbed(recording, logs / "cluster", kind="cluster")
+    _assert_converged(run, baseline, recording)
+    assert all(v == 0 for v in run.dead.values()), run.dead
+    assert not any(run.exits.values()), run.exits
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["node", "cluster"])
+async def test_kill_each_processor_kind_mid_flight(
+    recording: h.Recording, baseline: Run, logs: Path, kind: str
+) -> None:
     """SIGKILL every processor kind in turn while the recording is being replayed; the
-    supervisor restarts each. Published items converge to the undisturbed run's."""
-    srv = h.redis_server()
-    r = Redis.from_url(srv.url)
-    try:
-        async with h.pipeline(srv.url, logs / "kill", h.DOWNSTREAM) as p:
-            head, rest = h.split_at_first_chain(recording.records)
-            await h.replay(r, head)
-            await h.wait_settled(r, timeout_s=60)
-            span_s = (rest[-1].t_ns - rest[0].t_ns) / 1e9
-            kinds = list(h.DOWNSTREAM)
-            killed: dict[str, int] = {}
+    supervisor restarts each. Published items converge to the undisturbed run's (on one
+    node and on a 3-master cluster)."""
+    async with (
+        _redis(kind) as (url, r),
+        h.pipeline(url, logs / f"kill-{kind}", h.DOWNSTREAM) as p,
+    ):
+        head, rest = h.split_at_first_chain(recording.records)
+        await h.replay(r, head)
+        await h.wait_settled(r, timeout_s=60)
+        span_s = (rest[-1].t_ns - rest[0].t_ns) / 1e9
+        kinds = list(h.DOWNSTREAM)
+        killed: dict[str, int] = {}
 
-            async def killer() -> None:
-                step = max(span_s / (len(kinds) + 1), 0.2)
-                for spec in kinds:
-                    await asyncio.sleep(step)
-                    killed[spec] = p.kill(spec, signal.SIGKILL)
+        async def killer() -> None:
+            step = max(span_s / (len(kinds) + 1), 0.2)
+            for spec in kinds:
+                await asyncio.sleep(step)
+                killed[spec] = p.kill(spec, signal.SIGKILL)
 
-            k = asyncio.create_task(killer())
-            await h.replay(r, rest, speed=1.0)
-            await k
-            for spec, pid in killed.items():
-                await p.wait_restarted(spec, pid, timeout_s=60)
-            # and the hydrator once more right after a burst of input, with entries in flight
-            tail = [x for x in rest if x.stream == keys.WS_STREAM][-50:]
-            pid = p.kill("hydrator")
-            await h.replay(r, tail)
-            await p.wait_restarted("hydrator", pid)
-            run = await _finish(r, p, recording, Run())
-    finally:
-        await r.aclose()
-        srv.stop()
+        k = asyncio.create_task(killer())
+        await h.replay(r, rest, speed=1.0)
+        await k
+        for spec, pid in killed.items():
+            await p.wait_restarted(spec, pid, timeout_s=60)
+        # and the hydrator once more right after a burst of input, with entries in flight
+        tail = [x for x in rest if x.stream == keys.WS_STREAM][-50:]
+        pid = p.kill("hydrator")
+        await h.replay(r, tail)
+        await p.wait_restarted("hydrator", pid)
+        run = await _finish(r, p, recording, Run())
     for spec in kinds:
         assert -signal.SIGKILL in run.exits[spec], (spec, run.exits[spec])
     # the re-sent tail is the same events again: same final state, more entries read

@@ -24,8 +24,9 @@ Reads ``massive:{ws}:stream`` (group ``hydrator``); entries carry ``recv_ts_ns``
    half-built epoch. If the epoch changed, the cache is refreshed (SMEMBERS of the new
    topology) and the affected events are resolved and applied again.
    Steps 1-4 run per sub-batch (``sub_batch`` entries), in stream order, on one held
-   connection: sub-batch k's request is flushed to the socket before sub-batch k+1 is
-   decoded, so Redis runs k's Lua while this process decodes k+1 (see ``handle``). The
+   connection (on a cluster, one per node the request touches: ``streams/link.py``):
+   sub-batch k's request is flushed to the socket before sub-batch k+1 is decoded, so Redis
+   runs k's Lua while this process decodes k+1 (see ``handle``). The
    script's fast path relies on every writer keeping ``ts_ns = max(quote_ts, trade_ts)``
    (normalizer build, ``seed.lua``, ``hydrate.lua``): see ``lua/hydrate.lua``.
 5. XADD ``DirtyEntry{symbol, epoch, cids, max_ts_ns, recv_ts_ns}`` for the contracts changed
@@ -49,13 +50,9 @@ import logging
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any, TypeVar
 
 import msgspec
-from redis.asyncio import Redis
-from redis.asyncio.connection import AbstractConnection
-from redis.exceptions import NoScriptError, ResponseError
 
 from processors import lua
 from processors.epochs.topology import ActiveTopology
@@ -64,6 +61,7 @@ from schemas.massive import Event, IndexValue, Quote, Trade, decode_frame
 from schemas.messages import WS_PAYLOAD_FIELD, WS_RECV_FIELD, DirtyEntry, entry
 from streams import metrics
 from streams.consumer import Entry
+from streams.link import Link
 from streams.processor import ConsumerProcessor, Deps
 from streams.producer import Fields, xadd_pipe
 from streams.redis_client import as_str
@@ -351,7 +349,7 @@ class Hydrator(ConsumerProcessor):
         cache moved. The first sub-batches are smaller, so Redis starts early. The dirty
         entries of the whole batch are emitted once, at the end."""
         acc: dict[tuple[str, str], _Dirty] = {}
-        async with _Link(self.redis) as link:
+        async with Link(self.redis, lua.load_all) as link:
             sent: tuple[_Batch, _Routed] | None = None
             for chunk in self._chunks(entries):
                 b = self._collect(chunk)
@@ -491,7 +489,7 @@ class Hydrator(ConsumerProcessor):
         return r
 
     async def _settle(
-        self, link: _Link, b: _Batch, routed: _Routed, res: list[Any]
+        self, link: Link, b: _Batch, routed: _Routed, res: list[Any]
     ) -> dict[tuple[str, str], _Dirty]:
         """Book the replies ``res`` of ``routed`` and finish the sub-batch:
         events of an epoch found inactive, and geometry misses after a cache refresh, are
@@ -596,83 +594,11 @@ class Hydrator(ConsumerProcessor):
         self.m_dirty.inc(n)
 
 
-class _Link:
-    """One pooled connection held for a batch. A request is written and flushed at once (so
-    Redis runs it while this process goes on decoding) and its replies are read later, in
-    order. redis-py's pipeline cannot do this: ``execute`` sends and waits for the replies in
-    one call, and its send goes through ``asyncio.wait_for`` (a task that only writes when the
-    caller next yields), so a decode started after it ran before the bytes left.
-
-    NOSCRIPT (Redis restarted, SCRIPT FLUSH) loads the scripts and re-sends the request once
-    (callers only send idempotent commands). A connection left with unread replies (an error
-    between send and read) is disconnected, never handed back to the pool out of sync."""
-
-    def __init__(self, redis: Redis) -> None:
-        self.redis = redis
-        self._conn: AbstractConnection | None = None
-        self._cmds: Sequence[tuple[Any, ...]] = ()
-        self._unread = 0
-
-    async def __aenter__(self) -> _Link:
-        self._conn = await self.redis.connection_pool.get_connection()  # type: ignore[no-untyped-call]
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        conn, self._conn = self._conn, None
-        if conn is None:
-            return
-        try:
-            if self._unread:
-                await conn.disconnect()
-        finally:
-            await self.redis.connection_pool.release(conn)
-
-    def _connection(self) -> AbstractConnection:
-        if self._conn is None:
-            raise RuntimeError("_Link used outside 'async with'")
-        return self._conn
-
-    async def send(self, cmds: Sequence[tuple[Any, ...]]) -> None:
-        if self._unread:
-            raise RuntimeError("a request is already in flight")
-        conn = self._connection()
-        self._cmds = cmds
-        self._unread = len(cmds)
-        await conn.send_packed_command(conn.pack_commands(cmds))
-
-    async def recv(self) -> list[Any]:
-        """The replies of the request in flight; raises the first error reply."""
-        for attempt in (0, 1):
-            out = await self._read()
-            err = next((r for r in out if isinstance(r, ResponseError)), None)
-            if err is None:
-                return out
-            if not isinstance(err, NoScriptError) or attempt:
-                raise err
-            await lua.load_all(self.redis)
-            await self.send(self._cmds)
-        raise AssertionError("unreachable")
-
-    async def call(self, cmds: Sequence[tuple[Any, ...]]) -> list[Any]:
-        await self.send(cmds)
-        return await self.recv()
-
-    async def _read(self) -> list[Any]:
-        conn = self._connection()
-        out: list[Any] = []
-        while self._unread:
-            try:
-                r = await conn.read_response()
-            except ResponseError as exc:  # an error reply; the stream stays in sync
-                r = exc
-            self._unread -= 1
-            out.append(r)
-        return out
+def _hash(reply: Any) -> dict[str, str]:
+    """A raw HGETALL reply (RESP2 flat list or RESP3 map) as a str dict."""
+    if isinstance(reply, dict):
+        return {as_str(k): as_str(v) for k, v in reply.items()}
+    return {as_str(k): as_str(v) for k, v in zip(reply[::2], reply[1::2], strict=True)}
 
 
 def _fields(msg: DirtyEntry) -> Fields:

@@ -119,7 +119,8 @@ class Script:
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
 
     def queue(self, pipe: Pipeline, keys: Sequence[Arg], args: Sequence[Arg]) -> None:
-        pipe.evalsha(self.sha, len(keys), *keys, *args)
+        # (not pipe.evalsha: a cluster pipeline refuses that method, not the command)
+        pipe.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
 
     async def load(self, redis: Redis) -> None:
         sha = await redis.script_load(self.source)

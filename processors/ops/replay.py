@@ -81,6 +81,7 @@ from typing import Any
 import msgspec
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 
 from processors import MODEL_PATH
 from processors.registry import load
@@ -486,26 +487,31 @@ Hook = Callable[[Record], Awaitable[None]]
 
 
 class _Writer:
-    """XADDs records into their streams (a chain pointer after SET of its blob, on the same
-    connection, so a reader of the pointer finds the blob), pipelined."""
+    """XADDs records into their streams, pipelined; a chain pointer goes out only once the
+    SET of its blob has been answered, so a reader of the pointer finds the blob. (One
+    pipeline is not enough on a Redis Cluster: the blob and the pointer live in different
+    slots, and a cluster pipeline sends to their nodes in parallel.)"""
 
     def __init__(self, redis: Redis, maxlen: int, blob_ttl_s: int) -> None:
         self.redis = redis
         self.maxlen = maxlen
         self.blob_ttl_s = blob_ttl_s
-        self._pipe = redis.pipeline(transaction=False)
+        # pipelines executed in order: a new one starts after each blob SET
+        self._pipes: list[Pipeline] = [redis.pipeline(transaction=False)]
         self.queued = 0
 
     def queue(self, rec: Record) -> None:
         if rec.blob is not None and rec.blob_key is not None:
-            self._pipe.set(rec.blob_key, rec.blob, ex=self.blob_ttl_s)
-        self._pipe.xadd(rec.stream, dict(rec.fields), maxlen=self.maxlen, approximate=True)
+            self._pipes[-1].set(rec.blob_key, rec.blob, ex=self.blob_ttl_s)
+            self._pipes.append(self.redis.pipeline(transaction=False))
+        self._pipes[-1].xadd(rec.stream, dict(rec.fields), maxlen=self.maxlen, approximate=True)
         self.queued += 1
 
     async def flush(self) -> None:
         if self.queued:
-            await self._pipe.execute()
-            self._pipe = self.redis.pipeline(transaction=False)
+            for pipe in self._pipes:
+                await pipe.execute()
+            self._pipes = [self.redis.pipeline(transaction=False)]
             self.queued = 0
 
 
