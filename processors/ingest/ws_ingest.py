@@ -343,15 +343,20 @@ class WsIngest:
         return raw if isinstance(raw, bytes) else raw.encode()
 
     async def _handshake(self, feed: _Feed, ws: ClientConnection) -> None:
+        # asyncio.timeout, not wait_for, in this module: Python 3.11's wait_for can swallow a
+        # cancellation that lands as its awaitable completes, and a stopping feed or
+        # subscriber would then go on (streams/retry.py, sleep_or_stop)
         try:
-            first = await asyncio.wait_for(self._recv(ws), self.s.auth_timeout_s)
+            async with asyncio.timeout(self.s.auth_timeout_s):
+                first = await self._recv(ws)
             for st in self._statuses(first):
                 self._on_status(feed, st)
             await ws.send(
                 msgspec.json.encode({"action": "auth", "params": self.s.api_key}).decode()
             )
             while True:
-                frame = await asyncio.wait_for(self._recv(ws), self.s.auth_timeout_s)
+                async with asyncio.timeout(self.s.auth_timeout_s):
+                    frame = await self._recv(ws)
                 for st in self._statuses(frame):
                     self._on_status(feed, st)
                     if st.status == "auth_success":
@@ -452,7 +457,8 @@ class WsIngest:
                 )
                 return
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(feed.ack_event.wait(), left)
+                async with asyncio.timeout(left):
+                    await feed.ack_event.wait()
 
     async def _apply(self, feed: _Feed, ws: ClientConnection, desired: set[str]) -> None:
         removed = sorted(feed.subscribed - desired)
