@@ -51,7 +51,7 @@ from streams.logs import add_secret
 from streams.processor import Deps, FatalError
 from streams.producer import xadd
 from streams.retry import REDIS_BACKOFF, Backoff, sleep_or_stop
-from streams.runner import Supervisor
+from streams.runner import Supervisor, cancel_and_wait
 from streams.settings import env_settings, fallback_env, from_env, stage_symbols
 
 logger = logging.getLogger(__name__)
@@ -265,9 +265,7 @@ class WsIngest:
                 ]
                 relay = tg.create_task(_relay(stop, sup.ended), name="ws-stop")
                 await sup.ended.wait()
-                for t in (relay, *readers):
-                    t.cancel()
-                await asyncio.wait((relay, *readers))
+                await cancel_and_wait((relay, *readers))
                 # flush what was received before stopping
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self.deps.settings.grace_s):
@@ -311,9 +309,7 @@ class WsIngest:
                     try:
                         await self._read(feed, ws, subs)
                     finally:
-                        subs.cancel()
-                        with contextlib.suppress(asyncio.CancelledError, Exception):
-                            await subs
+                        await cancel_and_wait([subs])
             except WsAuthError:
                 self.m_auth_failed.set(1)
                 raise
