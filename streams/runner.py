@@ -135,16 +135,16 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]], resend_s: float = 
 
 async def stop_within(tasks: Sequence[asyncio.Task[Any]], grace_s: float) -> None:
     """Give ``tasks`` (already told to stop) ``grace_s`` to end; cancel those still running
-    (the caller's TaskGroup then awaits them)."""
+    and wait until they have ended (:func:`cancel_and_wait`)."""
     try:
         async with asyncio.timeout(grace_s):
             if tasks:
                 await asyncio.wait(tasks)
     except TimeoutError:
-        for t in tasks:
-            if not t.done():
-                logger.warning("%s did not stop within grace, cancelling", t.get_name())
-                t.cancel()
+        late = [t for t in tasks if not t.done()]
+        for t in late:
+            logger.warning("%s did not stop within grace, cancelling", t.get_name())
+        await cancel_and_wait(late)
 
 
 async def serve_health(deps: Deps, processors: Sequence[Processor], until: asyncio.Event) -> None:
