@@ -129,22 +129,7 @@ class Migration:
             batch: Any = await self.r.xrange(old, min=start, max="+", count=PAGE)
             if not batch:
                 break
-            pipe = self.r.pipeline(transaction=False)
-            moved: list[Any] = []
-            for eid, fields in batch:
-                sym = _entry_symbol(fields)
-                if sym is None or sym not in new_of:
-                    kept += 1
-                    continue
-                moved.append(eid)
-                if _sid(eid) <= done[new_of[sym]]:
-                    continue
-                per[sym] = per.get(sym, 0) + 1
-                pipe.xadd(new_of[sym], fields, id=eid)
-            if not self.plan.dry_run:
-                await pipe.execute()
-                if moved:  # what is left in the old stream is what was not copied
-                    await self.r.xdel(old, *moved)
+            kept += await self._copy_page(old, batch, new_of, done, per)
             start = "(" + as_str(batch[-1][0])
             if len(batch) < PAGE:
                 break
@@ -160,6 +145,36 @@ class Migration:
             self.plan.note(f"DEL {old}")
             if not self.plan.dry_run:
                 await self.r.delete(old)
+
+    async def _copy_page(
+        self,
+        old: str,
+        batch: list[Any],
+        new_of: dict[str, str],
+        done: dict[str, tuple[int, int]],
+        per: dict[str, int],
+    ) -> int:
+        """Copy one page of ``old`` to the symbols' streams (entries up to ``done`` of their
+        stream were copied by an earlier run), counted per symbol in ``per``, and delete the
+        copied ones from ``old``; returns how many stay (no configured symbol)."""
+        kept = 0
+        pipe = self.r.pipeline(transaction=False)
+        moved: list[Any] = []
+        for eid, fields in batch:
+            sym = _entry_symbol(fields)
+            if sym is None or sym not in new_of:
+                kept += 1
+                continue
+            moved.append(eid)
+            if _sid(eid) <= done[new_of[sym]]:
+                continue
+            per[sym] = per.get(sym, 0) + 1
+            pipe.xadd(new_of[sym], fields, id=eid)
+        if not self.plan.dry_run:
+            await pipe.execute()
+            if moved:  # what is left in the old stream is what was not copied
+                await self.r.xdel(old, *moved)
+        return kept
 
     async def _recreate_group(self, old: str, g: dict[Any, Any], streams: list[str]) -> None:
         name = as_str(g["name"])
@@ -226,26 +241,7 @@ class Migration:
             if sym is None:
                 self.plan.note(f"SKIP epoch {eid}: no meta (expired)")
                 continue
-            old_p, new_p = old_epoch_prefix(eid), keys.epoch_key_prefix(sym, eid)
-            cids = [as_str(c) for c in await self.r.smembers(old_p + "contracts")]
-            names = ["meta", "contracts", "by_strike", "by_expiry", "gex"]
-            names += [f"contract:{c}" for c in sorted(cids)]
-            pipe = self.r.pipeline(transaction=False)
-            for n in names:
-                pipe.exists(old_p + n)
-            present = [n for n, e in zip(names, await pipe.execute(), strict=True) if e]
-            self.plan.note(f"RENAME {len(present)} keys {old_p}* -> {new_p}*")
-            self.plan.moved_keys += len(present)
-            if not self.plan.dry_run:
-                pipe = self.r.pipeline(transaction=False)
-                for n in present:
-                    pipe.rename(old_p + n, new_p + n)
-                for res in await pipe.execute(raise_on_error=False):
-                    # a retired epoch's key may expire between EXISTS and RENAME
-                    if isinstance(res, Exception) and "no such key" not in str(res):
-                        raise res
-                if eid in scores:
-                    await self.r.zadd(keys.epoch_index(sym), {eid: scores[eid]})
+            await self._move_epoch(sym, eid, scores.get(eid))
         for sym, eid in sorted(active.items()):
             self.plan.note(f"SET {keys.epoch_active(sym)} {eid}")
             if not self.plan.dry_run:
@@ -255,6 +251,30 @@ class Migration:
                 self.plan.note(f"DEL {old}")
                 if not self.plan.dry_run:
                     await self.r.delete(old)
+
+    async def _move_epoch(self, sym: str, eid: str, score: float | None) -> None:
+        """Rename every key of epoch ``eid`` under ``sym``'s tag; index it (``score``)."""
+        old_p, new_p = old_epoch_prefix(eid), keys.epoch_key_prefix(sym, eid)
+        cids = [as_str(c) for c in await self.r.smembers(old_p + "contracts")]
+        names = ["meta", "contracts", "by_strike", "by_expiry", "gex"]
+        names += [f"contract:{c}" for c in sorted(cids)]
+        pipe = self.r.pipeline(transaction=False)
+        for n in names:
+            pipe.exists(old_p + n)
+        present = [n for n, e in zip(names, await pipe.execute(), strict=True) if e]
+        self.plan.note(f"RENAME {len(present)} keys {old_p}* -> {new_p}*")
+        self.plan.moved_keys += len(present)
+        if self.plan.dry_run:
+            return
+        pipe = self.r.pipeline(transaction=False)
+        for n in present:
+            pipe.rename(old_p + n, new_p + n)
+        for res in await pipe.execute(raise_on_error=False):
+            # a retired epoch's key may expire between EXISTS and RENAME
+            if isinstance(res, Exception) and "no such key" not in str(res):
+                raise res
+        if score is not None:
+            await self.r.zadd(keys.epoch_index(sym), {eid: score})
 
     async def symbol_keys(self, sym: str) -> None:
         pairs = [
