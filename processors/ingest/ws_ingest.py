@@ -502,10 +502,7 @@ class WsIngest:
         if market in ("indices", "stocks"):
             return self._spot_params(market)
         syms = list(self.symbols)
-        pipe = self.redis.pipeline(transaction=False)
-        for sym in syms:
-            pipe.get(keys.epoch_active(sym))
-        eids = await pipe.execute()
+        eids = await self._active_epochs(syms)
         spots = await self.redis.hmget(keys.SPOT_LATEST, syms)
         out: set[str] = set()
         ranked: dict[str, list[str]] = {}
@@ -524,6 +521,13 @@ class WsIngest:
         if self.s.quotes:
             out.update(f"Q.{cid}" for cid in allocate(ranked, self.s.max_quotes))
         return out
+
+    async def _active_epochs(self, syms: list[str]) -> list[Any]:
+        """Each symbol's active-epoch pointer (one key, one slot, per symbol)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for sym in syms:
+            pipe.get(keys.epoch_active(sym))
+        return list(await pipe.execute())
 
     async def _load_epoch(self, sym: str, eid: str) -> _EpochView:
         contracts = []

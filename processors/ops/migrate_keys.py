@@ -33,7 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,11 +117,7 @@ class Migration:
         if not await self.r.exists(old):
             return
         groups: list[Any] = await self.r.xinfo_groups(old)
-        # a run that stopped half-way copied some entries already: go on after them
-        done: dict[str, tuple[int, int]] = {}
-        for stream in new_of.values():
-            last: Any = await self.r.xrevrange(stream, count=1)
-            done[stream] = _sid(last[0][0]) if last else (0, 0)
+        done = await self._copied_up_to(new_of.values())
         per: dict[str, int] = {}
         kept = 0
         start = "-"
@@ -146,20 +142,28 @@ class Migration:
             if not self.plan.dry_run:
                 await self.r.delete(old)
 
+    async def _copied_up_to(self, streams: Iterable[str]) -> dict[str, tuple[int, int]]:
+        """The last id of each target stream: a run that stopped half-way copied the entries
+        up to it already, the copy goes on after them."""
+        done: dict[str, tuple[int, int]] = {}
+        for stream in streams:
+            last: Any = await self.r.xrevrange(stream, count=1)
+            done[stream] = _sid(last[0][0]) if last else (0, 0)
+        return done
+
     async def _copy_page(
         self,
         old: str,
-        batch: list[Any],
+        batch: Any,
         new_of: dict[str, str],
         done: dict[str, tuple[int, int]],
         per: dict[str, int],
     ) -> int:
-        """Copy one page of ``old`` to the symbols' streams (entries up to ``done`` of their
-        stream were copied by an earlier run), counted per symbol in ``per``, and delete the
-        copied ones from ``old``; returns how many stay (no configured symbol)."""
-        kept = 0
+        """Copy one page of ``old`` (counted in ``per``) and drop the copies from ``old``;
+        returns how many entries stay (no configured symbol)."""
         pipe = self.r.pipeline(transaction=False)
         moved: list[Any] = []
+        kept = 0
         for eid, fields in batch:
             sym = _entry_symbol(fields)
             if sym is None or sym not in new_of:
@@ -253,7 +257,8 @@ class Migration:
                     await self.r.delete(old)
 
     async def _move_epoch(self, sym: str, eid: str, score: float | None) -> None:
-        """Rename every key of epoch ``eid`` under ``sym``'s tag; index it (``score``)."""
+        """Every key of epoch ``eid`` (its fixed keys, the contract hashes its SET names) to
+        the symbol's names, and its index entry."""
         old_p, new_p = old_epoch_prefix(eid), keys.epoch_key_prefix(sym, eid)
         cids = [as_str(c) for c in await self.r.smembers(old_p + "contracts")]
         names = ["meta", "contracts", "by_strike", "by_expiry", "gex"]
