@@ -59,7 +59,7 @@ async def bench_rest(srv: SimServer, rounds: int) -> None:
 
 async def bench_poller(srv: SimServer, deps: Deps, rounds: int) -> None:
     p = ChainPoller(deps, PollerSettings(api_key="sim-key", rest_url=srv.rest_url))
-    async with p._client() as client:
+    async with p.rest.client() as client:
         for i in range(rounds):
             t0 = time.perf_counter()
             res = await p.cycle(client, "bench")

@@ -96,7 +96,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "hydrate-into-a-non-active-epoch",
         LUA + "hydrate.lua",
-        "if redis.call('HGET', KEYS[1], 'state') ~= (ARGV[4] or 'active') then",
+        "if redis.call('HGET', KEYS[1], 'state') ~= (ARGV[3] or 'active') then",
         "if redis.call('HGET', KEYS[1], 'state') == 'never' then",
         T_HYD,
     ),
@@ -154,7 +154,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "publish-without-version-check",
         LUA + "heatmap_publish.lua",
-        "if tonumber(ARGV[5]) ~= tonumber(cur) + 1 then return {-4} end\n",
+        "if tonumber(ARGV[4]) ~= tonumber(cur) + 1 then return {-4} end\n",
         "",
         T_PUB,
     ),
@@ -168,14 +168,14 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "publish-an-inactive-epoch",
         LUA + "heatmap_publish.lua",
-        "if redis.call('HGET', KEYS[3], ARGV[3]) ~= ARGV[4] then return {-3} end\n",
+        "if redis.call('GET', KEYS[3]) ~= ARGV[3] then return {-3} end\n",
         "",
         T_PUB,
     ),
     Mutation(
         "publish-without-chain-head",
         LUA + "heatmap_publish.lua",
-        "if (redis.call('GET', KEYS[6]) or '') ~= ARGV[10] then return {-4} end\n",
+        "if (redis.call('GET', KEYS[6]) or '') ~= ARGV[9] then return {-4} end\n",
         "",
         T_PUB,
     ),

@@ -250,24 +250,27 @@ class Tap:
                     self.bytes += len(chunk)
                 dc += chunk
                 for ev, eid, data in dc.frames():
-                    if ev == "snapshot":
-                        self.snapshots += 1
-                        if self.reader is not None:
-                            self.reader.snapshot(data)
-                        self.snapshot.set()
-                    elif ev == "diff":
-                        self.diffs += 1
-                        if self.reader is not None:
-                            self.reader.diff(data, eid)
-                        if self.counting:
-                            src = _head_int(data, b'"src_recv_ts_ns":')
-                            if src is not None:
-                                self.delays_ms.append((now - src) / 1e6)
-                            pub = _head_int(data, b'"ts_ns":')
-                            if pub is not None:
-                                self.publish_ms.append((now - pub) / 1e6)
+                    self._on_event(ev, eid, data, now)
         finally:
             writer.close()
+
+    def _on_event(self, ev: str, eid: str, data: bytes, now: int) -> None:
+        if ev == "snapshot":
+            self.snapshots += 1
+            if self.reader is not None:
+                self.reader.snapshot(data)
+            self.snapshot.set()
+        elif ev == "diff":
+            self.diffs += 1
+            if self.reader is not None:
+                self.reader.diff(data, eid)
+            if self.counting:
+                src = _head_int(data, b'"src_recv_ts_ns":')
+                if src is not None:
+                    self.delays_ms.append((now - src) / 1e6)
+                pub = _head_int(data, b'"ts_ns":')
+                if pub is not None:
+                    self.publish_ms.append((now - pub) / 1e6)
 
     def start(self, host: str, port: int) -> None:
         self.task = asyncio.create_task(self.run(host, port))

@@ -16,6 +16,7 @@ from processors.heatmap import publisher, tile_builder
 from processors.ingest import chain_poller, ws_ingest
 from processors.ops import monitor
 from processors.serve import gateway as sse_gateway
+from schemas import symbols
 from streams.processor import Deps, Processor
 
 Builder = Callable[[Deps, "str | None"], Processor]
@@ -30,12 +31,14 @@ class Stage:
 
 PROCESSORS: dict[str, Stage] = {
     "chain-poller": Stage(
-        chain_poller.build, "chain-poller[:SPX,...]", "REST chain snapshots -> massive:chain:stream"
+        chain_poller.build,
+        "chain-poller[:SPX,...]",
+        "REST chain snapshots -> massive:{chain}:stream",
     ),
     "ws-ingest": Stage(
         ws_ingest.build,
         "ws-ingest[:SPX,...]",
-        "WebSocket trades, quotes, indices -> massive:ws:stream",
+        "WebSocket trades, quotes, indices -> massive:{ws}:stream",
     ),
     "normalizer": Stage(normalizer.build, "normalizer", "chain snapshots -> epochs"),
     "hydrator": Stage(hydrator.build, "hydrator", "WS frames -> contract values of the epoch"),
@@ -54,11 +57,13 @@ PROCESSORS: dict[str, Stage] = {
 
 
 def load(spec: str, deps: Deps) -> Processor:
-    """``"tile-builder:butterfly"`` -> tile_builder.build(deps, "butterfly")."""
+    """``"tile-builder:butterfly"`` -> tile_builder.build(deps, "butterfly"), with the
+    process's symbol specs taken from ``deps.settings`` (schemas/symbols.py)."""
     name, _, arg = spec.partition(":")
     stage = PROCESSORS.get(name)
     if stage is None:
         raise ValueError(f"unknown processor {name!r} (known: {', '.join(PROCESSORS)})")
+    symbols.configure(deps.settings.symbol_specs, deps.settings.symbols)
     return stage.build(deps, arg or None)
 
 

@@ -277,6 +277,40 @@ def _envelope_error(status: str | None, error: str | None, message: str | None) 
 
 
 # --- option items ------------------------------------------------------------------------
+def _check_details(d: Details, cid: str, t: ticker_codec.OptionTicker) -> None:
+    """The details' expiration, strike and type, when given, agree with the ticker."""
+    if d.expiration_date is not None and d.expiration_date != t.expiry.isoformat():
+        raise ItemRejected(R_MISMATCH, f"{cid}: expiration_date {d.expiration_date!r}")
+    if d.strike_price is not None:
+        _num("details.strike_price", d.strike_price)
+        if abs(d.strike_price - t.strike) > 1e-6:
+            raise ItemRejected(R_MISMATCH, f"{cid}: strike_price {d.strike_price!r}")
+    if d.contract_type is not None:
+        right = {"call": "C", "put": "P"}.get(d.contract_type)
+        if right is None:
+            raise ItemRejected(R_BAD_TYPE, f"{cid}: contract_type {d.contract_type!r}")
+        if right != t.right:
+            raise ItemRejected(R_MISMATCH, f"{cid}: contract_type {d.contract_type!r}")
+
+
+def _check_underlying(
+    symbol: str,
+    cid: str,
+    t: ticker_codec.OptionTicker,
+    shares: float | None,
+    raw_shares: float | None,
+) -> None:
+    """The contract's root belongs to ``symbol`` by its spec, with a deliverable it keeps."""
+    spec = symbols.registry().spec(symbol)
+    kind = spec.classify(t.root)
+    if kind is None:
+        raise ItemRejected(R_WRONG_UNDERLYING, f"{cid}: root {t.root} is not {symbol}")
+    if spec.adjusted == "skip" and (
+        kind == symbols.ADJUSTED or not spec.standard_deliverable(shares)
+    ):
+        raise ItemRejected(R_ADJUSTED, f"{cid}: root {t.root}, shares_per_contract {raw_shares}")
+
+
 def to_contract(item: OptionSnapshotItem, symbol: str | None = None) -> ChainContract:
     """Convert one chain result item to a :class:`ChainContract`.
 
@@ -294,30 +328,10 @@ def to_contract(item: OptionSnapshotItem, symbol: str | None = None) -> ChainCon
     except ticker_codec.TickerError as exc:
         raise ItemRejected(R_BAD_TICKER, str(exc)) from None
     expiry = t.expiry.isoformat()
-    if d.expiration_date is not None and d.expiration_date != expiry:
-        raise ItemRejected(R_MISMATCH, f"{cid}: expiration_date {d.expiration_date!r}")
-    if d.strike_price is not None:
-        _num("details.strike_price", d.strike_price)
-        if abs(d.strike_price - t.strike) > 1e-6:
-            raise ItemRejected(R_MISMATCH, f"{cid}: strike_price {d.strike_price!r}")
-    if d.contract_type is not None:
-        right = {"call": "C", "put": "P"}.get(d.contract_type)
-        if right is None:
-            raise ItemRejected(R_BAD_TYPE, f"{cid}: contract_type {d.contract_type!r}")
-        if right != t.right:
-            raise ItemRejected(R_MISMATCH, f"{cid}: contract_type {d.contract_type!r}")
+    _check_details(d, cid, t)
     shares = _num("details.shares_per_contract", d.shares_per_contract, nonneg=True)
     if symbol is not None:
-        spec = symbols.registry().spec(symbol)
-        kind = spec.classify(t.root)
-        if kind is None:
-            raise ItemRejected(R_WRONG_UNDERLYING, f"{cid}: root {t.root} is not {symbol}")
-        if spec.adjusted == "skip" and (
-            kind == symbols.ADJUSTED or not spec.standard_deliverable(shares)
-        ):
-            raise ItemRejected(
-                R_ADJUSTED, f"{cid}: root {t.root}, shares_per_contract {d.shares_per_contract}"
-            )
+        _check_underlying(symbol, cid, t, shares, d.shares_per_contract)
 
     bid = ask = quote_ts = None
     q = item.last_quote

@@ -106,7 +106,7 @@ def decode_snapshot(blob: bytes) -> ChainSnapshot:
 
 
 class ChainPointer(Message, frozen=True):
-    """Entry on massive:chain:stream pointing at a stored ChainSnapshot blob."""
+    """Entry on massive:{chain}:stream pointing at a stored ChainSnapshot blob."""
 
     symbol: str
     snapshot_key: str
@@ -121,7 +121,7 @@ class ChainPointer(Message, frozen=True):
 
 
 class SpotTick(Message, frozen=True):
-    """Entry on massive:spot:stream."""
+    """Entry on massive:{chain}:spot:stream."""
 
     symbol: str
     value: float
@@ -130,7 +130,7 @@ class SpotTick(Message, frozen=True):
 
 
 class ControlMessage(Message, frozen=True):
-    """Entry on massive:control:stream (e.g. WS dormancy asks for a chain refresh)."""
+    """Entry on massive:{control}:stream (e.g. WS dormancy asks for a chain refresh)."""
 
     kind: str  # "refresh_chain"
     ts_ns: int
@@ -140,7 +140,7 @@ class ControlMessage(Message, frozen=True):
 
 # --- hydration (normalizer/hydrator -> tile builders) ---------------------------------
 class DirtyEntry(Message, frozen=True):
-    """Entry on massive:contracts:dirty: these contracts of this epoch changed."""
+    """Entry on massive:contracts:dirty:{<SYM>}: these contracts of this epoch changed."""
 
     symbol: str
     epoch: str
@@ -151,7 +151,7 @@ class DirtyEntry(Message, frozen=True):
 
 
 class ContractRecord(msgspec.Struct, frozen=True, kw_only=True):
-    """Typed view of ``epoch:{eid}:contract:<cid>`` (a Redis HASH)."""
+    """Typed view of ``epoch:{<SYM>}:<eid>:contract:<cid>`` (a Redis HASH)."""
 
     cid: str
     symbol: str
@@ -227,7 +227,7 @@ class ModelDiff(Message, frozen=True):
 
 
 class PublishedModel(msgspec.Struct, frozen=True):
-    """Value stored at a canonical model key (JSON), e.g. massive:heatmap:model:SPX:butterfly."""
+    """Value stored at a canonical model key (JSON), e.g. massive:heatmap:model:{SPX}:butterfly."""
 
     symbol: str
     kind: str
@@ -268,7 +268,7 @@ class RawDiff(msgspec.Struct):
 
 
 class GexRow(msgspec.Struct, frozen=True, array_like=True):
-    """One contract of an epoch's GEX projection: value of HASH ``epoch:{eid}:gex`` field
+    """One contract of an epoch's GEX projection: value of HASH ``epoch:{<SYM>}:<eid>:gex`` field
     <cid>, written by the normalizer from every chain snapshot (WS carries no greeks)."""
 
     root: str

@@ -13,9 +13,10 @@ PM settlement, multiplier 100, widths derived from the listed strike spacing.
 Overrides: ``MASSIVE_SYMBOL_SPECS`` is a JSON object ``{"AAPL": {"div_yield": 0.005},
 "RUT": {"widths": [5, 10, 20]}}`` whose fields replace the default's (an unknown symbol
 starts from the generic equity); an unknown field or a bad value fails at start with the
-variable's name. Both variables are fields of ``streams.settings.RuntimeSettings`` (so the
-strict environment check knows them); this module reads them from the same environment,
-once per process, and bounds metric labels by ``MASSIVE_SYMBOLS``.
+variable's name. Both variables are fields of the process's one settings object
+(``streams.settings.RuntimeSettings``); :func:`configure` installs the process registry from
+them (the CLI entry points and ``processors.registry.load`` pass them in), and metric labels
+are bounded by ``MASSIVE_SYMBOLS``. Until then the registry holds the defaults.
 
 Roots: an option's root (``SPXW`` in ``O:SPXW260107C06850000``) is *standard* when it is one
 of ``roots`` or fully matches ``root_pattern``; *adjusted* when it is a standard root
@@ -30,11 +31,9 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 KINDS = ("index", "equity")
@@ -69,6 +68,11 @@ class SymbolSpec:
     rate: float | None = None  # risk-free rate for greeks we compute (None: GEX setting)
 
     def __post_init__(self) -> None:
+        self._check_values()
+        self._check_underlying()
+        self._check_roots()
+
+    def _check_values(self) -> None:
         name = self.symbol
         if not name or not name.isalnum() or name != name.upper():
             raise SymbolSpecError(f"symbol {name!r}: must be upper-case alphanumeric")
@@ -85,6 +89,10 @@ class SymbolSpec:
         for label, v in (("div_yield", self.div_yield), ("rate", self.rate)):
             if v is not None and not -1.0 < v < 1.0:
                 raise SymbolSpecError(f"{name}: {label} {v} is not a yearly rate")
+
+    def _check_underlying(self) -> None:
+        """Default the provider ticker from kind and symbol; the two must agree."""
+        name = self.symbol
         if not self.underlying:
             tkr = f"I:{name}" if self.kind == "index" else name
             object.__setattr__(self, "underlying", tkr)
@@ -92,6 +100,9 @@ class SymbolSpec:
             raise SymbolSpecError(f"{name}: an index underlying is spelled I:<ticker>")
         if self.kind == "equity" and self.underlying.startswith("I:"):
             raise SymbolSpecError(f"{name}: an equity underlying has no I: prefix")
+
+    def _check_roots(self) -> None:
+        name = self.symbol
         if not self.roots and not self.root_pattern:
             object.__setattr__(self, "roots", (name,))
         if self.root_pattern:
@@ -258,24 +269,38 @@ class Registry:
         return symbol if symbol is not None and symbol in self._labels else "other"
 
 
-def load(environ: Mapping[str, str] | None = None) -> Registry:
-    """The registry of a process: ``MASSIVE_SYMBOL_SPECS`` overrides; labels bounded by
-    ``MASSIVE_SYMBOLS`` (and the overridden symbols)."""
-    env = os.environ if environ is None else environ
-    overrides = parse_overrides(env.get("MASSIVE_SYMBOL_SPECS", ""))
-    configured = [*overrides, *env.get("MASSIVE_SYMBOLS", "").split(",")]
+def load(symbol_specs: str = "", symbols: Iterable[str] = ()) -> Registry:
+    """A registry: ``symbol_specs`` (``MASSIVE_SYMBOL_SPECS``) overrides the defaults; labels
+    bounded by ``symbols`` (``MASSIVE_SYMBOLS``) and the overridden symbols."""
+    overrides = parse_overrides(symbol_specs)
+    configured = [*overrides, *symbols]
     return Registry(overrides, [s.strip().upper() for s in configured if s.strip().isalnum()])
 
 
-@lru_cache(maxsize=1)
+_process: tuple[tuple[str, tuple[str, ...]], Registry] | None = None
+
+
+def configure(symbol_specs: str, symbols: Iterable[str]) -> Registry:
+    """Install the process registry from the settings' ``symbol_specs`` and ``symbols``
+    (``RuntimeSettings``); raises :class:`SymbolSpecError` naming a bad spec."""
+    global _process
+    key = (symbol_specs, tuple(symbols))
+    if _process is None or _process[0] != key:
+        _process = (key, load(*key))
+    return _process[1]
+
+
 def registry() -> Registry:
-    """The process-wide registry, read from the environment once (like the settings)."""
-    return load()
+    """The process registry (:func:`configure`; the defaults until it runs)."""
+    if _process is None:
+        return configure("", ())
+    return _process[1]
 
 
 def reset() -> None:
-    """Forget the process-wide registry (tests that change the environment)."""
-    registry.cache_clear()
+    """Forget the process registry (tests)."""
+    global _process
+    _process = None
 
 
 def derive_widths(lines: Iterable[Iterable[float]], n: int = 6) -> tuple[float, ...]:

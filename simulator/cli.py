@@ -20,7 +20,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from simulator.server import SimConfig, SimServer
 from streams.logs import add_secret, setup_logging
@@ -61,46 +61,63 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+async def _closed(srv: SimServer, args: argparse.Namespace, stop: asyncio.Event) -> None:
+    srv.set_market_open(False)
+    await stop.wait()
+
+
+async def _silence(srv: SimServer, args: argparse.Namespace, stop: asyncio.Event) -> None:
+    quiet = min(args.silence_s, args.period_s)
+    while not await sleep_or_stop(stop, args.period_s - quiet):
+        log.info("scenario silence: WS quiet for %.0f s", quiet)
+        srv.set_silent(True)
+        stopping = await sleep_or_stop(stop, quiet)
+        srv.set_silent(False)
+        if stopping:
+            return
+
+
+async def _new_listing(srv: SimServer, args: argparse.Namespace, stop: asyncio.Event) -> None:
+    if await sleep_or_stop(stop, args.listing_after_s):
+        return
+    for sym in srv.market.indices:
+        log.info("scenario new-listing: %s new strike %s", sym, srv.list_new_strike(sym))
+    if await sleep_or_stop(stop, args.listing_after_s):
+        return
+    for sym in srv.market.indices:
+        new = srv.list_new_expiry(sym)
+        log.info("scenario new-listing: %s new expiry, %d contracts", sym, len(new))
+    await stop.wait()
+
+
+async def _burst429(srv: SimServer, args: argparse.Namespace, stop: asyncio.Event) -> None:
+    while not await sleep_or_stop(stop, args.burst_every_s):
+        log.info("scenario burst429: next %d requests answer 429", args.burst_n)
+        srv.fail_next(args.burst_n, status=429)
+
+
+async def _malformed(srv: SimServer, args: argparse.Namespace, stop: asyncio.Event) -> None:
+    while not await sleep_or_stop(stop, 5.0):
+        srv.inject_malformed(3)
+
+
+_SCENARIOS: dict[str, Callable[[SimServer, argparse.Namespace, asyncio.Event], Awaitable[None]]] = {
+    "closed": _closed,
+    "silence": _silence,
+    "new-listing": _new_listing,
+    "burst429": _burst429,
+    "malformed": _malformed,
+}
+
+
 async def run_scenario(srv: SimServer, args: argparse.Namespace, stop: asyncio.Event) -> None:
-    """Drive ``srv`` according to ``args.scenario`` until ``stop`` is set."""
-
-    async def wait(seconds: float) -> bool:
-        """Sleep unless stopping; True when it is time to stop."""
-        return await sleep_or_stop(stop, seconds)
-
-    sc = args.scenario
-    if sc == "closed":
-        srv.set_market_open(False)
+    """Drive ``srv`` according to ``args.scenario`` until ``stop`` is set (sleeps end early
+    when stopping)."""
+    scenario = _SCENARIOS.get(args.scenario)
+    if scenario is None:
         await stop.wait()
-    elif sc == "silence":
-        quiet = min(args.silence_s, args.period_s)
-        while not await wait(args.period_s - quiet):
-            log.info("scenario silence: WS quiet for %.0f s", quiet)
-            srv.set_silent(True)
-            stopping = await wait(quiet)
-            srv.set_silent(False)
-            if stopping:
-                return
-    elif sc == "new-listing":
-        if await wait(args.listing_after_s):
-            return
-        for sym in srv.market.indices:
-            log.info("scenario new-listing: %s new strike %s", sym, srv.list_new_strike(sym))
-        if await wait(args.listing_after_s):
-            return
-        for sym in srv.market.indices:
-            new = srv.list_new_expiry(sym)
-            log.info("scenario new-listing: %s new expiry, %d contracts", sym, len(new))
-        await stop.wait()
-    elif sc == "burst429":
-        while not await wait(args.burst_every_s):
-            log.info("scenario burst429: next %d requests answer 429", args.burst_n)
-            srv.fail_next(args.burst_n, status=429)
-    elif sc == "malformed":
-        while not await wait(5.0):
-            srv.inject_malformed(3)
     else:
-        await stop.wait()
+        await scenario(srv, args, stop)
 
 
 async def serve(args: argparse.Namespace) -> int:

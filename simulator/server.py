@@ -223,6 +223,46 @@ def _cmp(op: str, a: Any, b: Any) -> bool:
     return bool(a < b)
 
 
+def _cursor_params(cursor: str) -> dict[str, str]:
+    """The query parameters a next_url cursor carries (it always holds a page marker)."""
+    try:
+        items = parse_qsl(_unb64(cursor), keep_blank_values=True, strict_parsing=True)
+    except ValueError:
+        raise ApiError(400, "Invalid cursor") from None
+    params: dict[str, str] = dict(items)
+    if "page_marker" not in params:
+        raise ApiError(400, "Invalid cursor")
+    return params
+
+
+def _range_filters(
+    params: dict[str, str],
+) -> tuple[tuple[tuple[str, float], ...], tuple[tuple[str, str], ...]]:
+    """The strike_price and expiration_date filters (eq and the range operators)."""
+    strike: list[tuple[str, float]] = []
+    expiry: list[tuple[str, str]] = []
+    for op in ("eq", *RANGE_OPS):
+        suffix = "" if op == "eq" else f".{op}"
+        raw = params.get("strike_price" + suffix)
+        if raw is not None:
+            try:
+                v = float(raw)
+            except ValueError:
+                raise ApiError(400, f"strike_price{suffix}: not a number: {raw!r}") from None
+            if not math.isfinite(v):
+                raise ApiError(400, f"strike_price{suffix}: not a number: {raw!r}")
+            strike.append((op, v))
+        rawd = params.get("expiration_date" + suffix)
+        if rawd is not None:
+            try:
+                expiry.append((op, dt.date.fromisoformat(rawd).isoformat()))
+            except ValueError:
+                raise ApiError(
+                    400, f"expiration_date{suffix}: expected YYYY-MM-DD, got {rawd!r}"
+                ) from None
+    return tuple(strike), tuple(expiry)
+
+
 class SimServer:
     """REST + WebSocket simulator of the Massive API, backed by :class:`Market`."""
 
@@ -442,22 +482,27 @@ class SimServer:
     def _parse_chain_query(self, request: Request) -> _ChainQuery:
         qp = request.query_params
         cursor = qp.get("cursor")
-        if cursor is not None:
-            try:
-                items = parse_qsl(_unb64(cursor), keep_blank_values=True, strict_parsing=True)
-            except ValueError:
-                raise ApiError(400, "Invalid cursor") from None
-            params: dict[str, str] = dict(items)
-            if "page_marker" not in params:
-                raise ApiError(400, "Invalid cursor")
-        else:
-            params = dict(qp)
+        params = _cursor_params(cursor) if cursor is not None else dict(qp)
         sort = params.get("sort", "ticker")
         if sort not in SORTS:
             raise ApiError(400, f"sort: invalid value {sort!r}, must be one of {list(SORTS)}")
         order = params.get("order", "asc")
         if order not in ("asc", "desc"):
             raise ApiError(400, f"order: invalid value {order!r}, must be asc or desc")
+        limit = self._limit(params)
+        ctype = params.get("contract_type")
+        if ctype is not None and ctype not in ("call", "put"):
+            raise ApiError(400, f"contract_type: invalid value {ctype!r}, must be call or put")
+        strike, expiry = _range_filters(params)
+        marker = params.get("page_marker") if cursor is not None else None
+        if marker is not None:
+            try:
+                parse_ticker(marker)
+            except TickerError:
+                raise ApiError(400, "Invalid cursor") from None
+        return _ChainQuery(sort, order, limit, ctype, strike, expiry, marker)
+
+    def _limit(self, params: dict[str, str]) -> int:
         try:
             limit = int(params.get("limit", "10"))
         except ValueError:
@@ -469,37 +514,7 @@ class SimServer:
             if self.config.limit_over_max != "clamp":
                 raise ApiError(400, f"limit: must be less than or equal to {lim_max}")
             limit = lim_max
-        ctype = params.get("contract_type")
-        if ctype is not None and ctype not in ("call", "put"):
-            raise ApiError(400, f"contract_type: invalid value {ctype!r}, must be call or put")
-        strike: list[tuple[str, float]] = []
-        expiry: list[tuple[str, str]] = []
-        for op in ("eq", *RANGE_OPS):
-            suffix = "" if op == "eq" else f".{op}"
-            raw = params.get("strike_price" + suffix)
-            if raw is not None:
-                try:
-                    v = float(raw)
-                except ValueError:
-                    raise ApiError(400, f"strike_price{suffix}: not a number: {raw!r}") from None
-                if not math.isfinite(v):
-                    raise ApiError(400, f"strike_price{suffix}: not a number: {raw!r}")
-                strike.append((op, v))
-            rawd = params.get("expiration_date" + suffix)
-            if rawd is not None:
-                try:
-                    expiry.append((op, dt.date.fromisoformat(rawd).isoformat()))
-                except ValueError:
-                    raise ApiError(
-                        400, f"expiration_date{suffix}: expected YYYY-MM-DD, got {rawd!r}"
-                    ) from None
-        marker = params.get("page_marker") if cursor is not None else None
-        if marker is not None:
-            try:
-                parse_ticker(marker)
-            except TickerError:
-                raise ApiError(400, "Invalid cursor") from None
-        return _ChainQuery(sort, order, limit, ctype, tuple(strike), tuple(expiry), marker)
+        return limit
 
     def _sorted_chain(self, symbol: str, sort: str) -> tuple[list[Contract], list[tuple[Any, ...]]]:
         cached = self._sorted.get((symbol, sort))
@@ -865,15 +880,21 @@ class SimServer:
         self._enqueue(conn, _Out(_frame([_status(status, message)]), (("status", 1),)))
 
     async def _ws_loop(self, conn: _Conn) -> None:
+        if await self._authenticate(conn) and self._admit(conn):
+            await self._serve_actions(conn)
+
+    async def _authenticate(self, conn: _Conn) -> bool:
+        """Answer messages until an auth with the API key (True); False when the client
+        left, timed out or failed (then the connection is closing)."""
         while not conn.authed:
             try:
                 text = await self._receive(conn, self.config.auth_timeout_s)
             except TimeoutError:
                 self._reply(conn, "auth_timeout", "authentication timed out")
                 self._close_after(conn, 1008)
-                return
+                return False
             if text is None:
-                return
+                return False
             msg = _decode_action(text)
             if msg is None:
                 self._reply(conn, "error", "invalid message")
@@ -886,11 +907,15 @@ class SimServer:
                 else:
                     self._reply(conn, "auth_failed", "authentication failed")
                     self._close_after(conn, 1008)
-                    return
+                    return False
             elif action in ("subscribe", "unsubscribe"):
                 self._reply(conn, "auth_required", "authentication required")
             else:
                 self._reply(conn, "error", f"unknown action: {action}")
+        return True
+
+    def _admit(self, conn: _Conn) -> bool:
+        """The per-market connection limit: False (and closing) when exceeded."""
         limit = self.config.max_connections
         if limit is not None:
             peers = [
@@ -899,7 +924,10 @@ class SimServer:
             if len(peers) >= limit:
                 self._reply(conn, "max_connections", "Maximum number of connections exceeded.")
                 self._close_after(conn, 1008)
-                return
+                return False
+        return True
+
+    async def _serve_actions(self, conn: _Conn) -> None:
         while True:
             text = await self._receive(conn, None)
             if text is None or conn.closing:

@@ -190,57 +190,74 @@ class StreamJanitor:
 
     async def trim(self, stream: str, policy: Policy, now_ms: int) -> Trimmed:
         groups = await self._groups(stream)
-        by_age = 0
-        if policy.max_age_s > 0:
-            cut = (now_ms - int(policy.max_age_s * 1000), 0)
-            for g in groups:  # never past what a group still needs
-                cut = min(cut, _next(g.last_delivered))
-                if g.oldest_pending is not None:
-                    cut = min(cut, g.oldest_pending)
-            if cut > (0, 0):
-                by_age = int(await self.redis.xtrim(stream, minid=_fmt(cut), approximate=True))
-                if by_age:
-                    self.m_trimmed.labels(stream, "age").inc(by_age)
+        by_age = await self._trim_age(stream, policy, now_ms, groups)
         unread: dict[str, int] = {}
-        by_bytes = 0
         used = await self.redis.memory_usage(stream, samples=5)
         if used is None:
             return Trimmed(stream, by_age, 0, unread)
         self.m_bytes.labels(stream).set(used)
+        by_bytes = 0
         if used > policy.max_bytes:
-            length = int(await self.redis.xlen(stream))
-            keep = max(1, int(length * policy.max_bytes / used))
-            before: dict[str, int] = {}
-            for g in groups:
-                before[g.name] = (
-                    g.lag
-                    if g.lag is not None
-                    else await count_after(self.redis, stream, _fmt(g.last_delivered))
-                )
-            by_bytes = int(await self.redis.xtrim(stream, maxlen=keep, approximate=True))
-            if by_bytes:
-                self.m_trimmed.labels(stream, "bytes").inc(by_bytes)
-                after = int(await self.redis.xlen(stream))
-                first = await self.redis.xrange(stream, "-", "+", count=1)
-                first_id = _id(first[0][0]) if first else (2**63, 0)
-                for g in groups:
-                    # unread entries are the newest ``before`` ones: those beyond ``after``
-                    lost = max(0, before[g.name] - after)
-                    if g.oldest_pending is not None and g.oldest_pending < first_id:
-                        gone: Any = await self.redis.xpending_range(
-                            stream, g.name, "-", "(" + _fmt(first_id), g.pending
-                        )
-                        lost += len(gone)
-                    if lost:
-                        unread[g.name] = lost
-                        self.m_unread.labels(stream, g.name).inc(lost)
-                        logger.error(
-                            "retention: %s over its byte budget (%d > %d bytes): %d entries "
-                            "group %s had not processed were trimmed",
-                            stream,
-                            used,
-                            policy.max_bytes,
-                            lost,
-                            g.name,
-                        )
+            by_bytes = await self._trim_bytes(stream, policy, used, groups, unread)
         return Trimmed(stream, by_age, by_bytes, unread)
+
+    async def _trim_age(
+        self, stream: str, policy: Policy, now_ms: int, groups: list[_Group]
+    ) -> int:
+        """Trim entries older than ``max_age_s``, never past what a group still needs."""
+        if policy.max_age_s <= 0:
+            return 0
+        cut = (now_ms - int(policy.max_age_s * 1000), 0)
+        for g in groups:
+            cut = min(cut, _next(g.last_delivered))
+            if g.oldest_pending is not None:
+                cut = min(cut, g.oldest_pending)
+        if cut <= (0, 0):
+            return 0
+        by_age = int(await self.redis.xtrim(stream, minid=_fmt(cut), approximate=True))
+        if by_age:
+            self.m_trimmed.labels(stream, "age").inc(by_age)
+        return by_age
+
+    async def _trim_bytes(
+        self, stream: str, policy: Policy, used: int, groups: list[_Group], unread: dict[str, int]
+    ) -> int:
+        """Trim to the byte budget; the entries a group had not processed that went with
+        it are counted per group in ``unread`` and logged."""
+        length = int(await self.redis.xlen(stream))
+        keep = max(1, int(length * policy.max_bytes / used))
+        before: dict[str, int] = {}
+        for g in groups:
+            before[g.name] = (
+                g.lag
+                if g.lag is not None
+                else await count_after(self.redis, stream, _fmt(g.last_delivered))
+            )
+        by_bytes = int(await self.redis.xtrim(stream, maxlen=keep, approximate=True))
+        if not by_bytes:
+            return 0
+        self.m_trimmed.labels(stream, "bytes").inc(by_bytes)
+        after = int(await self.redis.xlen(stream))
+        first = await self.redis.xrange(stream, "-", "+", count=1)
+        first_id = _id(first[0][0]) if first else (2**63, 0)
+        for g in groups:
+            # unread entries are the newest ``before`` ones: those beyond ``after``
+            lost = max(0, before[g.name] - after)
+            if g.oldest_pending is not None and g.oldest_pending < first_id:
+                gone: Any = await self.redis.xpending_range(
+                    stream, g.name, "-", "(" + _fmt(first_id), g.pending
+                )
+                lost += len(gone)
+            if lost:
+                unread[g.name] = lost
+                self.m_unread.labels(stream, g.name).inc(lost)
+                logger.error(
+                    "retention: %s over its byte budget (%d > %d bytes): %d entries "
+                    "group %s had not processed were trimmed",
+                    stream,
+                    used,
+                    policy.max_bytes,
+                    lost,
+                    g.name,
+                )
+        return by_bytes

@@ -131,15 +131,7 @@ async def run_resilient(
                 errors.inc()
             if on_unavailable is not None:
                 on_unavailable()
-            delay = backoff.delay_s(attempt)
-            log.warning(
-                "%s: redis unavailable (attempt %d, retry in %.2fs): %s",
-                name,
-                attempt,
-                delay,
-                one_line(exc),
-            )
-            if await sleep_or_stop(stop, delay):
+            if await _wait_after_outage(name, exc, attempt, stop, log, backoff):
                 return
 
 
@@ -168,16 +160,28 @@ async def retrying(
                 errors.inc()
             if attempts is not None and attempt >= attempts:
                 raise
-            delay = backoff.delay_s(attempt)
-            log.warning(
-                "%s: redis unavailable (attempt %d, retry in %.2fs): %s",
-                name,
-                attempt,
-                delay,
-                one_line(exc),
-            )
-            if await sleep_or_stop(stop, delay):
+            if await _wait_after_outage(name, exc, attempt, stop, log, backoff):
                 raise asyncio.CancelledError(f"{name}: stopped while waiting for redis") from exc
+
+
+async def _wait_after_outage(
+    name: str,
+    exc: BaseException,
+    attempt: int,
+    stop: asyncio.Event | None,
+    log: logging.Logger,
+    backoff: Backoff,
+) -> bool:
+    """Log the outage on one line and wait ``backoff.delay_s(attempt)``; True when stopped."""
+    delay = backoff.delay_s(attempt)
+    log.warning(
+        "%s: redis unavailable (attempt %d, retry in %.2fs): %s",
+        name,
+        attempt,
+        delay,
+        one_line(exc),
+    )
+    return await sleep_or_stop(stop, delay)
 
 
 def _cancelling() -> bool:

@@ -11,9 +11,11 @@ several as an ``ExceptionGroup`` (``massive-pipeline`` prints each on one line).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
-from collections.abc import Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
+from typing import Any
 
 from streams.health import health_server
 from streams.processor import Deps, Processor
@@ -33,47 +35,93 @@ async def run_processors(
     A processor that crashes stops the others and its error propagates (the process exits
     non-zero and Kubernetes restarts it)."""
     stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    if install_signals:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
     procs = list(processors)
-    errors: list[Exception] = []
+    # one processor ending ends the process (Kubernetes restarts it): it sets ``stop``
+    sup = Supervisor(stop)
     stopped = asyncio.Event()
-
-    async def supervise(name: str, work: Awaitable[None]) -> None:
-        try:
-            await work
-        except Exception as exc:  # raised once every processor has stopped
-            errors.append(exc)
-        finally:
-            stop.set()  # one processor ending ends the process: Kubernetes restarts it
-
-    try:
+    with _stop_on_signals(stop, install_signals):
         async with asyncio.TaskGroup() as tg:
-            tasks = [tg.create_task(supervise(p.name, p.run(stop)), name=p.name) for p in procs]
+            tasks = [tg.create_task(sup.watch(p.run(stop)), name=p.name) for p in procs]
             if deps.settings.metrics_port:
                 health = serve_health(deps, procs, stopped)
-                tg.create_task(supervise("health endpoint", health), name="health")
+                tg.create_task(sup.watch(health), name="health")
             await stop.wait()
-            try:
-                async with asyncio.timeout(deps.settings.grace_s):
-                    if tasks:
-                        await asyncio.wait(tasks)
-            except TimeoutError:
-                for t in tasks:
-                    if not t.done():
-                        logger.warning("%s did not stop within grace, cancelling", t.get_name())
-                        t.cancel()
+            await stop_within(tasks, deps.settings.grace_s)
             stopped.set()  # the endpoint answers probes until the processors are done
+    sup.raise_errors("processors")
+
+
+class Supervisor:
+    """What the children of a supervisor's ``asyncio.TaskGroup`` share: the first to end sets
+    ``ended`` (the supervisor then stops the others), and an error does not cancel its
+    siblings: it is kept and raised by :meth:`raise_errors` once all have stopped, one as
+    itself, several as an ``ExceptionGroup``. With ``late_errors=False`` an error raised
+    after ``ended`` (a sibling failing of the same cause while stopping) is only logged."""
+
+    def __init__(self, ended: asyncio.Event | None = None, *, late_errors: bool = True) -> None:
+        self.ended = ended or asyncio.Event()
+        self.late_errors = late_errors
+        self.errors: list[Exception] = []
+
+    async def watch(self, work: Awaitable[None]) -> None:
+        try:
+            await work
+        except Exception as exc:
+            if self.late_errors or not self.ended.is_set():
+                self.errors.append(exc)
+            else:
+                logger.debug("error while stopping: %r", exc)
+        finally:
+            self.ended.set()
+
+    def raise_errors(self, what: str) -> None:
+        if len(self.errors) == 1:
+            raise self.errors[0]
+        if self.errors:
+            raise ExceptionGroup(f"{len(self.errors)} {what} failed", self.errors)
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop: asyncio.Event, install: bool) -> Iterator[None]:
+    """SIGTERM/SIGINT set ``stop`` while inside (when ``install``)."""
+    if not install:
+        yield
+        return
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        yield
     finally:
-        if install_signals:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
-    if len(errors) == 1:
-        raise errors[0]
-    if errors:
-        raise ExceptionGroup(f"{len(errors)} processors failed", errors)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+@contextlib.asynccontextmanager
+async def task_group() -> AsyncIterator[asyncio.TaskGroup]:
+    """``asyncio.TaskGroup`` for a supervisor whose one failure is said as itself: a lone
+    exception leaves unwrapped, several as the ``ExceptionGroup``."""
+    try:
+        async with asyncio.TaskGroup() as tg:
+            yield tg
+    except ExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
+
+
+async def stop_within(tasks: Sequence[asyncio.Task[Any]], grace_s: float) -> None:
+    """Give ``tasks`` (already told to stop) ``grace_s`` to end; cancel those still running
+    (the caller's TaskGroup then awaits them)."""
+    try:
+        async with asyncio.timeout(grace_s):
+            if tasks:
+                await asyncio.wait(tasks)
+    except TimeoutError:
+        for t in tasks:
+            if not t.done():
+                logger.warning("%s did not stop within grace, cancelling", t.get_name())
+                t.cancel()
 
 
 async def serve_health(deps: Deps, processors: Sequence[Processor], until: asyncio.Event) -> None:

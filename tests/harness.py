@@ -654,33 +654,42 @@ class Expected:
 
 
 def expected_state(records: Iterable[rp.Record], topology: set[str]) -> Expected:
-    from schemas.massive import Quote, Trade, decode_frame
-    from schemas.messages import decode_snapshot
-
     exp = Expected()
     for r in records:
         if r.stream == keys.CHAIN_STREAM and r.blob is not None:
             if from_entry(dict(r.fields), ChainPointer).scope == "full":
                 continue  # the whole chain feeds GEX only, never the epoch's contracts
-            for c in decode_snapshot(r.blob).contracts:
-                if c.cid not in topology:
-                    continue
-                if c.bid is not None and c.ask is not None and c.quote_ts_ns:
-                    exp._q(c.cid, c.quote_ts_ns, c.bid, c.ask)
-                if c.last is not None and c.trade_ts_ns:
-                    exp._t(c.cid, c.trade_ts_ns, c.last)
+            _expect_snapshot(exp, r.blob, topology)
         elif r.stream == keys.WS_STREAM:
-            for ev in decode_frame(dict(r.fields).get(b"payload", b"")).events:
-                if isinstance(ev, Quote | Trade):
-                    exp.ws_events += 1
-                    if ev.sym not in topology:
-                        continue
-                    exp.ws_in_topology += 1
-                    if isinstance(ev, Quote):
-                        exp._q(ev.sym, ev.t * 1_000_000, ev.bp, ev.ap)
-                    else:
-                        exp._t(ev.sym, ev.t * 1_000_000, ev.p)
+            _expect_frame(exp, dict(r.fields).get(b"payload", b""), topology)
     return exp
+
+
+def _expect_snapshot(exp: Expected, blob: bytes, topology: set[str]) -> None:
+    from schemas.messages import decode_snapshot
+
+    for c in decode_snapshot(blob).contracts:
+        if c.cid not in topology:
+            continue
+        if c.bid is not None and c.ask is not None and c.quote_ts_ns:
+            exp._q(c.cid, c.quote_ts_ns, c.bid, c.ask)
+        if c.last is not None and c.trade_ts_ns:
+            exp._t(c.cid, c.trade_ts_ns, c.last)
+
+
+def _expect_frame(exp: Expected, payload: bytes, topology: set[str]) -> None:
+    from schemas.massive import Quote, Trade, decode_frame
+
+    for ev in decode_frame(payload).events:
+        if isinstance(ev, Quote | Trade):
+            exp.ws_events += 1
+            if ev.sym not in topology:
+                continue
+            exp.ws_in_topology += 1
+            if isinstance(ev, Quote):
+                exp._q(ev.sym, ev.t * 1_000_000, ev.bp, ev.ap)
+            else:
+                exp._t(ev.sym, ev.t * 1_000_000, ev.p)
 
 
 async def check_contracts(redis: Redis, eid: str, exp: Expected) -> list[str]:

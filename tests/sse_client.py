@@ -184,14 +184,7 @@ class ModelClient:
             await asyncio.sleep(0.2)  # a browser's EventSource retry
 
     def _on_frame(self, raw: bytes) -> None:
-        event, data, eid = "message", b"", None
-        for line in raw.split(b"\n"):
-            if line.startswith(b"event: "):
-                event = line[7:].decode()
-            elif line.startswith(b"data: "):
-                data = line[6:]
-            elif line.startswith(b"id: "):
-                eid = line[4:].decode()
+        event, data, eid = _parse_event(raw)
         if eid:
             self.last_event_id = eid
         if event == "snapshot":
@@ -202,36 +195,51 @@ class ModelClient:
                 self._fp = fingerprint(self.model["items"])
                 self._remember()
         elif event == "diff" and self.model is not None:
-            items = self.model["items"]
-            before: dict[str, Any] = {}
-            if self.history_max:
-                # the hash of every item this diff may touch, before it is applied
-                d = orjson.loads(data)
-                kt = self.reader.kt
-                keys = [full_key(kt, row[0]) for g in d.get("c", ()) for row in g["d"]]
-                keys += [full_key(kt, k) for k in (*d.get("o", {}), *d.get("r", ()))]
-                keys += [*d.get("changed", ()), *d.get("removed", ())]
-                before = {k: item_hash(k, items[k]) for k in keys if k in items}
-            try:
-                _, touched = self.reader.diff(data, eid)
-            except ChainBreak:
-                self.chain_breaks += 1
-                return
-            if self.history_max:
-                for k in set(touched):
-                    if k in before:
-                        self._fp ^= before[k]
-                    if k in items:
-                        self._fp ^= item_hash(k, items[k])
-            self.head = eid
-            self.diffs += 1
-            if self.history_max:
-                self._remember()
+            self._on_diff(self.model["items"], data, eid)
+
+    def _on_diff(self, items: dict[str, Any], data: bytes, eid: str | None) -> None:
+        before: dict[str, Any] = {}
+        if self.history_max:
+            # the hash of every item this diff may touch, before it is applied
+            d = orjson.loads(data)
+            kt = self.reader.kt
+            keys = [full_key(kt, row[0]) for g in d.get("c", ()) for row in g["d"]]
+            keys += [full_key(kt, k) for k in (*d.get("o", {}), *d.get("r", ()))]
+            keys += [*d.get("changed", ()), *d.get("removed", ())]
+            before = {k: item_hash(k, items[k]) for k in keys if k in items}
+        try:
+            _, touched = self.reader.diff(data, eid)
+        except ChainBreak:
+            self.chain_breaks += 1
+            return
+        if self.history_max:
+            for k in set(touched):
+                if k in before:
+                    self._fp ^= before[k]
+                if k in items:
+                    self._fp ^= item_hash(k, items[k])
+        self.head = eid
+        self.diffs += 1
+        if self.history_max:
+            self._remember()
 
     def _remember(self) -> None:
         self.history[self.version] = self._fp
         if len(self.history) > self.history_max:
             del self.history[min(self.history)]
+
+
+def _parse_event(raw: bytes) -> tuple[str, bytes, str | None]:
+    """(event, data, id) of one SSE event (LF line ends)."""
+    event, data, eid = "message", b"", None
+    for line in raw.split(b"\n"):
+        if line.startswith(b"event: "):
+            event = line[7:].decode()
+        elif line.startswith(b"data: "):
+            data = line[6:]
+        elif line.startswith(b"id: "):
+            eid = line[4:].decode()
+    return event, data, eid
 
 
 def item_hash(key: str, value: Any) -> int:

@@ -71,6 +71,16 @@ async def _until(page: Page, cond: Any, timeout_s: float = 10.0) -> None:
         await page.wait_for_timeout(50)
 
 
+async def _feed(writer: ModelWriter, market: FakeMarket, steps: int) -> None:
+    for _ in range(steps):
+        await publish_step(writer, market, time.time_ns())
+        await asyncio.sleep(0.05)
+
+
+def _view_ids(items: dict[str, Any], expiry: str, right: str) -> set[str]:
+    return {tid for tid, t in items.items() if t["expiry"] == expiry and t["right"] == right}
+
+
 @pytest.mark.timeout(60)
 async def test_dashboard_live_heatmap_and_gex(deps: Deps, redis: Redis, page: Page) -> None:
     writer = ModelWriter(redis)
@@ -88,20 +98,12 @@ async def test_dashboard_live_heatmap_and_gex(deps: Deps, redis: Redis, page: Pa
         model = writer.models[("SPX", "heatmap:butterfly")]
         expiry = min(t["expiry"] for t in model.items.values())
         shown = {tid for tid in cells0}
-        expected = {
-            tid for tid, t in model.items.items() if t["expiry"] == expiry and t["right"] == "C"
-        }
-        assert shown == expected
+        assert shown == _view_ids(model.items, expiry, "C")
         for tid in list(shown)[:20]:
             assert _same(cells0[tid], model.items[tid]["debit"]), tid
 
         # live data: publish steps while the page is open
-        async def feed() -> None:
-            for _ in range(40):
-                await publish_step(writer, market, time.time_ns())
-                await asyncio.sleep(0.05)
-
-        task = asyncio.create_task(feed())
+        task = asyncio.create_task(_feed(writer, market, 40))
         v0 = await _version(page, "heatmap")
 
         async def moved() -> bool:
@@ -143,10 +145,7 @@ async def test_dashboard_live_heatmap_and_gex(deps: Deps, redis: Redis, page: Pa
         await page.select_option("#expiry", second)
 
         def view_ids(expiry: str, right: str) -> set[str]:
-            m = writer.models[("SPX", "heatmap:butterfly")]
-            return {
-                tid for tid, t in m.items.items() if t["expiry"] == expiry and t["right"] == right
-            }
+            return _view_ids(writer.models[("SPX", "heatmap:butterfly")].items, expiry, right)
 
         async def switched() -> bool:
             return set(await _cells(page)) == view_ids(second, "C")

@@ -16,6 +16,7 @@ import pytest
 from redis.asyncio import Redis
 
 from processors.ingest import chain_poller as cp
+from processors.ingest import rest_client
 from schemas import keys
 from schemas.messages import (
     ChainPointer,
@@ -101,7 +102,7 @@ def expected_cids(
 
 async def test_pages_to_the_end_every_contract_once(deps: Deps, sim: SimServer) -> None:
     p = make(deps, sim, limit=37)
-    async with p._client() as client:
+    async with p.rest.client() as client:
         results = await p.cycle(client, "startup")
     assert [r.symbol for r in results] == ["SPX", "NDX"]
     ptrs = await pointers(deps.redis)
@@ -156,7 +157,7 @@ async def test_whole_chain_for_gex_at_its_own_cadence(deps: Deps, sim: SimServer
     assert metric(deps, "massive_chain_poller_full_contracts", symbol="SPX") == n_spx
     # a failed whole-chain fetch is counted and the other symbols still go
     p2 = make(deps, sim, limit=250, max_retries=0)
-    async with p2._client() as client:
+    async with p2.rest.client() as client:
         sim.fail_next(1, status=500)  # SPX's first whole-chain page
         done = await p2.full_cycle(client, {}, "cadence")
     assert [r.symbol for r in done] == ["NDX"]
@@ -165,7 +166,7 @@ async def test_whole_chain_for_gex_at_its_own_cadence(deps: Deps, sim: SimServer
 
 async def test_bearer_auth_mode(deps: Deps, sim: SimServer) -> None:
     p = make(deps, sim, auth_mode="bearer", limit=250)
-    async with p._client() as client:
+    async with p.rest.client() as client:
         results = await p.cycle(client, "startup")
     assert len(results) == 2 and all(r.contracts for r in results)
 
@@ -174,7 +175,7 @@ async def test_429_then_success_honours_retry_after(deps: Deps, sim: SimServer) 
     p = make(deps, sim, symbols=("SPX",), limit=250)
     sim.fail_next(2, status=429)
     t0 = time.monotonic()
-    async with p._client() as client:
+    async with p.rest.client() as client:
         (res,) = await p.cycle(client, "startup")
     elapsed = time.monotonic() - t0
     assert res.contracts
@@ -188,7 +189,7 @@ async def test_429_then_success_honours_retry_after(deps: Deps, sim: SimServer) 
 async def test_500_burst_then_success(deps: Deps, sim: SimServer) -> None:
     p = make(deps, sim, limit=250)
     sim.fail_next(4, status=500)
-    async with p._client() as client:
+    async with p.rest.client() as client:
         results = await p.cycle(client, "startup")
     assert len(results) == 2
     assert metric(deps, "massive_chain_poller_retries_total", kind="http_5xx") == 4
@@ -199,7 +200,7 @@ async def test_5xx_beyond_retries_is_counted_not_raised(deps: Deps, sim: SimServ
     p = make(deps, sim, symbols=("SPX", "NDX"), limit=250, max_retries=2)
     # index snapshot gets 3 x 503 (fails, falls back to chain spot); then SPX chain 3 x 503
     sim.fail_next(6, status=503)
-    async with p._client() as client:
+    async with p.rest.client() as client:
         results = await p.cycle(client, "startup")
     assert [r.symbol for r in results] == ["NDX"]
     assert metric(deps, "massive_chain_poller_errors_total", kind="http_5xx") == 2
@@ -229,7 +230,7 @@ async def test_auth_failure_is_clear_and_does_not_spin(deps: Deps, sim: SimServe
 async def test_403_is_an_auth_error(deps: Deps, sim: SimServer) -> None:
     p = make(deps, sim)
     sim.fail_next(1, status=403)
-    async with p._client() as client:
+    async with p.rest.client() as client:
         with pytest.raises(cp.AuthError) as ei:
             await p.cycle(client, "startup")
     assert ei.value.status == 403
@@ -284,7 +285,7 @@ async def test_cadence_follows_fetch_latency(deps: Deps, sim: SimServer) -> None
 def test_next_url_on_our_base_keeps_cursor_and_reappends_key(deps: Deps) -> None:
     s = cp.PollerSettings(api_key="k1", rest_url="http://sim.local:8080")
     p = cp.ChainPoller(deps, s)
-    u = p.next_page_url("http://sim.local:8080/v3/snapshot/options/I:SPX?cursor=YWJj")
+    u = p.rest.next_page_url("http://sim.local:8080/v3/snapshot/options/I:SPX?cursor=YWJj")
     assert (u.scheme, u.host, u.port, u.path) == (
         "http",
         "sim.local",
@@ -293,15 +294,15 @@ def test_next_url_on_our_base_keeps_cursor_and_reappends_key(deps: Deps) -> None
     )
     assert dict(u.params) == {"cursor": "YWJj", "apiKey": "k1"}
     pb = cp.ChainPoller(deps, dataclasses.replace(s, auth_mode="bearer"))
-    ub = pb.next_page_url("http://sim.local:8080/v3/snapshot/options/I:SPX?cursor=YWJj")
+    ub = pb.rest.next_page_url("http://sim.local:8080/v3/snapshot/options/I:SPX?cursor=YWJj")
     assert dict(ub.params) == {"cursor": "YWJj"}
     # the default port, spelled or not, is the same origin; a base path is kept
     ph = cp.ChainPoller(deps, dataclasses.replace(s, rest_url="https://api.massive.com/"))
-    uh = ph.next_page_url("https://api.massive.com:443/v3/snapshot/options/I:SPX?cursor=x")
+    uh = ph.rest.next_page_url("https://api.massive.com:443/v3/snapshot/options/I:SPX?cursor=x")
     assert (uh.host, uh.port, uh.path) == ("api.massive.com", None, "/v3/snapshot/options/I:SPX")
     pp = cp.ChainPoller(deps, dataclasses.replace(s, rest_url="http://proxy:81/massive"))
-    assert pp._url("v3/snapshot/indices").path == "/massive/v3/snapshot/indices"
-    assert pp.next_page_url("http://proxy:81/massive/v3/x?cursor=1").path == "/massive/v3/x"
+    assert pp.rest.url("v3/snapshot/indices").path == "/massive/v3/snapshot/indices"
+    assert pp.rest.next_page_url("http://proxy:81/massive/v3/x?cursor=1").path == "/massive/v3/x"
 
 
 @pytest.mark.parametrize(
@@ -322,7 +323,7 @@ def test_next_url_on_our_base_keeps_cursor_and_reappends_key(deps: Deps) -> None
 def test_next_url_off_our_base_is_refused(deps: Deps, next_url: str, kind: str) -> None:
     p = cp.ChainPoller(deps, cp.PollerSettings(api_key="k1", rest_url="http://sim.local:8080/v3"))
     with pytest.raises(cp.FetchError) as ei:
-        p.next_page_url(next_url)
+        p.rest.next_page_url(next_url)
     assert ei.value.kind == kind
     assert "k1" not in str(ei.value)
 
@@ -353,7 +354,7 @@ async def test_a_hostile_next_url_never_reaches_another_host(deps: Deps) -> None
                 cp.PollerSettings(api_key=key, rest_url=provider.url, max_retries=0),
                 ("SPX",),
             )
-            async with p._client() as client:
+            async with p.rest.client() as client:
                 for _ in hostile:
                     with pytest.raises(cp.FetchError):
                         await p.cycle(client, "startup")
@@ -369,11 +370,11 @@ def test_retry_after_parsing() -> None:
     def resp(v: str | None) -> httpx.Response:
         return httpx.Response(429, headers={} if v is None else {"Retry-After": v})
 
-    assert cp.retry_after_s(resp("3")) == 3.0
-    assert cp.retry_after_s(resp(None)) is None
-    assert cp.retry_after_s(resp("soon")) is None
+    assert rest_client.retry_after_s(resp("3")) == 3.0
+    assert rest_client.retry_after_s(resp(None)) is None
+    assert rest_client.retry_after_s(resp("soon")) is None
     now = dt.datetime(2026, 1, 7, 15, 0, 0, tzinfo=dt.UTC)
-    assert cp.retry_after_s(resp("Wed, 07 Jan 2026 15:00:05 GMT"), now) == 5.0
+    assert rest_client.retry_after_s(resp("Wed, 07 Jan 2026 15:00:05 GMT"), now) == 5.0
 
 
 def test_settings_from_env() -> None:
@@ -411,11 +412,32 @@ def test_rest_retries_use_the_one_backoff_policy_with_full_jitter(deps: Deps) ->
 
     s = cp.PollerSettings(backoff_base_s=0.2, backoff_max_s=3.0)
     p = cp.ChainPoller(deps, s)
-    assert p._backoff == Backoff(base_s=0.2, cap_s=3.0, jitter="full")
-    delays = [p._backoff.delay_s(4) for _ in range(400)]  # window min(3.0, 0.2 * 2**4) = 3.0
+    assert p.rest.cfg.backoff == Backoff(base_s=0.2, cap_s=3.0, jitter="full")
+    delays = [
+        p.rest.cfg.backoff.delay_s(4) for _ in range(400)
+    ]  # window min(3.0, 0.2 * 2**4) = 3.0
     assert all(0 <= d <= 3.0 for d in delays) and min(delays) < 0.75 and max(delays) > 2.25
     with pytest.raises(ValueError, match="backoff"):
         from_env(cp.PollerSettings, {"MASSIVE_POLLER_BACKOFF_BASE_S": "0"})
+
+
+def test_failed_cycles_back_off_with_the_one_policy(deps: Deps) -> None:
+    """A cycle in which every symbol failed waits its cadence delay doubled per failed cycle
+    (up to 6 x backoff_max_s); an internal failure (Redis down) min_interval_s doubled up to
+    backoff_max_s; both with equal jitter (at least half the window)."""
+    from streams.retry import Backoff
+
+    s = cp.PollerSettings(min_interval_s=5.0, latency_factor=2.0, backoff_max_s=10.0)
+    p = cp.ChainPoller(deps, s)
+    fetch = p._failed_cycle_backoff(took=4.0)  # cadence max(5, 2 * 4) = 8
+    assert fetch == Backoff(base_s=8.0, cap_s=60.0, jitter="equal")
+    first = [fetch.delay_s(1) for _ in range(200)]  # window 16
+    assert all(8.0 <= d <= 16.0 for d in first) and max(first) - min(first) > 4.0
+    assert all(30.0 <= fetch.delay_s(6) <= 60.0 for _ in range(50))  # capped
+    assert p._failed_cycle_backoff(took=100.0).base_s == 60.0  # a slow cycle: the cap
+    internal = [p._internal_backoff.delay_s(n) for n in (0, 1, 5) for _ in range(50)]
+    assert all(2.5 <= d <= 10.0 for d in internal)
+    assert p._internal_backoff == Backoff(base_s=5.0, cap_s=10.0, jitter="equal")
 
 
 async def test_stock_and_etf_chains_take_their_spot_from_underlying_asset(deps: Deps) -> None:
@@ -424,7 +446,7 @@ async def test_stock_and_etf_chains_take_their_spot_from_underlying_asset(deps: 
     try:
         srv.set_spot("AAPL", 231.5)
         p = make(deps, srv, symbols=("SPX", "SPY", "AAPL"))
-        async with p._client() as client:
+        async with p.rest.client() as client:
             first = await p.cycle(client, "startup")
             again = await p.cycle(client, "cadence")
     finally:

@@ -145,10 +145,7 @@ async def test_lossy_restart_leaves_no_client_on_a_rewritten_history(tmp_path: P
             await h.wait_epoch(r)
             for c in clients:
                 c.start()
-            page = None
-            if not no_browser:
-                page = await stack.enter_async_context(browser.open_page(page_errors))
-                await page.goto(api + "/?symbol=SPX")
+            page = await _open_page(stack, no_browser, page_errors, api)
             await eventually(
                 lambda: _true(all(c.version > 0 for c in clients)), timeout_s=90, interval_s=0.2
             )
@@ -182,33 +179,14 @@ async def test_lossy_restart_leaves_no_client_on_a_rewritten_history(tmp_path: P
                 interval_s=0.2,
             )
             exits = _exits(p)
-            for spec in h.INGEST:  # stop the market feed so the models settle
-                p.procs[spec].popen.terminate()  # type: ignore[union-attr]
+            _stop_feed(p)  # so the models settle
             await h.wait_settled(r, timeout_s=90)
             async with httpx.AsyncClient(timeout=10) as http:
 
                 async def clients_equal_api() -> list[str]:
-                    bad = []
-                    for c in clients:
-                        path = f"/api/{c.channel}?symbol=SPX"
-                        truth = (await http.get(api + path)).json()
-                        if c.model is None or c.version != truth["version"]:
-                            bad.append(f"{c.channel}: client v{c.version} api v{truth['version']}")
-                        elif c.model["items"] != truth["items"]:
-                            bad.append(f"{c.channel}: items differ at v{c.version}")
+                    bad = await _client_differences(http, api, clients)
                     if page is not None:
-                        for name, view in (await browser.page_models(page)).items():
-                            # the page's stream and its /api twin (same path and view query)
-                            truth = (
-                                await http.get(api + view["url"].replace("/sse/", "/api/"))
-                            ).json()
-                            m = view["model"]
-                            # a view's version is the model version that last changed it
-                            if m is None or m["version"] > truth["version"]:
-                                got = m and m["version"]
-                                bad.append(f"page {name}: v{got} api v{truth['version']}")
-                            elif m["epoch"] != truth["epoch"] or m["items"] != truth["items"]:
-                                bad.append(f"page {name}: items differ at v{m['version']}")
+                        bad += await _page_differences(http, api, page)
                     return bad
 
                 async def converged() -> bool:
@@ -230,12 +208,56 @@ async def test_lossy_restart_leaves_no_client_on_a_rewritten_history(tmp_path: P
         print(f"the page had {page_lost}")
         assert not page_errors, page_errors
     print({c.channel: (c.snapshots, c.chain_breaks) for c in clients})
-    for c in clients:
-        # the restore took away versions this client held: it must have been re-based
-        # (a fresh snapshot) rather than having skipped the re-issued ones as "seen"
-        assert c.snapshots >= 2, (c.channel, c.snapshots)
-        assert c.chain_breaks == 0, (c.channel, c.chain_breaks)
+    # the restore took away versions each client held: it must have been re-based (a fresh
+    # snapshot) rather than having skipped the re-issued ones as "seen"
+    assert all(c.snapshots >= 2 for c in clients), {c.channel: c.snapshots for c in clients}
+    assert all(c.chain_breaks == 0 for c in clients), {c.channel: c.chain_breaks for c in clients}
     assert not exits, exits
+
+
+def _stop_feed(p: h.Pipeline) -> None:
+    for spec in h.INGEST:
+        p.procs[spec].popen.terminate()  # type: ignore[union-attr]
+
+
+async def _open_page(
+    stack: contextlib.AsyncExitStack, no_browser: str | None, errors: list[str], api: str
+) -> Any:
+    """The dashboard page on ``api`` (closed with ``stack``); None without a browser."""
+    if no_browser:
+        return None
+    page = await stack.enter_async_context(browser.open_page(errors))
+    await page.goto(api + "/?symbol=SPX")
+    return page
+
+
+async def _client_differences(
+    http: httpx.AsyncClient, api: str, clients: list[ModelClient]
+) -> list[str]:
+    """How each client's model differs from /api (empty: all equal)."""
+    bad = []
+    for c in clients:
+        truth = (await http.get(f"{api}/api/{c.channel}?symbol=SPX")).json()
+        if c.model is None or c.version != truth["version"]:
+            bad.append(f"{c.channel}: client v{c.version} api v{truth['version']}")
+        elif c.model["items"] != truth["items"]:
+            bad.append(f"{c.channel}: items differ at v{c.version}")
+    return bad
+
+
+async def _page_differences(http: httpx.AsyncClient, api: str, page: Any) -> list[str]:
+    """How each of the page's views differs from its /api twin (same path and view query)."""
+    bad = []
+    for name, view in (await browser.page_models(page)).items():
+        truth = (await http.get(api + view["url"].replace("/sse/", "/api/"))).json()
+        m = view["model"]
+        # a view's version is the model version that last changed it
+        if m is None or m["version"] > truth["version"]:
+            got = m and m["version"]
+            bad.append(f"page {name}: v{got} api v{truth['version']}")
+        elif m["epoch"] != truth["epoch"] or m["items"] != truth["items"]:
+            bad.append(f"page {name}: items differ at v{m['version']}")
+    return bad
 
 
 async def _true(v: bool) -> bool:

@@ -289,6 +289,13 @@ WRONG_TYPE_PATHS = [
 ]
 
 
+def _set_path(item: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    tgt = item
+    for k in path[:-1]:
+        tgt = tgt[k]
+    tgt[path[-1]] = value
+
+
 @st.composite
 def rest_case(draw: st.DrawFn, n: int) -> tuple[Any, set[str]]:
     """A bad chain item (JSON-able, or raw bytes) and the reasons it may be rejected with."""
@@ -303,11 +310,7 @@ def rest_case(draw: st.DrawFn, n: int) -> tuple[Any, set[str]]:
         path = draw(st.sampled_from(WRONG_TYPE_PATHS))
         # optional fields may be null; a number is the right type for numeric fields
         wrong = _wrong_nonstr if path == ("details", "ticker") else _wrong
-        value = draw(wrong.filter(lambda v: v is not None))
-        tgt = it
-        for k in path[:-1]:
-            tgt = tgt[k]
-        tgt[path[-1]] = value
+        _set_path(it, path, draw(wrong.filter(lambda v: v is not None)))
         return it, {"decode"}
     if kind == "no_ticker":
         del it["details"]["ticker"]
@@ -328,10 +331,7 @@ def rest_case(draw: st.DrawFn, n: int) -> tuple[Any, set[str]]:
         path = draw(
             st.sampled_from([("last_quote", "bid"), ("greeks", "gamma"), ("open_interest",)])
         )
-        tgt = it
-        for k in path[:-1]:
-            tgt = tgt[k]
-        tgt[path[-1]] = draw(st.floats(min_value=1.01e9, max_value=1e300))
+        _set_path(it, path, draw(st.floats(min_value=1.01e9, max_value=1e300)))
         return it, {"non_finite"}
     if kind == "negative":
         it["last_quote"]["ask"] = -draw(st.floats(min_value=0.01, max_value=1e6))
@@ -377,7 +377,7 @@ async def running_poller(
     rs = RuntimeSettings(redis_url=url, consumer="f", symbols=("SPX",))
     poller = cp.ChainPoller(Deps(redis, rs, reg), s)
     transport = httpx.MockTransport(handler)
-    poller._client = lambda: httpx.AsyncClient(transport=transport)  # type: ignore[method-assign]
+    poller.rest.client = lambda: httpx.AsyncClient(transport=transport)  # type: ignore[method-assign]
     stop = asyncio.Event()
     task = asyncio.create_task(poller.run(stop))
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import given, settings
@@ -351,6 +352,36 @@ def independent(
     return total, tradable
 
 
+def _tile_legs(
+    strategy: str,
+    exp: str,
+    right: str,
+    k: int,
+    widths: tuple[int, ...],
+    by_key: dict[tuple[str, str, float], str],
+) -> Iterator[tuple[str, list[tuple[str, int]]]]:
+    """(tile id, legs) of every tile of ``strategy`` centred (or based) on strike ``k``,
+    written out independently of processors/heatmap."""
+    if strategy == "single":
+        yield f"SPX:{exp}:single:{k}:{right}", [(by_key[(exp, right, k)], 1)]
+        return
+    for w in widths:
+        if strategy == "vertical":
+            o = k + w if right == "C" else k - w
+            if (exp, right, o) not in by_key:
+                continue
+            lo, hi = sorted((k, o))
+            legs = [(by_key[(exp, right, k)], 1), (by_key[(exp, right, o)], -1)]
+            yield f"SPX:{exp}:vertical:{lo}-{hi}:{right}", legs
+        elif (exp, right, k - w) in by_key and (exp, right, k + w) in by_key:
+            legs = [
+                (by_key[(exp, right, k - w)], 1),
+                (by_key[(exp, right, k)], -2),
+                (by_key[(exp, right, k + w)], 1),
+            ]
+            yield f"SPX:{exp}:butterfly:{k - w}-{k}-{k + w}:{right}", legs
+
+
 @pytest.mark.parametrize("strategy", hm.STRATEGIES)
 async def test_reference_rebuild_equals_independent_recomputation(
     redis: Redis, strategy: str
@@ -376,32 +407,13 @@ async def test_reference_rebuild_equals_independent_recomputation(
         raw = await redis.hgetall(keys.epoch_contract("SPX", "e1", c.cid))
         hashes[c.cid] = {k.decode(): v.decode() for k, v in raw.items()}
     by_key = {(c.expiry, c.right, float(c.strike)): c.cid for c in chain}
-    expected: dict[str, tuple[float | None, bool]] = {}
-    for exp in exps:
-        for right in "CP":
-            for k in strikes:
-                if strategy == "single":
-                    legs = [(by_key[(exp, right, k)], 1)]
-                    expected[f"SPX:{exp}:single:{k}:{right}"] = independent(hashes, legs, 10 * SEC)
-                    continue
-                for w in (5, 10, 25):
-                    if strategy == "vertical":
-                        o = k + w if right == "C" else k - w
-                        if (exp, right, o) not in by_key:
-                            continue
-                        lo, hi = sorted((k, o))
-                        legs = [(by_key[(exp, right, k)], 1), (by_key[(exp, right, o)], -1)]
-                        tid = f"SPX:{exp}:vertical:{lo}-{hi}:{right}"
-                    else:
-                        if (exp, right, k - w) not in by_key or (exp, right, k + w) not in by_key:
-                            continue
-                        legs = [
-                            (by_key[(exp, right, k - w)], 1),
-                            (by_key[(exp, right, k)], -2),
-                            (by_key[(exp, right, k + w)], 1),
-                        ]
-                        tid = f"SPX:{exp}:butterfly:{k - w}-{k}-{k + w}:{right}"
-                    expected[tid] = independent(hashes, legs, 10 * SEC)
+    expected = {
+        tid: independent(hashes, legs, 10 * SEC)
+        for exp in exps
+        for right in "CP"
+        for k in strikes
+        for tid, legs in _tile_legs(strategy, exp, right, k, (5, 10, 25), by_key)
+    }
     assert set(tiles) == set(expected)
     n_priced = n_tradable = 0
     for tid, (d, tradable) in expected.items():

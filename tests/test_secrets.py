@@ -170,7 +170,7 @@ async def test_an_error_body_echoing_the_url_is_redacted(
             ("SPX",),
         )
         caplog.set_level(logging.DEBUG)
-        async with p._client() as client:
+        async with p.rest.client() as client:
             with pytest.raises(cp.FetchError) as ei:
                 await p.cycle(client, "startup")
     assert all(f"apiKey={key}" in t for t in provider.requests)  # the key was sent ...
@@ -235,7 +235,8 @@ def test_cli_with_redis_unreachable_says_so_on_one_line(
     password = "pw-" + secrets.token_hex(8)
     port = free_port()
     url = f"redis://:{password}@127.0.0.1:{port}/0"
-    argv = [a.format(tmp=tmp_path, recording=recording) for a in args]
+    # (not str.format: stream names hold hash-tag braces)
+    argv = [a.replace("{tmp}", str(tmp_path)).replace("{recording}", str(recording)) for a in args]
     res = cli(*argv, env=base_env(MASSIVE_REDIS_URL=url))
     line = assert_one_line_error(res, code=2)
     assert line.startswith(f"error: cannot reach Redis at redis://:***@127.0.0.1:{port}/0: ")

@@ -79,7 +79,7 @@ def test_overrides_from_json_and_errors() -> None:
             "MSFT": {"root_pattern": "MSFT|MSFT7"},
         }
     )
-    reg = symbols.load({"MASSIVE_SYMBOL_SPECS": raw, "MASSIVE_SYMBOLS": "SPY,AAPL"})
+    reg = symbols.load(raw, ("SPY", "AAPL"))
     assert reg.spec("AAPL").div_yield == 0.005 and reg.spec("AAPL").widths == (2.5, 5.0)
     assert reg.spec("SPX").widths == (5.0, 10.0) and reg.spec("SPX").am_roots == ("SPX",)
     assert reg.spec("ZZZ").underlying == "I:ZZZ"
@@ -93,11 +93,11 @@ def test_overrides_from_json_and_errors() -> None:
         ("{not json", "not JSON"),
     ):
         with pytest.raises(symbols.SymbolSpecError, match=what):
-            symbols.load({"MASSIVE_SYMBOL_SPECS": bad})
+            symbols.load(bad)
 
 
 def test_labels_are_bounded_by_configuration() -> None:
-    reg = symbols.load({"MASSIVE_SYMBOLS": "SPY, aapl,MSFT"})
+    reg = symbols.load("", ("SPY", " aapl", "MSFT"))
     assert [reg.label(s) for s in ("SPY", "AAPL", "MSFT", "SPX", "GME", None)] == [
         "SPY",
         "AAPL",
@@ -171,9 +171,8 @@ def test_chain_items_adjusted_and_nonstandard_are_skipped_and_counted() -> None:
     assert page.underlying_value == 231.5  # a stock's underlying_asset.price
 
 
-def test_chain_items_adjusted_kept_when_the_spec_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MASSIVE_SYMBOL_SPECS", '{"AAPL": {"adjusted": "keep"}}')
-    symbols.reset()  # the process registry is read from the environment once
+def test_chain_items_adjusted_kept_when_the_spec_says_so() -> None:
+    symbols.configure('{"AAPL": {"adjusted": "keep"}}', ("AAPL",))
     adj = ticker.encode("AAPL1", EXP, "C", 230)
     body = b'{"status":"OK","request_id":"x","results":[%s]}' % _item(adj, shares=150)
     page = mr.parse_chain_page(body, "AAPL")
@@ -226,3 +225,20 @@ def test_a_bad_spec_fails_the_cli_at_start(
     assert cli.main(["run", "hydrator"]) == 2
     err = capsys.readouterr().err
     assert err.strip() == "configuration error: MASSIVE_SYMBOL_SPECS.AAPL: unknown field 'colour'"
+
+
+def test_a_process_takes_its_specs_from_its_settings_object(deps: Any) -> None:
+    """No second reading of the environment: the processors' factory installs the registry
+    from the RuntimeSettings it is given."""
+    import dataclasses
+
+    from processors.registry import load
+
+    settings = dataclasses.replace(
+        deps.settings, symbols=("AAPL",), symbol_specs='{"AAPL": {"adjusted": "keep"}}'
+    )
+    load("normalizer", dataclasses.replace(deps, settings=settings))
+    reg = symbols.registry()
+    assert reg.spec("AAPL").adjusted == "keep" and reg.label("AAPL") == "AAPL"
+    load("normalizer", deps)  # another settings object: its specs (the defaults) again
+    assert symbols.registry().spec("AAPL").adjusted == "skip"

@@ -155,6 +155,37 @@ def _env(values: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
+async def _warm_up(
+    redis: Redis, symbols: tuple[str, ...], task: asyncio.Task[None], timeout_s: float
+) -> None:
+    """Wait until every strategy's staging and the full GEX scope are installed for every
+    symbol (a processor that failed raises here)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if task.done():
+            task.result()
+        ready = 0
+        for sym in symbols:
+            for strat in STRATEGIES:
+                ready += bool(await redis.hget(keys.heatmap_manifest(sym, strat), "epoch"))
+            ready += (await _gex_scope(redis, sym)) == "full"
+        if ready == len(symbols) * (len(STRATEGIES) + 1):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError("staging not installed within the warm-up")
+        await asyncio.sleep(0.2)
+
+
+async def _measure_strategy(redis: Redis, symbols: tuple[str, ...], strat: str) -> StrategyStats:
+    """One strategy's staged tiles measured, summed over the symbols."""
+    total = StrategyStats()
+    for sym in symbols:
+        st = measure(await redis.hgetall(keys.heatmap_staging(sym, strat)))
+        for f in dataclasses.fields(StrategyStats):
+            setattr(total, f.name, getattr(total, f.name) + getattr(st, f.name))
+    return total
+
+
 async def run(
     duration_s: float,
     *,
@@ -191,20 +222,7 @@ async def run(
             specs.append("gex")
             procs: list[Processor] = [load(s, deps) for s in specs]
         task = asyncio.create_task(run_processors(deps, procs, stop, install_signals=False))
-        deadline = time.monotonic() + warmup_timeout_s
-        while True:  # every strategy's staging installed for every symbol
-            if task.done():
-                task.result()
-            ready = 0
-            for sym in symbols:
-                for strat in STRATEGIES:
-                    ready += bool(await redis.hget(keys.heatmap_manifest(sym, strat), "epoch"))
-                ready += (await _gex_scope(redis, sym)) == "full"
-            if ready == len(symbols) * (len(STRATEGIES) + 1):
-                break
-            if time.monotonic() > deadline:
-                raise TimeoutError("staging not installed within the warm-up")
-            await asyncio.sleep(0.2)
+        await _warm_up(redis, symbols, task, warmup_timeout_s)
         t0 = time.monotonic()
         while time.monotonic() - t0 < duration_s:
             if task.done():
@@ -214,14 +232,7 @@ async def run(
             deps.registry.get_sample_value("massive_hydrator_applied_total", {"kind": k}) or 0.0
             for k in ("quote", "trade")
         )
-        out: dict[str, StrategyStats] = {}
-        for strat in STRATEGIES:
-            total = StrategyStats()
-            for sym in symbols:
-                st = measure(await redis.hgetall(keys.heatmap_staging(sym, strat)))
-                for f in dataclasses.fields(StrategyStats):
-                    setattr(total, f.name, getattr(total, f.name) + getattr(st, f.name))
-            out[strat] = total
+        out = {strat: await _measure_strategy(redis, symbols, strat) for strat in STRATEGIES}
         gex = {sym: await _gex_check(redis, sim, sym) for sym in symbols}
         return Report(time.monotonic() - t0, int(applied), out, gex)
     finally:

@@ -48,15 +48,16 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
 from processors import lua
+from processors.epochs.topology import ActiveTopology
 from schemas import keys, symbols, ticker
-from schemas.massive import IndexValue, Quote, Trade, decode_frame
+from schemas.massive import Event, IndexValue, Quote, Trade, decode_frame
 from schemas.messages import WS_PAYLOAD_FIELD, WS_RECV_FIELD, DirtyEntry, entry
 from streams import metrics
 from streams.consumer import Entry
@@ -140,6 +141,41 @@ class _Routed:
     misses_t: list[Trade]
 
 
+_Ev = TypeVar("_Ev", Quote, Trade, IndexValue)
+
+
+def _keep_newest(newest: dict[str, _Ev], key: str, ev: _Ev) -> None:
+    """Conflation: an equal timestamp keeps the first in stream order."""
+    old = newest.get(key)
+    if old is None or ev.t > old.t:
+        newest[key] = ev
+
+
+def _book_applied(
+    qs: list[Quote],
+    ts: list[Trade],
+    applied: Sequence[int],
+    recv: dict[str, int],
+    got: dict[str, int],
+    max_ts: int,
+) -> tuple[int, int]:
+    """Record in ``got`` the contracts of the ``applied`` event indices (quote indices first,
+    ascending, then trades) with their earliest receive time; returns the number of quotes
+    among them and the newest event time (at least ``max_ts``)."""
+    nq = len(qs)
+    n_q = 0
+    for i in applied:
+        ev: Quote | Trade
+        if i < nq:
+            ev = qs[i]
+            n_q += 1
+        else:
+            ev = ts[i - nq]
+        got[ev.sym] = recv.get(ev.sym, _MAX)
+        max_ts = max(max_ts, ev.t)
+    return n_q, max_ts
+
+
 @dataclass(slots=True)
 class _Batch:
     quotes: dict[str, Quote]
@@ -162,10 +198,9 @@ class Hydrator(ConsumerProcessor):
         self.symbols = deps.settings.symbols
         self._pointer_reads = [("GET", keys.epoch_active(s)) for s in self.symbols]
         # Derived local cache (invariant 2): active epoch per symbol and its frozen topology.
-        self._active: dict[str, str] = {}
-        self._cid_sym: dict[str, str] = {}
-        self._topo: dict[str, list[str]] = {}
-        self._version = 0  # bumped on every cache change
+        self.topology = ActiveTopology(self.redis)
+        self._active = self.topology.active
+        self._cid_sym = self.topology.by_cid
         self._fmt: dict[float, str] = {}  # price -> repr(price)
         reg = deps.registry
         self.m_events = metrics.counter(
@@ -211,11 +246,8 @@ class Hydrator(ConsumerProcessor):
 
     # --- decode + conflate -----------------------------------------------------------------
     def _collect(self, entries: list[Entry]) -> _Batch:
-        quotes: dict[str, Quote] = {}
-        trades: dict[str, Trade] = {}
-        spots: dict[str, IndexValue] = {}
-        recv_of: dict[str, int] = {}
-        n_q = n_t = n_v = n_s = n_s_bad = n_other = 0
+        b = _Batch({}, {}, {}, {})
+        n = dict.fromkeys(("quote", "trade", "index", "stock", "stock_bad", "other"), 0)
         for eid, fields in entries:
             try:
                 recv = int(fields[WS_RECV_FIELD])
@@ -225,62 +257,63 @@ class Hydrator(ConsumerProcessor):
                 logger.warning("ws entry %r without valid recv_ts_ns/payload: %r", eid, exc)
                 continue
             fr = decode_frame(payload)
-            if fr.errors:
-                for err in fr.errors:
-                    reason = "bad_frame" if err.startswith("frame") else "bad_event"
-                    self.m_rejected.labels(reason=reason).inc()
-                    logger.warning("ws entry %r rejected (%s): %s", eid, reason, err)
-            for ev in fr.events:
-                cls = type(ev)
-                if (
-                    (cls is Quote or cls is Trade)
-                    and not ev.sym.startswith("O:")  # type: ignore[union-attr]
-                    and self._is_stock(ev.sym)  # type: ignore[union-attr]
-                ):
+            for err in fr.errors:
+                reason = "bad_frame" if err.startswith("frame") else "bad_event"
+                self.m_rejected.labels(reason=reason).inc()
+                logger.warning("ws entry %r rejected (%s): %s", eid, reason, err)
+            self._conflate(fr.events, recv, b, n)
+        for kind in ("quote", "trade", "index", "stock", "other"):
+            self.m_events.labels(kind=kind).inc(n[kind])
+        n_spot = n["index"] + n["stock"] - n["stock_bad"]
+        self.m_conflated.inc(
+            n["quote"] + n["trade"] + n_spot - len(b.quotes) - len(b.trades) - len(b.spots)
+        )
+        return b
+
+    def _conflate(self, events: list[Event], recv: int, b: _Batch, n: dict[str, int]) -> None:
+        """Keep each event of one frame (received at ``recv``) in ``b`` if it is the newest
+        of its kind and contract, counted by kind in ``n``; an option contract's earliest
+        receive time goes to ``b.recv``. (``type(ev) is``: the hot path, no isinstance.)"""
+        quotes, trades, recv_of = b.quotes, b.trades, b.recv
+        n_q = n_t = 0
+        for ev in events:
+            cls = type(ev)
+            if cls is Quote or cls is Trade:
+                sym: str = ev.sym  # type: ignore[union-attr]
+                if not sym.startswith("O:") and self._is_stock(sym):
                     # a stock/ETF underlying from /stocks: its spot (anything else without
                     # O: goes on as an option event and is a geometry miss)
-                    n_s += 1
-                    sv = _stock_value(ev)  # type: ignore[arg-type]
-                    if sv is None:
-                        n_s_bad += 1
-                        self.m_rejected.labels(reason="stock_no_price").inc()
-                        continue
-                    v = spots.get(sv.ticker)
-                    if v is None or sv.t > v.t:
-                        spots[sv.ticker] = sv
+                    self._stock_spot(ev, b, n)  # type: ignore[arg-type]
                     continue
                 if cls is Quote:
                     n_q += 1
-                    sym = ev.sym  # type: ignore[union-attr]
                     q = quotes.get(sym)
                     if q is None or ev.t > q.t:  # type: ignore[union-attr]
                         quotes[sym] = ev  # type: ignore[assignment]
-                elif cls is Trade:
+                else:
                     n_t += 1
-                    sym = ev.sym  # type: ignore[union-attr]
                     t = trades.get(sym)
                     if t is None or ev.t > t.t:  # type: ignore[union-attr]
                         trades[sym] = ev  # type: ignore[assignment]
-                elif cls is IndexValue:
-                    n_v += 1
-                    sym = ev.ticker  # type: ignore[union-attr]
-                    v = spots.get(sym)
-                    if v is None or ev.t > v.t:  # type: ignore[union-attr]
-                        spots[sym] = ev  # type: ignore[assignment]
-                    continue
-                else:
-                    n_other += 1
-                    continue
                 if recv < recv_of.get(sym, _MAX):
                     recv_of[sym] = recv
-        self.m_events.labels(kind="quote").inc(n_q)
-        self.m_events.labels(kind="trade").inc(n_t)
-        self.m_events.labels(kind="index").inc(n_v)
-        self.m_events.labels(kind="stock").inc(n_s)
-        self.m_events.labels(kind="other").inc(n_other)
-        n_spot = n_v + n_s - n_s_bad
-        self.m_conflated.inc(n_q + n_t + n_spot - len(quotes) - len(trades) - len(spots))
-        return _Batch(quotes, trades, spots, recv_of)
+            elif cls is IndexValue:
+                n["index"] += 1
+                iv: IndexValue = ev  # type: ignore[assignment]
+                _keep_newest(b.spots, iv.ticker, iv)
+            else:
+                n["other"] += 1
+        n["quote"] += n_q
+        n["trade"] += n_t
+
+    def _stock_spot(self, ev: Quote | Trade, b: _Batch, n: dict[str, int]) -> None:
+        n["stock"] += 1
+        sv = _stock_value(ev)
+        if sv is None:
+            n["stock_bad"] += 1
+            self.m_rejected.labels(reason="stock_no_price").inc()
+        else:
+            _keep_newest(b.spots, sv.ticker, sv)
 
     def _is_stock(self, sym: str) -> bool:
         """A stock or ETF ticker of a symbol that runs (an active epoch) or is configured /
@@ -297,27 +330,11 @@ class Hydrator(ConsumerProcessor):
     # --- local epoch cache -----------------------------------------------------------------
     async def _refresh(self, active: dict[str, str]) -> set[str]:
         """Bring the cache to ``active``; returns the symbols whose epoch changed."""
-        changed = {s for s in {*active, *self._active} if active.get(s) != self._active.get(s)}
-        if not changed:
-            return changed
-        self._version += 1
-        pipe = self.redis.pipeline(transaction=False)
-        loading = [s for s in changed if s in active]
-        for s in loading:
-            pipe.smembers(keys.epoch_contracts(s, active[s]))
-        members = await pipe.execute() if loading else []
-        for s in changed:
-            for cid in self._topo.pop(s, ()):
-                self._cid_sym.pop(cid, None)
-            self._active.pop(s, None)
-        for s, mem in zip(loading, members, strict=True):
-            cids = [as_str(c) for c in mem]
-            self._topo[s] = cids
-            for cid in cids:
-                self._cid_sym[cid] = s
-            self._active[s] = active[s]
+        changed = await self.topology.sync(active)
+        for s in changed & active.keys():
             self.m_refresh.labels(symbol=_label(s)).inc()
-            logger.info("active epoch %s=%s (%d contracts) cached", s, active[s], len(cids))
+            n = len(self.topology.cids[s])
+            logger.info("active epoch %s=%s (%d contracts) cached", s, active[s], n)
         return changed
 
     # --- the batch -------------------------------------------------------------------------
@@ -340,7 +357,11 @@ class Hydrator(ConsumerProcessor):
                 todo = bool(b.quotes or b.trades or b.spots)
                 if sent is not None:
                     res = await link.recv()
-                    if todo and self._clean(sent[1], res) and routed.version == self._version:
+                    if (
+                        todo
+                        and self._clean(sent[1], res)
+                        and routed.version == self.topology.version
+                    ):
                         await link.send(self._commands(routed, list(b.spots.values())))
                         _merge(acc, await self._settle(link, *sent, res))  # makes no call
                         sent = (b, routed)
@@ -348,7 +369,7 @@ class Hydrator(ConsumerProcessor):
                     _merge(acc, await self._settle(link, *sent, res))
                     sent = None
                 if todo:
-                    if routed.version != self._version:  # the cache moved while settling
+                    if routed.version != self.topology.version:  # the cache moved while settling
                         routed = self._route(list(b.quotes.values()), list(b.trades.values()))
                     await link.send(self._commands(routed, list(b.spots.values())))
                     sent = (b, routed)
@@ -445,7 +466,7 @@ class Hydrator(ConsumerProcessor):
         order = list(groups)
         enc = _packer.encode
         return _Routed(
-            version=self._version,
+            version=self.topology.version,
             groups=groups,
             order=order,
             eids=[self._active[s] for s in order],
@@ -507,29 +528,16 @@ class Hydrator(ConsumerProcessor):
                     logger.error("epoch %s: %d events hit missing contract hashes", eid, r[1])
                     self.m_miss.labels(symbol=_label(s)).inc(int(r[1]))
                 key = (s, eid)
-                got = changed.setdefault(key, {})
-                mts = max_ts.get(key, 0)
-                nq = len(qs)
-                n_q = 0
-                for i in r[2:]:  # quote indices first, ascending, then trades
-                    ev: Quote | Trade
-                    if i < nq:
-                        ev = qs[i]
-                        n_q += 1
-                    else:
-                        ev = ts[i - nq]
-                    sym = ev.sym
-                    got[sym] = recv.get(sym, _MAX)
-                    if ev.t > mts:
-                        mts = ev.t
+                n_q, max_ts[key] = _book_applied(
+                    qs, ts, r[2:], recv, changed.setdefault(key, {}), max_ts.get(key, 0)
+                )
                 applied_q += n_q
                 applied_t += len(r) - 2 - n_q
-                max_ts[key] = mts
             if stale and active == self._active:
                 # The epoch was retired after our read: read the pointers again.
                 active = self._pointers(await link.call(self._pointer_reads))
             await self._refresh(active)
-            if rt.version != self._version and (misses_q or misses_t):
+            if rt.version != self.topology.version and (misses_q or misses_t):
                 # Resolved against an older cache: a new epoch may know these contracts.
                 pend_q += misses_q
                 pend_t += misses_t

@@ -281,7 +281,8 @@ class Normalizer(ConsumerProcessor):
         self.m_snapshots.labels(symbol=_label(ptr.symbol), result=result).inc()
         return result
 
-    async def _process(self, ptr: ChainPointer) -> str:
+    async def _load_snapshot(self, ptr: ChainPointer) -> ChainSnapshot | str:
+        """The pointer's snapshot, or the result label why there is none to use."""
         if ptr.scope not in ("window", "full"):
             logger.warning("chain pointer with unknown scope %r skipped", ptr.scope)
             return "bad_pointer"
@@ -306,6 +307,12 @@ class Normalizer(ConsumerProcessor):
                 ptr.snapshot_key,
             )
             return "bad_blob"
+        return snap
+
+    async def _process(self, ptr: ChainPointer) -> str:
+        snap = await self._load_snapshot(ptr)
+        if isinstance(snap, str):
+            return snap
         if ptr.scope == "full":
             return await self.gex_source(snap)
         topo = self.topology(snap)

@@ -78,7 +78,7 @@ class GexSettings:
     lease_ttl_ms: int = 10_000
     reprice_interval_s: float = 60.0  # rebuild identical inputs this often (time decay)
     dollar_spot_step_bp: float = 10.0  # 0: dollar values always at the live spot
-    diff_retention_s: float = 900.0  # resume window of massive:gex:diffs (MINID on publish)
+    diff_retention_s: float = 900.0  # resume window of massive:gex:diffs:{<SYM>} (MINID on publish)
     scope: str = "full"  # full: massive:gex:source:{SYM} (fallback: the epoch) | window
     source_max_age_s: float = 300.0  # an older full-chain source is not used
     history_retention_s: float = 28_800.0  # massive:gex:levels:{SYM} keeps this much (8 h)
@@ -177,6 +177,12 @@ def _num(v: bytes | None) -> float | None:
     except ValueError:
         return None
     return x if math.isfinite(x) and x > 0 else None
+
+
+def _spot_of(latest: bytes | None, epoch_meta: bytes | None) -> tuple[float | None, str]:
+    """The latest spot, else the epoch snapshot's, with where it came from."""
+    spot = _num(latest)
+    return (spot, "latest") if spot is not None else (_num(epoch_meta), "epoch_meta")
 
 
 class GexBuilder:
@@ -439,6 +445,57 @@ class GexBuilder:
                 self.m_rejected.labels(symbol=sym, reason=reason).inc(n)
             logger.warning("gex: %s epoch %s: rejected rows %s", sym, eid, chain.rejected)
 
+    async def _chain(
+        self,
+        sym: str,
+        eid: str,
+        st: _SymState,
+        now_ns: int,
+        params: gex_math.Params,
+        src_key: tuple[Any, ...],
+        proj: dict[Any, Any] | None,
+        meta_raw: tuple[Any, Any],
+    ) -> tuple[tuple[Any, ...], gex_math.Chain]:
+        """The prepared chain of ``src_key`` (the kept one re-timed when only spot and clock
+        moved); an unreadable full source falls back to the epoch's projection until a new
+        source comes. Returns the source key actually used and its chain."""
+        chain: gex_math.Chain | None = None
+        if st.chain is not None and st.chain[0] == src_key:
+            chain = gex_math.retime(st.chain[1], now_ns, params)  # only spot/clock moved
+        elif src_key[0] == "full":
+            chain = await self._prepare_full(sym, now_ns)
+            if chain is None:  # unreadable source: the epoch's projection until a new one
+                st.bad_source_ts = src_key[1]
+                proj = await self.redis.hgetall(keys.epoch_gex(sym, eid))
+                src_key = ("window", eid, hash(frozenset(proj.items())))
+        if chain is None:
+            assert proj is not None
+            rows, rejected = gex_math.decode_rows(proj.values())
+            chain = gex_math.prepare(
+                rows,
+                now_ns,
+                params,
+                rejected,
+                snap_spot=_num(meta_raw[0]),
+                snap_ns=_int(meta_raw[1]),
+            )
+        if st.chain is None or st.chain[0] != src_key:
+            st.chain = (src_key, chain)
+            self._count_inputs(sym, eid, chain)
+        return src_key, chain
+
+    @staticmethod
+    def _log_scope(sym: str, st: _SymState, scope: str, chain: gex_math.Chain) -> None:
+        if scope != st.scope_logged:
+            logger.info(
+                "gex: %s now built from the %s (%d contracts, %d expirations)",
+                sym,
+                "whole chain" if scope == "full" else "epoch's projection (heatmap window)",
+                chain.n,
+                len(chain.expiries),
+            )
+            st.scope_logged = scope
+
     async def build(self, sym: str, eid: str, st: _SymState, now_m: float) -> str:
         """Build one symbol; returns the outcome label."""
         t0 = time.perf_counter()
@@ -451,9 +508,7 @@ class GexBuilder:
         if full:
             pipe.hget(keys.gex_source(sym), "ts_ns")
         (spot_raw, spot_ts_raw), (meta_spot_raw, meta_ts_raw), *rest = await pipe.execute()
-        spot, source = _num(spot_raw), "latest"
-        if spot is None:
-            spot, source = _num(meta_spot_raw), "epoch_meta"
+        spot, source = _spot_of(spot_raw, meta_spot_raw)
         if spot is None:
             self.m_builds.labels(symbol=sym, outcome="no_spot").inc()
             if not st.no_spot_logged:
@@ -478,40 +533,12 @@ class GexBuilder:
         if fp == st.fingerprint and now_m - st.built_mono < self.s.reprice_interval_s:
             self.m_builds.labels(symbol=sym, outcome="same_inputs").inc()
             return "same_inputs"
-        chain: gex_math.Chain | None = None
-        if st.chain is not None and st.chain[0] == src_key:
-            chain = gex_math.retime(st.chain[1], now_ns, params)  # only spot/clock moved
-        elif fresh:
-            chain = await self._prepare_full(sym, now_ns)
-            if chain is None:  # unreadable source: the epoch's projection until a new one
-                st.bad_source_ts = src_ts
-                proj = await self.redis.hgetall(keys.epoch_gex(sym, eid))
-                src_key = ("window", eid, hash(frozenset(proj.items())))
-                fp = (eid, spot, src_key)
-        if chain is None:
-            assert proj is not None
-            rows, rejected = gex_math.decode_rows(proj.values())
-            chain = gex_math.prepare(
-                rows,
-                now_ns,
-                params,
-                rejected,
-                snap_spot=_num(meta_spot_raw),
-                snap_ns=_int(meta_ts_raw),
-            )
-        if st.chain is None or st.chain[0] != src_key:
-            st.chain = (src_key, chain)
-            self._count_inputs(sym, eid, chain)
+        src_key, chain = await self._chain(
+            sym, eid, st, now_ns, params, src_key, proj, (meta_spot_raw, meta_ts_raw)
+        )
+        fp = (eid, spot, src_key)
         scope = str(src_key[0])
-        if scope != st.scope_logged:
-            logger.info(
-                "gex: %s now built from the %s (%d contracts, %d expirations)",
-                sym,
-                "whole chain" if scope == "full" else "epoch's projection (heatmap window)",
-                chain.n,
-                len(chain.expiries),
-            )
-            st.scope_logged = scope
+        self._log_scope(sym, st, scope, chain)
         ds = st.dollar_spot
         if ds is None or abs(spot / ds - 1.0) * 1e4 >= self.s.dollar_spot_step_bp:
             ds = spot

@@ -181,7 +181,7 @@ _row_decoder = msgspec.json.Decoder(RowTuple)
 
 
 def decode_rows(values: Iterable[bytes]) -> tuple[list[RowTuple], dict[str, int]]:
-    """Decode the values of ``HGETALL epoch:{eid}:gex`` (GexRow JSON) into row tuples;
+    """Decode the values of ``HGETALL epoch:{<SYM>}:<eid>:gex`` (GexRow JSON) into row tuples;
     undecodable or invalid values are counted under ``undecodable``."""
     vals = list(values)
     try:  # fast path: one decode call for the whole projection

@@ -83,7 +83,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from math import floor as _floor
 from typing import NamedTuple
@@ -169,18 +169,10 @@ def _milli(strike: float) -> int:
     return round(strike * 1000)
 
 
-def build_grid(
-    symbol: str,
-    strategy: str,
-    cids: Iterable[str],
-    widths: Sequence[float],
-    *,
-    today: dt.date | None,
-    n_expiries: int,
-) -> Grid:
-    """Enumerate every tile of ``strategy`` over the topology ``cids`` (see module doc)."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}")
+def _parse_own(
+    symbol: str, cids: Iterable[str]
+) -> tuple[list[tuple[str, ticker.OptionTicker]], int]:
+    """The parsed contracts of ``symbol`` among ``cids``, and how many others were ignored."""
     parsed: list[tuple[str, ticker.OptionTicker]] = []
     ignored = 0
     for cid in cids:
@@ -193,8 +185,14 @@ def build_grid(
             ignored += 1
             continue
         parsed.append((cid, t))
-    # One root per expiry: most contracts, ties to the PM-settled weekly root (by the
-    # symbol's spec), then to a standard root over an adjusted one.
+    return parsed, ignored
+
+
+def _root_per_expiry(
+    symbol: str, parsed: Iterable[tuple[str, ticker.OptionTicker]]
+) -> dict[str, str]:
+    """One root per expiry: most contracts, ties to the PM-settled weekly root (by the
+    symbol's spec), then to a standard root over an adjusted one."""
     spec = symbols.registry().spec(symbol)
 
     def rank(root: str, n: int) -> tuple[int, bool, bool, str]:
@@ -209,12 +207,81 @@ def build_grid(
         cur = root_of.get(exp)
         if cur is None or rank(root, n) > rank(cur, counts[(exp, cur)]):
             root_of[exp] = root
+    return root_of
+
+
+def _line_tiles(
+    symbol: str,
+    strategy: str,
+    exp: str,
+    right: str,
+    line: dict[int, tuple[str, float]],
+    widths: Sequence[float],
+) -> Iterator[TileSpec]:
+    """The tiles of ``strategy`` on one (expiry, right) strike line (milli-strike -> (cid,
+    strike)), in strike order then width order."""
+    legs: tuple[tuple[str, float, int], ...]
+    strikes: tuple[float, ...]
+    for m, (cid, k) in sorted(line.items()):
+        if strategy == "single":
+            legs = ((cid, k, 1),)
+            yield TileSpec(
+                tile_id(symbol, exp, "single", (k,), right),
+                symbol,
+                exp,
+                "single",
+                right,
+                (k,),
+                0.0,
+                legs,
+            )
+            continue
+        for w in widths:
+            mw = _milli(w)
+            if mw <= 0:
+                continue
+            if strategy == "vertical":
+                other = line.get(m + mw if right == "C" else m - mw)
+                if other is None:
+                    continue
+                legs = ((cid, k, 1), (other[0], other[1], -1))
+                strikes = (k, other[1]) if right == "C" else (other[1], k)
+            else:
+                lo, hi = line.get(m - mw), line.get(m + mw)
+                if lo is None or hi is None:
+                    continue
+                legs = ((lo[0], lo[1], 1), (cid, k, -2), (hi[0], hi[1], 1))
+                strikes = (lo[1], k, hi[1])
+            yield TileSpec(
+                tile_id(symbol, exp, strategy, strikes, right),
+                symbol,
+                exp,
+                strategy,
+                right,
+                strikes,
+                float(w),
+                legs,
+            )
+
+
+def build_grid(
+    symbol: str,
+    strategy: str,
+    cids: Iterable[str],
+    widths: Sequence[float],
+    *,
+    today: dt.date | None,
+    n_expiries: int,
+) -> Grid:
+    """Enumerate every tile of ``strategy`` over the topology ``cids`` (see module doc)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}")
+    parsed, ignored = _parse_own(symbol, cids)
+    root_of = _root_per_expiry(symbol, parsed)
     expiries = select_expiries(root_of, today, n_expiries)
     keep = set(expiries)
     # (expiry, right) -> milli-strike -> (cid, strike)
     lines: dict[tuple[str, str], dict[int, tuple[str, float]]] = {}
-    legs: tuple[tuple[str, float, int], ...]
-    strikes: tuple[float, ...]
     for cid, t in parsed:
         exp = t.expiry.isoformat()
         if exp not in keep or root_of[exp] != t.root:
@@ -231,49 +298,8 @@ def build_grid(
         roots={e: root_of[e] for e in expiries},
     )
     for (exp, right), line in sorted(lines.items()):
-        for m, (cid, k) in sorted(line.items()):
-            if strategy == "single":
-                grid.add(
-                    TileSpec(
-                        tile_id(symbol, exp, "single", (k,), right),
-                        symbol,
-                        exp,
-                        "single",
-                        right,
-                        (k,),
-                        0.0,
-                        ((cid, k, 1),),
-                    )
-                )
-                continue
-            for w in widths:
-                mw = _milli(w)
-                if mw <= 0:
-                    continue
-                if strategy == "vertical":
-                    other = line.get(m + mw if right == "C" else m - mw)
-                    if other is None:
-                        continue
-                    legs = ((cid, k, 1), (other[0], other[1], -1))
-                    strikes = (k, other[1]) if right == "C" else (other[1], k)
-                else:
-                    lo, hi = line.get(m - mw), line.get(m + mw)
-                    if lo is None or hi is None:
-                        continue
-                    legs = ((lo[0], lo[1], 1), (cid, k, -2), (hi[0], hi[1], 1))
-                    strikes = (lo[1], k, hi[1])
-                grid.add(
-                    TileSpec(
-                        tile_id(symbol, exp, strategy, strikes, right),
-                        symbol,
-                        exp,
-                        strategy,
-                        right,
-                        strikes,
-                        float(w),
-                        legs,
-                    )
-                )
+        for spec in _line_tiles(symbol, strategy, exp, right, line, widths):
+            grid.add(spec)
     return grid
 
 
@@ -441,39 +467,47 @@ class _Priced:
     stale_quote: bool
 
 
-def _price_tile(spec: TileSpec, quotes: Mapping[str, LegQuote | None], max_age_ns: int) -> _Priced:
-    qs = [quotes.get(leg[0]) for leg in spec.legs]
+def _clock(qs: Sequence[LegQuote | None]) -> tuple[int, int]:
+    """(as_of, seq) of a tile's legs: the newest leg time, and the admission clock, which
+    grows with any input: quote, trade, and quote confirmation."""
     as_of = seq = 0
     for q in qs:
         if q is not None:
-            t = q.ts_ns
-            # the admission clock grows with any input: quote, trade, and quote confirmation
             seq += (q.quote_ts or 0) + (q.trade_ts or 0) + (q.quote_rx or 0)
-            if t > as_of:
-                as_of = t
+            if q.ts_ns > as_of:
+                as_of = q.ts_ns
+    return as_of, seq
+
+
+def _natural(
+    legs: Sequence[tuple[str, float, int]], qs: Sequence[LegQuote | None]
+) -> tuple[float | None, float | None]:
+    """(buy, sell): the tile's natural prices, None unless every leg has a two-sided quote."""
+    buy = sell = 0.0
+    for (_, _, qty), q in zip(legs, qs, strict=True):
+        if q is None or q.bid is None or q.ask is None:
+            return None, None
+        buy += qty * (q.ask if qty > 0 else q.bid)
+        sell += qty * (q.bid if qty > 0 else q.ask)
+    return buy, sell
+
+
+def _price_tile(spec: TileSpec, quotes: Mapping[str, LegQuote | None], max_age_ns: int) -> _Priced:
+    qs = [quotes.get(leg[0]) for leg in spec.legs]
+    as_of, seq = _clock(qs)
+    buy, sell = _natural(spec.legs, qs)
+    ws = any(q is not None and q.src == "ws" for q in qs)
     legs: list[LegPrice] = []
     debit: float | None = 0.0
-    buy: float | None = 0.0
-    sell: float | None = 0.0
     px_src = ""
     oldest: int | None = None
     info: int | None = None
-    ws = stale_quote = False
+    stale_quote = False
     tradable = True
     for (_, _, qty), q in zip(spec.legs, qs, strict=True):
         lp = price_leg(q, as_of, max_age_ns)
         legs.append(lp)
         tradable = tradable and lp.tradable
-        if q is not None:
-            if q.src == "ws":
-                ws = True
-            if buy is not None and sell is not None and q.bid is not None and q.ask is not None:
-                buy += qty * (q.ask if qty > 0 else q.bid)
-                sell += qty * (q.bid if qty > 0 else q.ask)
-            else:
-                buy = sell = None
-        else:
-            buy = sell = None
         if lp.px is None:
             debit = None
             continue

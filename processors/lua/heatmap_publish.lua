@@ -1,8 +1,8 @@
 -- One heatmap model version (processors/publisher.py, Publisher._write).
 -- KEYS (one {SYM} slot): fence, lease, the symbol's active-epoch pointer, version, diff
 -- stream, chain head.
--- ARGV: token, lease value, (unused), epoch, version, diff id, diff json, lease ttl ms, the
--- diff stream's MINID (retention), prev id ("" = none).
+-- ARGV: token, lease value, epoch, version, diff id, diff json, lease ttl ms, the diff
+-- stream's MINID (retention), prev id ("" = none).
 -- Returns {1} ok, {-1} fenced, {-2} lease held by another owner, {-3} epoch not active,
 -- {-4} version is not current + 1 or prev id is not the chain's head (Redis lost writes we
 -- made, or someone else published), {-5, last id} diff id not above the stream's last
@@ -11,11 +11,11 @@ local fence = redis.call('GET', KEYS[1])
 if fence ~= ARGV[1] then return {-1} end
 local holder = redis.call('GET', KEYS[2])
 if holder and holder ~= ARGV[2] then return {-2} end
-if redis.call('GET', KEYS[3]) ~= ARGV[4] then return {-3} end
+if redis.call('GET', KEYS[3]) ~= ARGV[3] then return {-3} end
 local cur = redis.call('GET', KEYS[4]) or '0'
-if tonumber(ARGV[5]) ~= tonumber(cur) + 1 then return {-4} end
-if (redis.call('GET', KEYS[6]) or '') ~= ARGV[10] then return {-4} end
-local added = redis.pcall('XADD', KEYS[5], 'MINID', '~', ARGV[9], ARGV[6], 'd', ARGV[7])
+if tonumber(ARGV[4]) ~= tonumber(cur) + 1 then return {-4} end
+if (redis.call('GET', KEYS[6]) or '') ~= ARGV[9] then return {-4} end
+local added = redis.pcall('XADD', KEYS[5], 'MINID', '~', ARGV[8], ARGV[5], 'd', ARGV[6])
 if type(added) == 'table' and added.err then
   -- the id is not above the stream's top: report the last generated id (XINFO only on
   -- this rare path: it also returns the first and last entries, megabytes of diff)
@@ -25,7 +25,7 @@ if type(added) == 'table' and added.err then
   end
   return redis.error_reply(added.err)
 end
-redis.call('SET', KEYS[4], ARGV[5])
-redis.call('SET', KEYS[6], ARGV[6])
-redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[8])
+redis.call('SET', KEYS[4], ARGV[4])
+redis.call('SET', KEYS[6], ARGV[5])
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[7])
 return {1}

@@ -113,7 +113,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         func = getattr(importlib.import_module(mod), fn)
         rc: int = func(argv[1:])
         return rc
+    args = _parser().parse_args(argv)
+    try:
+        settings = from_env(RuntimeSettings)
+        # MASSIVE_SYMBOL_SPECS: a bad spec fails here, with its name
+        symbols.configure(settings.symbol_specs, settings.symbols)
+    except SettingsError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    except symbols.SymbolSpecError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level)
+    return _dispatch(args, settings)
 
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="massive-pipeline", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     run = sub.add_parser(
@@ -136,18 +151,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     lag.add_argument("streams", nargs="*")
     for name in EXTERNAL:
         sub.add_parser(name, help=f"see massive-pipeline {name} --help")
-    args = p.parse_args(argv)
+    return p
 
-    try:
-        settings = from_env(RuntimeSettings)
-        symbols.registry()  # MASSIVE_SYMBOL_SPECS: a bad spec fails here, with its name
-    except SettingsError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
-        return 2
-    except symbols.SymbolSpecError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
-        return 2
-    setup_logging(settings.log_level)
+
+def _dispatch(args: argparse.Namespace, settings: RuntimeSettings) -> int:
+    """Run the parsed command; a said error (or several) is one line each and exit 2."""
     try:
         if args.cmd == "run":
             run_loop(_run(args.processors, settings), settings.event_loop)

@@ -28,7 +28,7 @@ from streams.local_redis import RedisServer
 from streams.logs import setup_logging
 from streams.processor import Deps, Processor
 from streams.redis_client import connect
-from streams.runner import run_processors
+from streams.runner import run_processors, task_group
 from streams.settings import RuntimeSettings, SettingsError, from_env
 
 logger = logging.getLogger("demo")
@@ -91,20 +91,42 @@ def demo_env(
     return forced, defaults
 
 
+async def _demo_redis() -> tuple[str, RedisServer | None]:
+    """MASSIVE_REDIS_URL when it answers, else a private redis-server (returned to stop)."""
+    env_url = os.environ.get("MASSIVE_REDIS_URL")
+    if env_url and await reachable(env_url):
+        print(f"redis: {env_url} (MASSIVE_REDIS_URL)", flush=True)
+        return env_url, None
+    if env_url:
+        print(f"redis: {env_url} unreachable, starting a private redis-server", flush=True)
+    private = await asyncio.to_thread(RedisServer().start)
+    print(f"redis: private redis-server at {private.url}", flush=True)
+    return private.url, private
+
+
+async def _announce(procs: list[Processor], args: argparse.Namespace) -> None:
+    """Print the processors and, once the gateway is bound, the dashboard's address."""
+    gw = next((p for p in procs if p.name == "sse-gateway"), None)
+    for _ in range(3000):  # the gateway binds within a few seconds (or the run fails)
+        if gw is None or gw.ready:
+            break
+        await asyncio.sleep(0.1)
+    names = ", ".join(p.name for p in procs)
+    print(f"processors: {names}", flush=True)
+    if gw is not None:
+        host = "127.0.0.1" if args.host in ("0.0.0.0", "") else args.host
+        print(f"dashboard: http://{host}:{args.port}/  (Ctrl-C to stop)", flush=True)
+
+
+async def _set_after(event: asyncio.Event, seconds: float) -> None:
+    await asyncio.sleep(seconds)
+    event.set()
+
+
 async def _demo(args: argparse.Namespace) -> int:
     from simulator.server import SimConfig, SimServer
 
-    private: RedisServer | None = None
-    env_url = os.environ.get("MASSIVE_REDIS_URL")
-    if env_url and await reachable(env_url):
-        redis_url = env_url
-        print(f"redis: {redis_url} (MASSIVE_REDIS_URL)", flush=True)
-    else:
-        if env_url:
-            print(f"redis: {env_url} unreachable, starting a private redis-server", flush=True)
-        private = await asyncio.to_thread(RedisServer().start)
-        redis_url = private.url
-        print(f"redis: private redis-server at {redis_url}", flush=True)
+    redis_url, private = await _demo_redis()
 
     symbols = tuple(s.strip().upper() for s in args.symbols.split(",") if s.strip())
     sim = SimServer(SimConfig(seed=args.seed, symbols=symbols, events_per_s=args.rate))
@@ -124,30 +146,15 @@ async def _demo(args: argparse.Namespace) -> int:
         )
         procs: list[Processor] = [load(spec, deps) for spec in DEMO_PROCESSORS]
         stop = asyncio.Event()
-        gw = next((p for p in procs if p.name == "sse-gateway"), None)
-
-        async def announce() -> None:
-            for _ in range(3000):  # the gateway binds within a few seconds (or the run fails)
-                if gw is None or gw.ready:
-                    break
-                await asyncio.sleep(0.1)
-            names = ", ".join(p.name for p in procs)
-            print(f"processors: {names}", flush=True)
-            if gw is not None:
-                host = "127.0.0.1" if args.host in ("0.0.0.0", "") else args.host
-                print(f"dashboard: http://{host}:{args.port}/  (Ctrl-C to stop)", flush=True)
-
-        async def deadline() -> None:
+        async with task_group() as tg:
+            helpers = [tg.create_task(_announce(procs, args))]
             if args.duration_s is not None:
-                await asyncio.sleep(args.duration_s)
-                stop.set()
-
-        helpers = [asyncio.create_task(announce()), asyncio.create_task(deadline())]
-        try:
-            await run_processors(deps, procs, stop)
-        finally:
-            for t in helpers:
-                t.cancel()
+                helpers.append(tg.create_task(_set_after(stop, args.duration_s)))
+            try:
+                await run_processors(deps, procs, stop)
+            finally:
+                for t in helpers:
+                    t.cancel()
         return 0
     finally:
         with contextlib.suppress(Exception):

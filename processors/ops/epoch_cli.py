@@ -1,10 +1,11 @@
 """``massive-pipeline epoch inspect``: active epochs, states, counts, ages, dirty backlog.
 
 Reads only (connects with ``RuntimeSettings.redis_url`` from the environment):
-``massive:epoch:active``, ``massive:epoch:index`` and each indexed epoch's meta, the SCARD of
+``massive:epoch:active:{<SYM>}``, ``massive:epoch:index:{<SYM>}`` (MASSIVE_SYMBOLS) and each
+indexed epoch's meta, the SCARD of
 its topology SET (must equal ``n_contracts``), the TTL of its meta (retired epochs expire),
 a carry from the previous epoch that a crash left unfinished (``carry_from`` in the meta),
-and the consumer groups of ``massive:contracts:dirty`` (lag, pending). ``--json`` prints the
+and the consumer groups of ``massive:contracts:dirty:{<SYM>}`` (lag, pending). ``--json`` prints the
 same as one JSON document.
 """
 
@@ -35,7 +36,7 @@ class EpochRow:
     state: str  # active | warming | retired | missing (pointer without meta)
     is_active: bool
     n_contracts: int | None
-    topology: int  # SCARD of epoch:{eid}:contracts
+    topology: int  # SCARD of epoch:{<SYM>}:<eid>:contracts
     expiries: list[str]
     age_s: float | None  # since created
     promoted_age_s: float | None

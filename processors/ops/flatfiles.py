@@ -81,6 +81,7 @@ from schemas.messages import (
 )
 from streams.clock import NY
 from streams.logs import setup_logging
+from streams.settings import RuntimeSettings, SettingsError, from_env
 
 logger = logging.getLogger(__name__)
 
@@ -565,13 +566,14 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str]) -> int:
     args = parser().parse_args(list(argv))
-    setup_logging(os.environ.get("MASSIVE_LOG_LEVEL", "INFO"))
-    symbols = [s.strip().upper() for s in args.symbols.split(",") if s.strip()]
     try:
-        known = syms.registry()
-    except syms.SymbolSpecError as exc:
+        settings = from_env(RuntimeSettings)
+        known = syms.configure(settings.symbol_specs, settings.symbols)
+    except (SettingsError, syms.SymbolSpecError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    setup_logging(settings.log_level)
+    symbols = [s.strip().upper() for s in args.symbols.split(",") if s.strip()]
     unknown = [s for s in symbols if not s.isalnum() or not known.spec(s).roots]
     if unknown or not symbols:
         print(

@@ -240,7 +240,10 @@ class Migration:
                 pipe = self.r.pipeline(transaction=False)
                 for n in present:
                     pipe.rename(old_p + n, new_p + n)
-                await pipe.execute()
+                for res in await pipe.execute(raise_on_error=False):
+                    # a retired epoch's key may expire between EXISTS and RENAME
+                    if isinstance(res, Exception) and "no such key" not in str(res):
+                        raise res
                 if eid in scores:
                     await self.r.zadd(keys.epoch_index(sym), {eid: scores[eid]})
         for sym, eid in sorted(active.items()):

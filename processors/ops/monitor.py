@@ -320,6 +320,30 @@ class Monitor:
         types = await pipe.execute()
         return [n for n, t in zip(names, types, strict=True) if as_str(t) == "stream"]
 
+    async def _poll_models(self, sym: str, now_ns: int) -> None:
+        """Publish age and version of every model of ``sym``."""
+        labels_keys = model_keys(sym)
+        pipe = self.redis.pipeline(transaction=False)
+        for _, k in labels_keys:
+            pipe.getrange(k, 0, STAMP_PREFIX_BYTES - 1)
+        prefixes = await pipe.execute()
+        for (model, key), prefix in zip(labels_keys, prefixes, strict=True):
+            if not prefix:  # absent (a model is never empty)
+                continue
+            stamp = _stamp(prefix)
+            if stamp is None:  # not the usual layout: decode the whole value
+                raw = await self.redis.get(key)
+                if raw is None:
+                    continue
+                try:
+                    stamp = _stamp_decoder.decode(raw)
+                except msgspec.DecodeError as exc:  # ValidationError is a DecodeError
+                    self.poll_errors.labels("bad_model").inc()
+                    logger.warning("monitor: unreadable model %s: %s", key, exc)
+                    continue
+            self.publish_age.set((sym, model), (now_ns - stamp.ts_ns) / NS)
+            self.version.set((sym, model), stamp.version)
+
     async def _poll(self) -> None:
         now_ns = self.clock.time_ns()
         streams = await self._streams()
@@ -352,27 +376,7 @@ class Monitor:
                 since = meta[0] or meta[1]
                 if since:
                     self.epoch_age.set((sym,), (now_ns - int(since)) / NS)
-            labels_keys = model_keys(sym)
-            pipe = self.redis.pipeline(transaction=False)
-            for _, k in labels_keys:
-                pipe.getrange(k, 0, STAMP_PREFIX_BYTES - 1)
-            prefixes = await pipe.execute()
-            for (model, key), prefix in zip(labels_keys, prefixes, strict=True):
-                if not prefix:  # absent (a model is never empty)
-                    continue
-                stamp = _stamp(prefix)
-                if stamp is None:  # not the usual layout: decode the whole value
-                    raw = await self.redis.get(key)
-                    if raw is None:
-                        continue
-                    try:
-                        stamp = _stamp_decoder.decode(raw)
-                    except msgspec.DecodeError as exc:  # ValidationError is a DecodeError
-                        self.poll_errors.labels("bad_model").inc()
-                        logger.warning("monitor: unreadable model %s: %s", key, exc)
-                        continue
-                self.publish_age.set((sym, model), (now_ns - stamp.ts_ns) / NS)
-                self.version.set((sym, model), stamp.version)
+            await self._poll_models(sym, now_ns)
 
         last_ws = await self.redis.get(keys.WS_LAST_EVENT)
         if last_ws is not None:

@@ -7,9 +7,9 @@ other one a :class:`Record`: one raw stream entry (its fields byte for byte) wit
 time and, for chain pointers, the snapshot blob it points at (blobs expire in Redis, so they
 are captured when recording). Records are ordered by receive time:
 
-* ``massive:ws:stream``: the entry's ``recv_ts_ns`` (ws-ingest stamps it on receipt);
-* ``massive:chain:stream``: the pointer's ``ts_ns`` (fetch completion, the poller's clock);
-* ``massive:spot:stream`` and anything unreadable: the entry id's time (when Redis got it).
+* ``massive:{ws}:stream``: the entry's ``recv_ts_ns`` (ws-ingest stamps it on receipt);
+* ``massive:{chain}:stream``: the pointer's ``ts_ns`` (fetch completion, the poller's clock);
+* ``massive:{chain}:spot:stream`` and anything unreadable: the entry id's time (when Redis got it).
 
 A recording is self-contained: it starts with the state at its first record
 (:func:`start_records`: the newest chain snapshot of every symbol, and its index spot as a WS
@@ -737,20 +737,10 @@ async def replay_file(
         t.add_done_callback(ended)
 
     def check_tasks() -> None:
-        for t in tasks:
-            if t.done() and not pstop.is_set():
-                exc = t.exception() if not t.cancelled() else None
-                raise ReplayAborted(f"processor {t.get_name()} stopped during the replay") from exc
+        _check_tasks(tasks, pstop)
 
     try:
-        deadline = time.monotonic() + opts.timeout_s
-        while not all(p.ready for p in procs):
-            check_tasks()
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    "processors not ready: " + ",".join(p.name for p in procs if not p.ready)
-                )
-            await asyncio.sleep(0.005)
+        await _wait_ready(procs, opts.timeout_s, check_tasks)
         quiet = Quiescence(redis, consumed, [c for p in consumers for c in p.consumers])
         driver = _Driver(redis, clock, opts, settings, quiet, check_tasks)
         driver.on_instant = on_instant
@@ -758,14 +748,40 @@ async def replay_file(
         return await driver.run(_chain([first], it), stop)
     finally:
         pstop.set()
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=settings.grace_s)
-            for task in pending:
-                task.cancel()
-            results = await asyncio.gather(*tasks, return_exceptions=True)
-            for task, res in zip(tasks, results, strict=True):
-                if isinstance(res, Exception):
-                    logger.error("processor %s failed", task.get_name(), exc_info=res)
+        await _stop_tasks(tasks, settings.grace_s)
+
+
+def _check_tasks(tasks: list[asyncio.Task[None]], pstop: asyncio.Event) -> None:
+    """Raise ReplayAborted if a processor stopped before the replay asked it to."""
+    for t in tasks:
+        if t.done() and not pstop.is_set():
+            exc = t.exception() if not t.cancelled() else None
+            raise ReplayAborted(f"processor {t.get_name()} stopped during the replay") from exc
+
+
+async def _wait_ready(procs: list[Processor], timeout_s: float, check: Callable[[], None]) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not all(p.ready for p in procs):
+        check()
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                "processors not ready: " + ",".join(p.name for p in procs if not p.ready)
+            )
+        await asyncio.sleep(0.005)
+
+
+async def _stop_tasks(tasks: list[asyncio.Task[None]], grace_s: float) -> None:
+    """Wait ``grace_s`` for the processors (stop already set), cancel the rest, await all
+    and log each failure."""
+    if not tasks:
+        return
+    _, pending = await asyncio.wait(tasks, timeout=grace_s)
+    for task in pending:
+        task.cancel()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    for task, res in zip(tasks, results, strict=True):
+        if isinstance(res, Exception):
+            logger.error("processor %s failed", task.get_name(), exc_info=res)
 
 
 class _Driver:
