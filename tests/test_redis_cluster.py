@@ -214,6 +214,20 @@ async def test_group_consumer_delivers_acks_reclaims_and_dead_letters_on_a_clust
     assert [f[b"n"] for _, f in dead] == [b"299"]
 
 
+async def test_admin_lag_and_offsets_reach_streams_on_every_shard(cluster_redis: Redis) -> None:
+    """``lag`` finds the pipeline's streams on every master (SCAN of each) and ``offsets
+    reset`` works on a stream's own shard."""
+    names = [f"massive:test:{{{t}}}" for t in "abc"]  # one per master
+    for n in names:
+        await cluster_redis.xadd(n, {"n": "1"})
+        await cluster_redis.xgroup_create(n, "g", id="0")
+    assert set(await admin.stream_names(cluster_redis)) == set(names)
+    lags = {g.stream: g.lag for g in await admin.lag(cluster_redis)}
+    assert lags == dict.fromkeys(names, 1)
+    await admin.reset_offset(cluster_redis, names[0], "g", "$")
+    assert {g.stream: g.lag for g in await admin.lag(cluster_redis, names[:1])} == {names[0]: 0}
+
+
 # --- Lua on a cluster ------------------------------------------------------------------------
 async def test_lua_scripts_load_on_every_master_and_reload_after_noscript(
     redis_cluster: LocalCluster, cluster_redis: Redis
