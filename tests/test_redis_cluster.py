@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -24,6 +25,7 @@ from streams import admin
 from streams.consumer import Entry, GroupConsumer
 from streams.link import Link
 from streams.redis_client import (
+    BIG_ARG_BYTES,
     CLUSTER,
     NODE,
     SENTINEL,
@@ -39,8 +41,8 @@ from streams.redis_client import (
 from streams.retry import Backoff, retrying
 from streams.settings import RuntimeSettings
 from streams.spec import StreamSpec
-from tests.redis_cluster import LocalCluster, LocalSentinel
-from tests.util import eventually
+from tests.redis_cluster import LocalCluster, LocalSentinel, TlsFiles
+from tests.util import RedisServer, eventually, free_port
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +145,54 @@ def test_tls_and_sentinel_keep_the_hiredis_packer() -> None:
     assert c is not None and c.connection_kwargs["connection_class"] is HiredisPackingSSLConnection
     s = connect("redis+sentinel://127.0.0.1:1/m")
     assert s.connection_pool.connection_class is HiredisPackingSentinelConnection
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl absent (apt-get install openssl)")
+    return TlsFiles.make(str(tmp_path_factory.mktemp("tls")))
+
+
+async def _round_trip(r: Redis) -> None:
+    big = b"x" * (BIG_ARG_BYTES + 1)  # the big-argument path of the packer too
+    await r.xadd("{t}s", {"n": "1", "big": big})
+    await r.xgroup_create("{t}s", "g", id="0")
+    pipe = r.pipeline(transaction=False)
+    pipe.xreadgroup("g", "c", {"{t}s": ">"}, count=10)
+    ((_, entries),) = (await pipe.execute())[0]
+    assert entries[0][1] == {b"n": b"1", b"big": big}
+    assert await r.xack("{t}s", "g", entries[0][0]) == 1
+
+
+async def test_tls_one_node_and_cluster_with_the_hiredis_packer(tls_files: TlsFiles) -> None:
+    """``rediss://`` and ``rediss+cluster://`` against TLS servers: the packing connection
+    class is the TLS one and commands, pipelines and big arguments go through."""
+    port = free_port()
+    srv = RedisServer(*tls_files.server_args(port)).start()
+    try:
+        r = connect(f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={tls_files.cert}")
+        try:
+            await _round_trip(r)
+            conn = await r.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+            assert isinstance(conn, HiredisPackingSSLConnection)
+            await r.connection_pool.release(conn)
+        finally:
+            await r.aclose()
+    finally:
+        srv.stop()
+    cluster = LocalCluster(masters=3, tls=tls_files).start()
+    try:
+        r = connect(cluster.tls_url)
+        try:
+            await _round_trip(r)
+            nodes = cluster_of(r).get_nodes()  # type: ignore[union-attr]
+            assert {n.port for n in nodes} == set(cluster.tls_ports)  # found over TLS
+            assert all(n.connection_class is HiredisPackingSSLConnection for n in nodes)
+        finally:
+            await r.aclose()
+    finally:
+        cluster.stop()
 
 
 # --- the streams runtime on a cluster ------------------------------------------------------
