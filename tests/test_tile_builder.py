@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import random
+from typing import Any
 
 import msgspec
 import pytest
 from redis.asyncio import Redis
 
 from processors.heatmap import grid as hm
+from processors.heatmap import tile_builder as tb
 from processors.heatmap import tile_vec as tv
-from processors.heatmap.tile_builder import TileBuilder, TileSettings
+from processors.heatmap.tile_builder import QuoteParser, TileBuilder, TileSettings
 from schemas import keys
 from schemas.heatmap import TileDelta, TileView, split_staged
 from schemas.messages import DirtyEntry, entry, from_entry
@@ -289,6 +291,48 @@ async def test_new_epoch_replaces_staging_and_older_epoch_never_comes_back(
     assert await b2.full_build("SPX", "e1", recv_ts_ns=None, n_dirty=0) == "superseded"
     assert await staged(redis) == new
     assert (await redis.hget(keys.heatmap_manifest("SPX", "butterfly"), "epoch")) == b"e2"
+
+
+async def test_old_epoch_grid_and_table_are_dropped_before_the_new_ones_are_built(
+    deps: Deps, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await seed(redis, "e1", created=NOW)
+    b = TileBuilder(deps, "vertical", CFG)
+    await b.handle(as_entries(DirtyEntry("SPX", "e1", [], NOW, reason="epoch")))
+    assert b._tables["SPX"][0] == "e1"
+    held: list[tuple[object, object]] = []
+    real_make = tb.make_grid
+
+    def spy(*args: Any, **kw: Any) -> hm.Grid:
+        held.append((b._grids.get("SPX"), b._tables.get("SPX")))
+        return real_make(*args, **kw)
+
+    monkeypatch.setattr(tb, "make_grid", spy)
+    chain = option_chain("SPXW", EXPS, [k + 100 for k in STRIKES], spot=6100, asof="2026-11-24")
+    await seed_epoch(redis, "e2", "SPX", chain, spot=6100, now_ns=NOW + 60 * SEC)
+    await b.handle(as_entries(DirtyEntry("SPX", "e2", [], NOW, reason="epoch")))
+    assert held == [(None, None)]  # nothing of e1 was alive while e2's grid was loaded
+    assert b._grids["SPX"][0] == b._tables["SPX"][0] == "e2"
+    await assert_staging_matches_reference(redis, "vertical", "e2")
+
+
+def test_leg_memo_is_bounded_and_keeps_recent_replies() -> None:
+    parse = QuoteParser(max_entries=100)
+
+    def reply(i: int) -> bytes:
+        return f"{i}.5|{i}.7||{NOW + i}||||ws|{NOW + i}".encode()
+
+    first = parse.pair(reply(0))
+    for i in range(1, 40):
+        parse.pair(reply(i))
+    assert parse.pair(reply(0)) is first  # memoised
+    for i in range(1000):
+        parse.pair(reply(i))
+        assert len(parse) <= 100
+    recent = parse.pair(reply(999))
+    assert parse.pair(reply(999)) is recent
+    q = parse(reply(7))
+    assert q is not None and q.bid == 7.5 and q.src == "ws"
 
 
 async def test_run_bootstraps_an_active_epoch_and_consumes_the_stream(

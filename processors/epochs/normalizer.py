@@ -57,6 +57,7 @@ Spot: the snapshot's spot updates ``massive:spot:latest`` with admission (``lua/
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import math
@@ -84,6 +85,7 @@ from schemas.messages import (
 )
 from streams import metrics
 from streams.consumer import Entry
+from streams.memory import fix_mmap_threshold, release_freed_memory
 from streams.processor import ConsumerProcessor, Deps
 from streams.producer import Fields, xadd_pipe
 from streams.redis_client import as_str, opt_str
@@ -274,11 +276,19 @@ class Normalizer(ConsumerProcessor):
                 continue
             await self.process(ptr)
 
+    async def run(self, stop: asyncio.Event) -> None:
+        fix_mmap_threshold()  # multi-MB blobs and pipelines must not move the threshold up
+        await super().run(stop)
+
     async def process(self, ptr: ChainPointer) -> str:
         """Handle one pointer; returns the result label (built, reseeded, missing_blob, ...)."""
         self.symbols.add(ptr.symbol)
         result = await self._process(ptr)
         self.m_snapshots.labels(symbol=_label(ptr.symbol), result=result).inc()
+        if result == "built":
+            # A new epoch's build (the snapshot decoded, every contract written, the carry)
+            # is the largest transient of the process: its pages go back to the OS.
+            release_freed_memory()
         return result
 
     async def _load_snapshot(self, ptr: ChainPointer) -> ChainSnapshot | str:

@@ -74,7 +74,7 @@ from schemas.messages import ModelDiff, PublishedModel, RawDiff, RawModel, encod
 from streams import metrics
 from streams.clock import StepClock
 from streams.consumer import Entry
-from streams.memory import release_freed_memory
+from streams.memory import fix_mmap_threshold, release_freed_memory
 from streams.processor import Deps
 from streams.redis_client import as_str
 from streams.retry import REDIS_UNAVAILABLE, run_resilient, sleep_or_stop
@@ -228,6 +228,7 @@ class Publisher:
         self.syms: dict[str, SymState] = {}
         self.unacked: list[bytes] = []
         self._ready = False
+        self._release_due = False  # a model of another epoch was dropped (see _evaluate)
         if isinstance(self.clock, StepClock):
             self.clock.join(self.name)  # a replay: one lead iteration per instant
         reg, s = deps.registry, strategy
@@ -285,6 +286,7 @@ class Publisher:
         re-acquired once Redis answers, and the publish script's version/chain-head checks
         resync any symbol whose history Redis no longer holds."""
         self._ready = True
+        fix_mmap_threshold()  # a 15 MB checkpoint must not move the threshold up
         await run_resilient(
             self.name,
             lambda: self._run(stop),
@@ -481,7 +483,10 @@ class Publisher:
         raw, ver, head = await pipe.execute()
         if raw is not None:
             m = _model_decoder.decode(raw)
-            st.epoch, st.version, st.items = m.epoch, m.version, m.items
+            # Decoded Raw items are views of the whole ~15 MB checkpoint: copied, so the
+            # buffer is not kept alive by the tiles that never change.
+            items = {k: v.copy() for k, v in m.items.items()}
+            st.epoch, st.version, st.items = m.epoch, m.version, items
             st.diff_id, st.ts_ns, st.meta = m.diff_id, m.ts_ns, m.meta
             st.checkpointed, st.checkpoint_id = m.version, m.diff_id
             roots = m.meta.get("roots")
@@ -518,7 +523,7 @@ class Publisher:
                     continue
                 if d.version != version + 1:
                     break
-                items.update(d.changed)
+                items.update((k, v.copy()) for k, v in d.changed.items())  # not views
                 for k in d.removed:
                     items.pop(k, None)
                 version, epoch = d.version, d.epoch
@@ -643,6 +648,16 @@ class Publisher:
 
     # --- publish decisions ----------------------------------------------------------------
     async def _evaluate(self) -> None:
+        try:
+            await self._evaluate_symbols()
+        finally:
+            if self._release_due:
+                # Here, not in _commit: the staging read, the diff and the checkpoint JSON
+                # of the new epoch's first publish are garbage only once it returned.
+                self._release_due = False
+                release_freed_memory()
+
+    async def _evaluate_symbols(self) -> None:
         now = self.clock.monotonic()
         for st in list(self.syms.values()):
             if not self.leader:
@@ -691,6 +706,7 @@ class Publisher:
             js = self._staged_json(k, raw)
             if js is not None:
                 tiles[as_str(k)] = js
+        del staged  # the whole staging hash as read: not kept alive through the publish
         recv = st.reconcile_recv
         if man_epoch != st.epoch:
             if len(tiles) < expected:
@@ -799,7 +815,7 @@ class Publisher:
             if recv is not None:
                 self.m_latency.observe(max(0.0, (self.clock.time_ns() - recv) / 1e9))
             if new_epoch:  # the previous epoch's model was just dropped
-                release_freed_memory()
+                self._release_due = True
             return
         reason = _REJECTED[code]
         self.m_rejected.labels(self.strategy, reason).inc()

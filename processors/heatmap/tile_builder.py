@@ -60,7 +60,7 @@ from schemas.heatmap import TileDelta
 from schemas.messages import DirtyEntry, entry, from_entry
 from streams import metrics, producer
 from streams.consumer import Entry
-from streams.memory import release_freed_memory
+from streams.memory import fix_mmap_threshold, release_freed_memory
 from streams.processor import ConsumerProcessor, Deps
 from streams.redis_client import as_str
 from streams.settings import env_settings, from_env
@@ -117,20 +117,34 @@ class TileSettings:
 class QuoteParser:
     """lua/fetch.lua reply -> LegQuote (and its ``tile_vec.quote_row``), memoised on the reply
     bytes (a pure function of them): most legs read for a batch are neighbours of the dirty
-    contracts whose values did not change since the previous batch. Bounded: cleared when it
-    reaches ``max_entries``."""
+    contracts whose values did not change since the previous batch.
 
-    def __init__(self, max_entries: int = 50_000) -> None:  # ~15 MB at the most
-        self.max_entries = max_entries
-        self._memo: dict[bytes, tuple[hm.LegQuote | None, tv.QuoteRow]] = {}
+    Bounded by two generations of ``max_entries / 2``: a full young generation becomes the
+    old one (the previous old one is dropped) and a hit in the old one moves back to the
+    young. At ~740 B an entry (reply, LegQuote, row), 20k entries are ~15 MB at the most, and
+    what is live swings by one generation (~7 MB); clearing one 50k memo at once swung the
+    builder's live memory by ~37 MB every few seconds at 5,000 events/s, which its RSS
+    followed after every trim. A generation holds seconds of replies at that rate, far more
+    than the one batch between a neighbour's two reads."""
+
+    def __init__(self, max_entries: int = 20_000) -> None:
+        self.generation = max(1, max_entries // 2)
+        self._young: dict[bytes, tuple[hm.LegQuote | None, tv.QuoteRow]] = {}
+        self._old: dict[bytes, tuple[hm.LegQuote | None, tv.QuoteRow]] = {}
+
+    def __len__(self) -> int:
+        return len(self._young) + len(self._old)
 
     def pair(self, joined: bytes) -> tuple[hm.LegQuote | None, tv.QuoteRow]:
-        p = self._memo.get(joined)
+        p = self._young.get(joined)
         if p is None:
-            if len(self._memo) >= self.max_entries:
-                self._memo.clear()
-            q = hm.LegQuote.from_joined(joined) if joined else None
-            p = self._memo[joined] = (q, tv.quote_row(q))
+            p = self._old.get(joined)
+            if p is None:
+                q = hm.LegQuote.from_joined(joined) if joined else None
+                p = (q, tv.quote_row(q))
+            if len(self._young) >= self.generation:
+                self._old, self._young = self._young, {}
+            self._young[joined] = p
         return p
 
     def __call__(self, joined: bytes) -> hm.LegQuote | None:
@@ -247,6 +261,7 @@ class TileBuilder(ConsumerProcessor):
 
     # --- lifecycle ------------------------------------------------------------------------
     async def run(self, stop: Any) -> None:
+        fix_mmap_threshold()  # a full build's buffers must not move the threshold up
         if self.cfg.bootstrap:
             try:
                 await self.bootstrap()
@@ -314,10 +329,24 @@ class TileBuilder(ConsumerProcessor):
             if cids:
                 await self.incremental(sym, act, list(cids), recv, max_ts, len(live))
 
+    def _drop_other_epoch(self, sym: str, eid: str) -> None:
+        """Forget the grid and table ``sym`` has of another epoch BEFORE building ``eid``'s:
+        the new ones then reuse the old ones' memory instead of adding to it (holding both
+        is what a process keeps as its RSS afterwards)."""
+        dropped = False
+        for cache in (self._grids, self._tables):
+            held = cache.get(sym)
+            if held is not None and held[0] != eid:
+                del cache[sym]
+                dropped = True
+        if dropped:
+            gc.unfreeze()  # frozen objects are never collected: let the old epoch's go
+
     async def _grid(self, sym: str, eid: str) -> hm.Grid:
         cached = self._grids.get(sym)
         if cached is not None and cached[0] == eid:
             return cached[1]
+        self._drop_other_epoch(sym, eid)
         cids = await self.topology.epoch(sym, eid)
         grid = make_grid(cids, sym, self.strategy, self.cfg, self.clock.time_ns())
         self._grids[sym] = (eid, grid)
@@ -327,12 +356,13 @@ class TileBuilder(ConsumerProcessor):
         cached = self._tables.get(sym)
         if cached is not None and cached[0] == eid:
             return cached[1]
+        self._drop_other_epoch(sym, eid)
         table = tv.TileTable(await self._grid(sym, eid), eid)
         self._tables[sym] = (eid, table)
         # The grid and table are ~500k small objects that live for the epoch: out of the
         # cyclic GC's reach, a full collection no longer walks them (measured: gen2 pauses
         # of up to 100 ms, ~1 s per 90 s at 20k events/s, straight into tick-to-SSE latency).
-        # Freed by reference counting when the epoch's table is replaced; the previous
+        # Freed by reference counting when the epoch's table is dropped; the previous
         # table's pages go back to the OS here.
         release_freed_memory()
         gc.freeze()
@@ -523,6 +553,14 @@ class TileBuilder(ConsumerProcessor):
     async def full_build(self, sym: str, eid: str, *, recv_ts_ns: int | None, n_dirty: int) -> str:
         """Compute every tile of epoch ``eid`` and install it (see module doc). Returns
         installed | merged | superseded."""
+        try:
+            return await self._full_build(sym, eid, recv_ts_ns=recv_ts_ns, n_dirty=n_dirty)
+        finally:
+            # Every tile's value, its leg reads and the write pipeline (tens of MB of small
+            # objects, once per epoch) are garbage now: give their pages back.
+            release_freed_memory()
+
+    async def _full_build(self, sym: str, eid: str, *, recv_ts_ns: int | None, n_dirty: int) -> str:
         t0 = time.perf_counter()
         created = await self.redis.hget(keys.epoch_meta(sym, eid), "created_ns")
         created_ns = int(created) if created is not None else 0
