@@ -72,7 +72,7 @@ _MODEL_EPOCH = re.compile(rb'\{"symbol":"[^"\\]*","kind":"[^"\\]*","epoch":"([^"
 async def epochs(r: Redis, symbol: str) -> tuple[str | None, list[str | None]]:
     """The active epoch of ``symbol`` and the epoch of each heatmap model (None: absent)."""
     pipe = r.pipeline(transaction=False)
-    pipe.hget(keys.EPOCH_ACTIVE, symbol)
+    pipe.get(keys.epoch_active(symbol))
     for s in keys.STRATEGIES:
         pipe.getrange(keys.heatmap_model(symbol, s), 0, 511)
     active, *heads = await pipe.execute()

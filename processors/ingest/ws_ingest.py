@@ -495,10 +495,7 @@ class WsIngest:
                         out_s.add(f"Q.{sp.underlying}")
             return out_s
         syms = list(self.symbols)
-        pipe = self.redis.pipeline(transaction=False)
-        for sym in syms:
-            pipe.get(keys.epoch_active(sym))
-        eids = await pipe.execute()
+        eids = await self._active_epochs(syms)
         spots = await self.redis.hmget(keys.SPOT_LATEST, syms)
         out: set[str] = set()
         ranked: dict[str, list[str]] = {}
@@ -517,6 +514,13 @@ class WsIngest:
         if self.s.quotes:
             out.update(f"Q.{cid}" for cid in allocate(ranked, self.s.max_quotes))
         return out
+
+    async def _active_epochs(self, syms: list[str]) -> list[Any]:
+        """Each symbol's active-epoch pointer (one key, one slot, per symbol)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for sym in syms:
+            pipe.get(keys.epoch_active(sym))
+        return list(await pipe.execute())
 
     async def _load_epoch(self, sym: str, eid: str) -> _EpochView:
         contracts = []

@@ -300,6 +300,17 @@ def _range_start(pos: str) -> str:
     return "-" if pos == "0" else "(" + pos
 
 
+async def _active_symbols(redis: Redis) -> set[str]:
+    """The symbols (configured or with a spec) that have an active epoch."""
+    from processors.ops.monitor import every_symbol
+
+    syms = every_symbol()
+    pipe = redis.pipeline(transaction=False)
+    for sym in syms:
+        pipe.exists(keys.epoch_active(sym))
+    return {s for s, n in zip(syms, await pipe.execute(), strict=True) if n}
+
+
 async def start_records(
     redis: Redis,
     streams: Sequence[str],
@@ -319,13 +330,7 @@ async def start_records(
     out: list[Record] = []
     chain_t = 0
     if keys.CHAIN_STREAM in streams:
-        from processors.ops.monitor import every_symbol
-
-        syms = every_symbol()
-        pipe = redis.pipeline(transaction=False)
-        for sym in syms:
-            pipe.exists(keys.epoch_active(sym))
-        active = {s for s, n in zip(syms, await pipe.execute(), strict=True) if n}
+        active = await _active_symbols(redis)
         found: dict[tuple[str, str], Record] = {}  # (symbol, scope): window / full chain
         stats = RecordStats()
         end, seen = upto, 0
