@@ -69,6 +69,7 @@ def test_url_modes() -> None:
     ("url", "why"),
     [
         ("http://h:1", "unknown Redis URL scheme"),
+        ("redis:/:hunter2@h:1", "not a Redis URL"),
         ("redis://h1:1,h2:2", "takes one host"),
         ("redis+cluster://:hunter2@h:1/2", "only database 0"),
         ("redis+cluster://h:99999", "bad port"),
