@@ -32,6 +32,13 @@ Figures per rate (``--rates 5000,20000``) over ``--duration`` seconds (default 6
 
     .venv/bin/python bench/e2e_load.py [--rates 5000,20000] [--duration 60]
         [--env MASSIVE_PUBLISHER_CHECKPOINT_MS=15000 ...]   (settings for every processor)
+        [--symbols SPX,NDX] [--cluster]
+
+``--symbols SPX,NDX`` builds an epoch per symbol and spreads the events over both (latency
+and memory rows stay SPX's). ``--cluster`` runs everything twice, on one redis-server and on a
+private 3-master Redis Cluster (``redis+cluster://``, tests/redis_cluster.py), and prints the
+figures side by side: memory and Redis command time summed over the masters, CPU and RSS per
+shard, and which shard holds each symbol and the WS and chain streams.
 
 E2E_SLOWLOG=1 also prints Redis' slow log (calls over 5 ms) grouped by command and first keys.
 """
@@ -113,56 +120,69 @@ class Probe:
                 proc.kill()
 
 
-def _probe_main(port: int, strategy: str, cmd: Any, res: Any, stop: Any) -> None:
+class _Probe:
     """A lean SSE reader: raw bytes, events split on the blank line, the receipt time taken
     when the chunk completing the event arrives; only the event name and the diff's
     ``src_recv_ts_ns`` (its tail) are looked at."""
-    import queue
-    import threading
 
-    import httpx
+    def __init__(self, port: int, strategy: str, stop: Any) -> None:
+        import threading
 
-    lat: list[int] = []
-    counts = {"diff": 0, "snapshot": 0}
-    on = threading.Event()
+        self.url = f"http://127.0.0.1:{port}/sse/heatmap/{strategy}?symbol=SPX"
+        self.stop = stop
+        self.lat: list[int] = []
+        self.counts = {"diff": 0, "snapshot": 0}
+        self.on = threading.Event()
 
-    def handle(ev: bytes, now: int) -> None:
+    def handle(self, ev: bytes, now: int) -> None:
         name = b""
         for line in ev.split(b"\r\n", 2)[:2]:
             if line.startswith(b"event: "):
                 name = line[7:]
         kind = name.decode()
-        if kind in counts:
-            counts[kind] += 1
-        if kind != "diff" or not on.is_set():
+        if kind in self.counts:
+            self.counts[kind] += 1
+        if kind != "diff" or not self.on.is_set():
             return
         src = _src_recv(ev[ev.index(b"data: ") + 6 :].decode())
         if src:
-            lat.append(now - src)
+            self.lat.append(now - src)
 
-    def client() -> None:
-        url = f"http://127.0.0.1:{port}/sse/heatmap/{strategy}?symbol=SPX"
-        while not stop.is_set():
+    def read(self, r: Any) -> None:
+        buf = bytearray()
+        for chunk in r.iter_raw():
+            now = time.time_ns()
+            if self.stop.is_set():
+                return
+            start = max(0, len(buf) - 3)
+            buf += chunk
+            while (k := buf.find(b"\r\n\r\n", start)) >= 0:
+                self.handle(bytes(buf[:k]), now)
+                del buf[: k + 4]
+                start = 0
+
+    def client(self) -> None:
+        import httpx
+
+        while not self.stop.is_set():
             try:
                 with (
                     httpx.Client(timeout=httpx.Timeout(5.0, read=None)) as c,
-                    c.stream("GET", url, headers={"accept": "text/event-stream"}) as r,
+                    c.stream("GET", self.url, headers={"accept": "text/event-stream"}) as r,
                 ):
-                    buf = bytearray()
-                    for chunk in r.iter_raw():
-                        now = time.time_ns()
-                        if stop.is_set():
-                            return
-                        start = max(0, len(buf) - 3)
-                        buf += chunk
-                        while (k := buf.find(b"\r\n\r\n", start)) >= 0:
-                            handle(bytes(buf[:k]), now)
-                            del buf[: k + 4]
-                            start = 0
+                    self.read(r)
             except httpx.HTTPError:
                 time.sleep(0.2)
 
-    threading.Thread(target=client, daemon=True).start()
+
+def _probe_main(port: int, strategy: str, cmd: Any, res: Any, stop: Any) -> None:
+    """One probe process: reads the stream, records latencies between "record" and
+    "report" commands."""
+    import queue
+    import threading
+
+    probe = _Probe(port, strategy, stop)
+    threading.Thread(target=probe.client, daemon=True).start()
     res.put("ready")
     while not stop.is_set():
         try:
@@ -170,11 +190,11 @@ def _probe_main(port: int, strategy: str, cmd: Any, res: Any, stop: Any) -> None
         except queue.Empty:
             continue
         if c == "record":
-            lat.clear()
-            on.set()
+            probe.lat.clear()
+            probe.on.set()
         elif c == "report":
-            on.clear()
-            res.put({"lat": {strategy: list(lat)}, "counts": {strategy: dict(counts)}})
+            probe.on.clear()
+            res.put({"lat": {strategy: list(probe.lat)}, "counts": {strategy: dict(probe.counts)}})
 
 
 def _src_recv(data: str) -> int | None:
@@ -227,7 +247,7 @@ class Backend:
         }
 
     def placement(self, names: dict[str, str]) -> str:
-        """Which shard holds what: ``{SPX} keys -> shard 2, ...`` (cluster only)."""
+        """Which shard holds what: ``SPX keys and streams -> shard 2, ...`` (cluster only)."""
         if self.cluster is None:
             return ""
         nodes = self.cluster.nodes
@@ -465,298 +485,12 @@ def parse_args() -> argparse.Namespace:
         help="run twice, on one redis-server and on a private 3-master Redis Cluster "
         "(redis+cluster://), and print the figures side by side",
     )
-    return ap.parse_args()
-
-
-async def run_once(args: argparse.Namespace, kind: str) -> list[tuple[str, str]]:
-    """The whole bench on one kind of Redis (``node`` or ``cluster``); the figure rows."""
-    rates = [float(x) for x in args.rates.split(",") if x.strip()]
+    args = ap.parse_args()
     symbols = [x.strip().upper() for x in args.symbols.split(",") if x.strip()]
-    if symbols[0] != "SPX" or not set(symbols) <= set(GEOMETRY):
+    if not symbols or symbols[0] != "SPX" or not set(symbols) <= set(GEOMETRY):
         raise SystemExit(f"--symbols: SPX first, then any of {sorted(GEOMETRY)}")
-    log_dir = Path(args.logs or tempfile.mkdtemp(prefix="e2e-load-"))
-    backend = Backend(kind)
-    r = connect(backend.url)
-    sse_port = free_port()
-    env = {
-        "MASSIVE_LOG_LEVEL": "WARNING",
-        "MASSIVE_BLOCK_MS": "1000",
-        "MASSIVE_MIN_IDLE_MS": "30000",
-        "MASSIVE_RECLAIM_INTERVAL_S": "5",
-        "MASSIVE_PUBLISHER_MAX_INTERVAL_MS": str(args.max_interval_ms),
-        "MASSIVE_PUBLISHER_LEASE_TTL_MS": "3000",
-        "MASSIVE_PUBLISHER_RENEW_MS": "1000",
-        "MASSIVE_GEX_LEASE_TTL_MS": "10000",
-        "MASSIVE_GEX_INTERVAL_S": "2",
-        "MASSIVE_GEX_DOLLAR_SPOT_STEP_BP": "10",
-        "MASSIVE_SSE_PORT": str(sse_port),
-        "MASSIVE_SSE_HOST": "127.0.0.1",
-        "MASSIVE_SYMBOLS": ",".join(symbols),
-    }
-    for kv in args.env:
-        k, sep, v = kv.partition("=")
-        if not sep or not k.startswith("MASSIVE_"):
-            raise SystemExit(f"--env wants MASSIVE_NAME=value, got {kv!r}")
-        env[k] = v
-    if args.env:
-        print(f"# extra settings: {' '.join(args.env)}")
-    rows: list[tuple[str, str]] = []
-    probe: Probe | None = None
-    servers = backend.pids()
-    p = h.Pipeline(backend.url, log_dir, extra_env=env)
-    try:
-        await p.start(PROCS, ready_timeout_s=120)
-        eid, cids, hot, mem = await build_epoch(r, args.contracts, args.hot_contracts)
-        for sym in symbols[1:]:  # the same load on every other symbol's epoch
-            _, more_cids, more_hot, _ = await build_epoch(
-                r, args.contracts, args.hot_contracts, sym
-            )
-            cids += more_cids
-            hot += more_hot
-        probe = Probe(sse_port, list(keys.STRATEGIES))
-        rep = h.LoadReplayer(cids, hot)
-        print(f"# machine: {machine()}")
-        print(f"# date: {dt.datetime.now(dt.UTC).isoformat(timespec='seconds')}")
-        version = (await r.info("server"))["redis_version"]
-        print(f"# {kind}: redis-server {version} ({backend.url}), logs {log_dir}")
-        where = backend.placement(
-            {
-                **{f"{x} keys and streams": keys.epoch_active(x) for x in symbols},
-                "WS stream": keys.WS_STREAM,
-                "chain stream": keys.CHAIN_STREAM,
-            }
-        )
-        if where:
-            print(f"# {kind}: {where}")
-        print(
-            f"# SPX epoch {eid}: {args.contracts} contracts ({len(cids)} over "
-            f"{','.join(symbols)}), SPX tiles "
-            + ", ".join(f"{s}={int(mem['tiles_' + s])}" for s in keys.STRATEGIES)
-            + f"; snapshot -> all models published in {mem['ready_s']:.1f}s"
-        )
-        rows.append(("memory: used_memory delta, epoch build (MB)", f"{mem['delta_mb']:.1f}"))
-        rows.append(("  of which snapshot blob (TTL) (MB)", f"{mem['blob_mb']:.1f}"))
-        rows.append(("  of which streams (MB)", f"{mem['streams_mb']:.1f}"))
-        rows.append(("  of which staging tiles (MB)", f"{mem['staging_mb']:.1f}"))
-        rows.append(("  of which published models (MB)", f"{mem['models_mb']:.1f}"))
-        rows.append(("epoch + tiles + models, without blob/streams (MB)",
-                     f"{mem['epoch_and_tiles_mb']:.1f}"))  # fmt: skip
-        rows.append(("epoch + staging tiles, without models/blob/streams (MB)",
-                     f"{mem['epoch_and_staging_mb']:.1f}"))  # fmt: skip
-        tick = args.tick_ms / 1000
-        for rate in rates:
-            await rep.run(r, rate, args.warmup, tick)
-            c0 = await hyd_counts(p)
-            cpu0 = {s: p.cpu_seconds(s) for s in PROCS}
-            redis_cpu0 = {n: h.proc_cpu_seconds(pid) if pid else 0.0 for n, pid in servers.items()}
-            harness0 = (time.process_time(), probe.cpu_seconds())
-            await reset_stats(r)  # INFO commandstats over the window only
-            if os.environ.get("E2E_SLOWLOG") and kind == "node":
-                await r.config_set("slowlog-log-slower-than", 5000)
-                await r.config_set("slowlog-max-len", 1000)
-                await r.slowlog_reset()
-            max_lag: dict[str, int] = {}
-            sampling = asyncio.Event()
-
-            async def sample_lag(
-                stop: asyncio.Event = sampling, max_lag: dict[str, int] = max_lag
-            ) -> None:
-                while not stop.is_set():
-                    for g in await rp.busy_groups(r):
-                        name = f"{g.stream}/{g.group}"
-                        max_lag[name] = max(max_lag.get(name, 0), (g.lag or 0) + g.pending)
-                    await asyncio.sleep(0.5)
-
-            mem_samples: list[tuple[float, float]] = []  # (s since start, used_memory MB)
-
-            async def sample_memory(
-                stop: asyncio.Event = sampling,
-                out: list[tuple[float, float]] = mem_samples,
-                every_s: float = args.memory_every_s,
-            ) -> None:
-                t_start = time.perf_counter()
-                while True:
-                    used = await used_memory(r) / 2**20
-                    out.append((time.perf_counter() - t_start, used))
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), every_s)
-                    if stop.is_set():
-                        return
-
-            sampler = asyncio.create_task(sample_lag())
-            mem_sampler = asyncio.create_task(sample_memory())
-            pubm0 = {x: await p.metrics(f"publisher:{x}") for x in keys.STRATEGIES}
-            tbm0 = {x: await p.metrics(f"tile-builder:{x}") for x in keys.STRATEGIES}
-            d0 = {x: await diff_stats(r, x) for x in keys.STRATEGIES}
-            probe.record()
-            t0 = time.perf_counter()
-            offered = await rep.run(r, rate, args.duration, tick)
-            wall = time.perf_counter() - t0
-            sampling.set()
-            await sampler
-            await mem_sampler
-            brk = await memory_breakdown(r)
-            rss = {sp: rss_mb(p.procs[sp].pid) for sp in PROCS}
-            rss.update({n: rss_mb(pid) for n, pid in servers.items()})
-            redis_cpu = {
-                n: (h.proc_cpu_seconds(pid) if pid else 0.0) - redis_cpu0[n]
-                for n, pid in servers.items()
-            }
-            bench_cpu = time.process_time() - harness0[0]  # replayer + lag sampler
-            probe_cpu = probe.cpu_seconds() - harness0[1]
-            c1 = await hyd_counts(p)
-            cpu1 = {s: p.cpu_seconds(s) for s in PROCS}
-            rpt = probe.report()
-            pubm1 = {x: await p.metrics(f"publisher:{x}") for x in keys.STRATEGIES}
-            tbm1 = {x: await p.metrics(f"tile-builder:{x}") for x in keys.STRATEGIES}
-            d1 = {x: await diff_stats(r, x) for x in keys.STRATEGIES}
-            lag = [g for g in await admin.lag(r, [keys.WS_STREAM]) if g.group == "hydrator"]
-            backlog = lag[0].lag if lag else None
-            k = f"@{int(rate)}/s"
-            rows.append((f"{k} offered events/s (replayer)", f"{offered:,.0f}"))
-            rows.append((f"{k} hydrator decoded events/s", f"{(c1['in'] - c0['in']) / wall:,.0f}"))
-            rows.append((f"{k} hydrator applied events/s (after conflation)",
-                         f"{(c1['applied'] - c0['applied']) / wall:,.0f}"))  # fmt: skip
-            rows.append((f"{k} hydrator conflated events/s",
-                         f"{(c1['conflated'] - c0['conflated']) / wall:,.0f}"))  # fmt: skip
-            rows.append((f"{k} hydrator backlog at end (entries)", str(backlog)))
-            for s in keys.STRATEGIES:
-                hd = hist_delta(pubm0[s], pubm1[s])
-                name = "massive_tick_to_publish_seconds"
-                rows.append(
-                    (
-                        f"{k} tick->publish {s} p50/p99 ms (publisher histogram bucket)",
-                        f"<={1000 * hist_quantile(hd, name, 0.5):.0f} / "
-                        f"<={1000 * hist_quantile(hd, name, 0.99):.0f}",
-                    )
-                )
-                rows.append(
-                    (
-                        f"{k} publishes/s {s} (mean diff KB)",
-                        f"{(d1[s][0] - d0[s][0]) / wall:.1f} ({d1[s][1] / 1024:.0f})",
-                    )
-                )
-                # where the time goes: builder batches and publishes (means over the window)
-                td = hist_delta(tbm0[s], tbm1[s])
-                n_b = h.metric_sum(td, "massive_tile_build_seconds_count", mode="incremental")
-                b_s = h.metric_sum(td, "massive_tile_build_seconds_sum", mode="incremental")
-                n_t = h.metric_sum(td, "massive_tiles_computed_total", mode="incremental")
-                n_e = h.metric_sum(td, "massive_processed_total")
-                rows.append(
-                    (
-                        f"{k} tile-builder {s}: batches/s, ms/batch, tiles/batch, dirty/batch",
-                        f"{n_b / wall:.1f}, {1000 * b_s / max(n_b, 1):.0f}, "
-                        f"{n_t / max(n_b, 1):,.0f}, {n_e / max(n_b, 1):.1f}",
-                    )
-                )
-                n_p = h.metric_sum(hd, "massive_publish_seconds_count")
-                p_s = h.metric_sum(hd, "massive_publish_seconds_sum")
-                rows.append((f"{k} publisher {s}: mean ms per publish",
-                             f"{1000 * p_s / max(n_p, 1):.0f}"))  # fmt: skip
-                xs = rpt["lat"][s]
-                cnt = rpt["counts"][s]
-                rows.append(
-                    (f"{k} SSE events {s} diff/snapshot(resync) (total)",
-                     f"{cnt['diff']}/{cnt['snapshot']}")
-                )  # fmt: skip
-                rows.append(
-                    (
-                        f"{k} tick->SSE {s} p50/p99/max ms (n diffs)",
-                        f"{_pct(xs, 0.5):.0f} / {_pct(xs, 0.99):.0f} / "
-                        f"{(max(xs) / 1e6 if xs else float('nan')):.0f} ({len(xs)})",
-                    )
-                )
-                if rate == 5000:  # the issue's target for this rate
-                    p99 = _pct(xs, 0.99)
-                    verdict = "met" if p99 <= 500 else "MISSED"
-                    rows.append(
-                        (f"{k} target tick->SSE p99 <= 500 ms, {s}", f"{verdict} ({p99:.0f})")
-                    )
-            peak = max(m for _, m in mem_samples)
-            last_t = mem_samples[-1][0]
-            ref = [m for t, m in mem_samples if t <= last_t - 60]
-            growth = (mem_samples[-1][1] / ref[-1] - 1) * 100 if ref else float("nan")
-            rows.append(
-                (
-                    f"{k} redis used_memory every {args.memory_every_s:.0f} s (MB)",
-                    " ".join(f"{m:.0f}" for _, m in mem_samples),
-                )
-            )
-            rows.append((f"{k} redis used_memory peak (MB); growth over the last 60 s (%)",
-                         f"{peak:.0f}; {growth:+.1f}"))  # fmt: skip
-            rows.append(
-                (
-                    f"{k} redis memory at end (MB): used = streams + models + staging + "
-                    "buffers + rest",
-                    f"{brk['used']:.0f} = {brk['streams']:.0f} + {brk['models']:.0f} + "
-                    f"{brk['staging']:.0f} + {brk['buffers']:.0f} + {brk['rest']:.0f}",
-                )
-            )
-            rows.append(
-                (
-                    f"{k} largest streams at end (MB)",
-                    ", ".join(
-                        f"{n.removeprefix('stream ')} {v:.0f}"
-                        for n, v in brk.items()
-                        if n.startswith("stream ") and v >= 1
-                    ),
-                )
-            )
-            rows.append(
-                (
-                    f"{k} RSS at end (MB)",
-                    ", ".join(f"{sp} {v:.0f}" for sp, v in rss.items()),
-                )
-            )
-            for s in PROCS:
-                rows.append((f"{k} CPU {s} (% of one core)",
-                             f"{100 * (cpu1[s] - cpu0[s]) / wall:.0f}"))  # fmt: skip
-            for n, cpu in redis_cpu.items():
-                rows.append((f"{k} CPU {n} (% of one core)", f"{100 * cpu / wall:.0f}"))
-            rows.append(
-                (
-                    f"{k} CPU of the harness on the same cores: replayer, SSE probes (%)",
-                    f"{100 * bench_cpu / wall:.0f}, {100 * probe_cpu / wall:.0f}",
-                )
-            )
-            if os.environ.get("E2E_SLOWLOG") and kind == "node":
-                # raw reply: [id, ts, duration_us, [args...], ...] (args may be binary)
-                sl: Any = await r.execute_command(  # type: ignore[no-untyped-call]
-                    "SLOWLOG", "GET", 1000, NEVER_DECODE=True
-                )
-                agg: dict[str, list[float]] = {}
-                for e in sl:
-                    words = [a[:40].decode("utf-8", "replace") for a in e[3][:4]]
-                    name = " ".join(words)[:90]
-                    agg.setdefault(name, []).append(int(e[2]) / 1000)
-                for name, ds in sorted(agg.items(), key=lambda kv: -sum(kv[1]))[:12]:
-                    tot, mx = sum(ds), max(ds)
-                    print(f"# slowlog {name}: n={len(ds)} total={tot:.0f}ms max={mx:.0f}ms")
-            usec = await command_usec(r)
-            top = sorted(usec.items(), key=lambda kv: -kv[1])[:8]
-            rows.append(
-                (
-                    f"{k} redis time by command (% of one core; calls from scripts counted too)",
-                    ", ".join(
-                        f"{name.removeprefix('cmdstat_')} {100 * v / 1e6 / wall:.0f}"
-                        for name, v in top
-                    ),
-                )
-            )
-            for name, v in sorted(max_lag.items()):
-                rows.append((f"{k} max backlog (lag+pending) {name}", str(v)))
-            # let the backlog drain before the next rate
-            await h.wait_settled(r, timeout_s=600, quiet_s=1.0)
-        restarts = {s: pr.exits for s, pr in p.procs.items() if pr.exits}
-        if restarts:
-            rows.append(("processor exits (restarted)", str(restarts)))
-    finally:
-        if probe is not None:
-            probe.close()
-        await p.stop()
-        await r.aclose()
-        backend.stop()
-    return rows
+    args.symbols = symbols
+    return args
 
 
 async def main() -> int:
@@ -773,6 +507,348 @@ async def main() -> int:
         vals = [dict(results[k]).get(a, "-") for k in kinds]
         print(f"{a:<{w}}  " + "  |  ".join(vals))
     return 0
+
+
+async def run_once(args: argparse.Namespace, kind: str) -> list[tuple[str, str]]:
+    """The whole bench on one kind of Redis (``node`` or ``cluster``): the figure rows."""
+    rates = [float(x) for x in args.rates.split(",") if x.strip()]
+    log_dir = Path(args.logs or tempfile.mkdtemp(prefix="e2e-load-"))
+    backend = Backend(kind)
+    r = connect(backend.url)
+    sse_port = free_port()
+    env = _env(args, sse_port)
+    rows: list[tuple[str, str]] = []
+    probe: Probe | None = None
+    p = h.Pipeline(backend.url, log_dir, extra_env=env)
+    try:
+        await p.start(PROCS, ready_timeout_s=120)
+        eid, cids, hot, mem = await build_epoch(r, args.contracts, args.hot_contracts)
+        for sym in args.symbols[1:]:  # the same load on every other symbol's epoch
+            _, more_cids, more_hot, _ = await build_epoch(
+                r, args.contracts, args.hot_contracts, sym
+            )
+            cids += more_cids
+            hot += more_hot
+        probe = Probe(sse_port, list(keys.STRATEGIES))
+        rep = h.LoadReplayer(cids, hot)
+        rows += await _epoch_rows(r, eid, cids, mem, log_dir, args, backend)
+        tick = args.tick_ms / 1000
+        for rate in rates:
+            rows += await _measure_rate(args, r, backend, p, probe, rep, rate, tick)
+            # let the backlog drain before the next rate
+            await h.wait_settled(r, timeout_s=600, quiet_s=1.0)
+        restarts = {s: pr.exits for s, pr in p.procs.items() if pr.exits}
+        if restarts:
+            rows.append(("processor exits (restarted)", str(restarts)))
+    finally:
+        if probe is not None:
+            probe.close()
+        await p.stop()
+        await r.aclose()
+        backend.stop()
+    return rows
+
+
+def _env(args: argparse.Namespace, sse_port: int) -> dict[str, str]:
+    """The processors' settings: the bench's, then each ``--env`` MASSIVE_X=V."""
+    env = {
+        "MASSIVE_LOG_LEVEL": "WARNING",
+        "MASSIVE_BLOCK_MS": "1000",
+        "MASSIVE_MIN_IDLE_MS": "30000",
+        "MASSIVE_RECLAIM_INTERVAL_S": "5",
+        "MASSIVE_PUBLISHER_MAX_INTERVAL_MS": str(args.max_interval_ms),
+        "MASSIVE_PUBLISHER_LEASE_TTL_MS": "3000",
+        "MASSIVE_PUBLISHER_RENEW_MS": "1000",
+        "MASSIVE_GEX_LEASE_TTL_MS": "10000",
+        "MASSIVE_GEX_INTERVAL_S": "2",
+        "MASSIVE_GEX_DOLLAR_SPOT_STEP_BP": "10",
+        "MASSIVE_SSE_PORT": str(sse_port),
+        "MASSIVE_SSE_HOST": "127.0.0.1",
+        "MASSIVE_SYMBOLS": ",".join(args.symbols),
+    }
+    for kv in args.env:
+        k, sep, v = kv.partition("=")
+        if not sep or not k.startswith("MASSIVE_"):
+            raise SystemExit(f"--env wants MASSIVE_NAME=value, got {kv!r}")
+        env[k] = v
+    if args.env:
+        print(f"# extra settings: {' '.join(args.env)}")
+    return env
+
+
+async def _epoch_rows(
+    r: Redis,
+    eid: str,
+    cids: list[str],
+    mem: dict[str, float],
+    log_dir: Path,
+    args: argparse.Namespace,
+    backend: Backend,
+) -> list[tuple[str, str]]:
+    """Print the run's header; the epoch build's memory rows."""
+    rows: list[tuple[str, str]] = []
+    kind = backend.kind
+    print(f"# machine: {machine()}")
+    print(f"# date: {dt.datetime.now(dt.UTC).isoformat(timespec='seconds')}")
+    version = (await r.info("server"))["redis_version"]
+    print(f"# {kind}: redis-server {version} ({backend.url}), logs {log_dir}")
+    where = backend.placement(
+        {
+            **{f"{x} keys and streams": keys.epoch_active(x) for x in args.symbols},
+            "WS stream": keys.WS_STREAM,
+            "chain stream": keys.CHAIN_STREAM,
+        }
+    )
+    if where:
+        print(f"# {kind}: {where}")
+    print(
+        f"# SPX epoch {eid}: {args.contracts} contracts ({len(cids)} over "
+        f"{','.join(args.symbols)}), SPX tiles "
+        + ", ".join(f"{s}={int(mem['tiles_' + s])}" for s in keys.STRATEGIES)
+        + f"; snapshot -> all models published in {mem['ready_s']:.1f}s"
+    )
+    rows.append(("memory: used_memory delta, epoch build (MB)", f"{mem['delta_mb']:.1f}"))
+    rows.append(("  of which snapshot blob (TTL) (MB)", f"{mem['blob_mb']:.1f}"))
+    rows.append(("  of which streams (MB)", f"{mem['streams_mb']:.1f}"))
+    rows.append(("  of which staging tiles (MB)", f"{mem['staging_mb']:.1f}"))
+    rows.append(("  of which published models (MB)", f"{mem['models_mb']:.1f}"))
+    rows.append(("epoch + tiles + models, without blob/streams (MB)",
+                 f"{mem['epoch_and_tiles_mb']:.1f}"))  # fmt: skip
+    rows.append(("epoch + staging tiles, without models/blob/streams (MB)",
+                 f"{mem['epoch_and_staging_mb']:.1f}"))  # fmt: skip
+    return rows
+
+
+async def _sample_lag(r: Redis, stop: asyncio.Event, max_lag: dict[str, int]) -> None:
+    while not stop.is_set():
+        for g in await rp.busy_groups(r):
+            name = f"{g.stream}/{g.group}"
+            max_lag[name] = max(max_lag.get(name, 0), (g.lag or 0) + g.pending)
+        await asyncio.sleep(0.5)
+
+
+async def _sample_memory(
+    r: Redis, stop: asyncio.Event, out: list[tuple[float, float]], every_s: float
+) -> None:
+    """(s since start, used_memory MB) every ``every_s`` until ``stop``."""
+    t_start = time.perf_counter()
+    while True:
+        used = await used_memory(r) / 2**20
+        out.append((time.perf_counter() - t_start, used))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), every_s)
+        if stop.is_set():
+            return
+
+
+async def _measure_rate(
+    args: argparse.Namespace,
+    r: Redis,
+    backend: Backend,
+    p: h.Pipeline,
+    probe: Probe,
+    rep: h.LoadReplayer,
+    rate: float,
+    tick: float,
+) -> list[tuple[str, str]]:
+    """Warm up at ``rate``, then measure for ``args.duration`` seconds: the figure rows."""
+    rows: list[tuple[str, str]] = []
+    await rep.run(r, rate, args.warmup, tick)
+    c0 = await hyd_counts(p)
+    cpu0 = {s: p.cpu_seconds(s) for s in PROCS}
+    servers = backend.pids()
+    redis_cpu0 = {n: h.proc_cpu_seconds(pid) if pid else 0.0 for n, pid in servers.items()}
+    harness0 = (time.process_time(), probe.cpu_seconds())
+    await reset_stats(r)  # INFO commandstats over the window only
+    slowlog = bool(os.environ.get("E2E_SLOWLOG")) and backend.kind == "node"
+    if slowlog:
+        await r.config_set("slowlog-log-slower-than", 5000)
+        await r.config_set("slowlog-max-len", 1000)
+        await r.slowlog_reset()
+    max_lag: dict[str, int] = {}
+    sampling = asyncio.Event()
+    mem_samples: list[tuple[float, float]] = []
+    sampler = asyncio.create_task(_sample_lag(r, sampling, max_lag))
+    mem_sampler = asyncio.create_task(_sample_memory(r, sampling, mem_samples, args.memory_every_s))
+    pubm0 = {x: await p.metrics(f"publisher:{x}") for x in keys.STRATEGIES}
+    tbm0 = {x: await p.metrics(f"tile-builder:{x}") for x in keys.STRATEGIES}
+    d0 = {x: await diff_stats(r, x) for x in keys.STRATEGIES}
+    probe.record()
+    t0 = time.perf_counter()
+    offered = await rep.run(r, rate, args.duration, tick)
+    wall = time.perf_counter() - t0
+    sampling.set()
+    await sampler
+    await mem_sampler
+    brk = await memory_breakdown(r)
+    rss = {sp: rss_mb(p.procs[sp].pid) for sp in PROCS}
+    rss.update({n: rss_mb(pid) for n, pid in servers.items()})
+    redis_cpu = {
+        n: (h.proc_cpu_seconds(pid) if pid else 0.0) - redis_cpu0[n] for n, pid in servers.items()
+    }
+    bench_cpu = time.process_time() - harness0[0]  # replayer + lag sampler
+    probe_cpu = probe.cpu_seconds() - harness0[1]
+    c1 = await hyd_counts(p)
+    cpu1 = {s: p.cpu_seconds(s) for s in PROCS}
+    rpt = probe.report()
+    pubm1 = {x: await p.metrics(f"publisher:{x}") for x in keys.STRATEGIES}
+    tbm1 = {x: await p.metrics(f"tile-builder:{x}") for x in keys.STRATEGIES}
+    d1 = {x: await diff_stats(r, x) for x in keys.STRATEGIES}
+    lag = [g for g in await admin.lag(r, [keys.WS_STREAM]) if g.group == "hydrator"]
+    backlog = lag[0].lag if lag else None
+    k = f"@{int(rate)}/s"
+    rows.append((f"{k} offered events/s (replayer)", f"{offered:,.0f}"))
+    rows.append((f"{k} hydrator decoded events/s", f"{(c1['in'] - c0['in']) / wall:,.0f}"))
+    rows.append((f"{k} hydrator applied events/s (after conflation)",
+                 f"{(c1['applied'] - c0['applied']) / wall:,.0f}"))  # fmt: skip
+    rows.append((f"{k} hydrator conflated events/s",
+                 f"{(c1['conflated'] - c0['conflated']) / wall:,.0f}"))  # fmt: skip
+    rows.append((f"{k} hydrator backlog at end (entries)", str(backlog)))
+    for s in keys.STRATEGIES:
+        rows += _strategy_rows(
+            k, s, rate, wall, hist_delta(pubm0[s], pubm1[s]), hist_delta(tbm0[s], tbm1[s]),
+            (d0[s], d1[s]), rpt,
+        )  # fmt: skip
+    peak = max(m for _, m in mem_samples)
+    last_t = mem_samples[-1][0]
+    ref = [m for t, m in mem_samples if t <= last_t - 60]
+    growth = (mem_samples[-1][1] / ref[-1] - 1) * 100 if ref else float("nan")
+    rows.append(
+        (
+            f"{k} redis used_memory every {args.memory_every_s:.0f} s (MB)",
+            " ".join(f"{m:.0f}" for _, m in mem_samples),
+        )
+    )
+    rows.append((f"{k} redis used_memory peak (MB); growth over the last 60 s (%)",
+                 f"{peak:.0f}; {growth:+.1f}"))  # fmt: skip
+    rows.append(
+        (
+            f"{k} redis memory at end (MB): used = streams + models + staging + buffers + rest",
+            f"{brk['used']:.0f} = {brk['streams']:.0f} + {brk['models']:.0f} + "
+            f"{brk['staging']:.0f} + {brk['buffers']:.0f} + {brk['rest']:.0f}",
+        )
+    )
+    rows.append(
+        (
+            f"{k} largest streams at end (MB)",
+            ", ".join(
+                f"{n.removeprefix('stream ')} {v:.0f}"
+                for n, v in brk.items()
+                if n.startswith("stream ") and v >= 1
+            ),
+        )
+    )
+    rows.append(
+        (
+            f"{k} RSS at end (MB)",
+            ", ".join(f"{sp} {v:.0f}" for sp, v in rss.items()),
+        )
+    )
+    for s in PROCS:
+        rows.append((f"{k} CPU {s} (% of one core)",
+                     f"{100 * (cpu1[s] - cpu0[s]) / wall:.0f}"))  # fmt: skip
+    for n, cpu in redis_cpu.items():
+        rows.append((f"{k} CPU {n} (% of one core)", f"{100 * cpu / wall:.0f}"))
+    rows.append(
+        (
+            f"{k} CPU of the harness on the same cores: replayer, SSE probes (%)",
+            f"{100 * bench_cpu / wall:.0f}, {100 * probe_cpu / wall:.0f}",
+        )
+    )
+    if slowlog:
+        await _print_slowlog(r)
+    usec = await command_usec(r)
+    top = sorted(usec.items(), key=lambda kv: -kv[1])[:8]
+    rows.append(
+        (
+            f"{k} redis time by command (% of one core; calls from scripts counted too)",
+            ", ".join(
+                f"{name.removeprefix('cmdstat_')} {100 * v / 1e6 / wall:.0f}" for name, v in top
+            ),
+        )
+    )
+    for name, v in sorted(max_lag.items()):
+        rows.append((f"{k} max backlog (lag+pending) {name}", str(v)))
+    return rows
+
+
+def _strategy_rows(
+    k: str,
+    s: str,
+    rate: float,
+    wall: float,
+    hd: dict[tuple[str, frozenset[tuple[str, str]]], float],
+    td: dict[tuple[str, frozenset[tuple[str, str]]], float],
+    diffs: tuple[tuple[int, float], tuple[int, float]],
+    rpt: Any,
+) -> list[tuple[str, str]]:
+    """One strategy's rows: publisher histogram deltas ``hd``, builder deltas ``td``, diff
+    stream counts before/after, the SSE probe's report."""
+    rows: list[tuple[str, str]] = []
+    (n0, _), (n1, kb1) = diffs
+    name = "massive_tick_to_publish_seconds"
+    rows.append(
+        (
+            f"{k} tick->publish {s} p50/p99 ms (publisher histogram bucket)",
+            f"<={1000 * hist_quantile(hd, name, 0.5):.0f} / "
+            f"<={1000 * hist_quantile(hd, name, 0.99):.0f}",
+        )
+    )
+    rows.append(
+        (
+            f"{k} publishes/s {s} (mean diff KB)",
+            f"{(n1 - n0) / wall:.1f} ({kb1 / 1024:.0f})",
+        )
+    )
+    # where the time goes: builder batches and publishes (means over the window)
+    n_b = h.metric_sum(td, "massive_tile_build_seconds_count", mode="incremental")
+    b_s = h.metric_sum(td, "massive_tile_build_seconds_sum", mode="incremental")
+    n_t = h.metric_sum(td, "massive_tiles_computed_total", mode="incremental")
+    n_e = h.metric_sum(td, "massive_processed_total")
+    rows.append(
+        (
+            f"{k} tile-builder {s}: batches/s, ms/batch, tiles/batch, dirty/batch",
+            f"{n_b / wall:.1f}, {1000 * b_s / max(n_b, 1):.0f}, "
+            f"{n_t / max(n_b, 1):,.0f}, {n_e / max(n_b, 1):.1f}",
+        )
+    )
+    n_p = h.metric_sum(hd, "massive_publish_seconds_count")
+    p_s = h.metric_sum(hd, "massive_publish_seconds_sum")
+    rows.append((f"{k} publisher {s}: mean ms per publish",
+                 f"{1000 * p_s / max(n_p, 1):.0f}"))  # fmt: skip
+    xs = rpt["lat"][s]
+    cnt = rpt["counts"][s]
+    rows.append(
+        (f"{k} SSE events {s} diff/snapshot(resync) (total)",
+         f"{cnt['diff']}/{cnt['snapshot']}")
+    )  # fmt: skip
+    rows.append(
+        (
+            f"{k} tick->SSE {s} p50/p99/max ms (n diffs)",
+            f"{_pct(xs, 0.5):.0f} / {_pct(xs, 0.99):.0f} / "
+            f"{(max(xs) / 1e6 if xs else float('nan')):.0f} ({len(xs)})",
+        )
+    )
+    if rate == 5000:  # the issue's target for this rate
+        p99 = _pct(xs, 0.99)
+        verdict = "met" if p99 <= 500 else "MISSED"
+        rows.append((f"{k} target tick->SSE p99 <= 500 ms, {s}", f"{verdict} ({p99:.0f})"))
+    return rows
+
+
+async def _print_slowlog(r: Redis) -> None:
+    # raw reply: [id, ts, duration_us, [args...], ...] (args may be binary)
+    sl: Any = await r.execute_command(  # type: ignore[no-untyped-call]
+        "SLOWLOG", "GET", 1000, NEVER_DECODE=True
+    )
+    agg: dict[str, list[float]] = {}
+    for e in sl:
+        args = [a[:40].decode("utf-8", "replace") for a in e[3][:4]]
+        name = " ".join(args)[:90]
+        agg.setdefault(name, []).append(int(e[2]) / 1000)
+    for name, ds in sorted(agg.items(), key=lambda kv: -sum(kv[1]))[:12]:
+        tot, mx = sum(ds), max(ds)
+        print(f"# slowlog {name}: n={len(ds)} total={tot:.0f}ms max={mx:.0f}ms")
 
 
 if __name__ == "__main__":

@@ -150,8 +150,10 @@ def parse_url(url: str) -> RedisTarget:
     """Check and parse a Redis URL (see the module doc); ValueError says what is wrong,
     without the password."""
     scheme, sep, _ = url.partition("://")
-    if not sep or scheme.lower() not in _SCHEMES:
-        known = ", ".join(f"{s}://" for s in _SCHEMES)
+    known = ", ".join(f"{s}://" for s in _SCHEMES)
+    if not sep:  # (nothing of the text is echoed: it may hold a password)
+        raise ValueError(f"not a Redis URL (no '://'; one of {known})")
+    if scheme.lower() not in _SCHEMES:
         raise ValueError(f"unknown Redis URL scheme {scheme + sep!r} (one of {known})")
     mode, tls = _SCHEMES[scheme.lower()]
     if scheme.lower() == "unix":

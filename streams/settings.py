@@ -28,7 +28,6 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from streams.logs import redact
 from streams.redis_client import parse_url
 
 T = TypeVar("T")
@@ -207,7 +206,8 @@ class RuntimeSettings:
         try:
             parse_url(self.redis_url)
         except ValueError as exc:
-            raise ValueError(f"MASSIVE_REDIS_URL={redact(self.redis_url)}: {exc}") from None
+            # (the reason names the bad part; the URL itself may hold a password)
+            raise ValueError(f"MASSIVE_REDIS_URL: {exc}") from None
 
 
 def stage_symbols(settings: RuntimeSettings, arg: str | None) -> tuple[str, ...]:

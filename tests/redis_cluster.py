@@ -7,6 +7,9 @@ temp dir), for tests and benchmarks.
   rather than with ``redis-cli --cluster create``, which sleeps a second per step; ready when
   every node says ``cluster_state:ok`` and every replica's link to its master is up.
   A short ``cluster-node-timeout`` makes a killed master fail over within a few seconds.
+  With ``tls`` (:class:`TlsFiles`) clients, replicas and the bus speak TLS on a second port
+  per node (``tls_url``); the plain port stays for the tests' own calls (the failover
+  helpers compare plain ports: use them on plain clusters).
 * :class:`LocalSentinel`: one master, one replica, one sentinel (quorum 1) watching the
   master as ``mymaster``; a killed master is replaced within about a second.
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,6 +51,32 @@ def _client(port: int) -> redis_sync.Redis:
     return redis_sync.Redis(host="127.0.0.1", port=port, socket_timeout=2)
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """A self-signed certificate for 127.0.0.1 (and its key), made with ``openssl``."""
+
+    cert: str
+    key: str
+
+    @classmethod
+    def make(cls, directory: str) -> TlsFiles:
+        cert, key = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+             "-keyout", key, "-out", cert, "-subj", "/CN=127.0.0.1",
+             "-addext", "subjectAltName=IP:127.0.0.1"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        return cls(cert, key)
+
+    def server_args(self, tls_port: int) -> tuple[str, ...]:
+        return (
+            "--tls-port", str(tls_port), "--tls-cert-file", self.cert,
+            "--tls-key-file", self.key, "--tls-ca-cert-file", self.cert,
+            "--tls-auth-clients", "no",
+        )  # fmt: skip
+
+
 @dataclass
 class ClusterNode:
     server: RedisServer
@@ -69,12 +99,18 @@ class LocalCluster:
     """A Redis Cluster of private redis-servers (see the module doc)."""
 
     def __init__(
-        self, masters: int = 3, replicas: int = 0, node_timeout_ms: int = NODE_TIMEOUT_MS
+        self,
+        masters: int = 3,
+        replicas: int = 0,
+        node_timeout_ms: int = NODE_TIMEOUT_MS,
+        tls: TlsFiles | None = None,
     ) -> None:
         self.n_masters = masters
         self.n_replicas = replicas
         self.node_timeout_ms = node_timeout_ms
+        self.tls = tls
         self.nodes: list[ClusterNode] = []
+        self.tls_ports: list[int] = []
 
     @property
     def url(self) -> str:
@@ -84,6 +120,13 @@ class LocalCluster:
     @property
     def all_url(self) -> str:
         return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    @property
+    def tls_url(self) -> str:
+        """``rediss+cluster://`` to one node's TLS port (a ``tls`` cluster only); the
+        clients trust the test's self-signed certificate."""
+        assert self.tls is not None
+        return f"rediss+cluster://127.0.0.1:{self.tls_ports[0]}?ssl_ca_certs={self.tls.cert}"
 
     def start(self, ready_timeout_s: float = 30.0) -> LocalCluster:
         try:
@@ -95,8 +138,30 @@ class LocalCluster:
 
     def _start(self, ready_timeout_s: float) -> None:
         total = self.n_masters * (1 + self.n_replicas)
+        used: set[int] = set()
         for _ in range(total):
+            port = free_cluster_port()
+            while port in used or port + 10000 in used:
+                port = free_cluster_port()
+            used |= {port, port + 10000}
+            tls: tuple[str, ...] = ()
+            if self.tls is not None:
+                # plain port for the tests' own admin calls; TLS for clients, replicas and
+                # the bus, which then listens on the TLS port + 10000
+                tls_port = free_cluster_port()
+                while tls_port in used or tls_port + 10000 in used:
+                    tls_port = free_cluster_port()
+                used |= {tls_port, tls_port + 10000}
+                self.tls_ports.append(tls_port)
+                tls = (
+                    *self.tls.server_args(self.tls_ports[-1]),
+                    "--tls-cluster",
+                    "yes",
+                    "--tls-replication",
+                    "yes",
+                )
             srv = RedisServer(
+                *tls,
                 "--cluster-enabled",
                 "yes",
                 "--cluster-config-file",
@@ -112,7 +177,7 @@ class LocalCluster:
                 "127.0.0.1",
                 "--repl-diskless-sync-delay",  # a replica syncs at once, not after 5 s
                 "0",
-                port=free_cluster_port(),
+                port=port,
             )
             self.nodes.append(ClusterNode(srv))
             srv.start()
@@ -127,8 +192,9 @@ class LocalCluster:
                 c.execute_command("CLUSTER ADDSLOTSRANGE", lo, hi)
         first = self.nodes[0]
         with first.client() as c:
-            for n in self.nodes[1:]:
-                c.execute_command("CLUSTER MEET", "127.0.0.1", n.port)
+            for i, n in enumerate(self.nodes[1:], start=1):
+                port = self.tls_ports[i] if self.tls is not None else n.port
+                c.execute_command("CLUSTER MEET", "127.0.0.1", port)
         # every node must know every other before a replica can follow its master
         _wait(lambda: all(self._known(n) == total for n in self.nodes), "cluster meet", 20)
         for i, n in enumerate(self.nodes[self.n_masters :]):

@@ -20,8 +20,10 @@ from processors.ingest.chain_poller import FetchResult
 from processors.registry import load
 from schemas import keys
 from schemas.messages import WS_PAYLOAD_FIELD, WS_RECV_FIELD, ChainSnapshot
+from streams.consumer import Entry, GroupConsumer
 from streams.processor import Deps, Processor
 from streams.settings import RuntimeSettings
+from streams.spec import StreamSpec
 from tests.factories import contract
 from tests.harness import install_chain
 from tests.slot_check import SlotCheckingConnection, SlotLog, command_keys
@@ -233,3 +235,39 @@ async def _drained(r: Redis) -> bool:
             if g["lag"] or g["pending"]:
                 return False
     return True
+
+
+async def test_the_dead_letter_move_stays_in_its_stream_slot(redis_server: RedisServer) -> None:
+    """A poison entry on every kind of consumed stream (shared, per symbol) goes to its
+    ``<stream>:dead`` in one MULTI with its XACK, on the slot-checking client."""
+    log = SlotLog()
+    SlotCheckingConnection.log = log
+    checked = Redis.from_url(redis_server.url, connection_class=SlotCheckingConnection)
+    await checked.flushall()
+
+    async def poison(_: list[Entry]) -> None:
+        raise ValueError("poison")
+
+    streams = [keys.WS_STREAM, keys.CHAIN_STREAM, keys.contracts_dirty_stream("NDX")]
+    stop = asyncio.Event()
+    tasks = []
+    try:
+        for s in streams:
+            await checked.xadd(s, {"d": b"x"})
+            sp = StreamSpec(
+                stream=s, group="g", consumer="c", block_ms=20, min_idle_ms=50,
+                reclaim_interval_s=0.05, max_deliveries=1,
+            )  # fmt: skip
+            gc = GroupConsumer(checked, sp, poison, CollectorRegistry(), "t")
+            tasks.append(asyncio.create_task(gc.run(stop)))
+
+        async def dead() -> bool:
+            return all([await checked.xlen(keys.dead_letter_stream(s)) == 1 for s in streams])
+
+        await eventually(dead, timeout_s=20)
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await checked.aclose()
+    assert log.violations == [], log.violations
+    assert log.transactions >= len(streams)

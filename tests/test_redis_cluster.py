@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -24,6 +25,7 @@ from streams import admin
 from streams.consumer import Entry, GroupConsumer
 from streams.link import Link
 from streams.redis_client import (
+    BIG_ARG_BYTES,
     CLUSTER,
     NODE,
     SENTINEL,
@@ -39,8 +41,8 @@ from streams.redis_client import (
 from streams.retry import Backoff, retrying
 from streams.settings import RuntimeSettings
 from streams.spec import StreamSpec
-from tests.redis_cluster import LocalCluster, LocalSentinel
-from tests.util import eventually
+from tests.redis_cluster import LocalCluster, LocalSentinel, TlsFiles
+from tests.util import RedisServer, eventually, free_port
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,7 @@ def test_url_modes() -> None:
     ("url", "why"),
     [
         ("http://h:1", "unknown Redis URL scheme"),
+        ("redis:/:hunter2@h:1", "not a Redis URL"),
         ("redis://h1:1,h2:2", "takes one host"),
         ("redis+cluster://:hunter2@h:1/2", "only database 0"),
         ("redis+cluster://h:99999", "bad port"),
@@ -81,7 +84,7 @@ def test_bad_url_is_one_line_without_the_password(url: str, why: str) -> None:
         parse_url(url)
     with pytest.raises(ValueError) as info:
         RuntimeSettings(redis_url=url, consumer="c")
-    assert "MASSIVE_REDIS_URL=" in str(info.value) and "hunter2" not in str(info.value)
+    assert "MASSIVE_REDIS_URL: " in str(info.value) and "hunter2" not in str(info.value)
 
 
 def test_cli_refuses_a_bad_url_with_exit_2(
@@ -143,6 +146,54 @@ def test_tls_and_sentinel_keep_the_hiredis_packer() -> None:
     assert c is not None and c.connection_kwargs["connection_class"] is HiredisPackingSSLConnection
     s = connect("redis+sentinel://127.0.0.1:1/m")
     assert s.connection_pool.connection_class is HiredisPackingSentinelConnection
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl absent (apt-get install openssl)")
+    return TlsFiles.make(str(tmp_path_factory.mktemp("tls")))
+
+
+async def _round_trip(r: Redis) -> None:
+    big = b"x" * (BIG_ARG_BYTES + 1)  # the big-argument path of the packer too
+    await r.xadd("{t}s", {"n": "1", "big": big})
+    await r.xgroup_create("{t}s", "g", id="0")
+    pipe = r.pipeline(transaction=False)
+    pipe.xreadgroup("g", "c", {"{t}s": ">"}, count=10)
+    ((_, entries),) = (await pipe.execute())[0]
+    assert entries[0][1] == {b"n": b"1", b"big": big}
+    assert await r.xack("{t}s", "g", entries[0][0]) == 1
+
+
+async def test_tls_one_node_and_cluster_with_the_hiredis_packer(tls_files: TlsFiles) -> None:
+    """``rediss://`` and ``rediss+cluster://`` against TLS servers: the packing connection
+    class is the TLS one and commands, pipelines and big arguments go through."""
+    port = free_port()
+    srv = RedisServer(*tls_files.server_args(port)).start()
+    try:
+        r = connect(f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={tls_files.cert}")
+        try:
+            await _round_trip(r)
+            conn = await r.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+            assert isinstance(conn, HiredisPackingSSLConnection)
+            await r.connection_pool.release(conn)
+        finally:
+            await r.aclose()
+    finally:
+        srv.stop()
+    cluster = LocalCluster(masters=3, tls=tls_files).start()
+    try:
+        r = connect(cluster.tls_url)
+        try:
+            await _round_trip(r)
+            nodes = cluster_of(r).get_nodes()  # type: ignore[union-attr]
+            assert {n.port for n in nodes} == set(cluster.tls_ports)  # found over TLS
+            assert all(n.connection_class is HiredisPackingSSLConnection for n in nodes)
+        finally:
+            await r.aclose()
+    finally:
+        cluster.stop()
 
 
 # --- the streams runtime on a cluster ------------------------------------------------------
@@ -212,6 +263,20 @@ async def test_group_consumer_delivers_acks_reclaims_and_dead_letters_on_a_clust
     assert set(rec2.seen) == {str(i) for i in range(0, 300, 2)}
     dead: list[Entry] = await r.xrange(keys.dead_letter_stream(S1))  # type: ignore[assignment]
     assert [f[b"n"] for _, f in dead] == [b"299"]
+
+
+async def test_admin_lag_and_offsets_reach_streams_on_every_shard(cluster_redis: Redis) -> None:
+    """``lag`` finds the pipeline's streams on every master (SCAN of each) and ``offsets
+    reset`` works on a stream's own shard."""
+    names = [f"massive:test:{{{t}}}" for t in "abc"]  # one per master
+    for n in names:
+        await cluster_redis.xadd(n, {"n": "1"})
+        await cluster_redis.xgroup_create(n, "g", id="0")
+    assert set(await admin.stream_names(cluster_redis)) == set(names)
+    lags = {g.stream: g.lag for g in await admin.lag(cluster_redis)}
+    assert lags == dict.fromkeys(names, 1)
+    await admin.reset_offset(cluster_redis, names[0], "g", "$")
+    assert {g.stream: g.lag for g in await admin.lag(cluster_redis, names[:1])} == {names[0]: 0}
 
 
 # --- Lua on a cluster ------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,11 +117,7 @@ class Migration:
         if not await self.r.exists(old):
             return
         groups: list[Any] = await self.r.xinfo_groups(old)
-        # a run that stopped half-way copied some entries already: go on after them
-        done: dict[str, tuple[int, int]] = {}
-        for stream in new_of.values():
-            last: Any = await self.r.xrevrange(stream, count=1)
-            done[stream] = _sid(last[0][0]) if last else (0, 0)
+        done = await self._copied_up_to(new_of.values())
         per: dict[str, int] = {}
         kept = 0
         start = "-"
@@ -129,22 +125,7 @@ class Migration:
             batch: Any = await self.r.xrange(old, min=start, max="+", count=PAGE)
             if not batch:
                 break
-            pipe = self.r.pipeline(transaction=False)
-            moved: list[Any] = []
-            for eid, fields in batch:
-                sym = _entry_symbol(fields)
-                if sym is None or sym not in new_of:
-                    kept += 1
-                    continue
-                moved.append(eid)
-                if _sid(eid) <= done[new_of[sym]]:
-                    continue
-                per[sym] = per.get(sym, 0) + 1
-                pipe.xadd(new_of[sym], fields, id=eid)
-            if not self.plan.dry_run:
-                await pipe.execute()
-                if moved:  # what is left in the old stream is what was not copied
-                    await self.r.xdel(old, *moved)
+            kept += await self._copy_page(old, batch, new_of, done, per)
             start = "(" + as_str(batch[-1][0])
             if len(batch) < PAGE:
                 break
@@ -160,6 +141,44 @@ class Migration:
             self.plan.note(f"DEL {old}")
             if not self.plan.dry_run:
                 await self.r.delete(old)
+
+    async def _copied_up_to(self, streams: Iterable[str]) -> dict[str, tuple[int, int]]:
+        """The last id of each target stream: a run that stopped half-way copied the entries
+        up to it already, the copy goes on after them."""
+        done: dict[str, tuple[int, int]] = {}
+        for stream in streams:
+            last: Any = await self.r.xrevrange(stream, count=1)
+            done[stream] = _sid(last[0][0]) if last else (0, 0)
+        return done
+
+    async def _copy_page(
+        self,
+        old: str,
+        batch: Any,
+        new_of: dict[str, str],
+        done: dict[str, tuple[int, int]],
+        per: dict[str, int],
+    ) -> int:
+        """Copy one page of ``old`` (counted in ``per``) and drop the copies from ``old``;
+        returns how many entries stay (no configured symbol)."""
+        pipe = self.r.pipeline(transaction=False)
+        moved: list[Any] = []
+        kept = 0
+        for eid, fields in batch:
+            sym = _entry_symbol(fields)
+            if sym is None or sym not in new_of:
+                kept += 1
+                continue
+            moved.append(eid)
+            if _sid(eid) <= done[new_of[sym]]:
+                continue
+            per[sym] = per.get(sym, 0) + 1
+            pipe.xadd(new_of[sym], fields, id=eid)
+        if not self.plan.dry_run:
+            await pipe.execute()
+            if moved:  # what is left in the old stream is what was not copied
+                await self.r.xdel(old, *moved)
+        return kept
 
     async def _recreate_group(self, old: str, g: dict[Any, Any], streams: list[str]) -> None:
         name = as_str(g["name"])
@@ -226,26 +245,7 @@ class Migration:
             if sym is None:
                 self.plan.note(f"SKIP epoch {eid}: no meta (expired)")
                 continue
-            old_p, new_p = old_epoch_prefix(eid), keys.epoch_key_prefix(sym, eid)
-            cids = [as_str(c) for c in await self.r.smembers(old_p + "contracts")]
-            names = ["meta", "contracts", "by_strike", "by_expiry", "gex"]
-            names += [f"contract:{c}" for c in sorted(cids)]
-            pipe = self.r.pipeline(transaction=False)
-            for n in names:
-                pipe.exists(old_p + n)
-            present = [n for n, e in zip(names, await pipe.execute(), strict=True) if e]
-            self.plan.note(f"RENAME {len(present)} keys {old_p}* -> {new_p}*")
-            self.plan.moved_keys += len(present)
-            if not self.plan.dry_run:
-                pipe = self.r.pipeline(transaction=False)
-                for n in present:
-                    pipe.rename(old_p + n, new_p + n)
-                for res in await pipe.execute(raise_on_error=False):
-                    # a retired epoch's key may expire between EXISTS and RENAME
-                    if isinstance(res, Exception) and "no such key" not in str(res):
-                        raise res
-                if eid in scores:
-                    await self.r.zadd(keys.epoch_index(sym), {eid: scores[eid]})
+            await self._move_epoch(sym, eid, scores.get(eid))
         for sym, eid in sorted(active.items()):
             self.plan.note(f"SET {keys.epoch_active(sym)} {eid}")
             if not self.plan.dry_run:
@@ -255,6 +255,31 @@ class Migration:
                 self.plan.note(f"DEL {old}")
                 if not self.plan.dry_run:
                     await self.r.delete(old)
+
+    async def _move_epoch(self, sym: str, eid: str, score: float | None) -> None:
+        """Every key of epoch ``eid`` (its fixed keys, the contract hashes its SET names) to
+        the symbol's names, and its index entry."""
+        old_p, new_p = old_epoch_prefix(eid), keys.epoch_key_prefix(sym, eid)
+        cids = [as_str(c) for c in await self.r.smembers(old_p + "contracts")]
+        names = ["meta", "contracts", "by_strike", "by_expiry", "gex"]
+        names += [f"contract:{c}" for c in sorted(cids)]
+        pipe = self.r.pipeline(transaction=False)
+        for n in names:
+            pipe.exists(old_p + n)
+        present = [n for n, e in zip(names, await pipe.execute(), strict=True) if e]
+        self.plan.note(f"RENAME {len(present)} keys {old_p}* -> {new_p}*")
+        self.plan.moved_keys += len(present)
+        if self.plan.dry_run:
+            return
+        pipe = self.r.pipeline(transaction=False)
+        for n in present:
+            pipe.rename(old_p + n, new_p + n)
+        for res in await pipe.execute(raise_on_error=False):
+            # a retired epoch's key may expire between EXISTS and RENAME
+            if isinstance(res, Exception) and "no such key" not in str(res):
+                raise res
+        if score is not None:
+            await self.r.zadd(keys.epoch_index(sym), {eid: score})
 
     async def symbol_keys(self, sym: str) -> None:
         pairs = [
