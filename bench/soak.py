@@ -161,6 +161,13 @@ async def main() -> int:  # noqa: C901 -- owned by the rss helper (bench/soak.py
     ap.add_argument("--sample-s", type=float, default=15.0)
     ap.add_argument("--flat-pct", type=float, default=10.0)
     ap.add_argument("--logs", default="")
+    ap.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra environment of every pipeline process (e.g. PYTHONMALLOC=malloc)",
+    )
     args = ap.parse_args()
     log_dir = Path(args.logs or tempfile.mkdtemp(prefix="soak-"))
     srv = h.DurableRedis("--appendonly", "yes", "--appendfsync", "everysec")
@@ -173,6 +180,7 @@ async def main() -> int:  # noqa: C901 -- owned by the rss helper (bench/soak.py
         "MASSIVE_SSE_PORT": str(port),
         "MASSIVE_SSE_HOST": "127.0.0.1",
         "MASSIVE_SYMBOLS": "SPX",
+        **dict(e.split("=", 1) for e in args.env),
     }
     p = h.Pipeline(srv.url, log_dir, extra_env=env, supervise=False)
     mem: list[tuple[float, float]] = []
@@ -217,6 +225,8 @@ async def main() -> int:  # noqa: C901 -- owned by the rss helper (bench/soak.py
 
     print(f"# machine: {machine()}")
     print(f"# date: {dt.datetime.now(dt.UTC).isoformat(timespec='seconds')}; logs {log_dir}")
+    if args.env:
+        print(f"# extra environment: {' '.join(args.env)}")
     total_s = args.minutes * 60
     open_s, close_s = 60.0, total_s - args.closed_min * 60
     restart_at = (open_s + close_s) / 2

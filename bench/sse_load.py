@@ -49,6 +49,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.e2e_load import build_epoch, machine, rss_mb
 from processors import MODEL_PATH
+from processors.serve.gateway import SseSettings
 from tests import harness as h
 from tests.sse_client import Dechunk, ViewReader
 from tests.sse_publisher import ModelWriter
@@ -282,6 +283,21 @@ class Tap:
                 await self.task
 
 
+async def _dispatch_metrics(admin_port: int) -> dict[str, tuple[float, float]]:
+    """channel -> (dispatch CPU seconds, diff entries read) from the gateway's /metrics."""
+    async with httpx.AsyncClient(timeout=120) as http:  # a starved gateway answers late
+        text = (await http.get(f"http://127.0.0.1:{admin_port}/metrics")).text
+    out: dict[str, list[float]] = {}
+    for line in text.splitlines():
+        for i, name in enumerate(
+            ("massive_sse_dispatch_cpu_seconds_total{", "massive_sse_dispatched_entries_total{")
+        ):
+            if line.startswith(name):
+                ch = line.split('channel="', 1)[1].split('"', 1)[0]
+                out.setdefault(ch, [0.0, 0.0])[i] = float(line.rsplit(" ", 1)[1])
+    return {ch: (v[0], v[1]) for ch, v in out.items()}
+
+
 def _head_int(data: bytes, field: bytes) -> int | None:
     """An integer field of a compact diff's head, without parsing the diff."""
     i = data.find(field, 0, 400)
@@ -384,10 +400,11 @@ async def scoped(args: argparse.Namespace) -> None:
     log_dir = Path(tempfile.mkdtemp(prefix="sse-scoped-"))
     srv = h.redis_server()
     r = Redis.from_url(srv.url)
-    port = free_port()
+    port, admin = free_port(), free_port()
     env = {
         "MASSIVE_LOG_LEVEL": "WARNING",
         "MASSIVE_SSE_PORT": str(port),
+        "MASSIVE_SSE_ADMIN_PORT": str(admin),
         "MASSIVE_SSE_HOST": "127.0.0.1",
         "MASSIVE_SYMBOLS": "SPX",
         "MASSIVE_GEX_INTERVAL_S": "2",
@@ -434,7 +451,10 @@ async def scoped(args: argparse.Namespace) -> None:
         for t in taps:
             t.bytes, t.delays_ms, t.publish_ms, t.diffs = 0, [], [], 0
         rep = h.LoadReplayer(cids, hot)
+        print(f"# load starts {time.strftime('%H:%M:%S')}", flush=True)
+        m0 = await _dispatch_metrics(admin)
         cpu0, t0 = h.proc_cpu_seconds(gw_pid), time.monotonic()
+        bench_cpu0 = time.process_time()
         rss_max = rss_idle
         done = 0.0
         while done < args.seconds:
@@ -444,9 +464,11 @@ async def scoped(args: argparse.Namespace) -> None:
             rss_max = max(rss_max, rss_mb(gw_pid))
         wall = time.monotonic() - t0
         cpu = (h.proc_cpu_seconds(gw_pid) - cpu0) / wall * 100
+        bench_cpu = (time.process_time() - bench_cpu0) / wall * 100
         for t in taps:
             t.counting = False
         rss_load = rss_mb(gw_pid)
+        m1 = await _dispatch_metrics(admin)
         per_client = [t.bytes / wall for t in taps]
         print(
             f"scoped: {args.clients} clients over {len(views)} views, {args.events:.0f} events/s "
@@ -454,7 +476,8 @@ async def scoped(args: argparse.Namespace) -> None:
             f", max {max(per_client):,.0f}; gateway CPU {cpu:.0f} % of a core; gateway RSS "
             f"before clients {rss0:.0f} MB, {len(views)} views {rss_views:.0f} MB, all idle "
             f"{rss_idle:.0f} MB (idle client {per_idle_kb:.0f} kB), under load {rss_load:.0f} MB"
-            f" (max {rss_max:.0f} MB)"
+            f" (max {rss_max:.0f} MB); this bench process (clients + replayer) CPU "
+            f"{bench_cpu:.0f} % of a core"
         )
         for v in views:
             ds = [d for t in taps if t.path == v for d in t.delays_ms]
@@ -465,15 +488,25 @@ async def scoped(args: argparse.Namespace) -> None:
                 f"diffs {n}, tick->SSE p50 {pct(ds, 0.5):.0f} ms, p99 {pct(ds, 0.99):.0f} ms; "
                 f"publish->SSE p50 {pct(ps, 0.5):.0f} ms, p99 {pct(ps, 0.99):.0f} ms"
             )
+        for ch in sorted(m1):
+            cpu_s = m1[ch][0] - m0.get(ch, (0.0, 0.0))[0]
+            n = m1[ch][1] - m0.get(ch, (0.0, 0.0))[1]
+            if n:
+                print(
+                    f"  gateway {ch}: {n:.0f} model diffs read, dispatch CPU "
+                    f"{1000 * cpu_s / n:.1f} ms per diff ({cpu_s:.1f} s in all)"
+                )
         for t in taps:
             await t.stop()
         taps = []
         await asyncio.sleep(5)
         left = rss_mb(gw_pid)
-        await asyncio.sleep(45)  # views and mirrors without clients linger 30 s
+        await asyncio.sleep(25)
         print(
-            f"gateway RSS after every client left: {left:.0f} MB; 45 s later (views and "
-            f"mirrors dropped): {rss_mb(gw_pid):.0f} MB"
+            f"gateway RSS before clients {rss0:.0f} MB, with all clients idle {rss_idle:.0f} MB,"
+            f" under load {rss_load:.0f} MB; 5 s after every client left {left:.0f} MB, 30 s "
+            f"after {rss_mb(gw_pid):.0f} MB (views and mirrors without clients linger "
+            f"{SseSettings().view_linger_s:.0f} s)"
         )
     finally:
         for t in taps:

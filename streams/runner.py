@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator, Sequence
 from typing import Any
 
 from streams.health import health_server
@@ -110,18 +110,41 @@ async def task_group() -> AsyncIterator[asyncio.TaskGroup]:
         raise
 
 
+async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]], resend_s: float = 0.5) -> None:
+    """Cancel ``tasks`` and wait until every one has ended. A cancellation that a library
+    swallowed (redis-py can surface it as a dead socket and retry) is sent again every
+    ``resend_s``. Their errors are retrieved, not raised (the caller is stopping them); a
+    cancellation of the caller meanwhile is raised once they have ended."""
+    tasks = list(tasks)
+    pending = {t for t in tasks if not t.done()}
+    interrupted: asyncio.CancelledError | None = None
+    while pending:
+        for t in pending:
+            t.cancel()
+        try:
+            _, pending = await asyncio.wait(pending, timeout=resend_s)
+        except asyncio.CancelledError as exc:
+            interrupted = exc
+            pending = {t for t in pending if not t.done()}
+    for t in tasks:
+        if not t.cancelled():
+            t.exception()
+    if interrupted is not None:
+        raise interrupted
+
+
 async def stop_within(tasks: Sequence[asyncio.Task[Any]], grace_s: float) -> None:
     """Give ``tasks`` (already told to stop) ``grace_s`` to end; cancel those still running
-    (the caller's TaskGroup then awaits them)."""
+    and wait until they have ended (:func:`cancel_and_wait`)."""
     try:
         async with asyncio.timeout(grace_s):
             if tasks:
                 await asyncio.wait(tasks)
     except TimeoutError:
-        for t in tasks:
-            if not t.done():
-                logger.warning("%s did not stop within grace, cancelling", t.get_name())
-                t.cancel()
+        late = [t for t in tasks if not t.done()]
+        for t in late:
+            logger.warning("%s did not stop within grace, cancelling", t.get_name())
+        await cancel_and_wait(late)
 
 
 async def serve_health(deps: Deps, processors: Sequence[Processor], until: asyncio.Event) -> None:

@@ -144,6 +144,7 @@ class ModelClient:
         self.history: dict[int, int] = {}
         self.history_max = history_max
         self._fp = 0
+        self._hashes: dict[str, int] = {}  # item -> item_hash (history_max only)
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -188,40 +189,43 @@ class ModelClient:
         if eid:
             self.last_event_id = eid
         if event == "snapshot":
-            self.model = self.reader.snapshot(data)
-            self.head = self.reader.head
-            self.snapshots += 1
-            if self.history_max:
-                self._fp = fingerprint(self.model["items"])
-                self._remember()
+            self._on_snapshot(data)
         elif event == "diff" and self.model is not None:
-            self._on_diff(self.model["items"], data, eid)
+            self._on_diff(data, eid)
 
-    def _on_diff(self, items: dict[str, Any], data: bytes, eid: str | None) -> None:
-        before: dict[str, Any] = {}
+    def _on_snapshot(self, data: bytes) -> None:
+        self.model = self.reader.snapshot(data)
+        self.head = self.reader.head
+        self.snapshots += 1
         if self.history_max:
-            # the hash of every item this diff may touch, before it is applied
-            d = orjson.loads(data)
-            kt = self.reader.kt
-            keys = [full_key(kt, row[0]) for g in d.get("c", ()) for row in g["d"]]
-            keys += [full_key(kt, k) for k in (*d.get("o", {}), *d.get("r", ()))]
-            keys += [*d.get("changed", ()), *d.get("removed", ())]
-            before = {k: item_hash(k, items[k]) for k in keys if k in items}
+            self._hashes = {k: item_hash(k, v) for k, v in self.model["items"].items()}
+            self._fp = 0
+            for h in self._hashes.values():
+                self._fp ^= h
+            self._remember()
+
+    def _on_diff(self, data: bytes, eid: str | None) -> None:
         try:
             _, touched = self.reader.diff(data, eid)
         except ChainBreak:
             self.chain_breaks += 1
             return
         if self.history_max:
+            # the hash of each touched item is kept, not recomputed from the old value:
+            # hashing is most of this client's work, and a client that falls behind
+            # measures itself rather than the gateway
+            assert self.model is not None
+            items = self.model["items"]
             for k in set(touched):
-                if k in before:
-                    self._fp ^= before[k]
+                old = self._hashes.pop(k, None)
+                if old is not None:
+                    self._fp ^= old
                 if k in items:
-                    self._fp ^= item_hash(k, items[k])
+                    h = self._hashes[k] = item_hash(k, items[k])
+                    self._fp ^= h
+            self._remember()
         self.head = eid
         self.diffs += 1
-        if self.history_max:
-            self._remember()
 
     def _remember(self) -> None:
         self.history[self.version] = self._fp

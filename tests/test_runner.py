@@ -4,6 +4,7 @@ error reported, heartbeat liveness over HTTP."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 
 import httpx
@@ -13,7 +14,7 @@ from redis.asyncio import Redis
 from streams.consumer import Entry
 from streams.heartbeat import Heartbeats
 from streams.processor import ConsumerProcessor, Deps
-from streams.runner import run_processors
+from streams.runner import cancel_and_wait, run_processors
 from tests.util import eventually, free_port
 
 
@@ -155,3 +156,21 @@ async def test_a_loop_stuck_on_an_await_is_not_live(redis: Redis, deps: Deps) ->
     finally:
         stop.set()
         await task
+
+
+async def test_cancel_and_wait_sends_a_swallowed_cancellation_again() -> None:
+    ended = asyncio.Event()
+
+    async def stubborn() -> None:
+        # swallowed, as by a library that turned it into a retried socket error
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(30)
+        try:
+            await asyncio.sleep(30)
+        finally:
+            ended.set()
+
+    task = asyncio.create_task(stubborn())
+    await asyncio.sleep(0)
+    await asyncio.wait_for(cancel_and_wait([task], resend_s=0.05), 5)
+    assert task.cancelled() and ended.is_set()

@@ -394,6 +394,65 @@ async def test_stalled_client_is_bounded_and_resynced_without_blocking_others(
             slow.close()
 
 
+@pytest.mark.slow
+async def test_stalled_whole_client_gets_its_backlog_merged_not_a_new_snapshot(
+    deps: Deps, redis: Redis
+) -> None:
+    """Diffs that rewrite the same items merge into one diff of about one diff's size: a
+    stalled unfiltered client catches up from it, with no second snapshot."""
+    writer = ModelWriter(redis)
+    await writer.publish("SPX", HEAT, "e1", {"seed": 0, "gone": 1}, ts_ns=1)
+    settings = replace(SETTINGS, whole_pending_max_bytes=800_000, send_timeout_s=600.0)
+    n = 80
+    async with gateway(deps, settings) as gw:
+        slow = socket.socket()
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        slow.connect(("127.0.0.1", gw.port))
+        slow.sendall(b"GET /sse/heatmap/butterfly?symbol=SPX HTTP/1.1\r\nHost: x\r\n\r\n")
+        slow.setblocking(False)
+        try:
+
+            async def subscribed() -> bool:
+                m = (await _get(gw, "/metrics", admin(gw))).text
+                return 'massive_sse_clients{channel="heatmap:butterfly"} 1.0' in m
+
+            await eventually(subscribed)
+            await asyncio.sleep(0.5)  # the snapshot is out: the client holds v1
+            for i in range(n):
+                changed = {"hot": f"{i:03d}" + "x" * 100_000, f"k{i % 3}": i}
+                await writer.publish("SPX", HEAT, "e1", changed, ["gone"] if i == 5 else [])
+
+            async def conflated() -> float:
+                return await metric(gw, 'massive_sse_conflated_total{channel="heatmap:butterfly"}')
+
+            assert await eventually(conflated, timeout_s=10) > 0
+            slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            loop = asyncio.get_running_loop()
+            buf, reader, snapshots = Dechunk(), ViewReader(), 0
+            deadline = time.monotonic() + 300  # a hang guard, not a speed target
+            while reader.model is None or reader.model["version"] < n + 1:
+                assert time.monotonic() < deadline, reader.head
+                chunk = await asyncio.wait_for(loop.sock_recv(slow, 1 << 20), 10)
+                assert chunk, "slow stream closed"
+                buf += chunk
+                for e, eid, d in _frames(buf):
+                    if e == "snapshot":
+                        snapshots += 1
+                        reader.snapshot(d)
+                    elif e == "diff":
+                        reader.diff(d, eid)  # raises ChainBreak if a merge broke the chain
+            assert snapshots == 1
+            assert reader.model["items"] == writer.models[("SPX", HEAT)].items
+            assert "gone" not in reader.model["items"]
+            for reason in ("overflow", "gap", "rewrite"):
+                series = (
+                    f'massive_sse_resyncs_total{{channel="heatmap:butterfly",reason="{reason}"}}'
+                )
+                assert await metric(gw, series) == 0
+        finally:
+            slow.close()
+
+
 async def test_client_that_stops_reading_is_dropped_with_one_info_line(
     deps: Deps, redis: Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -621,10 +680,74 @@ async def test_view_work_is_shared_and_unknown_views_are_refused(deps: Deps, red
                 ("/api/heatmap/butterfly?symbol=QQQ", 404),
                 ("/sse/heatmap/butterfly?symbol=SPX&expiry=2001-01-01", 404),
                 ("/api/heatmap/butterfly?symbol=SPX&expiry=2001-01-01", 404),
-                ("/sse/gex?symbol=SPX&expiry=2001-01-01", 404),  # GEX dates: today's only
+                ("/sse/gex?symbol=SPX&expiry=2001-01-01", 404),  # not a listed expiry
                 ("/sse/heatmap/butterfly?symbol=SPX&right=X", 400),
                 ("/sse/heatmap/butterfly?symbol=SPX&strikes=9-1", 400),
                 ("/sse/gex?symbol=SPX&right=C", 400),
+            ]:
+                assert (await http.get(path)).status_code == status, path
+
+
+async def _gex_with_dates(
+    writer: ModelWriter, redis: Redis, calls: dict[str, dict[str, float]], puts: dict[str, Any]
+) -> None:
+    """A GEX model listing three expiries, and its per-expiry keys at the same version (the
+    keys first: the gateway reads them when the diff arrives, as after the publish script)."""
+    old = writer.models.get(("SPX", "gex"))
+    version = 1 if old is None else old.version + 1
+    for key, side in ((keys.gex_model_calls("SPX"), calls), (keys.gex_model_puts("SPX"), puts)):
+        body = {"version": version, "epoch": "e1", "expirations": side}
+        await redis.set(key, json.dumps(body))
+    meta = {"expiries": ["2026-12-01", "2026-12-04", "2026-12-18"], "today": "2026-12-01"}
+    meta |= {"dollar_spot": 100.0, "spot": 100.2}
+    items = {k: {"strike": float(k), "calls": 1.0, "calls_0dte": 0.5} for k in ("95", "100")}
+    await writer.publish("SPX", "gex", "e1", items, meta=meta, ts_ns=version)
+
+
+async def test_gex_view_of_any_listed_expiry(deps: Deps, redis: Redis) -> None:
+    """``/sse/gex?expiry=<date>``: all, 0dte, today's date (= 0dte) or any listed expiry; an
+    unlisted date is a 404. A date view follows the model's versions."""
+    writer = ModelWriter(redis)
+    day = "2026-12-04"
+    calls = {"2026-12-01": {"100": 5.0}, day: {"95": 2.0, "100": 3.0}, "2026-12-18": {}}
+    puts = {"2026-12-01": {}, day: {"100": 1.5, "105": 4.0}, "2026-12-18": {"90": 1.0}}
+    await _gex_with_dates(writer, redis, calls, puts)
+
+    def want(c: dict[str, float], p: dict[str, float]) -> dict[str, Any]:
+        out = {}
+        for k in sorted(c.keys() | p.keys(), key=float):
+            cv, pv = c.get(k, 0.0), -p.get(k, 0.0)
+            net = round(cv + pv, 6)
+            out[k] = {"strike": float(k), "calls": cv, "puts": pv, "net": net}
+            out[k] |= {"calls_usd": cv * 100.0, "puts_usd": pv * 100.0, "net_usd": net * 100.0}
+        return out
+
+    async with gateway(deps) as gw:
+        async with Client(f"{base(gw)}/sse/gex?symbol=SPX&expiry={day}") as c:
+            reader = ViewReader()
+            snap = reader.snapshot((await c.next_data("snapshot")).data)
+            assert snap["view"] == {"expiry": day}
+            assert snap["items"] == want(calls[day], puts[day])
+            assert snap["version"] == writer.models[("SPX", "gex")].version
+            api = (await _get(gw, f"/api/gex?symbol=SPX&expiry={day}")).json()
+            assert api["items"] == snap["items"] and api["version"] == snap["version"]
+            # the next version: one strike changes, one goes, one comes
+            calls[day] = {"95": 2.5, "110": 1.0}
+            await _gex_with_dates(writer, redis, calls, puts)
+            ev = await c.next_data("diff")
+            reader.diff(ev.data, ev.id)
+            assert reader.model is not None
+            assert reader.model["items"] == want(calls[day], puts[day])
+            assert reader.model["version"] == writer.models[("SPX", "gex")].version
+        async with Client(f"{base(gw)}/sse/gex?symbol=SPX&expiry=2026-12-01") as t:
+            today = ViewReader().snapshot((await t.next_data("snapshot")).data)
+            assert today["view"] == {"expiry": "0dte"}
+        async with httpx.AsyncClient(base_url=base(gw)) as http:
+            for path, status in [
+                ("/sse/gex?symbol=SPX&expiry=2026-12-05", 404),  # not listed
+                ("/api/gex?symbol=SPX&expiry=2026-12-05", 404),
+                ("/api/gex?symbol=SPX&expiry=2026-12-18", 200),
+                ("/api/gex?symbol=SPX&expiry=all", 200),
             ]:
                 assert (await http.get(path)).status_code == status, path
 
@@ -678,7 +801,7 @@ async def test_slow_view_client_is_conflated_then_resynced_without_slowing_other
     tid = [f"SPX:{day}:butterfly:{6000 + 5 * i}-{6005 + 5 * i}-{6010 + 5 * i}:C" for i in range(40)]
     await writer.publish("SPX", HEAT, "e1", {t: {"v": 0, "x": ""} for t in tid}, ts_ns=1)
     path = f"/sse/heatmap/butterfly?symbol=SPX&expiry={day}&right=C"
-    settings = replace(SETTINGS, conflate_bytes=20_000, pending_max_bytes=300_000)
+    settings = replace(SETTINGS, pending_max_bytes=300_000)
     async with gateway(deps, settings) as gw:
         stuck = socket.socket()
         stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -695,10 +818,12 @@ async def test_slow_view_client_is_conflated_then_resynced_without_slowing_other
                     return m in (await _get(gw, "/metrics", admin(gw))).text
 
                 await eventually(both)
-                # phase 1: the same two tiles over and over (a merged backlog stays small),
-                # then big values on every tile (the merged backlog exceeds the bound)
+                # phase 1: the same two tiles over and over, 400 kB in all (the merged
+                # backlog stays at two tiles), then big values on every tile (the merged
+                # backlog exceeds the bound)
+                pad = "y" * 2000
                 for i in range(200):
-                    await writer.publish("SPX", HEAT, "e1", {tid[i % 2]: {"v": i, "x": ""}})
+                    await writer.publish("SPX", HEAT, "e1", {tid[i % 2]: {"v": i, "x": pad}})
                 blob = "x" * 100_000  # 8 MB: more than the socket buffers can absorb
                 for i in range(80):
                     await writer.publish("SPX", HEAT, "e1", {tid[i % 40]: {"v": i, "x": blob}})

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -51,8 +52,10 @@ tile = st.fixed_dictionaries(
         "flags": st.lists(st.sampled_from(("stale_quote", "zero_debit")), max_size=2),
     }
 )
-# items without the model's shape: sent whole
-odd = st.one_of(st.integers(), st.fixed_dictionaries({"legs": st.just([]), "debit": num}))
+# items without the model's shape: sent whole (JSON integers: 64-bit, as msgspec reads them)
+odd = st.one_of(
+    st.integers(-(2**63), 2**63 - 1), st.fixed_dictionaries({"legs": st.just([]), "debit": num})
+)
 item = st.one_of(tile, tile, tile, odd)
 diff = st.tuples(
     st.dictionaries(ids, item, max_size=12),
@@ -84,6 +87,11 @@ def data_of(frame: bytes) -> tuple[str, bytes]:
     return eid, data
 
 
+def as_json(items: dict[str, Any]) -> dict[str, msgspec.Raw]:
+    """Items as the gateway gets them from a diff entry."""
+    return {k: msgspec.Raw(msgspec.json.encode(v)) for k, v in items.items()}
+
+
 def feed(spec: ViewSpec, model: Model) -> ViewFeed:
     v = ViewFeed(spec, model, f"heatmap:{STRAT}", SYM, STRAT, 1 << 30, 1 << 30)
     v.reset("")
@@ -95,17 +103,22 @@ def feed(spec: ViewSpec, model: Model) -> ViewFeed:
     initial=st.dictionaries(ids, item, max_size=25),
     diffs=st.lists(diff, max_size=12),
     vi=st.sampled_from(range(len(VIEWS))),
+    later=st.tuples(st.sampled_from(range(len(VIEWS))), st.integers(0, 12)),
 )
 def test_compact_view_diffs_applied_to_the_view_snapshot_equal_the_filtered_model(
     initial: dict[str, Any],
     diffs: list[tuple[dict[str, Any], list[str], dict[str, Any] | None]],
     vi: int,
+    later: tuple[int, int],
 ) -> None:
+    """Also: only the partitions a view covers are flattened (items arrive as JSON, as
+    from the diff stream); a view added after ``later[1]`` diffs flattens its own."""
     spec = VIEWS[vi]
-    model = Model(heat_part)
+    specs = [spec]
+    model = Model(heat_part, lambda pk: any(s.covers(pk) for s in specs))
     model.epoch, model.version, model.head = "e1", 1, "1-0"
     truth: dict[str, Any] = {}
-    apply_changes(model, initial, [])
+    apply_changes(model, as_json(initial), [])
     truth.update(initial)
     view = feed(spec, model)
     reader = ViewReader()
@@ -113,8 +126,13 @@ def test_compact_view_diffs_applied_to_the_view_snapshot_equal_the_filtered_mode
     base = ViewReader()
     base.snapshot(data_of(view.snapshot())[1])
     sent = []
+    second: ViewFeed | None = None
     for i, (changed, removed, meta) in enumerate(diffs):
-        changes = apply_changes(model, changed, removed)
+        if i == later[1]:
+            specs.append(VIEWS[later[0]])
+            model.heat(VIEWS[later[0]].covers)
+            second = feed(VIEWS[later[0]], model)
+        changes = apply_changes(model, as_json(changed), removed)
         truth.update(changed)
         for k in removed:
             truth.pop(k, None)
@@ -136,6 +154,9 @@ def test_compact_view_diffs_applied_to_the_view_snapshot_equal_the_filtered_mode
     # a fresh snapshot of the view says the same
     fresh = ViewReader().snapshot(data_of(view.snapshot())[1])
     assert fresh["items"] == want and fresh["version"] == view.version
+    if second is not None:
+        other = ViewReader().snapshot(data_of(second.snapshot())[1])
+        assert other["items"] == {k: v for k, v in truth.items() if in_view(second.spec, k)}
     # the backlog merged into one diff, applied to the first snapshot, too
     if sent:
         merged = conflate(sent, view.names)

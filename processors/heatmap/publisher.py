@@ -67,6 +67,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError, WatchError
 
 from processors import lua
+from processors.heatmap import checkpoint
 from processors.lease import FencedLease
 from schemas import keys
 from schemas.heatmap import TileDelta, split_staged
@@ -505,18 +506,18 @@ class Publisher:
         version key) so this leader's items equal what clients hold. If the diff stream no
         longer reaches back (trimmed), forget the items: the reconcile then re-publishes
         every staged tile, which brings clients back to the exact staging."""
-        start = "(" + st.diff_id if st.diff_id else "-"
+        after = st.diff_id
         stream = keys.heatmap_diffs_stream(self.strategy, st.symbol)
         items = dict(st.items)
         version, epoch = st.version, st.epoch
         while version < target:
-            batch: Any = await self.redis.xrange(stream, min=start, count=100)
+            batch = await checkpoint.diffs_page(self.redis, stream, after, 100)
             if not batch:
                 break
-            for eid, fields in batch:
-                start = "(" + as_str(eid)
+            for eid, body in batch:
+                after = eid
                 try:
-                    d = _diff_decoder.decode(fields[b"d"])
+                    d = _diff_decoder.decode(body or b"")
                 except (KeyError, msgspec.ValidationError, msgspec.DecodeError):
                     continue
                 if d.symbol != st.symbol or d.version <= version:

@@ -51,7 +51,7 @@ from streams.logs import add_secret
 from streams.processor import Deps, FatalError
 from streams.producer import xadd
 from streams.retry import REDIS_BACKOFF, Backoff, sleep_or_stop
-from streams.runner import Supervisor
+from streams.runner import Supervisor, cancel_and_wait
 from streams.settings import env_settings, fallback_env, from_env, stage_symbols
 
 logger = logging.getLogger(__name__)
@@ -265,9 +265,7 @@ class WsIngest:
                 ]
                 relay = tg.create_task(_relay(stop, sup.ended), name="ws-stop")
                 await sup.ended.wait()
-                for t in (relay, *readers):
-                    t.cancel()
-                await asyncio.wait((relay, *readers))
+                await cancel_and_wait((relay, *readers))
                 # flush what was received before stopping
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self.deps.settings.grace_s):
@@ -311,9 +309,7 @@ class WsIngest:
                     try:
                         await self._read(feed, ws, subs)
                     finally:
-                        subs.cancel()
-                        with contextlib.suppress(asyncio.CancelledError, Exception):
-                            await subs
+                        await cancel_and_wait([subs])
             except WsAuthError:
                 self.m_auth_failed.set(1)
                 raise
@@ -343,15 +339,20 @@ class WsIngest:
         return raw if isinstance(raw, bytes) else raw.encode()
 
     async def _handshake(self, feed: _Feed, ws: ClientConnection) -> None:
+        # asyncio.timeout, not wait_for, in this module: Python 3.11's wait_for can swallow a
+        # cancellation that lands as its awaitable completes, and a stopping feed or
+        # subscriber would then go on (streams/retry.py, sleep_or_stop)
         try:
-            first = await asyncio.wait_for(self._recv(ws), self.s.auth_timeout_s)
+            async with asyncio.timeout(self.s.auth_timeout_s):
+                first = await self._recv(ws)
             for st in self._statuses(first):
                 self._on_status(feed, st)
             await ws.send(
                 msgspec.json.encode({"action": "auth", "params": self.s.api_key}).decode()
             )
             while True:
-                frame = await asyncio.wait_for(self._recv(ws), self.s.auth_timeout_s)
+                async with asyncio.timeout(self.s.auth_timeout_s):
+                    frame = await self._recv(ws)
                 for st in self._statuses(frame):
                     self._on_status(feed, st)
                     if st.status == "auth_success":
@@ -452,7 +453,8 @@ class WsIngest:
                 )
                 return
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(feed.ack_event.wait(), left)
+                async with asyncio.timeout(left):
+                    await feed.ack_event.wait()
 
     async def _apply(self, feed: _Feed, ws: ClientConnection, desired: set[str]) -> None:
         removed = sorted(feed.subscribed - desired)
@@ -482,18 +484,23 @@ class WsIngest:
             for ch in ("T", "Q", "V"):
                 self.m_subs.labels(feed.market, ch).set(counts.get(ch, 0))
 
-    async def desired(self, market: str) -> set[str]:
-        """The subscription params this connection should hold now."""
+    def _spot_params(self, market: str) -> set[str]:
+        """The subscriptions of the ``indices`` or ``stocks`` feed: the configured symbols'
+        spots (``V.`` of an index; ``T.``, and ``Q.`` when configured, of a stock or ETF)."""
         if market == "indices":
             return {f"V.{sp.underlying}" for sp in self.specs.values() if sp.is_index}
-        if market == "stocks":
-            out_s: set[str] = set()
-            for sp in self.specs.values():
-                if not sp.is_index:
-                    out_s.add(f"T.{sp.underlying}")
-                    if self.s.stock_quotes:
-                        out_s.add(f"Q.{sp.underlying}")
-            return out_s
+        out: set[str] = set()
+        for sp in self.specs.values():
+            if not sp.is_index:
+                out.add(f"T.{sp.underlying}")
+                if self.s.stock_quotes:
+                    out.add(f"Q.{sp.underlying}")
+        return out
+
+    async def desired(self, market: str) -> set[str]:
+        """The subscription params this connection should hold now."""
+        if market in ("indices", "stocks"):
+            return self._spot_params(market)
         syms = list(self.symbols)
         eids = await self._active_epochs(syms)
         spots = await self.redis.hmget(keys.SPOT_LATEST, syms)

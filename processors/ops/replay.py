@@ -330,44 +330,57 @@ async def start_records(
     out: list[Record] = []
     chain_t = 0
     if keys.CHAIN_STREAM in streams:
-        active = await _active_symbols(redis)
-        found: dict[tuple[str, str], Record] = {}  # (symbol, scope): window / full chain
-        stats = RecordStats()
-        end, seen = upto, 0
-        while seen < scan_max and not (active and active <= {s for s, _ in found}):
-            batch: Any = await redis.xrevrange(keys.CHAIN_STREAM, max=end, min="-", count=200)
-            if not batch:
-                break
-            seen += len(batch)
-            for rec in await _to_records(redis, keys.CHAIN_STREAM, batch, stats):
-                if rec.blob is None:
-                    continue
-                ptr = from_entry(dict(rec.fields), ChainPointer)
-                found.setdefault((ptr.symbol, ptr.scope), rec)  # newest first
-            end = "(" + as_str(batch[-1][0])
-        out += sorted(found.values(), key=lambda r: r.t_ns)
+        out += await _start_chain(redis, upto, scan_max)
         chain_t = max((r.t_ns for r in out), default=0)
     if keys.WS_STREAM in streams:
-        spots: dict[str, tuple[float, int]] = {}
-        if live_spot:
-            h = {as_str(k): as_str(v) for k, v in (await redis.hgetall(keys.SPOT_LATEST)).items()}
-            for k, v in h.items():
-                at = h.get(k + ":ts_ns")
-                if not k.endswith(":ts_ns") and at is not None and at.isdigit():
-                    with contextlib.suppress(ValueError):
-                        spots[k] = (float(v), int(at))
-        else:
-            ticks: Any = await redis.xrevrange(keys.SPOT_STREAM, max=upto, min="-", count=200)
-            for _, fields in ticks:
-                with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
-                    tick = from_entry(fields, SpotTick)
-                    spots.setdefault(tick.symbol, (tick.value, tick.ts_ns))
+        spots = await _start_spots(redis, upto, live_spot)
         for sym, (value, ts) in sorted(spots.items()):
             frame = msgspec.json.encode([{"ev": "V", "T": f"I:{sym}", "val": value, "t": ts // MS}])
             t = min(start_ns, max(ts, chain_t))
             fields = [(WS_RECV_FIELD, str(t).encode()), (WS_PAYLOAD_FIELD, frame)]
             out.append(Record(t, keys.WS_STREAM, fields))
     return out
+
+
+async def _start_chain(redis: Redis, upto: str, scan_max: int) -> list[Record]:
+    """Per symbol with an active epoch, the newest chain pointer of each scope at or before
+    ``upto`` whose blob still exists (at most ``scan_max`` entries scanned), by receive time."""
+    active = await _active_symbols(redis)
+    found: dict[tuple[str, str], Record] = {}  # (symbol, scope): window / full chain
+    stats = RecordStats()
+    end, seen = upto, 0
+    while seen < scan_max and not (active and active <= {s for s, _ in found}):
+        batch: Any = await redis.xrevrange(keys.CHAIN_STREAM, max=end, min="-", count=200)
+        if not batch:
+            break
+        seen += len(batch)
+        for rec in await _to_records(redis, keys.CHAIN_STREAM, batch, stats):
+            if rec.blob is None:
+                continue
+            ptr = from_entry(dict(rec.fields), ChainPointer)
+            found.setdefault((ptr.symbol, ptr.scope), rec)  # newest first
+        end = "(" + as_str(batch[-1][0])
+    return sorted(found.values(), key=lambda r: r.t_ns)
+
+
+async def _start_spots(redis: Redis, upto: str, live_spot: bool) -> dict[str, tuple[float, int]]:
+    """symbol -> (spot, ts_ns): ``massive:spot:latest`` (``live_spot``), else the newest spot
+    tick of each symbol at or before ``upto``."""
+    spots: dict[str, tuple[float, int]] = {}
+    if live_spot:
+        h = {as_str(k): as_str(v) for k, v in (await redis.hgetall(keys.SPOT_LATEST)).items()}
+        for k, v in h.items():
+            at = h.get(k + ":ts_ns")
+            if not k.endswith(":ts_ns") and at is not None and at.isdigit():
+                with contextlib.suppress(ValueError):
+                    spots[k] = (float(v), int(at))
+    else:
+        ticks: Any = await redis.xrevrange(keys.SPOT_STREAM, max=upto, min="-", count=200)
+        for _, fields in ticks:
+            with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
+                tick = from_entry(fields, SpotTick)
+                spots.setdefault(tick.symbol, (tick.value, tick.ts_ns))
+    return spots
 
 
 async def record_range(

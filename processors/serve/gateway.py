@@ -55,9 +55,10 @@ import asyncio
 import contextlib
 import ctypes
 import dataclasses
+import itertools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -78,10 +79,13 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
 from processors.gex import calculator as gex
+from processors.heatmap import checkpoint
+from processors.serve import gex_expiry
 from processors.serve.access import Guard, SecurityHeaders, Tokens
 from processors.serve.views import (
     FRONT,
     GEX_0DTE_KEEP,
+    Change,
     Model,
     PartKey,
     Subscriber,
@@ -89,8 +93,8 @@ from processors.serve.views import (
     ViewFeed,
     ViewSpec,
     apply_changes,
-    conflate,
     frame,
+    gc_paused,
     gex_part,
     heat_part,
     parse_view,
@@ -101,6 +105,7 @@ from streams.health import QuietServer
 from streams.memory import release_freed_memory
 from streams.metrics import counter, gauge
 from streams.processor import Deps
+from streams.redis_client import as_str, opt_str
 from streams.settings import env_settings, from_env
 
 __all__ = ["SseGateway", "SseSettings", "build", "create_app", "frame", "parse_id"]
@@ -110,6 +115,9 @@ logger = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).with_name("static")
 SEP = b"\r\n"
 SNAPSHOT_SLICE = 64 * 1024  # a snapshot goes out in slices: the transport never copies it whole
+# a diff frame goes out as it is (the transport makes its one copy), a huge one (a merged
+# whole-model backlog) in slices
+DIFF_SLICE = 1024 * 1024
 SNAPSHOT_SHARE_S = 2.0  # clients joining within this share one read of a stored model
 # Keep-alive comments come from the session itself, between frames (sse-starlette's own
 # pings could land between two slices of a snapshot).
@@ -125,17 +133,18 @@ class SseSettings:
     host: str = "0.0.0.0"
     port: int = 8000
     ping_s: float = 15.0  # keep-alive comment interval
-    # Unsent diffs of a client: sent as they are up to conflate_bytes, merged per item
-    # beyond; a client whose merged backlog exceeds pending_max_bytes is resynced.
-    conflate_bytes: int = 64 * 1024
+    # Unsent diffs of a view client (references to shared frames): merged per item when
+    # they exceed pending_max_bytes; a client whose merged backlog still does is resynced.
     pending_max_bytes: int = 1024 * 1024
     history_bytes: int = 1024 * 1024  # recent diffs kept per view for Last-Event-ID resume
     # whole-model streams (no filter): unsent diffs (shared frames) of a client, and the
     # diffs replayed on a resume, before it gets a snapshot instead
     whole_pending_max_bytes: int = 64 * 1024 * 1024
-    view_linger_s: float = 30.0  # a view (and its mirror) without clients is kept this long
+    view_linger_s: float = 10.0  # a view (and its mirror) without clients is kept this long
     block_ms: int = 1000  # XREAD BLOCK of the shared readers
-    read_count: int = 1000  # XREAD COUNT of the shared readers
+    # XREAD COUNT of the shared readers: a butterfly diff is ~1 MB under load, so a reader
+    # that fell behind would otherwise pull up to a GB in one reply (the RSS high-water mark)
+    read_count: int = 32
     replay_page_bytes: int = 8 * 1024 * 1024  # XRANGE page (in entry bytes) of a mirror load
     no_model_poll_s: float = 1.0  # re-read interval of a model that does not exist yet
     send_timeout_s: float = 30.0  # a client that accepts no bytes for this long is dropped
@@ -159,8 +168,8 @@ class SseSettings:
     admin_port: int = -1
 
     def __post_init__(self) -> None:
-        if min(self.conflate_bytes, self.pending_max_bytes, self.history_bytes) < 1:
-            raise ValueError("conflate_bytes, pending_max_bytes and history_bytes must be >= 1")
+        if min(self.pending_max_bytes, self.history_bytes) < 1:
+            raise ValueError("pending_max_bytes and history_bytes must be >= 1")
         if self.ping_s <= 0 or self.block_ms <= 0 or self.read_count <= 0:
             raise ValueError("ping_s, block_ms and read_count must be > 0")
         if self.redis_concurrency < 1:
@@ -240,7 +249,7 @@ class _Diff(msgspec.Struct):
     version: int
     prev_version: int
     ts_ns: int = 0
-    changed: dict[str, Any] = {}
+    changed: dict[str, msgspec.Raw] = {}  # decoded per item where a view looks (views.Model)
     removed: list[str] = []
     meta: msgspec.Raw = msgspec.Raw(b"{}")
     prev_id: str | None = None
@@ -252,13 +261,9 @@ class _Model(msgspec.Struct):
     epoch: str
     version: int
     ts_ns: int = 0
-    items: dict[str, Any] = {}
+    items: dict[str, msgspec.Raw] = {}
     meta: msgspec.Raw = msgspec.Raw(b"{}")
     diff_id: str | None = None
-
-
-class _ModelHead(msgspec.Struct):
-    meta: dict[str, Any] = {}
 
 
 class _WholeModelHead(msgspec.Struct):
@@ -270,7 +275,6 @@ class _WholeModelHead(msgspec.Struct):
 _diff_head = msgspec.json.Decoder(_DiffHead)
 _diff_dec = msgspec.json.Decoder(_Diff)
 _model_dec = msgspec.json.Decoder(_Model)
-_model_head = msgspec.json.Decoder(_ModelHead)
 _whole_head = msgspec.json.Decoder(_WholeHead)
 _whole_model_head = msgspec.json.Decoder(_WholeModelHead)
 _full_model = msgspec.json.Decoder(RawModel)
@@ -358,6 +362,16 @@ class Metrics:
             "Clients dropped because they accepted no bytes for send_timeout_s",
             ("channel",),
         )
+        self.dispatch_cpu: Counter = counter(
+            r,
+            "massive_sse_dispatch_cpu_seconds_total",
+            "CPU time of the shared readers handing diff entries to mirrors, views and "
+            "subscribers (decode, apply, encode once per view)",
+            ("channel",),
+        )
+        self.dispatched: Counter = counter(
+            r, "massive_sse_dispatched_entries_total", "Diff stream entries read", ("channel",)
+        )
 
 
 class SlowClientDropping(EventSourceResponse):
@@ -419,14 +433,6 @@ def _rows(raw: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
     return cast(list[tuple[bytes, dict[bytes, bytes]]], raw or [])
 
 
-def _b(v: bytes | str) -> bytes:
-    return v if isinstance(v, bytes) else v.encode()
-
-
-def _s(v: bytes | str) -> str:
-    return v.decode() if isinstance(v, bytes) else v
-
-
 # --- shared readers ------------------------------------------------------------------------------
 class DiffFeed:
     """The one reader of a diff stream (one model family, one symbol); hands each entry to
@@ -450,6 +456,12 @@ class DiffFeed:
         self.reject_decode = metrics.rejected.labels(channel=channel.name, reason="bad_diff")
         self.read_errors = metrics.read_errors.labels(channel=channel.name)
         self.dropped = metrics.dropped.labels(channel=channel.name)
+        self.conflated = metrics.conflated.labels(channel=channel.name)
+        self.dispatch_cpu = metrics.dispatch_cpu.labels(channel=channel.name)
+        self.dispatched = metrics.dispatched.labels(channel=channel.name)
+        # merged backlogs of whole-model clients, by (prev_id of the first, last id): the
+        # clients that fall behind together share one merge
+        self._merged: dict[tuple[str | None, StreamId], Item | None] = {}
 
     async def prime(self) -> None:
         """Start at the stream's current tail (earlier diffs are inside the models)."""
@@ -484,8 +496,18 @@ class DiffFeed:
             if mirror is not None:
                 mirror.on_entry(sid, raw_id.decode(), raw)
 
+    def merge(self, items: list[Item]) -> Item | None:
+        key = (items[0].head.prev_id, items[-1].id)
+        if key in self._merged:
+            return self._merged[key]
+        merged = self._merged[key] = merge_items(items)
+        while len(self._merged) > 8:
+            del self._merged[next(iter(self._merged))]
+        self.conflated.inc()
+        return merged
+
     def subscribe_whole(self, symbol: str, max_bytes: int) -> WholeSubscriber:
-        sub = WholeSubscriber(symbol, max_bytes)
+        sub = WholeSubscriber(symbol, max_bytes, self.merge)
         self.whole.setdefault(symbol, set()).add(sub)
         return sub
 
@@ -537,7 +559,15 @@ class DiffFeed:
                 continue
             backoff_s = 0.1
             for _stream, entries in cast(list[Any], resp or []):
-                self.dispatch(_rows(entries))
+                for entry in _rows(entries):
+                    t0 = time.thread_time()
+                    with gc_paused():
+                        self.dispatch([entry])
+                    self.dispatched.inc()
+                    self.dispatch_cpu.inc(time.thread_time() - t0)
+                    # the clients get this diff before the next one is worked on (a diff
+                    # of a big model is tens of ms; a reply holds up to read_count of them)
+                    await asyncio.sleep(0)
 
 
 # --- whole-model streams (no filter): the diff stream entries as they are -----------------------
@@ -561,33 +591,123 @@ def decode_item(sid: StreamId, raw_id: str, fields: dict[bytes, bytes]) -> Item 
     return Item(sid, head, frame("diff", raw, raw_id))
 
 
+class _MergeDiff(msgspec.Struct):
+    """A ModelDiff with its items and meta left as raw JSON, for merging a backlog."""
+
+    symbol: str
+    kind: str
+    epoch: str
+    version: int
+    prev_version: int
+    ts_ns: int
+    changed: dict[str, msgspec.Raw]
+    removed: list[str] = []
+    meta: msgspec.Raw = msgspec.Raw(b"{}")
+    prev_id: str | None = None
+    src_recv_ts_ns: int | None = None
+
+
+_merge_dec = msgspec.json.Decoder(_MergeDiff)
+
+
+def merge_items(items: list[Item]) -> Item | None:
+    """One diff equal to applying ``items`` in order (later values win per item), or None
+    when they are not one unbroken chain of one epoch (the client then needs a snapshot)."""
+    for a, b in itertools.pairwise(items):
+        hb = b.head
+        if (
+            hb.epoch != a.head.epoch
+            or hb.prev_version != a.head.version
+            or (hb.prev_id is not None and hb.prev_id != format_id(a.id))
+        ):
+            return None
+    changed: dict[str, msgspec.Raw] = {}
+    removed: set[str] = set()
+    first = last = None
+    for item in items:
+        try:
+            d = _merge_dec.decode(_frame_data(item.frame))
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            return None
+        if first is None:
+            first = d
+        last = d
+        for k in d.removed:
+            changed.pop(k, None)
+            removed.add(k)
+        removed.difference_update(d.changed)
+        changed.update(d.changed)
+    assert first is not None and last is not None
+    last.changed, last.removed = changed, sorted(removed)
+    last.prev_version, last.prev_id = first.prev_version, first.prev_id
+    h = items[-1].head
+    head = _WholeHead(h.symbol, h.epoch, h.version, first.prev_version, first.prev_id)
+    id_s = format_id(items[-1].id)
+    return Item(items[-1].id, head, frame("diff", _json_encoder.encode(last), id_s))
+
+
+def _frame_data(fr: bytes) -> bytes:
+    """The ``data`` of one SSE frame built by :func:`frame`."""
+    start = fr.index(b"data: ") + 6
+    return fr[start : len(fr) - 2 * len(SEP)]
+
+
 class WholeSubscriber:
     """A whole-model client's unsent diffs (shared frames), bounded in bytes: beyond the
-    bound it is marked for a fresh snapshot. ``push`` never blocks."""
+    bound the backlog is merged into one diff (shared by the clients with the same
+    backlog); when even that exceeds the bound, or the backlog does not chain, it is marked
+    for a fresh snapshot. ``push`` never blocks."""
 
-    __slots__ = ("buf", "closed", "max_bytes", "nbytes", "overflowed", "symbol", "wake")
+    __slots__ = (
+        "buf",
+        "closed",
+        "floor",
+        "max_bytes",
+        "merge",
+        "nbytes",
+        "overflowed",
+        "symbol",
+        "wake",
+    )
 
-    def __init__(self, symbol: str, max_bytes: int) -> None:
+    def __init__(
+        self, symbol: str, max_bytes: int, merge: Callable[[list[Item]], Item | None]
+    ) -> None:
         self.symbol = symbol
         self.max_bytes = max_bytes
+        self.merge = merge
         self.buf: list[Item] = []
         self.nbytes = 0
         self.wake = asyncio.Event()
         self.overflowed = False
         self.closed = False
+        self.floor: StreamId | None = None  # entries up to it are in what the client holds
 
     def push(self, item: Item) -> bool:
-        """False when the item is dropped (the client is marked for a resync)."""
+        """False when the backlog is dropped (the client is marked for a resync)."""
         if self.overflowed:
             return False
+        if self.floor is not None and item.id <= self.floor:
+            return True
         self.buf.append(item)
         self.nbytes += len(item.frame)
         self.wake.set()
-        if self.nbytes > self.max_bytes:
+        if self.nbytes <= self.max_bytes:
+            return True
+        merged = self.merge(self.buf) if self.floor is not None else None
+        if merged is None or len(merged.frame) > self.max_bytes:
             self.overflowed = True
             self.buf, self.nbytes = [], 0
             return False
+        self.buf, self.nbytes = [merged], len(merged.frame)
         return True
+
+    def hold(self, last_id: StreamId) -> None:
+        """The client holds the model up to entry ``last_id``: older entries are dropped."""
+        self.floor = last_id
+        if self.buf and self.buf[0].id <= last_id:
+            self.buf = [it for it in self.buf if it.id > last_id]
+            self.nbytes = sum(len(it.frame) for it in self.buf)
 
     def close(self) -> None:
         self.closed = True
@@ -598,7 +718,8 @@ class WholeSubscriber:
             return
         self.wake.clear()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.wake.wait(), timeout_s)
+            async with asyncio.timeout(timeout_s):  # no task per wait (wait_for makes one)
+                await self.wake.wait()
 
     def take(self) -> list[Item]:
         items, self.buf, self.nbytes = self.buf, [], 0
@@ -607,6 +728,62 @@ class WholeSubscriber:
     def reset(self) -> None:
         self.buf, self.nbytes = [], 0
         self.overflowed = False
+        self.floor = None
+
+
+class _Sent:
+    """A session's counters, and its frames cut for the transport: a large frame goes out
+    in slices (the transport copies what it is given), small ones joined."""
+
+    def __init__(self, metrics: Metrics, channel: str) -> None:
+        self.metrics = metrics
+        self.channel = channel
+        self.n_diff = metrics.events.labels(channel=channel, event="diff")
+        self.n_snap = metrics.events.labels(channel=channel, event="snapshot")
+        self.n_bytes = metrics.bytes.labels(channel=channel)
+        self.clients = metrics.clients.labels(channel=channel)
+
+    def resync(self, reason: str) -> None:
+        self.metrics.resyncs.labels(channel=self.channel, reason=reason).inc()
+
+    def snapshot(self, data: bytes) -> Iterator[bytes]:
+        self.n_snap.inc()
+        self.n_bytes.inc(len(data))
+        for i in range(0, len(data), SNAPSHOT_SLICE):
+            yield data[i : i + SNAPSHOT_SLICE]
+
+    def diffs(self, frames: list[bytes]) -> Iterator[bytes]:
+        if not frames:
+            return
+        self.n_diff.inc(len(frames))
+        small: list[bytes] = []
+        size = 0
+        for fr in frames:
+            self.n_bytes.inc(len(fr))
+            if len(fr) > SNAPSHOT_SLICE:
+                if small:
+                    yield b"".join(small)
+                    small, size = [], 0
+                for i in range(0, len(fr), DIFF_SLICE):
+                    yield fr if len(fr) <= DIFF_SLICE else fr[i : i + DIFF_SLICE]
+                continue
+            small.append(fr)
+            size += len(fr)
+            if size >= SNAPSHOT_SLICE:
+                yield b"".join(small)
+                small, size = [], 0
+        if small:
+            yield b"".join(small)
+
+
+@dataclass(frozen=True, slots=True)
+class _WholeSnap:
+    """A stored model framed as a snapshot event, shared by the clients that join together."""
+
+    frame: bytes
+    epoch: str
+    version: int
+    diff_id: str | None
 
 
 @dataclass(slots=True)
@@ -660,8 +837,8 @@ class Mirror:
         self.gw = gw
         self.channel = channel
         self.symbol = symbol
-        self.model = Model(channel.part_of)
         self.views: dict[ViewSpec, ViewFeed] = {}
+        self.model = Model(channel.part_of, self._wants)
         self.state = LOADING
         self.buffer: list[tuple[StreamId, str, bytes]] | None = []
         self.wake = asyncio.Event()
@@ -673,15 +850,18 @@ class Mirror:
         self.m_reject = gw.metrics.rejected.labels(channel=channel.name, reason="bad_diff")
         self.ready_event = asyncio.Event()
         self.created = time.monotonic()
+        self.dates_due = asyncio.Event()
+        self.dates_task: asyncio.Task[None] | None = None
 
     # -- views --
     def view(self, spec: ViewSpec) -> ViewFeed:
         v = self.views.get(spec)
         if v is None:
             s = self.gw.settings
+            date = is_date(self.channel, spec)
             v = self.views[spec] = ViewFeed(
                 spec,
-                self.model,
+                Model(self.channel.part_of) if date else self.model,
                 self.channel.name,
                 self.symbol,
                 self.channel.strategy,
@@ -689,8 +869,73 @@ class Mirror:
                 s.pending_max_bytes,
             )
             v.reset("new")
+            if date:
+                v.filled = False
+                self._refresh_dates()
+            else:
+                self.model.heat(spec.covers)
             self.gw.metrics.views.labels(channel=self.channel.name).inc()
         return v
+
+    # -- GEX by expiry date (processors/serve/gex_expiry.py) --
+    def _refresh_dates(self) -> None:
+        """Bring the date views to the GEX model's latest version (in the background)."""
+        self.dates_due.set()
+        if self.dates_task is None or self.dates_task.done():
+            self.dates_task = self.gw.spawn(self._dates_loop(), f"sse-gex-dates:{self.symbol}")
+
+    async def _dates_loop(self) -> None:
+        gw = self.gw
+        while not gw.closing and any(is_date(self.channel, s) for s in self.views):
+            await self.dates_due.wait()
+            self.dates_due.clear()
+            try:
+                async with gw.redis_slots:
+                    ge = await gex_expiry.read(gw.redis, self.symbol)
+            except (RedisError, OSError, ValueError) as exc:
+                gw.metrics.session_errors.labels(channel=self.channel.name).inc()
+                logger.warning("gex dates %s: %s", self.symbol, exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(gw._stop.wait(), gw.settings.no_model_poll_s)
+                self.dates_due.set()
+                continue
+            if ge is None:  # no model yet, or a publish between the reads: the next diff
+                continue
+            for spec, view in list(self.views.items()):
+                if is_date(self.channel, spec):
+                    self._date_update(view, ge)
+
+    def _date_update(self, view: ViewFeed, ge: gex_expiry.GexExpiries) -> None:
+        m = view.model
+        if view.filled and m.epoch == ge.epoch and m.version >= ge.version:
+            return
+        items = ge.items(cast(str, view.spec.scope))
+        sid = (parse_id(ge.diff_id) if ge.diff_id else None) or ZERO_ID
+        if not view.filled or m.epoch != ge.epoch:  # first fill, or a new epoch: a snapshot
+            m = Model(self.channel.part_of)
+            with gc_paused():
+                apply_changes(m, items, [])
+            m.epoch, m.version, m.head, m.head_sid, m.ts_ns = (
+                ge.epoch, ge.version, ge.diff_id, sid, ge.ts_ns,
+            )  # fmt: skip
+            first = not view.filled
+            view.model, view.filled = m, True
+            n = view.reset("" if first else "epoch")
+            if n:
+                self.m_resyncs.labels(channel=self.channel.name, reason="epoch").inc(n)
+            return
+        gone = [k for p in m.parts.values() for k in p.items if k not in items]
+        with gc_paused():
+            changes = apply_changes(m, items, gone)
+        m.version, m.head, m.head_sid, m.ts_ns = ge.version, ge.diff_id, sid, ge.ts_ns
+        vd = view.on_diff(sid, ge.diff_id or format_id(sid), ge.ts_ns, None, changes, None)
+        if vd is not None:
+            for sub in view.subs:
+                self.push(view, sub, vd)
+
+    def _wants(self, pk: PartKey) -> bool:
+        """Whether a view covers partition ``pk`` (only those are decoded and flattened)."""
+        return any(spec.covers(pk) for spec in self.views)
 
     def drop_view(self, spec: ViewSpec) -> None:
         if self.views.pop(spec, None) is not None:
@@ -704,13 +949,14 @@ class Mirror:
     # -- loading --
     def start(self) -> None:
         if self.task is None or self.task.done():
-            self.task = asyncio.create_task(
-                self._load_loop(), name=f"sse-mirror:{self.channel.name}:{self.symbol}"
+            self.task = self.gw.spawn(
+                self._load_loop(), f"sse-mirror:{self.channel.name}:{self.symbol}"
             )
 
     def stop(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
+        for task in (self.task, self.dates_task):
+            if task is not None:
+                task.cancel()
         for v in self.views.values():
             for sub in v.subs:
                 sub.close()
@@ -743,10 +989,14 @@ class Mirror:
                 )
                 model = None
             if isinstance(model, Model):
+                model.heat(self._wants)  # views added while it loaded
                 old, self.model = self.model, model
                 self.buffer = None
                 self.state = READY
-                for v in self.views.values():
+                for spec, v in self.views.items():
+                    if is_date(self.channel, spec):
+                        self._refresh_dates()
+                        continue
                     v.model = model
                     v.reset("")
                 self.ready_event.set()
@@ -759,7 +1009,8 @@ class Mirror:
                 self._notify()
                 self.ready_event.set()  # no model is an answer too (the stream says so)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), gw.settings.no_model_poll_s)
+                async with asyncio.timeout(gw.settings.no_model_poll_s):
+                    await self.wake.wait()
 
     async def _load(self) -> Model | str | None:
         """The model at its latest version; NO_MODEL; None when its diffs do not chain."""
@@ -769,23 +1020,27 @@ class Mirror:
         if raw is None:
             return NO_MODEL
         try:
-            pm = _model_dec.decode(raw)
+            with gc_paused():
+                pm = _model_dec.decode(raw)
         except (msgspec.ValidationError, msgspec.DecodeError):
             gw.metrics.rejected.labels(channel=ch.name, reason="bad_model").inc()
             logger.warning("channel=%s symbol=%s: undecodable model", ch.name, self.symbol)
             return None
         del raw
-        model = Model(ch.part_of)
+        model = Model(ch.part_of, self._wants)
         model.epoch, model.version, model.ts_ns = pm.epoch, pm.version, pm.ts_ns
         model.head = pm.diff_id
         model.head_sid = (parse_id(pm.diff_id) if pm.diff_id else None) or ZERO_ID
         model.meta = bytes(pm.meta)
         items, pm.items = pm.items, {}
-        for i, (key, obj) in enumerate(items.items()):
-            model.set(key, obj)
-            if i % 4096 == 4095:
-                await asyncio.sleep(0)  # a 100k-item model: let the other clients run
+        batch = list(items.items())
         del items
+        for start in range(0, len(batch), 4096):
+            with gc_paused():
+                for key, obj in batch[start : start + 4096]:
+                    model.set(key, obj)
+            await asyncio.sleep(0)  # a 100k-item model: let the other clients run
+        del batch
         # the checkpoint may be versions behind its diffs (processors/heatmap/publisher.py)
         async for sid, id_s, body in gw.entries_after(ch.stream(self.symbol), model.head_sid):
             if _diff_head.decode(body).symbol != self.symbol:
@@ -839,21 +1094,34 @@ class Mirror:
         if meta_changed:
             m.meta = meta
         if emit:
-            for view in self.views.values():
-                vd = view.on_diff(
-                    sid, id_s, d.ts_ns, d.src_recv_ts_ns, changes, meta if meta_changed else None
-                )
-                if vd is not None:
-                    for sub in view.subs:
-                        self.push(view, sub, vd)
+            self._emit(sid, id_s, d, changes, meta if meta_changed else None)
         return None
+
+    def _emit(
+        self,
+        sid: StreamId,
+        id_s: str,
+        d: _Diff,
+        changes: dict[PartKey, list[tuple[str, Change]]],
+        meta: bytes | None,
+    ) -> None:
+        """One view diff per view the model diff touches, shared by its subscribers."""
+        if self.dates_task is not None:
+            self._refresh_dates()
+        for spec, view in self.views.items():
+            if is_date(self.channel, spec):
+                continue
+            vd = view.on_diff(sid, id_s, d.ts_ns, d.src_recv_ts_ns, changes, meta)
+            if vd is not None:
+                for sub in view.subs:
+                    self.push(view, sub, vd)
 
     def push(self, view: ViewFeed, sub: Subscriber, vd: ViewDiff) -> None:
         if sub.push(vd):
             return
         # over its byte bound: merge the backlog per item; still over it -> resync
         backlog = sub.take()
-        merged = conflate(backlog, view.names)
+        merged = view.merged(backlog)
         self.m_conflated.inc()
         if len(merged.frame) > sub.max_bytes:
             self.m_dropped.inc()
@@ -880,37 +1148,54 @@ class Gateway:
             for sym in deps.settings.symbols
         }
         self._stop = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tg: asyncio.TaskGroup | None = None
+        self.grace_s = min(deps.settings.grace_s, settings.block_ms / 1000 + 2)
         self.started = False
         self.redis_slots = asyncio.Semaphore(settings.redis_concurrency)
-        self._snaps: dict[tuple[str, str], tuple[float, bytes | asyncio.Future[bytes | None]]] = {}
+        self._snaps: dict[
+            tuple[str, str], tuple[float, _WholeSnap | asyncio.Future[_WholeSnap | None]]
+        ] = {}
 
-    async def start(self) -> None:
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """The shared readers and the janitor (and every mirror's loader), as one task group,
+        for the life of the server. On exit they are asked to stop, given ``grace_s``, then
+        cancelled, and awaited either way; an error of any of them is raised."""
         self._stop = asyncio.Event()
         tame_malloc(self.settings.mmap_threshold_kb)
         for feed in self.feeds.values():
             await feed.prime()
-        self._tasks = [
-            asyncio.create_task(f.run(self._stop), name=f"sse-feed:{n}:{s}")
-            for (n, s), f in self.feeds.items()
-        ]
-        self._tasks.append(asyncio.create_task(self._janitor(), name="sse-janitor"))
-        self.started = True
+        shutdown = asyncio.timeout(None)
+        try:
+            async with shutdown, asyncio.TaskGroup() as tg:
+                self._tg = tg
+                for (n, sym), f in self.feeds.items():
+                    tg.create_task(f.run(self._stop), name=f"sse-feed:{n}:{sym}")
+                tg.create_task(self._janitor(), name="sse-janitor")
+                self.started = True
+                try:
+                    yield
+                finally:
+                    self.started = False
+                    self.close_sessions()
+                    shutdown.reschedule(asyncio.get_running_loop().time() + self.grace_s)
+        except TimeoutError:
+            logger.warning("sse-gateway: readers still busy after %.0f s: cancelled", self.grace_s)
+        finally:
+            self._tg = None
+
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        """A task of the gateway's group (feeds added later, mirror loaders): awaited at
+        shutdown."""
+        if self._tg is None:
+            raise RuntimeError("sse-gateway: not running")
+        return self._tg.create_task(coro, name=name)
 
     def close_sessions(self) -> None:
         """Ask every open SSE stream to end (server shutdown)."""
         self._stop.set()
         for feed in self.feeds.values():
             feed.close()
-
-    async def stop(self) -> None:
-        self.close_sessions()
-        if self._tasks:
-            _, pending = await asyncio.wait(self._tasks, timeout=self.settings.block_ms / 1000 + 2)
-            for t in pending:
-                t.cancel()
-        self._tasks = []
-        self.started = False
 
     @property
     def closing(self) -> bool:
@@ -924,7 +1209,7 @@ class Gateway:
             self.feeds[(channel.name, symbol)] = f
             if self.started:
                 name = f"sse-feed:{channel.name}:{symbol}"
-                self._tasks.append(asyncio.create_task(f.run(self._stop, prime=True), name=name))
+                self.spawn(f.run(self._stop, prime=True), name)
         return f
 
     def mirror(self, channel: Channel, symbol: str) -> Mirror:
@@ -944,7 +1229,7 @@ class Gateway:
             now = time.monotonic()
             dropped = False
             for key, (t, v) in list(self._snaps.items()):
-                if isinstance(v, bytes) and now - t >= SNAPSHOT_SHARE_S:
+                if isinstance(v, _WholeSnap) and now - t >= SNAPSHOT_SHARE_S:
                     del self._snaps[key]
             for feed in self.feeds.values():
                 for sym, mirror in list(feed.mirrors.items()):
@@ -961,26 +1246,18 @@ class Gateway:
     async def entries_after(
         self, stream: str, after: StreamId
     ) -> AsyncIterator[tuple[StreamId, str, bytes]]:
-        """Entries of ``stream`` with ids above ``after``, in pages of about
-        ``replay_page_bytes`` (a butterfly diff is ~1 MB under load)."""
-        cursor = format_id(after)
-        count = 16
-        while True:
-            async with self.redis_slots:
-                page = _rows(await self.redis.xrange(stream, "(" + cursor, "+", count=count))
-            size = 0
-            for raw_id, fields in page:
-                cursor = raw_id.decode()
-                body = fields.get(b"d")
-                sid = parse_id(raw_id)
-                if body is None or sid is None:
-                    continue
-                size += len(body)
-                yield sid, cursor, body
-            if len(page) < count:
-                return
-            avg = max(1, size // max(1, len(page)))
-            count = max(1, min(1000, self.settings.replay_page_bytes // avg))
+        """Entries of ``stream`` with ids above ``after`` (processors/heatmap/checkpoint.py),
+        in pages of about ``replay_page_bytes``."""
+        async for id_s, body in checkpoint.diffs_after(
+            self.redis,
+            stream,
+            format_id(after),
+            self.settings.replay_page_bytes,
+            self.redis_slots,
+        ):
+            sid = parse_id(id_s)
+            if sid is not None:
+                yield sid, id_s, body
 
     async def current_model(self, channel: Channel, symbol: str) -> bytes | None:
         """The model at its latest version: the model key (a checkpoint) with the diffs after
@@ -991,9 +1268,9 @@ class Gateway:
         try:
             model = _full_model.decode(raw)
         except (msgspec.ValidationError, msgspec.DecodeError):
-            return _b(raw)
+            return cast(bytes, raw)
         if model.diff_id is None:
-            return _b(raw)
+            return cast(bytes, raw)
         changed = False
         after = parse_id(model.diff_id) or ZERO_ID
         async for _sid, id_s, body in self.entries_after(channel.stream(symbol), after):
@@ -1015,53 +1292,60 @@ class Gateway:
             model.version, model.ts_ns, model.meta = d.version, d.ts_ns, d.meta
             model.diff_id = id_s
             changed = True
-        return _json_encoder.encode(model) if changed else _b(raw)
+        return _json_encoder.encode(model) if changed else cast(bytes, raw)
 
     # -- whole-model streams --
-    async def _stored_model(self, channel: Channel, symbol: str) -> bytes | None:
-        """The model key's value, one read shared by the clients that ask within
-        ``SNAPSHOT_SHARE_S`` (a model is tens of MB: one copy, not one per joining client).
-        An older checkpoint is fine: each client then gets the diffs after its diff_id."""
+    async def whole_snapshot(self, channel: Channel, symbol: str) -> tuple[bytes, _State] | None:
+        """The stored model framed as a ``snapshot`` event and the chain state it is at. One
+        read and one frame shared by the clients that ask within ``SNAPSHOT_SHARE_S`` (a
+        model is tens of MB: one copy, not one per joining client). An older checkpoint is
+        fine: each client then gets the diffs after its diff_id."""
         key = (channel.name, symbol)
-        now = time.monotonic()
         hit = self._snaps.get(key)
         if hit is not None:
             t, held = hit
             if isinstance(held, asyncio.Future):  # a read in flight: share it
-                return cast(bytes | None, await asyncio.shield(held))
-            if now - t < SNAPSHOT_SHARE_S:
-                return held
-        fut: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
-        self._snaps[key] = (now, fut)
+                snap = await asyncio.shield(held)
+            elif time.monotonic() - t < SNAPSHOT_SHARE_S:
+                snap = held
+            else:
+                snap = await self._read_snapshot(channel, symbol)
+        else:
+            snap = await self._read_snapshot(channel, symbol)
+        if snap is None:
+            return None
+        last = parse_id(snap.diff_id) if snap.diff_id else None
+        return snap.frame, _State(snap.epoch, snap.version, last or ZERO_ID, snap.diff_id)
+
+    async def _read_snapshot(self, channel: Channel, symbol: str) -> _WholeSnap | None:
+        key = (channel.name, symbol)
+        fut: asyncio.Future[_WholeSnap | None] = asyncio.get_running_loop().create_future()
+        self._snaps[key] = (time.monotonic(), fut)
         try:
             async with self.redis_slots:
                 raw = await self.redis.get(channel.model_key(symbol))
+            snap = None if raw is None else self._frame_snapshot(channel, symbol, cast(bytes, raw))
         except BaseException as exc:
             self._snaps.pop(key, None)
             fut.set_exception(exc)
             fut.exception()  # retrieved: waiters re-raise it
             raise
-        value = _b(raw) if raw is not None else None
-        fut.set_result(value)
-        if value is None:
+        fut.set_result(snap)
+        if snap is None:
             self._snaps.pop(key, None)
         else:
-            self._snaps[key] = (time.monotonic(), value)
-        return value
+            self._snaps[key] = (time.monotonic(), snap)
+        return snap
 
-    async def whole_snapshot(self, channel: Channel, symbol: str) -> tuple[bytes, _State] | None:
-        raw = await self._stored_model(channel, symbol)
-        if raw is None:
-            return None
+    def _frame_snapshot(self, channel: Channel, symbol: str, raw: bytes) -> _WholeSnap | None:
         try:
             head = _whole_model_head.decode(raw)
         except (msgspec.ValidationError, msgspec.DecodeError):
             self.metrics.rejected.labels(channel=channel.name, reason="bad_model").inc()
             logger.warning("channel=%s symbol=%s: undecodable model", channel.name, symbol)
             return None
-        last = parse_id(head.diff_id) if head.diff_id else None
-        state = _State(head.epoch, head.version, last or ZERO_ID, head.diff_id)
-        return frame("snapshot", _b(raw), head.diff_id), state
+        data = frame("snapshot", raw, head.diff_id)
+        return _WholeSnap(data, head.epoch, head.version, head.diff_id)
 
     async def catch_up(self, channel: Channel, symbol: str, state: _State) -> list[bytes] | None:
         """Diffs of ``symbol`` after ``state`` (advanced): a heatmap model key is a checkpoint
@@ -1110,98 +1394,106 @@ class Gateway:
         frames = await self.catch_up(channel, symbol, state)
         return None if frames is None else (frames, state)
 
-    async def whole_session(  # noqa: C901 -- owned by the serve helper
+    async def whole_session(
         self, channel: Channel, symbol: str, last_event_id: str | None
     ) -> AsyncIterator[bytes]:
         """The whole model: the stored model, then the diff stream's entries as they are
-        (shared frames). Subscribes before it reads the model, so nothing is lost."""
+        (shared frames; a backlog merged into one diff when it grows past the bound).
+        Subscribes before it reads the model, so nothing is lost."""
         feed = self.feed(channel, symbol)
-        m = self.metrics
-        name = channel.name
-        sent_diff = m.events.labels(channel=name, event="diff")
-        sent_snap = m.events.labels(channel=name, event="snapshot")
-        sent_bytes = m.bytes.labels(channel=name)
-        clients = m.clients.labels(channel=name)
-        ping_s = self.settings.ping_s
+        out = _Sent(self.metrics, channel.name)
         sub = feed.subscribe_whole(symbol, self.settings.whole_pending_max_bytes)
-        clients.inc()
+        out.clients.inc()
         try:
             yield b"retry: " + str(self.settings.retry_ms).encode() + SEP + SEP
             state: _State | None = None
-            after = parse_id(last_event_id)
-            if after is not None:
-                resumed = await self.replay(channel, symbol, after)
-                if resumed is None:
-                    m.resyncs.labels(channel=name, reason="resume").inc()
-                else:
-                    frames, state = resumed
-                    if frames:
-                        sent_diff.inc(len(frames))
-                        out = b"".join(frames)
-                        del frames
-                        sent_bytes.inc(len(out))
-                        yield out
+            chunks: Iterator[bytes] = iter(())
+            resumed = await self._whole_resume(channel, symbol, last_event_id, out)
+            if resumed is not None:
+                frames, state = resumed
+                sub.hold(state.last_id)
+                chunks = out.diffs(frames)
             announced = False
-            while not sub.closed:
-                if state is None:
-                    snap = await self.whole_snapshot(channel, symbol)
-                    if snap is None:
-                        if not announced:
-                            announced = True
-                            yield frame("status", b'{"state":"no_model"}')
-                        await sub.wait(self.settings.no_model_poll_s)
-                        sub.reset()  # diffs without a base are useless; re-read the model
-                        continue
-                    data, state = snap
-                    caught = await self.catch_up(channel, symbol, state)
-                    if caught is None:  # the checkpoint's diffs do not chain: read again
-                        self._snaps.pop((name, symbol), None)
-                        m.resyncs.labels(channel=name, reason="gap").inc()
-                        state = None
-                        await sub.wait(self.settings.no_model_poll_s)
-                        continue
-                    sent_snap.inc()
-                    sent_bytes.inc(len(data))
-                    for i in range(0, len(data), SNAPSHOT_SLICE):
-                        yield data[i : i + SNAPSHOT_SLICE]
-                    del data
-                    if caught:
-                        sent_diff.inc(len(caught))
-                        yield b"".join(caught)
+            while True:
+                for chunk in chunks:
+                    yield chunk
+                chunks = iter(())
+                if sub.closed:
+                    break
+                if state is not None:
+                    await sub.wait(self.settings.ping_s)
+                    chunks, state = self._whole_next(channel, sub, state, out)
                     continue
-                await sub.wait(ping_s)
-                if sub.overflowed:
-                    sub.reset()
-                    m.resyncs.labels(channel=name, reason="overflow").inc()
-                    state = None
+                base = await self._whole_base(channel, symbol, out)
+                if isinstance(base, tuple):
+                    chunks, state = base
+                    sub.hold(state.last_id)
                     continue
-                items = sub.take()
-                if not items and not sub.closed:
-                    yield PING
-                    continue
-                out_frames: list[bytes] = []
-                try:
-                    for item in items:
-                        if accept(state, item):
-                            out_frames.append(item.frame)
-                except Resync as rs:
-                    m.resyncs.labels(channel=name, reason=rs.reason).inc()
-                    self._snaps.pop((name, symbol), None)  # the model moved on: read it again
-                    state = None
-                del items
-                if out_frames:
-                    sent_diff.inc(len(out_frames))
-                    out = b"".join(out_frames)
-                    del out_frames
-                    sent_bytes.inc(len(out))
-                    yield out
+                if base == NO_MODEL and not announced:
+                    announced = True
+                    yield frame("status", b'{"state":"no_model"}')
+                await sub.wait(self.settings.no_model_poll_s)
+                sub.reset()  # diffs without a base are useless
         except (RedisError, OSError) as exc:
             # end this stream; the client reconnects (Last-Event-ID) once Redis is back
-            m.session_errors.labels(channel=name).inc()
-            logger.warning("channel=%s symbol=%s: stream ended: %s", name, symbol, exc)
+            self.metrics.session_errors.labels(channel=channel.name).inc()
+            logger.warning("channel=%s symbol=%s: stream ended: %s", channel.name, symbol, exc)
         finally:
             feed.unsubscribe_whole(sub)
-            clients.dec()
+            out.clients.dec()
+
+    async def _whole_resume(
+        self, channel: Channel, symbol: str, last_event_id: str | None, out: _Sent
+    ) -> tuple[list[bytes], _State] | None:
+        """The diffs after ``Last-Event-ID`` while the diff stream holds them, or None."""
+        after = parse_id(last_event_id)
+        if after is None:
+            return None
+        resumed = await self.replay(channel, symbol, after)
+        if resumed is None:
+            out.resync("resume")
+        return resumed
+
+    async def _whole_base(
+        self, channel: Channel, symbol: str, out: _Sent
+    ) -> tuple[Iterator[bytes], _State] | str:
+        """The snapshot and the diffs after it (as chunks) and the state they bring the
+        client to; NO_MODEL; or "gap" when the checkpoint's diffs do not chain (read it
+        again)."""
+        snap = await self.whole_snapshot(channel, symbol)
+        if snap is None:
+            return NO_MODEL
+        data, state = snap
+        caught = await self.catch_up(channel, symbol, state)
+        if caught is None:
+            self._snaps.pop((channel.name, symbol), None)
+            out.resync("gap")
+            return "gap"
+        return itertools.chain(out.snapshot(data), out.diffs(caught)), state
+
+    def _whole_next(
+        self, channel: Channel, sub: WholeSubscriber, state: _State, out: _Sent
+    ) -> tuple[Iterator[bytes], _State | None]:
+        """The chunks of the client's backlog that continues ``state`` (advanced; a ping
+        when there is none), or None for the state when it needs a fresh snapshot."""
+        if sub.overflowed:
+            sub.reset()
+            out.resync("overflow")
+            return iter(()), None
+        frames: list[bytes] = []
+        try:
+            for item in sub.take():
+                if accept(state, item):
+                    frames.append(item.frame)
+        except Resync as rs:
+            self._snaps.pop((channel.name, sub.symbol), None)  # the model moved on
+            sub.reset()
+            out.resync(rs.reason)
+            return iter(()), None
+        sub.hold(state.last_id)
+        if not frames and not sub.closed:
+            return iter((PING,)), state
+        return out.diffs(frames), state
 
     async def resolve(self, channel: Channel, symbol: str, spec: ViewSpec) -> ViewSpec | str:
         """The view to serve, or why it is unknown (-> 404): a symbol neither offered nor
@@ -1213,15 +1505,7 @@ class Gateway:
                 if not await self.redis.exists(key):
                     return f"unknown symbol {symbol!r}"
         if channel.strategy is None and spec.expiry is not None:
-            async with self.redis_slots:
-                raw = await self.redis.get(key)
-            today = None
-            if raw is not None:
-                with contextlib.suppress(msgspec.ValidationError, msgspec.DecodeError):
-                    today = _model_head.decode(raw).meta.get("today")
-            if spec.expiry != today:
-                return f"GEX by strike is published for all expiries and 0dte (today: {today})"
-            return ViewSpec(scope="0dte")
+            return await self._gex_date(key, spec.expiry)
         if spec.expiry is not None:
             mirror = self.mirror(channel, symbol)
             with contextlib.suppress(TimeoutError):
@@ -1235,89 +1519,94 @@ class Gateway:
                 return f"no expiry {spec.expiry} in the {channel.name} model of {symbol}"
         return spec
 
-    async def session(  # noqa: C901 -- owned by the serve helper
+    async def _gex_date(self, key: str, expiry: str) -> ViewSpec | str:
+        """A GEX date: today's is the 0DTE scope; another listed expiry its own view."""
+        async with self.redis_slots:
+            raw = await self.redis.get(key)
+        expiries: list[str] = []
+        today = None
+        if raw is not None:
+            with contextlib.suppress(msgspec.ValidationError, msgspec.DecodeError):
+                expiries, today = gex_expiry.listed(cast(bytes, raw))
+        if expiry == today:
+            return ViewSpec(scope="0dte")
+        if expiry not in expiries:
+            return f"no expiry {expiry} in the GEX model (listed: {', '.join(expiries)})"
+        return ViewSpec(scope=expiry)
+
+    async def session(
         self, channel: Channel, symbol: str, spec: ViewSpec, last_event_id: str | None
     ) -> AsyncIterator[bytes]:
+        """A view: its snapshot (or the diffs after ``last_event_id``), then its diffs."""
         mirror = self.mirror(channel, symbol)
         view = mirror.view(spec)
-        m = self.metrics
-        name = channel.name
-        sent_diff = m.events.labels(channel=name, event="diff")
-        sent_snap = m.events.labels(channel=name, event="snapshot")
-        sent_bytes = m.bytes.labels(channel=name)
-        clients = m.clients.labels(channel=name)
-        ping_s = self.settings.ping_s
+        out = _Sent(self.metrics, channel.name)
         sub = view.subscribe()
-        clients.inc()
+        out.clients.inc()
         try:
             yield b"retry: " + str(self.settings.retry_ms).encode() + SEP + SEP
             announced = False
             resume = last_event_id
             while not sub.closed:
-                if sub.need_snapshot:
-                    if mirror.state != READY:
-                        if mirror.state == NO_MODEL and not announced:
-                            announced = True
-                            yield frame("status", b'{"state":"no_model"}')
-                        sub.wake.clear()
-                        with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(sub.wake.wait(), ping_s)
-                        if not sub.wake.is_set():
-                            yield PING
-                        continue
-                    view = mirror.views.get(spec) or view
-                    if sub.reason:
-                        m.resyncs.labels(channel=name, reason=sub.reason).inc()
-                        sub.reason = ""
-                    if resume is not None:
-                        replay = view.replay_after(resume)
-                        resume = None
-                        if replay is not None:
-                            sub.need_snapshot = False
-                            sub.head = view.head
-                            if replay:
-                                out = self._frames(view, replay)
-                                sent_diff.inc()
-                                sent_bytes.inc(len(out))
-                                yield out
-                            continue
-                        m.resyncs.labels(channel=name, reason="resume").inc()
-                    data = view.snapshot()
+                if not sub.need_snapshot:
+                    await sub.wait(self.settings.ping_s)
+                    frames = _view_next(sub)
+                    if frames == []:
+                        yield PING
+                    for chunk in out.diffs(frames or []):
+                        yield chunk
+                    continue
+                if mirror.state != READY or not view.filled:
+                    if mirror.state == NO_MODEL and not announced:
+                        announced = True
+                        yield frame("status", b'{"state":"no_model"}')
+                    if not await sub.woken(self.settings.ping_s):
+                        yield PING
+                    continue
+                view = mirror.views.get(spec) or view
+                if sub.reason:
+                    out.resync(sub.reason)
+                    sub.reason = ""
+                frames = _view_resume(view, sub, resume, out) if resume is not None else None
+                resume = None
+                if frames is None:  # a snapshot, shared by the view's clients, in slices
                     sub.need_snapshot = False
                     sub.head = view.head
-                    sent_snap.inc()
-                    sent_bytes.inc(len(data))
-                    for i in range(0, len(data), SNAPSHOT_SLICE):
-                        yield data[i : i + SNAPSHOT_SLICE]
-                    del data
-                    continue
-                await sub.wait(ping_s)
-                if sub.need_snapshot or sub.closed:
-                    continue
-                items = sub.take()
-                if not items:
-                    yield PING
-                    continue
-                if items[0].prev_id != sub.head:  # cannot happen: a view feeds in order
-                    sub.resync("gap")
-                    continue
-                sub.head = items[-1].id_s
-                out = self._frames(view, items)
-                sent_diff.inc()
-                sent_bytes.inc(len(out))
-                yield out
+                    chunks = out.snapshot(view.snapshot())
+                else:
+                    chunks = iter(frames)
+                for chunk in chunks:
+                    yield chunk
+                del chunks, frames
         finally:
             view.unsubscribe(sub, time.monotonic())
-            clients.dec()
+            out.clients.dec()
 
-    def _frames(self, view: ViewFeed, items: list[ViewDiff]) -> bytes:
-        """The diffs as they are, or merged into one when they are many bytes."""
-        if len(items) == 1:
-            return items[0].frame
-        if sum(len(vd.frame) for vd in items) <= self.settings.conflate_bytes:
-            return b"".join(vd.frame for vd in items)
-        self.metrics.conflated.labels(channel=view.kind).inc()
-        return conflate(items, view.names).frame
+
+def _view_next(sub: Subscriber) -> list[bytes] | None:
+    """The frames of the diffs a view client has not been sent (the shared objects); None
+    when it needs a snapshot (or is closed) instead."""
+    if sub.need_snapshot or sub.closed:
+        return None
+    items = sub.take()
+    if items and items[0].prev_id != sub.head:  # cannot happen: a view feeds in order
+        sub.resync("gap")
+        return None
+    if items:
+        sub.head = items[-1].id_s
+    return [vd.frame for vd in items]
+
+
+def _view_resume(view: ViewFeed, sub: Subscriber, last: str, out: _Sent) -> list[bytes] | None:
+    """The chunks of the view diffs after id ``last`` while the view still holds them, or
+    None (a snapshot is needed)."""
+    replay = view.replay_after(last)
+    if replay is None:
+        out.resync("resume")
+        return None
+    sub.need_snapshot = False
+    sub.head = view.head
+    return list(out.diffs([vd.frame for vd in replay]))
 
 
 # --- HTTP application --------------------------------------------------------------------------
@@ -1326,6 +1615,11 @@ def _symbol(request: Request) -> str:
     if not sym.isalnum() or len(sym) > 12:
         raise ValueError(f"bad symbol {sym!r}")
     return sym
+
+
+def is_date(channel: Channel, spec: ViewSpec) -> bool:
+    """A GEX view of one expiry date (not all expiries, not 0DTE)."""
+    return channel.strategy is None and spec.scope not in (None, "all", "0dte")
 
 
 def filter_model(raw: bytes, channel: Channel, spec: ViewSpec) -> bytes:
@@ -1351,154 +1645,165 @@ def filter_model(raw: bytes, channel: Channel, spec: ViewSpec) -> bytes:
     return _json_encoder.encode(model)
 
 
-def create_app(deps: Deps, settings: SseSettings) -> Starlette:  # noqa: C901 -- owned by the serve helper
-    """The gateway's ASGI app; ``app.state.gateway`` is its :class:`Gateway`."""
-    gw = Gateway(deps, settings)
-    static = Path(settings.static_dir) if settings.static_dir else STATIC_DIR
+class Endpoints:
+    """The HTTP handlers of both ports, over one :class:`Gateway`."""
 
-    def channel_of(request: Request) -> Channel:
+    def __init__(self, gw: Gateway, deps: Deps, settings: SseSettings) -> None:
+        self.gw = gw
+        self.deps = deps
+        self.settings = settings
+        self.static = Path(settings.static_dir) if settings.static_dir else STATIC_DIR
+
+    def channel_of(self, request: Request) -> Channel:
         strategy = request.path_params.get("strategy")
         name = "gex" if strategy is None else f"heatmap:{strategy}"
-        ch = gw.channels.get(name)
+        ch = self.gw.channels.get(name)
         if ch is None:
             raise ValueError(f"unknown strategy {strategy!r}")
         return ch
 
-    async def view_of(request: Request) -> tuple[Channel, str, ViewSpec] | Response:
+    async def view_of(self, request: Request) -> tuple[Channel, str, ViewSpec] | Response:
         try:
-            ch, sym = channel_of(request), _symbol(request)
+            ch, sym = self.channel_of(request), _symbol(request)
             spec = parse_view(request.query_params, ch.strategy is None)
         except ValueError as exc:
             return PlainTextResponse(str(exc), status_code=400)
-        found = await gw.resolve(ch, sym, spec)
+        found = await self.gw.resolve(ch, sym, spec)
         if isinstance(found, str):
             return PlainTextResponse(found, status_code=404)
         return ch, sym, found
 
-    async def sse(request: Request) -> Response:
-        v = await view_of(request)
+    async def sse(self, request: Request) -> Response:
+        v = await self.view_of(request)
         if isinstance(v, Response):
             return v
         ch, sym, spec = v
         raw_last = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
         last = raw_last.strip() if raw_last and parse_id(raw_last) is not None else None
         if spec == ViewSpec():  # the whole model, as published (no mirror needed)
-            stream = gw.whole_session(ch, sym, last)
+            stream = self.gw.whole_session(ch, sym, last)
         else:
-            stream = gw.session(ch, sym, spec, last)
+            stream = self.gw.session(ch, sym, spec, last)
         return SlowClientDropping(
             stream,
             ping=_NO_PING_S,
-            send_timeout=settings.send_timeout_s,
+            send_timeout=self.settings.send_timeout_s,
             headers={"Cache-Control": "no-store"},
             channel=ch.name,
-            metrics=gw.metrics,
+            metrics=self.gw.metrics,
         )
 
-    async def api_model(request: Request) -> Response:
-        v = await view_of(request)
+    async def api_model(self, request: Request) -> Response:
+        v = await self.view_of(request)
         if isinstance(v, Response):
             return JSONResponse({"error": bytes(v.body).decode()}, status_code=v.status_code)
         ch, sym, spec = v
-        raw = await gw.current_model(ch, sym)
+        if is_date(ch, spec):
+            async with self.gw.redis_slots:
+                ge = await gex_expiry.read(self.deps.redis, sym)
+            raw = None if ge is None else ge.model_json(cast(str, spec.scope))
+        else:
+            raw = await self.gw.current_model(ch, sym)
         if raw is None:
             return JSONResponse({"error": f"no {ch.name} model for {sym}"}, status_code=404)
-        if spec != ViewSpec():
+        if spec != ViewSpec() and not is_date(ch, spec):
             raw = filter_model(raw, ch, spec)
         return Response(raw, media_type="application/json", headers={"Cache-Control": "no-store"})
 
-    async def api_gex_history(request: Request) -> Response:
+    async def api_gex_history(self, request: Request) -> Response:
         try:
             sym = _symbol(request)
             raw_since = request.query_params.get("since_ms")
             since = int(raw_since) if raw_since else None
         except ValueError as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
-        async with gw.redis_slots:
-            body = await gex.levels_history(deps.redis, sym, since)
+        async with self.gw.redis_slots:
+            body = await gex.levels_history(self.deps.redis, sym, since)
         return Response(body, media_type="application/json", headers={"Cache-Control": "no-store"})
 
-    async def api_symbols(request: Request) -> Response:
-        """What the dashboard shows of the epochs (the full meta is on the admin port)."""
+    async def _epochs(self, fields: list[str] | None) -> Response:
+        """Active epoch per configured symbol with its meta (``fields`` of it; None: all), in
+        two pipelined round trips whatever the number of symbols."""
+        redis = self.deps.redis
+        symbols = sorted(self.deps.settings.symbols)
+        async with self.gw.redis_slots:
+            pipe = redis.pipeline(transaction=False)
+            for sym in symbols:
+                pipe.get(keys.epoch_active(sym))
+            eids = await pipe.execute() if symbols else []
+            active = [(sym, as_str(e)) for sym, e in zip(symbols, eids, strict=True) if e]
+            pipe = redis.pipeline(transaction=False)
+            for sym, eid in active:
+                if fields is None:
+                    pipe.hgetall(keys.epoch_meta(sym, eid))
+                else:
+                    pipe.hmget(keys.epoch_meta(sym, eid), fields)
+            metas = await pipe.execute() if active else []
         out: dict[str, Any] = {}
-        async with gw.redis_slots:
-            for sym in sorted(deps.settings.symbols):
-                eid_b = await deps.redis.get(keys.epoch_active(sym))
-                if eid_b is None:
-                    continue
-                eid = _s(eid_b)
-                state, n = await deps.redis.hmget(
-                    keys.epoch_meta(sym, eid), ["state", "n_contracts"]
-                )
-                out[sym] = {
-                    "epoch": eid,
-                    "state": None if state is None else _s(state),
-                    "n_contracts": None if n is None else _s(n),
+        for (sym, eid), meta in zip(active, metas, strict=True):
+            if fields is None:
+                out[sym] = {"epoch": eid, "meta": {as_str(k): as_str(v) for k, v in meta.items()}}
+            else:
+                out[sym] = {"epoch": eid} | {
+                    f: opt_str(v) for f, v in zip(fields, meta, strict=True)
                 }
         body = {
             "active": out,
-            "symbols": list(deps.settings.symbols),
+            "symbols": list(self.deps.settings.symbols),
             "strategies": list(keys.STRATEGIES),
         }
         return Response(orjson.dumps(body), media_type="application/json")
 
-    async def api_epochs(request: Request) -> Response:
-        out: dict[str, Any] = {}
-        async with gw.redis_slots:
-            for sym in sorted(deps.settings.symbols):
-                eid_b = await deps.redis.get(keys.epoch_active(sym))
-                if eid_b is None:
-                    continue
-                eid = _s(eid_b)
-                meta = await deps.redis.hgetall(keys.epoch_meta(sym, eid))
-                out[sym] = {"epoch": eid, "meta": {_s(k): _s(v) for k, v in meta.items()}}
-        body = {
-            "active": out,
-            "symbols": list(deps.settings.symbols),
-            "strategies": list(keys.STRATEGIES),
-        }
-        return Response(orjson.dumps(body), media_type="application/json")
+    async def api_symbols(self, request: Request) -> Response:
+        """What the dashboard shows of the epochs (the full meta is on the admin port)."""
+        return await self._epochs(["state", "n_contracts"])
 
-    async def healthz(request: Request) -> Response:
+    async def api_epochs(self, request: Request) -> Response:
+        return await self._epochs(None)
+
+    async def healthz(self, request: Request) -> Response:
         try:
-            await asyncio.wait_for(deps.redis.ping(), 2)
+            await asyncio.wait_for(self.deps.redis.ping(), 2)
         except (RedisError, OSError, TimeoutError) as exc:
             return PlainTextResponse(f"redis: {exc}\n", status_code=503)
-        if not gw.started:
+        if not self.gw.started:
             return PlainTextResponse("feeds not started\n", status_code=503)
         return PlainTextResponse("ok\n")
 
-    async def metrics(request: Request) -> Response:
-        return Response(generate_latest(deps.registry), media_type=CONTENT_TYPE_LATEST)
+    async def metrics(self, request: Request) -> Response:
+        return Response(generate_latest(self.deps.registry), media_type=CONTENT_TYPE_LATEST)
 
-    async def readyz(request: Request) -> Response:
-        if not gw.started or gw.closing:
+    async def readyz(self, request: Request) -> Response:
+        if not self.gw.started or self.gw.closing:
             return PlainTextResponse("not ready\n", status_code=503)
         return PlainTextResponse("ready\n")
 
-    async def index(request: Request) -> Response:
-        return FileResponse(static / "index.html", headers={"Cache-Control": "no-cache"})
+    async def index(self, request: Request) -> Response:
+        return FileResponse(self.static / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+def create_app(deps: Deps, settings: SseSettings) -> Starlette:
+    """The gateway's ASGI app; ``app.state.gateway`` is its :class:`Gateway`."""
+    gw = Gateway(deps, settings)
+    ep = Endpoints(gw, deps, settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await gw.start()
-        try:
+        async with gw.running():
             yield
-        finally:
-            await gw.stop()
 
     tokens = Tokens(settings.tokens, settings.token_file)
     app = Starlette(
         routes=[
-            Route("/", index),
-            Route("/sse/heatmap/{strategy}", sse),
-            Route("/sse/gex", sse),
-            Route("/api/heatmap/{strategy}", api_model),
-            Route("/api/gex", api_model),
-            Route("/api/gex/history", api_gex_history),
-            Route("/api/symbols", api_symbols),
-            Route("/healthz", healthz),
-            Mount("/static", StaticFiles(directory=static), name="static"),
+            Route("/", ep.index),
+            Route("/sse/heatmap/{strategy}", ep.sse),
+            Route("/sse/gex", ep.sse),
+            Route("/api/heatmap/{strategy}", ep.api_model),
+            Route("/api/gex", ep.api_model),
+            Route("/api/gex/history", ep.api_gex_history),
+            Route("/api/symbols", ep.api_symbols),
+            Route("/healthz", ep.healthz),
+            Mount("/static", StaticFiles(directory=ep.static), name="static"),
         ],
         middleware=[
             Middleware(SecurityHeaders),
@@ -1520,10 +1825,10 @@ def create_app(deps: Deps, settings: SseSettings) -> Starlette:  # noqa: C901 --
     # (deploy/k8s NetworkPolicy); no token, no caps. It shares the public app's Gateway.
     admin = Starlette(
         routes=[
-            Route("/metrics", metrics),
-            Route("/api/epochs", api_epochs),
-            Route("/healthz", healthz),
-            Route("/readyz", readyz),
+            Route("/metrics", ep.metrics),
+            Route("/api/epochs", ep.api_epochs),
+            Route("/healthz", ep.healthz),
+            Route("/readyz", ep.readyz),
         ],
         middleware=[
             Middleware(SecurityHeaders),
@@ -1590,28 +1895,36 @@ class SseGateway:
             )
             servers.append((self.admin_server, s.admin_host, s.admin_port))
 
+        failed: list[Exception] = []
+
         async def serve(server: QuietServer, host: str, port: int) -> None:
+            # A failure ends this task normally: the other server then shuts down gracefully
+            # (closing its sockets) instead of being cancelled by the group.
             try:
                 await server.serve()
             except SystemExit:  # uvicorn exits the process when it cannot bind
-                raise RuntimeError(f"sse-gateway: cannot serve on {host}:{port}") from None
+                failed.append(RuntimeError(f"sse-gateway: cannot serve on {host}:{port}"))
+            except Exception as exc:
+                failed.append(exc)
 
-        serving = [
-            asyncio.create_task(serve(*srv), name=f"sse-gateway:uvicorn:{i}")
-            for i, srv in enumerate(servers)
-        ]
-        stopper = asyncio.create_task(stop.wait(), name="sse-gateway:stop")
         try:
-            await asyncio.wait([*serving, stopper], return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopper.cancel()
-            self.gateway.close_sessions()  # open streams end, so uvicorn can drain
-            for server, _, _ in servers:
-                server.should_exit = True
-            results = await asyncio.gather(*serving, return_exceptions=True)
-        for res in results:
-            if isinstance(res, BaseException):
-                raise res
+            async with asyncio.TaskGroup() as tg:
+                serving = [
+                    tg.create_task(serve(*srv), name=f"sse-gateway:uvicorn:{i}")
+                    for i, srv in enumerate(servers)
+                ]
+                stopper = tg.create_task(stop.wait(), name="sse-gateway:stop")
+                try:
+                    await asyncio.wait([*serving, stopper], return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    stopper.cancel()
+                    self.gateway.close_sessions()  # open streams end, so uvicorn can drain
+                    for server, _, _ in servers:
+                        server.should_exit = True
+        except BaseExceptionGroup as eg:
+            raise eg.exceptions[0] from None  # the first failure, as a plain exception
+        if failed:
+            raise failed[0]
         if not stop.is_set():  # startup failed (lifespan: Redis unreachable) or crashed
             raise RuntimeError("sse-gateway: the HTTP server stopped unexpectedly (see log)")
 

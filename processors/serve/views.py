@@ -46,9 +46,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import gc
 import logging
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -131,19 +132,11 @@ def _num(s: str, what: str) -> float:
     return v
 
 
-def parse_view(params: Mapping[str, str], gex: bool) -> ViewSpec:  # noqa: C901 -- owned by the serve helper
+def parse_view(params: Mapping[str, str], gex: bool) -> ViewSpec:
     """Query parameters -> ViewSpec; ValueError (-> 400) for a malformed one."""
     expiry = (params.get("expiry") or "").strip()
     if gex:
-        for name in ("right", "strikes", "widths"):
-            if params.get(name):
-                raise ValueError(f"{name} is not a GEX filter")
-        if not expiry:
-            return ViewSpec()
-        if expiry.lower() in ("all", "0dte"):
-            return ViewSpec(scope=expiry.lower())
-        _date(expiry)
-        return ViewSpec(expiry=expiry)  # resolved against the model (today -> 0dte)
+        return _gex_view(params, expiry)
     right = (params.get("right") or "").strip().upper() or None
     if right not in (None, "C", "P"):
         raise ValueError(f"bad right {right!r} (C or P)")
@@ -151,23 +144,45 @@ def parse_view(params: Mapping[str, str], gex: bool) -> ViewSpec:  # noqa: C901 
         expiry = FRONT  # the model's first expiry, resolved when the stream opens
     elif expiry:
         _date(expiry)
-    strikes = None
-    raw = (params.get("strikes") or "").strip()
-    if raw:
-        lo_s, dash, hi_s = raw.partition("-")
-        if not dash:
-            raise ValueError(f"bad strikes {raw!r} (lo-hi)")
-        lo, hi = _num(lo_s, "strike"), _num(hi_s, "strike")
-        if lo > hi:
-            raise ValueError(f"bad strikes {raw!r} (lo > hi)")
-        strikes = (lo, hi)
-    widths = None
-    raw = (params.get("widths") or "").strip()
-    if raw:
-        widths = frozenset(_num(w, "width") for w in raw.split(",") if w.strip())
-        if not widths:
-            raise ValueError(f"bad widths {raw!r}")
-    return ViewSpec(expiry or None, right, strikes, widths)
+    return ViewSpec(
+        expiry or None,
+        right,
+        _strikes((params.get("strikes") or "").strip()),
+        _widths((params.get("widths") or "").strip()),
+    )
+
+
+def _gex_view(params: Mapping[str, str], expiry: str) -> ViewSpec:
+    for name in ("right", "strikes", "widths"):
+        if params.get(name):
+            raise ValueError(f"{name} is not a GEX filter")
+    if not expiry:
+        return ViewSpec()
+    if expiry.lower() in ("all", "0dte"):
+        return ViewSpec(scope=expiry.lower())
+    _date(expiry)
+    return ViewSpec(expiry=expiry)  # resolved against the model (today -> 0dte)
+
+
+def _strikes(raw: str) -> tuple[float, float] | None:
+    if not raw:
+        return None
+    lo_s, dash, hi_s = raw.partition("-")
+    if not dash:
+        raise ValueError(f"bad strikes {raw!r} (lo-hi)")
+    lo, hi = _num(lo_s, "strike"), _num(hi_s, "strike")
+    if lo > hi:
+        raise ValueError(f"bad strikes {raw!r} (lo > hi)")
+    return lo, hi
+
+
+def _widths(raw: str) -> frozenset[float] | None:
+    if not raw:
+        return None
+    widths = frozenset(_num(w, "width") for w in raw.split(",") if w.strip())
+    if not widths:
+        raise ValueError(f"bad widths {raw!r}")
+    return widths
 
 
 def _date(s: str) -> None:
@@ -188,6 +203,21 @@ def gex_part(key: str) -> PartKey:
     return None
 
 
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """No cyclic collection during a burst of allocations that makes no cycles (decoding and
+    applying a diff of thousands of items): each one would traverse every object the
+    process holds. Only around synchronous code (no await inside)."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 # --- flattened items ---------------------------------------------------------------------------
 class Odd:
     """An item without the model's shape: sent whole."""
@@ -204,13 +234,16 @@ class Odd:
 
 
 REMOVED = None  # a removed key in a change list
-Row = list[Any] | Odd
-Change = tuple[tuple[int, ...], list[Any]] | Odd | None  # (field indexes, values) | whole | removed
+# Rows are tuples: a tuple of plain values is untracked by the cyclic GC, so the ~100k rows of
+# a mirror cost nothing to each full collection (lists would be traversed every time).
+Row = tuple[Any, ...] | Odd
+# a change: (field indexes, values) | a whole item | removed
+Change = tuple[tuple[int, ...], Sequence[Any]] | Odd | None
 
 _interned: dict[str, str] = {}
 
 
-def flatten(obj: Any) -> tuple[tuple[Any, ...], list[Any]] | None:
+def flatten(obj: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]] | None:
     """An item -> (signature, values); None when it is not a JSON object. Arrays of arrays
     (a tile's legs) are flattened one level, element by element."""
     if type(obj) is not dict:
@@ -230,7 +263,7 @@ def flatten(obj: Any) -> tuple[tuple[Any, ...], list[Any]] | None:
         else:
             vals.append(_interned.setdefault(v, v) if type(v) is str and len(v) < 24 else v)
             sig.append(k)
-    return tuple(sig), vals
+    return tuple(sig), tuple(vals)
 
 
 def _intern(x: Any) -> Any:
@@ -238,7 +271,9 @@ def _intern(x: Any) -> Any:
     return _interned.setdefault(x, x) if type(x) is str and len(x) < 24 else x
 
 
-def compile_flatten(sig: tuple[Any, ...], sample: list[Any]) -> Callable[[Any], list[Any] | None]:
+def compile_flatten(
+    sig: tuple[Any, ...], sample: tuple[Any, ...]
+) -> Callable[[Any], tuple[Any, ...] | None]:
     """``flatten`` specialised to one shape: the values of an item of signature ``sig``, None
     for any other item (then ``flatten`` tells). Positions holding a string in ``sample``
     are interned."""
@@ -266,11 +301,11 @@ def compile_flatten(sig: tuple[Any, ...], sample: list[Any]) -> Callable[[Any], 
         f"(I({v}, {v}) if type({v}) is str and len({v}) < 24 else {v})" if type(x) is str else v
         for v, x in zip(vals, sample, strict=True)
     ]
-    lines.append(f"    return [{', '.join(vals)}]")
+    lines.append(f"    return ({', '.join(vals)},)")
     scope: dict[str, Any] = {"N": len(keys), "KEYS": keys, "I": _interned.setdefault}
     # keys enter the source only as repr() literals
     exec("\n".join(lines), scope)
-    return cast(Callable[[Any], list[Any] | None], scope["f"])
+    return cast(Callable[[Any], tuple[Any, ...] | None], scope["f"])
 
 
 def field_names(sig: tuple[Any, ...]) -> list[str]:
@@ -315,15 +350,14 @@ def set_field(item: dict[str, Any], name: str, v: Any) -> None:
 
 def row_change(old: Row | None, new: Row, n: int, all_idx: tuple[int, ...]) -> Change | bool:
     """The change from ``old`` to ``new``; False when nothing changed."""
-    if type(new) is list:
-        if type(old) is list:
-            if old == new and all(type(a) is type(b) for a, b in zip(old, new, strict=True)):
-                return False
+    if type(new) is tuple:
+        if type(old) is tuple:
+            # one pass; ``a is b`` first: interned strings, small ints, shared flags
             idx = tuple(
                 [
                     i
                     for i, (a, b) in enumerate(zip(old, new, strict=True))
-                    if a != b or type(a) is not type(b)
+                    if a is not b and (a != b or type(a) is not type(b))
                 ]
             )
             return (idx, [new[i] for i in idx]) if idx else False
@@ -507,6 +541,14 @@ class Subscriber:
         self.closed = True
         self.wake.set()
 
+    async def woken(self, timeout_s: float) -> bool:
+        """Wait for the next wake-up (the model loaded, a resync, close); False on timeout."""
+        self.wake.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):  # no task per wait (wait_for makes one)
+                await self.wake.wait()
+        return self.wake.is_set()
+
     async def wait(self, timeout_s: float | None = None) -> None:
         if self.pending or self.closed:
             return
@@ -515,22 +557,39 @@ class Subscriber:
             await self.wake.wait()
         else:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), timeout_s)
+                async with asyncio.timeout(timeout_s):  # no task per wait (wait_for makes one)
+                    await self.wake.wait()
 
 
 # --- the mirror of one model and its views -----------------------------------------------------
 class Part:
-    __slots__ = ("items",)
+    """The items of one partition: flattened rows while a view covers it (``hot``), else
+    their JSON as published (``cold``: a diff's items are stored, not decoded)."""
 
-    def __init__(self) -> None:
+    __slots__ = ("cold", "hot", "items")
+
+    def __init__(self, hot: bool) -> None:
+        self.hot = hot
         self.items: dict[str, Row] = {}
+        self.cold: dict[str, bytes] = {}
+
+    def __len__(self) -> int:
+        return len(self.items) + len(self.cold)
+
+
+def _all_parts(pk: PartKey) -> bool:
+    return True
 
 
 class Model:
-    """A model held flattened: items by partition (heatmap: expiry x right)."""
+    """A model held by partition (heatmap: expiry x right): flattened where a view looks
+    (``wants``), raw JSON elsewhere, flattened when a view first covers it."""
 
-    def __init__(self, part_of: Callable[[str], PartKey]) -> None:
+    def __init__(
+        self, part_of: Callable[[str], PartKey], wants: Callable[[PartKey], bool] = _all_parts
+    ) -> None:
         self.part_of = part_of
+        self.wants = wants
         self.parts: dict[PartKey, Part] = {}
         self.sig: tuple[Any, ...] | None = None
         self.names: list[str] = []
@@ -541,7 +600,7 @@ class Model:
         self.head_sid: tuple[int, int] = (0, 0)
         self.ts_ns = 0
         self.meta = b"{}"
-        self._fast: Callable[[Any], list[Any] | None] | None = None
+        self._fast: Callable[[Any], tuple[Any, ...] | None] | None = None
         # partition of every key (parsed once; partition tuples shared)
         self._where: dict[str, PartKey | bool] = {}
         self._pks: dict[PartKey, PartKey] = {}
@@ -571,10 +630,18 @@ class Model:
         return cast(PartKey, pk)
 
     def set(self, key: str, obj: Any) -> tuple[PartKey, Change | bool]:
+        """``obj``: the item, or its JSON (``msgspec.Raw``, bytes)."""
         pk = self._part_key(key)
         part = self.parts.get(pk)
         if part is None:
-            part = self.parts[pk] = Part()
+            part = self.parts[pk] = Part(self.wants(pk))
+        if not part.hot:  # nobody looks: keep the JSON (a copy: a Raw pins its whole diff)
+            part.cold[key] = (
+                bytes(obj) if isinstance(obj, (msgspec.Raw, bytes)) else _json.encode(obj)
+            )
+            return pk, False
+        if isinstance(obj, (msgspec.Raw, bytes)):
+            obj = _decode_any.decode(obj)
         new = self._row(obj)
         old = part.items.get(key)
         part.items[key] = new
@@ -584,23 +651,40 @@ class Model:
         pk = self._part_key(key)
         del self._where[key]
         part = self.parts.get(pk)
-        if part is None or part.items.pop(key, None) is None:
+        if part is None:
             return pk, False
-        if not part.items:
+        had = part.items.pop(key, None) is not None or part.cold.pop(key, None) is not None
+        if not part:
             del self.parts[pk]
-        return pk, True
+        return pk, had and part.hot
+
+    def heat(self, covers: Callable[[PartKey], bool]) -> int:
+        """Flatten the cold partitions ``covers`` selects (a view was added); the number of
+        items flattened."""
+        n = 0
+        for pk, part in self.parts.items():
+            if part.hot or not covers(pk):
+                continue
+            with gc_paused():
+                for key, raw in part.cold.items():
+                    part.items[key] = self._row(_decode_any.decode(raw))
+            n += len(part.cold)
+            part.cold = {}
+            part.hot = True
+        return n
 
     def expiries(self) -> list[str]:
         return sorted({pk[0] for pk in self.parts if pk is not None})
 
     def n_items(self) -> int:
-        return sum(len(p.items) for p in self.parts.values())
+        return sum(len(p) for p in self.parts.values())
 
 
 def apply_changes(
     m: Model, changed: Mapping[str, Any], removed: Iterable[str]
 ) -> dict[PartKey, list[tuple[str, Change]]]:
-    """Apply a model diff's items to ``m``; the effective changes by partition."""
+    """Apply a model diff's items (objects, or their JSON) to ``m``; the effective changes
+    of its flattened partitions, by partition."""
     out: dict[PartKey, list[tuple[str, Change]]] = {}
     for key, obj in changed.items():
         pk, ch = m.set(key, obj)
@@ -614,6 +698,7 @@ def apply_changes(
 
 
 GEX_0DTE_KEEP = ("strike", "n")
+_MERGED_KEPT = 8  # merged backlogs kept per view (subscribers a few diffs apart)
 
 
 class ViewFeed:
@@ -645,6 +730,10 @@ class ViewFeed:
         self.ts_ns = 0
         self.epoch = ""
         self.snap: tuple[str | None, bytes] | None = None
+        self.filled = True  # False: a derived view (GEX by date) before its first content
+        # backlogs merged for slow subscribers, by (prev_id of the first, id of the last):
+        # the subscribers of a view fall behind together, so one merge serves them all
+        self._merged: dict[tuple[str | None, str], ViewDiff] = {}
         self.idle_since = 0.0
         self._proj: tuple[int, ...] | None = None
         self._proj_sig: tuple[Any, ...] | None = None
@@ -713,6 +802,7 @@ class ViewFeed:
         self.ring_bytes = 0
         self.version, self.head, self.ts_ns, self.epoch = m.version, m.head, m.ts_ns, m.epoch
         self.snap = None
+        self._merged.clear()
         n = 0
         for sub in self.subs:
             if not sub.need_snapshot:
@@ -792,6 +882,17 @@ class ViewFeed:
             self.ring_bytes -= len(self.ring.popleft().frame)
         return vd
 
+    def merged(self, diffs: list[ViewDiff]) -> ViewDiff:
+        """``conflate(diffs)``, computed once for every subscriber with the same backlog (a
+        backlog is a run of this view's chain: its ends identify it)."""
+        key = (diffs[0].prev_id, diffs[-1].id_s)
+        vd = self._merged.get(key)
+        if vd is None:
+            vd = self._merged[key] = conflate(diffs, self.names)
+            while len(self._merged) > _MERGED_KEPT:
+                del self._merged[next(iter(self._merged))]
+        return vd
+
     def replay_after(self, last: str) -> list[ViewDiff] | None:
         """The view diffs after id ``last`` (still in the recent history), or None."""
         if last == self.head:
@@ -819,7 +920,7 @@ class ViewFeed:
             for key, row in part.items.items():
                 if spec.rows_filtered and not spec.keep(key):
                     continue
-                if type(row) is list:
+                if type(row) is tuple:
                     vals = row if proj is None else [row[i] for i in proj]
                     rows.append([self.short(key), *vals])
                 else:
