@@ -22,10 +22,15 @@ The query string carries redis-py's connection options (``?socket_timeout=5``,
 A cluster client is handed out typed as :class:`redis.asyncio.Redis`: the commands, pipelines
 and Lua calls the pipeline makes are the same methods on both, and cluster pipelines split by
 node themselves. The one place that holds raw connections, :mod:`streams.link`, asks
-:func:`cluster_of`. redis-py's own command retries are its defaults in every mode (a
-cluster client also re-reads the slot map on MOVED and after a failed node); what is still
-failing after them (a failover in progress, ``CLUSTERDOWN``) surfaces as one of
-:data:`streams.retry.REDIS_UNAVAILABLE` and is retried by the loops.
+:func:`cluster_of`. One node and Sentinel: redis-py retries no command (its default).
+A cluster client keeps redis-py's cluster default: after a lost connection or
+``CLUSTERDOWN`` it re-reads the slot map and re-sends the command (up to 10 times), and it
+follows MOVED/ASK. A write whose reply was lost may so be applied twice; the pipeline
+tolerates that (consumers are idempotent, fence tokens only grow, the publish scripts check
+version = current + 1). With those retries off, redis-py's cluster pipelines kept sending
+to a dead master and the failover test (tests/test_e2e_cluster.py) did not converge. What
+still fails surfaces as one of :data:`streams.retry.REDIS_UNAVAILABLE` and the loops retry
+whole iterations.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ from redis.asyncio.sentinel import (
     SentinelManagedSSLConnection,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import DataError, RedisClusterException
+from redis.exceptions import DataError, RedisClusterException, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from streams.logs import one_line, redact
@@ -113,24 +118,42 @@ def _pack_with_big_args(args: tuple[Any, ...]) -> list[bytes]:
     return out
 
 
-class HiredisPackingConnection(Connection):
+# A master that turns replica (failover, CLUSTER FAILOVER, REPLICAOF) answers the clients it
+# had blocked (XREADGROUP BLOCK) with this error: the server is gone for them, like a lost
+# connection. ("UNBLOCKED the stream key no longer exists" is another matter: the consumer
+# re-creates its group.)
+_DEMOTED = "UNBLOCKED force unblock from blocking operation, instance state changed"
+
+
+class _Fast:
+    """hiredis packing, and a demoted master's UNBLOCKED reply as a ConnectionError."""
+
     def pack_command(self, *args: Any) -> list[bytes]:
         return _pack(args)
 
-
-class HiredisPackingSSLConnection(SSLConnection):
-    def pack_command(self, *args: Any) -> list[bytes]:
-        return _pack(args)
-
-
-class HiredisPackingSentinelConnection(SentinelManagedConnection):
-    def pack_command(self, *args: Any) -> list[bytes]:
-        return _pack(args)
+    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().read_response(*args, **kwargs)  # type: ignore[misc]
+        except ResponseError as exc:
+            if str(exc).startswith(_DEMOTED):
+                raise RedisConnectionError(str(exc)) from exc
+            raise
 
 
-class HiredisPackingSentinelSSLConnection(SentinelManagedSSLConnection):
-    def pack_command(self, *args: Any) -> list[bytes]:
-        return _pack(args)
+class HiredisPackingConnection(_Fast, Connection):
+    pass
+
+
+class HiredisPackingSSLConnection(_Fast, SSLConnection):
+    pass
+
+
+class HiredisPackingSentinelConnection(_Fast, SentinelManagedConnection):
+    pass
+
+
+class HiredisPackingSentinelSSLConnection(_Fast, SentinelManagedSSLConnection):
+    pass
 
 
 @dataclass(frozen=True, slots=True)
