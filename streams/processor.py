@@ -47,6 +47,24 @@ class Processor(Protocol):
     def ready(self) -> bool: ...
 
 
+class PerSymbol:
+    """One processor made of one member per symbol (each with its own lease and ``{<SYM>}``
+    keys), run side by side in one ``asyncio.TaskGroup``: ready when every member is."""
+
+    def __init__(self, name: str, members: Sequence[Processor]) -> None:
+        self.name = name
+        self.members = list(members)
+
+    @property
+    def ready(self) -> bool:
+        return all(m.ready for m in self.members)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        async with asyncio.TaskGroup() as tg:
+            for m in self.members:
+                tg.create_task(m.run(stop), name=m.name)
+
+
 class ConsumerProcessor:
     """Base for processors that consume one group on one stream, or on several streams (one
     per symbol: a Redis Cluster serves each from the symbol's shard).

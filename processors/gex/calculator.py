@@ -56,7 +56,7 @@ from schemas.messages import (
 )
 from streams import metrics
 from streams.clock import StepClock
-from streams.processor import Deps
+from streams.processor import Deps, PerSymbol
 from streams.retry import REDIS_BACKOFF, REDIS_UNAVAILABLE, sleep_or_stop
 from streams.settings import env_settings, from_env, stage_symbols
 
@@ -714,24 +714,11 @@ async def levels_history(
     return b"[" + b",".join(p for p in parts if isinstance(p, bytes)) + b"]"
 
 
-class GexBuilders:
+class GexBuilders(PerSymbol):
     """Processor ``gex``: one :class:`GexBuilder` (lease, keys) per symbol."""
 
-    name = "gex"
-
     def __init__(self, deps: Deps, settings: GexSettings, symbols: tuple[str, ...]) -> None:
-        self.s = settings
-        self.symbols = symbols
-        self.builders = [GexBuilder(deps, settings, s) for s in symbols]
-
-    @property
-    def ready(self) -> bool:
-        return all(b.ready for b in self.builders)
-
-    async def run(self, stop: asyncio.Event) -> None:
-        async with asyncio.TaskGroup() as tg:
-            for b in self.builders:
-                tg.create_task(b.run(stop), name=b.name)
+        super().__init__("gex", [GexBuilder(deps, settings, s) for s in symbols])
 
 
 def build(deps: Deps, arg: str | None) -> GexBuilders:

@@ -76,7 +76,7 @@ from streams import metrics
 from streams.clock import StepClock
 from streams.consumer import Entry
 from streams.memory import fix_mmap_threshold, release_freed_memory
-from streams.processor import Deps
+from streams.processor import Deps, PerSymbol
 from streams.redis_client import as_str
 from streams.retry import REDIS_UNAVAILABLE, run_resilient, sleep_or_stop
 from streams.settings import env_settings, from_env
@@ -978,23 +978,14 @@ def _stream_id(v: str) -> tuple[int, int]:
     return int(a), int(b or 0)
 
 
-class Publishers:
+class Publishers(PerSymbol):
     """``publisher:<strategy>``: one :class:`Publisher` per configured symbol, each with its
     own lease, tile stream and keys (one ``{<SYM>}`` slot), so the symbols of a strategy are
     led, and published, independently: by different replicas, from different shards."""
 
     def __init__(self, deps: Deps, strategy: str, cfg: PublisherSettings) -> None:
-        self.name = f"publisher:{strategy}"
-        self.publishers = [Publisher(deps, strategy, cfg, s) for s in deps.settings.symbols]
-
-    @property
-    def ready(self) -> bool:
-        return all(p.ready for p in self.publishers)
-
-    async def run(self, stop: asyncio.Event) -> None:
-        async with asyncio.TaskGroup() as tg:
-            for p in self.publishers:
-                tg.create_task(p.run(stop), name=p.name)
+        members = [Publisher(deps, strategy, cfg, s) for s in deps.settings.symbols]
+        super().__init__(f"publisher:{strategy}", members)
 
 
 def build(deps: Deps, arg: str | None) -> Publishers:
