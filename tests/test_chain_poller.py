@@ -89,14 +89,14 @@ def expected_cids(
     """The filtered chain computed independently from the simulator's own contract list,
     and the number of contracts matching the server-side filter (before the N-expiry trim)."""
     today = p.today()
-    horizon = (today + dt.timedelta(days=p.s.max_days)).isoformat()
-    lo, hi = round(spot * (1 - p.s.band_pct), 3), round(spot * (1 + p.s.band_pct), 3)
+    horizon = (today + dt.timedelta(days=p.settings.max_days)).isoformat()
+    lo, hi = round(spot * (1 - p.settings.band_pct), 3), round(spot * (1 + p.settings.band_pct), 3)
     listed = [
         c
         for c in srv.market.by_symbol[symbol]
         if today.isoformat() <= c.exp_s <= horizon and lo <= c.strike <= hi
     ]
-    first = sorted({c.exp_s for c in listed})[: p.s.expirations]
+    first = sorted({c.exp_s for c in listed})[: p.settings.expirations]
     return {c.ticker for c in listed if c.exp_s in first}, len(listed)
 
 
@@ -111,7 +111,7 @@ async def test_pages_to_the_end_every_contract_once(deps: Deps, sim: SimServer) 
         blob = await deps.redis.get(ptr.snapshot_key)
         assert blob is not None
         ttl = await deps.redis.ttl(ptr.snapshot_key)
-        assert 0 < ttl <= p.s.snapshot_ttl_s
+        assert 0 < ttl <= p.settings.snapshot_ttl_s
         snap = decode_snapshot(blob)
         cids = [c.cid for c in snap.contracts]
         assert len(cids) == len(set(cids)) == ptr.n_contracts  # exactly once
@@ -398,7 +398,7 @@ def test_build_via_processor_loader(deps: Deps, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("MASSIVE_POLLER_REST_URL", "http://127.0.0.1:1")
     p = load("chain-poller", deps)
     assert isinstance(p, cp.ChainPoller) and p.name == "chain-poller" and not p.ready
-    assert (p.s.api_key, p.s.rest_url, p.symbols) == (
+    assert (p.settings.api_key, p.settings.rest_url, p.symbols) == (
         "env-key",
         "http://127.0.0.1:1",
         ("SPX", "NDX"),
@@ -412,9 +412,9 @@ def test_rest_retries_use_the_one_backoff_policy_with_full_jitter(deps: Deps) ->
 
     s = cp.PollerSettings(backoff_base_s=0.2, backoff_max_s=3.0)
     p = cp.ChainPoller(deps, s)
-    assert p.rest.cfg.backoff == Backoff(base_s=0.2, cap_s=3.0, jitter="full")
+    assert p.rest.settings.backoff == Backoff(base_s=0.2, cap_s=3.0, jitter="full")
     delays = [
-        p.rest.cfg.backoff.delay_s(4) for _ in range(400)
+        p.rest.settings.backoff.delay_s(4) for _ in range(400)
     ]  # window min(3.0, 0.2 * 2**4) = 3.0
     assert all(0 <= d <= 3.0 for d in delays) and min(delays) < 0.75 and max(delays) > 2.25
     with pytest.raises(ValueError, match="backoff"):

@@ -460,7 +460,9 @@ def test_build_reads_env_and_arg(deps: Deps, monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("MASSIVE_GEX_INTERVAL_S", "5")
     deps = dataclasses.replace(deps, settings=dataclasses.replace(deps.settings, symbols=("NDX",)))
     p = build(deps, None)
-    assert p.name == "gex" and [(b.symbol, b.s.interval_s) for b in p.members] == [("NDX", 5.0)]
+    assert p.name == "gex" and [(b.symbol, b.settings.interval_s) for b in p.members] == [
+        ("NDX", 5.0)
+    ]
     assert [b.symbol for b in build(deps, "SPX,NDX").members] == ["SPX", "NDX"]
     with pytest.raises(ValueError):
         GexSettings(interval_s=0)

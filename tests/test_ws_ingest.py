@@ -490,7 +490,7 @@ def test_build_via_processor_loader(deps: Deps, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("MASSIVE_WS_URL", "ws://127.0.0.1:1")
     w = load("ws-ingest", deps)
     assert isinstance(w, wi.WsIngest) and w.name == "ws-ingest" and not w.ready
-    assert (w.s.api_key, w.s.url) == ("env-key", "ws://127.0.0.1:1")
+    assert (w.settings.api_key, w.settings.url) == ("env-key", "ws://127.0.0.1:1")
     assert set(w.feeds) == {"options", "indices"}
     assert load("ws-ingest:ndx", deps).symbols == ("NDX",)  # type: ignore[attr-defined]
 

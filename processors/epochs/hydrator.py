@@ -188,8 +188,8 @@ class Hydrator(ConsumerProcessor):
     name = "hydrator"
 
     def __init__(self, deps: Deps, cfg: HydratorSettings | None = None) -> None:
-        self.cfg = cfg or HydratorSettings()
-        overrides: dict[str, object] = {"count": self.cfg.count} if self.cfg.count else {}
+        self.settings = cfg or HydratorSettings()
+        overrides: dict[str, object] = {"count": self.settings.count} if self.settings.count else {}
         super().__init__(deps, keys.WS_STREAM, keys.HYDRATOR_GROUP, **overrides)
         self.maxlen = deps.settings.stream_maxlen
         self._hydrate = lua.get("hydrate")
@@ -381,7 +381,7 @@ class Hydrator(ConsumerProcessor):
 
     def _chunks(self, entries: list[Entry]) -> Iterator[list[Entry]]:
         """Sub-batches of ``sub_batch`` entries, the first two a quarter and a half of that."""
-        step = self.cfg.sub_batch
+        step = self.settings.sub_batch
         start = 0
         for size in (max(1, step // 4), max(1, step // 2)):
             if start < len(entries):
@@ -400,7 +400,7 @@ class Hydrator(ConsumerProcessor):
 
     def _dirty_entries(self, acc: dict[tuple[str, str], _Dirty]) -> list[DirtyEntry]:
         out: list[DirtyEntry] = []
-        step = self.cfg.dirty_chunk
+        step = self.settings.dirty_chunk
         for (s, eid), d in acc.items():
             cids = list(d.recv)
             for off in range(0, len(cids), step):
@@ -504,7 +504,7 @@ class Hydrator(ConsumerProcessor):
         rt = routed
         pend_q: list[Quote] = []
         pend_t: list[Trade] = []
-        for attempt in range(self.cfg.max_attempts):
+        for attempt in range(self.settings.max_attempts):
             if attempt:
                 rt = self._route(pend_q, pend_t)
                 res = await link.call(self._commands(rt, []))

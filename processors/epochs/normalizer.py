@@ -212,7 +212,7 @@ class Normalizer(ConsumerProcessor):
         # Symbols whose epochs the sweep visits: the configured ones and any seen since.
         self.symbols: set[str] = set(deps.settings.symbols)
         super().__init__(deps, keys.CHAIN_STREAM, keys.NORMALIZER_GROUP)
-        self.cfg = cfg or NormalizerSettings()
+        self.settings = cfg or NormalizerSettings()
         self.clock = deps.clock
         self.maxlen = deps.settings.stream_maxlen
         self._seed = lua.get("seed")
@@ -369,7 +369,7 @@ class Normalizer(ConsumerProcessor):
             self._gex_source.queue(
                 pipe,
                 [keys.gex_source(snap.symbol)],
-                [str(snap.ts_ns), spot, encode_gex_source(src), self.cfg.gex_source_ttl_s],
+                [str(snap.ts_ns), spot, encode_gex_source(src), self.settings.gex_source_ttl_s],
             )
             self._spot_call(pipe, snap)
 
@@ -456,7 +456,7 @@ class Normalizer(ConsumerProcessor):
                     g,
                 )
             )
-        step = self.cfg.seed_chunk
+        step = self.settings.seed_chunk
         gex_key = keys.epoch_gex(topo.symbol, eid)
         prefix = keys.epoch_contract_prefix(topo.symbol, eid)
         chunks = [
@@ -515,7 +515,7 @@ class Normalizer(ConsumerProcessor):
         """Dirty entries for ``cids``; their times are the snapshot's, or ``max_ts_ns`` and
         no receive time without one (a carry: the events' receive times are not kept)."""
         n = 0
-        step = self.cfg.dirty_chunk
+        step = self.settings.dirty_chunk
         for off in range(0, len(cids), step):
             msg = DirtyEntry(
                 symbol=topo.symbol,
@@ -559,7 +559,7 @@ class Normalizer(ConsumerProcessor):
         floors = (
             [(0, 0)] * len(cids) if snap is None else [_snap_ts(c, snap) for c in topo.contracts]
         )
-        step = self.cfg.seed_chunk
+        step = self.settings.seed_chunk
         prefix = keys.epoch_contract_prefix(sym, old)
 
         def read(pipe: Pipeline) -> None:
@@ -682,7 +682,7 @@ class Normalizer(ConsumerProcessor):
                 if v is not None:
                     row += (name, repr(float(v)))
             rows.append(row)
-        step = self.cfg.build_chunk
+        step = self.settings.build_chunk
         fixed = keys.epoch_fixed_keys(sym, eid)
         prefix = keys.epoch_contract_prefix(sym, eid)
         chunks = [
@@ -707,7 +707,7 @@ class Normalizer(ConsumerProcessor):
         Returns the previously active epoch id."""
         eid, sym = topo.eid, topo.symbol
         cids = [c.cid for c in topo.contracts]
-        for _ in range(self.cfg.promote_retries):
+        for _ in range(self.settings.promote_retries):
             async with self.redis.pipeline(transaction=True) as pipe:
                 try:
                     await pipe.watch(keys.epoch_active(sym))
@@ -750,9 +750,13 @@ class Normalizer(ConsumerProcessor):
         n = 0
         ks = await self._epoch_keys(symbol, eid)
         for off in range(0, len(ks), 5000):
-            n += int(await self._expire(self.redis, ks[off : off + 5000], [self.cfg.retire_ttl_s]))
+            n += int(
+                await self._expire(self.redis, ks[off : off + 5000], [self.settings.retire_ttl_s])
+            )
         self.m_retired_keys.inc(n)
-        logger.info("epoch retired eid=%s keys=%d ttl=%ds", eid, len(ks), self.cfg.retire_ttl_s)
+        logger.info(
+            "epoch retired eid=%s keys=%d ttl=%ds", eid, len(ks), self.settings.retire_ttl_s
+        )
         return n
 
     async def _has_leftovers(self, topo: Topology) -> bool:
@@ -804,7 +808,7 @@ class Normalizer(ConsumerProcessor):
             if e == active or ttl >= 0:
                 continue
             age_s = (now - int(created_b or 0)) / 1e9
-            if state == "retired" or (state == "warming" and age_s > self.cfg.retire_ttl_s):
+            if state == "retired" or (state == "warming" and age_s > self.settings.retire_ttl_s):
                 logger.warning("sweep: epoch %s (%s) had no TTL; retiring its keys", e, state)
                 if state == "warming":
                     await self.redis.hset(keys.epoch_meta(sym, e), "state", "retired")

@@ -197,7 +197,7 @@ class GexBuilder:
         self.deps = deps
         self.redis: Redis = deps.redis
         self.clock = deps.clock
-        self.s = settings
+        self.settings = settings
         self.symbol = symbol
         self.symbols = (symbol,)
         self.params = settings.params()
@@ -271,7 +271,7 @@ class GexBuilder:
 
     # --- leadership ---------------------------------------------------------------------
     async def _lease(self, now_m: float) -> None:
-        renew_s = self.s.lease_ttl_ms / 3000
+        renew_s = self.settings.lease_ttl_ms / 3000
         if self.leader:
             if now_m < self._renew_at:
                 return
@@ -321,7 +321,7 @@ class GexBuilder:
     def _minid(self, retention_s: float | None = None) -> str:
         """Entries older than the retention (default ``diff_retention_s``) are trimmed with
         each publish."""
-        keep_s = self.s.diff_retention_s if retention_s is None else retention_s
+        keep_s = self.settings.diff_retention_s if retention_s is None else retention_s
         ms = self.clock.time_ns() // 1_000_000 - int(keep_s * 1000)
         return f"{max(0, ms)}-0"
 
@@ -343,7 +343,7 @@ class GexBuilder:
                 continue
             eid = raw.decode() if isinstance(raw, bytes) else str(raw)
             st = self.state.setdefault(sym, _SymState())
-            if eid != st.eid or now_m - st.checked_mono >= self.s.interval_s:
+            if eid != st.eid or now_m - st.checked_mono >= self.settings.interval_s:
                 await self.build(sym, eid, st, now_m)
                 if not self.leader:
                     return
@@ -356,7 +356,7 @@ class GexBuilder:
         try:
             while not stop.is_set():
                 self.deps.heartbeats.beat(self.name)
-                delay = self.s.poll_s
+                delay = self.settings.poll_s
                 try:
                     await self.tick()
                     self._ready = True
@@ -399,11 +399,11 @@ class GexBuilder:
         """Clock seconds until a build falls due without a promotion (None: nothing built
         yet; a promotion comes with records, which always bring an instant)."""
         if not self.leader:
-            return self.s.poll_s
+            return self.settings.poll_s
         checked = [st.checked_mono for st in self.state.values() if math.isfinite(st.checked_mono)]
         if not checked:
             return None
-        return min(checked) + self.s.interval_s - self.clock.monotonic()
+        return min(checked) + self.settings.interval_s - self.clock.monotonic()
 
     # --- build --------------------------------------------------------------------------
     def params_for(self, sym: str) -> gex_math.Params:
@@ -500,7 +500,7 @@ class GexBuilder:
         """Build one symbol; returns the outcome label."""
         t0 = time.perf_counter()
         st.checked_mono = now_m
-        full = self.s.scope == "full"
+        full = self.settings.scope == "full"
         params = self.params_for(sym)
         pipe = self.redis.pipeline(transaction=False)
         pipe.hmget(keys.SPOT_LATEST, [sym, f"{sym}:ts_ns"])
@@ -521,7 +521,7 @@ class GexBuilder:
         fresh = (
             src_ts is not None
             and src_ts != st.bad_source_ts
-            and now_ns - src_ts <= self.s.source_max_age_s * 1e9
+            and now_ns - src_ts <= self.settings.source_max_age_s * 1e9
         )
         proj: dict[Any, Any] | None = None
         if fresh:
@@ -530,7 +530,7 @@ class GexBuilder:
             proj = await self.redis.hgetall(keys.epoch_gex(sym, eid))
             src_key = ("window", eid, hash(frozenset(proj.items())))
         fp = (eid, spot, src_key)
-        if fp == st.fingerprint and now_m - st.built_mono < self.s.reprice_interval_s:
+        if fp == st.fingerprint and now_m - st.built_mono < self.settings.reprice_interval_s:
             self.m_builds.labels(symbol=sym, outcome="same_inputs").inc()
             return "same_inputs"
         src_key, chain = await self._chain(
@@ -540,7 +540,7 @@ class GexBuilder:
         scope = str(src_key[0])
         self._log_scope(sym, st, scope, chain)
         ds = st.dollar_spot
-        if ds is None or abs(spot / ds - 1.0) * 1e4 >= self.s.dollar_spot_step_bp:
+        if ds is None or abs(spot / ds - 1.0) * 1e4 >= self.settings.dollar_spot_step_bp:
             ds = spot
         res = gex_math.compute(chain, spot, params, ds)
         items = res.items()
@@ -579,7 +579,7 @@ class GexBuilder:
                 "min_t_s": params.min_t_s,
                 "grid_range_pct": params.grid_range_pct,
                 "grid_step_pct": params.grid_step_pct,
-                "dollar_spot_step_bp": self.s.dollar_spot_step_bp,
+                "dollar_spot_step_bp": self.settings.dollar_spot_step_bp,
                 "fit_max_err": params.fit_max_err,
                 "multiplier": params.multiplier,
                 "exercise": symbol_specs.registry().spec(sym).exercise,
@@ -657,7 +657,7 @@ class GexBuilder:
                 puts,
                 st.head or "",
                 entry(levels)[b"d"],
-                self._minid(self.s.history_retention_s),
+                self._minid(self.settings.history_retention_s),
             ],
         )
         if diff_id == lua.GexPublish.FENCED:

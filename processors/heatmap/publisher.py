@@ -209,7 +209,7 @@ class Publisher:
         self.clock = deps.clock
         self.strategy = strategy
         self.kind = f"heatmap:{strategy}"
-        self.cfg = cfg
+        self.settings = cfg
         self.stream = keys.tiles_stream(strategy, symbol)
         self.group = keys.PUBLISHER_GROUP
         self.consumer = deps.settings.consumer
@@ -307,7 +307,7 @@ class Publisher:
             prev = self.lease.last_token
             tok = await self.lease.take()
             if tok == 0:
-                await sleep_or_stop(stop, self.cfg.renew_ms / 1000)
+                await sleep_or_stop(stop, self.settings.renew_ms / 1000)
                 continue
             # Nobody led between our previous token and this one (or we kept it): our state
             # is still what we published, so keep it instead of reconciling every symbol
@@ -360,7 +360,7 @@ class Publisher:
     async def _renew_loop(self, stop: asyncio.Event) -> None:
         """Renew every ``renew_ms`` independently of how long one lead iteration takes."""
         while not stop.is_set() and self.leader:
-            await sleep_or_stop(stop, self.cfg.renew_ms / 1000)
+            await sleep_or_stop(stop, self.settings.renew_ms / 1000)
             if stop.is_set():
                 return
             try:
@@ -385,7 +385,7 @@ class Publisher:
                     self.group,
                     self.consumer,
                     {self.stream: ">"},
-                    count=self.cfg.count,
+                    count=self.settings.count,
                     block=self._block_ms(),
                 )
             except ResponseError as exc:
@@ -406,7 +406,7 @@ class Publisher:
             while True:
                 try:
                     res: Any = await self.redis.xreadgroup(
-                        self.group, self.consumer, {self.stream: ">"}, count=self.cfg.count
+                        self.group, self.consumer, {self.stream: ">"}, count=self.settings.count
                     )
                 except ResponseError as exc:
                     if "NOGROUP" not in str(exc):
@@ -416,7 +416,7 @@ class Publisher:
                 got = res[0][1] if res else []
                 if got:
                     await self._ingest(got)
-                if len(got) < self.cfg.count:
+                if len(got) < self.settings.count:
                     break
             await self._evaluate()
             await self._checkpoint_idle()
@@ -427,7 +427,7 @@ class Publisher:
         """Clock seconds until ``_evaluate`` or ``_checkpoint_idle`` would act without new
         input (None: never): the time condition of pending changes, the retry of an
         incomplete reconcile, the idle checkpoint."""
-        cfg = self.cfg
+        cfg = self.settings
         due = float("inf")
         for st in self.syms.values():
             if st.needs_reconcile:
@@ -439,11 +439,11 @@ class Publisher:
         return None if due == float("inf") else due - self.clock.monotonic()
 
     def _block_ms(self) -> int:
-        block = float(self.cfg.tick_ms)
+        block = float(self.settings.tick_ms)
         now = self.clock.monotonic()
         for st in self.syms.values():
             if st.pending:
-                due = st.last_publish + self.cfg.max_interval_ms / 1000 - now
+                due = st.last_publish + self.settings.max_interval_ms / 1000 - now
                 block = min(block, max(due * 1000, 1.0))
         return max(1, int(block))
 
@@ -459,7 +459,7 @@ class Publisher:
         start: bytes | str = "0-0"
         while True:
             nxt, claimed, *_ = await self.redis.xautoclaim(
-                self.stream, self.group, self.consumer, 0, start_id=start, count=self.cfg.count
+                self.stream, self.group, self.consumer, 0, start_id=start, count=self.settings.count
             )
             if claimed:
                 await self._ingest(claimed)
@@ -665,18 +665,18 @@ class Publisher:
                 return
             if st.needs_reconcile:
                 # An incomplete staging is re-read at most once per max interval.
-                if now - st.last_reconcile >= self.cfg.max_interval_ms / 1000:
+                if now - st.last_reconcile >= self.settings.max_interval_ms / 1000:
                     st.last_reconcile = now
                     await self._reconcile(st)
                 continue
             if not st.pending:
                 continue
             n = len(st.pending)
-            if n >= self.cfg.min_changed_tiles or (
-                n * 100.0 >= self.cfg.min_changed_pct * max(len(st.items), 1)
+            if n >= self.settings.min_changed_tiles or (
+                n * 100.0 >= self.settings.min_changed_pct * max(len(st.items), 1)
             ):
                 await self._publish_pending(st, "value")
-            elif now - st.last_publish >= self.cfg.max_interval_ms / 1000:
+            elif now - st.last_publish >= self.settings.max_interval_ms / 1000:
                 await self._publish_pending(st, "time")
 
     async def _reconcile(self, st: SymState) -> None:
@@ -775,7 +775,7 @@ class Publisher:
         checkpoint = (
             expected is not None
             or epoch != st.epoch
-            or t0 - st.last_checkpoint >= self.cfg.checkpoint_ms / 1000
+            or t0 - st.last_checkpoint >= self.settings.checkpoint_ms / 1000
         )
         code, diff_id = await self._write(st.symbol, epoch, version, encode(diff), st.head)
         if code == lua.Publish.OK and items is None:
@@ -874,7 +874,7 @@ class Publisher:
                     str(version),
                     diff_id,
                     diff_json,
-                    str(self.cfg.lease_ttl_ms),
+                    str(self.settings.lease_ttl_ms),
                     self._retention.minid(ms, seq, len(diff_json), self._pinned()),
                     prev_id or "",
                 ],
@@ -912,7 +912,7 @@ class Publisher:
                 continue
             if st.epoch is None or st.diff_id is None:
                 continue
-            if now - st.last_publish < self.cfg.checkpoint_idle_ms / 1000:
+            if now - st.last_publish < self.settings.checkpoint_idle_ms / 1000:
                 continue
             model = PublishedModel(
                 symbol=st.symbol,

@@ -208,7 +208,7 @@ class TileBuilder(ConsumerProcessor):
         streams = [keys.contracts_dirty_stream(s) for s in self.symbols]
         super().__init__(deps, streams, keys.tile_builder_group(strategy))
         self.strategy = strategy
-        self.cfg = cfg
+        self.settings = cfg
         self.clock = deps.clock
         self._stage = lua.get("stage")
         self._install = lua.get("install")
@@ -262,7 +262,7 @@ class TileBuilder(ConsumerProcessor):
     # --- lifecycle ------------------------------------------------------------------------
     async def run(self, stop: Any) -> None:
         fix_mmap_threshold()  # a full build's buffers must not move the threshold up
-        if self.cfg.bootstrap:
+        if self.settings.bootstrap:
             try:
                 await self.bootstrap()
             except Exception:  # a failed bootstrap is retried by the next dirty entry
@@ -348,7 +348,7 @@ class TileBuilder(ConsumerProcessor):
             return cached[1]
         self._drop_other_epoch(sym, eid)
         cids = await self.topology.epoch(sym, eid)
-        grid = make_grid(cids, sym, self.strategy, self.cfg, self.clock.time_ns())
+        grid = make_grid(cids, sym, self.strategy, self.settings, self.clock.time_ns())
         self._grids[sym] = (eid, grid)
         return grid
 
@@ -375,7 +375,7 @@ class TileBuilder(ConsumerProcessor):
         keys, ``TileTable.staged_values_keyed``)."""
         cids = table.leg_contracts(rows)
         quotes, qrows, _ = await fetch_rows(
-            self.redis, sym, eid, cids, self.cfg.fetch_chunk, self._parse
+            self.redis, sym, eid, cids, self.settings.fetch_chunk, self._parse
         )
         return await self._values(table, rows, cids, quotes, qrows)
 
@@ -392,7 +392,7 @@ class TileBuilder(ConsumerProcessor):
         I/O: the step between the reads and the optimistic write, where a test lets a
         replica write staging."""
         table.load_rows(cids, qrows)
-        values, key = table.staged_values_keyed(rows, quotes, self.cfg.max_quote_age_ns)
+        values, key = table.staged_values_keyed(rows, quotes, self.settings.max_quote_age_ns)
         return table.tile_ids(rows), values, key
 
     async def incremental(
@@ -455,7 +455,7 @@ class TileBuilder(ConsumerProcessor):
             # (used only if the epoch is the staged one, the usual case).
             legs = table.leg_contracts(rows)
             quotes, qrows, (staged, writer) = await fetch_rows(
-                self.redis, sym, eid, legs, self.cfg.fetch_chunk, self._parse, manifest=k_man
+                self.redis, sym, eid, legs, self.settings.fetch_chunk, self._parse, manifest=k_man
             )
             if staged is not None and as_str(staged) == eid:
                 if writer is None or as_str(writer) != self.owner:
@@ -481,7 +481,7 @@ class TileBuilder(ConsumerProcessor):
         # Admitted or equal (an equal tile may be a redelivery whose delta was lost).
         ids = [t for t, st in zip(tids, statuses, strict=True) if st >= lua.Stage.EQUAL]
         if ids:
-            await producer.xadd(self.redis, k_tiles, delta(ids), self.cfg.tiles_maxlen)
+            await producer.xadd(self.redis, k_tiles, delta(ids), self.settings.tiles_maxlen)
             self.m_deltas.inc()
         self.m_seconds.labels(self.strategy, "incremental").observe(time.perf_counter() - t0)
         return ids
@@ -504,12 +504,12 @@ class TileBuilder(ConsumerProcessor):
         self.m_computed.labels(self.strategy, "incremental").inc(len(tids))
         changed = table.view_changed(rows, key)
         tx.multi()
-        for items in _pairs(tids, values, self.cfg.write_chunk):
+        for items in _pairs(tids, values, self.settings.write_chunk):
             tx.hset(k_st, items=items)
         tx.hset(k_man, "writer", self.owner)
         ids: list[str] = table.ids[rows[changed]].tolist()
         if ids:
-            producer.xadd_pipe(tx, k_tiles, delta(ids), self.cfg.tiles_maxlen)
+            producer.xadd_pipe(tx, k_tiles, delta(ids), self.settings.tiles_maxlen)
         try:
             await tx.execute()
         except WatchError:
@@ -529,7 +529,7 @@ class TileBuilder(ConsumerProcessor):
         """Admission write of the tiles ``tids`` with staging ``values``; None when staging
         holds another epoch."""
         k = [keys.heatmap_staging(sym, self.strategy), keys.heatmap_manifest(sym, self.strategy)]
-        chunks = _pairs(tids, values, self.cfg.write_chunk)
+        chunks = _pairs(tids, values, self.settings.write_chunk)
 
         def queue(pipe: Pipeline) -> None:
             for pairs in chunks:
@@ -573,7 +573,7 @@ class TileBuilder(ConsumerProcessor):
         b_key = keys.heatmap_build(sym, self.strategy, consumer)
         pipe = self.redis.pipeline(transaction=False)
         pipe.delete(b_key)
-        n = self.cfg.write_chunk
+        n = self.settings.write_chunk
         for i in range(0, len(tiles), n):
             pipe.hset(b_key, mapping=dict(tiles[i : i + n]))
         await pipe.execute()
@@ -631,7 +631,7 @@ class TileBuilder(ConsumerProcessor):
             n_dirty=n_dirty,
         )
         stream = keys.tiles_stream(self.strategy, sym)
-        await producer.xadd(self.redis, stream, _fields(delta), self.cfg.tiles_maxlen)
+        await producer.xadd(self.redis, stream, _fields(delta), self.settings.tiles_maxlen)
         self.m_deltas.inc()
 
 

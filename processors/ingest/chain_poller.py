@@ -170,7 +170,7 @@ class ChainPoller:
         self.deps = deps
         self.redis = deps.redis
         self.clock = deps.clock
-        self.s = settings
+        self.settings = settings
         self.symbols = symbols or deps.settings.symbols
         self.rest = MassiveRest(settings.rest_config(), deps.registry)
         # after an internal failure (Redis down): min_interval_s, doubling up to backoff_max_s
@@ -304,8 +304,8 @@ class ChainPoller:
         today = self.today()
         params = {
             "expiration_date.gte": today.isoformat(),
-            "expiration_date.lte": (today + dt.timedelta(days=self.s.max_days)).isoformat(),
-            "limit": str(self.s.limit),
+            "expiration_date.lte": (today + dt.timedelta(days=self.settings.max_days)).isoformat(),
+            "limit": str(self.settings.limit),
             "sort": "ticker",
             "order": "asc",
         }
@@ -319,7 +319,7 @@ class ChainPoller:
         """The whole chain: every expiration from today, every strike."""
         return {
             "expiration_date.gte": self.today().isoformat(),
-            "limit": str(self.s.limit),
+            "limit": str(self.settings.limit),
             "sort": "ticker",
             "order": "asc",
         }
@@ -377,7 +377,7 @@ class ChainPoller:
         the server filter is the same, this guards a server that ignores it)."""
         today = self.today().isoformat()
         expiries = sorted({c.expiry for c in contracts if c.expiry >= today})
-        keep = set(expiries[: self.s.expirations])
+        keep = set(expiries[: self.settings.expirations])
         lo, hi = band if band is not None else (-math.inf, math.inf)
         out = [c for c in contracts if c.expiry in keep and lo <= c.strike <= hi]
         out.sort(key=lambda c: (c.expiry, c.strike, c.right, c.cid))
@@ -445,12 +445,12 @@ class ChainPoller:
         async with self.rest.client() as client:
             while not stop.is_set():
                 t0 = self.clock.monotonic()
-                delay = self.s.full_interval_s
+                delay = self.settings.full_interval_s
                 try:
                     await self.full_cycle(client, dict(self._last_spot), "cadence")
                 except AuthError as exc:  # counted by the window's loop as well
                     logger.error("chain-poller: whole chain: %s", exc)
-                    delay = max(delay, self.s.auth_retry_s)
+                    delay = max(delay, self.settings.auth_retry_s)
                 except REDIS_UNAVAILABLE as exc:
                     self.m_errors.labels("redis").inc()
                     logger.warning("chain-poller: whole chain not written, redis: %s", exc)
@@ -481,7 +481,11 @@ class ChainPoller:
     async def write(self, res: FetchResult, reason: str) -> None:
         ts = self.clock.time_ns()
         key = keys.chain_snapshot(res.symbol, ts, res.scope)
-        ttl = self.s.full_snapshot_ttl_s if res.scope == "full" else self.s.snapshot_ttl_s
+        ttl = (
+            self.settings.full_snapshot_ttl_s
+            if res.scope == "full"
+            else self.settings.snapshot_ttl_s
+        )
         snap = ChainSnapshot(
             symbol=res.symbol,
             ts_ns=ts,
@@ -507,7 +511,7 @@ class ChainPoller:
         pipe.xadd(
             keys.CHAIN_STREAM,
             entry(ptr),  # type: ignore[arg-type]
-            maxlen=self.s.chain_stream_maxlen,
+            maxlen=self.settings.chain_stream_maxlen,
             approximate=True,
         )
         if res.spot is not None:
@@ -523,7 +527,7 @@ class ChainPoller:
             pipe.xadd(
                 keys.SPOT_STREAM,
                 entry(tick),  # type: ignore[arg-type]
-                maxlen=self.s.spot_stream_maxlen,
+                maxlen=self.settings.spot_stream_maxlen,
                 approximate=True,
             )
         await pipe.execute()
@@ -565,7 +569,7 @@ class ChainPoller:
             stream=keys.CONTROL_STREAM,
             group=keys.CHAIN_POLLER_CONTROL_GROUP,
             consumer=self.deps.settings.consumer,
-            block_ms=self.s.control_block_ms,
+            block_ms=self.settings.control_block_ms,
             start_id="$",
         )
         control = GroupConsumer(
@@ -575,7 +579,7 @@ class ChainPoller:
         # TaskGroup: a crashed helper stops the cycles and is raised (as itself)
         async with task_group() as tg:
             helpers = [tg.create_task(control.run(stop), name="chain-poller-control")]
-            if self.s.full_interval_s > 0:
+            if self.settings.full_interval_s > 0:
                 helpers.append(tg.create_task(self.full_loop(stop), name="chain-poller-full"))
             try:
                 await self._cycles(stop)
@@ -600,14 +604,16 @@ class ChainPoller:
                     self._ready = True
                     self.cycles += 1
                     took = self.clock.monotonic() - t0
-                    delay = max(self.s.min_interval_s, self.s.latency_factor * took)
+                    delay = max(self.settings.min_interval_s, self.settings.latency_factor * took)
                 except AuthError as exc:
                     self.last_error = exc
                     self.m_errors.labels("auth").inc()
                     self.m_auth_failed.set(1)
-                    logger.error("chain-poller: %s; retrying in %.0fs", exc, self.s.auth_retry_s)
+                    logger.error(
+                        "chain-poller: %s; retrying in %.0fs", exc, self.settings.auth_retry_s
+                    )
                     took = self.clock.monotonic() - t0
-                    delay = self.s.auth_retry_s
+                    delay = self.settings.auth_retry_s
                 except FetchError as exc:  # every symbol failed (already counted)
                     self.last_error = exc
                     failures += 1
@@ -626,8 +632,8 @@ class ChainPoller:
     def _failed_cycle_backoff(self, took: float) -> Backoff:
         """After a cycle in which every symbol failed: the cadence delay, doubled per
         consecutive failed cycle, up to six times ``backoff_max_s``."""
-        cap_s = self.s.backoff_max_s * 6
-        cadence = max(self.s.min_interval_s, self.s.latency_factor * took)
+        cap_s = self.settings.backoff_max_s * 6
+        cadence = max(self.settings.min_interval_s, self.settings.latency_factor * took)
         return Backoff(base_s=min(cadence, cap_s), cap_s=cap_s, jitter="equal")
 
     async def _wait_next(self, stop: asyncio.Event, delay: float) -> str:
@@ -641,7 +647,7 @@ class ChainPoller:
             wake_w.cancel()
         if self._wake.is_set() and not stop.is_set():
             # never closer than refresh_min_gap_s to the end of the previous cycle
-            await sleep_or_stop(self._stop, self.s.refresh_min_gap_s)
+            await sleep_or_stop(self._stop, self.settings.refresh_min_gap_s)
             return self._pending_reason or "refresh"
         return "cadence"
 

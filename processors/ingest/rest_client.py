@@ -119,7 +119,7 @@ class MassiveRest:
     ``pages_total``). ``stop`` (set by the poller's run) cuts retry sleeps short."""
 
     def __init__(self, cfg: RestConfig, registry: CollectorRegistry) -> None:
-        self.cfg = cfg
+        self.settings = cfg
         self.stop: asyncio.Event | None = None
         self.base_url = httpx.URL(cfg.rest_url.rstrip("/") + "/")
         add_secret(cfg.api_key)
@@ -140,9 +140,9 @@ class MassiveRest:
     # --- URLs -----------------------------------------------------------------------------
     def client(self) -> httpx.AsyncClient:
         headers = {"Accept-Encoding": "gzip", "User-Agent": "massive-pipeline chain-poller"}
-        if self.cfg.auth_mode == "bearer" and self.cfg.api_key:
-            headers["Authorization"] = f"Bearer {self.cfg.api_key}"
-        timeout = httpx.Timeout(self.cfg.timeout_s, connect=self.cfg.connect_timeout_s)
+        if self.settings.auth_mode == "bearer" and self.settings.api_key:
+            headers["Authorization"] = f"Bearer {self.settings.api_key}"
+        timeout = httpx.Timeout(self.settings.timeout_s, connect=self.settings.connect_timeout_s)
         return httpx.AsyncClient(timeout=timeout, headers=headers, follow_redirects=False)
 
     def _on_base(self, raw_path: bytes) -> httpx.URL:
@@ -150,8 +150,12 @@ class MassiveRest:
         resolved as a reference (a path that is itself a URL stays a path); in query-auth
         mode (re-)append ``apiKey``."""
         url = self.base_url.copy_with(raw_path=raw_path)
-        if self.cfg.auth_mode == "query" and self.cfg.api_key and "apiKey" not in url.params:
-            url = url.copy_add_param("apiKey", self.cfg.api_key)
+        if (
+            self.settings.auth_mode == "query"
+            and self.settings.api_key
+            and "apiKey" not in url.params
+        ):
+            url = url.copy_add_param("apiKey", self.settings.api_key)
         return url
 
     def url(self, path: str) -> httpx.URL:
@@ -190,7 +194,7 @@ class MassiveRest:
     async def get(self, client: httpx.AsyncClient, url: httpx.URL) -> bytes:
         """GET with retries; returns the body of a 200. Raises FetchError/AuthError."""
         last: FetchError | None = None
-        for attempt in range(self.cfg.max_retries + 1):
+        for attempt in range(self.settings.max_retries + 1):
             if attempt:
                 assert last is not None
                 self.m_retries.labels(last.kind).inc()
@@ -207,9 +211,11 @@ class MassiveRest:
                 if resp.status_code == 200:
                     return resp.content
                 last, delay = self._retryable(resp)
-            if attempt == self.cfg.max_retries or (self.stop is not None and self.stop.is_set()):
+            if attempt == self.settings.max_retries or (
+                self.stop is not None and self.stop.is_set()
+            ):
                 break
-            backoff = self.cfg.backoff.delay_s(attempt)
+            backoff = self.settings.backoff.delay_s(attempt)
             await sleep_or_stop(self.stop, backoff if delay is None else max(delay, backoff))
         assert last is not None
         raise last
@@ -224,24 +230,24 @@ class MassiveRest:
             raise FetchError(f"http_{st}", f"HTTP {st}: {_error_text(resp)}")
         kind = "rate_limited" if st == 429 else f"http_{st // 100}xx"
         ra = retry_after_s(resp)
-        delay = min(ra, self.cfg.retry_after_max_s) if ra is not None else None
+        delay = min(ra, self.settings.retry_after_max_s) if ra is not None else None
         return FetchError(kind, f"HTTP {st}: {_error_text(resp)}"), delay
 
     async def get_page(
         self, client: httpx.AsyncClient, url: httpx.URL, parse: Any, *args: Any
     ) -> Any:
         """GET + decode; an undecodable 200 body (truncated) is retried like a 5xx."""
-        for attempt in range(self.cfg.max_retries + 1):
+        for attempt in range(self.settings.max_retries + 1):
             body = await self.get(client, url)
             try:
                 return parse(body, *args)
             except mr.RestDecodeError as exc:
                 self.m_errors.labels("decode").inc()
                 logger.warning("chain-poller: undecodable response (%s), retrying", exc)
-                if attempt == self.cfg.max_retries:
+                if attempt == self.settings.max_retries:
                     raise FetchError("decode", str(exc)) from None
                 self.m_retries.labels("decode").inc()
-                await sleep_or_stop(self.stop, self.cfg.backoff.delay_s(attempt))
+                await sleep_or_stop(self.stop, self.settings.backoff.delay_s(attempt))
         raise FetchError("decode", "unreachable")  # pragma: no cover
 
     # --- endpoints ------------------------------------------------------------------------
@@ -272,6 +278,6 @@ class MassiveRest:
             yield page
             if not page.next_url:
                 return
-            if pages >= self.cfg.max_pages:
+            if pages >= self.settings.max_pages:
                 raise FetchError("too_many_pages", f"{symbol}: more than {pages} pages")
             url = self.next_page_url(page.next_url)

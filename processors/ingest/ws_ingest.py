@@ -175,7 +175,7 @@ class WsIngest:
         self.deps = deps
         self.redis = deps.redis
         self.clock = deps.clock
-        self.s = settings
+        self.settings = settings
         self.symbols = symbols or deps.settings.symbols
         self._backoff = settings.backoff()
         self.feeds: dict[str, _Feed] = {}
@@ -283,17 +283,17 @@ class WsIngest:
 
     # --- connection -----------------------------------------------------------------------
     async def _feed_loop(self, feed: _Feed, stop: asyncio.Event) -> None:
-        url = f"{self.s.url.rstrip('/')}/{feed.market}"
+        url = f"{self.settings.url.rstrip('/')}/{feed.market}"
         attempt = 0
         while not stop.is_set():
             reason = "closed"
             try:
                 async with websockets.connect(
                     url,
-                    max_size=self.s.max_frame_bytes,
-                    ping_interval=self.s.ping_interval_s,
-                    ping_timeout=self.s.ping_timeout_s,
-                    open_timeout=self.s.auth_timeout_s,
+                    max_size=self.settings.max_frame_bytes,
+                    ping_interval=self.settings.ping_interval_s,
+                    ping_timeout=self.settings.ping_timeout_s,
+                    open_timeout=self.settings.auth_timeout_s,
                     close_timeout=2,
                 ) as ws:
                     feed.connections += 1
@@ -343,15 +343,15 @@ class WsIngest:
         # cancellation that lands as its awaitable completes, and a stopping feed or
         # subscriber would then go on (streams/retry.py, sleep_or_stop)
         try:
-            async with asyncio.timeout(self.s.auth_timeout_s):
+            async with asyncio.timeout(self.settings.auth_timeout_s):
                 first = await self._recv(ws)
             for st in self._statuses(first):
                 self._on_status(feed, st)
             await ws.send(
-                msgspec.json.encode({"action": "auth", "params": self.s.api_key}).decode()
+                msgspec.json.encode({"action": "auth", "params": self.settings.api_key}).decode()
             )
             while True:
-                async with asyncio.timeout(self.s.auth_timeout_s):
+                async with asyncio.timeout(self.settings.auth_timeout_s):
                     frame = await self._recv(ws)
                 for st in self._statuses(frame):
                     self._on_status(feed, st)
@@ -426,7 +426,7 @@ class WsIngest:
                 await self._apply(feed, ws, desired)
             if feed.market != "options":
                 await asyncio.Event().wait()  # static: nothing more to do on this connection
-            await asyncio.sleep(self.s.epoch_poll_s)
+            await asyncio.sleep(self.settings.epoch_poll_s)
 
     async def _send_chunk(
         self, feed: _Feed, ws: ClientConnection, action: str, chunk: list[str]
@@ -438,7 +438,7 @@ class WsIngest:
         await ws.send(msgspec.json.encode({"action": action, "params": ",".join(chunk)}).decode())
         self.m_sub_changes.labels(feed.market, action).inc(len(chunk))
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.s.ack_timeout_s
+        deadline = loop.time() + self.settings.ack_timeout_s
         while feed.acks < target:
             feed.ack_event.clear()
             left = deadline - loop.time()
@@ -449,7 +449,7 @@ class WsIngest:
                     action,
                     target - feed.acks,
                     len(chunk),
-                    self.s.ack_timeout_s,
+                    self.settings.ack_timeout_s,
                 )
                 return
             with contextlib.suppress(TimeoutError):
@@ -459,7 +459,7 @@ class WsIngest:
     async def _apply(self, feed: _Feed, ws: ClientConnection, desired: set[str]) -> None:
         removed = sorted(feed.subscribed - desired)
         added = sorted(desired - feed.subscribed)
-        n = self.s.subscribe_chunk
+        n = self.settings.subscribe_chunk
         # unsubscribe first: the Q budget per connection is never exceeded
         for i in range(0, len(removed), n):
             chunk = removed[i : i + n]
@@ -493,7 +493,7 @@ class WsIngest:
         for sp in self.specs.values():
             if not sp.is_index:
                 out.add(f"T.{sp.underlying}")
-                if self.s.stock_quotes:
+                if self.settings.stock_quotes:
                     out.add(f"Q.{sp.underlying}")
         return out
 
@@ -513,13 +513,13 @@ class WsIngest:
             view = self._epochs.get(sym)
             if view is None or view.eid != eid:
                 view = self._epochs[sym] = await self._load_epoch(sym, eid)
-            if self.s.trades:
+            if self.settings.trades:
                 out.update(f"T.{cid}" for cid, _e, _k in view.contracts)
-            if self.s.quotes:
+            if self.settings.quotes:
                 spot = await self._quote_center(sym, eid, raw_spot)
                 ranked[sym] = self._rank_quotes(view, spot)
-        if self.s.quotes:
-            out.update(f"Q.{cid}" for cid in allocate(ranked, self.s.max_quotes))
+        if self.settings.quotes:
+            out.update(f"Q.{cid}" for cid in allocate(ranked, self.settings.max_quotes))
         return out
 
     async def _active_epochs(self, syms: list[str]) -> list[Any]:
@@ -557,7 +557,7 @@ class WsIngest:
         if (
             prev is not None
             and prev[0] == eid
-            and abs(spot - prev[1]) <= self.s.quote_recenter_pct * prev[1]
+            and abs(spot - prev[1]) <= self.settings.quote_recenter_pct * prev[1]
         ):
             return prev[1]  # hysteresis: the Q window moves only when spot moved enough
         self._q_center[sym] = (eid, spot)
@@ -567,7 +567,7 @@ class WsIngest:
         """Front expiries (today first), nearest strikes to spot first."""
         today = dt.datetime.fromtimestamp(self.clock.time_ns() / 1e9, NY).date().isoformat()
         expiries = sorted({e for _c, e, _k in view.contracts if e >= today})
-        front = set(expiries[: self.s.quote_expiries])
+        front = set(expiries[: self.settings.quote_expiries])
         cands = [c for c in view.contracts if c[1] in front]
         if spot is None:
             return [c[0] for c in sorted(cands, key=lambda c: (c[1], c[0]))]
@@ -576,7 +576,7 @@ class WsIngest:
     # --- writer ---------------------------------------------------------------------------
     async def _writer(self) -> None:
         q = self._queue
-        s = self.s
+        s = self.settings
         while True:
             first = await q.get()
             batch = [first]
@@ -602,7 +602,7 @@ class WsIngest:
 
     async def _flush(self, batch: list[tuple[int, bytes]]) -> None:
         pipe = self.redis.pipeline(transaction=False)
-        maxlen = self.s.stream_maxlen
+        maxlen = self.settings.stream_maxlen
         for ts, frame in batch:
             pipe.xadd(
                 keys.WS_STREAM,
@@ -611,7 +611,7 @@ class WsIngest:
                 approximate=True,
             )
         mono = self.clock.monotonic()
-        if mono - self._last_event_write >= self.s.last_event_interval_s:
+        if mono - self._last_event_write >= self.settings.last_event_interval_s:
             pipe.set(keys.WS_LAST_EVENT, str(batch[-1][0]))
             self._last_event_write = mono
         await pipe.execute()
@@ -620,7 +620,7 @@ class WsIngest:
 
     # --- dormancy -------------------------------------------------------------------------
     async def _dormancy(self, stop: asyncio.Event) -> None:
-        s = self.s
+        s = self.settings
         tick = min(0.25, s.silence_s / 4)
         feed = self._dormancy_feed
         while not stop.is_set():
