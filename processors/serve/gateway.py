@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import dataclasses
 import itertools
 import logging
@@ -102,7 +101,7 @@ from processors.serve.views import (
 from schemas import keys
 from schemas.messages import RawDiff, RawModel
 from streams.health import QuietServer
-from streams.memory import release_freed_memory
+from streams.memory import fix_mmap_threshold, release_freed_memory
 from streams.metrics import counter, gauge
 from streams.processor import Deps
 from streams.redis_client import as_str, opt_str
@@ -153,7 +152,7 @@ class SseSettings:
     log_level: str = "warning"  # uvicorn's own logger
     # Concurrent Redis reads of mirror loads and JSON endpoints.
     redis_concurrency: int = 32
-    # glibc malloc: a fixed mmap threshold (0 = glibc's sliding one), see tame_malloc
+    # glibc malloc: a fixed mmap threshold (0 = glibc's sliding one), see streams/memory.py
     mmap_threshold_kb: int = 256
     # Access control (processors/serve/access.py). Bearer tokens: none configured = open.
     tokens: tuple[str, ...] = field(default=(), repr=False)
@@ -181,28 +180,6 @@ class SseSettings:
             raise ValueError("max_clients, max_per_ip and trusted_proxy_hops must be >= 0")
         if self.retry_after_s < 1:
             raise ValueError("retry_after_s must be >= 1")
-
-
-# --- memory ------------------------------------------------------------------------------------
-_M_MMAP_THRESHOLD = -3
-
-
-def _libc() -> ctypes.CDLL | None:
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc: nothing to tune
-        return None
-
-
-def tame_malloc(mmap_threshold_kb: int) -> None:
-    """Keep large blocks out of the heap. glibc raises its mmap threshold to the size of
-    every mmapped block it frees (up to 32 MB): after one multi-MB snapshot or Redis reply,
-    every later frame, diff and reply below that size is carved from the heap, whose holes
-    are rarely returned, and RSS ratchets up. A fixed
-    threshold keeps them mmapped: returned to the OS when freed."""
-    libc = _libc()
-    if libc is not None and mmap_threshold_kb > 0:
-        libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold_kb * 1024)
 
 
 # --- ids ---------------------------------------------------------------------------------------
@@ -1162,7 +1139,7 @@ class Gateway:
         for the life of the server. On exit they are asked to stop, given ``grace_s``, then
         cancelled, and awaited either way; an error of any of them is raised."""
         self._stop = asyncio.Event()
-        tame_malloc(self.settings.mmap_threshold_kb)
+        fix_mmap_threshold(self.settings.mmap_threshold_kb)
         for feed in self.feeds.values():
             await feed.prime()
         shutdown = asyncio.timeout(None)
