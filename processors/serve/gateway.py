@@ -65,7 +65,7 @@ from typing import Any, Literal, cast
 import msgspec
 import orjson
 import uvicorn
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from sse_starlette.sse import EventSourceResponse, SendTimeoutError
@@ -75,7 +75,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from processors.gex import calculator as gex
 from processors.heatmap import checkpoint
@@ -96,13 +96,14 @@ from processors.serve.views import (
     gc_paused,
     gex_part,
     heat_part,
+    merge_changes,
     parse_view,
 )
 from schemas import keys
 from schemas.messages import RawDiff, RawModel
 from streams.health import QuietServer
 from streams.memory import fix_mmap_threshold, release_freed_memory
-from streams.metrics import counter, gauge
+from streams.metrics import counter, gauge, histogram
 from streams.processor import Deps
 from streams.redis_client import as_str, opt_str
 from streams.settings import env_settings, from_env
@@ -144,6 +145,9 @@ class SseSettings:
     # XREAD COUNT of the shared readers: a butterfly diff is ~1 MB under load, so a reader
     # that fell behind would otherwise pull up to a GB in one reply (the RSS high-water mark)
     read_count: int = 32
+    # CPU a reader spends on the entries of one reply before their view diffs go out: entries
+    # handled within it make one view diff per view (a reader behind catches up at once)
+    coalesce_s: float = 0.25
     replay_page_bytes: int = 8 * 1024 * 1024  # XRANGE page (in entry bytes) of a mirror load
     no_model_poll_s: float = 1.0  # re-read interval of a model that does not exist yet
     send_timeout_s: float = 30.0  # a client that accepts no bytes for this long is dropped
@@ -171,6 +175,8 @@ class SseSettings:
             raise ValueError("pending_max_bytes and history_bytes must be >= 1")
         if self.ping_s <= 0 or self.block_ms <= 0 or self.read_count <= 0:
             raise ValueError("ping_s, block_ms and read_count must be > 0")
+        if self.coalesce_s < 0:
+            raise ValueError("coalesce_s must be >= 0")
         if self.redis_concurrency < 1:
             raise ValueError("redis_concurrency must be >= 1")
         if self.replay_page_bytes <= 0 or self.no_model_poll_s <= 0 or self.view_linger_s < 0:
@@ -349,6 +355,13 @@ class Metrics:
         self.dispatched: Counter = counter(
             r, "massive_sse_dispatched_entries_total", "Diff stream entries read", ("channel",)
         )
+        self.read_lag: Histogram = histogram(
+            r,
+            "massive_sse_read_lag_seconds",
+            "Age of the last diff stream entry of a batch when the reader hands it on (its "
+            "stream id's time to now): how far the reader is behind the publishers",
+            ("channel",),
+        )
 
 
 class SlowClientDropping(EventSourceResponse):
@@ -362,6 +375,20 @@ class SlowClientDropping(EventSourceResponse):
         super().__init__(*args, **kwargs)
         self._channel = channel
         self._metrics = metrics
+
+    async def _send_with_timeout(self, send: Send, message: Message) -> None:
+        """sse-starlette's per-send timeout (same contract) with asyncio's timeout instead of
+        an anyio cancel scope: a send happens per client per view diff, and the cancel
+        scope's bookkeeping costs several times asyncio's."""
+        deadline = asyncio.timeout(self.send_timeout)
+        try:
+            async with deadline:
+                await send(message)
+        except BaseException as exc:
+            self._send_interrupted = True
+            if isinstance(exc, TimeoutError) and deadline.expired():
+                raise SendTimeoutError() from None
+            raise
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -436,6 +463,7 @@ class DiffFeed:
         self.conflated = metrics.conflated.labels(channel=channel.name)
         self.dispatch_cpu = metrics.dispatch_cpu.labels(channel=channel.name)
         self.dispatched = metrics.dispatched.labels(channel=channel.name)
+        self.read_lag = metrics.read_lag.labels(channel=channel.name)
         # merged backlogs of whole-model clients, by (prev_id of the first, last id): the
         # clients that fall behind together share one merge
         self._merged: dict[tuple[str | None, StreamId], Item | None] = {}
@@ -447,31 +475,42 @@ class DiffFeed:
             self.last_id = parse_id(last[0][0]) or ZERO_ID
 
     def dispatch(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
-        for raw_id, fields in entries:
-            sid = parse_id(raw_id)
-            if sid is None:
-                continue
-            self.last_id = sid
-            if self.whole:
-                item = decode_item(sid, raw_id.decode(), fields)
-                if item is not None:
-                    for sub in self.whole.get(item.head.symbol, ()):
-                        if not sub.push(item):
-                            self.dropped.inc()
-            if not self.mirrors:
-                continue  # nobody watches this model: not even its symbol is needed
-            raw = fields.get(b"d")
-            try:
-                symbol = _diff_head.decode(raw).symbol if raw is not None else None
-            except (msgspec.ValidationError, msgspec.DecodeError):
-                symbol = None
-            if symbol is None or raw is None:
-                self.reject_decode.inc()
-                logger.warning("channel=%s id=%s: undecodable diff entry", self.channel.name, sid)
-                continue
-            mirror = self.mirrors.get(symbol)
-            if mirror is not None:
-                mirror.on_entry(sid, raw_id.decode(), raw)
+        """Hand ``entries`` to the whole-model clients and mirrors; the mirrors' view diffs
+        (one per view for all of them) go out at the end."""
+        for entry in entries:
+            self.route(entry)
+        self.flush()
+
+    def flush(self) -> None:
+        for mirror in self.mirrors.values():
+            mirror.flush()
+
+    def route(self, entry: tuple[bytes, dict[bytes, bytes]]) -> None:
+        raw_id, fields = entry
+        sid = parse_id(raw_id)
+        if sid is None:
+            return
+        self.last_id = sid
+        if self.whole:
+            item = decode_item(sid, raw_id.decode(), fields)
+            if item is not None:
+                for sub in self.whole.get(item.head.symbol, ()):
+                    if not sub.push(item):
+                        self.dropped.inc()
+        if not self.mirrors:
+            return  # nobody watches this model: not even its symbol is needed
+        raw = fields.get(b"d")
+        try:
+            symbol = _diff_head.decode(raw).symbol if raw is not None else None
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            symbol = None
+        if symbol is None or raw is None:
+            self.reject_decode.inc()
+            logger.warning("channel=%s id=%s: undecodable diff entry", self.channel.name, sid)
+            return
+        mirror = self.mirrors.get(symbol)
+        if mirror is not None:
+            mirror.on_entry(sid, raw_id.decode(), raw)
 
     def merge(self, items: list[Item]) -> Item | None:
         key = (items[0].head.prev_id, items[-1].id)
@@ -535,16 +574,29 @@ class DiffFeed:
                 backoff_s = min(backoff_s * 2, 5.0)
                 continue
             backoff_s = 0.1
-            for _stream, entries in cast(list[Any], resp or []):
-                for entry in _rows(entries):
-                    t0 = time.thread_time()
-                    with gc_paused():
-                        self.dispatch([entry])
-                    self.dispatched.inc()
-                    self.dispatch_cpu.inc(time.thread_time() - t0)
-                    # the clients get this diff before the next one is worked on (a diff
-                    # of a big model is tens of ms; a reply holds up to read_count of them)
-                    await asyncio.sleep(0)
+            entries = [e for _s, es in cast(list[Any], resp or []) for e in _rows(es)]
+            lag = self.read_lag
+            i = 0
+            while i < len(entries):
+                # Entries are applied to the mirror one by one, and the ones handled within
+                # one ``coalesce_s`` of CPU make one view diff (Mirror.flush): a reader
+                # that fell behind catches up with one send per client, not one per entry.
+                # Then the clients get it before the next entries are worked on.
+                t0 = time.thread_time()
+                j = i
+                with gc_paused():
+                    while j < len(entries):
+                        self.route(entries[j])
+                        j += 1
+                        if time.thread_time() - t0 >= self.settings.coalesce_s:
+                            break
+                    self.flush()
+                last = parse_id(entries[j - 1][0]) or ZERO_ID
+                lag.observe(max(0.0, time.time() - last[0] / 1000))
+                self.dispatched.inc(j - i)
+                self.dispatch_cpu.inc(time.thread_time() - t0)
+                i = j
+                await asyncio.sleep(0)
 
 
 # --- whole-model streams (no filter): the diff stream entries as they are -----------------------
@@ -804,6 +856,7 @@ def accept(state: _State, item: Item) -> bool:
 
 # --- the gateway's copy of one model -------------------------------------------------------------
 LOADING, READY, NO_MODEL = "loading", "ready", "no_model"
+_Changes = dict[PartKey, list[tuple[str, Change]]]
 _BUFFER_MAX = 10_000  # live entries kept while a mirror loads (beyond: load again)
 
 
@@ -829,6 +882,10 @@ class Mirror:
         self.created = time.monotonic()
         self.dates_due = asyncio.Event()
         self.dates_task: asyncio.Task[None] | None = None
+        # model diffs applied, not yet turned into view diffs (``flush``): (id, id, ts_ns,
+        # src_recv_ts_ns, changes), and the meta when one of them changed it
+        self._due: list[tuple[StreamId, str, int, int | None, _Changes]] = []
+        self._due_meta: bytes | None = None
 
     # -- views --
     def view(self, spec: ViewSpec) -> ViewFeed:
@@ -943,6 +1000,7 @@ class Mirror:
         self.state = LOADING
         self.ready_event.clear()
         self.buffer = []
+        self._due, self._due_meta = [], None
         for v in self.views.values():
             n = v.reset(reason)
             if n:
@@ -1071,24 +1129,34 @@ class Mirror:
         if meta_changed:
             m.meta = meta
         if emit:
-            self._emit(sid, id_s, d, changes, meta if meta_changed else None)
+            self._due.append((sid, id_s, d.ts_ns, d.src_recv_ts_ns, changes))
+            if meta_changed:
+                self._due_meta = meta
         return None
 
-    def _emit(
-        self,
-        sid: StreamId,
-        id_s: str,
-        d: _Diff,
-        changes: dict[PartKey, list[tuple[str, Change]]],
-        meta: bytes | None,
-    ) -> None:
-        """One view diff per view the model diff touches, shared by its subscribers."""
+    def flush(self) -> None:
+        """One view diff per view that the model diffs applied since the last flush touch,
+        shared by its subscribers. Diffs read together (the reader was behind) make one
+        view diff: the clients get the latest state at once, and the per-client work
+        (a send per view diff) does not grow with the backlog."""
+        due, meta = self._due, self._due_meta
+        if not due:
+            return
+        self._due, self._due_meta = [], None
+        sid, id_s, ts_ns, _src, changes = due[-1]
+        srcs = [x[3] for x in due if x[3] is not None]
+        src = min(srcs) if srcs else None  # the oldest tick behind what is sent
+        if len(due) > 1:
+            acc: dict[PartKey, dict[str, Change]] = {}
+            for x in due:
+                merge_changes(acc, x[4])
+            changes = {pk: list(per.items()) for pk, per in acc.items()}
         if self.dates_task is not None:
             self._refresh_dates()
         for spec, view in self.views.items():
             if is_date(self.channel, spec):
                 continue
-            vd = view.on_diff(sid, id_s, d.ts_ns, d.src_recv_ts_ns, changes, meta)
+            vd = view.on_diff(sid, id_s, ts_ns, src, changes, meta)
             if vd is not None:
                 for sub in view.subs:
                     self.push(view, sub, vd)

@@ -49,7 +49,7 @@ import datetime as dt
 import gc
 import logging
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -237,15 +237,18 @@ REMOVED = None  # a removed key in a change list
 # Rows are tuples: a tuple of plain values is untracked by the cyclic GC, so the ~100k rows of
 # a mirror cost nothing to each full collection (lists would be traversed every time).
 Row = tuple[Any, ...] | Odd
-# a change: (field indexes, values) | a whole item | removed
-Change = tuple[tuple[int, ...], Sequence[Any]] | Odd | None
+# a change: (field indexes, values) | a whole item | removed; tuples of plain values, so a
+# view's history of changes (its ring, backlogs) is untracked by the cyclic GC too
+Change = tuple[tuple[int, ...], tuple[Any, ...]] | Odd | None
 
 _interned: dict[str, str] = {}
 
 
 def flatten(obj: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]] | None:
     """An item -> (signature, values); None when it is not a JSON object. Arrays of arrays
-    (a tile's legs) are flattened one level, element by element."""
+    (a tile's legs) are flattened one level, element by element; other arrays become tuples
+    (the same JSON), so a row of plain values is untracked by the cyclic GC: a list in each
+    of ~100k rows made every collection traverse them all."""
     if type(obj) is not dict:
         return None
     sig: list[Any] = []
@@ -260,6 +263,9 @@ def flatten(obj: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]] | None:
                 for x in sub:
                     vals.append(_interned.setdefault(x, x) if type(x) is str and len(x) < 24 else x)
             sig.append((k, tuple(lens)))
+        elif type(v) is list:  # a list of values (a tile's flags): a tuple, not GC-tracked
+            vals.append(tuple(v))
+            sig.append(k)
         else:
             vals.append(_interned.setdefault(v, v) if type(v) is str and len(v) < 24 else v)
             sig.append(k)
@@ -276,7 +282,7 @@ def compile_flatten(
 ) -> Callable[[Any], tuple[Any, ...] | None]:
     """``flatten`` specialised to one shape: the values of an item of signature ``sig``, None
     for any other item (then ``flatten`` tells). Positions holding a string in ``sample``
-    are interned."""
+    are interned, a list (``flatten`` made it a tuple) made a tuple."""
     keys = tuple(s[0] if isinstance(s, tuple) else s for s in sig)
     lines = ["def f(d):", "    if type(d) is not dict or len(d) != N or tuple(d) != KEYS:"]
     lines.append("        return None")
@@ -298,7 +304,11 @@ def compile_flatten(
             lines.append("        return None")
             vals.append(f"v{n}")
     vals = [
-        f"(I({v}, {v}) if type({v}) is str and len({v}) < 24 else {v})" if type(x) is str else v
+        f"(I({v}, {v}) if type({v}) is str and len({v}) < 24 else {v})"
+        if type(x) is str
+        else f"(tuple({v}) if type({v}) is list else {v})"
+        if type(x) is tuple
+        else v
         for v, x in zip(vals, sample, strict=True)
     ]
     lines.append(f"    return ({', '.join(vals)},)")
@@ -360,7 +370,7 @@ def row_change(old: Row | None, new: Row, n: int, all_idx: tuple[int, ...]) -> C
                     if a is not b and (a != b or type(a) is not type(b))
                 ]
             )
-            return (idx, [new[i] for i in idx]) if idx else False
+            return (idx, tuple([new[i] for i in idx])) if idx else False
         return (all_idx, new)
     assert isinstance(new, Odd)
     if isinstance(old, Odd) and old == new:
@@ -459,7 +469,7 @@ def conflate(diffs: list[ViewDiff], names: list[str]) -> ViewDiff:
     for key, c in acc.items():
         if isinstance(c, dict):
             idx = tuple(sorted(c))
-            rows.append((key, (idx, [c[i] for i in idx])))
+            rows.append((key, (idx, tuple([c[i] for i in idx]))))
         else:
             rows.append((key, c))
     first, last = diffs[0], diffs[-1]
@@ -697,6 +707,27 @@ def apply_changes(
     return out
 
 
+def merge_changes(
+    acc: dict[PartKey, dict[str, Change]], changes: Mapping[PartKey, list[tuple[str, Change]]]
+) -> None:
+    """Fold the changes of the next model diff into ``acc`` (per item: later fields win, a
+    removal or a whole item replaces), so several model diffs make one view diff."""
+    for pk, lst in changes.items():
+        cur = acc.setdefault(pk, {})
+        for key, ch in lst:
+            prev = cur.get(key)
+            if type(ch) is tuple and type(prev) is tuple:
+                (pidx, pvals), (idx, vals) = prev, ch
+                if pidx != idx:
+                    both = dict(zip(pidx, pvals, strict=True))
+                    both.update(zip(idx, vals, strict=True))
+                    idx = tuple(sorted(both))
+                    vals = tuple([both[i] for i in idx])
+                cur[key] = (idx, vals)
+            else:  # first change, a removal, a whole item (after a removal: a whole row too)
+                cur[key] = ch
+
+
 GEX_0DTE_KEEP = ("strike", "n")
 _MERGED_KEPT = 8  # merged backlogs kept per view (subscribers a few diffs apart)
 
@@ -845,7 +876,7 @@ class ViewFeed:
                     sel = [(pos[i], v) for i, v in zip(idx, vals, strict=True) if i in pos]
                     if not sel:
                         continue
-                    ch = (tuple(i for i, _ in sel), [v for _, v in sel])
+                    ch = (tuple([i for i, _ in sel]), tuple([v for _, v in sel]))
                 rows.append((self.short(key), ch))
         if not rows and meta is None:
             return None
