@@ -1,7 +1,8 @@
 """Views and the compact wire format without a server (processors/serve/views.py): applying a
 view's compact snapshot and diffs (tests/sse_client.py's reader, as the page does) gives the
-full model filtered to the view; a merged (conflated) backlog gives the same; a slow
-subscriber is merged, then resynced."""
+full model filtered to the view; a merged (conflated) backlog gives the same, and so do model
+diffs merged into one view diff (a reader behind); a slow subscriber is merged, then
+resynced."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from processors.serve.views import (
     apply_changes,
     conflate,
     heat_part,
+    merge_changes,
     parse_view,
 )
 from tests.sse_client import ViewReader
@@ -125,6 +127,11 @@ def test_compact_view_diffs_applied_to_the_view_snapshot_equal_the_filtered_mode
     reader.snapshot(data_of(view.snapshot())[1])
     base = ViewReader()
     base.snapshot(data_of(view.snapshot())[1])
+    batch = ViewReader()  # every model diff merged into one view diff (a reader behind)
+    batch.snapshot(data_of(view.snapshot())[1])
+    batched = feed(spec, model)
+    acc: dict[Any, Any] = {}
+    batch_meta = None
     sent = []
     second: ViewFeed | None = None
     for i, (changed, removed, meta) in enumerate(diffs):
@@ -144,6 +151,8 @@ def test_compact_view_diffs_applied_to_the_view_snapshot_equal_the_filtered_mode
             else:
                 model.meta = meta_b
         model.version, model.head = i + 2, f"{i + 2}-0"
+        merge_changes(acc, changes)
+        batch_meta = meta_b or batch_meta
         vd = view.on_diff((i + 2, 0), model.head, i, None, changes, meta_b)
         if vd is not None:
             sent.append(vd)
@@ -157,6 +166,12 @@ def test_compact_view_diffs_applied_to_the_view_snapshot_equal_the_filtered_mode
     if second is not None:
         other = ViewReader().snapshot(data_of(second.snapshot())[1])
         assert other["items"] == {k: v for k, v in truth.items() if in_view(second.spec, k)}
+    # the model diffs merged into one view diff, applied to the first snapshot, too
+    changes = {pk: list(per.items()) for pk, per in acc.items()}
+    one = batched.on_diff((99, 0), model.head or "", 0, None, changes, batch_meta)
+    if one is not None:
+        batch.diff(*reversed(data_of(one.frame)))
+    assert batch.model is not None and batch.model["items"] == want
     # the backlog merged into one diff, applied to the first snapshot, too
     if sent:
         merged = conflate(sent, view.names)
