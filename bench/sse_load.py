@@ -283,19 +283,26 @@ class Tap:
                 await self.task
 
 
-async def _dispatch_metrics(admin_port: int) -> dict[str, tuple[float, float]]:
-    """channel -> (dispatch CPU seconds, diff entries read) from the gateway's /metrics."""
+_DISPATCH_SERIES = (
+    "massive_sse_dispatch_cpu_seconds_total{",
+    "massive_sse_dispatched_entries_total{",
+    "massive_sse_read_lag_seconds_sum{",
+    "massive_sse_read_lag_seconds_count{",
+)
+
+
+async def _dispatch_metrics(admin_port: int) -> dict[str, list[float]]:
+    """channel -> [dispatch CPU seconds, diff entries read, read lag sum (s), batches] from
+    the gateway's /metrics."""
     async with httpx.AsyncClient(timeout=120) as http:  # a starved gateway answers late
         text = (await http.get(f"http://127.0.0.1:{admin_port}/metrics")).text
     out: dict[str, list[float]] = {}
     for line in text.splitlines():
-        for i, name in enumerate(
-            ("massive_sse_dispatch_cpu_seconds_total{", "massive_sse_dispatched_entries_total{")
-        ):
+        for i, name in enumerate(_DISPATCH_SERIES):
             if line.startswith(name):
                 ch = line.split('channel="', 1)[1].split('"', 1)[0]
-                out.setdefault(ch, [0.0, 0.0])[i] = float(line.rsplit(" ", 1)[1])
-    return {ch: (v[0], v[1]) for ch, v in out.items()}
+                out.setdefault(ch, [0.0] * len(_DISPATCH_SERIES))[i] = float(line.rsplit(" ", 1)[1])
+    return out
 
 
 def _head_int(data: bytes, field: bytes) -> int | None:
@@ -489,12 +496,14 @@ async def scoped(args: argparse.Namespace) -> None:
                 f"publish->SSE p50 {pct(ps, 0.5):.0f} ms, p99 {pct(ps, 0.99):.0f} ms"
             )
         for ch in sorted(m1):
-            cpu_s = m1[ch][0] - m0.get(ch, (0.0, 0.0))[0]
-            n = m1[ch][1] - m0.get(ch, (0.0, 0.0))[1]
+            cpu_s, n, lag_s, batches = (
+                a - b for a, b in zip(m1[ch], m0.get(ch, [0.0] * 4), strict=True)
+            )
             if n:
                 print(
-                    f"  gateway {ch}: {n:.0f} model diffs read, dispatch CPU "
-                    f"{1000 * cpu_s / n:.1f} ms per diff ({cpu_s:.1f} s in all)"
+                    f"  gateway {ch}: {n:.0f} model diffs read in {batches:.0f} batches, "
+                    f"dispatch CPU {1000 * cpu_s / n:.1f} ms per diff ({cpu_s:.1f} s in all)"
+                    f", read lag (entry id -> handed on) mean {1000 * lag_s / batches:.0f} ms"
                 )
         for t in taps:
             await t.stop()
