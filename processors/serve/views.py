@@ -389,7 +389,9 @@ def frame(event: str, data: bytes, event_id: str | None = None) -> bytes:
 
 @dataclass(slots=True)
 class ViewDiff:
-    """One diff of a view, encoded once and shared by its subscribers."""
+    """One diff of a view, encoded once and shared by its subscribers. It does not keep its
+    rows as objects: a view's history and its clients' backlogs would hold thousands of
+    them per model diff, each traversed by the cyclic GC until it dies."""
 
     id: tuple[int, int]
     id_s: str
@@ -399,9 +401,8 @@ class ViewDiff:
     epoch: str
     ts_ns: int
     src_recv_ts_ns: int | None
-    rows: list[tuple[str, Change]]
     meta: bytes | None
-    frame: bytes
+    frame: bytes  # its rows are read back from it when a backlog is merged (``diff_rows``)
 
 
 def encode_diff(
@@ -451,11 +452,28 @@ def encode_diff(
     return _json.encode(body)
 
 
+_decode_diff = msgspec.json.Decoder()
+
+
+def diff_rows(vd: ViewDiff, names: list[str]) -> list[tuple[str, Change]]:
+    """The rows of a view diff, read back from its frame (``names``: the view's fields)."""
+    data = vd.frame[vd.frame.index(b"data: ") + 6 : len(vd.frame) - 2 * len(SEP)]
+    body = _decode_diff.decode(data)
+    pos = {name: i for i, name in enumerate(names)}
+    rows: list[tuple[str, Change]] = []
+    for g in body.get("c", ()):
+        idx = tuple([pos[name] for name in g["f"]])
+        rows += [(row[0], (idx, tuple(row[1:]))) for row in g["d"]]
+    rows += [(key, Odd(obj)) for key, obj in body.get("o", {}).items()]
+    rows += [(key, REMOVED) for key in body.get("r", ())]
+    return rows
+
+
 def conflate(diffs: list[ViewDiff], names: list[str]) -> ViewDiff:
     """One diff frame equal to applying ``diffs`` in order (merged per item and field)."""
     acc: dict[str, dict[int, Any] | Odd | None] = {}
     for vd in diffs:
-        for key, ch in vd.rows:
+        for key, ch in diff_rows(vd, names):
             if ch is REMOVED or isinstance(ch, Odd):
                 acc[key] = ch
                 continue
@@ -494,7 +512,6 @@ def conflate(diffs: list[ViewDiff], names: list[str]) -> ViewDiff:
         last.epoch,
         last.ts_ns,
         last.src_recv_ts_ns,
-        rows,
         meta,
         frame("diff", body, last.id_s),
     )
@@ -901,7 +918,6 @@ class ViewFeed:
             m.epoch,
             ts_ns,
             src_recv_ts_ns,
-            rows,
             meta,
             frame("diff", body, id_s),
         )
