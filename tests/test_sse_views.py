@@ -20,7 +20,7 @@ from processors.serve.views import (
     apply_changes,
     conflate,
     heat_part,
-    merge_changes,
+    merge_diff,
     parse_view,
 )
 from tests.sse_client import ViewReader
@@ -127,10 +127,15 @@ def test_compact_view_diffs_applied_to_the_view_snapshot_equal_the_filtered_mode
     reader.snapshot(data_of(view.snapshot())[1])
     base = ViewReader()
     base.snapshot(data_of(view.snapshot())[1])
-    batch = ViewReader()  # every model diff merged into one view diff (a reader behind)
+    # the same diffs merged before they are applied (a reader behind), to a copy of the model
+    batch = ViewReader()
     batch.snapshot(data_of(view.snapshot())[1])
-    batched = feed(spec, model)
-    acc: dict[Any, Any] = {}
+    model_b = Model(heat_part, lambda pk: spec.covers(pk))
+    model_b.epoch, model_b.version, model_b.head = "e1", 1, "1-0"
+    apply_changes(model_b, as_json(initial), [])
+    batched = feed(spec, model_b)
+    acc: dict[str, Any] = {}
+    acc_removed: set[str] = set()
     batch_meta = None
     sent = []
     second: ViewFeed | None = None
@@ -151,7 +156,7 @@ def test_compact_view_diffs_applied_to_the_view_snapshot_equal_the_filtered_mode
             else:
                 model.meta = meta_b
         model.version, model.head = i + 2, f"{i + 2}-0"
-        merge_changes(acc, changes)
+        merge_diff(acc, acc_removed, as_json(changed), removed)
         batch_meta = meta_b or batch_meta
         vd = view.on_diff((i + 2, 0), model.head, i, None, changes, meta_b)
         if vd is not None:
@@ -167,7 +172,8 @@ def test_compact_view_diffs_applied_to_the_view_snapshot_equal_the_filtered_mode
         other = ViewReader().snapshot(data_of(second.snapshot())[1])
         assert other["items"] == {k: v for k, v in truth.items() if in_view(second.spec, k)}
     # the model diffs merged into one view diff, applied to the first snapshot, too
-    changes = {pk: list(per.items()) for pk, per in acc.items()}
+    changes = apply_changes(model_b, acc, acc_removed)
+    model_b.version, model_b.head = model.version, model.head
     one = batched.on_diff((99, 0), model.head or "", 0, None, changes, batch_meta)
     if one is not None:
         batch.diff(*reversed(data_of(one.frame)))

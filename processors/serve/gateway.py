@@ -84,7 +84,6 @@ from processors.serve.access import Guard, SecurityHeaders, Tokens
 from processors.serve.views import (
     FRONT,
     GEX_0DTE_KEEP,
-    Change,
     Model,
     PartKey,
     Subscriber,
@@ -96,7 +95,7 @@ from processors.serve.views import (
     gc_paused,
     gex_part,
     heat_part,
-    merge_changes,
+    merge_diff,
     parse_view,
 )
 from schemas import keys
@@ -856,7 +855,33 @@ def accept(state: _State, item: Item) -> bool:
 
 # --- the gateway's copy of one model -------------------------------------------------------------
 LOADING, READY, NO_MODEL = "loading", "ready", "no_model"
-_Changes = dict[PartKey, list[tuple[str, Change]]]
+
+
+@dataclass(slots=True)
+class _Staged:
+    """Live model diffs of a mirror merged before they are applied: the items as JSON (a
+    later diff's value replaces an earlier one's), the removed keys, and the chain state
+    they bring the model to."""
+
+    changed: dict[str, msgspec.Raw]
+    removed: set[str]
+    version: int
+    head: str | None
+    head_sid: StreamId
+    ts_ns: int
+    src_recv_ts_ns: int | None  # the oldest of the merged diffs'
+    meta: bytes
+
+    def add(self, d: _Diff, id_s: str, sid: StreamId) -> None:
+        """Merge the next diff of the chain."""
+        merge_diff(self.changed, self.removed, d.changed, d.removed)
+        self.version, self.head, self.head_sid, self.ts_ns = d.version, id_s, sid, d.ts_ns
+        if d.src_recv_ts_ns is not None:
+            old = self.src_recv_ts_ns
+            self.src_recv_ts_ns = d.src_recv_ts_ns if old is None else min(old, d.src_recv_ts_ns)
+        self.meta = bytes(d.meta)
+
+
 _BUFFER_MAX = 10_000  # live entries kept while a mirror loads (beyond: load again)
 
 
@@ -882,10 +907,7 @@ class Mirror:
         self.created = time.monotonic()
         self.dates_due = asyncio.Event()
         self.dates_task: asyncio.Task[None] | None = None
-        # model diffs applied, not yet turned into view diffs (``flush``): (id, id, ts_ns,
-        # src_recv_ts_ns, changes), and the meta when one of them changed it
-        self._due: list[tuple[StreamId, str, int, int | None, _Changes]] = []
-        self._due_meta: bytes | None = None
+        self.staged: _Staged | None = None  # live diffs read, not yet applied (``flush``)
 
     # -- views --
     def view(self, spec: ViewSpec) -> ViewFeed:
@@ -1000,7 +1022,7 @@ class Mirror:
         self.state = LOADING
         self.ready_event.clear()
         self.buffer = []
-        self._due, self._due_meta = [], None
+        self.staged = None
         for v in self.views.values():
             n = v.reset(reason)
             if n:
@@ -1080,12 +1102,12 @@ class Mirror:
         async for sid, id_s, body in gw.entries_after(ch.stream(self.symbol), model.head_sid):
             if _diff_head.decode(body).symbol != self.symbol:
                 continue
-            if self.apply(model, sid, id_s, body, emit=False) is not None:
+            if self.apply(model, sid, id_s, body) is not None:
                 return None
         if self.buffer is None:  # live entries overflowed while we read: read again
             return None
         for sid, id_s, body in self.buffer:
-            if self.apply(model, sid, id_s, body, emit=False) is not None:
+            if self.apply(model, sid, id_s, body) is not None:
                 return None
         return model
 
@@ -1098,12 +1120,13 @@ class Mirror:
                     self.buffer = None
             self.wake.set()
             return
-        reason = self.apply(self.model, sid, id_s, raw, emit=True)
+        reason = self.stage(sid, id_s, raw)
         if reason is not None:
             self.reload(reason)
 
-    def apply(self, m: Model, sid: StreamId, id_s: str, raw: bytes, emit: bool) -> str | None:
-        """Apply one diff entry to ``m``; a resync reason when it does not continue it."""
+    def apply(self, m: Model, sid: StreamId, id_s: str, raw: bytes) -> str | None:
+        """Apply one diff entry to ``m`` (a model being loaded); a resync reason when it does
+        not continue it."""
         if sid <= m.head_sid:
             return None
         try:
@@ -1114,49 +1137,77 @@ class Mirror:
         if d.epoch != m.epoch:
             return "epoch"
         if d.prev_id is not None and m.head is not None and d.prev_id != m.head:
-            # A later entry that does not follow the diff we hold: versions we have were
-            # re-issued with other content (Redis lost writes), or we missed one.
             return "rewrite" if d.version <= m.version else "gap"
         if d.version <= m.version:
             m.head_sid = sid
             return None
         if d.prev_version != m.version:
             return "gap"
-        changes = apply_changes(m, d.changed, d.removed)
-        meta = bytes(d.meta)
-        meta_changed = meta != m.meta
+        apply_changes(m, d.changed, d.removed)
         m.version, m.head, m.head_sid, m.ts_ns = d.version, id_s, sid, d.ts_ns
-        if meta_changed:
-            m.meta = meta
-        if emit:
-            self._due.append((sid, id_s, d.ts_ns, d.src_recv_ts_ns, changes))
-            if meta_changed:
-                self._due_meta = meta
+        m.meta = bytes(d.meta)
+        return None
+
+    def stage(self, sid: StreamId, id_s: str, raw: bytes) -> str | None:
+        """Merge a live diff entry into the staged ones (applied by ``flush``); a resync
+        reason when it does not continue the model. Merging first means an item changed by
+        several diffs read together (a reader behind) is decoded and compared once."""
+        m, st = self.model, self.staged
+        if st is None:
+            version, head, head_sid = m.version, m.head, m.head_sid
+        else:
+            version, head, head_sid = st.version, st.head, st.head_sid
+        if sid <= head_sid:
+            return None
+        try:
+            d = _diff_dec.decode(raw)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            self.m_reject.inc()
+            return None
+        if d.epoch != m.epoch:
+            return "epoch"
+        if d.prev_id is not None and head is not None and d.prev_id != head:
+            # A later entry that does not follow the diff we hold: versions we have were
+            # re-issued with other content (Redis lost writes), or we missed one.
+            return "rewrite" if d.version <= version else "gap"
+        if d.version <= version:
+            if st is None:
+                m.head_sid = sid
+            else:
+                st.head_sid = sid
+            return None
+        if d.prev_version != version:
+            return "gap"
+        if st is None:
+            st = self.staged = _Staged(
+                d.changed, set(d.removed), d.version, id_s, sid, d.ts_ns,
+                d.src_recv_ts_ns, bytes(d.meta),
+            )  # fmt: skip
+            return None
+        st.add(d, id_s, sid)
         return None
 
     def flush(self) -> None:
-        """One view diff per view that the model diffs applied since the last flush touch,
-        shared by its subscribers. Diffs read together (the reader was behind) make one
-        view diff: the clients get the latest state at once, and the per-client work
-        (a send per view diff) does not grow with the backlog."""
-        due, meta = self._due, self._due_meta
-        if not due:
+        """Apply the staged diffs to the model: one view diff per view they touch, shared
+        by its subscribers. Diffs read together (the reader was behind) make one view diff:
+        the clients get the latest state at once, and neither the decoding nor the
+        per-client work (a send per view diff) grows with the backlog."""
+        st, m = self.staged, self.model
+        if st is None:
             return
-        self._due, self._due_meta = [], None
-        sid, id_s, ts_ns, _src, changes = due[-1]
-        srcs = [x[3] for x in due if x[3] is not None]
-        src = min(srcs) if srcs else None  # the oldest tick behind what is sent
-        if len(due) > 1:
-            acc: dict[PartKey, dict[str, Change]] = {}
-            for x in due:
-                merge_changes(acc, x[4])
-            changes = {pk: list(per.items()) for pk, per in acc.items()}
+        self.staged = None
+        changes = apply_changes(m, st.changed, st.removed)
+        meta = st.meta if st.meta != m.meta else None
+        m.version, m.head, m.head_sid, m.ts_ns = st.version, st.head, st.head_sid, st.ts_ns
+        if meta is not None:
+            m.meta = meta
         if self.dates_task is not None:
             self._refresh_dates()
+        assert st.head is not None
         for spec, view in self.views.items():
             if is_date(self.channel, spec):
                 continue
-            vd = view.on_diff(sid, id_s, ts_ns, src, changes, meta)
+            vd = view.on_diff(st.head_sid, st.head, st.ts_ns, st.src_recv_ts_ns, changes, meta)
             if vd is not None:
                 for sub in view.subs:
                     self.push(view, sub, vd)

@@ -724,25 +724,20 @@ def apply_changes(
     return out
 
 
-def merge_changes(
-    acc: dict[PartKey, dict[str, Change]], changes: Mapping[PartKey, list[tuple[str, Change]]]
+def merge_diff(
+    changed: dict[str, Any],
+    removed: set[str],
+    d_changed: Mapping[str, Any],
+    d_removed: Iterable[str],
 ) -> None:
-    """Fold the changes of the next model diff into ``acc`` (per item: later fields win, a
-    removal or a whole item replaces), so several model diffs make one view diff."""
-    for pk, lst in changes.items():
-        cur = acc.setdefault(pk, {})
-        for key, ch in lst:
-            prev = cur.get(key)
-            if type(ch) is tuple and type(prev) is tuple:
-                (pidx, pvals), (idx, vals) = prev, ch
-                if pidx != idx:
-                    both = dict(zip(pidx, pvals, strict=True))
-                    both.update(zip(idx, vals, strict=True))
-                    idx = tuple(sorted(both))
-                    vals = tuple([both[i] for i in idx])
-                cur[key] = (idx, vals)
-            else:  # first change, a removal, a whole item (after a removal: a whole row too)
-                cur[key] = ch
+    """Fold the next model diff's items into ``changed``/``removed`` (in place), so that
+    ``apply_changes(m, changed, removed)`` equals applying both diffs in order."""
+    if removed:
+        removed.difference_update(d_changed)
+    changed.update(d_changed)
+    for k in d_removed:  # within one diff a removal wins (apply_changes' order)
+        changed.pop(k, None)
+        removed.add(k)
 
 
 GEX_0DTE_KEEP = ("strike", "n")
