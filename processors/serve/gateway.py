@@ -35,7 +35,10 @@ with subscribers): the gateway's own copy of the model, loaded once from the mod
 checkpoint) plus the diffs after its ``diff_id``, then kept current. Each distinct view has
 one ``ViewFeed`` that turns a model diff into one compact view diff, encoded once and shared
 by reference by all its subscribers; its snapshot is encoded once per view version and
-streamed to each client in slices (no per-client copy).
+streamed to each client in slices (no per-client copy). Diffs a reader gets in one reply (it
+fell behind) are merged as JSON first and applied once (``coalesce_s`` of CPU at most per
+merge): one view diff per view for them all, so neither the decoding nor the sends (one per
+client per view diff, the gateway's main cost with 1,000 clients) grow with the backlog.
 
 A subscriber holds references to the view diffs it has not been sent. A slow client's
 pending diffs are **conflated** (merged per item and field) when they exceed
@@ -144,8 +147,8 @@ class SseSettings:
     # XREAD COUNT of the shared readers: a butterfly diff is ~1 MB under load, so a reader
     # that fell behind would otherwise pull up to a GB in one reply (the RSS high-water mark)
     read_count: int = 32
-    # CPU a reader spends on the entries of one reply before their view diffs go out: entries
-    # handled within it make one view diff per view (a reader behind catches up at once)
+    # CPU a reader spends merging the entries of one reply before they are applied: the
+    # entries merged make one view diff per view (a reader behind catches up at once)
     coalesce_s: float = 0.25
     replay_page_bytes: int = 8 * 1024 * 1024  # XRANGE page (in entry bytes) of a mirror load
     no_model_poll_s: float = 1.0  # re-read interval of a model that does not exist yet
@@ -577,10 +580,10 @@ class DiffFeed:
             lag = self.read_lag
             i = 0
             while i < len(entries):
-                # Entries are applied to the mirror one by one, and the ones handled within
-                # one ``coalesce_s`` of CPU make one view diff (Mirror.flush): a reader
-                # that fell behind catches up with one send per client, not one per entry.
-                # Then the clients get it before the next entries are worked on.
+                # The entries of a reply are merged into their mirror (Mirror.stage), up to
+                # ``coalesce_s`` of CPU, then applied at once (Mirror.flush): a reader that
+                # fell behind catches up with one view diff, not one per entry. The clients
+                # get it before the next entries are worked on.
                 t0 = time.thread_time()
                 j = i
                 with gc_paused():
