@@ -213,6 +213,47 @@ async def _main(args: argparse.Namespace) -> None:
 
 
 # --- scoped / acceptance ----------------------------------------------------------------------
+class _HeadScan:
+    """The events of an SSE response as (event, "", the first bytes of its data), found in
+    the raw (chunked) bytes without dechunking or copying payloads: the load clients share
+    the two vCPUs with the gateway and the pipeline, so they only read frame heads. Each
+    frame's head is inside one HTTP chunk (the gateway writes frames whole up to 1 MB; only
+    snapshots are sliced, and their data is not read)."""
+
+    MARK = b"\r\nevent: "
+    HEAD = 400  # bytes of data read per event (the diff's head fields are in it)
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+
+    def __iadd__(self, chunk: bytes) -> _HeadScan:
+        self.buf += chunk
+        return self
+
+    def frames(self) -> list[tuple[str, str, bytes]]:
+        out: list[tuple[str, str, bytes]] = []
+        buf, i = self.buf, 0
+        while True:
+            j = buf.find(self.MARK, i)
+            if j < 0:
+                del buf[: max(i, len(buf) - len(self.MARK))]  # a mark may span two reads
+                return out
+            k = buf.find(b"\r\n", j + len(self.MARK))
+            if k < 0:
+                break
+            ev = bytes(buf[j + len(self.MARK) : k]).decode()
+            start = k + 2 + len(b"data: ")
+            end = buf.find(b"\r\n", start, start + self.HEAD)  # a short frame's end
+            if end < 0:
+                if len(buf) < start + self.HEAD:
+                    break  # the head is not all here yet
+                end = start + self.HEAD
+            out.append((ev, "", bytes(buf[start:end])))
+            i = end
+        del buf[:j]
+        return out
+
+
 class Tap:
     """One SSE client: counts wire bytes; per diff, the tick->SSE delay from the head of the
     frame (``src_recv_ts_ns``); optionally keeps the view (``ViewReader``)."""
@@ -234,7 +275,7 @@ class Tap:
         reader, writer = await asyncio.open_connection(host, port)
         writer.write(f"GET {self.path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
         await writer.drain()
-        dc = Dechunk()
+        dc = Dechunk() if self.reader is not None else _HeadScan()
         try:
             status = await reader.readline()
             if b" 200 " not in status:
