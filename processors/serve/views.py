@@ -280,9 +280,14 @@ def _tuple(v: list[Any]) -> tuple[Any, ...]:
     row that holds them. A new tuple inside a new row kept the row GC-tracked through its
     first collection (the collector untracks a tuple only once its items are): ~80k rows
     waited in the young generations, and each gen1 collection took ~50 ms."""
+    if not v:
+        return ()
     t = tuple(v)
-    if len(t) < 8 and all(type(x) is str for x in t):
-        return _interned_t.setdefault(t, t)
+    if len(t) < 8 and type(t[0]) is str:
+        try:
+            return _interned_t.setdefault(t, t)
+        except TypeError:  # an unhashable item
+            return t
     return t
 
 
