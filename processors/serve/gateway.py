@@ -1213,11 +1213,12 @@ class Gateway:
                     for spec, view in list(mirror.views.items()):
                         if not view.subs and now - view.idle_since >= linger:
                             mirror.drop_view(spec)
+                            dropped = True
                     if not mirror.views and now - mirror.created >= linger:
                         mirror.stop()
                         del feed.mirrors[sym]
                         dropped = True
-            if dropped:  # a whole model graph was freed: hand its pages back
+            if dropped:  # a view's tiles or a whole model graph were freed: hand them back
                 release_freed_memory()
 
     async def entries_after(
