@@ -61,16 +61,11 @@ PROCESSORS: dict[str, Stage] = {
         publisher.build, "publisher:<strategy>", "staged tiles -> heatmap model versions + diffs"
     ),
     "gex": Stage(gex.build, "gex[:SPX,...]", "whole chain -> GEX models and levels"),
-    # Its mirrors and views are graphs of small rows dropped when the last client of a model
-    # left: 1,000 clients over 20 views, 5,000 events/s, 30 s after they all left (views
-    # dropped, trimmed): 199 and 167 MB under malloc, 229 MB under pymalloc, from 93-94 MB
-    # before clients; idle client 69 / 60 kB (docs/performance.md, "SSE views").
-    "sse-gateway": Stage(
-        sse_gateway.build,
-        "sse-gateway",
-        "models -> browsers (SSE, dashboard)",
-        system_malloc=True,
-    ),
+    # Stays on pymalloc: with 1,000 clients over 20 views at 5,000 events/s, 30 s after they
+    # all left (views dropped, trimmed) it held 229 and 252 MB under pymalloc, 167, 199 and
+    # 285 MB under malloc (93-95 MB before clients), and 60 vs 69 kB per idle client: no gain
+    # that the run-to-run spread does not cover (docs/performance.md, "SSE views").
+    "sse-gateway": Stage(sse_gateway.build, "sse-gateway", "models -> browsers (SSE, dashboard)"),
     "monitor": Stage(monitor.build, "monitor", "Prometheus gauges of the Redis state, retention"),
 }
 

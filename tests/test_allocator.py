@@ -22,7 +22,7 @@ def _environ(pid: int | None) -> dict[str, str]:
 
 def test_the_choice_is_per_process_and_an_explicit_value_wins() -> None:
     assert registry.wants_system_malloc(["normalizer"])
-    assert registry.wants_system_malloc(["sse-gateway"])
+    assert not registry.wants_system_malloc(["sse-gateway"])
     assert not registry.wants_system_malloc(["hydrator"])
     assert not registry.wants_system_malloc(["normalizer", "tile-builder:vertical"])
     assert not registry.wants_system_malloc(["no-such-processor"])
