@@ -46,8 +46,9 @@ PROCESSORS: dict[str, Stage] = {
         "WebSocket trades, quotes, indices -> massive:{ws}:stream",
     ),
     # No state between snapshots (~1 MB of Python objects alive after each 20k-contract
-    # build), yet under pymalloc RSS grew 2-5 MB per build (78 -> 87 MB over seven builds,
-    # trim included); under malloc it held 75 MB flat (docs/performance.md, "A trading day").
+    # build), yet under pymalloc RSS grew with the builds (bench/normalizer_rss.py: 64 -> 72
+    # MB over eight, trim included); under malloc it held 61 MB flat (docs/performance.md,
+    # "A trading day"). The tile builders and publishers were no better or worse under it.
     "normalizer": Stage(
         normalizer.build, "normalizer", "chain snapshots -> epochs", system_malloc=True
     ),
