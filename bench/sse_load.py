@@ -468,6 +468,7 @@ async def scoped(args: argparse.Namespace) -> None:
         "MASSIVE_SSE_HOST": "127.0.0.1",
         "MASSIVE_SYMBOLS": "SPX",
         "MASSIVE_GEX_INTERVAL_S": "2",
+        "MASSIVE_SSE_READ_INTERVAL_S": str(args.read_interval_s),
     }
     procs = (*MODEL_PATH, "monitor", "sse-gateway")
     p = h.Pipeline(srv.url, log_dir, extra_env=env)
@@ -714,6 +715,9 @@ def main() -> None:
     p.add_argument("--gateway-path", default="", help="rss: PYTHONPATH of the gateway process")
     p.add_argument("--read-delay-s", type=float, default=0.0, help="rss: slow client's pause")
     p.add_argument("--events", type=float, default=5000.0, help="scoped: WS events per second")
+    p.add_argument(
+        "--read-interval-s", type=float, default=0.0, help="scoped: the gateway's read_interval_s"
+    )
     p.add_argument("--sim-rate", type=float, default=200.0, help="acceptance: simulator rate")
     p.add_argument("--contracts", type=int, default=20_000, help="scoped: chain size")
     p.add_argument("--seconds", type=float, default=0.0, help="scoped 30, acceptance 20")

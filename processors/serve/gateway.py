@@ -151,6 +151,11 @@ class SseSettings:
     # CPU a reader spends merging the entries of one reply before they are applied: the
     # entries merged make one view diff per view (a reader behind catches up at once)
     coalesce_s: float = 0.25
+    # A shared reader reads at most this often (0: as soon as entries are there): diffs
+    # published in between are merged into one view diff per view, so a view client gets a
+    # bounded number of sends per second however often the model is published (a send
+    # costs the gateway tens of us of CPU per client); it is also the most a diff waits.
+    read_interval_s: float = 0.0
     replay_page_bytes: int = 8 * 1024 * 1024  # XRANGE page (in entry bytes) of a mirror load
     no_model_poll_s: float = 1.0  # re-read interval of a model that does not exist yet
     send_timeout_s: float = 30.0  # a client that accepts no bytes for this long is dropped
@@ -178,8 +183,8 @@ class SseSettings:
             raise ValueError("pending_max_bytes and history_bytes must be >= 1")
         if self.ping_s <= 0 or self.block_ms <= 0 or self.read_count <= 0:
             raise ValueError("ping_s, block_ms and read_count must be > 0")
-        if self.coalesce_s < 0:
-            raise ValueError("coalesce_s must be >= 0")
+        if self.coalesce_s < 0 or self.read_interval_s < 0:
+            raise ValueError("coalesce_s and read_interval_s must be >= 0")
         if self.redis_concurrency < 1:
             raise ValueError("redis_concurrency must be >= 1")
         if self.replay_page_bytes <= 0 or self.no_model_poll_s <= 0 or self.view_linger_s < 0:
@@ -557,7 +562,12 @@ class DiffFeed:
                 logger.warning("channel=%s prime failed: %s", self.channel.name, exc)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), backoff_s)
+        read_at = 0.0
         while not stop.is_set():
+            wait_s = read_at + self.settings.read_interval_s - time.monotonic()
+            if wait_s > 0:
+                await asyncio.sleep(wait_s)
+            read_at = time.monotonic()
             try:
                 resp = await self.redis.xread(
                     {self.stream: format_id(self.last_id)},
