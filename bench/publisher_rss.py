@@ -75,6 +75,14 @@ class Sampler(threading.Thread):
                 self.samples.append((time.monotonic(), r))
 
 
+def start_publisher(strategy: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "processors.ops.cli", "run", f"publisher:{strategy}"],
+        cwd=ROOT,
+        env=env,
+    )
+
+
 async def main(args: argparse.Namespace) -> None:
     srv = RedisServer().start()
     proc: subprocess.Popen[bytes] | None = None
@@ -82,7 +90,7 @@ async def main(args: argparse.Namespace) -> None:
         redis = connect(srv.url)
         d0 = dt.date(2026, 12, 1)
         exps = [(d0 + dt.timedelta(days=i)).isoformat() for i in range(20)]
-        strikes = [6000 - 5 * 250 + 5 * i for i in range(500)]
+        strikes = [6000.0 - 5 * 250 + 5 * i for i in range(500)]
         chain = option_chain("SPXW", exps, strikes, spot=6000, asof="2026-11-28")
         await seed_epoch(redis, "bench", "SPX", chain, spot=6000, now_ns=NOW)
         tiled = [c.cid for c in chain if c.expiry in exps[:5]]
@@ -108,11 +116,7 @@ async def main(args: argparse.Namespace) -> None:
         for kv in args.env:
             k, _, v = kv.partition("=")
             env[k] = v
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "processors.ops.cli", "run", f"publisher:{strategy}"],
-            cwd=ROOT,
-            env=env,
-        )
+        proc = start_publisher(strategy, env)
         ver_k = keys.heatmap_version("SPX", strategy)
         while not await redis.get(ver_k):
             if proc.poll() is not None:
@@ -153,7 +157,7 @@ async def main(args: argparse.Namespace) -> None:
             await b.handle([(f"{r}-0".encode(), entry(DirtyEntry("SPX", "bench", batch, ts)))])
             r += 1
             if r % 20 == 0:  # the checkpointed version: a few bytes of the model key's head
-                head = await redis.getrange(model_k, 0, 200)
+                head: bytes = await redis.getrange(model_k, 0, 200)  # type: ignore[assignment]
                 i = head.find(b'"version":')
                 if i >= 0:
                     ckpt_versions.add(int(head[i + 10 :].split(b",")[0]))
@@ -168,7 +172,8 @@ async def main(args: argparse.Namespace) -> None:
         q = statistics.quantiles(after, n=100)
         print(
             f"{args.duration:.0f} s, {r - 2} batches of {args.dirty} dirty, versions {v0}->{v1}"
-            f" ({(v1 - v0) / args.duration:.1f}/s), checkpointed versions seen: {len(ckpt_versions)}"
+            f" ({(v1 - v0) / args.duration:.1f}/s),"
+            f" checkpointed versions seen: {len(ckpt_versions)}"
         )
         print(
             f"RSS whole run {min(allr):.1f}-{max(allr):.1f} MB; after {args.warmup:.0f} s"
