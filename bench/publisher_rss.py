@@ -98,6 +98,20 @@ def start_publisher(strategy: str, env: dict[str, str]) -> subprocess.Popen[byte
     )
 
 
+def print_promotions(
+    promotions: list[float], samples: list[tuple[float, float]], t_start: float
+) -> None:
+    if not promotions:
+        return
+    print("promotion at s: RSS max 5 s before / peak 10 s after / min 10-30 s after (MB)")
+    for x in promotions:
+        rel = [(t - t_start - x, m) for t, m in samples]
+        before = max((m for d, m in rel if -5 <= d < 0), default=0.0)
+        peak = max((m for d, m in rel if 0 <= d <= 10), default=0.0)
+        settled = min((m for d, m in rel if 10 < d <= 30), default=0.0)
+        print(f"  {x:5.0f}: {before:.1f} / {peak:.1f} / {settled:.1f}")
+
+
 async def main(args: argparse.Namespace) -> None:
     srv = RedisServer().start()
     proc: subprocess.Popen[bytes] | None = None
@@ -202,14 +216,7 @@ async def main(args: argparse.Namespace) -> None:
             f" p50 {q[49]:.1f} p99 {q[98]:.1f} max {max(after):.1f} MB,"
             f" max/min-1 {100 * (max(after) / min(after) - 1):.1f} %"
         )
-        if promotions:
-            print("promotion at s: RSS max 5 s before / peak 10 s after / min 10-30 s after (MB)")
-            for x in promotions:
-                rel = [(t - t_start - x, m) for t, m in sampler.samples]
-                before = max((m for d, m in rel if -5 <= d < 0), default=0.0)
-                peak = max((m for d, m in rel if 0 <= d <= 10), default=0.0)
-                settled = min((m for d, m in rel if 10 < d <= 30), default=0.0)
-                print(f"  {x:5.0f}: {before:.1f} / {peak:.1f} / {settled:.1f}")
+        print_promotions(promotions, sampler.samples, t_start)
         print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         await redis.aclose()
     finally:
