@@ -807,11 +807,11 @@ class Publisher:
                 ts_ns=now_ns,
                 items=items,
                 meta=meta,
+                diff_id=diff_id,
             )
             # Right after the diff, outside the publish script (a model of ~15 MB as a script
             # argument costs Redis two extra copies); a crash in between leaves the previous
             # checkpoint, which the diffs bring up to date.
-            model = msgspec.structs.replace(model, diff_id=diff_id)
             if await self._write_checkpoint(st.symbol, version, model) == lua.Publish.OK:
                 st.checkpointed, st.last_checkpoint = version, t0
                 st.checkpoint_id = diff_id
@@ -956,10 +956,11 @@ class Publisher:
         is not fenced and the version key still says ``version``: its JSON is written piece
         by piece into this leader's temp key, then one fenced script
         (lua/heatmap_checkpoint.lua) renames it onto the model key, so readers see the old
-        checkpoint or the new one whole. Never one ~15 MB buffer here: built and sent whole,
-        the JSON, its packed command and the send buffer swung the publisher's RSS by up to
-        +34 MB at every checkpoint; in pieces the swing is gone (bench/publisher_rss.py,
-        docs/performance.md "Process RSS"). OK written, FENCED fenced or lease held by
+        checkpoint or the new one whole. Never one ~15 MB buffer here: built and sent whole
+        (the JSON, then its packed SET command), a butterfly checkpoint raised the
+        publisher's RSS from 116.5 to up to 131.2 MB (12.6 %) at its writes; in pieces it
+        stayed within 112.2-116.9 MB (4.2 %): bench/publisher_rss.py, docs/performance.md
+        "Process RSS". OK written, FENCED fenced or lease held by
         another owner, MOVED version moved on, TORN the temp key expired mid-write."""
         token = self.token
         if token is None:
