@@ -604,10 +604,11 @@ class Publisher:
 
     def _staged_json(self, tid: str | bytes, raw: bytes) -> msgspec.Raw | None:
         """The published view in a staged value ``b"<seq>:<json>"``; None (counted, logged)
-        when unreadable."""
+        when unreadable. A view of ``raw``, not a copy: a new epoch's first publish reads
+        the whole staging hash (48,900 butterfly tiles, ~15 MB) next to the old model."""
         c = raw.find(b":")
         if 0 < c < len(raw) - 1 and raw[:c].isdigit():  # hot path: no int() of the seq
-            return msgspec.Raw(raw[c + 1 :])
+            return msgspec.Raw(memoryview(raw)[c + 1 :])
         try:
             return msgspec.Raw(split_staged(raw)[1])
         except ValueError as exc:
