@@ -298,6 +298,18 @@ async def _dispatch_metrics(admin_port: int) -> dict[str, tuple[float, float]]:
     return {ch: (v[0], v[1]) for ch, v in out.items()}
 
 
+async def _gauges(admin_port: int, names: tuple[str, ...]) -> list[float]:
+    """Each gauge of the gateway's /metrics summed over its labels."""
+    async with httpx.AsyncClient(timeout=120) as http:
+        text = (await http.get(f"http://127.0.0.1:{admin_port}/metrics")).text
+    out = [0.0] * len(names)
+    for line in text.splitlines():
+        for i, name in enumerate(names):
+            if line.startswith((name + "{", name + " ")):
+                out[i] += float(line.rsplit(" ", 1)[1])
+    return out
+
+
 def _head_int(data: bytes, field: bytes) -> int | None:
     """An integer field of a compact diff's head, without parsing the diff."""
     i = data.find(field, 0, 400)
@@ -499,14 +511,20 @@ async def scoped(args: argparse.Namespace) -> None:
         for t in taps:
             await t.stop()
         taps = []
-        await asyncio.sleep(5)
-        left = rss_mb(gw_pid)
-        await asyncio.sleep(25)
+        after: list[tuple[int, float, float, float]] = []  # s, RSS, clients, views
+        for s in range(5, 65, 5):
+            await asyncio.sleep(5)
+            g = await _gauges(admin, ("massive_sse_clients", "massive_sse_views"))
+            after.append((s, rss_mb(gw_pid), g[0], g[1]))
         print(
             f"gateway RSS before clients {rss0:.0f} MB, with all clients idle {rss_idle:.0f} MB,"
-            f" under load {rss_load:.0f} MB; 5 s after every client left {left:.0f} MB, 30 s "
-            f"after {rss_mb(gw_pid):.0f} MB (views and mirrors without clients linger "
-            f"{SseSettings().view_linger_s:.0f} s)"
+            f" under load {rss_load:.0f} MB; 5 s after every client left {after[0][1]:.0f} MB, "
+            f"30 s after {after[5][1]:.0f} MB, 60 s after {after[-1][1]:.0f} MB (views and "
+            f"mirrors without clients linger {SseSettings().view_linger_s:.0f} s)"
+        )
+        print(
+            "  after the clients left, every 5 s: RSS MB / clients / views "
+            + ", ".join(f"{s} s {v:.0f}/{c:.0f}/{n:.0f}" for s, v, c, n in after)
         )
     finally:
         for t in taps:

@@ -118,6 +118,7 @@ SNAPSHOT_SLICE = 64 * 1024  # a snapshot goes out in slices: the transport never
 # whole-model backlog) in slices
 DIFF_SLICE = 1024 * 1024
 SNAPSHOT_SHARE_S = 2.0  # clients joining within this share one read of a stored model
+JANITOR_WAIT_S = 5.0  # how long the janitor waits for stopped mirror loaders before trimming
 # Keep-alive comments come from the session itself, between frames (sse-starlette's own
 # pings could land between two slices of a snapshot).
 PING = b": ping" + SEP + SEP
@@ -1203,22 +1204,33 @@ class Gateway:
         while not self._stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), max(0.5, min(5.0, linger / 2)))
-            now = time.monotonic()
-            dropped = False
-            for key, (t, v) in list(self._snaps.items()):
-                if isinstance(v, _WholeSnap) and now - t >= SNAPSHOT_SHARE_S:
-                    del self._snaps[key]
-            for feed in self.feeds.values():
-                for sym, mirror in list(feed.mirrors.items()):
-                    for spec, view in list(mirror.views.items()):
-                        if not view.subs and now - view.idle_since >= linger:
-                            mirror.drop_view(spec)
-                    if not mirror.views and now - mirror.created >= linger:
-                        mirror.stop()
-                        del feed.mirrors[sym]
-                        dropped = True
-            if dropped:  # a whole model graph was freed: hand its pages back
+            dropped, stopped = self._drop_idle(time.monotonic(), linger)
+            if stopped:  # a cancelled loader's frame holds its mirror's model until it ends
+                await asyncio.wait(stopped, timeout=JANITOR_WAIT_S)
+            if dropped:  # a view's tiles or a whole model graph were freed: hand them back
                 release_freed_memory()
+
+    def _drop_idle(self, now: float, linger: float) -> tuple[bool, list[asyncio.Task[None]]]:
+        """The janitor's pass: whether a view or mirror was dropped, and the tasks of the
+        stopped mirrors. A function of its own so that no loop variable of the (sleeping)
+        janitor keeps the last dropped mirror, and its model, alive."""
+        dropped = False
+        stopped: list[asyncio.Task[None]] = []
+        for key, (t, v) in list(self._snaps.items()):
+            if isinstance(v, _WholeSnap) and now - t >= SNAPSHOT_SHARE_S:
+                del self._snaps[key]
+        for feed in self.feeds.values():
+            for sym, mirror in list(feed.mirrors.items()):
+                for spec, view in list(mirror.views.items()):
+                    if not view.subs and now - view.idle_since >= linger:
+                        mirror.drop_view(spec)
+                        dropped = True
+                if not mirror.views and now - mirror.created >= linger:
+                    mirror.stop()
+                    stopped += [t for t in (mirror.task, mirror.dates_task) if t]
+                    del feed.mirrors[sym]
+                    dropped = True
+        return dropped, stopped
 
     async def entries_after(
         self, stream: str, after: StreamId

@@ -1,0 +1,127 @@
+"""The normalizer's RSS over repeated 20,000-contract builds, per allocator.
+
+Each build is a new epoch (every snapshot lists one more strike than the previous one, so
+the topology changes and the normalizer builds, promotes and retires). The builds run in a
+child process (``Normalizer.process`` in process, after ``fix_mmap_threshold`` as its
+``run`` does) once with the environment ``massive-pipeline run normalizer`` gives it
+(``processors.ops.cli.allocator_env``: the allocator the registry chooses) and once with
+``PYTHONMALLOC=pymalloc``, on a private redis-server; prints the RSS after each build.
+
+    .venv/bin/python bench/normalizer_rss.py [--contracts 20000] [--builds 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import msgspec
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from prometheus_client import CollectorRegistry
+
+from bench.e2e_load import machine, rss_mb
+from processors.epochs.normalizer import Normalizer, NormalizerSettings
+from processors.ops.cli import allocator_env
+from schemas import keys
+from schemas.messages import ChainPointer, encode_snapshot
+from streams.memory import fix_mmap_threshold
+from streams.processor import Deps
+from streams.redis_client import connect
+from streams.settings import RuntimeSettings
+from tests.factories import big_chain, contract
+from tests.util import RedisServer
+
+
+async def store(url: str, n: int, builds: int) -> list[ChainPointer]:
+    """``builds`` snapshots, each with one more strike than the one before."""
+    r = connect(url)
+    await r.flushall()
+    base = big_chain("SPX", n, ts_ns=1_764_000_000_000_000_000)
+    expiry = base.contracts[-1].expiry
+    ptrs = []
+    for i in range(builds):
+        extra = [
+            contract("SPXW", expiry, "C", 90_000.0 + 5 * j, bid=0.05, ask=0.1) for j in range(i)
+        ]
+        snap = msgspec.structs.replace(
+            base, ts_ns=base.ts_ns + i * 10**10, contracts=[*base.contracts, *extra]
+        )
+        key = keys.chain_snapshot(snap.symbol, snap.ts_ns)
+        await r.set(key, encode_snapshot(snap), ex=3600)
+        ptrs.append(
+            ChainPointer(
+                symbol=snap.symbol, snapshot_key=key, ts_ns=snap.ts_ns, n_contracts=len(extra) + n
+            )
+        )
+    await r.aclose()
+    return ptrs
+
+
+async def child(url: str, ptrs: list[ChainPointer]) -> None:
+    r = connect(url)
+    settings = RuntimeSettings(redis_url=url, consumer="bench")
+    norm = Normalizer(Deps(r, settings, CollectorRegistry()), NormalizerSettings())
+    fix_mmap_threshold()
+    rss = [rss_mb(os.getpid())]
+    for ptr in ptrs:
+        t0 = time.perf_counter()
+        res = await norm.process(ptr)
+        if res != "built":
+            raise SystemExit(f"expected a build, got {res}")
+        print(f"    build {time.perf_counter() - t0:.2f} s, RSS {rss_mb(os.getpid()):.1f} MB")
+        rss.append(rss_mb(os.getpid()))
+    await r.aclose()
+    first = rss[1]
+    print(
+        f"  PYTHONMALLOC={os.environ.get('PYTHONMALLOC', '(unset)')}: RSS MB before "
+        f"{rss[0]:.0f}, after each build "
+        + " ".join(f"{v:.0f}" for v in rss[1:])
+        + f"; last - first build {rss[-1] - first:+.1f} MB"
+        + f" ({100 * (rss[-1] - first) / first:+.0f} %)",
+        flush=True,
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--contracts", type=int, default=20_000)
+    ap.add_argument("--builds", type=int, default=8)
+    ap.add_argument("--child", nargs=2, metavar=("URL", "PTR_FILE"), help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        url, ptr_file = a.child
+        asyncio.run(
+            child(url, msgspec.json.decode(Path(ptr_file).read_bytes(), type=list[ChainPointer]))
+        )
+        return
+    base = {k: v for k, v in os.environ.items() if k != "PYTHONMALLOC"}
+    chosen = allocator_env(["normalizer"], base) or base
+    print(f"# machine: {machine()}")
+    print(f"# normalizer: {a.builds} builds of {a.contracts} contracts, one process each")
+    srv = RedisServer().start()
+    try:
+        with tempfile.NamedTemporaryFile(suffix=".json") as f:
+            for label, env in (
+                ("registry's choice", chosen),
+                ("pymalloc", {**base, "PYTHONMALLOC": "pymalloc"}),
+            ):
+                ptrs = asyncio.run(store(srv.url, a.contracts, a.builds))
+                Path(f.name).write_bytes(msgspec.json.encode(ptrs))
+                print(f"- {label}:", flush=True)
+                subprocess.run(
+                    [sys.executable, __file__, "--child", srv.url, f.name], env=env, check=True
+                )
+    finally:
+        srv.stop()
+
+
+if __name__ == "__main__":
+    main()
