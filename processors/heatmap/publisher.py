@@ -958,7 +958,7 @@ class Publisher:
         by piece into this leader's temp key, then one fenced script
         (lua/heatmap_checkpoint.lua) renames it onto the model key, so readers see the old
         checkpoint or the new one whole. Never one ~15 MB buffer here: built and sent whole
-        (the JSON, then its packed SET command), a butterfly checkpoint raised the
+        (the JSON, and the transport's copy of it), a butterfly checkpoint raised the
         publisher's RSS from 116.5 to up to 131.2 MB (12.6 %) at its writes; in pieces it
         stayed within 112.2-116.9 MB (4.2 %): bench/publisher_rss.py, docs/performance.md
         "Process RSS". OK written, FENCED fenced or lease held by
