@@ -62,9 +62,10 @@ async def diffs_after(
 async def write_pieces(redis: Redis, key: str, pieces: Iterable[bytes], ttl_ms: int) -> int:
     """Write the concatenation of ``pieces`` to STRING ``key`` (a temp key: readers never
     read it), one piece per round trip, expiring ``ttl_ms`` after the last piece; returns
-    the bytes written. One multi-MB value would be one buffer in this process, and
-    asyncio's transport copies what the socket does not take at once into its send buffer:
-    a swing of the writer's RSS at every write (bench/publisher_rss.py, docs/performance.md
+    the bytes written. One multi-MB value would be one buffer in this process, joined
+    again with its command (asyncio's ``writelines`` is ``b"".join`` on Python 3.11) and
+    copied in part into the transport's send buffer: a swing of the writer's RSS at every
+    write (bench/publisher_rss.py, docs/performance.md
     "Process RSS")."""
     size = 0
     for i, piece in enumerate(pieces):
