@@ -188,6 +188,13 @@ def heatmap_model(symbol: str, strategy: str) -> str:
     return f"massive:heatmap:model:{tag(symbol)}:{strategy}"
 
 
+def heatmap_model_tmp(symbol: str, strategy: str, token: int) -> str:
+    """STRING a publisher leader (fencing ``token``) writes a checkpoint into, piece by piece,
+    before its fenced script renames it onto the model key (lua/heatmap_checkpoint.lua);
+    expires on its own if the writer dies."""
+    return f"massive:heatmap:model:{tag(symbol)}:{strategy}:tmp:{token}"
+
+
 def heatmap_version(symbol: str, strategy: str) -> str:
     """Current published version (integer) of the heatmap model of (symbol, strategy)."""
     return f"massive:heatmap:version:{tag(symbol)}:{strategy}"

@@ -8,6 +8,8 @@ unless a name says otherwise.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from itertools import islice
 from typing import Any, TypeVar
 
 import msgspec
@@ -237,6 +239,39 @@ class PublishedModel(msgspec.Struct, frozen=True):
     items: dict[str, Any]
     meta: dict[str, Any] = {}
     diff_id: str | None = None  # diff stream entry id of this version (SSE resume point)
+
+
+class _ModelHead(msgspec.Struct, frozen=True):
+    """The fields of a PublishedModel before its items (the monitor reads them from the
+    first bytes of a model key: processors/ops/monitor.py)."""
+
+    symbol: str
+    kind: str
+    epoch: str
+    version: int
+    ts_ns: int
+
+
+class _ModelTail(msgspec.Struct, frozen=True):
+    meta: dict[str, Any]
+    diff_id: str | None
+
+
+def encode_model_pieces(model: PublishedModel, items_per_piece: int = 1024) -> Iterator[bytes]:
+    """``encode(model)`` byte for byte, as consecutive pieces of ``items_per_piece`` items
+    each (plus the fields around them), encoded as they are consumed: a 50k-tile model
+    (~15 MB of JSON) is never one buffer in the writer (processors/heatmap/checkpoint.py
+    write_pieces)."""
+    head = _encoder.encode(
+        _ModelHead(model.symbol, model.kind, model.epoch, model.version, model.ts_ns)
+    )
+    lead, sep = head[:-1] + b',"items":{', b""
+    rest = iter(model.items.items())
+    while part := dict(islice(rest, items_per_piece)):
+        body = _encoder.encode(part)
+        yield b"".join((lead, sep, memoryview(body)[1:-1]))
+        lead, sep = b"", b","
+    yield lead + b"}," + _encoder.encode(_ModelTail(model.meta, model.diff_id))[1:]
 
 
 class RawModel(msgspec.Struct):

@@ -20,11 +20,20 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from processors import lua
+from processors.heatmap import publisher as publisher_mod
 from processors.heatmap.publisher import Publisher, PublisherSettings
 from processors.heatmap.tile_builder import TileBuilder, TileSettings
 from schemas import keys
 from schemas.heatmap import split_staged
-from schemas.messages import DirtyEntry, ModelDiff, entry, from_entry
+from schemas.messages import (
+    DirtyEntry,
+    ModelDiff,
+    PublishedModel,
+    encode_model_pieces,
+    entry,
+    from_entry,
+)
 from streams.clock import SystemClock
 from streams.processor import Deps
 from streams.settings import RuntimeSettings
@@ -487,3 +496,102 @@ async def test_leader_crash_hands_over_without_version_regression(deps: Deps, re
         stop_s.set()
         stop_a.set()
         await asyncio.wait_for(task_s, 5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n_items=st.integers(0, 40),
+    per_piece=st.integers(1, 50),
+    meta=st.dictionaries(st.sampled_from(["n_tiles", "roots", 'x"y']), st.integers()),
+    diff_id=st.one_of(st.none(), st.just("1-0")),
+)
+def test_model_pieces_join_to_the_model_json(
+    n_items: int, per_piece: int, meta: dict[str, Any], diff_id: str | None
+) -> None:
+    items = {f"t{i}": msgspec.Raw(b'{"v":%d}' % i) for i in range(n_items)}
+    m = PublishedModel("SPX", 'heatmap:"b"', "e1", 7, NOW, items, meta, diff_id)
+    pieces = list(encode_model_pieces(m, per_piece))
+    assert b"".join(pieces) == msgspec.json.encode(m)
+    assert len(pieces) == -(-n_items // per_piece) + 1
+
+
+async def test_a_reader_never_sees_a_partial_checkpoint(
+    deps: Deps, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The checkpoint is written one tile per round trip (here) into the leader's temp key;
+    a reader polling the model key meanwhile sees the old checkpoint or the new one whole,
+    and the temp key is gone once it is installed."""
+    monkeypatch.setattr(publisher_mod, "encode_model_pieces", lambda m: encode_model_pieces(m, 1))
+    async with leading(deps, redis) as p:
+        st_ = p.syms["SPX"]
+        model_k = keys.heatmap_model("SPX", STRAT)
+        old = await redis.get(model_k)
+        new = PublishedModel(
+            "SPX",
+            p.kind,
+            st_.epoch or "",
+            st_.version,
+            st_.ts_ns,
+            st_.items,
+            {"probe": 1},
+            st_.diff_id,
+        )
+        token = p.token
+        assert token is not None and len(st_.items) > 50
+        tmp = keys.heatmap_model_tmp("SPX", STRAT, token)
+        seen: list[tuple[bytes, int]] = []
+        done = asyncio.Event()
+
+        async def reader() -> None:
+            while not done.is_set():
+                pipe = redis.pipeline(transaction=True)
+                pipe.get(model_k)
+                pipe.exists(tmp)
+                seen.append(tuple(await pipe.execute()))  # type: ignore[arg-type]
+
+        task = asyncio.create_task(reader())
+        try:
+            assert await p._write_checkpoint("SPX", st_.version, new) == lua.Publish.OK
+        finally:
+            done.set()
+            await task
+        assert any(t for _, t in seen)  # the reader ran while the pieces were written
+        assert {v for v, _ in seen} <= {old, msgspec.json.encode(new)}
+        assert await redis.get(model_k) == msgspec.json.encode(new)
+        assert not await redis.exists(tmp) and await redis.ttl(model_k) == -1
+
+
+async def test_a_checkpoint_is_fenced_checked_and_dropped_unless_installed(
+    deps: Deps, redis: Redis
+) -> None:
+    """A stale leader's checkpoint (fence moved), one of a version no longer current, and a
+    temp key that lost pieces (expired mid-write) are never installed, and leave no key."""
+    async with leading(deps, redis) as p:
+        st_ = p.syms["SPX"]
+        model_k = keys.heatmap_model("SPX", STRAT)
+        old = await redis.get(model_k)
+        token = p.token
+        assert token is not None
+        tmp = keys.heatmap_model_tmp("SPX", STRAT, token)
+        new = PublishedModel(
+            "SPX", p.kind, st_.epoch or "", st_.version, st_.ts_ns, st_.items, {}, st_.diff_id
+        )
+        assert await p._write_checkpoint("SPX", st_.version + 1, new) == lua.Publish.MOVED
+        await redis.set(tmp, b"{partial", px=60_000)
+        rc = await p._checkpoint(
+            redis,
+            [
+                p.lease.fence_key,
+                p.lease.lease_key,
+                keys.heatmap_version("SPX", STRAT),
+                tmp,
+                model_k,
+            ],
+            [str(token), p.lease.value, str(st_.version), "100"],
+        )
+        assert lua.Publish(int(rc)) == lua.Publish.TORN
+        assert not await redis.exists(tmp)
+        await redis.incr(p.lease.fence_key)  # another leader acquired: we are stale
+        assert await p._write_checkpoint("SPX", st_.version, new) == lua.Publish.FENCED
+        assert await redis.get(model_k) == old
+        assert not await redis.exists(tmp)

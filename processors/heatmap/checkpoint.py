@@ -1,4 +1,5 @@
-"""The one reader of "a model checkpoint + the diffs after it".
+"""The one reader of "a model checkpoint + the diffs after it", and the heatmap
+publisher's piecewise checkpoint writer (``write_pieces``).
 
 A model key holds a checkpoint: the model at some version with ``diff_id`` = the diff
 stream entry of that version (processors/heatmap/publisher.py writes it every
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 from redis.asyncio import Redis
@@ -56,3 +57,24 @@ async def diffs_after(
             return
         avg = max(1, size // max(1, len(page)))
         count = max(1, min(1000, page_bytes // avg))
+
+
+async def write_pieces(redis: Redis, key: str, pieces: Iterable[bytes], ttl_ms: int) -> int:
+    """Write the concatenation of ``pieces`` to STRING ``key`` (a temp key: readers never
+    read it), one piece per round trip, expiring ``ttl_ms`` after the last piece; returns
+    the bytes written. One multi-MB value would be one buffer in this process, joined
+    again with its command (asyncio's ``writelines`` is ``b"".join`` on Python 3.11) and
+    copied in part into the transport's send buffer: a swing of the writer's RSS at every
+    write (bench/publisher_rss.py, docs/performance.md
+    "Process RSS")."""
+    size = 0
+    for i, piece in enumerate(pieces):
+        pipe = redis.pipeline(transaction=False)
+        if i == 0:
+            pipe.set(key, piece, px=ttl_ms)
+        else:
+            pipe.append(key, piece)
+            pipe.pexpire(key, ttl_ms)
+        await pipe.execute()
+        size += len(piece)
+    return size

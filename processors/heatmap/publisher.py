@@ -44,7 +44,9 @@ Checkpoints
     bring it to the latest version, which is what the SSE gateway already does for every
     client (snapshot, then diffs from the snapshot's ``diff_id``). A new leader loads the
     checkpoint and applies the diffs after it up to the version key (if the stream no
-    longer reaches back, it re-publishes every staged tile).
+    longer reaches back, it re-publishes every staged tile). A checkpoint is written in
+    pieces into a temp key of this leader's fence token and renamed onto the model key by
+    a fenced script (lua/heatmap_checkpoint.lua): readers never see a part of one.
 
 Latency: ``massive_tick_to_publish_seconds{model="heatmap:<strategy>"}`` observes publish
 time minus the oldest ingest receive time (TileDelta.recv_ts_ns) behind the published
@@ -64,14 +66,22 @@ from typing import Any
 
 import msgspec
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError, WatchError
+from redis.exceptions import ResponseError
 
 from processors import lua
 from processors.heatmap import checkpoint
 from processors.lease import FencedLease
 from schemas import keys
 from schemas.heatmap import TileDelta, split_staged
-from schemas.messages import ModelDiff, PublishedModel, RawDiff, RawModel, encode, from_entry
+from schemas.messages import (
+    ModelDiff,
+    PublishedModel,
+    RawDiff,
+    RawModel,
+    encode,
+    encode_model_pieces,
+    from_entry,
+)
 from streams import metrics
 from streams.clock import StepClock
 from streams.consumer import Entry
@@ -126,6 +136,9 @@ _REJECTED = {
     lua.Publish.INACTIVE_EPOCH: "inactive_epoch",
     lua.Publish.MOVED: "version",
 }
+# A checkpoint's temp key outlives a writer that died mid-write by this much (refreshed with
+# every piece written).
+CHECKPOINT_TMP_TTL_MS = 60_000
 _model_decoder = msgspec.json.Decoder(RawModel)
 _diff_decoder = msgspec.json.Decoder(RawDiff)
 
@@ -222,6 +235,7 @@ class Publisher:
             cfg.lease_ttl_ms,
         )
         self._publish = lua.get("heatmap_publish")
+        self._checkpoint = lua.get("heatmap_checkpoint")
         self._last_diff_id = (0, 0)  # (ms, seq) of our last diff: ids we pick stay above it
         self._retention = DiffRetention(
             int(cfg.diff_retention_s * 1000), int(cfg.diff_retention_mb * 1024 * 1024)
@@ -590,10 +604,11 @@ class Publisher:
 
     def _staged_json(self, tid: str | bytes, raw: bytes) -> msgspec.Raw | None:
         """The published view in a staged value ``b"<seq>:<json>"``; None (counted, logged)
-        when unreadable."""
+        when unreadable. A view of ``raw``, not a copy: a new epoch's first publish reads
+        the whole staging hash (48,900 butterfly tiles, ~15 MB) next to the old model."""
         c = raw.find(b":")
         if 0 < c < len(raw) - 1 and raw[:c].isdigit():  # hot path: no int() of the seq
-            return msgspec.Raw(raw[c + 1 :])
+            return msgspec.Raw(memoryview(raw)[c + 1 :])
         try:
             return msgspec.Raw(split_staged(raw)[1])
         except ValueError as exc:
@@ -793,12 +808,12 @@ class Publisher:
                 ts_ns=now_ns,
                 items=items,
                 meta=meta,
+                diff_id=diff_id,
             )
-            # Right after the diff, outside the script (a model of ~15 MB as a script
+            # Right after the diff, outside the publish script (a model of ~15 MB as a script
             # argument costs Redis two extra copies); a crash in between leaves the previous
             # checkpoint, which the diffs bring up to date.
-            model_json = encode(msgspec.structs.replace(model, diff_id=diff_id))  # type: ignore[arg-type]
-            if await self._write_checkpoint(st.symbol, version, model_json) == lua.Publish.OK:
+            if await self._write_checkpoint(st.symbol, version, model) == lua.Publish.OK:
                 st.checkpointed, st.last_checkpoint = version, t0
                 st.checkpoint_id = diff_id
         self.m_publish_s.observe(self.clock.monotonic() - t0)
@@ -924,10 +939,12 @@ class Publisher:
                 meta=st.meta,
                 diff_id=st.diff_id,
             )
-            rc = await self._write_checkpoint(st.symbol, st.version, encode(model))  # type: ignore[arg-type]
+            rc = await self._write_checkpoint(st.symbol, st.version, model)
             if rc == lua.Publish.OK:
                 st.checkpointed, st.last_checkpoint = st.version, self.clock.monotonic()
                 st.checkpoint_id = st.diff_id
+            elif rc == lua.Publish.TORN:  # the temp key expired mid-write: next idle tick
+                continue
             elif rc == lua.Publish.FENCED:
                 self.lease.drop()  # fenced: a stale leader stops
                 return
@@ -935,34 +952,36 @@ class Publisher:
                 self.syms.pop(st.symbol, None)
                 await self._state(st.symbol)
 
-    async def _write_checkpoint(self, sym: str, version: int, model_json: bytes) -> lua.Publish:
-        """SET the model key to an already published ``version`` if this leader is not
-        fenced and the version key still says ``version``: an optimistic transaction (a
-        model of ~15 MB as a script argument costs Redis two extra copies and a Lua string).
-        OK written, FENCED fenced or lease held by another owner, MOVED version moved on."""
-        ver_k = keys.heatmap_version(sym, self.strategy)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            while True:
-                try:
-                    lease = self.lease
-                    await pipe.watch(lease.fence_key, lease.lease_key, ver_k)
-                    fence, holder, cur = (
-                        await pipe.get(lease.fence_key),
-                        await pipe.get(lease.lease_key),
-                        await pipe.get(ver_k),
-                    )
-                    if fence is None or int(fence) != self.token:
-                        return lua.Publish.FENCED
-                    if holder is not None and as_str(holder) != lease.value:
-                        return lua.Publish.FENCED
-                    if cur is None or int(cur) != version:
-                        return lua.Publish.MOVED
-                    pipe.multi()  # type: ignore[no-untyped-call]
-                    pipe.set(keys.heatmap_model(sym, self.strategy), model_json)
-                    await pipe.execute()
-                    return lua.Publish.OK
-                except WatchError:
-                    continue
+    async def _write_checkpoint(self, sym: str, version: int, model: PublishedModel) -> lua.Publish:
+        """Make ``model`` (an already published ``version``) the model key, if this leader
+        is not fenced and the version key still says ``version``: its JSON is written piece
+        by piece into this leader's temp key, then one fenced script
+        (lua/heatmap_checkpoint.lua) renames it onto the model key, so readers see the old
+        checkpoint or the new one whole. Never one ~15 MB buffer here: built and sent whole
+        (the JSON, and the transport's copy of it), a butterfly checkpoint raised the
+        publisher's RSS from 116.5 to up to 131.2 MB (12.6 %) at its writes; in pieces it
+        stayed within 112.2-116.9 MB (4.2 %): bench/publisher_rss.py, docs/performance.md
+        "Process RSS". OK written, FENCED fenced or lease held by
+        another owner, MOVED version moved on, TORN the temp key expired mid-write."""
+        token = self.token
+        if token is None:
+            return lua.Publish.FENCED
+        tmp = keys.heatmap_model_tmp(sym, self.strategy, token)
+        size = await checkpoint.write_pieces(
+            self.redis, tmp, encode_model_pieces(model), CHECKPOINT_TMP_TTL_MS
+        )
+        res: Any = await self._checkpoint(
+            self.redis,
+            [
+                self.lease.fence_key,
+                self.lease.lease_key,
+                keys.heatmap_version(sym, self.strategy),
+                tmp,
+                keys.heatmap_model(sym, self.strategy),
+            ],
+            [str(token), self.lease.value, str(version), str(size)],
+        )
+        return lua.Publish(int(res))
 
     async def _ack_if_idle(self) -> None:
         if not self.unacked or not self.leader:

@@ -43,6 +43,7 @@ NAMES = (
     "lease_renew",
     "lease_release",
     "heatmap_publish",
+    "heatmap_checkpoint",
     "gex_publish",
 )
 
@@ -81,8 +82,8 @@ class Install(IntEnum):
 
 
 class Publish(IntEnum):
-    """heatmap_publish.lua (first element of the reply); also the publisher's checkpoint
-    write (OK, FENCED, MOVED)."""
+    """heatmap_publish.lua (first element of the reply); also heatmap_checkpoint.lua (OK,
+    FENCED, MOVED, TORN)."""
 
     OK = 1
     FENCED = -1
@@ -90,6 +91,7 @@ class Publish(IntEnum):
     INACTIVE_EPOCH = -3
     MOVED = -4  # version is not current + 1, or prev id is not the chain head
     ID_TOO_LOW = -5  # diff id not above the stream's last id (second element: that id)
+    TORN = -6  # checkpoint: the temp key is not what was written (expired mid-write)
 
 
 class GexPublish(IntEnum):
