@@ -141,8 +141,10 @@ class SseSettings:
     pending_max_bytes: int = 1024 * 1024
     history_bytes: int = 1024 * 1024  # recent diffs kept per view for Last-Event-ID resume
     # whole-model streams (no filter): unsent diffs (shared frames) of a client, and the
-    # diffs replayed on a resume, before it gets a snapshot instead
-    whole_pending_max_bytes: int = 64 * 1024 * 1024
+    # diffs replayed on a resume, before it gets a snapshot instead. Merged, a backlog is at
+    # most one model (~15 MB for 49k butterfly tiles, 18 MB for 100k), so the bound sits
+    # above that; each slow client's frames swing the gateway's RSS by up to this much.
+    whole_pending_max_bytes: int = 32 * 1024 * 1024
     view_linger_s: float = 10.0  # a view (and its mirror) without clients is kept this long
     block_ms: int = 1000  # XREAD BLOCK of the shared readers
     # XREAD COUNT of the shared readers: a butterfly diff is ~1 MB under load, so a reader
