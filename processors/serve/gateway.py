@@ -1140,20 +1140,33 @@ class Mirror:
         if reason is not None:
             self.reload(reason)
 
+    def _continues(
+        self, raw: bytes, epoch: str, version: int, head: str | None
+    ) -> tuple[_Diff | None, str | None]:
+        """The decoded diff entry and a resync reason when it does not continue the model
+        at (``epoch``, ``version``, ``head``); (None, None) for an undecodable entry
+        (counted, skipped)."""
+        try:
+            d = _diff_dec.decode(raw)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            self.m_reject.inc()
+            return None, None
+        if d.epoch != epoch:
+            return d, "epoch"
+        if d.prev_id is not None and head is not None and d.prev_id != head:
+            # A later entry that does not follow the diff we hold: versions we have were
+            # re-issued with other content (Redis lost writes), or we missed one.
+            return d, "rewrite" if d.version <= version else "gap"
+        return d, None
+
     def apply(self, m: Model, sid: StreamId, id_s: str, raw: bytes) -> str | None:
         """Apply one diff entry to ``m`` (a model being loaded); a resync reason when it does
         not continue it."""
         if sid <= m.head_sid:
             return None
-        try:
-            d = _diff_dec.decode(raw)
-        except (msgspec.ValidationError, msgspec.DecodeError):
-            self.m_reject.inc()
-            return None
-        if d.epoch != m.epoch:
-            return "epoch"
-        if d.prev_id is not None and m.head is not None and d.prev_id != m.head:
-            return "rewrite" if d.version <= m.version else "gap"
+        d, reason = self._continues(raw, m.epoch, m.version, m.head)
+        if d is None or reason is not None:
+            return reason
         if d.version <= m.version:
             m.head_sid = sid
             return None
@@ -1175,17 +1188,9 @@ class Mirror:
             version, head, head_sid = st.version, st.head, st.head_sid
         if sid <= head_sid:
             return None
-        try:
-            d = _diff_dec.decode(raw)
-        except (msgspec.ValidationError, msgspec.DecodeError):
-            self.m_reject.inc()
-            return None
-        if d.epoch != m.epoch:
-            return "epoch"
-        if d.prev_id is not None and head is not None and d.prev_id != head:
-            # A later entry that does not follow the diff we hold: versions we have were
-            # re-issued with other content (Redis lost writes), or we missed one.
-            return "rewrite" if d.version <= version else "gap"
+        d, reason = self._continues(raw, m.epoch, version, head)
+        if d is None or reason is not None:
+            return reason
         if d.version <= version:
             if st is None:
                 m.head_sid = sid
