@@ -39,7 +39,7 @@ from schemas.messages import DirtyEntry, entry
 from streams.processor import Deps
 from streams.redis_client import connect
 from streams.settings import RuntimeSettings
-from tests.factories import option_chain, seed_epoch
+from tests.factories import option_chain, queue_ws_quotes, seed_epoch
 from tests.heatmap_reference import reference_full_build
 from tests.util import RedisServer
 
@@ -88,20 +88,7 @@ async def main(args: argparse.Namespace) -> None:
             for r in range(args.rounds):
                 batch = rng.sample(cids, args.dirty)
                 pipe = redis.pipeline(transaction=False)
-                for c in batch:
-                    ts += 1_000_000
-                    mid = round(rng.uniform(0.5, 80), 2)
-                    pipe.hset(
-                        keys.epoch_contract("SPX", "bench", c),
-                        mapping={
-                            "bid": mid - 0.05,
-                            "ask": mid + 0.05,
-                            "mid": mid,
-                            "quote_ts": ts,
-                            "ts_ns": ts,
-                            "src": "ws",
-                        },
-                    )
+                ts = queue_ws_quotes(pipe, "SPX", "bench", batch, rng, ts)
                 await pipe.execute()
                 msg = DirtyEntry("SPX", "bench", batch, ts, recv_ts_ns=ts)
                 before = b.m_computed.labels(strategy, "incremental")._value.get()

@@ -42,7 +42,7 @@ from schemas.messages import ChainContract, DirtyEntry, entry
 from streams.processor import Deps
 from streams.redis_client import connect
 from streams.settings import RuntimeSettings
-from tests.factories import option_chain, seed_epoch
+from tests.factories import option_chain, queue_ws_quotes, seed_epoch
 from tests.util import RedisServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,20 +174,7 @@ async def main(args: argparse.Namespace) -> None:
                 }
             )
             pipe = redis.pipeline(transaction=False)
-            for c in batch:
-                ts += 1_000_000
-                mid = round(rng.uniform(0.5, 80), 2)
-                pipe.hset(
-                    keys.epoch_contract("SPX", eid, c),
-                    mapping={
-                        "bid": mid - 0.05,
-                        "ask": mid + 0.05,
-                        "mid": mid,
-                        "quote_ts": ts,
-                        "ts_ns": ts,
-                        "src": "ws",
-                    },
-                )
+            ts = queue_ws_quotes(pipe, "SPX", eid, batch, rng, ts)
             await pipe.execute()
             await b.handle([(f"{r}-0".encode(), entry(DirtyEntry("SPX", eid, batch, ts)))])
             r += 1

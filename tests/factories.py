@@ -5,8 +5,11 @@ these let model tests arrange exact contract values without running the normaliz
 from __future__ import annotations
 
 import datetime as dt
+import random
+from collections.abc import Iterable
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 
 from schemas import keys, ticker
 from schemas.messages import ChainContract, ChainSnapshot, GexRow
@@ -79,6 +82,28 @@ async def seed_epoch(
         pipe.set(keys.epoch_active(symbol), eid)
     pipe.hset(keys.SPOT_LATEST, mapping={symbol: repr(spot), f"{symbol}:ts_ns": now_ns})
     await pipe.execute()
+
+
+def queue_ws_quotes(
+    pipe: Pipeline, symbol: str, eid: str, cids: Iterable[str], rng: random.Random, ts_ns: int
+) -> int:
+    """Queue on ``pipe`` what the hydrator writes for a newer WS quote of each contract (a
+    random mid, 1 ms apart from ``ts_ns`` on); returns the last timestamp."""
+    for cid in cids:
+        ts_ns += 1_000_000
+        mid = round(rng.uniform(0.5, 80), 2)
+        pipe.hset(
+            keys.epoch_contract(symbol, eid, cid),
+            mapping={
+                "bid": mid - 0.05,
+                "ask": mid + 0.05,
+                "mid": mid,
+                "quote_ts": ts_ns,
+                "ts_ns": ts_ns,
+                "src": "ws",
+            },
+        )
+    return ts_ns
 
 
 def _json(row: GexRow) -> bytes:
