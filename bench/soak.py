@@ -16,7 +16,16 @@ Timeline (``--minutes``, default 24, i.e. 20 minutes of open market):
 Meanwhile one SSE client per model (``tests.sse_client.ModelClient``: applies diffs,
 checks the diff chain) is compared with ``/api`` every few seconds: the fingerprint of the
 client's items at the version ``/api`` served must equal ``/api``'s (a mismatch is counted,
-so is any diff that did not continue the client's chain).
+so is any diff that did not continue the client's chain). The clients and their checker run
+in a process of their own, as browsers would: in the replayer's process they were starved of
+CPU, fell behind and their backlogs measured the bench rather than the gateway.
+
+Redis runs with the deployment's memory settings (``REDIS_MEMORY_ARGS``: active
+defragmentation, so its RSS follows ``used_memory`` instead of keeping the pages of trimmed
+stream entries) where its build has them: a server linked to the system's jemalloc (Debian's)
+refuses ``activedefrag``, and the soak says so and runs without. Its allocator's own ratios
+are printed every minute (frag: active / allocated, fragmentation that only defragmenting
+returns; rss: resident / active, dirty pages jemalloc returns on its own decay).
 
 Every ``--sample-s`` (15 s) it samples Redis ``used_memory``, the RSS of every process, the
 active epoch and the epoch of each published heatmap model; it prints them with the
@@ -40,11 +49,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import multiprocessing as mp
 import re
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -63,10 +74,35 @@ from tests.sse_client import ModelClient, fingerprint
 from tests.util import free_port
 
 PROCS = (*MODEL_PATH, "monitor", "sse-gateway")
+# As deploy/k8s/overlays/dev/redis.yaml: defragment once the allocator holds 16 MB and 5 %
+# more than the data (the defaults, 100 MB and 10 %, never start on a ~400 MB instance).
+REDIS_MEMORY_ARGS = (
+    "--activedefrag",
+    "yes",
+    "--active-defrag-ignore-bytes",
+    "16mb",
+    "--active-defrag-threshold-lower",
+    "5",
+)
 CHANNELS = (*(f"heatmap/{s}" for s in keys.STRATEGIES), "gex")
 # The epoch of a published model, from its first bytes (PublishedModel encodes symbol, kind,
 # epoch first; the monitor reads its stamp the same way).
 _MODEL_EPOCH = re.compile(rb'\{"symbol":"[^"\\]*","kind":"[^"\\]*","epoch":"([^"\\]*)"')
+
+
+def redis_memory_args() -> tuple[str, ...]:
+    """REDIS_MEMORY_ARGS if this redis-server accepts them (a probe server), else ()."""
+    try:
+        h.RedisServer(*REDIS_MEMORY_ARGS).start().stop()
+    except RuntimeError:
+        return ()
+    return REDIS_MEMORY_ARGS
+
+
+async def allocator_ratios(r: Redis) -> tuple[float, float]:
+    """(allocator_frag_ratio, allocator_rss_ratio) of INFO memory."""
+    info = await r.info("memory")
+    return float(info.get("allocator_frag_ratio", 0)), float(info.get("allocator_rss_ratio", 0))
 
 
 async def epochs(r: Redis, symbol: str) -> tuple[str | None, list[str | None]]:
@@ -149,6 +185,34 @@ class Checker:
             self.details.append(f"{c.channel} v{v}")
 
 
+def run_clients(api: str, every_s: float, stop: Any, out: Any) -> None:
+    """The clients' process: one ModelClient per channel and the checker until ``stop``
+    (a multiprocessing Event) is set; then their counts go back through ``out`` (a Pipe)."""
+
+    async def go() -> dict[str, Any]:
+        clients = [ModelClient(api, ch, "SPX", history_max=5000) for ch in CHANNELS]
+        checker = Checker(api, clients, every_s)
+        done = asyncio.Event()
+        for c in clients:
+            c.start()
+        task = asyncio.create_task(checker.run(done))
+        while not stop.is_set():  # noqa: ASYNC110 -- a flag of another process
+            await asyncio.sleep(0.5)
+        done.set()
+        await task
+        for c in clients:
+            await c.stop()
+        return {
+            "checks": checker.checks,
+            "mismatches": checker.mismatches,
+            "unverified": checker.unverified,
+            "details": checker.details,
+            "clients": [(c.channel, c.version, c.snapshots, c.chain_breaks) for c in clients],
+        }
+
+    out.send(asyncio.run(go()))
+
+
 async def main() -> int:  # noqa: C901 -- owned by the rss helper (bench/soak.py)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--minutes", type=float, default=24.0)
@@ -170,7 +234,8 @@ async def main() -> int:  # noqa: C901 -- owned by the rss helper (bench/soak.py
     )
     args = ap.parse_args()
     log_dir = Path(args.logs or tempfile.mkdtemp(prefix="soak-"))
-    srv = h.DurableRedis("--appendonly", "yes", "--appendfsync", "everysec")
+    mem_args = redis_memory_args()
+    srv = h.DurableRedis("--appendonly", "yes", "--appendfsync", "everysec", *mem_args)
     srv.start()
     r = h.resilient_client(srv.url)
     port = free_port()
@@ -187,8 +252,16 @@ async def main() -> int:  # noqa: C901 -- owned by the rss helper (bench/soak.py
     parts: list[tuple[float, dict[str, float]]] = []
     rss: list[tuple[float, dict[str, float]]] = []
     events: list[tuple[float, str]] = []
-    clients = [ModelClient(api, ch, "SPX", history_max=5000) for ch in CHANNELS]
-    checker = Checker(api, clients, args.check_every_s)
+    ctx = mp.get_context("spawn")
+    clients_stop = ctx.Event()
+    results, results_w = ctx.Pipe(duplex=False)
+    clients = ctx.Process(
+        target=run_clients,
+        args=(api, args.check_every_s, clients_stop, results_w),
+        name="soak-clients",
+        daemon=True,
+    )
+    report: dict[str, Any] = {}
     stop = asyncio.Event()
     t0 = time.monotonic()
 
@@ -205,6 +278,7 @@ async def main() -> int:  # noqa: C901 -- owned by the rss helper (bench/soak.py
         while not stop.is_set():
             try:
                 b = await memory_breakdown(r)
+                b["frag"], b["rss"] = await allocator_ratios(r)
                 mem.append((at(), b["used"]))
                 parts.append((at(), b))
                 act, models = await epochs(r, "SPX")
@@ -220,6 +294,7 @@ async def main() -> int:  # noqa: C901 -- owned by the rss helper (bench/soak.py
                 events.append((at(), f"memory sample failed: {type(exc).__name__}"))
             snap = {s: rss_mb(p.procs[s].pid) for s in PROCS}
             snap["redis-server"] = rss_mb(srv.proc.pid if srv.proc else None)
+            snap["soak-clients"] = rss_mb(clients.pid)
             rss.append((at(), snap))
             await sleep_or_stop(stop, args.sample_s)
 
@@ -227,6 +302,11 @@ async def main() -> int:  # noqa: C901 -- owned by the rss helper (bench/soak.py
     print(f"# date: {dt.datetime.now(dt.UTC).isoformat(timespec='seconds')}; logs {log_dir}")
     if args.env:
         print(f"# extra environment: {' '.join(args.env)}")
+    print(
+        f"# redis memory settings: {' '.join(mem_args)}"
+        if mem_args
+        else "# redis memory settings: none (this redis-server build refuses activedefrag)"
+    )
     total_s = args.minutes * 60
     open_s, close_s = 60.0, total_s - args.closed_min * 60
     restart_at = (open_s + close_s) / 2
@@ -243,10 +323,9 @@ async def main() -> int:  # noqa: C901 -- owned by the rss helper (bench/soak.py
             (c for c in base.contracts if c.expiry in front), key=lambda c: abs(c.strike - 6000)
         )
         rep = h.LoadReplayer(cids, [c.cid for c in near[:1000]])
-        for c in clients:
-            c.start()
+        clients.start()
         t0 = time.monotonic()
-        tasks = [asyncio.create_task(sample()), asyncio.create_task(checker.run(stop))]
+        tasks = [asyncio.create_task(sample())]
         listed = 0
         next_topo = open_s + args.topology_every_min * 60
         restarted = False
@@ -276,6 +355,9 @@ async def main() -> int:  # noqa: C901 -- owned by the rss helper (bench/soak.py
                 await asyncio.sleep(step)
         stop.set()
         await asyncio.gather(*tasks)
+        clients_stop.set()
+        if await asyncio.to_thread(results.poll, 120):
+            report = results.recv()
         brk = await memory_breakdown(r)
         norm = await p.metrics("normalizer")
         promotions = h.metric_sum(norm, "massive_epoch_promotions_total")
@@ -285,8 +367,11 @@ async def main() -> int:  # noqa: C901 -- owned by the rss helper (bench/soak.py
         exits = {s: pr.exited() for s, pr in p.procs.items() if pr.exited() is not None}
     finally:
         stop.set()
-        for c in clients:
-            await c.stop()
+        clients_stop.set()
+        if clients.pid is not None:
+            await asyncio.to_thread(clients.join, 30)
+            if clients.is_alive():
+                clients.kill()
         await p.stop()
         await r.aclose()
         srv.stop()
@@ -298,7 +383,10 @@ async def main() -> int:  # noqa: C901 -- owned by the rss helper (bench/soak.py
     print(" ".join(f"{m:.0f}" for _, m in mem))
     print("\n# what holds it (MB), every minute: used = streams + models + staging + rest")
     top = sorted({k for _, b in parts for k in b if k.startswith("stream ")})
-    print("t_s     used streams models staging buffers  rest  " + " ".join(k[7:] for k in top))
+    print(
+        "t_s     used streams models staging buffers  rest  frag   rss  "
+        + " ".join(k[7:] for k in top)
+    )
     next_t = 0.0
     for t, b in parts:
         if t < next_t:
@@ -307,10 +395,11 @@ async def main() -> int:  # noqa: C901 -- owned by the rss helper (bench/soak.py
         print(
             f"{t:6.0f} {b['used']:5.0f} {b['streams']:7.0f} {b['models']:6.0f} "
             f"{b['staging']:7.0f} {b['buffers']:7.0f} {b['rest']:5.0f}  "
+            f"{b.get('frag', 0.0):4.2f}  {b.get('rss', 0.0):4.2f}  "
             + " ".join(f"{b.get(k, 0.0):.0f}" for k in top)
         )
     print(f"\n# RSS (MB), every {args.sample_s:.0f} s")
-    names = [*PROCS, "redis-server"]
+    names = [*PROCS, "redis-server", "soak-clients"]
     print("t_s     " + " ".join(f"{n[:14]:>14}" for n in names))
     for t, snap in rss:
         print(f"{t:6.0f}  " + " ".join(f"{snap.get(n, float('nan')):14.0f}" for n in names))
@@ -339,22 +428,27 @@ async def main() -> int:  # noqa: C901 -- owned by the rss helper (bench/soak.py
     for n in names:
         whole = [snap[n] for t, snap in rss if open_s <= t < close_s and n in snap]
         after = [snap[n] for t, snap in rss if warm <= t < close_s and n in snap]
-        print(f"  {n:24} {flat(whole)} | {flat(after, lim)}")
+        verdict = None if n == "soak-clients" else lim  # the bench's own clients: shown only
+        print(f"  {n:24} {flat(whole)} | {flat(after, verdict)}")
     print(f"epoch promotions: {promotions:.0f} (new strikes listed: {listed}, plus the first)")
     print(f"stream entries trimmed: {trimmed:,.0f}; trimmed before a group read them: {unread:.0f}")
-    print(
-        f"client checks against /api: {checker.checks} compared, {checker.mismatches} "
-        f"mismatches, {checker.unverified} not comparable (version left the history)"
-    )
-    print(
-        "clients: "
-        + ", ".join(
-            f"{c.channel} v{c.version} {c.snapshots} snapshots {c.chain_breaks} chain breaks"
-            for c in clients
+    if not report:
+        print("client checks against /api: NO REPORT (the clients' process did not answer)")
+    else:
+        print(
+            f"client checks against /api: {report['checks']} compared, "
+            f"{report['mismatches']} mismatches, {report['unverified']} not comparable "
+            "(version left the history)"
         )
-    )
-    if checker.details:
-        print("mismatches: " + ", ".join(checker.details[:20]))
+        print(
+            "clients: "
+            + ", ".join(
+                f"{ch} v{v} {snaps} snapshots {breaks} chain breaks"
+                for ch, v, snaps, breaks in report["clients"]
+            )
+        )
+        if report["details"]:
+            print("mismatches: " + ", ".join(report["details"][:20]))
     print(f"processes that exited (no supervisor): {exits or 'none'}")
     return 0
 

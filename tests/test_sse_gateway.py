@@ -18,7 +18,14 @@ import pytest
 from httpx_sse import ServerSentEvent, aconnect_sse
 from redis.asyncio import Redis
 
-from processors.serve.gateway import SseGateway, SseSettings, frame, parse_id
+from processors.serve.gateway import (
+    Item,
+    SseGateway,
+    SseSettings,
+    WholeSubscriber,
+    frame,
+    parse_id,
+)
 from schemas import keys
 from streams.processor import Deps
 from tests.sse_client import Dechunk, ViewReader
@@ -306,6 +313,53 @@ async def test_stream_waits_for_a_model_that_does_not_exist_yet(deps: Deps, redi
         assert json.loads((await c.next_data("diff")).data)["version"] == 2
 
 
+class _Diff:
+    """What WholeSubscriber reads of an Item: its entry id and frame (the items it rewrites
+    ride along so the merge below can size the union)."""
+
+    def __init__(self, seq: int, keys: frozenset[str], size_per_key: int) -> None:
+        self.id = (seq, 0)
+        self.keys = keys
+        self.frame = b"x" * (size_per_key * len(keys))
+
+
+def test_whole_subscriber_merges_a_slow_backlog_early_and_in_linear_work() -> None:
+    """A slow whole-model client holds about one merged diff plus whole_conflate_bytes,
+    not whole_pending_max_bytes of frames; each merge covers at least as many new bytes as
+    the merged head it rewrites; a client with no base yet is held to the bound only."""
+    merged_bytes = 0
+
+    def merge(items: list[Any]) -> Any:
+        nonlocal merged_bytes
+        merged_bytes += sum(len(it.frame) for it in items)
+        keys = frozenset().union(*(it.keys for it in items))
+        out = _Diff(items[-1].id[0], keys, 1000)
+        return out
+
+    kb = 1000
+    sub = WholeSubscriber("SPX", 10_000 * kb, 200 * kb, merge)
+    sub.hold((0, 0))
+    held: list[int] = []
+    pushed = 0
+    for i in range(1, 2001):  # 100 kB diffs over a hot set of 150 items
+        d = _Diff(i, frozenset(f"k{(i * 7 + j) % 150}" for j in range(100)), 1000)
+        assert sub.push(cast(Item, d))
+        pushed += len(d.frame)
+        held.append(sub.nbytes)
+    # one merged head (<= the 150-item model, 150 kB) plus at most max(conflate, head) more
+    assert max(held) <= 150 * kb + max(200 * kb, 150 * kb) + 100 * kb
+    assert merged_bytes <= 3 * pushed  # linear, not a re-merge of the head per push
+    assert not sub.overflowed
+
+    # no base yet (the snapshot is still loading): nothing to merge onto, only the bound
+    fresh = WholeSubscriber("SPX", 1000 * kb, 200 * kb, merge)
+    for i in range(1, 11):
+        assert fresh.push(cast(Item, _Diff(i, frozenset({f"a{i}"}), 100 * kb)))
+    assert len(fresh.buf) == 10 and not fresh.overflowed
+    assert not fresh.push(cast(Item, _Diff(11, frozenset({"b"}), 100 * kb)))
+    assert fresh.overflowed
+
+
 def _frames(dc: Dechunk) -> list[tuple[str, str, str]]:
     """Pop complete frames of a raw HTTP response as (event, id, data); comments skipped."""
     return [(ev, eid, data.decode()) for ev, eid, data in dc.frames()]
@@ -318,9 +372,13 @@ async def test_stalled_client_is_bounded_and_resynced_without_blocking_others(
     writer = ModelWriter(redis)
     await writer.publish("SPX", HEAT, "e1", {"seed": 0}, ts_ns=1)
     # the stalled client must stay connected however long the machine takes to send the rest
+    # ~8 diffs of 100 kB held, merged beyond 2
     settings = replace(
-        SETTINGS, whole_pending_max_bytes=800_000, send_timeout_s=600.0
-    )  # ~8 diffs of 100 kB  # ~8 diffs of 100 kB
+        SETTINGS,
+        whole_pending_max_bytes=800_000,
+        whole_conflate_bytes=200_000,
+        send_timeout_s=600.0,
+    )
     n = 80
     blob = "x" * 100_000  # 80 x 100 kB: more than the socket buffers can absorb
     async with gateway(deps, settings) as gw:
@@ -402,7 +460,12 @@ async def test_stalled_whole_client_gets_its_backlog_merged_not_a_new_snapshot(
     stalled unfiltered client catches up from it, with no second snapshot."""
     writer = ModelWriter(redis)
     await writer.publish("SPX", HEAT, "e1", {"seed": 0, "gone": 1}, ts_ns=1)
-    settings = replace(SETTINGS, whole_pending_max_bytes=800_000, send_timeout_s=600.0)
+    settings = replace(
+        SETTINGS,
+        whole_pending_max_bytes=800_000,
+        whole_conflate_bytes=200_000,
+        send_timeout_s=600.0,
+    )
     n = 80
     async with gateway(deps, settings) as gw:
         slow = socket.socket()

@@ -29,7 +29,8 @@ Fan-out
 -------
 One :class:`DiffFeed` per diff stream runs a plain ``XREAD BLOCK`` loop from the stream's tail.
 Whole-model clients get each entry, decoded (its head) and framed once, by reference; their
-backlog is bounded in bytes (``whole_pending_max_bytes``, then a resync). For views, the
+backlog is merged into one diff beyond ``whole_conflate_bytes`` and bounded by
+``whole_pending_max_bytes`` (then a resync). For views, the
 feed hands each entry of a symbol to that symbol's :class:`Mirror` (one per model and symbol
 with subscribers): the gateway's own copy of the model, loaded once from the model key (a
 checkpoint) plus the diffs after its ``diff_id``, then kept current. Each distinct view has
@@ -143,8 +144,13 @@ class SseSettings:
     # whole-model streams (no filter): unsent diffs (shared frames) of a client, and the
     # diffs replayed on a resume, before it gets a snapshot instead. Merged, a backlog is at
     # most one model (~15 MB for 49k butterfly tiles, 18 MB for 100k), so the bound sits
-    # above that; each slow client's frames swing the gateway's RSS by up to this much.
+    # above that.
     whole_pending_max_bytes: int = 32 * 1024 * 1024
+    # A slow whole-model client's backlog is merged once its frames after the (merged) head
+    # exceed this and the head's size: it then holds about one merged diff plus this much,
+    # not whole_pending_max_bytes of frames (what a few slow clients swing the RSS by), and
+    # each merge covers at least as many new bytes as the head it rewrites (linear CPU).
+    whole_conflate_bytes: int = 4 * 1024 * 1024
     view_linger_s: float = 10.0  # a view (and its mirror) without clients is kept this long
     block_ms: int = 1000  # XREAD BLOCK of the shared readers
     # XREAD COUNT of the shared readers: a butterfly diff is ~1 MB under load, so a reader
@@ -183,6 +189,8 @@ class SseSettings:
     def __post_init__(self) -> None:
         if min(self.pending_max_bytes, self.history_bytes) < 1:
             raise ValueError("pending_max_bytes and history_bytes must be >= 1")
+        if not 1 <= self.whole_conflate_bytes <= self.whole_pending_max_bytes:
+            raise ValueError("whole_conflate_bytes must be in [1, whole_pending_max_bytes]")
         if self.ping_s <= 0 or self.block_ms <= 0 or self.read_count <= 0:
             raise ValueError("ping_s, block_ms and read_count must be > 0")
         if self.coalesce_s < 0 or self.read_interval_s < 0:
@@ -532,8 +540,8 @@ class DiffFeed:
         self.conflated.inc()
         return merged
 
-    def subscribe_whole(self, symbol: str, max_bytes: int) -> WholeSubscriber:
-        sub = WholeSubscriber(symbol, max_bytes, self.merge)
+    def subscribe_whole(self, symbol: str, max_bytes: int, conflate_bytes: int) -> WholeSubscriber:
+        sub = WholeSubscriber(symbol, max_bytes, conflate_bytes, self.merge)
         self.whole.setdefault(symbol, set()).add(sub)
         return sub
 
@@ -697,14 +705,16 @@ def _frame_data(fr: bytes) -> bytes:
 
 
 class WholeSubscriber:
-    """A whole-model client's unsent diffs (shared frames), bounded in bytes: beyond the
-    bound the backlog is merged into one diff (shared by the clients with the same
-    backlog); when even that exceeds the bound, or the backlog does not chain, it is marked
-    for a fresh snapshot. ``push`` never blocks."""
+    """A whole-model client's unsent diffs (shared frames), bounded in bytes: once the
+    frames after the head pass ``conflate_bytes`` (and the head's own size) the backlog is
+    merged into one diff (shared by the clients with the same backlog); when even that
+    exceeds ``max_bytes``, or the backlog does not chain, it is marked for a fresh
+    snapshot. ``push`` never blocks."""
 
     __slots__ = (
         "buf",
         "closed",
+        "conflate_bytes",
         "floor",
         "max_bytes",
         "merge",
@@ -715,10 +725,15 @@ class WholeSubscriber:
     )
 
     def __init__(
-        self, symbol: str, max_bytes: int, merge: Callable[[list[Item]], Item | None]
+        self,
+        symbol: str,
+        max_bytes: int,
+        conflate_bytes: int,
+        merge: Callable[[list[Item]], Item | None],
     ) -> None:
         self.symbol = symbol
         self.max_bytes = max_bytes
+        self.conflate_bytes = conflate_bytes
         self.merge = merge
         self.buf: list[Item] = []
         self.nbytes = 0
@@ -736,7 +751,11 @@ class WholeSubscriber:
         self.buf.append(item)
         self.nbytes += len(item.frame)
         self.wake.set()
-        if self.nbytes <= self.max_bytes:
+        if self.nbytes <= self.max_bytes and (
+            self.floor is None  # no base to merge onto yet: only the bound applies
+            or self.nbytes - len(self.buf[0].frame)
+            <= max(self.conflate_bytes, len(self.buf[0].frame))
+        ):
             return True
         merged = self.merge(self.buf) if self.floor is not None else None
         if merged is None or len(merged.frame) > self.max_bytes:
@@ -1530,7 +1549,9 @@ class Gateway:
         Subscribes before it reads the model, so nothing is lost."""
         feed = self.feed(channel, symbol)
         out = _Sent(self.metrics, channel.name)
-        sub = feed.subscribe_whole(symbol, self.settings.whole_pending_max_bytes)
+        sub = feed.subscribe_whole(
+            symbol, self.settings.whole_pending_max_bytes, self.settings.whole_conflate_bytes
+        )
         out.clients.inc()
         try:
             yield b"retry: " + str(self.settings.retry_ms).encode() + SEP + SEP
