@@ -3,6 +3,7 @@ mirror and its model are garbage already (nothing of the janitor's keeps them al
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import weakref
 from dataclasses import replace
@@ -11,6 +12,7 @@ import pytest
 from redis.asyncio import Redis
 
 from processors.serve import gateway as gw_mod
+from processors.serve import views
 from streams.processor import Deps
 from tests.sse_publisher import FakeMarket, ModelWriter, publish_full
 from tests.test_sse_gateway import SETTINGS, Client, base, gateway
@@ -50,3 +52,48 @@ async def test_a_dropped_mirror_and_its_model_are_freed_before_the_trim(
 
         await eventually(dropped, timeout_s=10)
         assert not any(trims[-1]), trims
+
+
+def _alive(*types: type) -> dict[str, int]:
+    gc.collect()
+    counts = {t.__name__: 0 for t in types}
+    for o in gc.get_objects():
+        if isinstance(o, types):
+            counts[type(o).__name__] += 1
+    return counts
+
+
+async def test_every_client_object_is_freed_on_disconnect(deps: Deps, redis: Redis) -> None:
+    """What a connected client costs the gateway (its subscriber, its view feed and mirror
+    once no one else uses them, its pending diffs) is garbage once it left: nothing of the
+    gateway keeps a reference."""
+    writer = ModelWriter(redis)
+    spx = FakeMarket("SPX")
+    await publish_full(writer, spx, 1)
+    expiries = sorted(e.isoformat() for e in spx.expiries)
+    urls = [
+        "/sse/heatmap/butterfly?symbol=SPX",  # whole model
+        f"/sse/heatmap/butterfly?symbol=SPX&expiry={expiries[0]}&right=C",
+        f"/sse/heatmap/butterfly?symbol=SPX&expiry={expiries[-1]}&right=P",
+        f"/sse/heatmap/vertical?symbol=SPX&expiry={expiries[0]}",
+    ]
+    kinds = (gw_mod.WholeSubscriber, views.Subscriber, views.ViewFeed, gw_mod.Mirror, views.Model)
+    async with gateway(deps, replace(SETTINGS, view_linger_s=0.0)) as gw:
+        feeds = gw.gateway.feeds.values()
+        before = _alive(*kinds)
+        async with contextlib.AsyncExitStack() as stack:
+            for url in urls:
+                c = await stack.enter_async_context(Client(base(gw) + url))
+                await c.next_data("snapshot")
+            during = _alive(*kinds)
+            # one subscriber per client, one view feed per view, one mirror per model
+            assert during["WholeSubscriber"] - before["WholeSubscriber"] == 1, during
+            assert during["Subscriber"] - before["Subscriber"] == 3, during
+            assert during["ViewFeed"] - before["ViewFeed"] == 3, during
+            assert during["Mirror"] - before["Mirror"] == 2, during
+            assert during["Model"] - before["Model"] == 2, during
+
+        async def all_freed() -> bool:
+            return not any(f.whole or f.mirrors for f in feeds) and _alive(*kinds) == before
+
+        await eventually(all_freed, timeout_s=10)
