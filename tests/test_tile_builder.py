@@ -453,3 +453,34 @@ async def test_lone_builder_announces_only_changed_views(
     await redis.hset(keys.heatmap_manifest("SPX", "vertical"), "writer", "admission")
     assert await step(NOW + 4 * SEC + 2, 4.1, 4.5) == tids  # someone else wrote: all
     assert await step(NOW + 4 * SEC + 3, 4.1, 4.5) == set()
+
+
+@pytest.mark.parametrize("chunk", [7, 70])
+@pytest.mark.parametrize("strategy", hm.STRATEGIES)
+async def test_full_build_in_chunks_installs_what_one_chunk_does(
+    deps: Deps, redis: Redis, strategy: str, chunk: int
+) -> None:
+    """A full build computes and writes ``build_chunk`` tiles at a time (its memory peak);
+    chunks below and above tile_vec's per-tile threshold give the one-step build's bytes."""
+    await seed(redis)
+    whole = TileBuilder(deps, strategy, CFG)
+    assert await whole.full_build("SPX", "e1", recv_ts_ns=None, n_dirty=0) == "installed"
+    one_step = await staged(redis, strategy)
+    assert len(one_step) > chunk
+    await redis.delete(
+        keys.heatmap_staging("SPX", strategy), keys.heatmap_manifest("SPX", strategy)
+    )
+    cfg = TileSettings(
+        widths_spx=CFG.widths_spx, n_expiries=2, drop_expired=False, build_chunk=chunk
+    )
+    b = TileBuilder(deps, strategy, cfg)
+    assert await b.full_build("SPX", "e1", recv_ts_ns=None, n_dirty=0) == "installed"
+    assert await staged(redis, strategy) == one_step
+    await assert_staging_matches_reference(redis, strategy, "e1")
+    # A replica that finds the epoch installed merges through admission, chunk by chunk:
+    # the legs that moved meanwhile are in staging afterwards, nothing else changed.
+    cids = [c.cid for c in option_chain("SPXW", EXPS, STRIKES, spot=6000, asof="2026-11-24")]
+    await tick(redis, "e1", cids[3], NOW + 5 * SEC, 1.0, 1.2)
+    assert await b.full_build("SPX", "e1", recv_ts_ns=None, n_dirty=0) == "merged"
+    await assert_staging_matches_reference(redis, strategy, "e1")
+    assert not await redis.exists(keys.heatmap_build("SPX", strategy, b.spec.consumer))
