@@ -484,3 +484,31 @@ async def test_full_build_in_chunks_installs_what_one_chunk_does(
     assert await b.full_build("SPX", "e1", recv_ts_ns=None, n_dirty=0) == "merged"
     await assert_staging_matches_reference(redis, strategy, "e1")
     assert not await redis.exists(keys.heatmap_build("SPX", strategy, b.spec.consumer))
+
+
+async def test_a_batch_touching_more_tiles_than_a_chunk_is_staged_in_parts(
+    deps: Deps, redis: Redis
+) -> None:
+    """A dirty batch whose tiles exceed ``build_chunk`` (a catch-up, a wide re-seed) is
+    written as several transactions, each with its delta; staging ends as a full rebuild's
+    and every changed tile is announced."""
+    cids = await seed(redis)
+    cfg = TileSettings(widths_spx=CFG.widths_spx, n_expiries=2, drop_expired=False, build_chunk=40)
+    b = TileBuilder(deps, "butterfly", cfg)
+    await b.handle(as_entries(DirtyEntry("SPX", "e1", [], NOW, reason="epoch")))
+    before = await staged(redis)
+    await redis.delete(keys.tiles_stream("butterfly", "SPX"))
+    rng = random.Random(5)
+    ts = NOW + SEC
+    for c in cids:
+        ts += 1000
+        mid = rng.uniform(0.1, 80)
+        await tick(redis, "e1", c, ts, round(mid - 0.05, 2), round(mid + 0.05, 2))
+    await b.handle(as_entries(DirtyEntry("SPX", "e1", cids, ts, recv_ts_ns=ts - 7)))
+    await assert_staging_matches_reference(redis, "butterfly", "e1")
+    after = await staged(redis)
+    ds = await deltas(redis)
+    assert len(ds) > len(before) // 40  # written in parts of at most ~40 tiles
+    changed = {k for k in after if after[k] != before.get(k)}
+    assert changed and changed <= {i for d in ds for i in d.ids}
+    assert all(len(d.ids) <= 40 for d in ds)

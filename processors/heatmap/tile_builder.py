@@ -21,8 +21,10 @@ Per batch of DirtyEntry (hot path, a fixed number of round trips whatever the ba
      (``incremental``): WATCH staging + manifest, Lua calls read every leg hash (HMGET of
      LEG_FIELDS per key, one pipelined round trip), the batch's tile values are computed
      vectorised, then ONE MULTI/EXEC writes them as plain HSETs with the TileDelta XADD on
-     ``massive:tiles:<strategy>:{<SYM>}``. Only when staging was written between the WATCH and the
-     EXEC (a replica, an install) do the values go through the admission script instead:
+     ``massive:tiles:<strategy>:{<SYM>}`` (a batch touching more than ``build_chunk`` tiles
+     goes in parts, a transaction and a delta each, to bound its memory). Only when staging
+     was written between the WATCH and the EXEC (a replica, an install) do the values go
+     through the admission script instead:
      strictly greater ``seq`` (sum of the legs' quote_ts + trade_ts + quote_rx_ts) admitted,
      equal = same inputs (discarded), older refused; rejected wholesale when the batch's epoch
      is not the staged one; then a separate XADD.
@@ -419,6 +421,17 @@ class TileBuilder(ConsumerProcessor):
         t0 = time.perf_counter()
         table = await self._table(sym, eid)
         rows = table.affected(cids)
+        step_tiles = self.settings.build_chunk
+        if len(rows) > step_tiles and len(cids) > 1:
+            # A batch touching more tiles than a full build's chunk (a consumer catching up,
+            # a re-seed that moved many contracts) goes in parts, so its values and write
+            # commands are bounded like a full build's: one transaction and delta per part.
+            per_part = -(-len(cids) // -(-len(rows) // step_tiles))
+            out: list[str] = []
+            for i in range(0, len(cids), per_part):
+                part = cids[i : i + per_part]
+                out += await self.incremental(sym, eid, part, recv_ts_ns, max_ts_ns, n_dirty)
+            return out
         outside = sum(1 for c in cids if c not in table.rows_of)
         if outside:
             self.m_skipped.labels(self.strategy, "outside_grid").inc(outside)
