@@ -403,7 +403,8 @@ def frame(event: str, data: bytes, event_id: str | None = None) -> bytes:
     if b"\n" in data or b"\r" in data:
         data = data.replace(b"\r", b" ").replace(b"\n", b" ")
     head = b"" if event_id is None else b"id: " + event_id.encode() + SEP
-    return head + b"event: " + event.encode() + SEP + b"data: " + data + SEP + SEP
+    # One join: chained ``+`` copies a MB-sized ``data`` once per operand after it.
+    return b"".join((head, b"event: ", event.encode(), SEP, b"data: ", data, SEP, SEP))
 
 
 @dataclass(slots=True)
