@@ -77,6 +77,13 @@ class Sampler(threading.Thread):
                 self.samples.append((time.monotonic(), r))
 
 
+def chain_axes() -> tuple[list[str], list[float]]:
+    """The bench chain's 20 daily expiries and 500 strikes 5 points apart around 6,000."""
+    d0 = dt.date(2026, 12, 1)
+    exps = [(d0 + dt.timedelta(days=i)).isoformat() for i in range(20)]
+    return exps, [6000.0 - 5 * 250 + 5 * i for i in range(500)]
+
+
 async def epoch(
     redis: Redis, eid: str, exps: list[str], strikes: list[float], shift: float
 ) -> tuple[list[ChainContract], list[str], list[str]]:
@@ -117,9 +124,7 @@ async def main(args: argparse.Namespace) -> None:
     proc: subprocess.Popen[bytes] | None = None
     try:
         redis = connect(srv.url)
-        d0 = dt.date(2026, 12, 1)
-        exps = [(d0 + dt.timedelta(days=i)).isoformat() for i in range(20)]
-        strikes = [6000.0 - 5 * 250 + 5 * i for i in range(500)]
+        exps, strikes = chain_axes()
         eid, shift = "bench0", 0.0
         chain, tiled, near = await epoch(redis, eid, exps, strikes, shift)
         strategy = args.strategy

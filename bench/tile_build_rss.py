@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from publisher_rss import Sampler, epoch  # bench/publisher_rss.py
+from publisher_rss import Sampler, chain_axes, epoch  # bench/publisher_rss.py
 from redis.asyncio import Redis
 
 from schemas import keys
@@ -62,9 +62,7 @@ async def run(strategy: str, chunk: int, args: argparse.Namespace) -> tuple[floa
     proc: subprocess.Popen[bytes] | None = None
     try:
         redis = connect(srv.url)
-        d0 = dt.date(2026, 12, 1)
-        exps = [(d0 + dt.timedelta(days=i)).isoformat() for i in range(20)]
-        strikes = [6000.0 - 5 * 250 + 5 * i for i in range(500)]
+        exps, strikes = chain_axes()
         await epoch(redis, "bench0", exps, strikes, 0.0)
         env = {
             **os.environ,
