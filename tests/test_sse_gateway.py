@@ -19,14 +19,18 @@ from httpx_sse import ServerSentEvent, aconnect_sse
 from redis.asyncio import Redis
 
 from processors.serve.gateway import (
+    DiffFeed,
     Item,
+    Metrics,
     SseGateway,
     SseSettings,
     WholeSubscriber,
+    channels,
     frame,
     parse_id,
 )
 from schemas import keys
+from schemas.messages import ModelDiff, encode
 from streams.processor import Deps
 from tests.sse_client import Dechunk, ViewReader
 from tests.sse_publisher import FakeMarket, ModelWriter, publish_full, publish_step
@@ -924,3 +928,28 @@ async def test_slow_view_client_is_conflated_then_resynced_without_slowing_other
                 assert await metric(gw, series) >= 1
         finally:
             stuck.close()
+
+
+def test_clients_behind_together_share_a_merge_and_the_feed_keeps_none(deps: Deps) -> None:
+    """Two whole-model clients with the same backlog reach the bound on the same entry and
+    share one merge; once that entry is handed out, the feed holds no merged diff (each up
+    to a whole model's size) for later."""
+    ch = channels()["heatmap:butterfly"]
+    feed = DiffFeed(cast(Redis, None), ch, "SPX", SETTINGS, Metrics(deps))
+    subs = [feed.subscribe_whole("SPX", 10_000_000, 4_000) for _ in range(2)]
+    for sub in subs:
+        sub.hold((0, 0))
+    prev: str | None = None
+    for v in range(1, 60):
+        changed = {f"t{(v * 7 + j) % 40}": {"v": v, "pad": "x" * 80} for j in range(5)}
+        diff = ModelDiff("SPX", ch.name, "e1", v, v - 1, v, changed, [], prev_id=prev)
+        prev = f"{v}-0"
+        feed.route((prev.encode(), {b"d": encode(diff)}))
+        assert not feed._merged
+    merges = deps.registry.get_sample_value(
+        "massive_sse_conflated_total", {"channel": "heatmap:butterfly"}
+    )
+    assert merges is not None and merges > 2
+    a, b = (sub.take() for sub in subs)
+    assert [it.frame for it in a] == [it.frame for it in b]
+    assert a[0].frame is b[0].frame  # the merged head: one object for both

@@ -483,7 +483,9 @@ class DiffFeed:
         self.dispatched = metrics.dispatched.labels(channel=channel.name)
         self.read_lag = metrics.read_lag.labels(channel=channel.name)
         # merged backlogs of whole-model clients, by (prev_id of the first, last id): the
-        # clients that fall behind together share one merge
+        # clients that fall behind together reach the bound on the same entry and share one
+        # merge. Only that entry's merges are kept: an older merge (up to a whole model's
+        # size) is held by the clients that took it, not here.
         self._merged: dict[tuple[str | None, StreamId], Item | None] = {}
 
     async def prime(self) -> None:
@@ -515,6 +517,7 @@ class DiffFeed:
                 for sub in self.whole.get(item.head.symbol, ()):
                     if not sub.push(item):
                         self.dropped.inc()
+            self._merged.clear()
         if not self.mirrors:
             return  # nobody watches this model: not even its symbol is needed
         raw = fields.get(b"d")
@@ -535,8 +538,6 @@ class DiffFeed:
         if key in self._merged:
             return self._merged[key]
         merged = self._merged[key] = merge_items(items)
-        while len(self._merged) > 8:
-            del self._merged[next(iter(self._merged))]
         self.conflated.inc()
         return merged
 
