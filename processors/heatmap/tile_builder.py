@@ -89,8 +89,9 @@ class TileSettings:
     # chunks bound that (a 5,000-tile staging call ran up to ~90 ms under load).
     fetch_chunk: int = 500  # contract hashes per Lua read call
     write_chunk: int = 1000  # tiles per staging write call
-    # Tiles computed and written per step of a full build: the values and write commands of
-    # a whole butterfly epoch at once were the builder's RSS peak (measured in the soak).
+    # Tiles computed and written per step of a full build (and the most an incremental batch
+    # writes at once): a whole 49k-tile epoch's values and write commands at once peaked at
+    # 288 MB RSS, 135 MB in steps of 4,096 (bench/tile_build_rss.py).
     build_chunk: int = 4096
     tiles_maxlen: int = 100_000  # MAXLEN ~ of massive:tiles:<strategy>
     bootstrap: bool = True  # at start, full-build any active epoch not installed in staging
