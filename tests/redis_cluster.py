@@ -257,6 +257,30 @@ class LocalCluster:
         _wait(lambda: self._all_see_master(replica), "every node sees the new master", timeout_s)
         _wait(self.healthy, "cluster healthy after failover", timeout_s)
 
+    def assign_slot(self, slot: int, to: ClusterNode, timeout_s: float = 10.0) -> None:
+        """Give ``slot`` to master ``to`` (CLUSTER SETSLOT NODE on every master) and wait until
+        every master's slot map says so. ``to`` first takes the greatest config epoch: else
+        gossip the old owner sent before the change (its claim, at a higher epoch) can hand
+        the slot back to it."""
+        with to.client() as c:
+            c.execute_command("CLUSTER BUMPEPOCH")
+        for n in self.masters():
+            with n.client() as c:
+                c.execute_command("CLUSTER SETSLOT", slot, "NODE", to.node_id)
+        _wait(
+            lambda: all(self._slot_owner_port(n, slot) == to.port for n in self.masters()),
+            f"every master sees slot {slot} on {to.port}",
+            timeout_s,
+        )
+
+    @staticmethod
+    def _slot_owner_port(node: ClusterNode, slot: int) -> int | None:
+        with node.client() as c:
+            for lo, hi, owner, *_ in c.execute_command("CLUSTER SLOTS"):
+                if lo <= slot <= hi:
+                    return int(owner[1])
+        return None
+
     def _all_see_master(self, node: ClusterNode) -> bool:
         for n in self.nodes:
             if not n.alive:

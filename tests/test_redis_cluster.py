@@ -328,9 +328,7 @@ async def test_link_splits_a_request_by_node_and_keeps_request_order(
     owner = redis_cluster.master_of_key("{a}k")
     other = next(n for n in redis_cluster.masters() if n is not owner)
     slot = FastCluster.keyslot(cluster_of(cluster_redis), "{a}k")  # type: ignore[arg-type]
-    for n in redis_cluster.masters():
-        with n.client() as c:
-            c.execute_command("CLUSTER SETSLOT", slot, "NODE", other.node_id)
+    redis_cluster.assign_slot(slot, other)
     async with Link(cluster_redis, reload) as link:
         assert await link.call([("EVALSHA", script.sha, 1, "{a}k", "m")]) == [[b"{a}k", b"m"]]
     assert redis_cluster.master_of_key("{a}k") is other
