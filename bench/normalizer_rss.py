@@ -5,9 +5,10 @@ the topology changes and the normalizer builds, promotes and retires). The build
 child process (``Normalizer.process`` in process, after ``fix_mmap_threshold`` as its
 ``run`` does) once with the environment ``massive-pipeline run normalizer`` gives it
 (``processors.ops.cli.allocator_env``: the allocator the registry chooses) and once with
-``PYTHONMALLOC=pymalloc``, on a private redis-server; prints the RSS after each build.
+``PYTHONMALLOC=pymalloc``, on a private redis-server; prints the RSS after each build and
+its peak during the build (a thread of the child reads its VmRSS every ``--sample-s``).
 
-    .venv/bin/python bench/normalizer_rss.py [--contracts 20000] [--builds 8]
+    .venv/bin/python bench/normalizer_rss.py [--contracts 20000] [--builds 8] [--sample-s 0.02]
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ from pathlib import Path
 import msgspec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from prometheus_client import CollectorRegistry
+from publisher_rss import Sampler  # bench/publisher_rss.py
 
 from bench.e2e_load import machine, rss_mb
 from processors.epochs.normalizer import Normalizer, NormalizerSettings
@@ -65,19 +68,28 @@ async def store(url: str, n: int, builds: int) -> list[ChainPointer]:
     return ptrs
 
 
-async def child(url: str, ptrs: list[ChainPointer]) -> None:
+async def child(url: str, ptrs: list[ChainPointer], sample_s: float) -> None:
     r = connect(url)
     settings = RuntimeSettings(redis_url=url, consumer="bench")
     norm = Normalizer(Deps(r, settings, CollectorRegistry()), NormalizerSettings())
     fix_mmap_threshold()
+    sampler = Sampler(os.getpid(), sample_s)
+    sampler.start()
     rss = [rss_mb(os.getpid())]
+    peaks: list[float] = []
     for ptr in ptrs:
-        t0 = time.perf_counter()
+        t0, m0 = time.perf_counter(), time.monotonic()
         res = await norm.process(ptr)
         if res != "built":
             raise SystemExit(f"expected a build, got {res}")
-        print(f"    build {time.perf_counter() - t0:.2f} s, RSS {rss_mb(os.getpid()):.1f} MB")
+        during = [m for t, m in sampler.samples if t >= m0]
+        peaks.append(max(during, default=float("nan")))
         rss.append(rss_mb(os.getpid()))
+        print(
+            f"    build {time.perf_counter() - t0:.2f} s, peak {peaks[-1]:.1f} MB, "
+            f"RSS after {rss[-1]:.1f} MB"
+        )
+    sampler.stop.set()
     await r.aclose()
     first = rss[1]
     print(
@@ -85,7 +97,7 @@ async def child(url: str, ptrs: list[ChainPointer]) -> None:
         f"{rss[0]:.0f}, after each build "
         + " ".join(f"{v:.0f}" for v in rss[1:])
         + f"; last - first build {rss[-1] - first:+.1f} MB"
-        + f" ({100 * (rss[-1] - first) / first:+.0f} %)",
+        + f" ({100 * (rss[-1] - first) / first:+.0f} %); peak during builds {max(peaks):.0f} MB",
         flush=True,
     )
 
@@ -94,12 +106,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--contracts", type=int, default=20_000)
     ap.add_argument("--builds", type=int, default=8)
+    ap.add_argument("--sample-s", type=float, default=0.02)
     ap.add_argument("--child", nargs=2, metavar=("URL", "PTR_FILE"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         url, ptr_file = a.child
         asyncio.run(
-            child(url, msgspec.json.decode(Path(ptr_file).read_bytes(), type=list[ChainPointer]))
+            child(
+                url,
+                msgspec.json.decode(Path(ptr_file).read_bytes(), type=list[ChainPointer]),
+                a.sample_s,
+            )
         )
         return
     base = {k: v for k, v in os.environ.items() if k != "PYTHONMALLOC"}
@@ -117,7 +134,17 @@ def main() -> None:
                 Path(f.name).write_bytes(msgspec.json.encode(ptrs))
                 print(f"- {label}:", flush=True)
                 subprocess.run(
-                    [sys.executable, __file__, "--child", srv.url, f.name], env=env, check=True
+                    [
+                        sys.executable,
+                        __file__,
+                        "--sample-s",
+                        str(a.sample_s),
+                        "--child",
+                        srv.url,
+                        f.name,
+                    ],
+                    env=env,
+                    check=True,
                 )
     finally:
         srv.stop()
