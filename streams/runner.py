@@ -6,12 +6,17 @@ ack its batch (``asyncio.timeout``), and those still running are cancelled and a
 ``run_processors`` returns: their cleanup (lease release, ws-ingest's final flush) runs while
 the caller's Redis client is still open. Every processor error is raised then: one as itself,
 several as an ``ExceptionGroup`` (``massive-pipeline`` prints each on one line).
+
+SIGUSR1 logs the stack of every asyncio task of the process (WARNING, one record): what a
+processor that is alive but makes no progress is waiting on (``kubectl exec <pod> -- kill
+-USR1 1``; the e2e tests' harness sends it to every process when a test fails).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
 import signal
 from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator, Sequence
@@ -90,11 +95,38 @@ def _stop_on_signals(stop: asyncio.Event, install: bool) -> Iterator[None]:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, log_task_stacks)
     try:
         yield
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             loop.remove_signal_handler(sig)
+
+
+def log_task_stacks() -> None:
+    """Log where every task of the running loop waits: its chain of awaits, innermost last.
+    (``Task.print_stack`` shows only the outermost frame of a suspended coroutine.)"""
+    out = io.StringIO()
+    tasks = sorted(asyncio.all_tasks(), key=lambda t: t.get_name())
+    for t in tasks:
+        out.write(f"task {t.get_name()}:\n")
+        aw: Any = t.get_coro()
+        for _ in range(200):  # an await chain is finite; the cap guards a cycle
+            if aw is None:
+                break
+            frame = getattr(aw, "cr_frame", None) or getattr(aw, "gi_frame", None)
+            frame = frame or getattr(aw, "ag_frame", None)
+            if frame is None:
+                out.write(f"  {aw!r}\n")  # the Future (or foreign awaitable) at the end
+                break
+            code = frame.f_code
+            out.write(f"  {code.co_filename}:{frame.f_lineno} {code.co_qualname}\n")
+            aw = (
+                getattr(aw, "cr_await", None)
+                or getattr(aw, "gi_yieldfrom", None)
+                or getattr(aw, "ag_await", None)
+            )
+    logger.warning("%d asyncio tasks:\n%s", len(tasks), out.getvalue())
 
 
 @contextlib.asynccontextmanager

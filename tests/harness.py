@@ -318,6 +318,21 @@ class Pipeline:
         pid = self.procs[spec].pid
         return proc_cpu_seconds(pid) if pid is not None else 0.0
 
+    async def dump_tasks(self, wait_s: float = 2.0) -> None:
+        """SIGUSR1 to every live process (``streams.runner`` logs its asyncio tasks) and
+        wait until each log has grown; print where the logs are."""
+        sizes: dict[str, int] = {}
+        for spec, p in self.procs.items():
+            if p.alive() and p.popen is not None:
+                sizes[spec] = _size(p.log_path)
+                p.popen.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline and any(
+            _size(self.procs[s].log_path) <= n for s, n in sizes.items()
+        ):
+            await asyncio.sleep(0.05)
+        print(f"asyncio task stacks of {sorted(sizes)} logged in {self.log_dir}")
+
     async def stop(self) -> None:
         self._stopping = True
         if self._sup is not None:
@@ -355,8 +370,18 @@ async def pipeline(
     try:
         await p.start(specs)
         yield p
+    except BaseException:
+        await p.dump_tasks()  # where each process waits, in its log, before it is stopped
+        raise
     finally:
         await p.stop()
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def proc_cpu_seconds(pid: int) -> float:

@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
+import os
+import signal
 
 import httpx
 import pytest
@@ -174,3 +177,42 @@ async def test_cancel_and_wait_sends_a_swallowed_cancellation_again() -> None:
     await asyncio.sleep(0)
     await asyncio.wait_for(cancel_and_wait([task], resend_s=0.05), 5)
     assert task.cancelled() and ended.is_set()
+
+
+async def test_sigusr1_logs_where_every_task_waits(
+    deps: Deps, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A live process that makes no progress says what it waits on: the whole await chain
+    of each processor's task, not only its outermost frame."""
+    never = asyncio.Event()
+
+    class Waits:
+        name = "waits"
+        ready = True
+
+        async def run(self, stop: asyncio.Event) -> None:
+            await self._deep()
+
+        async def _deep(self) -> None:
+            await never.wait()
+
+    stop = asyncio.Event()
+    d = short_grace(deps, metrics_port=0)
+    task = asyncio.create_task(run_processors(d, [Waits()], stop))
+    try:
+        await asyncio.sleep(0.05)
+        with caplog.at_level(logging.WARNING, logger="streams.runner"):
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+            async def logged() -> str | None:
+                hits = [r.getMessage() for r in caplog.records if "asyncio tasks" in r.message]
+                return hits[0] if hits else None
+
+            text = await eventually(logged)
+        block = text.split("task waits:\n", 1)[1]
+        frames = block.splitlines()
+        assert "Supervisor.watch" in frames[0] and "Waits.run" in frames[1], text
+        assert "Waits._deep" in frames[2] and "Event.wait" in frames[3], text
+    finally:
+        stop.set()
+        await task
