@@ -52,7 +52,7 @@ from schemas.messages import (
     from_entry,
 )
 from streams import admin
-from tests.util import RedisServer, free_port
+from tests.util import RedisServer, eventually, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -326,11 +326,12 @@ class Pipeline:
             if p.alive() and p.popen is not None:
                 sizes[spec] = _size(p.log_path)
                 p.popen.send_signal(signal.SIGUSR1)
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline and any(
-            _size(self.procs[s].log_path) <= n for s, n in sizes.items()
-        ):
-            await asyncio.sleep(0.05)
+
+        async def logged() -> bool:
+            return all(_size(self.procs[s].log_path) > n for s, n in sizes.items())
+
+        with contextlib.suppress(AssertionError):  # a process too stuck to answer: go on
+            await eventually(logged, timeout_s=wait_s, interval_s=0.05)
         print(f"asyncio task stacks of {sorted(sizes)} logged in {self.log_dir}")
 
     async def stop(self) -> None:
