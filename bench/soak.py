@@ -310,6 +310,7 @@ async def main() -> int:  # noqa: C901 -- owned by the rss helper (bench/soak.py
     total_s = args.minutes * 60
     open_s, close_s = 60.0, total_s - args.closed_min * 60
     restart_at = (open_s + close_s) / 2
+    restart_s: float | None = None  # when Redis answered again after the kill
     try:
         await p.start(PROCS, ready_timeout_s=120)
         first = (dt.date.today() + dt.timedelta(days=1)).isoformat()
@@ -334,7 +335,8 @@ async def main() -> int:  # noqa: C901 -- owned by the rss helper (bench/soak.py
             if not restarted and now >= restart_at:
                 events.append((now, "redis kill -9 + restart from AOF"))
                 await asyncio.to_thread(srv.restart)
-                events.append((at(), "redis back"))
+                restart_s = at()
+                events.append((restart_s, "redis back"))
                 restarted = True
                 continue
             if now >= next_topo and now < close_s:
@@ -430,6 +432,16 @@ async def main() -> int:  # noqa: C901 -- owned by the rss helper (bench/soak.py
         after = [snap[n] for t, snap in rss if warm <= t < close_s and n in snap]
         verdict = None if n == "soak-clients" else lim  # the bench's own clients: shown only
         print(f"  {n:24} {flat(whole)} | {flat(after, verdict)}")
+    if restart_s is not None:
+        # the kill -9 ends one redis-server process; its successor starts from the AOF with
+        # a fresh heap and refills the streams to their budgets: each process on its own
+        srv_rss = [(t, snap["redis-server"]) for t, snap in rss if "redis-server" in snap]
+        before = [m for t, m in srv_rss if warm <= t < restart_s]
+        after_kill = [m for t, m in srv_rss if restart_s <= t < close_s]
+        print(
+            f"  redis-server by process, after warm-up: before the kill {flat(before)}; "
+            f"the restarted one {flat(after_kill)}"
+        )
     print(f"epoch promotions: {promotions:.0f} (new strikes listed: {listed}, plus the first)")
     print(f"stream entries trimmed: {trimmed:,.0f}; trimmed before a group read them: {unread:.0f}")
     if not report:
