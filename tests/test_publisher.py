@@ -595,3 +595,45 @@ async def test_a_checkpoint_is_fenced_checked_and_dropped_unless_installed(
         assert await p._write_checkpoint("SPX", st_.version, new) == lua.Publish.FENCED
         assert await redis.get(model_k) == old
         assert not await redis.exists(tmp)
+
+
+async def test_a_renew_in_flight_when_redis_dies_does_not_stall_the_leader(
+    deps: Deps, redis: Redis
+) -> None:
+    """redis-py can surface the cancellation of a call in flight as a dead-socket error,
+    which the renewer survives by design. When the lead loop meets the outage, the renewer
+    must still end: the leader used to wait on it forever, reading and logging nothing,
+    while the renewer kept the lease alive (seen once in CI after a Redis restart)."""
+    async with leading(deps, redis) as p:
+        in_flight = asyncio.Event()
+        real_renew, real_evaluate = p._renew_once, p._evaluate
+
+        async def renew_in_flight() -> bool:
+            in_flight.set()
+            try:
+                await asyncio.sleep(30)  # the call Redis will not answer
+            except asyncio.CancelledError:
+                # what redis-py may raise when cancelled mid-read on a dying socket
+                raise RedisConnectionError("Connection closed by server.") from None
+            return True
+
+        async def outage() -> None:
+            await in_flight.wait()  # the lead loop meets the outage while a renew is out
+            p._evaluate = real_evaluate  # type: ignore[method-assign]
+            p._renew_once = real_renew  # type: ignore[method-assign]
+            raise RedisConnectionError("Connection closed by server.")
+
+        p._renew_once = renew_in_flight  # type: ignore[method-assign]
+        p._evaluate = outage  # type: ignore[method-assign]
+        outages = {"processor": p.name, "stream": "", "group": ""}
+
+        async def recovered() -> bool:
+            n = p.deps.registry.get_sample_value("massive_redis_errors_total", outages)
+            return n == 1 and p.leader
+
+        await eventually(recovered, timeout_s=5)
+        v0 = int(await redis.get(keys.heatmap_version("SPX", STRAT)) or 0)
+        b = TileBuilder(deps, STRAT, TCFG)
+        cids = [c.decode() for c in await redis.smembers(keys.epoch_contracts("SPX", "e1"))]
+        await dirty(redis, b, "e1", sorted(cids)[:6], NOW + 7 * SEC)
+        await eventually(lambda: _version_key_at_least(redis, v0 + 1), timeout_s=5)

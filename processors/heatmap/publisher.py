@@ -89,6 +89,7 @@ from streams.memory import fix_mmap_threshold, release_freed_memory
 from streams.processor import Deps, PerSymbol
 from streams.redis_client import as_str
 from streams.retry import REDIS_UNAVAILABLE, run_resilient, sleep_or_stop
+from streams.runner import cancel_and_wait
 from streams.settings import env_settings, from_env
 
 logger = logging.getLogger(__name__)
@@ -359,9 +360,11 @@ class Publisher:
         try:
             await self._lead_loop(stop)
         finally:
-            renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewer
+            # Not cancel() + await: a renew in flight when Redis dies can surface the
+            # cancellation as a dead-socket error, which the renewer survives; it then kept
+            # renewing (against the restarted Redis) and this leader waited on it, reading
+            # nothing, until the process stopped. cancel_and_wait sends it again.
+            await cancel_and_wait([renewer])
 
     async def _renew_once(self) -> bool:
         if not self.lease.held:

@@ -66,7 +66,7 @@ from streams.clock import NY
 from streams.consumer import Entry, GroupConsumer
 from streams.processor import Deps
 from streams.retry import REDIS_UNAVAILABLE, Backoff, sleep_or_stop
-from streams.runner import task_group
+from streams.runner import cancel_and_wait, task_group
 from streams.settings import env_settings, fallback_env, from_env, stage_symbols
 from streams.spec import StreamSpec
 
@@ -584,8 +584,10 @@ class ChainPoller:
             try:
                 await self._cycles(stop)
             finally:
-                for t in helpers:
-                    t.cancel()
+                # a helper that survives Redis errors can swallow one cancellation (a dead
+                # socket): sent again until every helper ended, so an outage that ends the
+                # cycles lets run_resilient re-enter instead of waiting here
+                await cancel_and_wait(helpers)
 
     async def _cycles(self, stop: asyncio.Event) -> None:
         """The window's cycles until ``stop``, each after the delay the last one asks for."""

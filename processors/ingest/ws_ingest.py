@@ -271,7 +271,7 @@ class WsIngest:
                     async with asyncio.timeout(self.deps.settings.grace_s):
                         if not writer.done():
                             await self._queue.join()
-                writer.cancel()
+                await cancel_and_wait((writer,))
         finally:
             for f in self.feeds.values():
                 f.connected = False

@@ -51,6 +51,7 @@ from streams.processor import Deps
 from streams.redis_client import as_str
 from streams.retention import Policy, RetentionSettings, StreamJanitor, Trimmed
 from streams.retry import REDIS_UNAVAILABLE, sleep_or_stop
+from streams.runner import cancel_and_wait
 from streams.settings import env_settings, from_env
 
 logger = logging.getLogger(__name__)
@@ -248,9 +249,9 @@ class Monitor:
                 await sleep_or_stop(stop, self.settings.interval_s)
         finally:
             if janitor is not None:
-                janitor.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await janitor
+                # a pass in flight when Redis dies can swallow one cancellation (it skips
+                # the pass on a dead socket and sleeps): sent again until it ends
+                await cancel_and_wait([janitor])
 
     async def _retention_loop(self, stop: asyncio.Event) -> None:
         policies = self.retention.policies(self.deps.settings.symbols)
