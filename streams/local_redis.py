@@ -3,12 +3,29 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """``preexec_fn`` of a child that must not outlive the process that started it (Linux:
+    SIGKILL when the parent dies; elsewhere nothing). A test run or a demo killed before
+    its cleanup otherwise leaves a Redis, or processors retrying forever to reach one whose
+    port a later Redis may take."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def free_port() -> int:
@@ -70,7 +87,9 @@ class RedisServer:
     def start(self, ready_timeout_s: float = 10.0) -> RedisServer:
         """Start and wait for PONG; a restart from a large AOF answers LOADING for a while,
         so callers that restart one pass a longer ``ready_timeout_s``."""
-        self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            self.args, stdout=subprocess.DEVNULL, preexec_fn=die_with_parent
+        )
         deadline = time.monotonic() + ready_timeout_s
         while time.monotonic() < deadline:
             try:

@@ -52,6 +52,7 @@ from schemas.messages import (
     from_entry,
 )
 from streams import admin
+from streams.local_redis import die_with_parent
 from tests.util import RedisServer, eventually, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -179,6 +180,7 @@ class Proc:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=die_with_parent,
         )
         log.close()
 
