@@ -3,6 +3,7 @@ mirror and its model are garbage already (nothing of the janitor's keeps them al
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import weakref
@@ -97,3 +98,47 @@ async def test_every_client_object_is_freed_on_disconnect(deps: Deps, redis: Red
             return not any(f.whole or f.mirrors for f in feeds) and _alive(*kinds) == before
 
         await eventually(all_freed, timeout_s=10)
+
+
+async def test_a_loader_that_swallows_its_cancellation_is_ended_and_its_mirror_freed(
+    deps: Deps, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mirror's loader cancelled in the middle of a Redis read can meet the cancellation
+    as a Redis error and go on (retry, or wait for the next GEX date refresh). The janitor
+    cancels a dropped mirror's tasks until they end: such a task no longer lives on, holding
+    the mirror and its model."""
+    writer = ModelWriter(redis)
+    spx = FakeMarket("SPX")
+    await publish_full(writer, spx, 1)
+    front = min(e.isoformat() for e in spx.expiries)
+    real_load = gw_mod.Mirror._load_loop
+    swallowed: list[str] = []
+
+    async def stubborn(self: gw_mod.Mirror) -> None:
+        await real_load(self)
+        while True:  # as a loader retrying after an error, still running when dropped
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                if not swallowed:
+                    swallowed.append(self.symbol)  # met as a dead socket: retried
+                    continue
+                raise
+
+    monkeypatch.setattr(gw_mod.Mirror, "_load_loop", stubborn)
+    url = f"/sse/heatmap/butterfly?symbol=SPX&expiry={front}&right=C"
+    async with gateway(deps, replace(SETTINGS, view_linger_s=0.0)) as gw:
+        async with Client(base(gw) + url) as c:
+            await c.next_data("snapshot")
+            mirrors = [m for f in gw.gateway.feeds.values() for m in f.mirrors.values()]
+            assert len(mirrors) == 1
+            assert mirrors[0].task is not None
+            ref, task_ref = weakref.ref(mirrors[0]), weakref.ref(mirrors[0].task)
+            del mirrors
+
+        async def ended() -> bool:
+            gc.collect()  # the task and its frames are garbage once it ended
+            return task_ref() is None and ref() is None
+
+        await eventually(ended, timeout_s=10)
+        assert swallowed == ["SPX"]

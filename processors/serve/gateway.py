@@ -109,6 +109,7 @@ from streams.memory import fix_mmap_threshold, release_freed_memory
 from streams.metrics import counter, gauge, histogram
 from streams.processor import Deps
 from streams.redis_client import as_str, opt_str
+from streams.runner import cancel_and_wait
 from streams.settings import env_settings, from_env
 
 __all__ = ["SseGateway", "SseSettings", "build", "create_app", "frame", "parse_id"]
@@ -122,7 +123,6 @@ SNAPSHOT_SLICE = 64 * 1024  # a snapshot goes out in slices: the transport never
 # whole-model backlog) in slices
 DIFF_SLICE = 1024 * 1024
 SNAPSHOT_SHARE_S = 2.0  # clients joining within this share one read of a stored model
-JANITOR_WAIT_S = 5.0  # how long the janitor waits for stopped mirror loaders before trimming
 # Keep-alive comments come from the session itself, between frames (sse-starlette's own
 # pings could land between two slices of a snapshot).
 PING = b": ping" + SEP + SEP
@@ -1365,8 +1365,11 @@ class Gateway:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), max(0.5, min(5.0, linger / 2)))
             dropped, stopped = self._drop_idle(time.monotonic(), linger)
-            if stopped:  # a cancelled loader's frame holds its mirror's model until it ends
-                await asyncio.wait(stopped, timeout=JANITOR_WAIT_S)
+            if stopped:
+                # a cancelled loader's frame holds its mirror's model until it ends; one that
+                # met the cancel as a Redis error (and retried, or went back to waiting for
+                # dates) is cancelled again until it does
+                await cancel_and_wait(stopped)
             if dropped:  # a view's tiles or a whole model graph were freed: hand them back
                 release_freed_memory()
 
