@@ -94,6 +94,7 @@ from streams.logs import one_line, redact, setup_logging
 from streams.processor import ConsumerProcessor, Deps, Processor
 from streams.producer import DEFAULT_MAXLEN
 from streams.redis_client import CONNECT_ERRORS, admin_client, as_str, unreachable
+from streams.runner import cancel_and_wait
 from streams.settings import RuntimeSettings, SettingsError, from_env
 
 logger = logging.getLogger(__name__)
@@ -794,8 +795,7 @@ async def _stop_tasks(tasks: list[asyncio.Task[None]], grace_s: float) -> None:
     if not tasks:
         return
     _, pending = await asyncio.wait(tasks, timeout=grace_s)
-    for task in pending:
-        task.cancel()
+    await cancel_and_wait(pending)  # again until each ended: one may meet it as a Redis error
     results = await asyncio.gather(*tasks, return_exceptions=True)
     for task, res in zip(tasks, results, strict=True):
         if isinstance(res, Exception):
