@@ -277,6 +277,12 @@ async def main() -> int:  # noqa: C901 -- owned by the rss helper (bench/soak.py
         nonlocal first_eid, warm_end, active_eid
         while not stop.is_set():
             try:
+                if int((await r.info("persistence")).get("loading", 0)):
+                    # the restarted server answers while it loads the AOF: its used_memory
+                    # is that of a partly loaded dataset, not a point of the series
+                    events.append((at(), "redis loading its AOF: memory sample skipped"))
+                    await sleep_or_stop(stop, 1.0)
+                    continue
                 b = await memory_breakdown(r)
                 b["frag"], b["rss"] = await allocator_ratios(r)
                 mem.append((at(), b["used"]))
