@@ -23,7 +23,9 @@ CPU, fell behind and their backlogs measured the bench rather than the gateway.
 Redis runs with the deployment's memory settings (``REDIS_MEMORY_ARGS``: active
 defragmentation, so its RSS follows ``used_memory`` instead of keeping the pages of trimmed
 stream entries) where its build has them: a server linked to the system's jemalloc (Debian's)
-refuses ``activedefrag``, and the soak says so and runs without. Its allocator's own ratios
+refuses ``activedefrag``, and the soak says so and runs without. The first ``redis-server`` on
+``PATH`` is used: put one built from the Redis sources (bundled jemalloc, as in the official
+image) first to measure what a deployment runs. Its allocator's own ratios
 are printed every minute (frag: active / allocated, fragmentation that only defragmenting
 returns; rss: resident / active, dirty pages jemalloc returns on its own decay).
 
@@ -51,6 +53,7 @@ import asyncio
 import datetime as dt
 import multiprocessing as mp
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -70,7 +73,7 @@ from schemas.messages import ChainContract, ChainSnapshot
 from streams.retry import sleep_or_stop
 from tests import harness as h
 from tests.factories import big_chain
-from tests.sse_client import ModelClient, fingerprint
+from tests.sse_client import ModelClient, raw_fingerprint
 from tests.util import free_port
 
 PROCS = (*MODEL_PATH, "monitor", "sse-gateway")
@@ -170,8 +173,7 @@ class Checker:
             return
         if resp.status_code != 200:
             return
-        truth = resp.json()
-        v, fp = int(truth["version"]), fingerprint(truth["items"])
+        v, fp = raw_fingerprint(resp.content)
         deadline = time.monotonic() + 15
         while c.version < v and time.monotonic() < deadline:  # noqa: ASYNC110 -- a poll
             await asyncio.sleep(0.05)
@@ -190,7 +192,7 @@ def run_clients(api: str, every_s: float, stop: Any, out: Any) -> None:
     (a multiprocessing Event) is set; then their counts go back through ``out`` (a Pipe)."""
 
     async def go() -> dict[str, Any]:
-        clients = [ModelClient(api, ch, "SPX", history_max=5000) for ch in CHANNELS]
+        clients = [ModelClient(api, ch, "SPX", history_max=5000, raw=True) for ch in CHANNELS]
         checker = Checker(api, clients, every_s)
         done = asyncio.Event()
         for c in clients:
@@ -262,6 +264,7 @@ async def main() -> int:  # noqa: C901 -- owned by the rss helper (bench/soak.py
         daemon=True,
     )
     report: dict[str, Any] = {}
+    merged = resyncs = 0.0
     stop = asyncio.Event()
     t0 = time.monotonic()
 
@@ -308,6 +311,11 @@ async def main() -> int:  # noqa: C901 -- owned by the rss helper (bench/soak.py
     print(f"# date: {dt.datetime.now(dt.UTC).isoformat(timespec='seconds')}; logs {log_dir}")
     if args.env:
         print(f"# extra environment: {' '.join(args.env)}")
+    info = await r.info("server")
+    print(
+        f"# redis-server {info.get('redis_version')} ({shutil.which('redis-server')}), "
+        f"allocator {(await r.info('memory')).get('mem_allocator')}"
+    )
     print(
         f"# redis memory settings: {' '.join(mem_args)}"
         if mem_args
@@ -372,6 +380,9 @@ async def main() -> int:  # noqa: C901 -- owned by the rss helper (bench/soak.py
         mon = await p.metrics("monitor")
         trimmed = h.metric_sum(mon, "massive_stream_trimmed_total")
         unread = h.metric_sum(mon, "massive_stream_trimmed_unread_total")
+        gw = await p.metrics("sse-gateway")
+        merged = h.metric_sum(gw, "massive_sse_conflated_total")
+        resyncs = h.metric_sum(gw, "massive_sse_resyncs_total")
         exits = {s: pr.exited() for s, pr in p.procs.items() if pr.exited() is not None}
     finally:
         stop.set()
@@ -464,6 +475,10 @@ async def main() -> int:  # noqa: C901 -- owned by the rss helper (bench/soak.py
                 f"{ch} v{v} {snaps} snapshots {breaks} chain breaks"
                 for ch, v, snaps, breaks in report["clients"]
             )
+        )
+        print(
+            f"gateway: {merged:.0f} slow-client backlogs merged, {resyncs:.0f} resyncs "
+            "(a client that keeps up needs neither)"
         )
         if report["details"]:
             print("mismatches: " + ", ".join(report["details"][:20]))

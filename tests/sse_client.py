@@ -11,6 +11,7 @@ import contextlib
 from typing import Any
 
 import httpx
+import msgspec
 import orjson
 
 
@@ -124,11 +125,25 @@ class ViewReader:
 
 
 class ModelClient:
-    """``channel``: ``heatmap/<strategy>`` or ``gex``; ``view``: extra query (``&expiry=..``)."""
+    """``channel``: ``heatmap/<strategy>`` or ``gex``; ``view``: extra query (``&expiry=..``).
+
+    ``raw`` (a whole-model stream with a history, the soak's checker): the items are not
+    decoded or kept, only a hash of each one's JSON as published, compared with
+    :func:`raw_fingerprint` of ``/api``. Decoding and re-encoding every changed item was
+    most of a checker's CPU: it fell behind ~1 MB diffs and measured its own backlog."""
 
     def __init__(
-        self, base_url: str, channel: str, symbol: str, history_max: int = 0, view: str = ""
+        self,
+        base_url: str,
+        channel: str,
+        symbol: str,
+        history_max: int = 0,
+        view: str = "",
+        raw: bool = False,
     ) -> None:
+        if raw and (view or not history_max):
+            raise ValueError("raw: a whole-model stream with a history only")
+        self.raw = raw
         self.url = f"{base_url}/sse/{channel}?symbol={symbol}{view}"
         self.reader = ViewReader()
         self.channel = channel
@@ -194,6 +209,9 @@ class ModelClient:
             self._on_diff(data, eid)
 
     def _on_snapshot(self, data: bytes) -> None:
+        if self.raw:
+            self._on_raw_snapshot(data)
+            return
         self.model = self.reader.snapshot(data)
         self.head = self.reader.head
         self.snapshots += 1
@@ -205,6 +223,9 @@ class ModelClient:
             self._remember()
 
     def _on_diff(self, data: bytes, eid: str | None) -> None:
+        if self.raw:
+            self._on_raw_diff(data, eid)
+            return
         try:
             _, touched = self.reader.diff(data, eid)
         except ChainBreak:
@@ -224,6 +245,45 @@ class ModelClient:
                     h = self._hashes[k] = item_hash(k, items[k])
                     self._fp ^= h
             self._remember()
+        self.head = eid
+        self.diffs += 1
+
+    # -- a whole-model stream with a history: the items' published JSON, hashed as sent --
+    def _on_raw_snapshot(self, data: bytes) -> None:
+        s = _raw_snapshot.decode(data)
+        self.model = {"epoch": s.epoch, "version": s.version, "ts_ns": s.ts_ns, "items": {}}
+        self.head = s.diff_id
+        self.snapshots += 1
+        self._hashes = {k: hash((k, bytes(v))) for k, v in s.items.items()}
+        self._fp = 0
+        for h in self._hashes.values():
+            self._fp ^= h
+        self._remember()
+
+    def _on_raw_diff(self, data: bytes, eid: str | None) -> None:
+        m = self.model
+        assert m is not None
+        d = _raw_diff.decode(data)
+        if (
+            d.epoch != m["epoch"]
+            or d.prev_version != m["version"]
+            or (d.prev_id is not None and self.head is not None and d.prev_id != self.head)
+        ):
+            self.chain_breaks += 1
+            return
+        hashes = self._hashes
+        for k in d.removed:
+            old = hashes.pop(k, None)
+            if old is not None:
+                self._fp ^= old
+        for k, v in d.changed.items():
+            old = hashes.get(k)
+            if old is not None:
+                self._fp ^= old
+            h = hashes[k] = hash((k, bytes(v)))
+            self._fp ^= h
+        m["version"], m["ts_ns"] = d.version, d.ts_ns
+        self._remember()
         self.head = eid
         self.diffs += 1
 
@@ -248,6 +308,42 @@ def _parse_event(raw: bytes) -> tuple[str, bytes, str | None]:
 
 def item_hash(key: str, value: Any) -> int:
     return hash((key, orjson.dumps(value, option=orjson.OPT_SORT_KEYS)))
+
+
+class _RawSnapshot(msgspec.Struct):
+    """A whole-model snapshot (the published model as stored), items as raw JSON."""
+
+    epoch: str
+    version: int
+    items: dict[str, msgspec.Raw]
+    ts_ns: int = 0
+    diff_id: str | None = None
+
+
+class _RawDiff(msgspec.Struct):
+    """A whole-model diff (the ModelDiff as published), items as raw JSON."""
+
+    epoch: str
+    version: int
+    prev_version: int
+    ts_ns: int
+    changed: dict[str, msgspec.Raw] = {}
+    removed: list[str] = []
+    prev_id: str | None = None
+
+
+_raw_snapshot = msgspec.json.Decoder(_RawSnapshot)
+_raw_diff = msgspec.json.Decoder(_RawDiff)
+
+
+def raw_fingerprint(model_json: bytes) -> tuple[int, int]:
+    """(version, fingerprint) of a whole published model (``/api`` without filters), as a
+    ``raw`` ModelClient's history holds it: the items' JSON compared byte for byte."""
+    s = _raw_snapshot.decode(model_json)
+    fp = 0
+    for k, v in s.items.items():
+        fp ^= hash((k, bytes(v)))
+    return s.version, fp
 
 
 def fingerprint(items: dict[str, Any]) -> int:
