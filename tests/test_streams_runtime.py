@@ -10,6 +10,7 @@ import sys
 import textwrap
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -408,3 +409,25 @@ async def test_lag_view_does_not_report_a_lag_no_entry_backs(redis: Redis) -> No
         "XGROUP", "SETID", STREAM, GROUP, ids[9], "ENTRIESREAD", 10
     )
     assert (await group_info(redis))["lag"] == 10  # a true lag is left alone
+
+
+async def test_lag_view_reads_at_most_one_entry_per_group(
+    redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The monitor polls the lag every second; entries can be MBs (a full build's tile
+    # deltas), so the phantom-lag check must not read the backlog to count it.
+    ids = await fill(redis, 50)
+    await redis.xgroup_create(STREAM, GROUP, id="0")
+    await redis.execute_command(  # type: ignore[no-untyped-call]
+        "XGROUP", "SETID", STREAM, GROUP, ids[9], "ENTRIESREAD", 10
+    )
+    counts: list[int | None] = []
+    real = redis.xrange
+
+    async def spy(*args: Any, **kwargs: Any) -> Any:
+        counts.append(kwargs.get("count"))
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(redis, "xrange", spy)
+    assert (await group_info(redis))["lag"] == 40
+    assert counts and all(c is not None and c <= 1 for c in counts)
