@@ -54,6 +54,7 @@ import datetime as dt
 import multiprocessing as mp
 import re
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -120,12 +121,16 @@ async def epochs(r: Redis, symbol: str) -> tuple[str | None, list[str | None]]:
 
 
 def flat(xs: list[float], limit_pct: float | None = None) -> str:
-    """min, max, last and the range max/min - 1 of ``xs``; with ``limit_pct``, PASS/FAIL."""
+    """min, max, last, the range max/min - 1 of ``xs`` (PASS/FAIL against ``limit_pct``) and
+    the farthest sample from the median (the "+-" reading of the same limit, printed only)."""
     if len(xs) < 2:
         return "n/a (fewer than 2 samples)" + (": FAIL" if limit_pct is not None else "")
     lo, hi, last = min(xs), max(xs), xs[-1]
     pct = 100 * (hi / lo - 1)
-    out = f"min {lo:.0f} max {hi:.0f} last {last:.0f} ({pct:.1f} % range)"
+    med = statistics.median(xs)
+    dev = 100 * max(hi / med - 1, 1 - lo / med)
+    out = f"min {lo:.0f} max {hi:.0f} last {last:.0f} ({pct:.1f} % range, "
+    out += f"+-{dev:.1f} % of the median)"
     if limit_pct is not None:
         out += ": PASS" if pct <= limit_pct else ": FAIL"
     return out

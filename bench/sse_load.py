@@ -456,6 +456,38 @@ async def acceptance(seconds: float, sim_rate: float) -> None:
         await asyncio.wait_for(proc.wait(), 30)
 
 
+def machine_busy() -> tuple[int, int]:
+    """(busy, total) jiffies of every CPU since boot (/proc/stat): busy = all but idle and
+    iowait."""
+    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    total = sum(f[:8])  # guest time is inside user time
+    return total - f[3] - f[4], total
+
+
+class CpuShares:
+    """How busy the machine was from now on, and each process's share (% of a core): is a
+    latency figure the code's or a saturated machine's?"""
+
+    def __init__(self, p: h.Pipeline, srv: h.DurableRedis) -> None:
+        pids = {name: pr.pid for name, pr in p.procs.items() if pr.pid is not None}
+        if srv.proc is not None:
+            pids["redis-server"] = srv.proc.pid
+        self.pids = pids
+        self.cpu0 = {name: h.proc_cpu_seconds(pid) for name, pid in pids.items()}
+        self.busy0 = machine_busy()
+
+    def line(self, wall_s: float) -> str:
+        busy, total = machine_busy()
+        pct = 100 * (busy - self.busy0[0]) / max(1, total - self.busy0[1])
+        per = {
+            name: (h.proc_cpu_seconds(pid) - self.cpu0[name]) / wall_s * 100
+            for name, pid in self.pids.items()
+        }
+        return f"machine: {os.cpu_count()} CPUs {pct:.0f} % busy; % of a core: " + ", ".join(
+            f"{n} {c:.0f}" for n, c in sorted(per.items(), key=lambda x: -x[1])
+        )
+
+
 async def scoped(args: argparse.Namespace) -> None:
     log_dir = Path(tempfile.mkdtemp(prefix="sse-scoped-"))
     srv = h.redis_server()
@@ -516,6 +548,7 @@ async def scoped(args: argparse.Namespace) -> None:
         m0 = await _dispatch_metrics(admin)
         cpu0, t0 = h.proc_cpu_seconds(gw_pid), time.monotonic()
         bench_cpu0 = time.process_time()
+        shares = CpuShares(p, srv)
         rss_max = rss_idle
         done = 0.0
         while done < args.seconds:
@@ -526,6 +559,7 @@ async def scoped(args: argparse.Namespace) -> None:
         wall = time.monotonic() - t0
         cpu = (h.proc_cpu_seconds(gw_pid) - cpu0) / wall * 100
         bench_cpu = (time.process_time() - bench_cpu0) / wall * 100
+        cpu_line = shares.line(wall)
         for t in taps:
             t.counting = False
         rss_load = rss_mb(gw_pid)
@@ -540,6 +574,7 @@ async def scoped(args: argparse.Namespace) -> None:
             f" (max {rss_max:.0f} MB); this bench process (clients + replayer) CPU "
             f"{bench_cpu:.0f} % of a core"
         )
+        print(f"{cpu_line}, bench {bench_cpu:.0f}")
         for v in views:
             ds = [d for t in taps if t.path == v for d in t.delays_ms]
             ps = [d for t in taps if t.path == v for d in t.publish_ms]
