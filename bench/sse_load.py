@@ -48,6 +48,7 @@ from redis.asyncio import Redis
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.e2e_load import build_epoch, machine, rss_mb
+from bench.publisher_rss import Sampler
 from processors import MODEL_PATH
 from processors.serve.gateway import SseSettings
 from tests import harness as h
@@ -694,6 +695,10 @@ async def rss_run(args: argparse.Namespace) -> None:
             tap = Tap("/sse/heatmap/butterfly?symbol=SPX", read_delay_s=args.read_delay_s)
             tap.start("127.0.0.1", port)
             await asyncio.wait_for(tap.snapshot.wait(), 120)
+            # the RSS every 10 ms, to see what each /api request costs while it runs
+            sampler = Sampler(proc.pid, 0.01)
+            sampler.start()
+            api_rise: list[float] = []
             t0 = time.monotonic()
             last_ckpt = last_api = last_rss = 0.0
             while (now := time.monotonic() - t0) < args.seconds:
@@ -712,13 +717,17 @@ async def rss_run(args: argparse.Namespace) -> None:
                     await redis.set(key, encode(m))
                     last_ckpt = now
                 if now - last_api >= 3:
+                    m0, r0 = time.monotonic(), rss_mb(proc.pid)
                     await http.get(f"http://127.0.0.1:{port}/api/heatmap/butterfly?symbol=SPX")
+                    during = [r for t, r in sampler.samples if t >= m0]
+                    api_rise.append(max(during, default=r0) - r0)
                     last_api = now
                 if now - last_rss >= 5:
                     samples.append((now, rss_mb(proc.pid)))
                     last_rss = now
                 await asyncio.sleep(max(0.0, 1 / args.rate - (time.monotonic() - t0 - now)))
             await tap.stop()
+            sampler.stop.set()
         print(f"# machine: {machine()}")
         print(f"# date: {dt.datetime.now(dt.UTC).isoformat(timespec='seconds')}")
         print(
@@ -726,6 +735,11 @@ async def rss_run(args: argparse.Namespace) -> None:
             f"client read pause {args.read_delay_s} s per 64 kB: {tap.diffs} diffs received, "
             f"{tap.snapshots} snapshots; gateway RSS (MB) every 5 s: "
             + " ".join(f"{v:.0f}" for _, v in samples)
+        )
+        rise = sorted(api_rise)
+        print(
+            f"/api (the whole model, every 3 s): RSS rise during the request (MB, 10 ms "
+            f"samples) median {rise[len(rise) // 2]:.1f}, max {rise[-1]:.1f} over {len(rise)}"
         )
     finally:
         await redis.aclose()

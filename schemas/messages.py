@@ -257,7 +257,9 @@ class _ModelTail(msgspec.Struct, frozen=True):
     diff_id: str | None
 
 
-def encode_model_pieces(model: PublishedModel, items_per_piece: int = 1024) -> Iterator[bytes]:
+def encode_model_pieces(
+    model: PublishedModel | RawModel, items_per_piece: int = 1024
+) -> Iterator[bytes]:
     """``encode(model)`` byte for byte, as consecutive pieces of ``items_per_piece`` items
     each (plus the fields around them), encoded as they are consumed: a 50k-tile model
     (~15 MB of JSON) is never one buffer in the writer (processors/heatmap/checkpoint.py

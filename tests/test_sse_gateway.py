@@ -189,9 +189,17 @@ async def test_checkpoint_model_is_followed_by_the_diffs_after_it(deps: Deps, re
             == 0
         )
         # the JSON endpoint serves the latest version too (checkpoint + diffs applied)
-        api = (await _get(gw, "/api/heatmap/butterfly?symbol=SPX")).json()
+        await redis.set(key, checkpoint)
+        resp = await _get(gw, "/api/heatmap/butterfly?symbol=SPX")
+        api = resp.json()
         assert api["version"] == 5 and api["items"] == items
         assert api["diff_id"] == writer.models[("SPX", HEAT)].diff_id
+        # encoded as it is sent (a whole model is ~15 MB), not built whole first
+        assert "content-length" not in resp.headers
+        expiry = next(iter(items)).split(":")[1]
+        view = (await _get(gw, f"/api/heatmap/butterfly?symbol=SPX&expiry={expiry}")).json()
+        assert view["version"] == 5
+        assert view["items"] == {k: v for k, v in items.items() if k.split(":")[1] == expiry}
 
 
 async def metric(gw: SseGateway, series: str) -> float:

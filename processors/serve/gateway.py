@@ -76,7 +76,13 @@ from sse_starlette.sse import EventSourceResponse, SendTimeoutError
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from starlette.responses import (
+    FileResponse,
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Message, Receive, Scope, Send
@@ -103,7 +109,7 @@ from processors.serve.views import (
     parse_view,
 )
 from schemas import keys
-from schemas.messages import RawDiff, RawModel
+from schemas.messages import RawDiff, RawModel, encode_model_pieces
 from streams.health import QuietServer
 from streams.memory import fix_mmap_threshold, release_freed_memory
 from streams.metrics import counter, gauge, histogram
@@ -1411,9 +1417,10 @@ class Gateway:
             if sid is not None:
                 yield sid, id_s, body
 
-    async def current_model(self, channel: Channel, symbol: str) -> bytes | None:
-        """The model at its latest version: the model key (a checkpoint) with the diffs after
-        its ``diff_id`` applied (usually none: returned as stored)."""
+    async def current_model(self, channel: Channel, symbol: str) -> bytes | RawModel | None:
+        """The model at its latest version: the model key (a checkpoint) as stored when no
+        diff follows its ``diff_id`` (or it is not a model's JSON), else decoded with those
+        diffs applied (encoded by the caller as it sends it: a whole model is ~15 MB)."""
         raw = await self.redis.get(channel.model_key(symbol))
         if raw is None:
             return None
@@ -1444,7 +1451,7 @@ class Gateway:
             model.version, model.ts_ns, model.meta = d.version, d.ts_ns, d.meta
             model.diff_id = id_s
             changed = True
-        return _json_encoder.encode(model) if changed else cast(bytes, raw)
+        return model if changed else cast(bytes, raw)
 
     # -- whole-model streams --
     async def whole_snapshot(self, channel: Channel, symbol: str) -> tuple[bytes, _State] | None:
@@ -1776,9 +1783,16 @@ def is_date(channel: Channel, spec: ViewSpec) -> bool:
     return channel.strategy is None and spec.scope not in (None, "all", "0dte")
 
 
-def filter_model(raw: bytes, channel: Channel, spec: ViewSpec) -> bytes:
+async def _pieces(model: RawModel) -> AsyncIterator[bytes]:
+    """The model's JSON (``encode_model_pieces``), on the event loop: each piece is ~0.3 MB
+    of encoding, not worth a thread hop (a sync iterator would get one per piece)."""
+    for piece in encode_model_pieces(model):
+        yield piece
+
+
+def filter_model(raw: bytes | RawModel, channel: Channel, spec: ViewSpec) -> bytes:
     """A PublishedModel JSON narrowed to a view (the ``/api`` form of a view)."""
-    model = _full_model.decode(raw)
+    model = _full_model.decode(raw) if isinstance(raw, bytes) else raw
     items: dict[str, Any] = {}
     for key, item in model.items.items():
         if not spec.covers(channel.part_of(key)):
@@ -1852,6 +1866,7 @@ class Endpoints:
         if isinstance(v, Response):
             return JSONResponse({"error": bytes(v.body).decode()}, status_code=v.status_code)
         ch, sym, spec = v
+        raw: bytes | RawModel | None
         if is_date(ch, spec):
             async with self.gw.redis_slots:
                 ge = await gex_expiry.read(self.deps.redis, sym)
@@ -1862,7 +1877,11 @@ class Endpoints:
             return JSONResponse({"error": f"no {ch.name} model for {sym}"}, status_code=404)
         if spec != ViewSpec() and not is_date(ch, spec):
             raw = filter_model(raw, ch, spec)
-        return Response(raw, media_type="application/json", headers={"Cache-Control": "no-store"})
+        headers = {"Cache-Control": "no-store"}
+        if isinstance(raw, RawModel):
+            # encoded a piece at a time as it is sent: never one ~15 MB buffer per request
+            return StreamingResponse(_pieces(raw), media_type="application/json", headers=headers)
+        return Response(raw, media_type="application/json", headers=headers)
 
     async def api_gex_history(self, request: Request) -> Response:
         try:
