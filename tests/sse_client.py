@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Iterable
 from typing import Any
 
 import httpx
@@ -39,6 +40,17 @@ def set_field(item: dict[str, Any], name: str, v: Any) -> None:
     while len(arr[i]) <= j:
         arr[i].append(None)
     arr[i][j] = v
+
+
+def continues(
+    model: dict[str, Any], head: str | None, epoch: str, prev_version: int, prev_id: str | None
+) -> bool:
+    """Whether a diff (its epoch, prev_version, prev_id) continues ``model`` held at ``head``."""
+    return (
+        epoch == model["epoch"]
+        and prev_version == model["version"]
+        and (prev_id is None or head is None or prev_id == head)
+    )
 
 
 class ChainBreak(Exception):
@@ -84,12 +96,7 @@ class ViewReader:
         if m is None:
             raise ChainBreak("diff before any snapshot")
         d = orjson.loads(data)
-        prev_id = d.get("prev_id")
-        if (
-            d["epoch"] != m["epoch"]
-            or d["prev_version"] != m["version"]
-            or (prev_id is not None and self.head is not None and prev_id != self.head)
-        ):
+        if not continues(m, self.head, d["epoch"], d["prev_version"], d.get("prev_id")):
             raise ChainBreak(f"have {m['epoch']}/v{m['version']}@{self.head}, got {d}")
         items = m["items"]
         touched: list[str] = []
@@ -217,9 +224,7 @@ class ModelClient:
         self.snapshots += 1
         if self.history_max:
             self._hashes = {k: item_hash(k, v) for k, v in self.model["items"].items()}
-            self._fp = 0
-            for h in self._hashes.values():
-                self._fp ^= h
+            self._fp = xor_all(self._hashes.values())
             self._remember()
 
     def _on_diff(self, data: bytes, eid: str | None) -> None:
@@ -238,12 +243,7 @@ class ModelClient:
             assert self.model is not None
             items = self.model["items"]
             for k in set(touched):
-                old = self._hashes.pop(k, None)
-                if old is not None:
-                    self._fp ^= old
-                if k in items:
-                    h = self._hashes[k] = item_hash(k, items[k])
-                    self._fp ^= h
+                self._rehash(k, item_hash(k, items[k]) if k in items else None)
             self._remember()
         self.head = eid
         self.diffs += 1
@@ -254,38 +254,34 @@ class ModelClient:
         self.model = {"epoch": s.epoch, "version": s.version, "ts_ns": s.ts_ns, "items": {}}
         self.head = s.diff_id
         self.snapshots += 1
-        self._hashes = {k: hash((k, bytes(v))) for k, v in s.items.items()}
-        self._fp = 0
-        for h in self._hashes.values():
-            self._fp ^= h
+        self._hashes = {k: raw_item_hash(k, v) for k, v in s.items.items()}
+        self._fp = xor_all(self._hashes.values())
         self._remember()
 
     def _on_raw_diff(self, data: bytes, eid: str | None) -> None:
         m = self.model
         assert m is not None
         d = _raw_diff.decode(data)
-        if (
-            d.epoch != m["epoch"]
-            or d.prev_version != m["version"]
-            or (d.prev_id is not None and self.head is not None and d.prev_id != self.head)
-        ):
+        if not continues(m, self.head, d.epoch, d.prev_version, d.prev_id):
             self.chain_breaks += 1
             return
-        hashes = self._hashes
         for k in d.removed:
-            old = hashes.pop(k, None)
-            if old is not None:
-                self._fp ^= old
+            self._rehash(k, None)
         for k, v in d.changed.items():
-            old = hashes.get(k)
-            if old is not None:
-                self._fp ^= old
-            h = hashes[k] = hash((k, bytes(v)))
-            self._fp ^= h
+            self._rehash(k, raw_item_hash(k, v))
         m["version"], m["ts_ns"] = d.version, d.ts_ns
         self._remember()
         self.head = eid
         self.diffs += 1
+
+    def _rehash(self, key: str, h: int | None) -> None:
+        """Item ``key`` now hashes to ``h`` (None: removed); the fingerprint follows."""
+        old = self._hashes.pop(key, None)
+        if old is not None:
+            self._fp ^= old
+        if h is not None:
+            self._hashes[key] = h
+            self._fp ^= h
 
     def _remember(self) -> None:
         self.history[self.version] = self._fp
@@ -340,18 +336,23 @@ def raw_fingerprint(model_json: bytes) -> tuple[int, int]:
     """(version, fingerprint) of a whole published model (``/api`` without filters), as a
     ``raw`` ModelClient's history holds it: the items' JSON compared byte for byte."""
     s = _raw_snapshot.decode(model_json)
+    return s.version, xor_all(raw_item_hash(k, v) for k, v in s.items.items())
+
+
+def raw_item_hash(key: str, raw: msgspec.Raw) -> int:
+    return hash((key, bytes(raw)))
+
+
+def xor_all(hashes: Iterable[int]) -> int:
     fp = 0
-    for k, v in s.items.items():
-        fp ^= hash((k, bytes(v)))
-    return s.version, fp
+    for h in hashes:
+        fp ^= h
+    return fp
 
 
 def fingerprint(items: dict[str, Any]) -> int:
     """Order-free fingerprint of a model's items (what ModelClient.history holds)."""
-    fp = 0
-    for k, v in items.items():
-        fp ^= item_hash(k, v)
-    return fp
+    return xor_all(item_hash(k, v) for k, v in items.items())
 
 
 class Dechunk:
