@@ -46,3 +46,54 @@ async def test_values_round_trip_like_redis_py(redis_server: RedisServer) -> Non
     finally:
         await fast.aclose()
         await plain.aclose()
+
+
+async def test_a_large_reply_leaves_no_buffer_and_loses_no_pipelined_reply(
+    redis_server: RedisServer,
+) -> None:
+    """hiredis keeps its buffer at the largest reply's size until more bytes come: after a
+    large reply the connection gets a fresh reader, but never while the next reply of a
+    pipeline is already buffered."""
+    r = connect(redis_server.url)
+    try:
+        big = bytes(range(256)) * 16_384  # 4 MiB: ~64 socket reads
+        await r.set("big", big)
+        conn = await r.connection_pool.get_connection()
+        try:
+            reader = conn._parser._reader  # type: ignore[attr-defined]
+            await conn.send_command("GET", "small")
+            assert await conn.read_response() is None
+            assert conn._parser._reader is reader  # type: ignore[attr-defined]
+            await conn.send_command("GET", "big")
+            assert await conn.read_response() == big
+            assert conn._parser._reader is not reader  # type: ignore[attr-defined]
+        finally:
+            await r.connection_pool.release(conn)
+        for _ in range(3):  # the big replies' tails and the small ones arrive together
+            pipe = r.pipeline(transaction=False)
+            for i in range(6):
+                pipe.get("big")
+                pipe.set(f"k{i}", i)
+                pipe.get(f"k{i}")
+            assert await pipe.execute() == [
+                big,
+                True,
+                b"0",
+                big,
+                True,
+                b"1",
+                big,
+                True,
+                b"2",
+                big,
+                True,
+                b"3",
+                big,
+                True,
+                b"4",
+                big,
+                True,
+                b"5",
+            ]
+    finally:
+        await r.aclose()
