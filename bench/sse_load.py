@@ -628,7 +628,8 @@ async def scoped(args: argparse.Namespace) -> None:
 async def rss_run(args: argparse.Namespace) -> None:
     """The gateway's RSS over time with one unscoped client and ``/api`` polled every 3 s, on
     a synthetic butterfly model of ``--tiles`` tiles with ``--changed`` tiles per diff at
-    ``--rate`` diffs/s, the model key rewritten every 5 s (a checkpoint, as the publisher)."""
+    ``--rate`` diffs/s, the model key rewritten every 5 s (a checkpoint, as the publisher);
+    then the RSS rise of ``--burst`` requests for it at once, three times."""
     import random
 
     from schemas import keys
@@ -730,6 +731,14 @@ async def rss_run(args: argparse.Namespace) -> None:
                     samples.append((now, rss_mb(proc.pid)))
                     last_rss = now
                 await asyncio.sleep(max(0.0, 1 / args.rate - (time.monotonic() - t0 - now)))
+            # what a burst of pages polling /api at once costs (e.g. after a gateway restart)
+            url = f"http://127.0.0.1:{port}/api/heatmap/butterfly?symbol=SPX"
+            burst: list[float] = []
+            for _ in range(3):
+                await asyncio.sleep(1)
+                m0, r0 = time.monotonic(), rss_mb(proc.pid)
+                await asyncio.gather(*(http.get(url) for _ in range(args.burst)))
+                burst.append(max((r for t, r in sampler.samples if t >= m0), default=r0) - r0)
             await tap.stop()
             sampler.stop.set()
         print(f"# machine: {machine()}")
@@ -744,6 +753,10 @@ async def rss_run(args: argparse.Namespace) -> None:
         print(
             f"/api (the whole model, every 3 s): RSS rise during the request (MB, 10 ms "
             f"samples) median {rise[len(rise) // 2]:.1f}, max {rise[-1]:.1f} over {len(rise)}"
+        )
+        print(
+            f"/api, {args.burst} requests at once: RSS rise (MB) "
+            + " ".join(f"{b:.1f}" for b in burst)
         )
     finally:
         await redis.aclose()
@@ -765,6 +778,7 @@ def main() -> None:
     )
     p.add_argument("--tiles", type=int, default=100_000, help="rss: model size")
     p.add_argument("--changed", type=int, default=7000, help="rss: tiles per diff")
+    p.add_argument("--burst", type=int, default=20, help="rss: /api requests sent at once")
     p.add_argument("--gateway-path", default="", help="rss: PYTHONPATH of the gateway process")
     p.add_argument("--read-delay-s", type=float, default=0.0, help="rss: slow client's pause")
     p.add_argument("--events", type=float, default=5000.0, help="scoped: WS events per second")

@@ -202,6 +202,59 @@ async def test_checkpoint_model_is_followed_by_the_diffs_after_it(deps: Deps, re
         assert view["items"] == {k: v for k, v in items.items() if k.split(":")[1] == expiry}
 
 
+async def test_api_requests_in_flight_together_share_one_read(
+    deps: Deps, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Requests for the same model while its read is in flight get that read (every page
+    polls /api/gex); a request after it reads again; a filtered answer leaves the shared
+    model whole."""
+    writer = ModelWriter(redis)
+    spx = FakeMarket("SPX")
+    await publish_full(writer, spx, 1)
+    await publish_step(writer, spx, 2)
+    async with gateway(deps) as gw:
+        reads: list[str] = []
+        release = asyncio.Event()
+        read = gw.gateway.current_model
+
+        async def slow_read(channel: Any, symbol: str) -> Any:
+            reads.append(channel.name)
+            await release.wait()
+            return await read(channel, symbol)
+
+        monkeypatch.setattr(gw.gateway, "current_model", slow_read)
+        asked = 0
+        shared = gw.gateway.shared_model
+
+        async def counted(channel: Any, symbol: str) -> Any:
+            nonlocal asked
+            asked += 1
+            return await shared(channel, symbol)
+
+        monkeypatch.setattr(gw.gateway, "shared_model", counted)
+        path = "/api/heatmap/butterfly?symbol=SPX"
+        async with httpx.AsyncClient(base_url=base(gw), timeout=10) as http:
+            asks = [asyncio.create_task(http.get(path)) for _ in range(5)]
+            expiry = next(iter(writer.models[("SPX", HEAT)].items)).split(":")[1]
+            asks.append(asyncio.create_task(http.get(f"{path}&expiry={expiry}")))
+
+            async def all_waiting() -> bool:
+                return asked == 6
+
+            await eventually(all_waiting)
+            release.set()
+            answers = await asyncio.gather(*asks)
+        truth = writer.models[("SPX", HEAT)]
+        for r in answers[:5]:
+            assert r.status_code == 200
+            assert (r.json()["version"], r.json()["items"]) == (truth.version, norm(truth.items))
+        view = answers[5].json()
+        assert view["items"] == {k: v for k, v in norm(truth.items).items() if expiry in k}
+        assert reads == ["heatmap:butterfly"]
+        assert (await _get(gw, path)).json()["items"] == norm(truth.items)
+        assert len(reads) == 2
+
+
 async def metric(gw: SseGateway, series: str) -> float:
     """Value of one exposition line of /metrics (0 when absent)."""
     for line in (await _get(gw, "/metrics", admin(gw))).text.splitlines():

@@ -1299,6 +1299,7 @@ class Gateway:
         self._snaps: dict[
             tuple[str, str], tuple[float, _WholeSnap | asyncio.Future[_WholeSnap | None]]
         ] = {}
+        self._api_reads: dict[tuple[str, str], asyncio.Task[bytes | RawModel | None]] = {}
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
@@ -1417,6 +1418,27 @@ class Gateway:
             if sid is not None:
                 yield sid, id_s, body
 
+    async def shared_model(self, channel: Channel, symbol: str) -> bytes | RawModel | None:
+        """``current_model``, one read for the requests that ask while it is in flight: every
+        dashboard polls ``/api/gex`` (a whole model, read from Redis and decoded per read),
+        so a thousand browsers would otherwise be a thousand copies of it at once. The answer
+        is never mutated (``filter_model`` builds its own)."""
+        key = (channel.name, symbol)
+        task = self._api_reads.get(key)
+        if task is None:
+            task = asyncio.ensure_future(self.current_model(channel, symbol))
+            self._api_reads[key] = task
+
+            def done(t: asyncio.Task[bytes | RawModel | None]) -> None:
+                if self._api_reads.get(key) is t:
+                    del self._api_reads[key]
+                if not t.cancelled():
+                    t.exception()  # retrieved: the awaiting requests re-raise it
+
+            task.add_done_callback(done)
+        # a request that goes away does not cancel the read the others wait for
+        return await asyncio.shield(task)
+
     async def current_model(self, channel: Channel, symbol: str) -> bytes | RawModel | None:
         """The model at its latest version: the model key (a checkpoint) as stored when no
         diff follows its ``diff_id`` (or it is not a model's JSON), else decoded with those
@@ -1425,14 +1447,22 @@ class Gateway:
         if raw is None:
             return None
         try:
+            head = _whole_model_head.decode(raw)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            return cast(bytes, raw)
+        if head.diff_id is None:
+            return cast(bytes, raw)
+        stream = channel.stream(symbol)
+        async with self.redis_slots:
+            after = await self.redis.xrange(stream, "(" + head.diff_id, "+", count=1)
+        if not after:  # the checkpoint is current (GEX writes one per version): as stored
+            return cast(bytes, raw)
+        try:
             model = _full_model.decode(raw)
         except (msgspec.ValidationError, msgspec.DecodeError):
             return cast(bytes, raw)
-        if model.diff_id is None:
-            return cast(bytes, raw)
         changed = False
-        after = parse_id(model.diff_id) or ZERO_ID
-        async for _sid, id_s, body in self.entries_after(channel.stream(symbol), after):
+        async for _sid, id_s, body in self.entries_after(stream, parse_id(head.diff_id) or ZERO_ID):
             try:
                 d = _full_diff.decode(body)
             except (msgspec.ValidationError, msgspec.DecodeError):
@@ -1809,8 +1839,7 @@ def filter_model(raw: bytes | RawModel, channel: Channel, spec: ViewSpec) -> byt
             items[key] = obj
         else:
             items[key] = item
-    model.items = items
-    return _json_encoder.encode(model)
+    return _json_encoder.encode(msgspec.structs.replace(model, items=items))
 
 
 class Endpoints:
@@ -1872,7 +1901,7 @@ class Endpoints:
                 ge = await gex_expiry.read(self.deps.redis, sym)
             raw = None if ge is None else ge.model_json(cast(str, spec.scope))
         else:
-            raw = await self.gw.current_model(ch, sym)
+            raw = await self.gw.shared_model(ch, sym)
         if raw is None:
             return JSONResponse({"error": f"no {ch.name} model for {sym}"}, status_code=404)
         if spec != ViewSpec() and not is_date(ch, spec):
