@@ -121,8 +121,10 @@ async def epochs(r: Redis, symbol: str) -> tuple[str | None, list[str | None]]:
 
 
 def flat(xs: list[float], limit_pct: float | None = None) -> str:
-    """min, max, last, the range max/min - 1 of ``xs`` (PASS/FAIL against ``limit_pct``) and
-    the farthest sample from the median (the "+-" reading of the same limit, printed only)."""
+    """min, max, last, the range max/min - 1 of ``xs`` (PASS/FAIL against ``limit_pct``),
+    the farthest sample from the median (the "+-" reading of the same limit) and, from six
+    samples on, the growth: the median and the max of the last third of the samples against
+    those of the first third (whether the process grows over the day; both printed only)."""
     if len(xs) < 2:
         return "n/a (fewer than 2 samples)" + (": FAIL" if limit_pct is not None else "")
     lo, hi, last = min(xs), max(xs), xs[-1]
@@ -130,7 +132,14 @@ def flat(xs: list[float], limit_pct: float | None = None) -> str:
     med = statistics.median(xs)
     dev = 100 * max(hi / med - 1, 1 - lo / med)
     out = f"min {lo:.0f} max {hi:.0f} last {last:.0f} ({pct:.1f} % range, "
-    out += f"+-{dev:.1f} % of the median)"
+    out += f"+-{dev:.1f} % of the median"
+    if len(xs) >= 6:
+        k = len(xs) // 3
+        first, end = xs[:k], xs[-k:]
+        grow_med = 100 * (statistics.median(end) / statistics.median(first) - 1)
+        grow_max = 100 * (max(end) / max(first) - 1)
+        out += f"; last third vs first: median {grow_med:+.1f} %, max {grow_max:+.1f} %"
+    out += ")"
     if limit_pct is not None:
         out += ": PASS" if pct <= limit_pct else ": FAIL"
     return out
