@@ -435,6 +435,27 @@ async def test_a_reactivated_epoch_has_no_ttl_while_active_and_gets_it_again_whe
         assert len(off) == full[old] and all(0 < t <= 300 for t in off.values()), (step, old)
 
 
+async def test_promotions_close_together_keep_one_retired_epoch(
+    deps: Deps, redis: Redis, registry: CollectorRegistry
+) -> None:
+    """A -> B -> C -> D within the retire TTL: the newest retired epoch keeps its keys until
+    its TTL, each older one is deleted at the next promotion (no stack of whole epochs)."""
+    n = normalizer(deps, retire_ttl_s=300)
+    seen: list[str] = []
+    for step in range(4):
+        extra = [contract("SPXW", EXP2, "P", 6010 + 5 * j, bid=1.0, ask=1.1) for j in range(step)]
+        assert await n.process(await put(redis, chain(NS + step * SEC, extra=extra))) == "built"
+        seen.append(await active(redis))
+    index = {e.decode() for e in await redis.zrange(keys.epoch_index("SPX"), 0, -1)}
+    assert index == set(seen[-2:])
+    assert (await meta(redis, seen[-2]))["state"] == "retired"
+    assert all(0 < t <= 300 for t in (await ttls(redis, seen[-2])).values())
+    assert set((await ttls(redis, seen[-1])).values()) == {-1}
+    for old in seen[:-2]:
+        assert await epoch_keys(redis, old) == []
+    assert metric(registry, "massive_epoch_deleted_early_total") == 2
+
+
 async def test_a_reactivated_epoch_whose_meta_expired_first_is_rebuilt_whole(
     deps: Deps, redis: Redis
 ) -> None:

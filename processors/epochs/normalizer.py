@@ -27,8 +27,9 @@ Stable across processes and restarts; a new strike or expiry gives a new id.
   one atomic effect. Then every key of the old epoch gets a TTL
   (its fixed keys and the contract hashes its ``contracts`` SET names, ``EXPIRE NX``; no SCAN),
   and a sweep over ``massive:epoch:index:{<SYM>}`` expires
-  epochs that a crash left retired/abandoned without TTLs and drops index entries whose meta
-  is gone, so the key count stays bounded.
+  epochs that a crash left retired/abandoned without TTLs, deletes retired epochs beyond the
+  ``keep_retired`` newest and drops index entries whose meta is gone, so the key count stays
+  bounded.
 * **Carry**: quotes and trades the WS applied to the old epoch while the new one was warming
   (the hydrator writes only to the active epoch) are newer than the snapshot the new epoch was
   built from. They are read from the old epoch and applied to the new one through the
@@ -100,6 +101,10 @@ class NormalizerSettings:
     """Env prefix ``MASSIVE_NORMALIZER_``."""
 
     retire_ttl_s: int = 300  # TTL on every key of a retired epoch
+    # Retired epochs kept per symbol until their TTL (the newest): an older one is deleted at
+    # the next promotion, so promotions close together (a fast-listing day) never hold more
+    # than this many 20k-contract epochs (~20 MB each) beside the active one.
+    keep_retired: int = 1
     dirty_chunk: int = 500  # cids per DirtyEntry
     build_chunk: int = 2000  # contracts per build script call (bounds Redis blocking time)
     seed_chunk: int = 2000  # contracts per seed script call (bounds Redis blocking time)
@@ -113,6 +118,7 @@ class NormalizerSettings:
             "build_chunk",
             "seed_chunk",
             "gex_source_ttl_s",
+            "keep_retired",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
@@ -251,6 +257,11 @@ class Normalizer(ConsumerProcessor):
         )
         self.m_promotions = metrics.counter(
             reg, "massive_epoch_promotions_total", "Epochs promoted to active", ("symbol",)
+        )
+        self.m_dropped = metrics.counter(
+            reg,
+            "massive_epoch_deleted_early_total",
+            "Retired epochs deleted before their TTL (more than keep_retired retired)",
         )
         self.m_retired_keys = metrics.counter(
             reg, "massive_epoch_retired_keys_total", "Epoch keys given a retirement TTL"
@@ -791,10 +802,10 @@ class Normalizer(ConsumerProcessor):
             await self.redis.unlink(*ks[off : off + 5000])
 
     async def sweep(self) -> None:
-        """Keep the epoch key count bounded after crashes: index entries whose meta expired
-        are dropped; retired epochs without a TTL (crash between promotion and retirement)
-        and warming epochs that are not active and older than the retire TTL (abandoned
-        builds) get their TTLs."""
+        """Keep the epoch key count bounded: index entries whose meta expired are dropped;
+        retired epochs without a TTL (crash between promotion and retirement) and warming
+        epochs that are not active and older than the retire TTL (abandoned builds) get their
+        TTLs; retired epochs beyond the ``keep_retired`` newest are deleted."""
         for sym in sorted(self.symbols):
             await self._sweep(sym)
 
@@ -806,19 +817,24 @@ class Normalizer(ConsumerProcessor):
             return
         pipe = self.redis.pipeline(transaction=False)
         for e in eids:
-            pipe.hmget(keys.epoch_meta(sym, e), "state", "created_ns")
+            pipe.hmget(keys.epoch_meta(sym, e), "state", "created_ns", "retired_ns")
             pipe.ttl(keys.epoch_meta(sym, e))
         res = await pipe.execute()
         active = opt_str(await self.redis.get(keys.epoch_active(sym)))
         now = self.clock.time_ns()
         gone: list[str] = []
+        expiring: list[tuple[int, str]] = []  # (retired_ns, eid) of retired epochs with a TTL
         for k, e in enumerate(eids):
-            (state_b, created_b), ttl = res[2 * k], int(res[2 * k + 1])
+            (state_b, created_b, retired_b), ttl = res[2 * k], int(res[2 * k + 1])
             state = opt_str(state_b)
             if state is None:
                 gone.append(e)
                 continue
-            if e == active or ttl >= 0:
+            if e == active:
+                continue
+            if ttl >= 0:
+                if state == "retired":
+                    expiring.append((int(retired_b or 0), e))
                 continue
             age_s = (now - int(created_b or 0)) / 1e9
             if state == "retired" or (state == "warming" and age_s > self.settings.retire_ttl_s):
@@ -826,6 +842,11 @@ class Normalizer(ConsumerProcessor):
                 if state == "warming":
                     await self.redis.hset(keys.epoch_meta(sym, e), "state", "retired")
                 await self.retire(sym, e)
+        for _, e in sorted(expiring, reverse=True)[self.settings.keep_retired :]:
+            await self.delete_epoch(sym, e)
+            gone.append(e)
+            self.m_dropped.inc()
+            logger.info("epoch %s deleted before its TTL: %d newer retired", e, len(expiring) - 1)
         if gone:
             await self.redis.zrem(index, *gone)
 
