@@ -41,7 +41,9 @@ it and every publisher published it whole, and not before the retention windows 
 (3 minutes of open market: the WS stream keeps 120 s). Four more promotions follow in the
 default timeline, so growth per epoch still shows. Flat = max/min - 1 of the samples from
 the end of warm-up to the close, within ``--flat-pct`` (10 %): PASS or FAIL per process and
-for Redis. The range over the whole open is printed too; nothing is averaged away.
+for Redis. The range over the whole open is printed too; nothing is averaged away. Beside
+each range: the farthest sample from the median, and the growth (the median and the max of
+the last third of the samples against the first third's), printed only.
 
     nice -n 10 .venv/bin/python bench/soak.py [--minutes 24] [--rate 5000]
 """
