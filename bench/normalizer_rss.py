@@ -82,8 +82,8 @@ async def child(url: str, ptrs: list[ChainPointer], sample_s: float) -> None:
         res = await norm.process(ptr)
         if res != "built":
             raise SystemExit(f"expected a build, got {res}")
-        during = [m for t, m in sampler.samples if t >= m0]
-        peaks.append(max(during, default=float("nan")))
+        peak = sampler.peak_since(m0)
+        peaks.append(float("nan") if peak is None else peak)
         rss.append(rss_mb(os.getpid()))
         print(
             f"    build {time.perf_counter() - t0:.2f} s, peak {peaks[-1]:.1f} MB, "

@@ -76,6 +76,10 @@ class Sampler(threading.Thread):
             if r is not None:
                 self.samples.append((time.monotonic(), r))
 
+    def peak_since(self, t0: float) -> float | None:
+        """The highest sample taken from monotonic ``t0`` on (None: none yet)."""
+        return max((r for t, r in self.samples if t >= t0), default=None)
+
 
 def chain_axes() -> tuple[list[str], list[float]]:
     """The bench chain's 20 daily expiries and 500 strikes 5 points apart around 6,000."""

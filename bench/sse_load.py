@@ -704,6 +704,13 @@ async def rss_run(args: argparse.Namespace) -> None:
             sampler = Sampler(proc.pid, 0.01)
             sampler.start()
             api_rise: list[float] = []
+            api_url = f"http://127.0.0.1:{port}/api/heatmap/butterfly?symbol=SPX"
+
+            def rise(m0: float, r0: float) -> float:
+                """The gateway's RSS rise over ``r0`` since monotonic ``m0``."""
+                peak = sampler.peak_since(m0)
+                return (r0 if peak is None else max(peak, r0)) - r0
+
             t0 = time.monotonic()
             last_ckpt = last_api = last_rss = 0.0
             while (now := time.monotonic() - t0) < args.seconds:
@@ -723,22 +730,20 @@ async def rss_run(args: argparse.Namespace) -> None:
                     last_ckpt = now
                 if now - last_api >= 3:
                     m0, r0 = time.monotonic(), rss_mb(proc.pid)
-                    await http.get(f"http://127.0.0.1:{port}/api/heatmap/butterfly?symbol=SPX")
-                    during = [r for t, r in sampler.samples if t >= m0]
-                    api_rise.append(max(during, default=r0) - r0)
+                    await http.get(api_url)
+                    api_rise.append(rise(m0, r0))
                     last_api = now
                 if now - last_rss >= 5:
                     samples.append((now, rss_mb(proc.pid)))
                     last_rss = now
                 await asyncio.sleep(max(0.0, 1 / args.rate - (time.monotonic() - t0 - now)))
             # what a burst of pages polling /api at once costs (e.g. after a gateway restart)
-            url = f"http://127.0.0.1:{port}/api/heatmap/butterfly?symbol=SPX"
             burst: list[float] = []
             for _ in range(3):
                 await asyncio.sleep(1)
                 m0, r0 = time.monotonic(), rss_mb(proc.pid)
-                await asyncio.gather(*(http.get(url) for _ in range(args.burst)))
-                burst.append(max((r for t, r in sampler.samples if t >= m0), default=r0) - r0)
+                await asyncio.gather(*(http.get(api_url) for _ in range(args.burst)))
+                burst.append(rise(m0, r0))
             await tap.stop()
             sampler.stop.set()
         print(f"# machine: {machine()}")
