@@ -1454,7 +1454,7 @@ class Gateway:
             return cast(bytes, raw)
         stream = channel.stream(symbol)
         async with self.redis_slots:
-            after = await self.redis.xrange(stream, "(" + head.diff_id, "+", count=1)
+            after = await checkpoint.diffs_page(self.redis, stream, head.diff_id, 1)
         if not after:  # the checkpoint is current (GEX writes one per version): as stored
             return cast(bytes, raw)
         try:
