@@ -51,6 +51,7 @@ from bench.e2e_load import build_epoch, machine, rss_mb
 from bench.publisher_rss import Sampler
 from processors import MODEL_PATH
 from processors.serve.gateway import SseSettings
+from schemas.messages import PublishedModel, encode_model_pieces
 from tests import harness as h
 from tests.sse_client import Dechunk, ViewReader
 from tests.sse_publisher import ModelWriter
@@ -625,6 +626,11 @@ async def scoped(args: argparse.Namespace) -> None:
         srv.stop()
 
 
+def checkpoint(m: PublishedModel) -> bytes:
+    """A model's JSON as the publisher writes its checkpoint (marked)."""
+    return b"".join(encode_model_pieces(m, marked=True))
+
+
 async def rss_run(args: argparse.Namespace) -> None:
     """The gateway's RSS over time with one unscoped client and ``/api`` polled every 3 s, on
     a synthetic butterfly model of ``--tiles`` tiles with ``--changed`` tiles per diff at
@@ -633,7 +639,7 @@ async def rss_run(args: argparse.Namespace) -> None:
     import random
 
     from schemas import keys
-    from schemas.messages import ModelDiff, PublishedModel, encode
+    from schemas.messages import ModelDiff, encode
 
     srv = RedisServer().start()
     port = free_port()
@@ -690,7 +696,7 @@ async def rss_run(args: argparse.Namespace) -> None:
     samples: list[tuple[float, float]] = []
     try:
         model = PublishedModel("SPX", "heatmap:butterfly", "e1", 1, time.time_ns(), items, {})
-        await redis.set(key, encode(model))
+        await redis.set(key, checkpoint(model))
         async with httpx.AsyncClient(timeout=60) as http:
             for _ in range(200):
                 with contextlib.suppress(httpx.HTTPError):
@@ -726,7 +732,7 @@ async def rss_run(args: argparse.Namespace) -> None:
                     m = PublishedModel(
                         "SPX", "heatmap:butterfly", "e1", version, d.ts_ns, items, {}, head
                     )
-                    await redis.set(key, encode(m))
+                    await redis.set(key, checkpoint(m))
                     last_ckpt = now
                 if now - last_api >= 3:
                     m0, r0 = time.monotonic(), rss_mb(proc.pid)

@@ -241,7 +241,7 @@ class PublishedModel(msgspec.Struct, frozen=True):
     diff_id: str | None = None  # diff stream entry id of this version (SSE resume point)
 
 
-class _ModelHead(msgspec.Struct, frozen=True):
+class ModelHead(msgspec.Struct, frozen=True):
     """The fields of a PublishedModel before its items (the monitor reads them from the
     first bytes of a model key: processors/ops/monitor.py)."""
 
@@ -252,28 +252,39 @@ class _ModelHead(msgspec.Struct, frozen=True):
     ts_ns: int
 
 
-class _ModelTail(msgspec.Struct, frozen=True):
+class ModelTail(msgspec.Struct, frozen=True):
     meta: dict[str, Any]
     diff_id: str | None
 
 
+# Where a marked model JSON (``encode_model_pieces(marked=True)``) may be cut into pieces: a
+# tab, JSON whitespace that the compact encoding never writes elsewhere (a tab in a string is
+# escaped). A reader reads such a model a piece at a time (processors/heatmap/checkpoint.py
+# ``spool``); any JSON decoder still reads it whole.
+PIECE_MARK = b"\t"
+
+
 def encode_model_pieces(
-    model: PublishedModel | RawModel, items_per_piece: int = 1024
+    model: PublishedModel | RawModel, items_per_piece: int = 1024, *, marked: bool = False
 ) -> Iterator[bytes]:
     """``encode(model)`` byte for byte, as consecutive pieces of ``items_per_piece`` items
     each (plus the fields around them), encoded as they are consumed: a 50k-tile model
     (~15 MB of JSON) is never one buffer in the writer (processors/heatmap/checkpoint.py
-    write_pieces)."""
+    write_pieces). ``marked``: a ``PIECE_MARK`` before each piece of items and before the
+    closing brace of the items, so that splitting the JSON at the marks gives the head
+    (``{...,"items":{``), each piece of items (with the comma that follows it) and the tail
+    (``},"meta":...}``)."""
     head = _encoder.encode(
-        _ModelHead(model.symbol, model.kind, model.epoch, model.version, model.ts_ns)
+        ModelHead(model.symbol, model.kind, model.epoch, model.version, model.ts_ns)
     )
+    mark = PIECE_MARK if marked else b""
     lead, sep = head[:-1] + b',"items":{', b""
     rest = iter(model.items.items())
     while part := dict(islice(rest, items_per_piece)):
         body = _encoder.encode(part)
-        yield b"".join((lead, sep, memoryview(body)[1:-1]))
+        yield b"".join((lead, sep, mark, memoryview(body)[1:-1]))
         lead, sep = b"", b","
-    yield lead + b"}," + _encoder.encode(_ModelTail(model.meta, model.diff_id))[1:]
+    yield lead + mark + b"}," + _encoder.encode(ModelTail(model.meta, model.diff_id))[1:]
 
 
 class RawModel(msgspec.Struct):

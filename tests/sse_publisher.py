@@ -21,7 +21,7 @@ from processors import lua
 from processors.gex import exposure as gex_math
 from processors.heatmap import grid as heatmap
 from schemas import keys, ticker
-from schemas.messages import GexRow, ModelDiff, PublishedModel, encode
+from schemas.messages import GexRow, ModelDiff, PublishedModel, encode, encode_model_pieces
 from streams.clock import NY
 from tests.heatmap_reference import compute_tile
 
@@ -39,9 +39,12 @@ _json = msgspec.json.Encoder()
 class ModelWriter:
     """Keeps the items of published models and publishes versioned diffs atomically."""
 
-    def __init__(self, redis: Redis, maxlen: int = 100_000) -> None:
+    def __init__(self, redis: Redis, maxlen: int = 100_000, items_per_piece: int = 1024) -> None:
         self.redis = redis
         self.maxlen = maxlen
+        # heatmap models are written marked, in pieces of this many items, as the publisher
+        # writes its checkpoints (GEX models unmarked, as its publisher does)
+        self.items_per_piece = items_per_piece
         self.models: dict[tuple[str, str], PublishedModel] = {}
         self._script = lua.Script("sse_publisher", PUBLISH_LUA)
 
@@ -90,7 +93,7 @@ class ModelWriter:
             meta=m,
         )
         model = PublishedModel(symbol, kind, epoch, v, ts_ns, items, m, None)
-        body = _json.encode(model)
+        body = b"".join(encode_model_pieces(model, self.items_per_piece, marked=kind != "gex"))
         assert body.endswith(b"null}")
         key, stream = self.keys_of(symbol, kind)
         raw_id = await self._script(

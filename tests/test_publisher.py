@@ -27,6 +27,7 @@ from processors.heatmap.tile_builder import TileBuilder, TileSettings
 from schemas import keys
 from schemas.heatmap import split_staged
 from schemas.messages import (
+    PIECE_MARK,
     DirtyEntry,
     ModelDiff,
     PublishedModel,
@@ -513,6 +514,17 @@ def test_model_pieces_join_to_the_model_json(
     pieces = list(encode_model_pieces(m, per_piece))
     assert b"".join(pieces) == msgspec.json.encode(m)
     assert len(pieces) == -(-n_items // per_piece) + 1
+    # marked: the same model to a JSON decoder, and cut at the marks into the head, each
+    # piece of items (as an object once its comma is dropped) and the tail
+    marked = b"".join(encode_model_pieces(m, per_piece, marked=True))
+    assert msgspec.json.decode(marked) == msgspec.json.decode(msgspec.json.encode(m))
+    head, *parts, tail = marked.split(PIECE_MARK)
+    assert head.endswith(b',"items":{') and tail.startswith(b"},")
+    assert len(parts) == -(-n_items // per_piece)
+    got: dict[str, Any] = {}
+    for part in parts:
+        got.update(msgspec.json.decode(b"{" + part.removesuffix(b",") + b"}"))
+    assert got == {k: {"v": i} for i, k in enumerate(items)}
 
 
 async def test_a_reader_never_sees_a_partial_checkpoint(
@@ -521,7 +533,9 @@ async def test_a_reader_never_sees_a_partial_checkpoint(
     """The checkpoint is written one tile per round trip (here) into the leader's temp key;
     a reader polling the model key meanwhile sees the old checkpoint or the new one whole,
     and the temp key is gone once it is installed."""
-    monkeypatch.setattr(publisher_mod, "encode_model_pieces", lambda m: encode_model_pieces(m, 1))
+    monkeypatch.setattr(
+        publisher_mod, "encode_model_pieces", lambda m, **kw: encode_model_pieces(m, 1, **kw)
+    )
     async with leading(deps, redis) as p:
         st_ = p.syms["SPX"]
         model_k = keys.heatmap_model("SPX", STRAT)
@@ -556,8 +570,10 @@ async def test_a_reader_never_sees_a_partial_checkpoint(
             done.set()
             await task
         assert any(t for _, t in seen)  # the reader ran while the pieces were written
-        assert {v for v, _ in seen} <= {old, msgspec.json.encode(new)}
-        assert await redis.get(model_k) == msgspec.json.encode(new)
+        want = b"".join(encode_model_pieces(new, 1, marked=True))
+        assert msgspec.json.decode(want) == msgspec.json.decode(msgspec.json.encode(new))
+        assert {v for v, _ in seen} <= {old, want}
+        assert await redis.get(model_k) == want
         assert not await redis.exists(tmp) and await redis.ttl(model_k) == -1
 
 

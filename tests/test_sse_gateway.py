@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
+import os
 import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, cast
 
 import httpx
@@ -200,6 +203,69 @@ async def test_checkpoint_model_is_followed_by_the_diffs_after_it(deps: Deps, re
         view = (await _get(gw, f"/api/heatmap/butterfly?symbol=SPX&expiry={expiry}")).json()
         assert view["version"] == 5
         assert view["items"] == {k: v for k, v in items.items() if k.split(":")[1] == expiry}
+
+
+async def test_a_spooled_checkpoint_answers_api_and_snapshots_with_the_diffs_laid_over_it(
+    deps: Deps, redis: Redis, tmp_path: Path
+) -> None:
+    """A marked checkpoint (here in pieces of 7 tiles) is answered from a spool file a piece
+    at a time: /api (whole and a view) equals the model at its latest version, whatever the
+    diffs after the checkpoint did to a tile (changed, removed, added, removed then added
+    again); a whole-model client's snapshot is the checkpoint as stored; and no spool file
+    stays open once the answers are sent."""
+    writer = ModelWriter(redis, items_per_piece=7)
+    spx = FakeMarket("SPX")
+    await publish_full(writer, spx, 1)
+    key = keys.heatmap_model("SPX", "butterfly")
+    stored = await redis.get(key)
+    assert stored is not None and stored.count(b"\t") > 3
+    tiles = list(writer.models[("SPX", HEAT)].items)
+    one, two, three = tiles[0], tiles[len(tiles) // 2], tiles[-1]
+    new = one.replace(one.split(":")[-1], "9999")
+    assert new not in tiles
+
+    async def step(changed: dict[str, Any], removed: list[str]) -> None:
+        await writer.publish("SPX", HEAT, spx.epoch, changed, removed, ts_ns=2)
+
+    await step({one: {"v": 1}, new: {"v": 2}}, [two])
+    await step({}, [three, one])
+    await step({three: {"v": 3}, one: {"v": 4}}, [])
+    await redis.set(key, stored)  # the model key still holds v1: three diffs after it
+    truth = writer.models[("SPX", HEAT)]
+    assert truth.version == 4 and two not in truth.items and new in truth.items
+
+    def spool_fds() -> list[str]:
+        fds = []
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/self/fd/{fd}").startswith(str(tmp_path)):
+                    fds.append(fd)
+        return fds
+
+    settings = replace(SETTINGS, spool_dir=str(tmp_path), view_linger_s=1.0)
+    async with gateway(deps, settings) as gw:
+        resp = await _get(gw, "/api/heatmap/butterfly?symbol=SPX")
+        api = resp.json()
+        assert (api["version"], api["ts_ns"], api["diff_id"]) == (4, 2, truth.diff_id)
+        assert api["items"] == norm(truth.items)
+        assert api["meta"] == truth.meta
+        expiry = one.split(":")[1]
+        view = (await _get(gw, f"/api/heatmap/butterfly?symbol=SPX&expiry={expiry}")).json()
+        assert view["version"] == 4
+        assert view["items"] == {k: v for k, v in norm(truth.items).items() if expiry in k}
+        async with Client(f"{base(gw)}/sse/heatmap/butterfly?symbol=SPX") as c:
+            snap = await c.next_data("snapshot")
+            assert snap.data.encode() == stored and snap.id == json.loads(stored)["diff_id"]
+            items = json.loads(snap.data)["items"]
+            for _ in range(3):
+                items = apply(items, json.loads((await c.next_data("diff")).data))
+            assert items == norm(truth.items)
+
+        async def closed() -> bool:  # the snapshot's share time over, the janitor drops it
+            gc.collect()
+            return spool_fds() == []
+
+        await eventually(closed, timeout_s=10)
 
 
 async def test_api_requests_in_flight_together_share_one_read(

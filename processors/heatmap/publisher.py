@@ -971,7 +971,7 @@ class Publisher:
             return lua.Publish.FENCED
         tmp = keys.heatmap_model_tmp(sym, self.strategy, token)
         size = await checkpoint.write_pieces(
-            self.redis, tmp, encode_model_pieces(model), CHECKPOINT_TMP_TTL_MS
+            self.redis, tmp, encode_model_pieces(model, marked=True), CHECKPOINT_TMP_TTL_MS
         )
         res: Any = await self._checkpoint(
             self.redis,

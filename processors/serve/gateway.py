@@ -109,7 +109,7 @@ from processors.serve.views import (
     parse_view,
 )
 from schemas import keys
-from schemas.messages import RawDiff, RawModel, encode_model_pieces
+from schemas.messages import ModelHead, ModelTail, RawDiff, RawModel, encode_model_pieces
 from streams.health import QuietServer
 from streams.memory import fix_mmap_threshold, release_freed_memory
 from streams.metrics import counter, gauge, histogram
@@ -171,6 +171,9 @@ class SseSettings:
     # costs the gateway tens of us of CPU per client); it is also the most a diff waits.
     read_interval_s: float = 0.0
     replay_page_bytes: int = 8 * 1024 * 1024  # XRANGE page (in entry bytes) of a mirror load
+    # Where /api reads and whole-model snapshots copy a heatmap checkpoint (~15 MB for 50k
+    # tiles) to take it a piece at a time ("": the system's temp dir, $TMPDIR).
+    spool_dir: str = ""
     no_model_poll_s: float = 1.0  # re-read interval of a model that does not exist yet
     send_timeout_s: float = 30.0  # a client that accepts no bytes for this long is dropped
     retry_ms: int = 1000  # EventSource reconnection delay announced to browsers
@@ -285,6 +288,7 @@ _model_dec = msgspec.json.Decoder(_Model)
 _whole_head = msgspec.json.Decoder(_WholeHead)
 _whole_model_head = msgspec.json.Decoder(_WholeModelHead)
 _full_model = msgspec.json.Decoder(RawModel)
+_items_dec = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _full_diff = msgspec.json.Decoder(RawDiff)
 _json_encoder = msgspec.json.Encoder()
 
@@ -802,6 +806,11 @@ class WholeSubscriber:
         self.floor = None
 
 
+def _slices(data: bytes) -> Iterator[bytes]:
+    for i in range(0, len(data), SNAPSHOT_SLICE):
+        yield data[i : i + SNAPSHOT_SLICE]
+
+
 class _Sent:
     """A session's counters, and its frames cut for the transport: a large frame goes out
     in slices (the transport copies what it is given), small ones joined."""
@@ -817,11 +826,13 @@ class _Sent:
     def resync(self, reason: str) -> None:
         self.metrics.resyncs.labels(channel=self.channel, reason=reason).inc()
 
-    def snapshot(self, data: bytes) -> Iterator[bytes]:
+    def snapshot(self, data: bytes | _WholeSnap) -> Iterator[bytes]:
         self.n_snap.inc()
+        if isinstance(data, _WholeSnap):
+            self.n_bytes.inc(data.size)
+            return data.chunks()
         self.n_bytes.inc(len(data))
-        for i in range(0, len(data), SNAPSHOT_SLICE):
-            yield data[i : i + SNAPSHOT_SLICE]
+        return _slices(data)
 
     def diffs(self, frames: list[bytes]) -> Iterator[bytes]:
         if not frames:
@@ -849,12 +860,90 @@ class _Sent:
 
 @dataclass(frozen=True, slots=True)
 class _WholeSnap:
-    """A stored model framed as a snapshot event, shared by the clients that join together."""
+    """A stored model framed as a snapshot event, shared by the clients that join together:
+    the frame, or the spooled checkpoint it frames (sent from the file, a slice at a time)."""
 
-    frame: bytes
+    frame: bytes | checkpoint.Spooled
     epoch: str
     version: int
     diff_id: str | None
+
+    @property
+    def size(self) -> int:
+        return len(self.frame) if isinstance(self.frame, bytes) else self.frame.size
+
+    def chunks(self) -> Iterator[bytes]:
+        if isinstance(self.frame, bytes):
+            yield from _slices(self.frame)
+            return
+        # a marked checkpoint holds no CR or LF: one data line, as frame() would write it
+        yield frame("snapshot", b"", self.diff_id)[: -2 * len(SEP)]
+        yield from self.frame.slices(SNAPSHOT_SLICE)
+        yield SEP + SEP
+
+
+@dataclass(slots=True)
+class _Since:
+    """The diffs after a checkpoint, folded: the version they reach and the latest value of
+    each item they touch (None: removed)."""
+
+    version: int
+    ts_ns: int
+    meta: dict[str, Any]
+    diff_id: str
+    items: dict[str, msgspec.Raw | None]
+
+
+@dataclass(frozen=True, slots=True)
+class SpooledModel:
+    """A model at its latest version as a spooled checkpoint with the diffs after it laid
+    over it: answered a piece of items at a time, never held whole. Never mutated (readers
+    share it)."""
+
+    base: checkpoint.Spooled
+    since: _Since | None
+
+    def pieces(self, keep: Callable[[str, msgspec.Raw], Any] | None = None) -> Iterator[bytes]:
+        """The model's JSON; ``keep`` (key, item) -> what to send for it (None: leave it
+        out), for a view's items."""
+        h, t, s = self.base.head, self.base.tail, self.since
+        if s is None and keep is None:
+            yield from self.base.slices(SNAPSHOT_SLICE)  # as stored
+            return
+        over: dict[str, msgspec.Raw | None] = {} if s is None else s.items
+        version, ts_ns = (h.version, h.ts_ns) if s is None else (s.version, s.ts_ns)
+        meta, diff_id = (t.meta, t.diff_id) if s is None else (s.meta, s.diff_id)
+        head = ModelHead(h.symbol, h.kind, h.epoch, version, ts_ns)
+        yield _json_encoder.encode(head)[:-1] + b',"items":{'
+        sep, seen = b"", set()
+        for piece in self.base.item_pieces():
+            out: dict[str, Any] = {}
+            for k, v in _items_dec.decode(piece).items():
+                item: Any = v
+                if k in over:
+                    seen.add(k)
+                    item = over[k]
+                if item is not None and keep is not None:
+                    item = keep(k, item)
+                if item is not None:
+                    out[k] = item
+            if out:
+                yield sep + memoryview(_json_encoder.encode(out))[1:-1]
+                sep = b","
+        added: dict[str, Any] = {}
+        for k, late in over.items():
+            if k in seen or late is None:
+                continue
+            kept = late if keep is None else keep(k, late)
+            if kept is not None:
+                added[k] = kept
+        if added:
+            yield sep + memoryview(_json_encoder.encode(added))[1:-1]
+        yield b"}," + _json_encoder.encode(ModelTail(meta, diff_id))[1:]
+
+
+# What ``/api`` answers from: the stored bytes, a decoded model, or a spooled one.
+CurrentModel = bytes | RawModel | SpooledModel
 
 
 @dataclass(slots=True)
@@ -1299,7 +1388,7 @@ class Gateway:
         self._snaps: dict[
             tuple[str, str], tuple[float, _WholeSnap | asyncio.Future[_WholeSnap | None]]
         ] = {}
-        self._api_reads: dict[tuple[str, str], asyncio.Task[bytes | RawModel | None]] = {}
+        self._api_reads: dict[tuple[str, str], asyncio.Task[CurrentModel | None]] = {}
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
@@ -1418,18 +1507,19 @@ class Gateway:
             if sid is not None:
                 yield sid, id_s, body
 
-    async def shared_model(self, channel: Channel, symbol: str) -> bytes | RawModel | None:
+    async def shared_model(self, channel: Channel, symbol: str) -> CurrentModel | None:
         """``current_model``, one read for the requests that ask while it is in flight: every
         dashboard polls ``/api/gex`` (a whole model, read from Redis and decoded per read),
         so a thousand browsers would otherwise be a thousand copies of it at once. The answer
-        is never mutated (``filter_model`` builds its own)."""
+        is never mutated (``filter_model`` builds its own; a spooled model is read with
+        offsets of each reader's own)."""
         key = (channel.name, symbol)
         task = self._api_reads.get(key)
         if task is None:
             task = asyncio.ensure_future(self.current_model(channel, symbol))
             self._api_reads[key] = task
 
-            def done(t: asyncio.Task[bytes | RawModel | None]) -> None:
+            def done(t: asyncio.Task[CurrentModel | None]) -> None:
                 if self._api_reads.get(key) is t:
                     del self._api_reads[key]
                 if not t.cancelled():
@@ -1439,30 +1529,60 @@ class Gateway:
         # a request that goes away does not cancel the read the others wait for
         return await asyncio.shield(task)
 
-    async def current_model(self, channel: Channel, symbol: str) -> bytes | RawModel | None:
-        """The model at its latest version: the model key (a checkpoint) as stored when no
-        diff follows its ``diff_id`` (or it is not a model's JSON), else decoded with those
-        diffs applied (encoded by the caller as it sends it: a whole model is ~15 MB)."""
-        raw = await self.redis.get(channel.model_key(symbol))
-        if raw is None:
+    async def current_model(self, channel: Channel, symbol: str) -> CurrentModel | None:
+        """The model at its latest version: the checkpoint and the diffs after it. A marked
+        checkpoint (heatmap) is spooled and answered from the file a piece at a time, the
+        diffs laid over it; any other is read whole and answered as stored when no diff
+        follows its ``diff_id`` (GEX writes one per version) or it is not a model's JSON,
+        else decoded with the diffs applied (encoded by the caller as it sends it)."""
+        got = await checkpoint.spool(
+            self.redis,
+            channel.model_key(symbol),
+            slots=self.redis_slots,
+            spool_dir=self.settings.spool_dir or None,
+        )
+        if got is None:
             return None
+        if isinstance(got, checkpoint.Spooled):
+            h = got.head
+            since = await self._since(channel, symbol, h.epoch, h.version, got.tail.diff_id)
+            return SpooledModel(got, since)
+        raw = got
         try:
             head = _whole_model_head.decode(raw)
         except (msgspec.ValidationError, msgspec.DecodeError):
-            return cast(bytes, raw)
-        if head.diff_id is None:
-            return cast(bytes, raw)
-        stream = channel.stream(symbol)
-        async with self.redis_slots:
-            after = await checkpoint.diffs_page(self.redis, stream, head.diff_id, 1)
-        if not after:  # the checkpoint is current (GEX writes one per version): as stored
-            return cast(bytes, raw)
+            return raw
+        folded = await self._since(channel, symbol, head.epoch, head.version, head.diff_id)
+        if folded is None:
+            return raw
         try:
             model = _full_model.decode(raw)
         except (msgspec.ValidationError, msgspec.DecodeError):
-            return cast(bytes, raw)
-        changed = False
-        async for _sid, id_s, body in self.entries_after(stream, parse_id(head.diff_id) or ZERO_ID):
+            return raw
+        for k, v in folded.items.items():
+            if v is None:
+                model.items.pop(k, None)
+            else:
+                model.items[k] = v
+        model.version, model.ts_ns, model.meta = folded.version, folded.ts_ns, folded.meta
+        model.diff_id = folded.diff_id
+        return model
+
+    async def _since(
+        self, channel: Channel, symbol: str, epoch: str, version: int, diff_id: str | None
+    ) -> _Since | None:
+        """The diffs that continue a checkpoint (``epoch``, ``version``, ``diff_id``),
+        folded; None when none does."""
+        if diff_id is None:
+            return None
+        stream = channel.stream(symbol)
+        async with self.redis_slots:
+            after = await checkpoint.diffs_page(self.redis, stream, diff_id, 1)
+        if not after:  # the checkpoint is current
+            return None
+        since: _Since | None = None
+        prev_id = diff_id
+        async for _sid, id_s, body in self.entries_after(stream, parse_id(diff_id) or ZERO_ID):
             try:
                 d = _full_diff.decode(body)
             except (msgspec.ValidationError, msgspec.DecodeError):
@@ -1470,21 +1590,26 @@ class Gateway:
             if d.symbol != symbol:
                 continue
             if (
-                d.epoch != model.epoch
-                or d.prev_version != model.version
-                or (d.prev_id is not None and d.prev_id != model.diff_id)
+                d.epoch != epoch
+                or d.prev_version != version
+                or (d.prev_id is not None and d.prev_id != prev_id)
             ):
                 break  # not a continuation: the checkpoint is what we have
-            model.items.update(d.changed)
+            if since is None:
+                since = _Since(version, d.ts_ns, d.meta, id_s, {})
+            for k, v in d.changed.items():
+                since.items[k] = v.copy()  # not a view of the whole diff body
             for k in d.removed:
-                model.items.pop(k, None)
-            model.version, model.ts_ns, model.meta = d.version, d.ts_ns, d.meta
-            model.diff_id = id_s
-            changed = True
-        return model if changed else cast(bytes, raw)
+                since.items[k] = None
+            version = since.version = d.version
+            since.ts_ns, since.meta, since.diff_id = d.ts_ns, d.meta, id_s
+            prev_id = id_s
+        return since
 
     # -- whole-model streams --
-    async def whole_snapshot(self, channel: Channel, symbol: str) -> tuple[bytes, _State] | None:
+    async def whole_snapshot(
+        self, channel: Channel, symbol: str
+    ) -> tuple[_WholeSnap, _State] | None:
         """The stored model framed as a ``snapshot`` event and the chain state it is at. One
         read and one frame shared by the clients that ask within ``SNAPSHOT_SHARE_S`` (a
         model is tens of MB: one copy, not one per joining client). An older checkpoint is
@@ -1504,16 +1629,26 @@ class Gateway:
         if snap is None:
             return None
         last = parse_id(snap.diff_id) if snap.diff_id else None
-        return snap.frame, _State(snap.epoch, snap.version, last or ZERO_ID, snap.diff_id)
+        return snap, _State(snap.epoch, snap.version, last or ZERO_ID, snap.diff_id)
 
     async def _read_snapshot(self, channel: Channel, symbol: str) -> _WholeSnap | None:
         key = (channel.name, symbol)
         fut: asyncio.Future[_WholeSnap | None] = asyncio.get_running_loop().create_future()
         self._snaps[key] = (time.monotonic(), fut)
         try:
-            async with self.redis_slots:
-                raw = await self.redis.get(channel.model_key(symbol))
-            snap = None if raw is None else self._frame_snapshot(channel, symbol, cast(bytes, raw))
+            got = await checkpoint.spool(
+                self.redis,
+                channel.model_key(symbol),
+                slots=self.redis_slots,
+                spool_dir=self.settings.spool_dir or None,
+            )
+            if got is None:
+                snap = None
+            elif isinstance(got, checkpoint.Spooled):
+                h = got.head
+                snap = _WholeSnap(got, h.epoch, h.version, got.tail.diff_id)
+            else:
+                snap = self._frame_snapshot(channel, symbol, got)
         except BaseException as exc:
             self._snaps.pop(key, None)
             fut.set_exception(exc)
@@ -1813,32 +1948,41 @@ def is_date(channel: Channel, spec: ViewSpec) -> bool:
     return channel.strategy is None and spec.scope not in (None, "all", "0dte")
 
 
-async def _pieces(model: RawModel) -> AsyncIterator[bytes]:
-    """The model's JSON (``encode_model_pieces``), on the event loop: each piece is ~0.3 MB
-    of encoding, not worth a thread hop (a sync iterator would get one per piece)."""
-    for piece in encode_model_pieces(model):
+async def _pieces(pieces: Iterator[bytes]) -> AsyncIterator[bytes]:
+    """A model's JSON pieces, on the event loop: each is ~0.3 MB of encoding, not worth a
+    thread hop (Starlette would give a sync iterator one per piece)."""
+    for piece in pieces:
         yield piece
+
+
+def _view_keep(channel: Channel, spec: ViewSpec) -> Callable[[str, msgspec.Raw], Any]:
+    """What a view sends of a model item (None: it leaves the item out)."""
+    zero = spec.scope == "0dte"
+
+    def keep(key: str, item: msgspec.Raw) -> Any:
+        if not spec.covers(channel.part_of(key)):
+            return None
+        if spec.rows_filtered and not spec.keep(key):
+            return None
+        if spec.scope is None:
+            return item
+        obj = msgspec.json.decode(item)
+        if isinstance(obj, dict):
+            return {k: x for k, x in obj.items() if k in GEX_0DTE_KEEP or (("_0dte" in k) == zero)}
+        return obj
+
+    return keep
 
 
 def filter_model(raw: bytes | RawModel, channel: Channel, spec: ViewSpec) -> bytes:
     """A PublishedModel JSON narrowed to a view (the ``/api`` form of a view)."""
     model = _full_model.decode(raw) if isinstance(raw, bytes) else raw
+    keep = _view_keep(channel, spec)
     items: dict[str, Any] = {}
     for key, item in model.items.items():
-        if not spec.covers(channel.part_of(key)):
-            continue
-        if spec.rows_filtered and not spec.keep(key):
-            continue
-        if spec.scope is not None:
-            obj = msgspec.json.decode(item)
-            if isinstance(obj, dict):
-                zero = spec.scope == "0dte"
-                obj = {
-                    k: x for k, x in obj.items() if k in GEX_0DTE_KEEP or (("_0dte" in k) == zero)
-                }
-            items[key] = obj
-        else:
-            items[key] = item
+        kept = keep(key, item)
+        if kept is not None:
+            items[key] = kept
     return _json_encoder.encode(msgspec.structs.replace(model, items=items))
 
 
@@ -1895,21 +2039,33 @@ class Endpoints:
         if isinstance(v, Response):
             return JSONResponse({"error": bytes(v.body).decode()}, status_code=v.status_code)
         ch, sym, spec = v
-        raw: bytes | RawModel | None
+        raw: CurrentModel | None
+        headers = {"Cache-Control": "no-store"}
         if is_date(ch, spec):
             async with self.gw.redis_slots:
                 ge = await gex_expiry.read(self.deps.redis, sym)
             raw = None if ge is None else ge.model_json(cast(str, spec.scope))
         else:
-            raw = await self.gw.shared_model(ch, sym)
+            try:
+                raw = await self.gw.shared_model(ch, sym)
+            except checkpoint.CheckpointMoving as exc:
+                headers["Retry-After"] = str(self.settings.retry_after_s)
+                return JSONResponse({"error": str(exc)}, status_code=503, headers=headers)
         if raw is None:
             return JSONResponse({"error": f"no {ch.name} model for {sym}"}, status_code=404)
+        if isinstance(raw, SpooledModel):
+            # read from the spool and encoded a piece at a time as it is sent
+            keep = None if spec == ViewSpec() else _view_keep(ch, spec)
+            return StreamingResponse(
+                _pieces(raw.pieces(keep)), media_type="application/json", headers=headers
+            )
         if spec != ViewSpec() and not is_date(ch, spec):
             raw = filter_model(raw, ch, spec)
-        headers = {"Cache-Control": "no-store"}
         if isinstance(raw, RawModel):
             # encoded a piece at a time as it is sent: never one ~15 MB buffer per request
-            return StreamingResponse(_pieces(raw), media_type="application/json", headers=headers)
+            return StreamingResponse(
+                _pieces(encode_model_pieces(raw)), media_type="application/json", headers=headers
+            )
         return Response(raw, media_type="application/json", headers=headers)
 
     async def api_gex_history(self, request: Request) -> Response:
