@@ -439,9 +439,19 @@ async def test_promotions_close_together_keep_one_retired_epoch(
     deps: Deps, redis: Redis, registry: CollectorRegistry
 ) -> None:
     """A -> B -> C -> D within the retire TTL: the newest retired epoch keeps its keys until
-    its TTL, each older one is deleted at the next promotion (no stack of whole epochs)."""
+    its TTL, each older one is deleted when the next build starts (no stack of whole epochs:
+    while a new epoch is built, Redis holds it and the active one only)."""
     n = normalizer(deps, retire_ttl_s=300)
     seen: list[str] = []
+    during: list[int] = []  # epochs with keys when each build starts
+    real_build = n.build
+
+    async def counting_build(topo: Any, snap: Any) -> None:
+        index = [e.decode() for e in await redis.zrange(keys.epoch_index("SPX"), 0, -1)]
+        during.append(sum([bool(await epoch_keys(redis, e)) for e in index]))
+        await real_build(topo, snap)
+
+    n.build = counting_build  # type: ignore[method-assign]
     for step in range(4):
         extra = [contract("SPXW", EXP2, "P", 6010 + 5 * j, bid=1.0, ask=1.1) for j in range(step)]
         assert await n.process(await put(redis, chain(NS + step * SEC, extra=extra))) == "built"
@@ -454,6 +464,7 @@ async def test_promotions_close_together_keep_one_retired_epoch(
     for old in seen[:-2]:
         assert await epoch_keys(redis, old) == []
     assert metric(registry, "massive_epoch_deleted_early_total") == 2
+    assert during == [0, 1, 1, 1]
 
 
 async def test_a_reactivated_epoch_whose_meta_expired_first_is_rebuilt_whole(

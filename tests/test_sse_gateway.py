@@ -263,7 +263,7 @@ async def test_a_spooled_checkpoint_answers_api_and_snapshots_with_the_diffs_lai
 
         async def closed() -> bool:  # the snapshot's share time over, the janitor drops it
             gc.collect()
-            return spool_fds() == []
+            return spool_fds() == [] and await metric(gw, "massive_sse_spool_bytes") == 0
 
         await eventually(closed, timeout_s=10)
 

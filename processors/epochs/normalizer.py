@@ -28,7 +28,8 @@ Stable across processes and restarts; a new strike or expiry gives a new id.
   (its fixed keys and the contract hashes its ``contracts`` SET names, ``EXPIRE NX``; no SCAN),
   and a sweep over ``massive:epoch:index:{<SYM>}`` expires
   epochs that a crash left retired/abandoned without TTLs, deletes retired epochs beyond the
-  ``keep_retired`` newest and drops index entries whose meta is gone, so the key count stays
+  ``keep_retired`` newest (those the coming retirement would push beyond it go already when
+  a build starts) and drops index entries whose meta is gone, so the key count stays
   bounded.
 * **Carry**: quotes and trades the WS applied to the old epoch while the new one was warming
   (the hydrator writes only to the active epoch) are newer than the snapshot the new epoch was
@@ -620,6 +621,11 @@ class Normalizer(ConsumerProcessor):
     ) -> None:
         t0 = time.perf_counter()
         eid = topo.eid
+        # The active epoch is about to be retired: the retired ones it would push beyond
+        # keep_retired go now, before the build, not at the sweep after the promotion. Else
+        # Redis holds the new epoch, the active one and keep_retired more at once (~20 MB
+        # each at 20k contracts): the peak of used_memory at every promotion.
+        await self._sweep(topo.symbol, keep_retired=max(0, self.settings.keep_retired - 1))
         if rebuild or await self._has_leftovers(topo):
             # Leftovers of an earlier life of this id (a crashed build, or a retired epoch
             # whose topology came back, maybe with its meta already expired and the rest
@@ -809,7 +815,8 @@ class Normalizer(ConsumerProcessor):
         for sym in sorted(self.symbols):
             await self._sweep(sym)
 
-    async def _sweep(self, sym: str) -> None:
+    async def _sweep(self, sym: str, keep_retired: int | None = None) -> None:
+        keep = self.settings.keep_retired if keep_retired is None else keep_retired
         index = keys.epoch_index(sym)
         raw: list[bytes] = await self.redis.zrange(index, 0, -1)  # type: ignore[assignment]
         eids = [e.decode() for e in raw]
@@ -842,7 +849,7 @@ class Normalizer(ConsumerProcessor):
                 if state == "warming":
                     await self.redis.hset(keys.epoch_meta(sym, e), "state", "retired")
                 await self.retire(sym, e)
-        for _, e in sorted(expiring, reverse=True)[self.settings.keep_retired :]:
+        for _, e in sorted(expiring, reverse=True)[keep:]:
             await self.delete_epoch(sym, e)
             gone.append(e)
             self.m_dropped.inc()

@@ -61,6 +61,7 @@ import dataclasses
 import itertools
 import logging
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -382,6 +383,12 @@ class Metrics:
         )
         self.dispatched: Counter = counter(
             r, "massive_sse_dispatched_entries_total", "Diff stream entries read", ("channel",)
+        )
+        self.spool_bytes: Gauge = gauge(
+            r,
+            "massive_sse_spool_bytes",
+            "Bytes of the checkpoint spool files open (MASSIVE_SSE_SPOOL_DIR): /api answers "
+            "and whole-model snapshots being sent",
         )
         self.read_lag: Histogram = histogram(
             r,
@@ -1529,18 +1536,27 @@ class Gateway:
         # a request that goes away does not cancel the read the others wait for
         return await asyncio.shield(task)
 
-    async def current_model(self, channel: Channel, symbol: str) -> CurrentModel | None:
-        """The model at its latest version: the checkpoint and the diffs after it. A marked
-        checkpoint (heatmap) is spooled and answered from the file a piece at a time, the
-        diffs laid over it; any other is read whole and answered as stored when no diff
-        follows its ``diff_id`` (GEX writes one per version) or it is not a model's JSON,
-        else decoded with the diffs applied (encoded by the caller as it sends it)."""
+    async def spool(self, channel: Channel, symbol: str) -> checkpoint.Spooled | bytes | None:
+        """The model key of ``symbol``: a marked checkpoint copied into a spool file
+        (counted in ``massive_sse_spool_bytes`` while open), else as stored."""
         got = await checkpoint.spool(
             self.redis,
             channel.model_key(symbol),
             slots=self.redis_slots,
             spool_dir=self.settings.spool_dir or None,
         )
+        if isinstance(got, checkpoint.Spooled):
+            self.metrics.spool_bytes.inc(got.size)
+            weakref.finalize(got, self.metrics.spool_bytes.dec, got.size)
+        return got
+
+    async def current_model(self, channel: Channel, symbol: str) -> CurrentModel | None:
+        """The model at its latest version: the checkpoint and the diffs after it. A marked
+        checkpoint (heatmap) is spooled and answered from the file a piece at a time, the
+        diffs laid over it; any other is read whole and answered as stored when no diff
+        follows its ``diff_id`` (GEX writes one per version) or it is not a model's JSON,
+        else decoded with the diffs applied (encoded by the caller as it sends it)."""
+        got = await self.spool(channel, symbol)
         if got is None:
             return None
         if isinstance(got, checkpoint.Spooled):
@@ -1636,12 +1652,7 @@ class Gateway:
         fut: asyncio.Future[_WholeSnap | None] = asyncio.get_running_loop().create_future()
         self._snaps[key] = (time.monotonic(), fut)
         try:
-            got = await checkpoint.spool(
-                self.redis,
-                channel.model_key(symbol),
-                slots=self.redis_slots,
-                spool_dir=self.settings.spool_dir or None,
-            )
+            got = await self.spool(channel, symbol)
             if got is None:
                 snap = None
             elif isinstance(got, checkpoint.Spooled):
