@@ -94,3 +94,20 @@ async def test_anything_but_a_marked_checkpoint_is_read_whole(redis: Redis) -> N
     odd = b'{"not":"a model"}\t' + b"x" * 500  # a tab, but no model around it
     await redis.set(KEY, odd)
     assert await checkpoint.spool(redis, KEY, chunk_bytes=100) == odd
+
+
+def test_an_overlay_keeps_the_latest_value_of_each_key_on_disk(tmp_path: Path) -> None:
+    over = checkpoint.Overlay(str(tmp_path))
+    over.set("a", msgspec.Raw(b'{"v":1}'))
+    over.set("b", msgspec.Raw(b'{"v":"two"}'))
+    over.set("a", msgspec.Raw(b'{"v":3}'))  # changed again
+    over.remove("b")
+    over.remove("c")  # removed without a value: still a key the diffs touched
+    over.set("c", msgspec.Raw(b"[4]"))  # removed, then added again
+    over.done()
+    got = {k: None if v is None else bytes(v) for k, v in over.items()}
+    assert got == {"a": b'{"v":3}', "b": None, "c": b"[4]"}
+    assert "b" in over and "z" not in over and over.get("z") is None and len(over) == 3
+    assert over.size == len(b'{"v":1}{"v":"two"}{"v":3}[4]')  # every value written, in order
+    assert os.listdir(tmp_path) == []
+    over.close()

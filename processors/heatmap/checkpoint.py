@@ -237,3 +237,50 @@ def _tail(file: IO[bytes], size: int) -> bytes:
         if back == size:
             raise ValueError("a marked checkpoint without a mark before its tail")
         n *= 4
+
+
+class Overlay:
+    """Items laid over a spooled checkpoint (the diffs after it, folded): the latest value of
+    each key, written to an unnamed temp file; only the key and where its value is stay in
+    memory. Under sustained changes nearly every tile changes between two checkpoints, and
+    held as objects those values were a whole model again."""
+
+    _REMOVED = -1
+
+    def __init__(self, spool_dir: str | None = None) -> None:
+        self._file = tempfile.TemporaryFile(dir=spool_dir)  # noqa: SIM115 -- owned here
+        self.close = weakref.finalize(self, self._file.close)
+        self._at: dict[str, int] = {}  # key -> offset << 32 | length, or _REMOVED
+        self.size = 0
+
+    def set(self, key: str, value: msgspec.Raw) -> None:
+        n = self._file.write(value)
+        self._at[key] = self.size << 32 | n
+        self.size += n
+
+    def remove(self, key: str) -> None:
+        self._at[key] = self._REMOVED
+
+    def done(self) -> None:
+        """Written: from now on read only."""
+        self._file.flush()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._at
+
+    def __len__(self) -> int:
+        return len(self._at)
+
+    def get(self, key: str) -> msgspec.Raw | None:
+        """The key's latest value; None when it was removed (or never set)."""
+        at = self._at.get(key, self._REMOVED)
+        if at == self._REMOVED:
+            return None
+        return msgspec.Raw(os.pread(self._file.fileno(), at & 0xFFFFFFFF, at >> 32))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._at)
+
+    def items(self) -> Iterator[tuple[str, msgspec.Raw | None]]:
+        for key in self._at:
+            yield key, self.get(key)

@@ -62,7 +62,7 @@ import itertools
 import logging
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -129,6 +129,7 @@ SNAPSHOT_SLICE = 64 * 1024  # a snapshot goes out in slices: the transport never
 # a diff frame goes out as it is (the transport makes its one copy), a huge one (a merged
 # whole-model backlog) in slices
 DIFF_SLICE = 1024 * 1024
+ITEMS_PER_PIECE = 1024  # items per piece of an /api answer laid over a spooled checkpoint
 SNAPSHOT_SHARE_S = 2.0  # clients joining within this share one read of a stored model
 # Keep-alive comments come from the session itself, between frames (sse-starlette's own
 # pings could land between two slices of a snapshot).
@@ -892,13 +893,13 @@ class _WholeSnap:
 @dataclass(slots=True)
 class _Since:
     """The diffs after a checkpoint, folded: the version they reach and the latest value of
-    each item they touch (None: removed)."""
+    each item they touch (or its removal)."""
 
     version: int
     ts_ns: int
     meta: dict[str, Any]
     diff_id: str
-    items: dict[str, msgspec.Raw | None]
+    items: checkpoint.Overlay
 
 
 @dataclass(frozen=True, slots=True)
@@ -914,39 +915,51 @@ class SpooledModel:
         """The model's JSON; ``keep`` (key, item) -> what to send for it (None: leave it
         out), for a view's items."""
         h, t, s = self.base.head, self.base.tail, self.since
-        if s is None and keep is None:
-            yield from self.base.slices(SNAPSHOT_SLICE)  # as stored
-            return
-        over: dict[str, msgspec.Raw | None] = {} if s is None else s.items
-        version, ts_ns = (h.version, h.ts_ns) if s is None else (s.version, s.ts_ns)
-        meta, diff_id = (t.meta, t.diff_id) if s is None else (s.meta, s.diff_id)
+        if s is None:
+            if keep is None:
+                yield from self.base.slices(SNAPSHOT_SLICE)  # as stored
+                return
+            version, ts_ns, meta, diff_id = h.version, h.ts_ns, t.meta, t.diff_id
+        else:
+            version, ts_ns, meta, diff_id = s.version, s.ts_ns, s.meta, s.diff_id
+        over = None if s is None else s.items
         head = ModelHead(h.symbol, h.kind, h.epoch, version, ts_ns)
         yield _json_encoder.encode(head)[:-1] + b',"items":{'
-        sep, seen = b"", set()
+        sep, seen = b"", set[str]()
         for piece in self.base.item_pieces():
-            out: dict[str, Any] = {}
-            for k, v in _items_dec.decode(piece).items():
-                item: Any = v
-                if k in over:
-                    seen.add(k)
-                    item = over[k]
-                if item is not None and keep is not None:
-                    item = keep(k, item)
-                if item is not None:
-                    out[k] = item
+            out = _laid_over(_items_dec.decode(piece).items(), over, keep, seen)
             if out:
                 yield sep + memoryview(_json_encoder.encode(out))[1:-1]
                 sep = b","
-        added: dict[str, Any] = {}
-        for k, late in over.items():
-            if k in seen or late is None:
-                continue
-            kept = late if keep is None else keep(k, late)
-            if kept is not None:
-                added[k] = kept
-        if added:
-            yield sep + memoryview(_json_encoder.encode(added))[1:-1]
+        if over is not None:  # the keys the diffs added, a piece at a time too
+            new = iter([k for k in over if k not in seen])
+            while keys := list(itertools.islice(new, ITEMS_PER_PIECE)):
+                added = _laid_over(((k, over.get(k)) for k in keys), None, keep, seen)
+                if added:
+                    yield sep + memoryview(_json_encoder.encode(added))[1:-1]
+                    sep = b","
         yield b"}," + _json_encoder.encode(ModelTail(meta, diff_id))[1:]
+
+
+def _laid_over(
+    items: Iterable[tuple[str, msgspec.Raw | None]],
+    over: checkpoint.Overlay | None,
+    keep: Callable[[str, msgspec.Raw], Any] | None,
+    seen: set[str],
+) -> dict[str, Any]:
+    """``items`` with the overlay's values in place of theirs (a removed one left out, its
+    key added to ``seen``), each passed through ``keep``."""
+    out: dict[str, Any] = {}
+    for k, v in items:
+        item: Any = v
+        if over is not None and k in over:
+            seen.add(k)
+            item = over.get(k)
+        if item is not None and keep is not None:
+            item = keep(k, item)
+        if item is not None:
+            out[k] = item
+    return out
 
 
 # What ``/api`` answers from: the stored bytes, a decoded model, or a spooled one.
@@ -1499,15 +1512,15 @@ class Gateway:
         return dropped, stopped
 
     async def entries_after(
-        self, stream: str, after: StreamId
+        self, stream: str, after: StreamId, page_bytes: int | None = None
     ) -> AsyncIterator[tuple[StreamId, str, bytes]]:
         """Entries of ``stream`` with ids above ``after`` (processors/heatmap/checkpoint.py),
-        in pages of about ``replay_page_bytes``."""
+        in pages of about ``page_bytes`` (``replay_page_bytes``)."""
         async for id_s, body in checkpoint.diffs_after(
             self.redis,
             stream,
             format_id(after),
-            self.settings.replay_page_bytes,
+            page_bytes or self.settings.replay_page_bytes,
             self.redis_slots,
         ):
             sid = parse_id(id_s)
@@ -1546,8 +1559,7 @@ class Gateway:
             spool_dir=self.settings.spool_dir or None,
         )
         if isinstance(got, checkpoint.Spooled):
-            self.metrics.spool_bytes.inc(got.size)
-            weakref.finalize(got, self.metrics.spool_bytes.dec, got.size)
+            self._spooled(got, got.size)
         return got
 
     async def current_model(self, channel: Channel, symbol: str) -> CurrentModel | None:
@@ -1598,7 +1610,10 @@ class Gateway:
             return None
         since: _Since | None = None
         prev_id = diff_id
-        async for _sid, id_s, body in self.entries_after(stream, parse_id(diff_id) or ZERO_ID):
+        # small pages: what the fold holds in memory is a page and the overlay's keys
+        pages = checkpoint.SPOOL_CHUNK_BYTES
+        after_id = parse_id(diff_id) or ZERO_ID
+        async for _sid, id_s, body in self.entries_after(stream, after_id, pages):
             try:
                 d = _full_diff.decode(body)
             except (msgspec.ValidationError, msgspec.DecodeError):
@@ -1612,15 +1627,26 @@ class Gateway:
             ):
                 break  # not a continuation: the checkpoint is what we have
             if since is None:
-                since = _Since(version, d.ts_ns, d.meta, id_s, {})
+                since = _Since(version, d.ts_ns, d.meta, id_s, self._overlay())
             for k, v in d.changed.items():
-                since.items[k] = v.copy()  # not a view of the whole diff body
+                since.items.set(k, v)
             for k in d.removed:
-                since.items[k] = None
+                since.items.remove(k)
             version = since.version = d.version
             since.ts_ns, since.meta, since.diff_id = d.ts_ns, d.meta, id_s
             prev_id = id_s
+        if since is not None:
+            since.items.done()
+            self._spooled(since.items, since.items.size)
         return since
+
+    def _overlay(self) -> checkpoint.Overlay:
+        return checkpoint.Overlay(self.settings.spool_dir or None)
+
+    def _spooled(self, owner: object, size: int) -> None:
+        """Counts ``size`` spool bytes in ``massive_sse_spool_bytes`` until ``owner`` goes."""
+        self.metrics.spool_bytes.inc(size)
+        weakref.finalize(owner, self.metrics.spool_bytes.dec, size)
 
     # -- whole-model streams --
     async def whole_snapshot(
