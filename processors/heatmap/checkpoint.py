@@ -17,6 +17,7 @@ RSS swing (docs/performance.md "Spooled checkpoints").
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import os
@@ -59,24 +60,24 @@ async def diffs_after(
     page_bytes: int = REPLAY_PAGE_BYTES,
     slots: asyncio.Semaphore | None = None,
 ) -> AsyncIterator[tuple[str, bytes]]:
-    """Every entry of ``stream`` after ``after`` as (id, diff JSON), read in pages of about
-    ``page_bytes`` (the first page is small: the entry size is learnt from it). ``slots``
+    """Every entry of ``stream`` after ``after`` as (id, diff JSON), read in pages of at most
+    about ``page_bytes`` (the first page is one entry: the entry size is learnt). ``slots``
     bounds the concurrent reads of a process (held per page, not across the caller's work)."""
-    count = 16
+    count, largest = 1, 1
     while True:
         async with slots if slots is not None else contextlib.nullcontext():
             page = await diffs_page(redis, stream, after, count)
-        size = 0
         for eid, body in page:
             after = eid
             if body is None:
                 continue
-            size += len(body)
+            largest = max(largest, len(body))
             yield eid, body
         if len(page) < count:
             return
-        avg = max(1, size // max(1, len(page)))
-        count = max(1, min(1000, page_bytes // avg))
+        # by the largest entry seen, not the mean: a page of small entries followed by
+        # ~1 MB ones (a butterfly diff under load) would otherwise be a page of 1,000 of those
+        count = max(1, min(1000, page_bytes // largest))
 
 
 async def write_pieces(redis: Redis, key: str, pieces: Iterable[bytes], ttl_ms: int) -> int:
@@ -241,46 +242,65 @@ def _tail(file: IO[bytes], size: int) -> bytes:
 
 class Overlay:
     """Items laid over a spooled checkpoint (the diffs after it, folded): the latest value of
-    each key, written to an unnamed temp file; only the key and where its value is stay in
-    memory. Under sustained changes nearly every tile changes between two checkpoints, and
-    held as objects those values were a whole model again."""
+    each key, written to an unnamed temp file; only the keys and where their values are stay
+    in memory. Under sustained changes nearly every tile changes between two checkpoints, and
+    held as objects those values were a whole model again. Keys are numbered in the order
+    they were first set: a reader marks the ones it met in a bitmap of ``len(overlay)``."""
 
     _REMOVED = -1
 
     def __init__(self, spool_dir: str | None = None) -> None:
         self._file = tempfile.TemporaryFile(dir=spool_dir)  # noqa: SIM115 -- owned here
         self.close = weakref.finalize(self, self._file.close)
-        self._at: dict[str, int] = {}  # key -> offset << 32 | length, or _REMOVED
+        self._index: dict[str, int] = {}
+        self._keys: list[str] = []
+        self._loc = array.array("q")  # per key: offset << 32 | length, or _REMOVED
         self.size = 0
 
     def set(self, key: str, value: msgspec.Raw) -> None:
         n = self._file.write(value)
-        self._at[key] = self.size << 32 | n
+        self._put(key, self.size << 32 | n)
         self.size += n
 
     def remove(self, key: str) -> None:
-        self._at[key] = self._REMOVED
+        self._put(key, self._REMOVED)
+
+    def _put(self, key: str, loc: int) -> None:
+        i = self._index.get(key)
+        if i is None:
+            self._index[key] = len(self._keys)
+            self._keys.append(key)
+            self._loc.append(loc)
+        else:
+            self._loc[i] = loc
 
     def done(self) -> None:
         """Written: from now on read only."""
         self._file.flush()
 
-    def __contains__(self, key: str) -> bool:
-        return key in self._at
-
     def __len__(self) -> int:
-        return len(self._at)
+        return len(self._keys)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._index
+
+    def index(self, key: str) -> int | None:
+        return self._index.get(key)
+
+    def key(self, i: int) -> str:
+        return self._keys[i]
+
+    def value(self, i: int) -> msgspec.Raw | None:
+        """Key ``i``'s latest value; None when it was removed."""
+        loc = self._loc[i]
+        if loc == self._REMOVED:
+            return None
+        return msgspec.Raw(os.pread(self._file.fileno(), loc & 0xFFFFFFFF, loc >> 32))
 
     def get(self, key: str) -> msgspec.Raw | None:
-        """The key's latest value; None when it was removed (or never set)."""
-        at = self._at.get(key, self._REMOVED)
-        if at == self._REMOVED:
-            return None
-        return msgspec.Raw(os.pread(self._file.fileno(), at & 0xFFFFFFFF, at >> 32))
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._at)
+        i = self._index.get(key)
+        return None if i is None else self.value(i)
 
     def items(self) -> Iterator[tuple[str, msgspec.Raw | None]]:
-        for key in self._at:
-            yield key, self.get(key)
+        for i, key in enumerate(self._keys):
+            yield key, self.value(i)

@@ -925,16 +925,17 @@ class SpooledModel:
         over = None if s is None else s.items
         head = ModelHead(h.symbol, h.kind, h.epoch, version, ts_ns)
         yield _json_encoder.encode(head)[:-1] + b',"items":{'
-        sep, seen = b"", set[str]()
+        sep = b""
+        met = bytearray(0 if over is None else len(over))  # overlay keys the checkpoint has
         for piece in self.base.item_pieces():
-            out = _laid_over(_items_dec.decode(piece).items(), over, keep, seen)
+            out = _laid_over(_items_dec.decode(piece).items(), over, keep, met)
             if out:
                 yield sep + memoryview(_json_encoder.encode(out))[1:-1]
                 sep = b","
         if over is not None:  # the keys the diffs added, a piece at a time too
-            new = iter([k for k in over if k not in seen])
-            while keys := list(itertools.islice(new, ITEMS_PER_PIECE)):
-                added = _laid_over(((k, over.get(k)) for k in keys), None, keep, seen)
+            new = (i for i, m in enumerate(met) if not m)
+            while ids := list(itertools.islice(new, ITEMS_PER_PIECE)):
+                added = _laid_over(((over.key(i), over.value(i)) for i in ids), None, keep, met)
                 if added:
                     yield sep + memoryview(_json_encoder.encode(added))[1:-1]
                     sep = b","
@@ -945,16 +946,16 @@ def _laid_over(
     items: Iterable[tuple[str, msgspec.Raw | None]],
     over: checkpoint.Overlay | None,
     keep: Callable[[str, msgspec.Raw], Any] | None,
-    seen: set[str],
+    met: bytearray,
 ) -> dict[str, Any]:
-    """``items`` with the overlay's values in place of theirs (a removed one left out, its
-    key added to ``seen``), each passed through ``keep``."""
+    """``items`` with the overlay's values in place of theirs (a removed one left out; each
+    overlay key met is marked in ``met``), each passed through ``keep``."""
     out: dict[str, Any] = {}
     for k, v in items:
         item: Any = v
-        if over is not None and k in over:
-            seen.add(k)
-            item = over.get(k)
+        if over is not None and (i := over.index(k)) is not None:
+            met[i] = 1
+            item = over.value(i)
         if item is not None and keep is not None:
             item = keep(k, item)
         if item is not None:
