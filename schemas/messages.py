@@ -262,10 +262,14 @@ class ModelTail(msgspec.Struct, frozen=True):
 # escaped). A reader reads such a model a piece at a time (processors/heatmap/checkpoint.py
 # ``spool``); any JSON decoder still reads it whole.
 PIECE_MARK = b"\t"
+ITEMS_PER_PIECE = 1024  # items per piece of a checkpoint, and of an /api answer
 
 
 def encode_model_pieces(
-    model: PublishedModel | RawModel, items_per_piece: int = 1024, *, marked: bool = False
+    model: PublishedModel | RawModel,
+    items_per_piece: int = ITEMS_PER_PIECE,
+    *,
+    marked: bool = False,
 ) -> Iterator[bytes]:
     """``encode(model)`` byte for byte, as consecutive pieces of ``items_per_piece`` items
     each (plus the fields around them), encoded as they are consumed: a 50k-tile model

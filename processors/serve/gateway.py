@@ -110,7 +110,14 @@ from processors.serve.views import (
     parse_view,
 )
 from schemas import keys
-from schemas.messages import ModelHead, ModelTail, RawDiff, RawModel, encode_model_pieces
+from schemas.messages import (
+    ITEMS_PER_PIECE,
+    ModelHead,
+    ModelTail,
+    RawDiff,
+    RawModel,
+    encode_model_pieces,
+)
 from streams.health import QuietServer
 from streams.memory import fix_mmap_threshold, release_freed_memory
 from streams.metrics import counter, gauge, histogram
@@ -129,7 +136,6 @@ SNAPSHOT_SLICE = 64 * 1024  # a snapshot goes out in slices: the transport never
 # a diff frame goes out as it is (the transport makes its one copy), a huge one (a merged
 # whole-model backlog) in slices
 DIFF_SLICE = 1024 * 1024
-ITEMS_PER_PIECE = 1024  # items per piece of an /api answer laid over a spooled checkpoint
 SNAPSHOT_SHARE_S = 2.0  # clients joining within this share one read of a stored model
 # Keep-alive comments come from the session itself, between frames (sse-starlette's own
 # pings could land between two slices of a snapshot).
@@ -1605,11 +1611,7 @@ class Gateway:
         if diff_id is None:
             return None
         stream = channel.stream(symbol)
-        async with self.redis_slots:
-            after = await checkpoint.diffs_page(self.redis, stream, diff_id, 1)
-        if not after:  # the checkpoint is current
-            return None
-        since: _Since | None = None
+        since: _Since | None = None  # stays None when the checkpoint is current
         prev_id = diff_id
         # small pages: what the fold holds in memory is a page and the overlay's keys
         pages = checkpoint.SPOOL_CHUNK_BYTES
