@@ -1,12 +1,14 @@
 """The normalizer's RSS over repeated 20,000-contract builds, per allocator.
 
 Each build is a new epoch (every snapshot lists one more strike than the previous one, so
-the topology changes and the normalizer builds, promotes and retires). The builds run in a
-child process (``Normalizer.process`` in process, after ``fix_mmap_threshold`` as its
-``run`` does) once with the environment ``massive-pipeline run normalizer`` gives it
-(``processors.ops.cli.allocator_env``: the allocator the registry chooses) and once with
-``PYTHONMALLOC=pymalloc``, on a private redis-server; prints the RSS after each build and
-its peak during the build (a thread of the child reads its VmRSS every ``--sample-s``).
+the topology changes and the normalizer builds, promotes and retires). After each build the
+same snapshot comes again (a re-seed) and then as a whole chain for GEX (``scope="full"``).
+They run in a child process (``Normalizer.process`` in process, after
+``fix_mmap_threshold`` as its ``run`` does) once with the environment ``massive-pipeline
+run normalizer`` gives it (``processors.ops.cli.allocator_env``: the allocator the registry
+chooses) and once with ``PYTHONMALLOC=pymalloc``, on a private redis-server; prints the RSS
+after each cycle and the peaks during each step (a thread of the child reads its VmRSS
+every ``--sample-s``), and max / min - 1 of all of them: the soak's "flat" reading.
 
     .venv/bin/python bench/normalizer_rss.py [--contracts 20000] [--builds 8] [--sample-s 0.02]
 """
@@ -77,6 +79,7 @@ async def child(url: str, ptrs: list[ChainPointer], sample_s: float) -> None:
     sampler.start()
     rss = [rss_mb(os.getpid())]
     peaks: list[float] = []
+    others: dict[str, list[float]] = {"reseeded": [], "gex_source": []}
     for ptr in ptrs:
         t0, m0 = time.perf_counter(), time.monotonic()
         res = await norm.process(ptr)
@@ -84,10 +87,18 @@ async def child(url: str, ptrs: list[ChainPointer], sample_s: float) -> None:
             raise SystemExit(f"expected a build, got {res}")
         peak = sampler.peak_since(m0)
         peaks.append(float("nan") if peak is None else peak)
+        took = time.perf_counter() - t0
+        # what a trading day runs between builds: the next poll of the same topology (a
+        # re-seed) and the whole chain for GEX (``scope="full"``)
+        for p in (ptr, msgspec.structs.replace(ptr, scope="full")):
+            m1 = time.monotonic()
+            kind = await norm.process(p)
+            others[kind].append(sampler.peak_since(m1) or float("nan"))
         rss.append(rss_mb(os.getpid()))
         print(
-            f"    build {time.perf_counter() - t0:.2f} s, peak {peaks[-1]:.1f} MB, "
-            f"RSS after {rss[-1]:.1f} MB"
+            f"    build {took:.2f} s, peak {peaks[-1]:.1f} MB; then a re-seed (peak "
+            f"{others['reseeded'][-1]:.1f}) and a whole chain for GEX (peak "
+            f"{others['gex_source'][-1]:.1f}): RSS after {rss[-1]:.1f} MB"
         )
     sampler.stop.set()
     await r.aclose()
@@ -97,7 +108,10 @@ async def child(url: str, ptrs: list[ChainPointer], sample_s: float) -> None:
         f"{rss[0]:.0f}, after each build "
         + " ".join(f"{v:.0f}" for v in rss[1:])
         + f"; last - first build {rss[-1] - first:+.1f} MB"
-        + f" ({100 * (rss[-1] - first) / first:+.0f} %); peak during builds {max(peaks):.0f} MB",
+        + f" ({100 * (rss[-1] - first) / first:+.0f} %); peak during builds {max(peaks):.0f} MB,"
+        + f" re-seeds {max(others['reseeded']):.0f} MB, whole chains"
+        + f" {max(others['gex_source']):.0f} MB; max / min of all - 1:"
+        + f" {100 * (max(peaks + rss[1:]) / min(rss[1:]) - 1):.1f} %",
         flush=True,
     )
 

@@ -66,7 +66,11 @@ async def put(redis: Redis, snap: ChainSnapshot, tag: str = "") -> ChainPointer:
 
 
 def normalizer(deps: Deps, **cfg: Any) -> Normalizer:
-    return Normalizer(deps, NormalizerSettings(**cfg))
+    # Chunks of 2: the build, the re-seed, the carry and the key batches of every test cross
+    # chunk boundaries (3-contract chains).
+    return Normalizer(
+        deps, NormalizerSettings(**{"build_chunk": 2, "seed_chunk": 2, "key_batch": 2, **cfg})
+    )
 
 
 async def active(redis: Redis, sym: str = "SPX") -> str:
@@ -159,7 +163,10 @@ async def test_first_snapshot_builds_and_promotes_a_complete_epoch(
     gex = await redis.hgetall(keys.epoch_gex("SPX", eid))
     rows = {k.decode(): msgspec.json.decode(v, type=GexRow) for k, v in gex.items()}
     assert rows[snap.contracts[0].cid] == GexRow("SPXW", EXP1, 6000.0, "C", 0.01, 100.0, 0.2, NS)
-    assert rows[snap.contracts[2].cid].root == "SPX"
+    roots = {c.cid: "SPX" if c.expiry == EXP2 else "SPXW" for c in snap.contracts}
+    assert {cid: row.root for cid, row in rows.items()} == roots
+    for cid, root in roots.items():
+        assert await redis.hget(keys.epoch_contract("SPX", eid, cid), "root") == root.encode()
     r0 = await record(redis, eid, snap.contracts[0].cid)
     assert (r0.bid, r0.ask, r0.mid, r0.quote_ts_ns) == (1.0, 1.2, 1.1, NS - 5)
     assert (r0.last, r0.size, r0.trade_ts_ns, r0.ts_ns) == (1.1, 3.0, NS - 9, NS - 5)
@@ -208,6 +215,13 @@ async def test_same_topology_reseeds_with_admission_and_notifies_changes_and_con
     assert [(d.reason, sorted(d.cids)) for d in ds] == [("seed", sorted([c0.cid, c1.cid, c2.cid]))]
     row = msgspec.json.decode(await redis.hget(keys.epoch_gex("SPX", eid), c1.cid), type=GexRow)  # type: ignore[arg-type]
     assert (row.iv, row.ts_ns) == (0.3, NS + SEC)
+    gex = await redis.hgetall(keys.epoch_gex("SPX", eid))
+    by_cid = {k.decode(): msgspec.json.decode(v, type=GexRow) for k, v in gex.items()}
+    assert {cid: (g.root, g.expiry) for cid, g in by_cid.items()} == {
+        c0.cid: ("SPXW", EXP1),
+        c1.cid: ("SPXW", EXP1),
+        c2.cid: ("SPX", EXP2),
+    }
     m = await meta(redis, eid)
     assert m["snapshot_ts_ns"] == str(NS + SEC) and m["spot"] == "6002.0"
     assert metric(registry, "massive_epoch_promotions_total", symbol="SPX") == 1

@@ -25,7 +25,7 @@ Stable across processes and restarts; a new strike or expiry gives a new id.
   ``DirtyEntry(reason="epoch")`` chunks for every contract (all in the symbol's slot). Readers
   therefore never see a half-built active epoch, and promotion and its notifications are
   one atomic effect. Then every key of the old epoch gets a TTL
-  (its fixed keys and the contract hashes its ``contracts`` SET names, ``EXPIRE NX``; no SCAN),
+  (the contract hashes its ``contracts`` SET names, by SSCAN, then its fixed keys; ``EXPIRE NX``),
   and a sweep over ``massive:epoch:index:{<SYM>}`` expires
   epochs that a crash left retired/abandoned without TTLs, deletes retired epochs beyond the
   ``keep_retired`` newest (those the coming retirement would push beyond it go already when
@@ -61,10 +61,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import logging
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import msgspec
@@ -77,10 +78,12 @@ from schemas import keys, symbols, ticker
 from schemas.messages import (
     ChainContract,
     ChainPointer,
-    ChainSnapshot,
     DirtyEntry,
     GexRow,
-    decode_snapshot,
+    LazyChainSnapshot,
+    decode_contract,
+    decode_contracts,
+    decode_snapshot_lazy,
     encode_gex_source,
     entry,
     from_entry,
@@ -107,9 +110,12 @@ class NormalizerSettings:
     # than this many 20k-contract epochs (~20 MB each) beside the active one.
     keep_retired: int = 1
     dirty_chunk: int = 500  # cids per DirtyEntry
-    build_chunk: int = 2000  # contracts per build script call (bounds Redis blocking time)
-    seed_chunk: int = 2000  # contracts per seed script call (bounds Redis blocking time)
+    # Contracts per build / seed script call, each its own round trip: bounds Redis blocking
+    # time and this process's peak (a chunk's decoded contracts, rows and packed command).
+    build_chunk: int = 500
+    seed_chunk: int = 500
     promote_retries: int = 5  # WATCH conflicts tolerated before giving up (entry retried)
+    key_batch: int = 2000  # epoch keys per SSCAN / EXISTS / EXPIRE / UNLINK call
     gex_source_ttl_s: int = 600  # massive:gex:source:{SYM} expires when no full chain comes
 
     def __post_init__(self) -> None:
@@ -120,6 +126,7 @@ class NormalizerSettings:
             "seed_chunk",
             "gex_source_ttl_s",
             "keep_retired",
+            "key_batch",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
@@ -127,22 +134,50 @@ class NormalizerSettings:
 
 @dataclass(frozen=True, slots=True)
 class Topology:
+    """The valid contracts of a snapshot, unique by cid, sorted by cid. They stay encoded
+    (``raws``, slices of the snapshot blob) and are decoded a chunk at a time, their cids
+    too: a 20k snapshot decoded whole was most of the normalizer's peak at a build (12 MB
+    traced of 21), and its 20k cids another 1.6 MB (bench/normalizer_rss.py has the RSS)."""
+
     symbol: str
     eid: str
-    contracts: list[ChainContract]  # valid, unique by cid, sorted by cid
-    roots: list[str]  # parallel to contracts
+    roots: list[str]  # parallel to raws
     expiries: list[str]  # sorted
+    raws: list[msgspec.Raw]  # each contract as its snapshot encodes it
+
+    def __len__(self) -> int:
+        return len(self.raws)
+
+    def chunks(self, step: int) -> Iterator[tuple[int, list[ChainContract]]]:
+        """(offset, the contracts decoded from there) per ``step`` contracts."""
+        for off in range(0, len(self.raws), step):
+            yield off, decode_contracts(self.raws[off : off + step])
+
+    def cid_chunks(self, step: int) -> Iterator[list[str]]:
+        """The cids, ``step`` at a time."""
+        for _, cs in self.chunks(step):
+            yield [c.cid for c in cs]
 
 
 def epoch_id(symbol: str, cids: Iterable[str], expiries: Iterable[str]) -> str:
-    """Stable short hex id of a topology (underlying + expiries + every cid)."""
+    """Stable short hex id of a topology (underlying + expiries + every cid): the digest of
+    ``<symbol>|<sorted unique expiries, comma-joined>|<sorted unique cids, newline-joined>``,
+    fed a cid at a time (a 20k topology's joined string and set need not exist)."""
     h = hashlib.blake2b(digest_size=8)
     h.update(symbol.encode())
     h.update(b"|")
     h.update(",".join(sorted(set(expiries))).encode())
     h.update(b"|")
-    h.update("\n".join(sorted(set(cids))).encode())
+    ordered = cids if isinstance(cids, list) and _strictly_increasing(cids) else sorted(set(cids))
+    for k, cid in enumerate(ordered):
+        if k:
+            h.update(b"\n")
+        h.update(cid.encode())
     return h.hexdigest()
+
+
+def _strictly_increasing(xs: list[str]) -> bool:
+    return all(a < b for a, b in itertools.pairwise(xs))
 
 
 def _label(symbol: str) -> str:
@@ -169,7 +204,7 @@ def _pack(rows: Sequence[Sequence[str]]) -> bytes:
 _CARRY_OLD = ("quote_ts", "bid", "ask", "mid", "trade_ts", "last", "size")
 
 
-def _snap_ts(c: ChainContract, snap: ChainSnapshot) -> tuple[int, int]:
+def _snap_ts(c: ChainContract, snap: LazyChainSnapshot) -> tuple[int, int]:
     """The quote and trade ts a snapshot contract is stored with (0 = none), as in ``build``."""
     q = (c.quote_ts_ns or snap.ts_ns) if c.bid is not None and c.ask is not None else 0
     t = (c.trade_ts_ns or snap.ts_ns) if c.last is not None else 0
@@ -303,7 +338,7 @@ class Normalizer(ConsumerProcessor):
             release_freed_memory()
         return result
 
-    async def _load_snapshot(self, ptr: ChainPointer) -> ChainSnapshot | str:
+    async def _load_snapshot(self, ptr: ChainPointer) -> LazyChainSnapshot | str:
         """The pointer's snapshot, or the result label why there is none to use."""
         if ptr.scope not in ("window", "full"):
             logger.warning("chain pointer with unknown scope %r skipped", ptr.scope)
@@ -317,7 +352,10 @@ class Normalizer(ConsumerProcessor):
             )
             return "missing_blob"
         try:
-            snap = decode_snapshot(blob)
+            snap = decode_snapshot_lazy(blob)
+            # every contract is valid, or the blob is refused whole (nothing written)
+            for off in range(0, len(snap.contracts), self.settings.build_chunk):
+                decode_contracts(snap.contracts[off : off + self.settings.build_chunk])
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             logger.warning("undecodable chain snapshot key=%s: %s", ptr.snapshot_key, exc)
             return "bad_blob"
@@ -338,7 +376,7 @@ class Normalizer(ConsumerProcessor):
         if ptr.scope == "full":
             return await self.gex_source(snap)
         topo = self.topology(snap)
-        if not topo.contracts:
+        if not len(topo):
             logger.warning("chain snapshot with no valid contracts key=%s", ptr.snapshot_key)
             return "empty"
         for _attempt in range(3):
@@ -371,10 +409,11 @@ class Normalizer(ConsumerProcessor):
             return "built"
         raise RuntimeError(f"epoch {topo.eid} kept changing state; entry will be retried")
 
-    async def gex_source(self, snap: ChainSnapshot) -> str:
+    async def gex_source(self, snap: LazyChainSnapshot) -> str:
         """A full-chain snapshot (GEX universe, apart from the heatmap's epochs) -> the
         columnar ``massive:gex:source:{<SYM>}``, only if newer than the stored one."""
-        src = gex_math.source_from_contracts(snap.symbol, snap.ts_ns, snap.spot, snap.contracts)
+        contracts = map(decode_contract, snap.contracts)  # one at a time
+        src = gex_math.source_from_contracts(snap.symbol, snap.ts_ns, snap.spot, contracts)
         spot = "" if snap.spot is None or not math.isfinite(snap.spot) else repr(snap.spot)
 
         def queue(pipe: Pipeline) -> None:
@@ -389,9 +428,12 @@ class Normalizer(ConsumerProcessor):
         return "gex_source" if int(res[0]) == lua.GexSource.WRITTEN else "stale_gex_source"
 
     # --- topology --------------------------------------------------------------------------
-    def topology(self, snap: ChainSnapshot) -> Topology:
-        by_cid: dict[str, tuple[ChainContract, str]] = {}
-        for c in snap.contracts:
+    def topology(self, snap: LazyChainSnapshot) -> Topology:
+        by_cid: dict[str, int] = {}  # cid -> index in the snapshot
+        roots: list[str] = []  # per index in the snapshot ("" = rejected)
+        names: dict[str, str] = {}  # one str per distinct root and expiry
+        expiries: set[str] = set()
+        for k, c in enumerate(map(decode_contract, snap.contracts)):
             reason = None
             try:
                 t = ticker.parse(c.cid)
@@ -410,99 +452,104 @@ class Normalizer(ConsumerProcessor):
             if reason is not None:
                 self.m_rejected.labels(reason=reason).inc()
                 logger.debug("contract rejected cid=%r reason=%s", c.cid, reason)
+                roots.append("")
                 continue
             if c.cid in by_cid:
                 self.m_rejected.labels(reason="duplicate").inc()
-            by_cid[c.cid] = (c, t.root)  # last one wins
+            by_cid[c.cid] = k  # last one wins
+            roots.append(names.setdefault(t.root, t.root))
+            expiries.add(names.setdefault(c.expiry, c.expiry))
         cids = sorted(by_cid)
-        expiries = sorted({by_cid[c][0].expiry for c in cids})
         return Topology(
             symbol=snap.symbol,
             eid=epoch_id(snap.symbol, cids, expiries),
-            contracts=[by_cid[c][0] for c in cids],
-            roots=[by_cid[c][1] for c in cids],
-            expiries=expiries,
+            roots=[roots[by_cid[c]] for c in cids],
+            expiries=sorted(expiries),
+            raws=[snap.contracts[by_cid[c]] for c in cids],
         )
 
     # --- same topology: re-seed ------------------------------------------------------------
-    def _gex_rows(self, topo: Topology, ts_ns: int) -> list[str]:
-        """JSON of GexRow per contract (parallel to topo.contracts)."""
-        pairs = zip(topo.contracts, topo.roots, strict=True)
-        return [self._gex_row(c, root, ts_ns) for c, root in pairs]
-
     @staticmethod
     def _gex_row(c: ChainContract, root: str, ts_ns: int) -> str:
         row = GexRow(root, c.expiry, c.strike, c.right, c.gamma, c.oi, c.iv, ts_ns)
         return msgspec.json.encode(row).decode()
 
-    def _spot_call(self, pipe: Pipeline, snap: ChainSnapshot) -> None:
+    def _spot_call(self, pipe: Pipeline, snap: LazyChainSnapshot) -> None:
         if snap.spot is not None and math.isfinite(snap.spot):
             ts = snap.spot_ts_ns if snap.spot_ts_ns is not None else snap.ts_ns
             args = [snap.symbol, repr(float(snap.spot)), str(ts)]
             self._spot.queue(pipe, [keys.SPOT_LATEST], args)
 
+    @classmethod
+    def _seed_row(cls, c: ChainContract, root: str, snap: LazyChainSnapshot) -> tuple[str, ...]:
+        """What seed.lua applies to contract ``c``: cid, quote (ts, bid, ask, mid), trade
+        (ts, last, size), iv, delta, gamma, oi, the GexRow JSON ("" = absent)."""
+        q = c.bid is not None and c.ask is not None
+        t = c.last is not None
+        return (
+            c.cid,
+            str(c.quote_ts_ns or snap.ts_ns) if q else "",
+            _f(c.bid) if q else "",
+            _f(c.ask) if q else "",
+            repr((c.bid + c.ask) / 2) if q else "",  # type: ignore[operator]
+            str(c.trade_ts_ns or snap.ts_ns) if t else "",
+            _f(c.last) if t else "",
+            _f(c.last_size) if t else "",
+            _f(c.iv),
+            _f(c.delta),
+            _f(c.gamma),
+            _f(c.oi),
+            cls._gex_row(c, root, snap.ts_ns),
+        )
+
     async def reseed(
-        self, topo: Topology, snap: ChainSnapshot, meta: dict[str | None, str | None]
+        self, topo: Topology, snap: LazyChainSnapshot, meta: dict[str | None, str | None]
     ) -> bool:
-        """Returns False when the epoch stopped being active before the write (nothing done)."""
+        """Returns False when the epoch stopped being active before the write (nothing done
+        from there on). One round trip per ``seed_chunk`` contracts: only that chunk's rows
+        and its packed argument exist at a time."""
         eid = topo.eid
         meta_key = keys.epoch_meta(topo.symbol, eid)
         crashed_before = meta.get("seeding_ts_ns") != meta.get("seeded_ts_ns")
-        gex = self._gex_rows(topo, snap.ts_ns)
-        rows: list[tuple[str, ...]] = []
-        for c, g in zip(topo.contracts, gex, strict=True):
-            q = c.bid is not None and c.ask is not None
-            t = c.last is not None
-            rows.append(
-                (
-                    c.cid,
-                    str(c.quote_ts_ns or snap.ts_ns) if q else "",
-                    _f(c.bid) if q else "",
-                    _f(c.ask) if q else "",
-                    repr((c.bid + c.ask) / 2) if q else "",  # type: ignore[operator]
-                    str(c.trade_ts_ns or snap.ts_ns) if t else "",
-                    _f(c.last) if t else "",
-                    _f(c.last_size) if t else "",
-                    _f(c.iv),
-                    _f(c.delta),
-                    _f(c.gamma),
-                    _f(c.oi),
-                    g,
-                )
-            )
         step = self.settings.seed_chunk
         gex_key = keys.epoch_gex(topo.symbol, eid)
         prefix = keys.epoch_contract_prefix(topo.symbol, eid)
-        chunks = [
-            (
-                [meta_key, gex_key] + [prefix + r[0] for r in rows[off : off + step]],
-                _pack(rows[off : off + step]),
-            )
-            for off in range(0, len(rows), step)
-        ]
-
-        def queue(pipe: Pipeline) -> None:
-            # The in-progress mark goes before the writes (see module docstring).
-            pipe.hset(meta_key, "seeding_ts_ns", str(snap.ts_ns))
-            for names, blob in chunks:
-                self._seed.queue(pipe, names, [blob, str(snap.ts_ns)])
-            self._spot_call(pipe, snap)
-
-        res = await lua.execute(self.redis, queue)
+        n = len(topo)
         changed: list[str] = []
-        for k, r in enumerate(res[1 : 1 + len(chunks)]):
+        for off, cs in topo.chunks(step):
+            rows = [self._seed_row(c, topo.roots[off + k], snap) for k, c in enumerate(cs)]
+            cids = [r[0] for r in rows]
+            names = [meta_key, gex_key] + [prefix + c for c in cids]
+            blob = _pack(rows)
+            del rows, cs
+            first, last = off == 0, off + step >= n
+
+            def queue(
+                pipe: Pipeline,
+                names: list[str] = names,
+                blob: bytes = blob,
+                first: bool = first,
+                last: bool = last,
+            ) -> None:
+                if first:  # the in-progress mark goes before the writes (module docstring)
+                    pipe.hset(meta_key, "seeding_ts_ns", str(snap.ts_ns))
+                self._seed.queue(pipe, names, [blob, str(snap.ts_ns)])
+                if last:
+                    self._spot_call(pipe, snap)
+
+            res = await lua.execute(self.redis, queue)
+            r = res[1] if first else res[0]
             if int(r[0]) == lua.EpochWrite.NOT_ACTIVE:
                 logger.warning("epoch %s no longer active during re-seed", eid)
                 return False
             if int(r[1]):
                 logger.error("epoch %s lacks %d contract hashes of its topology", eid, r[1])
-            base = k * step
-            changed += [topo.contracts[base + int(i)].cid for i in r[2:]]
+            changed += [cids[int(i)] for i in r[2:]]
         if crashed_before:
             logger.warning(
                 "epoch %s: an earlier re-seed did not finish; notifying all contracts", eid
             )
-            changed = [c.cid for c in topo.contracts]
+            changed = [c for part in topo.cid_chunks(step) for c in part]
         self.m_seed_changed.labels(symbol=_label(topo.symbol)).inc(len(changed))
         prev_ts = int(meta.get("snapshot_ts_ns") or 0)
         tx = self.redis.pipeline(transaction=True)
@@ -522,7 +569,7 @@ class Normalizer(ConsumerProcessor):
         topo: Topology,
         eid: str,
         cids: Sequence[str],
-        snap: ChainSnapshot | None,
+        snap: LazyChainSnapshot | None,
         reason: str,
         max_ts_ns: int = 0,
     ) -> int:
@@ -550,7 +597,7 @@ class Normalizer(ConsumerProcessor):
         self,
         topo: Topology,
         old: str,
-        snap: ChainSnapshot | None,
+        snap: LazyChainSnapshot | None,
         sent: dict[tuple[str, int], bytes],
         *,
         warming: bool = False,
@@ -569,30 +616,29 @@ class Normalizer(ConsumerProcessor):
                 logger.warning("epoch %s: previous epoch %s is gone; nothing to carry", eid, old)
                 await self.redis.hdel(meta_key, "carry_from")
             return 0
-        cids = [c.cid for c in topo.contracts]
-        floors = (
-            [(0, 0)] * len(cids) if snap is None else [_snap_ts(c, snap) for c in topo.contracts]
-        )
         step = self.settings.seed_chunk
         prefix = keys.epoch_contract_prefix(sym, old)
-
-        def read(pipe: Pipeline) -> None:
-            for off in range(0, len(cids), step):
-                part = [prefix + c for c in cids[off : off + step]]
-                self._fetch.queue(pipe, part, _CARRY_OLD)
-
-        rows = [j for rep in await lua.execute(self.redis, read) for j in rep]
+        new_prefix = keys.epoch_contract_prefix(sym, eid)
         changed: list[str] = []
         max_ts = 0
-        for off in range(0, len(cids), step):
-            end = off + step
-            qs, ts, ids = _carry_events(cids[off:end], floors[off:end], rows[off:end], sent)
+        for _, cs in topo.chunks(step):  # a round trip to read and one to apply per chunk
+            cids = [c.cid for c in cs]
+            floors = [(0, 0)] * len(cids) if snap is None else [_snap_ts(c, snap) for c in cs]
+            del cs
+
+            part = [prefix + c for c in cids]
+
+            def read(pipe: Pipeline, part: list[str] = part) -> None:
+                self._fetch.queue(pipe, part, _CARRY_OLD)
+
+            (rows,) = await lua.execute(self.redis, read)
+            qs, ts, ids = _carry_events(cids, floors, rows, sent)
+            del rows, floors
             if not ids:
                 continue
             args: list[lua.Arg] = [_packer.encode(qs), _packer.encode(ts)]
             if warming:
                 args.append("warming")
-            new_prefix = keys.epoch_contract_prefix(sym, eid)
             names = [meta_key] + [new_prefix + cid for cid, _ in ids]
             reply = await self._hydrate(self.redis, names, args)
             if int(reply[0]) == lua.EpochWrite.NOT_ACTIVE:
@@ -617,7 +663,7 @@ class Normalizer(ConsumerProcessor):
         return len(changed)
 
     async def build_and_promote(
-        self, topo: Topology, snap: ChainSnapshot, *, rebuild: bool
+        self, topo: Topology, snap: LazyChainSnapshot, *, rebuild: bool
     ) -> None:
         t0 = time.perf_counter()
         eid = topo.eid
@@ -630,7 +676,7 @@ class Normalizer(ConsumerProcessor):
             # Leftovers of an earlier life of this id (a crashed build, or a retired epoch
             # whose topology came back, maybe with its meta already expired and the rest
             # not yet): start from nothing so no stale value and no TTL survives.
-            await self.delete_epoch(topo.symbol, eid, [c.cid for c in topo.contracts])
+            await self.delete_epoch(topo.symbol, eid, topo.cid_chunks(self.settings.key_batch))
         await self.build(topo, snap)
         prev = opt_str(await self.redis.get(keys.epoch_active(topo.symbol)))
         sent: dict[tuple[str, int], bytes] = {}
@@ -645,7 +691,7 @@ class Normalizer(ConsumerProcessor):
             "epoch promoted symbol=%s eid=%s contracts=%d expiries=%d previous=%s took=%.3fs",
             topo.symbol,
             eid,
-            len(topo.contracts),
+            len(topo),
             len(topo.expiries),
             old,
             time.perf_counter() - t0,
@@ -654,7 +700,7 @@ class Normalizer(ConsumerProcessor):
             await self.retire(topo.symbol, old)
         await self.sweep()
 
-    async def build(self, topo: Topology, snap: ChainSnapshot) -> None:
+    async def build(self, topo: Topology, snap: LazyChainSnapshot) -> None:
         eid = topo.eid
         now = self.clock.time_ns()
         sym = topo.symbol
@@ -667,7 +713,7 @@ class Normalizer(ConsumerProcessor):
                 "symbol": sym,
                 "state": "warming",
                 "created_ns": str(now),
-                "n_contracts": str(len(topo.contracts)),
+                "n_contracts": str(len(topo)),
                 "expiries": ",".join(topo.expiries),
                 "spot": "" if snap.spot is None else repr(float(snap.spot)),
                 "snapshot_ts_ns": str(snap.ts_ns),
@@ -675,17 +721,17 @@ class Normalizer(ConsumerProcessor):
         )
         pipe.zadd(keys.epoch_index(sym), {eid: now})
         await pipe.execute()
-        # One chunk at a time, each its own round trip: its rows, its msgpack argument and
-        # the packed command exist for that chunk only. Built for all 20k contracts first,
-        # they were the process's peak (84 MB traced at a build against 14 MB between
-        # builds; bench/normalizer_rss.py has the RSS).
+        # One chunk at a time, each its own round trip: its contracts decoded, its rows, its
+        # msgpack argument and the packed command exist for that chunk only. Built for all
+        # 20k contracts first, they were the process's peak (84 MB traced at a build against
+        # 14 MB between builds; bench/normalizer_rss.py has the RSS).
         step = self.settings.build_chunk
         fixed = keys.epoch_fixed_keys(sym, eid)
         prefix = keys.epoch_contract_prefix(sym, eid)
-        n = len(topo.contracts)
-        for off in range(0, n, step):
-            part = range(off, min(off + step, n))
-            rows = [self._build_row(topo, i, snap) for i in part]
+        n = len(topo)
+        for off, cs in topo.chunks(step):
+            rows = [self._build_row(c, topo.roots[off + k], sym, snap) for k, c in enumerate(cs)]
+            del cs
             names = fixed + [prefix + r[0] for r in rows]
             blob = _pack(rows)
             del rows
@@ -702,12 +748,12 @@ class Normalizer(ConsumerProcessor):
             if int(res[0]) == lua.Build.NOT_WARMING:
                 raise RuntimeError(f"epoch {eid} left the warming state during its build")
 
-    def _build_row(self, topo: Topology, i: int, snap: ChainSnapshot) -> list[str]:
-        """What build.lua writes for contract ``i`` of ``topo``: cid, strike, expiry as
-        YYYYMMDD, the GexRow JSON, then the hash's field/value pairs."""
-        c, root = topo.contracts[i], topo.roots[i]
+    def _build_row(
+        self, c: ChainContract, root: str, sym: str, snap: LazyChainSnapshot
+    ) -> list[str]:
+        """What build.lua writes for contract ``c`` (of root ``root``, underlying ``sym``):
+        cid, strike, expiry as YYYYMMDD, the GexRow JSON, then the hash's field/value pairs."""
         g = self._gex_row(c, root, snap.ts_ns)
-        sym = topo.symbol
         strike = repr(float(c.strike))
         row = [c.cid, strike, c.expiry.replace("-", ""), g]
         row += ("symbol", sym, "root", root, "expiry", c.expiry, "strike", strike)
@@ -732,11 +778,10 @@ class Normalizer(ConsumerProcessor):
                 row += (name, repr(float(v)))
         return row
 
-    async def promote(self, topo: Topology, snap: ChainSnapshot) -> str | None:
+    async def promote(self, topo: Topology, snap: LazyChainSnapshot) -> str | None:
         """Atomically: old -> retired, new -> active, active pointer, epoch dirty entries.
         Returns the previously active epoch id."""
         eid, sym = topo.eid, topo.symbol
-        cids = [c.cid for c in topo.contracts]
         for _ in range(self.settings.promote_retries):
             async with self.redis.pipeline(transaction=True) as pipe:
                 try:
@@ -759,53 +804,66 @@ class Normalizer(ConsumerProcessor):
                         mark["carry_from"] = old
                     pipe.hset(keys.epoch_meta(sym, eid), mapping=mark)  # type: ignore[arg-type]
                     pipe.set(keys.epoch_active(sym), eid)
-                    self._xadd_dirty(pipe, topo, eid, cids, snap, "epoch")
+                    for cids in topo.cid_chunks(self.settings.dirty_chunk):
+                        self._xadd_dirty(pipe, topo, eid, cids, snap, "epoch")
                     await pipe.execute()
                     return old
                 except WatchError:
                     logger.info("promotion of %s raced another writer; retrying", eid)
         raise RuntimeError(f"could not promote epoch {eid}: active pointer kept changing")
 
-    async def _epoch_keys(self, symbol: str, eid: str) -> list[str]:
-        """Every key of the epoch: its fixed keys and one contract hash per member of its
-        ``contracts`` SET (build.lua writes a hash and its member in one script, so no hash
-        exists without its member; no SCAN)."""
-        raw = await self.redis.smembers(keys.epoch_contracts(symbol, eid))
+    async def _epoch_keys(
+        self, symbol: str, eid: str, cid_batches: Iterable[Sequence[str]] = ()
+    ) -> AsyncIterator[list[str]]:
+        """Every key of the epoch, ``key_batch`` at a time: one contract hash per member of
+        its ``contracts`` SET (build.lua writes a hash and its member in one script, so no
+        hash exists without its member; SSCAN, not SCAN), those of ``cid_batches`` too, then its
+        fixed keys, the SET among them, last (a caller deleting the keys must not lose the
+        SET before it was read whole). A key may come twice (SSCAN)."""
         prefix = keys.epoch_contract_prefix(symbol, eid)
-        return keys.epoch_fixed_keys(symbol, eid) + [prefix + as_str(c) for c in sorted(raw)]
+        step = self.settings.key_batch
+        cursor = 0
+        while True:
+            cursor, members = await self.redis.sscan(
+                keys.epoch_contracts(symbol, eid), cursor, count=step
+            )
+            if members:
+                yield [prefix + as_str(c) for c in members]
+            if not cursor:
+                break
+        for cids in cid_batches:
+            yield [prefix + c for c in cids]
+        yield keys.epoch_fixed_keys(symbol, eid)
 
     async def retire(self, symbol: str, eid: str) -> int:
         """TTL on every key of ``eid`` (its own key set; EXPIRE NX). Returns the number of
         keys that got a TTL now."""
         n = 0
-        ks = await self._epoch_keys(symbol, eid)
-        for off in range(0, len(ks), 5000):
-            n += int(
-                await self._expire(self.redis, ks[off : off + 5000], [self.settings.retire_ttl_s])
-            )
+        async for ks in self._epoch_keys(symbol, eid):
+            n += int(await self._expire(self.redis, ks, [self.settings.retire_ttl_s]))
         self.m_retired_keys.inc(n)
-        logger.info(
-            "epoch retired eid=%s keys=%d ttl=%ds", eid, len(ks), self.settings.retire_ttl_s
-        )
+        logger.info("epoch retired eid=%s keys=%d ttl=%ds", eid, n, self.settings.retire_ttl_s)
         return n
 
     async def _has_leftovers(self, topo: Topology) -> bool:
-        """Whether any key a build of ``topo`` writes exists already (one round trip)."""
+        """Whether any key a build of ``topo`` writes exists already."""
         eid, sym = topo.eid, topo.symbol
-        names = keys.epoch_fixed_keys(sym, eid)[1:]
-        names += [keys.epoch_contract(sym, eid, c.cid) for c in topo.contracts]
-        pipe = self.redis.pipeline(transaction=False)
-        for off in range(0, len(names), 5000):
-            pipe.exists(*names[off : off + 5000])
-        return any(int(n) for n in await pipe.execute())
+        if await self.redis.exists(*keys.epoch_fixed_keys(sym, eid)[1:]):
+            return True
+        prefix = keys.epoch_contract_prefix(sym, eid)
+        for cids in topo.cid_chunks(self.settings.key_batch):
+            if await self.redis.exists(*[prefix + c for c in cids]):
+                return True
+        return False
 
-    async def delete_epoch(self, symbol: str, eid: str, cids: Sequence[str] = ()) -> None:
-        """Delete every key of ``eid``: its own key set plus the contract hashes of ``cids``
-        (the epoch id is a hash of its cids: a rebuild of the same id writes exactly them)."""
-        prefix = keys.epoch_contract_prefix(symbol, eid)
-        ks = list(dict.fromkeys(await self._epoch_keys(symbol, eid) + [prefix + c for c in cids]))
-        for off in range(0, len(ks), 5000):
-            await self.redis.unlink(*ks[off : off + 5000])
+    async def delete_epoch(
+        self, symbol: str, eid: str, cid_batches: Iterable[Sequence[str]] = ()
+    ) -> None:
+        """Delete every key of ``eid``: its own key set plus the contract hashes of
+        ``cid_batches`` (the epoch id is a hash of its cids: a rebuild of the same id writes
+        exactly them)."""
+        async for ks in self._epoch_keys(symbol, eid, cid_batches):
+            await self.redis.unlink(*ks)
 
     async def sweep(self) -> None:
         """Keep the epoch key count bounded: index entries whose meta expired are dropped;

@@ -63,6 +63,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import math
+from array import array
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -268,31 +269,51 @@ def source_from_contracts(
     symbol: str, ts_ns: int, spot: float | None, contracts: Iterable[ChainContract]
 ) -> GexSource:
     """A chain snapshot's contracts -> the compact columnar GEX source (the normalizer writes
-    it for a full-chain snapshot; the GEX builder decodes it with numpy, no per-row work)."""
-    cs = list(contracts)
+    it for a full-chain snapshot; the GEX builder decodes it with numpy, no per-row work).
+    One pass into typed arrays: ``contracts`` may be a generator decoding a contract at a time,
+    so a whole chain of decoded contracts (12 MB at 20k) need never exist."""
     nan = math.nan
-    root_names, root = _codes(tuple(_occ_root(c.cid) for c in cs))
-    exp_names, expiry = _codes(tuple(c.expiry for c in cs))
-
-    def f64(vals: Iterable[float | None]) -> bytes:
-        return np.fromiter((nan if v is None else v for v in vals), np.float64, len(cs)).tobytes()
-
-    right = _right_codes((c.right for c in cs), len(cs))
+    root_ix: dict[str, int] = {}  # first-seen codes, sorted by name at the end
+    exp_ix: dict[str, int] = {}
+    root, expiry, right = array("h"), array("h"), array("b")
+    strike, gamma, oi, iv, mult = (array("d") for _ in range(5))
+    has_mult = False
+    for c in contracts:
+        root.append(root_ix.setdefault(_occ_root(c.cid), len(root_ix)))
+        expiry.append(exp_ix.setdefault(c.expiry, len(exp_ix)))
+        right.append(1 if c.right == "C" else 0 if c.right == "P" else -1)
+        strike.append(c.strike)
+        gamma.append(nan if c.gamma is None else c.gamma)
+        oi.append(nan if c.oi is None else c.oi)
+        iv.append(nan if c.iv is None else c.iv)
+        mult.append(nan if c.shares is None else c.shares)
+        has_mult = has_mult or c.shares is not None
+    root_names, root_codes = _sorted_codes(root_ix, root)
+    exp_names, exp_codes = _sorted_codes(exp_ix, expiry)
     return GexSource(
         symbol=symbol,
         ts_ns=ts_ns,
         spot=spot,
         roots=root_names,
         expiries=exp_names,
-        root=root.astype(np.int16).tobytes(),
-        expiry=expiry.astype(np.int16).tobytes(),
-        strike=f64(c.strike for c in cs),
+        root=root_codes,
+        expiry=exp_codes,
+        strike=strike.tobytes(),
         right=right.tobytes(),
-        gamma=f64(c.gamma for c in cs),
-        oi=f64(c.oi for c in cs),
-        iv=f64(c.iv for c in cs),
-        mult=f64(c.shares for c in cs) if any(c.shares is not None for c in cs) else b"",
+        gamma=gamma.tobytes(),
+        oi=oi.tobytes(),
+        iv=iv.tobytes(),
+        mult=mult.tobytes() if has_mult else b"",
     )
+
+
+def _sorted_codes(first_seen: dict[str, int], codes: array[int]) -> tuple[list[str], bytes]:
+    """Codes given in first-seen order -> the names sorted and the codes into them (int16)."""
+    names = sorted(first_seen)
+    remap = np.empty(len(names), dtype=np.int16)
+    for new, name in enumerate(names):
+        remap[first_seen[name]] = new
+    return names, remap[np.frombuffer(codes, dtype=np.int16)].tobytes()
 
 
 def source_columns(src: GexSource) -> Columns:
