@@ -4,11 +4,11 @@ Each build is a new epoch (every snapshot lists one more strike than the previou
 the topology changes and the normalizer builds, promotes and retires). After each build the
 same snapshot comes again (a re-seed) and then as a whole chain for GEX (``scope="full"``).
 They run in a child process (``Normalizer.process`` in process, after
-``fix_mmap_threshold`` as its ``run`` does) once with the environment ``massive-pipeline
-run normalizer`` gives it (``processors.ops.cli.allocator_env``: the allocator the registry
-chooses) and once with ``PYTHONMALLOC=pymalloc``, on a private redis-server; prints the RSS
-after each cycle and the peaks during each step (a thread of the child reads its VmRSS
-every ``--sample-s``), and max / min - 1 of all of them: the soak's "flat" reading.
+``fix_mmap_threshold`` as its ``run`` does) once on CPython's pymalloc, which the normalizer
+runs on, and once with ``PYTHONMALLOC=malloc`` for comparison, on a private redis-server;
+prints the RSS after each cycle and the peaks during each step (a thread of the child reads
+its VmRSS every ``--sample-s``), and max / min - 1 of all of them: the soak's "flat"
+reading.
 
     .venv/bin/python bench/normalizer_rss.py [--contracts 20000] [--builds 8] [--sample-s 0.02]
 """
@@ -34,7 +34,6 @@ from publisher_rss import Sampler  # bench/publisher_rss.py
 
 from bench.e2e_load import machine, rss_mb
 from processors.epochs.normalizer import Normalizer, NormalizerSettings
-from processors.ops.cli import allocator_env
 from schemas import keys
 from schemas.messages import ChainPointer, encode_snapshot
 from streams.memory import fix_mmap_threshold
@@ -134,15 +133,14 @@ def main() -> None:
         )
         return
     base = {k: v for k, v in os.environ.items() if k != "PYTHONMALLOC"}
-    chosen = allocator_env(["normalizer"], base) or base
     print(f"# machine: {machine()}")
     print(f"# normalizer: {a.builds} builds of {a.contracts} contracts, one process each")
     srv = RedisServer().start()
     try:
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
             for label, env in (
-                ("registry's choice", chosen),
-                ("pymalloc", {**base, "PYTHONMALLOC": "pymalloc"}),
+                ("pymalloc (what it runs on)", base),
+                ("the C library's malloc", {**base, "PYTHONMALLOC": "malloc"}),
             ):
                 ptrs = asyncio.run(store(srv.url, a.contracts, a.builds))
                 Path(f.name).write_bytes(msgspec.json.encode(ptrs))

@@ -7,7 +7,7 @@ this module imports every stage, so every settings class is registered (the star
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from processors.epochs import hydrator, normalizer
@@ -27,11 +27,6 @@ class Stage:
     build: Builder
     usage: str  # name[:arg] as typed after ``run``
     summary: str
-    # Run under the C library's malloc (PYTHONMALLOC=malloc) rather than CPython's pymalloc:
-    # ``run`` re-executes itself with it (processors/ops/cli.py). For a processor that drops
-    # whole graphs of small objects: pymalloc keeps their freed blocks in partly used arenas,
-    # which ``malloc_trim`` (streams/memory.py) cannot hand back, so its RSS ratchets up.
-    system_malloc: bool = False
 
 
 PROCESSORS: dict[str, Stage] = {
@@ -45,13 +40,7 @@ PROCESSORS: dict[str, Stage] = {
         "ws-ingest[:SPX,...]",
         "WebSocket trades, quotes, indices -> massive:{ws}:stream",
     ),
-    # No state between snapshots (~1 MB of Python objects alive after each 20k-contract
-    # build), yet under pymalloc RSS grew with the builds (bench/normalizer_rss.py: 64 -> 72
-    # MB over eight, trim included); under malloc it held 61 MB flat (docs/performance.md,
-    # "A trading day"). The tile builders and publishers were no better or worse under it.
-    "normalizer": Stage(
-        normalizer.build, "normalizer", "chain snapshots -> epochs", system_malloc=True
-    ),
+    "normalizer": Stage(normalizer.build, "normalizer", "chain snapshots -> epochs"),
     "hydrator": Stage(hydrator.build, "hydrator", "WS frames -> contract values of the epoch"),
     "tile-builder": Stage(
         tile_builder.build,
@@ -80,15 +69,6 @@ def load(spec: str, deps: Deps) -> Processor:
         raise ValueError(f"unknown processor {name!r} (known: {', '.join(PROCESSORS)})")
     symbols.configure(deps.settings.symbol_specs, deps.settings.symbols)
     return stage.build(deps, arg or None)
-
-
-def wants_system_malloc(specs: Sequence[str]) -> bool:
-    """True when every processor of ``specs`` (``name[:arg]``) asks for the C library's
-    malloc: a process that also hosts others keeps pymalloc, which suits them better (under
-    malloc the tile builders' RSS was higher and the publishers' no lower in the soak).
-    Unknown names answer False (``load`` says what is wrong with them)."""
-    stages = [PROCESSORS.get(s.partition(":")[0]) for s in specs]
-    return bool(stages) and all(st is not None and st.system_malloc for st in stages)
 
 
 def describe() -> str:

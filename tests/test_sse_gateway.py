@@ -9,6 +9,7 @@ import gc
 import json
 import logging
 import os
+import re
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -260,12 +261,48 @@ async def test_a_spooled_checkpoint_answers_api_and_snapshots_with_the_diffs_lai
             for _ in range(3):
                 items = apply(items, json.loads((await c.next_data("diff")).data))
             assert items == norm(truth.items)
+        # a view's feed loads its model from the same spooled checkpoint, a piece at a time
+        right = one.split(":")[-1]
+        q = f"symbol=SPX&expiry={expiry}&right={right}"
+        async with Client(f"{base(gw)}/sse/heatmap/butterfly?{q}") as vc:
+            reader = ViewReader()
+            vsnap = reader.snapshot((await vc.next_data("snapshot")).data)
+            assert vsnap["items"] == view_truth(writer, HEAT, expiry, right) != {}
 
         async def closed() -> bool:  # the snapshot's share time over, the janitor drops it
             gc.collect()
             return spool_fds() == [] and await metric(gw, "massive_sse_spool_bytes") == 0
 
         await eventually(closed, timeout_s=10)
+
+
+async def test_a_checkpoint_with_an_undecodable_piece_is_a_counted_rejection(
+    deps: Deps, redis: Redis
+) -> None:
+    """A view feed reads a marked checkpoint a piece at a time: a piece that is not JSON is
+    a counted ``bad_model`` (no crash, nothing sent); the next good model is served."""
+    writer = ModelWriter(redis, items_per_piece=7)
+    spx = FakeMarket("SPX")
+    await publish_full(writer, spx, 1)
+    key = keys.heatmap_model("SPX", "butterfly")
+    stored = await redis.get(key)
+    assert stored is not None
+    cut = [m.start() for m in re.finditer(b"\t", stored)][2]
+    await redis.set(key, stored[:cut] + b"\t{not json," + stored[cut + 1 :])
+    expiry = next(iter(writer.models[("SPX", HEAT)].items)).split(":")[1]
+    q = f"symbol=SPX&expiry={expiry}"
+    bad = 'massive_sse_rejected_total{channel="heatmap:butterfly",reason="bad_model"}'
+    settings = replace(SETTINGS, no_model_poll_s=0.2)
+    async with gateway(deps, settings) as gw, Client(f"{base(gw)}/sse/heatmap/butterfly?{q}") as c:
+
+        async def rejected() -> bool:
+            return await metric(gw, bad) >= 1
+
+        await eventually(rejected)
+        await redis.set(key, stored)  # the writer's next checkpoint
+        snap = ViewReader().snapshot((await c.next_data("snapshot", timeout_s=10)).data)
+        truth = writer.models[("SPX", HEAT)].items
+        assert snap["items"] == norm({k: v for k, v in truth.items() if expiry in k})
 
 
 async def test_api_requests_in_flight_together_share_one_read(

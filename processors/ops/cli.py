@@ -7,9 +7,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
-import os
 import sys
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -103,7 +102,6 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         check_env()  # every settings class is registered: processors.registry imports them
@@ -116,8 +114,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         rc: int = func(argv[1:])
         return rc
     args = _parser().parse_args(argv)
-    if args.cmd == "run" and from_command_line:
-        exec_with_allocator(args.processors)
     try:
         settings = from_env(RuntimeSettings)
         # MASSIVE_SYMBOL_SPECS: a bad spec fails here, with its name
@@ -130,30 +126,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     setup_logging(settings.log_level)
     return _dispatch(args, settings)
-
-
-def allocator_env(specs: Sequence[str], environ: Mapping[str, str]) -> dict[str, str] | None:
-    """The environment to re-execute ``run <specs>`` with, or None to go on as is.
-
-    Processors choose their allocator in the registry (``Stage.system_malloc``); CPython reads
-    ``PYTHONMALLOC`` only at start-up, hence the re-exec. An operator's explicit value (even
-    ``pymalloc``) wins, and a re-executed process has it set, so this never loops."""
-    if "PYTHONMALLOC" in environ or not registry.wants_system_malloc(specs):
-        return None
-    return {**environ, "PYTHONMALLOC": "malloc"}
-
-
-def exec_with_allocator(specs: Sequence[str]) -> None:
-    """Replace this process (same pid, same command line) by one on the allocator the
-    processors of ``specs`` asked for; returns only when none is needed. One mechanism for
-    every way a processor is started: the k8s Deployments, the tests' harness, the benches."""
-    env = allocator_env(specs, os.environ)
-    if env is None:
-        return
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # orig_argv: the interpreter's own options and ``-m module`` or the script, as started
-    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -948,6 +948,38 @@ class SpooledModel:
         yield b"}," + _json_encoder.encode(ModelTail(meta, diff_id))[1:]
 
 
+async def _fill(model: Model, got: checkpoint.Spooled | bytes) -> None:
+    """``model`` from a checkpoint: a spooled one a piece of items at a time (a checkpoint
+    held whole with its decoded items was the gateway's peak at every promotion, when each
+    view feed reloads), any other decoded whole."""
+    if isinstance(got, checkpoint.Spooled):
+        try:
+            h, t = got.head, got.tail
+            model.epoch, model.version, model.ts_ns = h.epoch, h.version, h.ts_ns
+            model.head, model.meta = t.diff_id, _json_encoder.encode(t.meta)
+            await _set_all(model, (_items_dec.decode(p).items() for p in got.item_pieces()))
+        finally:
+            got.close()
+        return
+    with gc_paused():
+        pm = _model_dec.decode(got)
+    del got
+    model.epoch, model.version, model.ts_ns = pm.epoch, pm.version, pm.ts_ns
+    model.head, model.meta = pm.diff_id, bytes(pm.meta)
+    items, pm.items = pm.items, {}
+    batch = list(items.items())
+    del items
+    await _set_all(model, (batch[i : i + 4096] for i in range(0, len(batch), 4096)))
+
+
+async def _set_all(model: Model, batches: Iterable[Iterable[tuple[str, msgspec.Raw]]]) -> None:
+    for batch in batches:
+        with gc_paused():
+            for key, obj in batch:
+                model.set(key, obj)
+        await asyncio.sleep(0)  # a 100k-item model: let the other clients run
+
+
 def _laid_over(
     items: Iterable[tuple[str, msgspec.Raw | None]],
     over: checkpoint.Overlay | None,
@@ -1231,32 +1263,17 @@ class Mirror:
     async def _load(self) -> Model | str | None:
         """The model at its latest version; NO_MODEL; None when its diffs do not chain."""
         gw, ch = self.gw, self.channel
-        async with gw.redis_slots:
-            raw = await gw.redis.get(ch.model_key(self.symbol))
-        if raw is None:
+        got = await gw.spool(ch, self.symbol)
+        if got is None:
             return NO_MODEL
+        model = Model(ch.part_of, self._wants)
         try:
-            with gc_paused():
-                pm = _model_dec.decode(raw)
+            await _fill(model, got)
         except (msgspec.ValidationError, msgspec.DecodeError):
             gw.metrics.rejected.labels(channel=ch.name, reason="bad_model").inc()
             logger.warning("channel=%s symbol=%s: undecodable model", ch.name, self.symbol)
             return None
-        del raw
-        model = Model(ch.part_of, self._wants)
-        model.epoch, model.version, model.ts_ns = pm.epoch, pm.version, pm.ts_ns
-        model.head = pm.diff_id
-        model.head_sid = (parse_id(pm.diff_id) if pm.diff_id else None) or ZERO_ID
-        model.meta = bytes(pm.meta)
-        items, pm.items = pm.items, {}
-        batch = list(items.items())
-        del items
-        for start in range(0, len(batch), 4096):
-            with gc_paused():
-                for key, obj in batch[start : start + 4096]:
-                    model.set(key, obj)
-            await asyncio.sleep(0)  # a 100k-item model: let the other clients run
-        del batch
+        model.head_sid = (parse_id(model.head) if model.head else None) or ZERO_ID
         # the checkpoint may be versions behind its diffs (processors/heatmap/publisher.py)
         async for sid, id_s, body in gw.entries_after(ch.stream(self.symbol), model.head_sid):
             if _diff_head.decode(body).symbol != self.symbol:
