@@ -466,6 +466,30 @@ async def test_version_gap_and_epoch_change_resync_live_clients(deps: Deps, redi
             )
 
 
+async def test_a_view_client_gets_a_new_epochs_model_as_a_snapshot(
+    deps: Deps, redis: Redis
+) -> None:
+    """A new epoch's first diff carries the whole new model: a view feed resyncs on it (the
+    head tells) and reloads, so a tile the new epoch dropped is gone from the view."""
+    writer = ModelWriter(redis)
+    spx = FakeMarket("SPX")
+    await publish_full(writer, spx, 1)
+    front = min(e.isoformat() for e in spx.expiries)
+    q = f"symbol=SPX&expiry={front}&right=C"
+    async with gateway(deps) as gw, Client(f"{base(gw)}/sse/heatmap/butterfly?{q}") as c:
+        reader = ViewReader()
+        reader.snapshot((await c.next_data("snapshot")).data)
+        tiles = spx.tiles("butterfly")
+        dropped = min(k for k in tiles if k.split(":")[1] == front and k.endswith(":C"))
+        spx.epoch = "fake-epoch-2"
+        await writer.publish(
+            "SPX", HEAT, spx.epoch, {k: v for k, v in tiles.items() if k != dropped}
+        )
+        snap = reader.snapshot((await c.next_data("snapshot")).data)
+        assert snap["items"] == view_truth(writer, HEAT, front, "C") != {}
+        assert dropped not in snap["items"]
+
+
 async def test_stream_waits_for_a_model_that_does_not_exist_yet(deps: Deps, redis: Redis) -> None:
     writer = ModelWriter(redis)
     spx = FakeMarket("SPX")

@@ -1303,21 +1303,23 @@ class Mirror:
     def _continues(
         self, raw: bytes, epoch: str, version: int, head: str | None
     ) -> tuple[_Diff | None, str | None]:
-        """The decoded diff entry and a resync reason when it does not continue the model
-        at (``epoch``, ``version``, ``head``); (None, None) for an undecodable entry
-        (counted, skipped)."""
+        """The decoded diff entry, or a resync reason (and no entry) when it does not
+        continue the model at (``epoch``, ``version``, ``head``); (None, None) for an
+        undecodable entry (counted, skipped)."""
         try:
-            d = _diff_dec.decode(raw)
+            # The head first: a new epoch's first diff carries the whole model (~15 MB for
+            # 50k tiles), and a feed that resyncs on it need not decode its items.
+            h = _whole_head.decode(raw)
+            if h.epoch != epoch:
+                return None, "epoch"
+            if h.prev_id is not None and head is not None and h.prev_id != head:
+                # A later entry that does not follow the diff we hold: versions we have were
+                # re-issued with other content (Redis lost writes), or we missed one.
+                return None, "rewrite" if h.version <= version else "gap"
+            return _diff_dec.decode(raw), None
         except (msgspec.ValidationError, msgspec.DecodeError):
             self.m_reject.inc()
             return None, None
-        if d.epoch != epoch:
-            return d, "epoch"
-        if d.prev_id is not None and head is not None and d.prev_id != head:
-            # A later entry that does not follow the diff we hold: versions we have were
-            # re-issued with other content (Redis lost writes), or we missed one.
-            return d, "rewrite" if d.version <= version else "gap"
-        return d, None
 
     def apply(self, m: Model, sid: StreamId, id_s: str, raw: bytes) -> str | None:
         """Apply one diff entry to ``m`` (a model being loaded); a resync reason when it does
