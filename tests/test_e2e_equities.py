@@ -68,6 +68,12 @@ async def test_spy_and_aapl_publish_heatmap_and_gex(tmp_path: Path) -> None:
 
                 await eventually(published, timeout_s=120, interval_s=0.5)
                 symbols_info = (await c.get(api + "/api/symbols")).json()
+
+            async def stock_events() -> bool:  # the /stocks feed may follow the first models
+                seen = await p.metrics("hydrator")
+                return h.metric_sum(seen, "massive_hydrator_events_total", kind="stock") > 0
+
+            await eventually(stock_events, timeout_s=60, interval_s=0.5)
             spot = {k.decode(): v.decode() for k, v in (await r.hgetall(keys.SPOT_LATEST)).items()}
             hyd = await p.metrics("hydrator")
             poller = await p.metrics("chain-poller")
