@@ -471,11 +471,7 @@ async def test_a_view_client_gets_a_new_epochs_model_as_a_snapshot(
 ) -> None:
     """A new epoch's first diff carries the whole new model: a view feed resyncs on it (the
     head tells) and reloads, so a tile the new epoch dropped is gone from the view."""
-    writer = ModelWriter(redis)
-    spx = FakeMarket("SPX")
-    await publish_full(writer, spx, 1)
-    front = min(e.isoformat() for e in spx.expiries)
-    q = f"symbol=SPX&expiry={front}&right=C"
+    writer, spx, front, q = await front_calls_view(redis)
     async with gateway(deps) as gw, Client(f"{base(gw)}/sse/heatmap/butterfly?{q}") as c:
         reader = ViewReader()
         reader.snapshot((await c.next_data("snapshot")).data)
@@ -871,12 +867,18 @@ async def drain(c: Client, reader: ViewReader, touched: set[str]) -> None:
             reader.snapshot(ev.data)
 
 
-async def test_view_stream_carries_only_its_tiles(deps: Deps, redis: Redis) -> None:
+async def front_calls_view(redis: Redis) -> tuple[ModelWriter, FakeMarket, str, str]:
+    """Published models of a FakeMarket, its front expiry and the query of that expiry's
+    calls."""
     writer = ModelWriter(redis)
     spx = FakeMarket("SPX")
     await publish_full(writer, spx, 1)
     front = min(e.isoformat() for e in spx.expiries)
-    q = f"symbol=SPX&expiry={front}&right=C"
+    return writer, spx, front, f"symbol=SPX&expiry={front}&right=C"
+
+
+async def test_view_stream_carries_only_its_tiles(deps: Deps, redis: Redis) -> None:
+    writer, spx, front, q = await front_calls_view(redis)
     async with gateway(deps) as gw, Client(f"{base(gw)}/sse/heatmap/butterfly?{q}") as c:
         reader = ViewReader()
         snap = reader.snapshot((await c.next_data("snapshot")).data)
