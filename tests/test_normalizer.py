@@ -761,6 +761,29 @@ async def test_vanished_blob_and_bad_entries_are_counted_skips(
     assert await redis.xlen(keys.dead_letter_stream(keys.CHAIN_STREAM)) == 0
 
 
+async def test_a_snapshot_with_one_malformed_contract_is_refused_whole(
+    deps: Deps, redis: Redis, registry: CollectorRegistry
+) -> None:
+    """One contract of a valid blob with a field of the wrong type (the snapshot itself
+    decodes): refused whole as ``bad_blob`` for either scope, before anything is written,
+    and none of its contracts counted as a rejected contract."""
+    extra = [contract("NDX", EXP1, "C", 20000), contract("SPXW", EXP1, "P", 6005, bid=1.0)]
+    doc = msgspec.msgpack.decode(encode_snapshot(chain(extra=extra)))
+    doc["contracts"][-1][2] = "six thousand"  # the strike: [cid, expiry, strike, ...]
+    key = keys.chain_snapshot("SPX", NS) + ":bad"
+    await redis.set(key, msgspec.msgpack.encode(doc))
+    n = normalizer(deps, build_chunk=500)  # the bad contract is decoded in its own chunk
+    window = ChainPointer(symbol="SPX", snapshot_key=key, ts_ns=NS, n_contracts=5)
+    assert await n.process(window) == "bad_blob"
+    assert await n.process(msgspec.structs.replace(window, scope="full")) == "bad_blob"
+    assert await redis.keys("epoch:*") == [] and await redis.get(keys.epoch_active("SPX")) is None
+    assert not await redis.exists(keys.gex_source("SPX"))
+    # the NDX contract before it would be a rejected contract of a blob that is used
+    assert (
+        metric(registry, "massive_normalizer_contracts_rejected_total", reason="wrong_symbol") == 0
+    )
+
+
 async def test_invalid_contracts_are_rejected_from_the_topology(
     deps: Deps, redis: Redis, registry: CollectorRegistry
 ) -> None:

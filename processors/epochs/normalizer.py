@@ -80,6 +80,7 @@ from schemas.messages import (
     ChainPointer,
     DirtyEntry,
     GexRow,
+    GexSource,
     LazyChainSnapshot,
     decode_contract,
     decode_contracts,
@@ -352,10 +353,9 @@ class Normalizer(ConsumerProcessor):
             )
             return "missing_blob"
         try:
+            # its contracts stay encoded: decoded by the topology (or the GEX source), which
+            # refuses the blob whole on a malformed one before anything is written
             snap = decode_snapshot_lazy(blob)
-            # every contract is valid, or the blob is refused whole (nothing written)
-            for off in range(0, len(snap.contracts), self.settings.build_chunk):
-                decode_contracts(snap.contracts[off : off + self.settings.build_chunk])
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             logger.warning("undecodable chain snapshot key=%s: %s", ptr.snapshot_key, exc)
             return "bad_blob"
@@ -373,9 +373,21 @@ class Normalizer(ConsumerProcessor):
         snap = await self._load_snapshot(ptr)
         if isinstance(snap, str):
             return snap
+        try:
+            # every contract decodes, or the blob is refused whole: nothing written yet
+            if ptr.scope == "full":
+                src = gex_math.source_from_contracts(
+                    snap.symbol, snap.ts_ns, snap.spot, map(decode_contract, snap.contracts)
+                )
+            else:
+                topo = self.topology(snap)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            logger.warning(
+                "undecodable contract in chain snapshot key=%s: %s", ptr.snapshot_key, exc
+            )
+            return "bad_blob"
         if ptr.scope == "full":
-            return await self.gex_source(snap)
-        topo = self.topology(snap)
+            return await self.gex_source(snap, src)
         if not len(topo):
             logger.warning("chain snapshot with no valid contracts key=%s", ptr.snapshot_key)
             return "empty"
@@ -409,11 +421,10 @@ class Normalizer(ConsumerProcessor):
             return "built"
         raise RuntimeError(f"epoch {topo.eid} kept changing state; entry will be retried")
 
-    async def gex_source(self, snap: LazyChainSnapshot) -> str:
-        """A full-chain snapshot (GEX universe, apart from the heatmap's epochs) -> the
-        columnar ``massive:gex:source:{<SYM>}``, only if newer than the stored one."""
-        contracts = map(decode_contract, snap.contracts)  # one at a time
-        src = gex_math.source_from_contracts(snap.symbol, snap.ts_ns, snap.spot, contracts)
+    async def gex_source(self, snap: LazyChainSnapshot, src: GexSource) -> str:
+        """A full-chain snapshot (GEX universe, apart from the heatmap's epochs) and its
+        source (its contracts decoded one at a time) -> the columnar
+        ``massive:gex:source:{<SYM>}``, only if newer than the stored one."""
         spot = "" if snap.spot is None or not math.isfinite(snap.spot) else repr(snap.spot)
 
         def queue(pipe: Pipeline) -> None:
@@ -429,7 +440,11 @@ class Normalizer(ConsumerProcessor):
 
     # --- topology --------------------------------------------------------------------------
     def topology(self, snap: LazyChainSnapshot) -> Topology:
+        """The valid contracts of ``snap``; msgspec.DecodeError / ValidationError when one
+        does not decode (the rejections of the others then not counted: the blob is
+        refused whole)."""
         by_cid: dict[str, int] = {}  # cid -> index in the snapshot
+        rejected: list[str] = []
         roots: list[str] = []  # per index in the snapshot ("" = rejected)
         names: dict[str, str] = {}  # one str per distinct root and expiry
         expiries: set[str] = set()
@@ -450,15 +465,17 @@ class Normalizer(ConsumerProcessor):
                 ):
                     reason = "ticker_mismatch"
             if reason is not None:
-                self.m_rejected.labels(reason=reason).inc()
+                rejected.append(reason)
                 logger.debug("contract rejected cid=%r reason=%s", c.cid, reason)
                 roots.append("")
                 continue
             if c.cid in by_cid:
-                self.m_rejected.labels(reason="duplicate").inc()
+                rejected.append("duplicate")
             by_cid[c.cid] = k  # last one wins
             roots.append(names.setdefault(t.root, t.root))
             expiries.add(names.setdefault(c.expiry, c.expiry))
+        for reason in rejected:
+            self.m_rejected.labels(reason=reason).inc()
         cids = sorted(by_cid)
         return Topology(
             symbol=snap.symbol,
