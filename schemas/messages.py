@@ -258,6 +258,12 @@ class ModelDiff(Message, frozen=True):
     # prev_id and a client that saw the lost ones re-reads instead of mixing histories.
     prev_id: str | None = None
     src_recv_ts_ns: int | None = None  # oldest ingest time behind this publish (latency)
+    # True: the whole model at ``version`` is the checkpoint installed by the same publish
+    # (the model key, whose ``diff_id`` is this entry), and ``changed``/``removed`` are
+    # empty. A new epoch's first version (a heatmap's whole grid, ~15 MB for butterfly) is
+    # published so, and every reader holding an earlier version reads the model key instead
+    # of taking the whole grid out of the stream.
+    snapshot: bool = False
 
 
 class PublishedModel(msgspec.Struct, frozen=True):
@@ -349,6 +355,7 @@ class RawDiff(msgspec.Struct):
     removed: list[str] = []
     meta: dict[str, Any] = {}
     prev_id: str | None = None
+    snapshot: bool = False  # see ModelDiff.snapshot
 
 
 class GexRow(msgspec.Struct, frozen=True, array_like=True):

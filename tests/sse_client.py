@@ -57,6 +57,14 @@ class ChainBreak(Exception):
     """A diff that does not continue the model held (a gateway bug)."""
 
 
+def _check_chain(m: dict[str, Any], head: str | None, d: dict[str, Any]) -> None:
+    """Raises ChainBreak unless diff ``d`` continues model ``m`` (at diff ``head``)."""
+    if d.get("snapshot"):
+        raise ChainBreak(f"a snapshot version's diff (its items are in the model key): {d}")
+    if not continues(m, head, d["epoch"], d["prev_version"], d.get("prev_id")):
+        raise ChainBreak(f"have {m['epoch']}/v{m['version']}@{head}, got {d}")
+
+
 class ViewReader:
     """The model of one view from its ``snapshot`` and ``diff`` events."""
 
@@ -96,8 +104,7 @@ class ViewReader:
         if m is None:
             raise ChainBreak("diff before any snapshot")
         d = orjson.loads(data)
-        if not continues(m, self.head, d["epoch"], d["prev_version"], d.get("prev_id")):
-            raise ChainBreak(f"have {m['epoch']}/v{m['version']}@{self.head}, got {d}")
+        _check_chain(m, self.head, d)
         items = m["items"]
         touched: list[str] = []
         if "changed" in d:  # a whole-model stream: the ModelDiff as published

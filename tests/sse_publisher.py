@@ -65,9 +65,11 @@ class ModelWriter:
         meta: dict[str, Any] | None = None,
         ts_ns: int = 0,
         version: int | None = None,
+        snapshot: bool = False,
     ) -> str:
         """Apply and publish one diff; returns its entry id. ``version`` overrides the next
-        version number (tests use it to create a gap)."""
+        version number (tests use it to create a gap); ``snapshot``: a snapshot version, whose
+        diff carries no items (the model key has them: ModelDiff.snapshot)."""
         removed = removed or []
         old = self.models.get((symbol, kind))
         if old is None or old.epoch != epoch:
@@ -88,9 +90,10 @@ class ModelWriter:
             version=v,
             prev_version=v - 1,
             ts_ns=ts_ns,
-            changed=changed,
-            removed=removed,
+            changed={} if snapshot else changed,
+            removed=[] if snapshot else removed,
             meta=m,
+            snapshot=snapshot,
         )
         model = PublishedModel(symbol, kind, epoch, v, ts_ns, items, m, None)
         body = b"".join(encode_model_pieces(model, self.items_per_piece, marked=kind != "gex"))

@@ -173,7 +173,12 @@ async def test_closed_market_publishes_the_complete_model_once(deps: Deps, redis
         assert m["meta"]["roots"] == {e: "SPXW" for e in EXPS}  # legs' tickers: root + id
         ((diff_id, d),) = await diffs(redis)
         assert m["diff_id"] == diff_id.decode() and d.version == 1 and d.prev_version == 0
-        assert len(d.changed) == m["meta"]["expected"] == len(m["items"]) and not d.removed
+        # a snapshot version: the whole model is the checkpoint installed with the diff,
+        # which carries no items (the stream never holds a whole grid)
+        assert d.snapshot and d.changed == {} and not d.removed
+        assert m["meta"]["expected"] == len(m["items"]) == d.meta["n_tiles"]
+        (raw,) = [f[b"d"] for _, f in await redis.xrange(keys.heatmap_diffs_stream(STRAT, "SPX"))]
+        assert len(raw) < 1_000
         # no dirty traffic (and even a redundant re-announcement): no further versions
         await b.handle([(b"2-0", entry(DirtyEntry("SPX", "e1", [], NOW, reason="epoch")))])
         await asyncio.sleep(PCFG.max_interval_ms / 1000 * 8)  # observe stability over time
@@ -189,6 +194,7 @@ async def test_closed_market_publishes_the_complete_model_once(deps: Deps, redis
 
 def apply(items: dict[str, Any], version: int, d: ModelDiff) -> int:
     assert d.prev_version == version, (d.prev_version, version)
+    assert not d.snapshot, "a snapshot version is read from the model key"
     items.update(d.changed)
     for k in d.removed:
         items.pop(k)
@@ -224,6 +230,7 @@ def test_client_replaying_diffs_equals_canonical_model(
             snap = await model(redis)
             assert snap is not None
             eid, ts = "e1", NOW
+            switched: dict[str, Any] | None = None  # the model key as e2 was published
             for i, batch in enumerate(batches):
                 if epoch_switch and i == len(batches) // 2:
                     eid = "e2"
@@ -231,6 +238,8 @@ def test_client_replaying_diffs_equals_canonical_model(
                     await b.handle(
                         [(b"1-0", entry(DirtyEntry("SPX", eid, [], ts, reason="epoch")))]
                     )
+                    await eventually(lambda: caught_up(redis))
+                    switched = await model(redis)
                 ts += SEC
                 await dirty(redis, b, eid, sorted({cids[j % len(cids)] for j in batch}), ts)
                 if i % 2:
@@ -242,10 +251,17 @@ def test_client_replaying_diffs_equals_canonical_model(
             ds = [d for _, d in await diffs(redis)]
             assert [d.version for d in ds] == list(range(1, len(ds) + 1))
             for d in ds:
-                if d.version > version:
+                if d.version > version and d.snapshot:
+                    # a client reads the model key (a reader between the switch and the
+                    # next checkpoint gets exactly this one)
+                    assert switched is not None and d.epoch == switched["epoch"] == "e2"
+                    assert switched["version"] == d.version
+                    items, version = dict(switched["items"]), d.version
+                elif d.version > version:
                     version = apply(items, version, d)
             assert version == final["version"] and items == final["items"]
             assert final["epoch"] == eid
+            assert sum(d.snapshot for d in ds) == 1 + epoch_switch
             assert await redis.hget(keys.heatmap_manifest("SPX", STRAT), "epoch") == eid.encode()
             assert set(items) == set(await staging_items(redis))  # exactly eid's tiles
         finally:
@@ -282,6 +298,13 @@ async def test_no_tile_of_a_warming_or_retired_epoch_is_published(deps: Deps, re
         await b.handle([(b"2-0", entry(DirtyEntry("SPX", "e2", [], NOW, reason="epoch")))])
         await eventually(lambda: caught_up(redis))
         n_before = len(await diffs(redis))
+        # e2's first version is a snapshot installed with its checkpoint: e2's tiles only
+        first = await model(redis)
+        last_id, last = (await diffs(redis))[-1]
+        assert last.snapshot and last.epoch == "e2" and not last.changed and not last.removed
+        assert first is not None and first["epoch"] == "e2"
+        assert first["diff_id"] == last_id.decode() and first["version"] == last.version
+        assert set(first["items"]) == set(await staging_items(redis))
         # a late incremental delta for retired e1 changes nothing published
         await dirty(redis, b, "e1", cids1[5:9], NOW + 3 * SEC)
         await dirty(redis, b, "e2", cids2[:4], NOW + 4 * SEC)
@@ -293,7 +316,8 @@ async def test_no_tile_of_a_warming_or_retired_epoch_is_published(deps: Deps, re
         e2_ids = set(await staging_items(redis))
         for d in ds:  # items carry no epoch: each diff only touches its own epoch's tiles
             assert set(d.changed) <= (e1_ids if d.epoch == "e1" else e2_ids)
-        assert set(ds[switch].removed) == e1_ids - e2_ids and set(ds[switch].changed) == e2_ids
+        assert ds[switch].snapshot and all(not d.snapshot for d in ds[switch + 1 :])
+        assert set(first["items"]) == e2_ids != e1_ids
     finally:
         stop.set()
         await asyncio.wait_for(task, 5)
@@ -610,6 +634,56 @@ async def test_a_checkpoint_is_fenced_checked_and_dropped_unless_installed(
         await redis.incr(p.lease.fence_key)  # another leader acquired: we are stale
         assert await p._write_checkpoint("SPX", st_.version, new) == lua.Publish.FENCED
         assert await redis.get(model_k) == old
+        assert not await redis.exists(tmp)
+
+
+async def test_a_snapshot_version_installs_its_checkpoint_with_its_diff_or_nothing(
+    deps: Deps, redis: Redis
+) -> None:
+    """A whole model is a snapshot version: the publish script renames its checkpoint onto
+    the model key with a diff that carries no items, the checkpoint's diff_id being the
+    diff's id (re-rendered when the stream holds a later id). A refused publish (version
+    moved, temp key torn, fenced) adds no diff, installs nothing and leaves no temp key."""
+    async with leading(deps, redis) as p:
+        st = p.syms["SPX"]
+        stream = keys.heatmap_diffs_stream(STRAT, "SPX")
+        model_k = keys.heatmap_model("SPX", STRAT)
+        token = p.token
+        assert token is not None
+        tmp = keys.heatmap_model_tmp("SPX", STRAT, token)
+        whole = {k: msgspec.Raw(b'{"w":1}') for k in st.items}
+        future_ms = time.time_ns() // 1_000_000 + 3_600_000
+        await redis.xadd(stream, {"d": b"{}"}, id=f"{future_ms}-5")
+        v = st.version
+        await p._commit(st, "complete", "e1", {}, [], dict(whole), None, len(whole))
+        m = await model(redis)
+        last_id, last = (await redis.xrevrange(stream, count=1))[0]
+        d = msgspec.json.decode(last[b"d"], type=ModelDiff)
+        assert d.snapshot and d.version == v + 1 and not d.changed and not d.removed
+        assert m is not None and m["version"] == v + 1 and m["diff_id"] == f"{future_ms}-6"
+        assert last_id.decode() == m["diff_id"] and st.checkpoint_id == m["diff_id"]
+        assert m["items"] == {k: {"w": 1} for k in whole} and st.checkpointed == v + 1
+        assert not await redis.exists(tmp)
+
+        before, n = await redis.get(model_k), await redis.xlen(stream)
+        head = st.head
+
+        def other(diff_id: str) -> PublishedModel:
+            return PublishedModel("SPX", p.kind, "e1", v + 2, 0, {}, {}, diff_id)
+
+        moved, _ = await p._write("SPX", "e1", v + 1, b"{}", head, other)
+        assert moved == lua.Publish.MOVED
+        real = p._stage_model
+
+        async def torn(key: str, model_: PublishedModel) -> int:
+            return await real(key, model_) + 1  # as if a piece expired before the last
+
+        p._stage_model = torn  # type: ignore[method-assign]
+        assert (await p._write("SPX", "e1", v + 2, b"{}", head, other))[0] == lua.Publish.TORN
+        p._stage_model = real  # type: ignore[method-assign]
+        await redis.incr(p.lease.fence_key)  # another leader acquired: we are stale
+        assert (await p._write("SPX", "e1", v + 2, b"{}", head, other))[0] == lua.Publish.FENCED
+        assert await redis.get(model_k) == before and await redis.xlen(stream) == n
         assert not await redis.exists(tmp)
 
 

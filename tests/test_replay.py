@@ -436,7 +436,7 @@ async def test_causal_replay_is_deterministic_and_equals_the_lockstep_reference(
     epochs = set()
     for s in rc.diff_streams(("SPX",)):  # the session's symbol
         versions = []
-        async for _, raw in a.diffs(s):
+        async for _, raw, _ck in a.diffs(s):
             d = msgspec.json.decode(raw)
             versions.append(d["version"])
             epochs.add(d["epoch"])
@@ -458,6 +458,8 @@ async def test_causal_replay_is_deterministic_and_equals_the_lockstep_reference(
         res = await rc.compare(rc.open_source(str(runs[0])), rc.open_source(str(other)))
         assert res.difference is None, (other.name, str(res.difference))
         assert sum(res.diffs.values()) > 10 and res.models == 6  # SPX: 3 heatmaps, GEX x 3
+        # every epoch's first heatmap version: its checkpoint saved and compared
+        assert res.checkpoints == 2 * len(keys.STRATEGIES) and res.checkpoints_missing == 0
     # WS events were applied, and the only geometry misses are the events for a contract the
     # recording had not listed at that point.
     _, it = rp.read_recording(recording)
@@ -613,8 +615,12 @@ async def test_follow_starts_with_the_chain_snapshot_and_spot_of_every_symbol(
 
 # --- comparing two replays -----------------------------------------------------------------
 def write_output(
-    path: Path, diffs: list[tuple[str, dict[str, Any]]], models: dict[str, Any]
+    path: Path,
+    diffs: list[tuple[str, dict[str, Any]]],
+    models: dict[str, Any],
+    checkpoints: dict[int, dict[str, Any]] | None = None,
 ) -> str:
+    """An output file; ``checkpoints``: the checkpoint saved after diff #i (a snapshot)."""
     from processors.ops.replay_compare import OutputEntry, OutputHeader
 
     w = rp.FrameWriter(path)
@@ -623,6 +629,9 @@ def write_output(
         w.frame(
             msgspec.msgpack.encode(OutputEntry("diff", stream, f"{i}-0", msgspec.json.encode(d)))
         )
+        if checkpoints and i in checkpoints:
+            ck = msgspec.json.encode(checkpoints[i])
+            w.frame(msgspec.msgpack.encode(OutputEntry("checkpoint", stream, f"{i}-0", ck)))
     for k, m in models.items():
         w.frame(msgspec.msgpack.encode(OutputEntry("model", k, "", msgspec.json.encode(m))))
     w.close()
@@ -667,6 +676,24 @@ def test_compare_reports_the_first_difference(
     assert f"first difference: {mkey}: .version: 3 != 4" in capsys.readouterr().out
     assert rp.replay_main(["--compare", a, str(tmp_path / "missing.mout.gz")]) == 1
     assert "no such file" in capsys.readouterr().err
+
+    # A snapshot version's diff carries no items: its saved checkpoint is compared.
+    snap = {**diff(1, 1.0)[1], "changed": {}, "snapshot": True}
+    ck = {**model, "version": 1, "ts_ns": 1, "items": {tile: {"debit": 1.0}}}
+    first = [(fly, snap), *base[1:]]
+    f = write_output(tmp_path / "f.mout.gz", first, {mkey: model}, {0: {**ck, "diff_id": "0-0"}})
+    g = write_output(tmp_path / "g.mout.gz", first, {mkey: model}, {0: {**ck, "diff_id": "5-0"}})
+    assert rp.replay_main(["--compare", f, g]) == 0
+    assert "identical: 3 diffs" in (out := capsys.readouterr().out)
+    assert "1 snapshot checkpoints" in out and "without a checkpoint" not in out
+    bad = {**ck, "items": {tile: {"debit": 1.25}}}
+    h = write_output(tmp_path / "h.mout.gz", first, {mkey: model}, {0: bad})
+    assert rp.replay_main(["--compare", f, h]) == 1
+    out = capsys.readouterr().out
+    assert f"first difference: {fly} entry #0: checkpoint: .items.{tile}.debit: 1.0 != 1.25" in out
+    none = write_output(tmp_path / "i.mout.gz", first, {mkey: model})
+    assert rp.replay_main(["--compare", f, none]) == 0
+    assert "1 snapshot versions without a checkpoint on one side" in capsys.readouterr().out
 
 
 # --- a simulator session, recorded mid-session -----------------------------------------------

@@ -486,6 +486,49 @@ async def test_a_view_client_gets_a_new_epochs_model_as_a_snapshot(
         assert dropped not in snap["items"]
 
 
+async def test_a_snapshot_version_resyncs_whole_and_view_clients_from_the_model_key(
+    deps: Deps, redis: Redis
+) -> None:
+    """A snapshot version's diff carries no items (the publisher's whole-model publish:
+    ModelDiff.snapshot): a whole-model client and a view client both get the model key as a
+    fresh snapshot, within the same epoch too, and the diffs after it apply."""
+    writer, spx, front, q = await front_calls_view(redis)
+    async with (
+        gateway(deps) as gw,
+        Client(f"{base(gw)}/sse/heatmap/butterfly?symbol=SPX") as whole,
+        Client(f"{base(gw)}/sse/heatmap/butterfly?{q}") as view,
+    ):
+        assert json.loads((await whole.next_data("snapshot")).data)["version"] == 1
+        reader = ViewReader()
+        reader.snapshot((await view.next_data("snapshot")).data)
+        tiles = spx.tiles("butterfly")
+        calls = sorted(k for k in tiles if k.split(":")[1] == front and k.endswith(":C"))
+        dropped, moved = calls[0], calls[1]
+        await writer.publish(
+            "SPX", HEAT, spx.epoch, {moved: {"debit": 99.5}}, [dropped], snapshot=True
+        )
+        truth = norm(writer.models[("SPX", HEAT)].items)
+        snap = json.loads((await whole.next_data("snapshot")).data)
+        assert snap["version"] == 2 and snap["items"] == truth and dropped not in truth
+        vsnap = reader.snapshot((await view.next_data("snapshot")).data)
+        assert vsnap["items"] == view_truth(writer, HEAT, front, "C")
+        assert vsnap["items"][moved] == {"debit": 99.5} and dropped not in vsnap["items"]
+        await writer.publish("SPX", HEAT, spx.epoch, {moved: {"debit": 98.5}})
+        d = json.loads((await whole.next_data("diff")).data)
+        assert (d["version"], d["prev_version"], d["changed"]) == (3, 2, {moved: {"debit": 98.5}})
+        touched: set[str] = set()
+        await eventually(lambda: _drained(view, reader, touched), timeout_s=5)
+        assert reader.model is not None
+        assert reader.model["items"] == view_truth(writer, HEAT, front, "C")
+        metrics = (await _get(gw, "/metrics", admin(gw))).text
+        assert 'massive_sse_resyncs_total{channel="heatmap:butterfly",reason="snapshot"}' in metrics
+
+
+async def _drained(c: Client, reader: ViewReader, touched: set[str]) -> bool:
+    await drain(c, reader, touched)
+    return reader.model is not None and reader.model["version"] >= 3
+
+
 async def test_stream_waits_for_a_model_that_does_not_exist_yet(deps: Deps, redis: Redis) -> None:
     writer = ModelWriter(redis)
     spx = FakeMarket("SPX")

@@ -36,7 +36,11 @@ Publish conditions (OR, per symbol; ``massive_publishes_total{strategy,condition
 
 Checkpoints
     A version is its diff (``massive:heatmap:diffs:<strategy>:{<SYM>}``, carrying every change);
-    the model key is rewritten with it only for a new epoch, at most every
+    a whole model (a new epoch's first version, or a re-publish of every staged tile) is a
+    *snapshot version* instead: its checkpoint is written first and renamed onto the model
+    key by the publish script with a diff that carries no items (``ModelDiff.snapshot``),
+    so no reader takes a ~15 MB grid out of the stream (a reader holding an earlier version
+    reads the model key). The model key is also rewritten at most every
     ``checkpoint_ms`` under sustained changes, and once nothing is pending and nothing was
     published for ``checkpoint_idle_ms`` (so a quiet publisher leaves it exactly current).
     Rewriting a 50k-tile model (~15 MB) on every publish cost more than the diff itself.
@@ -60,7 +64,7 @@ import contextlib
 import logging
 import uuid
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -136,6 +140,7 @@ _REJECTED = {
     lua.Publish.LEASE_HELD: "lease_lost",
     lua.Publish.INACTIVE_EPOCH: "inactive_epoch",
     lua.Publish.MOVED: "version",
+    lua.Publish.TORN: "torn_checkpoint",
 }
 # A checkpoint's temp key outlives a writer that died mid-write by this much (refreshed with
 # every piece written).
@@ -527,7 +532,8 @@ class Publisher:
         stream = keys.heatmap_diffs_stream(self.strategy, st.symbol)
         items = dict(st.items)
         version, epoch = st.version, st.epoch
-        while version < target:
+        broken = False
+        while version < target and not broken:
             batch = await checkpoint.diffs_page(self.redis, stream, after, 100)
             if not batch:
                 break
@@ -539,7 +545,10 @@ class Publisher:
                     continue
                 if d.symbol != st.symbol or d.version <= version:
                     continue
-                if d.version != version + 1:
+                # a snapshot version is installed with its checkpoint: one after the
+                # checkpoint read means the model key was lost (a lossy restart)
+                if d.version != version + 1 or d.snapshot:
+                    broken = True
                     break
                 items.update((k, v.copy()) for k, v in d.changed.items())  # not views
                 for k in d.removed:
@@ -762,8 +771,11 @@ class Publisher:
         expected: int | None,
     ) -> None:
         """Publish version current + 1 = ``changed`` / ``removed`` applied to the model;
-        ``items`` = the whole new model (a new epoch), None = ``st.items`` with the changes
-        applied (in place, once the publish succeeded: no copy of a 50k-item dict)."""
+        ``items`` = the whole new model (a new epoch, or a re-publish of all staging), None
+        = ``st.items`` with the changes applied (in place, once the publish succeeded: no
+        copy of a 50k-item dict). A whole model is published as a snapshot version: its
+        checkpoint installed with a diff that carries no items (``ModelDiff.snapshot``), so
+        no reader takes the whole grid out of the stream."""
         t0 = self.clock.monotonic()
         version = st.version + 1
         now_ns = self.clock.time_ns()
@@ -777,6 +789,7 @@ class Publisher:
             meta["roots"] = st.roots  # option root per expiry (tickers of the legs)
         if expected is not None:
             meta["expected"] = expected
+        snapshot = items is not None
         diff = ModelDiff(
             symbol=st.symbol,
             kind=self.kind,
@@ -784,18 +797,35 @@ class Publisher:
             version=version,
             prev_version=version - 1,
             ts_ns=now_ns,
-            changed=changed,
-            removed=removed,
+            changed={} if snapshot else changed,
+            removed=[] if snapshot else removed,
             meta=meta,
             prev_id=st.head,
             src_recv_ts_ns=recv,
+            snapshot=snapshot,
         )
-        checkpoint = (
-            expected is not None
-            or epoch != st.epoch
-            or t0 - st.last_checkpoint >= self.settings.checkpoint_ms / 1000
+        whole: Callable[[str], PublishedModel] | None = None
+        if items is not None:
+            whole_items = items
+
+            def whole(diff_id: str) -> PublishedModel:
+                return PublishedModel(
+                    symbol=st.symbol,
+                    kind=self.kind,
+                    epoch=epoch,
+                    version=version,
+                    ts_ns=now_ns,
+                    items=whole_items,
+                    meta=meta,
+                    diff_id=diff_id,
+                )
+
+        checkpoint = not snapshot and (
+            epoch != st.epoch or t0 - st.last_checkpoint >= self.settings.checkpoint_ms / 1000
         )
-        code, diff_id = await self._write(st.symbol, epoch, version, encode(diff), st.head)
+        code, diff_id = await self._write(st.symbol, epoch, version, encode(diff), st.head, whole)
+        if code == lua.Publish.OK and snapshot:
+            st.checkpointed, st.last_checkpoint, st.checkpoint_id = version, t0, diff_id
         if code == lua.Publish.OK and items is None:
             items = st.items
             items.update(changed)
@@ -845,6 +875,8 @@ class Publisher:
             st.pending, st.pending_recv = {}, {}
             st.needs_reconcile = True
             st.last_publish = self.clock.monotonic()  # retry no faster than max_interval
+        elif code == lua.Publish.TORN:
+            st.needs_reconcile = True  # the snapshot's temp key expired mid-write: redo it
         else:
             # Someone else moved the version, or Redis lost diffs we published (a restart
             # from an older RDB/AOF): continue from what Redis holds. Clients that saw the
@@ -859,7 +891,13 @@ class Publisher:
             await self._state(st.symbol)
 
     async def _write(
-        self, sym: str, epoch: str, version: int, diff_json: bytes, prev_id: str | None
+        self,
+        sym: str,
+        epoch: str,
+        version: int,
+        diff_json: bytes,
+        prev_id: str | None,
+        whole: Callable[[str], PublishedModel] | None = None,
     ) -> tuple[lua.Publish, str]:
         """One script (lua/heatmap_publish.lua): check fence, lease holder, active epoch, version =
         current + 1 and ``prev_id`` = the chain head, then XADD the diff with an explicit
@@ -867,8 +905,14 @@ class Publisher:
         id is picked here, above both the clock's millisecond and our previous id; if the
         stream's top id is higher anyway (another leader's diff in the same millisecond),
         the script says so and a later id is picked. An absent (expired) lease with an
-        unchanged fence is still ours and is re-set. Returns (code, diff id); the codes are
-        ``lua.Publish`` (never ID_TOO_LOW: that one is retried here)."""
+        unchanged fence is still ours and is re-set. ``whole``: a snapshot version, whose
+        model (given its diff id) is first written piece by piece into this leader's temp
+        key, which the script renames onto the model key with the diff. Returns (code, diff
+        id); the codes are ``lua.Publish`` (never ID_TOO_LOW: that one is retried here)."""
+        token = self.token
+        if whole is not None and token is None:
+            return lua.Publish.FENCED, ""
+        tmp = keys.heatmap_model_tmp(sym, self.strategy, token or 0)
         k = [
             self.lease.fence_key,
             self.lease.lease_key,
@@ -882,9 +926,15 @@ class Publisher:
             now_ms = self.clock.time_ns() // 1_000_000
             ms, seq = (now_ms, 0) if now_ms > floor[0] else (floor[0], floor[1] + 1)
             diff_id = f"{ms}-{seq}"
+            extra_k: list[str] = []
+            extra_a: list[str] = []
+            if whole is not None:
+                size = await self._stage_model(tmp, whole(diff_id))
+                extra_k = [tmp, keys.heatmap_model(sym, self.strategy)]
+                extra_a = [str(size)]
             res: Any = await self._publish(
                 self.redis,
-                k,
+                k + extra_k,
                 [
                     str(self.lease.token),
                     self.lease.value,
@@ -895,6 +945,7 @@ class Publisher:
                     str(self.settings.lease_ttl_ms),
                     self._retention.minid(ms, seq, len(diff_json), self._pinned()),
                     prev_id or "",
+                    *extra_a,
                 ],
             )
             code = lua.Publish(int(res[0]))
@@ -970,9 +1021,7 @@ class Publisher:
         if token is None:
             return lua.Publish.FENCED
         tmp = keys.heatmap_model_tmp(sym, self.strategy, token)
-        size = await checkpoint.write_pieces(
-            self.redis, tmp, encode_model_pieces(model, marked=True), CHECKPOINT_TMP_TTL_MS
-        )
+        size = await self._stage_model(tmp, model)
         res: Any = await self._checkpoint(
             self.redis,
             [
@@ -985,6 +1034,11 @@ class Publisher:
             [str(token), self.lease.value, str(version), str(size)],
         )
         return lua.Publish(int(res))
+
+    async def _stage_model(self, tmp: str, model: PublishedModel) -> int:
+        """Write ``model``'s marked JSON into temp key ``tmp`` piece by piece; its size."""
+        pieces = encode_model_pieces(model, marked=True)
+        return await checkpoint.write_pieces(self.redis, tmp, pieces, CHECKPOINT_TMP_TTL_MS)
 
     async def _ack_if_idle(self) -> None:
         if not self.unacked or not self.leader:

@@ -91,7 +91,7 @@ class Publish(IntEnum):
     INACTIVE_EPOCH = -3
     MOVED = -4  # version is not current + 1, or prev id is not the chain head
     ID_TOO_LOW = -5  # diff id not above the stream's last id (second element: that id)
-    TORN = -6  # checkpoint: the temp key is not what was written (expired mid-write)
+    TORN = -6  # a checkpoint (or a snapshot version's): the temp key is not what was written
 
 
 class GexPublish(IntEnum):

@@ -63,10 +63,55 @@ class OutputHeader(msgspec.Struct, kw_only=True):
 
 
 class OutputEntry(msgspec.Struct, array_like=True):
-    kind: str  # "diff" | "model"
-    key: str  # diff stream or model key
-    id: str  # stream entry id of a diff ("" for a model): informative, never compared
+    kind: str  # "diff" | "checkpoint" | "model"
+    key: str  # diff stream (a diff, a checkpoint) or model key
+    id: str  # stream entry id of a diff or of a checkpoint's diff ("" for a final model)
     value: bytes  # the diff's ``d`` field / the model JSON
+
+
+class _Head(msgspec.Struct):
+    symbol: str
+    kind: str = ""
+    snapshot: bool = False
+
+
+_head_dec = msgspec.json.Decoder(_Head)
+
+
+def checkpoint_key(value: bytes) -> str | None:
+    """The model key that holds the items of a snapshot version (its diff carries none:
+    ``ModelDiff.snapshot``), or None for any other diff."""
+    if b'"snapshot":true' not in value:
+        return None
+    try:
+        h = _head_dec.decode(value)
+    except msgspec.DecodeError:
+        return None
+    if not h.snapshot or not h.kind.startswith("heatmap:"):
+        return None
+    return keys.heatmap_model(h.symbol, h.kind.split(":", 1)[1])
+
+
+async def checkpoint_at(redis: Redis, eid: str, key: str) -> bytes | None:
+    """Model key ``key`` while it is the checkpoint of diff ``eid`` (its ``diff_id``), else
+    None (a later checkpoint replaced it)."""
+    v = await redis.get(key)
+    if v is None:
+        return None
+    raw = _b(v)
+    return raw if _model_diff_id(raw) == eid else None
+
+
+class _DiffId(msgspec.Struct):
+    diff_id: str | None = None
+
+
+def _model_diff_id(raw: bytes) -> str | None:
+    # a marked checkpoint's diff_id is in its tail, after the items
+    try:
+        return msgspec.json.decode(raw, type=_DiffId).diff_id
+    except msgspec.DecodeError:
+        return None
 
 
 _enc = msgspec.msgpack.Encoder()
@@ -80,7 +125,9 @@ def _b(v: bytes | str) -> bytes:
 
 class OutputWriter:
     """Saves a replay's output while it runs: :meth:`collect` after every instant appends
-    the diffs added since the previous call; :meth:`finish` the final models."""
+    the diffs added since the previous call, each snapshot version's diff followed by its
+    checkpoint (the model key, still that version's then); :meth:`finish` the final
+    models."""
 
     def __init__(self, path: str | Path) -> None:
         # gzip level 1: a replay's output is large (a 10-minute simulator session publishes
@@ -104,6 +151,12 @@ class OutputWriter:
                     with contextlib.suppress(msgspec.DecodeError):
                         self.symbols.add(msgspec.json.decode(value, type=_Sym).symbol)
                     self.n_diffs += 1
+                    ck = checkpoint_key(value)
+                    if ck is not None:
+                        model = await checkpoint_at(redis, as_str(eid), ck)
+                        if model is not None:
+                            entry = OutputEntry("checkpoint", s, as_str(eid), model)
+                            self._w.frame(_enc.encode(entry))
                 if entries:
                     self._last[s] = as_str(entries[-1][0])
                 full = full or len(entries) == page
@@ -139,10 +192,15 @@ async def save_output(redis: Redis, path: str | Path) -> int:
 
 
 # --- sources ----------------------------------------------------------------------------
+# A diff as a source gives it: (entry id, the diff JSON, the checkpoint of a snapshot
+# version when the source has it, else None).
+Diff = tuple[str, bytes, bytes | None]
+
+
 class _Source:
     name: str
 
-    def diffs(self, stream: str) -> AsyncIterator[tuple[str, bytes]]:
+    def diffs(self, stream: str) -> AsyncIterator[Diff]:
         raise NotImplementedError
 
     async def models(self) -> dict[str, bytes]:
@@ -160,7 +218,9 @@ class _RedisSource(_Source):
         self.redis = connect(url)
         self.symbols: set[str] = set()
 
-    async def diffs(self, stream: str) -> AsyncIterator[tuple[str, bytes]]:
+    async def diffs(self, stream: str) -> AsyncIterator[Diff]:
+        """The stream's diffs; a snapshot version's checkpoint only while the model key is
+        still at it (after a replay, the last one's at most)."""
         start = "-"
         while True:
             batch: Any = await self.redis.xrange(stream, min=start, count=1000)
@@ -168,7 +228,11 @@ class _RedisSource(_Source):
                 value = fields.get(b"d", b"")
                 with contextlib.suppress(msgspec.DecodeError):
                     self.symbols.add(msgspec.json.decode(value, type=_Sym).symbol)
-                yield as_str(eid), value
+                ck = checkpoint_key(value)
+                model = None
+                if ck is not None:
+                    model = await checkpoint_at(self.redis, as_str(eid), ck)
+                yield as_str(eid), value, model
             if len(batch) < 1000:
                 return
             start = "(" + as_str(batch[-1][0])
@@ -211,10 +275,20 @@ class _FileSource(_Source):
             except msgspec.DecodeError as exc:
                 raise RecordingError(f"{self.name}: bad entry: {exc}") from None
 
-    async def diffs(self, stream: str) -> AsyncIterator[tuple[str, bytes]]:
+    async def diffs(self, stream: str) -> AsyncIterator[Diff]:
+        held: tuple[str, bytes] | None = None  # a diff whose checkpoint may come next
         for e in self._entries():
-            if e.kind == "diff" and e.key == stream:
-                yield e.id, e.value
+            if e.key != stream:
+                continue
+            if e.kind == "checkpoint" and held is not None and held[0] == e.id:
+                yield held[0], held[1], e.value
+                held = None
+            elif e.kind == "diff":
+                if held is not None:
+                    yield held[0], held[1], None
+                held = (e.id, e.value)
+        if held is not None:
+            yield held[0], held[1], None
 
     async def models(self) -> dict[str, bytes]:
         return {e.key: e.value for e in self._entries() if e.kind == "model"}
@@ -286,12 +360,26 @@ class Comparison:
     difference: Difference | None
     diffs: dict[str, int]  # stream -> diffs compared (equal)
     models: int
+    checkpoints: int = 0  # snapshot versions whose checkpoint both sides had (equal)
+    checkpoints_missing: int = 0  # snapshot versions one side had no checkpoint of
+
+
+def _checkpoint_difference(a: Diff, b: Diff) -> str | None:
+    """Of two equal diffs: the first difference of their snapshot checkpoints, "" when
+    equal, None when a side has none."""
+    if a[2] is None or b[2] is None:
+        return None
+    ca, cb = _decode(a[2], IGNORED_MODEL_FIELDS), _decode(b[2], IGNORED_MODEL_FIELDS)
+    if ca == cb:
+        return ""
+    return "checkpoint: " + (first_field_difference(ca, cb) or "differ")
 
 
 async def compare(a: _Source, b: _Source) -> Comparison:
     """The first difference between two replays' outputs: diff streams in order (diff by
     diff), then the final models."""
     counted: dict[str, int] = {}
+    n_ck = n_missing = 0
     for stream in diff_streams():
         ia, ib = a.diffs(stream).__aiter__(), b.diffs(stream).__aiter__()
         i = 0
@@ -314,6 +402,11 @@ async def compare(a: _Source, b: _Source) -> Comparison:
                     head = f"{da.get('symbol')} v{da.get('version')} ({da.get('kind')}): "
                 detail = first_field_difference(da, db) or "differ"
                 return Comparison(Difference(stream, i, head + detail), counted, 0)
+            ck = _checkpoint_difference(xa, xb)
+            if ck:
+                return Comparison(Difference(stream, i, ck), counted, 0)
+            n_ck += ck == ""
+            n_missing += ck is None and checkpoint_key(xa[1]) is not None
             i += 1
         counted[stream] = i
     ma, mb = await a.models(), await b.models()
@@ -325,7 +418,7 @@ async def compare(a: _Source, b: _Source) -> Comparison:
         if va != vb:
             detail = first_field_difference(va, vb) or "differ"
             return Comparison(Difference(k, None, detail), counted, 0)
-    return Comparison(None, counted, len(ma))
+    return Comparison(None, counted, len(ma), n_ck, n_missing)
 
 
 async def compare_cli(spec_a: str, spec_b: str) -> int:
@@ -340,8 +433,15 @@ async def compare_cli(spec_a: str, spec_b: str) -> int:
         print(f"first difference: {res.difference}")
         return 1
     per = ", ".join(f"{s}={n}" for s, n in res.diffs.items())
+    missing = (
+        f"; {res.checkpoints_missing} snapshot versions without a checkpoint on one side "
+        "(a Redis keeps only the latest)"
+        if res.checkpoints_missing
+        else ""
+    )
     print(
-        f"identical: {sum(res.diffs.values())} diffs ({per}) and {res.models} final models "
-        f"(ignoring {', '.join(sorted(IGNORED_DIFF_FIELDS | IGNORED_MODEL_FIELDS))})"
+        f"identical: {sum(res.diffs.values())} diffs ({per}), {res.checkpoints} snapshot "
+        f"checkpoints and {res.models} final models "
+        f"(ignoring {', '.join(sorted(IGNORED_DIFF_FIELDS | IGNORED_MODEL_FIELDS))}){missing}"
     )
     return 0

@@ -257,6 +257,7 @@ class _WholeHead(msgspec.Struct):
     version: int
     prev_version: int
     prev_id: str | None = None
+    snapshot: bool = False  # the version's model is the model key (ModelDiff.snapshot)
 
 
 class _Diff(msgspec.Struct):
@@ -690,6 +691,8 @@ _merge_dec = msgspec.json.Decoder(_MergeDiff)
 def merge_items(items: list[Item]) -> Item | None:
     """One diff equal to applying ``items`` in order (later values win per item), or None
     when they are not one unbroken chain of one epoch (the client then needs a snapshot)."""
+    if any(it.head.snapshot for it in items):
+        return None
     for a, b in itertools.pairwise(items):
         hb = b.head
         if (
@@ -1029,6 +1032,8 @@ def accept(state: _State, item: Item) -> bool:
     h = item.head
     if h.epoch != state.epoch:
         raise Resync("epoch")
+    if h.snapshot:
+        raise Resync("snapshot")  # the whole model is in the model key, not in this entry
     if h.prev_id is not None and state.head is not None and h.prev_id != state.head:
         # A later entry that does not follow the diff the client holds: versions it already
         # has were re-issued with other content (Redis lost writes), or it missed one.
@@ -1307,11 +1312,12 @@ class Mirror:
         continue the model at (``epoch``, ``version``, ``head``); (None, None) for an
         undecodable entry (counted, skipped)."""
         try:
-            # The head first: a new epoch's first diff carries the whole model (~15 MB for
-            # 50k tiles), and a feed that resyncs on it need not decode its items.
+            # The head first: a feed that resyncs on an entry need not decode its items.
             h = _whole_head.decode(raw)
             if h.epoch != epoch:
                 return None, "epoch"
+            if h.snapshot:
+                return None, "snapshot"
             if h.prev_id is not None and head is not None and h.prev_id != head:
                 # A later entry that does not follow the diff we hold: versions we have were
                 # re-issued with other content (Redis lost writes), or we missed one.
@@ -1643,7 +1649,8 @@ class Gateway:
             if d.symbol != symbol:
                 continue
             if (
-                d.epoch != epoch
+                d.snapshot
+                or d.epoch != epoch
                 or d.prev_version != version
                 or (d.prev_id is not None and d.prev_id != prev_id)
             ):
