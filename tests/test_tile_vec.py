@@ -121,6 +121,7 @@ def test_vectorised_batch_equals_the_reference_tile_by_tile(
     typical, quotes = drawn
     grid = hm.build_grid("SPX", strategy, CIDS, (5.0, 10.0, 22.5), today=None, n_expiries=2)
     table = tv.TileTable(grid)
+    passes = tv.TileTable(grid, compute_rows=7)  # a batch of more tiles goes in passes
     qs = dict(zip(CIDS, quotes, strict=True))
     age = max_age_s * SEC
     for rows in (table.affected(dirty), table.all_rows()):
@@ -128,17 +129,22 @@ def test_vectorised_batch_equals_the_reference_tile_by_tile(
         assert set(legs) == set(grid.leg_cids(grid.specs[t] for t in table.tile_ids(rows)))
         read = {c: qs[c] for c in legs}
         table.load(read)
+        passes.load(read)
         try:
             got, key = table.staged_values_keyed(rows, read, age)
+            got_p, key_p = passes.staged_values_keyed(rows, read, age)
         except OverflowError:
-            got, key = None, None
+            got, key, got_p, key_p = None, None, None, None
         want = [reference(grid.specs[t], read, age) for t in table.tile_ids(rows)]
         if typical:
             assert key is not None, "a typical batch fell back to the per-tile path"
+            assert key_p is not None, "a typical batch in passes fell back"
         if got is None:
             assert b"overflow" in want
         else:
-            assert got == want
+            assert got == got_p == want
+        if key is not None and key_p is not None:
+            assert key_p.shape == key.shape and (key_p == key).all()
     assert set(table.tile_ids(table.affected(dirty))) == set(grid.affected(dirty))
 
 
