@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import uuid
 from collections import deque
@@ -680,7 +681,7 @@ class Publisher:
             await self._evaluate_symbols()
         finally:
             if self._release_due:
-                # Here, not in _commit: the staging read, the diff and the checkpoint JSON
+                # Here, not in _commit: the staging read and the checkpoint pieces
                 # of the new epoch's first publish are garbage only once it returned.
                 self._release_due = False
                 release_freed_memory()
@@ -804,24 +805,22 @@ class Publisher:
             src_recv_ts_ns=recv,
             snapshot=snapshot,
         )
-        whole: Callable[[str], PublishedModel] | None = None
-        if items is not None:
-            whole_items = items
 
-            def whole(diff_id: str) -> PublishedModel:
-                return PublishedModel(
-                    symbol=st.symbol,
-                    kind=self.kind,
-                    epoch=epoch,
-                    version=version,
-                    ts_ns=now_ns,
-                    items=whole_items,
-                    meta=meta,
-                    diff_id=diff_id,
-                )
+        def model_of(its: dict[str, msgspec.Raw], diff_id: str) -> PublishedModel:
+            return PublishedModel(
+                symbol=st.symbol,
+                kind=self.kind,
+                epoch=epoch,
+                version=version,
+                ts_ns=now_ns,
+                items=its,
+                meta=meta,
+                diff_id=diff_id,
+            )
 
+        whole = None if items is None else functools.partial(model_of, items)
         checkpoint = not snapshot and (
-            epoch != st.epoch or t0 - st.last_checkpoint >= self.settings.checkpoint_ms / 1000
+            t0 - st.last_checkpoint >= self.settings.checkpoint_ms / 1000
         )
         code, diff_id = await self._write(st.symbol, epoch, version, encode(diff), st.head, whole)
         if code == lua.Publish.OK and snapshot:
@@ -833,16 +832,7 @@ class Publisher:
                 items.pop(k, None)
         if code == lua.Publish.OK and checkpoint:
             assert items is not None
-            model = PublishedModel(
-                symbol=st.symbol,
-                kind=self.kind,
-                epoch=epoch,
-                version=version,
-                ts_ns=now_ns,
-                items=items,
-                meta=meta,
-                diff_id=diff_id,
-            )
+            model = model_of(items, diff_id)
             # Right after the diff, outside the publish script (a model of ~15 MB as a script
             # argument costs Redis two extra copies); a crash in between leaves the previous
             # checkpoint, which the diffs bring up to date.
