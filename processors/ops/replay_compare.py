@@ -218,9 +218,7 @@ class _RedisSource(_Source):
         self.redis = connect(url)
         self.symbols: set[str] = set()
 
-    async def diffs(self, stream: str) -> AsyncIterator[Diff]:
-        """The stream's diffs; a snapshot version's checkpoint only while the model key is
-        still at it (after a replay, the last one's at most)."""
+    async def _entries(self, stream: str) -> AsyncIterator[tuple[str, bytes]]:
         start = "-"
         while True:
             batch: Any = await self.redis.xrange(stream, min=start, count=1000)
@@ -228,18 +226,21 @@ class _RedisSource(_Source):
                 value = fields.get(b"d", b"")
                 with contextlib.suppress(msgspec.DecodeError):
                     self.symbols.add(msgspec.json.decode(value, type=_Sym).symbol)
-                ck = checkpoint_key(value)
-                model = None
-                if ck is not None:
-                    model = await checkpoint_at(self.redis, as_str(eid), ck)
-                yield as_str(eid), value, model
+                yield as_str(eid), value
             if len(batch) < 1000:
                 return
             start = "(" + as_str(batch[-1][0])
 
+    async def diffs(self, stream: str) -> AsyncIterator[Diff]:
+        """The stream's diffs; a snapshot version's checkpoint only while the model key is
+        still at it (after a replay, the last one's at most)."""
+        async for eid, value in self._entries(stream):
+            ck = checkpoint_key(value)
+            yield eid, value, None if ck is None else await checkpoint_at(self.redis, eid, ck)
+
     async def models(self) -> dict[str, bytes]:
-        for s in diff_streams():  # the symbols that published
-            async for _ in self.diffs(s):
+        for s in diff_streams():  # the symbols that published (no checkpoint read)
+            async for _ in self._entries(s):
                 pass
         names = model_keys(self.symbols)
         if not names:
