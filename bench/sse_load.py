@@ -55,7 +55,7 @@ from schemas.messages import PublishedModel, encode_model_pieces
 from tests import harness as h
 from tests.sse_client import Dechunk, ViewReader
 from tests.sse_publisher import ModelWriter
-from tests.util import RedisServer, free_port
+from tests.util import RedisServer, eventually, free_port
 
 KIND = "heatmap:butterfly"
 
@@ -626,6 +626,71 @@ async def scoped(args: argparse.Namespace) -> None:
         srv.stop()
 
 
+async def _promotions(
+    args: argparse.Namespace,
+    redis: Redis,
+    http: httpx.AsyncClient,
+    port: int,
+    tap: Tap,
+    sampler: Sampler,
+    version: int,
+    items: dict[str, object],
+    head: str | None,
+) -> list[tuple[float, float, float]]:
+    """``--promotions`` snapshot versions (a promotion) with ``--whole-clients`` more
+    whole-model clients connected and one /api request beside each, as at a soak's
+    promotion: the gateway's RSS before, its peak within 10 s (``tap``'s sampler) and at 10 s."""
+    from schemas import keys
+    from schemas.messages import ModelDiff, encode
+
+    pid = sampler.pid
+    stream, key = (
+        keys.heatmap_diffs_stream("butterfly", "SPX"),
+        keys.heatmap_model("SPX", "butterfly"),
+    )
+    api_url = f"http://127.0.0.1:{port}/api/heatmap/butterfly?symbol=SPX"
+    m = PublishedModel("SPX", "heatmap:butterfly", "e1", version, 0, items, {}, head)
+    await redis.set(key, checkpoint(m))  # current: a joining client needs no backlog
+    whole = [Tap("/sse/heatmap/butterfly?symbol=SPX") for _ in range(args.whole_clients)]
+    for t in whole:
+        t.start("127.0.0.1", port)
+    await asyncio.gather(*(asyncio.wait_for(t.snapshot.wait(), 120) for t in whole))
+    promo: list[tuple[float, float, float]] = []
+    taps = [tap, *whole]
+    try:
+        for n in range(args.promotions):
+            await asyncio.sleep(5)
+            version += 1
+            m0, r0 = time.monotonic(), rss_mb(pid) or 0.0
+            seen = [t.snapshots for t in taps]
+            sid = f"{time.time_ns() // 1_000_000 + 1}-0"
+            m = PublishedModel(
+                "SPX", "heatmap:butterfly", f"p{n}", version, time.time_ns(), items, {}, sid
+            )
+            snap = ModelDiff(
+                "SPX", "heatmap:butterfly", f"p{n}", version, version - 1, m.ts_ns, {}, [], {},
+                prev_id=head, snapshot=True,
+            )  # fmt: skip
+            async with redis.pipeline(transaction=True) as pipe:
+                pipe.set(key, checkpoint(m))
+                pipe.xadd(stream, {"d": encode(snap)}, id=sid, maxlen=200)
+                await pipe.execute()
+            head = sid
+            await http.get(api_url)
+
+            async def resnapped(seen: list[int] = seen) -> bool:
+                return all(t.snapshots > k for t, k in zip(taps, seen, strict=True))
+
+            await eventually(resnapped, timeout_s=120, interval_s=0.05)
+            await asyncio.sleep(max(0.0, m0 + 10 - time.monotonic()))
+            peak = sampler.peak_since(m0)
+            promo.append((r0, max(r0, peak or 0.0), rss_mb(pid) or 0.0))
+    finally:
+        for t in whole:
+            await t.stop()
+    return promo
+
+
 def checkpoint(m: PublishedModel) -> bytes:
     """A model's JSON as the publisher writes its checkpoint (marked)."""
     return b"".join(encode_model_pieces(m, marked=True))
@@ -635,7 +700,10 @@ async def rss_run(args: argparse.Namespace) -> None:
     """The gateway's RSS over time with one unscoped client and ``/api`` polled every 3 s, on
     a synthetic butterfly model of ``--tiles`` tiles with ``--changed`` tiles per diff at
     ``--rate`` diffs/s, the model key rewritten every 5 s (a checkpoint, as the publisher);
-    then the RSS rise of ``--burst`` requests for it at once, three times."""
+    then the RSS rise of ``--burst`` requests for it at once, three times; then
+    ``--promotions`` snapshot versions (a new epoch's whole model, as the publisher writes
+    one) with ``--whole-clients`` more whole-model clients connected and one /api request at
+    each: the RSS before, the peak within 10 s and the RSS at 10 s."""
     import random
 
     from schemas import keys
@@ -750,6 +818,7 @@ async def rss_run(args: argparse.Namespace) -> None:
                 m0, r0 = time.monotonic(), rss_mb(proc.pid)
                 await asyncio.gather(*(http.get(api_url) for _ in range(args.burst)))
                 burst.append(rise(m0, r0))
+            promo = await _promotions(args, redis, http, port, tap, sampler, version, items, head)
             await tap.stop()
             sampler.stop.set()
         print(f"# machine: {machine()}")
@@ -768,6 +837,11 @@ async def rss_run(args: argparse.Namespace) -> None:
         print(
             f"/api, {args.burst} requests at once: RSS rise (MB) "
             + " ".join(f"{b:.1f}" for b in burst)
+        )
+        print(
+            f"snapshot version with {1 + args.whole_clients} whole-model clients and one /api "
+            "request: RSS before / peak within 10 s / at 10 s (MB): "
+            + ", ".join(f"{a:.1f} / {b:.1f} / {c:.1f}" for a, b, c in promo)
         )
     finally:
         await redis.aclose()
@@ -791,6 +865,8 @@ def main() -> None:
     p.add_argument("--changed", type=int, default=7000, help="rss: tiles per diff")
     p.add_argument("--burst", type=int, default=20, help="rss: /api requests sent at once")
     p.add_argument("--gateway-path", default="", help="rss: PYTHONPATH of the gateway process")
+    p.add_argument("--whole-clients", type=int, default=3, help="rss: at the promotions")
+    p.add_argument("--promotions", type=int, default=3, help="rss: snapshot versions")
     p.add_argument("--read-delay-s", type=float, default=0.0, help="rss: slow client's pause")
     p.add_argument("--events", type=float, default=5000.0, help="scoped: WS events per second")
     p.add_argument(

@@ -524,6 +524,38 @@ async def test_a_snapshot_version_resyncs_whole_and_view_clients_from_the_model_
         assert 'massive_sse_resyncs_total{channel="heatmap:butterfly",reason="snapshot"}' in metrics
 
 
+async def test_whole_model_clients_resyncing_together_share_one_read_of_the_model(
+    deps: Deps, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At a snapshot version every whole-model client resyncs at once: they share one read
+    of the model key (a 15 MB butterfly checkpoint spooled once, not once per client), and
+    each gets the new version."""
+    writer = ModelWriter(redis)
+    spx = FakeMarket("SPX")
+    await publish_full(writer, spx, 1)
+    url = "/sse/heatmap/butterfly?symbol=SPX"
+    async with gateway(deps) as gw, contextlib.AsyncExitStack() as stack:
+        clients = [await stack.enter_async_context(Client(f"{base(gw)}{url}")) for _ in range(4)]
+        for c in clients:
+            assert json.loads((await c.next_data("snapshot")).data)["version"] == 1
+        reads: list[str] = []
+        spool = gw.gateway.spool
+
+        async def counted(channel: Any, symbol: str) -> Any:
+            reads.append(channel.name)
+            await asyncio.sleep(0.05)  # a 15 MB copy takes ~100 ms: the others resync meanwhile
+            return await spool(channel, symbol)
+
+        monkeypatch.setattr(gw.gateway, "spool", counted)
+        key = next(iter(spx.tiles("butterfly")))
+        await writer.publish("SPX", HEAT, spx.epoch, {key: {"debit": 42.5}}, snapshot=True)
+        truth = norm(writer.models[("SPX", HEAT)].items)
+        for c in clients:
+            snap = json.loads((await c.next_data("snapshot")).data)
+            assert snap["version"] == 2 and snap["items"] == truth
+        assert reads == [HEAT]
+
+
 async def _drained(c: Client, reader: ViewReader, touched: set[str]) -> bool:
     await drain(c, reader, touched)
     return reader.model is not None and reader.model["version"] >= 3

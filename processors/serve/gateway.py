@@ -1702,6 +1702,23 @@ class Gateway:
         last = parse_id(snap.diff_id) if snap.diff_id else None
         return snap, _State(snap.epoch, snap.version, last or ZERO_ID, snap.diff_id)
 
+    def _forget_snapshot(
+        self, channel: Channel, symbol: str, before: StreamId, *, inclusive: bool = False
+    ) -> None:
+        """Drop the shared snapshot when it is older than stream id ``before`` (or at it,
+        ``inclusive``). One newer than that, or a read in flight, is kept: at a promotion
+        every whole-model client resyncs at once, and each dropping what the first started
+        reading made every client spool its own copy of the model (~3 MB of reads each). A
+        read that began before the new version landed is caught by the catch-up after it
+        (not a continuation: a gap), which drops exactly that snapshot."""
+        key = (channel.name, symbol)
+        hit = self._snaps.get(key)
+        if hit is None or not isinstance(held := hit[1], _WholeSnap):
+            return
+        at = parse_id(held.diff_id) if held.diff_id else None
+        if at is None or at < before or (inclusive and at == before):
+            del self._snaps[key]
+
     async def _read_snapshot(self, channel: Channel, symbol: str) -> _WholeSnap | None:
         key = (channel.name, symbol)
         fut: asyncio.Future[_WholeSnap | None] = asyncio.get_running_loop().create_future()
@@ -1858,7 +1875,7 @@ class Gateway:
         data, state = snap
         caught = await self.catch_up(channel, symbol, state)
         if caught is None:
-            self._snaps.pop((channel.name, symbol), None)
+            self._forget_snapshot(channel, symbol, state.last_id, inclusive=True)
             out.resync("gap")
             return "gap"
         return itertools.chain(out.snapshot(data), out.diffs(caught)), state
@@ -1878,7 +1895,7 @@ class Gateway:
                 if accept(state, item):
                     frames.append(item.frame)
         except Resync as rs:
-            self._snaps.pop((channel.name, sub.symbol), None)  # the model moved on
+            self._forget_snapshot(channel, sub.symbol, item.id)  # the model moved on
             sub.reset()
             out.resync(rs.reason)
             return iter(()), None
