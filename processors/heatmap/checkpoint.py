@@ -284,9 +284,6 @@ class Overlay:
     def __len__(self) -> int:
         return len(self._keys)
 
-    def __contains__(self, key: str) -> bool:
-        return key in self._index
-
     def index(self, key: str) -> int | None:
         return self._index.get(key)
 
@@ -299,10 +296,6 @@ class Overlay:
         if loc == self._REMOVED:
             return None
         return msgspec.Raw(os.pread(self._file.fileno(), loc & 0xFFFFFFFF, loc >> 32))
-
-    def get(self, key: str) -> msgspec.Raw | None:
-        i = self._index.get(key)
-        return None if i is None else self.value(i)
 
     def items(self) -> Iterator[tuple[str, msgspec.Raw | None]]:
         for i, key in enumerate(self._keys):
