@@ -1,8 +1,11 @@
 """The normalizer's RSS over repeated 20,000-contract builds, per allocator.
 
 Each build is a new epoch (every snapshot lists one more strike than the previous one, so
-the topology changes and the normalizer builds, promotes and retires). After each build the
-same snapshot comes again (a re-seed) and then as a whole chain for GEX (``scope="full"``).
+the topology changes and the normalizer builds, promotes and retires). Before each build
+every contract of the active epoch takes a WS quote and trade newer than the snapshot, so
+the build carries 20k contracts' values into the new epoch, as it does on a trading day.
+After each build the same snapshot comes again (a re-seed) and then as a whole chain for
+GEX (``scope="full"``).
 They run in a child process (``Normalizer.process`` in process, after
 ``fix_mmap_threshold`` as its ``run`` does) once on CPython's pymalloc, which the normalizer
 runs on, and once with ``PYTHONMALLOC=malloc`` for comparison, on a private redis-server;
@@ -25,6 +28,7 @@ import time
 from pathlib import Path
 
 import msgspec
+from redis.asyncio import Redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -69,6 +73,28 @@ async def store(url: str, n: int, builds: int) -> list[ChainPointer]:
     return ptrs
 
 
+# Every contract of the active epoch takes a WS quote and trade (server-side: the bench's own
+# process stays out of the RSS it measures), as hours of 5,000 events/s leave it.
+_WS_VALUES = """
+for _, c in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  redis.call('HSET', ARGV[1] .. c, 'quote_ts', ARGV[2], 'bid', '1.1', 'ask', '1.3', 'mid', '1.2',
+    'trade_ts', ARGV[2], 'last', '1.25', 'size', '3')
+end
+return 1
+"""
+
+
+async def ws_values(r: Redis, ptr: ChainPointer) -> None:
+    """WS values newer than ``ptr``'s snapshot on every contract of the active epoch: what
+    the next build carries into the new epoch (none before the first build)."""
+    eid = await r.get(keys.epoch_active(ptr.symbol))
+    if eid is None:
+        return
+    members = keys.epoch_contracts(ptr.symbol, eid.decode())
+    prefix = keys.epoch_contract_prefix(ptr.symbol, eid.decode())
+    await r.eval(_WS_VALUES, 1, members, prefix, str(ptr.ts_ns + 10**9))  # type: ignore[misc]
+
+
 async def child(url: str, ptrs: list[ChainPointer], sample_s: float) -> None:
     r = connect(url)
     settings = RuntimeSettings(redis_url=url, consumer="bench")
@@ -80,6 +106,7 @@ async def child(url: str, ptrs: list[ChainPointer], sample_s: float) -> None:
     peaks: list[float] = []
     others: dict[str, list[float]] = {"reseeded": [], "gex_source": []}
     for ptr in ptrs:
+        await ws_values(r, ptr)
         t0, m0 = time.perf_counter(), time.monotonic()
         res = await norm.process(ptr)
         if res != "built":

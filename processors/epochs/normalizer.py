@@ -59,6 +59,7 @@ Spot: the snapshot's spot updates ``massive:spot:latest`` with admission (``lua/
 
 from __future__ import annotations
 
+import array
 import asyncio
 import hashlib
 import itertools
@@ -212,39 +213,57 @@ def _snap_ts(c: ChainContract, snap: LazyChainSnapshot) -> tuple[int, int]:
     return q, t
 
 
+class Carried:
+    """The quote and trade ts a carry sent per contract of a topology (by its index; 0: none),
+    so the carry after the promotion does not send again what the warming one did. Two
+    arrays of int64: held as a dict of (cid, kind) -> ts bytes, a 20k epoch whose every
+    contract had WS values cost ~8 MB at each build, most of the normalizer's peak."""
+
+    __slots__ = ("quote", "trade")
+
+    def __init__(self, n: int) -> None:
+        self.quote = array.array("q", bytes(8 * n))
+        self.trade = array.array("q", bytes(8 * n))
+
+
 def _carry_events(
+    off: int,
     cids: Sequence[str],
     floors: Sequence[tuple[int, int]],
     rows: Sequence[bytes],
-    sent: dict[tuple[str, int], bytes],
-) -> tuple[list[str], list[str], list[tuple[str, int]]]:
-    """lua/fetch.lua rows of ``_CARRY_OLD`` -> the quotes and trades newer than ``floors``
-    (per contract: quote ts, trade ts) and not in ``sent`` (which records them), as
-    lua/hydrate.lua's flat arrays (quotes: cid, ts, bid, ask, mid; trades: cid, ts, last,
-    size), and per event, in the script's index order (quotes first), its cid and ts.
-    Incomplete slots (a quote without bid/ask/mid, a trade without price or size) and
-    unparsable ts are not carried."""
+    sent: Carried,
+) -> tuple[list[str], list[str], list[tuple[int, int]]]:
+    """lua/fetch.lua rows of ``_CARRY_OLD`` for the contracts ``cids`` (of topology index
+    ``off`` on) -> the quotes and trades newer than ``floors`` (per contract: quote ts, trade
+    ts) and than what ``sent`` records (which records them), as lua/hydrate.lua's flat arrays
+    (quotes: cid, ts, bid, ask, mid; trades: cid, ts, last, size), and per event, in the
+    script's index order (quotes first), its topology index and ts. Incomplete slots (a
+    quote without bid/ask/mid, a trade without price or size) and unparsable ts are not
+    carried."""
     qs: list[str] = []
     ts: list[str] = []
-    q_ids: list[tuple[str, int]] = []
-    t_ids: list[tuple[str, int]] = []
-    for cid, (fq, ft), row in zip(cids, floors, rows, strict=True):
+    q_ids: list[tuple[int, int]] = []
+    t_ids: list[tuple[int, int]] = []
+    for k, (cid, (fq, ft), row) in enumerate(zip(cids, floors, rows, strict=True)):
         if not row:
             continue
         parts = row.split(b"|")
         if len(parts) != len(_CARRY_OLD):
             continue
         qts, bid, ask, mid, tts, last, size = parts
-        complete_q = qts and bid and ask and mid and qts.isdigit()
-        if complete_q and int(qts) > fq and sent.get((cid, 0)) != qts:
-            sent[(cid, 0)] = qts
-            qs += (cid, qts.decode(), bid.decode(), ask.decode(), mid.decode())
-            q_ids.append((cid, int(qts)))
-        complete_t = tts and last and size and tts.isdigit()
-        if complete_t and int(tts) > ft and sent.get((cid, 1)) != tts:
-            sent[(cid, 1)] = tts
-            ts += (cid, tts.decode(), last.decode(), size.decode())
-            t_ids.append((cid, int(tts)))
+        i = off + k
+        if qts and bid and ask and mid and qts.isdigit():
+            q = int(qts)
+            if q > fq and q != sent.quote[i]:
+                sent.quote[i] = q
+                qs += (cid, qts.decode(), bid.decode(), ask.decode(), mid.decode())
+                q_ids.append((i, q))
+        if tts and last and size and tts.isdigit():
+            t = int(tts)
+            if t > ft and t != sent.trade[i]:
+                sent.trade[i] = t
+                ts += (cid, tts.decode(), last.decode(), size.decode())
+                t_ids.append((i, t))
     return qs, ts, q_ids + t_ids
 
 
@@ -401,7 +420,7 @@ class Normalizer(ConsumerProcessor):
             if active == topo.eid and meta.get("state") == "active":
                 carry_from = meta.get("carry_from")
                 if carry_from:  # an earlier run promoted but did not finish its carry
-                    await self.carry(topo, carry_from, None, {})
+                    await self.carry(topo, carry_from, None)
                 if await self.reseed(topo, snap, meta):
                     return "reseeded"
                 continue  # the epoch was retired under us: decide again
@@ -615,14 +634,14 @@ class Normalizer(ConsumerProcessor):
         topo: Topology,
         old: str,
         snap: LazyChainSnapshot | None,
-        sent: dict[tuple[str, int], bytes],
+        sent: Carried | None = None,
         *,
         warming: bool = False,
     ) -> int:
         """Apply to epoch ``topo.eid`` the quotes and trades of epoch ``old`` newer than the
         ones ``snap`` (the snapshot it was built from) gave it, through the hydrator's
-        admission script; ``sent`` (event key -> ts) records what was sent and is not sent
-        again. ``warming``: the epoch is still warming, apply only (its promotion notifies
+        admission script; ``sent`` records what was sent and is not sent again (None:
+        nothing yet). ``warming``: the epoch is still warming, apply only (its promotion notifies
         every contract); else notify the contracts that took a value and clear the
         ``carry_from`` mark. ``snap`` None (a run after a crash): send every value, an equal
         one stored is reported (and notified) too. Returns how many contracts took a value."""
@@ -636,9 +655,11 @@ class Normalizer(ConsumerProcessor):
         step = self.settings.seed_chunk
         prefix = keys.epoch_contract_prefix(sym, old)
         new_prefix = keys.epoch_contract_prefix(sym, eid)
+        sent = sent if sent is not None else Carried(len(topo))
         changed: list[str] = []
+        took = bytearray(len(topo))  # per topology index: in ``changed`` already
         max_ts = 0
-        for _, cs in topo.chunks(step):  # a round trip to read and one to apply per chunk
+        for off, cs in topo.chunks(step):  # a round trip to read and one to apply per chunk
             cids = [c.cid for c in cs]
             floors = [(0, 0)] * len(cids) if snap is None else [_snap_ts(c, snap) for c in cs]
             del cs
@@ -649,25 +670,26 @@ class Normalizer(ConsumerProcessor):
                 self._fetch.queue(pipe, part, _CARRY_OLD)
 
             (rows,) = await lua.execute(self.redis, read)
-            qs, ts, ids = _carry_events(cids, floors, rows, sent)
+            qs, ts, ids = _carry_events(off, cids, floors, rows, sent)
             del rows, floors
             if not ids:
                 continue
             args: list[lua.Arg] = [_packer.encode(qs), _packer.encode(ts)]
             if warming:
                 args.append("warming")
-            names = [meta_key] + [new_prefix + cid for cid, _ in ids]
+            names = [meta_key] + [new_prefix + cids[i - off] for i, _ in ids]
             reply = await self._hydrate(self.redis, names, args)
             if int(reply[0]) == lua.EpochWrite.NOT_ACTIVE:
                 # state changed: promoted (the next carry follows) or retired (a newer epoch
                 # carries from this one)
                 logger.info("epoch %s changed state during its carry from %s", eid, old)
                 return len(changed)
-            for i in reply[2:]:
-                cid, ts_ns = ids[int(i)]
-                changed.append(cid)
+            for j in reply[2:]:
+                i, ts_ns = ids[int(j)]
+                if not took[i]:
+                    took[i] = 1
+                    changed.append(cids[i - off])
                 max_ts = max(max_ts, ts_ns)
-        changed = list(dict.fromkeys(changed))
         self.m_carried.labels(symbol=_label(topo.symbol)).inc(len(changed))
         if warming:
             return len(changed)
@@ -696,12 +718,12 @@ class Normalizer(ConsumerProcessor):
             await self.delete_epoch(topo.symbol, eid, topo.cid_chunks(self.settings.key_batch))
         await self.build(topo, snap)
         prev = opt_str(await self.redis.get(keys.epoch_active(topo.symbol)))
-        sent: dict[tuple[str, int], bytes] = {}
+        sent = Carried(len(topo))
         if prev is not None and prev != eid:  # most of the carry, notified by the promotion
             await self.carry(topo, prev, snap, sent, warming=True)
         old = await self.promote(topo, snap)
         if old is not None and old != eid:  # what the WS applied since
-            await self.carry(topo, old, snap, sent if old == prev else {})
+            await self.carry(topo, old, snap, sent if old == prev else None)
         self.m_build.labels(symbol=_label(topo.symbol)).observe(time.perf_counter() - t0)
         self.m_promotions.labels(symbol=_label(topo.symbol)).inc()
         logger.info(
