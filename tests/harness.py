@@ -40,6 +40,7 @@ import orjson
 from redis.asyncio import Redis
 
 from processors import INGEST, MODEL_PATH
+from processors.ingest.chain_poller import PollerSettings
 from processors.ops import replay as rp
 from schemas import keys
 from schemas.messages import (
@@ -847,6 +848,9 @@ async def install_chain(r: Redis, snap: ChainSnapshot) -> str:
         n_contracts=len(snap.contracts),
         spot=snap.spot,
     )
-    await r.set(key, encode_snapshot(snap), ex=3600)  # its own slot, before the pointer
+    # its own slot, before the pointer; kept as long as the chain-poller keeps its blobs (a
+    # soak's listings must not pile up blobs a deployment would have let expire)
+    ttl_s = PollerSettings().snapshot_ttl_s
+    await r.set(key, encode_snapshot(snap), ex=ttl_s)
     await r.xadd(keys.CHAIN_STREAM, entry(ptr))  # type: ignore[arg-type]
     return key
